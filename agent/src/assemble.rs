@@ -1,0 +1,202 @@
+//! Turns a stream of header, chunks and trailer back into a revision, checking the digest.
+
+use greenlight::digest::ContentDigest;
+use greenlight::v1::{RevisionHeader, SyncEvent, sync_event::Event};
+
+/// A revision with all its files, verified against the trailer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadyRevision {
+    pub header: RevisionHeader,
+    /// Files in the order the server sent them.
+    pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl ReadyRevision {
+    /// The commit SHA.
+    pub fn sha(&self) -> &str {
+        self.header.revision.as_ref().map_or("", |r| r.sha.as_str())
+    }
+
+    /// The generation of the decision that sent it.
+    pub fn generation(&self) -> u64 {
+        self.header.revision.as_ref().map_or(0, |r| r.generation)
+    }
+}
+
+/// The stream broke the protocol; the revision is discarded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssembleError {
+    #[error("received a {0} before any header")]
+    NoHeader(&'static str),
+    #[error("header announced {expected} files, received {got}")]
+    FileCount { expected: u32, got: usize },
+    #[error("header announced {expected} bytes, received {got}")]
+    ByteCount { expected: u64, got: u64 },
+    #[error("content checksum mismatch: trailer says {expected}, content hashes to {got}")]
+    Checksum { expected: String, got: String },
+    #[error("received more than the {0} bytes the header announced")]
+    TooLarge(u64),
+    #[error("empty event")]
+    Empty,
+}
+
+/// Collects one revision at a time.
+#[derive(Default)]
+pub struct Assembler {
+    current: Option<ReadyRevision>,
+    bytes: u64,
+}
+
+impl Assembler {
+    /// A fresh assembler.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Feeds one event; returns a revision when its trailer verifies.
+    pub fn push(&mut self, event: SyncEvent) -> Result<Option<ReadyRevision>, AssembleError> {
+        match event.event.ok_or(AssembleError::Empty)? {
+            Event::Header(header) => {
+                // A new header abandons an unfinished revision: the server moved on.
+                self.current = Some(ReadyRevision {
+                    header,
+                    files: Vec::new(),
+                });
+                self.bytes = 0;
+                Ok(None)
+            }
+            Event::Chunk(chunk) => {
+                let current = self
+                    .current
+                    .as_mut()
+                    .ok_or(AssembleError::NoHeader("chunk"))?;
+                self.bytes += chunk.data.len() as u64;
+                if self.bytes > current.header.total_bytes {
+                    return Err(AssembleError::TooLarge(current.header.total_bytes));
+                }
+                match current.files.last_mut() {
+                    Some((path, data)) if *path == chunk.path => {
+                        data.extend_from_slice(&chunk.data)
+                    }
+                    _ => current.files.push((chunk.path, chunk.data.to_vec())),
+                }
+                Ok(None)
+            }
+            Event::Trailer(trailer) => {
+                let current = self
+                    .current
+                    .take()
+                    .ok_or(AssembleError::NoHeader("trailer"))?;
+                let bytes = std::mem::take(&mut self.bytes);
+                if current.files.len() != current.header.file_count as usize {
+                    return Err(AssembleError::FileCount {
+                        expected: current.header.file_count,
+                        got: current.files.len(),
+                    });
+                }
+                if bytes != current.header.total_bytes {
+                    return Err(AssembleError::ByteCount {
+                        expected: current.header.total_bytes,
+                        got: bytes,
+                    });
+                }
+                let mut digest = ContentDigest::new();
+                for (path, data) in &current.files {
+                    digest.add_file(path, data);
+                }
+                let got = digest.finish();
+                if got != trailer.content_sha256 {
+                    return Err(AssembleError::Checksum {
+                        expected: trailer.content_sha256,
+                        got,
+                    });
+                }
+                Ok(Some(current))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use greenlight::v1::{ManifestChunk, RevisionTrailer};
+
+    fn header(files: u32, bytes: u64) -> SyncEvent {
+        SyncEvent {
+            event: Some(Event::Header(RevisionHeader {
+                file_count: files,
+                total_bytes: bytes,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn chunk(path: &str, data: &[u8]) -> SyncEvent {
+        SyncEvent {
+            event: Some(Event::Chunk(ManifestChunk {
+                path: path.into(),
+                data: data.to_vec().into(),
+            })),
+        }
+    }
+
+    fn trailer(files: &[(&str, &[u8])]) -> SyncEvent {
+        let mut digest = ContentDigest::new();
+        for (path, data) in files {
+            digest.add_file(path, data);
+        }
+        SyncEvent {
+            event: Some(Event::Trailer(RevisionTrailer {
+                content_sha256: digest.finish(),
+            })),
+        }
+    }
+
+    #[test]
+    fn chunks_of_one_path_concatenate_and_the_checksum_verifies() {
+        let mut assembler = Assembler::new();
+        assert_eq!(assembler.push(header(2, 6)).unwrap(), None);
+        assembler.push(chunk("a.yaml", b"ab")).unwrap();
+        assembler.push(chunk("a.yaml", b"cd")).unwrap();
+        assembler.push(chunk("b.yaml", b"ef")).unwrap();
+        let ready = assembler
+            .push(trailer(&[("a.yaml", b"abcd"), ("b.yaml", b"ef")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            ready.files,
+            vec![
+                ("a.yaml".into(), b"abcd".to_vec()),
+                ("b.yaml".into(), b"ef".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn corrupted_content_is_refused() {
+        let mut assembler = Assembler::new();
+        assembler.push(header(1, 2)).unwrap();
+        assembler.push(chunk("a.yaml", b"xx")).unwrap();
+        let err = assembler.push(trailer(&[("a.yaml", b"ab")])).unwrap_err();
+        assert!(matches!(err, AssembleError::Checksum { .. }));
+    }
+
+    #[test]
+    fn events_out_of_protocol_are_errors_not_panics() {
+        let mut assembler = Assembler::new();
+        assert_eq!(
+            assembler.push(chunk("a", b"x")).unwrap_err(),
+            AssembleError::NoHeader("chunk")
+        );
+        assert_eq!(
+            assembler.push(SyncEvent { event: None }).unwrap_err(),
+            AssembleError::Empty
+        );
+        assembler.push(header(1, 1)).unwrap();
+        assert_eq!(
+            assembler.push(chunk("a", b"xy")).unwrap_err(),
+            AssembleError::TooLarge(1)
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! The gRPC connection to the server.
+
+use std::path::Path;
+use std::time::Duration;
+
+use greenlight::v1::agent_service_client::AgentServiceClient;
+use greenlight::v1::{ReportStatusRequest, StatusReport, SyncRequest};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Status, Streaming};
+
+use crate::assemble::{AssembleError, Assembler, ReadyRevision};
+
+/// Why talking to the server failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid server address {0:?}: {1}")]
+    Address(String, String),
+    #[error("cannot read CA file {0}: {1}")]
+    CaFile(String, std::io::Error),
+    #[error("the token contains characters not allowed in a header")]
+    Token,
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("server said: {0}")]
+    Status(#[from] Status),
+    #[error("the stream broke the protocol: {0}")]
+    Protocol(#[from] AssembleError),
+}
+
+/// Adds the agent's bearer token to every call.
+#[derive(Clone)]
+pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Bearer {
+    /// Carries `token`.
+    pub fn new(token: &str) -> Result<Self, ClientError> {
+        Ok(Self(
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| ClientError::Token)?,
+        ))
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A connected agent client.
+#[derive(Clone)]
+pub struct Client {
+    inner: AgentServiceClient<InterceptedService<Channel, Bearer>>,
+}
+
+/// HTTP/2 keepalive: a dead server is noticed within a minute.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+impl Client {
+    /// Connects to `server` (`http://` or `https://`), trusting `ca_file` for TLS if given.
+    pub async fn connect(
+        server: &str,
+        token: &str,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
+        let mut endpoint = Endpoint::from_shared(server.to_owned())
+            .map_err(|e| ClientError::Address(server.to_owned(), e.to_string()))?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true);
+        if server.starts_with("https://") {
+            let mut tls = ClientTlsConfig::new().with_enabled_roots();
+            if let Some(ca) = ca_file {
+                let pem = std::fs::read(ca)
+                    .map_err(|e| ClientError::CaFile(ca.display().to_string(), e))?;
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
+            endpoint = endpoint.tls_config(tls)?;
+        }
+        let channel = endpoint.connect().await?;
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| ClientError::Token)?;
+        Ok(Self {
+            inner: AgentServiceClient::with_interceptor(channel, Bearer(bearer)),
+        })
+    }
+
+    /// Opens the stream of ready revisions, stating what the agent already applied.
+    pub async fn sync(&self, applied: Option<&str>) -> Result<RevisionStream, ClientError> {
+        let request = SyncRequest {
+            applied_revision: applied.map(str::to_owned),
+            agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+        };
+        let events = self.inner.clone().sync(request).await?.into_inner();
+        Ok(RevisionStream {
+            events,
+            assembler: Assembler::new(),
+        })
+    }
+
+    /// Reports progress or a result for a revision.
+    pub async fn report(&self, report: StatusReport) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .report_status(ReportStatusRequest {
+                report: Some(report),
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// Ready revisions as the server sends them.
+pub struct RevisionStream {
+    events: Streaming<greenlight::v1::SyncEvent>,
+    assembler: Assembler,
+}
+
+impl RevisionStream {
+    /// The next complete revision; `None` when the server ended the stream.
+    pub async fn next(&mut self) -> Result<Option<ReadyRevision>, ClientError> {
+        while let Some(event) = self.events.message().await? {
+            if let Some(revision) = self.assembler.push(event)? {
+                return Ok(Some(revision));
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,24 @@
+//! Compiles `proto/` without a system `protoc`: protox parses the files in pure Rust, the
+//! descriptor set feeds both code generation and gRPC reflection.
+
+use std::{env, fs, path::PathBuf};
+
+use prost_types::FileDescriptorSet;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = [
+        "proto/greenlight/v1/types.proto",
+        "proto/greenlight/v1/agent.proto",
+        "proto/greenlight/v1/admin.proto",
+        "proto/greenlight/v1/ingest.proto",
+    ];
+    println!("cargo:rerun-if-changed=proto");
+    let descriptors: FileDescriptorSet = protox::compile(files, ["proto"])?;
+    let out = PathBuf::from(env::var("OUT_DIR")?);
+    fs::write(
+        out.join("greenlight_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,542 @@
+//! The server's configuration: the YAML file, validated into typed settings.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::gate::Mode;
+
+/// Webhook request bodies larger than this are refused unless configured otherwise.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// Why a configuration cannot be used; names the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The SHA-256 of a bearer token; the server never keeps tokens themselves.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TokenHash([u8; 32]);
+
+impl TokenHash {
+    /// Parses 64 hex characters.
+    pub fn parse_hex(hex_digest: &str) -> Option<Self> {
+        let bytes = hex::decode(hex_digest.trim()).ok()?;
+        Some(Self(bytes.try_into().ok()?))
+    }
+
+    /// The hash of `token`.
+    pub fn of(token: &str) -> Self {
+        Self(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// The digest.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Whether `token` hashes to this, compared in constant time.
+    pub fn matches(&self, token: &str) -> bool {
+        Self::of(token).0.ct_eq(&self.0).into()
+    }
+}
+
+impl std::fmt::Debug for TokenHash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenHash({}…)", &hex::encode(self.0)[..8])
+    }
+}
+
+/// A shared secret compared in constant time, never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// Constant-time equality with what a client sent.
+    pub fn matches(&self, candidate: &str) -> bool {
+        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// Redis connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+}
+
+/// One agent as the operator configured it.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    pub token: TokenHash,
+    /// `path_with_namespace` or numeric project id, as written in the config.
+    pub project: String,
+    /// Branch name without `refs/heads/`.
+    pub branch: String,
+    pub mode: Mode,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub redis: Option<RedisSettings>,
+    pub gitlab_secret: Option<Secret>,
+    pub max_body_bytes: usize,
+    pub admin_token: Option<TokenHash>,
+    pub ingest_token: Option<TokenHash>,
+    pub agents: Vec<AgentSpec>,
+    /// This replica's name in presence records.
+    pub replica_id: String,
+}
+
+/// Values from flags or environment that win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub grpc_listen: Option<String>,
+    pub http_listen: Option<String>,
+    pub redis_url: Option<String>,
+    pub redis_key_prefix: Option<String>,
+    pub replica_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    listen: ListenFile,
+    redis: Option<RedisFile>,
+    #[serde(default)]
+    webhooks: WebhooksFile,
+    admin: Option<TokenFile>,
+    ingest: Option<TokenFile>,
+    #[serde(default)]
+    agents: Vec<AgentFile>,
+    replica_id: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ListenFile {
+    grpc: Option<String>,
+    http: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisFile {
+    url: Option<String>,
+    key_prefix: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct WebhooksFile {
+    gitlab: Option<GitLabHookFile>,
+    max_body_bytes: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GitLabHookFile {
+    secret_token: Option<String>,
+    secret_token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    token_sha256: String,
+}
+
+enum ProjectFile {
+    Path(String),
+    Id(u64),
+}
+
+impl<'de> Deserialize<'de> for ProjectFile {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ProjectFile;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a project path like group/app or a numeric project id")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ProjectFile, E> {
+                Ok(ProjectFile::Path(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ProjectFile, E> {
+                Ok(ProjectFile::Id(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ProjectFile, E> {
+                u64::try_from(v)
+                    .map(ProjectFile::Id)
+                    .map_err(|_| E::custom("a project id is a positive number"))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    name: String,
+    token_sha256: String,
+    project: ProjectFile,
+    #[serde(rename = "ref")]
+    git_ref: String,
+    #[serde(default)]
+    gate: GateFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GateFile {
+    #[serde(default)]
+    mode: Mode,
+}
+
+impl Config {
+    /// Reads, parses and validates the file at `path`, then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let file = match path {
+            None => FileConfig::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                parse_file(&text).map_err(|message| ConfigError::Parse {
+                    path: path.to_owned(),
+                    message,
+                })?
+            }
+        };
+        Self::validate(file, overrides)
+    }
+
+    /// Parses and validates YAML text, for tests and embedders.
+    pub fn from_yaml(text: &str, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let file = parse_file(text).map_err(|message| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message,
+        })?;
+        Self::validate(file, overrides)
+    }
+
+    fn validate(file: FileConfig, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let grpc_addr = socket_addr(
+            "listen.grpc",
+            overrides
+                .grpc_listen
+                .as_deref()
+                .or(file.listen.grpc.as_deref())
+                .unwrap_or("0.0.0.0:8150"),
+        )?;
+        let http_addr = socket_addr(
+            "listen.http",
+            overrides
+                .http_listen
+                .as_deref()
+                .or(file.listen.http.as_deref())
+                .unwrap_or("0.0.0.0:8080"),
+        )?;
+        let redis_url = overrides
+            .redis_url
+            .clone()
+            .or_else(|| file.redis.as_ref().and_then(|r| r.url.clone()))
+            .filter(|url| !url.trim().is_empty());
+        let redis = match redis_url {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://")
+                    || url.starts_with("rediss://")
+                    || url.starts_with("unix://"))
+                {
+                    return Err(invalid(
+                        "redis.url",
+                        format!("{url:?} must start with redis://, rediss:// or unix://"),
+                    ));
+                }
+                let key_prefix = overrides
+                    .redis_key_prefix
+                    .clone()
+                    .or_else(|| file.redis.as_ref().and_then(|r| r.key_prefix.clone()))
+                    .unwrap_or_else(|| "greenlight".to_owned());
+                if key_prefix.is_empty() || key_prefix.contains(['{', '}', ' ']) {
+                    return Err(invalid(
+                        "redis.key_prefix",
+                        "must be non-empty, without braces or spaces",
+                    ));
+                }
+                Some(RedisSettings { url, key_prefix })
+            }
+        };
+        let gitlab_secret = match file.webhooks.gitlab {
+            None => None,
+            Some(GitLabHookFile {
+                secret_token: Some(_),
+                secret_token_file: Some(_),
+            }) => {
+                return Err(invalid(
+                    "webhooks.gitlab",
+                    "set secret_token or secret_token_file, not both",
+                ));
+            }
+            Some(GitLabHookFile {
+                secret_token: Some(token),
+                ..
+            }) => Some(non_empty_secret("webhooks.gitlab.secret_token", token)?),
+            Some(GitLabHookFile {
+                secret_token_file: Some(path),
+                ..
+            }) => {
+                let token = std::fs::read_to_string(&path).map_err(|e| {
+                    invalid(
+                        "webhooks.gitlab.secret_token_file",
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                Some(non_empty_secret(
+                    "webhooks.gitlab.secret_token_file",
+                    token.trim().to_owned(),
+                )?)
+            }
+            Some(_) => {
+                return Err(invalid(
+                    "webhooks.gitlab",
+                    "needs secret_token or secret_token_file",
+                ));
+            }
+        };
+        let max_body_bytes = file
+            .webhooks
+            .max_body_bytes
+            .unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes == 0 {
+            return Err(invalid("webhooks.max_body_bytes", "must be greater than 0"));
+        }
+        let admin_token = file
+            .admin
+            .map(|t| token_hash("admin.token_sha256", &t.token_sha256))
+            .transpose()?;
+        let ingest_token = file
+            .ingest
+            .map(|t| token_hash("ingest.token_sha256", &t.token_sha256))
+            .transpose()?;
+
+        let mut names = BTreeSet::new();
+        let mut agents = Vec::with_capacity(file.agents.len());
+        for (i, agent) in file.agents.into_iter().enumerate() {
+            let key = |field: &str| format!("agents[{i}].{field}");
+            let name_ok = !agent.name.is_empty()
+                && agent.name.len() <= 63
+                && agent
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            if !name_ok {
+                return Err(invalid(
+                    key("name"),
+                    format!(
+                        "{:?} must be 1-63 characters of letters, digits, '-', '_' or '.'",
+                        agent.name
+                    ),
+                ));
+            }
+            if !names.insert(agent.name.clone()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("agent {:?} is configured twice", agent.name),
+                ));
+            }
+            let project = match agent.project {
+                ProjectFile::Id(id) => id.to_string(),
+                ProjectFile::Path(path) if path.trim().is_empty() => {
+                    return Err(invalid(key("project"), "must not be empty"));
+                }
+                ProjectFile::Path(path) => path.trim().trim_matches('/').to_owned(),
+            };
+            let branch = agent
+                .git_ref
+                .strip_prefix("refs/heads/")
+                .unwrap_or(&agent.git_ref)
+                .to_owned();
+            if branch.is_empty() || branch.starts_with("refs/") {
+                return Err(invalid(
+                    key("ref"),
+                    format!("{:?} must be a branch name", agent.git_ref),
+                ));
+            }
+            agents.push(AgentSpec {
+                token: token_hash(&key("token_sha256"), &agent.token_sha256)?,
+                name: agent.name,
+                project,
+                branch,
+                mode: agent.gate.mode,
+            });
+        }
+        let replica_id = overrides
+            .replica_id
+            .clone()
+            .or(file.replica_id)
+            .unwrap_or_else(default_replica_id);
+        Ok(Config {
+            grpc_addr,
+            http_addr,
+            redis,
+            gitlab_secret,
+            max_body_bytes,
+            admin_token,
+            ingest_token,
+            agents,
+            replica_id,
+        })
+    }
+}
+
+fn parse_file(text: &str) -> Result<FileConfig, String> {
+    if text.trim().is_empty() {
+        return Ok(FileConfig::default());
+    }
+    serde_saphyr::from_str(text).map_err(|e| e.to_string())
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value
+        .parse()
+        .map_err(|_| invalid(key, format!("{value:?} is not a host:port socket address")))
+}
+
+fn token_hash(key: &str, value: &str) -> Result<TokenHash, ConfigError> {
+    TokenHash::parse_hex(value).ok_or_else(|| {
+        invalid(key, "must be the 64 hex characters of a SHA-256 (greenlight-server hash-token < token-file)")
+    })
+}
+
+fn non_empty_secret(key: &str, value: String) -> Result<Secret, ConfigError> {
+    if value.is_empty() {
+        return Err(invalid(key, "must not be empty"));
+    }
+    Ok(Secret::new(value))
+}
+
+fn default_replica_id() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "greenlight".to_owned());
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
+    #[test]
+    fn minimal_agent_config_is_valid() {
+        let yaml = format!(
+            "agents:\n  - name: prod-eu\n    token_sha256: {HASH}\n    project: group/app\n    ref: refs/heads/main\n"
+        );
+        let config = Config::from_yaml(&yaml, &Overrides::default()).unwrap();
+        assert_eq!(config.agents[0].branch, "main");
+        assert_eq!(config.agents[0].mode, Mode::Pipeline);
+        assert!(config.redis.is_none());
+        assert!(config.agents[0].token.matches("test"));
+        assert!(!config.agents[0].token.matches("tesT"));
+    }
+
+    #[test]
+    fn numeric_project_ids_are_accepted() {
+        let yaml =
+            format!("agents:\n  - {{name: a, token_sha256: {HASH}, project: 42, ref: main}}\n");
+        assert_eq!(
+            Config::from_yaml(&yaml, &Overrides::default())
+                .unwrap()
+                .agents[0]
+                .project,
+            "42"
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let yaml = "agents:\n  - {name: a, token_sha256: nothex, project: x, ref: main}\n";
+        let err = Config::from_yaml(yaml, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[0].token_sha256"), "{err}");
+
+        let err = Config::from_yaml("listen: {grpc: nowhere}", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen.grpc"), "{err}");
+
+        let err = Config::from_yaml("agentz: []", &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agentz"), "{err}");
+
+        let yaml = format!(
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, gate: {{mode: yolo}}}}\n"
+        );
+        let err = Config::from_yaml(&yaml, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("yolo"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_agent_names_are_refused() {
+        let yaml = format!(
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main}}\n  - {{name: a, token_sha256: {HASH}, project: other, ref: main}}\n"
+        );
+        let err = Config::from_yaml(&yaml, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[1].name"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let overrides = Overrides {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            ..Default::default()
+        };
+        let config = Config::from_yaml("redis: {url: redis://elsewhere:6379}", &overrides).unwrap();
+        assert_eq!(config.redis.unwrap().url, "redis://127.0.0.1:1");
+    }
+}

@@ -1,0 +1,488 @@
+//! Per agent: where the gate stands, what the agent is told, and why.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{Lineage, PipelineStatus, RefState, Sha};
+
+/// Decisions kept per agent for operators to read.
+pub const DECISION_HISTORY: usize = 50;
+
+/// How an agent's desired revision advances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The newest commit whose current pipeline succeeded.
+    #[default]
+    Pipeline,
+    /// Every new head, as kas's legacy GitOps did.
+    Immediate,
+    /// Only on an explicit trigger.
+    Manual,
+}
+
+impl Mode {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Pipeline => "pipeline",
+            Mode::Immediate => "immediate",
+            Mode::Manual => "manual",
+        }
+    }
+}
+
+/// The revision an agent should run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    pub sha: Sha,
+    pub pipeline_id: Option<u64>,
+    pub reason: String,
+    pub decided_at_ms: i64,
+    /// Bumped by every change of what the agent is told, including a re-sync of the same sha.
+    pub generation: u64,
+}
+
+/// What a decision did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Deploy,
+    Hold,
+    Skip,
+}
+
+/// One decision and its reason, kept for operators.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub sha: Option<Sha>,
+    pub pipeline_id: Option<u64>,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
+impl Decision {
+    fn same_as(&self, other: &Decision) -> bool {
+        self.outcome == other.outcome
+            && self.sha == other.sha
+            && self.pipeline_id == other.pipeline_id
+            && self.reason == other.reason
+    }
+}
+
+/// An operator's hold on an agent: a pause, or a pin to one commit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    pub reason: String,
+    pub since_ms: i64,
+}
+
+/// A pin: the agent stays on `sha` until unpinned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pin {
+    pub sha: Sha,
+    pub reason: String,
+    pub since_ms: i64,
+}
+
+/// The gate's state for one agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentGate {
+    /// Where the gate stands: only ever moves forward.
+    pub position: Option<Revision>,
+    /// What the agent is told: the gate's position, a pin, or what it had when paused.
+    pub desired: Option<Revision>,
+    pub paused: Option<Hold>,
+    pub pinned: Option<Pin>,
+    pub generation: u64,
+    /// Newest last.
+    pub decisions: VecDeque<Decision>,
+}
+
+/// Why an operator's request cannot be carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GateError {
+    #[error("commit {0} is not on the branch")]
+    NotOnBranch(Sha),
+    #[error("commit {sha} cannot be deployed: {reason}")]
+    NotGreen { sha: Sha, reason: String },
+    #[error("commit {sha} is not a descendant of deployed {deployed}; pin it to roll back")]
+    Backwards { sha: Sha, deployed: Sha },
+    #[error("the branch has no commit yet")]
+    NoCommit,
+    #[error("there is no revision to sync yet")]
+    NothingToSync,
+    #[error("pin needs a full commit SHA (40 or 64 characters), got {0}")]
+    AbbreviatedPin(Sha),
+    #[error("the agent is not paused")]
+    NotPaused,
+    #[error("the agent is not pinned")]
+    NotPinned,
+}
+
+/// What changed for an agent in one step, for notifications.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    /// Decisions made in this step, in order.
+    pub decisions: Vec<Decision>,
+    /// Whether the desired revision (or its generation) changed.
+    pub desired_changed: bool,
+}
+
+/// Inputs that are the same for every decision in one step.
+pub struct Context<'a> {
+    pub mode: Mode,
+    pub refs: &'a RefState,
+    pub lineage: &'a dyn Lineage,
+    pub now_ms: i64,
+}
+
+impl Context<'_> {
+    /// Whether the gate may move from `current` to `candidate` without going backwards.
+    ///
+    /// A deployed commit that left the branch (force push, deletion) no longer anchors the
+    /// gate: the new line of history may be deployed.
+    fn forward(&self, current: Option<&Revision>, candidate: &Sha) -> Result<(), Sha> {
+        match current {
+            None => Ok(()),
+            Some(cur) if !self.lineage.on_branch(&cur.sha) => Ok(()),
+            Some(cur) if self.lineage.descends_from(candidate, &cur.sha) => Ok(()),
+            Some(cur) => Err(cur.sha.clone()),
+        }
+    }
+
+    fn green(&self, sha: &Sha) -> Result<u64, String> {
+        match self.refs.verdict(sha) {
+            None => Err("no pipeline has run for it yet".to_owned()),
+            Some(p) if p.status == PipelineStatus::Success => Ok(p.id),
+            Some(p) => Err(format!("pipeline {} is {}", p.id, p.status)),
+        }
+    }
+}
+
+impl AgentGate {
+    /// Moves the gate after the ref changed, then settles what the agent is told.
+    pub fn advance(&mut self, cx: &Context<'_>) -> Step {
+        let mut step = Step::default();
+        match cx.mode {
+            Mode::Pipeline => self.advance_on_pipelines(cx, &mut step),
+            Mode::Immediate => self.advance_to_head(cx, &mut step),
+            Mode::Manual => {}
+        }
+        self.settle(cx.now_ms, false, &mut step);
+        step
+    }
+
+    fn advance_on_pipelines(&mut self, cx: &Context<'_>, step: &mut Step) {
+        let current = self.position.clone();
+        let mut chosen: Option<(Sha, u64)> = None;
+        for head in cx.refs.current_heads() {
+            if current.as_ref().is_some_and(|cur| cur.sha == head.sha) {
+                break;
+            }
+            if let Some((winner, _)) = &chosen {
+                if cx
+                    .refs
+                    .verdict(&head.sha)
+                    .is_some_and(|p| p.status == PipelineStatus::Success)
+                {
+                    self.record(
+                        step,
+                        cx.now_ms,
+                        Outcome::Skip,
+                        Some(&head.sha),
+                        None,
+                        format!("superseded by {}", winner.short()),
+                    );
+                }
+                continue;
+            }
+            match cx.green(&head.sha) {
+                Err(why) => self.record(step, cx.now_ms, Outcome::Skip, Some(&head.sha), None, why),
+                Ok(pipeline) => match cx.forward(current.as_ref(), &head.sha) {
+                    Ok(()) => chosen = Some((head.sha.clone(), pipeline)),
+                    Err(deployed) => self.record(
+                        step,
+                        cx.now_ms,
+                        Outcome::Skip,
+                        Some(&head.sha),
+                        Some(pipeline),
+                        format!("not a descendant of deployed {}", deployed.short()),
+                    ),
+                },
+            }
+        }
+        if let Some((sha, pipeline)) = chosen {
+            let reason = format!("pipeline {pipeline} succeeded");
+            self.move_to(step, cx.now_ms, sha, Some(pipeline), reason);
+        }
+    }
+
+    fn advance_to_head(&mut self, cx: &Context<'_>, step: &mut Step) {
+        let Some(head) = cx.refs.head() else { return };
+        if self
+            .position
+            .as_ref()
+            .is_some_and(|cur| cur.sha == head.sha)
+        {
+            return;
+        }
+        match cx.forward(self.position.as_ref(), &head.sha) {
+            Ok(()) => self.move_to(
+                step,
+                cx.now_ms,
+                head.sha.clone(),
+                None,
+                "new head (immediate mode)".into(),
+            ),
+            Err(deployed) => self.record(
+                step,
+                cx.now_ms,
+                Outcome::Skip,
+                Some(&head.sha),
+                None,
+                format!("not a descendant of deployed {}", deployed.short()),
+            ),
+        }
+    }
+
+    /// An explicit request to sync: in manual mode it deploys `sha` (or the head) whatever
+    /// its pipeline; otherwise it re-sends the desired revision, or moves to `sha` if the
+    /// gate would allow it.
+    pub fn trigger(&mut self, cx: &Context<'_>, sha: Option<&Sha>) -> Result<Step, GateError> {
+        let mut step = Step::default();
+        let target = match (sha, cx.mode) {
+            (Some(sha), _) => Some(sha.clone()),
+            (None, Mode::Manual) => Some(cx.refs.head().ok_or(GateError::NoCommit)?.sha.clone()),
+            (None, _) => None,
+        };
+        let Some(target) = target else {
+            if self.desired.is_none() {
+                return Err(GateError::NothingToSync);
+            }
+            self.settle(cx.now_ms, true, &mut step);
+            return Ok(step);
+        };
+        if self.position.as_ref().is_some_and(|cur| cur.sha == target) {
+            self.settle(cx.now_ms, true, &mut step);
+            return Ok(step);
+        }
+        if !cx.lineage.on_branch(&target) {
+            return Err(GateError::NotOnBranch(target));
+        }
+        let pipeline = match cx.mode {
+            Mode::Pipeline => Some(cx.green(&target).map_err(|reason| GateError::NotGreen {
+                sha: target.clone(),
+                reason,
+            })?),
+            Mode::Immediate | Mode::Manual => None,
+        };
+        cx.forward(self.position.as_ref(), &target)
+            .map_err(|deployed| GateError::Backwards {
+                sha: target.clone(),
+                deployed,
+            })?;
+        self.move_to(
+            &mut step,
+            cx.now_ms,
+            target,
+            pipeline,
+            "triggered by an operator".into(),
+        );
+        self.settle(cx.now_ms, false, &mut step);
+        Ok(step)
+    }
+
+    /// Holds the agent on what it has until resumed.
+    pub fn pause(&mut self, reason: String, now_ms: i64) -> Step {
+        let mut step = Step::default();
+        let sha = self.desired.as_ref().map(|r| r.sha.clone());
+        self.record_action(
+            &mut step,
+            now_ms,
+            Outcome::Hold,
+            sha.as_ref(),
+            format!("paused: {reason}"),
+        );
+        self.paused = Some(Hold {
+            reason,
+            since_ms: now_ms,
+        });
+        step
+    }
+
+    /// Releases a pause: the agent goes to where the gate stands now.
+    pub fn resume(&mut self, now_ms: i64) -> Result<Step, GateError> {
+        let mut step = Step::default();
+        self.paused.take().ok_or(GateError::NotPaused)?;
+        self.record_action(&mut step, now_ms, Outcome::Hold, None, "resumed".into());
+        self.settle(now_ms, false, &mut step);
+        Ok(step)
+    }
+
+    /// Holds the agent on `sha`, even an older commit: a deliberate, recorded rollback.
+    pub fn pin(&mut self, sha: Sha, reason: String, now_ms: i64) -> Result<Step, GateError> {
+        if !sha.is_full() {
+            return Err(GateError::AbbreviatedPin(sha));
+        }
+        let mut step = Step::default();
+        self.record_action(
+            &mut step,
+            now_ms,
+            Outcome::Deploy,
+            Some(&sha),
+            format!("pinned: {reason}"),
+        );
+        self.pinned = Some(Pin {
+            sha,
+            reason,
+            since_ms: now_ms,
+        });
+        self.settle(now_ms, false, &mut step);
+        Ok(step)
+    }
+
+    /// Removes a pin: the agent returns to where the gate stands.
+    pub fn unpin(&mut self, now_ms: i64) -> Result<Step, GateError> {
+        let mut step = Step::default();
+        self.pinned.take().ok_or(GateError::NotPinned)?;
+        self.record_action(
+            &mut step,
+            now_ms,
+            Outcome::Hold,
+            None,
+            "unpinned: back to the gate".into(),
+        );
+        self.settle(now_ms, false, &mut step);
+        Ok(step)
+    }
+
+    fn move_to(
+        &mut self,
+        step: &mut Step,
+        now_ms: i64,
+        sha: Sha,
+        pipeline_id: Option<u64>,
+        reason: String,
+    ) {
+        self.record(
+            step,
+            now_ms,
+            Outcome::Deploy,
+            Some(&sha),
+            pipeline_id,
+            reason.clone(),
+        );
+        self.position = Some(Revision {
+            sha,
+            pipeline_id,
+            reason,
+            decided_at_ms: now_ms,
+            generation: 0,
+        });
+    }
+
+    /// Derives what the agent is told: a pin wins, a pause keeps what it had, otherwise the
+    /// gate's position. `resync` re-sends the same revision under a new generation.
+    fn settle(&mut self, now_ms: i64, resync: bool, step: &mut Step) {
+        let target = if let Some(pin) = &self.pinned {
+            Some(Revision {
+                sha: pin.sha.clone(),
+                pipeline_id: None,
+                reason: format!("pinned: {}", pin.reason),
+                decided_at_ms: pin.since_ms,
+                generation: 0,
+            })
+        } else if let Some(hold) = &self.paused {
+            if let Some(pos) = &self.position
+                && self.desired.as_ref().is_none_or(|d| d.sha != pos.sha)
+            {
+                let reason = format!("held: paused ({})", hold.reason);
+                let sha = pos.sha.clone();
+                self.record(
+                    step,
+                    now_ms,
+                    Outcome::Hold,
+                    Some(&sha),
+                    pos.pipeline_id,
+                    reason,
+                );
+            }
+            self.desired.clone()
+        } else {
+            self.position.clone()
+        };
+        let Some(mut target) = target else { return };
+        let unchanged = self.desired.as_ref().is_some_and(|d| d.sha == target.sha);
+        if unchanged && !resync {
+            return;
+        }
+        if resync {
+            target.reason = format!("re-sync requested ({})", target.reason);
+            target.decided_at_ms = now_ms;
+        }
+        self.generation += 1;
+        target.generation = self.generation;
+        self.desired = Some(target);
+        step.desired_changed = true;
+    }
+
+    /// Records an operator's action: unlike re-evaluations, each one is news.
+    fn record_action(
+        &mut self,
+        step: &mut Step,
+        at_ms: i64,
+        outcome: Outcome,
+        sha: Option<&Sha>,
+        reason: String,
+    ) {
+        self.push_decision(
+            step,
+            Decision {
+                outcome,
+                sha: sha.cloned(),
+                pipeline_id: None,
+                reason,
+                at_ms,
+            },
+        );
+    }
+
+    fn record(
+        &mut self,
+        step: &mut Step,
+        at_ms: i64,
+        outcome: Outcome,
+        sha: Option<&Sha>,
+        pipeline_id: Option<u64>,
+        reason: String,
+    ) {
+        let decision = Decision {
+            outcome,
+            sha: sha.cloned(),
+            pipeline_id,
+            reason,
+            at_ms,
+        };
+        // Re-evaluations repeat the same verdicts; keep only what is news.
+        let repeated = self
+            .decisions
+            .iter()
+            .rev()
+            .find(|d| d.sha == decision.sha)
+            .is_some_and(|d| d.same_as(&decision));
+        if !repeated {
+            self.push_decision(step, decision);
+        }
+    }
+
+    fn push_decision(&mut self, step: &mut Step, decision: Decision) {
+        if self.decisions.len() == DECISION_HISTORY {
+            self.decisions.pop_front();
+        }
+        self.decisions.push_back(decision.clone());
+        step.decisions.push(decision);
+    }
+}

@@ -1,0 +1,16 @@
+//! The gate: which commit each agent should run, and why. Pure logic over recorded facts:
+//! no I/O, no clock, no async, so every rule is testable as data.
+
+mod decide;
+mod model;
+#[cfg(test)]
+mod tests;
+
+pub use decide::{
+    AgentGate, Context, DECISION_HISTORY, Decision, GateError, Hold, Mode, Outcome, Pin, Revision,
+    Step,
+};
+pub use model::{
+    InvalidSha, Lineage, MERGE_REQUEST_SOURCE, Pipeline, PipelineStatus, Push, PushOrder, Recorded,
+    RefState, Sha, UnknownStatus,
+};

@@ -1,0 +1,473 @@
+//! What the gate knows about a ref: commits in push order and the pipelines seen for each.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Heads kept per ref; older ones can no longer be deployed anyway.
+pub const MAX_HEADS: usize = 256;
+/// Pipelines kept for commits that no push has announced yet (webhooks arrive out of order).
+pub const MAX_ORPHAN_PIPELINE_COMMITS: usize = 64;
+
+/// A commit id: lowercase hex, 7 to 64 characters (SHA-1 or SHA-256 object names).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Sha(String);
+
+/// Why a string is not a commit id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a commit SHA (7 to 64 hexadecimal characters)")]
+pub struct InvalidSha(pub String);
+
+impl Sha {
+    /// Parses and lowercases a commit id.
+    pub fn parse(s: &str) -> Result<Self, InvalidSha> {
+        let valid = (7..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit());
+        if valid {
+            Ok(Self(s.to_ascii_lowercase()))
+        } else {
+            Err(InvalidSha(s.to_owned()))
+        }
+    }
+
+    /// Whether this is the all-zeros id GitLab sends for a created or deleted branch.
+    pub fn is_null(&self) -> bool {
+        self.0.bytes().all(|b| b == b'0')
+    }
+
+    /// Whether this names a full object id rather than an abbreviation.
+    pub fn is_full(&self) -> bool {
+        self.0.len() == 40 || self.0.len() == 64
+    }
+
+    /// The first 8 characters, as people quote commits.
+    pub fn short(&self) -> &str {
+        &self.0[..self.0.len().min(8)]
+    }
+
+    /// The id as a string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Sha {
+    type Error = InvalidSha;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Sha::parse(&s)
+    }
+}
+
+impl From<Sha> for String {
+    fn from(sha: Sha) -> String {
+        sha.0
+    }
+}
+
+impl fmt::Display for Sha {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A pipeline's state, as GitLab names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PipelineStatus {
+    Created,
+    WaitingForResource,
+    Preparing,
+    Pending,
+    Running,
+    Success,
+    Failed,
+    Canceled,
+    Skipped,
+    Manual,
+    Scheduled,
+}
+
+/// A pipeline status string that GitLab does not document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown pipeline status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+impl PipelineStatus {
+    /// All statuses, for parsers and generators.
+    pub const ALL: [PipelineStatus; 11] = [
+        Self::Created,
+        Self::WaitingForResource,
+        Self::Preparing,
+        Self::Pending,
+        Self::Running,
+        Self::Success,
+        Self::Failed,
+        Self::Canceled,
+        Self::Skipped,
+        Self::Manual,
+        Self::Scheduled,
+    ];
+
+    /// GitLab's name of the status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Created => "created",
+            Self::WaitingForResource => "waiting_for_resource",
+            Self::Preparing => "preparing",
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Success => "success",
+            Self::Failed => "failed",
+            Self::Canceled => "canceled",
+            Self::Skipped => "skipped",
+            Self::Manual => "manual",
+            Self::Scheduled => "scheduled",
+        }
+    }
+
+    /// Parses GitLab's name of a status (`canceled` and `cancelled` both occur).
+    pub fn parse(s: &str) -> Result<Self, UnknownStatus> {
+        if s == "cancelled" {
+            return Ok(Self::Canceled);
+        }
+        Self::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+
+    /// Whether the pipeline has ended; a later non-final update of the same pipeline is stale.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            Self::Success | Self::Failed | Self::Canceled | Self::Skipped
+        )
+    }
+}
+
+impl fmt::Display for PipelineStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The GitLab pipeline source of merge request pipelines, which never open the gate.
+pub const MERGE_REQUEST_SOURCE: &str = "merge_request_event";
+
+/// One pipeline run for a commit on this ref.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pipeline {
+    pub id: u64,
+    pub status: PipelineStatus,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub finished_at_ms: Option<i64>,
+}
+
+impl Pipeline {
+    /// Whether this update replaces `recorded`, an earlier-received update of the same pipeline.
+    ///
+    /// Deliveries can arrive out of order: a late "running" never hides a final result, and of
+    /// two final results the one that finished later wins (a job retried inside the pipeline).
+    fn supersedes(&self, recorded: &Pipeline) -> bool {
+        match (recorded.status.is_final(), self.status.is_final()) {
+            (true, false) => false,
+            (true, true) => self.finished_at_ms >= recorded.finished_at_ms,
+            (false, _) => true,
+        }
+    }
+
+    /// Whether this pipeline's result may open the gate for a branch.
+    pub fn counts_for_branch(&self) -> bool {
+        self.source != MERGE_REQUEST_SOURCE
+    }
+}
+
+/// A head the branch pointed to, in the order pushes were recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub sha: Sha,
+    /// Position in push order, increasing.
+    pub seq: u64,
+    pub pushed_at_ms: i64,
+    /// The line of history the head belongs to; a branch deletion starts a new one.
+    pub line: u64,
+}
+
+/// A push to the watched ref.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    pub before: Option<Sha>,
+    /// The new head; `None` when the branch was deleted.
+    pub after: Option<Sha>,
+    pub at_ms: i64,
+}
+
+/// What recording an event changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// The ref state changed.
+    Changed,
+    /// The event carried nothing new (a redelivery, or a stale update).
+    Unchanged,
+}
+
+/// Everything known about one (project, ref): heads in push order and pipelines per commit.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefState {
+    /// Oldest first.
+    pub heads: Vec<Head>,
+    pub pipelines: BTreeMap<Sha, Vec<Pipeline>>,
+    pub next_seq: u64,
+    /// The current line of history.
+    pub line: u64,
+    /// Whether the branch is deleted.
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+impl RefState {
+    /// Records a push. A head that was already announced on the current line is not
+    /// appended again, so a redelivered old push cannot look like a newer commit.
+    pub fn record_push(&mut self, push: &Push) -> Recorded {
+        let Some(after) = &push.after else {
+            if self.deleted {
+                return Recorded::Unchanged;
+            }
+            self.deleted = true;
+            self.line += 1;
+            return Recorded::Changed;
+        };
+        let seen_on_this_line = !self.deleted
+            && self
+                .heads
+                .iter()
+                .any(|h| h.line == self.line && &h.sha == after);
+        // A push that continues from an earlier commit (it has a `before`) yet names a head of
+        // an older line is a late redelivery, not news; re-creating a branch has no `before`.
+        let seen_on_older_line = push.before.is_some()
+            && self
+                .heads
+                .iter()
+                .any(|h| h.line < self.line && &h.sha == after);
+        if seen_on_this_line || seen_on_older_line {
+            return Recorded::Unchanged;
+        }
+        self.deleted = false;
+        self.heads.push(Head {
+            sha: after.clone(),
+            seq: self.next_seq,
+            pushed_at_ms: push.at_ms,
+            line: self.line,
+        });
+        self.next_seq += 1;
+        self.trim();
+        Recorded::Changed
+    }
+
+    /// Records a pipeline update for `sha`.
+    pub fn record_pipeline(&mut self, sha: &Sha, update: Pipeline) -> Recorded {
+        let runs = self.pipelines.entry(sha.clone()).or_default();
+        let outcome = match runs.iter_mut().find(|p| p.id == update.id) {
+            Some(recorded) if *recorded == update || !update.supersedes(recorded) => {
+                Recorded::Unchanged
+            }
+            Some(recorded) => {
+                *recorded = update;
+                Recorded::Changed
+            }
+            None => {
+                runs.push(update);
+                runs.sort_by_key(|p| p.id);
+                Recorded::Changed
+            }
+        };
+        self.trim();
+        outcome
+    }
+
+    /// The pipeline that is the commit's verdict for the branch: the one with the highest id.
+    pub fn verdict(&self, sha: &Sha) -> Option<&Pipeline> {
+        self.pipelines
+            .get(sha)?
+            .iter()
+            .filter(|p| p.counts_for_branch())
+            .max_by_key(|p| p.id)
+    }
+
+    /// Heads of the current line, newest first, each commit once.
+    pub fn current_heads(&self) -> impl Iterator<Item = &Head> {
+        let line = self.line;
+        let deleted = self.deleted;
+        self.heads
+            .iter()
+            .rev()
+            .filter(move |h| !deleted && h.line == line)
+    }
+
+    /// The newest head of the branch, if it exists.
+    pub fn head(&self) -> Option<&Head> {
+        self.current_heads().next()
+    }
+
+    /// Where `sha` stands in push order on any line, newest announcement first.
+    pub fn find_head(&self, sha: &Sha) -> Option<&Head> {
+        self.heads.iter().rev().find(|h| &h.sha == sha)
+    }
+
+    fn trim(&mut self) {
+        if self.heads.len() > MAX_HEADS {
+            let excess = self.heads.len() - MAX_HEADS;
+            self.heads.drain(..excess);
+        }
+        let heads: std::collections::BTreeSet<&Sha> = self.heads.iter().map(|h| &h.sha).collect();
+        let mut orphans: Vec<(u64, Sha)> = self
+            .pipelines
+            .iter()
+            .filter(|(sha, _)| !heads.contains(sha))
+            .map(|(sha, runs)| (runs.iter().map(|p| p.id).max().unwrap_or(0), sha.clone()))
+            .collect();
+        if orphans.len() > MAX_ORPHAN_PIPELINE_COMMITS {
+            orphans.sort();
+            let drop = orphans.len() - MAX_ORPHAN_PIPELINE_COMMITS;
+            for (_, sha) in orphans.into_iter().take(drop) {
+                self.pipelines.remove(&sha);
+            }
+        }
+    }
+}
+
+/// Answers ancestry questions about the commits of a ref.
+///
+/// Push order is the fallback; the git mirror answers from real history.
+pub trait Lineage {
+    /// Whether `sha` is on the branch's current line of history.
+    fn on_branch(&self, sha: &Sha) -> bool;
+    /// Whether `descendant` has `ancestor` in its history (true when they are equal).
+    fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool;
+}
+
+/// Ancestry as the order in which pushes announced heads: every head of the current line
+/// descends from the heads before it.
+pub struct PushOrder<'a>(pub &'a RefState);
+
+impl Lineage for PushOrder<'_> {
+    fn on_branch(&self, sha: &Sha) -> bool {
+        self.0.current_heads().any(|h| &h.sha == sha)
+    }
+
+    fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool {
+        if descendant == ancestor {
+            return true;
+        }
+        let seq_of = |sha: &Sha| {
+            self.0
+                .current_heads()
+                .find(|h| &h.sha == sha)
+                .map(|h| h.seq)
+        };
+        matches!((seq_of(descendant), seq_of(ancestor)), (Some(d), Some(a)) if d > a)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(n: u8) -> Sha {
+        Sha::parse(&format!("{:040x}", n)).unwrap()
+    }
+
+    fn push(after: u8) -> Push {
+        Push {
+            before: None,
+            after: Some(sha(after)),
+            at_ms: 0,
+        }
+    }
+
+    fn pipeline(id: u64, status: PipelineStatus) -> Pipeline {
+        Pipeline {
+            id,
+            status,
+            source: "push".into(),
+            finished_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn sha_parsing_rejects_garbage_and_lowercases() {
+        assert!(Sha::parse("xyz").is_err());
+        assert!(Sha::parse("abc").is_err());
+        assert_eq!(Sha::parse("ABCDEF12").unwrap().as_str(), "abcdef12");
+        assert!(Sha::parse(&"0".repeat(40)).unwrap().is_null());
+    }
+
+    #[test]
+    fn redelivered_push_is_not_a_new_head() {
+        let mut state = RefState::default();
+        assert_eq!(state.record_push(&push(1)), Recorded::Changed);
+        assert_eq!(state.record_push(&push(2)), Recorded::Changed);
+        assert_eq!(state.record_push(&push(1)), Recorded::Unchanged);
+        assert_eq!(state.head().unwrap().sha, sha(2));
+    }
+
+    #[test]
+    fn late_running_update_never_hides_a_final_result() {
+        let mut state = RefState::default();
+        state.record_pipeline(&sha(1), pipeline(7, PipelineStatus::Success));
+        assert_eq!(
+            state.record_pipeline(&sha(1), pipeline(7, PipelineStatus::Running)),
+            Recorded::Unchanged
+        );
+        assert_eq!(
+            state.verdict(&sha(1)).unwrap().status,
+            PipelineStatus::Success
+        );
+    }
+
+    #[test]
+    fn highest_pipeline_id_is_the_verdict_and_merge_requests_do_not_count() {
+        let mut state = RefState::default();
+        state.record_pipeline(&sha(1), pipeline(8, PipelineStatus::Failed));
+        state.record_pipeline(&sha(1), pipeline(7, PipelineStatus::Success));
+        assert_eq!(state.verdict(&sha(1)).unwrap().id, 8);
+        let mut mr = pipeline(9, PipelineStatus::Success);
+        mr.source = MERGE_REQUEST_SOURCE.into();
+        state.record_pipeline(&sha(1), mr);
+        assert_eq!(state.verdict(&sha(1)).unwrap().id, 8);
+    }
+
+    #[test]
+    fn branch_deletion_starts_a_new_line() {
+        let mut state = RefState::default();
+        state.record_push(&push(1));
+        state.record_push(&Push {
+            before: Some(sha(1)),
+            after: None,
+            at_ms: 0,
+        });
+        assert!(state.head().is_none());
+        state.record_push(&push(1));
+        state.record_push(&push(2));
+        let order = PushOrder(&state);
+        assert!(order.descends_from(&sha(2), &sha(1)));
+        assert!(order.on_branch(&sha(1)));
+    }
+
+    #[test]
+    fn old_heads_are_trimmed() {
+        let mut state = RefState::default();
+        for n in 0..=255u8 {
+            state.record_push(&push(n));
+        }
+        state.record_push(&Push {
+            before: None,
+            after: Some(Sha::parse(&"f".repeat(40)).unwrap()),
+            at_ms: 0,
+        });
+        assert_eq!(state.heads.len(), MAX_HEADS);
+    }
+}

@@ -1,0 +1,821 @@
+//! The gate's rules as scenarios, and a property over arbitrary webhook delivery orders.
+
+use proptest::prelude::*;
+use proptest::sample::Index;
+
+use super::*;
+use PipelineStatus::{Canceled, Failed, Running, Success};
+
+/// A full SHA-1 whose short form shows `n` (`0a0a0a0a` for 10). Commits start at 1: `sha(0)`
+/// would be the null id GitLab uses for created and deleted branches.
+fn sha(n: u8) -> Sha {
+    Sha::parse(&format!("{n:02x}").repeat(20)).unwrap()
+}
+
+/// Which commit of a scenario `sha` is, inverting [`sha`].
+fn commit_of(sha: &Sha) -> u8 {
+    u8::from_str_radix(&sha.as_str()[..2], 16).unwrap()
+}
+
+fn run(id: u64, status: PipelineStatus) -> Pipeline {
+    Pipeline {
+        id,
+        status,
+        source: "push".to_owned(),
+        finished_at_ms: None,
+    }
+}
+
+fn mr_run(id: u64, status: PipelineStatus) -> Pipeline {
+    Pipeline {
+        source: MERGE_REQUEST_SOURCE.to_owned(),
+        ..run(id, status)
+    }
+}
+
+/// One agent gated on one branch, re-evaluated after every event as the server does.
+struct World {
+    mode: Mode,
+    refs: RefState,
+    gate: AgentGate,
+    now_ms: i64,
+}
+
+impl World {
+    fn new(mode: Mode) -> Self {
+        Self {
+            mode,
+            refs: RefState::default(),
+            gate: AgentGate::default(),
+            now_ms: 0,
+        }
+    }
+
+    fn tick(&mut self) -> i64 {
+        self.now_ms += 1_000;
+        self.now_ms
+    }
+
+    fn with_cx<T>(&mut self, f: impl FnOnce(&mut AgentGate, &Context<'_>) -> T) -> T {
+        let now_ms = self.tick();
+        let lineage = PushOrder(&self.refs);
+        let cx = Context {
+            mode: self.mode,
+            refs: &self.refs,
+            lineage: &lineage,
+            now_ms,
+        };
+        f(&mut self.gate, &cx)
+    }
+
+    fn advance(&mut self) -> Step {
+        self.with_cx(|gate, cx| gate.advance(cx))
+    }
+
+    fn push(&mut self, n: u8) -> Step {
+        let before = self.refs.head().map(|h| h.sha.clone());
+        self.refs.record_push(&Push {
+            before,
+            after: Some(sha(n)),
+            at_ms: self.now_ms,
+        });
+        self.advance()
+    }
+
+    fn delete_branch(&mut self) -> Step {
+        let before = self.refs.head().map(|h| h.sha.clone());
+        self.refs.record_push(&Push {
+            before,
+            after: None,
+            at_ms: self.now_ms,
+        });
+        self.advance()
+    }
+
+    fn pipeline(&mut self, n: u8, id: u64, status: PipelineStatus) -> Step {
+        self.refs.record_pipeline(&sha(n), run(id, status));
+        self.advance()
+    }
+
+    fn mr_pipeline(&mut self, n: u8, id: u64, status: PipelineStatus) -> Step {
+        self.refs.record_pipeline(&sha(n), mr_run(id, status));
+        self.advance()
+    }
+
+    fn trigger(&mut self, n: Option<u8>) -> Result<Step, GateError> {
+        let target = n.map(sha);
+        self.with_cx(|gate, cx| gate.trigger(cx, target.as_ref()))
+    }
+
+    fn pause(&mut self) -> Step {
+        let now_ms = self.tick();
+        self.gate.pause("incident".to_owned(), now_ms)
+    }
+
+    fn resume(&mut self) -> Result<Step, GateError> {
+        let now_ms = self.tick();
+        self.gate.resume(now_ms)
+    }
+
+    fn pin(&mut self, target: Sha) -> Result<Step, GateError> {
+        let now_ms = self.tick();
+        self.gate.pin(target, "bad release".to_owned(), now_ms)
+    }
+
+    fn unpin(&mut self) -> Result<Step, GateError> {
+        let now_ms = self.tick();
+        self.gate.unpin(now_ms)
+    }
+
+    fn desired(&self) -> Option<Sha> {
+        self.gate.desired.as_ref().map(|r| r.sha.clone())
+    }
+
+    fn revision(&self) -> &Revision {
+        self.gate.desired.as_ref().unwrap()
+    }
+
+    fn position(&self) -> Option<Sha> {
+        self.gate.position.as_ref().map(|r| r.sha.clone())
+    }
+
+    fn decisions_about(&self, n: u8) -> Vec<&Decision> {
+        let target = sha(n);
+        self.gate
+            .decisions
+            .iter()
+            .filter(|d| d.sha.as_ref() == Some(&target))
+            .collect()
+    }
+}
+
+fn has_decision(decisions: &[Decision], outcome: Outcome, n: u8, reason: &str) -> bool {
+    decisions
+        .iter()
+        .any(|d| d.outcome == outcome && d.sha == Some(sha(n)) && d.reason.contains(reason))
+}
+
+#[test]
+fn running_pipeline_holds_and_its_success_deploys_the_commit() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Running);
+    assert_eq!(w.desired(), None);
+
+    let step = w.pipeline(1, 10, Success);
+
+    assert!(step.desired_changed);
+    assert_eq!(w.desired(), Some(sha(1)));
+    assert_eq!(w.revision().pipeline_id, Some(10));
+    assert!(
+        w.revision().reason.contains("pipeline 10"),
+        "{}",
+        w.revision().reason
+    );
+}
+
+#[test]
+fn newer_commit_green_first_wins_and_older_success_later_changes_nothing() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(2);
+    w.push(3);
+    w.pipeline(2, 20, Running);
+    w.pipeline(3, 30, Running);
+    w.pipeline(3, 30, Success);
+    assert_eq!(w.desired(), Some(sha(3)));
+    let generation = w.revision().generation;
+
+    let step = w.pipeline(2, 20, Success);
+
+    assert!(!step.desired_changed);
+    assert!(step.decisions.is_empty(), "{:?}", step.decisions);
+    assert_eq!(w.desired(), Some(sha(3)));
+    assert_eq!(w.revision().generation, generation);
+    assert!(
+        w.decisions_about(2)
+            .iter()
+            .all(|d| d.outcome != Outcome::Deploy)
+    );
+}
+
+#[test]
+fn older_green_commit_is_skipped_as_superseded_when_a_newer_one_is_chosen() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(2);
+    w.push(3);
+    // Both results are on record before the gate looks, as after a server restart.
+    w.refs.record_pipeline(&sha(2), run(20, Success));
+    w.refs.record_pipeline(&sha(3), run(30, Success));
+
+    let step = w.advance();
+
+    assert_eq!(w.desired(), Some(sha(3)));
+    let superseded = format!("superseded by {}", sha(3).short());
+    assert_eq!(superseded, "superseded by 03030303");
+    assert!(
+        has_decision(&step.decisions, Outcome::Skip, 2, &superseded),
+        "{:?}",
+        step.decisions
+    );
+    assert!(has_decision(
+        &step.decisions,
+        Outcome::Deploy,
+        3,
+        "pipeline 30 succeeded"
+    ));
+}
+
+#[test]
+fn failed_pipeline_blocks_until_a_retry_succeeds_and_a_failed_retry_never_goes_back() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.push(2);
+
+    w.pipeline(2, 20, Failed);
+    assert_eq!(w.desired(), Some(sha(1)));
+
+    w.pipeline(2, 21, Success);
+    assert_eq!(w.desired(), Some(sha(2)));
+    assert_eq!(w.revision().pipeline_id, Some(21));
+    let generation = w.revision().generation;
+
+    // The newest pipeline is now red, but the gate never falls back to commit 1.
+    let step = w.pipeline(2, 22, Failed);
+    assert!(!step.desired_changed);
+    assert_eq!(w.desired(), Some(sha(2)));
+    assert_eq!(w.revision().pipeline_id, Some(21));
+    assert_eq!(w.revision().generation, generation);
+}
+
+#[test]
+fn merge_request_pipeline_success_never_opens_the_gate() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Failed);
+
+    w.mr_pipeline(1, 11, Success);
+    assert_eq!(w.desired(), None);
+
+    w.pipeline(1, 12, Success);
+    assert_eq!(w.desired(), Some(sha(1)));
+    assert_eq!(w.revision().pipeline_id, Some(12));
+}
+
+#[test]
+fn pipeline_reported_before_its_push_deploys_once_the_push_arrives() {
+    let mut w = World::new(Mode::Pipeline);
+    w.pipeline(1, 10, Success);
+    assert_eq!(w.desired(), None);
+
+    w.push(1);
+
+    assert_eq!(w.desired(), Some(sha(1)));
+    assert_eq!(w.revision().pipeline_id, Some(10));
+}
+
+#[test]
+fn immediate_mode_deploys_every_new_head_whatever_its_pipeline() {
+    let mut w = World::new(Mode::Immediate);
+    w.push(1);
+    assert_eq!(w.desired(), Some(sha(1)));
+    assert_eq!(w.revision().pipeline_id, None);
+    assert!(w.revision().reason.contains("immediate"));
+    let first = w.revision().generation;
+
+    w.push(2);
+    w.pipeline(2, 20, Failed);
+    assert_eq!(w.desired(), Some(sha(2)));
+    let second = w.revision().generation;
+
+    w.push(3);
+    assert_eq!(w.desired(), Some(sha(3)));
+    assert!(first < second && second < w.revision().generation);
+}
+
+#[test]
+fn manual_mode_waits_for_a_trigger_that_deploys_the_head() {
+    let mut w = World::new(Mode::Manual);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.push(2);
+    assert_eq!(w.desired(), None);
+
+    let step = w.trigger(None).unwrap();
+
+    assert!(step.desired_changed);
+    assert_eq!(w.desired(), Some(sha(2)));
+    assert!(has_decision(
+        &step.decisions,
+        Outcome::Deploy,
+        2,
+        "triggered by an operator"
+    ));
+}
+
+#[test]
+fn triggering_a_red_commit_works_in_manual_mode_only() {
+    let mut manual = World::new(Mode::Manual);
+    manual.push(1);
+    manual.pipeline(1, 10, Failed);
+    manual.trigger(Some(1)).unwrap();
+    assert_eq!(manual.desired(), Some(sha(1)));
+
+    let mut gated = World::new(Mode::Pipeline);
+    gated.push(1);
+    gated.pipeline(1, 10, Failed);
+    match gated.trigger(Some(1)) {
+        Err(GateError::NotGreen {
+            sha: refused,
+            reason,
+        }) => {
+            assert_eq!(refused, sha(1));
+            assert!(reason.contains("pipeline 10 is failed"), "{reason}");
+        }
+        other => panic!("expected NotGreen, got {other:?}"),
+    }
+    assert_eq!(gated.desired(), None);
+}
+
+#[test]
+fn triggering_an_older_commit_is_refused_as_backwards() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.push(2);
+    w.pipeline(2, 20, Success);
+
+    let err = w.trigger(Some(1)).unwrap_err();
+
+    assert_eq!(
+        err,
+        GateError::Backwards {
+            sha: sha(1),
+            deployed: sha(2)
+        }
+    );
+    assert_eq!(w.desired(), Some(sha(2)));
+}
+
+#[test]
+fn trigger_without_a_commit_resends_the_same_revision_under_a_new_generation() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    assert_eq!(w.trigger(None).unwrap_err(), GateError::NothingToSync);
+    w.pipeline(1, 10, Success);
+    let generation = w.revision().generation;
+
+    let step = w.trigger(None).unwrap();
+
+    assert!(step.desired_changed);
+    assert_eq!(w.desired(), Some(sha(1)));
+    assert_eq!(w.revision().pipeline_id, Some(10));
+    assert!(w.revision().generation > generation);
+}
+
+#[test]
+fn triggering_a_commit_not_on_the_branch_is_refused() {
+    let mut w = World::new(Mode::Manual);
+    w.push(1);
+    assert_eq!(
+        w.trigger(Some(9)).unwrap_err(),
+        GateError::NotOnBranch(sha(9))
+    );
+}
+
+#[test]
+fn pause_holds_the_agent_while_the_gate_moves_and_resume_releases_the_newest() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.pause();
+
+    w.push(2);
+    w.pipeline(2, 20, Success);
+    w.push(3);
+    let step = w.pipeline(3, 30, Success);
+
+    assert!(!step.desired_changed);
+    assert_eq!(w.position(), Some(sha(3)));
+    assert_eq!(w.desired(), Some(sha(1)));
+    assert!(has_decision(&step.decisions, Outcome::Hold, 3, "paused"));
+
+    let step = w.resume().unwrap();
+
+    assert!(step.desired_changed);
+    assert_eq!(w.desired(), Some(sha(3)));
+    assert_eq!(w.revision().pipeline_id, Some(30));
+}
+
+#[test]
+fn resume_or_unpin_without_a_hold_is_refused() {
+    let mut w = World::new(Mode::Pipeline);
+    assert_eq!(w.resume().unwrap_err(), GateError::NotPaused);
+    assert_eq!(w.unpin().unwrap_err(), GateError::NotPinned);
+}
+
+#[test]
+fn pin_rolls_back_to_an_older_commit_and_holds_while_the_gate_moves_until_unpinned() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.push(2);
+    w.pipeline(2, 20, Success);
+
+    let step = w.pin(sha(1)).unwrap();
+
+    assert!(step.desired_changed);
+    assert_eq!(w.desired(), Some(sha(1)));
+    assert!(w.revision().reason.contains("bad release"));
+
+    w.push(3);
+    w.pipeline(3, 30, Success);
+    assert_eq!(w.position(), Some(sha(3)));
+    assert_eq!(w.desired(), Some(sha(1)));
+
+    let step = w.unpin().unwrap();
+
+    assert!(step.desired_changed);
+    assert_eq!(w.desired(), Some(sha(3)));
+}
+
+#[test]
+fn pin_to_an_abbreviated_sha_is_refused() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    let abbreviated = Sha::parse(&sha(1).as_str()[..12]).unwrap();
+
+    assert_eq!(
+        w.pin(abbreviated.clone()).unwrap_err(),
+        GateError::AbbreviatedPin(abbreviated)
+    );
+    assert_eq!(w.gate.pinned, None);
+    assert_eq!(w.desired(), Some(sha(1)));
+}
+
+#[test]
+fn recreated_branch_is_deployed_once_green_as_the_old_commit_left_the_branch() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.delete_branch();
+    assert_eq!(w.desired(), Some(sha(1)));
+
+    w.push(2);
+    assert_eq!(w.desired(), Some(sha(1)));
+    w.pipeline(2, 20, Success);
+
+    assert_eq!(w.desired(), Some(sha(2)));
+    assert!(
+        w.decisions_about(2)
+            .iter()
+            .all(|d| !d.reason.contains("descendant"))
+    );
+}
+
+#[test]
+fn redelivered_push_from_before_a_branch_deletion_is_not_a_new_head() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.push(2);
+    w.pipeline(2, 20, Success);
+    w.delete_branch();
+    w.push(3);
+    w.pipeline(3, 30, Success);
+    assert_eq!(w.desired(), Some(sha(3)));
+
+    // GitLab retries webhooks; `before` shows this push happened on the old line.
+    w.refs.record_push(&Push {
+        before: Some(sha(1)),
+        after: Some(sha(2)),
+        at_ms: 0,
+    });
+    w.advance();
+
+    assert_eq!(w.refs.head().unwrap().sha, sha(3));
+    assert_eq!(w.desired(), Some(sha(3)));
+}
+
+#[test]
+fn every_deploy_and_skip_says_why() {
+    let mut gated = World::new(Mode::Pipeline);
+    gated.push(1);
+    gated.pipeline(1, 10, Running);
+    gated.pipeline(1, 10, Failed);
+    gated.pipeline(1, 11, Success);
+    gated.push(2);
+    gated.push(3);
+    gated.refs.record_pipeline(&sha(2), run(20, Success));
+    gated.refs.record_pipeline(&sha(3), run(30, Success));
+    gated.advance();
+
+    let history: Vec<Decision> = gated.gate.decisions.iter().cloned().collect();
+    let expected = [
+        (Outcome::Skip, 1, "no pipeline has run for it yet"),
+        (Outcome::Skip, 1, "pipeline 10 is running"),
+        (Outcome::Skip, 1, "pipeline 10 is failed"),
+        (Outcome::Deploy, 1, "pipeline 11 succeeded"),
+        (Outcome::Skip, 2, "no pipeline has run for it yet"),
+        (Outcome::Skip, 3, "no pipeline has run for it yet"),
+        (Outcome::Skip, 2, "superseded by 03030303"),
+        (Outcome::Deploy, 3, "pipeline 30 succeeded"),
+    ];
+    for (outcome, n, reason) in expected {
+        assert!(
+            has_decision(&history, outcome, n, reason),
+            "no {outcome:?} of {n} saying {reason:?} in {history:#?}"
+        );
+    }
+
+    let mut immediate = World::new(Mode::Immediate);
+    immediate.push(1);
+    let mut manual = World::new(Mode::Manual);
+    manual.push(1);
+    manual.trigger(None).unwrap();
+
+    let all = [&gated, &immediate, &manual]
+        .into_iter()
+        .flat_map(|w| w.gate.decisions.iter());
+    let explained = [
+        "pipeline",
+        "superseded by",
+        "immediate mode",
+        "triggered by an operator",
+    ];
+    for d in all.filter(|d| d.outcome != Outcome::Hold) {
+        assert!(d.sha.is_some(), "{d:?}");
+        assert!(explained.iter().any(|why| d.reason.contains(why)), "{d:?}");
+    }
+}
+
+#[test]
+fn repeated_evaluations_do_not_grow_the_decision_history() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.push(2);
+    w.pipeline(2, 20, Failed);
+    w.push(3);
+    w.pipeline(3, 30, Running);
+    w.pause();
+    w.push(4);
+    w.pipeline(4, 40, Success);
+    let decisions = w.gate.decisions.clone();
+    let desired = w.gate.desired.clone();
+
+    for _ in 0..3 {
+        let step = w.advance();
+        assert_eq!(step, Step::default());
+        // Webhook redeliveries re-evaluate the gate just the same.
+        let step = w.pipeline(3, 30, Running);
+        assert_eq!(step, Step::default());
+        let step = w.push(2);
+        assert_eq!(step, Step::default());
+    }
+
+    assert_eq!(w.gate.decisions, decisions);
+    assert_eq!(w.gate.desired, desired);
+}
+
+#[test]
+fn pausing_again_after_a_resume_is_recorded_again() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.pause();
+    w.resume().unwrap();
+    let recorded = w.gate.decisions.len();
+
+    // Operators read the last entries to know whether the agent is held right now.
+    let paused = w.pause();
+    let resumed = w.resume().unwrap();
+
+    assert!(
+        has_decision(&paused.decisions, Outcome::Hold, 1, "paused"),
+        "second pause left no decision: {:?}",
+        w.gate.decisions
+    );
+    assert!(
+        resumed.decisions.iter().any(|d| d.reason == "resumed"),
+        "second resume left no decision: {:?}",
+        w.gate.decisions
+    );
+    assert_eq!(w.gate.decisions.len(), recorded + 2);
+}
+
+#[test]
+fn pin_is_recorded_as_a_decision_with_its_reason() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.push(2);
+    w.pipeline(2, 20, Success);
+
+    // A rollback is the decision operators most need to find in the history later.
+    let step = w.pin(sha(1)).unwrap();
+
+    assert!(
+        step.decisions
+            .iter()
+            .any(|d| d.sha == Some(sha(1)) && d.reason.contains("bad release")),
+        "pin left no decision: {:?}",
+        w.gate.decisions
+    );
+}
+
+// --- Property: any delivery order of the same facts ---
+
+#[derive(Debug, Clone)]
+enum Delivery {
+    Push(u8),
+    Pipeline(u8, Pipeline),
+}
+
+#[derive(Debug, Clone)]
+struct RunSpec {
+    outcome: PipelineStatus,
+    reports_running: bool,
+    merge_request: bool,
+}
+
+fn run_spec(merge_request: bool) -> impl Strategy<Value = RunSpec> {
+    (
+        prop_oneof![Just(Success), Just(Failed), Just(Canceled)],
+        any::<bool>(),
+    )
+        .prop_map(move |(outcome, reports_running)| RunSpec {
+            outcome,
+            reports_running,
+            merge_request,
+        })
+}
+
+/// A commit's runs in id order: up to three branch pipelines, maybe a merge request one
+/// anywhere among them.
+fn commit_runs() -> impl Strategy<Value = Vec<RunSpec>> {
+    (
+        prop::collection::vec(run_spec(false), 0..=3),
+        prop::option::weighted(0.3, (run_spec(true), any::<Index>())),
+    )
+        .prop_map(|(mut runs, mr)| {
+            if let Some((spec, at)) = mr {
+                runs.insert(at.index(runs.len() + 1), spec);
+            }
+            runs
+        })
+}
+
+/// Pushes of commits 1..=n in order, then every pipeline update, ids increasing globally.
+fn base_deliveries(commits: &[Vec<RunSpec>]) -> Vec<Delivery> {
+    let mut deliveries: Vec<Delivery> = (1..=commits.len() as u8).map(Delivery::Push).collect();
+    let mut id = 100;
+    for (n, runs) in (1..).zip(commits) {
+        for spec in runs {
+            id += 1;
+            let source = if spec.merge_request {
+                MERGE_REQUEST_SOURCE
+            } else {
+                "push"
+            };
+            let update = |status: PipelineStatus, finished_at_ms| Pipeline {
+                id,
+                status,
+                source: source.to_owned(),
+                finished_at_ms,
+            };
+            if spec.reports_running {
+                deliveries.push(Delivery::Pipeline(n, update(Running, None)));
+            }
+            deliveries.push(Delivery::Pipeline(n, update(spec.outcome, Some(id as i64))));
+        }
+    }
+    deliveries
+}
+
+/// Orders deliveries by random keys, except that pushes keep their order (it is the push
+/// order the gate relies on), and adds redeliveries at any point after their original.
+fn interleave(
+    base: Vec<Delivery>,
+    mut keys: Vec<u32>,
+    redeliveries: Vec<(Index, u32)>,
+) -> Vec<Delivery> {
+    let push_slots: Vec<usize> = (0..base.len())
+        .filter(|&i| matches!(base[i], Delivery::Push(_)))
+        .collect();
+    let mut push_keys: Vec<u32> = push_slots.iter().map(|&i| keys[i]).collect();
+    push_keys.sort_unstable();
+    for (&slot, key) in push_slots.iter().zip(push_keys) {
+        keys[slot] = key;
+    }
+    let mut keyed: Vec<(u64, Delivery)> = keys.into_iter().map(u64::from).zip(base).collect();
+    for (original, delay) in redeliveries {
+        let (key, delivery) = keyed[original.index(keyed.len())].clone();
+        keyed.push((key + u64::from(delay), delivery));
+    }
+    // Stable: on equal keys originals stay before redeliveries and pushes stay in order.
+    keyed.sort_by_key(|(key, _)| *key);
+    keyed.into_iter().map(|(_, delivery)| delivery).collect()
+}
+
+fn delivery_plan() -> impl Strategy<Value = Vec<Delivery>> {
+    prop::collection::vec(commit_runs(), 2..8)
+        .prop_flat_map(|commits| {
+            let base = base_deliveries(&commits);
+            let keys = prop::collection::vec(any::<u32>(), base.len());
+            let redeliveries = prop::collection::vec((any::<Index>(), any::<u32>()), 0..6);
+            (Just(base), keys, redeliveries)
+        })
+        .prop_map(|(base, keys, redeliveries)| interleave(base, keys, redeliveries))
+}
+
+/// The oracle's reading of a verdict straight from the recorded runs, not via `verdict()`.
+fn green_in(refs: &RefState, sha: &Sha) -> bool {
+    refs.pipelines
+        .get(sha)
+        .and_then(|runs| {
+            runs.iter()
+                .filter(|p| p.source != MERGE_REQUEST_SOURCE)
+                .max_by_key(|p| p.id)
+        })
+        .is_some_and(|p| p.status == Success)
+}
+
+/// The newest pushed commit that is green right now.
+fn newest_green(refs: &RefState) -> Option<u8> {
+    refs.heads
+        .iter()
+        .filter(|h| h.line == refs.line && !refs.deleted && green_in(refs, &h.sha))
+        .max_by_key(|h| h.seq)
+        .map(|h| commit_of(&h.sha))
+}
+
+proptest! {
+    #[test]
+    fn gate_only_moves_forward_to_the_newest_commit_ever_green(deliveries in delivery_plan()) {
+        let mut refs = RefState::default();
+        let mut gate = AgentGate::default();
+        let mut newest_ever_green: Option<u8> = None;
+        let mut last_desired: Option<u8> = None;
+        let mut last_generation = 0;
+
+        for (at, delivery) in deliveries.iter().enumerate() {
+            match delivery {
+                Delivery::Push(n) => refs.record_push(&Push {
+                    before: None,
+                    after: Some(sha(*n)),
+                    at_ms: at as i64,
+                }),
+                Delivery::Pipeline(n, update) => refs.record_pipeline(&sha(*n), update.clone()),
+            };
+            let lineage = PushOrder(&refs);
+            let cx = Context {
+                mode: Mode::Pipeline,
+                refs: &refs,
+                lineage: &lineage,
+                now_ms: at as i64,
+            };
+            let step = gate.advance(&cx);
+            newest_ever_green = newest_ever_green.max(newest_green(&refs));
+
+            // Commit numbers are push order: the generator keeps pushes in order.
+            let desired = gate.desired.as_ref().map(|r| commit_of(&r.sha));
+            prop_assert!(desired >= last_desired, "went back from {last_desired:?} to {desired:?}");
+            let generation = gate.desired.as_ref().map_or(0, |r| r.generation);
+            if step.desired_changed {
+                prop_assert!(generation > last_generation);
+                let revision = gate.desired.as_ref().unwrap();
+                let runs = &refs.pipelines[&revision.sha];
+                let pipeline = runs.iter().find(|p| Some(p.id) == revision.pipeline_id);
+                prop_assert!(
+                    pipeline.is_some_and(|p| p.status == Success && p.counts_for_branch()),
+                    "deployed {revision:?} on {runs:?}"
+                );
+            } else {
+                prop_assert_eq!(generation, last_generation);
+            }
+            prop_assert!(gate.decisions.len() <= DECISION_HISTORY);
+            last_desired = desired;
+            last_generation = generation;
+        }
+
+        prop_assert_eq!(last_desired, newest_ever_green);
+
+        // Every final result is on record, whatever order the updates came in.
+        for delivery in &deliveries {
+            if let Delivery::Pipeline(n, update) = delivery
+                && update.status.is_final()
+            {
+                let recorded = refs.pipelines[&sha(*n)].iter().find(|p| p.id == update.id);
+                prop_assert_eq!(recorded.map(|p| p.status), Some(update.status));
+            }
+        }
+        // Unless the deployed commit later went red, it is the newest green commit.
+        if let Some(n) = last_desired
+            && green_in(&refs, &sha(n))
+        {
+            prop_assert_eq!(last_desired, newest_green(&refs));
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! `greenlight.v1.AdminService`: what operators and control planes read and do.
+
+use std::sync::Arc;
+
+use greenlight::v1::{self, admin_service_server::AdminService};
+use prost::Message;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use super::{decision_to_proto, mode_to_proto, require_token, revision_to_proto, status_to_proto};
+use crate::clock::now_ms;
+use crate::config::{AgentSpec, TokenHash};
+use crate::engine::{Engine, Operation};
+use crate::gate::Sha;
+use crate::store::{Broadcast, RefKey};
+
+/// Reports returned by `GetAgentHistory`.
+const HISTORY_LIMIT: usize = 50;
+
+/// Serves operators.
+pub struct AdminApi {
+    engine: Arc<Engine>,
+    token: Option<TokenHash>,
+    shutdown: CancellationToken,
+}
+
+impl AdminApi {
+    /// Requests must carry a bearer token hashing to `token`.
+    pub fn new(engine: Arc<Engine>, token: Option<TokenHash>, shutdown: CancellationToken) -> Self {
+        Self {
+            engine,
+            token,
+            shutdown,
+        }
+    }
+
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        require_token(request, self.token.as_ref(), "admin")
+    }
+
+    fn spec(&self, name: &str) -> Result<&AgentSpec, Status> {
+        self.engine
+            .catalog()
+            .agent(name)
+            .ok_or_else(|| Status::not_found(format!("no agent named {name:?} is configured")))
+    }
+
+    async fn status(&self, name: &str) -> Result<v1::AgentStatus, Status> {
+        let spec = self.spec(name)?.clone();
+        let (gate, _) = self.engine.gate_of(name).await?;
+        let replica = self.engine.presence(name).await?;
+        let last_report = self
+            .engine
+            .store()
+            .reports(name, 1)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .first()
+            .and_then(|bytes| v1::StatusReport::decode(bytes.as_slice()).ok());
+        let applied_revision = last_report
+            .as_ref()
+            .filter(|r| {
+                matches!(
+                    r.phase(),
+                    v1::Phase::Applied | v1::Phase::Healthy | v1::Phase::Degraded
+                )
+            })
+            .map(|r| r.revision.clone())
+            .unwrap_or_default();
+        Ok(v1::AgentStatus {
+            name: spec.name.clone(),
+            project: spec.project.clone(),
+            r#ref: spec.branch.clone(),
+            mode: mode_to_proto(spec.mode).into(),
+            connected: replica.is_some(),
+            replica: replica.unwrap_or_default(),
+            desired: gate.desired.as_ref().map(revision_to_proto),
+            applied_revision,
+            last_report,
+            paused: gate.paused.as_ref().map(|h| v1::Hold {
+                reason: h.reason.clone(),
+                since_unix_ms: h.since_ms,
+                sha: String::new(),
+            }),
+            pinned: gate.pinned.as_ref().map(|p| v1::Hold {
+                reason: p.reason.clone(),
+                since_unix_ms: p.since_ms,
+                sha: p.sha.to_string(),
+            }),
+            last_decision: gate.decisions.back().map(decision_to_proto),
+            sync_error: String::new(),
+        })
+    }
+
+    async fn operate(
+        &self,
+        name: &str,
+        operation: Operation,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.spec(name)?;
+        self.engine.operate(name, operation).await?;
+        Ok(Response::new(self.status(name).await?))
+    }
+}
+
+fn parse_sha(field: &str, value: &str) -> Result<Sha, Status> {
+    Sha::parse(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn require_reason(reason: &str) -> Result<String, Status> {
+    let reason = reason.trim();
+    if reason.is_empty() {
+        return Err(Status::invalid_argument(
+            "reason is required: say why, for the record",
+        ));
+    }
+    Ok(reason.to_owned())
+}
+
+fn event_to_proto(message: &Broadcast) -> Vec<v1::Event> {
+    use v1::event::Event;
+    let at = now_ms();
+    match message {
+        Broadcast::RefChanged { decisions, .. } => decisions
+            .iter()
+            .map(|(agent, decision)| v1::Event {
+                agent: agent.clone(),
+                at_unix_ms: decision.at_ms,
+                event: Some(Event::Decision(decision_to_proto(decision))),
+            })
+            .collect(),
+        Broadcast::Report { agent, report } => v1::StatusReport::decode(report.as_slice())
+            .map(|report| v1::Event {
+                agent: agent.clone(),
+                at_unix_ms: at,
+                event: Some(Event::Report(report)),
+            })
+            .into_iter()
+            .collect(),
+        Broadcast::Connection {
+            agent,
+            connected,
+            replica,
+        } => vec![v1::Event {
+            agent: agent.clone(),
+            at_unix_ms: at,
+            event: Some(Event::Connection(v1::Connection {
+                connected: *connected,
+                replica: replica.clone(),
+            })),
+        }],
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    type WatchEventsStream = ReceiverStream<Result<v1::Event, Status>>;
+
+    async fn list_agents(
+        &self,
+        request: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        self.authorize(&request)?;
+        let names: Vec<String> = self
+            .engine
+            .catalog()
+            .agents()
+            .map(|a| a.name.clone())
+            .collect();
+        let mut agents = Vec::with_capacity(names.len());
+        for name in names {
+            agents.push(self.status(&name).await?);
+        }
+        Ok(Response::new(v1::ListAgentsResponse { agents }))
+    }
+
+    async fn get_agent(
+        &self,
+        request: Request<v1::GetAgentRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(self.status(&request.get_ref().name).await?))
+    }
+
+    async fn get_agent_history(
+        &self,
+        request: Request<v1::GetAgentHistoryRequest>,
+    ) -> Result<Response<v1::GetAgentHistoryResponse>, Status> {
+        self.authorize(&request)?;
+        let name = &request.get_ref().name;
+        self.spec(name)?;
+        let reports = self
+            .engine
+            .store()
+            .reports(name, HISTORY_LIMIT)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .iter()
+            .filter_map(|bytes| v1::StatusReport::decode(bytes.as_slice()).ok())
+            .collect();
+        let (gate, _) = self.engine.gate_of(name).await?;
+        let decisions = gate.decisions.iter().rev().map(decision_to_proto).collect();
+        Ok(Response::new(v1::GetAgentHistoryResponse {
+            reports,
+            decisions,
+        }))
+    }
+
+    async fn get_ref(
+        &self,
+        request: Request<v1::GetRefRequest>,
+    ) -> Result<Response<v1::RefStatus>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let branch = request
+            .r#ref
+            .strip_prefix("refs/heads/")
+            .unwrap_or(&request.r#ref)
+            .to_owned();
+        let key = RefKey {
+            project: request.project.clone(),
+            branch: branch.clone(),
+        };
+        if self.engine.catalog().watchers(&key).is_empty() {
+            return Err(Status::not_found(format!("no agent watches {key}")));
+        }
+        let doc = self.engine.load(&key).await?.value;
+        let lineage = crate::gate::PushOrder(&doc.refs);
+        let commits = doc
+            .refs
+            .heads
+            .iter()
+            .rev()
+            .map(|head| v1::CommitInfo {
+                sha: head.sha.to_string(),
+                seq: head.seq,
+                pushed_at_unix_ms: head.pushed_at_ms,
+                pipelines: doc
+                    .refs
+                    .pipelines
+                    .get(&head.sha)
+                    .into_iter()
+                    .flatten()
+                    .rev()
+                    .map(|p| v1::PipelineInfo {
+                        id: p.id,
+                        status: status_to_proto(p.status).into(),
+                        source: p.source.clone(),
+                    })
+                    .collect(),
+                on_branch: crate::gate::Lineage::on_branch(&lineage, &head.sha),
+            })
+            .collect();
+        Ok(Response::new(v1::RefStatus {
+            project: key.project,
+            r#ref: branch,
+            commits,
+            head: doc
+                .refs
+                .head()
+                .map(|h| h.sha.to_string())
+                .unwrap_or_default(),
+        }))
+    }
+
+    async fn trigger_sync(
+        &self,
+        request: Request<v1::TriggerSyncRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let sha = request
+            .sha
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map(|s| parse_sha("sha", s))
+            .transpose()?;
+        self.operate(&request.name, Operation::Trigger { sha })
+            .await
+    }
+
+    async fn pause_sync(
+        &self,
+        request: Request<v1::PauseSyncRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let reason = require_reason(&request.reason)?;
+        self.operate(&request.name, Operation::Pause { reason })
+            .await
+    }
+
+    async fn resume_sync(
+        &self,
+        request: Request<v1::ResumeSyncRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.authorize(&request)?;
+        self.operate(&request.get_ref().name, Operation::Resume)
+            .await
+    }
+
+    async fn pin_revision(
+        &self,
+        request: Request<v1::PinRevisionRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let sha = parse_sha("sha", &request.sha)?;
+        let reason = require_reason(&request.reason)?;
+        self.operate(&request.name, Operation::Pin { sha, reason })
+            .await
+    }
+
+    async fn unpin_revision(
+        &self,
+        request: Request<v1::UnpinRevisionRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.authorize(&request)?;
+        self.operate(&request.get_ref().name, Operation::Unpin)
+            .await
+    }
+
+    async fn watch_events(
+        &self,
+        request: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        self.authorize(&request)?;
+        let only = request.into_inner().agent;
+        if !only.is_empty() {
+            self.spec(&only)?;
+        }
+        let mut events = self.engine.events();
+        let (tx, rx) = mpsc::channel(64);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let message = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    message = events.recv() => message,
+                };
+                match message {
+                    Ok(message) => {
+                        for event in event_to_proto(&message) {
+                            if (only.is_empty() || event.agent == only)
+                                && tx.send(Ok(event)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        warn!(missed, "event watcher too slow; events dropped");
+                        let status = Status::data_loss(format!(
+                            "{missed} events were dropped because the watcher fell behind; re-read state and watch again"
+                        ));
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,118 @@
+//! gRPC services: map requests to the engine and domain values to `greenlight.v1`.
+
+mod admin;
+mod agent;
+mod ingest;
+
+pub use admin::AdminApi;
+pub use agent::AgentApi;
+pub use ingest::IngestApi;
+
+use greenlight::v1;
+use tonic::Status;
+
+use crate::config::TokenHash;
+use crate::engine::EngineError;
+use crate::gate::{Decision, GateError, Mode, Outcome, PipelineStatus, Revision};
+
+/// The bearer token of a request, if it carries one.
+fn bearer<T>(request: &tonic::Request<T>) -> Option<&str> {
+    let value = request.metadata().get("authorization")?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
+/// Admits requests whose bearer token hashes to `expected`.
+fn require_token<T>(
+    request: &tonic::Request<T>,
+    expected: Option<&TokenHash>,
+    what: &str,
+) -> Result<(), Status> {
+    let Some(expected) = expected else {
+        return Err(Status::unauthenticated(format!(
+            "the {what} API is disabled: no {what}.token_sha256 is configured"
+        )));
+    };
+    match bearer(request) {
+        None => Err(Status::unauthenticated(
+            "missing `authorization: Bearer <token>` metadata",
+        )),
+        Some(token) if expected.matches(token) => Ok(()),
+        Some(_) => Err(Status::unauthenticated(format!("invalid {what} token"))),
+    }
+}
+
+impl From<EngineError> for Status {
+    fn from(error: EngineError) -> Self {
+        let message = error.to_string();
+        match error {
+            EngineError::Store(_) => Status::unavailable(message),
+            EngineError::UnknownAgent(_) => Status::not_found(message),
+            EngineError::Contention(_) => Status::aborted(message),
+            EngineError::Gate(GateError::AbbreviatedPin(_)) => Status::invalid_argument(message),
+            EngineError::Gate(_) => Status::failed_precondition(message),
+        }
+    }
+}
+
+fn revision_to_proto(revision: &Revision) -> v1::Revision {
+    v1::Revision {
+        sha: revision.sha.to_string(),
+        pipeline_id: revision.pipeline_id,
+        reason: revision.reason.clone(),
+        decided_at_unix_ms: revision.decided_at_ms,
+        generation: revision.generation,
+    }
+}
+
+fn decision_to_proto(decision: &Decision) -> v1::Decision {
+    let outcome = match decision.outcome {
+        Outcome::Deploy => v1::decision::Outcome::Deploy,
+        Outcome::Hold => v1::decision::Outcome::Hold,
+        Outcome::Skip => v1::decision::Outcome::Skip,
+    };
+    v1::Decision {
+        outcome: outcome.into(),
+        sha: decision
+            .sha
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        pipeline_id: decision.pipeline_id,
+        reason: decision.reason.clone(),
+        at_unix_ms: decision.at_ms,
+    }
+}
+
+fn mode_to_proto(mode: Mode) -> v1::GateMode {
+    match mode {
+        Mode::Pipeline => v1::GateMode::Pipeline,
+        Mode::Immediate => v1::GateMode::Immediate,
+        Mode::Manual => v1::GateMode::Manual,
+    }
+}
+
+fn status_to_proto(status: PipelineStatus) -> v1::PipelineStatus {
+    use v1::PipelineStatus as P;
+    match status {
+        PipelineStatus::Created => P::Created,
+        PipelineStatus::WaitingForResource => P::WaitingForResource,
+        PipelineStatus::Preparing => P::Preparing,
+        PipelineStatus::Pending => P::Pending,
+        PipelineStatus::Running => P::Running,
+        PipelineStatus::Success => P::Success,
+        PipelineStatus::Failed => P::Failed,
+        PipelineStatus::Canceled => P::Canceled,
+        PipelineStatus::Skipped => P::Skipped,
+        PipelineStatus::Manual => P::Manual,
+        PipelineStatus::Scheduled => P::Scheduled,
+    }
+}
+
+fn status_from_proto(status: v1::PipelineStatus) -> Option<PipelineStatus> {
+    PipelineStatus::ALL
+        .into_iter()
+        .find(|s| status_to_proto(*s) == status)
+}

@@ -1,0 +1,299 @@
+//! `POST /webhooks/gitlab`: GitLab's push and pipeline hooks.
+//!
+//! GitLab disables a hook after four failures in a row (permanently after 4xx), so the
+//! answers are: 401 for a bad token, 400 for a body that is not the event it claims to be,
+//! 5xx only when the event cannot be recorded, and 2xx for everything else.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use super::HttpState;
+use crate::engine::{Fact, FactKind, Recording};
+use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
+
+/// Leaves GitLab's 10 s budget some slack for the network.
+const RECORD_DEADLINE: Duration = Duration::from_secs(8);
+
+#[derive(Deserialize)]
+struct Project {
+    id: Option<u64>,
+    path_with_namespace: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PushHook {
+    #[serde(rename = "ref")]
+    git_ref: String,
+    before: Option<String>,
+    after: String,
+    project: Option<Project>,
+    project_id: Option<u64>,
+}
+
+#[derive(Deserialize)]
+struct PipelineHook {
+    object_attributes: PipelineAttributes,
+    project: Option<Project>,
+}
+
+#[derive(Deserialize)]
+struct PipelineAttributes {
+    id: u64,
+    #[serde(rename = "ref")]
+    git_ref: String,
+    #[serde(default)]
+    tag: bool,
+    sha: String,
+    #[serde(default)]
+    source: Option<String>,
+    status: String,
+    #[serde(default)]
+    finished_at: Option<String>,
+}
+
+fn answer(status: StatusCode, outcome: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({ "outcome": outcome, "message": message.into() })),
+    )
+        .into_response()
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// Handles one delivery.
+pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(secret) = &state.gitlab_secret else {
+        state.metrics.webhook("unknown", "disabled");
+        return answer(
+            StatusCode::NOT_FOUND,
+            "rejected",
+            "GitLab webhooks are not enabled: set webhooks.gitlab.secret_token",
+        );
+    };
+    match header(&headers, "x-gitlab-token") {
+        Some(token) if secret.matches(token) => {}
+        Some(_) => {
+            state.metrics.webhook("unknown", "unauthorized");
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                "rejected",
+                "X-Gitlab-Token does not match the configured secret",
+            );
+        }
+        None => {
+            state.metrics.webhook("unknown", "unauthorized");
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                "rejected",
+                "missing X-Gitlab-Token header",
+            );
+        }
+    }
+    let Some(event) = header(&headers, "x-gitlab-event") else {
+        state.metrics.webhook("unknown", "malformed");
+        return answer(
+            StatusCode::BAD_REQUEST,
+            "rejected",
+            "missing X-Gitlab-Event header",
+        );
+    };
+    let delivery =
+        header(&headers, "idempotency-key").or_else(|| header(&headers, "x-gitlab-event-uuid"));
+    let label = match event {
+        "Push Hook" => "push",
+        "Pipeline Hook" => "pipeline",
+        _ => "other",
+    };
+    let fact = match event {
+        "Push Hook" => parse_push(&body),
+        "Pipeline Hook" => parse_pipeline(&body),
+        _ => Ok(Err(format!("{event} events are not used"))),
+    };
+    let fact = match fact {
+        Err(problem) => {
+            state.metrics.webhook(label, "malformed");
+            return answer(
+                StatusCode::BAD_REQUEST,
+                "rejected",
+                format!("invalid {event} payload: {problem}"),
+            );
+        }
+        Ok(Err(why)) => {
+            state.metrics.webhook(label, "ignored");
+            return answer(StatusCode::OK, "ignored", why);
+        }
+        Ok(Ok(fact)) => fact,
+    };
+    let recorded = tokio::time::timeout(RECORD_DEADLINE, state.engine.record(fact, delivery)).await;
+    let (status, outcome, message) = match recorded {
+        Ok(Ok(Recording::Recorded)) => (StatusCode::OK, "recorded", String::new()),
+        Ok(Ok(Recording::Unchanged)) => (StatusCode::OK, "unchanged", "nothing new".to_owned()),
+        Ok(Ok(Recording::Duplicate)) => (
+            StatusCode::OK,
+            "duplicate",
+            "this delivery was recorded before".to_owned(),
+        ),
+        Ok(Ok(Recording::Ignored(why))) => (StatusCode::OK, "ignored", why),
+        Ok(Err(error)) => {
+            warn!(%error, event, "cannot record webhook");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "failed",
+                format!("cannot record the event, retry later: {error}"),
+            )
+        }
+        Err(_) => {
+            warn!(event, "recording a webhook timed out");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "failed",
+                "the store did not answer in time; retry later".to_owned(),
+            )
+        }
+    };
+    state.metrics.webhook(label, outcome);
+    if status == StatusCode::OK && outcome == "recorded" {
+        info!(event, delivery, "recorded");
+    }
+    answer(status, outcome, message)
+}
+
+/// `Err` for a malformed payload; `Ok(Err)` for a valid one we do not act on.
+type Parsed = Result<Result<Fact, String>, String>;
+
+fn parse_push(body: &[u8]) -> Parsed {
+    let hook: PushHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let Some(branch) = hook.git_ref.strip_prefix("refs/heads/") else {
+        return Ok(Err(format!("{} is not a branch", hook.git_ref)));
+    };
+    let sha = |field: &str, value: &str| Sha::parse(value).map_err(|e| format!("{field}: {e}"));
+    let after = Some(sha("after", &hook.after)?).filter(|s| !s.is_null());
+    let before = match hook.before.as_deref() {
+        Some(value) => Some(sha("before", value)?).filter(|s| !s.is_null()),
+        None => None,
+    };
+    let (path, id) = project_of(hook.project.as_ref(), hook.project_id)?;
+    Ok(Ok(Fact {
+        project_path: path,
+        project_id: id,
+        branch: branch.to_owned(),
+        kind: FactKind::Push(Push {
+            before,
+            after,
+            at_ms: crate::clock::now_ms(),
+        }),
+    }))
+}
+
+fn parse_pipeline(body: &[u8]) -> Parsed {
+    let hook: PipelineHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let attrs = hook.object_attributes;
+    if attrs.tag {
+        return Ok(Err(format!(
+            "pipeline {} is for tag {}",
+            attrs.id, attrs.git_ref
+        )));
+    }
+    let sha = Sha::parse(&attrs.sha).map_err(|e| format!("object_attributes.sha: {e}"))?;
+    let status = PipelineStatus::parse(&attrs.status)
+        .map_err(|e| format!("object_attributes.status: {e}"))?;
+    let (path, id) = project_of(hook.project.as_ref(), None)?;
+    let branch = attrs
+        .git_ref
+        .strip_prefix("refs/heads/")
+        .unwrap_or(&attrs.git_ref)
+        .to_owned();
+    let pipeline = Pipeline {
+        id: attrs.id,
+        status,
+        source: attrs.source.unwrap_or_default(),
+        finished_at_ms: attrs.finished_at.as_deref().and_then(parse_gitlab_time),
+    };
+    Ok(Ok(Fact {
+        project_path: path,
+        project_id: id,
+        branch,
+        kind: FactKind::Pipeline { sha, pipeline },
+    }))
+}
+
+fn project_of(
+    project: Option<&Project>,
+    project_id: Option<u64>,
+) -> Result<(Option<String>, Option<u64>), String> {
+    let path = project.and_then(|p| p.path_with_namespace.clone());
+    let id = project.and_then(|p| p.id).or(project_id);
+    if path.is_none() && id.is_none() {
+        return Err("project.path_with_namespace or project.id is required".to_owned());
+    }
+    Ok((path, id))
+}
+
+/// GitLab writes `2016-08-12 15:26:29 UTC` in hooks and RFC 3339 in its API.
+fn parse_gitlab_time(value: &str) -> Option<i64> {
+    let value = value.trim();
+    let time = match value.strip_suffix(" UTC") {
+        Some(naive) => humantime::parse_rfc3339_weak(naive).ok()?,
+        None => humantime::parse_rfc3339_weak(value.trim_end_matches('Z')).ok()?,
+    };
+    i64::try_from(time.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gitlab_times_parse_in_both_spellings() {
+        assert_eq!(parse_gitlab_time("1970-01-01 00:00:01 UTC"), Some(1000));
+        assert_eq!(parse_gitlab_time("1970-01-01T00:00:02Z"), Some(2000));
+        assert_eq!(parse_gitlab_time("yesterday"), None);
+    }
+
+    #[test]
+    fn tag_pushes_and_tag_pipelines_are_not_acted_on() {
+        let push = br#"{"ref":"refs/tags/v1","before":"0000000000000000000000000000000000000000","after":"1111111111111111111111111111111111111111","project":{"id":1}}"#;
+        assert!(matches!(parse_push(push), Ok(Err(_))));
+        let pipeline = br#"{"object_attributes":{"id":1,"ref":"v1","tag":true,"sha":"1111111111111111111111111111111111111111","status":"success"},"project":{"id":1}}"#;
+        assert!(matches!(parse_pipeline(pipeline), Ok(Err(_))));
+    }
+
+    #[test]
+    fn malformed_payloads_name_the_problem() {
+        let err = parse_push(br#"{"ref":"refs/heads/main","after":"zz","project":{"id":1}}"#)
+            .err()
+            .unwrap();
+        assert!(err.contains("after"), "{err}");
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#)
+            .err()
+            .unwrap();
+        assert!(err.contains("missing field"), "{err}");
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#).err().unwrap();
+        assert!(err.contains("exploded"), "{err}");
+    }
+
+    #[test]
+    fn branch_deletion_has_no_after() {
+        let body = br#"{"ref":"refs/heads/main","before":"1111111111111111111111111111111111111111","after":"0000000000000000000000000000000000000000","project":{"path_with_namespace":"g/a"}}"#;
+        let fact = parse_push(body).unwrap().unwrap();
+        assert!(matches!(
+            fact.kind,
+            FactKind::Push(Push { after: None, .. })
+        ));
+    }
+}

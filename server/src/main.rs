@@ -1,0 +1,123 @@
+//! `greenlight-server`: see the README for configuration.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use greenlight_server::config::{Config, Overrides};
+use greenlight_server::{Listeners, run};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Greenlight server: syncs a commit to clusters only after its pipeline ran green"
+)]
+struct Cli {
+    /// Configuration file (YAML).
+    #[arg(long, env = "GREENLIGHT_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address (agents, operators, ingest); overrides listen.grpc.
+    #[arg(long, env = "GREENLIGHT_GRPC_LISTEN")]
+    grpc_listen: Option<String>,
+    /// HTTP listen address (webhooks, probes, metrics); overrides listen.http.
+    #[arg(long, env = "GREENLIGHT_HTTP_LISTEN")]
+    http_listen: Option<String>,
+    /// Redis URL; overrides redis.url. Without one the embedded store is used.
+    #[arg(long, env = "GREENLIGHT_REDIS_URL")]
+    redis_url: Option<String>,
+    /// Prefix of every Redis key; overrides redis.key_prefix.
+    #[arg(long, env = "GREENLIGHT_REDIS_KEY_PREFIX")]
+    redis_key_prefix: Option<String>,
+    /// This replica's name in presence records; overrides replica_id.
+    #[arg(long, env = "GREENLIGHT_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Log as JSON lines.
+    #[arg(long, env = "GREENLIGHT_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Prints the SHA-256 of a token read from stdin, for `token_sha256` keys.
+    HashToken,
+    /// Validates the configuration and exits.
+    CheckConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::HashToken) = cli.command {
+        let mut token = String::new();
+        std::io::stdin()
+            .read_to_string(&mut token)
+            .context("cannot read the token from stdin")?;
+        let token = token.trim_end_matches(['\n', '\r']);
+        anyhow::ensure!(!token.is_empty(), "no token on stdin");
+        println!("{}", greenlight::digest::sha256_hex(token.as_bytes()));
+        return Ok(());
+    }
+    let overrides = Overrides {
+        grpc_listen: cli.grpc_listen,
+        http_listen: cli.http_listen,
+        redis_url: cli.redis_url,
+        redis_key_prefix: cli.redis_key_prefix,
+        replica_id: cli.replica_id,
+    };
+    let config = Config::load(cli.config.as_deref(), &overrides)?;
+    if let Some(Command::CheckConfig) = cli.command {
+        println!("configuration is valid: {} agent(s)", config.agents.len());
+        return Ok(());
+    }
+    init_tracing(cli.log_json);
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("another TLS crypto provider is already installed"))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        let listeners = Listeners::bind(&config).await?;
+        run(config, listeners, shutdown).await?;
+        Ok(())
+    })
+}
+
+fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

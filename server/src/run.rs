@@ -1,0 +1,154 @@
+//! Wiring: builds the store, the engine and both listeners, and runs until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use greenlight::v1::admin_service_server::AdminServiceServer;
+use greenlight::v1::agent_service_server::AgentServiceServer;
+use greenlight::v1::ingest_service_server::IngestServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::grpc::{AdminApi, AgentApi, IngestApi};
+use crate::http::{HttpState, router};
+use crate::metrics::Metrics;
+use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot bind {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot set up the store: {0}")]
+    Store(#[from] StoreError),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("cannot build gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// The sockets the server serves on; tests bind port 0 and read the addresses back.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses in `config`.
+    pub async fn bind(config: &Config) -> Result<Self, RunError> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .map_err(|source| RunError::Bind {
+                what: "gRPC",
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| RunError::Bind {
+                what: "HTTP",
+                addr: config.http_addr,
+                source,
+            })?;
+        Ok(Self { grpc, http })
+    }
+}
+
+/// HTTP/2 pings keep idle streams alive through proxies and reveal dead agents within a minute.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Serves until `shutdown` fires, then stops accepting, ends streams and returns.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let store: Arc<dyn Store> = match &config.redis {
+        Some(settings) => Arc::new(RedisStore::connect(settings, shutdown.clone())?),
+        None => {
+            warn!(
+                "no redis configured: using the embedded store (single replica, state is lost on restart)"
+            );
+            Arc::new(MemoryStore::new())
+        }
+    };
+    info!(
+        store = store.describe(),
+        replica = config.replica_id,
+        agents = config.agents.len(),
+        "starting"
+    );
+    let catalog = Arc::new(Catalog::new(&config.agents));
+    let engine = Engine::new(store, catalog, config.replica_id.clone());
+    tokio::spawn(engine.clone().follow(shutdown.clone()));
+    if let Err(error) = engine.reconcile_all().await {
+        warn!(%error, "cannot evaluate agents at start; they will be once the store answers");
+    }
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<AgentServiceServer<AgentApi>>().await;
+    health.set_serving::<AdminServiceServer<AdminApi>>().await;
+    health.set_serving::<IngestServiceServer<IngestApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(greenlight::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AgentServiceServer::new(AgentApi::new(
+            engine.clone(),
+            shutdown.clone(),
+        )))
+        .add_service(AdminServiceServer::new(AdminApi::new(
+            engine.clone(),
+            config.admin_token.clone(),
+            shutdown.clone(),
+        )))
+        .add_service(IngestServiceServer::new(IngestApi::new(
+            engine.clone(),
+            config.ingest_token.clone(),
+        )))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        );
+
+    let http_addr = listeners.http.local_addr().ok();
+    let state = HttpState {
+        engine,
+        gitlab_secret: config.gitlab_secret.clone(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let app = router(state, config.max_body_bytes);
+    let http =
+        axum::serve(listeners.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    info!(grpc = ?grpc_addr, http = ?http_addr, "listening");
+
+    let (grpc, http) = tokio::join!(grpc, async { http.await.map_err(RunError::Http) });
+    shutdown.cancel();
+    grpc?;
+    http?;
+    info!("stopped");
+    Ok(())
+}

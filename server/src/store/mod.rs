@@ -1,0 +1,151 @@
+//! Where recorded facts and decisions live: one trait, an in-memory store for a single
+//! replica with zero setup, and Redis for durable, replicated deployments.
+
+mod memory;
+mod redis;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::gate::{AgentGate, Decision, RefState};
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
+
+/// Redeliveries are recognised for this long after the first delivery.
+pub const DELIVERY_MEMORY_SECS: u64 = 7 * 24 * 3600;
+
+/// A presence record without a refresh for this long belongs to a dead replica.
+pub const PRESENCE_TTL_SECS: u64 = 300;
+
+/// Why the store could not serve a request.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("stored document {key} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// Shorthand for store results.
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One watched (project, branch): the unit of atomic update.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RefKey {
+    pub project: String,
+    pub branch: String,
+}
+
+impl std::fmt::Display for RefKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.project, self.branch)
+    }
+}
+
+/// Everything decided from one ref: its facts and the gate state of each agent watching it.
+/// Kept in one document so that a decision reads and writes it atomically.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefDoc {
+    pub refs: RefState,
+    pub agents: BTreeMap<String, AgentGate>,
+}
+
+/// A value and the version it was read at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    /// 0 when nothing is stored yet.
+    pub version: u64,
+    pub value: T,
+}
+
+/// Result of a conditional save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SaveOutcome {
+    Saved {
+        version: u64,
+    },
+    /// Someone else saved first; read again and redo the decision.
+    Conflict,
+    /// The delivery was recorded before; nothing was written.
+    Duplicate,
+}
+
+/// What every replica hears about, so that agents and watchers on any replica see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Broadcast {
+    RefChanged {
+        key: RefKey,
+        decisions: Vec<(String, Decision)>,
+    },
+    /// A prost-encoded `greenlight.v1.StatusReport`.
+    Report { agent: String, report: Vec<u8> },
+    Connection {
+        agent: String,
+        connected: bool,
+        replica: String,
+    },
+}
+
+/// What a subscriber receives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Message(Broadcast),
+    /// Messages may have been missed (the store connection was lost): re-read everything.
+    Resync,
+}
+
+/// The store every replica shares.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Reads the document of `key` (empty at version 0 when absent).
+    async fn load(&self, key: &RefKey) -> Result<Versioned<RefDoc>>;
+
+    /// Writes `doc` if the stored version is still `expected`, remembers `delivery`, and
+    /// announces `notice` to every replica, all in one atomic step.
+    async fn save(
+        &self,
+        key: &RefKey,
+        expected: u64,
+        doc: &RefDoc,
+        delivery: Option<&str>,
+        notice: &Broadcast,
+    ) -> Result<SaveOutcome>;
+
+    /// Whether `delivery` was already recorded for `key`'s project.
+    async fn seen_delivery(&self, key: &RefKey, delivery: &str) -> Result<bool>;
+
+    /// Keeps `report` as the newest of at most `keep` reports of `agent`.
+    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()>;
+
+    /// The newest `limit` reports of `agent`, newest first.
+    async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>>;
+
+    /// Marks `agent` connected to (or gone from) `replica`.
+    async fn set_presence(&self, replica: &str, agent: &str, connected: bool) -> Result<()>;
+
+    /// Keeps this replica's presence records alive: one call per interval, however many agents.
+    async fn refresh_presence(&self, replica: &str) -> Result<()>;
+
+    /// The live replica `agent` is connected to, if any.
+    async fn presence(&self, agent: &str) -> Result<Option<String>>;
+
+    /// Announces `message` to every replica.
+    async fn publish(&self, message: &Broadcast) -> Result<()>;
+
+    /// Notices from now on.
+    fn subscribe(&self) -> broadcast::Receiver<Notice>;
+
+    /// Whether the store answers.
+    async fn ping(&self) -> Result<()>;
+
+    /// Which store this is, for logs.
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,13 @@
+//! Greenlight's wire format (`greenlight.v1`) and the few pieces the server and the agent
+//! must agree on byte for byte.
+
+pub mod digest;
+
+/// Generated protobuf messages and gRPC stubs of the `greenlight.v1` package.
+pub mod v1 {
+    #![allow(missing_docs, clippy::all, clippy::pedantic)]
+    tonic::include_proto!("greenlight.v1");
+}
+
+/// Encoded `FileDescriptorSet` of `proto/`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("greenlight_descriptor");
