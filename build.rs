@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("greenlight_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure()
+        // Manifest chunks are slices of files shared by every agent: no copies.
+        .bytes(".greenlight.v1.ManifestChunk.data")
+        .compile_fds(descriptors)?;
     Ok(())
 }

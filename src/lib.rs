@@ -1,6 +1,8 @@
 //! Greenlight's wire format (`greenlight.v1`) and the few pieces the server and the agent
 //! must agree on byte for byte.
 
+pub mod auth;
+pub mod ctl;
 pub mod digest;
 
 /// Generated protobuf messages and gRPC stubs of the `greenlight.v1` package.

@@ -3,10 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
+pub use greenlight::auth::Bearer;
 use greenlight::v1::agent_service_client::AgentServiceClient;
 use greenlight::v1::{ReportStatusRequest, StatusReport, SyncRequest};
-use tonic::metadata::MetadataValue;
-use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Status, Streaming};
@@ -20,38 +19,14 @@ pub enum ClientError {
     Address(String, String),
     #[error("cannot read CA file {0}: {1}")]
     CaFile(String, std::io::Error),
-    #[error("the token contains characters not allowed in a header")]
-    Token,
+    #[error(transparent)]
+    Token(#[from] greenlight::auth::InvalidToken),
     #[error("cannot connect: {0}")]
     Connect(#[from] tonic::transport::Error),
     #[error("server said: {0}")]
     Status(#[from] Status),
     #[error("the stream broke the protocol: {0}")]
     Protocol(#[from] AssembleError),
-}
-
-/// Adds the agent's bearer token to every call.
-#[derive(Clone)]
-pub struct Bearer(MetadataValue<tonic::metadata::Ascii>);
-
-impl Bearer {
-    /// Carries `token`.
-    pub fn new(token: &str) -> Result<Self, ClientError> {
-        Ok(Self(
-            format!("Bearer {token}")
-                .parse()
-                .map_err(|_| ClientError::Token)?,
-        ))
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.0.clone());
-        Ok(request)
-    }
 }
 
 /// A connected agent client.
@@ -87,11 +62,8 @@ impl Client {
             endpoint = endpoint.tls_config(tls)?;
         }
         let channel = endpoint.connect().await?;
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| ClientError::Token)?;
         Ok(Self {
-            inner: AgentServiceClient::with_interceptor(channel, Bearer(bearer)),
+            inner: AgentServiceClient::with_interceptor(channel, Bearer::new(token)?),
         })
     }
 

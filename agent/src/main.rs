@@ -1,16 +1,20 @@
-//! `greenlight-agent`: keeps one stream to the server.
+//! `greenlight-agent`: applies what the server says is ready.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use greenlight_agent::session::{self, Target};
+use greenlight_agent::lease::LEASE_DURATION;
+use greenlight_agent::run::{self, Settings};
+use greenlight_agent::session::Target;
 use tokio_util::sync::CancellationToken;
+
+const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 #[derive(Parser)]
 #[command(
     version,
-    about = "Greenlight agent: receives ready revisions from the server"
+    about = "Greenlight agent: applies revisions whose pipeline ran green"
 )]
 struct Cli {
     /// Server gRPC address, `http://host:8150` or `https://host:8150`.
@@ -22,6 +26,13 @@ struct Cli {
     /// CA certificate (PEM) to trust for the server's TLS certificate.
     #[arg(long, env = "GREENLIGHT_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Namespace of the inventory and the Lease; defaults to POD_NAMESPACE, then the
+    /// service account's namespace.
+    #[arg(long, env = "GREENLIGHT_NAMESPACE")]
+    namespace: Option<String>,
+    /// This replica's name in the Lease; defaults to POD_NAME, then the host name.
+    #[arg(long, env = "GREENLIGHT_IDENTITY")]
+    identity: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,30 +55,60 @@ fn main() -> anyhow::Result<()> {
         "token file {} is empty",
         cli.token_file.display()
     );
-    let target = Target {
-        server: cli.server,
-        token,
-        ca_file: cli.ca_file,
+    let namespace = cli
+        .namespace
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| {
+            std::fs::read_to_string(SERVICE_ACCOUNT_NAMESPACE)
+                .ok()
+                .map(|s| s.trim().to_owned())
+        })
+        .filter(|ns| !ns.is_empty())
+        .context("no namespace: pass --namespace or set POD_NAMESPACE")?;
+    let identity = cli
+        .identity
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("greenlight-agent-{}", std::process::id()));
+    let settings = Settings {
+        target: Target {
+            server: cli.server,
+            token,
+            ca_file: cli.ca_file,
+        },
+        namespace,
+        identity,
+        lease_duration: LEASE_DURATION,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async {
+        let kube = kube::Client::try_default().await.context(
+            "cannot reach the cluster: no in-cluster service account and no usable KUBECONFIG",
+        )?;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let _ = tokio::signal::ctrl_c().await;
+            wait_for_signal().await;
             stop.cancel();
         });
-        // Applying to the cluster is not wired in yet: the agent only reports what is ready.
-        session::run(target, shutdown, |_client, revision| async move {
-            tracing::info!(
-                sha = revision.sha(),
-                "ready to sync (cluster apply not enabled in this build)"
-            );
-            None
-        })
-        .await;
-    });
-    Ok(())
+        run::run(settings, kube, shutdown).await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -1,8 +1,8 @@
 //! The agent's life: stay connected, hand each ready revision over, reconnect on failure.
 
-use std::future::Future;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -45,28 +45,43 @@ impl Backoff {
 }
 
 /// Where the agent connects.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub server: String,
     pub token: String,
     pub ca_file: Option<std::path::PathBuf>,
 }
 
-/// Runs until `shutdown`: connects, streams, and calls `handle` with each ready revision;
-/// `handle` returns the SHA it applied, which is stated on the next reconnection.
-pub async fn run<F, Fut>(target: Target, shutdown: CancellationToken, mut handle: F)
-where
-    F: FnMut(Client, ReadyRevision) -> Fut,
-    Fut: Future<Output = Option<String>>,
-{
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the token.
+        f.debug_struct("Target")
+            .field("server", &self.server)
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
+}
+
+/// Runs until `shutdown`: connects, streams, and publishes each ready revision on `latest`.
+/// On every (re)connection it states `applied`, the revision the worker last applied.
+pub async fn run(
+    target: Target,
+    shutdown: CancellationToken,
+    applied: watch::Receiver<Option<String>>,
+    latest: watch::Sender<Option<ReadyRevision>>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF);
-    let mut applied: Option<String> = None;
     while !shutdown.is_cancelled() {
         let attempt = async {
             let client =
                 Client::connect(&target.server, &target.token, target.ca_file.as_deref()).await?;
-            let mut stream = client.sync(applied.as_deref()).await?;
-            info!(server = target.server, "connected");
+            let stated = applied.borrow().clone();
+            let mut stream = client.sync(stated.as_deref()).await?;
+            info!(
+                server = target.server,
+                applied = stated.as_deref().unwrap_or("nothing"),
+                "connected"
+            );
             backoff.reset();
             while let Some(revision) = stream.next().await? {
                 info!(
@@ -75,9 +90,7 @@ where
                     files = revision.files.len(),
                     "revision ready"
                 );
-                if let Some(sha) = handle(client.clone(), revision).await {
-                    applied = Some(sha);
-                }
+                latest.send_replace(Some(revision));
             }
             Ok::<_, ClientError>(())
         };

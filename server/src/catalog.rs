@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::config::{AgentSpec, TokenHash};
+use crate::git::RepoSource;
 use crate::store::RefKey;
 
 /// Configured agents by name, by token and by the ref they watch.
@@ -10,6 +11,7 @@ use crate::store::RefKey;
 pub struct Catalog {
     agents: BTreeMap<String, AgentSpec>,
     by_token: HashMap<[u8; 32], String>,
+    by_ci_token: HashMap<[u8; 32], String>,
     by_ref: BTreeMap<RefKey, Vec<String>>,
 }
 
@@ -48,6 +50,12 @@ impl Catalog {
         self.agents.get(name)
     }
 
+    /// The agent whose CI token is `token`.
+    pub fn agent_by_ci_token(&self, token: &str) -> Option<&AgentSpec> {
+        let name = self.by_ci_token.get(TokenHash::of(token).as_bytes())?;
+        self.agents.get(name)
+    }
+
     /// Every watched ref.
     pub fn refs(&self) -> impl Iterator<Item = &RefKey> {
         self.by_ref.keys()
@@ -56,6 +64,14 @@ impl Catalog {
     /// The agents watching `key`.
     pub fn watchers(&self, key: &RefKey) -> &[String] {
         self.by_ref.get(key).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    /// The repository of the agents watching `key`, if they have one (config validation
+    /// ensures they share it).
+    pub fn source(&self, key: &RefKey) -> Option<&RepoSource> {
+        self.watchers(key)
+            .iter()
+            .find_map(|name| self.agents.get(name)?.source.as_ref())
     }
 
     /// The watched refs an event about project (`path`, `id`) and `branch` touches: the config

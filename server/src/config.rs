@@ -8,7 +8,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use std::time::Duration;
+
 use crate::gate::Mode;
+use crate::git::{GitSettings, Limits, RepoSource};
 
 /// Webhook request bodies larger than this are refused unless configured otherwise.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -77,6 +80,11 @@ impl Secret {
         Self(value.into())
     }
 
+    /// The secret itself, for sending it where it belongs.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
     /// Constant-time equality with what a client sent.
     pub fn matches(&self, candidate: &str) -> bool {
         self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
@@ -106,6 +114,51 @@ pub struct AgentSpec {
     /// Branch name without `refs/heads/`.
     pub branch: String,
     pub mode: Mode,
+    /// Where its manifests live; without one, revisions carry no files.
+    pub source: Option<RepoSource>,
+    /// Globs selecting manifest files; empty means the default.
+    pub paths: Vec<String>,
+    pub apply: ApplySettings,
+    /// CI jobs' token: may only trigger, read status of and wait for this agent.
+    pub ci_token: Option<TokenHash>,
+    /// Whether `GET /badges/<agent>.svg` answers without a token.
+    pub badge_public: bool,
+}
+
+/// Talking back to GitLab.
+#[derive(Debug, Clone)]
+pub struct GitLabSettings {
+    pub url: String,
+    pub token: Secret,
+    /// Base URL statuses link to (the badge of the agent); none when unset.
+    pub status_target_url: Option<String>,
+    pub catch_up_interval: Duration,
+}
+
+/// How the agent applies a revision, managed centrally and sent with each revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplySettings {
+    pub default_namespace: String,
+    pub prune: bool,
+    pub prune_propagation_policy: String,
+    pub dry_run_strategy: String,
+    pub health_timeout: Duration,
+    pub reconcile_interval: Duration,
+    pub force_conflicts: bool,
+}
+
+impl Default for ApplySettings {
+    fn default() -> Self {
+        Self {
+            default_namespace: "default".to_owned(),
+            prune: true,
+            prune_propagation_policy: "background".to_owned(),
+            dry_run_strategy: "none".to_owned(),
+            health_timeout: Duration::from_secs(300),
+            reconcile_interval: Duration::from_secs(300),
+            force_conflicts: true,
+        }
+    }
 }
 
 /// The validated configuration.
@@ -121,6 +174,8 @@ pub struct Config {
     pub agents: Vec<AgentSpec>,
     /// This replica's name in presence records.
     pub replica_id: String,
+    pub git: GitSettings,
+    pub gitlab: Option<GitLabSettings>,
 }
 
 /// Values from flags or environment that win over the file.
@@ -146,6 +201,98 @@ struct FileConfig {
     #[serde(default)]
     agents: Vec<AgentFile>,
     replica_id: Option<String>,
+    #[serde(default)]
+    git: GitFile,
+    gitlab: Option<GitLabFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GitLabFile {
+    url: String,
+    token_file: PathBuf,
+    status_target_url: Option<String>,
+    catch_up_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct GitFile {
+    cache_dir: Option<PathBuf>,
+    fetch_timeout: Option<String>,
+    max_file_bytes: Option<ByteSize>,
+    max_total_bytes: Option<ByteSize>,
+    max_files: Option<usize>,
+}
+
+/// A size written as a number of bytes or with a unit: `5MiB`, `512KiB`, `1GiB`.
+struct ByteSize(String);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a size such as 1048576, 512KiB or 5MiB")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                Ok(ByteSize(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+fn parse_size(key: &str, value: &ByteSize) -> Result<u64, ConfigError> {
+    let text = value.0.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1000 * 1000,
+        "GB" => 1000 * 1000 * 1000,
+        other => {
+            return Err(invalid(
+                key,
+                format!("unknown size unit {other:?}; use B, KiB, MiB or GiB"),
+            ));
+        }
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| invalid(key, format!("{text:?} is not a positive size")))
+}
+
+fn parse_duration(
+    key: &str,
+    value: Option<&str>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                invalid(
+                    key,
+                    format!("{text:?} is not a duration such as 30s, 5m or 1h"),
+                )
+            }),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -221,6 +368,19 @@ struct AgentFile {
     git_ref: String,
     #[serde(default)]
     gate: GateFile,
+    repository: Option<String>,
+    repository_token_file: Option<PathBuf>,
+    #[serde(default)]
+    paths: Vec<String>,
+    default_namespace: Option<String>,
+    prune: Option<bool>,
+    prune_propagation_policy: Option<String>,
+    dry_run_strategy: Option<String>,
+    health_timeout: Option<String>,
+    reconcile_interval: Option<String>,
+    force_conflicts: Option<bool>,
+    ci_token_sha256: Option<String>,
+    badge: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -402,14 +562,177 @@ impl Config {
                     format!("{:?} must be a branch name", agent.git_ref),
                 ));
             }
+            let source = match (agent.repository, agent.repository_token_file) {
+                (None, None) => None,
+                (None, Some(_)) => {
+                    return Err(invalid(key("repository_token_file"), "needs `repository`"));
+                }
+                (Some(url), token_file) => {
+                    let url = url.trim().to_owned();
+                    if url.is_empty() {
+                        return Err(invalid(key("repository"), "must not be empty"));
+                    }
+                    if token_file.is_some() && !url.starts_with("https://") {
+                        return Err(invalid(
+                            key("repository_token_file"),
+                            "is only used with https:// repositories",
+                        ));
+                    }
+                    Some(RepoSource { url, token_file })
+                }
+            };
+            for (n, pattern) in agent.paths.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(pattern) {
+                    return Err(invalid(
+                        key(&format!("paths[{n}]")),
+                        format!("{pattern:?} is not a valid glob: {e}"),
+                    ));
+                }
+            }
+            let defaults = ApplySettings::default();
+            let one_of = |field: &str, value: Option<String>, allowed: &[&str], default: String| {
+                let value = value.unwrap_or(default);
+                if allowed.contains(&value.as_str()) {
+                    Ok(value)
+                } else {
+                    Err(invalid(
+                        key(field),
+                        format!("{value:?} must be one of {}", allowed.join(", ")),
+                    ))
+                }
+            };
+            let apply = ApplySettings {
+                default_namespace: agent
+                    .default_namespace
+                    .unwrap_or(defaults.default_namespace),
+                prune: agent.prune.unwrap_or(defaults.prune),
+                prune_propagation_policy: one_of(
+                    "prune_propagation_policy",
+                    agent.prune_propagation_policy,
+                    &["orphan", "background", "foreground"],
+                    defaults.prune_propagation_policy,
+                )?,
+                dry_run_strategy: one_of(
+                    "dry_run_strategy",
+                    agent.dry_run_strategy,
+                    &["none", "server"],
+                    defaults.dry_run_strategy,
+                )?,
+                health_timeout: parse_duration(
+                    &key("health_timeout"),
+                    agent.health_timeout.as_deref(),
+                    defaults.health_timeout,
+                )?,
+                reconcile_interval: parse_duration(
+                    &key("reconcile_interval"),
+                    agent.reconcile_interval.as_deref(),
+                    defaults.reconcile_interval,
+                )?,
+                force_conflicts: agent.force_conflicts.unwrap_or(defaults.force_conflicts),
+            };
             agents.push(AgentSpec {
                 token: token_hash(&key("token_sha256"), &agent.token_sha256)?,
                 name: agent.name,
                 project,
                 branch,
                 mode: agent.gate.mode,
+                source,
+                paths: agent.paths,
+                apply,
+                ci_token: agent
+                    .ci_token_sha256
+                    .as_deref()
+                    .map(|h| token_hash(&key("ci_token_sha256"), h))
+                    .transpose()?,
+                badge_public: match agent.badge.as_deref() {
+                    None | Some("private") => false,
+                    Some("public") => true,
+                    Some(other) => {
+                        return Err(invalid(
+                            key("badge"),
+                            format!("{other:?} must be public or private"),
+                        ));
+                    }
+                },
             });
         }
+        // One repository per watched ref: the gate orders its commits by that history.
+        for (i, agent) in agents.iter().enumerate() {
+            let other = agents[..i]
+                .iter()
+                .find(|a| a.project == agent.project && a.branch == agent.branch);
+            if let Some(other) = other
+                && other.source.as_ref().map(|s| &s.url) != agent.source.as_ref().map(|s| &s.url)
+            {
+                return Err(invalid(
+                    format!("agents[{i}].repository"),
+                    format!(
+                        "agent {:?} watches the same project and ref with another repository",
+                        other.name
+                    ),
+                ));
+            }
+        }
+        let limits = Limits::default();
+        let git = GitSettings {
+            cache_dir: file
+                .git
+                .cache_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("greenlight-git")),
+            fetch_timeout: parse_duration(
+                "git.fetch_timeout",
+                file.git.fetch_timeout.as_deref(),
+                Duration::from_secs(60),
+            )?,
+            limits: Limits {
+                max_file_bytes: file
+                    .git
+                    .max_file_bytes
+                    .as_ref()
+                    .map(|v| parse_size("git.max_file_bytes", v))
+                    .transpose()?
+                    .unwrap_or(limits.max_file_bytes),
+                max_total_bytes: file
+                    .git
+                    .max_total_bytes
+                    .as_ref()
+                    .map(|v| parse_size("git.max_total_bytes", v))
+                    .transpose()?
+                    .unwrap_or(limits.max_total_bytes),
+                max_files: match file.git.max_files {
+                    Some(0) => return Err(invalid("git.max_files", "must be greater than 0")),
+                    Some(n) => n,
+                    None => limits.max_files,
+                },
+            },
+        };
+        let gitlab = match file.gitlab {
+            None => None,
+            Some(gitlab) => {
+                if !(gitlab.url.starts_with("https://") || gitlab.url.starts_with("http://")) {
+                    return Err(invalid(
+                        "gitlab.url",
+                        format!("{:?} must be an http(s) URL", gitlab.url),
+                    ));
+                }
+                let token = std::fs::read_to_string(&gitlab.token_file).map_err(|e| {
+                    invalid(
+                        "gitlab.token_file",
+                        format!("cannot read {}: {e}", gitlab.token_file.display()),
+                    )
+                })?;
+                Some(GitLabSettings {
+                    url: gitlab.url,
+                    token: non_empty_secret("gitlab.token_file", token.trim().to_owned())?,
+                    status_target_url: gitlab.status_target_url,
+                    catch_up_interval: parse_duration(
+                        "gitlab.catch_up_interval",
+                        gitlab.catch_up_interval.as_deref(),
+                        Duration::from_secs(300),
+                    )?,
+                })
+            }
+        };
         let replica_id = overrides
             .replica_id
             .clone()
@@ -425,6 +748,8 @@ impl Config {
             ingest_token,
             agents,
             replica_id,
+            git,
+            gitlab,
         })
     }
 }
@@ -528,6 +853,56 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("agents[1].name"), "{err}");
+    }
+
+    #[test]
+    fn git_and_apply_settings_parse_with_units() {
+        let yaml = format!(
+            "git: {{max_file_bytes: 5MiB, max_total_bytes: 20971520, fetch_timeout: 30s}}\nagents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, repository: 'file:///tmp/r', paths: ['deploy/**/*.yaml'], prune: false, health_timeout: 2m, prune_propagation_policy: foreground}}\n"
+        );
+        let config = Config::from_yaml(&yaml, &Overrides::default()).unwrap();
+        assert_eq!(config.git.limits.max_file_bytes, 5 * 1024 * 1024);
+        assert_eq!(config.git.limits.max_total_bytes, 20 * 1024 * 1024);
+        assert_eq!(config.git.fetch_timeout, Duration::from_secs(30));
+        let agent = &config.agents[0];
+        assert_eq!(agent.source.as_ref().unwrap().url, "file:///tmp/r");
+        assert!(!agent.apply.prune);
+        assert_eq!(agent.apply.health_timeout, Duration::from_secs(120));
+        assert_eq!(agent.apply.prune_propagation_policy, "foreground");
+    }
+
+    #[test]
+    fn bad_git_and_apply_settings_name_the_key() {
+        let cases = [
+            ("git: {max_file_bytes: 5XB}", "git.max_file_bytes"),
+            ("git: {fetch_timeout: soon}", "git.fetch_timeout"),
+        ];
+        for (yaml, key) in cases {
+            let err = Config::from_yaml(yaml, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{err}");
+        }
+        let agent = |extra: &str| {
+            format!(
+                "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, {extra}}}\n"
+            )
+        };
+        let cases = [
+            ("dry_run_strategy: client", "agents[0].dry_run_strategy"),
+            ("paths: ['a/[']", "agents[0].paths[0]"),
+            (
+                "repository: 'file:///r', repository_token_file: /t",
+                "agents[0].repository_token_file",
+            ),
+            ("reconcile_interval: 0s", "agents[0].reconcile_interval"),
+        ];
+        for (extra, key) in cases {
+            let err = Config::from_yaml(&agent(extra), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

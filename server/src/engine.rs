@@ -5,13 +5,21 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, ref_key};
 use crate::clock::now_ms;
-use crate::gate::{AgentGate, Context, GateError, Pipeline, Push, PushOrder, Recorded, Sha, Step};
+use greenlight::v1::{RevisionState, StatusReport};
+use prost::Message;
+
+use crate::config::AgentSpec;
+use crate::gate::{
+    AgentGate, Context, GateError, Lineage, Pipeline, Push, PushOrder, Recorded, RefState, Sha,
+    Step,
+};
+use crate::git::{GitError, GitLineage, ManifestSet, Mirrors};
 use crate::hub::{Desired, Hub};
 use crate::store::{Broadcast, Notice, RefDoc, RefKey, SaveOutcome, Store, StoreError, Versioned};
 
@@ -19,6 +27,16 @@ use crate::store::{Broadcast, Notice, RefDoc, RefKey, SaveOutcome, Store, StoreE
 const MAX_ATTEMPTS: u32 = 32;
 /// Status reports kept per agent.
 pub const REPORT_HISTORY: usize = 100;
+/// Background fetch attempts before waiting for the next event.
+const FETCH_ATTEMPTS: u32 = 6;
+
+/// What an update did.
+struct Updated {
+    /// `Some(true)` written, `Some(false)` nothing to write, `None` a duplicate delivery.
+    written: Option<bool>,
+    /// The mirror lacked a commit the decision was about.
+    mirror_behind: bool,
+}
 
 /// Why the engine could not carry out a request.
 #[derive(Debug, thiserror::Error)]
@@ -75,29 +93,96 @@ pub enum Operation {
 pub struct Engine {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
+    mirrors: Mirrors,
     hub: Hub,
     events: broadcast::Sender<Broadcast>,
     replica: String,
     connections: Mutex<HashMap<String, usize>>,
+    sync_errors: Mutex<HashMap<String, Option<String>>>,
+    /// Agents whose desired revision this replica just decided: their manifests are read
+    /// (and failures recorded) even if no stream of theirs is connected.
+    prepare: mpsc::UnboundedSender<(String, Sha)>,
+    prepare_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, Sha)>>>,
 }
 
-enum Change<T> {
-    Dirty(T, Vec<(String, Step)>),
-    Clean(T),
+enum Change {
+    Dirty(Vec<(String, Step)>),
+    Clean,
+}
+
+/// What a decision may consult besides the document.
+struct Env<'a> {
+    now: i64,
+    catalog: &'a Catalog,
+    git: Option<&'a GitLineage>,
+}
+
+/// The history the gate orders commits by: git's when the ref has a repository, push order
+/// otherwise.
+enum RefLineage<'a> {
+    Push(PushOrder<'a>),
+    Git(&'a GitLineage),
+}
+
+impl<'a> RefLineage<'a> {
+    fn new(refs: &'a RefState, git: Option<&'a GitLineage>) -> Self {
+        match git {
+            Some(git) => Self::Git(git),
+            None => Self::Push(PushOrder(refs)),
+        }
+    }
+}
+
+impl Lineage for RefLineage<'_> {
+    fn on_branch(&self, sha: &Sha) -> bool {
+        match self {
+            Self::Push(order) => order.on_branch(sha),
+            Self::Git(git) => git.on_branch(sha),
+        }
+    }
+
+    fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool {
+        match self {
+            Self::Push(order) => order.descends_from(descendant, ancestor),
+            Self::Git(git) => git.descends_from(descendant, ancestor),
+        }
+    }
+
+    fn knows(&self, sha: &Sha) -> bool {
+        match self {
+            Self::Push(order) => order.knows(sha),
+            Self::Git(git) => git.knows(sha),
+        }
+    }
 }
 
 impl Engine {
     /// An engine over `store` for the agents in `catalog`.
-    pub fn new(store: Arc<dyn Store>, catalog: Arc<Catalog>, replica: String) -> Arc<Self> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<Catalog>,
+        mirrors: Mirrors,
+        replica: String,
+    ) -> Arc<Self> {
         let hub = Hub::new(catalog.agents().map(|a| a.name.as_str()));
+        let (prepare, prepare_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
+            prepare,
+            prepare_rx: Mutex::new(Some(prepare_rx)),
             store,
             catalog,
+            mirrors,
             hub,
             events: broadcast::channel(4096).0,
             replica,
             connections: Mutex::new(HashMap::new()),
+            sync_errors: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The git mirrors of this replica.
+    pub fn mirrors(&self) -> &Mirrors {
+        &self.mirrors
     }
 
     /// The configured agents.
@@ -127,7 +212,7 @@ impl Engine {
 
     /// Records a fact and advances the gate of every agent watching its ref.
     pub async fn record(
-        &self,
+        self: &Arc<Self>,
         fact: Fact,
         delivery: Option<&str>,
     ) -> Result<Recording, EngineError> {
@@ -145,10 +230,20 @@ impl Engine {
                 fact.branch
             )));
         }
+        let fact_sha = match &fact.kind {
+            FactKind::Push(push) => push.after.clone(),
+            FactKind::Pipeline { sha, .. } => Some(sha.clone()),
+        };
         let mut outcome = Recording::Unchanged;
         for key in &keys {
+            if let Some(id) = delivery
+                && self.store.seen_delivery(key, id).await?
+            {
+                outcome = Recording::Duplicate;
+                continue;
+            }
             let result = self
-                .update(key, delivery, |doc, now, catalog| {
+                .update(key, delivery, fact_sha.as_ref(), |doc, env| {
                     let recorded = match &fact.kind {
                         FactKind::Push(push) => doc.refs.record_push(push),
                         FactKind::Pipeline { sha, pipeline } => {
@@ -156,16 +251,21 @@ impl Engine {
                         }
                     };
                     if recorded == Recorded::Unchanged {
-                        return Ok(Change::Clean(()));
+                        return Ok(Change::Clean);
                     }
-                    Ok(Change::Dirty((), advance_all(doc, key, catalog, now)))
+                    Ok(Change::Dirty(advance_all(doc, key, env)))
                 })
                 .await?;
-            outcome = match (result, outcome) {
+            outcome = match (result.written, outcome) {
                 (Some(true), _) | (_, Recording::Recorded) => Recording::Recorded,
                 (None, _) => Recording::Duplicate,
                 (Some(false), previous) => previous,
             };
+            // The decision used the mirror as it was; once it has fetched, decide again.
+            let is_push = matches!(fact.kind, FactKind::Push(_));
+            if result.written.is_some() && (is_push || result.mirror_behind) {
+                self.fetch_then_reevaluate(key.clone());
+            }
         }
         Ok(outcome)
     }
@@ -178,16 +278,22 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownAgent(agent.to_owned()))?;
         let key = ref_key(spec);
         let mode = spec.mode;
-        self.update(&key, None, |doc, now, _| {
+        let target = match &operation {
+            Operation::Trigger { sha } => sha.clone(),
+            Operation::Pin { sha, .. } => Some(sha.clone()),
+            _ => None,
+        };
+        self.update(&key, None, target.as_ref(), |doc, env| {
             let RefDoc { refs, agents } = doc;
             let gate = agents.entry(agent.to_owned()).or_default();
-            let lineage = PushOrder(refs);
+            let lineage = RefLineage::new(refs, env.git);
             let cx = Context {
                 mode,
                 refs,
                 lineage: &lineage,
-                now_ms: now,
+                now_ms: env.now,
             };
+            let now = env.now;
             let step = match &operation {
                 Operation::Trigger { sha } => gate.trigger(&cx, sha.as_ref())?,
                 Operation::Pause { reason } => gate.pause(reason.clone(), now),
@@ -195,32 +301,147 @@ impl Engine {
                 Operation::Pin { sha, reason } => gate.pin(sha.clone(), reason.clone(), now)?,
                 Operation::Unpin => gate.unpin(now)?,
             };
-            Ok(Change::Dirty((), vec![(agent.to_owned(), step)]))
+            Ok(Change::Dirty(vec![(agent.to_owned(), step)]))
         })
         .await?;
         Ok(())
     }
 
-    /// Re-runs the gate for every watched ref: at start, so that config changes (new agents,
-    /// other modes) take effect without waiting for an event.
-    pub async fn reconcile_all(&self) -> Result<(), EngineError> {
+    /// Re-runs the gate for every watched ref, and warms the mirrors: at start, so that
+    /// config changes (new agents, other modes) take effect without waiting for an event.
+    pub async fn reconcile_all(self: &Arc<Self>) -> Result<(), EngineError> {
         let keys: Vec<RefKey> = self.catalog.refs().cloned().collect();
         for key in keys {
-            self.update(&key, None, |doc, now, catalog| {
-                let steps = advance_all(doc, &key, catalog, now);
-                if steps
-                    .iter()
-                    .any(|(_, s)| s.desired_changed || !s.decisions.is_empty())
-                {
-                    Ok(Change::Dirty((), steps))
-                } else {
-                    Ok(Change::Clean(()))
-                }
-            })
-            .await?;
+            self.reevaluate(&key).await?;
             self.refresh(&key, true).await?;
+            if self.catalog.source(&key).is_some() {
+                self.fetch_then_reevaluate(key);
+            }
         }
         Ok(())
+    }
+
+    /// Runs the gate for `key` without a new fact: after a fetch changed what git knows.
+    pub async fn reevaluate(&self, key: &RefKey) -> Result<(), EngineError> {
+        self.update(key, None, None, |doc, env| {
+            let steps = advance_all(doc, key, env);
+            if steps
+                .iter()
+                .any(|(_, s)| s.desired_changed || !s.decisions.is_empty())
+            {
+                Ok(Change::Dirty(steps))
+            } else {
+                Ok(Change::Clean)
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Fetches the repository of `key` in the background, retrying with backoff, then runs
+    /// the gate again. Fetches of one repository are coalesced by the mirror.
+    pub fn fetch_then_reevaluate(self: &Arc<Self>, key: RefKey) {
+        let Some(source) = self.catalog.source(&key).cloned() else {
+            return;
+        };
+        let engine = self.clone();
+        let span = tracing::info_span!("fetch", repository = %source.url, %key);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut delay = Duration::from_secs(1);
+                for _ in 0..FETCH_ATTEMPTS {
+                    match engine.mirrors.fetch(&source).await {
+                        Ok(()) => {
+                            if let Err(error) = engine.reevaluate(&key).await {
+                                warn!(%error, "cannot re-run the gate after a fetch");
+                            }
+                            return;
+                        }
+                        Err(error) => {
+                            warn!(%error, "fetch failed");
+                            let message = format!("cannot fetch {}: {error}", source.url);
+                            for agent in engine.catalog.watchers(&key) {
+                                engine.note_sync_error(agent, Some(message.clone())).await;
+                            }
+                            if !error.retryable() {
+                                return;
+                            }
+                        }
+                    }
+                    let jitter =
+                        Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 2));
+                    tokio::time::sleep(delay + jitter).await;
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            },
+            span,
+        ));
+    }
+
+    /// Reads the manifests of each newly decided revision, so that a broken revision is
+    /// visible on the agent at once and the shared read is warm when its streams ask.
+    async fn prepare_manifests(
+        self: Arc<Self>,
+        mut jobs: mpsc::UnboundedReceiver<(String, Sha)>,
+        shutdown: CancellationToken,
+    ) {
+        loop {
+            let (agent, sha) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                job = jobs.recv() => match job {
+                    Some(job) => job,
+                    None => return,
+                },
+            };
+            let Some(spec) = self.catalog.agent(&agent).cloned() else {
+                continue;
+            };
+            let engine = self.clone();
+            tokio::spawn(async move {
+                match engine.manifests(&spec, &sha).await {
+                    Ok(_) => {}
+                    Err(error) => {
+                        let message = format!("cannot deliver {}: {error}", sha.short());
+                        engine.note_sync_error(&agent, Some(message)).await;
+                    }
+                }
+            });
+        }
+    }
+
+    /// The manifests of `sha` for `agent`: `None` when the agent has no repository.
+    pub async fn manifests(
+        &self,
+        agent: &AgentSpec,
+        sha: &Sha,
+    ) -> Result<Option<Arc<ManifestSet>>, GitError> {
+        let Some(source) = &agent.source else {
+            return Ok(None);
+        };
+        self.mirrors
+            .manifests(source, sha, &agent.paths)
+            .await
+            .map(Some)
+    }
+
+    /// Records why `agent`'s desired revision cannot be delivered, or clears it; writes only
+    /// changes, so thousands of healthy streams cost nothing.
+    pub async fn note_sync_error(&self, agent: &str, error: Option<String>) {
+        {
+            let mut known = self.sync_errors.lock().unwrap_or_else(|p| p.into_inner());
+            if known.get(agent) == Some(&error) {
+                return;
+            }
+            known.insert(agent.to_owned(), error.clone());
+        }
+        if let Err(store_error) = self.store.set_sync_error(agent, error.as_deref()).await {
+            warn!(%store_error, agent, "cannot record the sync error");
+            // Forget what we wrote so that the next call tries again.
+            self.sync_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(agent);
+        }
     }
 
     /// The stored document of `key`.
@@ -238,6 +459,45 @@ impl Engine {
         Ok((doc.agents.get(agent).cloned().unwrap_or_default(), doc))
     }
 
+    /// Where `sha` stands on `agent`: what `greenlightctl wait` follows.
+    pub async fn revision_progress(
+        &self,
+        agent: &str,
+        sha: &Sha,
+    ) -> Result<RevisionState, EngineError> {
+        let spec = self
+            .catalog
+            .agent(agent)
+            .ok_or_else(|| EngineError::UnknownAgent(agent.to_owned()))?;
+        let key = ref_key(spec);
+        let doc = self.store.load(&key).await?.value;
+        let gate = doc.agents.get(agent).cloned().unwrap_or_default();
+        let report = self
+            .store
+            .reports(agent, 1)
+            .await?
+            .first()
+            .and_then(|bytes| StatusReport::decode(bytes.as_slice()).ok());
+        let mut candidates: Vec<Sha> = gate.desired.iter().map(|d| d.sha.clone()).collect();
+        candidates.extend(report.as_ref().and_then(|r| Sha::parse(&r.revision).ok()));
+        let git = match self.catalog.source(&key) {
+            Some(source) => Some(
+                self.mirrors
+                    .lineage(source, &key.branch, &candidates, std::slice::from_ref(sha))
+                    .await
+                    .unwrap_or_default(),
+            ),
+            None => None,
+        };
+        let lineage = RefLineage::new(&doc.refs, git.as_ref());
+        Ok(crate::progress::progress(
+            sha,
+            &gate,
+            report.as_ref(),
+            &lineage,
+        ))
+    }
+
     /// Re-reads `key` and hands its agents' desired revisions to their streams.
     pub async fn refresh(&self, key: &RefKey, force: bool) -> Result<(), EngineError> {
         let Versioned { version, value } = self.store.load(key).await?;
@@ -253,30 +513,48 @@ impl Engine {
     }
 
     /// Reads, decides with `change`, and writes `key` atomically, retrying on conflicts.
-    /// Returns `Some(dirty)`, or `None` when `delivery` was seen before.
-    async fn update<T>(
+    /// `subject` is a commit the decision is about, which the git lineage must cover.
+    async fn update(
         &self,
         key: &RefKey,
         delivery: Option<&str>,
-        mut change: impl FnMut(&mut RefDoc, i64, &Catalog) -> Result<Change<T>, GateError>,
-    ) -> Result<Option<bool>, EngineError> {
+        subject: Option<&Sha>,
+        mut change: impl FnMut(&mut RefDoc, &Env<'_>) -> Result<Change, GateError>,
+    ) -> Result<Updated, EngineError> {
         for attempt in 0..MAX_ATTEMPTS {
             let Versioned {
                 version,
                 value: mut doc,
             } = self.store.load(key).await?;
-            let (decisions, dirty) = match change(&mut doc, now_ms(), &self.catalog)? {
-                Change::Clean(_) => return Ok(Some(false)),
-                Change::Dirty(_, steps) => {
-                    let decisions: Vec<_> = steps
-                        .into_iter()
-                        .flat_map(|(agent, step)| {
-                            step.decisions.into_iter().map(move |d| (agent.clone(), d))
-                        })
-                        .collect();
-                    (decisions, true)
-                }
+            let (git, mirror_behind) = self.git_lineage(key, &doc, subject).await;
+            let env = Env {
+                now: now_ms(),
+                catalog: &self.catalog,
+                git: git.as_ref(),
             };
+            let steps = match change(&mut doc, &env)? {
+                Change::Clean => {
+                    return Ok(Updated {
+                        written: Some(false),
+                        mirror_behind,
+                    });
+                }
+                Change::Dirty(steps) => steps,
+            };
+            let changed: Vec<(String, Sha)> = steps
+                .iter()
+                .filter(|(_, step)| step.desired_changed)
+                .filter_map(|(agent, _)| {
+                    let desired = doc.agents.get(agent)?.desired.as_ref()?;
+                    Some((agent.clone(), desired.sha.clone()))
+                })
+                .collect();
+            let decisions: Vec<_> = steps
+                .into_iter()
+                .flat_map(|(agent, step)| {
+                    step.decisions.into_iter().map(move |d| (agent.clone(), d))
+                })
+                .collect();
             let notice = Broadcast::RefChanged {
                 key: key.clone(),
                 decisions,
@@ -289,9 +567,20 @@ impl Engine {
                 SaveOutcome::Saved { version } => {
                     // Local agents need not wait for the round trip through the store.
                     self.offer(key, version, &doc, false);
-                    return Ok(Some(dirty));
+                    for job in changed {
+                        let _ = self.prepare.send(job);
+                    }
+                    return Ok(Updated {
+                        written: Some(true),
+                        mirror_behind,
+                    });
                 }
-                SaveOutcome::Duplicate => return Ok(None),
+                SaveOutcome::Duplicate => {
+                    return Ok(Updated {
+                        written: None,
+                        mirror_behind,
+                    });
+                }
                 SaveOutcome::Conflict => {
                     debug!(%key, attempt, "concurrent update; retrying");
                     let pause = 1 + fastrand::u64(0..=(1u64 << attempt.min(6)));
@@ -300,6 +589,44 @@ impl Engine {
             }
         }
         Err(EngineError::Contention(key.clone()))
+    }
+
+    /// Git's view of the commits `doc` may decide about, and whether the mirror lacks any of
+    /// them; `None` when the ref has no repository (push order decides).
+    async fn git_lineage(
+        &self,
+        key: &RefKey,
+        doc: &RefDoc,
+        subject: Option<&Sha>,
+    ) -> (Option<GitLineage>, bool) {
+        let Some(source) = self.catalog.source(key) else {
+            return (None, false);
+        };
+        let mut candidates: Vec<Sha> = doc.refs.current_heads().map(|h| h.sha.clone()).collect();
+        candidates.extend(subject.cloned());
+        let mut anchors: Vec<Sha> = doc
+            .agents
+            .values()
+            .filter_map(|gate| gate.position.as_ref().map(|r| r.sha.clone()))
+            .collect();
+        anchors.sort();
+        anchors.dedup();
+        match self
+            .mirrors
+            .lineage(source, &key.branch, &candidates, &anchors)
+            .await
+        {
+            Ok(lineage) => {
+                let behind = subject.is_some_and(|sha| !lineage.knows(sha))
+                    || anchors.iter().any(|sha| !lineage.knows(sha));
+                (Some(lineage), behind)
+            }
+            Err(error) => {
+                // Knowing nothing holds every agent where it is until a fetch succeeds.
+                debug!(%error, %key, "no lineage from the mirror yet");
+                (Some(GitLineage::default()), true)
+            }
+        }
     }
 
     /// Counts a stream of `agent` on this replica and announces the first one.
@@ -333,6 +660,19 @@ impl Engine {
         };
         if last {
             self.announce_presence(agent, false).await;
+        }
+    }
+
+    /// Withdraws this replica's presence records when it stops, so that other replicas do
+    /// not list its agents as connected until the records expire.
+    pub async fn withdraw_presence(&self) {
+        let agents: Vec<String> = self
+            .lock_connections()
+            .drain()
+            .map(|(agent, _)| agent)
+            .collect();
+        for agent in agents {
+            self.announce_presence(&agent, false).await;
         }
     }
 
@@ -375,6 +715,14 @@ impl Engine {
     /// Keeps the agents of this replica in step with every replica's decisions until
     /// `shutdown`, and refreshes presence.
     pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+        let prepare = self
+            .prepare_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(prepare) = prepare {
+            tokio::spawn(self.clone().prepare_manifests(prepare, shutdown.clone()));
+        }
         let mut notices = self.store.subscribe();
         let mut presence =
             tokio::time::interval(Duration::from_secs(crate::store::PRESENCE_TTL_SECS * 4 / 5));
@@ -436,9 +784,10 @@ impl Engine {
 }
 
 /// Advances the gate of every agent watching `key`.
-fn advance_all(doc: &mut RefDoc, key: &RefKey, catalog: &Catalog, now: i64) -> Vec<(String, Step)> {
+fn advance_all(doc: &mut RefDoc, key: &RefKey, env: &Env<'_>) -> Vec<(String, Step)> {
     let RefDoc { refs, agents } = doc;
-    let lineage = PushOrder(refs);
+    let lineage = RefLineage::new(refs, env.git);
+    let catalog = env.catalog;
     catalog
         .watchers(key)
         .iter()
@@ -448,7 +797,7 @@ fn advance_all(doc: &mut RefDoc, key: &RefKey, catalog: &Catalog, now: i64) -> V
                 mode: spec.mode,
                 refs,
                 lineage: &lineage,
-                now_ms: now,
+                now_ms: env.now,
             };
             let step = agents.entry(name.clone()).or_default().advance(&cx);
             Some((name.clone(), step))

@@ -9,10 +9,13 @@ pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod gate;
+pub mod git;
+pub mod gitlab;
 pub mod grpc;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod progress;
 pub mod run;
 pub mod store;
 

@@ -5,6 +5,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
+use crate::git::GitStats;
+
 /// Labels: event kind and outcome.
 pub type EventLabels = Vec<(&'static str, String)>;
 
@@ -13,6 +15,9 @@ pub struct Metrics {
     registry: Registry,
     /// Webhook deliveries by `event` and `outcome`.
     pub webhooks: Family<EventLabels, Counter>,
+    git_fetches: Counter,
+    manifest_reads: Counter,
+    gitlab_statuses: Family<EventLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -24,7 +29,31 @@ impl Default for Metrics {
             "Webhook deliveries by event and outcome",
             webhooks.clone(),
         );
-        Self { registry, webhooks }
+        let git_fetches = Counter::default();
+        registry.register(
+            "git_fetches",
+            "Fetches from git repositories",
+            git_fetches.clone(),
+        );
+        let manifest_reads = Counter::default();
+        registry.register(
+            "manifest_reads",
+            "Manifest sets read from git (shared by every agent that needs them)",
+            manifest_reads.clone(),
+        );
+        let gitlab_statuses = Family::<EventLabels, Counter>::default();
+        registry.register(
+            "gitlab_commit_statuses",
+            "Commit statuses by outcome: posted, retried, failed, dropped",
+            gitlab_statuses.clone(),
+        );
+        Self {
+            registry,
+            webhooks,
+            git_fetches,
+            manifest_reads,
+            gitlab_statuses,
+        }
     }
 }
 
@@ -39,10 +68,27 @@ impl Metrics {
             .inc();
     }
 
-    /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+    /// Counts `n` commit statuses with `outcome`.
+    pub fn gitlab_status(&self, outcome: &str, n: u64) {
+        self.gitlab_statuses
+            .get_or_create(&vec![("outcome", outcome.to_owned())])
+            .inc_by(n);
+    }
+
+    /// The OpenMetrics text exposition, with the git counters brought up to `git`.
+    pub fn encode(&self, git: GitStats) -> Result<String, std::fmt::Error> {
+        catch_up(&self.git_fetches, git.fetches);
+        catch_up(&self.manifest_reads, git.reads);
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+/// Counters only go up: add what the source counted since the last scrape.
+fn catch_up(counter: &Counter, total: u64) {
+    let seen = counter.get();
+    if total > seen {
+        counter.inc_by(total - seen);
     }
 }

@@ -14,6 +14,8 @@ use tracing::{info, warn};
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::git::Mirrors;
+use crate::gitlab::{GitLab, StatusPublisher, run_catch_up};
 use crate::grpc::{AdminApi, AgentApi, IngestApi};
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
@@ -34,6 +36,8 @@ pub enum RunError {
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    #[error("invalid gitlab settings: {0}")]
+    GitLab(crate::gitlab::GitLabError),
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
 }
@@ -91,8 +95,28 @@ pub async fn run(
         "starting"
     );
     let catalog = Arc::new(Catalog::new(&config.agents));
-    let engine = Engine::new(store, catalog, config.replica_id.clone());
+    let mirrors = Mirrors::new(config.git.clone());
+    let engine = Engine::new(store, catalog, mirrors, config.replica_id.clone());
     tokio::spawn(engine.clone().follow(shutdown.clone()));
+    let metrics = Arc::new(Metrics::default());
+    if let Some(settings) = &config.gitlab {
+        let gitlab =
+            GitLab::new(&settings.url, settings.token.clone()).map_err(RunError::GitLab)?;
+        // Created before the first decision so that it hears every one.
+        let publisher = StatusPublisher::new(
+            engine.clone(),
+            gitlab.clone(),
+            settings.status_target_url.clone(),
+            metrics.clone(),
+        );
+        tokio::spawn(publisher.run(shutdown.clone()));
+        tokio::spawn(run_catch_up(
+            engine.clone(),
+            gitlab,
+            settings.catch_up_interval,
+            shutdown.clone(),
+        ));
+    }
     if let Err(error) = engine.reconcile_all().await {
         warn!(%error, "cannot evaluate agents at start; they will be once the store answers");
     }
@@ -135,10 +159,12 @@ pub async fn run(
         );
 
     let http_addr = listeners.http.local_addr().ok();
+    let engine_for_exit = engine.clone();
     let state = HttpState {
         engine,
         gitlab_secret: config.gitlab_secret.clone(),
-        metrics: Arc::new(Metrics::default()),
+        admin_token: config.admin_token.clone(),
+        metrics,
     };
     let app = router(state, config.max_body_bytes);
     let http =
@@ -147,6 +173,7 @@ pub async fn run(
 
     let (grpc, http) = tokio::join!(grpc, async { http.await.map_err(RunError::Http) });
     shutdown.cancel();
+    engine_for_exit.withdraw_presence().await;
     grpc?;
     http?;
     info!("stopped");

@@ -1,3 +1,9 @@
 //! End-to-end tests: real redis-server, real gRPC and HTTP over loopback.
 
+mod agent;
+mod close_loop;
 mod gate;
+mod git;
+mod ingest_errors;
+mod replicas;
+mod store_suite;

@@ -1,4 +1,8 @@
-//! Test harness: a real `redis-server` per test, servers on loopback ports, GitLab payloads.
+//! Test harness: a real `redis-server` per test, servers on loopback ports, GitLab payloads,
+//! git repositories, and a Kubernetes API server emulation.
+
+pub mod fake_gitlab;
+pub mod kube_api;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
@@ -6,10 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
 use greenlight_agent::assemble::ReadyRevision;
-use greenlight_agent::client::{Bearer, Client, RevisionStream};
+use greenlight_agent::client::{Client, RevisionStream};
 use greenlight_server::config::{Config, Overrides};
 use greenlight_server::{Listeners, RunError, run};
 use serde_json::{Value, json};
@@ -29,6 +34,15 @@ pub const INGEST_TOKEN: &str = "ingest-token";
 pub const PROJECT: &str = "group/app-manifests";
 /// Its numeric id.
 pub const PROJECT_ID: u64 = 42;
+
+/// Installs the process-wide TLS crypto provider (ring), as the binaries do at start.
+pub fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another test may have installed it first; either way ring is in place.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
 
 /// A 40-hex commit id made from `n`, distinct for distinct `n`.
 pub fn sha(n: u32) -> String {
@@ -206,6 +220,7 @@ impl TestServer {
 
     /// Starts a server from a parsed config.
     pub async fn start_with(config: Config) -> anyhow::Result<Self> {
+        install_crypto();
         let grpc = TcpListener::bind(config.grpc_addr).await?;
         let http = TcpListener::bind(config.http_addr).await?;
         let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
@@ -415,3 +430,179 @@ pub async fn no_revision(stream: &mut RevisionStream, window: Duration) -> anyho
 pub const SOON: Duration = Duration::from_secs(10);
 /// How long to watch for something that must not happen.
 pub const QUIET: Duration = Duration::from_millis(400);
+
+/// A git repository built with the `git` CLI in a temporary directory.
+pub struct GitRepo {
+    dir: tempfile::TempDir,
+}
+
+impl GitRepo {
+    /// An empty repository whose branch is `main`.
+    pub fn new() -> anyhow::Result<Self> {
+        let repo = Self {
+            dir: tempfile::tempdir()?,
+        };
+        repo.git(&["init", "-q", "-b", "main"])?;
+        Ok(repo)
+    }
+
+    /// The `file://` URL the server fetches from.
+    pub fn url(&self) -> String {
+        format!("file://{}", self.dir.path().display())
+    }
+
+    /// Runs git in the repository and returns its trimmed stdout.
+    pub fn git(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = Command::new("git")
+            .args([
+                "-c",
+                "user.name=Test",
+                "-c",
+                "user.email=test@example.com",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .context("cannot run git")?;
+        if !output.status.success() {
+            bail!(
+                "git {args:?} failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8(output.stdout)?.trim().to_owned())
+    }
+
+    /// Writes `files` (path, content), removes `removed`, commits, and returns the new SHA.
+    pub fn commit(&self, files: &[(&str, &[u8])], removed: &[&str]) -> anyhow::Result<String> {
+        for (path, content) in files {
+            let path = self.dir.path().join(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, content)?;
+        }
+        for path in removed {
+            self.git(&["rm", "-q", path])?;
+        }
+        self.git(&["add", "-A"])?;
+        self.git(&["commit", "-q", "--allow-empty", "-m", "change"])?;
+        self.git(&["rev-parse", "HEAD"])
+    }
+
+    /// Moves `main` back to `sha`, as `git reset --hard` before a force push.
+    pub fn reset_hard(&self, sha: &str) -> anyhow::Result<()> {
+        self.git(&["reset", "-q", "--hard", sha])?;
+        Ok(())
+    }
+}
+
+/// An agent entry with a repository, in YAML, for tests that need more than `AgentDef`.
+pub fn git_agent_yaml(name: &str, repository: &str, paths: &[&str]) -> String {
+    let paths = paths
+        .iter()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "  - name: {name}\n    token_sha256: \"{}\"\n    project: \"{PROJECT}\"\n    ref: main\n    repository: \"{repository}\"\n    paths: [{paths}]\n    default_namespace: apps\n",
+        sha256_hex(agent_token(name).as_bytes())
+    )
+}
+
+/// A server config with git settings and the given agent entries (from `git_agent_yaml`).
+pub fn git_config_yaml(
+    redis_url: &str,
+    cache_dir: &Path,
+    git_extra: &str,
+    agents: &[String],
+) -> String {
+    let mut yaml = config_yaml(Some(redis_url), &[]);
+    yaml = yaml.replace("agents:\n", "");
+    yaml.push_str(&format!(
+        "git: {{ cache_dir: \"{}\", fetch_timeout: 30s{git_extra} }}\n",
+        cache_dir.display()
+    ));
+    yaml.push_str("agents:\n");
+    for agent in agents {
+        yaml.push_str(agent);
+    }
+    yaml
+}
+
+/// The value of a counter in the server's `/metrics`, 0 when absent.
+pub async fn metric(server: &TestServer, name: &str) -> anyhow::Result<f64> {
+    install_crypto();
+    let text = reqwest::get(format!("http://{}/metrics", server.http))
+        .await?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .find(|line| line.split([' ', '{']).next() == Some(name))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0))
+}
+
+/// An agent running in this process against a cluster, as a replica would in a Pod.
+pub struct AgentProcess {
+    shutdown: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+impl AgentProcess {
+    /// Starts agent `name` of `server` against `kube`, keeping its inventory and Lease in
+    /// namespace `greenlight`; `identity` names the replica.
+    pub fn start(server: &TestServer, name: &str, kube: kube::Client, identity: &str) -> Self {
+        let settings = greenlight_agent::run::Settings {
+            target: greenlight_agent::session::Target {
+                server: server.grpc_url(),
+                token: agent_token(name),
+                ca_file: None,
+            },
+            namespace: AGENT_NAMESPACE.to_owned(),
+            identity: identity.to_owned(),
+            lease_duration: Duration::from_secs(3),
+        };
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(greenlight_agent::run::run(settings, kube, shutdown.clone()));
+        Self { shutdown, handle }
+    }
+
+    /// Kills the agent at whatever it was doing, as SIGKILL would.
+    pub fn kill(self) {
+        self.handle.abort();
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.handle.abort();
+        self.shutdown.cancel();
+    }
+}
+
+/// The namespace test agents keep their inventory and Lease in.
+pub const AGENT_NAMESPACE: &str = "default";
+
+/// Polls `check` until it returns `Some`, failing after `SOON` with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(value) = check().await? {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

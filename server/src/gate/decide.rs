@@ -108,8 +108,8 @@ pub enum GateError {
     NotOnBranch(Sha),
     #[error("commit {sha} cannot be deployed: {reason}")]
     NotGreen { sha: Sha, reason: String },
-    #[error("commit {sha} is not a descendant of deployed {deployed}; pin it to roll back")]
-    Backwards { sha: Sha, deployed: Sha },
+    #[error("commit {sha} cannot be deployed: {reason}; pin it to roll back deliberately")]
+    NotForward { sha: Sha, reason: String },
     #[error("the branch has no commit yet")]
     NoCommit,
     #[error("there is no revision to sync yet")]
@@ -144,12 +144,16 @@ impl Context<'_> {
     ///
     /// A deployed commit that left the branch (force push, deletion) no longer anchors the
     /// gate: the new line of history may be deployed.
-    fn forward(&self, current: Option<&Revision>, candidate: &Sha) -> Result<(), Sha> {
+    fn forward(&self, current: Option<&Revision>, candidate: &Sha) -> Result<(), String> {
         match current {
             None => Ok(()),
+            Some(cur) if !self.lineage.knows(&cur.sha) => Err(format!(
+                "deployed {} is not in the mirror yet; waiting for a fetch",
+                cur.sha.short()
+            )),
             Some(cur) if !self.lineage.on_branch(&cur.sha) => Ok(()),
             Some(cur) if self.lineage.descends_from(candidate, &cur.sha) => Ok(()),
-            Some(cur) => Err(cur.sha.clone()),
+            Some(cur) => Err(format!("not a descendant of deployed {}", cur.sha.short())),
         }
     }
 
@@ -199,17 +203,22 @@ impl AgentGate {
                 }
                 continue;
             }
+            if !cx.lineage.on_branch(&head.sha) {
+                let why = "not on the branch (force-pushed away, or not fetched yet)".to_owned();
+                self.record(step, cx.now_ms, Outcome::Skip, Some(&head.sha), None, why);
+                continue;
+            }
             match cx.green(&head.sha) {
                 Err(why) => self.record(step, cx.now_ms, Outcome::Skip, Some(&head.sha), None, why),
                 Ok(pipeline) => match cx.forward(current.as_ref(), &head.sha) {
                     Ok(()) => chosen = Some((head.sha.clone(), pipeline)),
-                    Err(deployed) => self.record(
+                    Err(why) => self.record(
                         step,
                         cx.now_ms,
                         Outcome::Skip,
                         Some(&head.sha),
                         Some(pipeline),
-                        format!("not a descendant of deployed {}", deployed.short()),
+                        why,
                     ),
                 },
             }
@@ -222,11 +231,8 @@ impl AgentGate {
 
     fn advance_to_head(&mut self, cx: &Context<'_>, step: &mut Step) {
         let Some(head) = cx.refs.head() else { return };
-        if self
-            .position
-            .as_ref()
-            .is_some_and(|cur| cur.sha == head.sha)
-        {
+        let current = self.position.as_ref();
+        if current.is_some_and(|cur| cur.sha == head.sha) || !cx.lineage.on_branch(&head.sha) {
             return;
         }
         match cx.forward(self.position.as_ref(), &head.sha) {
@@ -237,14 +243,7 @@ impl AgentGate {
                 None,
                 "new head (immediate mode)".into(),
             ),
-            Err(deployed) => self.record(
-                step,
-                cx.now_ms,
-                Outcome::Skip,
-                Some(&head.sha),
-                None,
-                format!("not a descendant of deployed {}", deployed.short()),
-            ),
+            Err(why) => self.record(step, cx.now_ms, Outcome::Skip, Some(&head.sha), None, why),
         }
     }
 
@@ -280,9 +279,9 @@ impl AgentGate {
             Mode::Immediate | Mode::Manual => None,
         };
         cx.forward(self.position.as_ref(), &target)
-            .map_err(|deployed| GateError::Backwards {
+            .map_err(|reason| GateError::NotForward {
                 sha: target.clone(),
-                deployed,
+                reason,
             })?;
         self.move_to(
             &mut step,

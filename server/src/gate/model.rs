@@ -347,6 +347,11 @@ pub trait Lineage {
     fn on_branch(&self, sha: &Sha) -> bool;
     /// Whether `descendant` has `ancestor` in its history (true when they are equal).
     fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool;
+    /// Whether this lineage knows `sha` at all: a commit a stale mirror has not fetched yet is
+    /// unknown, which is not the same as gone from the branch.
+    fn knows(&self, _sha: &Sha) -> bool {
+        true
+    }
 }
 
 /// Ancestry as the order in which pushes announced heads: every head of the current line

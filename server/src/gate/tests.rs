@@ -349,9 +349,9 @@ fn triggering_an_older_commit_is_refused_as_backwards() {
 
     assert_eq!(
         err,
-        GateError::Backwards {
+        GateError::NotForward {
             sha: sha(1),
-            deployed: sha(2)
+            reason: format!("not a descendant of deployed {}", sha(2).short()),
         }
     );
     assert_eq!(w.desired(), Some(sha(2)));
@@ -818,4 +818,86 @@ proptest! {
             prop_assert_eq!(last_desired, newest_green(&refs));
         }
     }
+}
+
+/// A lineage that knows only some commits, as a mirror that has not fetched yet.
+struct PartlyFetched<'a> {
+    order: PushOrder<'a>,
+    known: Vec<Sha>,
+}
+
+impl Lineage for PartlyFetched<'_> {
+    fn on_branch(&self, sha: &Sha) -> bool {
+        self.knows(sha) && self.order.on_branch(sha)
+    }
+    fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool {
+        self.knows(descendant)
+            && self.knows(ancestor)
+            && self.order.descends_from(descendant, ancestor)
+    }
+    fn knows(&self, sha: &Sha) -> bool {
+        self.known.contains(sha)
+    }
+}
+
+#[test]
+fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone() {
+    let mut refs = RefState::default();
+    let mut gate = AgentGate::default();
+    for n in 1..=2 {
+        refs.record_push(&Push {
+            before: None,
+            after: Some(sha(n)),
+            at_ms: 0,
+        });
+        refs.record_pipeline(
+            &sha(n),
+            Pipeline {
+                id: u64::from(n),
+                status: Success,
+                source: "push".into(),
+                finished_at_ms: None,
+            },
+        );
+    }
+    let full = PushOrder(&refs);
+    gate.advance(&Context {
+        mode: Mode::Pipeline,
+        refs: &refs,
+        lineage: &full,
+        now_ms: 0,
+    });
+    assert_eq!(gate.desired.as_ref().map(|r| r.sha.clone()), Some(sha(2)));
+
+    refs.record_push(&Push {
+        before: Some(sha(2)),
+        after: Some(sha(3)),
+        at_ms: 0,
+    });
+    refs.record_pipeline(
+        &sha(3),
+        Pipeline {
+            id: 3,
+            status: Success,
+            source: "push".into(),
+            finished_at_ms: None,
+        },
+    );
+    // Another replica's stale mirror: it has 1 and 3 but not the deployed 2.
+    let stale = PartlyFetched {
+        order: PushOrder(&refs),
+        known: vec![sha(1), sha(3)],
+    };
+    let step = gate.advance(&Context {
+        mode: Mode::Pipeline,
+        refs: &refs,
+        lineage: &stale,
+        now_ms: 0,
+    });
+    assert!(!step.desired_changed);
+    assert!(
+        gate.decisions
+            .back()
+            .is_some_and(|d| d.reason.contains("not in the mirror yet"))
+    );
 }

@@ -10,12 +10,34 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
-use super::{decision_to_proto, mode_to_proto, require_token, revision_to_proto, status_to_proto};
+use super::{bearer, decision_to_proto, mode_to_proto, revision_to_proto, status_to_proto};
 use crate::clock::now_ms;
 use crate::config::{AgentSpec, TokenHash};
 use crate::engine::{Engine, Operation};
 use crate::gate::Sha;
+use crate::progress::is_final;
 use crate::store::{Broadcast, RefKey};
+
+/// How often a revision watch re-reads state even without events (missed announcements).
+const REVISION_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether `message` is about `agent`.
+fn concerns(message: &Broadcast, agent: &str) -> bool {
+    match message {
+        Broadcast::RefChanged { decisions, .. } => decisions.iter().any(|(a, _)| a == agent),
+        Broadcast::Report { agent: a, .. } | Broadcast::Connection { agent: a, .. } => a == agent,
+    }
+}
+
+/// What a CI token may do, for the refusal message.
+const CI_SCOPE: &str = "a CI token may only trigger, read the status of and wait for its own agent";
+
+/// Who is calling.
+enum Caller {
+    Admin,
+    /// A CI job of this agent.
+    Ci(String),
+}
 
 /// Reports returned by `GetAgentHistory`.
 const HISTORY_LIMIT: usize = 50;
@@ -37,8 +59,38 @@ impl AdminApi {
         }
     }
 
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let token = bearer(request).ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+        })?;
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|admin| admin.matches(token))
+        {
+            return Ok(Caller::Admin);
+        }
+        match self.engine.catalog().agent_by_ci_token(token) {
+            Some(agent) => Ok(Caller::Ci(agent.name.clone())),
+            None => Err(Status::unauthenticated("invalid admin or CI token")),
+        }
+    }
+
+    /// Admits only the admin token.
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
-        require_token(request, self.token.as_ref(), "admin")
+        match self.caller(request)? {
+            Caller::Admin => Ok(()),
+            Caller::Ci(_) => Err(Status::permission_denied(CI_SCOPE)),
+        }
+    }
+
+    /// Admits the admin token, and the CI token of `agent`.
+    fn authorize_for<T>(&self, request: &Request<T>, agent: &str) -> Result<(), Status> {
+        match self.caller(request)? {
+            Caller::Admin => Ok(()),
+            Caller::Ci(own) if own == agent => Ok(()),
+            Caller::Ci(_) => Err(Status::permission_denied(CI_SCOPE)),
+        }
     }
 
     fn spec(&self, name: &str) -> Result<&AgentSpec, Status> {
@@ -91,7 +143,13 @@ impl AdminApi {
                 sha: p.sha.to_string(),
             }),
             last_decision: gate.decisions.back().map(decision_to_proto),
-            sync_error: String::new(),
+            sync_error: self
+                .engine
+                .store()
+                .sync_error(name)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .unwrap_or_default(),
         })
     }
 
@@ -158,6 +216,61 @@ fn event_to_proto(message: &Broadcast) -> Vec<v1::Event> {
 #[tonic::async_trait]
 impl AdminService for AdminApi {
     type WatchEventsStream = ReceiverStream<Result<v1::Event, Status>>;
+    type WatchRevisionStream = ReceiverStream<Result<v1::RevisionState, Status>>;
+
+    async fn watch_revision(
+        &self,
+        request: Request<v1::WatchRevisionRequest>,
+    ) -> Result<Response<Self::WatchRevisionStream>, Status> {
+        self.authorize_for(&request, &request.get_ref().name)?;
+        let request = request.into_inner();
+        self.spec(&request.name)?;
+        let sha = parse_sha("sha", &request.sha)?;
+        if !sha.is_full() {
+            return Err(Status::invalid_argument(
+                "sha must be the full commit SHA (in GitLab CI: $CI_COMMIT_SHA)",
+            ));
+        }
+        // Subscribed before the first read, so nothing between them is missed.
+        let mut events = self.engine.events();
+        let first = self.engine.revision_progress(&request.name, &sha).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let engine = self.engine.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(Ok(last.clone())).await.is_err() || is_final(last.state()) {
+                return;
+            }
+            let mut tick = tokio::time::interval(REVISION_POLL);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tx.closed() => return,
+                    _ = tick.tick() => {}
+                    event = events.recv() => match event {
+                        Ok(message) if !concerns(&message, &request.name) => continue,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                }
+                let state = match engine.revision_progress(&request.name, &sha).await {
+                    Ok(state) => state,
+                    Err(error) => {
+                        warn!(%error, "cannot read revision progress; retrying");
+                        continue;
+                    }
+                };
+                if state != last {
+                    if tx.send(Ok(state.clone())).await.is_err() || is_final(state.state()) {
+                        return;
+                    }
+                    last = state;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 
     async fn list_agents(
         &self,
@@ -181,7 +294,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::GetAgentRequest>,
     ) -> Result<Response<v1::AgentStatus>, Status> {
-        self.authorize(&request)?;
+        self.authorize_for(&request, &request.get_ref().name)?;
         Ok(Response::new(self.status(&request.get_ref().name).await?))
     }
 
@@ -270,7 +383,7 @@ impl AdminService for AdminApi {
         &self,
         request: Request<v1::TriggerSyncRequest>,
     ) -> Result<Response<v1::AgentStatus>, Status> {
-        self.authorize(&request)?;
+        self.authorize_for(&request, &request.get_ref().name)?;
         let request = request.into_inner();
         let sha = request
             .sha

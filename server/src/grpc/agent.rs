@@ -1,6 +1,7 @@
 //! `greenlight.v1.AgentService`: the stream of desired revisions and the status reports.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use greenlight::digest::ContentDigest;
 use greenlight::v1::{self, agent_service_server::AgentService, sync_event::Event};
@@ -9,17 +10,21 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{bearer, revision_to_proto};
 use crate::catalog::ref_key;
 use crate::clock::now_ms;
-use crate::config::AgentSpec;
+use crate::config::{AgentSpec, ApplySettings};
 use crate::engine::Engine;
 use crate::gate::{Revision, Sha};
+use crate::git::ManifestSet;
 
 /// Messages buffered per stream: a slow agent holds at most this many, and blocks only itself.
 const STREAM_BUFFER: usize = 16;
+/// Delivery retries after a retryable failure back off between these bounds.
+const RETRY_INITIAL: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// Serves agents.
 pub struct AgentApi {
@@ -45,35 +50,89 @@ impl AgentApi {
     }
 }
 
-/// The messages that carry one revision to an agent.
-fn revision_events(agent: &AgentSpec, revision: &Revision) -> Vec<v1::SyncEvent> {
+/// The largest file chunk in one message: far below any gRPC message limit.
+pub const MAX_CHUNK_BYTES: usize = 128 * 1024;
+
+fn settings_to_proto(settings: &ApplySettings) -> v1::ApplySettings {
+    v1::ApplySettings {
+        default_namespace: settings.default_namespace.clone(),
+        prune: settings.prune,
+        prune_propagation_policy: settings.prune_propagation_policy.clone(),
+        dry_run_strategy: settings.dry_run_strategy.clone(),
+        health_timeout_seconds: settings.health_timeout.as_secs(),
+        reconcile_interval_seconds: settings.reconcile_interval.as_secs(),
+        force_conflicts: settings.force_conflicts,
+    }
+}
+
+/// Sends one revision as header, chunks and trailer; `false` when the agent went away.
+async fn send_revision(
+    tx: &mpsc::Sender<Result<v1::SyncEvent, Status>>,
+    agent: &AgentSpec,
+    revision: &Revision,
+    files: Option<&ManifestSet>,
+) -> bool {
+    let (file_count, total_bytes, digest) = match files {
+        Some(set) => (set.files.len(), set.total_bytes, set.content_sha256.clone()),
+        None => (0, 0, ContentDigest::new().finish()),
+    };
     let header = v1::RevisionHeader {
         revision: Some(revision_to_proto(revision)),
         project: agent.project.clone(),
         r#ref: agent.branch.clone(),
-        file_count: 0,
-        total_bytes: 0,
-        settings: Some(v1::ApplySettings {
-            default_namespace: "default".into(),
-            prune: true,
-            prune_propagation_policy: "background".into(),
-            dry_run_strategy: "none".into(),
-            health_timeout_seconds: 300,
-            reconcile_interval_seconds: 300,
-            force_conflicts: true,
-        }),
+        file_count: u32::try_from(file_count).unwrap_or(u32::MAX),
+        total_bytes,
+        settings: Some(settings_to_proto(&agent.apply)),
+        agent: agent.name.clone(),
     };
-    let trailer = v1::RevisionTrailer {
-        content_sha256: ContentDigest::new().finish(),
-    };
-    vec![
-        v1::SyncEvent {
+    if tx
+        .send(Ok(v1::SyncEvent {
             event: Some(Event::Header(header)),
-        },
-        v1::SyncEvent {
-            event: Some(Event::Trailer(trailer)),
-        },
-    ]
+        }))
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    for file in files.map(|set| set.files.as_slice()).unwrap_or_default() {
+        let mut offset = 0;
+        // An empty file still needs one chunk so the agent learns its path.
+        loop {
+            let end = (offset + MAX_CHUNK_BYTES).min(file.content.len());
+            let chunk = v1::ManifestChunk {
+                path: file.path.clone(),
+                data: file.content.slice(offset..end),
+            };
+            if tx
+                .send(Ok(v1::SyncEvent {
+                    event: Some(Event::Chunk(chunk)),
+                }))
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            offset = end;
+            if offset >= file.content.len() {
+                break;
+            }
+        }
+    }
+    let trailer = v1::RevisionTrailer {
+        content_sha256: digest,
+    };
+    tx.send(Ok(v1::SyncEvent {
+        event: Some(Event::Trailer(trailer)),
+    }))
+    .await
+    .is_ok()
+}
+
+/// What waiting on a stream's inputs yielded.
+enum Wake {
+    Changed,
+    Retry,
+    Stop,
 }
 
 #[tonic::async_trait]
@@ -116,33 +175,51 @@ impl AgentService for AgentApi {
                 info!(applied = ?applied.as_ref().map(Sha::short), "agent connected");
                 let mut sent: Option<(Sha, u64)> = None;
                 let mut first = true;
+                let mut retry = RETRY_INITIAL;
                 loop {
                     let revision = desired.borrow_and_update().revision.clone();
+                    let mut wait_for_retry = false;
                     if let Some(revision) = revision {
                         let already = if first {
                             applied.as_ref() == Some(&revision.sha)
                         } else {
                             sent.as_ref() == Some(&(revision.sha.clone(), revision.generation))
                         };
-                        if !already {
-                            debug!(
-                                sha = revision.sha.short(),
-                                generation = revision.generation,
-                                "sending revision"
-                            );
-                            for event in revision_events(&agent, &revision) {
-                                if tx.send(Ok(event)).await.is_err() {
-                                    break;
+                        if already {
+                            sent = Some((revision.sha.clone(), revision.generation));
+                        } else {
+                            match engine.manifests(&agent, &revision.sha).await {
+                                Ok(files) => {
+                                    debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
+                                    if !send_revision(&tx, &agent, &revision, files.as_deref()).await {
+                                        break;
+                                    }
+                                    engine.note_sync_error(&agent.name, None).await;
+                                    sent = Some((revision.sha.clone(), revision.generation));
+                                    retry = RETRY_INITIAL;
+                                }
+                                Err(error) => {
+                                    // The agent keeps its last good revision meanwhile.
+                                    warn!(%error, sha = revision.sha.short(), "cannot deliver revision");
+                                    let message = format!("cannot deliver {}: {error}", revision.sha.short());
+                                    engine.note_sync_error(&agent.name, Some(message)).await;
+                                    wait_for_retry = error.retryable();
                                 }
                             }
                         }
-                        sent = Some((revision.sha.clone(), revision.generation));
                     }
                     first = false;
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        _ = tx.closed() => break,
-                        changed = desired.changed() => if changed.is_err() { break },
+                    let pause = retry;
+                    let wake = tokio::select! {
+                        _ = shutdown.cancelled() => Wake::Stop,
+                        _ = tx.closed() => Wake::Stop,
+                        changed = desired.changed() => if changed.is_err() { Wake::Stop } else { Wake::Changed },
+                        _ = tokio::time::sleep(pause), if wait_for_retry => Wake::Retry,
+                    };
+                    match wake {
+                        Wake::Stop => break,
+                        Wake::Changed => retry = RETRY_INITIAL,
+                        Wake::Retry => retry = (retry * 2).min(RETRY_MAX),
                     }
                 }
                 engine.disconnected(&agent.name).await;

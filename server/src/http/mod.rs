@@ -1,5 +1,6 @@
 //! The HTTP listener: GitLab webhooks, health probes and metrics.
 
+mod badge;
 mod gitlab;
 
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
-use crate::config::Secret;
+use crate::config::{Secret, TokenHash};
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 
@@ -20,6 +21,7 @@ use crate::metrics::Metrics;
 pub struct HttpState {
     pub engine: Arc<Engine>,
     pub gitlab_secret: Option<Secret>,
+    pub admin_token: Option<TokenHash>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -27,6 +29,7 @@ pub struct HttpState {
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/webhooks/gitlab", post(gitlab::receive))
+        .route("/badges/{file}", get(badge::serve))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -49,7 +52,7 @@ async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    match state.metrics.encode() {
+    match state.metrics.encode(state.engine.mirrors().stats()) {
         Ok(text) => (
             StatusCode::OK,
             [(

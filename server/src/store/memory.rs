@@ -20,6 +20,8 @@ struct Inner {
     deliveries: HashSet<(String, String)>,
     reports: HashMap<String, VecDeque<Vec<u8>>>,
     presence: HashMap<String, String>,
+    sync_errors: HashMap<String, String>,
+    statuses: HashSet<(String, String, String)>,
 }
 
 impl Default for MemoryStore {
@@ -135,6 +137,26 @@ impl Store for MemoryStore {
 
     async fn presence(&self, agent: &str) -> Result<Option<String>> {
         Ok(self.lock().presence.get(agent).cloned())
+    }
+
+    async fn set_sync_error(&self, agent: &str, error: Option<&str>) -> Result<()> {
+        let mut inner = self.lock();
+        match error {
+            Some(error) => inner.sync_errors.insert(agent.to_owned(), error.to_owned()),
+            None => inner.sync_errors.remove(agent),
+        };
+        Ok(())
+    }
+
+    async fn sync_error(&self, agent: &str) -> Result<Option<String>> {
+        Ok(self.lock().sync_errors.get(agent).cloned())
+    }
+
+    async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
+        Ok(self
+            .lock()
+            .statuses
+            .insert((agent.to_owned(), sha.to_owned(), state.to_owned())))
     }
 
     async fn publish(&self, message: &Broadcast) -> Result<()> {

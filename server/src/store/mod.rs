@@ -18,6 +18,9 @@ pub use redis::RedisStore;
 /// Redeliveries are recognised for this long after the first delivery.
 pub const DELIVERY_MEMORY_SECS: u64 = 7 * 24 * 3600;
 
+/// Claimed commit statuses are remembered this long.
+pub const STATUS_MEMORY_SECS: u64 = 30 * 24 * 3600;
+
 /// A presence record without a refresh for this long belongs to a dead replica.
 pub const PRESENCE_TTL_SECS: u64 = 300;
 
@@ -136,6 +139,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// The live replica `agent` is connected to, if any.
     async fn presence(&self, agent: &str) -> Result<Option<String>>;
+
+    /// Records why `agent`'s desired revision cannot be delivered; `None` clears it.
+    async fn set_sync_error(&self, agent: &str, error: Option<&str>) -> Result<()>;
+
+    /// Why `agent`'s desired revision cannot be delivered, if it cannot.
+    async fn sync_error(&self, agent: &str) -> Result<Option<String>>;
+
+    /// Claims the posting of commit status `state` for `agent` on `sha`: `true` for the first
+    /// claimant only, so replicas and restarts never post a status twice.
+    async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool>;
 
     /// Announces `message` to every replica.
     async fn publish(&self, message: &Broadcast) -> Result<()>;

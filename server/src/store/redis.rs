@@ -226,6 +226,37 @@ impl Store for RedisStore {
         Ok(None)
     }
 
+    async fn set_sync_error(&self, agent: &str, error: Option<&str>) -> Result<()> {
+        let key = format!("{}:agent:{{{}}}:sync_error", self.prefix, agent);
+        let mut conn = self.conn.clone();
+        match error {
+            Some(error) => conn.set::<_, _, ()>(key, error).await?,
+            None => conn.del::<_, ()>(key).await?,
+        }
+        Ok(())
+    }
+
+    async fn sync_error(&self, agent: &str) -> Result<Option<String>> {
+        let key = format!("{}:agent:{{{}}}:sync_error", self.prefix, agent);
+        Ok(self.conn.clone().get(key).await?)
+    }
+
+    async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
+        let key = format!(
+            "{}:agent:{{{}}}:status:{}:{}",
+            self.prefix, agent, sha, state
+        );
+        let claimed: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg(crate::clock::now_ms())
+            .arg("NX")
+            .arg("EX")
+            .arg(super::STATUS_MEMORY_SECS)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(claimed.is_some())
+    }
+
     async fn publish(&self, message: &Broadcast) -> Result<()> {
         let payload = serde_json::to_string(message).map_err(|source| StoreError::Corrupt {
             key: self.channel.clone(),

@@ -1,0 +1,76 @@
+//! The record of what this agent applied: a ConfigMap in the agent's namespace, plus a label
+//! on every applied object (as cli-utils and ApplySet do), so pruning never touches objects
+//! the agent did not create.
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+use crate::cluster::ClusterError;
+use crate::plan::InventoryEntry;
+
+/// The label every applied object carries; its value is the agent's name.
+pub const INVENTORY_LABEL: &str = "greenlight.dev/inventory";
+
+/// What the inventory holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inventory {
+    pub entries: Vec<InventoryEntry>,
+    /// The revision whose apply completed last.
+    pub revision: Option<String>,
+}
+
+/// Reads and writes one agent's inventory.
+pub struct InventoryStore {
+    api: Api<ConfigMap>,
+    name: String,
+    field_manager: String,
+}
+
+impl InventoryStore {
+    /// The inventory of `agent` in `namespace`.
+    pub fn new(client: kube::Client, namespace: &str, agent: &str, field_manager: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            name: format!("greenlight-inventory-{agent}"),
+            field_manager: field_manager.to_owned(),
+        }
+    }
+
+    /// The stored inventory; empty when there is none yet.
+    pub async fn load(&self) -> Result<Inventory, ClusterError> {
+        let Some(map) = self.api.get_opt(&self.name).await? else {
+            return Ok(Inventory::default());
+        };
+        let data = map.data.unwrap_or_default();
+        let entries = match data.get("entries") {
+            Some(json) => serde_json::from_str(json)?,
+            None => Vec::new(),
+        };
+        Ok(Inventory {
+            entries,
+            revision: data.get("revision").cloned().filter(|r| !r.is_empty()),
+        })
+    }
+
+    /// Replaces the stored inventory.
+    pub async fn save(&self, inventory: &Inventory) -> Result<(), ClusterError> {
+        let body = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": self.name,
+                "labels": { "app.kubernetes.io/managed-by": "greenlight" },
+            },
+            "data": {
+                "entries": serde_json::to_string(&inventory.entries)?,
+                "revision": inventory.revision.clone().unwrap_or_default(),
+            },
+        });
+        let params = PatchParams::apply(&self.field_manager).force();
+        self.api
+            .patch(&self.name, &params, &Patch::Apply(body))
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,260 @@
+//! Parsing a revision's files into Kubernetes objects, all validated before the first write.
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+/// Where an object came from, for error messages and reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub file: String,
+    /// Zero-based index of the document in the file, counting non-empty documents.
+    pub document: usize,
+}
+
+/// One object from the manifests, not yet resolved against the API server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub api_version: String,
+    pub kind: String,
+    pub name: String,
+    /// As written; the agent fills in its default for namespaced kinds.
+    pub namespace: Option<String>,
+    pub body: Value,
+    pub origin: Origin,
+}
+
+impl Manifest {
+    /// The API group (empty for the core group).
+    pub fn group(&self) -> &str {
+        self.api_version
+            .rsplit_once('/')
+            .map_or("", |(group, _)| group)
+    }
+
+    /// The version part of `apiVersion`.
+    pub fn version(&self) -> &str {
+        self.api_version
+            .rsplit_once('/')
+            .map_or(self.api_version.as_str(), |(_, v)| v)
+    }
+}
+
+/// A document that cannot be applied; names the file, the document and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file} document {document}: {reason}")]
+pub struct ParseError {
+    pub file: String,
+    pub document: usize,
+    pub reason: String,
+}
+
+/// Parses every file (multi-document YAML, or JSON for `.json`). Empty documents are
+/// skipped; `kind: List` documents contribute their items.
+pub fn parse(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, ParseError> {
+    let mut manifests = Vec::new();
+    let mut seen: BTreeMap<(String, String, Option<String>, String), Origin> = BTreeMap::new();
+    for (file, content) in files {
+        let fail = |document: usize, reason: String| ParseError {
+            file: file.clone(),
+            document,
+            reason,
+        };
+        let text = std::str::from_utf8(content).map_err(|e| fail(0, format!("not UTF-8: {e}")))?;
+        let documents: Vec<Value> = if file.ends_with(".json") {
+            vec![serde_json::from_str(text).map_err(|e| fail(0, format!("invalid JSON: {e}")))?]
+        } else {
+            serde_saphyr::from_multiple(text).map_err(|e| fail(0, format!("invalid YAML: {e}")))?
+        };
+        for (index, document) in documents.into_iter().enumerate() {
+            let origin = Origin {
+                file: file.clone(),
+                document: index,
+            };
+            let items = match document {
+                Value::Null => continue,
+                Value::Object(ref map)
+                    if map.get("kind").and_then(Value::as_str) == Some("List") =>
+                {
+                    match map.get("items") {
+                        Some(Value::Array(items)) => items.clone(),
+                        _ => return Err(fail(index, "a List needs an `items` array".into())),
+                    }
+                }
+                other => vec![other],
+            };
+            for item in items {
+                let manifest =
+                    validate(item, origin.clone()).map_err(|reason| fail(index, reason))?;
+                let identity = (
+                    manifest.group().to_owned(),
+                    manifest.kind.clone(),
+                    manifest.namespace.clone(),
+                    manifest.name.clone(),
+                );
+                if let Some(first) = seen.insert(identity, origin.clone()) {
+                    return Err(fail(
+                        index,
+                        format!(
+                            "{} {} is also defined in {} document {}",
+                            manifest.kind, manifest.name, first.file, first.document
+                        ),
+                    ));
+                }
+                manifests.push(manifest);
+            }
+        }
+    }
+    Ok(manifests)
+}
+
+fn validate(value: Value, origin: Origin) -> Result<Manifest, String> {
+    let Value::Object(map) = &value else {
+        return Err("a Kubernetes object must be a mapping".into());
+    };
+    let text = |field: &str| {
+        map.get(field)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
+    let api_version = text("apiVersion").ok_or("missing apiVersion")?.to_owned();
+    let kind = text("kind").ok_or("missing kind")?.to_owned();
+    let metadata = map
+        .get("metadata")
+        .and_then(Value::as_object)
+        .ok_or("missing metadata")?;
+    let name = metadata
+        .get("name")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .ok_or("missing metadata.name (generateName is not supported: objects need a stable name)")?
+        .to_owned();
+    if !is_dns_subdomain(&name)
+        && kind != "ClusterRole"
+        && kind != "ClusterRoleBinding"
+        && kind != "Role"
+        && kind != "RoleBinding"
+    {
+        return Err(format!(
+            "metadata.name {name:?} is not a valid Kubernetes name"
+        ));
+    }
+    let namespace = match metadata.get("namespace") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(ns)) if is_dns_label(ns) => Some(ns.clone()),
+        Some(other) => {
+            return Err(format!(
+                "metadata.namespace {other} is not a valid namespace name"
+            ));
+        }
+    };
+    if api_version.split('/').count() > 2 {
+        return Err(format!("apiVersion {api_version:?} is not group/version"));
+    }
+    Ok(Manifest {
+        api_version,
+        kind,
+        name,
+        namespace,
+        body: value,
+        origin,
+    })
+}
+
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name
+            .split('.')
+            .all(|part| !part.is_empty() && part.len() <= 63 && label_chars(part))
+}
+
+fn is_dns_label(name: &str) -> bool {
+    name.len() <= 63 && !name.is_empty() && label_chars(name)
+}
+
+fn label_chars(part: &str) -> bool {
+    let bytes = part.as_bytes();
+    bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str, content: &str) -> (String, Vec<u8>) {
+        (name.to_owned(), content.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn multi_document_yaml_and_json_parse() {
+        let files = [
+            file(
+                "a.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: one}\n---\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: prod}\n",
+            ),
+            file(
+                "b.json",
+                r#"{"apiVersion":"v1","kind":"List","items":[{"apiVersion":"v1","kind":"Service","metadata":{"name":"svc"}}]}"#,
+            ),
+        ];
+        let manifests = parse(&files).unwrap();
+        let names: Vec<_> = manifests
+            .iter()
+            .map(|m| (m.kind.as_str(), m.name.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("ConfigMap", "one"),
+                ("Deployment", "web"),
+                ("Service", "svc")
+            ]
+        );
+        assert_eq!(manifests[1].group(), "apps");
+        assert_eq!(manifests[1].version(), "v1");
+        assert_eq!(
+            manifests[1].origin.document, 1,
+            "empty documents are not counted"
+        );
+        assert_eq!(manifests[0].group(), "");
+    }
+
+    #[test]
+    fn invalid_documents_name_file_document_and_reason() {
+        let files = [
+            file(
+                "ok.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: one}\n",
+            ),
+            file(
+                "bad.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: two}\n---\nkind: Secret\nmetadata: {name: x}\n",
+            ),
+        ];
+        let err = parse(&files).unwrap_err();
+        assert_eq!((err.file.as_str(), err.document), ("bad.yaml", 1));
+        assert!(err.reason.contains("apiVersion"), "{err}");
+
+        let err = parse(&[file("broken.yaml", "a: [unclosed\n")]).unwrap_err();
+        assert!(err.reason.contains("invalid YAML"), "{err}");
+        let err = parse(&[file(
+            "x.yaml",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: Not_Valid}\n",
+        )])
+        .unwrap_err();
+        assert!(err.reason.contains("Not_Valid"), "{err}");
+        let err = parse(&[file("x.yaml", "- just\n- a list\n")]).unwrap_err();
+        assert!(err.reason.contains("mapping"), "{err}");
+    }
+
+    #[test]
+    fn the_same_object_twice_is_refused() {
+        let doc = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: one}\n";
+        let err = parse(&[file("a.yaml", doc), file("b.yaml", doc)]).unwrap_err();
+        assert!(err.reason.contains("a.yaml document 0"), "{err}");
+    }
+}

@@ -1,0 +1,401 @@
+//! The git layer: one bare mirror per repository, fetched on demand, answering the gate's
+//! ancestry questions and reading the manifest files of a commit.
+//!
+//! Many agents deploy the same commit of the same repository, so a fetch asked for while
+//! another one runs waits for it instead of starting a second one, and a manifest read is
+//! shared by everyone who asks for the same (repository, commit, globs), like GitLab's kas.
+//! All gix work is blocking and runs on tokio's blocking pool.
+//!
+//! Over https a token is offered as GitLab expects (user `oauth2`, the token as password)
+//! when the server asks for credentials; it is kept in memory only, never in the mirror's
+//! config, and blanked out of error messages.
+
+mod lineage;
+mod manifests;
+mod mirror;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::gate::Sha;
+
+pub use lineage::GitLineage;
+pub use manifests::{ManifestFile, ManifestSet};
+
+use manifests::{ManifestCache, ManifestKey, Patterns};
+use mirror::FetchJob;
+
+/// Caps on what one manifest read may return, as kas enforced them (per file, total, count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_file_bytes: u64,
+    pub max_total_bytes: u64,
+    pub max_files: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_file_bytes: 5 * 1024 * 1024,
+            max_total_bytes: 20 * 1024 * 1024,
+            max_files: 1000,
+        }
+    }
+}
+
+/// Where mirrors live, how long a fetch may take, and what a manifest read may return.
+#[derive(Debug, Clone)]
+pub struct GitSettings {
+    pub cache_dir: PathBuf,
+    pub fetch_timeout: Duration,
+    pub limits: Limits,
+}
+
+/// A repository to mirror: `https://…`, `file:///…` or a local path, with an optional token.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RepoSource {
+    pub url: String,
+    /// A file holding a GitLab token, sent as the password of user `oauth2` over https only;
+    /// re-read on every fetch so that a rotated token is picked up without a restart.
+    pub token_file: Option<PathBuf>,
+}
+
+/// Why a git operation failed, worded so that the user can act on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot fetch {url}: {message}")]
+    Unreachable { url: String, message: String },
+    #[error("fetching {url} did not finish within {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("commit {sha} is not in the history of any branch, even after a fetch")]
+    CommitMissing { sha: Sha },
+    #[error(
+        "no file of the commit matches the path globs {patterns:?} (dot-directories are skipped)"
+    )]
+    NoMatch { patterns: Vec<String> },
+    #[error("{path} has {bytes} bytes, more than the limit of {limit} bytes per file")]
+    FileTooLarge {
+        path: String,
+        bytes: u64,
+        limit: u64,
+    },
+    #[error("the matching files have {bytes} bytes in total, more than the limit of {limit} bytes")]
+    TotalTooLarge { bytes: u64, limit: u64 },
+    #[error("{count} files match the path globs, more than the limit of {limit}")]
+    TooManyFiles { count: usize, limit: usize },
+    #[error("invalid path glob {pattern:?}: {message}")]
+    InvalidGlob { pattern: String, message: String },
+    #[error("local git mirror: {message}")]
+    Repository { message: String },
+}
+
+impl GitError {
+    /// Whether trying again later may succeed without anyone changing the repository or config.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            Self::Unreachable { .. }
+                | Self::Timeout { .. }
+                | Self::CommitMissing { .. }
+                | Self::Repository { .. }
+        )
+    }
+}
+
+/// Work actually done (cache hits and coalesced callers excluded), for metrics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GitStats {
+    pub fetches: u64,
+    pub reads: u64,
+}
+
+/// The mirrors of all repositories; cheap to clone, all clones share mirrors and caches.
+#[derive(Clone)]
+pub struct Mirrors {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    settings: GitSettings,
+    repos: Mutex<HashMap<String, Arc<RepoState>>>,
+    manifests: Mutex<ManifestCache>,
+    fetches: AtomicU64,
+    reads: AtomicU64,
+}
+
+/// One mirror and the fetch that may be running into it.
+struct RepoState {
+    dir: PathBuf,
+    /// Fetches started so far; a caller remembers it to recognise a fetch that began later.
+    started: AtomicU64,
+    /// Held for as long as a fetch writes into the mirror, by the fetch task itself.
+    slot: Arc<tokio::sync::Mutex<FetchSlot>>,
+    /// Commit generations for lineage, which never change once computed.
+    generations: Arc<Mutex<lineage::Generations>>,
+}
+
+#[derive(Default)]
+struct FetchSlot {
+    /// The `started` count of the last fetch that finished, and how it ended.
+    finished: u64,
+    outcome: Option<Result<(), GitError>>,
+}
+
+impl Mirrors {
+    /// Mirrors kept under `settings.cache_dir`, which is created on the first fetch.
+    pub fn new(settings: GitSettings) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                repos: Mutex::new(HashMap::new()),
+                manifests: Mutex::new(ManifestCache::default()),
+                fetches: AtomicU64::new(0),
+                reads: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Fetches every branch into the mirror, cloning it first when absent.
+    ///
+    /// One fetch per repository at a time: a caller arriving while one runs waits for it and
+    /// takes its outcome only if that fetch started after the call, since an earlier one may
+    /// have missed what the caller is after. After `fetch_timeout` gix is interrupted and the
+    /// caller gets [`GitError::Timeout`].
+    pub async fn fetch(&self, source: &RepoSource) -> Result<(), GitError> {
+        let repo = self.repo(source);
+        let asked = repo.started.load(Ordering::SeqCst);
+        let timeout = self.inner.settings.fetch_timeout;
+        let timed_out = || GitError::Timeout {
+            url: mirror::display_url(&source.url),
+            after: timeout,
+        };
+        let slot = tokio::time::timeout(timeout, repo.slot.clone().lock_owned())
+            .await
+            .map_err(|_| timed_out())?;
+        if slot.finished > asked
+            && let Some(outcome) = &slot.outcome
+        {
+            return outcome.clone();
+        }
+        let generation = repo.started.fetch_add(1, Ordering::SeqCst) + 1;
+        let job = FetchJob {
+            dir: repo.dir.clone(),
+            url: source.url.clone(),
+            token_file: source.token_file.clone(),
+            timeout,
+        };
+        let (report, outcome) = oneshot::channel();
+        // The fetch is a task of its own so that a caller that goes away neither cancels it
+        // halfway nor leaves the mirror locked without a deadline.
+        let inner = self.inner.clone();
+        tokio::spawn(run_fetch(inner, job, slot, generation, report));
+        outcome.await.unwrap_or_else(|_| {
+            Err(GitError::Repository {
+                message: "the fetch task ended without a result".into(),
+            })
+        })
+    }
+
+    /// Whether the mirror has commit `sha` now, without fetching; abbreviations must be unique.
+    pub async fn has_commit(&self, source: &RepoSource, sha: &Sha) -> bool {
+        let dir = self.repo(source).dir.clone();
+        let sha = sha.clone();
+        let found = blocking(move || match mirror::open(&dir)? {
+            Some(repo) => mirror::resolve_commit(&repo, &sha).map(|id| id.is_some()),
+            None => Ok(false),
+        })
+        .await;
+        found.unwrap_or_else(|err| {
+            let url = mirror::display_url(&source.url);
+            tracing::warn!(%url, error = %err, "cannot look up a commit");
+            false
+        })
+    }
+
+    /// Makes sure the mirror has commit `sha`, fetching once when it does not.
+    pub async fn ensure_commit(&self, source: &RepoSource, sha: &Sha) -> Result<(), GitError> {
+        if self.has_commit(source, sha).await {
+            return Ok(());
+        }
+        self.fetch(source).await?;
+        if self.has_commit(source, sha).await {
+            Ok(())
+        } else {
+            Err(GitError::CommitMissing { sha: sha.clone() })
+        }
+    }
+
+    /// Ancestry of `candidates` and `anchors` as the mirror has it now, without fetching.
+    ///
+    /// The branch is the mirror's `refs/heads/<branch>`: a commit is on it when it is the tip
+    /// or an ancestor of the tip. `descends_from` holds between any two asked-about commits.
+    /// Commits the mirror lacks are on no branch and descend from nothing.
+    pub async fn lineage(
+        &self,
+        source: &RepoSource,
+        branch: &str,
+        candidates: &[Sha],
+        anchors: &[Sha],
+    ) -> Result<GitLineage, GitError> {
+        let repo = self.repo(source);
+        let branch = branch.to_owned();
+        let candidates = candidates.to_vec();
+        let anchors = anchors.to_vec();
+        blocking(move || match mirror::open(&repo.dir)? {
+            Some(git) => {
+                let mut generations = lock(&repo.generations);
+                lineage::compute(git, &branch, &candidates, &anchors, &mut generations)
+            }
+            None => Ok(GitLineage::default()),
+        })
+        .await
+    }
+
+    /// The files of commit `sha` whose paths match `patterns` (default `**/*.{yaml,yml,json}`).
+    ///
+    /// `*` stays within a directory, `**` crosses directories, braces offer alternatives.
+    /// Files under a directory whose name starts with `.` are skipped, and so are symlinks and
+    /// submodules. The commit is fetched when needed. Concurrent callers share one read, the
+    /// most recent sets stay cached, and a failed read is forgotten so that the next caller
+    /// tries again.
+    pub async fn manifests(
+        &self,
+        source: &RepoSource,
+        sha: &Sha,
+        patterns: &[String],
+    ) -> Result<Arc<ManifestSet>, GitError> {
+        let patterns = Arc::new(Patterns::compile(patterns)?);
+        let key = ManifestKey {
+            url: source.url.clone(),
+            sha: sha.clone(),
+            patterns: patterns.key(),
+        };
+        let cell = lock(&self.inner.manifests).cell(&key);
+        let outcome = cell
+            .get_or_init(|| self.read_manifests(source, sha, patterns))
+            .await
+            .clone();
+        if outcome.is_err() {
+            lock(&self.inner.manifests).forget_failed(&key, &cell);
+        }
+        outcome
+    }
+
+    /// Fetches and tree reads actually performed (coalesced callers and cache hits excluded).
+    pub fn stats(&self) -> GitStats {
+        GitStats {
+            fetches: self.inner.fetches.load(Ordering::Relaxed),
+            reads: self.inner.reads.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn read_manifests(
+        &self,
+        source: &RepoSource,
+        sha: &Sha,
+        patterns: Arc<Patterns>,
+    ) -> Result<Arc<ManifestSet>, GitError> {
+        self.ensure_commit(source, sha).await?;
+        let dir = self.repo(source).dir.clone();
+        let sha = sha.clone();
+        let limits = self.inner.settings.limits;
+        let inner = self.inner.clone();
+        blocking(move || {
+            inner.reads.fetch_add(1, Ordering::Relaxed);
+            let repo = mirror::open(&dir)?.ok_or_else(|| GitError::Repository {
+                message: format!("mirror {} vanished", dir.display()),
+            })?;
+            let commit = mirror::resolve_commit(&repo, &sha)?
+                .ok_or_else(|| GitError::CommitMissing { sha: sha.clone() })?;
+            manifests::read(&repo, commit, &patterns, limits).map(Arc::new)
+        })
+        .await
+    }
+
+    fn repo(&self, source: &RepoSource) -> Arc<RepoState> {
+        let mut repos = lock(&self.inner.repos);
+        repos
+            .entry(source.url.clone())
+            .or_insert_with(|| {
+                Arc::new(RepoState {
+                    dir: mirror::mirror_dir(&self.inner.settings.cache_dir, &source.url),
+                    started: AtomicU64::new(0),
+                    slot: Arc::new(tokio::sync::Mutex::new(FetchSlot::default())),
+                    generations: Arc::default(),
+                })
+            })
+            .clone()
+    }
+}
+
+/// Runs one fetch while owning the mirror's slot, reporting to the caller as soon as the
+/// outcome is known but keeping the slot until gix stopped writing (or gave up on it).
+async fn run_fetch(
+    inner: Arc<Inner>,
+    job: FetchJob,
+    mut slot: tokio::sync::OwnedMutexGuard<FetchSlot>,
+    generation: u64,
+    report: oneshot::Sender<Result<(), GitError>>,
+) {
+    let interrupt = Arc::new(AtomicBool::new(false));
+    let url = mirror::display_url(&job.url);
+    let after = job.timeout;
+    inner.fetches.fetch_add(1, Ordering::Relaxed);
+    let mut work = tokio::task::spawn_blocking({
+        let interrupt = interrupt.clone();
+        move || mirror::fetch(&job, &interrupt)
+    });
+    let outcome = match tokio::time::timeout(after, &mut work).await {
+        Ok(joined) => joined.unwrap_or_else(|err| Err(panicked(err))),
+        Err(_) => {
+            interrupt.store(true, Ordering::SeqCst);
+            let timed_out = GitError::Timeout {
+                url: url.clone(),
+                after,
+            };
+            let _ = report.send(Err(timed_out.clone()));
+            // The next fetch must not write into the mirror before gix noticed the interrupt,
+            // but a fetch stuck in a read that never returns must not lock it for good either.
+            if tokio::time::timeout(after, work).await.is_err() {
+                tracing::warn!(%url, "an interrupted fetch is still running; unlocking the mirror");
+            }
+            slot.finished = generation;
+            slot.outcome = Some(Err(timed_out));
+            return;
+        }
+    };
+    if let Err(err) = &outcome {
+        tracing::warn!(%url, error = %err, "fetch failed");
+    }
+    slot.finished = generation;
+    slot.outcome = Some(outcome.clone());
+    drop(slot);
+    let _ = report.send(outcome);
+}
+
+/// Runs blocking gix work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, GitError> + Send + 'static,
+) -> Result<T, GitError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .unwrap_or_else(|err| Err(panicked(err)))
+}
+
+fn panicked(err: tokio::task::JoinError) -> GitError {
+    GitError::Repository {
+        message: format!("git task failed: {err}"),
+    }
+}
+
+/// A poisoned lock only means another caller panicked; the maps stay consistent.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}

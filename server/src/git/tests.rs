@@ -1,0 +1,851 @@
+//! Mirrors against real repositories made with the `git` CLI in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use greenlight::digest::ContentDigest;
+
+use super::*;
+use crate::gate::Lineage;
+
+/// A working repository standing in for GitLab.
+struct Upstream {
+    dir: tempfile::TempDir,
+}
+
+impl Upstream {
+    fn new() -> Self {
+        let upstream = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        upstream.git(&["init", "--quiet", "--initial-branch=main"]);
+        upstream
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn git(&self, args: &[&str]) -> String {
+        let output = Command::new("git")
+            .current_dir(self.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .args([
+                "-c",
+                "user.name=Test",
+                "-c",
+                "user.email=test@example.com",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    fn write(&self, path: &str, content: &[u8]) {
+        let full = self.path().join(path);
+        std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+        std::fs::write(full, content).unwrap();
+    }
+
+    /// Commits the working tree as it is and returns the new commit.
+    fn commit(&self, message: &str) -> Sha {
+        self.git(&["add", "--all"]);
+        self.git(&["commit", "--quiet", "--allow-empty", "-m", message]);
+        self.head()
+    }
+
+    fn commit_file(&self, path: &str, content: &[u8]) -> Sha {
+        self.write(path, content);
+        self.commit(&format!("write {path}"))
+    }
+
+    fn head(&self) -> Sha {
+        Sha::parse(&self.git(&["rev-parse", "HEAD"])).unwrap()
+    }
+
+    fn file_url(&self) -> RepoSource {
+        RepoSource {
+            url: format!("file://{}", self.path().display()),
+            token_file: None,
+        }
+    }
+
+    fn plain_path(&self) -> RepoSource {
+        RepoSource {
+            url: self.path().display().to_string(),
+            token_file: None,
+        }
+    }
+}
+
+struct Fixture {
+    cache: tempfile::TempDir,
+    mirrors: Mirrors,
+}
+
+fn mirrors() -> Fixture {
+    mirrors_with(Limits::default(), Duration::from_secs(30))
+}
+
+fn mirrors_with(limits: Limits, fetch_timeout: Duration) -> Fixture {
+    let cache = tempfile::tempdir().unwrap();
+    let mirrors = Mirrors::new(GitSettings {
+        cache_dir: cache.path().join("mirrors"),
+        fetch_timeout,
+        limits,
+    });
+    Fixture { cache, mirrors }
+}
+
+fn strings(patterns: &[&str]) -> Vec<String> {
+    patterns.iter().map(|p| (*p).to_owned()).collect()
+}
+
+fn unknown_sha() -> Sha {
+    Sha::parse(&"ab".repeat(20)).unwrap()
+}
+
+#[tokio::test]
+async fn clone_then_fetch_picks_up_new_commits() {
+    let upstream = Upstream::new();
+    let first = upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture { cache, mirrors } = mirrors();
+    let source = upstream.file_url();
+
+    assert!(!mirrors.has_commit(&source, &first).await);
+    mirrors.fetch(&source).await.unwrap();
+    assert!(mirrors.has_commit(&source, &first).await);
+    let dirs: Vec<PathBuf> = std::fs::read_dir(cache.path().join("mirrors"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "one mirror and no staging leftovers: {dirs:?}"
+    );
+
+    let second = upstream.commit_file("a.yaml", b"a: 2\n");
+    assert!(!mirrors.has_commit(&source, &second).await);
+    mirrors.fetch(&source).await.unwrap();
+    assert!(mirrors.has_commit(&source, &second).await);
+    // Abbreviations work as well as full names.
+    assert!(
+        mirrors
+            .has_commit(&source, &Sha::parse(second.short()).unwrap())
+            .await
+    );
+    assert_eq!(mirrors.stats().fetches, 2);
+}
+
+#[tokio::test]
+async fn a_broken_mirror_is_cloned_anew() {
+    let upstream = Upstream::new();
+    let commit = upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture { cache, mirrors } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+    let mirror = std::fs::read_dir(cache.path().join("mirrors"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(mirror.join("config"), "[broken").unwrap();
+
+    assert!(!mirrors.has_commit(&source, &commit).await);
+    let err = mirrors
+        .lineage(&source, "main", std::slice::from_ref(&commit), &[])
+        .await;
+    assert!(matches!(err, Err(GitError::Repository { .. })), "{err:?}");
+    mirrors.ensure_commit(&source, &commit).await.unwrap();
+    assert!(mirrors.has_commit(&source, &commit).await);
+}
+
+#[tokio::test]
+async fn plain_paths_work_like_file_urls() {
+    let upstream = Upstream::new();
+    let commit = upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    mirrors
+        .ensure_commit(&upstream.plain_path(), &commit)
+        .await
+        .unwrap();
+    assert!(mirrors.has_commit(&upstream.plain_path(), &commit).await);
+}
+
+#[tokio::test]
+async fn a_token_is_only_read_for_https() {
+    let upstream = Upstream::new();
+    let commit = upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture { cache, mirrors } = mirrors();
+    let source = RepoSource {
+        token_file: Some(cache.path().join("no-such-token")),
+        ..upstream.file_url()
+    };
+    mirrors.ensure_commit(&source, &commit).await.unwrap();
+}
+
+#[tokio::test]
+async fn ensure_commit_fetches_a_commit_pushed_after_the_clone() {
+    let upstream = Upstream::new();
+    upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+
+    let pushed = upstream.commit_file("b.yaml", b"b: 1\n");
+    assert!(!mirrors.has_commit(&source, &pushed).await);
+    mirrors.ensure_commit(&source, &pushed).await.unwrap();
+    assert!(mirrors.has_commit(&source, &pushed).await);
+    assert_eq!(mirrors.stats().fetches, 2);
+
+    // Present already: no fetch.
+    mirrors.ensure_commit(&source, &pushed).await.unwrap();
+    assert_eq!(mirrors.stats().fetches, 2);
+
+    let missing = mirrors.ensure_commit(&source, &unknown_sha()).await;
+    assert_eq!(missing, Err(GitError::CommitMissing { sha: unknown_sha() }));
+    assert!(missing.unwrap_err().retryable());
+    assert_eq!(mirrors.stats().fetches, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_fetches_coalesce() {
+    let upstream = Upstream::new();
+    let commit = upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+
+    let callers: Vec<_> = (0..20)
+        .map(|_| {
+            let mirrors = mirrors.clone();
+            let source = source.clone();
+            tokio::spawn(async move { mirrors.fetch(&source).await })
+        })
+        .collect();
+    for caller in callers {
+        caller.await.unwrap().unwrap();
+    }
+    let fetches = mirrors.stats().fetches;
+    assert!(
+        (1..=2).contains(&fetches),
+        "{fetches} fetches for 20 callers"
+    );
+    assert!(mirrors.has_commit(&source, &commit).await);
+}
+
+#[tokio::test]
+async fn lineage_of_a_linear_history() {
+    let upstream = Upstream::new();
+    let a = upstream.commit_file("f.yaml", b"1");
+    let b = upstream.commit_file("f.yaml", b"2");
+    let c = upstream.commit_file("f.yaml", b"3");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+
+    let absent = unknown_sha();
+    let candidates = [a.clone(), b.clone(), c.clone(), absent.clone()];
+    let anchors = [a.clone(), b.clone(), absent.clone()];
+    let lineage = mirrors
+        .lineage(&source, "main", &candidates, &anchors)
+        .await
+        .unwrap();
+    for sha in [&a, &b, &c] {
+        assert!(lineage.on_branch(sha), "{sha} is on main");
+    }
+    assert!(!lineage.on_branch(&absent));
+    assert!(lineage.descends_from(&c, &a));
+    assert!(lineage.descends_from(&c, &b));
+    assert!(lineage.descends_from(&b, &a));
+    assert!(lineage.descends_from(&a, &a));
+    assert!(!lineage.descends_from(&a, &b));
+    assert!(!lineage.descends_from(&b, &c));
+    assert!(!lineage.descends_from(&absent, &absent));
+    assert!(!lineage.descends_from(&c, &absent));
+
+    // Abbreviated names answer under the names they were asked with.
+    let short = Sha::parse(a.short()).unwrap();
+    let lineage = mirrors
+        .lineage(
+            &source,
+            "main",
+            std::slice::from_ref(&c),
+            std::slice::from_ref(&short),
+        )
+        .await
+        .unwrap();
+    assert!(lineage.on_branch(&short));
+    assert!(lineage.descends_from(&c, &short));
+
+    let lineage = mirrors
+        .lineage(&source, "no-such-branch", &candidates, &anchors)
+        .await
+        .unwrap();
+    assert!(!lineage.on_branch(&c));
+    assert!(
+        lineage.descends_from(&c, &a),
+        "ancestry does not need the branch"
+    );
+}
+
+#[tokio::test]
+async fn lineage_after_a_force_push() {
+    let upstream = Upstream::new();
+    let a = upstream.commit_file("f.yaml", b"1");
+    let b = upstream.commit_file("f.yaml", b"2");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+
+    upstream.git(&["reset", "--quiet", "--hard", a.as_str()]);
+    let c = upstream.commit_file("f.yaml", b"3");
+    mirrors.fetch(&source).await.unwrap();
+
+    let lineage = mirrors
+        .lineage(
+            &source,
+            "main",
+            &[b.clone(), c.clone()],
+            &[a.clone(), b.clone()],
+        )
+        .await
+        .unwrap();
+    assert!(
+        !lineage.on_branch(&b),
+        "the force-pushed commit left the branch"
+    );
+    assert!(lineage.on_branch(&c));
+    assert!(lineage.on_branch(&a));
+    assert!(!lineage.descends_from(&c, &b));
+    assert!(lineage.descends_from(&c, &a));
+    assert!(lineage.descends_from(&b, &a));
+}
+
+#[tokio::test]
+async fn lineage_agrees_with_git_across_merges() {
+    let upstream = Upstream::new();
+    let mut commits = vec![upstream.commit_file("f.yaml", b"a")];
+    upstream.git(&["checkout", "--quiet", "-b", "feature"]);
+    commits.push(upstream.commit_file("g.yaml", b"c"));
+    commits.push(upstream.commit_file("g.yaml", b"d"));
+    upstream.git(&["checkout", "--quiet", "main"]);
+    commits.push(upstream.commit_file("f.yaml", b"b"));
+    upstream.git(&["merge", "--quiet", "--no-ff", "-m", "merge", "feature"]);
+    commits.push(upstream.head());
+    commits.push(upstream.commit_file("f.yaml", b"e"));
+    upstream.git(&["checkout", "--quiet", "feature"]);
+    commits.push(upstream.commit_file("g.yaml", b"f"));
+    upstream.git(&["checkout", "--quiet", "--orphan", "unrelated"]);
+    commits.push(upstream.commit_file("h.yaml", b"x"));
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+
+    let (candidates, anchors) = commits.split_at(4);
+    let lineage = mirrors
+        .lineage(&source, "main", candidates, anchors)
+        .await
+        .unwrap();
+    let is_ancestor = |ancestor: &str, descendant: &str| {
+        Command::new("git")
+            .current_dir(upstream.path())
+            .args(["merge-base", "--is-ancestor", ancestor, descendant])
+            .status()
+            .unwrap()
+            .success()
+    };
+    for x in &commits {
+        assert_eq!(
+            lineage.on_branch(x),
+            is_ancestor(x.as_str(), "main"),
+            "{x} on main"
+        );
+        assert!(lineage.knows(x));
+        for y in &commits {
+            let expected = is_ancestor(y.as_str(), x.as_str());
+            assert_eq!(
+                lineage.descends_from(x, y),
+                expected,
+                "{x} descends from {y}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn deleted_branches_leave_the_mirror() {
+    let upstream = Upstream::new();
+    let a = upstream.commit_file("f.yaml", b"1");
+    upstream.git(&["branch", "feature"]);
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+    let on_feature = |lineage: GitLineage| lineage.on_branch(&a);
+    let lineage = mirrors
+        .lineage(&source, "feature", std::slice::from_ref(&a), &[])
+        .await;
+    assert!(on_feature(lineage.unwrap()));
+
+    upstream.git(&["branch", "--delete", "feature"]);
+    mirrors.fetch(&source).await.unwrap();
+    let lineage = mirrors
+        .lineage(&source, "feature", std::slice::from_ref(&a), &[])
+        .await;
+    assert!(!on_feature(lineage.unwrap()));
+    let lineage = mirrors
+        .lineage(&source, "main", std::slice::from_ref(&a), &[])
+        .await;
+    assert!(on_feature(lineage.unwrap()));
+}
+
+#[tokio::test]
+async fn lineage_of_a_mirror_never_fetched_is_empty() {
+    let upstream = Upstream::new();
+    let a = upstream.commit_file("f.yaml", b"1");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let lineage = mirrors
+        .lineage(
+            &upstream.file_url(),
+            "main",
+            std::slice::from_ref(&a),
+            std::slice::from_ref(&a),
+        )
+        .await
+        .unwrap();
+    assert!(!lineage.on_branch(&a));
+    assert!(!lineage.descends_from(&a, &a));
+    assert_eq!(mirrors.stats().fetches, 0);
+}
+
+/// A commit with manifests, files that are not, and everything that must be skipped.
+fn manifest_repo() -> (Upstream, Sha, Vec<u8>) {
+    let upstream = Upstream::new();
+    let binary: Vec<u8> = (0..=255u8).chain([0, 0, 0xff, b'\n', b'\r']).collect();
+    upstream.write("app.yaml", b"kind: Deployment\n");
+    upstream.write("bin.yaml", &binary);
+    upstream.write("config/map.yml", b"kind: ConfigMap\n");
+    upstream.write("config/deep/crd.json", b"{\"kind\": \"CRD\"}");
+    upstream.write("config/README.md", b"# not a manifest\n");
+    upstream.write(".hidden/secret.yaml", b"kind: Secret\n");
+    upstream.write("config/.tooling/tool.yaml", b"kind: Tool\n");
+    upstream.write("empty.yaml", b"");
+    upstream.write("run.yaml", b"kind: Job\n");
+    std::fs::set_permissions(
+        upstream.path().join("run.yaml"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("app.yaml", upstream.path().join("link.yaml")).unwrap();
+    let submodule = upstream.commit("base");
+    let gitlink = format!("160000,{submodule},module.yaml");
+    upstream.git(&["update-index", "--add", "--cacheinfo", &gitlink]);
+    upstream.git(&["commit", "--quiet", "-m", "add a submodule"]);
+    let commit = upstream.head();
+    (upstream, commit, binary)
+}
+
+#[tokio::test]
+async fn manifests_are_the_matching_files_byte_for_byte() {
+    let (upstream, commit, binary) = manifest_repo();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+
+    let set = mirrors.manifests(&source, &commit, &[]).await.unwrap();
+    let paths: Vec<&str> = set.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "app.yaml",
+            "bin.yaml",
+            "config/deep/crd.json",
+            "config/map.yml",
+            "empty.yaml",
+            "run.yaml",
+        ]
+    );
+    let content = |path: &str| {
+        set.files
+            .iter()
+            .find(|f| f.path == path)
+            .map(|f| f.content.to_vec())
+            .unwrap()
+    };
+    assert_eq!(content("bin.yaml"), binary);
+    assert_eq!(content("app.yaml"), b"kind: Deployment\n");
+    assert_eq!(content("config/deep/crd.json"), b"{\"kind\": \"CRD\"}");
+    assert_eq!(content("empty.yaml"), b"");
+
+    let mut digest = ContentDigest::new();
+    for file in &set.files {
+        digest.add_file(&file.path, &file.content);
+    }
+    assert_eq!(set.content_sha256, digest.finish());
+    let total: usize = set.files.iter().map(|f| f.content.len()).sum();
+    assert_eq!(set.total_bytes, total as u64);
+    // The commit was fetched on demand.
+    assert_eq!(
+        mirrors.stats(),
+        GitStats {
+            fetches: 1,
+            reads: 1
+        }
+    );
+}
+
+#[tokio::test]
+async fn manifests_follow_the_globs() {
+    let (upstream, commit, _) = manifest_repo();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    let paths = |set: Arc<ManifestSet>| -> Vec<String> {
+        set.files.iter().map(|f| f.path.clone()).collect()
+    };
+
+    let shallow = mirrors
+        .manifests(&source, &commit, &strings(&["config/*"]))
+        .await
+        .unwrap();
+    assert_eq!(paths(shallow), ["config/README.md", "config/map.yml"]);
+    let deep = mirrors
+        .manifests(&source, &commit, &strings(&["config/**/*.{json,yml}"]))
+        .await
+        .unwrap();
+    assert_eq!(paths(deep), ["config/deep/crd.json", "config/map.yml"]);
+    let several = mirrors
+        .manifests(&source, &commit, &strings(&["*.yaml", "**/*.md"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        paths(several),
+        [
+            "app.yaml",
+            "bin.yaml",
+            "config/README.md",
+            "empty.yaml",
+            "run.yaml"
+        ]
+    );
+    // Dot-directories stay skipped even when named.
+    let hidden = mirrors
+        .manifests(&source, &commit, &strings(&[".hidden/*.yaml"]))
+        .await;
+    assert_eq!(
+        hidden,
+        Err(GitError::NoMatch {
+            patterns: strings(&[".hidden/*.yaml"])
+        })
+    );
+}
+
+#[tokio::test]
+async fn no_match_is_an_error_that_is_not_cached() {
+    let (upstream, commit, _) = manifest_repo();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    let patterns = strings(&["nothing/**/*.yaml"]);
+
+    let err = mirrors
+        .manifests(&source, &commit, &patterns)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        GitError::NoMatch {
+            patterns: patterns.clone()
+        }
+    );
+    assert!(!err.retryable());
+    assert!(
+        mirrors
+            .manifests(&source, &commit, &patterns)
+            .await
+            .is_err()
+    );
+    assert_eq!(mirrors.stats().reads, 2, "a failed read is tried again");
+}
+
+#[tokio::test]
+async fn limits_are_enforced() {
+    let upstream = Upstream::new();
+    upstream.write("a.yaml", &[b'a'; 100]);
+    upstream.write("b.yaml", &[b'b'; 60]);
+    upstream.write("c/d.yaml", &[b'd'; 60]);
+    let commit = upstream.commit("three files");
+    let source = upstream.file_url();
+    let check = |limits: Limits| {
+        let source = source.clone();
+        let commit = commit.clone();
+        async move {
+            let Fixture {
+                cache: _cache,
+                mirrors,
+            } = mirrors_with(limits, Duration::from_secs(30));
+            mirrors.manifests(&source, &commit, &[]).await
+        }
+    };
+    let roomy = Limits {
+        max_file_bytes: 100,
+        max_total_bytes: 220,
+        max_files: 3,
+    };
+    assert_eq!(check(roomy).await.unwrap().files.len(), 3);
+
+    let err = check(Limits {
+        max_file_bytes: 99,
+        ..roomy
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err,
+        GitError::FileTooLarge {
+            path: "a.yaml".into(),
+            bytes: 100,
+            limit: 99
+        }
+    );
+    assert!(!err.retryable());
+    let err = check(Limits {
+        max_total_bytes: 219,
+        ..roomy
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(
+        err,
+        GitError::TotalTooLarge {
+            bytes: 220,
+            limit: 219
+        }
+    );
+    let err = check(Limits {
+        max_files: 2,
+        ..roomy
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err, GitError::TooManyFiles { count: 3, limit: 2 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_of_one_commit_share_one_read() {
+    let (upstream, commit, _) = manifest_repo();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+
+    let callers: Vec<_> = (0..100)
+        .map(|_| {
+            let mirrors = mirrors.clone();
+            let source = source.clone();
+            let commit = commit.clone();
+            tokio::spawn(async move { mirrors.manifests(&source, &commit, &[]).await })
+        })
+        .collect();
+    let mut sets = Vec::new();
+    for caller in callers {
+        sets.push(caller.await.unwrap().unwrap());
+    }
+    assert!(sets.iter().all(|set| Arc::ptr_eq(set, &sets[0])));
+    assert_eq!(
+        mirrors.stats(),
+        GitStats {
+            fetches: 1,
+            reads: 1
+        }
+    );
+
+    // Later callers hit the cache, also with the same globs in another order.
+    let defaults = strings(&["**/*.{yaml,yml,json}"]);
+    let again = mirrors
+        .manifests(&source, &commit, &defaults)
+        .await
+        .unwrap();
+    assert!(Arc::ptr_eq(&again, &sets[0]));
+    assert_eq!(mirrors.stats().reads, 1);
+    let two = strings(&["*.yaml", "config/*"]);
+    let reversed = strings(&["config/*", "*.yaml"]);
+    let first = mirrors.manifests(&source, &commit, &two).await.unwrap();
+    let second = mirrors
+        .manifests(&source, &commit, &reversed)
+        .await
+        .unwrap();
+    assert!(Arc::ptr_eq(&first, &second));
+    assert_eq!(mirrors.stats().reads, 2);
+}
+
+#[tokio::test]
+async fn the_cache_keeps_only_recent_sets() {
+    let upstream = Upstream::new();
+    let commits: Vec<Sha> = (0..10)
+        .map(|n| upstream.commit_file("a.yaml", format!("n: {n}\n").as_bytes()))
+        .collect();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    for commit in &commits {
+        mirrors.manifests(&source, commit, &[]).await.unwrap();
+    }
+    assert_eq!(lock(&mirrors.inner.manifests).len(), 8);
+    mirrors.manifests(&source, &commits[9], &[]).await.unwrap();
+    assert_eq!(mirrors.stats().reads, 10);
+    mirrors.manifests(&source, &commits[0], &[]).await.unwrap();
+    assert_eq!(mirrors.stats().reads, 11, "the oldest set was evicted");
+}
+
+#[tokio::test]
+async fn an_unreachable_repository_is_retryable() {
+    let gone = tempfile::tempdir().unwrap();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    for url in [
+        gone.path().join("nothing-here").display().to_string(),
+        format!("file://{}/nothing-here", gone.path().display()),
+    ] {
+        let source = RepoSource {
+            url: url.clone(),
+            token_file: None,
+        };
+        let err = mirrors.fetch(&source).await.unwrap_err();
+        assert!(
+            matches!(&err, GitError::Unreachable { url: shown, .. } if *shown == url),
+            "{err:?}"
+        );
+        assert!(err.retryable());
+        let err = mirrors.ensure_commit(&source, &unknown_sha()).await;
+        assert!(matches!(err, Err(GitError::Unreachable { .. })), "{err:?}");
+        let err = mirrors.manifests(&source, &unknown_sha(), &[]).await;
+        assert!(matches!(err, Err(GitError::Unreachable { .. })), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn an_invalid_glob_fails_before_any_git_work() {
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = RepoSource {
+        url: "/nonexistent".into(),
+        token_file: None,
+    };
+    let err = mirrors
+        .manifests(&source, &unknown_sha(), &strings(&["*.yaml", "a/{b"]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, GitError::InvalidGlob { pattern, .. } if pattern == "a/{b"),
+        "{err:?}"
+    );
+    assert!(!err.retryable());
+    assert_eq!(mirrors.stats(), GitStats::default());
+}
+
+#[tokio::test]
+async fn a_stalled_fetch_times_out() {
+    // A git daemon that accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let connection = listener.accept().unwrap();
+        let _ = released.recv();
+        // Closing the listener also resets connections still waiting to be accepted.
+        drop((connection, listener));
+    });
+    let timeout = Duration::from_millis(300);
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors_with(Limits::default(), timeout);
+    let source = RepoSource {
+        url: format!("git://127.0.0.1:{port}/repo.git"),
+        token_file: None,
+    };
+    let started = std::time::Instant::now();
+    let err = mirrors.fetch(&source).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        err,
+        GitError::Timeout {
+            url: source.url.clone(),
+            after: timeout
+        }
+    );
+    assert!(err.retryable());
+    // Whether it waits for the stalled fetch or starts its own, the next caller times out too.
+    assert!(matches!(
+        mirrors.fetch(&source).await,
+        Err(GitError::Timeout { .. })
+    ));
+    release.send(()).unwrap();
+    server.join().unwrap();
+}
+
+#[test]
+fn errors_read_well() {
+    let err = GitError::FileTooLarge {
+        path: "big.yaml".into(),
+        bytes: 6,
+        limit: 5,
+    };
+    assert_eq!(
+        err.to_string(),
+        "big.yaml has 6 bytes, more than the limit of 5 bytes per file"
+    );
+    assert_eq!(Limits::default().max_file_bytes, 5 * 1024 * 1024);
+    assert_eq!(Limits::default().max_total_bytes, 20 * 1024 * 1024);
+    assert_eq!(Limits::default().max_files, 1000);
+}

@@ -1,0 +1,230 @@
+//! The GitLab REST API calls the server makes: commit statuses and catch-up reads.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::Secret;
+
+/// GitLab's limit on a commit status description.
+pub const MAX_DESCRIPTION: usize = 255;
+
+/// Why a GitLab API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GitLabError {
+    #[error("GitLab API request failed: {0}")]
+    Transport(#[from] reqwest::Error),
+    #[error("GitLab API answered {status}: {body}")]
+    Status { status: u16, body: String },
+    #[error("invalid GitLab URL {0}")]
+    Url(String),
+}
+
+impl GitLabError {
+    /// Whether trying again later can help (server errors, rate limits, the network).
+    pub fn retryable(&self) -> bool {
+        match self {
+            GitLabError::Transport(_) => true,
+            GitLabError::Status { status, .. } => {
+                *status >= 500 || *status == 429 || *status == 408
+            }
+            GitLabError::Url(_) => false,
+        }
+    }
+}
+
+/// A commit status as GitLab's statuses API takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitStatus {
+    /// pending, running, success, failed or canceled.
+    pub state: &'static str,
+    /// The context: one per agent, so clusters never overwrite each other.
+    pub name: String,
+    pub description: String,
+    pub target_url: Option<String>,
+}
+
+/// A pipeline as `GET /projects/:id/pipelines` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiPipeline {
+    pub id: u64,
+    pub sha: String,
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    pub status: String,
+    #[serde(default)]
+    pub source: Option<String>,
+    #[serde(default)]
+    pub updated_at: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ApiBranch {
+    commit: ApiCommit,
+}
+
+#[derive(Deserialize)]
+struct ApiCommit {
+    id: String,
+}
+
+/// A client of one GitLab instance.
+#[derive(Clone)]
+pub struct GitLab {
+    http: reqwest::Client,
+    api: reqwest::Url,
+    token: Secret,
+}
+
+impl GitLab {
+    /// A client of the GitLab at `url` authenticating with `token`.
+    pub fn new(url: &str, token: Secret) -> Result<Self, GitLabError> {
+        let mut api = reqwest::Url::parse(url.trim_end_matches('/'))
+            .map_err(|_| GitLabError::Url(url.to_owned()))?;
+        if api.cannot_be_a_base() {
+            return Err(GitLabError::Url(url.to_owned()));
+        }
+        api.path_segments_mut()
+            .map_err(|_| GitLabError::Url(url.to_owned()))?
+            .pop_if_empty()
+            .extend(["api", "v4"]);
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        Ok(Self { http, api, token })
+    }
+
+    /// `…/api/v4/projects/<project>/<rest…>`, the project path encoded as one segment.
+    fn url(&self, project: &str, rest: &[&str]) -> Result<reqwest::Url, GitLabError> {
+        let mut url = self.api.clone();
+        url.path_segments_mut()
+            .map_err(|_| GitLabError::Url(self.api.to_string()))?
+            .push("projects")
+            .push(project)
+            .extend(rest);
+        Ok(url)
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, GitLabError> {
+        let response = request
+            .header("PRIVATE-TOKEN", self.token.expose())
+            .send()
+            .await?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response.text().await.unwrap_or_default();
+        Err(GitLabError::Status {
+            status: status.as_u16(),
+            body: body.chars().take(300).collect(),
+        })
+    }
+
+    /// Posts `status` on commit `sha` of `project`.
+    pub async fn post_status(
+        &self,
+        project: &str,
+        sha: &str,
+        status: &CommitStatus,
+    ) -> Result<(), GitLabError> {
+        let url = self.url(project, &["statuses", sha])?;
+        let mut form = vec![
+            ("state", status.state.to_owned()),
+            ("name", status.name.clone()),
+            (
+                "description",
+                truncate(&status.description, MAX_DESCRIPTION),
+            ),
+        ];
+        if let Some(target) = &status.target_url {
+            form.push(("target_url", target.clone()));
+        }
+        self.send(self.http.post(url).form(&form)).await?;
+        Ok(())
+    }
+
+    /// The commit `branch` of `project` points to now.
+    pub async fn branch_head(
+        &self,
+        project: &str,
+        branch: &str,
+    ) -> Result<Option<String>, GitLabError> {
+        let url = self.url(project, &["repository", "branches", branch])?;
+        match self.send(self.http.get(url)).await {
+            Ok(response) => Ok(Some(response.json::<ApiBranch>().await?.commit.id)),
+            Err(GitLabError::Status { status: 404, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The newest pipelines of `branch` of `project`, newest first.
+    pub async fn pipelines(
+        &self,
+        project: &str,
+        branch: &str,
+    ) -> Result<Vec<ApiPipeline>, GitLabError> {
+        let mut url = self.url(project, &["pipelines"])?;
+        url.query_pairs_mut()
+            .append_pair("ref", branch)
+            .append_pair("order_by", "id")
+            .append_pair("sort", "desc")
+            .append_pair("per_page", "20");
+        Ok(self.send(self.http.get(url)).await?.json().await?)
+    }
+}
+
+/// Cuts `text` to at most `max` characters, marking the cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn project_paths_are_one_url_segment() {
+        let gitlab = GitLab::new("https://gitlab.example.com/", Secret::new("t")).unwrap();
+        let url = gitlab.url("group/sub/app", &["statuses", "abc"]).unwrap();
+        assert_eq!(
+            url.as_str(),
+            "https://gitlab.example.com/api/v4/projects/group%2Fsub%2Fapp/statuses/abc"
+        );
+        let gitlab = GitLab::new("https://example.com/gitlab", Secret::new("t")).unwrap();
+        assert_eq!(
+            gitlab.url("42", &["pipelines"]).unwrap().as_str(),
+            "https://example.com/gitlab/api/v4/projects/42/pipelines"
+        );
+    }
+
+    #[test]
+    fn descriptions_are_cut_to_gitlabs_limit() {
+        let long = "x".repeat(300);
+        let cut = truncate(&long, MAX_DESCRIPTION);
+        assert_eq!(cut.chars().count(), MAX_DESCRIPTION);
+        assert!(cut.ends_with('…'));
+        assert_eq!(truncate("short", MAX_DESCRIPTION), "short");
+    }
+
+    #[test]
+    fn only_transient_errors_are_retried() {
+        let status = |status| GitLabError::Status {
+            status,
+            body: String::new(),
+        };
+        assert!(status(502).retryable());
+        assert!(status(429).retryable());
+        assert!(!status(404).retryable());
+        assert!(!status(401).retryable());
+    }
+}

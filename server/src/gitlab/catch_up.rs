@@ -1,0 +1,95 @@
+//! Catching up after missed webhooks: GitLab does not redeliver them, so the server reads
+//! each watched branch's head and latest pipelines and feeds them into the same gate.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::api::{GitLab, GitLabError};
+use crate::engine::{Engine, EngineError, Fact, FactKind};
+use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
+use crate::store::RefKey;
+
+/// Why one catch-up round failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    #[error(transparent)]
+    GitLab(#[from] GitLabError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Reads `key`'s branch head and latest pipelines from GitLab and records them.
+pub async fn catch_up_once(
+    engine: &Arc<Engine>,
+    gitlab: &GitLab,
+    key: &RefKey,
+) -> Result<(), CatchUpError> {
+    let fact = |kind| Fact {
+        project_path: Some(key.project.clone()),
+        project_id: key.project.parse().ok(),
+        branch: key.branch.clone(),
+        kind,
+    };
+    if let Some(head) = gitlab.branch_head(&key.project, &key.branch).await?
+        && let Ok(after) = Sha::parse(&head)
+    {
+        let push = Push {
+            before: None,
+            after: Some(after),
+            at_ms: crate::clock::now_ms(),
+        };
+        engine.record(fact(FactKind::Push(push)), None).await?;
+    }
+    let mut pipelines = gitlab.pipelines(&key.project, &key.branch).await?;
+    pipelines.sort_by_key(|p| p.id);
+    for api in pipelines {
+        let (Ok(sha), Ok(status)) = (Sha::parse(&api.sha), PipelineStatus::parse(&api.status))
+        else {
+            continue;
+        };
+        let finished_at_ms = if status.is_final() {
+            api.updated_at
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .and_then(|d| i64::try_from(d.as_millis()).ok())
+        } else {
+            None
+        };
+        let pipeline = Pipeline {
+            id: api.id,
+            status,
+            source: api.source.unwrap_or_default(),
+            finished_at_ms,
+        };
+        engine
+            .record(fact(FactKind::Pipeline { sha, pipeline }), None)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Catches up every watched ref at start and then every `interval`, until `shutdown`.
+pub async fn run_catch_up(
+    engine: Arc<Engine>,
+    gitlab: GitLab,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let keys: Vec<RefKey> = engine.catalog().refs().cloned().collect();
+        for key in &keys {
+            match catch_up_once(&engine, &gitlab, key).await {
+                Ok(()) => info!(%key, "caught up with GitLab"),
+                Err(error) => warn!(%error, %key, "cannot catch up with GitLab"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

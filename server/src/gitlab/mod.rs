@@ -1,0 +1,10 @@
+//! Closing the loop with GitLab: deploy results as commit statuses, and catching up on
+//! pushes and pipelines whose webhooks were missed.
+
+mod api;
+mod catch_up;
+mod statuses;
+
+pub use api::{ApiPipeline, CommitStatus, GitLab, GitLabError, MAX_DESCRIPTION, truncate};
+pub use catch_up::{catch_up_once, run_catch_up};
+pub use statuses::{StatusPublisher, status_for};

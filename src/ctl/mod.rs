@@ -1,0 +1,216 @@
+//! `greenlightctl`: Greenlight for operators and CI jobs. The binary is a thin wrapper around
+//! [`run`], so tests exercise the same code.
+
+pub mod output;
+pub mod wait;
+
+use std::time::Duration;
+
+use crate::v1::admin_service_client::AdminServiceClient;
+use crate::v1::{
+    GetAgentHistoryRequest, GetAgentRequest, ListAgentsRequest, PauseSyncRequest,
+    PinRevisionRequest, ResumeSyncRequest, TriggerSyncRequest, UnpinRevisionRequest,
+};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use self::output::Format;
+use crate::auth::Bearer;
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Operate Greenlight: status, trigger, pause, pin, wait"
+)]
+struct Cli {
+    /// Server gRPC address: http://host:8150 or https://host:8150.
+    #[arg(
+        long,
+        env = "GREENLIGHT_SERVER",
+        global = true,
+        default_value = "http://127.0.0.1:8150"
+    )]
+    server: String,
+    /// Admin token, or an agent's CI token (trigger, status and wait for that agent only).
+    #[arg(long, env = "GREENLIGHT_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Format::Human)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Lists the agents.
+    Agents,
+    /// Shows an agent: desired and applied revision, health, last report, last decision.
+    Status { agent: String },
+    /// Shows an agent's recent reports and decisions.
+    History { agent: String },
+    /// Requests a sync: deploys SHA (or the head) in manual mode, re-syncs otherwise.
+    Trigger {
+        agent: String,
+        #[arg(long)]
+        sha: Option<String>,
+    },
+    /// Holds the agent on what it has.
+    Pause {
+        agent: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Releases a pause.
+    Resume { agent: String },
+    /// Holds the agent on SHA (a deliberate rollback) until unpinned.
+    Pin {
+        agent: String,
+        sha: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Returns the agent to the gate.
+    Unpin { agent: String },
+    /// Waits until the agent reports SHA (or a descendant) healthy. Exit codes: 0 healthy
+    /// (or superseded), 1 failed or degraded, 3 superseded with --exact, 124 timeout.
+    Wait {
+        agent: String,
+        #[arg(long)]
+        sha: String,
+        /// Give up after this long (30s, 10m, 1h).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Treat a deployment of a newer commit that includes SHA as a failure to wait for SHA.
+        #[arg(long)]
+        exact: bool,
+    },
+}
+
+/// The admin client greenlightctl uses.
+pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
+
+async fn connect(server: &str, token: Option<&str>) -> anyhow::Result<Admin> {
+    let token = token.context("no token: pass --token or set GREENLIGHT_TOKEN")?;
+    let mut endpoint = Endpoint::from_shared(server.to_owned())
+        .with_context(|| format!("invalid server address {server:?}"))?
+        .connect_timeout(Duration::from_secs(10));
+    if server.starts_with("https://") {
+        endpoint = endpoint.tls_config(ClientTlsConfig::new().with_enabled_roots())?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {server}"))?;
+    Ok(AdminServiceClient::with_interceptor(
+        channel,
+        Bearer::new(token)?,
+    ))
+}
+
+/// Runs greenlightctl with command-line `args` (the first is the program name) and returns
+/// the process exit code: 2 for usage and connection errors, otherwise the command's own.
+pub async fn run<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() { 2 } else { 0 };
+        }
+    };
+    // Another part of the process may have installed it already; ring either way.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match execute(cli).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            2
+        }
+    }
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<i32> {
+    let mut admin = connect(&cli.server, cli.token.as_deref()).await?;
+    let format = cli.output;
+    match cli.command {
+        Command::Agents => {
+            let agents = admin
+                .list_agents(ListAgentsRequest {})
+                .await?
+                .into_inner()
+                .agents;
+            output::agents(format, &agents);
+        }
+        Command::Status { agent } => {
+            let status = admin
+                .get_agent(GetAgentRequest { name: agent })
+                .await?
+                .into_inner();
+            output::status(format, &status);
+        }
+        Command::History { agent } => {
+            let history = admin
+                .get_agent_history(GetAgentHistoryRequest { name: agent })
+                .await?
+                .into_inner();
+            output::history(format, &history);
+        }
+        Command::Trigger { agent, sha } => {
+            let status = admin
+                .trigger_sync(TriggerSyncRequest { name: agent, sha })
+                .await?
+                .into_inner();
+            output::status(format, &status);
+        }
+        Command::Pause { agent, reason } => {
+            let status = admin
+                .pause_sync(PauseSyncRequest {
+                    name: agent,
+                    reason,
+                })
+                .await?
+                .into_inner();
+            output::status(format, &status);
+        }
+        Command::Resume { agent } => {
+            let status = admin
+                .resume_sync(ResumeSyncRequest { name: agent })
+                .await?
+                .into_inner();
+            output::status(format, &status);
+        }
+        Command::Pin { agent, sha, reason } => {
+            let status = admin
+                .pin_revision(PinRevisionRequest {
+                    name: agent,
+                    sha,
+                    reason,
+                })
+                .await?
+                .into_inner();
+            output::status(format, &status);
+        }
+        Command::Unpin { agent } => {
+            let status = admin
+                .unpin_revision(UnpinRevisionRequest { name: agent })
+                .await?
+                .into_inner();
+            output::status(format, &status);
+        }
+        Command::Wait {
+            agent,
+            sha,
+            timeout,
+            exact,
+        } => {
+            return wait::wait(&mut admin, format, &agent, &sha, timeout, exact).await;
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,146 @@
+//! `greenlightctl wait`: follows one commit on one agent until it ends, with the exit code
+//! a CI job needs.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use crate::v1::revision_state::State;
+use crate::v1::{RevisionState, WatchRevisionRequest};
+
+use super::Admin;
+use super::output::{Format, short};
+
+/// Exit codes, as documented in `--help`.
+pub const HEALTHY: i32 = 0;
+pub const FAILED: i32 = 1;
+pub const SUPERSEDED_EXACT: i32 = 3;
+pub const TIMED_OUT: i32 = 124;
+
+/// Waits for `sha` on `agent`; returns the exit code.
+pub async fn wait(
+    admin: &mut Admin,
+    format: Format,
+    agent: &str,
+    sha: &str,
+    timeout: Duration,
+    exact: bool,
+) -> anyhow::Result<i32> {
+    let watch = async {
+        let request = WatchRevisionRequest {
+            name: agent.to_owned(),
+            sha: sha.to_owned(),
+        };
+        let mut states = admin.watch_revision(request).await?.into_inner();
+        let terminal = std::io::stdout().is_terminal() && format == Format::Human;
+        let mut last_line = String::new();
+        while let Some(state) = states.message().await? {
+            let line = describe(&state);
+            if format == Format::Json {
+                println!("{}", super::output::state_json(&state));
+            } else if line != last_line {
+                if terminal {
+                    // Progress on one line, rewritten in place.
+                    print!("\r\x1b[2K{line}");
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                } else {
+                    println!("{line}");
+                }
+                last_line = line;
+            }
+            if let Some(code) = exit_code(&state, sha, exact) {
+                if terminal {
+                    println!();
+                }
+                return Ok::<_, anyhow::Error>(Some(code));
+            }
+        }
+        Ok(None)
+    };
+    match tokio::time::timeout(timeout, watch).await {
+        Err(_) => {
+            eprintln!(
+                "timed out after {} waiting for {} on {agent}",
+                humantime::format_duration(timeout),
+                short(sha)
+            );
+            Ok(TIMED_OUT)
+        }
+        Ok(Ok(Some(code))) => Ok(code),
+        Ok(Ok(None)) => anyhow::bail!("the server ended the watch early; run wait again"),
+        Ok(Err(error)) => Err(error),
+    }
+}
+
+/// The exit code once `state` settles the wait.
+pub fn exit_code(state: &RevisionState, sha: &str, exact: bool) -> Option<i32> {
+    let superseded = !state.deployed_sha.is_empty()
+        && !state.deployed_sha.starts_with(sha)
+        && !sha.starts_with(&state.deployed_sha);
+    match state.state() {
+        _ if exact && superseded => Some(SUPERSEDED_EXACT),
+        State::Healthy => Some(HEALTHY),
+        State::Superseded => Some(HEALTHY),
+        State::Failed | State::Degraded => Some(FAILED),
+        State::Waiting | State::Applying | State::Unspecified => None,
+    }
+}
+
+/// One line for people.
+pub fn describe(state: &RevisionState) -> String {
+    let progress = if state.objects_total > 0 {
+        format!(" ({}/{} objects)", state.objects_done, state.objects_total)
+    } else {
+        String::new()
+    };
+    let label = match state.state() {
+        State::Waiting => "waiting",
+        State::Applying => "applying",
+        State::Healthy => "healthy",
+        State::Failed => "failed",
+        State::Degraded => "degraded",
+        State::Superseded => "superseded",
+        State::Unspecified => "unknown",
+    };
+    let on = if state.deployed_sha.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", short(&state.deployed_sha))
+    };
+    format!("{label}{on}{progress}: {}", state.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(state: State, deployed: &str) -> RevisionState {
+        RevisionState {
+            state: state.into(),
+            deployed_sha: deployed.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exit_codes_follow_the_documented_contract() {
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        assert_eq!(exit_code(&state(State::Healthy, &a), &a, false), Some(0));
+        assert_eq!(exit_code(&state(State::Degraded, &a), &a, false), Some(1));
+        assert_eq!(exit_code(&state(State::Failed, &a), &a, true), Some(1));
+        assert_eq!(exit_code(&state(State::Superseded, &b), &a, false), Some(0));
+        assert_eq!(exit_code(&state(State::Superseded, &b), &a, true), Some(3));
+        assert_eq!(
+            exit_code(&state(State::Waiting, &b), &a, true),
+            Some(3),
+            "exact stops as soon as it is superseded"
+        );
+        assert_eq!(exit_code(&state(State::Waiting, ""), &a, true), None);
+        assert_eq!(
+            exit_code(&state(State::Applying, &a[..8]), &a, true),
+            None,
+            "short shas match"
+        );
+    }
+}
