@@ -43,9 +43,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    rustls::crypto::ring::default_provider()
-        .install_default()
-        .map_err(|_| anyhow::anyhow!("another TLS crypto provider is already installed"))?;
+    greenlight::tls::install_ring();
     let token = std::fs::read_to_string(&cli.token_file)
         .with_context(|| format!("cannot read token file {}", cli.token_file.display()))?
         .trim()

@@ -23,6 +23,11 @@ impl Catalog {
             catalog
                 .by_token
                 .insert(*agent.token.as_bytes(), agent.name.clone());
+            if let Some(ci) = &agent.ci_token {
+                catalog
+                    .by_ci_token
+                    .insert(*ci.as_bytes(), agent.name.clone());
+            }
             catalog
                 .by_ref
                 .entry(ref_key(agent))

@@ -114,6 +114,8 @@ pub struct AgentSpec {
     /// Branch name without `refs/heads/`.
     pub branch: String,
     pub mode: Mode,
+    /// Pipeline mode: stages whose success opens the gate before the pipeline ends.
+    pub required_stages: Vec<String>,
     /// Where its manifests live; without one, revisions carry no files.
     pub source: Option<RepoSource>,
     /// Globs selecting manifest files; empty means the default.
@@ -388,6 +390,8 @@ struct AgentFile {
 struct GateFile {
     #[serde(default)]
     mode: Mode,
+    #[serde(default)]
+    stages: Vec<String>,
 }
 
 impl Config {
@@ -589,6 +593,17 @@ impl Config {
                     ));
                 }
             }
+            if !agent.gate.stages.is_empty() && agent.gate.mode != Mode::Pipeline {
+                return Err(invalid(key("gate.stages"), "only applies to pipeline mode"));
+            }
+            if agent
+                .gate
+                .stages
+                .iter()
+                .any(|stage| stage.trim().is_empty())
+            {
+                return Err(invalid(key("gate.stages"), "stage names must not be empty"));
+            }
             let defaults = ApplySettings::default();
             let one_of = |field: &str, value: Option<String>, allowed: &[&str], default: String| {
                 let value = value.unwrap_or(default);
@@ -636,6 +651,7 @@ impl Config {
                 project,
                 branch,
                 mode: agent.gate.mode,
+                required_stages: agent.gate.stages,
                 source,
                 paths: agent.paths,
                 apply,

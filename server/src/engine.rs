@@ -278,6 +278,7 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownAgent(agent.to_owned()))?;
         let key = ref_key(spec);
         let mode = spec.mode;
+        let stages = spec.required_stages.clone();
         let target = match &operation {
             Operation::Trigger { sha } => sha.clone(),
             Operation::Pin { sha, .. } => Some(sha.clone()),
@@ -289,6 +290,7 @@ impl Engine {
             let lineage = RefLineage::new(refs, env.git);
             let cx = Context {
                 mode,
+                stages: stages.as_slice(),
                 refs,
                 lineage: &lineage,
                 now_ms: env.now,
@@ -795,6 +797,7 @@ fn advance_all(doc: &mut RefDoc, key: &RefKey, env: &Env<'_>) -> Vec<(String, St
             let spec = catalog.agent(name)?;
             let cx = Context {
                 mode: spec.mode,
+                stages: spec.required_stages.as_slice(),
                 refs,
                 lineage: &lineage,
                 now_ms: env.now,

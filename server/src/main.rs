@@ -73,9 +73,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     init_tracing(cli.log_json);
-    rustls::crypto::ring::default_provider()
-        .install_default()
-        .map_err(|_| anyhow::anyhow!("another TLS crypto provider is already installed"))?;
+    greenlight::tls::install_ring();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -105,12 +105,14 @@ mod tests {
                 status: PipelineStatus::Success,
                 source: "push".into(),
                 finished_at_ms: None,
+                passed_stages: Vec::new(),
             };
             refs.record_pipeline(&sha(*n), pipeline);
         }
         let lineage = PushOrder(&refs);
         gate.advance(&Context {
             mode: Mode::Pipeline,
+            stages: &[],
             refs: &refs,
             lineage: &lineage,
             now_ms: 0,
@@ -182,11 +184,13 @@ mod tests {
             status: PipelineStatus::Running,
             source: "push".into(),
             finished_at_ms: None,
+            passed_stages: Vec::new(),
         };
         refs.record_pipeline(&sha(2), running);
         let lineage = PushOrder(&refs);
         gate.advance(&Context {
             mode: Mode::Pipeline,
+            stages: &[],
             refs: &refs,
             lineage: &lineage,
             now_ms: 0,

@@ -124,8 +124,7 @@ where
             return if error.use_stderr() { 2 } else { 0 };
         }
     };
-    // Another part of the process may have installed it already; ring either way.
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::tls::install_ring();
     match execute(cli).await {
         Ok(code) => code,
         Err(error) => {

@@ -1,6 +1,6 @@
 //! The agent end to end: server, agent, a git repository and the test API server.
 
-use greenlight::v1::{GetAgentHistoryRequest, GetAgentRequest, Phase, StatusReport};
+use greenlight::v1::{GetAgentHistoryRequest, GetAgentRequest, Phase};
 use greenlight_e2e::kube_api::KubeApi;
 use greenlight_e2e::*;
 use serde_json::{Value, json};
@@ -35,51 +35,7 @@ async fn world(agent_extra: &str) -> anyhow::Result<World> {
     })
 }
 
-impl World {
-    /// Pushes `sha` after `before` and marks its pipeline green.
-    async fn release(&self, before: &str, sha: &str, pipeline: u64) -> anyhow::Result<()> {
-        assert_eq!(self.server.push("main", before, sha).await?, 200);
-        assert_eq!(
-            self.server
-                .pipeline("main", sha, pipeline, "success", "push")
-                .await?,
-            200
-        );
-        Ok(())
-    }
-
-    async fn last_report(&self) -> anyhow::Result<Option<StatusReport>> {
-        let status = self
-            .server
-            .admin()
-            .await?
-            .get_agent(GetAgentRequest {
-                name: "prod".into(),
-            })
-            .await?
-            .into_inner();
-        Ok(status.last_report)
-    }
-
-    /// Waits for a report of `sha` in `phase`.
-    async fn reported(&self, sha: &str, phase: Phase) -> anyhow::Result<StatusReport> {
-        eventually(&format!("{phase:?} report for {sha}"), || async {
-            Ok(self
-                .last_report()
-                .await?
-                .filter(|r| r.revision == sha && r.phase() == phase))
-        })
-        .await
-    }
-}
-
-fn configmap(name: &str, value: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n"
-    )
-}
-
-const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n        - {name: web, image: nginx}\n";
+impl World {}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn green_pipeline_applies_objects_and_reports_healthy() -> anyhow::Result<()> {
@@ -87,8 +43,8 @@ async fn green_pipeline_applies_objects_and_reports_healthy() -> anyhow::Result<
     let manifests = format!("{}---\n{DEPLOYMENT}", configmap("settings", "one"));
     let x = w.repo.commit(&[("app.yaml", manifests.as_bytes())], &[])?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &x, 1).await?;
-    w.reported(&x, Phase::Healthy).await?;
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
 
     let settings = w
         .kube
@@ -175,8 +131,8 @@ async fn removed_files_are_pruned_but_foreign_objects_are_not() -> anyhow::Resul
     // Same kind and name as ours, in another namespace, made by someone else.
     w.kube.put_object(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gone", "namespace": "default"}, "data": {"owner": "someone else"}}));
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &first, 1).await?;
-    w.reported(&first, Phase::Healthy).await?;
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
     assert!(
         w.kube
             .get("v1", "ConfigMap", Some("apps"), "gone")
@@ -184,7 +140,7 @@ async fn removed_files_are_pruned_but_foreign_objects_are_not() -> anyhow::Resul
     );
 
     let second = w.repo.commit(&[], &["gone.yaml"])?;
-    w.release(&first, &second, 2).await?;
+    w.server.release(&first, &second, 2).await?;
     let applied = eventually("applied report with a prune", || async {
         let history = w
             .server
@@ -236,11 +192,11 @@ async fn prune_false_deletes_nothing() -> anyhow::Result<()> {
         &[],
     )?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &first, 1).await?;
-    w.reported(&first, Phase::Healthy).await?;
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
     let second = w.repo.commit(&[], &["b.yaml"])?;
-    w.release(&first, &second, 2).await?;
-    w.reported(&second, Phase::Healthy).await?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
     assert!(w.kube.get("v1", "ConfigMap", Some("apps"), "b").is_some());
     Ok(())
 }
@@ -259,8 +215,8 @@ async fn crd_and_its_custom_resource_ship_together() -> anyhow::Result<()> {
         &[],
     )?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &x, 1).await?;
-    w.reported(&x, Phase::Healthy).await?;
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
     assert!(
         w.kube
             .get(
@@ -294,8 +250,8 @@ async fn invalid_document_writes_nothing_and_names_file_and_document() -> anyhow
         &[],
     )?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &x, 1).await?;
-    let failed = w.reported(&x, Phase::Failed).await?;
+    w.server.release(ZERO, &x, 1).await?;
+    let failed = w.server.reported("prod", &x, Phase::Failed).await?;
     assert!(
         failed.message.contains("z.yaml document 1"),
         "{}",
@@ -323,8 +279,8 @@ async fn deployment_that_never_becomes_available_is_degraded() -> anyhow::Result
     w.kube.set_auto_rollout(false);
     let x = w.repo.commit(&[("web.yaml", DEPLOYMENT.as_bytes())], &[])?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &x, 1).await?;
-    let degraded = w.reported(&x, Phase::Degraded).await?;
+    w.server.release(ZERO, &x, 1).await?;
+    let degraded = w.server.reported("prod", &x, Phase::Degraded).await?;
     assert!(
         degraded.message.contains("Deployment apps/web"),
         "{}",
@@ -351,7 +307,7 @@ async fn agent_killed_mid_revision_converges_after_restart() -> anyhow::Result<(
         .collect();
     let x = w.repo.commit(&refs, &[])?;
     let agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &x, 1).await?;
+    w.server.release(ZERO, &x, 1).await?;
     let count = || {
         w.kube
             .list("v1", "ConfigMap")
@@ -369,7 +325,7 @@ async fn agent_killed_mid_revision_converges_after_restart() -> anyhow::Result<(
     .await?;
     agent.kill();
     let _restarted = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.reported(&x, Phase::Healthy).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
     assert_eq!(count(), 200);
     Ok(())
 }
@@ -381,16 +337,16 @@ async fn only_the_lease_holder_applies_and_another_takes_over() -> anyhow::Resul
         .repo
         .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
     let leader = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &first, 1).await?;
-    w.reported(&first, Phase::Healthy).await?;
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
     let _standby = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-b");
 
     w.kube.reset_requests();
     let second = w
         .repo
         .commit(&[("a.yaml", configmap("a", "2").as_bytes())], &[])?;
-    w.release(&first, &second, 2).await?;
-    w.reported(&second, Phase::Healthy).await?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
     let patches = w
         .kube
         .requests()
@@ -403,8 +359,8 @@ async fn only_the_lease_holder_applies_and_another_takes_over() -> anyhow::Resul
     let third = w
         .repo
         .commit(&[("a.yaml", configmap("a", "3").as_bytes())], &[])?;
-    w.release(&second, &third, 3).await?;
-    w.reported(&third, Phase::Healthy).await?;
+    w.server.release(&second, &third, 3).await?;
+    w.server.reported("prod", &third, Phase::Healthy).await?;
     assert_eq!(
         w.kube.get("v1", "ConfigMap", Some("apps"), "a").expect("a")["data"]["value"],
         "3"
@@ -421,8 +377,8 @@ async fn drift_is_corrected_by_the_next_reconcile() -> anyhow::Result<()> {
         .repo
         .commit(&[("a.yaml", configmap("a", "desired").as_bytes())], &[])?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.release(ZERO, &x, 1).await?;
-    w.reported(&x, Phase::Healthy).await?;
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
     let mut changed = w.kube.get("v1", "ConfigMap", Some("apps"), "a").expect("a");
     changed["data"]["value"] = json!("edited by hand");
     w.kube.put_object(changed);
@@ -434,5 +390,31 @@ async fn drift_is_corrected_by_the_next_reconcile() -> anyhow::Result<()> {
         Ok((value == Some(json!("desired"))).then_some(()))
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dry_run_rejection_writes_nothing() -> anyhow::Result<()> {
+    let w = world("    dry_run_strategy: server\n").await?;
+    // The second object's namespace does not exist: the API server refuses it, even in a dry run.
+    let stray = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n  namespace: nowhere\ndata: {a: b}\n";
+    let x = w.repo.commit(
+        &[
+            ("a.yaml", configmap("first", "1").as_bytes()),
+            ("b.yaml", stray.as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    let failed = w.server.reported("prod", &x, Phase::Failed).await?;
+    assert!(failed.message.contains("dry run"), "{}", failed.message);
+    assert!(failed.message.contains("nowhere"), "{}", failed.message);
+    assert!(
+        w.kube
+            .get("v1", "ConfigMap", Some("apps"), "first")
+            .is_none(),
+        "nothing written"
+    );
     Ok(())
 }

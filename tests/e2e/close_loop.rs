@@ -1,1 +1,665 @@
-//! Written in the next commit.
+//! Closing the loop with CI and people: commit statuses posted to GitLab, catching up after
+//! missed webhooks, `greenlightctl wait` exit codes and CI tokens, and badges.
+
+use std::path::{Path, PathBuf};
+
+use greenlight::auth::Bearer;
+use greenlight::digest::sha256_hex;
+use greenlight::v1::admin_service_client::AdminServiceClient;
+use greenlight::v1::{
+    GetAgentHistoryRequest, GetAgentRequest, PauseSyncRequest, Phase, ResumeSyncRequest,
+    WatchRevisionRequest,
+};
+use greenlight_e2e::fake_gitlab::FakeGitLab;
+use greenlight_e2e::kube_api::KubeApi;
+use greenlight_e2e::*;
+use serde_json::json;
+use tonic::Code;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+const ZERO: &str = "0000000000000000000000000000000000000000";
+/// What the server sends GitLab as `PRIVATE-TOKEN`.
+const GITLAB_API_TOKEN: &str = "glpat-fake-api-token";
+/// The CI token of agent `prod`.
+const CI_TOKEN: &str = "ci-token-prod";
+/// Where statuses link to.
+const TARGET_BASE: &str = "https://greenlight.example/";
+
+/// The agent entry of `prod` (with the CI token) plus `extra` keys.
+fn prod_agent(repository: &str, extra: &str) -> String {
+    format!(
+        "{}    ci_token_sha256: \"{}\"\n{extra}",
+        git_agent_yaml("prod", repository, &[]),
+        sha256_hex(CI_TOKEN.as_bytes())
+    )
+}
+
+/// A server config with git, the given agents and a `gitlab:` section pointing at `gitlab`.
+fn close_loop_yaml(
+    redis_url: &str,
+    cache: &Path,
+    gitlab: &FakeGitLab,
+    token_file: &Path,
+    catch_up_interval: Option<&str>,
+    agents: &[String],
+) -> String {
+    let mut yaml = git_config_yaml(redis_url, cache, "", agents);
+    let interval = catch_up_interval
+        .map(|i| format!(", catch_up_interval: {i}"))
+        .unwrap_or_default();
+    yaml.push_str(&format!(
+        "gitlab: {{ url: \"{}\", token_file: \"{}\", status_target_url: \"{TARGET_BASE}\"{interval} }}\n",
+        gitlab.url(),
+        token_file.display()
+    ));
+    yaml
+}
+
+struct World {
+    redis: Redis,
+    cache: tempfile::TempDir,
+    _secrets: tempfile::TempDir,
+    token_file: PathBuf,
+    repo: GitRepo,
+    gitlab: FakeGitLab,
+    server: TestServer,
+    kube: KubeApi,
+}
+
+/// A server with GitLab configured, agent `prod` (with `prod_extra`) and, when given, agent
+/// `staging` on the same repository with `staging_extra`.
+async fn world(prod_extra: &str, staging_extra: Option<&str>) -> anyhow::Result<World> {
+    world_with(prod_extra, staging_extra, None).await
+}
+
+async fn world_with(
+    prod_extra: &str,
+    staging_extra: Option<&str>,
+    catch_up_interval: Option<&str>,
+) -> anyhow::Result<World> {
+    let redis = Redis::start().await?;
+    let cache = tempfile::tempdir()?;
+    let secrets = tempfile::tempdir()?;
+    let token_file = secrets.path().join("gitlab-token");
+    std::fs::write(&token_file, format!("{GITLAB_API_TOKEN}\n"))?;
+    let repo = GitRepo::new()?;
+    let gitlab = FakeGitLab::start().await?;
+    let mut agents = vec![prod_agent(&repo.url(), prod_extra)];
+    if let Some(extra) = staging_extra {
+        agents.push(format!(
+            "{}{extra}",
+            git_agent_yaml("staging", &repo.url(), &[])
+        ));
+    }
+    let yaml = close_loop_yaml(
+        &redis.url(),
+        cache.path(),
+        &gitlab,
+        &token_file,
+        catch_up_interval,
+        &agents,
+    );
+    let server = TestServer::start(&yaml).await?;
+    let kube = KubeApi::start().await?;
+    kube.put_object(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}}));
+    Ok(World {
+        redis,
+        cache,
+        _secrets: secrets,
+        token_file,
+        repo,
+        gitlab,
+        server,
+        kube,
+    })
+}
+
+impl World {
+    /// Waits until GitLab has accepted at least `count` statuses on `sha`; returns them.
+    async fn statuses(
+        &self,
+        sha: &str,
+        count: usize,
+    ) -> anyhow::Result<Vec<(String, String, String)>> {
+        eventually(&format!("{count} statuses on {sha}"), || async {
+            let statuses = self.gitlab.statuses_for(sha);
+            Ok((statuses.len() >= count).then_some(statuses))
+        })
+        .await
+    }
+}
+
+/// Runs greenlightctl in-process against `server` with `token`; returns its exit code.
+async fn ctl(server: &TestServer, token: &str, args: &[&str]) -> i32 {
+    greenlight::ctl::run(ctl_args(server, token, args)).await
+}
+
+/// Starts greenlightctl in the background, for commands that follow what happens next.
+fn spawn_ctl(server: &TestServer, token: &str, args: &[&str]) -> tokio::task::JoinHandle<i32> {
+    let args = ctl_args(server, token, args);
+    tokio::spawn(async move { greenlight::ctl::run(args).await })
+}
+
+fn ctl_args(server: &TestServer, token: &str, args: &[&str]) -> Vec<String> {
+    let mut all = vec![
+        "greenlightctl".to_owned(),
+        "--server".to_owned(),
+        server.grpc_url(),
+        "--token".to_owned(),
+        token.to_owned(),
+    ];
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    all
+}
+
+/// An admin client that authenticates with `token` (such as a CI token).
+async fn admin_as(
+    server: &TestServer,
+    token: &str,
+) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
+    let channel = Channel::from_shared(server.grpc_url())?.connect().await?;
+    Ok(AdminServiceClient::with_interceptor(
+        channel,
+        Bearer::new(token)?,
+    ))
+}
+
+/// GETs the badge of `agent`; returns status, content type and body.
+async fn badge(
+    server: &TestServer,
+    agent: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(u16, String, String)> {
+    let mut url = format!("http://{}/badges/{agent}.svg", server.http);
+    if let Some(token) = token {
+        url.push_str(&format!("?token={token}"));
+    }
+    let response = reqwest::get(url).await?;
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((status, content_type, response.text().await?))
+}
+
+fn states(statuses: &[(String, String, String)]) -> Vec<&str> {
+    statuses
+        .iter()
+        .map(|(state, _, _)| state.as_str())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthy_deploy_posts_pending_running_success_on_its_commit_only() -> anyhow::Result<()> {
+    let w = world("", None).await?;
+    let x = w.repo.commit(
+        &[("app.yaml", configmap("settings", "one").as_bytes())],
+        &[],
+    )?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+
+    let statuses = w.statuses(&x, 3).await?;
+    assert_eq!(
+        states(&statuses),
+        ["pending", "running", "success"],
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|(_, name, _)| name == "greenlight/prod"),
+        "{statuses:?}"
+    );
+    assert!(statuses[0].2.starts_with("deploying"), "{}", statuses[0].2);
+    assert_eq!(statuses[2].2, "deployed and healthy");
+
+    // Nothing more arrives, and nothing on any other commit.
+    tokio::time::sleep(QUIET).await;
+    let all = w.gitlab.statuses();
+    assert_eq!(all.len(), 3, "{all:?}");
+    assert!(all.iter().all(|s| s.sha == x), "{all:?}");
+    for status in &all {
+        assert_eq!(status.project, PROJECT);
+        assert_eq!(
+            status.target_url.as_deref(),
+            Some("https://greenlight.example/badges/prod.svg")
+        );
+    }
+    let posts = w.gitlab.status_attempts(&x);
+    assert_eq!(posts.len(), 3, "{posts:?}");
+    for post in &posts {
+        assert_eq!(
+            post.path,
+            format!("/api/v4/projects/group%2Fapp-manifests/statuses/{x}")
+        );
+        assert_eq!(post.private_token.as_deref(), Some(GITLAB_API_TOKEN));
+        assert_eq!(post.answered, 201);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn green_commit_skipped_for_a_newer_one_is_canceled_as_superseded() -> anyhow::Result<()> {
+    let w = world("", None).await?;
+    let b = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "b").as_bytes())], &[])?;
+    let c = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "c").as_bytes())], &[])?;
+    assert_eq!(w.server.push("main", ZERO, &b).await?, 200);
+    assert_eq!(w.server.push("main", &b, &c).await?, 200);
+    assert_eq!(
+        w.server.pipeline("main", &c, 2, "success", "push").await?,
+        200
+    );
+    let on_c = w.statuses(&c, 1).await?;
+    assert_eq!(states(&on_c), ["pending"], "{on_c:?}");
+    // B turns green only after C, its descendant, was chosen: B is never deployed.
+    assert_eq!(
+        w.server.pipeline("main", &b, 1, "success", "push").await?,
+        200
+    );
+
+    let result = eventually("a canceled status on B", || async {
+        Ok(w.gitlab
+            .statuses_for(&b)
+            .into_iter()
+            .find(|(state, _, _)| state == "canceled"))
+    })
+    .await;
+    if let Err(error) = result {
+        let history = w
+            .server
+            .admin()
+            .await?
+            .get_agent_history(GetAgentHistoryRequest {
+                name: "prod".into(),
+            })
+            .await?
+            .into_inner();
+        let about_b: Vec<String> = history
+            .decisions
+            .iter()
+            .filter(|d| d.sha == b)
+            .map(|d| format!("{:?}: {}", d.outcome(), d.reason))
+            .collect();
+        anyhow::bail!(
+            "{error}: statuses on B {:?}; decisions about B {about_b:?}",
+            w.gitlab.statuses_for(&b)
+        );
+    }
+    let (_, name, description) = result?;
+    assert_eq!(name, "greenlight/prod");
+    assert_eq!(description, format!("superseded by {}", &c[..8]));
+    assert!(
+        w.gitlab
+            .statuses_for(&b)
+            .iter()
+            .all(|(state, _, _)| state != "pending"),
+        "B was never deployed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_gitlab_never_delays_a_sync_and_statuses_arrive_after_it_recovers()
+-> anyhow::Result<()> {
+    let w = world("", None).await?;
+    let x = w.repo.commit(
+        &[("app.yaml", configmap("settings", "one").as_bytes())],
+        &[],
+    )?;
+    w.gitlab.fail_with(Some(500));
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    // GitLab is still failing: the deploy went ahead regardless.
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    assert!(w.gitlab.statuses_for(&x).is_empty());
+    eventually("status posts retried while GitLab fails", || async {
+        let attempts = w.gitlab.status_attempts(&x);
+        assert!(attempts.iter().all(|r| r.answered == 500), "{attempts:?}");
+        Ok((attempts.len() >= 2).then_some(()))
+    })
+    .await?;
+
+    w.gitlab.fail_with(None);
+    let statuses = w.statuses(&x, 3).await?;
+    assert_eq!(
+        states(&statuses),
+        ["pending", "running", "success"],
+        "{statuses:?}"
+    );
+    tokio::time::sleep(QUIET).await;
+    let statuses = w.gitlab.statuses_for(&x);
+    assert_eq!(
+        states(&statuses),
+        ["pending", "running", "success"],
+        "each once: {statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|(_, name, _)| name == "greenlight/prod")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webhook()
+-> anyhow::Result<()> {
+    let World {
+        redis,
+        cache,
+        _secrets,
+        token_file,
+        repo,
+        gitlab,
+        server,
+        kube: _kube,
+    } = world_with("", None, Some("1s")).await?;
+    let a = repo.commit(&[("app.yaml", configmap("settings", "a").as_bytes())], &[])?;
+    let mut stream = server.stream("prod").await?;
+    assert_eq!(server.push("main", ZERO, &a).await?, 200);
+    assert_eq!(
+        server.pipeline("main", &a, 1, "success", "push").await?,
+        200
+    );
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), a);
+    drop(stream);
+    server.stop().await?;
+
+    // While nobody listened: B was pushed and its pipeline passed.
+    let b = repo.commit(&[("app.yaml", configmap("settings", "b").as_bytes())], &[])?;
+    gitlab.set_branch_head(PROJECT, "main", &b);
+    gitlab.set_pipelines(
+        PROJECT,
+        vec![
+            json!({"id": 2, "sha": b, "ref": "main", "status": "success", "source": "push", "updated_at": "2026-11-26T10:05:00.000Z"}),
+            json!({"id": 1, "sha": a, "ref": "main", "status": "success", "source": "push", "updated_at": "2026-11-26T10:01:00.000Z"}),
+        ],
+    );
+    let before_restart = gitlab.requests().len();
+
+    let agents = [prod_agent(&repo.url(), "")];
+    let yaml = close_loop_yaml(
+        &redis.url(),
+        cache.path(),
+        &gitlab,
+        &token_file,
+        Some("1s"),
+        &agents,
+    );
+    let server = TestServer::start(&yaml).await?;
+    let mut stream = server.agent("prod").await?.sync(Some(&a)).await?;
+    let revision = next_revision(&mut stream, SOON).await?;
+    assert_eq!(revision.sha(), b, "caught up with B without a webhook");
+
+    let reads: Vec<_> = gitlab.requests()[before_restart..]
+        .iter()
+        .filter(|r| r.method == "GET")
+        .cloned()
+        .collect();
+    let branch = reads
+        .iter()
+        .find(|r| r.path.ends_with("/repository/branches/main"))
+        .expect("the branch head was read");
+    assert_eq!(branch.project.as_deref(), Some(PROJECT));
+    assert_eq!(branch.private_token.as_deref(), Some(GITLAB_API_TOKEN));
+    let pipelines = reads
+        .iter()
+        .find(|r| r.path.ends_with("/pipelines"))
+        .expect("the pipelines were read");
+    assert_eq!(pipelines.query_param("ref"), Some("main"));
+    assert_eq!(pipelines.project.as_deref(), Some(PROJECT));
+
+    // The caught-up decision is reported to GitLab too.
+    let on_b = eventually("a pending status on B", || async {
+        Ok(gitlab
+            .statuses_for(&b)
+            .into_iter()
+            .find(|(state, _, _)| state == "pending"))
+    })
+    .await?;
+    assert_eq!(on_b.1, "greenlight/prod");
+    server.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_exits_0_when_healthy_or_superseded_3_with_exact_and_124_on_timeout()
+-> anyhow::Result<()> {
+    let w = world("", None).await?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+
+    // Healthy: 0, the wait started before the push.
+    let a = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "a").as_bytes())], &[])?;
+    let waiting = spawn_ctl(
+        &w.server,
+        ADMIN_TOKEN,
+        &["wait", "prod", "--sha", &a, "--timeout", "30s"],
+    );
+    w.server.release(ZERO, &a, 1).await?;
+    assert_eq!(waiting.await?, 0, "healthy");
+    w.server.reported("prod", &a, Phase::Healthy).await?;
+
+    // Superseded: B is waited for while C, its descendant, is deployed healthy.
+    let b = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "b").as_bytes())], &[])?;
+    let c = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "c").as_bytes())], &[])?;
+    assert_eq!(w.server.push("main", &a, &b).await?, 200);
+    assert_eq!(w.server.push("main", &b, &c).await?, 200);
+    assert_eq!(
+        w.server.pipeline("main", &c, 3, "success", "push").await?,
+        200
+    );
+    w.server.reported("prod", &c, Phase::Healthy).await?;
+    let wait_b = ["wait", "prod", "--sha", &b, "--timeout", "20s"];
+    assert_eq!(ctl(&w.server, ADMIN_TOKEN, &wait_b).await, 0, "superseded");
+    let exact = [&wait_b[..], &["--exact"]].concat();
+    assert_eq!(
+        ctl(&w.server, ADMIN_TOKEN, &exact).await,
+        3,
+        "superseded with --exact"
+    );
+
+    // Timeout: D's pipeline never finishes.
+    let d = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "d").as_bytes())], &[])?;
+    assert_eq!(w.server.push("main", &c, &d).await?, 200);
+    assert_eq!(
+        w.server.pipeline("main", &d, 4, "running", "push").await?,
+        200
+    );
+    let wait_d = ["wait", "prod", "--sha", &d, "--timeout", "2s"];
+    assert_eq!(ctl(&w.server, ADMIN_TOKEN, &wait_d).await, 124, "timeout");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ci_token_may_read_and_wait_for_its_own_agent_only() -> anyhow::Result<()> {
+    let w = world("", Some("")).await?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let a = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "a").as_bytes())], &[])?;
+    w.server.release(ZERO, &a, 1).await?;
+    w.server.reported("prod", &a, Phase::Healthy).await?;
+
+    // Its own agent: status and wait.
+    assert_eq!(
+        ctl(&w.server, CI_TOKEN, &["status", "prod"]).await,
+        0,
+        "the CI token of prod reads the status of prod"
+    );
+    let wait_a = ["wait", "prod", "--sha", &a, "--timeout", "20s"];
+    assert_eq!(
+        ctl(&w.server, CI_TOKEN, &wait_a).await,
+        0,
+        "the CI token of prod waits for prod"
+    );
+    let mut ci = admin_as(&w.server, CI_TOKEN).await?;
+    let own = ci
+        .get_agent(GetAgentRequest {
+            name: "prod".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(own.applied_revision, a);
+
+    // Another agent, or an operator's command: refused.
+    let wait_staging = ["wait", "staging", "--sha", &a, "--timeout", "5s"];
+    assert_eq!(
+        ctl(&w.server, CI_TOKEN, &wait_staging).await,
+        2,
+        "wait on another agent"
+    );
+    assert_eq!(
+        ctl(&w.server, CI_TOKEN, &["status", "staging"]).await,
+        2,
+        "status of another agent"
+    );
+    assert_eq!(
+        ctl(&w.server, CI_TOKEN, &["pause", "prod", "--reason", "ci"]).await,
+        2,
+        "pause"
+    );
+    let refused = ci
+        .get_agent(GetAgentRequest {
+            name: "staging".into(),
+        })
+        .await
+        .expect_err("status of another agent");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = ci
+        .watch_revision(WatchRevisionRequest {
+            name: "staging".into(),
+            sha: a.clone(),
+        })
+        .await
+        .expect_err("wait on another agent");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = ci
+        .pause_sync(PauseSyncRequest {
+            name: "prod".into(),
+            reason: "ci".into(),
+        })
+        .await
+        .expect_err("pause");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let status = w
+        .server
+        .admin()
+        .await?
+        .get_agent(GetAgentRequest {
+            name: "prod".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(status.paused.is_none(), "the refused pause changed nothing");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_exits_1_when_the_commit_is_degraded() -> anyhow::Result<()> {
+    let w = world("    health_timeout: 2s\n", None).await?;
+    w.kube.set_auto_rollout(false);
+    let x = w.repo.commit(&[("web.yaml", DEPLOYMENT.as_bytes())], &[])?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let waiting = spawn_ctl(
+        &w.server,
+        ADMIN_TOKEN,
+        &["wait", "prod", "--sha", &x, "--timeout", "30s"],
+    );
+    w.server.release(ZERO, &x, 1).await?;
+    assert_eq!(waiting.await?, 1, "degraded");
+    w.server.reported("prod", &x, Phase::Degraded).await?;
+    let statuses = w.statuses(&x, 3).await?;
+    assert_eq!(
+        states(&statuses),
+        ["pending", "running", "failed"],
+        "{statuses:?}"
+    );
+    assert!(statuses[2].2.starts_with("degraded:"), "{}", statuses[2].2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result<()> {
+    let w = world("    health_timeout: 2s\n", Some("    badge: public\n")).await?;
+
+    // Access.
+    let (status, _, _) = badge(&w.server, "prod", None).await?;
+    assert_eq!(status, 401, "private without a token");
+    let (status, _, _) = badge(&w.server, "prod", Some("wrong")).await?;
+    assert_eq!(status, 401, "private with a wrong token");
+    let (status, content_type, _) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "image/svg+xml"),
+        "the CI token"
+    );
+    let (status, _, _) = badge(&w.server, "prod", Some(ADMIN_TOKEN)).await?;
+    assert_eq!(status, 200, "the admin token");
+    let (status, content_type, svg) = badge(&w.server, "staging", None).await?;
+    assert_eq!(
+        (status, content_type.as_str()),
+        (200, "image/svg+xml"),
+        "public"
+    );
+    assert!(svg.starts_with("<svg"), "{svg}");
+
+    // Healthy: green, with the short SHA.
+    let x = w.repo.commit(
+        &[("app.yaml", configmap("settings", "one").as_bytes())],
+        &[],
+    )?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
+    assert!(svg.contains("#4c1"), "{svg}");
+    assert!(svg.contains(&x[..8]), "{svg}");
+    assert!(svg.contains("healthy"), "{svg}");
+
+    // Paused: grey.
+    let mut admin = w.server.admin().await?;
+    admin
+        .pause_sync(PauseSyncRequest {
+            name: "prod".into(),
+            reason: "freeze".into(),
+        })
+        .await?;
+    let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
+    assert!(svg.contains("#9f9f9f"), "{svg}");
+    assert!(svg.contains("paused"), "{svg}");
+    assert!(!svg.contains("#4c1"), "{svg}");
+    admin
+        .resume_sync(ResumeSyncRequest {
+            name: "prod".into(),
+        })
+        .await?;
+
+    // Degraded: red.
+    w.kube.set_auto_rollout(false);
+    let y = w.repo.commit(&[("web.yaml", DEPLOYMENT.as_bytes())], &[])?;
+    w.server.release(&x, &y, 2).await?;
+    w.server.reported("prod", &y, Phase::Degraded).await?;
+    let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
+    assert!(svg.contains("#e05d44"), "{svg}");
+    assert!(svg.contains(&y[..8]), "{svg}");
+    assert!(svg.contains("degraded"), "{svg}");
+    Ok(())
+}

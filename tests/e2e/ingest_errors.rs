@@ -608,6 +608,7 @@ async fn ingest_api_records_and_deploys() -> anyhow::Result<()> {
         source: "push".into(),
         delivery_id: "ci-pipeline-5".into(),
         finished_at_unix_ms: Some(1_700_000_000_000),
+        passed_stages: Vec::new(),
     };
     assert_eq!(
         client
@@ -667,6 +668,7 @@ async fn ingest_api_rejects_bad_tokens_and_invalid_input() -> anyhow::Result<()>
         source: "push".into(),
         delivery_id: String::new(),
         finished_at_unix_ms: None,
+        passed_stages: Vec::new(),
     };
 
     for token in ["not-the-ingest-token", "admin-token", &agent_token("prod")] {

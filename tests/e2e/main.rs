@@ -5,5 +5,6 @@ mod close_loop;
 mod gate;
 mod git;
 mod ingest_errors;
+mod real_cluster;
 mod replicas;
 mod store_suite;

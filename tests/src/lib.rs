@@ -13,6 +13,7 @@ use anyhow::{Context, bail};
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
+use greenlight::v1::{GetAgentRequest, Phase, StatusReport};
 use greenlight_agent::assemble::ReadyRevision;
 use greenlight_agent::client::{Client, RevisionStream};
 use greenlight_server::config::{Config, Overrides};
@@ -37,12 +38,18 @@ pub const PROJECT_ID: u64 = 42;
 
 /// Installs the process-wide TLS crypto provider (ring), as the binaries do at start.
 pub fn install_crypto() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        // Another test may have installed it first; either way ring is in place.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    });
+    greenlight::tls::install_ring();
 }
+
+/// A ConfigMap manifest named `name` holding `value`.
+pub fn configmap(name: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  value: \"{value}\"\n"
+    )
+}
+
+/// A Deployment manifest `web` with two replicas.
+pub const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n        - {name: web, image: nginx}\n";
 
 /// A 40-hex commit id made from `n`, distinct for distinct `n`.
 pub fn sha(n: u32) -> String {
@@ -330,6 +337,45 @@ impl TestServer {
             )
             .await?
             .0)
+    }
+
+    /// Pushes `sha` after `before` on `main` and marks its pipeline green.
+    pub async fn release(&self, before: &str, sha: &str, pipeline: u64) -> anyhow::Result<()> {
+        let pushed = self.push("main", before, sha).await?;
+        let green = self
+            .pipeline("main", sha, pipeline, "success", "push")
+            .await?;
+        if (pushed, green) != (200, 200) {
+            bail!("webhooks answered {pushed} and {green}");
+        }
+        Ok(())
+    }
+
+    /// The last status report of `agent`.
+    pub async fn last_report(&self, agent: &str) -> anyhow::Result<Option<StatusReport>> {
+        let status = self
+            .admin()
+            .await?
+            .get_agent(GetAgentRequest { name: agent.into() })
+            .await?
+            .into_inner();
+        Ok(status.last_report)
+    }
+
+    /// Waits until `agent` reports `sha` in `phase`.
+    pub async fn reported(
+        &self,
+        agent: &str,
+        sha: &str,
+        phase: Phase,
+    ) -> anyhow::Result<StatusReport> {
+        eventually(&format!("{phase:?} report for {sha}"), || async {
+            Ok(self
+                .last_report(agent)
+                .await?
+                .filter(|r| r.revision == sha && r.phase() == phase))
+        })
+        .await
     }
 
     /// An admin client with the admin token.

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 
 use super::model::{Lineage, PipelineStatus, RefState, Sha};
 
+/// Deployed commits remembered per agent: as many as a ref keeps heads.
+const DEPLOYED_HISTORY: usize = super::model::MAX_HEADS;
+
 /// Decisions kept per agent for operators to read.
 pub const DECISION_HISTORY: usize = 50;
 
@@ -99,6 +102,9 @@ pub struct AgentGate {
     pub generation: u64,
     /// Newest last.
     pub decisions: VecDeque<Decision>,
+    /// Commits the gate moved to, newest last: they were deployed, not superseded.
+    #[serde(default)]
+    pub deployed: VecDeque<Sha>,
 }
 
 /// Why an operator's request cannot be carried out.
@@ -134,6 +140,9 @@ pub struct Step {
 /// Inputs that are the same for every decision in one step.
 pub struct Context<'a> {
     pub mode: Mode,
+    /// In pipeline mode: stages whose success suffices while later stages (a deploy job
+    /// that waits for Greenlight) still run; empty means the whole pipeline must succeed.
+    pub stages: &'a [String],
     pub refs: &'a RefState,
     pub lineage: &'a dyn Lineage,
     pub now_ms: i64,
@@ -161,8 +170,29 @@ impl Context<'_> {
         match self.refs.verdict(sha) {
             None => Err("no pipeline has run for it yet".to_owned()),
             Some(p) if p.status == PipelineStatus::Success => Ok(p.id),
+            Some(p) if self.stages_passed(p) => Ok(p.id),
             Some(p) => Err(format!("pipeline {} is {}", p.id, p.status)),
         }
+    }
+
+    /// Why pipeline `id` opened the gate.
+    fn green_reason(&self, id: u64) -> String {
+        if self.stages.is_empty() {
+            format!("pipeline {id} succeeded")
+        } else {
+            format!("pipeline {id} passed stages {}", self.stages.join(", "))
+        }
+    }
+
+    /// Whether the required stages of a pipeline that has not failed all passed.
+    fn stages_passed(&self, pipeline: &super::model::Pipeline) -> bool {
+        let still_going = !pipeline.status.is_final();
+        still_going
+            && !self.stages.is_empty()
+            && self
+                .stages
+                .iter()
+                .all(|stage| pipeline.passed_stages.contains(stage))
     }
 }
 
@@ -186,21 +216,8 @@ impl AgentGate {
             if current.as_ref().is_some_and(|cur| cur.sha == head.sha) {
                 break;
             }
-            if let Some((winner, _)) = &chosen {
-                if cx
-                    .refs
-                    .verdict(&head.sha)
-                    .is_some_and(|p| p.status == PipelineStatus::Success)
-                {
-                    self.record(
-                        step,
-                        cx.now_ms,
-                        Outcome::Skip,
-                        Some(&head.sha),
-                        None,
-                        format!("superseded by {}", winner.short()),
-                    );
-                }
+            if chosen.is_some() {
+                // Older than the winner: see mark_superseded.
                 continue;
             }
             if !cx.lineage.on_branch(&head.sha) {
@@ -224,8 +241,30 @@ impl AgentGate {
             }
         }
         if let Some((sha, pipeline)) = chosen {
-            let reason = format!("pipeline {pipeline} succeeded");
+            let reason = cx.green_reason(pipeline);
             self.move_to(step, cx.now_ms, sha, Some(pipeline), reason);
+        }
+        self.mark_superseded(cx, step);
+    }
+
+    /// Green commits the deployed one includes but that never went out themselves are
+    /// superseded: say so once, so that whoever waits for them stops waiting. Their pipeline
+    /// may turn green only after a newer commit was deployed.
+    fn mark_superseded(&mut self, cx: &Context<'_>, step: &mut Step) {
+        let Some(position) = self.position.clone() else {
+            return;
+        };
+        let heads: Vec<Sha> = cx.refs.current_heads().map(|h| h.sha.clone()).collect();
+        for sha in heads {
+            let candidate = sha != position.sha
+                && !self.deployed.contains(&sha)
+                && cx.lineage.on_branch(&sha)
+                && cx.lineage.descends_from(&position.sha, &sha)
+                && cx.green(&sha).is_ok();
+            if candidate {
+                let reason = format!("superseded by {}", position.sha.short());
+                self.record(step, cx.now_ms, Outcome::Skip, Some(&sha), None, reason);
+            }
         }
     }
 
@@ -381,6 +420,12 @@ impl AgentGate {
             decided_at_ms: now_ms,
             generation: 0,
         });
+        if self.deployed.len() == DEPLOYED_HISTORY {
+            self.deployed.pop_front();
+        }
+        if let Some(position) = &self.position {
+            self.deployed.push_back(position.sha.clone());
+        }
     }
 
     /// Derives what the agent is told: a pin wins, a pause keeps what it had, otherwise the

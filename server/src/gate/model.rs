@@ -164,6 +164,9 @@ pub struct Pipeline {
     pub source: String,
     #[serde(default)]
     pub finished_at_ms: Option<i64>,
+    /// Stages all of whose jobs succeeded, while the pipeline may still run later stages.
+    #[serde(default)]
+    pub passed_stages: Vec<String>,
 }
 
 impl Pipeline {
@@ -399,6 +402,7 @@ mod tests {
             status,
             source: "push".into(),
             finished_at_ms: None,
+            passed_stages: Vec::new(),
         }
     }
 

@@ -23,6 +23,7 @@ fn run(id: u64, status: PipelineStatus) -> Pipeline {
         status,
         source: "push".to_owned(),
         finished_at_ms: None,
+        passed_stages: Vec::new(),
     }
 }
 
@@ -61,6 +62,7 @@ impl World {
         let lineage = PushOrder(&self.refs);
         let cx = Context {
             mode: self.mode,
+            stages: &[],
             refs: &self.refs,
             lineage: &lineage,
             now_ms,
@@ -188,7 +190,9 @@ fn newer_commit_green_first_wins_and_older_success_later_changes_nothing() {
     let step = w.pipeline(2, 20, Success);
 
     assert!(!step.desired_changed);
-    assert!(step.decisions.is_empty(), "{:?}", step.decisions);
+    // It is not deployed, but whoever waits for it learns that a newer commit includes it.
+    let reasons: Vec<&str> = step.decisions.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(reasons, [format!("superseded by {}", sha(3).short())]);
     assert_eq!(w.desired(), Some(sha(3)));
     assert_eq!(w.revision().generation, generation);
     assert!(
@@ -684,6 +688,7 @@ fn base_deliveries(commits: &[Vec<RunSpec>]) -> Vec<Delivery> {
                 status,
                 source: source.to_owned(),
                 finished_at_ms,
+                passed_stages: Vec::new(),
             };
             if spec.reports_running {
                 deliveries.push(Delivery::Pipeline(n, update(Running, None)));
@@ -772,6 +777,7 @@ proptest! {
             let lineage = PushOrder(&refs);
             let cx = Context {
                 mode: Mode::Pipeline,
+                stages: &[],
                 refs: &refs,
                 lineage: &lineage,
                 now_ms: at as i64,
@@ -857,12 +863,14 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
                 status: Success,
                 source: "push".into(),
                 finished_at_ms: None,
+                passed_stages: Vec::new(),
             },
         );
     }
     let full = PushOrder(&refs);
     gate.advance(&Context {
         mode: Mode::Pipeline,
+        stages: &[],
         refs: &refs,
         lineage: &full,
         now_ms: 0,
@@ -881,6 +889,7 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
             status: Success,
             source: "push".into(),
             finished_at_ms: None,
+            passed_stages: Vec::new(),
         },
     );
     // Another replica's stale mirror: it has 1 and 3 but not the deployed 2.
@@ -890,6 +899,7 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
     };
     let step = gate.advance(&Context {
         mode: Mode::Pipeline,
+        stages: &[],
         refs: &refs,
         lineage: &stale,
         now_ms: 0,
@@ -900,4 +910,84 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
             .back()
             .is_some_and(|d| d.reason.contains("not in the mirror yet"))
     );
+}
+
+#[test]
+fn required_stages_open_the_gate_while_the_deploy_stage_still_runs() {
+    let mut refs = RefState::default();
+    let mut gate = AgentGate::default();
+    let stages = vec!["test".to_owned(), "security".to_owned()];
+    refs.record_push(&Push {
+        before: None,
+        after: Some(sha(1)),
+        at_ms: 0,
+    });
+    let mut running = Pipeline {
+        id: 5,
+        status: Running,
+        source: "push".into(),
+        finished_at_ms: None,
+        passed_stages: vec!["test".into()],
+    };
+    refs.record_pipeline(&sha(1), running.clone());
+    let step = gate.advance(&Context {
+        mode: Mode::Pipeline,
+        stages: &stages,
+        refs: &refs,
+        lineage: &PushOrder(&refs),
+        now_ms: 0,
+    });
+    assert!(!step.desired_changed, "security has not passed yet");
+
+    running.passed_stages.push("security".into());
+    refs.record_pipeline(&sha(1), running);
+    gate.advance(&Context {
+        mode: Mode::Pipeline,
+        stages: &stages,
+        refs: &refs,
+        lineage: &PushOrder(&refs),
+        now_ms: 0,
+    });
+    let desired = gate.desired.clone().unwrap();
+    assert_eq!(desired.sha, sha(1));
+    assert_eq!(desired.reason, "pipeline 5 passed stages test, security");
+
+    // Without required stages the same running pipeline keeps the gate shut.
+    let mut strict = AgentGate::default();
+    strict.advance(&Context {
+        mode: Mode::Pipeline,
+        stages: &[],
+        refs: &refs,
+        lineage: &PushOrder(&refs),
+        now_ms: 0,
+    });
+    assert!(strict.desired.is_none());
+}
+
+#[test]
+fn a_failed_pipeline_never_counts_even_if_its_required_stages_passed() {
+    let mut refs = RefState::default();
+    let mut gate = AgentGate::default();
+    let stages = vec!["test".to_owned()];
+    refs.record_push(&Push {
+        before: None,
+        after: Some(sha(1)),
+        at_ms: 0,
+    });
+    let failed = Pipeline {
+        id: 5,
+        status: Failed,
+        source: "push".into(),
+        finished_at_ms: None,
+        passed_stages: vec!["test".into()],
+    };
+    refs.record_pipeline(&sha(1), failed);
+    gate.advance(&Context {
+        mode: Mode::Pipeline,
+        stages: &stages,
+        refs: &refs,
+        lineage: &PushOrder(&refs),
+        now_ms: 0,
+    });
+    assert!(gate.desired.is_none());
 }

@@ -151,6 +151,8 @@ struct FetchSlot {
 impl Mirrors {
     /// Mirrors kept under `settings.cache_dir`, which is created on the first fetch.
     pub fn new(settings: GitSettings) -> Self {
+        // gix fetches over https with reqwest, which needs the process-wide provider.
+        greenlight::tls::install_ring();
         Self {
             inner: Arc::new(Inner {
                 settings,

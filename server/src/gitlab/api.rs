@@ -88,6 +88,7 @@ impl GitLab {
             .map_err(|_| GitLabError::Url(url.to_owned()))?
             .pop_if_empty()
             .extend(["api", "v4"]);
+        greenlight::tls::install_ring();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(5))

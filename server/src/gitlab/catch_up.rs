@@ -64,6 +64,7 @@ pub async fn catch_up_once(
             status,
             source: api.source.unwrap_or_default(),
             finished_at_ms,
+            passed_stages: Vec::new(),
         };
         engine
             .record(fact(FactKind::Pipeline { sha, pipeline }), None)

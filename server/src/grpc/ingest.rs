@@ -111,6 +111,7 @@ impl IngestService for IngestApi {
             status,
             source: request.source.clone(),
             finished_at_ms: request.finished_at_unix_ms,
+            passed_stages: request.passed_stages.clone(),
         };
         let fact = Fact {
             project_path,

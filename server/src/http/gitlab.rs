@@ -42,6 +42,30 @@ struct PushHook {
 struct PipelineHook {
     object_attributes: PipelineAttributes,
     project: Option<Project>,
+    #[serde(default)]
+    builds: Vec<Build>,
+}
+
+#[derive(Deserialize)]
+struct Build {
+    stage: String,
+    status: String,
+    #[serde(default)]
+    allow_failure: bool,
+}
+
+/// Stages every job of which succeeded (or may fail): what `gate.stages` waits for.
+fn passed_stages(builds: &[Build]) -> Vec<String> {
+    let mut stages: Vec<String> = builds.iter().map(|b| b.stage.clone()).collect();
+    stages.sort();
+    stages.dedup();
+    stages.retain(|stage| {
+        builds.iter().filter(|b| &b.stage == stage).all(|b| {
+            b.status == "success"
+                || (b.allow_failure && PipelineStatus::parse(&b.status).is_ok_and(|s| s.is_final()))
+        })
+    });
+    stages
 }
 
 #[derive(Deserialize)]
@@ -202,6 +226,7 @@ fn parse_push(body: &[u8]) -> Parsed {
 
 fn parse_pipeline(body: &[u8]) -> Parsed {
     let hook: PipelineHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    let hook_builds = hook.builds;
     let attrs = hook.object_attributes;
     if attrs.tag {
         return Ok(Err(format!(
@@ -223,6 +248,7 @@ fn parse_pipeline(body: &[u8]) -> Parsed {
         status,
         source: attrs.source.unwrap_or_default(),
         finished_at_ms: attrs.finished_at.as_deref().and_then(parse_gitlab_time),
+        passed_stages: passed_stages(&hook_builds),
     };
     Ok(Ok(Fact {
         project_path: path,
@@ -285,6 +311,18 @@ mod tests {
         assert!(err.contains("missing field"), "{err}");
         let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#).err().unwrap();
         assert!(err.contains("exploded"), "{err}");
+    }
+
+    #[test]
+    fn a_stage_passes_when_all_its_jobs_succeeded() {
+        let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"running"},"project":{"id":1},
+            "builds":[{"stage":"test","status":"success"},{"stage":"test","status":"failed","allow_failure":true},
+                      {"stage":"lint","status":"success"},{"stage":"lint","status":"running"},{"stage":"deploy","status":"created"}]}"#;
+        let fact = parse_pipeline(body).unwrap().unwrap();
+        let FactKind::Pipeline { pipeline, .. } = fact.kind else {
+            panic!("not a pipeline")
+        };
+        assert_eq!(pipeline.passed_stages, ["test"]);
     }
 
     #[test]
