@@ -278,6 +278,9 @@ fn parse_size(key: &str, value: &ByteSize) -> Result<u64, ConfigError> {
         .ok_or_else(|| invalid(key, format!("{text:?} is not a positive size")))
 }
 
+/// Longer durations are mistakes, and would overflow deadline arithmetic.
+const MAX_DURATION: Duration = Duration::from_secs(30 * 24 * 3600);
+
 fn parse_duration(
     key: &str,
     value: Option<&str>,
@@ -287,11 +290,11 @@ fn parse_duration(
         None => Ok(default),
         Some(text) => humantime::parse_duration(text)
             .ok()
-            .filter(|d| !d.is_zero())
+            .filter(|d| !d.is_zero() && *d <= MAX_DURATION)
             .ok_or_else(|| {
                 invalid(
                     key,
-                    format!("{text:?} is not a duration such as 30s, 5m or 1h"),
+                    format!("{text:?} is not a duration such as 30s, 5m or 1h (at most 30 days)"),
                 )
             }),
     }
@@ -527,17 +530,20 @@ impl Config {
         let mut agents = Vec::with_capacity(file.agents.len());
         for (i, agent) in file.agents.into_iter().enumerate() {
             let key = |field: &str| format!("agents[{i}].{field}");
-            let name_ok = !agent.name.is_empty()
-                && agent.name.len() <= 63
-                && agent
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+            // The name becomes part of Kubernetes object names (inventory) and label values.
+            let bytes = agent.name.as_bytes();
+            let name_ok = !bytes.is_empty()
+                && bytes.len() <= 40
+                && bytes
+                    .iter()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+                && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+                && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
             if !name_ok {
                 return Err(invalid(
                     key("name"),
                     format!(
-                        "{:?} must be 1-63 characters of letters, digits, '-', '_' or '.'",
+                        "{:?} must be 1-40 lowercase letters, digits or '-', starting and ending with a letter or digit (it names Kubernetes objects)",
                         agent.name
                     ),
                 ));
@@ -671,6 +677,36 @@ impl Config {
                     }
                 },
             });
+        }
+        // A token must name one principal: a reused hash would let one agent act as another,
+        // or a CI job as an admin.
+        let mut principals: Vec<(String, &TokenHash)> = Vec::new();
+        principals.extend(
+            admin_token
+                .as_ref()
+                .map(|t| ("admin.token_sha256".to_owned(), t)),
+        );
+        principals.extend(
+            ingest_token
+                .as_ref()
+                .map(|t| ("ingest.token_sha256".to_owned(), t)),
+        );
+        for (i, agent) in agents.iter().enumerate() {
+            principals.push((format!("agents[{i}].token_sha256"), &agent.token));
+            principals.extend(
+                agent
+                    .ci_token
+                    .as_ref()
+                    .map(|t| (format!("agents[{i}].ci_token_sha256"), t)),
+            );
+        }
+        for (n, (key, hash)) in principals.iter().enumerate() {
+            if let Some((first, _)) = principals[..n].iter().find(|(_, other)| other == hash) {
+                return Err(invalid(
+                    key.clone(),
+                    format!("reuses the token of {first}; every principal needs its own token"),
+                ));
+            }
         }
         // One repository per watched ref: the gate orders its commits by that history.
         for (i, agent) in agents.iter().enumerate() {
@@ -919,6 +955,42 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn tokens_and_names_are_checked() {
+        const OTHER: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
+        let two = format!(
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main}}\n  - {{name: b, token_sha256: {HASH}, project: x, ref: main}}\n"
+        );
+        let err = Config::from_yaml(&two, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("agents[1].token_sha256") && err.contains("agents[0].token_sha256"),
+            "{err}"
+        );
+        let ci_is_admin = format!(
+            "admin: {{token_sha256: {OTHER}}}\nagents:\n  - {{name: a, token_sha256: {HASH}, ci_token_sha256: {OTHER}, project: x, ref: main}}\n"
+        );
+        let err = Config::from_yaml(&ci_is_admin, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[0].ci_token_sha256"), "{err}");
+        let bad_name = format!(
+            "agents:\n  - {{name: Prod_EU, token_sha256: {HASH}, project: x, ref: main}}\n"
+        );
+        let err = Config::from_yaml(&bad_name, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[0].name"), "{err}");
+        let forever = format!(
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, health_timeout: 300000000000y}}\n"
+        );
+        let err = Config::from_yaml(&forever, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("agents[0].health_timeout"), "{err}");
     }
 
     #[test]

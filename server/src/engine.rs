@@ -27,6 +27,10 @@ use crate::store::{Broadcast, Notice, RefDoc, RefKey, SaveOutcome, Store, StoreE
 const MAX_ATTEMPTS: u32 = 32;
 /// Status reports kept per agent.
 pub const REPORT_HISTORY: usize = 100;
+/// How a fetch failure recorded on an agent begins, so a later success can clear it.
+const FETCH_ERROR: &str = "cannot fetch";
+/// How often every ref is re-read and re-evaluated regardless of events.
+const SAFETY_INTERVAL: Duration = Duration::from_secs(60);
 /// Background fetch attempts before waiting for the next event.
 const FETCH_ATTEMPTS: u32 = 6;
 
@@ -98,7 +102,6 @@ pub struct Engine {
     events: broadcast::Sender<Broadcast>,
     replica: String,
     connections: Mutex<HashMap<String, usize>>,
-    sync_errors: Mutex<HashMap<String, Option<String>>>,
     /// Agents whose desired revision this replica just decided: their manifests are read
     /// (and failures recorded) even if no stream of theirs is connected.
     prepare: mpsc::UnboundedSender<(String, Sha)>,
@@ -176,7 +179,6 @@ impl Engine {
             events: broadcast::channel(4096).0,
             replica,
             connections: Mutex::new(HashMap::new()),
-            sync_errors: Mutex::new(HashMap::new()),
         })
     }
 
@@ -309,35 +311,53 @@ impl Engine {
         Ok(())
     }
 
-    /// Re-runs the gate for every watched ref, and warms the mirrors: at start, so that
-    /// config changes (new agents, other modes) take effect without waiting for an event.
-    pub async fn reconcile_all(self: &Arc<Self>) -> Result<(), EngineError> {
+    /// Re-runs the gate for every watched ref: at start, so that config changes (new agents,
+    /// other modes) take effect without an event, and periodically as a safety net.
+    /// With `warm_mirrors` every repository is fetched (at start); otherwise only those whose
+    /// mirror lacks a commit the gate needs, so the git server is not polled.
+    pub async fn reconcile_all(self: &Arc<Self>, warm_mirrors: bool) -> Result<(), EngineError> {
         let keys: Vec<RefKey> = self.catalog.refs().cloned().collect();
+        let mut first_error = None;
         for key in keys {
-            self.reevaluate(&key).await?;
-            self.refresh(&key, true).await?;
-            if self.catalog.source(&key).is_some() {
-                self.fetch_then_reevaluate(key);
+            // One unreadable ref must not keep the others from being evaluated.
+            let result = async {
+                let mirror_behind = self.reevaluate(&key).await?;
+                self.reread(&key).await?;
+                Ok::<_, EngineError>(mirror_behind)
+            }
+            .await;
+            match result {
+                Ok(mirror_behind) => {
+                    if mirror_behind || (warm_mirrors && self.catalog.source(&key).is_some()) {
+                        self.fetch_then_reevaluate(key);
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, %key, "cannot evaluate ref; will retry");
+                    first_error.get_or_insert(error);
+                }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Runs the gate for `key` without a new fact: after a fetch changed what git knows.
-    pub async fn reevaluate(&self, key: &RefKey) -> Result<(), EngineError> {
-        self.update(key, None, None, |doc, env| {
-            let steps = advance_all(doc, key, env);
-            if steps
-                .iter()
-                .any(|(_, s)| s.desired_changed || !s.decisions.is_empty())
-            {
-                Ok(Change::Dirty(steps))
-            } else {
-                Ok(Change::Clean)
-            }
-        })
-        .await?;
-        Ok(())
+    /// Returns whether the mirror lacked a commit the gate needed.
+    pub async fn reevaluate(&self, key: &RefKey) -> Result<bool, EngineError> {
+        let updated = self
+            .update(key, None, None, |doc, env| {
+                let steps = advance_all(doc, key, env);
+                if steps
+                    .iter()
+                    .any(|(_, s)| s.desired_changed || !s.decisions.is_empty())
+                {
+                    Ok(Change::Dirty(steps))
+                } else {
+                    Ok(Change::Clean)
+                }
+            })
+            .await?;
+        Ok(updated.mirror_behind)
     }
 
     /// Fetches the repository of `key` in the background, retrying with backoff, then runs
@@ -347,13 +367,20 @@ impl Engine {
             return;
         };
         let engine = self.clone();
-        let span = tracing::info_span!("fetch", repository = %source.url, %key);
+        let repository = crate::git::display_url(&source.url);
+        let span = tracing::info_span!("fetch", %repository, %key);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let mut delay = Duration::from_secs(1);
                 for _ in 0..FETCH_ATTEMPTS {
                     match engine.mirrors.fetch(&source).await {
                         Ok(()) => {
+                            for agent in engine.catalog.watchers(&key) {
+                                let stale = engine.store.sync_error(agent).await.ok().flatten();
+                                if stale.is_some_and(|e| e.starts_with(FETCH_ERROR)) {
+                                    engine.note_sync_error(agent, None).await;
+                                }
+                            }
                             if let Err(error) = engine.reevaluate(&key).await {
                                 warn!(%error, "cannot re-run the gate after a fetch");
                             }
@@ -361,7 +388,7 @@ impl Engine {
                         }
                         Err(error) => {
                             warn!(%error, "fetch failed");
-                            let message = format!("cannot fetch {}: {error}", source.url);
+                            let message = format!("{FETCH_ERROR} {repository}: {error}");
                             for agent in engine.catalog.watchers(&key) {
                                 engine.note_sync_error(agent, Some(message.clone())).await;
                             }
@@ -426,23 +453,11 @@ impl Engine {
             .map(Some)
     }
 
-    /// Records why `agent`'s desired revision cannot be delivered, or clears it; writes only
-    /// changes, so thousands of healthy streams cost nothing.
+    /// Records why `agent`'s desired revision cannot be delivered, or clears it.
     pub async fn note_sync_error(&self, agent: &str, error: Option<String>) {
-        {
-            let mut known = self.sync_errors.lock().unwrap_or_else(|p| p.into_inner());
-            if known.get(agent) == Some(&error) {
-                return;
-            }
-            known.insert(agent.to_owned(), error.clone());
-        }
+        // Written every time: a cache here would hide another replica's newer error.
         if let Err(store_error) = self.store.set_sync_error(agent, error.as_deref()).await {
             warn!(%store_error, agent, "cannot record the sync error");
-            // Forget what we wrote so that the next call tries again.
-            self.sync_errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(agent);
         }
     }
 
@@ -504,6 +519,29 @@ impl Engine {
     pub async fn refresh(&self, key: &RefKey, force: bool) -> Result<(), EngineError> {
         let Versioned { version, value } = self.store.load(key).await?;
         self.offer(key, version, &value, force);
+        Ok(())
+    }
+
+    /// Re-reads `key` without trusting that versions only grow: a store that lost its data
+    /// starts again at 0. A lower version read twice is such a reset, not a race with a
+    /// concurrent save (which only raises it).
+    async fn reread(&self, key: &RefKey) -> Result<(), EngineError> {
+        let first = self.store.load(key).await?;
+        let known = self
+            .catalog
+            .watchers(key)
+            .iter()
+            .filter_map(|agent| self.hub.current(agent))
+            .map(|desired| desired.version)
+            .max()
+            .unwrap_or(0);
+        if first.version >= known {
+            self.offer(key, first.version, &first.value, false);
+            return Ok(());
+        }
+        let second = self.store.load(key).await?;
+        let reset = second.version < known;
+        self.offer(key, second.version, &second.value, reset);
         Ok(())
     }
 
@@ -723,14 +761,27 @@ impl Engine {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(prepare) = prepare {
-            tokio::spawn(self.clone().prepare_manifests(prepare, shutdown.clone()));
+            tokio::spawn(tracing::Instrument::instrument(
+                self.clone().prepare_manifests(prepare, shutdown.clone()),
+                tracing::info_span!("prepare_manifests"),
+            ));
         }
         let mut notices = self.store.subscribe();
         let mut presence =
             tokio::time::interval(Duration::from_secs(crate::store::PRESENCE_TTL_SECS * 4 / 5));
+        let mut safety = tokio::time::interval(SAFETY_INTERVAL);
+        safety.reset();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = safety.tick() => {
+                    // Announcements can be missed without the store saying so, a fetch can
+                    // have given up, and a start-up evaluation can have failed: go over
+                    // everything once in a while.
+                    if let Err(error) = self.reconcile_all(false).await {
+                        debug!(%error, "periodic re-evaluation incomplete");
+                    }
+                }
                 _ = presence.tick() => {
                     if let Err(error) = self.store.refresh_presence(&self.replica).await {
                         warn!(%error, "cannot refresh presence");
@@ -757,7 +808,7 @@ impl Engine {
         info!("re-reading the desired state of every agent");
         let keys: Vec<RefKey> = self.catalog.refs().cloned().collect();
         for key in keys {
-            if let Err(error) = self.refresh(&key, true).await {
+            if let Err(error) = self.reread(&key).await {
                 warn!(%error, %key, "cannot re-read ref");
             }
         }

@@ -32,7 +32,7 @@ pub fn progress(
     if let Some(report) = report
         && let Ok(reported) = Sha::parse(&report.revision)
         && lineage.descends_from(&reported, sha)
-        && reported_is_current(gate, &reported)
+        && reported_is_current(gate, &reported, report)
     {
         let exact = reported == *sha;
         let (kind, message) = match report.phase() {
@@ -77,9 +77,12 @@ pub fn progress(
     state(State::Waiting, why, "", None)
 }
 
-/// A report about an older revision than the one desired says nothing about the wait.
-fn reported_is_current(gate: &AgentGate, reported: &Sha) -> bool {
-    gate.desired.as_ref().is_none_or(|d| d.sha == *reported)
+/// A report about an older revision than the one desired, or about an earlier delivery of
+/// it (a re-sync since), says nothing about the wait.
+fn reported_is_current(gate: &AgentGate, reported: &Sha, report: &StatusReport) -> bool {
+    gate.desired
+        .as_ref()
+        .is_none_or(|d| d.sha == *reported && report.generation >= d.generation)
 }
 
 #[cfg(test)]
@@ -104,7 +107,7 @@ mod tests {
                 id: i as u64 + 1,
                 status: PipelineStatus::Success,
                 source: "push".into(),
-                finished_at_ms: None,
+                as_of_ms: None,
                 passed_stages: Vec::new(),
             };
             refs.record_pipeline(&sha(*n), pipeline);
@@ -120,13 +123,38 @@ mod tests {
         (refs, gate)
     }
 
+    /// A report about the latest delivery (generations only grow).
     fn report(n: u8, phase: Phase) -> StatusReport {
         StatusReport {
             revision: sha(n).to_string(),
             phase: phase.into(),
             message: "detail".into(),
+            generation: 1_000,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_report_from_before_a_resync_does_not_end_the_wait() {
+        let (refs, gate) = deployed(&[1]);
+        let lineage = PushOrder(&refs);
+        let desired = gate.desired.clone().unwrap();
+        let stale = StatusReport {
+            generation: desired.generation - 1,
+            ..report(1, Phase::Failed)
+        };
+        assert_eq!(
+            progress(&sha(1), &gate, Some(&stale), &lineage).state(),
+            State::Waiting
+        );
+        let current = StatusReport {
+            generation: desired.generation,
+            ..report(1, Phase::Failed)
+        };
+        assert_eq!(
+            progress(&sha(1), &gate, Some(&current), &lineage).state(),
+            State::Failed
+        );
     }
 
     #[test]
@@ -183,7 +211,7 @@ mod tests {
             id: 9,
             status: PipelineStatus::Running,
             source: "push".into(),
-            finished_at_ms: None,
+            as_of_ms: None,
             passed_stages: Vec::new(),
         };
         refs.record_pipeline(&sha(2), running);

@@ -9,7 +9,7 @@ use greenlight::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::catalog::Catalog;
 use crate::config::Config;
@@ -97,7 +97,12 @@ pub async fn run(
     let catalog = Arc::new(Catalog::new(&config.agents));
     let mirrors = Mirrors::new(config.git.clone());
     let engine = Engine::new(store, catalog, mirrors, config.replica_id.clone());
-    tokio::spawn(engine.clone().follow(shutdown.clone()));
+    tokio::spawn(
+        engine
+            .clone()
+            .follow(shutdown.clone())
+            .instrument(info_span!("follow")),
+    );
     let metrics = Arc::new(Metrics::default());
     if let Some(settings) = &config.gitlab {
         let gitlab =
@@ -109,15 +114,22 @@ pub async fn run(
             settings.status_target_url.clone(),
             metrics.clone(),
         );
-        tokio::spawn(publisher.run(shutdown.clone()));
-        tokio::spawn(run_catch_up(
-            engine.clone(),
-            gitlab,
-            settings.catch_up_interval,
-            shutdown.clone(),
-        ));
+        tokio::spawn(
+            publisher
+                .run(shutdown.clone())
+                .instrument(info_span!("commit_statuses")),
+        );
+        tokio::spawn(
+            run_catch_up(
+                engine.clone(),
+                gitlab,
+                settings.catch_up_interval,
+                shutdown.clone(),
+            )
+            .instrument(info_span!("catch_up")),
+        );
     }
-    if let Err(error) = engine.reconcile_all().await {
+    if let Err(error) = engine.reconcile_all(true).await {
         warn!(%error, "cannot evaluate agents at start; they will be once the store answers");
     }
 

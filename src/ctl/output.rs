@@ -13,7 +13,11 @@ pub enum Format {
 
 /// The first 8 characters of a commit id.
 pub fn short(sha: &str) -> &str {
-    &sha[..sha.len().min(8)]
+    // By characters: the input may be anything a user typed.
+    match sha.char_indices().nth(8) {
+        Some((end, _)) => &sha[..end],
+        None => sha,
+    }
 }
 
 fn phase(phase: Phase) -> &'static str {
@@ -203,4 +207,16 @@ pub fn state_json(state: &RevisionState) -> Value {
         "objects_done": state.objects_done,
         "objects_total": state.objects_total,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_never_splits_a_character() {
+        assert_eq!(short("aéééééééééé"), "aééééééé");
+        assert_eq!(short("abc"), "abc");
+        assert_eq!(short(&"f".repeat(40)), "ffffffff");
+    }
 }

@@ -16,7 +16,8 @@ pub const FAILED: i32 = 1;
 pub const SUPERSEDED_EXACT: i32 = 3;
 pub const TIMED_OUT: i32 = 124;
 
-/// Waits for `sha` on `agent`; returns the exit code.
+/// Waits for `sha` on `agent`; returns the exit code. A dropped watch (a server restart,
+/// the network) is resumed within the same deadline.
 pub async fn wait(
     admin: &mut Admin,
     format: Format,
@@ -25,58 +26,90 @@ pub async fn wait(
     timeout: Duration,
     exact: bool,
 ) -> anyhow::Result<i32> {
+    let sha = sha.trim().to_ascii_lowercase();
+    let terminal = std::io::stdout().is_terminal() && format == Format::Human;
+    let mut last_line = String::new();
     let watch = async {
-        let request = WatchRevisionRequest {
-            name: agent.to_owned(),
-            sha: sha.to_owned(),
-        };
-        let mut states = admin.watch_revision(request).await?.into_inner();
-        let terminal = std::io::stdout().is_terminal() && format == Format::Human;
-        let mut last_line = String::new();
-        while let Some(state) = states.message().await? {
-            let line = describe(&state);
-            if format == Format::Json {
-                println!("{}", super::output::state_json(&state));
-            } else if line != last_line {
-                if terminal {
-                    // Progress on one line, rewritten in place.
-                    print!("\r\x1b[2K{line}");
-                    use std::io::Write;
-                    let _ = std::io::stdout().flush();
-                } else {
-                    println!("{line}");
+        let mut retry = Duration::from_millis(500);
+        loop {
+            let request = WatchRevisionRequest {
+                name: agent.to_owned(),
+                sha: sha.clone(),
+            };
+            let outcome = async {
+                let mut states = admin.watch_revision(request).await?.into_inner();
+                while let Some(state) = states.message().await? {
+                    show(&state, format, terminal, &mut last_line);
+                    if let Some(code) = exit_code(&state, &sha, exact) {
+                        if terminal {
+                            println!();
+                        }
+                        return Ok(Some(code));
+                    }
                 }
-                last_line = line;
+                Ok::<_, tonic::Status>(None)
             }
-            if let Some(code) = exit_code(&state, sha, exact) {
-                if terminal {
-                    println!();
+            .await;
+            match outcome {
+                Ok(Some(code)) => return Ok(code),
+                // Refusals are final; everything else is worth another try.
+                Err(status) if is_final_refusal(&status) => {
+                    return Err(anyhow::Error::from(status));
                 }
-                return Ok::<_, anyhow::Error>(Some(code));
+                Ok(None) | Err(_) => {
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(Duration::from_secs(10));
+                }
             }
         }
-        Ok(None)
     };
     match tokio::time::timeout(timeout, watch).await {
         Err(_) => {
+            if terminal {
+                println!();
+            }
             eprintln!(
                 "timed out after {} waiting for {} on {agent}",
                 humantime::format_duration(timeout),
-                short(sha)
+                short(&sha)
             );
             Ok(TIMED_OUT)
         }
-        Ok(Ok(Some(code))) => Ok(code),
-        Ok(Ok(None)) => anyhow::bail!("the server ended the watch early; run wait again"),
-        Ok(Err(error)) => Err(error),
+        Ok(result) => result,
+    }
+}
+
+fn is_final_refusal(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Unauthenticated | Code::PermissionDenied | Code::NotFound | Code::InvalidArgument
+    )
+}
+
+fn show(state: &RevisionState, format: Format, terminal: bool, last_line: &mut String) {
+    let line = describe(state);
+    if format == Format::Json {
+        println!("{}", super::output::state_json(state));
+    } else if line != *last_line {
+        if terminal {
+            // Progress on one line, rewritten in place.
+            print!("\r\x1b[2K{line}");
+            use std::io::Write;
+            let _ = std::io::stdout().flush();
+        } else {
+            println!("{line}");
+        }
+        *last_line = line;
     }
 }
 
 /// The exit code once `state` settles the wait.
 pub fn exit_code(state: &RevisionState, sha: &str, exact: bool) -> Option<i32> {
-    let superseded = !state.deployed_sha.is_empty()
-        && !state.deployed_sha.starts_with(sha)
-        && !sha.starts_with(&state.deployed_sha);
+    let deployed = state.deployed_sha.to_ascii_lowercase();
+    let sha = sha.to_ascii_lowercase();
+    let superseded =
+        !deployed.is_empty() && !deployed.starts_with(&sha) && !sha.starts_with(&deployed);
     match state.state() {
         _ if exact && superseded => Some(SUPERSEDED_EXACT),
         State::Healthy => Some(HEALTHY),

@@ -124,7 +124,7 @@ fn doc_with(pushes: u32) -> RefDoc {
             id: u64::from(pushes),
             status: PipelineStatus::Success,
             source: "push".to_owned(),
-            finished_at_ms: Some(1_000),
+            as_of_ms: Some(1_000),
             passed_stages: Vec::new(),
         };
         doc.refs.record_pipeline(&commit(pushes), pipeline);

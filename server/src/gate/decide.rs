@@ -270,8 +270,16 @@ impl AgentGate {
 
     fn advance_to_head(&mut self, cx: &Context<'_>, step: &mut Step) {
         let Some(head) = cx.refs.head() else { return };
-        let current = self.position.as_ref();
-        if current.is_some_and(|cur| cur.sha == head.sha) || !cx.lineage.on_branch(&head.sha) {
+        if self
+            .position
+            .as_ref()
+            .is_some_and(|cur| cur.sha == head.sha)
+        {
+            return;
+        }
+        if !cx.lineage.on_branch(&head.sha) {
+            let why = "not on the branch (force-pushed away, or not fetched yet)".to_owned();
+            self.record(step, cx.now_ms, Outcome::Skip, Some(&head.sha), None, why);
             return;
         }
         match cx.forward(self.position.as_ref(), &head.sha) {

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 /// Heads kept per ref; older ones can no longer be deployed anyway.
 pub const MAX_HEADS: usize = 256;
+/// Pipelines kept per commit, newest ids.
+pub const MAX_PIPELINES_PER_COMMIT: usize = 16;
 /// Pipelines kept for commits that no push has announced yet (webhooks arrive out of order).
 pub const MAX_ORPHAN_PIPELINE_COMMITS: usize = 64;
 
@@ -162,8 +164,10 @@ pub struct Pipeline {
     pub status: PipelineStatus,
     #[serde(default)]
     pub source: String,
+    /// When this state was true: the finish time of a final result, else the latest job
+    /// activity. Orders updates of one pipeline that arrive out of order.
     #[serde(default)]
-    pub finished_at_ms: Option<i64>,
+    pub as_of_ms: Option<i64>,
     /// Stages all of whose jobs succeeded, while the pipeline may still run later stages.
     #[serde(default)]
     pub passed_stages: Vec<String>,
@@ -176,8 +180,12 @@ impl Pipeline {
     /// two final results the one that finished later wins (a job retried inside the pipeline).
     fn supersedes(&self, recorded: &Pipeline) -> bool {
         match (recorded.status.is_final(), self.status.is_final()) {
-            (true, false) => false,
-            (true, true) => self.finished_at_ms >= recorded.finished_at_ms,
+            // A job retried in a finished pipeline makes it run again: believe a non-final
+            // update only when its activity is newer than the recorded finish.
+            (true, false) => {
+                matches!((self.as_of_ms, recorded.as_of_ms), (Some(new), Some(old)) if new > old)
+            }
+            (true, true) => self.as_of_ms >= recorded.as_of_ms,
             (false, _) => true,
         }
     }
@@ -259,13 +267,35 @@ impl RefState {
             return Recorded::Unchanged;
         }
         self.deleted = false;
-        self.heads.push(Head {
+        let head = Head {
             sha: after.clone(),
             seq: self.next_seq,
             pushed_at_ms: push.at_ms,
             line: self.line,
+        };
+        // A push delivered late continues from a head that is no longer the newest: its new
+        // head belongs right after that one, not after the pushes that came later.
+        let continues_older = push.before.as_ref().and_then(|before| {
+            let at = self
+                .heads
+                .iter()
+                .rposition(|h| h.line == self.line && &h.sha == before)?;
+            let newest = self.heads.iter().rposition(|h| h.line == self.line)?;
+            (at < newest).then_some(at)
         });
-        self.next_seq += 1;
+        match continues_older {
+            Some(at) => {
+                self.heads.insert(at + 1, head);
+                for (seq, head) in self.heads.iter_mut().enumerate() {
+                    head.seq = seq as u64;
+                }
+                self.next_seq = self.heads.len() as u64;
+            }
+            None => {
+                self.heads.push(head);
+                self.next_seq += 1;
+            }
+        }
         self.trim();
         Recorded::Changed
     }
@@ -278,12 +308,25 @@ impl RefState {
                 Recorded::Unchanged
             }
             Some(recorded) => {
+                // Updates without job details (catch-up, other CI systems) keep what the
+                // webhooks said about passed stages.
+                let keep_stages = update.passed_stages.is_empty() && !update.status.is_final();
+                let stages = std::mem::take(&mut recorded.passed_stages);
                 *recorded = update;
+                if keep_stages && recorded.status == PipelineStatus::Running {
+                    recorded.passed_stages = stages;
+                }
                 Recorded::Changed
             }
             None => {
                 runs.push(update);
                 runs.sort_by_key(|p| p.id);
+                // Only the newest pipelines can be the verdict; scheduled pipelines on an idle
+                // head would otherwise grow the document forever.
+                if runs.len() > MAX_PIPELINES_PER_COMMIT {
+                    let excess = runs.len() - MAX_PIPELINES_PER_COMMIT;
+                    runs.drain(..excess);
+                }
                 Recorded::Changed
             }
         };
@@ -401,7 +444,7 @@ mod tests {
             id,
             status,
             source: "push".into(),
-            finished_at_ms: None,
+            as_of_ms: None,
             passed_stages: Vec::new(),
         }
     }
@@ -424,6 +467,28 @@ mod tests {
     }
 
     #[test]
+    fn a_push_delivered_late_takes_its_place_in_history() {
+        let mut state = RefState::default();
+        state.record_push(&push(1));
+        // A→B is delivered after B→C.
+        state.record_push(&Push {
+            before: Some(sha(2)),
+            after: Some(sha(3)),
+            at_ms: 0,
+        });
+        state.record_push(&Push {
+            before: Some(sha(1)),
+            after: Some(sha(2)),
+            at_ms: 0,
+        });
+        let order: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+        assert_eq!(order, [sha(3), sha(2), sha(1)], "newest first");
+        let lineage = PushOrder(&state);
+        assert!(lineage.descends_from(&sha(3), &sha(2)));
+        assert!(!lineage.descends_from(&sha(2), &sha(3)));
+    }
+
+    #[test]
     fn late_running_update_never_hides_a_final_result() {
         let mut state = RefState::default();
         state.record_pipeline(&sha(1), pipeline(7, PipelineStatus::Success));
@@ -435,6 +500,46 @@ mod tests {
             state.verdict(&sha(1)).unwrap().status,
             PipelineStatus::Success
         );
+    }
+
+    #[test]
+    fn a_job_retried_in_a_failed_pipeline_makes_it_run_again() {
+        let mut state = RefState::default();
+        let at = |status, ms| Pipeline {
+            as_of_ms: Some(ms),
+            ..pipeline(7, status)
+        };
+        state.record_pipeline(&sha(1), at(PipelineStatus::Failed, 100));
+        assert_eq!(
+            state.record_pipeline(&sha(1), at(PipelineStatus::Running, 50)),
+            Recorded::Unchanged,
+            "stale"
+        );
+        assert_eq!(
+            state.record_pipeline(&sha(1), at(PipelineStatus::Running, 200)),
+            Recorded::Changed,
+            "retried"
+        );
+        assert_eq!(
+            state.verdict(&sha(1)).unwrap().status,
+            PipelineStatus::Running
+        );
+        state.record_pipeline(&sha(1), at(PipelineStatus::Success, 300));
+        assert_eq!(
+            state.verdict(&sha(1)).unwrap().status,
+            PipelineStatus::Success
+        );
+    }
+
+    #[test]
+    fn old_pipelines_of_a_commit_are_dropped() {
+        let mut state = RefState::default();
+        for id in 0..40 {
+            state.record_pipeline(&sha(1), pipeline(id, PipelineStatus::Success));
+        }
+        let runs = &state.pipelines[&sha(1)];
+        assert_eq!(runs.len(), MAX_PIPELINES_PER_COMMIT);
+        assert_eq!(state.verdict(&sha(1)).unwrap().id, 39);
     }
 
     #[test]

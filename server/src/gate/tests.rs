@@ -22,7 +22,7 @@ fn run(id: u64, status: PipelineStatus) -> Pipeline {
         id,
         status,
         source: "push".to_owned(),
-        finished_at_ms: None,
+        as_of_ms: None,
         passed_stages: Vec::new(),
     }
 }
@@ -683,11 +683,11 @@ fn base_deliveries(commits: &[Vec<RunSpec>]) -> Vec<Delivery> {
             } else {
                 "push"
             };
-            let update = |status: PipelineStatus, finished_at_ms| Pipeline {
+            let update = |status: PipelineStatus, as_of_ms| Pipeline {
                 id,
                 status,
                 source: source.to_owned(),
-                finished_at_ms,
+                as_of_ms,
                 passed_stages: Vec::new(),
             };
             if spec.reports_running {
@@ -862,7 +862,7 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
                 id: u64::from(n),
                 status: Success,
                 source: "push".into(),
-                finished_at_ms: None,
+                as_of_ms: None,
                 passed_stages: Vec::new(),
             },
         );
@@ -888,7 +888,7 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
             id: 3,
             status: Success,
             source: "push".into(),
-            finished_at_ms: None,
+            as_of_ms: None,
             passed_stages: Vec::new(),
         },
     );
@@ -926,7 +926,7 @@ fn required_stages_open_the_gate_while_the_deploy_stage_still_runs() {
         id: 5,
         status: Running,
         source: "push".into(),
-        finished_at_ms: None,
+        as_of_ms: None,
         passed_stages: vec!["test".into()],
     };
     refs.record_pipeline(&sha(1), running.clone());
@@ -978,7 +978,7 @@ fn a_failed_pipeline_never_counts_even_if_its_required_stages_passed() {
         id: 5,
         status: Failed,
         source: "push".into(),
-        finished_at_ms: None,
+        as_of_ms: None,
         passed_stages: vec!["test".into()],
     };
     refs.record_pipeline(&sha(1), failed);

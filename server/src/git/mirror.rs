@@ -37,7 +37,7 @@ pub(super) fn mirror_dir(cache_dir: &Path, url: &str) -> PathBuf {
 }
 
 /// The url as it may appear in messages and logs: a password in it is redacted.
-pub(super) fn display_url(url: &str) -> String {
+pub fn display_url(url: &str) -> String {
     match gix::url::parse(url) {
         Ok(parsed) if parsed.password().is_some() => parsed.to_string(),
         _ => url.to_owned(),

@@ -28,6 +28,7 @@ use crate::gate::Sha;
 
 pub use lineage::GitLineage;
 pub use manifests::{ManifestFile, ManifestSet};
+pub use mirror::display_url;
 
 use manifests::{ManifestCache, ManifestKey, Patterns};
 use mirror::FetchJob;

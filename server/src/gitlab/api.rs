@@ -1,6 +1,6 @@
 //! The GitLab REST API calls the server makes: commit statuses and catch-up reads.
 
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Deserialize;
 
@@ -179,6 +179,16 @@ impl GitLab {
     }
 }
 
+/// GitLab writes `2016-08-12 15:26:29 UTC` in hooks and RFC 3339 in its API.
+pub fn parse_gitlab_time(value: &str) -> Option<i64> {
+    let value = value.trim();
+    let time = match value.strip_suffix(" UTC") {
+        Some(naive) => humantime::parse_rfc3339_weak(naive).ok()?,
+        None => humantime::parse_rfc3339_weak(value.trim_end_matches('Z')).ok()?,
+    };
+    i64::try_from(time.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
+}
+
 /// Cuts `text` to at most `max` characters, marking the cut.
 pub fn truncate(text: &str, max: usize) -> String {
     if text.chars().count() <= max {
@@ -206,6 +216,13 @@ mod tests {
             gitlab.url("42", &["pipelines"]).unwrap().as_str(),
             "https://example.com/gitlab/api/v4/projects/42/pipelines"
         );
+    }
+
+    #[test]
+    fn gitlab_times_parse_in_both_spellings() {
+        assert_eq!(parse_gitlab_time("1970-01-01 00:00:01 UTC"), Some(1000));
+        assert_eq!(parse_gitlab_time("1970-01-01T00:00:02Z"), Some(2000));
+        assert_eq!(parse_gitlab_time("yesterday"), None);
     }
 
     #[test]

@@ -2,12 +2,12 @@
 //! each watched branch's head and latest pipelines and feeds them into the same gate.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::api::{GitLab, GitLabError};
+use super::api::{GitLab, GitLabError, parse_gitlab_time};
 use crate::engine::{Engine, EngineError, Fact, FactKind};
 use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
 use crate::store::RefKey;
@@ -50,20 +50,12 @@ pub async fn catch_up_once(
         else {
             continue;
         };
-        let finished_at_ms = if status.is_final() {
-            api.updated_at
-                .as_deref()
-                .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
-                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                .and_then(|d| i64::try_from(d.as_millis()).ok())
-        } else {
-            None
-        };
+        let as_of_ms = api.updated_at.as_deref().and_then(parse_gitlab_time);
         let pipeline = Pipeline {
             id: api.id,
             status,
             source: api.source.unwrap_or_default(),
-            finished_at_ms,
+            as_of_ms,
             passed_stages: Vec::new(),
         };
         engine

@@ -5,6 +5,8 @@ mod api;
 mod catch_up;
 mod statuses;
 
-pub use api::{ApiPipeline, CommitStatus, GitLab, GitLabError, MAX_DESCRIPTION, truncate};
+pub use api::{
+    ApiPipeline, CommitStatus, GitLab, GitLabError, MAX_DESCRIPTION, parse_gitlab_time, truncate,
+};
 pub use catch_up::{catch_up_once, run_catch_up};
 pub use statuses::{StatusPublisher, status_for};

@@ -8,7 +8,7 @@ use greenlight::v1::{Phase, StatusReport};
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::api::{CommitStatus, GitLab};
 use crate::engine::Engine;
@@ -20,6 +20,8 @@ use crate::store::Broadcast;
 const QUEUE: usize = 1024;
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+/// How long one status is retried before the queue moves on.
+const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
 
 /// One status to post.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,13 +115,16 @@ impl StatusPublisher {
     /// Runs until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(post_all(
-            self.engine.clone(),
-            self.gitlab.clone(),
-            rx,
-            self.metrics.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(
+            post_all(
+                self.engine.clone(),
+                self.gitlab.clone(),
+                rx,
+                self.metrics.clone(),
+                shutdown.clone(),
+            )
+            .instrument(tracing::info_span!("post_statuses")),
+        );
         let mut events = self.events;
         loop {
             let message = tokio::select! {
@@ -166,44 +171,41 @@ async fn post_all(
         _ = shutdown.cancelled() => None,
         job = jobs.recv() => job,
     } {
-        // Every replica sees every event; the first to claim a status posts it, and a
-        // restart does not post it again.
-        match engine
-            .store()
-            .claim_status(&job.agent, &job.sha, job.status.state)
-            .await
-        {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(error) => warn!(%error, "cannot claim a commit status; posting anyway"),
+        // Every replica sees every event: skip what another replica (or this one before a
+        // restart) already posted. Two replicas racing may both post, which GitLab takes as
+        // the same state twice; marking only after success means a failure is never
+        // recorded as posted.
+        let (agent, sha, state) = (&job.agent, &job.sha, job.status.state);
+        match engine.store().status_posted(agent, sha, state).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(error) => warn!(%error, "cannot tell whether a commit status was posted; posting"),
         }
+        let deadline = tokio::time::Instant::now() + RETRY_FOR;
         let mut delay = RETRY_INITIAL;
         loop {
-            match gitlab
-                .post_status(&job.project, &job.sha, &job.status)
-                .await
-            {
+            match gitlab.post_status(&job.project, sha, &job.status).await {
                 Ok(()) => {
-                    debug!(
-                        agent = job.agent,
-                        sha = job.sha,
-                        state = job.status.state,
-                        "commit status posted"
-                    );
+                    debug!(agent, sha, state, "commit status posted");
                     metrics.gitlab_status("posted", 1);
+                    if let Err(error) = engine.store().claim_status(agent, sha, state).await {
+                        warn!(%error, agent, state, "cannot record a posted commit status");
+                    }
                     break;
                 }
-                Err(error) if error.retryable() => {
-                    warn!(%error, agent = job.agent, state = job.status.state, retry_in = ?delay, "cannot post commit status");
+                Err(error) if error.retryable() && tokio::time::Instant::now() < deadline => {
+                    warn!(%error, agent, state, retry_in = ?delay, "cannot post commit status");
                     metrics.gitlab_status("retried", 1);
+                    let jitter =
+                        Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 2));
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(delay + jitter) => {}
                     }
                     delay = (delay * 2).min(RETRY_MAX);
                 }
                 Err(error) => {
-                    warn!(%error, agent = job.agent, state = job.status.state, "commit status refused by GitLab");
+                    warn!(%error, agent, state, "giving up on a commit status");
                     metrics.gitlab_status("failed", 1);
                     break;
                 }

@@ -8,7 +8,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
-use tracing::warn;
+use tracing::{Instrument, warn};
 
 use super::{bearer, decision_to_proto, mode_to_proto, revision_to_proto, status_to_proto};
 use crate::clock::now_ms;
@@ -237,38 +237,42 @@ impl AdminService for AdminApi {
         let (tx, rx) = mpsc::channel(16);
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
-        tokio::spawn(async move {
-            let mut last = first;
-            if tx.send(Ok(last.clone())).await.is_err() || is_final(last.state()) {
-                return;
-            }
-            let mut tick = tokio::time::interval(REVISION_POLL);
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tx.closed() => return,
-                    _ = tick.tick() => {}
-                    event = events.recv() => match event {
-                        Ok(message) if !concerns(&message, &request.name) => continue,
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
+        let span = tracing::info_span!("watch_revision");
+        tokio::spawn(
+            async move {
+                let mut last = first;
+                if tx.send(Ok(last.clone())).await.is_err() || is_final(last.state()) {
+                    return;
                 }
-                let state = match engine.revision_progress(&request.name, &sha).await {
-                    Ok(state) => state,
-                    Err(error) => {
-                        warn!(%error, "cannot read revision progress; retrying");
-                        continue;
+                let mut tick = tokio::time::interval(REVISION_POLL);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                        _ = tick.tick() => {}
+                        event = events.recv() => match event {
+                            Ok(message) if !concerns(&message, &request.name) => continue,
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
                     }
-                };
-                if state != last {
-                    if tx.send(Ok(state.clone())).await.is_err() || is_final(state.state()) {
-                        return;
+                    let state = match engine.revision_progress(&request.name, &sha).await {
+                        Ok(state) => state,
+                        Err(error) => {
+                            warn!(%error, "cannot read revision progress; retrying");
+                            continue;
+                        }
+                    };
+                    if state != last {
+                        if tx.send(Ok(state.clone())).await.is_err() || is_final(state.state()) {
+                            return;
+                        }
+                        last = state;
                     }
-                    last = state;
                 }
             }
-        });
+            .instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -448,6 +452,7 @@ impl AdminService for AdminApi {
         let mut events = self.engine.events();
         let (tx, rx) = mpsc::channel(64);
         let shutdown = self.shutdown.clone();
+        let span = tracing::info_span!("watch_events");
         tokio::spawn(async move {
             loop {
                 let message = tokio::select! {
@@ -476,7 +481,7 @@ impl AdminService for AdminApi {
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
-        });
+        }.instrument(span));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -188,10 +188,19 @@ impl AgentService for AgentApi {
                         if already {
                             sent = Some((revision.sha.clone(), revision.generation));
                         } else {
-                            match engine.manifests(&agent, &revision.sha).await {
+                            // Shutdown must not wait for a fetch, or for an agent that stopped reading.
+                            let files = tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                files = engine.manifests(&agent, &revision.sha) => files,
+                            };
+                            match files {
                                 Ok(files) => {
                                     debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
-                                    if !send_revision(&tx, &agent, &revision, files.as_deref()).await {
+                                    let delivered = tokio::select! {
+                                        _ = shutdown.cancelled() => false,
+                                        delivered = send_revision(&tx, &agent, &revision, files.as_deref()) => delivered,
+                                    };
+                                    if !delivered {
                                         break;
                                     }
                                     engine.note_sync_error(&agent.name, None).await;

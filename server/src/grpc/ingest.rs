@@ -110,7 +110,7 @@ impl IngestService for IngestApi {
             id: request.pipeline_id,
             status,
             source: request.source.clone(),
-            finished_at_ms: request.finished_at_unix_ms,
+            as_of_ms: request.finished_at_unix_ms,
             passed_stages: request.passed_stages.clone(),
         };
         let fact = Fact {

@@ -82,30 +82,31 @@ pub async fn serve(
             .into_response();
     };
     let catalog = state.engine.catalog();
-    let Some(agent) = catalog.agent(name) else {
-        return (StatusCode::NOT_FOUND, format!("no agent named {name:?}")).into_response();
+    // Unknown and private agents get the same answer, so names cannot be probed.
+    let unauthorized = || {
+        let message =
+            "this badge is private: pass ?token=<admin or CI token>, or set `badge: public`";
+        (StatusCode::UNAUTHORIZED, message).into_response()
     };
-    if !agent.badge_public {
-        let token = query.token.as_deref().or_else(|| {
-            headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
-        });
-        let allowed = token.is_some_and(|token| {
+    let token = query.token.as_deref().or_else(|| {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+    });
+    let Some(agent) = catalog.agent(name) else {
+        return unauthorized();
+    };
+    let allowed = agent.badge_public
+        || token.is_some_and(|token| {
             state
                 .admin_token
                 .as_ref()
                 .is_some_and(|admin| admin.matches(token))
                 || agent.ci_token.as_ref().is_some_and(|ci| ci.matches(token))
         });
-        if !allowed {
-            return (
-                StatusCode::UNAUTHORIZED,
-                "this badge is private: pass ?token=<admin or CI token>, or set `badge: public`",
-            )
-                .into_response();
-        }
+    if !allowed {
+        return unauthorized();
     }
     let report = match state.engine.store().reports(name, 1).await {
         Ok(reports) => reports

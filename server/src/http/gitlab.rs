@@ -4,7 +4,7 @@
 //! answers are: 401 for a bad token, 400 for a body that is not the event it claims to be,
 //! 5xx only when the event cannot be recorded, and 2xx for everything else.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Bytes;
@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::HttpState;
 use crate::engine::{Fact, FactKind, Recording};
 use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
+use crate::gitlab::parse_gitlab_time;
 
 /// Leaves GitLab's 10 s budget some slack for the network.
 const RECORD_DEADLINE: Duration = Duration::from_secs(8);
@@ -52,6 +53,21 @@ struct Build {
     status: String,
     #[serde(default)]
     allow_failure: bool,
+    #[serde(default)]
+    created_at: Option<String>,
+    #[serde(default)]
+    started_at: Option<String>,
+    #[serde(default)]
+    finished_at: Option<String>,
+}
+
+/// The latest job activity: when a running pipeline's state was last true.
+fn latest_activity(builds: &[Build]) -> Option<i64> {
+    builds
+        .iter()
+        .flat_map(|b| [&b.created_at, &b.started_at, &b.finished_at])
+        .filter_map(|t| t.as_deref().and_then(parse_gitlab_time))
+        .max()
 }
 
 /// Stages every job of which succeeded (or may fail): what `gate.stages` waits for.
@@ -247,7 +263,11 @@ fn parse_pipeline(body: &[u8]) -> Parsed {
         id: attrs.id,
         status,
         source: attrs.source.unwrap_or_default(),
-        finished_at_ms: attrs.finished_at.as_deref().and_then(parse_gitlab_time),
+        as_of_ms: if status.is_final() {
+            attrs.finished_at.as_deref().and_then(parse_gitlab_time)
+        } else {
+            latest_activity(&hook_builds)
+        },
         passed_stages: passed_stages(&hook_builds),
     };
     Ok(Ok(Fact {
@@ -270,26 +290,9 @@ fn project_of(
     Ok((path, id))
 }
 
-/// GitLab writes `2016-08-12 15:26:29 UTC` in hooks and RFC 3339 in its API.
-fn parse_gitlab_time(value: &str) -> Option<i64> {
-    let value = value.trim();
-    let time = match value.strip_suffix(" UTC") {
-        Some(naive) => humantime::parse_rfc3339_weak(naive).ok()?,
-        None => humantime::parse_rfc3339_weak(value.trim_end_matches('Z')).ok()?,
-    };
-    i64::try_from(time.duration_since(UNIX_EPOCH).ok()?.as_millis()).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn gitlab_times_parse_in_both_spellings() {
-        assert_eq!(parse_gitlab_time("1970-01-01 00:00:01 UTC"), Some(1000));
-        assert_eq!(parse_gitlab_time("1970-01-01T00:00:02Z"), Some(2000));
-        assert_eq!(parse_gitlab_time("yesterday"), None);
-    }
 
     #[test]
     fn tag_pushes_and_tag_pipelines_are_not_acted_on() {

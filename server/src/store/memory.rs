@@ -152,6 +152,11 @@ impl Store for MemoryStore {
         Ok(self.lock().sync_errors.get(agent).cloned())
     }
 
+    async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
+        let key = (agent.to_owned(), sha.to_owned(), state.to_owned());
+        Ok(self.lock().statuses.contains(&key))
+    }
+
     async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
         Ok(self
             .lock()

@@ -146,9 +146,13 @@ pub trait Store: Send + Sync + 'static {
     /// Why `agent`'s desired revision cannot be delivered, if it cannot.
     async fn sync_error(&self, agent: &str) -> Result<Option<String>>;
 
-    /// Claims the posting of commit status `state` for `agent` on `sha`: `true` for the first
-    /// claimant only, so replicas and restarts never post a status twice.
+    /// Records that commit status `state` for `agent` on `sha` was posted: `true` for the
+    /// first to record it.
     async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool>;
+
+    /// Whether commit status `state` for `agent` on `sha` was posted already, by any replica
+    /// or before a restart.
+    async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool>;
 
     /// Announces `message` to every replica.
     async fn publish(&self, message: &Broadcast) -> Result<()>;

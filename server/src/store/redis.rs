@@ -30,6 +30,10 @@ redis.call('PUBLISH', ARGV[4], ARGV[5])
 return v
 "#;
 
+/// How often the subscription connection proves it is alive.
+const PUBSUB_PING_INTERVAL: Duration = Duration::from_secs(30);
+const PUBSUB_PING_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The Redis-backed store.
 pub struct RedisStore {
     conn: ConnectionManager,
@@ -83,6 +87,13 @@ impl RedisStore {
 
     fn presence_key(&self, replica: &str) -> String {
         format!("{}:presence:{{{}}}", self.prefix, replica)
+    }
+
+    fn status_key(&self, agent: &str, sha: &str, state: &str) -> String {
+        format!(
+            "{}:agent:{{{}}}:status:{}:{}",
+            self.prefix, agent, sha, state
+        )
     }
 
     fn replicas_key(&self) -> String {
@@ -241,11 +252,16 @@ impl Store for RedisStore {
         Ok(self.conn.clone().get(key).await?)
     }
 
+    async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
+        Ok(self
+            .conn
+            .clone()
+            .exists(self.status_key(agent, sha, state))
+            .await?)
+    }
+
     async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
-        let key = format!(
-            "{}:agent:{{{}}}:status:{}:{}",
-            self.prefix, agent, sha, state
-        );
+        let key = self.status_key(agent, sha, state);
         let claimed: Option<String> = redis::cmd("SET")
             .arg(key)
             .arg(crate::clock::now_ms())
@@ -306,11 +322,21 @@ async fn listen(
                 info!(%channel, "subscribed");
                 backoff = Duration::from_millis(100);
                 let _ = notices.send(Notice::Resync);
-                let mut messages = pubsub.into_on_message();
+                let (mut sink, mut messages) = pubsub.split();
+                let mut ping = tokio::time::interval(PUBSUB_PING_INTERVAL);
+                ping.reset();
                 loop {
                     let message = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         message = messages.next() => message,
+                        _ = ping.tick() => {
+                            // A connection dropped silently (NAT, load balancer) never ends
+                            // the stream; only an unanswered ping reveals it.
+                            match tokio::time::timeout(PUBSUB_PING_TIMEOUT, sink.ping::<()>()).await {
+                                Ok(Ok(())) => continue,
+                                _ => break,
+                            }
+                        }
                     };
                     let Some(message) = message else { break };
                     match serde_json::from_slice::<Broadcast>(message.get_payload_bytes()) {
