@@ -70,7 +70,7 @@ impl Assembler {
                     .current
                     .as_mut()
                     .ok_or(AssembleError::NoHeader("chunk"))?;
-                self.bytes += chunk.data.len() as u64;
+                self.bytes = self.bytes.saturating_add(chunk.data.len() as u64);
                 if self.bytes > current.header.total_bytes {
                     return Err(AssembleError::TooLarge(current.header.total_bytes));
                 }

@@ -1,11 +1,24 @@
 //! The Kubernetes side: discovery, server-side apply, reads and deletes, through kube.
 
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
-use kube::core::{ApiResource, GroupVersionKind};
-use kube::discovery::{Discovery, Scope};
+use kube::core::{ApiResource, GroupVersion};
+use kube::discovery::Scope;
 use serde_json::Value;
+use tracing::warn;
+
+/// Bound on every call to the API server: kube sets no read timeout, and one hung call must
+/// not stall the apply loop forever.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on reading one group-version's kinds: the document is small, and a revision using
+/// a broken group should fail soon rather than after kube's retries.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the kinds of one group-version are trusted before they are read again, so that
+/// removed or changed kinds are noticed without a restart.
+const DISCOVERY_TTL: Duration = Duration::from_secs(300);
 
 /// Why a call to the API server failed.
 #[derive(Debug, thiserror::Error)]
@@ -14,6 +27,10 @@ pub enum ClusterError {
     Api(#[from] kube::Error),
     #[error("cannot encode object: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("the API server did not answer within {}s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("kind {0} is not served")]
+    NotServed(String),
 }
 
 impl ClusterError {
@@ -31,6 +48,17 @@ impl ClusterError {
     }
 }
 
+/// Runs one API call under [`CALL_TIMEOUT`].
+pub async fn bounded<T, E>(call: impl Future<Output = Result<T, E>>) -> Result<T, ClusterError>
+where
+    ClusterError: From<E>,
+{
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(ClusterError::Timeout(CALL_TIMEOUT)),
+    }
+}
+
 /// A kind the API server serves.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -38,10 +66,18 @@ pub struct Resolved {
     pub namespaced: bool,
 }
 
-/// A connection to one cluster with its discovered kinds.
+/// The kinds one group-version serves, as last read.
+struct Served {
+    read_at: Instant,
+    kinds: HashMap<String, Resolved>,
+}
+
+/// A connection to one cluster with the kinds discovered so far.
 pub struct Cluster {
     client: kube::Client,
-    discovery: RwLock<Option<Discovery>>,
+    /// Per `apiVersion`: discovery is per group-version, so that one broken group (an
+    /// unavailable aggregated APIService) cannot fail revisions that do not use it.
+    served: RwLock<HashMap<String, Served>>,
     field_manager: String,
 }
 
@@ -50,7 +86,7 @@ impl Cluster {
     pub fn new(client: kube::Client, field_manager: &str) -> Self {
         Self {
             client,
-            discovery: RwLock::new(None),
+            served: RwLock::new(HashMap::new()),
             field_manager: field_manager.to_owned(),
         }
     }
@@ -60,23 +96,101 @@ impl Cluster {
         &self.client
     }
 
-    /// Re-reads which kinds the cluster serves: after CRDs were applied, their kinds appear.
-    pub async fn refresh_discovery(&self) -> Result<(), ClusterError> {
-        let discovery = Discovery::new(self.client.clone()).run().await?;
-        *self.discovery.write().unwrap_or_else(|p| p.into_inner()) = Some(discovery);
-        Ok(())
+    /// Makes sure every `(apiVersion, kind)` in `wanted` can be resolved if the cluster serves
+    /// it: reads each group-version not read yet, read too long ago, or not serving a wanted
+    /// kind (its CRD may have been applied since). Returns the group-versions whose discovery
+    /// failed, with why; the others resolve regardless.
+    pub async fn discover<'a>(
+        &self,
+        wanted: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> BTreeMap<String, String> {
+        let mut kinds: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (api_version, kind) in wanted {
+            kinds.entry(api_version).or_default().insert(kind);
+        }
+        let stale: Vec<&str> = {
+            let served = self.served.read().unwrap_or_else(|p| p.into_inner());
+            kinds
+                .iter()
+                .filter(|(api_version, kinds)| match served.get(**api_version) {
+                    Some(s) => {
+                        s.read_at.elapsed() >= DISCOVERY_TTL
+                            || kinds.iter().any(|k| !s.kinds.contains_key(*k))
+                    }
+                    None => true,
+                })
+                .map(|(api_version, _)| *api_version)
+                .collect()
+        };
+        let reads = stale.iter().map(|api_version| async move {
+            (*api_version, self.read_group_version(api_version).await)
+        });
+        let mut failed = BTreeMap::new();
+        for (api_version, read) in futures_util::future::join_all(reads).await {
+            let mut served = self.served.write().unwrap_or_else(|p| p.into_inner());
+            match read {
+                Ok(kinds) => {
+                    served.insert(
+                        api_version.to_owned(),
+                        Served {
+                            read_at: Instant::now(),
+                            kinds,
+                        },
+                    );
+                }
+                Err(error) => {
+                    // What was read before still holds: keep resolving from it.
+                    warn!(api_version, error = %error.message(), "API discovery failed");
+                    failed.insert(api_version.to_owned(), error.message());
+                }
+            }
+        }
+        failed
     }
 
-    /// The served kind for `api_version` and `kind`, if the cluster serves it.
+    async fn read_group_version(
+        &self,
+        api_version: &str,
+    ) -> Result<HashMap<String, Resolved>, ClusterError> {
+        let (group, version) = split_api_version(api_version);
+        let gv = GroupVersion::gv(group, version);
+        // Shorter than `bounded`: kube retries a 503 (an unavailable aggregated API) for
+        // minutes, and a revision using such a group should fail soon.
+        let read = match tokio::time::timeout(
+            DISCOVERY_TIMEOUT,
+            kube::discovery::pinned_group(&self.client, &gv),
+        )
+        .await
+        {
+            Ok(read) => read.map_err(ClusterError::from),
+            Err(_) => Err(ClusterError::Timeout(DISCOVERY_TIMEOUT)),
+        };
+        let group = match read {
+            Ok(group) => group,
+            // The group-version is not served (yet): no kinds, not an error.
+            Err(error) if error.is_not_found() => return Ok(HashMap::new()),
+            Err(error) => return Err(error),
+        };
+        Ok(group
+            .versioned_resources(version)
+            .into_iter()
+            .map(|(resource, caps)| {
+                let namespaced = caps.scope == Scope::Namespaced;
+                (
+                    resource.kind.clone(),
+                    Resolved {
+                        resource,
+                        namespaced,
+                    },
+                )
+            })
+            .collect())
+    }
+
+    /// The served kind for `api_version` and `kind`, as discovered so far.
     pub fn resolve(&self, api_version: &str, kind: &str) -> Option<Resolved> {
-        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
-        let gvk = GroupVersionKind::gvk(group, version, kind);
-        let guard = self.discovery.read().unwrap_or_else(|p| p.into_inner());
-        let (resource, caps) = guard.as_ref()?.resolve_gvk(&gvk)?;
-        Some(Resolved {
-            resource,
-            namespaced: caps.scope == Scope::Namespaced,
-        })
+        let served = self.served.read().unwrap_or_else(|p| p.into_inner());
+        served.get(api_version)?.kinds.get(kind).cloned()
     }
 
     fn api(&self, resolved: &Resolved, namespace: Option<&str>) -> Api<DynamicObject> {
@@ -103,10 +217,11 @@ impl Cluster {
         if dry_run {
             params = params.dry_run();
         }
-        Ok(self
-            .api(resolved, namespace)
-            .patch(name, &params, &Patch::Apply(body))
-            .await?)
+        bounded(
+            self.api(resolved, namespace)
+                .patch(name, &params, &Patch::Apply(body)),
+        )
+        .await
     }
 
     /// The object, if it exists.
@@ -116,7 +231,32 @@ impl Cluster {
         namespace: Option<&str>,
         name: &str,
     ) -> Result<Option<DynamicObject>, ClusterError> {
-        Ok(self.api(resolved, namespace).get_opt(name).await?)
+        bounded(self.api(resolved, namespace).get_opt(name)).await
+    }
+
+    /// Removes `label` from the object with a merge patch; `false` if it was already gone.
+    pub async fn remove_label(
+        &self,
+        resolved: &Resolved,
+        namespace: Option<&str>,
+        name: &str,
+        label: &str,
+    ) -> Result<bool, ClusterError> {
+        let patch = serde_json::json!({ "metadata": { "labels": { label: null } } });
+        let params = PatchParams {
+            field_manager: Some(self.field_manager.clone()),
+            ..PatchParams::default()
+        };
+        match bounded(
+            self.api(resolved, namespace)
+                .patch(name, &params, &Patch::Merge(&patch)),
+        )
+        .await
+        {
+            Ok(_) => Ok(true),
+            Err(error) if error.is_not_found() => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     /// Deletes the object with `policy` (orphan, background or foreground); `false` if it
@@ -137,10 +277,111 @@ impl Cluster {
             propagation_policy,
             ..DeleteParams::default()
         };
-        match self.api(resolved, namespace).delete(name, &params).await {
+        match bounded(self.api(resolved, namespace).delete(name, &params)).await {
             Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-            Err(error) => Err(error.into()),
+            Err(error) if error.is_not_found() => Ok(false),
+            Err(error) => Err(error),
         }
+    }
+}
+
+/// `(group, version)` of an `apiVersion`; the core group is empty.
+pub fn split_api_version(api_version: &str) -> (&str, &str) {
+    api_version.rsplit_once('/').unwrap_or(("", api_version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{resources, serve, status};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[tokio::test]
+    async fn a_broken_group_fails_only_the_kinds_it_serves_and_new_kinds_are_found() {
+        let crd_applied = Arc::new(AtomicBool::new(false));
+        let applied = crd_applied.clone();
+        let (client, log) = serve(move |_, path| {
+            Some(match path {
+                "/api/v1" => (
+                    200,
+                    resources(
+                        "v1",
+                        &[
+                            ("configmaps", "ConfigMap", true),
+                            ("namespaces", "Namespace", false),
+                        ],
+                    ),
+                ),
+                "/apis/metrics.k8s.io/v1beta1" => (503, status(503, "service unavailable")),
+                "/apis/example.com/v1" if applied.load(Ordering::SeqCst) => (
+                    200,
+                    resources("example.com/v1", &[("widgets", "Widget", true)]),
+                ),
+                _ => (
+                    404,
+                    status(404, "the server could not find the requested resource"),
+                ),
+            })
+        })
+        .await;
+        let cluster = Cluster::new(client, "test");
+        let failed = cluster
+            .discover([
+                ("v1", "ConfigMap"),
+                ("metrics.k8s.io/v1beta1", "PodMetrics"),
+                ("example.com/v1", "Widget"),
+            ])
+            .await;
+        assert_eq!(
+            failed.keys().collect::<Vec<_>>(),
+            ["metrics.k8s.io/v1beta1"]
+        );
+        assert!(
+            failed["metrics.k8s.io/v1beta1"].contains("service unavailable"),
+            "{failed:?} {:?}",
+            log.lock().unwrap()
+        );
+        let configmap = cluster
+            .resolve("v1", "ConfigMap")
+            .expect("ConfigMap resolves");
+        assert!(configmap.namespaced);
+        assert_eq!(configmap.resource.plural, "configmaps");
+        assert!(!cluster.resolve("v1", "Namespace").unwrap().namespaced);
+        assert!(cluster.resolve("example.com/v1", "Widget").is_none());
+        assert!(
+            cluster
+                .resolve("metrics.k8s.io/v1beta1", "PodMetrics")
+                .is_none()
+        );
+
+        // Cached: known kinds are not read again; a missing kind re-reads its group-version.
+        crd_applied.store(true, Ordering::SeqCst);
+        let failed = cluster
+            .discover([
+                ("v1", "ConfigMap"),
+                ("v1", "Namespace"),
+                ("example.com/v1", "Widget"),
+            ])
+            .await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert!(cluster.resolve("example.com/v1", "Widget").is_some());
+        let log = log.lock().unwrap().clone();
+        assert_eq!(
+            log.iter().filter(|p| *p == "GET /api/v1").count(),
+            1,
+            "{log:?}"
+        );
+        assert_eq!(
+            log.iter()
+                .filter(|p| *p == "GET /apis/example.com/v1")
+                .count(),
+            2,
+            "{log:?}"
+        );
+        assert!(
+            !log.iter().any(|p| p == "GET /apis" || p == "GET /api"),
+            "no full discovery: {log:?}"
+        );
     }
 }

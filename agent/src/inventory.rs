@@ -6,10 +6,12 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-use crate::cluster::ClusterError;
+use crate::cluster::{ClusterError, bounded};
 use crate::plan::InventoryEntry;
 
-/// The label every applied object carries; its value is the agent's name.
+/// The label every applied object carries; its value is the agent's name. Objects that
+/// existed before the agent first applied them carry it too, but are marked adopted in the
+/// inventory and never pruned.
 pub const INVENTORY_LABEL: &str = "greenlight.dev/inventory";
 
 /// What the inventory holds.
@@ -39,7 +41,7 @@ impl InventoryStore {
 
     /// The stored inventory; empty when there is none yet.
     pub async fn load(&self) -> Result<Inventory, ClusterError> {
-        let Some(map) = self.api.get_opt(&self.name).await? else {
+        let Some(map) = bounded(self.api.get_opt(&self.name)).await? else {
             return Ok(Inventory::default());
         };
         let data = map.data.unwrap_or_default();
@@ -68,9 +70,7 @@ impl InventoryStore {
             },
         });
         let params = PatchParams::apply(&self.field_manager).force();
-        self.api
-            .patch(&self.name, &params, &Patch::Apply(body))
-            .await?;
+        bounded(self.api.patch(&self.name, &params, &Patch::Apply(body))).await?;
         Ok(())
     }
 }

@@ -1,6 +1,11 @@
 //! Leader election over a `coordination.k8s.io` Lease: only the holder applies.
+//!
+//! As in client-go: every round is bounded in time; a leader that has not renewed within the
+//! renew deadline steps down, which is before anyone else may take over; and another
+//! holder's lease expires a lease duration after this replica *saw* its record last change,
+//! by the local monotonic clock, so clock skew between nodes cannot make two leaders.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -10,8 +15,52 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::session::jittered;
+
 /// How long a lease is valid without renewal, as kas used.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);
+
+/// The lease record as this replica saw it; any change means its holder is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// `spec.holderIdentity`, `None` when empty.
+    pub holder: Option<String>,
+    /// `spec.renewTime` as written, compared for change only.
+    pub renew_time: Option<String>,
+    /// `metadata.resourceVersion`.
+    pub resource_version: Option<String>,
+}
+
+/// Remembers when the lease record was first seen as it is now, by the local clock.
+#[derive(Debug, Default)]
+pub struct Observer {
+    last: Option<(Record, Instant)>,
+}
+
+impl Observer {
+    /// Notes `record` seen at `now`; returns since when it has been seen unchanged.
+    pub fn observe(&mut self, record: Record, now: Instant) -> Instant {
+        match &self.last {
+            Some((seen, since)) if *seen == record => *since,
+            _ => {
+                self.last = Some((record, now));
+                now
+            }
+        }
+    }
+}
+
+/// Whether a holder whose record has been unchanged since `since` lost its lease of
+/// `duration` at `now`; a duration too large to add never expires.
+pub fn expired(since: Instant, duration: Duration, now: Instant) -> bool {
+    since.checked_add(duration).is_some_and(|end| now >= end)
+}
+
+/// Whether a leader whose last successful renewal was sent at `renewed` still leads at
+/// `now`, given `renew_deadline`.
+pub fn still_leading(renewed: Option<Instant>, renew_deadline: Duration, now: Instant) -> bool {
+    renewed.is_some_and(|sent| now.saturating_duration_since(sent) < renew_deadline)
+}
 
 /// Competes for one Lease.
 pub struct Elector {
@@ -19,6 +68,7 @@ pub struct Elector {
     name: String,
     identity: String,
     duration: Duration,
+    observer: Observer,
 }
 
 impl Elector {
@@ -35,12 +85,15 @@ impl Elector {
             name: name.to_owned(),
             identity: identity.to_owned(),
             duration,
+            observer: Observer::default(),
         }
     }
 
-    /// One round: acquires or renews the lease; `true` when this replica holds it now.
-    pub async fn try_acquire(&self) -> Result<bool, kube::Error> {
-        let now = Timestamp::now();
+    /// One round at `now`: acquires or renews the lease; `true` when this replica holds it.
+    pub async fn try_acquire(&mut self, now: Instant) -> Result<bool, kube::Error> {
+        // Wall-clock times are written for people reading the Lease; decisions never use
+        // them.
+        let wall = Timestamp::now();
         let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX);
         let Some(mut lease) = self.api.get_opt(&self.name).await? else {
             let lease = Lease {
@@ -51,8 +104,8 @@ impl Elector {
                 spec: Some(LeaseSpec {
                     holder_identity: Some(self.identity.clone()),
                     lease_duration_seconds: Some(seconds),
-                    acquire_time: Some(MicroTime(now)),
-                    renew_time: Some(MicroTime(now)),
+                    acquire_time: Some(MicroTime(wall)),
+                    renew_time: Some(MicroTime(wall)),
                     lease_transitions: Some(0),
                     ..LeaseSpec::default()
                 }),
@@ -63,24 +116,33 @@ impl Elector {
                 Err(error) => Err(error),
             };
         };
+        let resource_version = lease.metadata.resource_version.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
-        let expired = match (&spec.renew_time, spec.lease_duration_seconds) {
-            (Some(MicroTime(renewed)), Some(secs)) => {
-                let age = now.duration_since(*renewed);
-                age.as_secs() >= i64::from(secs)
-            }
-            _ => true,
+        let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+        let mine = holder.as_deref() == Some(self.identity.as_str());
+        let record = Record {
+            holder: holder.clone(),
+            renew_time: spec.renew_time.as_ref().map(|t| t.0.to_string()),
+            resource_version,
         };
-        if !mine && !expired {
-            return Ok(false);
+        let since = self.observer.observe(record, now);
+        if !mine && holder.is_some() {
+            // The holder's own promise, when it made one; ours otherwise.
+            let duration = spec
+                .lease_duration_seconds
+                .and_then(|s| u64::try_from(s).ok())
+                .filter(|s| *s > 0)
+                .map_or(self.duration, Duration::from_secs);
+            if !expired(since, duration, now) {
+                return Ok(false);
+            }
         }
         if !mine {
-            spec.acquire_time = Some(MicroTime(now));
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            spec.acquire_time = Some(MicroTime(wall));
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
             spec.holder_identity = Some(self.identity.clone());
         }
-        spec.renew_time = Some(MicroTime(now));
+        spec.renew_time = Some(MicroTime(wall));
         spec.lease_duration_seconds = Some(seconds);
         // The resourceVersion we read makes this a compare-and-swap: two replicas cannot
         // both win the same round.
@@ -96,15 +158,51 @@ impl Elector {
     }
 
     /// Keeps competing until `shutdown`, publishing whether this replica leads.
-    pub async fn run(self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
+    pub async fn run(mut self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
+        // Three rounds per lease period and a renew deadline of two thirds of it, as
+        // client-go's defaults (10s of 15s).
+        let retry = self.duration / 3;
+        let renew_deadline = self.duration * 2 / 3;
+        let mut renewed: Option<Instant> = None;
         loop {
-            let lead = match self.try_acquire().await {
-                Ok(lead) => lead,
-                Err(error) => {
-                    warn!(%error, "cannot reach the lease; stepping down");
+            let started = Instant::now();
+            // A leader's round may not outlast its renew deadline: it must step down in time.
+            let budget = match renewed {
+                Some(sent) => retry.min(
+                    sent.checked_add(renew_deadline)
+                        .map_or(retry, |end| end.saturating_duration_since(started)),
+                ),
+                None => retry,
+            };
+            let round = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    leading.send_replace(false);
+                    return;
+                }
+                round = tokio::time::timeout(budget, self.try_acquire(started)) => round,
+            };
+            let failed = match round {
+                Ok(Ok(true)) => {
+                    renewed = Some(started);
                     false
                 }
+                Ok(Ok(false)) => {
+                    renewed = None;
+                    false
+                }
+                Ok(Err(error)) => {
+                    warn!(%error, "cannot reach the lease");
+                    true
+                }
+                Err(_) => {
+                    warn!(timeout = ?budget, "lease round timed out");
+                    true
+                }
             };
+            let lead = still_leading(renewed, renew_deadline, Instant::now());
+            if !lead {
+                renewed = None;
+            }
             leading.send_if_modified(|current| {
                 if *current != lead {
                     info!(lease = self.name, leading = lead, "leadership changed");
@@ -114,14 +212,123 @@ impl Elector {
                     false
                 }
             });
+            // Replicas that started together must not keep colliding; a leader whose
+            // renewal failed retries sooner, while it still leads.
+            let mut wait = if lead && failed {
+                jittered(retry / 4)
+            } else {
+                jittered(retry)
+            };
+            if let Some(end) = renewed.and_then(|sent| sent.checked_add(renew_deadline)) {
+                wait = wait.min(end.saturating_duration_since(Instant::now()));
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     leading.send_replace(false);
                     return;
                 }
-                // Three renewals per lease period, as client-go's leader election does.
-                _ = tokio::time::sleep(self.duration / 3) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{serve, status};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn record(holder: &str, renewed: &str, version: &str) -> Record {
+        Record {
+            holder: Some(holder.into()),
+            renew_time: Some(renewed.into()),
+            resource_version: Some(version.into()),
+        }
+    }
+
+    #[test]
+    fn another_holder_expires_a_lease_duration_after_its_record_last_changed_here() {
+        let start = Instant::now();
+        let second = Duration::from_secs(1);
+        let lease = Duration::from_secs(15);
+        let mut observer = Observer::default();
+        // Its renewTime may be far in the past or future by our clock: only change counts.
+        let since = observer.observe(record("b", "1970-01-01T00:00:00Z", "7"), start);
+        assert_eq!(since, start);
+        let later = start + 14 * second;
+        assert_eq!(
+            observer.observe(record("b", "1970-01-01T00:00:00Z", "7"), later),
+            start
+        );
+        assert!(!expired(start, lease, later));
+        assert!(expired(start, lease, start + lease));
+        // A renewal restarts the count.
+        let renewed = observer.observe(record("b", "1970-01-01T00:00:10Z", "8"), later);
+        assert_eq!(renewed, later);
+        assert!(!expired(renewed, lease, start + lease));
+        // Absurd durations never expire instead of overflowing.
+        assert!(!expired(start, Duration::MAX, start + lease));
+    }
+
+    #[test]
+    fn a_leader_steps_down_once_its_last_renewal_is_older_than_the_deadline() {
+        let sent = Instant::now();
+        let deadline = Duration::from_secs(10);
+        assert!(!still_leading(None, deadline, sent));
+        assert!(still_leading(
+            Some(sent),
+            deadline,
+            sent + Duration::from_secs(9)
+        ));
+        assert!(!still_leading(Some(sent), deadline, sent + deadline));
+        assert!(still_leading(Some(sent), deadline, sent));
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_api_server_hangs_steps_down_within_the_renew_deadline() {
+        let created = Arc::new(AtomicBool::new(false));
+        let flag = created.clone();
+        let (client, log) = serve(move |method, _| {
+            if flag.load(Ordering::SeqCst) {
+                return None;
+            }
+            match method {
+                "GET" => Some((404, status(404, "leases \"l\" not found"))),
+                _ => {
+                    flag.store(true, Ordering::SeqCst);
+                    Some((
+                        201,
+                        serde_json::json!({"apiVersion": "coordination.k8s.io/v1",
+                            "kind": "Lease", "metadata": {"name": "l", "resourceVersion": "1"},
+                            "spec": {"holderIdentity": "a"}})
+                        .to_string(),
+                    ))
+                }
+            }
+        })
+        .await;
+        let duration = Duration::from_millis(900);
+        let elector = Elector::new(client, "ns", "l", "a", duration);
+        let (tx, mut rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(elector.run(tx, shutdown.clone()));
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|l| *l))
+            .await
+            .unwrap_or_else(|_| panic!("never led: {:?}", log.lock().unwrap()))
+            .unwrap();
+        let leading_since = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|l| !*l))
+            .await
+            .expect("steps down although every call hangs")
+            .unwrap();
+        // Well before the lease (900ms) could expire for anyone else.
+        assert!(
+            leading_since.elapsed() < duration,
+            "{:?}",
+            leading_since.elapsed()
+        );
+        shutdown.cancel();
     }
 }

@@ -15,3 +15,5 @@ pub mod plan;
 pub mod reconcile;
 pub mod run;
 pub mod session;
+#[cfg(test)]
+mod testing;

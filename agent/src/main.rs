@@ -9,6 +9,9 @@ use greenlight_agent::run::{self, Settings};
 use greenlight_agent::session::Target;
 use tokio_util::sync::CancellationToken;
 
+/// Longer than any single API call the agent makes should take.
+const KUBE_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
 
 #[derive(Parser)]
@@ -82,9 +85,13 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let kube = kube::Client::try_default().await.context(
+        let mut config = kube::Config::infer().await.context(
             "cannot reach the cluster: no in-cluster service account and no usable KUBECONFIG",
         )?;
+        // kube sets no read timeout; the agent never watches, so no answer within this
+        // means the call is lost.
+        config.read_timeout.get_or_insert(KUBE_READ_TIMEOUT);
+        let kube = kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         tokio::spawn(async move {

@@ -29,6 +29,9 @@ pub struct InventoryEntry {
     /// The `apiVersion` it was applied with, to address it when pruning.
     pub api_version: String,
     pub namespaced: bool,
+    /// It existed before the agent first applied it: never pruned, only let go.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// Apply stages: what others depend on goes first.
@@ -104,6 +107,7 @@ mod tests {
             },
             api_version: "v1".into(),
             namespaced: namespace.is_some(),
+            adopted: false,
         }
     }
 
@@ -149,6 +153,13 @@ mod tests {
         let plan = prune_plan(&inventory, &desired);
         let plan: Vec<&str> = plan.iter().map(|e| e.key.name.as_str()).collect();
         assert_eq!(plan, ["old", "widgets.example.com", "team"]);
+    }
+
+    #[test]
+    fn inventories_written_before_adoption_existed_still_load() {
+        let old = r#"{"key":{"group":"","kind":"ConfigMap","namespace":"a","name":"b"},"api_version":"v1","namespaced":true}"#;
+        let entry: InventoryEntry = serde_json::from_str(old).unwrap();
+        assert!(!entry.adopted);
     }
 
     fn arb_entry() -> impl Strategy<Value = InventoryEntry> {

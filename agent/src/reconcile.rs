@@ -1,21 +1,23 @@
 //! Applying one revision: parse and validate everything, resolve kinds, optionally dry-run,
 //! record the inventory, apply in stages with server-side apply, prune, wait for health.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use greenlight::v1::{ApplySettings, ObjectResult, Phase, StatusReport, object_result::Action};
+use kube::api::DynamicObject;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::assemble::ReadyRevision;
-use crate::cluster::{Cluster, Resolved};
+use crate::cluster::{Cluster, ClusterError, Resolved};
 use crate::health::{Health, assess};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest::{self, Manifest};
 use crate::plan::{InventoryEntry, ObjectKey, Stage, apply_stages, prune_plan};
+use crate::session::jittered;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "greenlight";
@@ -25,6 +27,9 @@ const APPLY_CONCURRENCY: usize = 8;
 const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// How long custom resources may wait for their just-applied CRD to be served.
 const CRD_ESTABLISH_ATTEMPTS: u32 = 20;
+const CRD_ESTABLISH_POLL: Duration = Duration::from_millis(500);
+/// Health timeouts beyond a week are taken as a week: far enough, and no overflow.
+const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How applying a revision ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,39 +170,20 @@ impl Worker {
                     .await;
             }
         };
-        if let Err(error) = self.cluster.refresh_discovery().await {
-            return self
-                .fail(
-                    revision,
-                    format!("API discovery failed: {error}"),
-                    Vec::new(),
-                )
-                .await;
-        }
-        let mut planned = match self.plan(manifests, &settings, &agent) {
+        // Only the group-versions this revision uses: a broken unrelated group is no concern.
+        let discovery_failures = self
+            .cluster
+            .discover(
+                manifests
+                    .iter()
+                    .map(|m| (m.api_version.as_str(), m.kind.as_str())),
+            )
+            .await;
+        let mut planned = match self.plan(manifests, &settings, &agent, &discovery_failures) {
             Ok(planned) => planned,
             Err(message) => return self.fail(revision, message, Vec::new()).await,
         };
         let total = planned.len();
-
-        if settings.dry_run_strategy == "server" {
-            for item in planned.iter().filter(|p| p.resolved.is_some()) {
-                if let Err(error) = self.apply_one(item, &settings, true).await {
-                    let message = format!(
-                        "server dry run rejected {}: {}; nothing was applied",
-                        item.key,
-                        error.message()
-                    );
-                    return self
-                        .fail(
-                            revision,
-                            message,
-                            vec![result(item, Action::Failed, error.message())],
-                        )
-                        .await;
-                }
-            }
-        }
 
         let inventory = InventoryStore::new(
             self.cluster.client().clone(),
@@ -217,20 +203,73 @@ impl Worker {
                     .await;
             }
         };
-        let desired: Vec<InventoryEntry> = planned
+        if planned.is_empty() && settings.prune && !previous.entries.is_empty() {
+            // No repository, or paths that match only empty files, look exactly like "delete
+            // everything": far likelier a mistake than an intent.
+            let message = format!(
+                "revision has no objects; refusing to prune {} objects applied before (an empty \
+                 revision usually means a missing repository or paths that match no \
+                 manifests); nothing was changed",
+                previous.entries.len()
+            );
+            return self.fail(revision, message, Vec::new()).await;
+        }
+
+        let mut dry_run_note = None;
+        if settings.dry_run_strategy == "server" {
+            match self.dry_run(&planned, &settings).await {
+                Ok(note) => {
+                    self.report(
+                        revision,
+                        Phase::Applying,
+                        note.clone()
+                            .unwrap_or_else(|| "server dry run passed".to_owned()),
+                        Vec::new(),
+                        0,
+                        total,
+                    )
+                    .await;
+                    dry_run_note = note;
+                }
+                Err((message, objects)) => return self.fail(revision, message, objects).await,
+            }
+        }
+
+        // Objects the agent has not applied before may have been there already: those are
+        // adopted, and never pruned.
+        let known: HashMap<ObjectKey, bool> = previous
+            .entries
+            .iter()
+            .map(|e| (e.key.clone(), e.adopted))
+            .collect();
+        let fresh: Vec<&Planned> = planned
+            .iter()
+            .filter(|p| p.resolved.is_some() && !known.contains_key(&p.key))
+            .collect();
+        let adopted = match self.preexisting(&fresh, &agent).await {
+            Ok(adopted) => adopted,
+            Err(message) => {
+                return self
+                    .fail(
+                        revision,
+                        format!("{message}; nothing was applied"),
+                        Vec::new(),
+                    )
+                    .await;
+            }
+        };
+        let mut desired: Vec<InventoryEntry> = planned
             .iter()
             .map(|p| InventoryEntry {
                 key: p.key.clone(),
                 api_version: p.manifest.api_version.clone(),
                 namespaced: p.namespaced,
+                adopted: known.get(&p.key).copied().unwrap_or(false) || adopted.contains(&p.key),
             })
             .collect();
         // Recorded before the first write: a crash mid-apply leaves nothing the next prune
         // would not know about.
-        let mut union: Vec<InventoryEntry> = previous.entries.clone();
-        union.extend(desired.iter().cloned());
-        union.sort();
-        union.dedup_by(|a, b| a.key == b.key);
+        let mut union = merge(&desired, &previous.entries);
         let pending = Inventory {
             entries: union.clone(),
             revision: previous.revision.clone(),
@@ -254,10 +293,45 @@ impl Worker {
             if stop() {
                 return Outcome::Stopped;
             }
-            if group.iter().any(|p| p.resolved.is_none())
-                && let Err(message) = self.await_custom_kinds(&mut group).await
-            {
-                return self.fail(revision, message, results).await;
+            let late: BTreeSet<ObjectKey> = group
+                .iter()
+                .filter(|p| p.resolved.is_none())
+                .map(|p| p.key.clone())
+                .collect();
+            if !late.is_empty() {
+                match self.await_custom_kinds(&mut group, stop).await {
+                    Ok(()) => {}
+                    Err(None) => return Outcome::Stopped,
+                    Err(Some(message)) => return self.fail(revision, message, results).await,
+                }
+                // Their kinds are served now, so whether they already existed can be told.
+                let fresh: Vec<&Planned> = group
+                    .iter()
+                    .filter(|p| late.contains(&p.key) && !known.contains_key(&p.key))
+                    .collect();
+                match self.preexisting(&fresh, &agent).await {
+                    Ok(adopted) if adopted.is_empty() => {}
+                    Ok(adopted) => {
+                        for entry in desired.iter_mut().filter(|e| adopted.contains(&e.key)) {
+                            entry.adopted = true;
+                        }
+                        union = merge(&desired, &previous.entries);
+                        let pending = Inventory {
+                            entries: union.clone(),
+                            revision: previous.revision.clone(),
+                        };
+                        if let Err(error) = inventory.save(&pending).await {
+                            return self
+                                .fail(
+                                    revision,
+                                    format!("cannot write the inventory: {}", error.message()),
+                                    results,
+                                )
+                                .await;
+                        }
+                    }
+                    Err(message) => return self.fail(revision, message, results).await,
+                }
             }
             let pending: Vec<_> = group
                 .iter()
@@ -291,21 +365,35 @@ impl Worker {
             if failed {
                 return self.fail_listing(revision, "apply failed", results).await;
             }
-            if stage == Stage::Definitions {
-                // Custom resources of the CRDs just applied need fresh discovery.
-                let _ = self.cluster.refresh_discovery().await;
-            }
         }
 
         let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(|e| e.key.clone()).collect();
         let mut kept = Vec::new();
+        let mut let_go = 0;
         if settings.prune {
-            for entry in prune_plan(&union, &desired_keys) {
+            let gone = prune_plan(&union, &desired_keys);
+            let discovery_failures = if gone.is_empty() {
+                BTreeMap::new()
+            } else {
+                self.cluster
+                    .discover(
+                        gone.iter()
+                            .map(|e| (e.api_version.as_str(), e.key.kind.as_str())),
+                    )
+                    .await
+            };
+            for entry in gone {
                 if stop() {
                     return Outcome::Stopped;
                 }
-                match self.prune_one(&entry, &agent, &settings).await {
-                    Ok(Some(object)) => results.push(object),
+                match self
+                    .prune_one(&entry, &agent, &settings, &discovery_failures)
+                    .await
+                {
+                    Ok(Some(object)) => {
+                        let_go += usize::from(entry.adopted);
+                        results.push(object);
+                    }
                     Ok(None) => {}
                     Err(object) => {
                         // Still ours and still there: keep remembering it.
@@ -348,10 +436,29 @@ impl Worker {
             .iter()
             .filter(|r| r.action() == Action::Pruned)
             .count();
+        let mut message = format!("{total} objects ({applied} changed), {pruned} pruned");
+        let newly_adopted = desired
+            .iter()
+            .filter(|e| e.adopted && !known.contains_key(&e.key))
+            .count();
+        if newly_adopted > 0 {
+            message.push_str(&format!(
+                "; {newly_adopted} adopted (they existed before; never pruned)"
+            ));
+        }
+        if let_go > 0 {
+            message.push_str(&format!(
+                "; {let_go} not pruned: existed before the agent adopted them"
+            ));
+        }
+        if let Some(note) = dry_run_note {
+            message.push_str("; ");
+            message.push_str(&note);
+        }
         self.report(
             revision,
             Phase::Applied,
-            format!("{total} objects ({applied} changed), {pruned} pruned"),
+            message,
             results.clone(),
             total,
             total,
@@ -361,11 +468,130 @@ impl Worker {
         self.await_health(revision, &desired, &settings, stop).await
     }
 
+    /// Server-side dry run of everything that can be dry-run; on success, a note on what was
+    /// skipped.
+    ///
+    /// Objects in a namespace this revision creates are skipped: the API server refuses
+    /// them until the namespace exists, and creating it first would be a write before the
+    /// dry run passed. Custom resources of CRDs in this revision cannot be dry-run either.
+    async fn dry_run(
+        &self,
+        planned: &[Planned],
+        settings: &ApplySettings,
+    ) -> Result<Option<String>, (String, Vec<ObjectResult>)> {
+        let mut created = BTreeSet::new();
+        for item in planned
+            .iter()
+            .filter(|p| p.key.group.is_empty() && p.key.kind == "Namespace")
+        {
+            let exists = match &item.resolved {
+                Some(resolved) => matches!(
+                    self.cluster.get(resolved, None, &item.key.name).await,
+                    Ok(Some(_))
+                ),
+                None => false,
+            };
+            if !exists {
+                created.insert(item.key.name.clone());
+            }
+        }
+        let in_created = |p: &Planned| {
+            p.namespaced
+                && p.key
+                    .namespace
+                    .as_ref()
+                    .is_some_and(|ns| created.contains(ns))
+        };
+        let checks: Vec<_> = planned
+            .iter()
+            .filter(|p| p.resolved.is_some() && !in_created(p))
+            .map(|item| async move { (item, self.apply_one(item, settings, true).await) })
+            .collect();
+        let rejected: Vec<(&Planned, ClusterError)> = futures_util::stream::iter(checks)
+            .buffered(APPLY_CONCURRENCY)
+            .filter_map(|(item, outcome)| async move { outcome.err().map(|e| (item, e)) })
+            .collect()
+            .await;
+        if !rejected.is_empty() {
+            let names: Vec<String> = rejected
+                .iter()
+                .map(|(item, error)| format!("{}: {}", item.key, error.message()))
+                .collect();
+            let objects = rejected
+                .iter()
+                .map(|(item, error)| result(item, Action::Failed, error.message()))
+                .collect();
+            return Err((
+                format!(
+                    "server dry run rejected {}; nothing was applied",
+                    names.join(", ")
+                ),
+                objects,
+            ));
+        }
+        let skipped = planned.iter().filter(|p| in_created(p)).count();
+        Ok((skipped > 0).then(|| {
+            let names: Vec<&str> = created.iter().map(String::as_str).collect();
+            format!(
+                "server dry run skipped for {skipped} objects in namespaces this revision \
+                 creates ({})",
+                names.join(", ")
+            )
+        }))
+    }
+
+    /// Which of `items` already exist without this agent's label: those are adopted.
+    async fn preexisting(
+        &self,
+        items: &[&Planned],
+        agent: &str,
+    ) -> Result<BTreeSet<ObjectKey>, String> {
+        let reads: Vec<_> = items
+            .iter()
+            .filter_map(|item| {
+                let resolved = item.resolved.as_ref()?;
+                Some(async move {
+                    let found = self
+                        .cluster
+                        .get(resolved, item.key.namespace.as_deref(), &item.key.name)
+                        .await;
+                    (&item.key, found)
+                })
+            })
+            .collect();
+        let found: Vec<_> = futures_util::stream::iter(reads)
+            .buffer_unordered(APPLY_CONCURRENCY)
+            .collect()
+            .await;
+        let mut adopted = BTreeSet::new();
+        let mut errors = Vec::new();
+        for (key, found) in found {
+            match found {
+                Ok(Some(object)) if label(&object) != Some(agent) => {
+                    info!(object = %key, "adopting an object that existed before");
+                    adopted.insert(key.clone());
+                }
+                Ok(_) => {}
+                Err(error) => errors.push(format!("{key}: {}", error.message())),
+            }
+        }
+        if errors.is_empty() {
+            Ok(adopted)
+        } else {
+            errors.sort();
+            Err(format!(
+                "cannot tell whether objects already exist: {}",
+                errors.join(", ")
+            ))
+        }
+    }
+
     fn plan(
         &self,
         manifests: Vec<Manifest>,
         settings: &ApplySettings,
         agent: &str,
+        discovery_failures: &BTreeMap<String, String>,
     ) -> Result<Vec<Planned>, String> {
         // Kinds whose CRD ships in this same revision: not served yet, but they will be.
         let mut defined: HashMap<(String, String), bool> = HashMap::new();
@@ -388,6 +614,7 @@ impl Worker {
             defined.insert((group.to_owned(), kind.to_owned()), namespaced);
         }
         let mut unknown = Vec::new();
+        let mut undiscovered = Vec::new();
         let mut planned = Vec::with_capacity(manifests.len());
         for manifest in manifests {
             let resolved = self.cluster.resolve(&manifest.api_version, &manifest.kind);
@@ -398,13 +625,17 @@ impl Worker {
                 (Some(r), _) => r.namespaced,
                 (None, Some(namespaced)) => *namespaced,
                 (None, None) => {
-                    unknown.push(format!(
+                    let what = format!(
                         "{} ({}) in {} document {}",
                         manifest.kind,
                         manifest.api_version,
                         manifest.origin.file,
                         manifest.origin.document
-                    ));
+                    );
+                    match discovery_failures.get(&manifest.api_version) {
+                        Some(why) => undiscovered.push(format!("{what}: {why}")),
+                        None => unknown.push(what),
+                    }
                     continue;
                 }
             };
@@ -441,18 +672,40 @@ impl Worker {
                 body,
             });
         }
+        let mut problems = Vec::new();
         if !unknown.is_empty() {
-            return Err(format!(
-                "unknown kind: {}; nothing was applied",
-                unknown.join(", ")
+            problems.push(format!("unknown kind: {}", unknown.join(", ")));
+        }
+        if !undiscovered.is_empty() {
+            problems.push(format!(
+                "API discovery failed for {}",
+                undiscovered.join(", ")
             ));
+        }
+        if !problems.is_empty() {
+            return Err(format!("{}; nothing was applied", problems.join("; ")));
         }
         Ok(planned)
     }
 
-    async fn await_custom_kinds(&self, group: &mut [Planned]) -> Result<(), String> {
+    /// Waits until the kinds of `group` that were not served are (their CRDs were just
+    /// applied); `Err(None)` when `stop` said so first.
+    async fn await_custom_kinds(
+        &self,
+        group: &mut [Planned],
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<(), Option<String>> {
+        let mut failures = BTreeMap::new();
         for _ in 0..CRD_ESTABLISH_ATTEMPTS {
-            let _ = self.cluster.refresh_discovery().await;
+            failures = self
+                .cluster
+                .discover(
+                    group
+                        .iter()
+                        .filter(|p| p.resolved.is_none())
+                        .map(|p| (p.manifest.api_version.as_str(), p.manifest.kind.as_str())),
+                )
+                .await;
             for item in group.iter_mut().filter(|p| p.resolved.is_none()) {
                 item.resolved = self
                     .cluster
@@ -461,17 +714,26 @@ impl Worker {
             if group.iter().all(|p| p.resolved.is_some()) {
                 return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            if stop() {
+                return Err(None);
+            }
+            tokio::time::sleep(jittered(CRD_ESTABLISH_POLL)).await;
         }
         let missing: Vec<String> = group
             .iter()
             .filter(|p| p.resolved.is_none())
-            .map(|p| format!("{} ({})", p.manifest.kind, p.manifest.api_version))
+            .map(|p| {
+                let api_version = &p.manifest.api_version;
+                match failures.get(api_version) {
+                    Some(why) => format!("{} ({api_version}: {why})", p.manifest.kind),
+                    None => format!("{} ({api_version})", p.manifest.kind),
+                }
+            })
             .collect();
-        Err(format!(
+        Err(Some(format!(
             "kinds still not served after applying their CRDs: {}",
             missing.join(", ")
-        ))
+        )))
     }
 
     /// Applies one object at a safe point: not at all once `stop` says so.
@@ -512,13 +774,11 @@ impl Worker {
         item: &Planned,
         settings: &ApplySettings,
         dry_run: bool,
-    ) -> Result<String, crate::cluster::ClusterError> {
-        let resolved = item.resolved.as_ref().ok_or_else(|| {
-            crate::cluster::ClusterError::Encode(serde::de::Error::custom(format!(
-                "kind {} is not served",
-                item.key.kind
-            )))
-        })?;
+    ) -> Result<String, ClusterError> {
+        let resolved = item
+            .resolved
+            .as_ref()
+            .ok_or_else(|| ClusterError::NotServed(item.key.kind.clone()))?;
         let object = self
             .cluster
             .apply(
@@ -534,12 +794,14 @@ impl Worker {
     }
 
     /// Deletes `entry` if it still carries this agent's label; `Ok(None)` when there was
-    /// nothing of ours to delete.
+    /// nothing of ours to delete. An adopted object is only let go: its label is removed
+    /// so that it is not mistaken for the agent's own later.
     async fn prune_one(
         &self,
         entry: &InventoryEntry,
         agent: &str,
         settings: &ApplySettings,
+        discovery_failures: &BTreeMap<String, String>,
     ) -> Result<Option<ObjectResult>, ObjectResult> {
         let as_result = |action: Action, message: String| ObjectResult {
             api_version: entry.api_version.clone(),
@@ -550,9 +812,34 @@ impl Worker {
             message,
         };
         let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) else {
-            return Ok(None);
+            return match discovery_failures.get(&entry.api_version) {
+                // It may well still exist: remember it until its kind can be resolved.
+                Some(why) => Err(as_result(
+                    Action::Failed,
+                    format!("API discovery of {} failed: {why}", entry.api_version),
+                )),
+                // The kind is gone, and with it every object of it.
+                None => Ok(None),
+            };
         };
         let namespace = entry.key.namespace.as_deref();
+        if entry.adopted {
+            return match self
+                .cluster
+                .remove_label(&resolved, namespace, &entry.key.name, INVENTORY_LABEL)
+                .await
+            {
+                Ok(true) => {
+                    info!(object = %entry.key, "not pruning: it existed before the agent adopted it");
+                    Ok(Some(as_result(
+                        Action::Unchanged,
+                        "not pruned: existed before the agent adopted it".into(),
+                    )))
+                }
+                Ok(false) => Ok(None),
+                Err(error) => Err(as_result(Action::Failed, error.message())),
+            };
+        }
         let current = match self
             .cluster
             .get(&resolved, namespace, &entry.key.name)
@@ -562,14 +849,7 @@ impl Worker {
             Ok(None) => return Ok(None),
             Err(error) => return Err(as_result(Action::Failed, error.message())),
         };
-        let ours = current
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(INVENTORY_LABEL))
-            .map(String::as_str)
-            == Some(agent);
-        if !ours {
+        if label(&current) != Some(agent) {
             info!(object = %entry.key, "not pruning: it no longer carries this agent's label");
             return Ok(None);
         }
@@ -595,8 +875,8 @@ impl Worker {
         settings: &ApplySettings,
         stop: &(dyn Fn() -> bool + Sync),
     ) -> Outcome {
-        let timeout = Duration::from_secs(settings.health_timeout_seconds.max(1));
-        let deadline = tokio::time::Instant::now() + timeout;
+        let timeout = health_timeout(settings.health_timeout_seconds);
+        let deadline = tokio::time::Instant::now().checked_add(timeout);
         let watched: Vec<&InventoryEntry> =
             desired.iter().filter(|e| needs_rollout(&e.key)).collect();
         loop {
@@ -637,7 +917,7 @@ impl Worker {
                 .await;
                 return Outcome::Healthy;
             }
-            let timed_out = tokio::time::Instant::now() >= deadline;
+            let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
             if !failed.is_empty() || timed_out {
                 let mut all = failed;
                 all.extend(unhealthy);
@@ -679,9 +959,14 @@ impl Worker {
             if stop() {
                 return Outcome::Stopped;
             }
-            tokio::time::sleep(HEALTH_POLL).await;
+            tokio::time::sleep(jittered(HEALTH_POLL)).await;
         }
     }
+}
+
+/// The configured health timeout, at least a second and at most [`MAX_HEALTH_TIMEOUT`].
+fn health_timeout(seconds: u64) -> Duration {
+    Duration::from_secs(seconds.clamp(1, MAX_HEALTH_TIMEOUT.as_secs()))
 }
 
 fn needs_rollout(key: &ObjectKey) -> bool {
@@ -689,6 +974,24 @@ fn needs_rollout(key: &ObjectKey) -> bool {
         (key.group.as_str(), key.kind.as_str()),
         ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("batch", "Job")
     )
+}
+
+/// `desired`, then what `previous` remembers beyond it.
+fn merge(desired: &[InventoryEntry], previous: &[InventoryEntry]) -> Vec<InventoryEntry> {
+    let keys: BTreeSet<&ObjectKey> = desired.iter().map(|e| &e.key).collect();
+    let mut union = desired.to_vec();
+    union.extend(previous.iter().filter(|e| !keys.contains(&e.key)).cloned());
+    union
+}
+
+/// The value of this agent's inventory label on `object`.
+fn label(object: &DynamicObject) -> Option<&str> {
+    object
+        .metadata
+        .labels
+        .as_ref()?
+        .get(INVENTORY_LABEL)
+        .map(String::as_str)
 }
 
 fn result(item: &Planned, action: Action, message: String) -> ObjectResult {
@@ -709,4 +1012,41 @@ fn describe(result: &ObjectResult) -> String {
         format!("{}/{}", result.namespace, result.name)
     };
     format!("{} {name}: {}", result.kind, result.message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_configured_health_timeout_makes_a_deadline() {
+        for seconds in [0, 1, 600, u64::MAX] {
+            let timeout = health_timeout(seconds);
+            assert!(timeout >= Duration::from_secs(1) && timeout <= MAX_HEALTH_TIMEOUT);
+            assert!(tokio::time::Instant::now().checked_add(timeout).is_some());
+        }
+    }
+
+    #[test]
+    fn the_inventory_keeps_what_it_remembered_beyond_the_desired() {
+        let entry = |name: &str, adopted: bool| InventoryEntry {
+            key: ObjectKey {
+                group: String::new(),
+                kind: "ConfigMap".into(),
+                namespace: Some("apps".into()),
+                name: name.into(),
+            },
+            api_version: "v1".into(),
+            namespaced: true,
+            adopted,
+        };
+        let union = merge(
+            &[entry("a", true), entry("b", false)],
+            &[entry("a", false), entry("c", true)],
+        );
+        assert_eq!(
+            union,
+            [entry("a", true), entry("b", false), entry("c", true)]
+        );
+    }
 }

@@ -1,24 +1,28 @@
 //! Wiring of the agent: one stream to the server, leader election, the apply loop with drift
 //! correction, and a reporter that does not slow applying down.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use greenlight::digest::sha256_hex;
-use greenlight::v1::StatusReport;
+use greenlight::v1::{Phase, StatusReport};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::assemble::ReadyRevision;
-use crate::client::Client;
+use crate::client::{Client, ClientError};
 use crate::cluster::Cluster;
 use crate::lease::Elector;
 use crate::reconcile::{FIELD_MANAGER, Outcome, Worker};
-use crate::session::{self, Backoff, Target};
+use crate::session::{self, Backoff, Target, jittered};
 
 /// Retries of a failed revision back off between these bounds, as kas did.
 const FAILURE_BACKOFF_MIN: Duration = Duration::from_secs(10);
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Drift is corrected at least daily, whatever the configured interval.
+const MAX_RECONCILE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// How the agent runs.
 pub struct Settings {
@@ -39,10 +43,8 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
     let (reports_tx, reports_rx) = mpsc::channel(64);
 
     // One Lease per agent identity (its token), so agents sharing a namespace do not contend.
-    let lease = format!(
-        "greenlight-agent-{}",
-        &sha256_hex(settings.target.token.as_bytes())[..12]
-    );
+    let digest = sha256_hex(settings.target.token.as_bytes());
+    let lease = format!("greenlight-agent-{}", digest.get(..12).unwrap_or(&digest));
     let elector = Elector::new(
         kube.clone(),
         &settings.namespace,
@@ -53,7 +55,7 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
     tokio::spawn(
         elector
             .run(leading_tx, shutdown.clone())
-            .instrument(info_span!("leader_election")),
+            .instrument(info_span!("leader_election", %lease, identity = %settings.identity)),
     );
     tokio::spawn(
         report(settings.target.clone(), reports_rx, shutdown.clone())
@@ -109,7 +111,10 @@ pub async fn apply_loop(
                     || shutdown.is_cancelled()
             }
         };
-        let outcome = worker.reconcile(&revision, &stop).await;
+        let outcome = worker
+            .reconcile(&revision, &stop)
+            .instrument(info_span!("revision", sha = revision.sha()))
+            .await;
         let wait = match &outcome {
             Outcome::Stopped => continue,
             Outcome::Healthy | Outcome::Degraded(_) => {
@@ -120,7 +125,10 @@ pub async fn apply_loop(
                     .settings
                     .as_ref()
                     .map_or(300, |s| s.reconcile_interval_seconds);
-                Duration::from_secs(interval.max(1))
+                // Agents sharing an API server should not all re-apply at the same moment.
+                jittered(Duration::from_secs(
+                    interval.clamp(1, MAX_RECONCILE_INTERVAL.as_secs()),
+                ))
             }
             Outcome::Failed(_) => failures.delay(),
         };
@@ -134,39 +142,271 @@ pub async fn apply_loop(
     }
 }
 
-/// Sends reports to the server with retries, in order, without blocking the apply loop.
+/// The most reports kept undelivered; only reached if the server stays away through many
+/// revisions, since coalescing bounds what one revision queues.
+const MAX_QUEUED_REPORTS: usize = 1000;
+/// How long one delivery attempt may take before it counts as failed.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether `phase` is an outcome rather than progress.
+fn is_final(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Applied | Phase::Healthy | Phase::Degraded | Phase::Failed
+    )
+}
+
+/// Whether `newer`, queued after `older`, makes `older` not worth delivering: progress is only
+/// worth its newest state, and a repeated outcome of the same revision (a drift-correcting
+/// re-apply) only its newest instance. Outcomes of other revisions are always kept.
+pub fn supersedes(newer: &StatusReport, older: &StatusReport) -> bool {
+    if !is_final(older.phase()) {
+        return true;
+    }
+    newer.revision == older.revision && newer.phase == older.phase
+}
+
+/// Reports not delivered yet, oldest first, coalesced so that a long outage neither loses an
+/// outcome nor grows the queue without bound.
+#[derive(Debug, Default)]
+pub struct ReportQueue {
+    pending: VecDeque<StatusReport>,
+}
+
+impl ReportQueue {
+    /// Queues `report`, dropping what it supersedes.
+    pub fn push(&mut self, report: StatusReport) {
+        self.pending.retain(|older| !supersedes(&report, older));
+        self.pending.push_back(report);
+        while self.pending.len() > MAX_QUEUED_REPORTS {
+            if let Some(dropped) = self.pending.pop_front() {
+                warn!(
+                    sha = dropped.revision,
+                    phase = ?dropped.phase(),
+                    "too many undelivered reports; dropping the oldest"
+                );
+            }
+        }
+    }
+
+    /// Puts back a report whose delivery failed, unless something queued since supersedes it.
+    pub fn retry(&mut self, report: StatusReport) {
+        if !self.pending.iter().any(|newer| supersedes(newer, &report)) {
+            self.pending.push_front(report);
+        }
+    }
+
+    /// The oldest report, taken out for delivery.
+    pub fn pop(&mut self) -> Option<StatusReport> {
+        self.pending.pop_front()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The queued reports, oldest first.
+    pub fn iter(&self) -> impl Iterator<Item = &StatusReport> {
+        self.pending.iter()
+    }
+}
+
+/// Why one delivery attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("no answer within {}s", .0.as_secs())]
+    Timeout(Duration),
+}
+
+impl DeliveryError {
+    /// Whether the server refused this very report, so that sending it again cannot help.
+    fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            DeliveryError::Client(ClientError::Status(status)) if matches!(
+                status.code(),
+                Code::InvalidArgument
+                    | Code::NotFound
+                    | Code::AlreadyExists
+                    | Code::FailedPrecondition
+                    | Code::OutOfRange
+                    | Code::Unimplemented
+            )
+        )
+    }
+}
+
+async fn deliver(
+    target: &Target,
+    client: &mut Option<Client>,
+    report: StatusReport,
+) -> Result<(), DeliveryError> {
+    let connected = match client.take() {
+        Some(connected) => connected,
+        None => tokio::time::timeout(
+            REPORT_TIMEOUT,
+            Client::connect(&target.server, &target.token, target.ca_file.as_deref()),
+        )
+        .await
+        .map_err(|_| DeliveryError::Timeout(REPORT_TIMEOUT))??,
+    };
+    tokio::time::timeout(REPORT_TIMEOUT, connected.report(report))
+        .await
+        .map_err(|_| DeliveryError::Timeout(REPORT_TIMEOUT))??;
+    // Only a connection that just worked is kept for the next report.
+    *client = Some(connected);
+    Ok(())
+}
+
+/// Sends reports to the server in order, retrying until each is delivered or superseded,
+/// without ever blocking the apply loop.
 async fn report(
     target: Target,
     mut reports: mpsc::Receiver<StatusReport>,
     shutdown: CancellationToken,
 ) {
     let mut client: Option<Client> = None;
-    while let Some(report) = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        report = reports.recv() => report,
-    } {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        for attempt in 0..8 {
-            let connected = match client.clone() {
-                Some(client) => Ok(client),
-                None => {
-                    Client::connect(&target.server, &target.token, target.ca_file.as_deref()).await
-                }
-            };
-            match connected {
-                Ok(connected) => match connected.report(report.clone()).await {
-                    Ok(()) => {
-                        client = Some(connected);
-                        break;
-                    }
-                    Err(error) => {
-                        warn!(%error, attempt, "cannot send report");
-                        client = None;
-                    }
+    let mut queue = ReportQueue::default();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        while queue.is_empty() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                report = reports.recv() => match report {
+                    Some(report) => queue.push(report),
+                    None => return,
                 },
-                Err(error) => warn!(%error, attempt, "cannot connect to send report"),
             }
-            tokio::time::sleep(backoff.delay()).await;
         }
+        while let Ok(report) = reports.try_recv() {
+            queue.push(report);
+        }
+        let Some(report) = queue.pop() else {
+            continue;
+        };
+        let delivered = {
+            let send = deliver(&target, &mut client, report.clone());
+            tokio::pin!(send);
+            // Reports keep arriving while one is in flight: queue them, so the worker never
+            // waits on the server.
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    delivered = &mut send => break delivered,
+                    Some(newer) = reports.recv() => queue.push(newer),
+                }
+            }
+        };
+        let error = match delivered {
+            Ok(()) => {
+                backoff.reset();
+                continue;
+            }
+            Err(error) => error,
+        };
+        if error.is_permanent() {
+            warn!(%error, sha = report.revision, phase = ?report.phase(), "server refused report; dropping it");
+            continue;
+        }
+        warn!(%error, sha = report.revision, phase = ?report.phase(), "cannot send report; will retry");
+        queue.retry(report);
+        let pause = tokio::time::sleep(backoff.delay());
+        tokio::pin!(pause);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = &mut pause => break,
+                Some(newer) = reports.recv() => queue.push(newer),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(revision: &str, phase: Phase) -> StatusReport {
+        StatusReport {
+            revision: revision.into(),
+            phase: phase.into(),
+            ..StatusReport::default()
+        }
+    }
+
+    fn queued(queue: &ReportQueue) -> Vec<(String, Phase)> {
+        queue
+            .iter()
+            .map(|r| (r.revision.clone(), r.phase()))
+            .collect()
+    }
+
+    #[test]
+    fn progress_coalesces_but_outcomes_survive() {
+        let mut queue = ReportQueue::default();
+        queue.push(report("a", Phase::Applying));
+        queue.push(report("a", Phase::Applying));
+        queue.push(report("a", Phase::Applied));
+        queue.push(report("a", Phase::Healthy));
+        queue.push(report("b", Phase::Applying));
+        queue.push(report("b", Phase::Failed));
+        queue.push(report("c", Phase::Applying));
+        assert_eq!(
+            queued(&queue),
+            [
+                ("a".into(), Phase::Applied),
+                ("a".into(), Phase::Healthy),
+                ("b".into(), Phase::Failed),
+                ("c".into(), Phase::Applying),
+            ]
+        );
+    }
+
+    #[test]
+    fn repeated_reconciles_of_one_revision_stay_bounded() {
+        let mut queue = ReportQueue::default();
+        for _ in 0..100 {
+            for phase in [Phase::Applying, Phase::Applied, Phase::Healthy] {
+                queue.push(report("a", phase));
+            }
+        }
+        assert_eq!(
+            queued(&queue),
+            [("a".into(), Phase::Applied), ("a".into(), Phase::Healthy)]
+        );
+        queue.push(report("a", Phase::Degraded));
+        assert_eq!(queue.iter().count(), 3, "a different outcome is kept");
+    }
+
+    #[test]
+    fn a_failed_delivery_goes_back_first_unless_superseded() {
+        let mut queue = ReportQueue::default();
+        queue.push(report("a", Phase::Applied));
+        queue.push(report("a", Phase::Healthy));
+        let first = queue.pop().unwrap();
+        queue.retry(first);
+        assert_eq!(queue.pop().unwrap().phase(), Phase::Applied);
+
+        let progress = report("a", Phase::Applying);
+        queue.push(report("b", Phase::Applying));
+        queue.retry(progress);
+        assert_eq!(
+            queued(&queue),
+            [("a".into(), Phase::Healthy), ("b".into(), Phase::Applying)]
+        );
+    }
+
+    #[test]
+    fn only_refusals_of_the_report_itself_are_permanent() {
+        let refused = DeliveryError::Client(ClientError::Status(tonic::Status::invalid_argument(
+            "report.phase is required",
+        )));
+        assert!(refused.is_permanent());
+        let down = DeliveryError::Client(ClientError::Status(tonic::Status::unavailable("down")));
+        assert!(!down.is_permanent());
+        assert!(!DeliveryError::Timeout(REPORT_TIMEOUT).is_permanent());
     }
 }

@@ -33,7 +33,7 @@ impl Backoff {
     /// The delay before the next attempt: uniformly between half and all of the current step.
     pub fn delay(&mut self) -> Duration {
         let step = self.next;
-        self.next = (self.next * 2).min(self.max);
+        self.next = self.next.saturating_mul(2).min(self.max);
         let half = step / 2;
         half + Duration::from_millis(fastrand::u64(0..=half.as_millis() as u64))
     }
@@ -42,6 +42,13 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = self.initial;
     }
+}
+
+/// `base` spread uniformly over ±20%, so that replicas and agents started together do not
+/// keep acting in lockstep.
+pub fn jittered(base: Duration) -> Duration {
+    let factor = 0.8 + 0.4 * fastrand::f64();
+    Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(base)
 }
 
 /// Where the agent connects.
@@ -123,5 +130,18 @@ mod tests {
         assert!(delays[9] >= Duration::from_secs(30));
         backoff.reset();
         assert!(backoff.delay() <= Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jitter_stays_within_a_fifth_and_never_overflows() {
+        for _ in 0..100 {
+            let d = jittered(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(8) && d <= Duration::from_secs(12),
+                "{d:?}"
+            );
+        }
+        assert!(jittered(Duration::MAX) >= Duration::MAX / 2);
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
     }
 }

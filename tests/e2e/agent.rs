@@ -418,3 +418,183 @@ async fn server_dry_run_rejection_writes_nothing() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dry_run_passes_for_objects_in_a_namespace_the_revision_creates()
+-> anyhow::Result<()> {
+    let w = world("    dry_run_strategy: server\n").await?;
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team\n";
+    let inside = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inside\n  namespace: team\ndata: {a: b}\n";
+    let x = w.repo.commit(
+        &[
+            ("ns.yaml", namespace.as_bytes()),
+            ("inside.yaml", inside.as_bytes()),
+            ("a.yaml", configmap("first", "1").as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    assert!(
+        w.kube
+            .get("v1", "ConfigMap", Some("team"), "inside")
+            .is_some()
+    );
+    assert!(
+        w.kube
+            .get("v1", "ConfigMap", Some("apps"), "first")
+            .is_some()
+    );
+    let history = w
+        .server
+        .admin()
+        .await?
+        .get_agent_history(GetAgentHistoryRequest {
+            name: "prod".into(),
+        })
+        .await?
+        .into_inner();
+    let applied = history
+        .reports
+        .iter()
+        .find(|r| r.revision == x && r.phase() == Phase::Applied)
+        .expect("applied report");
+    assert!(
+        applied.message.contains("dry run skipped for 1 objects")
+            && applied.message.contains("team"),
+        "{}",
+        applied.message
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_that_existed_before_are_adopted_and_never_pruned() -> anyhow::Result<()> {
+    let w = world("").await?;
+    // Made by someone else, before the agent ever applied anything of that name.
+    w.kube
+        .put_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "legacy", "namespace": "apps"}, "data": {"value": "old"}}));
+    let first = w.repo.commit(
+        &[
+            ("legacy.yaml", configmap("legacy", "1").as_bytes()),
+            ("keep.yaml", configmap("keep", "1").as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+    let legacy = w
+        .kube
+        .get("v1", "ConfigMap", Some("apps"), "legacy")
+        .expect("legacy");
+    assert_eq!(
+        legacy["data"]["value"], "1",
+        "applied like any other object"
+    );
+
+    let second = w.repo.commit(&[], &["legacy.yaml"])?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
+    let legacy = w
+        .kube
+        .get("v1", "ConfigMap", Some("apps"), "legacy")
+        .expect("an adopted object is never pruned");
+    assert!(
+        legacy["metadata"]["labels"]["greenlight.dev/inventory"].is_null(),
+        "let go: {legacy}"
+    );
+    let history = w
+        .server
+        .admin()
+        .await?
+        .get_agent_history(GetAgentHistoryRequest {
+            name: "prod".into(),
+        })
+        .await?
+        .into_inner();
+    let applied = history
+        .reports
+        .iter()
+        .find(|r| r.revision == second && r.phase() == Phase::Applied)
+        .expect("applied report");
+    assert!(
+        applied.objects.iter().any(|o| o.name == "legacy"
+            && o.message == "not pruned: existed before the agent adopted it"),
+        "{applied:?}"
+    );
+
+    // Applied again later, it is judged afresh: still not the agent's to delete.
+    let third = w
+        .repo
+        .commit(&[("legacy.yaml", configmap("legacy", "3").as_bytes())], &[])?;
+    w.server.release(&second, &third, 3).await?;
+    w.server.reported("prod", &third, Phase::Healthy).await?;
+    let fourth = w.repo.commit(&[], &["legacy.yaml"])?;
+    w.server.release(&third, &fourth, 4).await?;
+    w.server.reported("prod", &fourth, Phase::Healthy).await?;
+    assert!(
+        w.kube
+            .get("v1", "ConfigMap", Some("apps"), "legacy")
+            .is_some()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_revision_prunes_nothing_and_fails() -> anyhow::Result<()> {
+    let w = world("").await?;
+    let first = w
+        .repo
+        .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+
+    let second = w
+        .repo
+        .commit(&[("a.yaml", b"# nothing here any more\n")], &[])?;
+    w.server.release(&first, &second, 2).await?;
+    let failed = w.server.reported("prod", &second, Phase::Failed).await?;
+    assert!(
+        failed
+            .message
+            .contains("revision has no objects; refusing to prune 1 objects"),
+        "{}",
+        failed.message
+    );
+    assert!(w.kube.get("v1", "ConfigMap", Some("apps"), "a").is_some());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kind_writes_nothing_and_names_the_kind() -> anyhow::Result<()> {
+    let w = world("").await?;
+    let gadget = "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g\n";
+    let x = w.repo.commit(
+        &[
+            ("a.yaml", configmap("first", "1").as_bytes()),
+            ("gadget.yaml", gadget.as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    let failed = w.server.reported("prod", &x, Phase::Failed).await?;
+    assert!(
+        failed
+            .message
+            .contains("unknown kind: Gadget (example.com/v1)"),
+        "{}",
+        failed.message
+    );
+    assert!(
+        w.kube
+            .get("v1", "ConfigMap", Some("apps"), "first")
+            .is_none(),
+        "nothing written"
+    );
+    Ok(())
+}
