@@ -1,0 +1,259 @@
+//! Pipeline Hook deliveries per second, on Redis and on the embedded store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use greenlight::v1::GetRefRequest;
+use greenlight_e2e::{
+    AgentDef, GITLAB_SECRET, PROJECT, Redis, TestServer, config_yaml, pipeline_payload, sha,
+};
+
+use crate::common::{BRANCH, ZERO, ref_document_sizes, require_tool};
+use crate::stats::{Summary, breakdown, ms};
+
+/// Options of `throughput`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// How long each store is loaded.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Concurrent HTTP clients, each with its own connection, one request at a time.
+    #[arg(long, default_value_t = 16)]
+    concurrency: usize,
+    /// Commits pushed before the load; pipelines are spread over them.
+    #[arg(long, default_value_t = 64)]
+    commits: u32,
+    /// Which stores to measure.
+    #[arg(long, value_enum, default_value_t = Stores::Both)]
+    store: Stores,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Stores {
+    Both,
+    Redis,
+    Embedded,
+}
+
+/// One finished request.
+struct Sample {
+    /// Since the load started, when the answer was complete.
+    done: Duration,
+    latency: Duration,
+    /// `recorded`, `unchanged`, … or the error.
+    outcome: Result<String, String>,
+}
+
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    if args.seconds == 0 || args.concurrency == 0 || args.commits == 0 {
+        bail!("--seconds, --concurrency and --commits must be at least 1");
+    }
+    println!(
+        "scenario: throughput, Pipeline Hook only, {} clients, {} s per store, pipelines over {} pushed commits",
+        args.concurrency, args.seconds, args.commits
+    );
+    println!(
+        "each delivery: unique X-Gitlab-Event-UUID; delivery i is pipeline 1000+i/2 of commit (i/2) mod {}, status running (even i) or success (odd i)",
+        args.commits
+    );
+    if args.store != Stores::Embedded {
+        let version = require_tool("redis-server", "for the Redis half of throughput")?;
+        println!("redis: {version}");
+        let redis = Redis::start().await.context("cannot start redis-server")?;
+        measure("redis", Some(&redis.url()), &args).await?;
+    }
+    if args.store != Stores::Redis {
+        measure("embedded", None, &args).await?;
+    }
+    Ok(())
+}
+
+async fn measure(label: &str, redis_url: Option<&str>, args: &Args) -> anyhow::Result<()> {
+    let server = TestServer::start(&config_yaml(redis_url, &[AgentDef::new("prod")]))
+        .await
+        .context("cannot start the server")?;
+    let mut before = ZERO.to_owned();
+    for n in 1..=args.commits {
+        let commit = sha(n);
+        let status = server
+            .push(BRANCH, &before, &commit)
+            .await
+            .context("push webhook failed")?;
+        if status != 200 {
+            bail!("push webhook answered {status}");
+        }
+        before = commit;
+    }
+
+    let url = format!("http://{}/webhooks/gitlab", server.http);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(args.seconds);
+    let mut workers = Vec::with_capacity(args.concurrency);
+    for _ in 0..args.concurrency {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .context("cannot build an HTTP client")?;
+        workers.push(tokio::spawn(load(
+            client,
+            url.clone(),
+            label.to_owned(),
+            args.commits,
+            next.clone(),
+            start,
+            deadline,
+        )));
+    }
+    let mut samples = Vec::new();
+    for worker in workers {
+        samples.extend(worker.await.context("a client task failed")?);
+    }
+    let elapsed = start.elapsed();
+
+    let refs = server
+        .admin()
+        .await?
+        .get_ref(GetRefRequest {
+            project: PROJECT.into(),
+            r#ref: BRANCH.into(),
+        })
+        .await
+        .context("GetRef failed")?
+        .into_inner();
+    let pipelines: usize = refs.commits.iter().map(|c| c.pipelines.len()).sum();
+    let document = redis_url.map(ref_document_sizes);
+    server.stop().await.context("cannot stop the server")?;
+
+    report(label, &mut samples, elapsed, args.seconds);
+    println!(
+        "  ref document afterwards: {} commits, {} pipelines recorded",
+        refs.commits.len(),
+        pipelines
+    );
+    if let Some(document) = document {
+        println!("  ref document in Redis: {document}");
+    }
+    Ok(())
+}
+
+/// One client: posts deliveries one after another until `deadline`.
+async fn load(
+    client: reqwest::Client,
+    url: String,
+    label: String,
+    commits: u32,
+    next: Arc<AtomicU64>,
+    start: Instant,
+    deadline: Instant,
+) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    while Instant::now() < deadline {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let pipeline = i / 2;
+        let commit = sha(1 + u32::try_from(pipeline % u64::from(commits)).unwrap_or(0));
+        let status = if i.is_multiple_of(2) {
+            "running"
+        } else {
+            "success"
+        };
+        let body = pipeline_payload(PROJECT, BRANCH, &commit, 1000 + pipeline, status, "push");
+        let body = match serde_json::to_vec(&body) {
+            Ok(body) => body,
+            Err(error) => {
+                samples.push(Sample {
+                    done: start.elapsed(),
+                    latency: Duration::ZERO,
+                    outcome: Err(format!("cannot encode the payload: {error}")),
+                });
+                continue;
+            }
+        };
+        let sent = Instant::now();
+        let answer = client
+            .post(&url)
+            .header("Content-Type", "application/json")
+            .header("X-Gitlab-Event", "Pipeline Hook")
+            .header("X-Gitlab-Token", GITLAB_SECRET)
+            .header("X-Gitlab-Event-UUID", format!("bench-{label}-{i}"))
+            .body(body)
+            .send()
+            .await;
+        let outcome = match answer {
+            Err(error) => Err(format!("transport: {error}")),
+            Ok(response) => {
+                let code = response.status().as_u16();
+                let text = response.bytes().await.unwrap_or_default();
+                let answer = serde_json::from_slice::<serde_json::Value>(&text).ok();
+                let field = |name: &str| {
+                    answer
+                        .as_ref()
+                        .and_then(|v| v[name].as_str())
+                        .unwrap_or("?")
+                        .to_owned()
+                };
+                if code == 200 {
+                    Ok(field("outcome"))
+                } else {
+                    let message: String = field("message").chars().take(100).collect();
+                    Err(format!("HTTP {code} {}: {message}", field("outcome")))
+                }
+            }
+        };
+        samples.push(Sample {
+            done: start.elapsed(),
+            latency: sent.elapsed(),
+            outcome,
+        });
+    }
+    samples
+}
+
+fn report(label: &str, samples: &mut [Sample], elapsed: Duration, seconds: u64) {
+    let total = samples.len();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for sample in samples.iter() {
+        match &sample.outcome {
+            Ok(outcome) => *outcomes.entry(outcome.clone()).or_default() += 1,
+            Err(error) => *errors.entry(error.clone()).or_default() += 1,
+        }
+    }
+    let error_count: usize = errors.values().sum();
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.latency).collect();
+    let mut per_second = vec![0usize; usize::try_from(seconds).unwrap_or(0) + 1];
+    for sample in samples.iter() {
+        let second = usize::try_from(sample.done.as_secs()).unwrap_or(usize::MAX);
+        if let Some(slot) = per_second.get_mut(second) {
+            *slot += 1;
+        }
+    }
+    // The last slot only holds requests that finished after the deadline.
+    per_second.truncate(usize::try_from(seconds).unwrap_or(0));
+    println!("store {label}:");
+    println!(
+        "  {} requests in {} ms: {:.0} requests/s; errors {}",
+        total,
+        ms(elapsed),
+        total as f64 / elapsed.as_secs_f64(),
+        error_count
+    );
+    if let Some(summary) = Summary::of(&mut latencies) {
+        println!("  request latency: {}", summary.line());
+    }
+    println!("  outcomes: {}", breakdown(&outcomes));
+    if !errors.is_empty() {
+        println!("  errors: {}", breakdown(&errors));
+    }
+    println!(
+        "  completed per second: {}",
+        per_second
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
