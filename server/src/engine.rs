@@ -522,6 +522,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Whether this replica's streams already follow `version` of `key` (its own saves come
+    /// back through the store too: re-reading them would only repeat work).
+    fn already_has(&self, key: &RefKey, version: u64) -> bool {
+        version > 0
+            && self.catalog.watchers(key).iter().all(|agent| {
+                self.hub
+                    .current(agent)
+                    .is_some_and(|d| d.version >= version)
+            })
+    }
+
     /// Re-reads `key` without trusting that versions only grow: a store that lost its data
     /// starts again at 0. A lower version read twice is such a reset, not a race with a
     /// concurrent save (which only raises it).
@@ -597,6 +608,8 @@ impl Engine {
                 .collect();
             let notice = Broadcast::RefChanged {
                 key: key.clone(),
+                // A successful conditional save writes exactly the next version.
+                version: version + 1,
                 decisions,
             };
             match self
@@ -789,7 +802,8 @@ impl Engine {
                 }
                 notice = notices.recv() => match notice {
                     Ok(Notice::Message(message)) => {
-                        if let Broadcast::RefChanged { key, .. } = &message
+                        if let Broadcast::RefChanged { key, version, .. } = &message
+                            && !self.already_has(key, *version)
                             && let Err(error) = self.refresh(key, false).await
                         {
                             warn!(%error, %key, "cannot re-read a changed ref");

@@ -3,12 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use greenlight::v1::admin_service_server::AdminServiceServer;
 use greenlight::v1::agent_service_server::AgentServiceServer;
 use greenlight::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::catalog::Catalog;
@@ -166,7 +167,8 @@ pub async fn run(
             config.ingest_token.clone(),
         )))
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            // Without TCP_NODELAY, answers over a packet wait for delayed ACKs (~40 ms).
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
         );
 
@@ -179,8 +181,13 @@ pub async fn run(
         metrics,
     };
     let app = router(state, config.max_body_bytes);
-    let http =
-        axum::serve(listeners.http, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let http = axum::serve(
+        listeners.http.tap_io(|stream| {
+            let _ = stream.set_nodelay(true);
+        }),
+        app,
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     info!(grpc = ?grpc_addr, http = ?http_addr, "listening");
 
     let (grpc, http) = tokio::join!(grpc, async { http.await.map_err(RunError::Http) });

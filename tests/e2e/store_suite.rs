@@ -143,6 +143,7 @@ fn changed(key: &RefKey, note: &str) -> Broadcast {
     };
     Broadcast::RefChanged {
         key: key.clone(),
+        version: 1,
         decisions: vec![("prod".to_owned(), decision)],
     }
 }

@@ -1,6 +1,6 @@
 //! Per agent: where the gate stands, what the agent is told, and why.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -255,9 +255,13 @@ impl AgentGate {
             return;
         };
         let heads: Vec<Sha> = cx.refs.current_heads().map(|h| h.sha.clone()).collect();
+        // Commits that left the ref's history cannot be superseded any more.
+        let known: HashSet<&Sha> = cx.refs.heads.iter().map(|h| &h.sha).collect();
+        self.deployed.retain(|sha| known.contains(sha));
+        let deployed: HashSet<Sha> = self.deployed.iter().cloned().collect();
         for sha in heads {
             let candidate = sha != position.sha
-                && !self.deployed.contains(&sha)
+                && !deployed.contains(&sha)
                 && cx.lineage.on_branch(&sha)
                 && cx.lineage.descends_from(&position.sha, &sha)
                 && cx.green(&sha).is_ok();

@@ -238,6 +238,7 @@ mod tests {
         };
         let message = Broadcast::RefChanged {
             key,
+            version: 1,
             decisions: vec![
                 (
                     "prod".into(),

@@ -86,6 +86,9 @@ pub enum SaveOutcome {
 pub enum Broadcast {
     RefChanged {
         key: RefKey,
+        /// The version the change was saved as; 0 when unknown.
+        #[serde(default)]
+        version: u64,
         decisions: Vec<(String, Decision)>,
     },
     /// A prost-encoded `greenlight.v1.StatusReport`.
