@@ -115,6 +115,17 @@ impl Worker {
         Outcome::Failed(message)
     }
 
+    /// Fails the revision because the inventory could not be written.
+    async fn inventory_failed(
+        &self,
+        revision: &ReadyRevision,
+        error: &crate::cluster::ClusterError,
+        results: Vec<ObjectResult>,
+    ) -> Outcome {
+        let message = format!("cannot write the inventory: {}", error.message());
+        self.fail(revision, message, results).await
+    }
+
     /// Fails the revision naming every object whose write failed.
     async fn fail_listing(
         &self,
@@ -275,13 +286,7 @@ impl Worker {
             revision: previous.revision.clone(),
         };
         if let Err(error) = inventory.save(&pending).await {
-            return self
-                .fail(
-                    revision,
-                    format!("cannot write the inventory: {}", error.message()),
-                    Vec::new(),
-                )
-                .await;
+            return self.inventory_failed(revision, &error, Vec::new()).await;
         }
 
         let mut results = Vec::with_capacity(total);
@@ -321,13 +326,7 @@ impl Worker {
                             revision: previous.revision.clone(),
                         };
                         if let Err(error) = inventory.save(&pending).await {
-                            return self
-                                .fail(
-                                    revision,
-                                    format!("cannot write the inventory: {}", error.message()),
-                                    results,
-                                )
-                                .await;
+                            return self.inventory_failed(revision, &error, results).await;
                         }
                     }
                     Err(message) => return self.fail(revision, message, results).await,
@@ -417,13 +416,7 @@ impl Worker {
             revision: Some(revision.sha().to_owned()),
         };
         if let Err(error) = inventory.save(&done_inventory).await {
-            return self
-                .fail(
-                    revision,
-                    format!("cannot write the inventory: {}", error.message()),
-                    results,
-                )
-                .await;
+            return self.inventory_failed(revision, &error, results).await;
         }
         if failed {
             return self.fail_listing(revision, "prune failed", results).await;
