@@ -12,8 +12,7 @@ use greenlight_e2e::{
 use serde_json::json;
 
 use crate::common::{
-    Admin, BRANCH, SETTLE, ZERO, counter, require_tool, settle_after_push, wait_connected,
-    wait_healthy,
+    Admin, BRANCH, SETTLE, push_and_settle, require_tool, wait_connected, wait_healthy,
 };
 use crate::stats::{breakdown, ms};
 
@@ -167,15 +166,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let fetches_before = counter(&server, "greenlight_git_fetches_total").await?;
-    let status = server
-        .push(BRANCH, ZERO, &commit)
-        .await
-        .context("push webhook failed")?;
-    if status != 200 {
-        bail!("push webhook answered {status}");
-    }
-    let waited = settle_after_push(&server, cache.path(), &commit, fetches_before).await?;
+    let waited = push_and_settle(&server, cache.path(), &commit).await?;
 
     // First apply: everything is created.
     let body = pipeline_payload(

@@ -201,6 +201,24 @@ pub async fn wait_for_mirror(cache_dir: &Path, sha: &str, within: Duration) -> a
     }
 }
 
+/// Sends the push webhook for `sha` and waits until the server fetched it (untimed: a real
+/// pipeline ends minutes after its push); returns how long that took.
+pub async fn push_and_settle(
+    server: &TestServer,
+    cache_dir: &Path,
+    sha: &str,
+) -> anyhow::Result<Duration> {
+    let fetches_before = counter(server, "greenlight_git_fetches_total").await?;
+    let status = server
+        .push(BRANCH, ZERO, sha)
+        .await
+        .context("push webhook failed")?;
+    if status != 200 {
+        bail!("push webhook answered {status}");
+    }
+    settle_after_push(server, cache_dir, sha, fetches_before).await
+}
+
 /// After a push webhook: waits until the server started the fetch the push asked for
 /// (`greenlight_git_fetches_total` above `fetches_before`) and its mirror has `sha`, then
 /// lets that fetch finish, so that a following pipeline webhook is timed alone, as in real

@@ -7,7 +7,7 @@ use greenlight_e2e::{
     GitRepo, Redis, TestServer, git_agent_yaml, git_config_yaml, pipeline_payload,
 };
 
-use crate::common::{BRANCH, SETTLE, Streams, ZERO, counter, require_tool, settle_after_push};
+use crate::common::{BRANCH, SETTLE, Streams, counter, push_and_settle, require_tool};
 use crate::stats::{mib, ms};
 
 /// Options of `manifests`.
@@ -106,14 +106,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let fetches_before = counter(&server, "greenlight_git_fetches_total").await?;
     let reads_before = counter(&server, "greenlight_manifest_reads_total").await?;
 
-    let status = server
-        .push(BRANCH, ZERO, &commit)
-        .await
-        .context("push webhook failed")?;
-    if status != 200 {
-        bail!("push webhook answered {status}");
-    }
-    let waited = settle_after_push(&server, cache.path(), &commit, fetches_before).await?;
+    let waited = push_and_settle(&server, cache.path(), &commit).await?;
 
     let body = pipeline_payload(
         greenlight_e2e::PROJECT,
