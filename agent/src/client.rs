@@ -69,9 +69,19 @@ impl Client {
 
     /// Opens the stream of ready revisions, stating what the agent already applied.
     pub async fn sync(&self, applied: Option<&str>) -> Result<RevisionStream, ClientError> {
+        self.sync_from(applied.map(|sha| (sha, None))).await
+    }
+
+    /// Opens the stream of ready revisions, stating what the agent applied and, if known,
+    /// which generation of it, so that a re-sync requested meanwhile is not lost.
+    pub async fn sync_from(
+        &self,
+        applied: Option<(&str, Option<u64>)>,
+    ) -> Result<RevisionStream, ClientError> {
         let request = SyncRequest {
-            applied_revision: applied.map(str::to_owned),
+            applied_revision: applied.map(|(sha, _)| sha.to_owned()),
             agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+            applied_generation: applied.and_then(|(_, generation)| generation),
         };
         let events = self.inner.clone().sync(request).await?.into_inner();
         Ok(RevisionStream {

@@ -38,7 +38,7 @@ pub struct Settings {
 /// Runs the agent until `shutdown`.
 pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationToken) {
     let (latest_tx, latest_rx) = watch::channel(None::<ReadyRevision>);
-    let (applied_tx, applied_rx) = watch::channel(None::<String>);
+    let (applied_tx, applied_rx) = watch::channel(None::<(String, u64)>);
     let (leading_tx, leading_rx) = watch::channel(false);
     let (reports_tx, reports_rx) = mpsc::channel(64);
 
@@ -81,7 +81,7 @@ pub async fn apply_loop(
     mut worker: Worker,
     mut latest: watch::Receiver<Option<ReadyRevision>>,
     mut leading: watch::Receiver<bool>,
-    applied: watch::Sender<Option<String>>,
+    applied: watch::Sender<Option<(String, u64)>>,
     shutdown: CancellationToken,
 ) {
     let mut failures = Backoff::new(FAILURE_BACKOFF_MIN, FAILURE_BACKOFF_MAX);
@@ -119,7 +119,7 @@ pub async fn apply_loop(
             Outcome::Stopped => continue,
             Outcome::Healthy | Outcome::Degraded(_) => {
                 failures.reset();
-                applied.send_replace(Some(revision.sha().to_owned()));
+                applied.send_replace(Some((revision.sha().to_owned(), revision.generation())));
                 let interval = revision
                     .header
                     .settings

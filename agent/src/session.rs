@@ -74,7 +74,7 @@ impl std::fmt::Debug for Target {
 pub async fn run(
     target: Target,
     shutdown: CancellationToken,
-    applied: watch::Receiver<Option<String>>,
+    applied: watch::Receiver<Option<(String, u64)>>,
     latest: watch::Sender<Option<ReadyRevision>>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF);
@@ -83,10 +83,16 @@ pub async fn run(
             let client =
                 Client::connect(&target.server, &target.token, target.ca_file.as_deref()).await?;
             let stated = applied.borrow().clone();
-            let mut stream = client.sync(stated.as_deref()).await?;
+            let mut stream = client
+                .sync_from(
+                    stated
+                        .as_ref()
+                        .map(|(sha, generation)| (sha.as_str(), Some(*generation))),
+                )
+                .await?;
             info!(
                 server = target.server,
-                applied = stated.as_deref().unwrap_or("nothing"),
+                applied = stated.as_ref().map_or("nothing", |(sha, _)| sha.as_str()),
                 "connected"
             );
             backoff.reset();

@@ -334,3 +334,35 @@ async fn decisions_and_ref_state_are_readable_by_operators() -> anyhow::Result<(
     assert_eq!(missing.unwrap_err().code(), tonic::Code::NotFound);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_requested_while_the_agent_was_away_is_not_lost() -> anyhow::Result<()> {
+    let (_redis, server) = setup(&[AgentDef::new("prod")]).await?;
+    server.release(ZERO, &sha(18), 1200).await?;
+    let first = next_revision(&mut server.stream("prod").await?, SOON).await?;
+    let applied_generation = first.generation();
+
+    // The agent is away when the operator asks for a re-sync.
+    server
+        .admin()
+        .await?
+        .trigger_sync(TriggerSyncRequest {
+            name: "prod".into(),
+            sha: None,
+        })
+        .await?;
+
+    let agent = server.agent("prod").await?;
+    let mut back = agent
+        .sync_from(Some((&sha(18), Some(applied_generation))))
+        .await?;
+    let resent = next_revision(&mut back, SOON).await?;
+    assert_eq!(resent.sha(), sha(18));
+    assert!(resent.generation() > applied_generation);
+
+    let mut current = agent
+        .sync_from(Some((&sha(18), Some(resent.generation()))))
+        .await?;
+    no_revision(&mut current, QUIET).await?;
+    Ok(())
+}

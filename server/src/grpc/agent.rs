@@ -145,6 +145,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<Self::SyncStream>, Status> {
         let agent = self.authenticate(&request)?;
         let request = request.into_inner();
+        let applied_generation = request.applied_generation;
         let applied = match request
             .applied_revision
             .as_deref()
@@ -181,7 +182,10 @@ impl AgentService for AgentApi {
                     let mut wait_for_retry = false;
                     if let Some(revision) = revision {
                         let already = if first {
+                            // A re-sync requested while the agent was away has a newer
+                            // generation of the same commit: it must still be sent.
                             applied.as_ref() == Some(&revision.sha)
+                                && applied_generation.is_none_or(|g| g >= revision.generation)
                         } else {
                             sent.as_ref() == Some(&(revision.sha.clone(), revision.generation))
                         };
