@@ -467,13 +467,32 @@ impl Engine {
     }
 
     /// The gate state of `agent` as stored now.
-    pub async fn gate_of(&self, agent: &str) -> Result<(AgentGate, RefDoc), EngineError> {
+    pub async fn gate_of(&self, agent: &str) -> Result<AgentGate, EngineError> {
         let spec = self
             .catalog
             .agent(agent)
             .ok_or_else(|| EngineError::UnknownAgent(agent.to_owned()))?;
         let doc = self.store.load(&ref_key(spec)).await?.value;
-        Ok((doc.agents.get(agent).cloned().unwrap_or_default(), doc))
+        Ok(doc.agents.get(agent).cloned().unwrap_or_default())
+    }
+
+    /// The newest `limit` status reports of `agent`, newest first; undecodable ones (from a
+    /// newer version) are left out.
+    pub async fn reports(
+        &self,
+        agent: &str,
+        limit: usize,
+    ) -> Result<Vec<StatusReport>, EngineError> {
+        let stored = self.store.reports(agent, limit).await?;
+        Ok(stored
+            .iter()
+            .filter_map(|bytes| StatusReport::decode(bytes.as_slice()).ok())
+            .collect())
+    }
+
+    /// The last status report of `agent`.
+    pub async fn last_report(&self, agent: &str) -> Result<Option<StatusReport>, EngineError> {
+        Ok(self.reports(agent, 1).await?.into_iter().next())
     }
 
     /// Where `sha` stands on `agent`: what `greenlightctl wait` follows.
@@ -489,12 +508,7 @@ impl Engine {
         let key = ref_key(spec);
         let doc = self.store.load(&key).await?.value;
         let gate = doc.agents.get(agent).cloned().unwrap_or_default();
-        let report = self
-            .store
-            .reports(agent, 1)
-            .await?
-            .first()
-            .and_then(|bytes| StatusReport::decode(bytes.as_slice()).ok());
+        let report = self.last_report(agent).await?;
         let mut candidates: Vec<Sha> = gate.desired.iter().map(|d| d.sha.clone()).collect();
         candidates.extend(report.as_ref().and_then(|r| Sha::parse(&r.revision).ok()));
         let git = match self.catalog.source(&key) {
@@ -515,13 +529,6 @@ impl Engine {
         ))
     }
 
-    /// Re-reads `key` and hands its agents' desired revisions to their streams.
-    pub async fn refresh(&self, key: &RefKey, force: bool) -> Result<(), EngineError> {
-        let Versioned { version, value } = self.store.load(key).await?;
-        self.offer(key, version, &value, force);
-        Ok(())
-    }
-
     /// Whether this replica's streams already follow `version` of `key` (its own saves come
     /// back through the store too: re-reading them would only repeat work).
     fn already_has(&self, key: &RefKey, version: u64) -> bool {
@@ -533,10 +540,10 @@ impl Engine {
             })
     }
 
-    /// Re-reads `key` without trusting that versions only grow: a store that lost its data
-    /// starts again at 0. A lower version read twice is such a reset, not a race with a
+    /// Re-reads `key` and hands its agents' desired revisions to their streams, without
+    /// trusting that versions only grow: a store that lost its data starts again at 0. A lower version read twice is such a reset, not a race with a
     /// concurrent save (which only raises it).
-    async fn reread(&self, key: &RefKey) -> Result<(), EngineError> {
+    pub async fn reread(&self, key: &RefKey) -> Result<(), EngineError> {
         let first = self.store.load(key).await?;
         let known = self
             .catalog
@@ -804,7 +811,7 @@ impl Engine {
                     Ok(Notice::Message(message)) => {
                         if let Broadcast::RefChanged { key, version, .. } = &message
                             && !self.already_has(key, *version)
-                            && let Err(error) = self.refresh(key, false).await
+                            && let Err(error) = self.reread(key).await
                         {
                             warn!(%error, %key, "cannot re-read a changed ref");
                         }

@@ -14,7 +14,7 @@ use super::{bearer, decision_to_proto, mode_to_proto, revision_to_proto, status_
 use crate::clock::now_ms;
 use crate::config::{AgentSpec, TokenHash};
 use crate::engine::{Engine, Operation};
-use crate::gate::Sha;
+use crate::gate::{AgentGate, Sha};
 use crate::progress::is_final;
 use crate::store::{Broadcast, RefKey};
 
@@ -101,17 +101,15 @@ impl AdminApi {
     }
 
     async fn status(&self, name: &str) -> Result<v1::AgentStatus, Status> {
+        let gate = self.engine.gate_of(name).await?;
+        self.status_with(name, &gate).await
+    }
+
+    /// The status of `name`, whose gate state was read already.
+    async fn status_with(&self, name: &str, gate: &AgentGate) -> Result<v1::AgentStatus, Status> {
         let spec = self.spec(name)?.clone();
-        let (gate, _) = self.engine.gate_of(name).await?;
         let replica = self.engine.presence(name).await?;
-        let last_report = self
-            .engine
-            .store()
-            .reports(name, 1)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .first()
-            .and_then(|bytes| v1::StatusReport::decode(bytes.as_slice()).ok());
+        let last_report = self.engine.last_report(name).await?;
         let applied_revision = last_report
             .as_ref()
             .filter(|r| {
@@ -281,16 +279,17 @@ impl AdminService for AdminApi {
         request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsResponse>, Status> {
         self.authorize(&request)?;
-        let names: Vec<String> = self
-            .engine
-            .catalog()
-            .agents()
-            .map(|a| a.name.clone())
-            .collect();
-        let mut agents = Vec::with_capacity(names.len());
-        for name in names {
-            agents.push(self.status(&name).await?);
+        // Agents watching one ref share its document: read each once.
+        let keys: Vec<RefKey> = self.engine.catalog().refs().cloned().collect();
+        let mut agents = Vec::new();
+        for key in keys {
+            let doc = self.engine.load(&key).await?.value;
+            for name in self.engine.catalog().watchers(&key) {
+                let gate = doc.agents.get(name).cloned().unwrap_or_default();
+                agents.push(self.status_with(name, &gate).await?);
+            }
         }
+        agents.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(v1::ListAgentsResponse { agents }))
     }
 
@@ -309,16 +308,8 @@ impl AdminService for AdminApi {
         self.authorize(&request)?;
         let name = &request.get_ref().name;
         self.spec(name)?;
-        let reports = self
-            .engine
-            .store()
-            .reports(name, HISTORY_LIMIT)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?
-            .iter()
-            .filter_map(|bytes| v1::StatusReport::decode(bytes.as_slice()).ok())
-            .collect();
-        let (gate, _) = self.engine.gate_of(name).await?;
+        let reports = self.engine.reports(name, HISTORY_LIMIT).await?;
+        let gate = self.engine.gate_of(name).await?;
         let decisions = gate.decisions.iter().rev().map(decision_to_proto).collect();
         Ok(Response::new(v1::GetAgentHistoryResponse {
             reports,

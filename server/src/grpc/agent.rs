@@ -163,7 +163,7 @@ impl AgentService for AgentApi {
             .ok_or_else(|| Status::internal("agent has no channel"))?;
         // Level-triggered: read the store now so a reconnecting agent gets what was decided
         // while it was away even if this replica missed the announcement.
-        if let Err(error) = self.engine.refresh(&ref_key(&agent), false).await {
+        if let Err(error) = self.engine.reread(&ref_key(&agent)).await {
             debug!(%error, agent = agent.name, "serving the last known desired revision");
         }
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);

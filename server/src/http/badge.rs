@@ -5,10 +5,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use greenlight::v1::{Phase, StatusReport};
-use prost::Message;
 use serde::Deserialize;
 
 use super::HttpState;
+use crate::engine::EngineError;
 
 /// A badge's colour and text, decided from the agent's state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,21 +108,15 @@ pub async fn serve(
     if !allowed {
         return unauthorized();
     }
-    let report = match state.engine.store().reports(name, 1).await {
-        Ok(reports) => reports
-            .first()
-            .and_then(|bytes| StatusReport::decode(bytes.as_slice()).ok()),
-        Err(error) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("store unavailable: {error}"),
-            )
-                .into_response();
-        }
+    let unavailable =
+        |error: EngineError| (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response();
+    let report = match state.engine.last_report(name).await {
+        Ok(report) => report,
+        Err(error) => return unavailable(error),
     };
     let paused = match state.engine.gate_of(name).await {
-        Ok((gate, _)) => gate.paused.is_some(),
-        Err(error) => return (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response(),
+        Ok(gate) => gate.paused.is_some(),
+        Err(error) => return unavailable(error),
     };
     let svg = render(name, &badge_for(paused, report.as_ref()));
     (
