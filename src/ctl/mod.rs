@@ -213,3 +213,44 @@ async fn execute(cli: Cli) -> anyhow::Result<i32> {
     }
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::run;
+
+    #[tokio::test]
+    async fn missing_token_unreachable_server_and_bad_usage_exit_2() {
+        assert_eq!(
+            run(["greenlightctl", "--server", "http://127.0.0.1:1", "agents"]).await,
+            2,
+            "no token"
+        );
+        let unreachable = [
+            "greenlightctl",
+            "--server",
+            "http://127.0.0.1:1",
+            "--token",
+            "t",
+            "agents",
+        ];
+        assert_eq!(run(unreachable).await, 2);
+        assert_eq!(
+            run([
+                "greenlightctl",
+                "--server",
+                "not a url",
+                "--token",
+                "t",
+                "agents"
+            ])
+            .await,
+            2
+        );
+        assert_eq!(
+            run(["greenlightctl", "wait", "prod"]).await,
+            2,
+            "--sha is required"
+        );
+        assert_eq!(run(["greenlightctl", "--help"]).await, 0);
+    }
+}

@@ -663,3 +663,30 @@ async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result
     assert!(svg.contains("degraded"), "{svg}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_gitlab_api_never_stops_webhook_deploys() -> anyhow::Result<()> {
+    let w = world_with("", None, Some("1s")).await?;
+    let gets = || {
+        w.gitlab
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET")
+            .count()
+    };
+    w.gitlab.fail_with(Some(500));
+    let before = gets();
+    // Catch-up keeps failing in the background (rounds a second apart); deploys from
+    // webhooks go on.
+    eventually("two failed catch-up rounds", || async {
+        Ok((gets() >= before + 2).then_some(()))
+    })
+    .await?;
+    let x = w
+        .repo
+        .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
+    let mut stream = w.server.stream("prod").await?;
+    w.server.release(ZERO, &x, 1).await?;
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), x);
+    Ok(())
+}
