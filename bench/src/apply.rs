@@ -1,18 +1,16 @@
 //! A real agent applying many objects to the emulated API server, then re-applying them.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use greenlight::v1::{GetAgentHistoryRequest, Phase, TriggerSyncRequest};
 use greenlight_e2e::kube_api::{KubeApi, RequestRecord};
-use greenlight_e2e::{
-    AgentProcess, GitRepo, Redis, TestServer, git_agent_yaml, git_config_yaml, pipeline_payload,
-};
+use greenlight_e2e::{AgentProcess, GitRepo, Redis, TestServer, git_agent_yaml, git_config_yaml};
 use serde_json::json;
 
 use crate::common::{
-    Admin, BRANCH, SETTLE, push_and_settle, require_tool, wait_connected, wait_healthy,
+    Admin, SETTLE, push_and_settle, require_tool, send_green, wait_connected, wait_healthy,
 };
 use crate::stats::{breakdown, ms};
 
@@ -34,12 +32,6 @@ fn configmap(index: usize) -> String {
     format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: cm-{index:05}\n  labels:\n    app: bench\ndata:\n  index: \"{index}\"\n  value: \"some configuration value of object {index}\"\n"
     )
-}
-
-fn now_unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// `METHOD resource` of a request: the resource (with its namespace) for object paths,
@@ -169,24 +161,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let waited = push_and_settle(&server, cache.path(), &commit).await?;
 
     // First apply: everything is created.
-    let body = pipeline_payload(
-        greenlight_e2e::PROJECT,
-        BRANCH,
-        &commit,
-        1,
-        "success",
-        "push",
-    );
     kube.reset_requests();
-    let sent_ms = now_unix_ms();
-    let sent = Instant::now();
-    let (status, answer) = server
-        .hook("Pipeline Hook", &body, None)
-        .await
-        .context("pipeline webhook failed")?;
-    if status != 200 {
-        bail!("pipeline webhook answered {status}: {answer}");
-    }
+    let green = send_green(&server, &commit, 1).await?;
+    let (sent, sent_ms) = (green.at, green.at_unix_ms);
     let healthy = wait_healthy(&mut admin, AGENT, &commit, 0, Duration::from_secs(100)).await?;
     let first_time = sent.elapsed();
     let first_requests = kube.requests();
@@ -205,7 +182,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     // Re-apply of the same revision under a new generation: nothing changes.
     kube.reset_requests();
-    let trigger_ms = now_unix_ms();
+    let trigger_ms = greenlight_server::clock::now_ms();
     let triggered = Instant::now();
     let status = admin
         .trigger_sync(TriggerSyncRequest {

@@ -373,3 +373,37 @@ fn describe_document(key: &str, bytes: usize, doc: &serde_json::Value) -> String
         size(&doc["agents"])
     )
 }
+
+/// When a pipeline-success webhook was sent, and how long the server took to answer it.
+pub struct Sent {
+    pub at: Instant,
+    pub at_unix_ms: i64,
+    pub answered: Duration,
+}
+
+/// Sends the pipeline-success webhook for `sha` (pipeline `id`); fails unless it is answered 200.
+pub async fn send_green(server: &TestServer, sha: &str, id: u64) -> anyhow::Result<Sent> {
+    let body = greenlight_e2e::pipeline_payload(
+        greenlight_e2e::PROJECT,
+        BRANCH,
+        sha,
+        id,
+        "success",
+        "push",
+    );
+    let at_unix_ms = greenlight_server::clock::now_ms();
+    let at = Instant::now();
+    let (status, answer) = server
+        .hook("Pipeline Hook", &body, None)
+        .await
+        .context("pipeline webhook failed")?;
+    let answered = at.elapsed();
+    if status != 200 {
+        bail!("pipeline webhook answered {status}: {answer}");
+    }
+    Ok(Sent {
+        at,
+        at_unix_ms,
+        answered,
+    })
+}

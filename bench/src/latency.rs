@@ -3,9 +3,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use greenlight_e2e::{AgentDef, Redis, TestServer, config_yaml, pipeline_payload, sha};
+use greenlight_e2e::{AgentDef, Redis, TestServer, config_yaml, sha};
 
-use crate::common::{BRANCH, Streams, ZERO, ref_document_sizes, require_tool};
+use crate::common::{BRANCH, Streams, ZERO, ref_document_sizes, require_tool, send_green};
 use crate::stats::{Summary, ms};
 
 /// Options of `latency`.
@@ -71,23 +71,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         if status != 200 {
             bail!("push webhook answered {status}");
         }
-        let body = pipeline_payload(
-            greenlight_e2e::PROJECT,
-            BRANCH,
-            &commit,
-            u64::from(round),
-            "success",
-            "push",
-        );
-        let sent = Instant::now();
-        let (status, answer) = server
-            .hook("Pipeline Hook", &body, None)
-            .await
-            .context("pipeline webhook failed")?;
-        let answered = sent.elapsed();
-        if status != 200 {
-            bail!("pipeline webhook answered {status}: {answer}");
-        }
+        let green = send_green(&server, &commit, u64::from(round)).await?;
+        let (sent, answered) = (green.at, green.answered);
         let receipts = streams
             .all_receive(&commit, Duration::from_secs(10))
             .await

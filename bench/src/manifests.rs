@@ -3,11 +3,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use greenlight_e2e::{
-    GitRepo, Redis, TestServer, git_agent_yaml, git_config_yaml, pipeline_payload,
-};
+use greenlight_e2e::{GitRepo, Redis, TestServer, git_agent_yaml, git_config_yaml};
 
-use crate::common::{BRANCH, SETTLE, Streams, counter, push_and_settle, require_tool};
+use crate::common::{SETTLE, Streams, counter, push_and_settle, require_tool, send_green};
 use crate::stats::{mib, ms};
 
 /// Options of `manifests`.
@@ -108,23 +106,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 
     let waited = push_and_settle(&server, cache.path(), &commit).await?;
 
-    let body = pipeline_payload(
-        greenlight_e2e::PROJECT,
-        BRANCH,
-        &commit,
-        1,
-        "success",
-        "push",
-    );
-    let sent = Instant::now();
-    let (status, answer) = server
-        .hook("Pipeline Hook", &body, None)
-        .await
-        .context("pipeline webhook failed")?;
-    let answered = sent.elapsed();
-    if status != 200 {
-        bail!("pipeline webhook answered {status}: {answer}");
-    }
+    let green = send_green(&server, &commit, 1).await?;
+    let (sent, answered) = (green.at, green.answered);
     let receipts = streams
         .all_receive(&commit, Duration::from_secs(90))
         .await?;
