@@ -1,6 +1,6 @@
 //! The agent end to end: server, agent, a git repository and the test API server.
 
-use greenlight::v1::{GetAgentHistoryRequest, GetAgentRequest, Phase};
+use greenlight::v1::Phase;
 use greenlight_e2e::kube_api::KubeApi;
 use greenlight_e2e::*;
 use serde_json::{Value, json};
@@ -84,15 +84,7 @@ async fn green_pipeline_applies_objects_and_reports_healthy() -> anyhow::Result<
     );
     assert_eq!(inventory["data"]["revision"], x.as_str());
 
-    let history = w
-        .server
-        .admin()
-        .await?
-        .get_agent_history(GetAgentHistoryRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let history = w.server.history("prod").await?;
     let phases: Vec<Phase> = history.reports.iter().map(|r| r.phase()).collect();
     assert!(
         phases.contains(&Phase::Applied) && phases.contains(&Phase::Healthy),
@@ -105,15 +97,7 @@ async fn green_pipeline_applies_objects_and_reports_healthy() -> anyhow::Result<
         .cloned()
         .unwrap_or_default();
     assert_eq!(applied.objects.len(), 2, "per-object results");
-    let status = w
-        .server
-        .admin()
-        .await?
-        .get_agent(GetAgentRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let status = w.server.agent_status("prod").await?;
     assert_eq!(status.applied_revision, x);
     Ok(())
 }
@@ -142,15 +126,7 @@ async fn removed_files_are_pruned_but_foreign_objects_are_not() -> anyhow::Resul
     let second = w.repo.commit(&[], &["gone.yaml"])?;
     w.server.release(&first, &second, 2).await?;
     let applied = eventually("applied report with a prune", || async {
-        let history = w
-            .server
-            .admin()
-            .await?
-            .get_agent_history(GetAgentHistoryRequest {
-                name: "prod".into(),
-            })
-            .await?
-            .into_inner();
+        let history = w.server.history("prod").await?;
         Ok(history
             .reports
             .into_iter()
@@ -446,15 +422,7 @@ async fn server_dry_run_passes_for_objects_in_a_namespace_the_revision_creates()
             .get("v1", "ConfigMap", Some("apps"), "first")
             .is_some()
     );
-    let history = w
-        .server
-        .admin()
-        .await?
-        .get_agent_history(GetAgentHistoryRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let history = w.server.history("prod").await?;
     let applied = history
         .reports
         .iter()
@@ -506,15 +474,7 @@ async fn objects_that_existed_before_are_adopted_and_never_pruned() -> anyhow::R
         legacy["metadata"]["labels"]["greenlight.dev/inventory"].is_null(),
         "let go: {legacy}"
     );
-    let history = w
-        .server
-        .admin()
-        .await?
-        .get_agent_history(GetAgentHistoryRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let history = w.server.history("prod").await?;
     let applied = history
         .reports
         .iter()

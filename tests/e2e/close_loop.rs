@@ -7,8 +7,7 @@ use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
 use greenlight::v1::{
-    GetAgentHistoryRequest, GetAgentRequest, PauseSyncRequest, Phase, ResumeSyncRequest,
-    WatchRevisionRequest,
+    GetAgentRequest, PauseSyncRequest, Phase, ResumeSyncRequest, WatchRevisionRequest,
 };
 use greenlight_e2e::fake_gitlab::FakeGitLab;
 use greenlight_e2e::kube_api::KubeApi;
@@ -275,15 +274,7 @@ async fn green_commit_skipped_for_a_newer_one_is_canceled_as_superseded() -> any
     })
     .await;
     if let Err(error) = result {
-        let history = w
-            .server
-            .admin()
-            .await?
-            .get_agent_history(GetAgentHistoryRequest {
-                name: "prod".into(),
-            })
-            .await?
-            .into_inner();
+        let history = w.server.history("prod").await?;
         let about_b: Vec<String> = history
             .decisions
             .iter()
@@ -559,15 +550,7 @@ async fn ci_token_may_read_and_wait_for_its_own_agent_only() -> anyhow::Result<(
         .await
         .expect_err("pause");
     assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
-    let status = w
-        .server
-        .admin()
-        .await?
-        .get_agent(GetAgentRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let status = w.server.agent_status("prod").await?;
     assert!(status.paused.is_none(), "the refused pause changed nothing");
     Ok(())
 }

@@ -62,14 +62,7 @@ async fn newer_green_commit_wins_and_older_success_changes_nothing() -> anyhow::
         200
     );
     no_revision(&mut stream, QUIET).await?;
-    let status = server
-        .admin()
-        .await?
-        .get_agent(GetAgentRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let status = server.agent_status("prod").await?;
     assert_eq!(status.desired.unwrap_or_default().sha, sha(3));
     Ok(())
 }
@@ -83,14 +76,7 @@ async fn failed_pipeline_holds_until_a_retry_succeeds() -> anyhow::Result<()> {
         .pipeline("main", &sha(4), 300, "failed", "push")
         .await?;
     no_revision(&mut stream, QUIET).await?;
-    let status = server
-        .admin()
-        .await?
-        .get_agent(GetAgentRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let status = server.agent_status("prod").await?;
     let reason = status.last_decision.unwrap_or_default().reason;
     assert!(reason.contains("pipeline 300 is failed"), "{reason}");
     server

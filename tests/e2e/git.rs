@@ -237,14 +237,7 @@ async fn unreachable_repository_is_reported_not_fatal() -> anyhow::Result<()> {
         .await?;
     let error = wait_for_sync_error(&server, "prod", "cannot fetch").await?;
     assert!(error.contains("nonexistent"), "{error}");
-    let status = server
-        .admin()
-        .await?
-        .get_agent(GetAgentRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let status = server.agent_status("prod").await?;
     assert!(status.desired.is_none(), "nothing unverifiable is deployed");
     Ok(())
 }

@@ -104,14 +104,7 @@ async fn get_ref(server: &TestServer, project: &str) -> Result<RefStatus, tonic:
 }
 
 async fn desired_sha(server: &TestServer) -> anyhow::Result<Option<String>> {
-    let status = server
-        .admin()
-        .await?
-        .get_agent(GetAgentRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let status = server.agent_status("prod").await?;
     Ok(status.desired.map(|d| d.sha))
 }
 

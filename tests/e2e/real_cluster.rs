@@ -1,7 +1,7 @@
 //! Opt-in: the agent against a real cluster. Runs when `GREENLIGHT_TEST_KUBECONFIG` names a
 //! kubeconfig; otherwise it says why it did nothing.
 
-use greenlight::v1::{GetAgentRequest, Phase};
+use greenlight::v1::Phase;
 use greenlight_e2e::*;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -94,14 +94,7 @@ async fn scenario(client: kube::Client, namespace: &str) -> anyhow::Result<()> {
         let server = &server;
         async move {
             eventually("a healthy report", || async {
-                let status = server
-                    .admin()
-                    .await?
-                    .get_agent(GetAgentRequest {
-                        name: "real".into(),
-                    })
-                    .await?
-                    .into_inner();
+                let status = server.agent_status("real").await?;
                 Ok(status
                     .last_report
                     .filter(|r| r.revision == sha && r.phase() == Phase::Healthy))

@@ -13,7 +13,10 @@ use anyhow::{Context, bail};
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
-use greenlight::v1::{GetAgentRequest, Phase, StatusReport};
+use greenlight::v1::{
+    AgentStatus, GetAgentHistoryRequest, GetAgentHistoryResponse, GetAgentRequest, Phase,
+    StatusReport,
+};
 use greenlight_agent::assemble::ReadyRevision;
 use greenlight_agent::client::{Client, RevisionStream};
 use greenlight_server::config::{Config, Overrides};
@@ -349,6 +352,27 @@ impl TestServer {
             bail!("webhooks answered {pushed} and {green}");
         }
         Ok(())
+    }
+
+    /// `GetAgent` for `agent`, with the admin token.
+    pub async fn agent_status(&self, agent: &str) -> anyhow::Result<AgentStatus> {
+        Ok(self
+            .admin()
+            .await?
+            .get_agent(GetAgentRequest { name: agent.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// `GetAgentHistory` for `agent`, with the admin token.
+    pub async fn history(&self, agent: &str) -> anyhow::Result<GetAgentHistoryResponse> {
+        let request = GetAgentHistoryRequest { name: agent.into() };
+        Ok(self
+            .admin()
+            .await?
+            .get_agent_history(request)
+            .await?
+            .into_inner())
     }
 
     /// The last status report of `agent`.
