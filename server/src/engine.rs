@@ -238,12 +238,6 @@ impl Engine {
         };
         let mut outcome = Recording::Unchanged;
         for key in &keys {
-            if let Some(id) = delivery
-                && self.store.seen_delivery(key, id).await?
-            {
-                outcome = Recording::Duplicate;
-                continue;
-            }
             let result = self
                 .update(key, delivery, fact_sha.as_ref(), |doc, env| {
                     let recorded = match &fact.kind {
@@ -592,8 +586,15 @@ impl Engine {
             };
             let steps = match change(&mut doc, &env)? {
                 Change::Clean => {
+                    // Nothing to write, so the save's own duplicate check does not run: tell
+                    // a redelivery from a new event that merely says nothing new.
+                    let duplicate = match delivery {
+                        Some(id) => self.store.seen_delivery(key, id).await?,
+                        None => false,
+                    };
+                    let written = if duplicate { None } else { Some(false) };
                     return Ok(Updated {
-                        written: Some(false),
+                        written,
                         mirror_behind,
                     });
                 }
