@@ -7,7 +7,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
 use crate::cluster::{ClusterError, bounded};
-use crate::plan::InventoryEntry;
+use crate::plan::{InventoryEntry, inventory_name};
 
 /// The label every applied object carries; its value is the agent's name. Objects that
 /// existed before the agent first applied them carry it too, but are marked adopted in the
@@ -34,7 +34,7 @@ impl InventoryStore {
     pub fn new(client: kube::Client, namespace: &str, agent: &str, field_manager: &str) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
-            name: format!("greenlight-inventory-{agent}"),
+            name: inventory_name(agent),
             field_manager: field_manager.to_owned(),
         }
     }

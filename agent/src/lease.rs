@@ -69,6 +69,9 @@ pub struct Elector {
     identity: String,
     duration: Duration,
     observer: Observer,
+    /// When the last successful renewal was sent; kept across runs so that a restarted run
+    /// still steps down in time.
+    renewed: Option<Instant>,
 }
 
 impl Elector {
@@ -86,6 +89,39 @@ impl Elector {
             identity: identity.to_owned(),
             duration,
             observer: Observer::default(),
+            renewed: None,
+        }
+    }
+
+    /// The name of the Lease competed for.
+    pub fn lease(&self) -> &str {
+        &self.name
+    }
+
+    /// Gives the lease up if this replica holds it, so that another takes over at once
+    /// rather than after the lease duration; `true` when it was released.
+    pub async fn release(&mut self) -> Result<bool, kube::Error> {
+        self.renewed = None;
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        // As client-go's ReleaseOnCancel: no holder, and the shortest valid duration for
+        // readers that only look at the times.
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(error) => Err(error),
         }
     }
 
@@ -157,14 +193,15 @@ impl Elector {
         }
     }
 
-    /// Keeps competing until `shutdown`, publishing whether this replica leads.
-    pub async fn run(mut self, leading: watch::Sender<bool>, shutdown: CancellationToken) {
+    /// Keeps competing until `shutdown`, publishing whether this replica leads; the lease
+    /// is not released (see [`Elector::release`]).
+    pub async fn run(&mut self, leading: &watch::Sender<bool>, shutdown: &CancellationToken) {
         // Three rounds per lease period and a renew deadline of two thirds of it, as
         // client-go's defaults (10s of 15s).
         let retry = self.duration / 3;
         let renew_deadline = self.duration * 2 / 3;
-        let mut renewed: Option<Instant> = None;
         loop {
+            let renewed = self.renewed;
             let started = Instant::now();
             // A leader's round may not outlast its renew deadline: it must step down in time.
             let budget = match renewed {
@@ -183,11 +220,11 @@ impl Elector {
             };
             let failed = match round {
                 Ok(Ok(true)) => {
-                    renewed = Some(started);
+                    self.renewed = Some(started);
                     false
                 }
                 Ok(Ok(false)) => {
-                    renewed = None;
+                    self.renewed = None;
                     false
                 }
                 Ok(Err(error)) => {
@@ -199,9 +236,9 @@ impl Elector {
                     true
                 }
             };
-            let lead = still_leading(renewed, renew_deadline, Instant::now());
+            let lead = still_leading(self.renewed, renew_deadline, Instant::now());
             if !lead {
-                renewed = None;
+                self.renewed = None;
             }
             leading.send_if_modified(|current| {
                 if *current != lead {
@@ -219,7 +256,10 @@ impl Elector {
             } else {
                 jittered(retry)
             };
-            if let Some(end) = renewed.and_then(|sent| sent.checked_add(renew_deadline)) {
+            if let Some(end) = self
+                .renewed
+                .and_then(|sent| sent.checked_add(renew_deadline))
+            {
                 wait = wait.min(end.saturating_duration_since(Instant::now()));
             }
             tokio::select! {
@@ -310,10 +350,11 @@ mod tests {
         })
         .await;
         let duration = Duration::from_millis(900);
-        let elector = Elector::new(client, "ns", "l", "a", duration);
+        let mut elector = Elector::new(client, "ns", "l", "a", duration);
         let (tx, mut rx) = watch::channel(false);
         let shutdown = CancellationToken::new();
-        tokio::spawn(elector.run(tx, shutdown.clone()));
+        let stop = shutdown.clone();
+        tokio::spawn(async move { elector.run(&tx, &stop).await });
         tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|l| *l))
             .await
             .unwrap_or_else(|_| panic!("never led: {:?}", log.lock().unwrap()))

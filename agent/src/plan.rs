@@ -1,8 +1,29 @@
 //! What to apply in which order, and what to prune: pure decisions over resolved objects.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use greenlight::v1::ApplySettings;
 use serde::{Deserialize, Serialize};
+
+/// Prefix of the ConfigMap that holds an agent's inventory, in the agent's namespace.
+pub const INVENTORY_PREFIX: &str = "greenlight-inventory-";
+/// Prefix of the Lease agent replicas compete for, in the agent's namespace.
+pub const LEASE_PREFIX: &str = "greenlight-agent-";
+/// The annotation that lets an object whose deletion cascades be pruned.
+pub const PRUNE_ANNOTATION: &str = "greenlight.dev/prune";
+/// The value of [`PRUNE_ANNOTATION`] that allows it.
+pub const PRUNE_ALLOW: &str = "allow";
+
+/// The name of `agent`'s inventory ConfigMap.
+pub fn inventory_name(agent: &str) -> String {
+    format!("{INVENTORY_PREFIX}{agent}")
+}
+
+/// The name of `agent`'s Lease: from the agent's name, so that every replica of the agent
+/// competes for the same one whatever token it holds (a rotation must not make two leaders).
+pub fn lease_name(agent: &str) -> String {
+    format!("{LEASE_PREFIX}{agent}")
+}
 
 /// Identity of an object for the inventory: the version may change, the object stays.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -71,6 +92,180 @@ pub fn apply_stages<T>(items: Vec<T>, stage: impl Fn(&T) -> Stage) -> Vec<(Stage
         }
     }
     stages
+}
+
+/// Where an agent may write: namespaces by name or glob, and cluster-scoped kinds.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scope {
+    /// Names, or globs with `*` (any run of characters) and `?` (one character).
+    pub namespaces: Vec<String>,
+    /// Kinds of cluster-scoped objects, such as `Namespace` or `ClusterRole`.
+    pub cluster_kinds: Vec<String>,
+}
+
+impl Scope {
+    /// The scope the server sent; without namespaces, only the default namespace, the least
+    /// that lets a revision without namespaces be applied at all.
+    pub fn of(settings: &ApplySettings) -> Self {
+        let namespaces = if settings.scope_namespaces.is_empty() {
+            vec![settings.default_namespace.clone()]
+        } else {
+            settings.scope_namespaces.clone()
+        };
+        Self {
+            namespaces,
+            cluster_kinds: settings.scope_cluster_kinds.clone(),
+        }
+    }
+
+    fn has_namespace(&self, namespace: &str) -> bool {
+        self.namespaces
+            .iter()
+            .any(|pattern| glob_matches(pattern, namespace))
+    }
+
+    /// Why the agent may not write `key`; `None` when it may. A Namespace needs its kind in
+    /// `cluster_kinds` and its name in `namespaces`: creating or relabelling `kube-system` is a
+    /// write to it.
+    pub fn refusal(&self, key: &ObjectKey) -> Option<String> {
+        match &key.namespace {
+            Some(ns) if !self.has_namespace(ns) => {
+                Some(format!("namespace {ns} is not in the agent's scope"))
+            }
+            Some(_) => None,
+            None if !self.cluster_kinds.contains(&key.kind) => Some(format!(
+                "cluster-scoped kind {} is not in the agent's scope",
+                key.kind
+            )),
+            None if key.group.is_empty() && key.kind == "Namespace" => (!self
+                .has_namespace(&key.name))
+            .then(|| format!("namespace {} is not in the agent's scope", key.name)),
+            None => None,
+        }
+    }
+}
+
+/// Whether `text` matches `pattern`, where `*` matches any run of characters and `?` one.
+pub fn glob_matches(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    // Iterative matching with backtracking to the last `*`: linear in practice, never
+    // exponential.
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ti));
+                pi += 1;
+            }
+            Some(c) if *c == '?' || *c == t[ti] => {
+                pi += 1;
+                ti += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    pi = sp + 1;
+                    ti = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+/// Whether `key` is one of the agent's own records in `agent_namespace`: the inventory that
+/// decides what is pruned, or the Lease that decides who applies. A revision that wrote them
+/// could make the next prune delete what the agent never created.
+pub fn is_agent_record(key: &ObjectKey, agent_namespace: &str) -> bool {
+    key.namespace.as_deref() == Some(agent_namespace)
+        && match (key.group.as_str(), key.kind.as_str()) {
+            ("", "ConfigMap") => key.name.starts_with(INVENTORY_PREFIX),
+            ("coordination.k8s.io", "Lease") => key.name.starts_with(LEASE_PREFIX),
+            _ => false,
+        }
+}
+
+/// Objects of `keys` a revision may not write, each named with the reason, checked before the
+/// first write.
+pub fn refusals<'a>(
+    keys: impl IntoIterator<Item = &'a ObjectKey>,
+    scope: &Scope,
+    agent_namespace: &str,
+) -> Vec<String> {
+    keys.into_iter()
+        .filter_map(|key| {
+            if is_agent_record(key, agent_namespace) {
+                return Some(format!("{key}: it is the agent's own inventory or Lease"));
+            }
+            scope.refusal(key).map(|why| format!("{key}: {why}"))
+        })
+        .collect()
+}
+
+/// Whether deleting an object of this kind deletes others with it: a Namespace takes all it
+/// holds, a CRD every resource of its kind, an APIService the API it serves.
+pub fn cascades(group: &str, kind: &str) -> bool {
+    matches!(
+        (group, kind),
+        ("", "Namespace")
+            | ("apiextensions.k8s.io", "CustomResourceDefinition")
+            | ("apiregistration.k8s.io", "APIService")
+    )
+}
+
+/// Whether an object with `annotations` may be pruned although its deletion cascades.
+pub fn prune_allowed(annotations: Option<&BTreeMap<String, String>>) -> bool {
+    annotations
+        .and_then(|a| a.get(PRUNE_ANNOTATION))
+        .is_some_and(|v| v == PRUNE_ALLOW)
+}
+
+/// What pruning would do, decided before the first write.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PruneSet {
+    /// Deleted (or, when adopted, let go), in prune order.
+    pub candidates: Vec<InventoryEntry>,
+    /// Outside the agent's scope now: never touched, still remembered.
+    pub out_of_scope: Vec<InventoryEntry>,
+}
+
+/// Why a prune is refused before anything was written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "revision would prune {count} objects, more than the prune limit of {limit}; nothing was \
+     changed (an operator can allow it with `greenlightctl trigger --force-prune`)"
+)]
+pub struct PruneLimitExceeded {
+    pub count: usize,
+    pub limit: u32,
+}
+
+/// Splits what `inventory` holds beyond `desired` by scope, and refuses deleting more than
+/// `limit` objects unless `force`: a mass deletion is likelier a broken merge or a wrong path
+/// than an intent. Adopted objects are only let go, so they do not count.
+pub fn prune_set(
+    inventory: &[InventoryEntry],
+    desired: &BTreeSet<ObjectKey>,
+    scope: &Scope,
+    limit: Option<u32>,
+    force: bool,
+) -> Result<PruneSet, PruneLimitExceeded> {
+    let (out_of_scope, candidates): (Vec<_>, Vec<_>) = prune_plan(inventory, desired)
+        .into_iter()
+        .partition(|e| scope.refusal(&e.key).is_some());
+    let count = candidates.iter().filter(|e| !e.adopted).count();
+    if let Some(limit) = limit
+        && !force
+        && count > usize::try_from(limit).unwrap_or(usize::MAX)
+    {
+        return Err(PruneLimitExceeded { count, limit });
+    }
+    Ok(PruneSet {
+        candidates,
+        out_of_scope,
+    })
 }
 
 /// Inventory entries that are no longer desired, in prune order: the reverse of apply order,
@@ -153,6 +348,136 @@ mod tests {
         let plan = prune_plan(&inventory, &desired);
         let plan: Vec<&str> = plan.iter().map(|e| e.key.name.as_str()).collect();
         assert_eq!(plan, ["old", "widgets.example.com", "team"]);
+    }
+
+    fn scope(namespaces: &[&str], kinds: &[&str]) -> Scope {
+        Scope {
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            cluster_kinds: kinds.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn globs_match_names() {
+        assert!(glob_matches("apps", "apps"));
+        assert!(!glob_matches("apps", "apps2"));
+        assert!(glob_matches("team-*", "team-a"));
+        assert!(glob_matches("team-*", "team-"));
+        assert!(!glob_matches("team-*", "kube-system"));
+        assert!(glob_matches("*-prod", "web-prod"));
+        assert!(glob_matches("a?c", "abc"));
+        assert!(!glob_matches("a?c", "ac"));
+        assert!(glob_matches("*", "anything"));
+        assert!(glob_matches("*a*b", "xxaxxb"));
+        assert!(!glob_matches("*a*b", "xxaxxbc"));
+    }
+
+    #[test]
+    fn the_default_scope_is_the_default_namespace_and_no_cluster_kinds() {
+        let settings = ApplySettings {
+            default_namespace: "apps".into(),
+            ..ApplySettings::default()
+        };
+        let scope = Scope::of(&settings);
+        assert_eq!(scope, self::scope(&["apps"], &[]));
+        assert!(
+            scope
+                .refusal(&entry("", "ConfigMap", Some("apps"), "a").key)
+                .is_none()
+        );
+        assert!(
+            scope
+                .refusal(&entry("", "ConfigMap", Some("kube-system"), "a").key)
+                .is_some()
+        );
+        let role = entry("rbac.authorization.k8s.io", "ClusterRole", None, "admin");
+        assert!(scope.refusal(&role.key).is_some());
+    }
+
+    #[test]
+    fn objects_outside_the_scope_or_the_agents_records_are_refused_by_name() {
+        let scope = scope(&["apps", "team-*"], &["Namespace", "ClusterRole"]);
+        let keys: Vec<ObjectKey> = [
+            entry("", "ConfigMap", Some("apps"), "fine"),
+            entry("", "ConfigMap", Some("team-a"), "fine"),
+            entry("", "Namespace", None, "team-b"),
+            entry("rbac.authorization.k8s.io", "ClusterRole", None, "reader"),
+            entry("", "Secret", Some("kube-system"), "bootstrap"),
+            entry("", "Namespace", None, "kube-system"),
+            entry(
+                "rbac.authorization.k8s.io",
+                "ClusterRoleBinding",
+                None,
+                "root",
+            ),
+            entry(
+                "",
+                "ConfigMap",
+                Some("greenlight"),
+                "greenlight-inventory-prod",
+            ),
+            entry(
+                "coordination.k8s.io",
+                "Lease",
+                Some("greenlight"),
+                "greenlight-agent-prod",
+            ),
+            // The same names elsewhere are ordinary objects.
+            entry("", "ConfigMap", Some("apps"), "greenlight-inventory-prod"),
+        ]
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+        let refused = refusals(&keys, &scope, "greenlight");
+        assert_eq!(
+            refused,
+            [
+                "Secret kube-system/bootstrap: namespace kube-system is not in the agent's scope",
+                "Namespace kube-system: namespace kube-system is not in the agent's scope",
+                "ClusterRoleBinding root: cluster-scoped kind ClusterRoleBinding is not in the agent's scope",
+                "ConfigMap greenlight/greenlight-inventory-prod: it is the agent's own inventory or Lease",
+                "Lease greenlight/greenlight-agent-prod: it is the agent's own inventory or Lease",
+            ]
+        );
+        // Even a scope that includes the agent's namespace never lets a revision write them.
+        let wide = self::scope(&["*"], &[]);
+        assert_eq!(refusals(&keys[7..9], &wide, "greenlight").len(), 2);
+    }
+
+    #[test]
+    fn cascading_kinds_are_pruned_only_when_annotated() {
+        assert!(cascades("", "Namespace"));
+        assert!(cascades("apiextensions.k8s.io", "CustomResourceDefinition"));
+        assert!(cascades("apiregistration.k8s.io", "APIService"));
+        assert!(!cascades("", "ConfigMap"));
+        assert!(!cascades("example.com", "Namespace"));
+        let annotated = |value: &str| BTreeMap::from([(PRUNE_ANNOTATION.to_owned(), value.into())]);
+        assert!(prune_allowed(Some(&annotated("allow"))));
+        assert!(!prune_allowed(Some(&annotated("yes"))));
+        assert!(!prune_allowed(Some(&BTreeMap::new())));
+        assert!(!prune_allowed(None));
+    }
+
+    #[test]
+    fn a_prune_beyond_the_limit_is_refused_unless_forced() {
+        let inventory: Vec<InventoryEntry> = (0..5)
+            .map(|i| entry("", "ConfigMap", Some("apps"), &format!("cm{i}")))
+            .chain([entry("", "ConfigMap", Some("old"), "elsewhere")])
+            .collect();
+        let desired = BTreeSet::new();
+        let scope = scope(&["apps"], &[]);
+        let err = prune_set(&inventory, &desired, &scope, Some(4), false).unwrap_err();
+        assert_eq!(err, PruneLimitExceeded { count: 5, limit: 4 });
+        assert!(err.to_string().contains("--force-prune"), "{err}");
+        let forced = prune_set(&inventory, &desired, &scope, Some(4), true).unwrap();
+        assert_eq!(forced.candidates.len(), 5);
+        assert_eq!(forced.out_of_scope, [inventory[5].clone()], "never touched");
+        assert!(prune_set(&inventory, &desired, &scope, Some(5), false).is_ok());
+        assert!(prune_set(&inventory, &desired, &scope, None, false).is_ok());
+        // Adopted objects are only let go: they do not count.
+        let mut adopted = inventory.clone();
+        adopted[0].adopted = true;
+        assert!(prune_set(&adopted, &desired, &scope, Some(4), false).is_ok());
     }
 
     #[test]

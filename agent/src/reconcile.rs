@@ -16,7 +16,10 @@ use crate::cluster::{Cluster, ClusterError, Resolved};
 use crate::health::{Health, assess};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest::{self, Manifest};
-use crate::plan::{InventoryEntry, ObjectKey, Stage, apply_stages, prune_plan};
+use crate::plan::{
+    InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, apply_stages, cascades,
+    prune_allowed, prune_set, refusals,
+};
 use crate::session::jittered;
 
 /// The field manager of every write.
@@ -49,6 +52,16 @@ struct Planned {
     /// `None` until discovery serves its kind (custom resources of a CRD in this revision).
     resolved: Option<Resolved>,
     body: Value,
+}
+
+/// What pruning one inventory entry did.
+enum Pruned {
+    /// Deleted or let go (with a result), or nothing of ours was there (without).
+    Done(Option<ObjectResult>),
+    /// Deliberately not deleted, and still remembered so that it can be later.
+    Kept(ObjectResult),
+    /// Could not be pruned now; still remembered.
+    Failed(ObjectResult),
 }
 
 /// Applies revisions to one cluster for one agent.
@@ -225,6 +238,31 @@ impl Worker {
             );
             return self.fail(revision, message, Vec::new()).await;
         }
+        // What prune would delete is known before the first write, so a mass deletion is
+        // refused before anything changed.
+        let scope = Scope::of(&settings);
+        let desired_keys: BTreeSet<ObjectKey> = planned.iter().map(|p| p.key.clone()).collect();
+        let force_prune = revision
+            .header
+            .revision
+            .as_ref()
+            .is_some_and(|r| r.force_prune);
+        let prune = if settings.prune {
+            match prune_set(
+                &previous.entries,
+                &desired_keys,
+                &scope,
+                settings.prune_limit,
+                force_prune,
+            ) {
+                Ok(set) => Some(set),
+                Err(refused) => {
+                    return self.fail(revision, refused.to_string(), Vec::new()).await;
+                }
+            }
+        } else {
+            None
+        };
 
         let mut dry_run_note = None;
         if settings.dry_run_strategy == "server" {
@@ -280,9 +318,8 @@ impl Worker {
             .collect();
         // Recorded before the first write: a crash mid-apply leaves nothing the next prune
         // would not know about.
-        let mut union = merge(&desired, &previous.entries);
         let pending = Inventory {
-            entries: union.clone(),
+            entries: merge(&desired, &previous.entries),
             revision: previous.revision.clone(),
         };
         if let Err(error) = inventory.save(&pending).await {
@@ -320,9 +357,8 @@ impl Worker {
                         for entry in desired.iter_mut().filter(|e| adopted.contains(&e.key)) {
                             entry.adopted = true;
                         }
-                        union = merge(&desired, &previous.entries);
                         let pending = Inventory {
-                            entries: union.clone(),
+                            entries: merge(&desired, &previous.entries),
                             revision: previous.revision.clone(),
                         };
                         if let Err(error) = inventory.save(&pending).await {
@@ -366,11 +402,21 @@ impl Worker {
             }
         }
 
-        let desired_keys: BTreeSet<ObjectKey> = desired.iter().map(|e| e.key.clone()).collect();
         let mut kept = Vec::new();
+        let mut kept_names = Vec::new();
         let mut let_go = 0;
-        if settings.prune {
-            let gone = prune_plan(&union, &desired_keys);
+        if let Some(prune) = prune {
+            for entry in prune.out_of_scope {
+                info!(object = %entry.key, "not pruning: outside the agent's scope");
+                kept_names.push(format!("{} (outside the agent's scope)", entry.key));
+                results.push(entry_result(
+                    &entry,
+                    Action::Unchanged,
+                    "not pruned: outside the agent's scope".into(),
+                ));
+                kept.push(entry);
+            }
+            let gone = prune.candidates;
             let discovery_failures = if gone.is_empty() {
                 BTreeMap::new()
             } else {
@@ -389,12 +435,17 @@ impl Worker {
                     .prune_one(&entry, &agent, &settings, &discovery_failures)
                     .await
                 {
-                    Ok(Some(object)) => {
+                    Pruned::Done(Some(object)) => {
                         let_go += usize::from(entry.adopted);
                         results.push(object);
                     }
-                    Ok(None) => {}
-                    Err(object) => {
+                    Pruned::Done(None) => {}
+                    Pruned::Kept(object) => {
+                        kept_names.push(format!("{} (its deletion would cascade)", entry.key));
+                        kept.push(entry.clone());
+                        results.push(object);
+                    }
+                    Pruned::Failed(object) => {
                         // Still ours and still there: keep remembering it.
                         kept.push(entry.clone());
                         failed = true;
@@ -402,13 +453,10 @@ impl Worker {
                     }
                 }
             }
-        } else {
-            kept = union
-                .iter()
-                .filter(|e| !desired_keys.contains(&e.key))
-                .cloned()
-                .collect();
         }
+        // Without prune, what left the manifests is forgotten rather than remembered (`kept`
+        // stays empty): the inventory stays as large as the revision, and turning prune on
+        // later deletes only what is removed from then on.
         let mut entries = desired.clone();
         entries.extend(kept);
         let done_inventory = Inventory {
@@ -443,6 +491,9 @@ impl Worker {
             message.push_str(&format!(
                 "; {let_go} not pruned: existed before the agent adopted them"
             ));
+        }
+        if !kept_names.is_empty() {
+            message.push_str(&format!("; kept {}", kept_names.join(", ")));
         }
         if let Some(note) = dry_run_note {
             message.push_str("; ");
@@ -675,6 +726,14 @@ impl Worker {
                 undiscovered.join(", ")
             ));
         }
+        let refused = refusals(
+            planned.iter().map(|p| &p.key),
+            &Scope::of(settings),
+            &self.namespace,
+        );
+        if !refused.is_empty() {
+            problems.push(format!("not allowed: {}", refused.join(", ")));
+        }
         if !problems.is_empty() {
             return Err(format!("{}; nothing was applied", problems.join("; ")));
         }
@@ -795,24 +854,17 @@ impl Worker {
         agent: &str,
         settings: &ApplySettings,
         discovery_failures: &BTreeMap<String, String>,
-    ) -> Result<Option<ObjectResult>, ObjectResult> {
-        let as_result = |action: Action, message: String| ObjectResult {
-            api_version: entry.api_version.clone(),
-            kind: entry.key.kind.clone(),
-            namespace: entry.key.namespace.clone().unwrap_or_default(),
-            name: entry.key.name.clone(),
-            action: action.into(),
-            message,
-        };
+    ) -> Pruned {
+        let as_result = |action: Action, message: String| entry_result(entry, action, message);
         let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) else {
             return match discovery_failures.get(&entry.api_version) {
                 // It may well still exist: remember it until its kind can be resolved.
-                Some(why) => Err(as_result(
+                Some(why) => Pruned::Failed(as_result(
                     Action::Failed,
                     format!("API discovery of {} failed: {why}", entry.api_version),
                 )),
                 // The kind is gone, and with it every object of it.
-                None => Ok(None),
+                None => Pruned::Done(None),
             };
         };
         let namespace = entry.key.namespace.as_deref();
@@ -824,13 +876,13 @@ impl Worker {
             {
                 Ok(true) => {
                     info!(object = %entry.key, "not pruning: it existed before the agent adopted it");
-                    Ok(Some(as_result(
+                    Pruned::Done(Some(as_result(
                         Action::Unchanged,
                         "not pruned: existed before the agent adopted it".into(),
                     )))
                 }
-                Ok(false) => Ok(None),
-                Err(error) => Err(as_result(Action::Failed, error.message())),
+                Ok(false) => Pruned::Done(None),
+                Err(error) => Pruned::Failed(as_result(Action::Failed, error.message())),
             };
         }
         let current = match self
@@ -839,12 +891,25 @@ impl Worker {
             .await
         {
             Ok(Some(current)) => current,
-            Ok(None) => return Ok(None),
-            Err(error) => return Err(as_result(Action::Failed, error.message())),
+            Ok(None) => return Pruned::Done(None),
+            Err(error) => return Pruned::Failed(as_result(Action::Failed, error.message())),
         };
         if label(&current) != Some(agent) {
             info!(object = %entry.key, "not pruning: it no longer carries this agent's label");
-            return Ok(None);
+            return Pruned::Done(None);
+        }
+        if cascades(&entry.key.group, &entry.key.kind)
+            && !prune_allowed(current.metadata.annotations.as_ref())
+        {
+            info!(object = %entry.key, "not pruning: its deletion would cascade");
+            return Pruned::Kept(as_result(
+                Action::Unchanged,
+                format!(
+                    "not pruned: deleting a {} deletes what depends on it; annotate it \
+                     {PRUNE_ANNOTATION}: {PRUNE_ALLOW} to allow it",
+                    entry.key.kind
+                ),
+            ));
         }
         match self
             .cluster
@@ -856,8 +921,8 @@ impl Worker {
             )
             .await
         {
-            Ok(_) => Ok(Some(as_result(Action::Pruned, String::new()))),
-            Err(error) => Err(as_result(Action::Failed, error.message())),
+            Ok(_) => Pruned::Done(Some(as_result(Action::Pruned, String::new()))),
+            Err(error) => Pruned::Failed(as_result(Action::Failed, error.message())),
         }
     }
 
@@ -993,6 +1058,17 @@ fn result(item: &Planned, action: Action, message: String) -> ObjectResult {
         kind: item.key.kind.clone(),
         namespace: item.key.namespace.clone().unwrap_or_default(),
         name: item.key.name.clone(),
+        action: action.into(),
+        message,
+    }
+}
+
+fn entry_result(entry: &InventoryEntry, action: Action, message: String) -> ObjectResult {
+    ObjectResult {
+        api_version: entry.api_version.clone(),
+        kind: entry.key.kind.clone(),
+        namespace: entry.key.namespace.clone().unwrap_or_default(),
+        name: entry.key.name.clone(),
         action: action.into(),
         message,
     }

@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use greenlight::digest::sha256_hex;
 use greenlight::v1::{Phase, StatusReport};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -15,6 +14,7 @@ use crate::assemble::ReadyRevision;
 use crate::client::{Client, ClientError};
 use crate::cluster::Cluster;
 use crate::lease::Elector;
+use crate::plan::lease_name;
 use crate::reconcile::{FIELD_MANAGER, Outcome, Worker};
 use crate::session::{self, Backoff, Target, jittered};
 
@@ -23,6 +23,9 @@ const FAILURE_BACKOFF_MIN: Duration = Duration::from_secs(10);
 const FAILURE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Drift is corrected at least daily, whatever the configured interval.
 const MAX_RECONCILE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// On shutdown, how long the apply loop may take to reach its next safe point, and the
+/// Lease release may take, before the process exits anyway (the lease then just expires).
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// How the agent runs.
 pub struct Settings {
@@ -42,20 +45,17 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
     let (leading_tx, leading_rx) = watch::channel(false);
     let (reports_tx, reports_rx) = mpsc::channel(64);
 
-    // One Lease per agent identity (its token), so agents sharing a namespace do not contend.
-    let digest = sha256_hex(settings.target.token.as_bytes());
-    let lease = format!("greenlight-agent-{}", digest.get(..12).unwrap_or(&digest));
-    let elector = Elector::new(
-        kube.clone(),
-        &settings.namespace,
-        &lease,
-        &settings.identity,
-        settings.lease_duration,
-    );
-    tokio::spawn(
-        elector
-            .run(leading_tx, shutdown.clone())
-            .instrument(info_span!("leader_election", %lease, identity = %settings.identity)),
+    let election = tokio::spawn(
+        lead(
+            kube.clone(),
+            settings.namespace.clone(),
+            settings.identity.clone(),
+            settings.lease_duration,
+            latest_rx.clone(),
+            leading_tx,
+            shutdown.clone(),
+        )
+        .instrument(info_span!("leader_election", identity = %settings.identity)),
     );
     tokio::spawn(
         report(settings.target.clone(), reports_rx, shutdown.clone())
@@ -66,13 +66,98 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
         &settings.namespace,
         reports_tx,
     );
-    tokio::spawn(
+    let applying = tokio::spawn(
         apply_loop(worker, latest_rx, leading_rx, applied_tx, shutdown.clone())
             .instrument(info_span!("apply_loop")),
     );
     session::run(settings.target, shutdown, applied_rx, latest_tx)
         .instrument(info_span!("session"))
         .await;
+    // The Lease is released only once the apply loop stopped at a safe point: the replica
+    // taking over must not overlap with a write of this one.
+    if tokio::time::timeout(STOP_GRACE, applying).await.is_err() {
+        warn!("apply loop did not stop in time; not releasing the lease");
+        return;
+    }
+    let Ok(Ok(Some(mut elector))) = tokio::time::timeout(STOP_GRACE, election).await else {
+        return;
+    };
+    match tokio::time::timeout(STOP_GRACE, elector.release()).await {
+        Ok(Ok(true)) => info!(lease = elector.lease(), "lease released"),
+        Ok(Ok(false)) => {}
+        Ok(Err(error)) => warn!(%error, "cannot release the lease; it will expire"),
+        Err(_) => warn!("releasing the lease timed out; it will expire"),
+    }
+}
+
+/// The agent's name as the server sent it with the newest revision.
+fn agent_name(latest: &watch::Receiver<Option<ReadyRevision>>) -> Option<String> {
+    latest
+        .borrow()
+        .as_ref()
+        .map(|r| r.header.agent.clone())
+        .filter(|name| !name.is_empty())
+}
+
+/// Competes for the Lease of the agent's name until `shutdown`; returns the elector, to be
+/// released once applying stopped.
+///
+/// The name comes with each revision from the server, the same name that names the
+/// inventory: every replica of one agent competes for one Lease whatever token it holds, so
+/// a token rotation cannot make two leaders. Nothing is applied before a revision arrives,
+/// so there is nothing to lead before either.
+async fn lead(
+    kube: kube::Client,
+    namespace: String,
+    identity: String,
+    duration: Duration,
+    mut latest: watch::Receiver<Option<ReadyRevision>>,
+    leading: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) -> Option<Elector> {
+    let mut current: Option<Elector> = None;
+    loop {
+        let name = agent_name(&latest);
+        if let Some(name) = &name {
+            let lease = lease_name(name);
+            if current.as_ref().is_none_or(|e| e.lease() != lease) {
+                // Renamed in the server config: the old Lease belongs to a name that no
+                // longer exists; stop leading under it.
+                leading.send_replace(false);
+                info!(%lease, "competing for the lease");
+                current = Some(Elector::new(
+                    kube.clone(),
+                    &namespace,
+                    &lease,
+                    &identity,
+                    duration,
+                ));
+            }
+        }
+        let renamed = async {
+            loop {
+                if latest.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if agent_name(&latest) != name {
+                    return;
+                }
+            }
+        };
+        let stopped = match current.as_mut() {
+            Some(elector) => tokio::select! {
+                _ = elector.run(&leading, &shutdown) => true,
+                _ = renamed => false,
+            },
+            None => tokio::select! {
+                _ = shutdown.cancelled() => true,
+                _ = renamed => false,
+            },
+        };
+        if stopped {
+            return current;
+        }
+    }
 }
 
 /// Applies the newest revision while leading; re-applies it every reconcile interval to

@@ -188,6 +188,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .trigger_sync(TriggerSyncRequest {
             name: AGENT.into(),
             sha: None,
+            force_prune: false,
         })
         .await
         .context("TriggerSync failed")?

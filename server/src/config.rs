@@ -85,9 +85,13 @@ impl Secret {
         &self.0
     }
 
-    /// Constant-time equality with what a client sent.
+    /// Constant-time equality with what a client sent. The digests are compared, not the
+    /// values: comparing bytes of unequal length returns early, which would tell the secret's
+    /// length to whoever measures the answer time.
     pub fn matches(&self, candidate: &str) -> bool {
-        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
+        let expected: [u8; 32] = Sha256::digest(self.0.as_bytes()).into();
+        let given: [u8; 32] = Sha256::digest(candidate.as_bytes()).into();
+        expected.ct_eq(&given).into()
     }
 }
 
@@ -137,10 +141,20 @@ pub struct GitLabSettings {
     pub catch_up_interval: Duration,
 }
 
+/// Objects a revision may prune unless an operator forces it.
+pub const DEFAULT_PRUNE_LIMIT: u32 = 25;
+
 /// How the agent applies a revision, managed centrally and sent with each revision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApplySettings {
     pub default_namespace: String,
+    /// Namespaces (names or `*`/`?` globs) the agent may write to; the config default is
+    /// the default namespace only.
+    pub scope_namespaces: Vec<String>,
+    /// Cluster-scoped kinds the agent may write; none by default.
+    pub scope_cluster_kinds: Vec<String>,
+    /// A revision pruning more objects than this is refused unless forced.
+    pub prune_limit: u32,
     pub prune: bool,
     pub prune_propagation_policy: String,
     pub dry_run_strategy: String,
@@ -153,6 +167,9 @@ impl Default for ApplySettings {
     fn default() -> Self {
         Self {
             default_namespace: "default".to_owned(),
+            scope_namespaces: vec!["default".to_owned()],
+            scope_cluster_kinds: Vec::new(),
+            prune_limit: DEFAULT_PRUNE_LIMIT,
             prune: true,
             prune_propagation_policy: "background".to_owned(),
             dry_run_strategy: "none".to_owned(),
@@ -378,7 +395,9 @@ struct AgentFile {
     #[serde(default)]
     paths: Vec<String>,
     default_namespace: Option<String>,
+    scope: Option<ScopeFile>,
     prune: Option<bool>,
+    prune_limit: Option<u32>,
     prune_propagation_policy: Option<String>,
     dry_run_strategy: Option<String>,
     health_timeout: Option<String>,
@@ -386,6 +405,13 @@ struct AgentFile {
     force_conflicts: Option<bool>,
     ci_token_sha256: Option<String>,
     badge: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ScopeFile {
+    namespaces: Option<Vec<String>>,
+    cluster_kinds: Option<Vec<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -622,10 +648,64 @@ impl Config {
                     ))
                 }
             };
+            let default_namespace = agent
+                .default_namespace
+                .unwrap_or(defaults.default_namespace);
+            let scope = agent.scope.unwrap_or_default();
+            let scope_namespaces = match scope.namespaces {
+                Some(patterns) if patterns.is_empty() => {
+                    return Err(invalid(
+                        key("scope.namespaces"),
+                        "must name at least one namespace; leave it out for the default namespace only",
+                    ));
+                }
+                Some(patterns) => patterns,
+                // The least that lets manifests without a namespace be applied at all.
+                None => vec![default_namespace.clone()],
+            };
+            for (n, pattern) in scope_namespaces.iter().enumerate() {
+                let valid = !pattern.is_empty()
+                    && pattern.len() <= 63
+                    && pattern.bytes().all(|b| {
+                        b.is_ascii_lowercase()
+                            || b.is_ascii_digit()
+                            || matches!(b, b'-' | b'*' | b'?')
+                    });
+                if !valid {
+                    return Err(invalid(
+                        key(&format!("scope.namespaces[{n}]")),
+                        format!(
+                            "{pattern:?} must be a namespace name, or a glob of one with * and ?"
+                        ),
+                    ));
+                }
+            }
+            let scope_cluster_kinds = scope.cluster_kinds.unwrap_or_default();
+            for (n, kind) in scope_cluster_kinds.iter().enumerate() {
+                let valid = kind.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+                    && kind.bytes().all(|b| b.is_ascii_alphanumeric());
+                if !valid {
+                    return Err(invalid(
+                        key(&format!("scope.cluster_kinds[{n}]")),
+                        format!("{kind:?} must be a kind such as Namespace or ClusterRole"),
+                    ));
+                }
+            }
+            let prune_limit = match agent.prune_limit {
+                Some(0) => {
+                    return Err(invalid(
+                        key("prune_limit"),
+                        "must be greater than 0; use prune: false to never prune",
+                    ));
+                }
+                Some(limit) => limit,
+                None => defaults.prune_limit,
+            };
             let apply = ApplySettings {
-                default_namespace: agent
-                    .default_namespace
-                    .unwrap_or(defaults.default_namespace),
+                default_namespace,
+                scope_namespaces,
+                scope_cluster_kinds,
+                prune_limit,
                 prune: agent.prune.unwrap_or(defaults.prune),
                 prune_propagation_policy: one_of(
                     "prune_propagation_policy",
@@ -991,6 +1071,76 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("agents[0].health_timeout"), "{err}");
+    }
+
+    #[test]
+    fn secrets_match_only_themselves_whatever_the_length() {
+        let secret = Secret::new("webhook-secret");
+        assert!(secret.matches("webhook-secret"));
+        for wrong in [
+            "",
+            "w",
+            "webhook-secreT",
+            "webhook-secret ",
+            "webhook-secret-longer",
+        ] {
+            assert!(!secret.matches(wrong), "{wrong:?}");
+        }
+        assert!(!Secret::new("a").matches(""));
+    }
+
+    #[test]
+    fn scope_defaults_to_the_default_namespace_and_no_cluster_kinds() {
+        let yaml = format!(
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, default_namespace: apps}}\n"
+        );
+        let apply = &Config::from_yaml(&yaml, &Overrides::default())
+            .unwrap()
+            .agents[0]
+            .apply;
+        assert_eq!(apply.scope_namespaces, ["apps"]);
+        assert!(apply.scope_cluster_kinds.is_empty());
+        assert_eq!(apply.prune_limit, DEFAULT_PRUNE_LIMIT);
+
+        let yaml = format!(
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, prune_limit: 3, scope: {{namespaces: [apps, 'team-*'], cluster_kinds: [Namespace, ClusterRole]}}}}\n"
+        );
+        let apply = &Config::from_yaml(&yaml, &Overrides::default())
+            .unwrap()
+            .agents[0]
+            .apply;
+        assert_eq!(apply.scope_namespaces, ["apps", "team-*"]);
+        assert_eq!(apply.scope_cluster_kinds, ["Namespace", "ClusterRole"]);
+        assert_eq!(apply.prune_limit, 3);
+
+        let agent = |extra: &str| {
+            format!(
+                "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, {extra}}}\n"
+            )
+        };
+        let cases = [
+            ("scope: {namespaces: []}", "agents[0].scope.namespaces"),
+            (
+                "scope: {namespaces: [Apps]}",
+                "agents[0].scope.namespaces[0]",
+            ),
+            (
+                "scope: {namespaces: ['[a]']}",
+                "agents[0].scope.namespaces[0]",
+            ),
+            (
+                "scope: {cluster_kinds: [namespace]}",
+                "agents[0].scope.cluster_kinds[0]",
+            ),
+            ("scope: {kinds: [Namespace]}", "kinds"),
+            ("prune_limit: 0", "agents[0].prune_limit"),
+        ];
+        for (extra, key) in cases {
+            let err = Config::from_yaml(&agent(extra), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
     }
 
     #[test]

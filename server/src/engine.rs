@@ -86,7 +86,7 @@ pub enum Recording {
 /// An operator's request about one agent.
 #[derive(Debug, Clone)]
 pub enum Operation {
-    Trigger { sha: Option<Sha> },
+    Trigger { sha: Option<Sha>, force_prune: bool },
     Pause { reason: String },
     Resume,
     Pin { sha: Sha, reason: String },
@@ -276,7 +276,7 @@ impl Engine {
         let mode = spec.mode;
         let stages = spec.required_stages.clone();
         let target = match &operation {
-            Operation::Trigger { sha } => sha.clone(),
+            Operation::Trigger { sha, .. } => sha.clone(),
             Operation::Pin { sha, .. } => Some(sha.clone()),
             _ => None,
         };
@@ -293,7 +293,9 @@ impl Engine {
             };
             let now = env.now;
             let step = match &operation {
-                Operation::Trigger { sha } => gate.trigger(&cx, sha.as_ref())?,
+                Operation::Trigger { sha, force_prune } => {
+                    gate.trigger(&cx, sha.as_ref(), *force_prune)?
+                }
                 Operation::Pause { reason } => gate.pause(reason.clone(), now),
                 Operation::Resume => gate.resume(now)?,
                 Operation::Pin { sha, reason } => gate.pin(sha.clone(), reason.clone(), now)?,

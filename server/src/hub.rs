@@ -72,6 +72,7 @@ mod tests {
             reason: String::new(),
             decided_at_ms: 0,
             generation,
+            force_prune: false,
         }
     }
 

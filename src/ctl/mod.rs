@@ -56,6 +56,9 @@ enum Command {
         agent: String,
         #[arg(long)]
         sha: Option<String>,
+        /// Lets this revision prune more objects than the agent's prune limit (admin only).
+        #[arg(long)]
+        force_prune: bool,
     },
     /// Holds the agent on what it has.
     Pause {
@@ -160,9 +163,17 @@ async fn execute(cli: Cli) -> anyhow::Result<i32> {
                 .into_inner();
             output::history(format, &history);
         }
-        Command::Trigger { agent, sha } => {
+        Command::Trigger {
+            agent,
+            sha,
+            force_prune,
+        } => {
             let status = admin
-                .trigger_sync(TriggerSyncRequest { name: agent, sha })
+                .trigger_sync(TriggerSyncRequest {
+                    name: agent,
+                    sha,
+                    force_prune,
+                })
                 .await?
                 .into_inner();
             output::status(format, &status);

@@ -173,6 +173,7 @@ async fn manual_mode_waits_for_a_trigger() -> anyhow::Result<()> {
         .trigger_sync(TriggerSyncRequest {
             name: "prod".into(),
             sha: None,
+            force_prune: false,
         })
         .await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), sha(10));
@@ -182,6 +183,7 @@ async fn manual_mode_waits_for_a_trigger() -> anyhow::Result<()> {
         .trigger_sync(TriggerSyncRequest {
             name: "prod".into(),
             sha: Some(sha(11)),
+            force_prune: false,
         })
         .await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), sha(11));
@@ -189,6 +191,7 @@ async fn manual_mode_waits_for_a_trigger() -> anyhow::Result<()> {
         .trigger_sync(TriggerSyncRequest {
             name: "prod".into(),
             sha: Some(sha(10)),
+            force_prune: false,
         })
         .await;
     assert_eq!(
@@ -335,6 +338,7 @@ async fn a_resync_requested_while_the_agent_was_away_is_not_lost() -> anyhow::Re
         .trigger_sync(TriggerSyncRequest {
             name: "prod".into(),
             sha: None,
+            force_prune: false,
         })
         .await?;
 

@@ -411,6 +411,18 @@ impl TestServer {
         Ok(AdminServiceClient::with_interceptor(channel, bearer))
     }
 
+    /// An admin API client presenting `token`, such as an agent's CI token.
+    pub async fn admin_as(
+        &self,
+        token: &str,
+    ) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
+        let channel = Channel::from_shared(self.grpc_url())?.connect().await?;
+        Ok(AdminServiceClient::with_interceptor(
+            channel,
+            Bearer::new(token)?,
+        ))
+    }
+
     /// An agent client for `name`.
     pub async fn agent(&self, name: &str) -> anyhow::Result<Client> {
         Ok(Client::connect(&self.grpc_url(), &agent_token(name), None).await?)
@@ -627,15 +639,32 @@ impl AgentProcess {
     /// Starts agent `name` of `server` against `kube`, keeping its inventory and Lease in
     /// namespace `greenlight`; `identity` names the replica.
     pub fn start(server: &TestServer, name: &str, kube: kube::Client, identity: &str) -> Self {
+        Self::start_with(
+            server,
+            &agent_token(name),
+            kube,
+            identity,
+            Duration::from_secs(3),
+        )
+    }
+
+    /// Starts an agent holding `token`, competing for its Lease for `lease_duration`.
+    pub fn start_with(
+        server: &TestServer,
+        token: &str,
+        kube: kube::Client,
+        identity: &str,
+        lease_duration: Duration,
+    ) -> Self {
         let settings = greenlight_agent::run::Settings {
             target: greenlight_agent::session::Target {
                 server: server.grpc_url(),
-                token: agent_token(name),
+                token: token.to_owned(),
                 ca_file: None,
             },
             namespace: AGENT_NAMESPACE.to_owned(),
             identity: identity.to_owned(),
-            lease_duration: Duration::from_secs(3),
+            lease_duration,
         };
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(greenlight_agent::run::run(settings, kube, shutdown.clone()));
@@ -646,6 +675,14 @@ impl AgentProcess {
     pub fn kill(self) {
         self.handle.abort();
         self.shutdown.cancel();
+    }
+
+    /// Stops the agent as SIGTERM does, and waits until it exited.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let handle = std::mem::replace(&mut self.handle, tokio::spawn(async {}));
+        tokio::time::timeout(Duration::from_secs(30), handle).await??;
+        Ok(())
     }
 }
 

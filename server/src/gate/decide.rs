@@ -45,6 +45,10 @@ pub struct Revision {
     pub decided_at_ms: i64,
     /// Bumped by every change of what the agent is told, including a re-sync of the same sha.
     pub generation: u64,
+    /// An operator allowed this revision to prune beyond the agent's prune limit; only ever
+    /// set on what the agent is told, for the generation the trigger made.
+    #[serde(default)]
+    pub force_prune: bool,
 }
 
 /// What a decision did.
@@ -122,6 +126,8 @@ pub enum GateError {
     NothingToSync,
     #[error("pin needs a full commit SHA (40 or 64 characters), got {0}")]
     AbbreviatedPin(Sha),
+    #[error("trigger needs a full commit SHA (40 or 64 characters), got {0}")]
+    AbbreviatedTrigger(Sha),
     #[error("the agent is not paused")]
     NotPaused,
     #[error("the agent is not pinned")]
@@ -300,8 +306,30 @@ impl AgentGate {
 
     /// An explicit request to sync: in manual mode it deploys `sha` (or the head) whatever
     /// its pipeline; otherwise it re-sends the desired revision, or moves to `sha` if the
-    /// gate would allow it.
-    pub fn trigger(&mut self, cx: &Context<'_>, sha: Option<&Sha>) -> Result<Step, GateError> {
+    /// gate would allow it. With `force_prune`, the revision this sends may prune beyond the
+    /// agent's prune limit.
+    pub fn trigger(
+        &mut self,
+        cx: &Context<'_>,
+        sha: Option<&Sha>,
+        force_prune: bool,
+    ) -> Result<Step, GateError> {
+        // An abbreviation could name another commit once the repository grows: what an
+        // operator deploys must be unambiguous, as for pins.
+        if let Some(sha) = sha.filter(|sha| !sha.is_full()) {
+            return Err(GateError::AbbreviatedTrigger(sha.clone()));
+        }
+        let step = self.trigger_step(cx, sha)?;
+        if force_prune
+            && step.desired_changed
+            && let Some(desired) = &mut self.desired
+        {
+            desired.force_prune = true;
+        }
+        Ok(step)
+    }
+
+    fn trigger_step(&mut self, cx: &Context<'_>, sha: Option<&Sha>) -> Result<Step, GateError> {
         let mut step = Step::default();
         let target = match (sha, cx.mode) {
             (Some(sha), _) => Some(sha.clone()),
@@ -431,6 +459,7 @@ impl AgentGate {
             reason,
             decided_at_ms: now_ms,
             generation: 0,
+            force_prune: false,
         });
         if self.deployed.len() == DEPLOYED_HISTORY {
             self.deployed.pop_front();
@@ -450,6 +479,7 @@ impl AgentGate {
                 reason: format!("pinned: {}", pin.reason),
                 decided_at_ms: pin.since_ms,
                 generation: 0,
+                force_prune: false,
             })
         } else if let Some(hold) = &self.paused {
             if let Some(pos) = &self.position
@@ -471,6 +501,8 @@ impl AgentGate {
             self.position.clone()
         };
         let Some(mut target) = target else { return };
+        // Only the trigger that granted it may: every later revision is limited again.
+        target.force_prune = false;
         let unchanged = self.desired.as_ref().is_some_and(|d| d.sha == target.sha);
         if unchanged && !resync {
             return;

@@ -106,7 +106,12 @@ impl World {
 
     fn trigger(&mut self, n: Option<u8>) -> Result<Step, GateError> {
         let target = n.map(sha);
-        self.with_cx(|gate, cx| gate.trigger(cx, target.as_ref()))
+        self.with_cx(|gate, cx| gate.trigger(cx, target.as_ref(), false))
+    }
+
+    fn trigger_forced(&mut self, n: Option<u8>) -> Result<Step, GateError> {
+        let target = n.map(sha);
+        self.with_cx(|gate, cx| gate.trigger(cx, target.as_ref(), true))
     }
 
     fn pause(&mut self) -> Step {
@@ -375,6 +380,50 @@ fn trigger_without_a_commit_resends_the_same_revision_under_a_new_generation() {
     assert_eq!(w.desired(), Some(sha(1)));
     assert_eq!(w.revision().pipeline_id, Some(10));
     assert!(w.revision().generation > generation);
+}
+
+#[test]
+fn triggering_an_abbreviated_sha_is_refused_like_a_pin() {
+    let mut w = World::new(Mode::Manual);
+    w.push(1);
+    let short = Sha::parse(sha(1).short()).unwrap();
+    let err = w
+        .with_cx(|gate, cx| gate.trigger(cx, Some(&short), false))
+        .unwrap_err();
+    assert_eq!(err, GateError::AbbreviatedTrigger(short));
+    assert!(err.to_string().contains("full commit SHA"), "{err}");
+    assert_eq!(w.desired(), None);
+    // The full SHA of the same commit deploys.
+    w.trigger(Some(1)).unwrap();
+    assert_eq!(w.desired(), Some(sha(1)));
+}
+
+#[test]
+fn force_prune_is_granted_to_the_triggered_generation_only() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    assert!(!w.revision().force_prune);
+
+    let step = w.trigger_forced(None).unwrap();
+    assert!(step.desired_changed);
+    assert!(w.revision().force_prune);
+    let forced = w.revision().generation;
+
+    // The next revision, decided by the gate, is limited again.
+    w.push(2);
+    w.pipeline(2, 20, Success);
+    assert_eq!(w.desired(), Some(sha(2)));
+    assert!(w.revision().generation > forced);
+    assert!(!w.revision().force_prune);
+    // So is a plain re-sync.
+    w.trigger(None).unwrap();
+    assert!(!w.revision().force_prune);
+    // Moving to a commit with a forced trigger grants it too.
+    let mut manual = World::new(Mode::Manual);
+    manual.push(1);
+    manual.trigger_forced(Some(1)).unwrap();
+    assert!(manual.revision().force_prune);
 }
 
 #[test]

@@ -117,14 +117,17 @@ pub(super) fn read(
                 EntryKind::Tree if !name.starts_with('.') => {
                     directories.push((path, entry.object_id()));
                 }
-                EntryKind::Blob | EntryKind::BlobExecutable if patterns.set.is_match(&path) => {
+                EntryKind::Blob | EntryKind::BlobExecutable
+                    if !name.starts_with('.') && patterns.set.is_match(&path) =>
+                {
                     count += 1;
                     if count <= limits.max_files {
                         matching.push((path, entry.object_id()));
                     }
                 }
-                // Dot-directories hold tooling, symlinks could point anywhere, and
-                // submodules are other repositories.
+                // Dot-directories and dot-files hold tooling (a root `.gitlab-ci.yml`
+                // matches the default globs but is no manifest), symlinks could point
+                // anywhere, and submodules are other repositories.
                 _ => {}
             }
         }

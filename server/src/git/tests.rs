@@ -465,6 +465,7 @@ fn manifest_repo() -> (Upstream, Sha, Vec<u8>) {
     upstream.write("config/README.md", b"# not a manifest\n");
     upstream.write(".hidden/secret.yaml", b"kind: Secret\n");
     upstream.write("config/.tooling/tool.yaml", b"kind: Tool\n");
+    upstream.write("config/.lint.yaml", b"rules: {}\n");
     upstream.write("empty.yaml", b"");
     upstream.write("run.yaml", b"kind: Job\n");
     std::fs::set_permissions(
@@ -529,6 +530,40 @@ async fn manifests_are_the_matching_files_byte_for_byte() {
             fetches: 1,
             reads: 1
         }
+    );
+}
+
+#[tokio::test]
+async fn a_root_gitlab_ci_file_is_no_manifest_with_the_default_paths() {
+    let upstream = Upstream::new();
+    upstream.write(
+        ".gitlab-ci.yml",
+        b"stages: [test, deploy]\ntest:\n  script: [make test]\n",
+    );
+    upstream.write(
+        "deploy/app.yaml",
+        b"apiVersion: v1\nkind: ConfigMap\nmetadata: {name: app}\n",
+    );
+    let commit = upstream.commit("a typical repository");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let set = mirrors
+        .manifests(&upstream.file_url(), &commit, &[])
+        .await
+        .unwrap();
+    let paths: Vec<&str> = set.files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(paths, ["deploy/app.yaml"]);
+    // Named explicitly, a dot-file stays skipped like a dot-directory.
+    let named = mirrors
+        .manifests(&upstream.file_url(), &commit, &strings(&[".gitlab-ci.yml"]))
+        .await;
+    assert_eq!(
+        named,
+        Err(GitError::NoMatch {
+            patterns: strings(&[".gitlab-ci.yml"])
+        })
     );
 }
 

@@ -379,6 +379,13 @@ impl AdminService for AdminApi {
         request: Request<v1::TriggerSyncRequest>,
     ) -> Result<Response<v1::AgentStatus>, Status> {
         self.authorize_for(&request, &request.get_ref().name)?;
+        // Overriding the prune limit is an operator's decision: a CI job that could grant it
+        // would make the limit no protection against a broken merge it deploys.
+        if request.get_ref().force_prune && !matches!(self.caller(&request)?, Caller::Admin) {
+            return Err(Status::permission_denied(
+                "force_prune needs the admin token; a CI token may only trigger",
+            ));
+        }
         let request = request.into_inner();
         let sha = request
             .sha
@@ -386,7 +393,8 @@ impl AdminService for AdminApi {
             .filter(|s| !s.is_empty())
             .map(|s| parse_sha("sha", s))
             .transpose()?;
-        self.operate(&request.name, Operation::Trigger { sha })
+        let force_prune = request.force_prune;
+        self.operate(&request.name, Operation::Trigger { sha, force_prune })
             .await
     }
 

@@ -62,6 +62,9 @@ fn settings_to_proto(settings: &ApplySettings) -> v1::ApplySettings {
         health_timeout_seconds: settings.health_timeout.as_secs(),
         reconcile_interval_seconds: settings.reconcile_interval.as_secs(),
         force_conflicts: settings.force_conflicts,
+        scope_namespaces: settings.scope_namespaces.clone(),
+        scope_cluster_kinds: settings.scope_cluster_kinds.clone(),
+        prune_limit: Some(settings.prune_limit),
     }
 }
 

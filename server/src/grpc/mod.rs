@@ -51,7 +51,9 @@ impl From<EngineError> for Status {
             EngineError::Store(_) => Status::unavailable(message),
             EngineError::UnknownAgent(_) => Status::not_found(message),
             EngineError::Contention(_) => Status::aborted(message),
-            EngineError::Gate(GateError::AbbreviatedPin(_)) => Status::invalid_argument(message),
+            EngineError::Gate(GateError::AbbreviatedPin(_) | GateError::AbbreviatedTrigger(_)) => {
+                Status::invalid_argument(message)
+            }
             EngineError::Gate(_) => Status::failed_precondition(message),
         }
     }
@@ -64,6 +66,7 @@ fn revision_to_proto(revision: &Revision) -> v1::Revision {
         reason: revision.reason.clone(),
         decided_at_unix_ms: revision.decided_at_ms,
         generation: revision.generation,
+        force_prune: revision.force_prune,
     }
 }
 
