@@ -50,6 +50,16 @@ impl Observer {
     }
 }
 
+/// Whether a compare-and-swap write of the Lease won: a conflict (409) means another
+/// replica wrote first, which is an answer, not an error.
+fn won(written: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+    match written {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 /// Whether a holder whose record has been unchanged since `since` lost its lease of
 /// `duration` at `now`; a duration too large to add never expires.
 pub fn expired(since: Instant, duration: Duration, now: Instant) -> bool {
@@ -114,15 +124,10 @@ impl Elector {
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
-        match self
+        won(self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-            Err(error) => Err(error),
-        }
+            .await)
     }
 
     /// One round at `now`: acquires or renews the lease; `true` when this replica holds it.
@@ -146,11 +151,7 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-                Err(error) => Err(error),
-            };
+            return won(self.api.create(&PostParams::default(), &lease).await);
         };
         let resource_version = lease.metadata.resource_version.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -182,15 +183,10 @@ impl Elector {
         spec.lease_duration_seconds = Some(seconds);
         // The resourceVersion we read makes this a compare-and-swap: two replicas cannot
         // both win the same round.
-        match self
+        won(self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-            Err(error) => Err(error),
-        }
+            .await)
     }
 
     /// Keeps competing until `shutdown`, publishing whether this replica leads; the lease

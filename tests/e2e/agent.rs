@@ -382,12 +382,7 @@ async fn only_the_lease_holder_applies_and_another_takes_over() -> anyhow::Resul
         .commit(&[("a.yaml", configmap("a", "2").as_bytes())], &[])?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
-    let patches = w
-        .kube
-        .requests()
-        .iter()
-        .filter(|r| r.method == "PATCH" && r.path.ends_with("/configmaps/a"))
-        .count();
+    let patches = patches_of(&w.kube, "/configmaps/a");
     assert_eq!(patches, 1, "one replica applied");
 
     leader.kill();
@@ -629,6 +624,14 @@ fn writes(kube: &KubeApi) -> Vec<String> {
         .filter(|r| r.method != "GET" && !r.path.contains("/leases") && !r.query.contains("dryRun"))
         .map(|r| format!("{} {}", r.method, r.path))
         .collect()
+}
+
+/// How many server-side applies reached the object whose path ends with `suffix`.
+fn patches_of(kube: &KubeApi, suffix: &str) -> usize {
+    kube.requests()
+        .iter()
+        .filter(|r| r.method == "PATCH" && r.path.ends_with(suffix))
+        .count()
 }
 
 /// The names in the agent's inventory.
@@ -964,12 +967,7 @@ async fn a_rotated_token_competes_for_the_same_lease_and_shutdown_hands_over_at_
         .commit(&[("a.yaml", configmap("a", "2").as_bytes())], &[])?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
-    let patches = w
-        .kube
-        .requests()
-        .iter()
-        .filter(|r| r.method == "PATCH" && r.path.ends_with("/configmaps/a"))
-        .count();
+    let patches = patches_of(&w.kube, "/configmaps/a");
     assert_eq!(patches, 1, "one leader applied");
     let leases = w.kube.list("coordination.k8s.io/v1", "Lease");
     assert_eq!(leases.len(), 1, "one Lease for the agent: {leases:?}");
