@@ -31,8 +31,21 @@ fn condition_true(value: &Value, kind: &str) -> bool {
         == Some("True")
 }
 
+/// Whether objects of `kind` in `group` have a status worth waiting for: the built-in
+/// workloads, and custom resources, which by convention report `observedGeneration` and
+/// conditions. Other built-in kinds (ConfigMaps, Services, RBAC) are done once they exist, and
+/// reading each back would cost a request per object.
+pub fn has_status(group: &str, kind: &str) -> bool {
+    match (group, kind) {
+        ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("batch", "Job") => true,
+        ("" | "apps" | "batch" | "policy" | "autoscaling", _) => false,
+        _ => !group.ends_with(".k8s.io"),
+    }
+}
+
 /// Judges `object` of `kind` in `group`: workloads must have rolled out, Jobs completed,
-/// everything else merely exist.
+/// everything else by the conventions kstatus reads (observed generation, then the `Stalled`,
+/// `Ready`, `Available` and `Reconciling` conditions), or merely exist when it reports none.
 pub fn assess(group: &str, kind: &str, object: &Value) -> Health {
     let generation = int(object, "/metadata/generation").unwrap_or(0);
     let observed = int(object, "/status/observedGeneration").unwrap_or(0);
@@ -106,8 +119,41 @@ pub fn assess(group: &str, kind: &str, object: &Value) -> Health {
                 Health::Progressing("job has not completed".into())
             }
         }
-        _ => Health::Healthy,
+        _ => by_convention(object, observed, generation),
     }
+}
+
+fn by_convention(object: &Value, observed: i64, generation: i64) -> Health {
+    let reported_generation = object.pointer("/status/observedGeneration").is_some();
+    if reported_generation && observed < generation {
+        return Health::Progressing(format!(
+            "controller has observed generation {observed} of {generation}"
+        ));
+    }
+    let message = |kind: &str| {
+        condition(object, kind)
+            .and_then(|c| c.get("message").or_else(|| c.get("reason")))
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty())
+            .map(|m| format!("{kind}: {m}"))
+            .unwrap_or_else(|| format!("{kind} is not True"))
+    };
+    if condition_true(object, "Stalled") {
+        return Health::Failed(message("Stalled"));
+    }
+    for kind in ["Ready", "Available"] {
+        if condition(object, kind).is_some() {
+            return if condition_true(object, kind) {
+                Health::Healthy
+            } else {
+                Health::Progressing(message(kind))
+            };
+        }
+    }
+    if condition_true(object, "Reconciling") {
+        return Health::Progressing(message("Reconciling"));
+    }
+    Health::Healthy
 }
 
 #[cfg(test)]
@@ -149,6 +195,45 @@ mod tests {
             assess("batch", "Job", &json!({})),
             Health::Progressing(_)
         ));
+    }
+
+    #[test]
+    fn custom_resources_follow_the_kstatus_conventions() {
+        let ready = |status: &str| {
+            json!({"metadata": {"generation": 2}, "status": {"observedGeneration": 2,
+                "conditions": [{"type": "Ready", "status": status, "message": "backend down"}]}})
+        };
+        assert_eq!(
+            assess("example.com", "Widget", &ready("True")),
+            Health::Healthy
+        );
+        assert_eq!(
+            assess("example.com", "Widget", &ready("False")),
+            Health::Progressing("Ready: backend down".into())
+        );
+        let stale = json!({"metadata": {"generation": 3}, "status": {"observedGeneration": 2}});
+        assert!(matches!(
+            assess("example.com", "Widget", &stale),
+            Health::Progressing(_)
+        ));
+        let stalled = json!({"status": {"conditions": [{"type": "Stalled", "status": "True", "reason": "BadSpec"}]}});
+        assert_eq!(
+            assess("example.com", "Widget", &stalled),
+            Health::Failed("Stalled: BadSpec".into())
+        );
+        // No status at all: a resource without a controller is done once it exists.
+        assert_eq!(
+            assess(
+                "example.com",
+                "Widget",
+                &json!({"metadata": {"generation": 1}})
+            ),
+            Health::Healthy
+        );
+        assert!(has_status("example.com", "Widget"));
+        assert!(!has_status("", "ConfigMap"));
+        assert!(!has_status("rbac.authorization.k8s.io", "Role"));
+        assert!(has_status("apps", "Deployment"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod assemble;
 pub mod client;
 pub mod cluster;
+pub mod drift;
 pub mod health;
 pub mod inventory;
 pub mod lease;

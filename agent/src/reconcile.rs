@@ -13,7 +13,8 @@ use tracing::{info, warn};
 
 use crate::assemble::ReadyRevision;
 use crate::cluster::{Cluster, ClusterError, Resolved};
-use crate::health::{Health, assess};
+use crate::drift::{DriftWatch, WatchTarget};
+use crate::health::{Health, assess, has_status};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest::{self, Manifest};
 use crate::plan::{
@@ -71,17 +72,52 @@ pub struct Worker {
     reports: mpsc::Sender<StatusReport>,
     /// Last resourceVersion seen per object, to tell "unchanged" from "applied" for free.
     versions: HashMap<ObjectKey, String>,
+    /// Watches of the inventory: drift wakes the apply loop, and untouched objects are not
+    /// written again.
+    drift: DriftWatch,
 }
 
 impl Worker {
     /// A worker keeping its inventory in `namespace` and sending reports to `reports`.
     pub fn new(cluster: Cluster, namespace: &str, reports: mpsc::Sender<StatusReport>) -> Self {
         Self {
+            drift: DriftWatch::new(cluster.client().clone()),
             cluster,
             namespace: namespace.to_owned(),
             reports,
             versions: HashMap::new(),
         }
+    }
+
+    /// Resolves when an applied object was changed by someone else.
+    pub async fn drifted(&self) {
+        self.drift.drifted().await;
+    }
+
+    /// The watch that sees changes to `key`, once its kind is served.
+    fn watch_target(&self, api_version: &str, key: &ObjectKey) -> Option<WatchTarget> {
+        let resolved = self.cluster.resolve(api_version, &key.kind)?;
+        Some(WatchTarget {
+            group: resolved.resource.group,
+            version: resolved.resource.version,
+            kind: resolved.resource.kind,
+            plural: resolved.resource.plural,
+            namespace: if resolved.namespaced {
+                key.namespace.clone()
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Watches what `entries` hold, and only that.
+    fn watch_inventory(&mut self, agent: &str, entries: &[InventoryEntry]) {
+        let targets = entries
+            .iter()
+            .filter_map(|e| self.watch_target(&e.api_version, &e.key))
+            .collect();
+        let keys = entries.iter().map(|e| e.key.clone()).collect();
+        self.drift.watch(agent, targets, &keys);
     }
 
     async fn report(
@@ -322,8 +358,14 @@ impl Worker {
             entries: merge(&desired, &previous.entries),
             revision: previous.revision.clone(),
         };
-        if let Err(error) = inventory.save(&pending).await {
-            return self.inventory_failed(revision, &error, Vec::new()).await;
+        // A reconcile that changes nothing writes nothing, the inventory included: what is
+        // stored is written again only when it changes.
+        let mut stored = previous.clone();
+        if pending != stored {
+            if let Err(error) = inventory.save(&pending).await {
+                return self.inventory_failed(revision, &error, Vec::new()).await;
+            }
+            stored = pending;
         }
 
         let mut results = Vec::with_capacity(total);
@@ -364,6 +406,7 @@ impl Worker {
                         if let Err(error) = inventory.save(&pending).await {
                             return self.inventory_failed(revision, &error, results).await;
                         }
+                        stored = pending;
                     }
                     Err(message) => return self.fail(revision, message, results).await,
                 }
@@ -463,9 +506,12 @@ impl Worker {
             entries,
             revision: Some(revision.sha().to_owned()),
         };
-        if let Err(error) = inventory.save(&done_inventory).await {
+        if done_inventory != stored
+            && let Err(error) = inventory.save(&done_inventory).await
+        {
             return self.inventory_failed(revision, &error, results).await;
         }
+        self.watch_inventory(&agent, &done_inventory.entries);
         if failed {
             return self.fail_listing(revision, "prune failed", results).await;
         }
@@ -799,7 +845,24 @@ impl Worker {
             let skipped = result(item, Action::Unchanged, "stopped before applying".into());
             return (item.key.clone(), skipped, None);
         }
-        match self.apply_one(item, settings, false).await {
+        let target = self.watch_target(&item.manifest.api_version, &item.key);
+        if target
+            .as_ref()
+            .is_some_and(|t| self.drift.unchanged(t, &item.key, &item.body))
+        {
+            let unchanged = result(item, Action::Unchanged, String::new());
+            return (item.key.clone(), unchanged, None);
+        }
+        self.drift.applying(&item.key);
+        let applied = self.apply_one(item, settings, false).await;
+        self.drift.applied(
+            &item.key,
+            applied
+                .as_ref()
+                .ok()
+                .map(|version| (version.as_str(), &item.body)),
+        );
+        match applied {
             Ok(version) => {
                 let changed = self.versions.get(&item.key) != Some(&version);
                 let action = if changed {
@@ -869,6 +932,7 @@ impl Worker {
         };
         let namespace = entry.key.namespace.as_deref();
         if entry.adopted {
+            self.drift.forget(&entry.key);
             return match self
                 .cluster
                 .remove_label(&resolved, namespace, &entry.key.name, INVENTORY_LABEL)
@@ -911,6 +975,7 @@ impl Worker {
                 ),
             ));
         }
+        self.drift.forget(&entry.key);
         match self
             .cluster
             .delete(
@@ -1028,10 +1093,7 @@ fn health_timeout(seconds: u64) -> Duration {
 }
 
 fn needs_rollout(key: &ObjectKey) -> bool {
-    matches!(
-        (key.group.as_str(), key.kind.as_str()),
-        ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("batch", "Job")
-    )
+    has_status(&key.group, &key.kind)
 }
 
 /// `desired`, then what `previous` remembers beyond it.

@@ -160,8 +160,8 @@ async fn lead(
     }
 }
 
-/// Applies the newest revision while leading; re-applies it every reconcile interval to
-/// correct drift; retries failures with backoff.
+/// Applies the newest revision while leading; re-applies it when a watched object drifts
+/// and every reconcile interval; retries failures with backoff.
 pub async fn apply_loop(
     mut worker: Worker,
     mut latest: watch::Receiver<Option<ReadyRevision>>,
@@ -221,6 +221,7 @@ pub async fn apply_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
+            _ = worker.drifted(), if !matches!(outcome, Outcome::Failed(_)) => {}
             changed = latest.changed() => if changed.is_err() { return },
             changed = leading.changed() => if changed.is_err() { return },
         }

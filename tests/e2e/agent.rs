@@ -1,8 +1,12 @@
-//! The agent end to end: server, agent, a git repository and the test API server.
+//! The agent end to end against a real control plane: the server, an agent, a git repository,
+//! and kube-apiserver with its controllers and a kwok node (tests/src/control_plane.rs). Each
+//! test deploys into namespaces of its own, so they share one control plane in parallel.
 
 use greenlight::v1::Phase;
-use greenlight_e2e::kube_api::KubeApi;
+use greenlight_e2e::control_plane::ControlPlane;
 use greenlight_e2e::*;
+use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
@@ -14,75 +18,275 @@ struct World {
     server: TestServer,
     /// The server's config, to start another replica (or the next version of it).
     server_config: String,
-    kube: KubeApi,
+    plane: &'static ControlPlane,
+    /// The tests' own client, acting as an administrator.
+    kube: kube::Client,
+    /// The agent's client: the audit log tells its requests by its user.
+    agent_kube: kube::Client,
+    /// The agent's default namespace.
+    apps: String,
+    /// Where the agent keeps its inventory and Lease.
+    home: String,
 }
 
-async fn world(agent_extra: &str) -> anyhow::Result<World> {
+/// A world whose agent `prod` has the extra settings `agent_extra`, in which `APPS` stands for
+/// its default namespace and `HOME` for its own; `None` when no control plane is built.
+async fn world(agent_extra: &str) -> anyhow::Result<Option<World>> {
+    let Some(plane) = ControlPlane::shared().await? else {
+        return Ok(None);
+    };
+    install_crypto();
+    let kube = plane.client().await?;
+    let apps = plane.namespace(&kube, "apps").await?;
+    let home = plane.namespace(&kube, "home").await?;
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
     let repo = GitRepo::new()?;
-    let mut agent = git_agent_yaml("prod", &repo.url(), &[]);
-    agent.push_str(agent_extra);
+    let mut agent = git_agent_yaml("prod", &repo.url(), &[]).replace(
+        "default_namespace: apps",
+        &format!("default_namespace: {apps}"),
+    );
+    agent.push_str(&agent_extra.replace("APPS", &apps).replace("HOME", &home));
     let server_config = git_config_yaml(&redis.url(), cache.path(), "", &[agent]);
     let server = TestServer::start(&server_config).await?;
-    let kube = KubeApi::start().await?;
-    // As in a real cluster, the agent's default namespace exists before it deploys there.
-    kube.put_object(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}}));
-    Ok(World {
+    Ok(Some(World {
         _redis: redis,
         _cache: cache,
         repo,
         server,
         server_config,
+        plane,
+        agent_kube: plane.agent_client().await?,
         kube,
-    })
+        apps,
+        home,
+    }))
 }
 
-impl World {}
+/// The test's body runs only where a control plane is built (always in CI).
+macro_rules! world {
+    ($extra:expr) => {
+        match world($extra).await? {
+            Some(w) => w,
+            None => return Ok(()),
+        }
+    };
+}
+
+impl World {
+    /// Starts replica `identity` of agent `prod`.
+    fn agent(&self, identity: &str) -> AgentProcess {
+        AgentProcess::start_in(
+            &self.server,
+            "prod",
+            self.agent_kube.clone(),
+            identity,
+            &self.home,
+        )
+    }
+
+    async fn api(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+    ) -> anyhow::Result<Api<DynamicObject>> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        let (resource, _) = kube::discovery::pinned_kind(&self.kube, &gvk).await?;
+        Ok(match namespace {
+            Some(namespace) => Api::namespaced_with(self.kube.clone(), namespace, &resource),
+            None => Api::all_with(self.kube.clone(), &resource),
+        })
+    }
+
+    /// The object as the API server has it, or `None`.
+    async fn get(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> anyhow::Result<Option<Value>> {
+        let object = self
+            .api(api_version, kind, namespace)
+            .await?
+            .get_opt(name)
+            .await?;
+        Ok(object.map(serde_json::to_value).transpose()?)
+    }
+
+    /// ConfigMap `name` of the default namespace.
+    async fn configmap(&self, name: &str) -> anyhow::Result<Option<Value>> {
+        let apps = self.apps.clone();
+        self.get("v1", "ConfigMap", Some(&apps), name).await
+    }
+
+    /// The `value` of ConfigMap `name` of the default namespace.
+    async fn value(&self, name: &str) -> anyhow::Result<Option<String>> {
+        Ok(self
+            .configmap(name)
+            .await?
+            .and_then(|o| o["data"]["value"].as_str().map(str::to_owned)))
+    }
+
+    /// Applies `object` as another field manager would, taking what it sets.
+    async fn put(&self, object: Value) -> anyhow::Result<()> {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default().to_owned();
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        let namespace = object["metadata"]["namespace"].as_str().map(str::to_owned);
+        let name = object["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        self.api(&api_version, &kind, namespace.as_deref())
+            .await?
+            .patch(
+                &name,
+                &PatchParams::apply("someone-else").force(),
+                &Patch::Apply(&object),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The ConfigMaps of the default namespace whose names start with `prefix`.
+    async fn count_configmaps(&self, prefix: &str) -> anyhow::Result<usize> {
+        let list = self
+            .api("v1", "ConfigMap", Some(&self.apps.clone()))
+            .await?
+            .list_metadata(&ListParams::default())
+            .await?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|o| {
+                o.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with(prefix))
+            })
+            .count())
+    }
+
+    /// The agent's Leases.
+    async fn leases(&self) -> anyhow::Result<Vec<Value>> {
+        let list = self
+            .api("coordination.k8s.io/v1", "Lease", Some(&self.home.clone()))
+            .await?
+            .list(&ListParams::default())
+            .await?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?)
+    }
+
+    /// The holder of the agent's Lease.
+    async fn holder(&self) -> anyhow::Result<Value> {
+        let leases = self.leases().await?;
+        Ok(leases
+            .first()
+            .map(|l| l["spec"]["holderIdentity"].clone())
+            .unwrap_or(Value::Null))
+    }
+
+    /// The agent's inventory ConfigMap.
+    async fn inventory(&self) -> anyhow::Result<Option<Value>> {
+        let home = self.home.clone();
+        self.get("v1", "ConfigMap", Some(&home), "greenlight-inventory-prod")
+            .await
+    }
+
+    /// The names in the agent's inventory.
+    async fn inventory_names(&self) -> anyhow::Result<Vec<String>> {
+        let Some(inventory) = self.inventory().await? else {
+            return Ok(Vec::new());
+        };
+        let entries: Value =
+            serde_json::from_str(inventory["data"]["entries"].as_str().unwrap_or("[]"))?;
+        Ok(entries
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["key"]["name"].as_str().map(str::to_owned))
+            .collect())
+    }
+
+    /// A mark in the API server's audit log.
+    fn mark(&self) -> u64 {
+        self.plane.audit_mark()
+    }
+
+    /// The agent's writes since `mark` in its namespaces, and to the cluster-scoped objects
+    /// named in `cluster`, other than competing for its Lease and dry runs.
+    fn writes(&self, mark: u64, cluster: &[&str]) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .plane
+            .agent_requests(mark, &[&self.apps, &self.home])?
+            .into_iter()
+            .filter(|r| r.is_write() && r.resource != "leases")
+            .filter(|r| r.namespace.is_some() || cluster.contains(&r.name.as_str()))
+            .map(|r| format!("{} {}", r.verb, r.uri))
+            .collect())
+    }
+
+    /// How many server-side applies (not dry runs) reached ConfigMap `name` since `mark`.
+    fn patches_of(&self, mark: u64, name: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .plane
+            .agent_requests(mark, &[&self.apps])?
+            .iter()
+            .filter(|r| r.is_write() && r.resource == "configmaps" && r.name == name)
+            .count())
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn green_pipeline_applies_objects_and_reports_healthy() -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
     let manifests = format!("{}---\n{DEPLOYMENT}", configmap("settings", "one"));
     let x = w.repo.commit(&[("app.yaml", manifests.as_bytes())], &[])?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
+    // The Deployment's pods are scheduled onto the kwok node and become Ready there.
     w.server.reported("prod", &x, Phase::Healthy).await?;
 
-    let settings = w
-        .kube
-        .get("v1", "ConfigMap", Some("apps"), "settings")
-        .expect("configmap applied");
-    assert_eq!(settings["data"]["value"], "one");
+    // As kubectl shows it: what the revision declared, owned by the manager `greenlight`.
+    let shown: Value = serde_json::from_str(&w.plane.kubectl_ok(&[
+        "get",
+        "configmap",
+        "settings",
+        "-n",
+        &w.apps,
+        "-o",
+        "json",
+        "--show-managed-fields",
+    ])?)?;
+    assert_eq!(shown["data"], json!({"value": "one"}));
     assert_eq!(
-        settings["metadata"]["labels"]["greenlight.dev/inventory"],
+        shown["metadata"]["labels"]["greenlight.dev/inventory"],
         "prod"
     );
-    assert!(
-        w.kube
-            .get("apps/v1", "Deployment", Some("apps"), "web")
-            .is_some()
-    );
-
-    let inventory = w
-        .kube
-        .get(
-            "v1",
-            "ConfigMap",
-            Some(AGENT_NAMESPACE),
-            "greenlight-inventory-prod",
-        )
-        .expect("inventory");
-    let entries: Value =
-        serde_json::from_str(inventory["data"]["entries"].as_str().unwrap_or("[]"))?;
-    let names: Vec<&str> = entries
+    let managers: Vec<(&str, &str)> = shown["metadata"]["managedFields"]
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|e| e["key"]["name"].as_str())
+        .filter_map(|m| Some((m["manager"].as_str()?, m["operation"].as_str()?)))
         .collect();
+    assert_eq!(managers, [("greenlight", "Apply")]);
+    let web = w
+        .get("apps/v1", "Deployment", Some(&w.apps), "web")
+        .await?
+        .expect("deployment applied");
+    assert_eq!(web["spec"]["replicas"], 2);
+    assert_eq!(web["status"]["availableReplicas"], 2, "rolled out: {web}");
+
+    let inventory = w.inventory().await?.expect("inventory");
+    let names = w.inventory_names().await?;
     assert!(
-        names.contains(&"settings") && names.contains(&"web"),
+        names.contains(&"settings".to_owned()) && names.contains(&"web".to_owned()),
         "{names:?}"
     );
     assert_eq!(inventory["data"]["revision"], x.as_str());
@@ -106,8 +310,50 @@ async fn green_pipeline_applies_objects_and_reports_healthy() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_field_another_manager_owns_is_refused_without_force_and_taken_with_it()
+-> anyhow::Result<()> {
+    let w = world!("    force_conflicts: false\n");
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "shared", "namespace": w.apps}, "data": {"value": "theirs"}}))
+        .await?;
+    let x = w.repo.commit(
+        &[("shared.yaml", configmap("shared", "ours").as_bytes())],
+        &[],
+    )?;
+    let agent = w.agent("replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    let failed = w.server.reported("prod", &x, Phase::Failed).await?;
+    assert!(
+        failed.message.contains("conflict") && failed.message.contains("someone-else"),
+        "the API server's reason: {}",
+        failed.message
+    );
+    assert_eq!(w.value("shared").await?.as_deref(), Some("theirs"));
+    agent.stop().await?;
+
+    // With force (the default), the same revision takes the field.
+    let config = w.server_config.replace("    force_conflicts: false\n", "");
+    let server = TestServer::start(&config).await?;
+    let _agent =
+        AgentProcess::start_in(&server, "prod", w.agent_kube.clone(), "replica-a", &w.home);
+    server.release(ZERO, &x, 1).await?;
+    server.reported("prod", &x, Phase::Healthy).await?;
+    assert_eq!(w.value("shared").await?.as_deref(), Some("ours"));
+    let shared = w.configmap("shared").await?.expect("shared");
+    let owner = shared["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["fieldsV1"]["f:data"]["f:value"].is_object())
+        .map(|m| m["manager"].clone());
+    assert_eq!(owner, Some(json!("greenlight")), "{shared}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removed_files_are_pruned_but_foreign_objects_are_not() -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
+    let other = w.plane.namespace(&w.kube, "other").await?;
     let first = w.repo.commit(
         &[
             ("keep.yaml", configmap("keep", "1").as_bytes()),
@@ -116,15 +362,11 @@ async fn removed_files_are_pruned_but_foreign_objects_are_not() -> anyhow::Resul
         &[],
     )?;
     // Same kind and name as ours, in another namespace, made by someone else.
-    w.kube.put_object(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gone", "namespace": "default"}, "data": {"owner": "someone else"}}));
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "gone", "namespace": other}, "data": {"owner": "someone else"}})).await?;
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "gone")
-            .is_some()
-    );
+    assert!(w.configmap("gone").await?.is_some());
 
     let second = w.repo.commit(&[], &["gone.yaml"])?;
     w.server.release(&first, &second, 2).await?;
@@ -141,20 +383,12 @@ async fn removed_files_are_pruned_but_foreign_objects_are_not() -> anyhow::Resul
             |o| o.name == "gone" && o.action() == greenlight::v1::object_result::Action::Pruned
         )
     );
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "gone")
-            .is_none(),
-        "pruned"
-    );
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "keep")
-            .is_some()
-    );
+    w.server.reported("prod", &second, Phase::Healthy).await?;
+    assert!(w.configmap("gone").await?.is_none(), "pruned");
+    assert!(w.configmap("keep").await?.is_some());
     let foreign = w
-        .kube
-        .get("v1", "ConfigMap", Some("default"), "gone")
+        .get("v1", "ConfigMap", Some(&other), "gone")
+        .await?
         .expect("foreign object untouched");
     assert_eq!(foreign["data"]["owner"], "someone else");
     Ok(())
@@ -162,7 +396,7 @@ async fn removed_files_are_pruned_but_foreign_objects_are_not() -> anyhow::Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prune_false_deletes_nothing() -> anyhow::Result<()> {
-    let w = world("    prune: false\n").await?;
+    let w = world!("    prune: false\n");
     let first = w.repo.commit(
         &[
             ("a.yaml", configmap("a", "1").as_bytes()),
@@ -170,21 +404,21 @@ async fn prune_false_deletes_nothing() -> anyhow::Result<()> {
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
     let second = w.repo.commit(&[], &["b.yaml"])?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
-    assert!(w.kube.get("v1", "ConfigMap", Some("apps"), "b").is_some());
+    assert!(w.configmap("b").await?.is_some());
     // Forgotten rather than remembered: the inventory stays as large as the revision.
-    assert_eq!(inventory_names(&w.kube)?, ["a"]);
+    assert_eq!(w.inventory_names().await?, ["a"]);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turning_prune_on_later_deletes_only_what_is_removed_from_then_on() -> anyhow::Result<()> {
-    let w = world("    prune: false\n").await?;
+    let w = world!("    prune: false\n");
     let files: Vec<(String, String)> = (0..5)
         .map(|i| (format!("old-{i}.yaml"), configmap(&format!("old-{i}"), "1")))
         .chain([("a.yaml".to_owned(), configmap("a", "1"))])
@@ -194,7 +428,7 @@ async fn turning_prune_on_later_deletes_only_what_is_removed_from_then_on() -> a
         .map(|(p, c)| (p.as_str(), c.as_bytes()))
         .collect();
     let first = w.repo.commit(&refs, &[])?;
-    let agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
     let removed: Vec<String> = (0..5).map(|i| format!("old-{i}.yaml")).collect();
@@ -202,7 +436,7 @@ async fn turning_prune_on_later_deletes_only_what_is_removed_from_then_on() -> a
     let second = w.repo.commit(&[], &removed)?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
-    assert_eq!(inventory_names(&w.kube)?, ["a"]);
+    assert_eq!(w.inventory_names().await?, ["a"]);
     agent.stop().await?;
 
     // The operator turns prune on: the same agent on a server with the new config.
@@ -211,7 +445,8 @@ async fn turning_prune_on_later_deletes_only_what_is_removed_from_then_on() -> a
         "    prune: true\n    prune_limit: 2\n",
     );
     let server = TestServer::start(&config).await?;
-    let _agent = AgentProcess::start(&server, "prod", w.kube.client(), "replica-a");
+    let _agent =
+        AgentProcess::start_in(&server, "prod", w.agent_kube.clone(), "replica-a", &w.home);
     let third = w.repo.commit(
         &[
             ("a.yaml", configmap("a", "3").as_bytes()),
@@ -224,55 +459,66 @@ async fn turning_prune_on_later_deletes_only_what_is_removed_from_then_on() -> a
     for i in 0..5 {
         let name = format!("old-{i}");
         assert!(
-            w.kube.get("v1", "ConfigMap", Some("apps"), &name).is_some(),
+            w.configmap(&name).await?.is_some(),
             "{name} left git while prune was off: not deleted now"
         );
     }
     let fourth = w.repo.commit(&[], &["b.yaml"])?;
     server.release(&third, &fourth, 4).await?;
     server.reported("prod", &fourth, Phase::Healthy).await?;
-    assert!(w.kube.get("v1", "ConfigMap", Some("apps"), "b").is_none());
-    assert!(w.kube.get("v1", "ConfigMap", Some("apps"), "a").is_some());
+    assert!(w.configmap("b").await?.is_none());
+    assert!(w.configmap("a").await?.is_some());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn crd_and_its_custom_resource_ship_together() -> anyhow::Result<()> {
-    let w = world("    scope: { cluster_kinds: [CustomResourceDefinition] }\n").await?;
-    let crd = "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.example.com\nspec:\n  group: example.com\n  scope: Namespaced\n  names: {plural: widgets, singular: widget, kind: Widget}\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}\n";
-    let widget =
-        "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: gizmo\nspec:\n  size: 3\n";
+async fn crd_and_its_custom_resources_ship_together() -> anyhow::Result<()> {
+    let w = world!("    scope: { cluster_kinds: [CustomResourceDefinition] }\n");
+    // A group of this test's own: discovery of a group nobody served a moment ago is what a
+    // real API server makes the agent wait for.
+    let group = format!("{}.example.com", w.apps);
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: widgets.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: widgets, singular: widget, kind: Widget}}\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema:\n          type: object\n          properties:\n            spec: {{type: object, properties: {{size: {{type: integer}}}}}}\n"
+    );
+    let widget = |name: &str, size: u32| {
+        format!(
+            "apiVersion: {group}/v1\nkind: Widget\nmetadata:\n  name: {name}\nspec:\n  size: {size}\n"
+        )
+    };
     let x = w.repo.commit(
         &[
             ("crd.yaml", crd.as_bytes()),
-            ("widget.yaml", widget.as_bytes()),
+            ("widget.yaml", widget("gizmo", 3).as_bytes()),
+            ("widget-2.yaml", widget("doohickey", 5).as_bytes()),
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
     assert!(
-        w.kube
-            .get(
-                "apiextensions.k8s.io/v1",
-                "CustomResourceDefinition",
-                None,
-                "widgets.example.com"
-            )
-            .is_some()
+        w.get(
+            "apiextensions.k8s.io/v1",
+            "CustomResourceDefinition",
+            None,
+            &format!("widgets.{group}")
+        )
+        .await?
+        .is_some()
     );
-    let gizmo = w
-        .kube
-        .get("example.com/v1", "Widget", Some("apps"), "gizmo")
-        .expect("custom resource applied");
-    assert_eq!(gizmo["spec"]["size"], 3);
+    for (name, size) in [("gizmo", 3), ("doohickey", 5)] {
+        let object = w
+            .get(&format!("{group}/v1"), "Widget", Some(&w.apps), name)
+            .await?
+            .expect("custom resource applied");
+        assert_eq!(object["spec"]["size"], size);
+    }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_document_writes_nothing_and_names_file_and_document() -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
     let bad = format!(
         "{}---\nkind: ConfigMap\nmetadata: {{name: broken}}\n",
         configmap("fine", "1")
@@ -284,7 +530,7 @@ async fn invalid_document_writes_nothing_and_names_file_and_document() -> anyhow
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     let failed = w.server.reported("prod", &x, Phase::Failed).await?;
     assert!(
@@ -293,31 +539,38 @@ async fn invalid_document_writes_nothing_and_names_file_and_document() -> anyhow
         failed.message
     );
     assert!(failed.message.contains("apiVersion"), "{}", failed.message);
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "first")
-            .is_none(),
-        "nothing written"
-    );
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "fine")
-            .is_none(),
-        "nothing written"
-    );
+    assert!(w.configmap("first").await?.is_none(), "nothing written");
+    assert!(w.configmap("fine").await?.is_none(), "nothing written");
     Ok(())
 }
 
+/// A Deployment of `replicas` whose pods fit only on a node labelled `pool: <pool>`.
+fn deployment_on(name: &str, replicas: u32, pool: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  progressDeadlineSeconds: 3\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      nodeSelector: {{pool: {pool}}}\n      containers:\n        - {{name: {name}, image: nginx}}\n"
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deployment_that_never_becomes_available_is_degraded() -> anyhow::Result<()> {
-    let w = world("    health_timeout: 2s\n").await?;
-    w.kube.set_auto_rollout(false);
-    let x = w.repo.commit(&[("web.yaml", DEPLOYMENT.as_bytes())], &[])?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+async fn deployment_whose_pods_never_schedule_is_degraded() -> anyhow::Result<()> {
+    let w = world!("    health_timeout: 60s\n");
+    let x = w.repo.commit(
+        &[("web.yaml", deployment_on("web", 1, "nowhere").as_bytes())],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
+    // The controller-manager gives up after the progress deadline, well before the timeout.
     let degraded = w.server.reported("prod", &x, Phase::Degraded).await?;
     assert!(
-        degraded.message.contains("Deployment apps/web"),
+        degraded
+            .message
+            .contains(&format!("Deployment {}/web", w.apps)),
+        "{}",
+        degraded.message
+    );
+    assert!(
+        degraded.message.contains("progress deadline exceeded"),
         "{}",
         degraded.message
     );
@@ -326,8 +579,88 @@ async fn deployment_that_never_becomes_available_is_degraded() -> anyhow::Result
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workloads_become_healthy_through_the_real_controllers() -> anyhow::Result<()> {
+    let w = world!("");
+    let statefulset = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: db\nspec:\n  replicas: 2\n  serviceName: db\n  selector:\n    matchLabels: {app: db}\n  template:\n    metadata:\n      labels: {app: db}\n    spec:\n      containers:\n        - {name: db, image: postgres}\n";
+    let daemonset = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\nspec:\n  selector:\n    matchLabels: {app: node-agent}\n  template:\n    metadata:\n      labels: {app: node-agent}\n    spec:\n      containers:\n        - {name: agent, image: busybox}\n";
+    let job = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: migrate\nspec:\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n        - {name: migrate, image: busybox}\n";
+    let x = w.repo.commit(
+        &[
+            ("web.yaml", DEPLOYMENT.as_bytes()),
+            ("db.yaml", statefulset.as_bytes()),
+            ("ds.yaml", daemonset.as_bytes()),
+            ("job.yaml", job.as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    let db = w
+        .get("apps/v1", "StatefulSet", Some(&w.apps), "db")
+        .await?
+        .expect("statefulset");
+    assert_eq!(db["status"]["readyReplicas"], 2, "{db}");
+    let ds = w
+        .get("apps/v1", "DaemonSet", Some(&w.apps), "agent")
+        .await?
+        .expect("daemonset");
+    assert_eq!(ds["status"]["numberAvailable"], 1, "one node: {ds}");
+    let migrate = w
+        .get("batch/v1", "Job", Some(&w.apps), "migrate")
+        .await?
+        .expect("job");
+    assert_eq!(migrate["status"]["succeeded"], 1, "{migrate}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_resource_reporting_ready_false_is_degraded() -> anyhow::Result<()> {
+    let w = world!(
+        "    health_timeout: 3s\n    scope: { cluster_kinds: [CustomResourceDefinition] }\n"
+    );
+    let group = format!("{}.example.com", w.apps);
+    // Without a status subresource the status is part of the object, so the revision can
+    // carry what an operator would have reported, and no race with one decides the test.
+    let crd = format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: databases.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: databases, singular: database, kind: Database}}\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}\n"
+    );
+    // Every change of an object without a status subresource is a new generation.
+    let database = |ready: &str, generation: u32| {
+        format!(
+            "apiVersion: {group}/v1\nkind: Database\nmetadata:\n  name: orders\nspec:\n  size: 1\nstatus:\n  observedGeneration: {generation}\n  conditions:\n    - {{type: Ready, status: '{ready}', reason: BackendDown, message: primary unreachable}}\n"
+        )
+    };
+    let first = w.repo.commit(
+        &[
+            ("crd.yaml", crd.as_bytes()),
+            ("db.yaml", database("True", 1).as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+
+    let second = w
+        .repo
+        .commit(&[("db.yaml", database("False", 2).as_bytes())], &[])?;
+    w.server.release(&first, &second, 2).await?;
+    let degraded = w.server.reported("prod", &second, Phase::Degraded).await?;
+    assert!(
+        degraded
+            .message
+            .contains(&format!("Database {}/orders", w.apps))
+            && degraded.message.contains("Ready: primary unreachable"),
+        "{}",
+        degraded.message
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_killed_mid_revision_converges_after_restart() -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
     let files: Vec<(String, String)> = (0..200)
         .map(|i| {
             (
@@ -341,92 +674,155 @@ async fn agent_killed_mid_revision_converges_after_restart() -> anyhow::Result<(
         .map(|(p, c)| (p.as_str(), c.as_bytes()))
         .collect();
     let x = w.repo.commit(&refs, &[])?;
-    let agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
-    let count = || {
-        w.kube
-            .list("v1", "ConfigMap")
-            .iter()
-            .filter(|o| {
-                o["metadata"]["name"]
-                    .as_str()
-                    .is_some_and(|n| n.starts_with("cm-"))
-            })
-            .count()
-    };
     eventually("the first objects applied", || async {
-        Ok((count() > 0).then_some(()))
+        Ok((w.count_configmaps("cm-").await? > 0).then_some(()))
     })
     .await?;
     agent.kill();
-    let _restarted = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _restarted = w.agent("replica-a");
     w.server.reported("prod", &x, Phase::Healthy).await?;
-    assert_eq!(count(), 200);
+    assert_eq!(w.count_configmaps("cm-").await?, 200);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_applies_and_another_takes_over() -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
     let first = w
         .repo
         .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
-    let leader = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let leader = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
-    let _standby = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-b");
+    let _standby = w.agent("replica-b");
+    assert_eq!(w.holder().await?, "replica-a");
 
-    w.kube.reset_requests();
+    let mark = w.mark();
     let second = w
         .repo
         .commit(&[("a.yaml", configmap("a", "2").as_bytes())], &[])?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
-    let patches = patches_of(&w.kube, "/configmaps/a");
-    assert_eq!(patches, 1, "one replica applied");
+    assert_eq!(w.patches_of(mark, "a")?, 1, "one replica applied");
 
+    // As SIGKILL would: the Lease is not released, so the standby waits for it to expire
+    // (3 s in these tests).
     leader.kill();
+    let killed = std::time::Instant::now();
+    eventually("the standby leads", || async {
+        Ok((w.holder().await? == "replica-b").then_some(()))
+    })
+    .await?;
+    let handover = killed.elapsed();
     let third = w
         .repo
         .commit(&[("a.yaml", configmap("a", "3").as_bytes())], &[])?;
     w.server.release(&second, &third, 3).await?;
     w.server.reported("prod", &third, Phase::Healthy).await?;
-    assert_eq!(
-        w.kube.get("v1", "ConfigMap", Some("apps"), "a").expect("a")["data"]["value"],
-        "3"
-    );
-    let lease = w.kube.list("coordination.k8s.io/v1", "Lease");
-    assert_eq!(lease[0]["spec"]["holderIdentity"], "replica-b");
+    assert_eq!(w.value("a").await?.as_deref(), Some("3"));
+    assert_eq!(w.leases().await?.len(), 1);
+    // One lease duration plus the standby's retry period.
+    assert!(handover < std::time::Duration::from_secs(6), "{handover:?}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn drift_is_corrected_by_the_next_reconcile() -> anyhow::Result<()> {
-    let w = world("    reconcile_interval: 1s\n").await?;
-    let x = w
-        .repo
-        .commit(&[("a.yaml", configmap("a", "desired").as_bytes())], &[])?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+async fn drift_in_a_managed_field_is_corrected_by_watch_and_unmanaged_fields_are_left_alone()
+-> anyhow::Result<()> {
+    // The default reconcile interval (5 min): only the watch can explain a quick correction.
+    let w = world!("");
+    let files: Vec<(String, String)> = (0..20)
+        .map(|i| {
+            (
+                format!("cm-{i}.yaml"),
+                configmap(&format!("cm-{i}"), "desired"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_bytes()))
+        .collect();
+    let x = w.repo.commit(&refs, &[])?;
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
-    let mut changed = w.kube.get("v1", "ConfigMap", Some("apps"), "a").expect("a");
-    changed["data"]["value"] = json!("edited by hand");
-    w.kube.put_object(changed);
+    let mark = w.mark();
+    // kubectl edits the field the revision sets on three objects, and adds one it does not.
+    for name in ["cm-3", "cm-7", "cm-11"] {
+        w.plane.kubectl_ok(&[
+            "patch",
+            "configmap",
+            name,
+            "-n",
+            &w.apps,
+            "--type=merge",
+            "-p",
+            r#"{"data":{"value":"edited by hand","extra":"added by hand"}}"#,
+        ])?;
+    }
+    let edited = std::time::Instant::now();
     eventually("drift corrected", || async {
-        let value = w
-            .kube
-            .get("v1", "ConfigMap", Some("apps"), "a")
-            .map(|o| o["data"]["value"].clone());
-        Ok((value == Some(json!("desired"))).then_some(()))
+        let mut all = true;
+        for name in ["cm-3", "cm-7", "cm-11"] {
+            all &= w.value(name).await?.as_deref() == Some("desired");
+        }
+        Ok(all.then_some(()))
     })
     .await?;
+    assert!(
+        edited.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        edited.elapsed()
+    );
+    let cm = w.configmap("cm-3").await?.expect("cm-3");
+    assert_eq!(
+        cm["data"]["extra"], "added by hand",
+        "not the agent's field"
+    );
+    // Exactly the drifted objects were written, once each.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mut writes = w.writes(mark, &[])?;
+    writes.sort();
+    assert_eq!(writes.len(), 3, "{writes:#?}");
+    for name in ["cm-3", "cm-7", "cm-11"] {
+        assert_eq!(w.patches_of(mark, name)?, 1, "{name}: {writes:#?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciling_an_unchanged_revision_without_drift_writes_nothing() -> anyhow::Result<()> {
+    let w = world!("    reconcile_interval: 1s\n");
+    let manifests = format!("{}---\n{DEPLOYMENT}", configmap("settings", "one"));
+    let x = w.repo.commit(&[("app.yaml", manifests.as_bytes())], &[])?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    // The Deployment's controllers go on writing its status for a moment; none of that is
+    // the agent's, and none of it is drift of what the agent applied.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let mark = w.mark();
+    // Several reconcile intervals.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let reconciles = w
+        .server
+        .history("prod")
+        .await?
+        .reports
+        .iter()
+        .filter(|r| r.revision == x && r.phase() == Phase::Healthy)
+        .count();
+    assert!(reconciles >= 3, "it did reconcile: {reconciles}");
+    assert_eq!(w.writes(mark, &[])?, Vec::<String>::new());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_dry_run_rejection_writes_nothing() -> anyhow::Result<()> {
-    let w =
-        world("    dry_run_strategy: server\n    scope: { namespaces: [apps, nowhere] }\n").await?;
+    let w = world!("    dry_run_strategy: server\n    scope: { namespaces: [APPS, nowhere] }\n");
     // The second object's namespace does not exist: the API server refuses it, even in a dry run.
     let stray = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n  namespace: nowhere\ndata: {a: b}\n";
     let x = w.repo.commit(
@@ -436,29 +832,26 @@ async fn server_dry_run_rejection_writes_nothing() -> anyhow::Result<()> {
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     let failed = w.server.reported("prod", &x, Phase::Failed).await?;
     assert!(failed.message.contains("dry run"), "{}", failed.message);
     assert!(failed.message.contains("nowhere"), "{}", failed.message);
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "first")
-            .is_none(),
-        "nothing written"
-    );
+    assert!(w.configmap("first").await?.is_none(), "nothing written");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_dry_run_passes_for_objects_in_a_namespace_the_revision_creates()
 -> anyhow::Result<()> {
-    let w = world(
-        "    dry_run_strategy: server\n    scope: { namespaces: [apps, 'team*'], cluster_kinds: [Namespace] }\n",
-    )
-    .await?;
-    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: team\n";
-    let inside = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inside\n  namespace: team\ndata: {a: b}\n";
+    let w = world!(
+        "    dry_run_strategy: server\n    scope: { namespaces: [APPS, 'APPS-team*'], cluster_kinds: [Namespace] }\n"
+    );
+    let team = format!("{}-team", w.apps);
+    let namespace = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {team}\n");
+    let inside = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: inside\n  namespace: {team}\ndata: {{a: b}}\n"
+    );
     let x = w.repo.commit(
         &[
             ("ns.yaml", namespace.as_bytes()),
@@ -467,19 +860,15 @@ async fn server_dry_run_passes_for_objects_in_a_namespace_the_revision_creates()
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
     assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("team"), "inside")
+        w.get("v1", "ConfigMap", Some(&team), "inside")
+            .await?
             .is_some()
     );
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "first")
-            .is_some()
-    );
+    assert!(w.configmap("first").await?.is_some());
     let history = w.server.history("prod").await?;
     let applied = history
         .reports
@@ -488,7 +877,7 @@ async fn server_dry_run_passes_for_objects_in_a_namespace_the_revision_creates()
         .expect("applied report");
     assert!(
         applied.message.contains("dry run skipped for 1 objects")
-            && applied.message.contains("team"),
+            && applied.message.contains(&team),
         "{}",
         applied.message
     );
@@ -497,11 +886,11 @@ async fn server_dry_run_passes_for_objects_in_a_namespace_the_revision_creates()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn objects_that_existed_before_are_adopted_and_never_pruned() -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
     // Made by someone else, before the agent ever applied anything of that name.
-    w.kube
-        .put_object(json!({"apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "legacy", "namespace": "apps"}, "data": {"value": "old"}}));
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "legacy", "namespace": w.apps}, "data": {"value": "old"}}))
+        .await?;
     let first = w.repo.commit(
         &[
             ("legacy.yaml", configmap("legacy", "1").as_bytes()),
@@ -509,15 +898,12 @@ async fn objects_that_existed_before_are_adopted_and_never_pruned() -> anyhow::R
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
-    let legacy = w
-        .kube
-        .get("v1", "ConfigMap", Some("apps"), "legacy")
-        .expect("legacy");
     assert_eq!(
-        legacy["data"]["value"], "1",
+        w.value("legacy").await?.as_deref(),
+        Some("1"),
         "applied like any other object"
     );
 
@@ -525,8 +911,8 @@ async fn objects_that_existed_before_are_adopted_and_never_pruned() -> anyhow::R
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
     let legacy = w
-        .kube
-        .get("v1", "ConfigMap", Some("apps"), "legacy")
+        .configmap("legacy")
+        .await?
         .expect("an adopted object is never pruned");
     assert!(
         legacy["metadata"]["labels"]["greenlight.dev/inventory"].is_null(),
@@ -553,21 +939,17 @@ async fn objects_that_existed_before_are_adopted_and_never_pruned() -> anyhow::R
     let fourth = w.repo.commit(&[], &["legacy.yaml"])?;
     w.server.release(&third, &fourth, 4).await?;
     w.server.reported("prod", &fourth, Phase::Healthy).await?;
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "legacy")
-            .is_some()
-    );
+    assert!(w.configmap("legacy").await?.is_some());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_revision_prunes_nothing_and_fails() -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
     let first = w
         .repo
         .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
 
@@ -583,14 +965,14 @@ async fn an_empty_revision_prunes_nothing_and_fails() -> anyhow::Result<()> {
         "{}",
         failed.message
     );
-    assert!(w.kube.get("v1", "ConfigMap", Some("apps"), "a").is_some());
+    assert!(w.configmap("a").await?.is_some());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_kind_writes_nothing_and_names_the_kind() -> anyhow::Result<()> {
-    let w = world("").await?;
-    let gadget = "apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g\n";
+    let w = world!("");
+    let gadget = "apiVersion: nobody.example.com/v1\nkind: Gadget\nmetadata:\n  name: g\n";
     let x = w.repo.commit(
         &[
             ("a.yaml", configmap("first", "1").as_bytes()),
@@ -598,60 +980,18 @@ async fn unknown_kind_writes_nothing_and_names_the_kind() -> anyhow::Result<()> 
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     let failed = w.server.reported("prod", &x, Phase::Failed).await?;
     assert!(
         failed
             .message
-            .contains("unknown kind: Gadget (example.com/v1)"),
+            .contains("unknown kind: Gadget (nobody.example.com/v1)"),
         "{}",
         failed.message
     );
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "first")
-            .is_none(),
-        "nothing written"
-    );
+    assert!(w.configmap("first").await?.is_none(), "nothing written");
     Ok(())
-}
-
-/// Writes the agent sent to the API server, other than competing for its Lease and dry runs.
-fn writes(kube: &KubeApi) -> Vec<String> {
-    kube.requests()
-        .into_iter()
-        .filter(|r| r.method != "GET" && !r.path.contains("/leases") && !r.query.contains("dryRun"))
-        .map(|r| format!("{} {}", r.method, r.path))
-        .collect()
-}
-
-/// How many server-side applies reached the object whose path ends with `suffix`.
-fn patches_of(kube: &KubeApi, suffix: &str) -> usize {
-    kube.requests()
-        .iter()
-        .filter(|r| r.method == "PATCH" && r.path.ends_with(suffix))
-        .count()
-}
-
-/// The names in the agent's inventory.
-fn inventory_names(kube: &KubeApi) -> anyhow::Result<Vec<String>> {
-    let Some(inventory) = kube.get(
-        "v1",
-        "ConfigMap",
-        Some(AGENT_NAMESPACE),
-        "greenlight-inventory-prod",
-    ) else {
-        return Ok(Vec::new());
-    };
-    let entries: Value =
-        serde_json::from_str(inventory["data"]["entries"].as_str().unwrap_or("[]"))?;
-    Ok(entries
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e["key"]["name"].as_str().map(str::to_owned))
-        .collect())
 }
 
 fn namespace(name: &str, annotations: &str) -> String {
@@ -662,8 +1002,8 @@ fn namespace(name: &str, annotations: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_outside_the_scope_fails_before_any_write() -> anyhow::Result<()> {
-    // The default scope: the default namespace `apps`, no cluster-scoped kinds.
-    let w = world("").await?;
+    // The default scope: the agent's default namespace, no cluster-scoped kinds.
+    let w = world!("");
     let system = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: coredns\n  namespace: kube-system\ndata: {Corefile: evil}\n";
     let binding = "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata:\n  name: root\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: cluster-admin}\nsubjects: [{kind: User, name: mallory}]\n";
     let x = w.repo.commit(
@@ -674,8 +1014,8 @@ async fn an_object_outside_the_scope_fails_before_any_write() -> anyhow::Result<
         ],
         &[],
     )?;
-    w.kube.reset_requests();
-    let agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let mark = w.mark();
+    let agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     let failed = w.server.reported("prod", &x, Phase::Failed).await?;
     assert!(
@@ -692,59 +1032,53 @@ async fn an_object_outside_the_scope_fails_before_any_write() -> anyhow::Result<
         "{}",
         failed.message
     );
-    assert_eq!(writes(&w.kube), Vec::<String>::new(), "nothing written");
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "first")
-            .is_none()
+    assert_eq!(
+        w.writes(mark, &["root"])?,
+        Vec::<String>::new(),
+        "nothing written"
     );
+    assert!(
+        w.plane
+            .agent_requests(mark, &["kube-system"])?
+            .iter()
+            .all(|r| r.namespace.as_deref() != Some("kube-system")),
+        "not even read"
+    );
+    assert!(w.configmap("first").await?.is_none());
     drop(agent);
 
     // Within the scope, the same agent applies.
     let y = w.repo.commit(&[], &["system.yaml", "binding.yaml"])?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(&x, &y, 2).await?;
     w.server.reported("prod", &y, Phase::Healthy).await?;
-    assert!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "first")
-            .is_some()
-    );
+    assert!(w.configmap("first").await?.is_some());
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revision_cannot_write_the_agents_inventory_or_lease() -> anyhow::Result<()> {
     // Even a scope that includes the agent's own namespace.
-    let w = world(&format!(
-        "    scope: {{ namespaces: [apps, {AGENT_NAMESPACE}] }}\n"
-    ))
-    .await?;
+    let w = world!("    scope: { namespaces: [APPS, HOME] }\n");
     let first = w
         .repo
         .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
-    let before = w
-        .kube
-        .get(
-            "v1",
-            "ConfigMap",
-            Some(AGENT_NAMESPACE),
-            "greenlight-inventory-prod",
-        )
-        .expect("inventory");
+    let before = w.inventory().await?.expect("inventory");
 
     // A forged inventory: `a` flipped to adopted (never pruned), and a foreign object the
     // next prune would delete.
+    let apps = &w.apps;
+    let home = &w.home;
     let forged = format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: greenlight-inventory-prod\n  namespace: {AGENT_NAMESPACE}\ndata:\n  revision: ''\n  entries: '[{{\"key\":{{\"group\":\"\",\"kind\":\"ConfigMap\",\"namespace\":\"apps\",\"name\":\"a\"}},\"api_version\":\"v1\",\"namespaced\":true,\"adopted\":true}},{{\"key\":{{\"group\":\"\",\"kind\":\"ConfigMap\",\"namespace\":\"apps\",\"name\":\"precious\"}},\"api_version\":\"v1\",\"namespaced\":true}}]'\n"
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: greenlight-inventory-prod\n  namespace: {home}\ndata:\n  revision: ''\n  entries: '[{{\"key\":{{\"group\":\"\",\"kind\":\"ConfigMap\",\"namespace\":\"{apps}\",\"name\":\"a\"}},\"api_version\":\"v1\",\"namespaced\":true,\"adopted\":true}},{{\"key\":{{\"group\":\"\",\"kind\":\"ConfigMap\",\"namespace\":\"{apps}\",\"name\":\"precious\"}},\"api_version\":\"v1\",\"namespaced\":true}}]'\n"
     );
     let lease = format!(
-        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: greenlight-agent-prod\n  namespace: {AGENT_NAMESPACE}\nspec: {{holderIdentity: mallory, leaseDurationSeconds: 100000}}\n"
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata:\n  name: greenlight-agent-prod\n  namespace: {home}\nspec: {{holderIdentity: mallory, leaseDurationSeconds: 100000}}\n"
     );
-    w.kube.reset_requests();
+    let mark = w.mark();
     let second = w.repo.commit(
         &[
             ("a.yaml", configmap("a", "2").as_bytes()),
@@ -756,8 +1090,8 @@ async fn a_revision_cannot_write_the_agents_inventory_or_lease() -> anyhow::Resu
     w.server.release(&first, &second, 2).await?;
     let failed = w.server.reported("prod", &second, Phase::Failed).await?;
     for name in [
-        format!("ConfigMap {AGENT_NAMESPACE}/greenlight-inventory-prod"),
-        format!("Lease {AGENT_NAMESPACE}/greenlight-agent-prod"),
+        format!("ConfigMap {home}/greenlight-inventory-prod"),
+        format!("Lease {home}/greenlight-agent-prod"),
     ] {
         assert!(
             failed
@@ -767,58 +1101,63 @@ async fn a_revision_cannot_write_the_agents_inventory_or_lease() -> anyhow::Resu
             failed.message
         );
     }
-    assert_eq!(writes(&w.kube), Vec::<String>::new(), "nothing written");
-    let after = w
-        .kube
-        .get(
-            "v1",
-            "ConfigMap",
-            Some(AGENT_NAMESPACE),
-            "greenlight-inventory-prod",
-        )
-        .expect("inventory");
-    assert_eq!(before["data"], after["data"], "inventory untouched");
     assert_eq!(
-        w.kube.get("v1", "ConfigMap", Some("apps"), "a").expect("a")["data"]["value"],
-        "1"
+        w.writes(mark, &[])?,
+        Vec::<String>::new(),
+        "nothing written"
     );
-    let leases = w.kube.list("coordination.k8s.io/v1", "Lease");
-    assert_eq!(leases.len(), 1);
-    assert_eq!(leases[0]["spec"]["holderIdentity"], "replica-a");
+    let after = w.inventory().await?.expect("inventory");
+    assert_eq!(before["data"], after["data"], "inventory untouched");
+    assert_eq!(w.value("a").await?.as_deref(), Some("1"));
+    assert_eq!(w.leases().await?.len(), 1);
+    assert_eq!(w.holder().await?, "replica-a");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dropped_namespace_is_kept_unless_annotated() -> anyhow::Result<()> {
+async fn a_dropped_namespace_is_kept_unless_annotated_and_then_terminated() -> anyhow::Result<()> {
     let w =
-        world("    scope: { namespaces: [apps, 'team-*'], cluster_kinds: [Namespace] }\n").await?;
+        world!("    scope: { namespaces: [APPS, 'APPS-team-*'], cluster_kinds: [Namespace] }\n");
+    let kept_name = format!("{}-team-kept", w.apps);
+    let allowed_name = format!("{}-team-allowed", w.apps);
     let first = w.repo.commit(
         &[
-            ("kept.yaml", namespace("team-kept", "").as_bytes()),
+            ("kept.yaml", namespace(&kept_name, "").as_bytes()),
             (
                 "allowed.yaml",
-                namespace("team-allowed", "greenlight.dev/prune: allow").as_bytes(),
+                namespace(&allowed_name, "greenlight.dev/prune: allow").as_bytes(),
             ),
             ("a.yaml", configmap("a", "1").as_bytes()),
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
+    // Something of someone else's inside: the namespace's termination deletes it too.
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "inside", "namespace": allowed_name}, "data": {"a": "b"}}))
+        .await?;
 
     let second = w.repo.commit(&[], &["kept.yaml", "allowed.yaml"])?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
     assert!(
-        w.kube.get("v1", "Namespace", None, "team-kept").is_some(),
+        w.get("v1", "Namespace", None, &kept_name).await?.is_some(),
         "its deletion would cascade"
     );
+    // The namespace controller empties it, then it is gone.
+    eventually("the annotated namespace terminated", || async {
+        Ok(w.get("v1", "Namespace", None, &allowed_name)
+            .await?
+            .is_none()
+            .then_some(()))
+    })
+    .await?;
     assert!(
-        w.kube
-            .get("v1", "Namespace", None, "team-allowed")
-            .is_none(),
-        "annotated: pruned"
+        w.get("v1", "ConfigMap", Some(&allowed_name), "inside")
+            .await?
+            .is_none()
     );
     let history = w.server.history("prod").await?;
     let applied = history
@@ -827,9 +1166,9 @@ async fn a_dropped_namespace_is_kept_unless_annotated() -> anyhow::Result<()> {
         .find(|r| r.revision == second && r.phase() == Phase::Applied)
         .expect("applied report");
     assert!(
-        applied
-            .message
-            .contains("kept Namespace team-kept (its deletion would cascade)"),
+        applied.message.contains(&format!(
+            "kept Namespace {kept_name} (its deletion would cascade)"
+        )),
         "{}",
         applied.message
     );
@@ -840,25 +1179,24 @@ async fn a_dropped_namespace_is_kept_unless_annotated() -> anyhow::Result<()> {
             .find(|o| o.name == name)
             .map(|o| (o.action(), o.message.clone()))
     };
-    let (kept, why) = action("team-kept").expect("kept is reported");
+    let (kept, why) = action(&kept_name).expect("kept is reported");
     assert_eq!(kept, greenlight::v1::object_result::Action::Unchanged);
     assert!(why.contains("greenlight.dev/prune: allow"), "{why}");
     assert_eq!(
-        action("team-allowed").map(|(a, _)| a),
+        action(&allowed_name).map(|(a, _)| a),
         Some(greenlight::v1::object_result::Action::Pruned)
     );
     // Still remembered: annotating it later lets the next revision prune it.
-    assert!(inventory_names(&w.kube)?.contains(&"team-kept".to_owned()));
+    assert!(w.inventory_names().await?.contains(&kept_name));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prune_beyond_the_limit_waits_for_force_prune() -> anyhow::Result<()> {
     let ci_hash = greenlight::digest::sha256_hex(b"ci-prod");
-    let w = world(&format!(
+    let w = world!(&format!(
         "    prune_limit: 2\n    ci_token_sha256: \"{ci_hash}\"\n"
-    ))
-    .await?;
+    ));
     let first = w.repo.commit(
         &[
             ("keep.yaml", configmap("keep", "1").as_bytes()),
@@ -868,11 +1206,11 @@ async fn a_prune_beyond_the_limit_waits_for_force_prune() -> anyhow::Result<()> 
         ],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
 
-    w.kube.reset_requests();
+    let mark = w.mark();
     let second = w.repo.commit(
         &[("keep.yaml", configmap("keep", "2").as_bytes())],
         &["b.yaml", "c.yaml", "d.yaml"],
@@ -886,9 +1224,13 @@ async fn a_prune_beyond_the_limit_waits_for_force_prune() -> anyhow::Result<()> 
         "{}",
         failed.message
     );
-    assert_eq!(writes(&w.kube), Vec::<String>::new(), "nothing written");
+    assert_eq!(
+        w.writes(mark, &[])?,
+        Vec::<String>::new(),
+        "nothing written"
+    );
     for name in ["b", "c", "d"] {
-        assert!(w.kube.get("v1", "ConfigMap", Some("apps"), name).is_some());
+        assert!(w.configmap(name).await?.is_some());
     }
 
     // A CI token may trigger, but not lift the limit.
@@ -917,24 +1259,16 @@ async fn a_prune_beyond_the_limit_waits_for_force_prune() -> anyhow::Result<()> 
         .await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
     for name in ["b", "c", "d"] {
-        assert!(
-            w.kube.get("v1", "ConfigMap", Some("apps"), name).is_none(),
-            "{name} pruned"
-        );
+        assert!(w.configmap(name).await?.is_none(), "{name} pruned");
     }
-    assert_eq!(
-        w.kube
-            .get("v1", "ConfigMap", Some("apps"), "keep")
-            .expect("keep")["data"]["value"],
-        "2"
-    );
+    assert_eq!(w.value("keep").await?.as_deref(), Some("2"));
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_token_competes_for_the_same_lease_and_shutdown_hands_over_at_once()
 -> anyhow::Result<()> {
-    let w = world("").await?;
+    let w = world!("");
     // Mid-rotation, two server replicas know the agent by different tokens.
     let rotated = "rotated-token-prod";
     let config = w.server_config.replace(
@@ -951,25 +1285,32 @@ async fn a_rotated_token_competes_for_the_same_lease_and_shutdown_hands_over_at_
     let old = AgentProcess::start_with(
         &w.server,
         &agent_token("prod"),
-        w.kube.client(),
+        w.agent_kube.clone(),
         "replica-a",
         lease,
+        &w.home,
     );
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
-    let _new = AgentProcess::start_with(&other, rotated, w.kube.client(), "replica-b", lease);
+    let _new = AgentProcess::start_with(
+        &other,
+        rotated,
+        w.agent_kube.clone(),
+        "replica-b",
+        lease,
+        &w.home,
+    );
     // The new agent receives the revision too, and with it its name.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
 
-    w.kube.reset_requests();
+    let mark = w.mark();
     let second = w
         .repo
         .commit(&[("a.yaml", configmap("a", "2").as_bytes())], &[])?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
-    let patches = patches_of(&w.kube, "/configmaps/a");
-    assert_eq!(patches, 1, "one leader applied");
-    let leases = w.kube.list("coordination.k8s.io/v1", "Lease");
+    assert_eq!(w.patches_of(mark, "a")?, 1, "one leader applied");
+    let leases = w.leases().await?;
     assert_eq!(leases.len(), 1, "one Lease for the agent: {leases:?}");
     assert_eq!(leases[0]["metadata"]["name"], "greenlight-agent-prod");
     assert_eq!(leases[0]["spec"]["holderIdentity"], "replica-a");
@@ -978,15 +1319,13 @@ async fn a_rotated_token_competes_for_the_same_lease_and_shutdown_hands_over_at_
     // could have expired.
     let stopped = std::time::Instant::now();
     old.stop().await?;
-    let released = w.kube.list("coordination.k8s.io/v1", "Lease");
+    let released = w.holder().await?;
     assert!(
-        released[0]["spec"]["holderIdentity"].is_null()
-            || released[0]["spec"]["holderIdentity"] == "replica-b",
+        released.is_null() || released == "replica-b",
         "{released:?}"
     );
     eventually("the new agent leads", || async {
-        let leases = w.kube.list("coordination.k8s.io/v1", "Lease");
-        Ok((leases[0]["spec"]["holderIdentity"] == "replica-b").then_some(()))
+        Ok((w.holder().await? == "replica-b").then_some(()))
     })
     .await?;
     assert!(stopped.elapsed() < lease, "{:?}", stopped.elapsed());
@@ -995,9 +1334,6 @@ async fn a_rotated_token_competes_for_the_same_lease_and_shutdown_hands_over_at_
         .commit(&[("a.yaml", configmap("a", "3").as_bytes())], &[])?;
     other.release(&second, &third, 3).await?;
     other.reported("prod", &third, Phase::Healthy).await?;
-    assert_eq!(
-        w.kube.get("v1", "ConfigMap", Some("apps"), "a").expect("a")["data"]["value"],
-        "3"
-    );
+    assert_eq!(w.value("a").await?.as_deref(), Some("3"));
     Ok(())
 }

@@ -1,10 +1,9 @@
-//! Opt-in: the agent against a real cluster. Runs when `GREENLIGHT_TEST_KUBECONFIG` names a
-//! kubeconfig; otherwise it says why it did nothing.
+//! The agent against a real cluster: the one `GREENLIGHT_TEST_KUBECONFIG` names, else the
+//! suite's own control plane (in CI, always one of the two).
 
 use greenlight::v1::Phase;
 use greenlight_e2e::*;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::ApiResource;
 use serde_json::json;
 
@@ -12,20 +11,24 @@ const ZERO: &str = "0000000000000000000000000000000000000000";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_applies_and_prunes_on_a_real_cluster() -> anyhow::Result<()> {
-    let Ok(path) = std::env::var("GREENLIGHT_TEST_KUBECONFIG") else {
-        // Written to the handle, not through eprintln!, so the test harness does not swallow it.
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "real_cluster: skipped: set GREENLIGHT_TEST_KUBECONFIG to a kubeconfig to run against a real cluster"
-        );
-        return Ok(());
-    };
     install_crypto();
-    let kubeconfig = Kubeconfig::read_from(&path)?;
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
-    let client = kube::Client::try_from(config)?;
+    // The cluster named by GREENLIGHT_TEST_KUBECONFIG, else the suite's own control plane.
+    let path = match std::env::var_os("GREENLIGHT_TEST_KUBECONFIG") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => match greenlight_e2e::control_plane::ControlPlane::shared().await? {
+            Some(plane) => plane.kubeconfig().to_owned(),
+            None => {
+                // Written to the handle, not through eprintln!, so the harness does not swallow it.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "real_cluster: skipped: set GREENLIGHT_TEST_KUBECONFIG to a kubeconfig, or build the control plane"
+                );
+                return Ok(());
+            }
+        },
+    };
+    let client = greenlight_e2e::control_plane::client_from(&path).await?;
     let namespace = format!("greenlight-e2e-{:08x}", std::process::id());
     let namespaces: Api<DynamicObject> = Api::all_with(
         client.clone(),

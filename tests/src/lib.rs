@@ -1,6 +1,7 @@
 //! Test harness: a real `redis-server` per test, servers on loopback ports, GitLab payloads,
 //! git repositories, and a Kubernetes API server emulation.
 
+pub mod control_plane;
 pub mod fake_gitlab;
 pub mod kube_api;
 
@@ -639,22 +640,36 @@ impl AgentProcess {
     /// Starts agent `name` of `server` against `kube`, keeping its inventory and Lease in
     /// namespace `greenlight`; `identity` names the replica.
     pub fn start(server: &TestServer, name: &str, kube: kube::Client, identity: &str) -> Self {
+        Self::start_in(server, name, kube, identity, AGENT_NAMESPACE)
+    }
+
+    /// Starts agent `name` keeping its inventory and Lease in `namespace`.
+    pub fn start_in(
+        server: &TestServer,
+        name: &str,
+        kube: kube::Client,
+        identity: &str,
+        namespace: &str,
+    ) -> Self {
         Self::start_with(
             server,
             &agent_token(name),
             kube,
             identity,
             Duration::from_secs(3),
+            namespace,
         )
     }
 
-    /// Starts an agent holding `token`, competing for its Lease for `lease_duration`.
+    /// Starts an agent holding `token`, competing for its Lease in `namespace` for
+    /// `lease_duration`.
     pub fn start_with(
         server: &TestServer,
         token: &str,
         kube: kube::Client,
         identity: &str,
         lease_duration: Duration,
+        namespace: &str,
     ) -> Self {
         let settings = greenlight_agent::run::Settings {
             target: greenlight_agent::session::Target {
@@ -662,7 +677,7 @@ impl AgentProcess {
                 token: token.to_owned(),
                 ca_file: None,
             },
-            namespace: AGENT_NAMESPACE.to_owned(),
+            namespace: namespace.to_owned(),
             identity: identity.to_owned(),
             lease_duration,
         };

@@ -1,0 +1,293 @@
+//! Drift by watch: metadata watches on the kinds and namespaces of the inventory, filtered by
+//! the inventory label, notice within moments when someone else changed or deleted an object
+//! the agent applied, and let a reconcile skip the objects nobody touched.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::StreamExt;
+use kube::api::{Api, DynamicObject};
+use kube::core::{ApiResource, PartialObjectMeta};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use serde_json::Value;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::inventory::INVENTORY_LABEL;
+use crate::plan::ObjectKey;
+
+/// What the agent last applied to one object, and what the watch last saw of it.
+#[derive(Debug, Default)]
+struct Tracked {
+    /// resourceVersion our last apply returned, and the digest of the body it sent.
+    applied: Option<(String, u64)>,
+    /// resourceVersion the watch saw last; `None` when it saw the object deleted or has not
+    /// seen it yet.
+    observed: Option<String>,
+    /// An apply of ours is in flight: what the watch sees meanwhile is likely its result.
+    applying: bool,
+}
+
+/// One watch: a kind, in one namespace or (cluster-scoped) none.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WatchTarget {
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    pub plural: String,
+    pub namespace: Option<String>,
+}
+
+struct Running {
+    task: JoinHandle<()>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[derive(Default)]
+struct Shared {
+    objects: Mutex<HashMap<ObjectKey, Tracked>>,
+    drifted: Notify,
+}
+
+impl Shared {
+    fn objects(&self) -> MutexGuard<'_, HashMap<ObjectKey, Tracked>> {
+        self.objects.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The watches of one agent's inventory.
+pub struct DriftWatch {
+    client: kube::Client,
+    selector: Option<String>,
+    shared: Arc<Shared>,
+    watches: HashMap<WatchTarget, Running>,
+}
+
+/// A digest of the body an apply sends, to tell a changed desired state from an unchanged one.
+pub fn body_digest(body: &Value) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    body.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
+impl DriftWatch {
+    /// Watches nothing yet; `watch` says what.
+    pub fn new(client: kube::Client) -> Self {
+        Self {
+            client,
+            selector: None,
+            shared: Arc::default(),
+            watches: HashMap::new(),
+        }
+    }
+
+    /// Resolves when a watched object changed in a way the agent did not cause.
+    pub async fn drifted(&self) {
+        self.shared.drifted.notified().await;
+    }
+
+    /// Records that an apply to `key` starts, so that the watch event it causes is not
+    /// taken for someone else's change.
+    pub fn applying(&self, key: &ObjectKey) {
+        self.shared
+            .objects()
+            .entry(key.clone())
+            .or_default()
+            .applying = true;
+    }
+
+    /// Records how the apply to `key` ended: at `resource_version` with `body`, or failed.
+    pub fn applied(&self, key: &ObjectKey, outcome: Option<(&str, &Value)>) {
+        let mut objects = self.shared.objects();
+        let tracked = objects.entry(key.clone()).or_default();
+        tracked.applying = false;
+        if let Some((resource_version, body)) = outcome {
+            tracked.applied = Some((resource_version.to_owned(), body_digest(body)));
+            // The watch reports this version too, sooner or later; nobody else's change can
+            // be told from ours until it does.
+            tracked.observed = Some(resource_version.to_owned());
+        }
+    }
+
+    /// Forgets `key` before the agent deletes it or lets it go, which the watch would
+    /// otherwise see as drift.
+    pub fn forget(&self, key: &ObjectKey) {
+        self.shared.objects().remove(key);
+    }
+
+    /// Whether `body` is what was last applied to `key`, and the watch (in sync) has seen
+    /// nobody change the object since: applying it again would change nothing.
+    pub fn unchanged(&self, target: &WatchTarget, key: &ObjectKey, body: &Value) -> bool {
+        let synced = self
+            .watches
+            .get(target)
+            .is_some_and(|w| w.synced.load(std::sync::atomic::Ordering::Acquire));
+        if !synced {
+            return false;
+        }
+        let objects = self.shared.objects();
+        objects
+            .get(key)
+            .is_some_and(|t| match (&t.applied, &t.observed) {
+                (Some((applied, digest)), Some(observed)) => {
+                    applied == observed && *digest == body_digest(body)
+                }
+                _ => false,
+            })
+    }
+
+    /// Watches exactly `targets` for agent `agent`'s objects, starting and stopping watches as
+    /// needed; forgets objects no longer in `keys`.
+    pub fn watch(
+        &mut self,
+        agent: &str,
+        targets: BTreeSet<WatchTarget>,
+        keys: &BTreeSet<ObjectKey>,
+    ) {
+        let selector = format!("{INVENTORY_LABEL}={agent}");
+        if self.selector.as_deref() != Some(selector.as_str()) {
+            self.stop();
+            self.selector = Some(selector.clone());
+        }
+        self.watches.retain(|target, running| {
+            let keep = targets.contains(target);
+            if !keep {
+                running.task.abort();
+            }
+            keep
+        });
+        for target in targets {
+            if self.watches.contains_key(&target) {
+                continue;
+            }
+            let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let task = tokio::spawn(run_watch(
+                self.client.clone(),
+                target.clone(),
+                selector.clone(),
+                self.shared.clone(),
+                synced.clone(),
+            ));
+            self.watches.insert(target, Running { task, synced });
+        }
+        self.shared.objects().retain(|key, _| keys.contains(key));
+    }
+
+    /// Stops every watch.
+    pub fn stop(&mut self) {
+        for (_, running) in self.watches.drain() {
+            running.task.abort();
+        }
+    }
+}
+
+impl Drop for DriftWatch {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn run_watch(
+    client: kube::Client,
+    target: WatchTarget,
+    selector: String,
+    shared: Arc<Shared>,
+    synced: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let resource = ApiResource {
+        group: target.group.clone(),
+        version: target.version.clone(),
+        api_version: if target.group.is_empty() {
+            target.version.clone()
+        } else {
+            format!("{}/{}", target.group, target.version)
+        },
+        kind: target.kind.clone(),
+        plural: target.plural.clone(),
+    };
+    // Metadata only: the watch needs resourceVersions, not the objects' contents.
+    let api: Api<PartialObjectMeta<DynamicObject>> = match &target.namespace {
+        Some(namespace) => Api::namespaced_with(client, namespace, &resource),
+        None => Api::all_with(client, &resource),
+    };
+    let key_of = |meta: &kube::core::ObjectMeta| ObjectKey {
+        group: target.group.clone(),
+        kind: target.kind.clone(),
+        namespace: meta.namespace.clone(),
+        name: meta.name.clone().unwrap_or_default(),
+    };
+    let config = watcher::Config::default().labels(&selector);
+    let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+    // Objects listed during a (re)list: those missing from it were deleted meanwhile.
+    let mut listing: BTreeSet<ObjectKey> = BTreeSet::new();
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(event) => event,
+            Err(error) => {
+                synced.store(false, std::sync::atomic::Ordering::Release);
+                warn!(kind = %target.kind, namespace = ?target.namespace, %error, "drift watch failed; retrying");
+                continue;
+            }
+        };
+        match event {
+            Event::Init => listing.clear(),
+            Event::InitApply(object) => {
+                let key = key_of(&object.metadata);
+                observe(&shared, &key, object.metadata.resource_version.clone());
+                listing.insert(key);
+            }
+            Event::InitDone => {
+                let gone: Vec<ObjectKey> = shared
+                    .objects()
+                    .keys()
+                    .filter(|k| {
+                        k.group == target.group
+                            && k.kind == target.kind
+                            && k.namespace == target.namespace
+                            && !listing.contains(*k)
+                    })
+                    .cloned()
+                    .collect();
+                for key in gone {
+                    observe(&shared, &key, None);
+                }
+                synced.store(true, std::sync::atomic::Ordering::Release);
+                debug!(kind = %target.kind, namespace = ?target.namespace, "drift watch in sync");
+            }
+            Event::Apply(object) => {
+                observe(
+                    &shared,
+                    &key_of(&object.metadata),
+                    object.metadata.resource_version.clone(),
+                );
+            }
+            Event::Delete(object) => observe(&shared, &key_of(&object.metadata), None),
+        }
+    }
+}
+
+/// Records what the watch saw of `key`, and wakes the apply loop when it is not what the
+/// agent last applied.
+fn observe(shared: &Shared, key: &ObjectKey, resource_version: Option<String>) {
+    let drifted = {
+        let mut objects = shared.objects();
+        // Kept even before the apply that made it is recorded, which may come second.
+        let tracked = objects.entry(key.clone()).or_default();
+        tracked.observed = resource_version;
+        if tracked.applying {
+            return;
+        }
+        match (&tracked.applied, &tracked.observed) {
+            (Some((applied, _)), Some(observed)) => applied != observed,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    };
+    if drifted {
+        info!(object = %key, "changed by someone else; re-applying");
+        shared.drifted.notify_one();
+    }
+}
