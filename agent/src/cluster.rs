@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PropagationPolicy};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+};
 use kube::core::{ApiResource, GroupVersion};
 use kube::discovery::Scope;
 use serde_json::Value;
@@ -31,6 +33,9 @@ pub enum ClusterError {
     Timeout(Duration),
     #[error("kind {0} is not served")]
     NotServed(String),
+    /// A list that answered for several objects at once failed.
+    #[error("{0}")]
+    Listing(String),
 }
 
 impl ClusterError {
@@ -65,6 +70,9 @@ pub struct Resolved {
     pub resource: ApiResource,
     pub namespaced: bool,
 }
+
+/// Objects per page of a list.
+const LIST_PAGE: u32 = 500;
 
 /// The kinds one group-version serves, as last read.
 struct Served {
@@ -232,6 +240,35 @@ impl Cluster {
         name: &str,
     ) -> Result<Option<DynamicObject>, ClusterError> {
         bounded(self.api(resolved, namespace).get_opt(name)).await
+    }
+
+    /// The names of every object of `resolved` in `namespace`, each with its `label`'s
+    /// value: one paginated metadata list rather than a read per object.
+    pub async fn names_with_label(
+        &self,
+        resolved: &Resolved,
+        namespace: Option<&str>,
+        label: &str,
+    ) -> Result<HashMap<String, Option<String>>, ClusterError> {
+        let api = self.api(resolved, namespace);
+        let mut names = HashMap::new();
+        let mut params = ListParams::default().limit(LIST_PAGE);
+        loop {
+            let page = bounded(api.list_metadata(&params)).await?;
+            for object in page.items {
+                let value = object
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(label))
+                    .cloned();
+                names.insert(object.metadata.name.unwrap_or_default(), value);
+            }
+            match page.metadata.continue_ {
+                Some(token) if !token.is_empty() => params = params.continue_token(&token),
+                _ => return Ok(names),
+            }
+        }
     }
 
     /// Removes `label` from the object with a merge patch; `false` if it was already gone.

@@ -19,14 +19,34 @@ use tracing::{debug, info, warn};
 use crate::inventory::INVENTORY_LABEL;
 use crate::plan::ObjectKey;
 
+/// One version of an object, as an apply returned it or the watch saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub resource_version: String,
+    /// Set by the API server for kinds whose spec and status are apart: it moves only when
+    /// the spec does, so a controller writing status is not drift.
+    pub generation: Option<i64>,
+}
+
+impl Version {
+    /// Whether `self` and `other` are the same desired state: the same generation where the
+    /// kind has one, else the same resourceVersion.
+    fn same_spec(&self, other: &Version) -> bool {
+        match (self.generation, other.generation) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.resource_version == other.resource_version,
+        }
+    }
+}
+
 /// What the agent last applied to one object, and what the watch last saw of it.
 #[derive(Debug, Default)]
 struct Tracked {
-    /// resourceVersion our last apply returned, and the digest of the body it sent.
-    applied: Option<(String, u64)>,
-    /// resourceVersion the watch saw last; `None` when it saw the object deleted or has not
+    /// The version our last apply returned, and the digest of the body it sent.
+    applied: Option<(Version, u64)>,
+    /// The version the watch saw last; `None` when it saw the object deleted or has not
     /// seen it yet.
-    observed: Option<String>,
+    observed: Option<Version>,
     /// An apply of ours is in flight: what the watch sees meanwhile is likely its result.
     applying: bool,
 }
@@ -100,15 +120,15 @@ impl DriftWatch {
     }
 
     /// Records how the apply to `key` ended: at `resource_version` with `body`, or failed.
-    pub fn applied(&self, key: &ObjectKey, outcome: Option<(&str, &Value)>) {
+    pub fn applied(&self, key: &ObjectKey, outcome: Option<(&Version, &Value)>) {
         let mut objects = self.shared.objects();
         let tracked = objects.entry(key.clone()).or_default();
         tracked.applying = false;
-        if let Some((resource_version, body)) = outcome {
-            tracked.applied = Some((resource_version.to_owned(), body_digest(body)));
+        if let Some((version, body)) = outcome {
+            tracked.applied = Some((version.clone(), body_digest(body)));
             // The watch reports this version too, sooner or later; nobody else's change can
             // be told from ours until it does.
-            tracked.observed = Some(resource_version.to_owned());
+            tracked.observed = Some(version.clone());
         }
     }
 
@@ -236,7 +256,7 @@ async fn run_watch(
             Event::Init => listing.clear(),
             Event::InitApply(object) => {
                 let key = key_of(&object.metadata);
-                observe(&shared, &key, object.metadata.resource_version.clone());
+                observe(&shared, &key, Some(version_of(&object.metadata)));
                 listing.insert(key);
             }
             Event::InitDone => {
@@ -261,7 +281,7 @@ async fn run_watch(
                 observe(
                     &shared,
                     &key_of(&object.metadata),
-                    object.metadata.resource_version.clone(),
+                    Some(version_of(&object.metadata)),
                 );
             }
             Event::Delete(object) => observe(&shared, &key_of(&object.metadata), None),
@@ -269,19 +289,26 @@ async fn run_watch(
     }
 }
 
+fn version_of(meta: &kube::core::ObjectMeta) -> Version {
+    Version {
+        resource_version: meta.resource_version.clone().unwrap_or_default(),
+        generation: meta.generation,
+    }
+}
+
 /// Records what the watch saw of `key`, and wakes the apply loop when it is not what the
 /// agent last applied.
-fn observe(shared: &Shared, key: &ObjectKey, resource_version: Option<String>) {
+fn observe(shared: &Shared, key: &ObjectKey, version: Option<Version>) {
     let drifted = {
         let mut objects = shared.objects();
         // Kept even before the apply that made it is recorded, which may come second.
         let tracked = objects.entry(key.clone()).or_default();
-        tracked.observed = resource_version;
+        tracked.observed = version;
         if tracked.applying {
             return;
         }
         match (&tracked.applied, &tracked.observed) {
-            (Some((applied, _)), Some(observed)) => applied != observed,
+            (Some((applied, _)), Some(observed)) => !applied.same_spec(observed),
             (Some(_), None) => true,
             (None, _) => false,
         }
@@ -289,5 +316,86 @@ fn observe(shared: &Shared, key: &ObjectKey, resource_version: Option<String>) {
     if drifted {
         info!(object = %key, "changed by someone else; re-applying");
         shared.drifted.notify_one();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey {
+            group: "apps".into(),
+            kind: "Deployment".into(),
+            namespace: Some("apps".into()),
+            name: name.into(),
+        }
+    }
+
+    fn version(resource_version: &str, generation: Option<i64>) -> Version {
+        Version {
+            resource_version: resource_version.into(),
+            generation,
+        }
+    }
+
+    fn drifted(shared: &Shared) -> bool {
+        // A stored permit means the apply loop would wake.
+        let waker = futures_util::task::noop_waker();
+        let mut context = std::task::Context::from_waker(&waker);
+        let notified = shared.drifted.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().poll(&mut context).is_ready()
+    }
+
+    #[test]
+    fn a_controller_writing_status_is_not_drift_but_a_new_generation_is() {
+        let shared = Shared::default();
+        let web = key("web");
+        shared.objects().entry(web.clone()).or_default().applied =
+            Some((version("10", Some(1)), body_digest(&json!({}))));
+        observe(&shared, &web, Some(version("11", Some(1))));
+        assert!(!drifted(&shared), "status only");
+        observe(&shared, &web, Some(version("12", Some(2))));
+        assert!(drifted(&shared), "someone changed the spec");
+    }
+
+    #[test]
+    fn without_generations_any_new_version_or_a_deletion_is_drift() {
+        let shared = Shared::default();
+        let settings = key("settings");
+        shared
+            .objects()
+            .entry(settings.clone())
+            .or_default()
+            .applied = Some((version("10", None), body_digest(&json!({}))));
+        observe(&shared, &settings, Some(version("10", None)));
+        assert!(!drifted(&shared), "our own write");
+        observe(&shared, &settings, Some(version("11", None)));
+        assert!(drifted(&shared));
+        observe(&shared, &settings, None);
+        assert!(drifted(&shared), "deleted");
+    }
+
+    #[test]
+    fn what_the_watch_sees_during_our_own_apply_is_not_drift() {
+        let shared = Shared::default();
+        let web = key("web");
+        {
+            let mut objects = shared.objects();
+            let tracked = objects.entry(web.clone()).or_default();
+            tracked.applied = Some((version("10", Some(1)), body_digest(&json!({}))));
+            tracked.applying = true;
+        }
+        observe(&shared, &web, Some(version("11", Some(2))));
+        assert!(!drifted(&shared));
+    }
+
+    #[test]
+    fn an_untracked_object_is_never_drift() {
+        let shared = Shared::default();
+        observe(&shared, &key("new"), Some(version("1", None)));
+        assert!(!drifted(&shared));
     }
 }

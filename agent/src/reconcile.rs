@@ -13,7 +13,7 @@ use tracing::{info, warn};
 
 use crate::assemble::ReadyRevision;
 use crate::cluster::{Cluster, ClusterError, Resolved};
-use crate::drift::{DriftWatch, WatchTarget};
+use crate::drift::{DriftWatch, Version, WatchTarget};
 use crate::health::{Health, assess, has_status};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest::{self, Manifest};
@@ -25,6 +25,8 @@ use crate::session::jittered;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "greenlight";
+/// New objects of one kind in one namespace from which one list beats a read each.
+const LIST_INSTEAD_OF_READS: usize = 8;
 /// Objects applied at once within one stage.
 const APPLY_CONCURRENCY: usize = 8;
 /// How often health is polled while waiting.
@@ -54,6 +56,9 @@ struct Planned {
     resolved: Option<Resolved>,
     body: Value,
 }
+
+/// Whether an object exists (`Some`), and then which agent's label it carries.
+type Ownership = Option<Option<String>>;
 
 /// What pruning one inventory entry did.
 enum Pruned {
@@ -636,28 +641,72 @@ impl Worker {
         items: &[&Planned],
         agent: &str,
     ) -> Result<BTreeSet<ObjectKey>, String> {
-        let reads: Vec<_> = items
-            .iter()
-            .filter_map(|item| {
-                let resolved = item.resolved.as_ref()?;
-                Some(async move {
-                    let found = self
+        // Many new objects of one kind in one namespace (a first apply) cost one list; a few
+        // cost a read each, which is cheaper than listing a namespace full of others.
+        let mut groups: BTreeMap<(String, Option<String>), Vec<&Planned>> = BTreeMap::new();
+        for item in items {
+            if let Some(resolved) = &item.resolved {
+                let kind = format!(
+                    "{}/{}",
+                    resolved.resource.api_version, resolved.resource.plural
+                );
+                groups
+                    .entry((kind, item.key.namespace.clone()))
+                    .or_default()
+                    .push(item);
+            }
+        }
+        let reads: Vec<_> = groups
+            .into_values()
+            .map(|group| async move {
+                let mut found: Vec<(&ObjectKey, Result<Ownership, ClusterError>)> = Vec::new();
+                let first = group[0];
+                let Some(resolved) = first.resolved.as_ref() else {
+                    return found;
+                };
+                if group.len() >= LIST_INSTEAD_OF_READS {
+                    match self
+                        .cluster
+                        .names_with_label(resolved, first.key.namespace.as_deref(), INVENTORY_LABEL)
+                        .await
+                    {
+                        Ok(names) => {
+                            for item in group {
+                                found.push((&item.key, Ok(names.get(&item.key.name).cloned())));
+                            }
+                        }
+                        Err(error) => {
+                            let error = error.message();
+                            for item in group {
+                                found.push((&item.key, Err(ClusterError::Listing(error.clone()))));
+                            }
+                        }
+                    }
+                    return found;
+                }
+                for item in group {
+                    let read = self
                         .cluster
                         .get(resolved, item.key.namespace.as_deref(), &item.key.name)
-                        .await;
-                    (&item.key, found)
-                })
+                        .await
+                        .map(|o| o.map(|o| label(&o).map(str::to_owned)));
+                    found.push((&item.key, read));
+                }
+                found
             })
             .collect();
         let found: Vec<_> = futures_util::stream::iter(reads)
             .buffer_unordered(APPLY_CONCURRENCY)
-            .collect()
-            .await;
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
         let mut adopted = BTreeSet::new();
         let mut errors = Vec::new();
         for (key, found) in found {
             match found {
-                Ok(Some(object)) if label(&object) != Some(agent) => {
+                Ok(Some(owner)) if owner.as_deref() != Some(agent) => {
                     info!(object = %key, "adopting an object that existed before");
                     adopted.insert(key.clone());
                 }
@@ -857,13 +906,13 @@ impl Worker {
         let applied = self.apply_one(item, settings, false).await;
         self.drift.applied(
             &item.key,
-            applied
-                .as_ref()
-                .ok()
-                .map(|version| (version.as_str(), &item.body)),
+            applied.as_ref().ok().map(|version| (version, &item.body)),
         );
         match applied {
-            Ok(version) => {
+            Ok(Version {
+                resource_version: version,
+                ..
+            }) => {
                 let changed = self.versions.get(&item.key) != Some(&version);
                 let action = if changed {
                     Action::Applied
@@ -889,7 +938,7 @@ impl Worker {
         item: &Planned,
         settings: &ApplySettings,
         dry_run: bool,
-    ) -> Result<String, ClusterError> {
+    ) -> Result<Version, ClusterError> {
         let resolved = item
             .resolved
             .as_ref()
@@ -905,7 +954,10 @@ impl Worker {
                 dry_run,
             )
             .await?;
-        Ok(object.metadata.resource_version.unwrap_or_default())
+        Ok(Version {
+            resource_version: object.metadata.resource_version.unwrap_or_default(),
+            generation: object.metadata.generation,
+        })
     }
 
     /// Deletes `entry` if it still carries this agent's label; `Ok(None)` when there was

@@ -35,7 +35,8 @@ enum Scenario {
     Throughput(throughput::Args),
     /// A large manifest set from git streamed to many agents.
     Manifests(manifests::Args),
-    /// A real agent applying many objects, then re-applying them unchanged.
+    /// The agent applying to a real kube-apiserver, next to kubectl: first apply, unchanged
+    /// re-apply, drift, Deployments, memory.
     Apply(apply::Args),
 }
 

@@ -271,6 +271,16 @@ impl ControlPlane {
         &self.admin_kubeconfig
     }
 
+    /// The agent's kubeconfig, for an agent run as its own process.
+    pub fn agent_kubeconfig(&self) -> &Path {
+        &self.agent_kubeconfig
+    }
+
+    /// The directory of the control plane's binaries.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
     /// Runs `kubectl` as the admin.
     pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
         Command::new(self.bin_dir.join("kubectl"))
