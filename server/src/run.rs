@@ -164,7 +164,7 @@ pub async fn run(
         )))
         .add_service(IngestServiceServer::new(IngestApi::new(
             engine.clone(),
-            config.ingest_token.clone(),
+            config.ingest_tokens.clone(),
         )))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, answers over a packet wait for delayed ACKs (~40 ms).
@@ -176,7 +176,7 @@ pub async fn run(
     let engine_for_exit = engine.clone();
     let state = HttpState {
         engine,
-        gitlab_secret: config.gitlab_secret.clone(),
+        webhook_secrets: config.webhook_secrets.clone(),
         admin_token: config.admin_token.clone(),
         metrics,
     };

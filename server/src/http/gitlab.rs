@@ -19,6 +19,7 @@ use super::HttpState;
 use crate::engine::{Fact, FactKind, Recording};
 use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
 use crate::gitlab::parse_gitlab_time;
+use crate::trust::{Claimed, check_pipeline_id, check_time};
 
 /// Leaves GitLab's 10 s budget some slack for the network.
 const RECORD_DEADLINE: Duration = Duration::from_secs(8);
@@ -27,6 +28,24 @@ const RECORD_DEADLINE: Duration = Duration::from_secs(8);
 struct Project {
     id: Option<u64>,
     path_with_namespace: Option<String>,
+}
+
+/// The project a delivery names, read before anything else to pick its secret.
+#[derive(Deserialize)]
+struct ProjectClaim {
+    project: Option<Project>,
+    project_id: Option<u64>,
+}
+
+impl ProjectClaim {
+    fn claimed(&self) -> Option<Claimed<'_>> {
+        let path = self
+            .project
+            .as_ref()
+            .and_then(|p| p.path_with_namespace.as_deref());
+        let id = self.project.as_ref().and_then(|p| p.id).or(self.project_id);
+        (path.is_some() || id.is_some()).then_some(Claimed { path, id })
+    }
 }
 
 #[derive(Deserialize)]
@@ -117,32 +136,29 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Handles one delivery.
 pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(secret) = &state.gitlab_secret else {
+    if !state.webhook_secrets.enabled() {
         state.metrics.webhook("unknown", "disabled");
         return answer(
             StatusCode::NOT_FOUND,
             "rejected",
-            "GitLab webhooks are not enabled: set webhooks.gitlab.secret_token",
+            "GitLab webhooks are not enabled: set webhooks.gitlab.secret_token or projects",
+        );
+    }
+    let Some(token) = header(&headers, "x-gitlab-token") else {
+        state.metrics.webhook("unknown", "unauthorized");
+        return answer(
+            StatusCode::UNAUTHORIZED,
+            "rejected",
+            "missing X-Gitlab-Token header",
         );
     };
-    match header(&headers, "x-gitlab-token") {
-        Some(token) if secret.matches(token) => {}
-        Some(_) => {
-            state.metrics.webhook("unknown", "unauthorized");
-            return answer(
-                StatusCode::UNAUTHORIZED,
-                "rejected",
-                "X-Gitlab-Token does not match the configured secret",
-            );
-        }
-        None => {
-            state.metrics.webhook("unknown", "unauthorized");
-            return answer(
-                StatusCode::UNAUTHORIZED,
-                "rejected",
-                "missing X-Gitlab-Token header",
-            );
-        }
+    // The secret depends on the project the body names, so the body is read (not trusted)
+    // before the token is checked.
+    let claim = serde_json::from_slice::<ProjectClaim>(&body).ok();
+    let claimed = claim.as_ref().and_then(ProjectClaim::claimed);
+    if let Err(refused) = state.webhook_secrets.check(claimed, token) {
+        state.metrics.webhook("unknown", "unauthorized");
+        return answer(StatusCode::UNAUTHORIZED, "rejected", refused.to_string());
     }
     let Some(event) = header(&headers, "x-gitlab-event") else {
         state.metrics.webhook("unknown", "malformed");
@@ -161,7 +177,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
     };
     let fact = match event {
         "Push Hook" => parse_push(&body),
-        "Pipeline Hook" => parse_pipeline(&body),
+        "Pipeline Hook" => parse_pipeline(&body, crate::clock::now_ms()),
         _ => Ok(Err(format!("{event} events are not used"))),
     };
     let fact = match fact {
@@ -240,7 +256,7 @@ fn parse_push(body: &[u8]) -> Parsed {
     }))
 }
 
-fn parse_pipeline(body: &[u8]) -> Parsed {
+fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
     let hook: PipelineHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     let hook_builds = hook.builds;
     let attrs = hook.object_attributes;
@@ -254,6 +270,15 @@ fn parse_pipeline(body: &[u8]) -> Parsed {
     let status = PipelineStatus::parse(&attrs.status)
         .map_err(|e| format!("object_attributes.status: {e}"))?;
     let (path, id) = project_of(hook.project.as_ref(), None)?;
+    check_pipeline_id(attrs.id).map_err(|e| format!("object_attributes.id: {e}"))?;
+    let finished_at = attrs.finished_at.as_deref().and_then(parse_gitlab_time);
+    if let Some(at) = finished_at {
+        check_time("object_attributes.finished_at", at, now_ms).map_err(|e| e.to_string())?;
+    }
+    let activity = latest_activity(&hook_builds);
+    if let Some(at) = activity {
+        check_time("builds[].*_at", at, now_ms).map_err(|e| e.to_string())?;
+    }
     let branch = attrs
         .git_ref
         .strip_prefix("refs/heads/")
@@ -264,9 +289,9 @@ fn parse_pipeline(body: &[u8]) -> Parsed {
         status,
         source: attrs.source.unwrap_or_default(),
         as_of_ms: if status.is_final() {
-            attrs.finished_at.as_deref().and_then(parse_gitlab_time)
+            finished_at
         } else {
-            latest_activity(&hook_builds)
+            activity
         },
         passed_stages: passed_stages(&hook_builds),
     };
@@ -294,12 +319,15 @@ fn project_of(
 mod tests {
     use super::*;
 
+    /// 2026-12-01, a fixed "now" for the plausibility bounds.
+    const NOW: i64 = 1_796_083_200_000;
+
     #[test]
     fn tag_pushes_and_tag_pipelines_are_not_acted_on() {
         let push = br#"{"ref":"refs/tags/v1","before":"0000000000000000000000000000000000000000","after":"1111111111111111111111111111111111111111","project":{"id":1}}"#;
         assert!(matches!(parse_push(push), Ok(Err(_))));
         let pipeline = br#"{"object_attributes":{"id":1,"ref":"v1","tag":true,"sha":"1111111111111111111111111111111111111111","status":"success"},"project":{"id":1}}"#;
-        assert!(matches!(parse_pipeline(pipeline), Ok(Err(_))));
+        assert!(matches!(parse_pipeline(pipeline, NOW), Ok(Err(_))));
     }
 
     #[test]
@@ -308,11 +336,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.contains("after"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#)
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#, NOW)
             .err()
             .unwrap();
         assert!(err.contains("missing field"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#).err().unwrap();
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#, NOW).err().unwrap();
         assert!(err.contains("exploded"), "{err}");
     }
 
@@ -321,7 +349,7 @@ mod tests {
         let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"running"},"project":{"id":1},
             "builds":[{"stage":"test","status":"success"},{"stage":"test","status":"failed","allow_failure":true},
                       {"stage":"lint","status":"success"},{"stage":"lint","status":"running"},{"stage":"deploy","status":"created"}]}"#;
-        let fact = parse_pipeline(body).unwrap().unwrap();
+        let fact = parse_pipeline(body, NOW).unwrap().unwrap();
         let FactKind::Pipeline { pipeline, .. } = fact.kind else {
             panic!("not a pipeline")
         };
