@@ -673,3 +673,116 @@ async fn a_failing_gitlab_api_never_stops_webhook_deploys() -> anyhow::Result<()
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), x);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greenlights_own_statuses_never_promote_a_commit() -> anyhow::Result<()> {
+    let w = world("", Some("    gate: { mode: immediate }\n")).await?;
+    let hook_url = format!("http://{}/webhooks/gitlab", w.server.http);
+    w.gitlab.set_webhook(&hook_url, GITLAB_SECRET);
+    let x = w.repo.commit(
+        &[("app.yaml", configmap("settings", "untested").as_bytes())],
+        &[],
+    )?;
+    let mut prod = w.server.stream("prod").await?;
+    let _staging = AgentProcess::start(&w.server, "staging", w.kube.client(), "replica-s");
+
+    // Staging deploys the untested commit at once and reports it healthy; its statuses
+    // (posted without a pipeline, as none opened its gate) make GitLab create an external
+    // pipeline that succeeds, and every change of it reaches the server as a Pipeline Hook.
+    assert_eq!(w.server.push("main", ZERO, &x).await?, 200);
+    w.server.reported("staging", &x, Phase::Healthy).await?;
+    let hooks = eventually("a green external pipeline announced", || async {
+        let hooks = w.gitlab.hooks();
+        let green = hooks.iter().any(|h| {
+            h.body["object_attributes"]["status"] == "success"
+                && h.body["object_attributes"]["source"] == "external"
+        });
+        Ok(green.then_some(hooks))
+    })
+    .await?;
+    let external = w.gitlab.pipelines_for(PROJECT, &x);
+    assert_eq!(external.len(), 1, "{external:?}");
+    assert_eq!(external[0]["source"], "external");
+    assert_eq!(external[0]["status"], "success");
+    for hook in &hooks {
+        assert_eq!(
+            (hook.answered, hook.outcome.as_str()),
+            (200, "ignored"),
+            "{hook:?}"
+        );
+    }
+
+    // Prod, gated on pipelines, is not promoted by it.
+    no_revision(&mut prod, QUIET).await?;
+    let status = w.server.agent_status("prod").await?;
+    assert_eq!(status.desired, None, "{status:?}");
+
+    // The commit's real pipeline promotes it, and prod's statuses join that pipeline.
+    w.gitlab.add_pipeline(
+        PROJECT,
+        json!({
+            "id": 200_000, "sha": x, "ref": "main", "status": "success", "source": "push",
+            "builds": [{ "name": "test", "stage": "test", "status": "success" }],
+        }),
+    );
+    assert_eq!(
+        w.server
+            .pipeline("main", &x, 200_000, "success", "push")
+            .await?,
+        200
+    );
+    let revision = next_revision(&mut prod, SOON).await?;
+    assert_eq!(revision.sha(), x);
+    let posted = eventually("prod's pending status", || async {
+        Ok(w.gitlab
+            .status_attempts(&x)
+            .into_iter()
+            .find(|r| r.form_field("name") == Some("greenlight/prod")))
+    })
+    .await?;
+    assert_eq!(posted.form_field("pipeline_id"), Some("200000"));
+    assert_eq!(posted.form_field("ref"), Some("main"));
+    let staging_posts: Vec<_> = w
+        .gitlab
+        .status_attempts(&x)
+        .into_iter()
+        .filter(|r| r.form_field("name") == Some("greenlight/staging"))
+        .collect();
+    assert!(
+        staging_posts
+            .iter()
+            .all(|r| r.form_field("pipeline_id").is_none() && r.form_field("ref") == Some("main")),
+        "{staging_posts:?}"
+    );
+    // That status turned the real pipeline running on GitLab; the verdict ignores it.
+    eventually("the hook of prod's status on pipeline 200000", || async {
+        Ok(w.gitlab
+            .hooks()
+            .into_iter()
+            .find(|h| h.body["object_attributes"]["id"] == 200_000))
+    })
+    .await?;
+    let reference = w
+        .server
+        .admin()
+        .await?
+        .get_ref(greenlight::v1::GetRefRequest {
+            project: PROJECT.into(),
+            r#ref: "main".into(),
+        })
+        .await?
+        .into_inner();
+    let commit = reference
+        .commits
+        .iter()
+        .find(|c| c.sha == x)
+        .ok_or_else(|| anyhow::anyhow!("commit missing: {reference:?}"))?;
+    assert!(
+        commit
+            .pipelines
+            .iter()
+            .all(|p| p.id == 200_000 && p.status() == greenlight::v1::PipelineStatus::Success),
+        "{commit:?}"
+    );
+    Ok(())
+}

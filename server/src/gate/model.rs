@@ -156,6 +156,9 @@ impl fmt::Display for PipelineStatus {
 
 /// The GitLab pipeline source of merge request pipelines, which never open the gate.
 pub const MERGE_REQUEST_SOURCE: &str = "merge_request_event";
+/// The source of pipelines GitLab creates for commit statuses posted on a commit without a
+/// pipeline: Greenlight's own statuses make them, so they never open the gate.
+pub const EXTERNAL_SOURCE: &str = "external";
 
 /// One pipeline run for a commit on this ref.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,7 +195,7 @@ impl Pipeline {
 
     /// Whether this pipeline's result may open the gate for a branch.
     pub fn counts_for_branch(&self) -> bool {
-        self.source != MERGE_REQUEST_SOURCE
+        self.source != MERGE_REQUEST_SOURCE && self.source != EXTERNAL_SOURCE
     }
 }
 
@@ -551,6 +554,17 @@ mod tests {
         let mut mr = pipeline(9, PipelineStatus::Success);
         mr.source = MERGE_REQUEST_SOURCE.into();
         state.record_pipeline(&sha(1), mr);
+        assert_eq!(state.verdict(&sha(1)).unwrap().id, 8);
+    }
+
+    #[test]
+    fn external_pipelines_made_by_commit_statuses_are_no_verdict() {
+        let mut state = RefState::default();
+        let mut external = pipeline(9, PipelineStatus::Success);
+        external.source = EXTERNAL_SOURCE.into();
+        state.record_pipeline(&sha(1), external);
+        assert_eq!(state.verdict(&sha(1)), None);
+        state.record_pipeline(&sha(1), pipeline(8, PipelineStatus::Failed));
         assert_eq!(state.verdict(&sha(1)).unwrap().id, 8);
     }
 

@@ -42,6 +42,11 @@ pub struct CommitStatus {
     pub name: String,
     pub description: String,
     pub target_url: Option<String>,
+    /// The pipeline that opened the gate: the status joins it as an external job instead of
+    /// making GitLab create an `external` pipeline.
+    pub pipeline_id: Option<u64>,
+    /// The branch, so GitLab files the status under the ref the agent watches.
+    pub git_ref: Option<String>,
 }
 
 /// A pipeline as `GET /projects/:id/pipelines` lists it.
@@ -144,6 +149,12 @@ impl GitLab {
         ];
         if let Some(target) = &status.target_url {
             form.push(("target_url", target.clone()));
+        }
+        if let Some(id) = status.pipeline_id {
+            form.push(("pipeline_id", id.to_string()));
+        }
+        if let Some(git_ref) = &status.git_ref {
+            form.push(("ref", git_ref.clone()));
         }
         self.send(self.http.post(url).form(&form)).await?;
         Ok(())

@@ -9,4 +9,4 @@ pub use api::{
     ApiPipeline, CommitStatus, GitLab, GitLabError, MAX_DESCRIPTION, parse_gitlab_time, truncate,
 };
 pub use catch_up::{catch_up_once, run_catch_up};
-pub use statuses::{StatusPublisher, status_for};
+pub use statuses::{CONTEXT_PREFIX, StatusPublisher, status_for};

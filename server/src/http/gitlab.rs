@@ -17,8 +17,8 @@ use tracing::{info, warn};
 
 use super::HttpState;
 use crate::engine::{Fact, FactKind, Recording};
-use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
-use crate::gitlab::parse_gitlab_time;
+use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha};
+use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
 use crate::trust::{Claimed, check_pipeline_id, check_time};
 
 /// Leaves GitLab's 10 s budget some slack for the network.
@@ -68,6 +68,9 @@ struct PipelineHook {
 
 #[derive(Deserialize)]
 struct Build {
+    /// The job name; commit statuses appear as jobs named by their context.
+    #[serde(default)]
+    name: String,
     stage: String,
     status: String,
     #[serde(default)]
@@ -87,6 +90,51 @@ fn latest_activity(builds: &[Build]) -> Option<i64> {
         .flat_map(|b| [&b.created_at, &b.started_at, &b.finished_at])
         .filter_map(|t| t.as_deref().and_then(parse_gitlab_time))
         .max()
+}
+
+/// The latest job finish: when a result recomputed from the jobs became true.
+fn latest_finish(builds: &[Build]) -> Option<i64> {
+    builds
+        .iter()
+        .filter_map(|b| b.finished_at.as_deref().and_then(parse_gitlab_time))
+        .max()
+}
+
+/// GitLab's status of a pipeline made of `builds`, recomputed once Greenlight's own jobs are
+/// left out; `None` when no job is left.
+fn aggregate(builds: &[Build]) -> Option<PipelineStatus> {
+    use PipelineStatus as S;
+    let jobs: Vec<(S, bool)> = builds
+        .iter()
+        .filter_map(|b| Some((S::parse(&b.status).ok()?, b.allow_failure)))
+        .collect();
+    if jobs.is_empty() {
+        return None;
+    }
+    let waiting = |s: &S| matches!(s, S::Manual | S::Scheduled);
+    // Optional manual jobs do not hold a pipeline back, as on GitLab.
+    let counted: Vec<S> = jobs
+        .iter()
+        .filter(|(s, optional)| !(*optional && waiting(s)))
+        .map(|(s, _)| *s)
+        .collect();
+    let failed = jobs
+        .iter()
+        .any(|(s, optional)| *s == S::Failed && !optional);
+    let status = if counted.iter().any(|s| !s.is_final() && !waiting(s)) {
+        S::Running
+    } else if let Some(held) = counted.iter().find(|s| waiting(s)) {
+        *held
+    } else if failed {
+        S::Failed
+    } else if counted.contains(&S::Canceled) {
+        S::Canceled
+    } else if !counted.is_empty() && counted.iter().all(|s| *s == S::Skipped) {
+        S::Skipped
+    } else {
+        S::Success
+    };
+    Some(status)
 }
 
 /// Stages every job of which succeeded (or may fail): what `gate.stages` waits for.
@@ -258,7 +306,6 @@ fn parse_push(body: &[u8]) -> Parsed {
 
 fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
     let hook: PipelineHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    let hook_builds = hook.builds;
     let attrs = hook.object_attributes;
     if attrs.tag {
         return Ok(Err(format!(
@@ -275,10 +322,44 @@ fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
     if let Some(at) = finished_at {
         check_time("object_attributes.finished_at", at, now_ms).map_err(|e| e.to_string())?;
     }
-    let activity = latest_activity(&hook_builds);
-    if let Some(at) = activity {
+    if let Some(at) = latest_activity(&hook.builds) {
         check_time("builds[].*_at", at, now_ms).map_err(|e| e.to_string())?;
     }
+    let source = attrs.source.unwrap_or_default();
+    if source == EXTERNAL_SOURCE {
+        return Ok(Err(format!(
+            "pipeline {} is external (made by commit statuses) and never opens a gate",
+            attrs.id
+        )));
+    }
+    // Greenlight's own statuses join the gate's pipeline as jobs and change its status: a
+    // failed deploy on staging must not turn the pipeline red for prod, nor a "running"
+    // deploy make a finished pipeline look unfinished.
+    let (own, builds): (Vec<Build>, Vec<Build>) = hook
+        .builds
+        .into_iter()
+        .partition(|b| b.name.starts_with(CONTEXT_PREFIX));
+    let (status, as_of_ms) = if own.is_empty() {
+        let as_of = if status.is_final() {
+            finished_at
+        } else {
+            latest_activity(&builds)
+        };
+        (status, as_of)
+    } else {
+        let Some(status) = aggregate(&builds) else {
+            return Ok(Err(format!(
+                "pipeline {} holds only Greenlight's own statuses",
+                attrs.id
+            )));
+        };
+        let as_of = if status.is_final() {
+            latest_finish(&builds)
+        } else {
+            latest_activity(&builds)
+        };
+        (status, as_of)
+    };
     let branch = attrs
         .git_ref
         .strip_prefix("refs/heads/")
@@ -287,13 +368,9 @@ fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
     let pipeline = Pipeline {
         id: attrs.id,
         status,
-        source: attrs.source.unwrap_or_default(),
-        as_of_ms: if status.is_final() {
-            finished_at
-        } else {
-            activity
-        },
-        passed_stages: passed_stages(&hook_builds),
+        source,
+        as_of_ms,
+        passed_stages: passed_stages(&builds),
     };
     Ok(Ok(Fact {
         project_path: path,
@@ -354,6 +431,89 @@ mod tests {
             panic!("not a pipeline")
         };
         assert_eq!(pipeline.passed_stages, ["test"]);
+    }
+
+    fn pipeline_of(body: &[u8]) -> Option<Pipeline> {
+        match parse_pipeline(body, NOW) {
+            Ok(Ok(Fact {
+                kind: FactKind::Pipeline { pipeline, .. },
+                ..
+            })) => Some(pipeline),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn greenlights_own_jobs_do_not_change_the_verdict() {
+        // Staging's failed deploy, posted on the pipeline that opened the gate.
+        let failed = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push","finished_at":"2026-11-26 10:05:00 UTC"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success","finished_at":"2026-11-26 10:01:00 UTC"},
+                      {"name":"greenlight/staging","stage":"external","status":"failed","finished_at":"2026-11-26 10:05:00 UTC"}]}"#;
+        let pipeline = pipeline_of(failed).unwrap();
+        assert_eq!(pipeline.status, PipelineStatus::Success);
+        assert_eq!(
+            pipeline.as_of_ms,
+            parse_gitlab_time("2026-11-26 10:01:00 UTC")
+        );
+        assert_eq!(pipeline.passed_stages, ["test"]);
+        // A deploy still running does not make the finished pipeline look unfinished.
+        let running = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"running","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/staging","stage":"external","status":"running","started_at":"2026-11-26 10:06:00 UTC"}]}"#;
+        assert_eq!(
+            pipeline_of(running).unwrap().status,
+            PipelineStatus::Success
+        );
+        // Real jobs still decide.
+        let red = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"failed"},{"name":"lint","stage":"test","status":"failed","allow_failure":true},{"name":"greenlight/prod","stage":"external","status":"success"}]}"#;
+        assert_eq!(pipeline_of(red).unwrap().status, PipelineStatus::Failed);
+        // A pipeline of nothing but our statuses, or made by them, is no verdict at all.
+        let only_ours = br#"{"object_attributes":{"id":8,"ref":"main","sha":"1111111","status":"success","source":"push"},"project":{"id":1},
+            "builds":[{"name":"greenlight/staging","stage":"external","status":"success"}]}"#;
+        assert!(matches!(parse_pipeline(only_ours, NOW), Ok(Err(_))));
+        let external = br#"{"object_attributes":{"id":9,"ref":"main","sha":"1111111","status":"success","source":"external"},"project":{"id":1}}"#;
+        assert!(matches!(parse_pipeline(external, NOW), Ok(Err(_))));
+    }
+
+    #[test]
+    fn aggregate_follows_gitlab() {
+        let build = |status: &str, allow_failure: bool| Build {
+            name: "job".into(),
+            stage: "test".into(),
+            status: status.into(),
+            allow_failure,
+            created_at: None,
+            started_at: None,
+            finished_at: None,
+        };
+        let of = |builds: &[Build]| aggregate(builds);
+        use PipelineStatus as S;
+        assert_eq!(of(&[]), None);
+        assert_eq!(
+            of(&[build("success", false), build("pending", false)]),
+            Some(S::Running)
+        );
+        assert_eq!(
+            of(&[build("success", false), build("manual", true)]),
+            Some(S::Success)
+        );
+        assert_eq!(
+            of(&[build("success", false), build("manual", false)]),
+            Some(S::Manual)
+        );
+        assert_eq!(
+            of(&[build("failed", true), build("success", false)]),
+            Some(S::Success)
+        );
+        assert_eq!(
+            of(&[build("canceled", false), build("success", false)]),
+            Some(S::Canceled)
+        );
+        assert_eq!(of(&[build("skipped", false)]), Some(S::Skipped));
+        assert_eq!(
+            of(&[build("skipped", false), build("success", false)]),
+            Some(S::Success)
+        );
     }
 
     #[test]
