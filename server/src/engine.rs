@@ -53,6 +53,10 @@ pub enum EngineError {
     UnknownAgent(String),
     #[error("too many concurrent updates of {0}; try again")]
     Contention(RefKey),
+    #[error(
+        "revision {sha} was never sent to agent {agent}; reports are accepted only for revisions the server sent"
+    )]
+    NotSent { agent: String, sha: Sha },
 }
 
 /// A fact about a ref, from a webhook or the ingest API.
@@ -844,8 +848,20 @@ impl Engine {
         }
     }
 
-    /// Keeps `report` for `agent` and announces it.
-    pub async fn report(&self, agent: &str, report: Vec<u8>) -> Result<(), EngineError> {
+    /// Keeps `report` (about `revision`) for `agent` and announces it, if the server ever
+    /// sent the agent that revision: a report becomes a commit status and a `wait` result.
+    pub async fn report(
+        &self,
+        agent: &str,
+        revision: &Sha,
+        report: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        if !self.gate_of(agent).await?.was_told(revision) {
+            return Err(EngineError::NotSent {
+                agent: agent.to_owned(),
+                sha: revision.clone(),
+            });
+        }
         self.store
             .push_report(agent, &report, REPORT_HISTORY)
             .await?;

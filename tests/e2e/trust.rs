@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use anyhow::bail;
 use greenlight::digest::sha256_hex;
-use greenlight::v1::{PipelineStatus, RecordPipelineRequest, RecordPushRequest};
+use greenlight::v1::{
+    Phase, PipelineStatus, RecordPipelineRequest, RecordPushRequest, StatusReport,
+};
+use greenlight_agent::client::ClientError;
 use greenlight_e2e::*;
 use serde_json::Value;
 use tonic::Code;
@@ -249,5 +252,42 @@ async fn scoped_ingest_token_is_refused_for_other_projects() -> anyhow::Result<(
     unscoped.record_push(push(PROD_PROJECT)).await?;
     unscoped.record_pipeline(pipeline(PROD_PROJECT)).await?;
     assert_eq!(desired(&server, "prod").await?, Some(x));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_on_a_revision_never_sent_is_refused() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let (untested, green) = (sha(0x51), sha(0x52));
+    let report = |revision: &str| StatusReport {
+        revision: revision.to_owned(),
+        phase: Phase::Healthy.into(),
+        message: "all good".into(),
+        ..Default::default()
+    };
+    let client = server.agent("dev").await?;
+    let mut stream = server.stream("dev").await?;
+    assert_eq!(server.push("main", ZERO, &untested).await?, 200);
+    for never_sent in [&untested, &green] {
+        match client.report(report(never_sent)).await {
+            Err(ClientError::Status(status)) if status.code() == Code::FailedPrecondition => {
+                assert!(
+                    status.message().contains(never_sent.as_str()),
+                    "{}",
+                    status.message()
+                );
+            }
+            other => bail!("a report on {never_sent} must be refused, got {other:?}"),
+        }
+    }
+    assert_eq!(server.last_report("dev").await?, None);
+
+    // The revision the server sends is reportable.
+    server.release(&untested, &green, 3).await?;
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), green);
+    client.report(report(&green)).await?;
+    let last = server.last_report("dev").await?;
+    assert_eq!(last.map(|r| r.revision), Some(green));
     Ok(())
 }

@@ -33,7 +33,9 @@ impl From<EngineError> for Status {
             EngineError::Gate(GateError::AbbreviatedPin(_) | GateError::AbbreviatedTrigger(_)) => {
                 Status::invalid_argument(message)
             }
-            EngineError::Gate(_) => Status::failed_precondition(message),
+            EngineError::Gate(_) | EngineError::NotSent { .. } => {
+                Status::failed_precondition(message)
+            }
         }
     }
 }
