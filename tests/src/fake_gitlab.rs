@@ -137,14 +137,21 @@ impl FakeGitLab {
         self.lock().webhook = Some((url.to_owned(), secret.to_owned()));
     }
 
-    /// Adds a pipeline of `project` (id, sha, ref, status, source, builds[] of name, stage,
-    /// status), newer than those before.
-    pub fn add_pipeline(&self, project: &str, pipeline: Value) {
-        self.lock()
-            .pipelines
-            .entry(project.to_owned())
-            .or_default()
-            .insert(0, pipeline);
+    /// Sets pipeline `pipeline["id"]` of `project` (id, sha, ref, status, source, builds[] of
+    /// name, stage, status): a new one is the newest; an existing one keeps its jobs unless
+    /// `pipeline` names some.
+    pub fn put_pipeline(&self, project: &str, mut pipeline: Value) {
+        let mut inner = self.lock();
+        let pipelines = inner.pipelines.entry(project.to_owned()).or_default();
+        match pipelines.iter_mut().find(|p| p["id"] == pipeline["id"]) {
+            Some(existing) => {
+                if pipeline.get("builds").is_none() {
+                    pipeline["builds"] = existing["builds"].clone();
+                }
+                *existing = pipeline;
+            }
+            None => pipelines.insert(0, pipeline),
+        }
     }
 
     /// The pipelines of `project` whose sha is `sha`, newest first.

@@ -199,6 +199,18 @@ impl Pipeline {
     }
 }
 
+/// Rejected pipeline claims kept per ref, for operators.
+pub const MAX_REJECTED: usize = 20;
+
+/// A pipeline claim that was not recorded because GitLab's API contradicts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub sha: Sha,
+    pub pipeline_id: u64,
+    pub reason: String,
+    pub at_ms: i64,
+}
+
 /// A head the branch pointed to, in the order pushes were recorded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Head {
@@ -240,6 +252,9 @@ pub struct RefState {
     /// Whether the branch is deleted.
     #[serde(default)]
     pub deleted: bool,
+    /// Claims refused after checking with GitLab, oldest first.
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
 }
 
 impl RefState {
@@ -335,6 +350,15 @@ impl RefState {
         };
         self.trim();
         outcome
+    }
+
+    /// Keeps `rejected` for operators; the oldest are forgotten.
+    pub fn reject(&mut self, rejected: Rejected) {
+        self.rejected.push(rejected);
+        if self.rejected.len() > MAX_REJECTED {
+            let excess = self.rejected.len() - MAX_REJECTED;
+            self.rejected.drain(..excess);
+        }
     }
 
     /// The pipeline that is the commit's verdict for the branch: the one with the highest id.

@@ -174,6 +174,20 @@ impl GitLab {
         }
     }
 
+    /// Pipeline `id` of `project`, `None` when GitLab has no such pipeline.
+    pub async fn pipeline(
+        &self,
+        project: &str,
+        id: u64,
+    ) -> Result<Option<ApiPipeline>, GitLabError> {
+        let url = self.url(project, &["pipelines", &id.to_string()])?;
+        match self.send(self.http.get(url)).await {
+            Ok(response) => Ok(Some(response.json().await?)),
+            Err(GitLabError::Status { status: 404, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
     /// The newest pipelines of `branch` of `project`, newest first.
     pub async fn pipelines(
         &self,

@@ -6,7 +6,7 @@ use greenlight::v1::{self, ingest_service_server::IngestService};
 use tonic::{Request, Response, Status};
 
 use super::{bearer, status_from_proto};
-use crate::engine::{Engine, Fact, FactKind, Recording};
+use crate::engine::{Engine, Fact, FactKind, Origin, Recording};
 use crate::gate::{Pipeline, Push, Sha};
 use crate::trust::{IngestToken, authorize_ingest, check_pipeline_id, check_time};
 
@@ -47,6 +47,7 @@ impl IngestApi {
             Recording::Unchanged => "unchanged".to_owned(),
             Recording::Duplicate => "duplicate".to_owned(),
             Recording::Ignored(why) => format!("ignored: {why}"),
+            Recording::Contradicted(why) => format!("contradicted: {why}"),
         };
         Ok(Response::new(v1::RecordResponse { outcome }))
     }
@@ -102,6 +103,7 @@ impl IngestService for IngestApi {
             at_ms: crate::clock::now_ms(),
         };
         let fact = Fact {
+            origin: Origin::Ingest,
             project_path,
             project_id,
             branch: branch(&request.r#ref)?,
@@ -138,6 +140,7 @@ impl IngestService for IngestApi {
             passed_stages: request.passed_stages.clone(),
         };
         let fact = Fact {
+            origin: Origin::Ingest,
             project_path,
             project_id,
             branch: branch(&request.r#ref)?,

@@ -16,7 +16,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::HttpState;
-use crate::engine::{Fact, FactKind, Recording};
+use crate::engine::{Fact, FactKind, Origin, Recording};
 use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha};
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
 use crate::trust::{Claimed, check_pipeline_id, check_time};
@@ -253,6 +253,8 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
             "this delivery was recorded before".to_owned(),
         ),
         Ok(Ok(Recording::Ignored(why))) => (StatusCode::OK, "ignored", why),
+        // Authenticated and recorded as rejected: a 4xx would get the hook disabled.
+        Ok(Ok(Recording::Contradicted(why))) => (StatusCode::OK, "contradicted", why),
         Ok(Err(error)) => {
             warn!(%error, event, "cannot record webhook");
             (
@@ -293,6 +295,7 @@ fn parse_push(body: &[u8]) -> Parsed {
     };
     let (path, id) = project_of(hook.project.as_ref(), hook.project_id)?;
     Ok(Ok(Fact {
+        origin: Origin::GitLabHook,
         project_path: path,
         project_id: id,
         branch: branch.to_owned(),
@@ -373,6 +376,7 @@ fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
         passed_stages: passed_stages(&builds),
     };
     Ok(Ok(Fact {
+        origin: Origin::GitLabHook,
         project_path: path,
         project_id: id,
         branch,
