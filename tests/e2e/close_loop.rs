@@ -886,3 +886,52 @@ async fn a_pipeline_gitlab_contradicts_does_not_open_the_gate() -> anyhow::Resul
     assert_eq!(asked(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_running_on_gitlab_only_because_of_our_status_is_confirmed() -> anyhow::Result<()>
+{
+    let w = world("", Some("    gate: { mode: immediate }\n")).await?;
+    let x = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "x").as_bytes())], &[])?;
+    let mut prod = w.server.stream("prod").await?;
+    let test_job = |status: &str| json!({ "name": "test", "stage": "test", "status": status });
+    w.gitlab.put_pipeline(
+        PROJECT,
+        json!({ "id": 300_000, "sha": x, "ref": "main", "status": "running", "source": "push",
+                "builds": [test_job("running")] }),
+    );
+    // Staging deploys at once; its pending status joins the running pipeline.
+    assert_eq!(w.server.push("main", ZERO, &x).await?, 200);
+    eventually("staging's status on the pipeline", || async {
+        let pipelines = w.gitlab.pipelines_for(PROJECT, &x);
+        let joined = pipelines.first().is_some_and(|p| {
+            p["builds"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|j| j["name"] == "greenlight/staging"))
+        });
+        Ok(joined.then_some(()))
+    })
+    .await?;
+
+    // The tests pass; GitLab still calls the pipeline running, for staging's status alone.
+    let mut pipeline = w.gitlab.pipelines_for(PROJECT, &x).remove(0);
+    if let Some(test) = pipeline["builds"]
+        .as_array_mut()
+        .and_then(|builds| builds.iter_mut().find(|b| b["name"] == "test"))
+    {
+        *test = test_job("success");
+    }
+    w.gitlab.put_pipeline(PROJECT, pipeline.clone());
+    let mut hook = pipeline_payload(PROJECT, "main", &x, 300_000, "running", "push");
+    hook["builds"] = pipeline["builds"].clone();
+    let (status, body) = w.server.hook("Pipeline Hook", &hook, None).await?;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("recorded")),
+        "{body}"
+    );
+    assert_eq!(next_revision(&mut prod, SOON).await?.sha(), x);
+    assert!(main_ref(&w.server).await?.rejected.is_empty());
+    Ok(())
+}

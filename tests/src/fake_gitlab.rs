@@ -276,6 +276,17 @@ async fn send_hooks(
     }
 }
 
+/// Pipeline `id` (as written in the URL) of `project`.
+fn find_pipeline(state: &Inner, project: &str, id: &str) -> Option<Value> {
+    state
+        .pipelines
+        .get(project)
+        .into_iter()
+        .flatten()
+        .find(|p| p["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(id))
+        .cloned()
+}
+
 /// A pipeline's status from its jobs, as GitLab aggregates them.
 fn aggregate(jobs: &[Value]) -> &'static str {
     let statuses: Vec<(&str, bool)> = jobs
@@ -531,14 +542,27 @@ async fn handle(
                     .collect();
                 json_response(StatusCode::OK, Value::Array(list))
             }
+            (&Method::GET, Some(project), [pipelines, id, jobs])
+                if pipelines == "pipelines" && jobs == "jobs" =>
+            {
+                let found = find_pipeline(&state, project, id);
+                match found {
+                    // Commit statuses (stage `external` here) are not CI jobs.
+                    Some(pipeline) => {
+                        let jobs: Vec<Value> = pipeline["builds"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|b| b["stage"] != "external")
+                            .cloned()
+                            .collect();
+                        json_response(StatusCode::OK, Value::Array(jobs))
+                    }
+                    None => not_found("Pipeline"),
+                }
+            }
             (&Method::GET, Some(project), [pipelines, id]) if pipelines == "pipelines" => {
-                let found = state
-                    .pipelines
-                    .get(project)
-                    .into_iter()
-                    .flatten()
-                    .find(|p| p["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(id))
-                    .cloned();
+                let found = find_pipeline(&state, project, id);
                 match found {
                     Some(pipeline) => json_response(StatusCode::OK, pipeline),
                     None => not_found("Pipeline"),

@@ -12,5 +12,5 @@ pub use decide::{
 };
 pub use model::{
     EXTERNAL_SOURCE, InvalidSha, Lineage, MERGE_REQUEST_SOURCE, Pipeline, PipelineStatus, Push,
-    PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus,
+    PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus, aggregate_jobs,
 };

@@ -154,6 +154,39 @@ impl fmt::Display for PipelineStatus {
     }
 }
 
+/// GitLab's status of a pipeline from its jobs' (status, allow_failure); `None` without jobs.
+/// Used where the pipeline's own status counts jobs that must not count (our statuses).
+pub fn aggregate_jobs(jobs: &[(PipelineStatus, bool)]) -> Option<PipelineStatus> {
+    use PipelineStatus as S;
+    if jobs.is_empty() {
+        return None;
+    }
+    let waiting = |s: &S| matches!(s, S::Manual | S::Scheduled);
+    // Optional manual jobs do not hold a pipeline back, as on GitLab.
+    let counted: Vec<S> = jobs
+        .iter()
+        .filter(|(s, optional)| !(*optional && waiting(s)))
+        .map(|(s, _)| *s)
+        .collect();
+    let failed = jobs
+        .iter()
+        .any(|(s, optional)| *s == S::Failed && !optional);
+    let status = if counted.iter().any(|s| !s.is_final() && !waiting(s)) {
+        S::Running
+    } else if let Some(held) = counted.iter().find(|s| waiting(s)) {
+        *held
+    } else if failed {
+        S::Failed
+    } else if counted.contains(&S::Canceled) {
+        S::Canceled
+    } else if !counted.is_empty() && counted.iter().all(|s| *s == S::Skipped) {
+        S::Skipped
+    } else {
+        S::Success
+    };
+    Some(status)
+}
+
 /// The GitLab pipeline source of merge request pipelines, which never open the gate.
 pub const MERGE_REQUEST_SOURCE: &str = "merge_request_event";
 /// The source of pipelines GitLab creates for commit statuses posted on a commit without a
@@ -579,6 +612,38 @@ mod tests {
         mr.source = MERGE_REQUEST_SOURCE.into();
         state.record_pipeline(&sha(1), mr);
         assert_eq!(state.verdict(&sha(1)).unwrap().id, 8);
+    }
+
+    #[test]
+    fn aggregate_follows_gitlab() {
+        use PipelineStatus as S;
+        let of = |jobs: &[(S, bool)]| aggregate_jobs(jobs);
+        assert_eq!(of(&[]), None);
+        assert_eq!(
+            of(&[(S::Success, false), (S::Pending, false)]),
+            Some(S::Running)
+        );
+        assert_eq!(
+            of(&[(S::Success, false), (S::Manual, true)]),
+            Some(S::Success)
+        );
+        assert_eq!(
+            of(&[(S::Success, false), (S::Manual, false)]),
+            Some(S::Manual)
+        );
+        assert_eq!(
+            of(&[(S::Failed, true), (S::Success, false)]),
+            Some(S::Success)
+        );
+        assert_eq!(
+            of(&[(S::Canceled, false), (S::Success, false)]),
+            Some(S::Canceled)
+        );
+        assert_eq!(of(&[(S::Skipped, false)]), Some(S::Skipped));
+        assert_eq!(
+            of(&[(S::Skipped, false), (S::Success, false)]),
+            Some(S::Success)
+        );
     }
 
     #[test]

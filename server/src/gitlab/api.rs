@@ -63,6 +63,15 @@ pub struct ApiPipeline {
     pub updated_at: Option<String>,
 }
 
+/// A CI job as `GET /projects/:id/pipelines/:pipeline_id/jobs` lists it: commit statuses
+/// (ours among them) are not jobs, so the jobs tell the pipeline's status without them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiJob {
+    pub status: String,
+    #[serde(default)]
+    pub allow_failure: bool,
+}
+
 #[derive(Deserialize)]
 struct ApiBranch {
     commit: ApiCommit,
@@ -186,6 +195,13 @@ impl GitLab {
             Err(GitLabError::Status { status: 404, .. }) => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// The CI jobs of pipeline `id` of `project` (the first hundred, latest attempts).
+    pub async fn pipeline_jobs(&self, project: &str, id: u64) -> Result<Vec<ApiJob>, GitLabError> {
+        let mut url = self.url(project, &["pipelines", &id.to_string(), "jobs"])?;
+        url.query_pairs_mut().append_pair("per_page", "100");
+        Ok(self.send(self.http.get(url)).await?.json().await?)
     }
 
     /// The newest pipelines of `branch` of `project`, newest first.

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::HttpState;
 use crate::engine::{Fact, FactKind, Origin, Recording};
-use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha};
+use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
 use crate::trust::{Claimed, check_pipeline_id, check_time};
 
@@ -103,38 +103,11 @@ fn latest_finish(builds: &[Build]) -> Option<i64> {
 /// GitLab's status of a pipeline made of `builds`, recomputed once Greenlight's own jobs are
 /// left out; `None` when no job is left.
 fn aggregate(builds: &[Build]) -> Option<PipelineStatus> {
-    use PipelineStatus as S;
-    let jobs: Vec<(S, bool)> = builds
+    let jobs: Vec<(PipelineStatus, bool)> = builds
         .iter()
-        .filter_map(|b| Some((S::parse(&b.status).ok()?, b.allow_failure)))
+        .filter_map(|b| Some((PipelineStatus::parse(&b.status).ok()?, b.allow_failure)))
         .collect();
-    if jobs.is_empty() {
-        return None;
-    }
-    let waiting = |s: &S| matches!(s, S::Manual | S::Scheduled);
-    // Optional manual jobs do not hold a pipeline back, as on GitLab.
-    let counted: Vec<S> = jobs
-        .iter()
-        .filter(|(s, optional)| !(*optional && waiting(s)))
-        .map(|(s, _)| *s)
-        .collect();
-    let failed = jobs
-        .iter()
-        .any(|(s, optional)| *s == S::Failed && !optional);
-    let status = if counted.iter().any(|s| !s.is_final() && !waiting(s)) {
-        S::Running
-    } else if let Some(held) = counted.iter().find(|s| waiting(s)) {
-        *held
-    } else if failed {
-        S::Failed
-    } else if counted.contains(&S::Canceled) {
-        S::Canceled
-    } else if !counted.is_empty() && counted.iter().all(|s| *s == S::Skipped) {
-        S::Skipped
-    } else {
-        S::Success
-    };
-    Some(status)
+    aggregate_jobs(&jobs)
 }
 
 /// Stages every job of which succeeded (or may fail): what `gate.stages` waits for.
@@ -477,47 +450,6 @@ mod tests {
         assert!(matches!(parse_pipeline(only_ours, NOW), Ok(Err(_))));
         let external = br#"{"object_attributes":{"id":9,"ref":"main","sha":"1111111","status":"success","source":"external"},"project":{"id":1}}"#;
         assert!(matches!(parse_pipeline(external, NOW), Ok(Err(_))));
-    }
-
-    #[test]
-    fn aggregate_follows_gitlab() {
-        let build = |status: &str, allow_failure: bool| Build {
-            name: "job".into(),
-            stage: "test".into(),
-            status: status.into(),
-            allow_failure,
-            created_at: None,
-            started_at: None,
-            finished_at: None,
-        };
-        let of = |builds: &[Build]| aggregate(builds);
-        use PipelineStatus as S;
-        assert_eq!(of(&[]), None);
-        assert_eq!(
-            of(&[build("success", false), build("pending", false)]),
-            Some(S::Running)
-        );
-        assert_eq!(
-            of(&[build("success", false), build("manual", true)]),
-            Some(S::Success)
-        );
-        assert_eq!(
-            of(&[build("success", false), build("manual", false)]),
-            Some(S::Manual)
-        );
-        assert_eq!(
-            of(&[build("failed", true), build("success", false)]),
-            Some(S::Success)
-        );
-        assert_eq!(
-            of(&[build("canceled", false), build("success", false)]),
-            Some(S::Canceled)
-        );
-        assert_eq!(of(&[build("skipped", false)]), Some(S::Skipped));
-        assert_eq!(
-            of(&[build("skipped", false), build("success", false)]),
-            Some(S::Success)
-        );
     }
 
     #[test]
