@@ -156,7 +156,7 @@ impl StatusPublisher {
                 };
                 status.git_ref = Some(spec.branch.clone());
                 if status.pipeline_id.is_none() {
-                    status.pipeline_id = verdict_of(&self.engine, spec, &sha).await;
+                    status.pipeline_id = pipeline_of(&self.engine, spec, &sha).await;
                 }
                 let job = StatusJob {
                     project: spec.project.clone(),
@@ -173,13 +173,21 @@ impl StatusPublisher {
     }
 }
 
-/// The pipeline whose verdict `sha` has on `agent`'s ref: the one that let it through.
-/// `None` (an immediate or manual deploy of an untested commit, or an unreadable store)
-/// posts without one, and GitLab makes an `external` pipeline, which the gate ignores.
-async fn verdict_of(engine: &Engine, agent: &AgentSpec, sha: &str) -> Option<u64> {
+/// The pipeline a status on `sha` of `agent` belongs to: the one that let the agent's
+/// revision through, else the commit's verdict on the ref. `None` (an untested commit
+/// deployed in immediate or manual mode, or an unreadable store) posts without one, and
+/// GitLab makes an `external` pipeline, which the gate ignores.
+async fn pipeline_of(engine: &Engine, agent: &AgentSpec, sha: &str) -> Option<u64> {
     let sha = Sha::parse(sha).ok()?;
     let doc = engine.load(&ref_key(agent)).await.ok()?.value;
-    doc.refs.verdict(&sha).map(|p| p.id)
+    let opened = doc.agents.get(&agent.name).and_then(|gate| {
+        [&gate.desired, &gate.position]
+            .into_iter()
+            .flatten()
+            .find(|revision| revision.sha == sha)
+            .and_then(|revision| revision.pipeline_id)
+    });
+    opened.or_else(|| doc.refs.verdict(&sha).map(|p| p.id))
 }
 
 /// Posts jobs in order, each retried with backoff until it succeeds or cannot.
