@@ -1,6 +1,6 @@
 //! The server's configuration: the YAML file, validated into typed settings.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::gate::Mode;
 use crate::git::{GitSettings, Limits, RepoSource};
+use crate::trust::{IngestToken, WebhookSecrets};
 
 /// Webhook request bodies larger than this are refused unless configured otherwise.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -186,10 +187,11 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub redis: Option<RedisSettings>,
-    pub gitlab_secret: Option<Secret>,
+    pub webhook_secrets: WebhookSecrets,
     pub max_body_bytes: usize,
     pub admin_token: Option<TokenHash>,
-    pub ingest_token: Option<TokenHash>,
+    /// Ingest tokens; the unscoped `ingest.token_sha256` has no project list.
+    pub ingest_tokens: Vec<IngestToken>,
     pub agents: Vec<AgentSpec>,
     /// This replica's name in presence records.
     pub replica_id: String,
@@ -216,7 +218,7 @@ struct FileConfig {
     #[serde(default)]
     webhooks: WebhooksFile,
     admin: Option<TokenFile>,
-    ingest: Option<TokenFile>,
+    ingest: Option<IngestFile>,
     #[serde(default)]
     agents: Vec<AgentFile>,
     replica_id: Option<String>,
@@ -343,6 +345,30 @@ struct WebhooksFile {
 struct GitLabHookFile {
     secret_token: Option<String>,
     secret_token_file: Option<PathBuf>,
+    #[serde(default)]
+    projects: BTreeMap<ProjectFile, SecretFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFile {
+    secret_token: Option<String>,
+    secret_token_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IngestFile {
+    token_sha256: Option<String>,
+    #[serde(default)]
+    tokens: Vec<ScopedTokenFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopedTokenFile {
+    token_sha256: String,
+    projects: Vec<ProjectFile>,
 }
 
 #[derive(Deserialize)]
@@ -351,9 +377,23 @@ struct TokenFile {
     token_sha256: String,
 }
 
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
 enum ProjectFile {
     Path(String),
     Id(u64),
+}
+
+impl ProjectFile {
+    /// The project as the catalog keys it: an id as digits, a path without outer slashes.
+    fn normalized(self, key: &str) -> Result<String, ConfigError> {
+        match self {
+            ProjectFile::Id(id) => Ok(id.to_string()),
+            ProjectFile::Path(path) if path.trim().trim_matches('/').is_empty() => {
+                Err(invalid(key, "must not be empty"))
+            }
+            ProjectFile::Path(path) => Ok(path.trim().trim_matches('/').to_owned()),
+        }
+    }
 }
 
 impl<'de> Deserialize<'de> for ProjectFile {
@@ -499,41 +539,26 @@ impl Config {
                 Some(RedisSettings { url, key_prefix })
             }
         };
-        let gitlab_secret = match file.webhooks.gitlab {
+        let hooks = match file.webhooks.gitlab {
             None => None,
-            Some(GitLabHookFile {
-                secret_token: Some(_),
-                secret_token_file: Some(_),
-            }) => {
-                return Err(invalid(
-                    "webhooks.gitlab",
-                    "set secret_token or secret_token_file, not both",
-                ));
-            }
-            Some(GitLabHookFile {
-                secret_token: Some(token),
-                ..
-            }) => Some(non_empty_secret("webhooks.gitlab.secret_token", token)?),
-            Some(GitLabHookFile {
-                secret_token_file: Some(path),
-                ..
-            }) => {
-                let token = std::fs::read_to_string(&path).map_err(|e| {
-                    invalid(
-                        "webhooks.gitlab.secret_token_file",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                Some(non_empty_secret(
-                    "webhooks.gitlab.secret_token_file",
-                    token.trim().to_owned(),
-                )?)
-            }
-            Some(_) => {
-                return Err(invalid(
-                    "webhooks.gitlab",
-                    "needs secret_token or secret_token_file",
-                ));
+            Some(hook) => {
+                let global =
+                    read_secret("webhooks.gitlab", hook.secret_token, hook.secret_token_file)?;
+                let mut projects = BTreeMap::new();
+                for (project, secret) in hook.projects {
+                    let project = project.normalized("webhooks.gitlab.projects")?;
+                    let key = format!("webhooks.gitlab.projects.{project:?}");
+                    let secret = read_secret(&key, secret.secret_token, secret.secret_token_file)?
+                        .ok_or_else(|| invalid(&key, "needs secret_token or secret_token_file"))?;
+                    projects.insert(project, secret);
+                }
+                if global.is_none() && projects.is_empty() {
+                    return Err(invalid(
+                        "webhooks.gitlab",
+                        "needs secret_token, secret_token_file or projects",
+                    ));
+                }
+                Some((global, projects))
             }
         };
         let max_body_bytes = file
@@ -547,10 +572,34 @@ impl Config {
             .admin
             .map(|t| token_hash("admin.token_sha256", &t.token_sha256))
             .transpose()?;
-        let ingest_token = file
-            .ingest
-            .map(|t| token_hash("ingest.token_sha256", &t.token_sha256))
-            .transpose()?;
+        let mut ingest_tokens = Vec::new();
+        if let Some(ingest) = file.ingest {
+            if let Some(hash) = ingest.token_sha256 {
+                ingest_tokens.push(IngestToken {
+                    hash: token_hash("ingest.token_sha256", &hash)?,
+                    projects: None,
+                });
+            }
+            for (i, scoped) in ingest.tokens.into_iter().enumerate() {
+                let key = |field: &str| format!("ingest.tokens[{i}].{field}");
+                if scoped.projects.is_empty() {
+                    return Err(invalid(
+                        key("projects"),
+                        "must name at least one project; use ingest.token_sha256 for all",
+                    ));
+                }
+                let projects = scoped
+                    .projects
+                    .into_iter()
+                    .enumerate()
+                    .map(|(n, p)| p.normalized(&key(&format!("projects[{n}]"))))
+                    .collect::<Result<Vec<_>, _>>()?;
+                ingest_tokens.push(IngestToken {
+                    hash: token_hash(&key("token_sha256"), &scoped.token_sha256)?,
+                    projects: Some(projects),
+                });
+            }
+        }
 
         let mut names = BTreeSet::new();
         let mut agents = Vec::with_capacity(file.agents.len());
@@ -580,13 +629,7 @@ impl Config {
                     format!("agent {:?} is configured twice", agent.name),
                 ));
             }
-            let project = match agent.project {
-                ProjectFile::Id(id) => id.to_string(),
-                ProjectFile::Path(path) if path.trim().is_empty() => {
-                    return Err(invalid(key("project"), "must not be empty"));
-                }
-                ProjectFile::Path(path) => path.trim().trim_matches('/').to_owned(),
-            };
+            let project = agent.project.normalized(&key("project"))?;
             let branch = agent
                 .git_ref
                 .strip_prefix("refs/heads/")
@@ -766,11 +809,17 @@ impl Config {
                 .as_ref()
                 .map(|t| ("admin.token_sha256".to_owned(), t)),
         );
-        principals.extend(
-            ingest_token
-                .as_ref()
-                .map(|t| ("ingest.token_sha256".to_owned(), t)),
-        );
+        let mut scoped = 0;
+        for token in &ingest_tokens {
+            let key = match token.projects {
+                None => "ingest.token_sha256".to_owned(),
+                Some(_) => {
+                    scoped += 1;
+                    format!("ingest.tokens[{}].token_sha256", scoped - 1)
+                }
+            };
+            principals.push((key, &token.hash));
+        }
         for (i, agent) in agents.iter().enumerate() {
             principals.push((format!("agents[{i}].token_sha256"), &agent.token));
             principals.extend(
@@ -788,6 +837,24 @@ impl Config {
                 ));
             }
         }
+        // A delivery is matched to agents by the project as the agents spell it; a secret
+        // keyed otherwise (a path where agents use the id) would leave their project guarded
+        // by the global secret only.
+        let webhook_secrets = match hooks {
+            None => WebhookSecrets::default(),
+            Some((global, projects)) => {
+                if let Some(unknown) = projects
+                    .keys()
+                    .find(|p| !agents.iter().any(|a| &a.project == *p))
+                {
+                    return Err(invalid(
+                        format!("webhooks.gitlab.projects.{unknown:?}"),
+                        "no agent watches this project; spell it exactly as the agents' `project`",
+                    ));
+                }
+                WebhookSecrets { global, projects }
+            }
+        };
         // One repository per watched ref: the gate orders its commits by that history.
         for (i, agent) in agents.iter().enumerate() {
             let other = agents[..i]
@@ -874,10 +941,10 @@ impl Config {
             grpc_addr,
             http_addr,
             redis,
-            gitlab_secret,
+            webhook_secrets,
             max_body_bytes,
             admin_token,
-            ingest_token,
+            ingest_tokens,
             agents,
             replica_id,
             git,
@@ -903,6 +970,31 @@ fn token_hash(key: &str, value: &str) -> Result<TokenHash, ConfigError> {
     TokenHash::parse_hex(value).ok_or_else(|| {
         invalid(key, "must be the 64 hex characters of a SHA-256 (greenlight-server hash-token < token-file)")
     })
+}
+
+/// The secret set as `secret_token` or read from `secret_token_file` under `key`.
+fn read_secret(
+    key: &str,
+    token: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<Secret>, ConfigError> {
+    match (token, file) {
+        (Some(_), Some(_)) => Err(invalid(
+            key,
+            "set secret_token or secret_token_file, not both",
+        )),
+        (Some(token), None) => Ok(Some(non_empty_secret(
+            &format!("{key}.secret_token"),
+            token,
+        )?)),
+        (None, Some(path)) => {
+            let key = format!("{key}.secret_token_file");
+            let token = std::fs::read_to_string(&path)
+                .map_err(|e| invalid(&key, format!("cannot read {}: {e}", path.display())))?;
+            Ok(Some(non_empty_secret(&key, token.trim().to_owned())?))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 fn non_empty_secret(key: &str, value: String) -> Result<Secret, ConfigError> {
@@ -1137,6 +1229,62 @@ mod tests {
         ];
         for (extra, key) in cases {
             let err = Config::from_yaml(&agent(extra), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn webhook_secrets_per_project_and_scoped_ingest_tokens() {
+        const OTHER: &str = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752";
+        let agents = format!(
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: g/prod, ref: main}}\n  - {{name: b, token_sha256: {OTHER}, project: 42, ref: main}}\n"
+        );
+        let yaml = format!(
+            "webhooks: {{gitlab: {{projects: {{g/prod: {{secret_token: p}}, 42: {{secret_token: b}}}}}}}}\ningest: {{tokens: [{{token_sha256: {HASH}0, projects: [g/prod]}}]}}\n{agents}"
+        );
+        // The hash above is one character too long on purpose: the key is named.
+        let err = Config::from_yaml(&yaml, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ingest.tokens[0].token_sha256"), "{err}");
+        let third = "2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
+        let yaml = yaml.replace(&format!("{HASH}0"), third);
+        let config = Config::from_yaml(&yaml, &Overrides::default()).unwrap();
+        assert!(config.webhook_secrets.global.is_none());
+        assert!(config.webhook_secrets.projects["g/prod"].matches("p"));
+        assert!(config.webhook_secrets.projects["42"].matches("b"));
+        assert_eq!(
+            config.ingest_tokens[0].projects.as_deref(),
+            Some(&["g/prod".to_owned()][..])
+        );
+
+        let cases = [
+            (
+                "webhooks: {gitlab: {projects: {g/nobody: {secret_token: x}}}}",
+                "webhooks.gitlab.projects.\"g/nobody\"",
+            ),
+            (
+                "webhooks: {gitlab: {projects: {g/prod: {}}}}",
+                "webhooks.gitlab.projects.\"g/prod\"",
+            ),
+            ("webhooks: {gitlab: {}}", "webhooks.gitlab"),
+            (
+                "webhooks: {gitlab: {projects: {g/prod: {secret_token: ''}}}}",
+                "webhooks.gitlab.projects.\"g/prod\".secret_token",
+            ),
+            (
+                "ingest: {tokens: [{token_sha256: 2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae, projects: []}]}",
+                "ingest.tokens[0].projects",
+            ),
+            (
+                &format!("ingest: {{token_sha256: {HASH}}}"),
+                "ingest.token_sha256",
+            ),
+        ];
+        for (extra, key) in cases {
+            let err = Config::from_yaml(&format!("{extra}\n{agents}"), &Overrides::default())
                 .unwrap_err()
                 .to_string();
             assert!(err.contains(key), "{extra}: {err}");

@@ -16,10 +16,11 @@ use prost::Message;
 
 use crate::config::AgentSpec;
 use crate::gate::{
-    AgentGate, Context, GateError, Lineage, Pipeline, Push, PushOrder, Recorded, RefState, Sha,
-    Step,
+    AgentGate, Context, Decision, GateError, Lineage, Outcome, Pipeline, PipelineStatus, Push,
+    PushOrder, Recorded, RefState, Rejected, Sha, Step,
 };
 use crate::git::{GitError, GitLineage, ManifestSet, Mirrors};
+use crate::gitlab::{Claim, Confirmation, PipelineConfirmer};
 use crate::hub::{Desired, Hub};
 use crate::store::{Broadcast, Notice, RefDoc, RefKey, SaveOutcome, Store, StoreError, Versioned};
 
@@ -53,11 +54,27 @@ pub enum EngineError {
     UnknownAgent(String),
     #[error("too many concurrent updates of {0}; try again")]
     Contention(RefKey),
+    #[error(
+        "revision {sha} was never sent to agent {agent}; reports are accepted only for revisions the server sent"
+    )]
+    NotSent { agent: String, sha: Sha },
+}
+
+/// Where a fact came from, which decides whether it is checked with GitLab first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A GitLab webhook: its pipeline claims are confirmed through the API when one is set.
+    GitLabHook,
+    /// The ingest API, for CI systems GitLab knows nothing about.
+    Ingest,
+    /// Read from GitLab's API itself (catch-up).
+    GitLabApi,
 }
 
 /// A fact about a ref, from a webhook or the ingest API.
 #[derive(Debug, Clone)]
 pub struct Fact {
+    pub origin: Origin,
     pub project_path: Option<String>,
     pub project_id: Option<u64>,
     pub branch: String,
@@ -81,6 +98,8 @@ pub enum Recording {
     Duplicate,
     /// Not about anything an agent watches.
     Ignored(String),
+    /// GitLab's API contradicts the claim: kept as a rejected fact, nothing else changed.
+    Contradicted(String),
 }
 
 /// An operator's request about one agent.
@@ -102,6 +121,8 @@ pub struct Engine {
     events: broadcast::Sender<Broadcast>,
     replica: String,
     connections: Mutex<HashMap<String, usize>>,
+    /// Confirms webhook pipeline claims with GitLab, when `gitlab.url` is set.
+    confirmer: Option<PipelineConfirmer>,
     /// Agents whose desired revision this replica just decided: their manifests are read
     /// (and failures recorded) even if no stream of theirs is connected.
     prepare: mpsc::UnboundedSender<(String, Sha)>,
@@ -166,12 +187,14 @@ impl Engine {
         catalog: Arc<Catalog>,
         mirrors: Mirrors,
         replica: String,
+        confirmer: Option<PipelineConfirmer>,
     ) -> Arc<Self> {
         let hub = Hub::new(catalog.agents().map(|a| a.name.as_str()));
         let (prepare, prepare_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
             prepare,
             prepare_rx: Mutex::new(Some(prepare_rx)),
+            confirmer,
             store,
             catalog,
             mirrors,
@@ -232,6 +255,30 @@ impl Engine {
                 fact.branch
             )));
         }
+        if let Some((rejected, decision)) = self.contradiction(&fact, &keys).await? {
+            let reason = rejected.reason.clone();
+            for key in &keys {
+                self.update(key, delivery, None, |doc, env| {
+                    doc.refs.reject(rejected.clone());
+                    // Told to every watcher, so the events stream shows it.
+                    let steps = env
+                        .catalog
+                        .watchers(key)
+                        .iter()
+                        .map(|agent| {
+                            let step = Step {
+                                decisions: vec![decision.clone()],
+                                desired_changed: false,
+                            };
+                            (agent.clone(), step)
+                        })
+                        .collect();
+                    Ok(Change::Dirty(steps))
+                })
+                .await?;
+            }
+            return Ok(Recording::Contradicted(reason));
+        }
         let fact_sha = match &fact.kind {
             FactKind::Push(push) => push.after.clone(),
             FactKind::Pipeline { sha, .. } => Some(sha.clone()),
@@ -264,6 +311,66 @@ impl Engine {
             }
         }
         Ok(outcome)
+    }
+
+    /// The rejection of `fact`, if it is a webhook's pipeline claim that could open a gate
+    /// and GitLab's API contradicts it.
+    async fn contradiction(
+        &self,
+        fact: &Fact,
+        keys: &[RefKey],
+    ) -> Result<Option<(Rejected, Decision)>, EngineError> {
+        let (Some(confirmer), Origin::GitLabHook, FactKind::Pipeline { sha, pipeline }) =
+            (&self.confirmer, fact.origin, &fact.kind)
+        else {
+            return Ok(None);
+        };
+        let may_open = pipeline.counts_for_branch()
+            && (pipeline.status == PipelineStatus::Success || !pipeline.passed_stages.is_empty());
+        let Some(key) = keys.first().filter(|_| may_open) else {
+            return Ok(None);
+        };
+        // A redelivery, or a hook that one of our own statuses caused, claims nothing new.
+        let doc = self.store.load(key).await?.value;
+        let known = doc.refs.pipelines.get(sha).is_some_and(|runs| {
+            runs.iter().any(|p| {
+                p.id == pipeline.id
+                    && p.status == pipeline.status
+                    && pipeline
+                        .passed_stages
+                        .iter()
+                        .all(|stage| p.passed_stages.contains(stage))
+            })
+        });
+        if known {
+            return Ok(None);
+        }
+        let claim = Claim {
+            id: pipeline.id,
+            sha,
+            branch: &fact.branch,
+            status: pipeline.status,
+        };
+        let Confirmation::Contradicted(mismatch) = confirmer.confirm(&key.project, &claim).await
+        else {
+            return Ok(None);
+        };
+        warn!(%key, pipeline = pipeline.id, %mismatch, "pipeline claim rejected");
+        let at_ms = now_ms();
+        let rejected = Rejected {
+            sha: sha.clone(),
+            pipeline_id: pipeline.id,
+            reason: mismatch.to_string(),
+            at_ms,
+        };
+        let decision = Decision {
+            outcome: Outcome::Skip,
+            sha: Some(sha.clone()),
+            pipeline_id: Some(pipeline.id),
+            reason: format!("pipeline {} rejected: {mismatch}", pipeline.id),
+            at_ms,
+        };
+        Ok(Some((rejected, decision)))
     }
 
     /// Carries out an operator's request on `agent`.
@@ -844,8 +951,26 @@ impl Engine {
         }
     }
 
-    /// Keeps `report` for `agent` and announces it.
-    pub async fn report(&self, agent: &str, report: Vec<u8>) -> Result<(), EngineError> {
+    /// Keeps `report` (about `revision`) for `agent` and announces it, if the server ever
+    /// sent the agent that revision: a report becomes a commit status and a `wait` result.
+    pub async fn report(
+        &self,
+        agent: &str,
+        revision: &Sha,
+        report: Vec<u8>,
+    ) -> Result<(), EngineError> {
+        // What this replica streams now needs no read: nearly every report is about it.
+        let streaming = self
+            .hub
+            .current(agent)
+            .and_then(|desired| desired.revision)
+            .is_some_and(|current| &current.sha == revision);
+        if !streaming && !self.gate_of(agent).await?.was_told(revision) {
+            return Err(EngineError::NotSent {
+                agent: agent.to_owned(),
+                sha: revision.clone(),
+            });
+        }
         self.store
             .push_report(agent, &report, REPORT_HISTORY)
             .await?;

@@ -18,5 +18,6 @@ pub mod metrics;
 pub mod progress;
 pub mod run;
 pub mod store;
+pub mod trust;
 
 pub use run::{Listeners, RunError, run};

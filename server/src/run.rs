@@ -16,7 +16,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::git::Mirrors;
-use crate::gitlab::{GitLab, StatusPublisher, run_catch_up};
+use crate::gitlab::{GitLab, PipelineConfirmer, StatusPublisher, run_catch_up};
 use crate::grpc::{AdminApi, AgentApi, IngestApi};
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
@@ -97,7 +97,20 @@ pub async fn run(
     );
     let catalog = Arc::new(Catalog::new(&config.agents));
     let mirrors = Mirrors::new(config.git.clone());
-    let engine = Engine::new(store, catalog, mirrors, config.replica_id.clone());
+    let gitlab = config
+        .gitlab
+        .as_ref()
+        .map(|settings| GitLab::new(&settings.url, settings.token.clone()))
+        .transpose()
+        .map_err(RunError::GitLab)?;
+    let confirmer = gitlab.clone().map(PipelineConfirmer::new);
+    let engine = Engine::new(
+        store,
+        catalog,
+        mirrors,
+        config.replica_id.clone(),
+        confirmer,
+    );
     tokio::spawn(
         engine
             .clone()
@@ -105,9 +118,7 @@ pub async fn run(
             .instrument(info_span!("follow")),
     );
     let metrics = Arc::new(Metrics::default());
-    if let Some(settings) = &config.gitlab {
-        let gitlab =
-            GitLab::new(&settings.url, settings.token.clone()).map_err(RunError::GitLab)?;
+    if let (Some(settings), Some(gitlab)) = (&config.gitlab, gitlab) {
         // Created before the first decision so that it hears every one.
         let publisher = StatusPublisher::new(
             engine.clone(),
@@ -164,7 +175,7 @@ pub async fn run(
         )))
         .add_service(IngestServiceServer::new(IngestApi::new(
             engine.clone(),
-            config.ingest_token.clone(),
+            config.ingest_tokens.clone(),
         )))
         .serve_with_incoming_shutdown(
             // Without TCP_NODELAY, answers over a packet wait for delayed ACKs (~40 ms).
@@ -176,7 +187,7 @@ pub async fn run(
     let engine_for_exit = engine.clone();
     let state = HttpState {
         engine,
-        gitlab_secret: config.gitlab_secret.clone(),
+        webhook_secrets: config.webhook_secrets.clone(),
         admin_token: config.admin_token.clone(),
         metrics,
     };

@@ -114,7 +114,28 @@ async fn world_with(
     })
 }
 
+/// Makes the fake GitLab hold pipeline `id` of `sha` on `main` in `status`, as the real one
+/// does before it sends the hook: the server confirms gate-opening claims through the API.
+fn gitlab_holds(gitlab: &FakeGitLab, sha: &str, id: u64, status: &str) {
+    gitlab.put_pipeline(
+        PROJECT,
+        json!({ "id": id, "sha": sha, "ref": "main", "status": status, "source": "push" }),
+    );
+}
+
 impl World {
+    /// A pipeline hook for `sha` on `main`, with GitLab's API agreeing.
+    async fn pipeline(&self, sha: &str, id: u64, status: &str) -> anyhow::Result<u16> {
+        gitlab_holds(&self.gitlab, sha, id, status);
+        self.server.pipeline("main", sha, id, status, "push").await
+    }
+
+    /// Pushes `sha` after `before` and marks its pipeline green, with GitLab agreeing.
+    async fn release(&self, before: &str, sha: &str, id: u64) -> anyhow::Result<()> {
+        gitlab_holds(&self.gitlab, sha, id, "success");
+        self.server.release(before, sha, id).await
+    }
+
     /// Waits until GitLab has accepted at least `count` statuses on `sha`; returns them.
     async fn statuses(
         &self,
@@ -185,6 +206,15 @@ async fn badge(
     Ok((status, content_type, response.text().await?))
 }
 
+/// `GetRef` of `PROJECT@main`.
+async fn main_ref(server: &TestServer) -> anyhow::Result<greenlight::v1::RefStatus> {
+    let request = greenlight::v1::GetRefRequest {
+        project: PROJECT.into(),
+        r#ref: "main".into(),
+    };
+    Ok(server.admin().await?.get_ref(request).await?.into_inner())
+}
+
 fn states(statuses: &[(String, String, String)]) -> Vec<&str> {
     statuses
         .iter()
@@ -200,7 +230,7 @@ async fn healthy_deploy_posts_pending_running_success_on_its_commit_only() -> an
         &[],
     )?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.server.release(ZERO, &x, 1).await?;
+    w.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
 
     let statuses = w.statuses(&x, 3).await?;
@@ -254,17 +284,11 @@ async fn green_commit_skipped_for_a_newer_one_is_canceled_as_superseded() -> any
         .commit(&[("app.yaml", configmap("settings", "c").as_bytes())], &[])?;
     assert_eq!(w.server.push("main", ZERO, &b).await?, 200);
     assert_eq!(w.server.push("main", &b, &c).await?, 200);
-    assert_eq!(
-        w.server.pipeline("main", &c, 2, "success", "push").await?,
-        200
-    );
+    assert_eq!(w.pipeline(&c, 2, "success").await?, 200);
     let on_c = w.statuses(&c, 1).await?;
     assert_eq!(states(&on_c), ["pending"], "{on_c:?}");
     // B turns green only after C, its descendant, was chosen: B is never deployed.
-    assert_eq!(
-        w.server.pipeline("main", &b, 1, "success", "push").await?,
-        200
-    );
+    assert_eq!(w.pipeline(&b, 1, "success").await?, 200);
 
     let result = eventually("a canceled status on B", || async {
         Ok(w.gitlab
@@ -309,7 +333,7 @@ async fn failing_gitlab_never_delays_a_sync_and_statuses_arrive_after_it_recover
     )?;
     w.gitlab.fail_with(Some(500));
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.server.release(ZERO, &x, 1).await?;
+    w.release(ZERO, &x, 1).await?;
     // GitLab is still failing: the deploy went ahead regardless.
     w.server.reported("prod", &x, Phase::Healthy).await?;
     assert!(w.gitlab.statuses_for(&x).is_empty());
@@ -358,6 +382,7 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
     let a = repo.commit(&[("app.yaml", configmap("settings", "a").as_bytes())], &[])?;
     let mut stream = server.stream("prod").await?;
     assert_eq!(server.push("main", ZERO, &a).await?, 200);
+    gitlab_holds(&gitlab, &a, 1, "success");
     assert_eq!(
         server.pipeline("main", &a, 1, "success", "push").await?,
         200
@@ -438,7 +463,7 @@ async fn wait_exits_0_when_healthy_or_superseded_3_with_exact_and_124_on_timeout
         ADMIN_TOKEN,
         &["wait", "prod", "--sha", &a, "--timeout", "30s"],
     );
-    w.server.release(ZERO, &a, 1).await?;
+    w.release(ZERO, &a, 1).await?;
     assert_eq!(waiting.await?, 0, "healthy");
     w.server.reported("prod", &a, Phase::Healthy).await?;
 
@@ -451,10 +476,7 @@ async fn wait_exits_0_when_healthy_or_superseded_3_with_exact_and_124_on_timeout
         .commit(&[("app.yaml", configmap("settings", "c").as_bytes())], &[])?;
     assert_eq!(w.server.push("main", &a, &b).await?, 200);
     assert_eq!(w.server.push("main", &b, &c).await?, 200);
-    assert_eq!(
-        w.server.pipeline("main", &c, 3, "success", "push").await?,
-        200
-    );
+    assert_eq!(w.pipeline(&c, 3, "success").await?, 200);
     w.server.reported("prod", &c, Phase::Healthy).await?;
     let wait_b = ["wait", "prod", "--sha", &b, "--timeout", "20s"];
     assert_eq!(ctl(&w.server, ADMIN_TOKEN, &wait_b).await, 0, "superseded");
@@ -470,10 +492,7 @@ async fn wait_exits_0_when_healthy_or_superseded_3_with_exact_and_124_on_timeout
         .repo
         .commit(&[("app.yaml", configmap("settings", "d").as_bytes())], &[])?;
     assert_eq!(w.server.push("main", &c, &d).await?, 200);
-    assert_eq!(
-        w.server.pipeline("main", &d, 4, "running", "push").await?,
-        200
-    );
+    assert_eq!(w.pipeline(&d, 4, "running").await?, 200);
     let wait_d = ["wait", "prod", "--sha", &d, "--timeout", "2s"];
     assert_eq!(ctl(&w.server, ADMIN_TOKEN, &wait_d).await, 124, "timeout");
     Ok(())
@@ -486,7 +505,7 @@ async fn ci_token_may_read_and_wait_for_its_own_agent_only() -> anyhow::Result<(
     let a = w
         .repo
         .commit(&[("app.yaml", configmap("settings", "a").as_bytes())], &[])?;
-    w.server.release(ZERO, &a, 1).await?;
+    w.release(ZERO, &a, 1).await?;
     w.server.reported("prod", &a, Phase::Healthy).await?;
 
     // Its own agent: status and wait.
@@ -566,7 +585,7 @@ async fn wait_exits_1_when_the_commit_is_degraded() -> anyhow::Result<()> {
         ADMIN_TOKEN,
         &["wait", "prod", "--sha", &x, "--timeout", "30s"],
     );
-    w.server.release(ZERO, &x, 1).await?;
+    w.release(ZERO, &x, 1).await?;
     assert_eq!(waiting.await?, 1, "degraded");
     w.server.reported("prod", &x, Phase::Degraded).await?;
     let statuses = w.statuses(&x, 3).await?;
@@ -610,7 +629,7 @@ async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result
         &[],
     )?;
     let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
-    w.server.release(ZERO, &x, 1).await?;
+    w.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
     let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
     assert!(svg.contains("#4c1"), "{svg}");
@@ -638,7 +657,7 @@ async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result
     // Degraded: red.
     w.kube.set_auto_rollout(false);
     let y = w.repo.commit(&[("web.yaml", DEPLOYMENT.as_bytes())], &[])?;
-    w.server.release(&x, &y, 2).await?;
+    w.release(&x, &y, 2).await?;
     w.server.reported("prod", &y, Phase::Degraded).await?;
     let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
     assert!(svg.contains("#e05d44"), "{svg}");
@@ -669,7 +688,250 @@ async fn a_failing_gitlab_api_never_stops_webhook_deploys() -> anyhow::Result<()
         .repo
         .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
     let mut stream = w.server.stream("prod").await?;
-    w.server.release(ZERO, &x, 1).await?;
+    w.release(ZERO, &x, 1).await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), x);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greenlights_own_statuses_never_promote_a_commit() -> anyhow::Result<()> {
+    let w = world("", Some("    gate: { mode: immediate }\n")).await?;
+    let hook_url = format!("http://{}/webhooks/gitlab", w.server.http);
+    w.gitlab.set_webhook(&hook_url, GITLAB_SECRET);
+    let x = w.repo.commit(
+        &[("app.yaml", configmap("settings", "untested").as_bytes())],
+        &[],
+    )?;
+    let mut prod = w.server.stream("prod").await?;
+    let _staging = AgentProcess::start(&w.server, "staging", w.kube.client(), "replica-s");
+
+    // Staging deploys the untested commit at once and reports it healthy; its statuses
+    // (posted without a pipeline, as none opened its gate) make GitLab create an external
+    // pipeline that succeeds, and every change of it reaches the server as a Pipeline Hook.
+    assert_eq!(w.server.push("main", ZERO, &x).await?, 200);
+    w.server.reported("staging", &x, Phase::Healthy).await?;
+    let hooks = eventually("a green external pipeline announced", || async {
+        let hooks = w.gitlab.hooks();
+        let green = hooks.iter().any(|h| {
+            h.body["object_attributes"]["status"] == "success"
+                && h.body["object_attributes"]["source"] == "external"
+        });
+        Ok(green.then_some(hooks))
+    })
+    .await?;
+    let external = w.gitlab.pipelines_for(PROJECT, &x);
+    assert_eq!(external.len(), 1, "{external:?}");
+    assert_eq!(external[0]["source"], "external");
+    assert_eq!(external[0]["status"], "success");
+    for hook in &hooks {
+        assert_eq!(
+            (hook.answered, hook.outcome.as_str()),
+            (200, "ignored"),
+            "{hook:?}"
+        );
+    }
+
+    // Prod, gated on pipelines, is not promoted by it.
+    no_revision(&mut prod, QUIET).await?;
+    let status = w.server.agent_status("prod").await?;
+    assert_eq!(status.desired, None, "{status:?}");
+
+    // The commit's real pipeline promotes it, and prod's statuses join that pipeline.
+    w.gitlab.put_pipeline(
+        PROJECT,
+        json!({
+            "id": 200_000, "sha": x, "ref": "main", "status": "success", "source": "push",
+            "builds": [{ "name": "test", "stage": "test", "status": "success" }],
+        }),
+    );
+    assert_eq!(
+        w.server
+            .pipeline("main", &x, 200_000, "success", "push")
+            .await?,
+        200
+    );
+    let revision = next_revision(&mut prod, SOON).await?;
+    assert_eq!(revision.sha(), x);
+    let posted = eventually("prod's pending status", || async {
+        Ok(w.gitlab
+            .status_attempts(&x)
+            .into_iter()
+            .find(|r| r.form_field("name") == Some("greenlight/prod")))
+    })
+    .await?;
+    assert_eq!(posted.form_field("pipeline_id"), Some("200000"));
+    assert_eq!(posted.form_field("ref"), Some("main"));
+    let staging_posts: Vec<_> = w
+        .gitlab
+        .status_attempts(&x)
+        .into_iter()
+        .filter(|r| r.form_field("name") == Some("greenlight/staging"))
+        .collect();
+    assert!(
+        staging_posts
+            .iter()
+            .all(|r| r.form_field("pipeline_id").is_none() && r.form_field("ref") == Some("main")),
+        "{staging_posts:?}"
+    );
+    // That status turned the real pipeline running on GitLab; the verdict ignores it.
+    eventually("the hook of prod's status on pipeline 200000", || async {
+        Ok(w.gitlab
+            .hooks()
+            .into_iter()
+            .find(|h| h.body["object_attributes"]["id"] == 200_000))
+    })
+    .await?;
+    let reference = main_ref(&w.server).await?;
+    let commit = reference
+        .commits
+        .iter()
+        .find(|c| c.sha == x)
+        .ok_or_else(|| anyhow::anyhow!("commit missing: {reference:?}"))?;
+    assert!(
+        commit
+            .pipelines
+            .iter()
+            .all(|p| p.id == 200_000 && p.status() == greenlight::v1::PipelineStatus::Success),
+        "{commit:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_gitlab_contradicts_does_not_open_the_gate() -> anyhow::Result<()> {
+    let w = world("", None).await?;
+    let x = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "x").as_bytes())], &[])?;
+    let mut stream = w.server.stream("prod").await?;
+    let mut events = w
+        .server
+        .admin()
+        .await?
+        .watch_events(greenlight::v1::WatchEventsRequest {
+            agent: "prod".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(w.server.push("main", ZERO, &x).await?, 200);
+
+    // The hook says green; GitLab's API says pipeline 5 failed, and knows no pipeline 6.
+    gitlab_holds(&w.gitlab, &x, 5, "failed");
+    for (id, reason) in [
+        (5, "GitLab says pipeline 5 is failed, not success"),
+        (6, "GitLab has no pipeline 6"),
+    ] {
+        let claim = pipeline_payload(PROJECT, "main", &x, id, "success", "push");
+        let (status, body) = w.server.hook("Pipeline Hook", &claim, None).await?;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["outcome"], "contradicted", "{body}");
+        assert_eq!(body["message"], reason, "{body}");
+    }
+    no_revision(&mut stream, QUIET).await?;
+    assert_eq!(w.server.agent_status("prod").await?.desired, None);
+
+    // The rejections are on the ref and in the events stream.
+    let reference = main_ref(&w.server).await?;
+    let rejected: Vec<(u64, &str)> = reference
+        .rejected
+        .iter()
+        .map(|r| (r.pipeline_id, r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            (6, "GitLab has no pipeline 6"),
+            (5, "GitLab says pipeline 5 is failed, not success")
+        ]
+    );
+    assert!(reference.rejected.iter().all(|r| r.sha == x));
+    let commit = reference.commits.iter().find(|c| c.sha == x);
+    assert!(
+        commit.is_some_and(|c| c.pipelines.is_empty()),
+        "nothing recorded: {commit:?}"
+    );
+    let wanted = "pipeline 5 rejected: GitLab says pipeline 5 is failed, not success";
+    loop {
+        let event = tokio::time::timeout(SOON, events.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("events stream ended before the rejection"))?;
+        if let Some(greenlight::v1::event::Event::Decision(decision)) = event.event
+            && decision.reason == wanted
+        {
+            assert_eq!(decision.pipeline_id, Some(5));
+            break;
+        }
+    }
+
+    // A pipeline GitLab confirms opens the gate; its redelivery is not asked about again.
+    assert_eq!(w.pipeline(&x, 7, "success").await?, 200);
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), x);
+    let asked = || {
+        w.gitlab
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.ends_with("/pipelines/7"))
+            .count()
+    };
+    assert_eq!(asked(), 1);
+    let (status, body) = w
+        .server
+        .hook(
+            "Pipeline Hook",
+            &pipeline_payload(PROJECT, "main", &x, 7, "success", "push"),
+            Some("redelivery-of-7"),
+        )
+        .await?;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("unchanged")));
+    assert_eq!(asked(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_running_on_gitlab_only_because_of_our_status_is_confirmed() -> anyhow::Result<()>
+{
+    let w = world("", Some("    gate: { mode: immediate }\n")).await?;
+    let x = w
+        .repo
+        .commit(&[("app.yaml", configmap("settings", "x").as_bytes())], &[])?;
+    let mut prod = w.server.stream("prod").await?;
+    let test_job = |status: &str| json!({ "name": "test", "stage": "test", "status": status });
+    w.gitlab.put_pipeline(
+        PROJECT,
+        json!({ "id": 300_000, "sha": x, "ref": "main", "status": "running", "source": "push",
+                "builds": [test_job("running")] }),
+    );
+    // Staging deploys at once; its pending status joins the running pipeline.
+    assert_eq!(w.server.push("main", ZERO, &x).await?, 200);
+    eventually("staging's status on the pipeline", || async {
+        let pipelines = w.gitlab.pipelines_for(PROJECT, &x);
+        let joined = pipelines.first().is_some_and(|p| {
+            p["builds"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|j| j["name"] == "greenlight/staging"))
+        });
+        Ok(joined.then_some(()))
+    })
+    .await?;
+
+    // The tests pass; GitLab still calls the pipeline running, for staging's status alone.
+    let mut pipeline = w.gitlab.pipelines_for(PROJECT, &x).remove(0);
+    if let Some(test) = pipeline["builds"]
+        .as_array_mut()
+        .and_then(|builds| builds.iter_mut().find(|b| b["name"] == "test"))
+    {
+        *test = test_job("success");
+    }
+    w.gitlab.put_pipeline(PROJECT, pipeline.clone());
+    let mut hook = pipeline_payload(PROJECT, "main", &x, 300_000, "running", "push");
+    hook["builds"] = pipeline["builds"].clone();
+    let (status, body) = w.server.hook("Pipeline Hook", &hook, None).await?;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("recorded")),
+        "{body}"
+    );
+    assert_eq!(next_revision(&mut prod, SOON).await?.sha(), x);
+    assert!(main_ref(&w.server).await?.rejected.is_empty());
     Ok(())
 }

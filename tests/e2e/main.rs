@@ -8,3 +8,4 @@ mod ingest_errors;
 mod real_cluster;
 mod replicas;
 mod store_suite;
+mod trust;

@@ -1,5 +1,10 @@
 //! A fake GitLab REST API over real HTTP on loopback: records every request, accepts commit
 //! statuses, and serves branch heads and pipelines from state the test sets.
+//!
+//! Commit statuses behave as on GitLab: one posted with `pipeline_id` (or on a commit that
+//! has a pipeline) becomes an external job of that pipeline and changes its status; one
+//! posted on a commit without a pipeline creates a pipeline of source `external`. Either
+//! way a Pipeline Hook goes to the webhook set with `set_webhook`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -62,14 +67,34 @@ pub struct PostedStatus {
     pub target_url: Option<String>,
 }
 
+/// A Pipeline Hook the fake sent, and how the receiver answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FiredHook {
+    /// The payload.
+    pub body: Value,
+    /// The receiver's HTTP status, 0 when it could not be reached.
+    pub answered: u16,
+    /// The receiver's `outcome` field (`recorded`, `ignored`, …), empty if none.
+    pub outcome: String,
+}
+
+/// Where pipeline hooks go: the URL and the `X-Gitlab-Token` to send.
+type Webhook = (String, String);
+
 #[derive(Default)]
 struct Inner {
     requests: Vec<RecordedRequest>,
     statuses: Vec<PostedStatus>,
     branches: HashMap<(String, String), String>,
+    /// Per project, newest first, as the list API answers.
     pipelines: HashMap<String, Vec<Value>>,
     fail: Option<u16>,
     next_id: u64,
+    /// Ids of pipelines the fake creates: far above the ones tests choose.
+    next_pipeline_id: u64,
+    webhook: Option<Webhook>,
+    hooks: Vec<FiredHook>,
+    outbox: Option<tokio::sync::mpsc::UnboundedSender<(Webhook, Value)>>,
 }
 
 type Shared = Arc<Mutex<Inner>>;
@@ -79,6 +104,7 @@ pub struct FakeGitLab {
     addr: SocketAddr,
     inner: Shared,
     handle: JoinHandle<()>,
+    sender: JoinHandle<()>,
 }
 
 impl FakeGitLab {
@@ -87,15 +113,62 @@ impl FakeGitLab {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let inner: Shared = Arc::default();
+        let (outbox, hooks) = tokio::sync::mpsc::unbounded_channel();
+        {
+            let mut state = inner.lock().unwrap_or_else(|e| e.into_inner());
+            state.outbox = Some(outbox);
+            state.next_pipeline_id = 100_000;
+        }
         let app = Router::new().fallback(handle).with_state(inner.clone());
         let handle = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
+        let sender = tokio::spawn(send_hooks(inner.clone(), hooks));
         Ok(Self {
             addr,
             inner,
             handle,
+            sender,
         })
+    }
+
+    /// Sends a Pipeline Hook to `url` with `secret` whenever a status changes a pipeline.
+    pub fn set_webhook(&self, url: &str, secret: &str) {
+        self.lock().webhook = Some((url.to_owned(), secret.to_owned()));
+    }
+
+    /// Sets pipeline `pipeline["id"]` of `project` (id, sha, ref, status, source, builds[] of
+    /// name, stage, status): a new one is the newest; an existing one keeps its jobs unless
+    /// `pipeline` names some.
+    pub fn put_pipeline(&self, project: &str, mut pipeline: Value) {
+        let mut inner = self.lock();
+        let pipelines = inner.pipelines.entry(project.to_owned()).or_default();
+        match pipelines.iter_mut().find(|p| p["id"] == pipeline["id"]) {
+            Some(existing) => {
+                if pipeline.get("builds").is_none() {
+                    pipeline["builds"] = existing["builds"].clone();
+                }
+                *existing = pipeline;
+            }
+            None => pipelines.insert(0, pipeline),
+        }
+    }
+
+    /// The pipelines of `project` whose sha is `sha`, newest first.
+    pub fn pipelines_for(&self, project: &str, sha: &str) -> Vec<Value> {
+        self.lock()
+            .pipelines
+            .get(project)
+            .into_iter()
+            .flatten()
+            .filter(|p| p["sha"].as_str() == Some(sha))
+            .cloned()
+            .collect()
+    }
+
+    /// Every Pipeline Hook sent so far, in order.
+    pub fn hooks(&self) -> Vec<FiredHook> {
+        self.lock().hooks.clone()
     }
 
     /// The base URL to configure as `gitlab.url`.
@@ -159,7 +232,152 @@ impl FakeGitLab {
 impl Drop for FakeGitLab {
     fn drop(&mut self) {
         self.handle.abort();
+        self.sender.abort();
     }
+}
+
+/// Delivers hooks one at a time, in the order the statuses arrived, as GitLab's queue does.
+async fn send_hooks(
+    inner: Shared,
+    mut hooks: tokio::sync::mpsc::UnboundedReceiver<(Webhook, Value)>,
+) {
+    crate::install_crypto();
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+    else {
+        return;
+    };
+    while let Some(((url, secret), body)) = hooks.recv().await {
+        let sent = client
+            .post(&url)
+            .header("X-Gitlab-Event", "Pipeline Hook")
+            .header("X-Gitlab-Token", &secret)
+            .json(&body)
+            .send()
+            .await;
+        let (answered, outcome) = match sent {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let answer: Value = response.json().await.unwrap_or(Value::Null);
+                (status, answer["outcome"].as_str().unwrap_or("").to_owned())
+            }
+            Err(_) => (0, String::new()),
+        };
+        inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .hooks
+            .push(FiredHook {
+                body,
+                answered,
+                outcome,
+            });
+    }
+}
+
+/// Pipeline `id` (as written in the URL) of `project`.
+fn find_pipeline(state: &Inner, project: &str, id: &str) -> Option<Value> {
+    state
+        .pipelines
+        .get(project)
+        .into_iter()
+        .flatten()
+        .find(|p| p["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(id))
+        .cloned()
+}
+
+/// A pipeline's status from its jobs, as GitLab aggregates them.
+fn aggregate(jobs: &[Value]) -> &'static str {
+    let statuses: Vec<(&str, bool)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j["status"].as_str().unwrap_or("created"),
+                j["allow_failure"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    let is_final = |s: &str| matches!(s, "success" | "failed" | "canceled" | "skipped");
+    if statuses.iter().any(|(s, _)| !is_final(s)) {
+        "running"
+    } else if statuses
+        .iter()
+        .any(|(s, optional)| *s == "failed" && !optional)
+    {
+        "failed"
+    } else if statuses.iter().any(|(s, _)| *s == "canceled") {
+        "canceled"
+    } else if !statuses.is_empty() && statuses.iter().all(|(s, _)| *s == "skipped") {
+        "skipped"
+    } else {
+        "success"
+    }
+}
+
+/// Files a commit status as GitLab does: as an external job of the pipeline named by
+/// `pipeline_id`, else of the newest pipeline of the commit, else of a new `external`
+/// pipeline. Returns the Pipeline Hook it fires; none for a `pipeline_id` the fake does not
+/// hold (tests often deliver a pipeline by webhook only).
+fn file_status(
+    state: &mut Inner,
+    project: &str,
+    sha: &str,
+    posted: &PostedStatus,
+    form: &[(String, String)],
+) -> Option<Value> {
+    let pipeline_id = lookup(form, "pipeline_id").and_then(|id| id.parse::<u64>().ok());
+    let git_ref = lookup(form, "ref");
+    let next_id = state.next_pipeline_id;
+    let pipelines = state.pipelines.entry(project.to_owned()).or_default();
+    let found = pipelines.iter().position(|p| match pipeline_id {
+        Some(id) => p["id"].as_u64() == Some(id),
+        None => {
+            p["sha"].as_str() == Some(sha) && git_ref.is_none_or(|r| p["ref"].as_str() == Some(r))
+        }
+    });
+    let at = match (found, pipeline_id) {
+        (Some(at), _) => at,
+        (None, Some(_)) => return None,
+        (None, None) => {
+            state.next_pipeline_id += 1;
+            pipelines.insert(
+                0,
+                json!({
+                    "id": next_id, "sha": sha, "ref": git_ref.unwrap_or("main"),
+                    "status": "pending", "source": "external", "builds": [],
+                }),
+            );
+            0
+        }
+    };
+    let pipeline = &mut pipelines[at];
+    let job = json!({
+        "name": posted.name, "stage": "external", "status": posted.state, "allow_failure": false,
+    });
+    let mut builds: Vec<Value> = pipeline["builds"].as_array().cloned().unwrap_or_default();
+    // A newer status of the same context replaces the older job.
+    match builds.iter_mut().find(|b| b["name"] == job["name"]) {
+        Some(existing) => *existing = job,
+        None => builds.push(job),
+    }
+    pipeline["status"] = aggregate(&builds).into();
+    pipeline["builds"] = Value::Array(builds);
+    let pipeline = pipeline.clone();
+    let project_json = match project.parse::<u64>() {
+        Ok(id) => json!({ "id": id }),
+        Err(_) => json!({ "path_with_namespace": project }),
+    };
+    Some(json!({
+        "object_kind": "pipeline",
+        "object_attributes": {
+            "id": pipeline["id"], "iid": pipeline["id"], "ref": pipeline["ref"], "tag": false,
+            "sha": pipeline["sha"], "source": pipeline["source"], "status": pipeline["status"],
+            "finished_at": null,
+        },
+        "project": project_json,
+        "builds": pipeline["builds"],
+    }))
 }
 
 fn lookup<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -283,6 +501,12 @@ async fn handle(
                         "target_url": posted.target_url,
                         "created_at": "2026-11-26T10:00:00.000Z",
                     });
+                    let hook = file_status(&mut state, project, sha, &posted, &form);
+                    if let (Some(hook), Some(webhook), Some(outbox)) =
+                        (hook, &state.webhook, &state.outbox)
+                    {
+                        let _ = outbox.send((webhook.clone(), hook));
+                    }
                     state.statuses.push(posted);
                     json_response(StatusCode::CREATED, body)
                 }
@@ -317,6 +541,32 @@ async fn handle(
                     .cloned()
                     .collect();
                 json_response(StatusCode::OK, Value::Array(list))
+            }
+            (&Method::GET, Some(project), [pipelines, id, jobs])
+                if pipelines == "pipelines" && jobs == "jobs" =>
+            {
+                let found = find_pipeline(&state, project, id);
+                match found {
+                    // Commit statuses (stage `external` here) are not CI jobs.
+                    Some(pipeline) => {
+                        let jobs: Vec<Value> = pipeline["builds"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter(|b| b["stage"] != "external")
+                            .cloned()
+                            .collect();
+                        json_response(StatusCode::OK, Value::Array(jobs))
+                    }
+                    None => not_found("Pipeline"),
+                }
+            }
+            (&Method::GET, Some(project), [pipelines, id]) if pipelines == "pipelines" => {
+                let found = find_pipeline(&state, project, id);
+                match found {
+                    Some(pipeline) => json_response(StatusCode::OK, pipeline),
+                    None => not_found("Pipeline"),
+                }
             }
             _ => not_found("Route"),
         }

@@ -14,6 +14,7 @@ use anyhow::{Context, bail};
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
+use greenlight::v1::ingest_service_client::IngestServiceClient;
 use greenlight::v1::{
     AgentStatus, GetAgentHistoryRequest, GetAgentHistoryResponse, GetAgentRequest, Phase,
     StatusReport,
@@ -419,6 +420,18 @@ impl TestServer {
     ) -> anyhow::Result<AdminServiceClient<InterceptedService<Channel, Bearer>>> {
         let channel = Channel::from_shared(self.grpc_url())?.connect().await?;
         Ok(AdminServiceClient::with_interceptor(
+            channel,
+            Bearer::new(token)?,
+        ))
+    }
+
+    /// An ingest API client presenting `token`.
+    pub async fn ingest_as(
+        &self,
+        token: &str,
+    ) -> anyhow::Result<IngestServiceClient<InterceptedService<Channel, Bearer>>> {
+        let channel = Channel::from_shared(self.grpc_url())?.connect().await?;
+        Ok(IngestServiceClient::with_interceptor(
             channel,
             Bearer::new(token)?,
         ))

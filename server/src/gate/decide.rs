@@ -203,6 +203,19 @@ impl Context<'_> {
 }
 
 impl AgentGate {
+    /// Whether the agent was ever told to run `sha`: what it is told now, a pin, a commit
+    /// the gate moved to, or a deploy decision still in the history. An agent reports only
+    /// on those; a report on anything else would claim a deploy that was never asked for.
+    pub fn was_told(&self, sha: &Sha) -> bool {
+        self.desired.as_ref().is_some_and(|d| &d.sha == sha)
+            || self.pinned.as_ref().is_some_and(|p| &p.sha == sha)
+            || self.deployed.contains(sha)
+            || self
+                .decisions
+                .iter()
+                .any(|d| d.outcome == Outcome::Deploy && d.sha.as_ref() == Some(sha))
+    }
+
     /// Moves the gate after the ref changed, then settles what the agent is told.
     pub fn advance(&mut self, cx: &Context<'_>) -> Step {
         let mut step = Step::default();

@@ -11,6 +11,6 @@ pub use decide::{
     Step,
 };
 pub use model::{
-    InvalidSha, Lineage, MERGE_REQUEST_SOURCE, Pipeline, PipelineStatus, Push, PushOrder, Recorded,
-    RefState, Sha, UnknownStatus,
+    EXTERNAL_SOURCE, InvalidSha, Lineage, MERGE_REQUEST_SOURCE, Pipeline, PipelineStatus, Push,
+    PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus, aggregate_jobs,
 };

@@ -154,8 +154,44 @@ impl fmt::Display for PipelineStatus {
     }
 }
 
+/// GitLab's status of a pipeline from its jobs' (status, allow_failure); `None` without jobs.
+/// Used where the pipeline's own status counts jobs that must not count (our statuses).
+pub fn aggregate_jobs(jobs: &[(PipelineStatus, bool)]) -> Option<PipelineStatus> {
+    use PipelineStatus as S;
+    if jobs.is_empty() {
+        return None;
+    }
+    let waiting = |s: &S| matches!(s, S::Manual | S::Scheduled);
+    // Optional manual jobs do not hold a pipeline back, as on GitLab.
+    let counted: Vec<S> = jobs
+        .iter()
+        .filter(|(s, optional)| !(*optional && waiting(s)))
+        .map(|(s, _)| *s)
+        .collect();
+    let failed = jobs
+        .iter()
+        .any(|(s, optional)| *s == S::Failed && !optional);
+    let status = if counted.iter().any(|s| !s.is_final() && !waiting(s)) {
+        S::Running
+    } else if let Some(held) = counted.iter().find(|s| waiting(s)) {
+        *held
+    } else if failed {
+        S::Failed
+    } else if counted.contains(&S::Canceled) {
+        S::Canceled
+    } else if !counted.is_empty() && counted.iter().all(|s| *s == S::Skipped) {
+        S::Skipped
+    } else {
+        S::Success
+    };
+    Some(status)
+}
+
 /// The GitLab pipeline source of merge request pipelines, which never open the gate.
 pub const MERGE_REQUEST_SOURCE: &str = "merge_request_event";
+/// The source of pipelines GitLab creates for commit statuses posted on a commit without a
+/// pipeline: Greenlight's own statuses make them, so they never open the gate.
+pub const EXTERNAL_SOURCE: &str = "external";
 
 /// One pipeline run for a commit on this ref.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,8 +228,20 @@ impl Pipeline {
 
     /// Whether this pipeline's result may open the gate for a branch.
     pub fn counts_for_branch(&self) -> bool {
-        self.source != MERGE_REQUEST_SOURCE
+        self.source != MERGE_REQUEST_SOURCE && self.source != EXTERNAL_SOURCE
     }
+}
+
+/// Rejected pipeline claims kept per ref, for operators.
+pub const MAX_REJECTED: usize = 20;
+
+/// A pipeline claim that was not recorded because GitLab's API contradicts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub sha: Sha,
+    pub pipeline_id: u64,
+    pub reason: String,
+    pub at_ms: i64,
 }
 
 /// A head the branch pointed to, in the order pushes were recorded.
@@ -237,6 +285,9 @@ pub struct RefState {
     /// Whether the branch is deleted.
     #[serde(default)]
     pub deleted: bool,
+    /// Claims refused after checking with GitLab, oldest first.
+    #[serde(default)]
+    pub rejected: Vec<Rejected>,
 }
 
 impl RefState {
@@ -332,6 +383,15 @@ impl RefState {
         };
         self.trim();
         outcome
+    }
+
+    /// Keeps `rejected` for operators; the oldest are forgotten.
+    pub fn reject(&mut self, rejected: Rejected) {
+        self.rejected.push(rejected);
+        if self.rejected.len() > MAX_REJECTED {
+            let excess = self.rejected.len() - MAX_REJECTED;
+            self.rejected.drain(..excess);
+        }
     }
 
     /// The pipeline that is the commit's verdict for the branch: the one with the highest id.
@@ -551,6 +611,49 @@ mod tests {
         let mut mr = pipeline(9, PipelineStatus::Success);
         mr.source = MERGE_REQUEST_SOURCE.into();
         state.record_pipeline(&sha(1), mr);
+        assert_eq!(state.verdict(&sha(1)).unwrap().id, 8);
+    }
+
+    #[test]
+    fn aggregate_follows_gitlab() {
+        use PipelineStatus as S;
+        let of = |jobs: &[(S, bool)]| aggregate_jobs(jobs);
+        assert_eq!(of(&[]), None);
+        assert_eq!(
+            of(&[(S::Success, false), (S::Pending, false)]),
+            Some(S::Running)
+        );
+        assert_eq!(
+            of(&[(S::Success, false), (S::Manual, true)]),
+            Some(S::Success)
+        );
+        assert_eq!(
+            of(&[(S::Success, false), (S::Manual, false)]),
+            Some(S::Manual)
+        );
+        assert_eq!(
+            of(&[(S::Failed, true), (S::Success, false)]),
+            Some(S::Success)
+        );
+        assert_eq!(
+            of(&[(S::Canceled, false), (S::Success, false)]),
+            Some(S::Canceled)
+        );
+        assert_eq!(of(&[(S::Skipped, false)]), Some(S::Skipped));
+        assert_eq!(
+            of(&[(S::Skipped, false), (S::Success, false)]),
+            Some(S::Success)
+        );
+    }
+
+    #[test]
+    fn external_pipelines_made_by_commit_statuses_are_no_verdict() {
+        let mut state = RefState::default();
+        let mut external = pipeline(9, PipelineStatus::Success);
+        external.source = EXTERNAL_SOURCE.into();
+        state.record_pipeline(&sha(1), external);
+        assert_eq!(state.verdict(&sha(1)), None);
+        state.record_pipeline(&sha(1), pipeline(8, PipelineStatus::Failed));
         assert_eq!(state.verdict(&sha(1)).unwrap().id, 8);
     }
 

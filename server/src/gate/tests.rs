@@ -1040,3 +1040,24 @@ fn a_failed_pipeline_never_counts_even_if_its_required_stages_passed() {
     });
     assert!(gate.desired.is_none());
 }
+
+#[test]
+fn an_agent_was_told_only_what_the_gate_or_an_operator_sent_it() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.push(2);
+    assert!(!w.gate.was_told(&sha(1)), "pushed, never green");
+    w.pipeline(2, 20, Success);
+    w.pipeline(1, 10, Success);
+    assert!(w.gate.was_told(&sha(2)));
+    // Green only after a newer commit was deployed: superseded, never sent.
+    assert!(!w.gate.was_told(&sha(1)));
+    w.push(3);
+    w.pipeline(3, 30, Success);
+    // The previous revision stays reportable: an apply may finish after the gate moved on.
+    assert!(w.gate.was_told(&sha(2)) && w.gate.was_told(&sha(3)));
+    w.pin(sha(1)).unwrap();
+    w.unpin().unwrap();
+    assert!(w.gate.was_told(&sha(1)), "pinned once");
+    assert!(!w.gate.was_told(&sha(9)));
+}

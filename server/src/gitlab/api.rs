@@ -42,6 +42,11 @@ pub struct CommitStatus {
     pub name: String,
     pub description: String,
     pub target_url: Option<String>,
+    /// The pipeline that opened the gate: the status joins it as an external job instead of
+    /// making GitLab create an `external` pipeline.
+    pub pipeline_id: Option<u64>,
+    /// The branch, so GitLab files the status under the ref the agent watches.
+    pub git_ref: Option<String>,
 }
 
 /// A pipeline as `GET /projects/:id/pipelines` lists it.
@@ -56,6 +61,15 @@ pub struct ApiPipeline {
     pub source: Option<String>,
     #[serde(default)]
     pub updated_at: Option<String>,
+}
+
+/// A CI job as `GET /projects/:id/pipelines/:pipeline_id/jobs` lists it: commit statuses
+/// (ours among them) are not jobs, so the jobs tell the pipeline's status without them.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiJob {
+    pub status: String,
+    #[serde(default)]
+    pub allow_failure: bool,
 }
 
 #[derive(Deserialize)]
@@ -145,6 +159,12 @@ impl GitLab {
         if let Some(target) = &status.target_url {
             form.push(("target_url", target.clone()));
         }
+        if let Some(id) = status.pipeline_id {
+            form.push(("pipeline_id", id.to_string()));
+        }
+        if let Some(git_ref) = &status.git_ref {
+            form.push(("ref", git_ref.clone()));
+        }
         self.send(self.http.post(url).form(&form)).await?;
         Ok(())
     }
@@ -161,6 +181,27 @@ impl GitLab {
             Err(GitLabError::Status { status: 404, .. }) => Ok(None),
             Err(error) => Err(error),
         }
+    }
+
+    /// Pipeline `id` of `project`, `None` when GitLab has no such pipeline.
+    pub async fn pipeline(
+        &self,
+        project: &str,
+        id: u64,
+    ) -> Result<Option<ApiPipeline>, GitLabError> {
+        let url = self.url(project, &["pipelines", &id.to_string()])?;
+        match self.send(self.http.get(url)).await {
+            Ok(response) => Ok(Some(response.json().await?)),
+            Err(GitLabError::Status { status: 404, .. }) => Ok(None),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// The CI jobs of pipeline `id` of `project` (the first hundred, latest attempts).
+    pub async fn pipeline_jobs(&self, project: &str, id: u64) -> Result<Vec<ApiJob>, GitLabError> {
+        let mut url = self.url(project, &["pipelines", &id.to_string(), "jobs"])?;
+        url.query_pairs_mut().append_pair("per_page", "100");
+        Ok(self.send(self.http.get(url)).await?.json().await?)
     }
 
     /// The newest pipelines of `branch` of `project`, newest first.

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::api::{GitLab, GitLabError, parse_gitlab_time};
-use crate::engine::{Engine, EngineError, Fact, FactKind};
+use crate::engine::{Engine, EngineError, Fact, FactKind, Origin};
 use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
 use crate::store::RefKey;
 
@@ -28,6 +28,7 @@ pub async fn catch_up_once(
     key: &RefKey,
 ) -> Result<(), CatchUpError> {
     let fact = |kind| Fact {
+        origin: Origin::GitLabApi,
         project_path: Some(key.project.clone()),
         project_id: key.project.parse().ok(),
         branch: key.branch.clone(),

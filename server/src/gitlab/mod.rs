@@ -3,10 +3,12 @@
 
 mod api;
 mod catch_up;
+mod confirm;
 mod statuses;
 
 pub use api::{
     ApiPipeline, CommitStatus, GitLab, GitLabError, MAX_DESCRIPTION, parse_gitlab_time, truncate,
 };
 pub use catch_up::{catch_up_once, run_catch_up};
-pub use statuses::{StatusPublisher, status_for};
+pub use confirm::{Claim, Confirmation, Mismatch, PipelineConfirmer, compare};
+pub use statuses::{CONTEXT_PREFIX, StatusPublisher, status_for};

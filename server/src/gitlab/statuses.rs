@@ -11,8 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
 use super::api::{CommitStatus, GitLab};
+use crate::catalog::ref_key;
+use crate::config::AgentSpec;
 use crate::engine::Engine;
-use crate::gate::Outcome;
+use crate::gate::{Outcome, Sha};
 use crate::metrics::Metrics;
 use crate::store::Broadcast;
 
@@ -22,6 +24,9 @@ const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How long one status is retried before the queue moves on.
 const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
+/// Every commit status Greenlight posts is named `greenlight/<agent>`: pipeline hooks that
+/// carry them as jobs must not count them towards the verdict.
+pub const CONTEXT_PREFIX: &str = "greenlight/";
 
 /// One status to post.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,10 +44,12 @@ pub fn status_for(
 ) -> Vec<(String, String, CommitStatus)> {
     let status = |agent: &str, state: &'static str, description: String| CommitStatus {
         state,
-        name: format!("greenlight/{agent}"),
+        name: format!("{CONTEXT_PREFIX}{agent}"),
         description,
         target_url: target_base
             .map(|base| format!("{}/badges/{agent}.svg", base.trim_end_matches('/'))),
+        pipeline_id: None,
+        git_ref: None,
     };
     match message {
         Broadcast::RefChanged { decisions, .. } => decisions
@@ -53,7 +60,10 @@ pub fn status_for(
                     Outcome::Deploy => Some((
                         agent.clone(),
                         sha,
-                        status(agent, "pending", format!("deploying: {}", decision.reason)),
+                        CommitStatus {
+                            pipeline_id: decision.pipeline_id,
+                            ..status(agent, "pending", format!("deploying: {}", decision.reason))
+                        },
                     )),
                     Outcome::Skip if decision.reason.starts_with("superseded by") => Some((
                         agent.clone(),
@@ -140,10 +150,14 @@ impl StatusPublisher {
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            for (agent, sha, status) in status_for(&message, self.target_base.as_deref()) {
+            for (agent, sha, mut status) in status_for(&message, self.target_base.as_deref()) {
                 let Some(spec) = self.engine.catalog().agent(&agent) else {
                     continue;
                 };
+                status.git_ref = Some(spec.branch.clone());
+                if status.pipeline_id.is_none() {
+                    status.pipeline_id = pipeline_of(&self.engine, spec, &sha).await;
+                }
                 let job = StatusJob {
                     project: spec.project.clone(),
                     agent,
@@ -157,6 +171,23 @@ impl StatusPublisher {
             }
         }
     }
+}
+
+/// The pipeline a status on `sha` of `agent` belongs to: the one that let the agent's
+/// revision through, else the commit's verdict on the ref. `None` (an untested commit
+/// deployed in immediate or manual mode, or an unreadable store) posts without one, and
+/// GitLab makes an `external` pipeline, which the gate ignores.
+async fn pipeline_of(engine: &Engine, agent: &AgentSpec, sha: &str) -> Option<u64> {
+    let sha = Sha::parse(sha).ok()?;
+    let doc = engine.load(&ref_key(agent)).await.ok()?.value;
+    let opened = doc.agents.get(&agent.name).and_then(|gate| {
+        [&gate.desired, &gate.position]
+            .into_iter()
+            .flatten()
+            .find(|revision| revision.sha == sha)
+            .and_then(|revision| revision.pipeline_id)
+    });
+    opened.or_else(|| doc.refs.verdict(&sha).map(|p| p.id))
 }
 
 /// Posts jobs in order, each retried with backoff until it succeeds or cannot.
@@ -217,7 +248,7 @@ async fn post_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::{Decision, Sha};
+    use crate::gate::Decision;
     use crate::store::RefKey;
 
     fn decision(outcome: Outcome, reason: &str) -> Decision {
@@ -242,7 +273,10 @@ mod tests {
             decisions: vec![
                 (
                     "prod".into(),
-                    decision(Outcome::Deploy, "pipeline 7 succeeded"),
+                    Decision {
+                        pipeline_id: Some(7),
+                        ..decision(Outcome::Deploy, "pipeline 7 succeeded")
+                    },
                 ),
                 (
                     "prod".into(),
@@ -258,6 +292,11 @@ mod tests {
         let states: Vec<&str> = statuses.iter().map(|(_, _, s)| s.state).collect();
         assert_eq!(states, ["pending", "canceled"]);
         assert_eq!(statuses[0].2.name, "greenlight/prod");
+        assert_eq!(
+            statuses[0].2.pipeline_id,
+            Some(7),
+            "joins the gate's pipeline"
+        );
         assert_eq!(statuses[1].2.description, "superseded by 1234abcd");
         assert_eq!(
             statuses[0].2.target_url.as_deref(),

@@ -371,6 +371,18 @@ impl AdminService for AdminApi {
                 .head()
                 .map(|h| h.sha.to_string())
                 .unwrap_or_default(),
+            rejected: doc
+                .refs
+                .rejected
+                .iter()
+                .rev()
+                .map(|r| v1::RejectedFact {
+                    sha: r.sha.to_string(),
+                    pipeline_id: r.pipeline_id,
+                    reason: r.reason.clone(),
+                    at_unix_ms: r.at_ms,
+                })
+                .collect(),
         }))
     }
 

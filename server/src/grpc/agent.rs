@@ -255,14 +255,14 @@ impl AgentService for AgentApi {
             .into_inner()
             .report
             .ok_or_else(|| Status::invalid_argument("report is required"))?;
-        Sha::parse(&report.revision)
+        let revision = Sha::parse(&report.revision)
             .map_err(|e| Status::invalid_argument(format!("report.revision: {e}")))?;
         if report.phase() == v1::Phase::Unspecified {
             return Err(Status::invalid_argument("report.phase is required"));
         }
         report.received_at_unix_ms = now_ms();
         self.engine
-            .report(&agent.name, report.encode_to_vec())
+            .report(&agent.name, &revision, report.encode_to_vec())
             .await?;
         Ok(Response::new(v1::ReportStatusResponse {}))
     }

@@ -5,21 +5,35 @@ use std::sync::Arc;
 use greenlight::v1::{self, ingest_service_server::IngestService};
 use tonic::{Request, Response, Status};
 
-use super::{require_token, status_from_proto};
-use crate::config::TokenHash;
-use crate::engine::{Engine, Fact, FactKind, Recording};
+use super::{bearer, status_from_proto};
+use crate::engine::{Engine, Fact, FactKind, Origin, Recording};
 use crate::gate::{Pipeline, Push, Sha};
+use crate::trust::{IngestToken, authorize_ingest, check_pipeline_id, check_time};
 
 /// Serves CI systems.
 pub struct IngestApi {
     engine: Arc<Engine>,
-    token: Option<TokenHash>,
+    tokens: Vec<IngestToken>,
 }
 
 impl IngestApi {
-    /// Requests must carry a bearer token hashing to `token`.
-    pub fn new(engine: Arc<Engine>, token: Option<TokenHash>) -> Self {
-        Self { engine, token }
+    /// Requests must carry a bearer token hashing to one of `tokens`, scoped to the project.
+    pub fn new(engine: Arc<Engine>, tokens: Vec<IngestToken>) -> Self {
+        Self { engine, tokens }
+    }
+
+    /// Admits a request about `project` (normalized), or says why not.
+    fn authorize<T>(&self, request: &Request<T>, project: &str) -> Result<(), Status> {
+        let token = bearer(request).ok_or_else(|| {
+            Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+        })?;
+        authorize_ingest(&self.tokens, token, project).map_err(|refused| {
+            if refused.unauthenticated() {
+                Status::unauthenticated(refused.to_string())
+            } else {
+                Status::permission_denied(refused.to_string())
+            }
+        })
     }
 
     async fn record(
@@ -33,6 +47,7 @@ impl IngestApi {
             Recording::Unchanged => "unchanged".to_owned(),
             Recording::Duplicate => "duplicate".to_owned(),
             Recording::Ignored(why) => format!("ignored: {why}"),
+            Recording::Contradicted(why) => format!("contradicted: {why}"),
         };
         Ok(Response::new(v1::RecordResponse { outcome }))
     }
@@ -56,8 +71,12 @@ fn optional_sha(field: &str, value: &str) -> Result<Option<Sha>, Status> {
     Ok(Some(sha).filter(|s| !s.is_null()))
 }
 
+/// The project as agents spell it; an empty one is refused only after authentication.
+fn normalized(value: &str) -> &str {
+    value.trim().trim_matches('/')
+}
+
 fn project(value: &str) -> Result<(Option<String>, Option<u64>), Status> {
-    let value = value.trim().trim_matches('/');
     if value.is_empty() {
         return Err(Status::invalid_argument("project is required"));
     }
@@ -70,9 +89,9 @@ impl IngestService for IngestApi {
         &self,
         request: Request<v1::RecordPushRequest>,
     ) -> Result<Response<v1::RecordResponse>, Status> {
-        require_token(&request, self.token.as_ref(), "ingest")?;
+        self.authorize(&request, normalized(&request.get_ref().project))?;
         let request = request.into_inner();
-        let (project_path, project_id) = project(&request.project)?;
+        let (project_path, project_id) = project(normalized(&request.project))?;
         if request.after.is_empty() {
             return Err(Status::invalid_argument(
                 "after is required (all zeros for a deleted branch)",
@@ -84,6 +103,7 @@ impl IngestService for IngestApi {
             at_ms: crate::clock::now_ms(),
         };
         let fact = Fact {
+            origin: Origin::Ingest,
             project_path,
             project_id,
             branch: branch(&request.r#ref)?,
@@ -96,15 +116,21 @@ impl IngestService for IngestApi {
         &self,
         request: Request<v1::RecordPipelineRequest>,
     ) -> Result<Response<v1::RecordResponse>, Status> {
-        require_token(&request, self.token.as_ref(), "ingest")?;
+        self.authorize(&request, normalized(&request.get_ref().project))?;
         let request = request.into_inner();
-        let (project_path, project_id) = project(&request.project)?;
+        let (project_path, project_id) = project(normalized(&request.project))?;
         let sha = optional_sha("sha", &request.sha)?
             .ok_or_else(|| Status::invalid_argument("sha is required"))?;
         let status = status_from_proto(request.status())
             .ok_or_else(|| Status::invalid_argument("status is required"))?;
         if request.pipeline_id == 0 {
             return Err(Status::invalid_argument("pipeline_id is required"));
+        }
+        check_pipeline_id(request.pipeline_id)
+            .map_err(|e| Status::invalid_argument(format!("pipeline_id: {e}")))?;
+        if let Some(at) = request.finished_at_unix_ms {
+            check_time("finished_at_unix_ms", at, crate::clock::now_ms())
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
         let pipeline = Pipeline {
             id: request.pipeline_id,
@@ -114,6 +140,7 @@ impl IngestService for IngestApi {
             passed_stages: request.passed_stages.clone(),
         };
         let fact = Fact {
+            origin: Origin::Ingest,
             project_path,
             project_id,
             branch: branch(&request.r#ref)?,

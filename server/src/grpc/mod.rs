@@ -11,7 +11,6 @@ pub use ingest::IngestApi;
 use greenlight::v1;
 use tonic::Status;
 
-use crate::config::TokenHash;
 use crate::engine::EngineError;
 use crate::gate::{Decision, GateError, Mode, Outcome, PipelineStatus, Revision};
 
@@ -24,26 +23,6 @@ fn bearer<T>(request: &tonic::Request<T>) -> Option<&str> {
         .then_some(token.trim())
 }
 
-/// Admits requests whose bearer token hashes to `expected`.
-fn require_token<T>(
-    request: &tonic::Request<T>,
-    expected: Option<&TokenHash>,
-    what: &str,
-) -> Result<(), Status> {
-    let Some(expected) = expected else {
-        return Err(Status::unauthenticated(format!(
-            "the {what} API is disabled: no {what}.token_sha256 is configured"
-        )));
-    };
-    match bearer(request) {
-        None => Err(Status::unauthenticated(
-            "missing `authorization: Bearer <token>` metadata",
-        )),
-        Some(token) if expected.matches(token) => Ok(()),
-        Some(_) => Err(Status::unauthenticated(format!("invalid {what} token"))),
-    }
-}
-
 impl From<EngineError> for Status {
     fn from(error: EngineError) -> Self {
         let message = error.to_string();
@@ -54,7 +33,9 @@ impl From<EngineError> for Status {
             EngineError::Gate(GateError::AbbreviatedPin(_) | GateError::AbbreviatedTrigger(_)) => {
                 Status::invalid_argument(message)
             }
-            EngineError::Gate(_) => Status::failed_precondition(message),
+            EngineError::Gate(_) | EngineError::NotSent { .. } => {
+                Status::failed_precondition(message)
+            }
         }
     }
 }

@@ -16,9 +16,10 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::HttpState;
-use crate::engine::{Fact, FactKind, Recording};
-use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
-use crate::gitlab::parse_gitlab_time;
+use crate::engine::{Fact, FactKind, Origin, Recording};
+use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
+use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
+use crate::trust::{Claimed, check_pipeline_id, check_time};
 
 /// Leaves GitLab's 10 s budget some slack for the network.
 const RECORD_DEADLINE: Duration = Duration::from_secs(8);
@@ -27,6 +28,24 @@ const RECORD_DEADLINE: Duration = Duration::from_secs(8);
 struct Project {
     id: Option<u64>,
     path_with_namespace: Option<String>,
+}
+
+/// The project a delivery names, read before anything else to pick its secret.
+#[derive(Deserialize)]
+struct ProjectClaim {
+    project: Option<Project>,
+    project_id: Option<u64>,
+}
+
+impl ProjectClaim {
+    fn claimed(&self) -> Option<Claimed<'_>> {
+        let path = self
+            .project
+            .as_ref()
+            .and_then(|p| p.path_with_namespace.as_deref());
+        let id = self.project.as_ref().and_then(|p| p.id).or(self.project_id);
+        (path.is_some() || id.is_some()).then_some(Claimed { path, id })
+    }
 }
 
 #[derive(Deserialize)]
@@ -49,6 +68,9 @@ struct PipelineHook {
 
 #[derive(Deserialize)]
 struct Build {
+    /// The job name; commit statuses appear as jobs named by their context.
+    #[serde(default)]
+    name: String,
     stage: String,
     status: String,
     #[serde(default)]
@@ -68,6 +90,24 @@ fn latest_activity(builds: &[Build]) -> Option<i64> {
         .flat_map(|b| [&b.created_at, &b.started_at, &b.finished_at])
         .filter_map(|t| t.as_deref().and_then(parse_gitlab_time))
         .max()
+}
+
+/// The latest job finish: when a result recomputed from the jobs became true.
+fn latest_finish(builds: &[Build]) -> Option<i64> {
+    builds
+        .iter()
+        .filter_map(|b| b.finished_at.as_deref().and_then(parse_gitlab_time))
+        .max()
+}
+
+/// GitLab's status of a pipeline made of `builds`, recomputed once Greenlight's own jobs are
+/// left out; `None` when no job is left.
+fn aggregate(builds: &[Build]) -> Option<PipelineStatus> {
+    let jobs: Vec<(PipelineStatus, bool)> = builds
+        .iter()
+        .filter_map(|b| Some((PipelineStatus::parse(&b.status).ok()?, b.allow_failure)))
+        .collect();
+    aggregate_jobs(&jobs)
 }
 
 /// Stages every job of which succeeded (or may fail): what `gate.stages` waits for.
@@ -117,32 +157,29 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Handles one delivery.
 pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(secret) = &state.gitlab_secret else {
+    if !state.webhook_secrets.enabled() {
         state.metrics.webhook("unknown", "disabled");
         return answer(
             StatusCode::NOT_FOUND,
             "rejected",
-            "GitLab webhooks are not enabled: set webhooks.gitlab.secret_token",
+            "GitLab webhooks are not enabled: set webhooks.gitlab.secret_token or projects",
+        );
+    }
+    let Some(token) = header(&headers, "x-gitlab-token") else {
+        state.metrics.webhook("unknown", "unauthorized");
+        return answer(
+            StatusCode::UNAUTHORIZED,
+            "rejected",
+            "missing X-Gitlab-Token header",
         );
     };
-    match header(&headers, "x-gitlab-token") {
-        Some(token) if secret.matches(token) => {}
-        Some(_) => {
-            state.metrics.webhook("unknown", "unauthorized");
-            return answer(
-                StatusCode::UNAUTHORIZED,
-                "rejected",
-                "X-Gitlab-Token does not match the configured secret",
-            );
-        }
-        None => {
-            state.metrics.webhook("unknown", "unauthorized");
-            return answer(
-                StatusCode::UNAUTHORIZED,
-                "rejected",
-                "missing X-Gitlab-Token header",
-            );
-        }
+    // The secret depends on the project the body names, so the body is read (not trusted)
+    // before the token is checked.
+    let claim = serde_json::from_slice::<ProjectClaim>(&body).ok();
+    let claimed = claim.as_ref().and_then(ProjectClaim::claimed);
+    if let Err(refused) = state.webhook_secrets.check(claimed, token) {
+        state.metrics.webhook("unknown", "unauthorized");
+        return answer(StatusCode::UNAUTHORIZED, "rejected", refused.to_string());
     }
     let Some(event) = header(&headers, "x-gitlab-event") else {
         state.metrics.webhook("unknown", "malformed");
@@ -161,7 +198,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
     };
     let fact = match event {
         "Push Hook" => parse_push(&body),
-        "Pipeline Hook" => parse_pipeline(&body),
+        "Pipeline Hook" => parse_pipeline(&body, crate::clock::now_ms()),
         _ => Ok(Err(format!("{event} events are not used"))),
     };
     let fact = match fact {
@@ -189,6 +226,8 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
             "this delivery was recorded before".to_owned(),
         ),
         Ok(Ok(Recording::Ignored(why))) => (StatusCode::OK, "ignored", why),
+        // Authenticated and recorded as rejected: a 4xx would get the hook disabled.
+        Ok(Ok(Recording::Contradicted(why))) => (StatusCode::OK, "contradicted", why),
         Ok(Err(error)) => {
             warn!(%error, event, "cannot record webhook");
             (
@@ -229,6 +268,7 @@ fn parse_push(body: &[u8]) -> Parsed {
     };
     let (path, id) = project_of(hook.project.as_ref(), hook.project_id)?;
     Ok(Ok(Fact {
+        origin: Origin::GitLabHook,
         project_path: path,
         project_id: id,
         branch: branch.to_owned(),
@@ -240,9 +280,8 @@ fn parse_push(body: &[u8]) -> Parsed {
     }))
 }
 
-fn parse_pipeline(body: &[u8]) -> Parsed {
+fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
     let hook: PipelineHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    let hook_builds = hook.builds;
     let attrs = hook.object_attributes;
     if attrs.tag {
         return Ok(Err(format!(
@@ -254,6 +293,49 @@ fn parse_pipeline(body: &[u8]) -> Parsed {
     let status = PipelineStatus::parse(&attrs.status)
         .map_err(|e| format!("object_attributes.status: {e}"))?;
     let (path, id) = project_of(hook.project.as_ref(), None)?;
+    check_pipeline_id(attrs.id).map_err(|e| format!("object_attributes.id: {e}"))?;
+    let finished_at = attrs.finished_at.as_deref().and_then(parse_gitlab_time);
+    if let Some(at) = finished_at {
+        check_time("object_attributes.finished_at", at, now_ms).map_err(|e| e.to_string())?;
+    }
+    if let Some(at) = latest_activity(&hook.builds) {
+        check_time("builds[].*_at", at, now_ms).map_err(|e| e.to_string())?;
+    }
+    let source = attrs.source.unwrap_or_default();
+    if source == EXTERNAL_SOURCE {
+        return Ok(Err(format!(
+            "pipeline {} is external (made by commit statuses) and never opens a gate",
+            attrs.id
+        )));
+    }
+    // Greenlight's own statuses join the gate's pipeline as jobs and change its status: a
+    // failed deploy on staging must not turn the pipeline red for prod, nor a "running"
+    // deploy make a finished pipeline look unfinished.
+    let (own, builds): (Vec<Build>, Vec<Build>) = hook
+        .builds
+        .into_iter()
+        .partition(|b| b.name.starts_with(CONTEXT_PREFIX));
+    let (status, as_of_ms) = if own.is_empty() {
+        let as_of = if status.is_final() {
+            finished_at
+        } else {
+            latest_activity(&builds)
+        };
+        (status, as_of)
+    } else {
+        let Some(status) = aggregate(&builds) else {
+            return Ok(Err(format!(
+                "pipeline {} holds only Greenlight's own statuses",
+                attrs.id
+            )));
+        };
+        let as_of = if status.is_final() {
+            latest_finish(&builds)
+        } else {
+            latest_activity(&builds)
+        };
+        (status, as_of)
+    };
     let branch = attrs
         .git_ref
         .strip_prefix("refs/heads/")
@@ -262,15 +344,12 @@ fn parse_pipeline(body: &[u8]) -> Parsed {
     let pipeline = Pipeline {
         id: attrs.id,
         status,
-        source: attrs.source.unwrap_or_default(),
-        as_of_ms: if status.is_final() {
-            attrs.finished_at.as_deref().and_then(parse_gitlab_time)
-        } else {
-            latest_activity(&hook_builds)
-        },
-        passed_stages: passed_stages(&hook_builds),
+        source,
+        as_of_ms,
+        passed_stages: passed_stages(&builds),
     };
     Ok(Ok(Fact {
+        origin: Origin::GitLabHook,
         project_path: path,
         project_id: id,
         branch,
@@ -294,12 +373,15 @@ fn project_of(
 mod tests {
     use super::*;
 
+    /// 2026-12-01, a fixed "now" for the plausibility bounds.
+    const NOW: i64 = 1_796_083_200_000;
+
     #[test]
     fn tag_pushes_and_tag_pipelines_are_not_acted_on() {
         let push = br#"{"ref":"refs/tags/v1","before":"0000000000000000000000000000000000000000","after":"1111111111111111111111111111111111111111","project":{"id":1}}"#;
         assert!(matches!(parse_push(push), Ok(Err(_))));
         let pipeline = br#"{"object_attributes":{"id":1,"ref":"v1","tag":true,"sha":"1111111111111111111111111111111111111111","status":"success"},"project":{"id":1}}"#;
-        assert!(matches!(parse_pipeline(pipeline), Ok(Err(_))));
+        assert!(matches!(parse_pipeline(pipeline, NOW), Ok(Err(_))));
     }
 
     #[test]
@@ -308,11 +390,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.contains("after"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#)
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#, NOW)
             .err()
             .unwrap();
         assert!(err.contains("missing field"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#).err().unwrap();
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#, NOW).err().unwrap();
         assert!(err.contains("exploded"), "{err}");
     }
 
@@ -321,11 +403,53 @@ mod tests {
         let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"running"},"project":{"id":1},
             "builds":[{"stage":"test","status":"success"},{"stage":"test","status":"failed","allow_failure":true},
                       {"stage":"lint","status":"success"},{"stage":"lint","status":"running"},{"stage":"deploy","status":"created"}]}"#;
-        let fact = parse_pipeline(body).unwrap().unwrap();
+        let fact = parse_pipeline(body, NOW).unwrap().unwrap();
         let FactKind::Pipeline { pipeline, .. } = fact.kind else {
             panic!("not a pipeline")
         };
         assert_eq!(pipeline.passed_stages, ["test"]);
+    }
+
+    fn pipeline_of(body: &[u8]) -> Option<Pipeline> {
+        match parse_pipeline(body, NOW) {
+            Ok(Ok(Fact {
+                kind: FactKind::Pipeline { pipeline, .. },
+                ..
+            })) => Some(pipeline),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn greenlights_own_jobs_do_not_change_the_verdict() {
+        // Staging's failed deploy, posted on the pipeline that opened the gate.
+        let failed = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push","finished_at":"2026-11-26 10:05:00 UTC"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success","finished_at":"2026-11-26 10:01:00 UTC"},
+                      {"name":"greenlight/staging","stage":"external","status":"failed","finished_at":"2026-11-26 10:05:00 UTC"}]}"#;
+        let pipeline = pipeline_of(failed).unwrap();
+        assert_eq!(pipeline.status, PipelineStatus::Success);
+        assert_eq!(
+            pipeline.as_of_ms,
+            parse_gitlab_time("2026-11-26 10:01:00 UTC")
+        );
+        assert_eq!(pipeline.passed_stages, ["test"]);
+        // A deploy still running does not make the finished pipeline look unfinished.
+        let running = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"running","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/staging","stage":"external","status":"running","started_at":"2026-11-26 10:06:00 UTC"}]}"#;
+        assert_eq!(
+            pipeline_of(running).unwrap().status,
+            PipelineStatus::Success
+        );
+        // Real jobs still decide.
+        let red = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"failed"},{"name":"lint","stage":"test","status":"failed","allow_failure":true},{"name":"greenlight/prod","stage":"external","status":"success"}]}"#;
+        assert_eq!(pipeline_of(red).unwrap().status, PipelineStatus::Failed);
+        // A pipeline of nothing but our statuses, or made by them, is no verdict at all.
+        let only_ours = br#"{"object_attributes":{"id":8,"ref":"main","sha":"1111111","status":"success","source":"push"},"project":{"id":1},
+            "builds":[{"name":"greenlight/staging","stage":"external","status":"success"}]}"#;
+        assert!(matches!(parse_pipeline(only_ours, NOW), Ok(Err(_))));
+        let external = br#"{"object_attributes":{"id":9,"ref":"main","sha":"1111111","status":"success","source":"external"},"project":{"id":1}}"#;
+        assert!(matches!(parse_pipeline(external, NOW), Ok(Err(_))));
     }
 
     #[test]

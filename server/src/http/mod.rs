@@ -12,15 +12,16 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
-use crate::config::{Secret, TokenHash};
+use crate::config::TokenHash;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
+use crate::trust::WebhookSecrets;
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
     pub engine: Arc<Engine>,
-    pub gitlab_secret: Option<Secret>,
+    pub webhook_secrets: WebhookSecrets,
     pub admin_token: Option<TokenHash>,
     pub metrics: Arc<Metrics>,
 }

@@ -1,0 +1,219 @@
+//! Confirming a webhook's pipeline claim through GitLab's API before it may open a gate:
+//! a leaked webhook secret alone then cannot deploy a commit whose pipeline never passed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use tracing::warn;
+
+use super::api::{ApiPipeline, GitLab};
+use crate::gate::{PipelineStatus, Sha, aggregate_jobs};
+
+/// Confirmations remembered; past this the memory starts over (redeliveries are recent).
+const CACHE_ENTRIES: usize = 4096;
+
+/// What a webhook claims about one pipeline.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim<'a> {
+    pub id: u64,
+    pub sha: &'a Sha,
+    pub branch: &'a str,
+    pub status: PipelineStatus,
+}
+
+/// How GitLab's answer contradicts a claim.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Mismatch {
+    #[error("GitLab has no pipeline {0}")]
+    NotFound(u64),
+    #[error("GitLab says pipeline {id} is for commit {actual}, not {claimed}")]
+    Sha {
+        id: u64,
+        claimed: String,
+        actual: String,
+    },
+    #[error("GitLab says pipeline {id} ran on ref {actual}, not {claimed}")]
+    Ref {
+        id: u64,
+        claimed: String,
+        actual: String,
+    },
+    #[error("GitLab says pipeline {id} is {actual}, not {claimed}")]
+    Status {
+        id: u64,
+        claimed: PipelineStatus,
+        actual: String,
+    },
+}
+
+/// Whether GitLab's view of the pipeline (`None`: it has none) agrees with `claim`.
+pub fn compare(claim: &Claim<'_>, api: Option<&ApiPipeline>) -> Result<(), Mismatch> {
+    let id = claim.id;
+    let api = api.ok_or(Mismatch::NotFound(id))?;
+    if !api.sha.eq_ignore_ascii_case(claim.sha.as_str()) {
+        return Err(Mismatch::Sha {
+            id,
+            claimed: claim.sha.to_string(),
+            actual: api.sha.clone(),
+        });
+    }
+    let api_branch = api
+        .git_ref
+        .strip_prefix("refs/heads/")
+        .unwrap_or(&api.git_ref);
+    if api_branch != claim.branch {
+        return Err(Mismatch::Ref {
+            id,
+            claimed: claim.branch.to_owned(),
+            actual: api.git_ref.clone(),
+        });
+    }
+    if PipelineStatus::parse(&api.status).ok() != Some(claim.status) {
+        return Err(Mismatch::Status {
+            id,
+            claimed: claim.status,
+            actual: api.status.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// What the check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmation {
+    Confirmed,
+    Contradicted(Mismatch),
+    /// GitLab could not be asked. The claim came with the project's webhook secret, and
+    /// catch-up reads the API again later: holding every deploy while GitLab's API is down
+    /// would make its outage ours.
+    Unavailable,
+}
+
+type CacheKey = (String, u64, Sha, String, PipelineStatus);
+
+/// Asks GitLab about pipeline claims, remembering what it confirmed.
+pub struct PipelineConfirmer {
+    gitlab: GitLab,
+    confirmed: Mutex<HashMap<CacheKey, ()>>,
+}
+
+impl PipelineConfirmer {
+    /// Confirms claims through `gitlab`.
+    pub fn new(gitlab: GitLab) -> Self {
+        Self {
+            gitlab,
+            confirmed: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Checks `claim` about `project` (as the agents spell it; the API takes a path or an id).
+    pub async fn confirm(&self, project: &str, claim: &Claim<'_>) -> Confirmation {
+        let key: CacheKey = (
+            project.to_owned(),
+            claim.id,
+            claim.sha.clone(),
+            claim.branch.to_owned(),
+            claim.status,
+        );
+        if self.lock().contains_key(&key) {
+            return Confirmation::Confirmed;
+        }
+        let api = match self.gitlab.pipeline(project, claim.id).await {
+            Ok(api) => api,
+            Err(error) => {
+                warn!(%error, project, pipeline = claim.id, "cannot confirm a pipeline with GitLab");
+                return Confirmation::Unavailable;
+            }
+        };
+        let mut verdict = compare(claim, api.as_ref());
+        // Our own statuses join the pipeline and change its status on GitLab, while the hook's
+        // status was recomputed without them: then the CI jobs, which exclude every commit
+        // status, must give the claimed status.
+        if let Err(Mismatch::Status { .. }) = verdict {
+            match self.gitlab.pipeline_jobs(project, claim.id).await {
+                Ok(jobs) => {
+                    let jobs: Vec<(PipelineStatus, bool)> = jobs
+                        .iter()
+                        .filter_map(|j| {
+                            Some((PipelineStatus::parse(&j.status).ok()?, j.allow_failure))
+                        })
+                        .collect();
+                    if aggregate_jobs(&jobs) == Some(claim.status) {
+                        verdict = Ok(());
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, project, pipeline = claim.id, "cannot read a pipeline's jobs");
+                    return Confirmation::Unavailable;
+                }
+            }
+        }
+        match verdict {
+            Ok(()) => {
+                let mut cache = self.lock();
+                if cache.len() >= CACHE_ENTRIES {
+                    cache.clear();
+                }
+                cache.insert(key, ());
+                Confirmation::Confirmed
+            }
+            Err(mismatch) => Confirmation::Contradicted(mismatch),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<CacheKey, ()>> {
+        // A set of confirmations stays valid under a poisoned lock.
+        self.confirmed.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api(sha: &str, git_ref: &str, status: &str) -> ApiPipeline {
+        ApiPipeline {
+            id: 7,
+            sha: sha.into(),
+            git_ref: git_ref.into(),
+            status: status.into(),
+            source: Some("push".into()),
+            updated_at: None,
+        }
+    }
+
+    #[test]
+    fn a_claim_must_agree_with_gitlab_on_sha_ref_and_status() {
+        let sha = Sha::parse(&"a".repeat(40)).unwrap();
+        let claim = Claim {
+            id: 7,
+            sha: &sha,
+            branch: "main",
+            status: PipelineStatus::Success,
+        };
+        let a = "a".repeat(40);
+        assert_eq!(compare(&claim, Some(&api(&a, "main", "success"))), Ok(()));
+        assert_eq!(
+            compare(
+                &claim,
+                Some(&api(&a.to_uppercase(), "refs/heads/main", "success"))
+            ),
+            Ok(())
+        );
+        assert_eq!(compare(&claim, None), Err(Mismatch::NotFound(7)));
+        let b = "b".repeat(40);
+        assert!(matches!(
+            compare(&claim, Some(&api(&b, "main", "success"))),
+            Err(Mismatch::Sha { .. })
+        ));
+        assert!(matches!(
+            compare(&claim, Some(&api(&a, "feature", "success"))),
+            Err(Mismatch::Ref { .. })
+        ));
+        let failed = compare(&claim, Some(&api(&a, "main", "failed"))).unwrap_err();
+        assert_eq!(
+            failed.to_string(),
+            "GitLab says pipeline 7 is failed, not success"
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Facts only from their own project: per-project webhook secrets, scoped ingest tokens,
+//! plausibility bounds on pipeline claims, and reports only on revisions the server sent.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use greenlight::digest::sha256_hex;
+use greenlight::v1::{
+    Phase, PipelineStatus, RecordPipelineRequest, RecordPushRequest, StatusReport,
+};
+use greenlight_agent::client::ClientError;
+use greenlight_e2e::*;
+use serde_json::Value;
+use tonic::Code;
+
+const ZERO: &str = "0000000000000000000000000000000000000000";
+/// A second project, guarded by a secret of its own.
+const PROD_PROJECT: &str = "group/prod-manifests";
+const PROD_SECRET: &str = "prod-hook-secret";
+/// An ingest token that may only speak for `PROJECT`.
+const SCOPED_INGEST_TOKEN: &str = "ingest-token-app-only";
+
+/// Agent `dev` on `PROJECT` (global secret) and agent `prod` on `PROD_PROJECT` (own secret),
+/// both in pipeline mode; a scoped ingest token beside the unscoped one.
+async fn server(redis: &Redis) -> anyhow::Result<TestServer> {
+    let prod = AgentDef {
+        project: PROD_PROJECT.into(),
+        ..AgentDef::new("prod")
+    };
+    let yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("dev"), prod])
+        .replace(
+            &format!("webhooks: {{ gitlab: {{ secret_token: \"{GITLAB_SECRET}\" }} }}\n"),
+            &format!(
+                "webhooks: {{ gitlab: {{ secret_token: \"{GITLAB_SECRET}\", projects: {{ \"{PROD_PROJECT}\": {{ secret_token: \"{PROD_SECRET}\" }} }} }} }}\n"
+            ),
+        )
+        .replace(
+            &format!("ingest: {{ token_sha256: \"{}\" }}\n", sha256_hex(INGEST_TOKEN.as_bytes())),
+            &format!(
+                "ingest:\n  token_sha256: \"{}\"\n  tokens: [{{ token_sha256: \"{}\", projects: [\"{PROJECT}\"] }}]\n",
+                sha256_hex(INGEST_TOKEN.as_bytes()),
+                sha256_hex(SCOPED_INGEST_TOKEN.as_bytes())
+            ),
+        );
+    TestServer::start(&yaml).await
+}
+
+/// Posts a webhook with `token`; returns status and JSON body.
+async fn hook_with(
+    server: &TestServer,
+    token: &str,
+    event: &str,
+    body: &Value,
+) -> anyhow::Result<(u16, Value)> {
+    install_crypto();
+    let response = reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .build()?
+        .post(format!("http://{}/webhooks/gitlab", server.http))
+        .header("X-Gitlab-Event", event)
+        .header("X-Gitlab-Token", token)
+        .json(body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await.unwrap_or(Value::Null)))
+}
+
+fn message(body: &Value) -> &str {
+    body["message"].as_str().unwrap_or("")
+}
+
+async fn desired(server: &TestServer, agent: &str) -> anyhow::Result<Option<String>> {
+    Ok(server.agent_status(agent).await?.desired.map(|d| d.sha))
+}
+
+fn refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    code: Code,
+) -> anyhow::Result<tonic::Status> {
+    match result {
+        Err(status) if status.code() == code => Ok(status),
+        other => bail!("expected {code:?}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_cross_project_hook_is_401_and_the_legitimate_one_still_works() -> anyhow::Result<()>
+{
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let (red, green) = (sha(0xbad), sha(0x600d));
+
+    // Whoever holds the global secret (for dev's project) names prod's project.
+    let forged_push = push_payload(PROD_PROJECT, "main", ZERO, &red);
+    let (status, body) = hook_with(&server, GITLAB_SECRET, "Push Hook", &forged_push).await?;
+    assert_eq!(status, 401, "{body}");
+    assert!(message(&body).contains(PROD_PROJECT), "{body}");
+    // The review's forgery, also naming dev's numeric id next to prod's path.
+    let mut forged = pipeline_payload(PROD_PROJECT, "main", &red, 9_000, "success", "push");
+    forged["object_attributes"]["finished_at"] = "2026-11-26 10:00:00 UTC".into();
+    let (status, body) = hook_with(&server, GITLAB_SECRET, "Pipeline Hook", &forged).await?;
+    assert_eq!(status, 401, "{body}");
+    assert!(message(&body).contains(PROD_PROJECT), "{body}");
+    // Without the path, a guessed secret matches nothing either.
+    let (status, _) = hook_with(&server, "guess", "Pipeline Hook", &forged).await?;
+    assert_eq!(status, 401);
+    assert_eq!(desired(&server, "prod").await?, None);
+
+    // Prod's own secret works for prod…
+    let push = push_payload(PROD_PROJECT, "main", ZERO, &green);
+    let (status, body) = hook_with(&server, PROD_SECRET, "Push Hook", &push).await?;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("recorded")));
+    let run = pipeline_payload(PROD_PROJECT, "main", &green, 7, "success", "push");
+    let (status, body) = hook_with(&server, PROD_SECRET, "Pipeline Hook", &run).await?;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("recorded")));
+    assert_eq!(desired(&server, "prod").await?, Some(green.clone()));
+    // …and not for the projects the global secret guards.
+    let dev_push = push_payload(PROJECT, "main", ZERO, &green);
+    let (status, body) = hook_with(&server, PROD_SECRET, "Push Hook", &dev_push).await?;
+    assert_eq!(status, 401, "{body}");
+    server.release(ZERO, &green, 8).await?;
+    assert_eq!(desired(&server, "dev").await?, Some(green));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_bounds_pipeline_ids_and_times_are_refused() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let x = sha(1);
+    assert_eq!(server.push("main", ZERO, &x).await?, 200);
+
+    let green = |id: u64, finished_at: &str| {
+        let mut body = pipeline_payload(PROJECT, "main", &x, id, "success", "push");
+        body["object_attributes"]["finished_at"] = finished_at.into();
+        body
+    };
+    let cases = [
+        (
+            green(9_000_000_000_000_000_000, "2026-11-26 10:00:00 UTC"),
+            "object_attributes.id",
+        ),
+        (green(0, "2026-11-26 10:00:00 UTC"), "object_attributes.id"),
+        (
+            green(7, "2100-01-01 00:00:00 UTC"),
+            "object_attributes.finished_at 2100-01-01T00:00:00Z is",
+        ),
+        (
+            green(7, "1999-12-31 23:59:59 UTC"),
+            "object_attributes.finished_at 1999-12-31T23:59:59Z is before 2000-01-01",
+        ),
+    ];
+    for (body, problem) in &cases {
+        let (status, answer) = server.hook("Pipeline Hook", body, None).await?;
+        assert_eq!(status, 400, "{answer}");
+        assert!(message(&answer).contains(problem), "{problem}: {answer}");
+    }
+    assert_eq!(desired(&server, "dev").await?, None, "nothing was recorded");
+
+    let mut client = server.ingest_as(INGEST_TOKEN).await?;
+    let far_future = RecordPipelineRequest {
+        project: PROJECT.into(),
+        r#ref: "main".into(),
+        sha: x.clone(),
+        pipeline_id: 7,
+        status: PipelineStatus::Success.into(),
+        source: "push".into(),
+        delivery_id: String::new(),
+        finished_at_unix_ms: Some(4_102_444_800_000),
+        passed_stages: Vec::new(),
+    };
+    let status = refused(
+        client.record_pipeline(far_future.clone()).await,
+        Code::InvalidArgument,
+    )?;
+    assert!(
+        status.message().contains("finished_at_unix_ms"),
+        "{}",
+        status.message()
+    );
+    let huge = RecordPipelineRequest {
+        pipeline_id: u64::MAX,
+        finished_at_unix_ms: None,
+        ..far_future.clone()
+    };
+    refused(client.record_pipeline(huge).await, Code::InvalidArgument)?;
+    assert_eq!(desired(&server, "dev").await?, None);
+
+    // A plausible result still opens the gate.
+    let (status, _) = server
+        .hook("Pipeline Hook", &green(7, "2026-11-26 10:00:00 UTC"), None)
+        .await?;
+    assert_eq!(status, 200);
+    assert_eq!(desired(&server, "dev").await?, Some(x));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scoped_ingest_token_is_refused_for_other_projects() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let x = sha(3);
+    let push = |project: &str| RecordPushRequest {
+        project: project.into(),
+        r#ref: "main".into(),
+        before: String::new(),
+        after: x.clone(),
+        delivery_id: String::new(),
+    };
+    let pipeline = |project: &str| RecordPipelineRequest {
+        project: project.into(),
+        r#ref: "main".into(),
+        sha: x.clone(),
+        pipeline_id: 11,
+        status: PipelineStatus::Success.into(),
+        source: "push".into(),
+        delivery_id: String::new(),
+        finished_at_unix_ms: None,
+        passed_stages: Vec::new(),
+    };
+    let mut scoped = server.ingest_as(SCOPED_INGEST_TOKEN).await?;
+    let status = refused(
+        scoped.record_push(push(PROD_PROJECT)).await,
+        Code::PermissionDenied,
+    )?;
+    assert!(
+        status.message().contains(PROD_PROJECT),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().contains(PROJECT), "{}", status.message());
+    refused(
+        scoped.record_pipeline(pipeline(PROD_PROJECT)).await,
+        Code::PermissionDenied,
+    )?;
+    // Slashes around the project do not slip past the scope.
+    refused(
+        scoped
+            .record_pipeline(pipeline(&format!("/{PROD_PROJECT}/")))
+            .await,
+        Code::PermissionDenied,
+    )?;
+    assert_eq!(desired(&server, "prod").await?, None);
+
+    // Its own project works, and so does the unscoped token everywhere.
+    scoped.record_push(push(PROJECT)).await?;
+    let outcome = scoped.record_pipeline(pipeline(PROJECT)).await?;
+    assert_eq!(outcome.into_inner().outcome, "recorded");
+    assert_eq!(desired(&server, "dev").await?, Some(x.clone()));
+    let mut unscoped = server.ingest_as(INGEST_TOKEN).await?;
+    unscoped.record_push(push(PROD_PROJECT)).await?;
+    unscoped.record_pipeline(pipeline(PROD_PROJECT)).await?;
+    assert_eq!(desired(&server, "prod").await?, Some(x));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_on_a_revision_never_sent_is_refused() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let (untested, green) = (sha(0x51), sha(0x52));
+    let report = |revision: &str| StatusReport {
+        revision: revision.to_owned(),
+        phase: Phase::Healthy.into(),
+        message: "all good".into(),
+        ..Default::default()
+    };
+    let client = server.agent("dev").await?;
+    let mut stream = server.stream("dev").await?;
+    assert_eq!(server.push("main", ZERO, &untested).await?, 200);
+    for never_sent in [&untested, &green] {
+        match client.report(report(never_sent)).await {
+            Err(ClientError::Status(status)) if status.code() == Code::FailedPrecondition => {
+                assert!(
+                    status.message().contains(never_sent.as_str()),
+                    "{}",
+                    status.message()
+                );
+            }
+            other => bail!("a report on {never_sent} must be refused, got {other:?}"),
+        }
+    }
+    assert_eq!(server.last_report("dev").await?, None);
+
+    // The revision the server sends is reportable.
+    server.release(&untested, &green, 3).await?;
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), green);
+    client.report(report(&green)).await?;
+    let last = server.last_report("dev").await?;
+    assert_eq!(last.map(|r| r.revision), Some(green));
+    Ok(())
+}
