@@ -1,5 +1,6 @@
 //! Test support: a bare HTTP/1.1 server standing in for the Kubernetes API server, for the
-//! few behaviours the e2e emulation cannot produce (a broken group, a hung call).
+//! few behaviours a real control plane cannot be made to show on demand (a broken group, a
+//! hung call).
 
 use std::sync::{Arc, Mutex};
 

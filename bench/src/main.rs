@@ -1,9 +1,9 @@
 //! `greenlight-bench <scenario>`: Greenlight's speed, measured over loopback with a real
 //! redis-server, real gRPC and HTTP, and printed as a short plain-text report.
 //!
-//! Everything (server, agents, clients, the emulated API server) runs in this one process,
-//! on one Tokio runtime with a worker thread per CPU, as the end-to-end tests do; redis-server
-//! and git are child processes. See README.md for what each scenario measures.
+//! The server, agents' streams and clients run in this one process, on one Tokio runtime
+//! with a worker thread per CPU, as the end-to-end tests do; redis-server, git, the
+//! Kubernetes control plane and (in `apply`) greenlight-agent are child processes. See README.md for what each scenario measures.
 
 mod apply;
 mod common;

@@ -3,7 +3,7 @@
 //! test deploys into namespaces of its own, so they share one control plane in parallel.
 
 use greenlight::v1::Phase;
-use greenlight_e2e::control_plane::ControlPlane;
+use greenlight_e2e::control_plane::{ControlPlane, TestCluster};
 use greenlight_e2e::*;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
@@ -32,13 +32,17 @@ struct World {
 /// A world whose agent `prod` has the extra settings `agent_extra`, in which `APPS` stands for
 /// its default namespace and `HOME` for its own; `None` when no control plane is built.
 async fn world(agent_extra: &str) -> anyhow::Result<Option<World>> {
-    let Some(plane) = ControlPlane::shared().await? else {
+    install_crypto();
+    let Some(TestCluster {
+        plane,
+        kube,
+        agent_kube,
+        apps,
+        home,
+    }) = TestCluster::new().await?
+    else {
         return Ok(None);
     };
-    install_crypto();
-    let kube = plane.client().await?;
-    let apps = plane.namespace(&kube, "apps").await?;
-    let home = plane.namespace(&kube, "home").await?;
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
     let repo = GitRepo::new()?;
@@ -56,7 +60,7 @@ async fn world(agent_extra: &str) -> anyhow::Result<Option<World>> {
         server,
         server_config,
         plane,
-        agent_kube: plane.agent_client().await?,
+        agent_kube,
         kube,
         apps,
         home,
@@ -544,13 +548,6 @@ async fn invalid_document_writes_nothing_and_names_file_and_document() -> anyhow
     Ok(())
 }
 
-/// A Deployment of `replicas` whose pods fit only on a node labelled `pool: <pool>`.
-fn deployment_on(name: &str, replicas: u32, pool: &str) -> String {
-    format!(
-        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  progressDeadlineSeconds: 3\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      nodeSelector: {{pool: {pool}}}\n      containers:\n        - {{name: {name}, image: nginx}}\n"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_whose_pods_never_schedule_is_degraded() -> anyhow::Result<()> {
     let w = world!("    health_timeout: 60s\n");
@@ -801,9 +798,11 @@ async fn reconciling_an_unchanged_revision_without_drift_writes_nothing() -> any
     let _agent = w.agent("replica-a");
     w.server.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
-    // The Deployment's controllers go on writing its status for a moment; none of that is
-    // the agent's, and none of it is drift of what the agent applied.
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // The agent's watches start after its first apply, and until they have listed what it
+    // applied it cannot know that nothing changed, so it applies again: give them time,
+    // generously on a loaded machine. The Deployment's controllers go on writing its status
+    // meanwhile; none of that is drift of what the agent applied.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let mark = w.mark();
     // Several reconcile intervals.
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;

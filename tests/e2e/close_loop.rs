@@ -9,8 +9,8 @@ use greenlight::v1::admin_service_client::AdminServiceClient;
 use greenlight::v1::{
     GetAgentRequest, PauseSyncRequest, Phase, ResumeSyncRequest, WatchRevisionRequest,
 };
+use greenlight_e2e::control_plane::TestCluster;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
-use greenlight_e2e::kube_api::KubeApi;
 use greenlight_e2e::*;
 use serde_json::json;
 use tonic::Code;
@@ -63,20 +63,33 @@ struct World {
     repo: GitRepo,
     gitlab: FakeGitLab,
     server: TestServer,
-    kube: KubeApi,
+    cluster: TestCluster,
 }
 
 /// A server with GitLab configured, agent `prod` (with `prod_extra`) and, when given, agent
-/// `staging` on the same repository with `staging_extra`.
-async fn world(prod_extra: &str, staging_extra: Option<&str>) -> anyhow::Result<World> {
+/// `staging` on the same repository with `staging_extra`; `None` without a control plane.
+async fn world(prod_extra: &str, staging_extra: Option<&str>) -> anyhow::Result<Option<World>> {
     world_with(prod_extra, staging_extra, None).await
+}
+
+/// The test's body runs only where a control plane is built (always in CI).
+macro_rules! world {
+    ($world:expr) => {
+        match $world.await? {
+            Some(w) => w,
+            None => return Ok(()),
+        }
+    };
 }
 
 async fn world_with(
     prod_extra: &str,
     staging_extra: Option<&str>,
     catch_up_interval: Option<&str>,
-) -> anyhow::Result<World> {
+) -> anyhow::Result<Option<World>> {
+    let Some(cluster) = TestCluster::new().await? else {
+        return Ok(None);
+    };
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
     let secrets = tempfile::tempdir()?;
@@ -84,12 +97,12 @@ async fn world_with(
     std::fs::write(&token_file, format!("{GITLAB_API_TOKEN}\n"))?;
     let repo = GitRepo::new()?;
     let gitlab = FakeGitLab::start().await?;
-    let mut agents = vec![prod_agent(&repo.url(), prod_extra)];
+    let mut agents = vec![cluster.agent_entry(&prod_agent(&repo.url(), prod_extra))];
     if let Some(extra) = staging_extra {
-        agents.push(format!(
+        agents.push(cluster.agent_entry(&format!(
             "{}{extra}",
             git_agent_yaml("staging", &repo.url(), &[])
-        ));
+        )));
     }
     let yaml = close_loop_yaml(
         &redis.url(),
@@ -100,9 +113,7 @@ async fn world_with(
         &agents,
     );
     let server = TestServer::start(&yaml).await?;
-    let kube = KubeApi::start().await?;
-    kube.put_object(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}}));
-    Ok(World {
+    Ok(Some(World {
         redis,
         cache,
         _secrets: secrets,
@@ -110,8 +121,8 @@ async fn world_with(
         repo,
         gitlab,
         server,
-        kube,
-    })
+        cluster,
+    }))
 }
 
 /// Makes the fake GitLab hold pipeline `id` of `sha` on `main` in `status`, as the real one
@@ -124,6 +135,17 @@ fn gitlab_holds(gitlab: &FakeGitLab, sha: &str, id: u64, status: &str) {
 }
 
 impl World {
+    /// Starts replica `identity` of agent `name`.
+    fn agent(&self, name: &str, identity: &str) -> AgentProcess {
+        AgentProcess::start_in(
+            &self.server,
+            name,
+            self.cluster.agent_kube.clone(),
+            identity,
+            &self.cluster.home,
+        )
+    }
+
     /// A pipeline hook for `sha` on `main`, with GitLab's API agreeing.
     async fn pipeline(&self, sha: &str, id: u64, status: &str) -> anyhow::Result<u16> {
         gitlab_holds(&self.gitlab, sha, id, status);
@@ -224,12 +246,12 @@ fn states(statuses: &[(String, String, String)]) -> Vec<&str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthy_deploy_posts_pending_running_success_on_its_commit_only() -> anyhow::Result<()> {
-    let w = world("", None).await?;
+    let w = world!(world("", None));
     let x = w.repo.commit(
         &[("app.yaml", configmap("settings", "one").as_bytes())],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("prod", "replica-a");
     w.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
 
@@ -275,7 +297,7 @@ async fn healthy_deploy_posts_pending_running_success_on_its_commit_only() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn green_commit_skipped_for_a_newer_one_is_canceled_as_superseded() -> anyhow::Result<()> {
-    let w = world("", None).await?;
+    let w = world!(world("", None));
     let b = w
         .repo
         .commit(&[("app.yaml", configmap("settings", "b").as_bytes())], &[])?;
@@ -326,13 +348,13 @@ async fn green_commit_skipped_for_a_newer_one_is_canceled_as_superseded() -> any
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_gitlab_never_delays_a_sync_and_statuses_arrive_after_it_recovers()
 -> anyhow::Result<()> {
-    let w = world("", None).await?;
+    let w = world!(world("", None));
     let x = w.repo.commit(
         &[("app.yaml", configmap("settings", "one").as_bytes())],
         &[],
     )?;
     w.gitlab.fail_with(Some(500));
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("prod", "replica-a");
     w.release(ZERO, &x, 1).await?;
     // GitLab is still failing: the deploy went ahead regardless.
     w.server.reported("prod", &x, Phase::Healthy).await?;
@@ -377,8 +399,8 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
         repo,
         gitlab,
         server,
-        kube: _kube,
-    } = world_with("", None, Some("1s")).await?;
+        cluster: _cluster,
+    } = world!(world_with("", None, Some("1s")));
     let a = repo.commit(&[("app.yaml", configmap("settings", "a").as_bytes())], &[])?;
     let mut stream = server.stream("prod").await?;
     assert_eq!(server.push("main", ZERO, &a).await?, 200);
@@ -451,8 +473,8 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_exits_0_when_healthy_or_superseded_3_with_exact_and_124_on_timeout()
 -> anyhow::Result<()> {
-    let w = world("", None).await?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let w = world!(world("", None));
+    let _agent = w.agent("prod", "replica-a");
 
     // Healthy: 0, the wait started before the push.
     let a = w
@@ -500,8 +522,8 @@ async fn wait_exits_0_when_healthy_or_superseded_3_with_exact_and_124_on_timeout
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ci_token_may_read_and_wait_for_its_own_agent_only() -> anyhow::Result<()> {
-    let w = world("", Some("")).await?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let w = world!(world("", Some("")));
+    let _agent = w.agent("prod", "replica-a");
     let a = w
         .repo
         .commit(&[("app.yaml", configmap("settings", "a").as_bytes())], &[])?;
@@ -576,10 +598,10 @@ async fn ci_token_may_read_and_wait_for_its_own_agent_only() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wait_exits_1_when_the_commit_is_degraded() -> anyhow::Result<()> {
-    let w = world("    health_timeout: 2s\n", None).await?;
-    w.kube.set_auto_rollout(false);
-    let x = w.repo.commit(&[("web.yaml", DEPLOYMENT.as_bytes())], &[])?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let w = world!(world("    health_timeout: 2s\n", None));
+    let never = deployment_on("web", 1, "nowhere");
+    let x = w.repo.commit(&[("web.yaml", never.as_bytes())], &[])?;
+    let _agent = w.agent("prod", "replica-a");
     let waiting = spawn_ctl(
         &w.server,
         ADMIN_TOKEN,
@@ -600,7 +622,10 @@ async fn wait_exits_1_when_the_commit_is_degraded() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result<()> {
-    let w = world("    health_timeout: 2s\n", Some("    badge: public\n")).await?;
+    let w = world!(world(
+        "    health_timeout: 2s\n",
+        Some("    badge: public\n")
+    ));
 
     // Access.
     let (status, _, _) = badge(&w.server, "prod", None).await?;
@@ -628,7 +653,7 @@ async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result
         &[("app.yaml", configmap("settings", "one").as_bytes())],
         &[],
     )?;
-    let _agent = AgentProcess::start(&w.server, "prod", w.kube.client(), "replica-a");
+    let _agent = w.agent("prod", "replica-a");
     w.release(ZERO, &x, 1).await?;
     w.server.reported("prod", &x, Phase::Healthy).await?;
     let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
@@ -655,8 +680,8 @@ async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result
         .await?;
 
     // Degraded: red.
-    w.kube.set_auto_rollout(false);
-    let y = w.repo.commit(&[("web.yaml", DEPLOYMENT.as_bytes())], &[])?;
+    let never = deployment_on("web", 1, "nowhere");
+    let y = w.repo.commit(&[("web.yaml", never.as_bytes())], &[])?;
     w.release(&x, &y, 2).await?;
     w.server.reported("prod", &y, Phase::Degraded).await?;
     let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
@@ -668,7 +693,7 @@ async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_gitlab_api_never_stops_webhook_deploys() -> anyhow::Result<()> {
-    let w = world_with("", None, Some("1s")).await?;
+    let w = world!(world_with("", None, Some("1s")));
     let gets = || {
         w.gitlab
             .requests()
@@ -695,7 +720,7 @@ async fn a_failing_gitlab_api_never_stops_webhook_deploys() -> anyhow::Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greenlights_own_statuses_never_promote_a_commit() -> anyhow::Result<()> {
-    let w = world("", Some("    gate: { mode: immediate }\n")).await?;
+    let w = world!(world("", Some("    gate: { mode: immediate }\n")));
     let hook_url = format!("http://{}/webhooks/gitlab", w.server.http);
     w.gitlab.set_webhook(&hook_url, GITLAB_SECRET);
     let x = w.repo.commit(
@@ -703,7 +728,7 @@ async fn greenlights_own_statuses_never_promote_a_commit() -> anyhow::Result<()>
         &[],
     )?;
     let mut prod = w.server.stream("prod").await?;
-    let _staging = AgentProcess::start(&w.server, "staging", w.kube.client(), "replica-s");
+    let _staging = w.agent("staging", "replica-s");
 
     // Staging deploys the untested commit at once and reports it healthy; its statuses
     // (posted without a pipeline, as none opened its gate) make GitLab create an external
@@ -799,7 +824,7 @@ async fn greenlights_own_statuses_never_promote_a_commit() -> anyhow::Result<()>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_gitlab_contradicts_does_not_open_the_gate() -> anyhow::Result<()> {
-    let w = world("", None).await?;
+    let w = world!(world("", None));
     let x = w
         .repo
         .commit(&[("app.yaml", configmap("settings", "x").as_bytes())], &[])?;
@@ -890,7 +915,7 @@ async fn a_pipeline_gitlab_contradicts_does_not_open_the_gate() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_running_on_gitlab_only_because_of_our_status_is_confirmed() -> anyhow::Result<()>
 {
-    let w = world("", Some("    gate: { mode: immediate }\n")).await?;
+    let w = world!(world("", Some("    gate: { mode: immediate }\n")));
     let x = w
         .repo
         .commit(&[("app.yaml", configmap("settings", "x").as_bytes())], &[])?;

@@ -371,6 +371,46 @@ impl ControlPlane {
     }
 }
 
+/// One test's place on the shared control plane: clients, and namespaces of its own.
+pub struct TestCluster {
+    pub plane: &'static ControlPlane,
+    /// The tests' own client, acting as an administrator.
+    pub kube: kube::Client,
+    /// The agent's client: the audit log tells its requests by its user.
+    pub agent_kube: kube::Client,
+    /// The agents' default namespace.
+    pub apps: String,
+    /// Where the agents keep their inventory and Lease.
+    pub home: String,
+}
+
+impl TestCluster {
+    /// Fresh namespaces on the shared control plane; `None` when it is not built.
+    pub async fn new() -> anyhow::Result<Option<Self>> {
+        let Some(plane) = ControlPlane::shared().await? else {
+            return Ok(None);
+        };
+        let kube = plane.client().await?;
+        let apps = plane.namespace(&kube, "apps").await?;
+        let home = plane.namespace(&kube, "home").await?;
+        Ok(Some(Self {
+            plane,
+            agent_kube: plane.agent_client().await?,
+            kube,
+            apps,
+            home,
+        }))
+    }
+
+    /// `yaml` (an agent entry) deploying into this test's default namespace.
+    pub fn agent_entry(&self, yaml: &str) -> String {
+        yaml.replace(
+            "default_namespace: apps",
+            &format!("default_namespace: {}", self.apps),
+        )
+    }
+}
+
 /// One request of the agent, as the API server's audit log recorded it.
 #[derive(Debug, Clone)]
 pub struct AuditedRequest {

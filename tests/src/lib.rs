@@ -1,9 +1,8 @@
 //! Test harness: a real `redis-server` per test, servers on loopback ports, GitLab payloads,
-//! git repositories, and a Kubernetes API server emulation.
+//! git repositories, and a real Kubernetes control plane (`control_plane`).
 
 pub mod control_plane;
 pub mod fake_gitlab;
-pub mod kube_api;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
@@ -55,6 +54,13 @@ pub fn configmap(name: &str, value: &str) -> String {
 
 /// A Deployment manifest `web` with two replicas.
 pub const DEPLOYMENT: &str = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 2\n  selector:\n    matchLabels: {app: web}\n  template:\n    metadata:\n      labels: {app: web}\n    spec:\n      containers:\n        - {name: web, image: nginx}\n";
+
+/// A Deployment of `replicas` whose pods fit only on a node labelled `pool: <pool>`.
+pub fn deployment_on(name: &str, replicas: u32, pool: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: {name}\nspec:\n  replicas: {replicas}\n  progressDeadlineSeconds: 3\n  selector:\n    matchLabels: {{app: {name}}}\n  template:\n    metadata:\n      labels: {{app: {name}}}\n    spec:\n      nodeSelector: {{pool: {pool}}}\n      containers:\n        - {{name: {name}, image: nginx}}\n"
+    )
+}
 
 /// A 40-hex commit id made from `n`, distinct for distinct `n`.
 pub fn sha(n: u32) -> String {
