@@ -1336,3 +1336,74 @@ async fn a_rotated_token_competes_for_the_same_lease_and_shutdown_hands_over_at_
     assert_eq!(w.value("a").await?.as_deref(), Some("3"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_rbac_is_enough_and_no_more() -> anyhow::Result<()> {
+    let Some(plane) = ControlPlane::shared().await? else {
+        return Ok(());
+    };
+    install_crypto();
+    // deploy/agent.yaml as an operator applies it: namespaces `greenlight` and `apps`, the
+    // service account, its Roles, and the agent's Deployment (which kwok runs).
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.yaml");
+    plane.kubectl_ok(&["apply", "--server-side", "-f", manifest])?;
+    let token = plane.kubectl_ok(&["create", "token", "greenlight-agent", "-n", "greenlight"])?;
+    let as_agent = plane.client_with_token(token.trim()).await?;
+    let admin = plane.client().await?;
+    let other = plane.namespace(&admin, "other").await?;
+
+    let redis = Redis::start().await?;
+    let cache = tempfile::tempdir()?;
+    let repo = GitRepo::new()?;
+    // The agent's own scope allows `other`; its RBAC does not.
+    let agent = format!(
+        "{}    scope: {{ namespaces: [apps, {other}] }}\n",
+        git_agent_yaml("prod", &repo.url(), &[])
+    );
+    let server =
+        TestServer::start(&git_config_yaml(&redis.url(), cache.path(), "", &[agent])).await?;
+    let _agent = AgentProcess::start_in(&server, "prod", as_agent, "replica-a", "greenlight");
+    let manifests = format!("{}---\n{DEPLOYMENT}", configmap("settings", "one"));
+    let x = repo.commit(&[("app.yaml", manifests.as_bytes())], &[])?;
+    server.release(ZERO, &x, 1).await?;
+    server.reported("prod", &x, Phase::Healthy).await?;
+
+    // The drift watches list and watch under these rights too.
+    plane.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-n",
+        "apps",
+        "--type=merge",
+        "-p",
+        r#"{"data":{"value":"edited by hand"}}"#,
+    ])?;
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(admin, "apps");
+    eventually("drift corrected", || async {
+        let value = configmaps
+            .get("settings")
+            .await?
+            .data
+            .and_then(|d| d.get("value").cloned());
+        Ok((value.as_deref() == Some("one")).then_some(()))
+    })
+    .await?;
+
+    // Within the agent's scope but not its RBAC: the API server refuses, naming the user.
+    let stray = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n  namespace: {other}\ndata: {{a: b}}\n"
+    );
+    let y = repo.commit(&[("stray.yaml", stray.as_bytes())], &[])?;
+    server.release(&x, &y, 2).await?;
+    let failed = server.reported("prod", &y, Phase::Failed).await?;
+    assert!(
+        failed.message.contains("forbidden")
+            && failed
+                .message
+                .contains("system:serviceaccount:greenlight:greenlight-agent"),
+        "{}",
+        failed.message
+    );
+    Ok(())
+}

@@ -266,6 +266,15 @@ impl ControlPlane {
         client_from(&self.agent_kubeconfig).await
     }
 
+    /// A client presenting `token` (a service account's, say) instead of the admin's.
+    pub async fn client_with_token(&self, token: &str) -> anyhow::Result<kube::Client> {
+        let kubeconfig = Kubeconfig::read_from(&self.admin_kubeconfig)?;
+        let mut config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await?;
+        config.auth_info.token = Some(token.to_owned().into());
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// The admin kubeconfig, for tests that hand it to other programs.
     pub fn kubeconfig(&self) -> &Path {
         &self.admin_kubeconfig
