@@ -262,30 +262,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         std::fs::write(file, text)?;
     }
-    let started = Instant::now();
-    plane.kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--field-manager=bench-kubectl",
-        "-n",
-        &ceiling,
-        "-R",
-        "-f",
-        &kubectl_dir.to_string_lossy(),
-    ])?;
-    let kubectl_time = started.elapsed();
-    let started = Instant::now();
-    plane.kubectl_ok(&[
-        "apply",
-        "--server-side",
-        "--field-manager=bench-kubectl",
-        "-n",
-        &ceiling,
-        "-R",
-        "-f",
-        &kubectl_dir.to_string_lossy(),
-    ])?;
-    let kubectl_again = started.elapsed();
+    let kubectl_apply = || -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        plane.kubectl_ok(&[
+            "apply",
+            "--server-side",
+            "--field-manager=bench-kubectl",
+            "-n",
+            &ceiling,
+            "-R",
+            "-f",
+            &kubectl_dir.to_string_lossy(),
+        ])?;
+        Ok(started.elapsed())
+    };
+    let kubectl_time = kubectl_apply()?;
+    let kubectl_again = kubectl_apply()?;
 
     let redis = Redis::start().await.context("cannot start redis-server")?;
     let cache = tempfile::tempdir().context("cannot create the mirror cache directory")?;
