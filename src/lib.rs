@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod ctl;
 pub mod digest;
+pub mod health_check;
 pub mod tls;
 
 /// Generated protobuf messages and gRPC stubs of the `greenlight.v1` package.

@@ -22,6 +22,7 @@ use crate::plan::{
     prune_allowed, prune_set, refusals,
 };
 use crate::session::jittered;
+use greenlight::health_check::{HealthQuery, Verdict};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "greenlight";
@@ -1052,8 +1053,22 @@ impl Worker {
     ) -> Outcome {
         let timeout = health_timeout(settings.health_timeout_seconds);
         let deadline = tokio::time::Instant::now().checked_add(timeout);
-        let watched: Vec<&InventoryEntry> =
-            desired.iter().filter(|e| needs_rollout(&e.key)).collect();
+        // The operator's checks come first: they are for kinds whose status means something
+        // the conventions cannot read.
+        let checks: HashMap<(String, String), Result<HealthQuery, String>> = settings
+            .health_checks
+            .iter()
+            .map(|c| {
+                let query = HealthQuery::parse(&c.jsonpath, &c.healthy_values, &c.failed_values)
+                    .map_err(|e| e.to_string());
+                ((c.group.clone(), c.kind.clone()), query)
+            })
+            .collect();
+        let check_of = |key: &ObjectKey| checks.get(&(key.group.clone(), key.kind.clone()));
+        let watched: Vec<&InventoryEntry> = desired
+            .iter()
+            .filter(|e| needs_rollout(&e.key) || check_of(&e.key).is_some())
+            .collect();
         loop {
             let mut unhealthy: Vec<(String, String)> = Vec::new();
             let mut failed: Vec<(String, String)> = Vec::new();
@@ -1068,7 +1083,11 @@ impl Worker {
                     .await
                 {
                     Ok(Some(object)) => match serde_json::to_value(&object) {
-                        Ok(value) => assess(&entry.key.group, &entry.key.kind, &value),
+                        Ok(value) => match check_of(&entry.key) {
+                            Some(Ok(check)) => judged(check, &value),
+                            Some(Err(invalid)) => Health::Failed(invalid.clone()),
+                            None => assess(&entry.key.group, &entry.key.kind, &value),
+                        },
                         Err(error) => Health::Progressing(error.to_string()),
                     },
                     Ok(None) => Health::Progressing("does not exist".into()),
@@ -1142,6 +1161,21 @@ impl Worker {
 /// The configured health timeout, at least a second and at most [`MAX_HEALTH_TIMEOUT`].
 fn health_timeout(seconds: u64) -> Duration {
     Duration::from_secs(seconds.clamp(1, MAX_HEALTH_TIMEOUT.as_secs()))
+}
+
+/// What an operator's check says, as health with the values it saw.
+fn judged(check: &HealthQuery, object: &Value) -> Health {
+    let (verdict, selected) = check.judge(object);
+    let seen = if selected.is_empty() {
+        "its health check selects nothing yet".to_owned()
+    } else {
+        format!("its health check selects {}", selected.join(", "))
+    };
+    match verdict {
+        Verdict::Healthy => Health::Healthy,
+        Verdict::Failed => Health::Failed(seen),
+        Verdict::Progressing => Health::Progressing(seen),
+    }
 }
 
 fn needs_rollout(key: &ObjectKey) -> bool {

@@ -162,6 +162,22 @@ pub struct ApplySettings {
     pub health_timeout: Duration,
     pub reconcile_interval: Duration,
     pub force_conflicts: bool,
+    /// How to judge kinds that follow no status convention.
+    pub health_checks: Vec<HealthCheck>,
+}
+
+/// The health of one kind by a JSONPath query and the values it should select.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    /// API group; empty (the default) for the core group.
+    #[serde(default)]
+    pub group: String,
+    pub kind: String,
+    pub jsonpath: String,
+    pub healthy: Vec<String>,
+    #[serde(default)]
+    pub failed: Vec<String>,
 }
 
 impl Default for ApplySettings {
@@ -177,6 +193,7 @@ impl Default for ApplySettings {
             health_timeout: Duration::from_secs(300),
             reconcile_interval: Duration::from_secs(300),
             force_conflicts: true,
+            health_checks: Vec::new(),
         }
     }
 }
@@ -443,6 +460,8 @@ struct AgentFile {
     health_timeout: Option<String>,
     reconcile_interval: Option<String>,
     force_conflicts: Option<bool>,
+    #[serde(default)]
+    health_checks: Vec<HealthCheck>,
     ci_token_sha256: Option<String>,
     badge: Option<String>,
 }
@@ -773,6 +792,7 @@ impl Config {
                     defaults.reconcile_interval,
                 )?,
                 force_conflicts: agent.force_conflicts.unwrap_or(defaults.force_conflicts),
+                health_checks: checked_health_checks(&key("health_checks"), agent.health_checks)?,
             };
             agents.push(AgentSpec {
                 token: token_hash(&key("token_sha256"), &agent.token_sha256)?,
@@ -960,6 +980,37 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
     serde_saphyr::from_str(text).map_err(|e| e.to_string())
 }
 
+/// `checks` once each query parses and no kind has two: a typo is an error at start, not
+/// a revision that can never become healthy.
+fn checked_health_checks(
+    key: &str,
+    checks: Vec<HealthCheck>,
+) -> Result<Vec<HealthCheck>, ConfigError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, check) in checks.iter().enumerate() {
+        let at = format!("{key}[{i}]");
+        if check.kind.trim().is_empty() {
+            return Err(invalid(format!("{at}.kind"), "must name a kind"));
+        }
+        if !seen.insert((check.group.as_str(), check.kind.as_str())) {
+            return Err(invalid(
+                format!("{at}.kind"),
+                format!(
+                    "a second check for {} in group {:?}",
+                    check.kind, check.group
+                ),
+            ));
+        }
+        greenlight::health_check::HealthQuery::parse(
+            &check.jsonpath,
+            &check.healthy,
+            &check.failed,
+        )
+        .map_err(|e| invalid(format!("{at}.jsonpath"), e.to_string()))?;
+    }
+    Ok(checks)
+}
+
 fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     value
         .parse()
@@ -1093,6 +1144,35 @@ mod tests {
         assert!(!agent.apply.prune);
         assert_eq!(agent.apply.health_timeout, Duration::from_secs(120));
         assert_eq!(agent.apply.prune_propagation_policy, "foreground");
+    }
+
+    #[test]
+    fn health_checks_are_parsed_at_load_and_errors_name_the_check() {
+        let agent = |checks: &str| {
+            format!(
+                "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, health_checks: [{checks}]}}\n"
+            )
+        };
+        let config = Config::from_yaml(
+            &agent("{group: example.com, kind: Widget, jsonpath: '$.status.phase', healthy: [Ready], failed: [Failed]}"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(config.agents[0].apply.health_checks[0].kind, "Widget");
+        let err = Config::from_yaml(
+            &agent("{kind: Widget, jsonpath: '$.status[', healthy: [Ready]}"),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("agents[0].health_checks[0].jsonpath"), "{err}");
+        let err = Config::from_yaml(
+            &agent("{kind: Widget, jsonpath: '$.a', healthy: [x]}, {kind: Widget, jsonpath: '$.b', healthy: [y]}"),
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("a second check for Widget"), "{err}");
     }
 
     #[test]

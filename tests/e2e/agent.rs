@@ -611,17 +611,23 @@ async fn workloads_become_healthy_through_the_real_controllers() -> anyhow::Resu
     Ok(())
 }
 
+/// A CRD of `kind` in `group` without a status subresource: the status is part of the object,
+/// so a revision can carry what an operator would have reported, and no race with one
+/// decides a test.
+fn crd_with_status_in_the_object(group: &str, kind: &str, plural: &str) -> String {
+    format!(
+        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: {plural}.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: {plural}, singular: {}, kind: {kind}}}\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}\n",
+        kind.to_lowercase()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_custom_resource_reporting_ready_false_is_degraded() -> anyhow::Result<()> {
     let w = world!(
         "    health_timeout: 3s\n    scope: { cluster_kinds: [CustomResourceDefinition] }\n"
     );
     let group = format!("{}.example.com", w.apps);
-    // Without a status subresource the status is part of the object, so the revision can
-    // carry what an operator would have reported, and no race with one decides the test.
-    let crd = format!(
-        "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata:\n  name: databases.{group}\nspec:\n  group: {group}\n  scope: Namespaced\n  names: {{plural: databases, singular: database, kind: Database}}\n  versions:\n    - name: v1\n      served: true\n      storage: true\n      schema:\n        openAPIV3Schema: {{type: object, x-kubernetes-preserve-unknown-fields: true}}\n"
-    );
+    let crd = crd_with_status_in_the_object(&group, "Database", "databases");
     // Every change of an object without a status subresource is a new generation.
     let database = |ready: &str, generation: u32| {
         format!(
@@ -1402,6 +1408,58 @@ async fn the_example_rbac_is_enough_and_no_more() -> anyhow::Result<()> {
             && failed
                 .message
                 .contains("system:serviceaccount:greenlight:greenlight-agent"),
+        "{}",
+        failed.message
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_judges_a_kind_that_follows_no_convention() -> anyhow::Result<()> {
+    let w = world!(
+        "    health_timeout: 3s\n    scope: { cluster_kinds: [CustomResourceDefinition] }\n    health_checks:\n      - { group: APPS.example.com, kind: Bucket, jsonpath: '$.status.phase', healthy: [Ready], failed: [Lost] }\n"
+    );
+    let group = format!("{}.example.com", w.apps);
+    let crd = crd_with_status_in_the_object(&group, "Bucket", "buckets");
+    // As with the Ready=False test: the revision carries the status its controller would set.
+    let bucket = |phase: &str| {
+        format!(
+            "apiVersion: {group}/v1\nkind: Bucket\nmetadata:\n  name: logs\nstatus:\n  phase: {phase}\n"
+        )
+    };
+    let first = w.repo.commit(
+        &[
+            ("crd.yaml", crd.as_bytes()),
+            ("bucket.yaml", bucket("Ready").as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+
+    // Without the check the conventions would call it healthy: it has no conditions.
+    let second = w
+        .repo
+        .commit(&[("bucket.yaml", bucket("Provisioning").as_bytes())], &[])?;
+    w.server.release(&first, &second, 2).await?;
+    let degraded = w.server.reported("prod", &second, Phase::Degraded).await?;
+    assert!(
+        degraded.message.contains(&format!(
+            "Bucket {}/logs: its health check selects Provisioning",
+            w.apps
+        )),
+        "{}",
+        degraded.message
+    );
+
+    let third = w
+        .repo
+        .commit(&[("bucket.yaml", bucket("Lost").as_bytes())], &[])?;
+    w.server.release(&second, &third, 3).await?;
+    let failed = w.server.reported("prod", &third, Phase::Degraded).await?;
+    assert!(
+        failed.message.contains("selects Lost"),
         "{}",
         failed.message
     );

@@ -65,6 +65,17 @@ fn settings_to_proto(settings: &ApplySettings) -> v1::ApplySettings {
         scope_namespaces: settings.scope_namespaces.clone(),
         scope_cluster_kinds: settings.scope_cluster_kinds.clone(),
         prune_limit: Some(settings.prune_limit),
+        health_checks: settings
+            .health_checks
+            .iter()
+            .map(|c| v1::HealthCheck {
+                group: c.group.clone(),
+                kind: c.kind.clone(),
+                jsonpath: c.jsonpath.clone(),
+                healthy_values: c.healthy.clone(),
+                failed_values: c.failed.clone(),
+            })
+            .collect(),
     }
 }
 
