@@ -10,6 +10,8 @@ use kube::api::{
 use kube::core::{ApiResource, GroupVersion};
 use kube::discovery::Scope;
 use serde_json::Value;
+
+use crate::impersonate::{InvalidUser, acting_as};
 use tracing::warn;
 
 /// Bound on every call to the API server: kube sets no read timeout, and one hung call must
@@ -83,6 +85,10 @@ struct Served {
 /// A connection to one cluster with the kinds discovered so far.
 pub struct Cluster {
     client: kube::Client,
+    /// What objects are read and written with: the agent's own client, or one acting as the
+    /// user a revision's settings name.
+    acting: kube::Client,
+    acting_as: Option<String>,
     /// Per `apiVersion`: discovery is per group-version, so that one broken group (an
     /// unavailable aggregated APIService) cannot fail revisions that do not use it.
     served: RwLock<HashMap<String, Served>>,
@@ -93,15 +99,35 @@ impl Cluster {
     /// Wraps `client`; applies as `field_manager`.
     pub fn new(client: kube::Client, field_manager: &str) -> Self {
         Self {
+            acting: client.clone(),
+            acting_as: None,
             client,
             served: RwLock::new(HashMap::new()),
             field_manager: field_manager.to_owned(),
         }
     }
 
-    /// The kube client.
+    /// The agent's own client, for its inventory and Lease.
     pub fn client(&self) -> &kube::Client {
         &self.client
+    }
+
+    /// The client objects are read and written with.
+    pub fn acting(&self) -> &kube::Client {
+        &self.acting
+    }
+
+    /// Reads and writes objects as `user` from now on (the agent itself for `None`).
+    pub fn act_as(&mut self, user: Option<&str>) -> Result<(), InvalidUser> {
+        if self.acting_as.as_deref() == user {
+            return Ok(());
+        }
+        self.acting = match user {
+            Some(user) => acting_as(&self.client, user)?,
+            None => self.client.clone(),
+        };
+        self.acting_as = user.map(str::to_owned);
+        Ok(())
     }
 
     /// Makes sure every `(apiVersion, kind)` in `wanted` can be resolved if the cluster serves
@@ -203,8 +229,8 @@ impl Cluster {
 
     fn api(&self, resolved: &Resolved, namespace: Option<&str>) -> Api<DynamicObject> {
         match (resolved.namespaced, namespace) {
-            (true, Some(ns)) => Api::namespaced_with(self.client.clone(), ns, &resolved.resource),
-            _ => Api::all_with(self.client.clone(), &resolved.resource),
+            (true, Some(ns)) => Api::namespaced_with(self.acting.clone(), ns, &resolved.resource),
+            _ => Api::all_with(self.acting.clone(), &resolved.resource),
         }
     }
 

@@ -81,6 +81,8 @@ impl Shared {
 /// The watches of one agent's inventory.
 pub struct DriftWatch {
     client: kube::Client,
+    /// Whom `client` acts as, when not the agent itself.
+    user: Option<String>,
     selector: Option<String>,
     shared: Arc<Shared>,
     watches: HashMap<WatchTarget, Running>,
@@ -98,9 +100,20 @@ impl DriftWatch {
     pub fn new(client: kube::Client) -> Self {
         Self {
             client,
+            user: None,
             selector: None,
             shared: Arc::default(),
             watches: HashMap::new(),
+        }
+    }
+
+    /// Watches as `user` through `client` from now on, restarting the watches if that is
+    /// someone else than before: the user's RBAC decides what may be watched.
+    pub fn act_as(&mut self, client: &kube::Client, user: Option<&str>) {
+        if self.user.as_deref() != user {
+            self.stop();
+            self.client = client.clone();
+            self.user = user.map(str::to_owned);
         }
     }
 

@@ -224,6 +224,18 @@ impl Worker {
         )
         .await;
 
+        let impersonate = Some(settings.impersonate.as_str()).filter(|u| !u.is_empty());
+        if let Err(error) = self.cluster.act_as(impersonate) {
+            return self
+                .fail(
+                    revision,
+                    format!("{error}; nothing was applied"),
+                    Vec::new(),
+                )
+                .await;
+        }
+        self.drift.act_as(self.cluster.acting(), impersonate);
+
         let manifests = match manifest::parse(&revision.files) {
             Ok(manifests) => manifests,
             Err(error) => {

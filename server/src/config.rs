@@ -164,6 +164,9 @@ pub struct ApplySettings {
     pub force_conflicts: bool,
     /// How to judge kinds that follow no status convention.
     pub health_checks: Vec<HealthCheck>,
+    /// The service account the agent acts as for the revision's objects, as its username
+    /// (`system:serviceaccount:<namespace>:<name>`).
+    pub impersonate: Option<String>,
 }
 
 /// The health of one kind by a JSONPath query and the values it should select.
@@ -194,6 +197,7 @@ impl Default for ApplySettings {
             reconcile_interval: Duration::from_secs(300),
             force_conflicts: true,
             health_checks: Vec::new(),
+            impersonate: None,
         }
     }
 }
@@ -462,6 +466,7 @@ struct AgentFile {
     force_conflicts: Option<bool>,
     #[serde(default)]
     health_checks: Vec<HealthCheck>,
+    impersonate: Option<String>,
     ci_token_sha256: Option<String>,
     badge: Option<String>,
 }
@@ -763,6 +768,11 @@ impl Config {
                 Some(limit) => limit,
                 None => defaults.prune_limit,
             };
+            let impersonate = agent
+                .impersonate
+                .as_deref()
+                .map(|sa| service_account_user(&key("impersonate"), sa, &default_namespace))
+                .transpose()?;
             let apply = ApplySettings {
                 default_namespace,
                 scope_namespaces,
@@ -793,6 +803,7 @@ impl Config {
                 )?,
                 force_conflicts: agent.force_conflicts.unwrap_or(defaults.force_conflicts),
                 health_checks: checked_health_checks(&key("health_checks"), agent.health_checks)?,
+                impersonate,
             };
             agents.push(AgentSpec {
                 token: token_hash(&key("token_sha256"), &agent.token_sha256)?,
@@ -978,6 +989,30 @@ fn parse_file(text: &str) -> Result<FileConfig, String> {
         return Ok(FileConfig::default());
     }
     serde_saphyr::from_str(text).map_err(|e| e.to_string())
+}
+
+/// The username of the service account `value` names, `<name>` (in `namespace`) or
+/// `<namespace>/<name>`, each part a DNS label.
+fn service_account_user(key: &str, value: &str, namespace: &str) -> Result<String, ConfigError> {
+    let (namespace, name) = value.split_once('/').unwrap_or((namespace, value));
+    let label = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 253
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+            && !part.starts_with(['-', '.'])
+            && !part.ends_with(['-', '.'])
+    };
+    if !label(namespace) || !label(name) {
+        return Err(invalid(
+            key,
+            format!(
+                "{value:?} is not a service account: give <name> (in the agent's default namespace) or <namespace>/<name>"
+            ),
+        ));
+    }
+    Ok(format!("system:serviceaccount:{namespace}:{name}"))
 }
 
 /// `checks` once each query parses and no kind has two: a typo is an error at start, not
@@ -1173,6 +1208,34 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("a second check for Widget"), "{err}");
+    }
+
+    #[test]
+    fn impersonate_names_a_service_account_in_the_default_or_a_given_namespace() {
+        let agent = |value: &str| {
+            format!(
+                "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, default_namespace: apps, impersonate: '{value}'}}\n"
+            )
+        };
+        let parse = |value: &str| Config::from_yaml(&agent(value), &Overrides::default());
+        assert_eq!(
+            parse("deployer").unwrap().agents[0]
+                .apply
+                .impersonate
+                .as_deref(),
+            Some("system:serviceaccount:apps:deployer")
+        );
+        assert_eq!(
+            parse("team/deployer").unwrap().agents[0]
+                .apply
+                .impersonate
+                .as_deref(),
+            Some("system:serviceaccount:team:deployer")
+        );
+        for bad in ["", "a/b/c", "Deployer", "team/", "system:admin"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("agents[0].impersonate"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -1465,3 +1465,64 @@ async fn a_health_check_judges_a_kind_that_follows_no_convention() -> anyhow::Re
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impersonated_service_account_lets_rbac_enforce_what_a_revision_writes()
+-> anyhow::Result<()> {
+    let w = world!("    impersonate: deployer\n    scope: { namespaces: [APPS, 'APPS-other'] }\n");
+    let other = format!("{}-other", w.apps);
+    w.plane.kubectl_ok(&["create", "namespace", &other])?;
+    // The service account may manage ConfigMaps in the default namespace, and nothing else:
+    // not even the agent's inventory, which the agent keeps as itself.
+    w.plane
+        .kubectl_ok(&["create", "serviceaccount", "deployer", "-n", &w.apps])?;
+    w.plane.kubectl_ok(&[
+        "create",
+        "role",
+        "deployer",
+        "--verb=get,list,watch,create,patch,delete",
+        "--resource=configmaps",
+        "-n",
+        &w.apps,
+    ])?;
+    w.plane.kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "deployer",
+        "--role=deployer",
+        &format!("--serviceaccount={}:deployer", w.apps),
+        "-n",
+        &w.apps,
+    ])?;
+    let first = w
+        .repo
+        .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+    assert_eq!(w.value("a").await?.as_deref(), Some("1"));
+    assert!(w.inventory().await?.is_some(), "kept by the agent itself");
+
+    // Inside the agent's scope, outside the service account's rights: refused by the API
+    // server, which names whom the agent acted as.
+    let stray = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: stray\n  namespace: {other}\ndata: {{a: b}}\n"
+    );
+    let second = w.repo.commit(&[("stray.yaml", stray.as_bytes())], &[])?;
+    w.server.release(&first, &second, 2).await?;
+    let failed = w.server.reported("prod", &second, Phase::Failed).await?;
+    assert!(
+        failed.message.contains("forbidden")
+            && failed
+                .message
+                .contains(&format!("system:serviceaccount:{}:deployer", w.apps)),
+        "{}",
+        failed.message
+    );
+    assert!(
+        w.get("v1", "ConfigMap", Some(&other), "stray")
+            .await?
+            .is_none()
+    );
+    Ok(())
+}

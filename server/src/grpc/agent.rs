@@ -76,6 +76,7 @@ fn settings_to_proto(settings: &ApplySettings) -> v1::ApplySettings {
                 failed_values: c.failed.clone(),
             })
             .collect(),
+        impersonate: settings.impersonate.clone().unwrap_or_default(),
     }
 }
 
