@@ -38,6 +38,9 @@ pub enum ClusterError {
     /// A list that answered for several objects at once failed.
     #[error("{0}")]
     Listing(String),
+    /// A write came back as another kind of write's result.
+    #[error("the agent's write of {0} was answered as another kind of write")]
+    MismatchedAnswer(String),
 }
 
 impl ClusterError {
@@ -75,6 +78,52 @@ pub struct Resolved {
 
 /// Objects per page of a list.
 const LIST_PAGE: u32 = 500;
+
+/// One object of a kind the cluster serves.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectRef<'a> {
+    pub resolved: &'a Resolved,
+    pub namespace: Option<&'a str>,
+    pub name: &'a str,
+}
+
+/// A change to one object.
+#[derive(Debug, Clone, Copy)]
+pub enum Write<'a> {
+    /// Server-side apply of `body` as the agent's field manager.
+    Apply {
+        object: ObjectRef<'a>,
+        body: &'a Value,
+        /// Take fields other managers own.
+        force: bool,
+        dry_run: bool,
+    },
+    /// Remove `label`, letting go of an object the agent adopted.
+    LetGo {
+        object: ObjectRef<'a>,
+        label: &'a str,
+    },
+    /// Delete, with `propagation` (`orphan`, `background` or `foreground`).
+    Delete {
+        object: ObjectRef<'a>,
+        propagation: &'a str,
+    },
+}
+
+/// What a write did.
+#[derive(Debug)]
+pub enum Written {
+    /// The object as stored after an apply (or as it would be, on a dry run).
+    Object(Box<DynamicObject>),
+    /// Whether there was an object to let go of or delete.
+    Existed(bool),
+}
+
+impl crate::plan::ServedKind for Resolved {
+    fn namespaced(&self) -> bool {
+        self.namespaced
+    }
+}
 
 /// The kinds one group-version serves, as last read.
 struct Served {
@@ -234,8 +283,53 @@ impl Cluster {
         }
     }
 
+    /// Performs `write`: every change the agent makes to the objects of a revision passes
+    /// through here, as a value, so what it may do to a cluster is read in one place.
+    pub async fn perform(&self, write: Write<'_>) -> Result<Written, ClusterError> {
+        match write {
+            Write::Apply {
+                object:
+                    ObjectRef {
+                        resolved,
+                        namespace,
+                        name,
+                    },
+                body,
+                force,
+                dry_run,
+            } => self
+                .apply(resolved, namespace, name, body, force, dry_run)
+                .await
+                .map(|object| Written::Object(Box::new(object))),
+            Write::LetGo {
+                object:
+                    ObjectRef {
+                        resolved,
+                        namespace,
+                        name,
+                    },
+                label,
+            } => self
+                .remove_label(resolved, namespace, name, label)
+                .await
+                .map(Written::Existed),
+            Write::Delete {
+                object:
+                    ObjectRef {
+                        resolved,
+                        namespace,
+                        name,
+                    },
+                propagation,
+            } => self
+                .delete(resolved, namespace, name, propagation)
+                .await
+                .map(Written::Existed),
+        }
+    }
+
     /// Server-side applies `body`; returns the object as stored (or as it would be, on dry run).
-    pub async fn apply(
+    async fn apply(
         &self,
         resolved: &Resolved,
         namespace: Option<&str>,
@@ -298,7 +392,7 @@ impl Cluster {
     }
 
     /// Removes `label` from the object with a merge patch; `false` if it was already gone.
-    pub async fn remove_label(
+    async fn remove_label(
         &self,
         resolved: &Resolved,
         namespace: Option<&str>,
@@ -324,7 +418,7 @@ impl Cluster {
 
     /// Deletes the object with `policy` (orphan, background or foreground); `false` if it
     /// was already gone.
-    pub async fn delete(
+    async fn delete(
         &self,
         resolved: &Resolved,
         namespace: Option<&str>,

@@ -9,10 +9,7 @@ use serde_json::json;
 use crate::cluster::{ClusterError, bounded};
 use crate::plan::{InventoryEntry, inventory_name};
 
-/// The label every applied object carries; its value is the agent's name. Objects that
-/// existed before the agent first applied them carry it too, but are marked adopted in the
-/// inventory and never pruned.
-pub const INVENTORY_LABEL: &str = "greenlight.dev/inventory";
+pub use crate::plan::INVENTORY_LABEL;
 
 /// What the inventory holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -1,9 +1,34 @@
 //! What to apply in which order, and what to prune: pure decisions over resolved objects.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use greenlight::v1::ApplySettings;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::manifest::Manifest;
+
+/// The label every applied object carries; its value is the agent's name. Objects that
+/// existed before the agent first applied them carry it too, but are marked adopted in the
+/// inventory and never pruned.
+pub const INVENTORY_LABEL: &str = "greenlight.dev/inventory";
+
+/// A kind as the cluster serves it: all a plan needs to know of it is its scope.
+pub trait ServedKind {
+    /// Whether its objects live in namespaces.
+    fn namespaced(&self) -> bool;
+}
+
+/// One object ready to apply: where it goes, and the body to send.
+pub struct Planned<R> {
+    pub manifest: Manifest,
+    pub key: ObjectKey,
+    pub namespaced: bool,
+    /// `None` until discovery serves its kind (custom resources of a CRD in this revision).
+    pub resolved: Option<R>,
+    /// The manifest with its namespace settled and the inventory label added.
+    pub body: Value,
+}
 
 /// Prefix of the ConfigMap that holds an agent's inventory, in the agent's namespace.
 pub const INVENTORY_PREFIX: &str = "greenlight-inventory-";
@@ -287,6 +312,119 @@ pub fn prune_plan(
     gone
 }
 
+/// Resolves every manifest (kinds whose CRD ships in the same revision included), settles
+/// its namespace, labels it, and refuses the whole revision, naming every culprit, for an
+/// unknown kind, a failed discovery or an object outside the agent's scope.
+pub fn plan_objects<R: ServedKind>(
+    manifests: Vec<Manifest>,
+    settings: &ApplySettings,
+    agent: &str,
+    agent_namespace: &str,
+    discovery_failures: &BTreeMap<String, String>,
+    resolve: impl Fn(&str, &str) -> Option<R>,
+) -> Result<Vec<Planned<R>>, String> {
+    // Kinds whose CRD ships in this same revision: not served yet, but they will be.
+    let mut defined: HashMap<(String, String), bool> = HashMap::new();
+    for m in manifests
+        .iter()
+        .filter(|m| m.group() == "apiextensions.k8s.io" && m.kind == "CustomResourceDefinition")
+    {
+        let group = m
+            .body
+            .pointer("/spec/group")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let kind = m
+            .body
+            .pointer("/spec/names/kind")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let namespaced = m.body.pointer("/spec/scope").and_then(Value::as_str) != Some("Cluster");
+        defined.insert((group.to_owned(), kind.to_owned()), namespaced);
+    }
+    let mut unknown = Vec::new();
+    let mut undiscovered = Vec::new();
+    let mut planned = Vec::with_capacity(manifests.len());
+    for manifest in manifests {
+        let resolved = resolve(&manifest.api_version, &manifest.kind);
+        let namespaced = match (
+            &resolved,
+            defined.get(&(manifest.group().to_owned(), manifest.kind.clone())),
+        ) {
+            (Some(r), _) => r.namespaced(),
+            (None, Some(namespaced)) => *namespaced,
+            (None, None) => {
+                let what = format!(
+                    "{} ({}) in {} document {}",
+                    manifest.kind,
+                    manifest.api_version,
+                    manifest.origin.file,
+                    manifest.origin.document
+                );
+                match discovery_failures.get(&manifest.api_version) {
+                    Some(why) => undiscovered.push(format!("{what}: {why}")),
+                    None => unknown.push(what),
+                }
+                continue;
+            }
+        };
+        let namespace = match (namespaced, &manifest.namespace) {
+            (true, Some(ns)) => Some(ns.clone()),
+            (true, None) => Some(settings.default_namespace.clone()),
+            (false, _) => None,
+        };
+        let mut body = manifest.body.clone();
+        if let Some(metadata) = body.get_mut("metadata").and_then(Value::as_object_mut) {
+            if let Some(ns) = &namespace {
+                metadata.insert("namespace".into(), Value::String(ns.clone()));
+            } else {
+                metadata.remove("namespace");
+            }
+            let labels = metadata
+                .entry("labels")
+                .or_insert_with(|| Value::Object(Default::default()));
+            if let Some(labels) = labels.as_object_mut() {
+                labels.insert(INVENTORY_LABEL.into(), Value::String(agent.to_owned()));
+            }
+        }
+        let key = ObjectKey {
+            group: manifest.group().to_owned(),
+            kind: manifest.kind.clone(),
+            namespace,
+            name: manifest.name.clone(),
+        };
+        planned.push(Planned {
+            manifest,
+            key,
+            namespaced,
+            resolved,
+            body,
+        });
+    }
+    let mut problems = Vec::new();
+    if !unknown.is_empty() {
+        problems.push(format!("unknown kind: {}", unknown.join(", ")));
+    }
+    if !undiscovered.is_empty() {
+        problems.push(format!(
+            "API discovery failed for {}",
+            undiscovered.join(", ")
+        ));
+    }
+    let refused = refusals(
+        planned.iter().map(|p| &p.key),
+        &Scope::of(settings),
+        agent_namespace,
+    );
+    if !refused.is_empty() {
+        problems.push(format!("not allowed: {}", refused.join(", ")));
+    }
+    if !problems.is_empty() {
+        return Err(format!("{}; nothing was applied", problems.join("; ")));
+    }
+    Ok(planned)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,6 +508,111 @@ mod tests {
         assert!(glob_matches("*", "anything"));
         assert!(glob_matches("*a*b", "xxaxxb"));
         assert!(!glob_matches("*a*b", "xxaxxbc"));
+    }
+
+    /// A kind served by the test cluster: its scope only.
+    struct Served(bool);
+
+    impl ServedKind for Served {
+        fn namespaced(&self) -> bool {
+            self.0
+        }
+    }
+
+    /// What a cluster serving ConfigMaps, Namespaces and ClusterRoles resolves.
+    fn served(api_version: &str, kind: &str) -> Option<Served> {
+        match (api_version, kind) {
+            ("v1", "ConfigMap") => Some(Served(true)),
+            ("v1", "Namespace") | ("rbac.authorization.k8s.io/v1", "ClusterRole") => {
+                Some(Served(false))
+            }
+            ("apiextensions.k8s.io/v1", "CustomResourceDefinition") => Some(Served(false)),
+            _ => None,
+        }
+    }
+
+    fn manifests(yaml: &str) -> Vec<crate::manifest::Manifest> {
+        crate::manifest::parse(&[("app.yaml".to_owned(), yaml.as_bytes().to_vec())]).unwrap()
+    }
+
+    fn plan_of(yaml: &str, settings: &ApplySettings) -> Result<Vec<Planned<Served>>, String> {
+        plan_objects(
+            manifests(yaml),
+            settings,
+            "prod",
+            "greenlight",
+            &BTreeMap::new(),
+            served,
+        )
+    }
+
+    #[test]
+    fn a_plan_settles_namespaces_and_labels_every_object() {
+        let settings = ApplySettings {
+            default_namespace: "apps".into(),
+            scope_cluster_kinds: vec!["Namespace".into()],
+            scope_namespaces: vec!["apps".into(), "team".into()],
+            ..ApplySettings::default()
+        };
+        let planned = plan_of(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b, namespace: team}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team, namespace: ignored}\n",
+            &settings,
+        )
+        .unwrap();
+        let placed: Vec<(&str, Option<&str>)> = planned
+            .iter()
+            .map(|p| (p.key.name.as_str(), p.key.namespace.as_deref()))
+            .collect();
+        assert_eq!(
+            placed,
+            [("a", Some("apps")), ("b", Some("team")), ("team", None)]
+        );
+        assert_eq!(planned[0].body["metadata"]["namespace"], "apps");
+        assert!(
+            planned[2].body["metadata"].get("namespace").is_none(),
+            "cluster-scoped"
+        );
+        for p in &planned {
+            assert_eq!(p.body["metadata"]["labels"][INVENTORY_LABEL], "prod");
+        }
+    }
+
+    #[test]
+    fn a_kind_whose_crd_ships_alongside_is_planned_unresolved_with_the_crds_scope() {
+        let settings = ApplySettings {
+            default_namespace: "apps".into(),
+            scope_cluster_kinds: vec!["CustomResourceDefinition".into()],
+            ..ApplySettings::default()
+        };
+        let planned = plan_of(
+            "apiVersion: apiextensions.k8s.io/v1\nkind: CustomResourceDefinition\nmetadata: {name: widgets.example.com}\nspec: {group: example.com, scope: Namespaced, names: {kind: Widget, plural: widgets}}\n---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {name: w}\n",
+            &settings,
+        )
+        .unwrap();
+        assert!(planned[1].resolved.is_none());
+        assert!(planned[1].namespaced);
+        assert_eq!(planned[1].key.namespace.as_deref(), Some("apps"));
+    }
+
+    #[test]
+    fn one_refusal_names_every_unknown_kind_and_every_object_outside_the_scope() {
+        let settings = ApplySettings {
+            default_namespace: "apps".into(),
+            ..ApplySettings::default()
+        };
+        let refused = plan_of(
+            "apiVersion: example.com/v1\nkind: Gadget\nmetadata: {name: g}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: c, namespace: kube-system}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {name: r}\n",
+            &settings,
+        )
+        .err()
+        .unwrap_or_default();
+        assert!(
+            refused.contains("unknown kind: Gadget (example.com/v1) in app.yaml document 0"),
+            "{refused}"
+        );
+        assert!(refused.contains("ConfigMap kube-system/c"), "{refused}");
+        assert!(refused.contains("ClusterRole r"), "{refused}");
+        assert!(refused.ends_with("nothing was applied"), "{refused}");
     }
 
     #[test]

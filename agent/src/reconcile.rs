@@ -12,14 +12,14 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::assemble::ReadyRevision;
-use crate::cluster::{Cluster, ClusterError, Resolved};
+use crate::cluster::{Cluster, ClusterError, ObjectRef, Resolved, Write, Written};
 use crate::drift::{DriftWatch, Version, WatchTarget};
 use crate::health::{Health, assess, has_status};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
-use crate::manifest::{self, Manifest};
+use crate::manifest;
 use crate::plan::{
-    InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, apply_stages, cascades,
-    prune_allowed, prune_set, refusals,
+    self, InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, apply_stages,
+    cascades, prune_allowed, prune_set,
 };
 use crate::session::jittered;
 use greenlight::health_check::{HealthQuery, Verdict};
@@ -48,15 +48,8 @@ pub enum Outcome {
     Stopped,
 }
 
-/// One object ready to apply.
-struct Planned {
-    manifest: Manifest,
-    key: ObjectKey,
-    namespaced: bool,
-    /// `None` until discovery serves its kind (custom resources of a CRD in this revision).
-    resolved: Option<Resolved>,
-    body: Value,
-}
+/// One object ready to apply, with its kind as discovery serves it.
+type Planned = plan::Planned<Resolved>;
 
 /// Whether an object exists (`Some`), and then which agent's label it carries.
 type Ownership = Option<Option<String>>;
@@ -257,7 +250,14 @@ impl Worker {
                     .map(|m| (m.api_version.as_str(), m.kind.as_str())),
             )
             .await;
-        let mut planned = match self.plan(manifests, &settings, &agent, &discovery_failures) {
+        let mut planned = match plan::plan_objects(
+            manifests,
+            &settings,
+            &agent,
+            &self.namespace,
+            &discovery_failures,
+            |api_version, kind| self.cluster.resolve(api_version, kind),
+        ) {
             Ok(planned) => planned,
             Err(message) => return self.fail(revision, message, Vec::new()).await,
         };
@@ -738,116 +738,6 @@ impl Worker {
         }
     }
 
-    fn plan(
-        &self,
-        manifests: Vec<Manifest>,
-        settings: &ApplySettings,
-        agent: &str,
-        discovery_failures: &BTreeMap<String, String>,
-    ) -> Result<Vec<Planned>, String> {
-        // Kinds whose CRD ships in this same revision: not served yet, but they will be.
-        let mut defined: HashMap<(String, String), bool> = HashMap::new();
-        for m in manifests
-            .iter()
-            .filter(|m| m.group() == "apiextensions.k8s.io" && m.kind == "CustomResourceDefinition")
-        {
-            let group = m
-                .body
-                .pointer("/spec/group")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let kind = m
-                .body
-                .pointer("/spec/names/kind")
-                .and_then(Value::as_str)
-                .unwrap_or_default();
-            let namespaced =
-                m.body.pointer("/spec/scope").and_then(Value::as_str) != Some("Cluster");
-            defined.insert((group.to_owned(), kind.to_owned()), namespaced);
-        }
-        let mut unknown = Vec::new();
-        let mut undiscovered = Vec::new();
-        let mut planned = Vec::with_capacity(manifests.len());
-        for manifest in manifests {
-            let resolved = self.cluster.resolve(&manifest.api_version, &manifest.kind);
-            let namespaced = match (
-                &resolved,
-                defined.get(&(manifest.group().to_owned(), manifest.kind.clone())),
-            ) {
-                (Some(r), _) => r.namespaced,
-                (None, Some(namespaced)) => *namespaced,
-                (None, None) => {
-                    let what = format!(
-                        "{} ({}) in {} document {}",
-                        manifest.kind,
-                        manifest.api_version,
-                        manifest.origin.file,
-                        manifest.origin.document
-                    );
-                    match discovery_failures.get(&manifest.api_version) {
-                        Some(why) => undiscovered.push(format!("{what}: {why}")),
-                        None => unknown.push(what),
-                    }
-                    continue;
-                }
-            };
-            let namespace = match (namespaced, &manifest.namespace) {
-                (true, Some(ns)) => Some(ns.clone()),
-                (true, None) => Some(settings.default_namespace.clone()),
-                (false, _) => None,
-            };
-            let mut body = manifest.body.clone();
-            if let Some(metadata) = body.get_mut("metadata").and_then(Value::as_object_mut) {
-                if let Some(ns) = &namespace {
-                    metadata.insert("namespace".into(), Value::String(ns.clone()));
-                } else {
-                    metadata.remove("namespace");
-                }
-                let labels = metadata
-                    .entry("labels")
-                    .or_insert_with(|| Value::Object(Default::default()));
-                if let Some(labels) = labels.as_object_mut() {
-                    labels.insert(INVENTORY_LABEL.into(), Value::String(agent.to_owned()));
-                }
-            }
-            let key = ObjectKey {
-                group: manifest.group().to_owned(),
-                kind: manifest.kind.clone(),
-                namespace,
-                name: manifest.name.clone(),
-            };
-            planned.push(Planned {
-                manifest,
-                key,
-                namespaced,
-                resolved,
-                body,
-            });
-        }
-        let mut problems = Vec::new();
-        if !unknown.is_empty() {
-            problems.push(format!("unknown kind: {}", unknown.join(", ")));
-        }
-        if !undiscovered.is_empty() {
-            problems.push(format!(
-                "API discovery failed for {}",
-                undiscovered.join(", ")
-            ));
-        }
-        let refused = refusals(
-            planned.iter().map(|p| &p.key),
-            &Scope::of(settings),
-            &self.namespace,
-        );
-        if !refused.is_empty() {
-            problems.push(format!("not allowed: {}", refused.join(", ")));
-        }
-        if !problems.is_empty() {
-            return Err(format!("{}; nothing was applied", problems.join("; ")));
-        }
-        Ok(planned)
-    }
-
     /// Waits until the kinds of `group` that were not served are (their CRDs were just
     /// applied); `Err(None)` when `stop` said so first.
     async fn await_custom_kinds(
@@ -956,17 +846,19 @@ impl Worker {
             .resolved
             .as_ref()
             .ok_or_else(|| ClusterError::NotServed(item.key.kind.clone()))?;
-        let object = self
-            .cluster
-            .apply(
+        let write = Write::Apply {
+            object: ObjectRef {
                 resolved,
-                item.key.namespace.as_deref(),
-                &item.key.name,
-                &item.body,
-                settings.force_conflicts,
-                dry_run,
-            )
-            .await?;
+                namespace: item.key.namespace.as_deref(),
+                name: &item.key.name,
+            },
+            body: &item.body,
+            force: settings.force_conflicts,
+            dry_run,
+        };
+        let Written::Object(object) = self.cluster.perform(write).await? else {
+            return Err(ClusterError::MismatchedAnswer(item.key.to_string()));
+        };
         Ok(Version {
             resource_version: object.metadata.resource_version.unwrap_or_default(),
             generation: object.metadata.generation,
@@ -998,19 +890,23 @@ impl Worker {
         let namespace = entry.key.namespace.as_deref();
         if entry.adopted {
             self.drift.forget(&entry.key);
-            return match self
-                .cluster
-                .remove_label(&resolved, namespace, &entry.key.name, INVENTORY_LABEL)
-                .await
-            {
-                Ok(true) => {
+            let write = Write::LetGo {
+                object: ObjectRef {
+                    resolved: &resolved,
+                    namespace,
+                    name: &entry.key.name,
+                },
+                label: INVENTORY_LABEL,
+            };
+            return match self.cluster.perform(write).await {
+                Ok(Written::Existed(true)) => {
                     info!(object = %entry.key, "not pruning: it existed before the agent adopted it");
                     Pruned::Done(Some(as_result(
                         Action::Unchanged,
                         "not pruned: existed before the agent adopted it".into(),
                     )))
                 }
-                Ok(false) => Pruned::Done(None),
+                Ok(_) => Pruned::Done(None),
                 Err(error) => Pruned::Failed(as_result(Action::Failed, error.message())),
             };
         }
@@ -1041,16 +937,15 @@ impl Worker {
             ));
         }
         self.drift.forget(&entry.key);
-        match self
-            .cluster
-            .delete(
-                &resolved,
+        let write = Write::Delete {
+            object: ObjectRef {
+                resolved: &resolved,
                 namespace,
-                &entry.key.name,
-                &settings.prune_propagation_policy,
-            )
-            .await
-        {
+                name: &entry.key.name,
+            },
+            propagation: &settings.prune_propagation_policy,
+        };
+        match self.cluster.perform(write).await {
             Ok(_) => Pruned::Done(Some(as_result(Action::Pruned, String::new()))),
             Err(error) => Pruned::Failed(as_result(Action::Failed, error.message())),
         }
