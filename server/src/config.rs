@@ -103,10 +103,20 @@ impl std::fmt::Debug for Secret {
 }
 
 /// Redis connection settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisSettings {
     pub url: String,
     pub key_prefix: String,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry the Redis password.
+        f.debug_struct("RedisSettings")
+            .field("url", &crate::redact::url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
 }
 
 /// One agent as the operator configured it.
@@ -522,7 +532,10 @@ impl Config {
                 {
                     return Err(invalid(
                         "redis.url",
-                        format!("{url:?} must start with redis://, rediss:// or unix://"),
+                        format!(
+                            "{:?} must start with redis://, rediss:// or unix://",
+                            crate::redact::url(&url)
+                        ),
                     ));
                 }
                 let key_prefix = overrides
@@ -1289,6 +1302,30 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn redis_passwords_never_show() {
+        let err = Config::from_yaml(
+            "redis: {url: 'http://:hunter2@redis/?password=hunter2'}",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("redis.url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let config = Config::from_yaml(
+            "redis: {url: 'redis://redis:6379/?password=hunter2'}",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("redis:6379") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod progress;
+pub mod redact;
 pub mod run;
 pub mod store;
 pub mod trust;
