@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::gate::Mode;
 use crate::git::{GitSettings, Limits, RepoSource};
+use crate::tls::TlsSettings;
 use crate::trust::{IngestToken, WebhookSecrets};
 
 /// Webhook request bodies larger than this are refused unless configured otherwise.
@@ -207,6 +208,8 @@ pub struct Config {
     pub replica_id: String,
     pub git: GitSettings,
     pub gitlab: Option<GitLabSettings>,
+    /// Both listeners serve TLS with this certificate when set.
+    pub tls: Option<TlsSettings>,
 }
 
 /// Values from flags or environment that win over the file.
@@ -235,6 +238,14 @@ struct FileConfig {
     #[serde(default)]
     git: GitFile,
     gitlab: Option<GitLabFile>,
+    tls: Option<TlsFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -945,6 +956,18 @@ impl Config {
                 })
             }
         };
+        let tls = match file.tls {
+            None => None,
+            Some(tls) => {
+                let settings = TlsSettings {
+                    cert_file: tls.cert_file,
+                    key_file: tls.key_file,
+                };
+                // Checked now so that check-config and a bad deploy fail before serving.
+                crate::tls::load(&settings).map_err(|e| invalid("tls", e.to_string()))?;
+                Some(settings)
+            }
+        };
         let replica_id = overrides
             .replica_id
             .clone()
@@ -962,6 +985,7 @@ impl Config {
             replica_id,
             git,
             gitlab,
+            tls,
         })
     }
 }

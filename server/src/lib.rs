@@ -19,6 +19,7 @@ pub mod progress;
 pub mod redact;
 pub mod run;
 pub mod store;
+pub mod tls;
 pub mod trust;
 
 pub use run::{Listeners, RunError, run};

@@ -8,4 +8,5 @@ mod ingest_errors;
 mod real_cluster;
 mod replicas;
 mod store_suite;
+mod tls;
 mod trust;
