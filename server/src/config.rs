@@ -139,7 +139,7 @@ pub struct AgentSpec {
     pub apply: ApplySettings,
     /// CI jobs' token: may only trigger, read status of and wait for this agent.
     pub ci_token: Option<TokenHash>,
-    /// Whether `GET /badges/<agent>.svg` answers without a token.
+    /// Whether `GET /badges/<agent>.svg` answers without the agent's badge key.
     pub badge_public: bool,
 }
 
@@ -210,6 +210,8 @@ pub struct Config {
     pub gitlab: Option<GitLabSettings>,
     /// Both listeners serve TLS with this certificate when set.
     pub tls: Option<TlsSettings>,
+    /// Private badge URLs are derived from this; without it they are not served.
+    pub badge_secret: Option<Secret>,
 }
 
 /// Values from flags or environment that win over the file.
@@ -239,7 +241,17 @@ struct FileConfig {
     git: GitFile,
     gitlab: Option<GitLabFile>,
     tls: Option<TlsFile>,
+    badges: Option<BadgesFile>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BadgesFile {
+    secret_file: PathBuf,
+}
+
+/// Shorter badge secrets could be guessed from a key and the agent name offline.
+const MIN_BADGE_SECRET_BYTES: usize = 16;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -968,6 +980,27 @@ impl Config {
                 Some(settings)
             }
         };
+        let badge_secret = match file.badges {
+            None => None,
+            Some(badges) => {
+                let key = "badges.secret_file";
+                let path = &badges.secret_file;
+                let secret = std::fs::read_to_string(path)
+                    .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+                let secret = secret.trim();
+                if secret.len() < MIN_BADGE_SECRET_BYTES {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{} holds {} bytes; use at least {MIN_BADGE_SECRET_BYTES} (openssl rand -hex 32)",
+                            path.display(),
+                            secret.len()
+                        ),
+                    ));
+                }
+                Some(Secret::new(secret))
+            }
+        };
         let replica_id = overrides
             .replica_id
             .clone()
@@ -986,6 +1019,7 @@ impl Config {
             git,
             gitlab,
             tls,
+            badge_secret,
         })
     }
 }
@@ -1326,6 +1360,46 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn badge_and_tls_files_are_checked_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tiny\n").unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "0123456789abcdef0123\n").unwrap();
+        let badges = |path: &Path| format!("badges: {{secret_file: '{}'}}", path.display());
+        let err = Config::from_yaml(&badges(&short), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("badges.secret_file") && err.contains("16"),
+            "{err}"
+        );
+        let err = Config::from_yaml(&badges(&dir.path().join("none")), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("badges.secret_file"), "{err}");
+        let config = Config::from_yaml(&badges(&good), &Overrides::default()).unwrap();
+        assert!(
+            config
+                .badge_secret
+                .is_some_and(|s| s.matches("0123456789abcdef0123"))
+        );
+
+        let tls = format!(
+            "tls: {{cert_file: '{}', key_file: '{}'}}",
+            good.display(),
+            good.display()
+        );
+        let err = Config::from_yaml(&tls, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tls") && err.contains("no PEM certificate"),
+            "{err}"
+        );
     }
 
     #[test]

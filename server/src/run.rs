@@ -98,7 +98,7 @@ pub async fn run(
         agents = config.agents.len(),
         "starting"
     );
-    let catalog = Arc::new(Catalog::new(&config.agents));
+    let catalog = Arc::new(Catalog::new(&config.agents, config.badge_secret.as_ref()));
     let mirrors = Mirrors::new(config.git.clone());
     let gitlab = config
         .gitlab
@@ -219,7 +219,6 @@ pub async fn run(
     let state = HttpState {
         engine,
         webhook_secrets: config.webhook_secrets.clone(),
-        admin_token: config.admin_token.clone(),
         metrics,
     };
     let app = router(state, config.max_body_bytes);

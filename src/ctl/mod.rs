@@ -85,6 +85,13 @@ enum Command {
     },
     /// Returns the agent to the gate.
     Unpin { agent: String },
+    /// Prints the URL of the agent's badge: the unguessable one for a private badge.
+    BadgeUrl {
+        agent: String,
+        /// The server's public HTTP base URL, e.g. https://greenlight.example.com:8080.
+        #[arg(long)]
+        base: Option<String>,
+    },
     /// Waits until the agent reports SHA (or a descendant) healthy. Exit codes: 0 healthy
     /// (or superseded), 1 failed or degraded, 3 superseded with --exact, 124 timeout.
     Wait {
@@ -219,6 +226,20 @@ async fn execute(cli: Cli) -> anyhow::Result<i32> {
                 .await?
                 .into_inner();
             output::status(format, &status);
+        }
+        Command::BadgeUrl { agent, base } => {
+            let status = admin
+                .get_agent(GetAgentRequest {
+                    name: agent.clone(),
+                })
+                .await?
+                .into_inner();
+            anyhow::ensure!(
+                !status.badge_path.is_empty(),
+                "the badge of {agent:?} is private and the server has no badges.secret_file to derive its URL from"
+            );
+            let base = base.as_deref().unwrap_or_default().trim_end_matches('/');
+            output::badge_url(format, &format!("{base}{}", status.badge_path));
         }
         Command::Wait {
             agent,

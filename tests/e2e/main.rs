@@ -1,6 +1,7 @@
 //! End-to-end tests: real redis-server, real gRPC and HTTP over loopback.
 
 mod agent;
+mod badges;
 mod close_loop;
 mod gate;
 mod git;
