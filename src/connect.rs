@@ -19,13 +19,14 @@ pub enum AddressError {
     Plaintext(String),
     #[error("--ca-file is only used with an https:// server address, not {0:?}")]
     CaWithoutTls(String),
-    #[error("cannot read CA file {path}: {source}")]
+    // The cause is in the message rather than a source, so that it is printed once.
+    #[error("cannot read CA file {path}: {error}")]
     CaFile {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("invalid TLS settings: {0}")]
-    Tls(#[source] tonic::transport::Error),
+    #[error("invalid TLS settings: {}", describe(.0))]
+    Tls(tonic::transport::Error),
 }
 
 /// Whether `host` (as a URI spells it, IPv6 in brackets) is this machine.
@@ -57,9 +58,9 @@ pub fn endpoint(server: &str, ca_file: Option<&Path>) -> Result<Endpoint, Addres
     if server.starts_with("https://") {
         let mut tls = ClientTlsConfig::new().with_enabled_roots();
         if let Some(path) = ca_file {
-            let pem = std::fs::read(path).map_err(|source| AddressError::CaFile {
+            let pem = std::fs::read(path).map_err(|error| AddressError::CaFile {
                 path: path.to_owned(),
-                source,
+                error,
             })?;
             tls = tls.ca_certificate(Certificate::from_pem(pem));
         }
