@@ -2,6 +2,7 @@
 //! must agree on byte for byte.
 
 pub mod auth;
+pub mod connect;
 pub mod ctl;
 pub mod digest;
 pub mod health_check;

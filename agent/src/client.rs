@@ -7,7 +7,7 @@ pub use greenlight::auth::Bearer;
 use greenlight::v1::agent_service_client::AgentServiceClient;
 use greenlight::v1::{ReportStatusRequest, StatusReport, SyncRequest};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
 use crate::assemble::{AssembleError, Assembler, ReadyRevision};
@@ -15,13 +15,11 @@ use crate::assemble::{AssembleError, Assembler, ReadyRevision};
 /// Why talking to the server failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid server address {0:?}: {1}")]
-    Address(String, String),
-    #[error("cannot read CA file {0}: {1}")]
-    CaFile(String, std::io::Error),
+    #[error(transparent)]
+    Address(#[from] greenlight::connect::AddressError),
     #[error(transparent)]
     Token(#[from] greenlight::auth::InvalidToken),
-    #[error("cannot connect: {0}")]
+    #[error("cannot connect: {}", greenlight::connect::describe(.0))]
     Connect(#[from] tonic::transport::Error),
     #[error("server said: {0}")]
     Status(#[from] Status),
@@ -41,27 +39,18 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 impl Client {
     /// Connects to `server` (`http://` or `https://`), trusting `ca_file` for TLS if given.
+    /// Whether plaintext is acceptable is decided at start ([`greenlight::connect::check_address`]).
     pub async fn connect(
         server: &str,
         token: &str,
         ca_file: Option<&Path>,
     ) -> Result<Self, ClientError> {
-        let mut endpoint = Endpoint::from_shared(server.to_owned())
-            .map_err(|e| ClientError::Address(server.to_owned(), e.to_string()))?
-            .connect_timeout(Duration::from_secs(10))
+        let channel = greenlight::connect::endpoint(server, ca_file)?
             .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true);
-        if server.starts_with("https://") {
-            let mut tls = ClientTlsConfig::new().with_enabled_roots();
-            if let Some(ca) = ca_file {
-                let pem = std::fs::read(ca)
-                    .map_err(|e| ClientError::CaFile(ca.display().to_string(), e))?;
-                tls = tls.ca_certificate(Certificate::from_pem(pem));
-            }
-            endpoint = endpoint.tls_config(tls)?;
-        }
-        let channel = endpoint.connect().await?;
+            .keep_alive_while_idle(true)
+            .connect()
+            .await?;
         Ok(Self {
             inner: AgentServiceClient::with_interceptor(channel, Bearer::new(token)?),
         })

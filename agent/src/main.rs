@@ -29,6 +29,10 @@ struct Cli {
     /// CA certificate (PEM) to trust for the server's TLS certificate.
     #[arg(long, env = "GREENLIGHT_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// Allow a plaintext http:// server address that is not loopback (the token then
+    /// crosses the network in the clear).
+    #[arg(long, env = "GREENLIGHT_INSECURE")]
+    insecure: bool,
     /// Namespace of the inventory and the Lease; defaults to POD_NAMESPACE, then the
     /// service account's namespace.
     #[arg(long, env = "GREENLIGHT_NAMESPACE")]
@@ -47,6 +51,11 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     greenlight::tls::install_ring();
+    // A refused address is a configuration error: exit now rather than retry forever.
+    greenlight::connect::check_address(&cli.server, cli.insecure)?;
+    if let Some(ca) = &cli.ca_file {
+        greenlight::connect::endpoint(&cli.server, Some(ca))?;
+    }
     let token = std::fs::read_to_string(&cli.token_file)
         .with_context(|| format!("cannot read token file {}", cli.token_file.display()))?
         .trim()

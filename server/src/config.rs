@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::gate::Mode;
 use crate::git::{GitSettings, Limits, RepoSource};
+use crate::tls::TlsSettings;
 use crate::trust::{IngestToken, WebhookSecrets};
 
 /// Webhook request bodies larger than this are refused unless configured otherwise.
@@ -103,10 +104,20 @@ impl std::fmt::Debug for Secret {
 }
 
 /// Redis connection settings.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisSettings {
     pub url: String,
     pub key_prefix: String,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry the Redis password.
+        f.debug_struct("RedisSettings")
+            .field("url", &crate::redact::url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
 }
 
 /// One agent as the operator configured it.
@@ -128,7 +139,7 @@ pub struct AgentSpec {
     pub apply: ApplySettings,
     /// CI jobs' token: may only trigger, read status of and wait for this agent.
     pub ci_token: Option<TokenHash>,
-    /// Whether `GET /badges/<agent>.svg` answers without a token.
+    /// Whether `GET /badges/<agent>.svg` answers without the agent's badge key.
     pub badge_public: bool,
 }
 
@@ -218,6 +229,10 @@ pub struct Config {
     pub replica_id: String,
     pub git: GitSettings,
     pub gitlab: Option<GitLabSettings>,
+    /// Both listeners serve TLS with this certificate when set.
+    pub tls: Option<TlsSettings>,
+    /// Private badge URLs are derived from this; without it they are not served.
+    pub badge_secret: Option<Secret>,
 }
 
 /// Values from flags or environment that win over the file.
@@ -246,6 +261,24 @@ struct FileConfig {
     #[serde(default)]
     git: GitFile,
     gitlab: Option<GitLabFile>,
+    tls: Option<TlsFile>,
+    badges: Option<BadgesFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BadgesFile {
+    secret_file: PathBuf,
+}
+
+/// Shorter badge secrets could be guessed from a key and the agent name offline.
+const MIN_BADGE_SECRET_BYTES: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsFile {
+    cert_file: PathBuf,
+    key_file: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -546,7 +579,10 @@ impl Config {
                 {
                     return Err(invalid(
                         "redis.url",
-                        format!("{url:?} must start with redis://, rediss:// or unix://"),
+                        format!(
+                            "{:?} must start with redis://, rediss:// or unix://",
+                            crate::redact::url(&url)
+                        ),
                     ));
                 }
                 let key_prefix = overrides
@@ -963,6 +999,39 @@ impl Config {
                 })
             }
         };
+        let tls = match file.tls {
+            None => None,
+            Some(tls) => {
+                let settings = TlsSettings {
+                    cert_file: tls.cert_file,
+                    key_file: tls.key_file,
+                };
+                // Checked now so that check-config and a bad deploy fail before serving.
+                crate::tls::load(&settings).map_err(|e| invalid("tls", e.to_string()))?;
+                Some(settings)
+            }
+        };
+        let badge_secret = match file.badges {
+            None => None,
+            Some(badges) => {
+                let key = "badges.secret_file";
+                let path = &badges.secret_file;
+                let secret = std::fs::read_to_string(path)
+                    .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+                let secret = secret.trim();
+                if secret.len() < MIN_BADGE_SECRET_BYTES {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{} holds {} bytes; use at least {MIN_BADGE_SECRET_BYTES} (openssl rand -hex 32)",
+                            path.display(),
+                            secret.len()
+                        ),
+                    ));
+                }
+                Some(Secret::new(secret))
+            }
+        };
         let replica_id = overrides
             .replica_id
             .clone()
@@ -980,6 +1049,8 @@ impl Config {
             replica_id,
             git,
             gitlab,
+            tls,
+            badge_secret,
         })
     }
 }
@@ -1432,6 +1503,70 @@ mod tests {
                 .to_string();
             assert!(err.contains(key), "{extra}: {err}");
         }
+    }
+
+    #[test]
+    fn badge_and_tls_files_are_checked_when_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short");
+        std::fs::write(&short, "tiny\n").unwrap();
+        let good = dir.path().join("good");
+        std::fs::write(&good, "0123456789abcdef0123\n").unwrap();
+        let badges = |path: &Path| format!("badges: {{secret_file: '{}'}}", path.display());
+        let err = Config::from_yaml(&badges(&short), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("badges.secret_file") && err.contains("16"),
+            "{err}"
+        );
+        let err = Config::from_yaml(&badges(&dir.path().join("none")), &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("badges.secret_file"), "{err}");
+        let config = Config::from_yaml(&badges(&good), &Overrides::default()).unwrap();
+        assert!(
+            config
+                .badge_secret
+                .is_some_and(|s| s.matches("0123456789abcdef0123"))
+        );
+
+        let tls = format!(
+            "tls: {{cert_file: '{}', key_file: '{}'}}",
+            good.display(),
+            good.display()
+        );
+        let err = Config::from_yaml(&tls, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tls") && err.contains("no PEM certificate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn redis_passwords_never_show() {
+        let err = Config::from_yaml(
+            "redis: {url: 'http://:hunter2@redis/?password=hunter2'}",
+            &Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("redis.url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let config = Config::from_yaml(
+            "redis: {url: 'redis://redis:6379/?password=hunter2'}",
+            &Overrides::default(),
+        )
+        .unwrap();
+        let shown = format!("{config:?}");
+        assert!(
+            shown.contains("redis:6379") && !shown.contains("hunter2"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -16,8 +16,10 @@ pub mod http;
 pub mod hub;
 pub mod metrics;
 pub mod progress;
+pub mod redact;
 pub mod run;
 pub mod store;
+pub mod tls;
 pub mod trust;
 
 pub use run::{Listeners, RunError, run};

@@ -21,6 +21,7 @@ use crate::grpc::{AdminApi, AgentApi, IngestApi};
 use crate::http::{HttpState, router};
 use crate::metrics::Metrics;
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+use crate::tls::{ReloadingCert, TlsIncoming, acceptor};
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub enum RunError {
     GitLab(crate::gitlab::GitLabError),
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The sockets the server serves on; tests bind port 0 and read the addresses back.
@@ -95,7 +98,7 @@ pub async fn run(
         agents = config.agents.len(),
         "starting"
     );
-    let catalog = Arc::new(Catalog::new(&config.agents));
+    let catalog = Arc::new(Catalog::new(&config.agents, config.badge_secret.as_ref()));
     let mirrors = Mirrors::new(config.git.clone());
     let gitlab = config
         .gitlab
@@ -158,6 +161,18 @@ pub async fn run(
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let grpc_addr = listeners.grpc.local_addr().ok();
+    // One certificate for both listeners, reloaded when its files change.
+    let tls = match config.tls.clone() {
+        Some(settings) => {
+            let cert = Arc::new(ReloadingCert::new(settings)?);
+            // axum here speaks HTTP/1.1 only.
+            Some((
+                acceptor(cert.clone(), &[b"h2"])?,
+                acceptor(cert, &[b"http/1.1"])?,
+            ))
+        }
+        None => None,
+    };
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
@@ -176,32 +191,60 @@ pub async fn run(
         .add_service(IngestServiceServer::new(IngestApi::new(
             engine.clone(),
             config.ingest_tokens.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            // Without TCP_NODELAY, answers over a packet wait for delayed ACKs (~40 ms).
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
+        )));
+    let grpc = async {
+        match &tls {
+            Some((grpc_tls, _)) => {
+                let incoming = TlsIncoming::new(listeners.grpc, grpc_tls.clone());
+                grpc.serve_with_incoming_shutdown(
+                    incoming.into_stream(),
+                    shutdown.clone().cancelled_owned(),
+                )
+                .await?;
+            }
+            None => {
+                grpc.serve_with_incoming_shutdown(
+                    // Without TCP_NODELAY, answers over a packet wait for delayed ACKs (~40 ms).
+                    TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+                    shutdown.clone().cancelled_owned(),
+                )
+                .await?;
+            }
+        }
+        Ok::<_, RunError>(())
+    };
 
     let http_addr = listeners.http.local_addr().ok();
     let engine_for_exit = engine.clone();
     let state = HttpState {
         engine,
         webhook_secrets: config.webhook_secrets.clone(),
-        admin_token: config.admin_token.clone(),
         metrics,
     };
     let app = router(state, config.max_body_bytes);
-    let http = axum::serve(
-        listeners.http.tap_io(|stream| {
-            let _ = stream.set_nodelay(true);
-        }),
-        app,
-    )
-    .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    info!(grpc = ?grpc_addr, http = ?http_addr, "listening");
+    let http = async {
+        let stopped = shutdown.clone().cancelled_owned();
+        match &tls {
+            Some((_, http_tls)) => {
+                let incoming = TlsIncoming::new(listeners.http, http_tls.clone());
+                axum::serve(incoming, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            None => {
+                let plain = listeners.http.tap_io(|stream| {
+                    let _ = stream.set_nodelay(true);
+                });
+                axum::serve(plain, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        }
+        .map_err(RunError::Http)
+    };
+    info!(grpc = ?grpc_addr, http = ?http_addr, tls = tls.is_some(), "listening");
 
-    let (grpc, http) = tokio::join!(grpc, async { http.await.map_err(RunError::Http) });
+    let (grpc, http) = tokio::join!(grpc, http);
     shutdown.cancel();
     engine_for_exit.withdraw_presence().await;
     grpc?;

@@ -14,10 +14,11 @@ use crate::v1::{
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
 
 use self::output::Format;
 use crate::auth::Bearer;
+use crate::connect;
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +34,13 @@ struct Cli {
         default_value = "http://127.0.0.1:8150"
     )]
     server: String,
+    /// CA certificate (PEM) to trust for the server's TLS certificate.
+    #[arg(long, env = "GREENLIGHT_CA_FILE", global = true)]
+    ca_file: Option<std::path::PathBuf>,
+    /// Allow a plaintext http:// server address that is not loopback (the token then
+    /// crosses the network in the clear).
+    #[arg(long, env = "GREENLIGHT_INSECURE", global = true)]
+    insecure: bool,
     /// Admin token, or an agent's CI token (trigger, status and wait for that agent only).
     #[arg(long, env = "GREENLIGHT_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
@@ -77,6 +85,13 @@ enum Command {
     },
     /// Returns the agent to the gate.
     Unpin { agent: String },
+    /// Prints the URL of the agent's badge: the unguessable one for a private badge.
+    BadgeUrl {
+        agent: String,
+        /// The server's public HTTP base URL, e.g. https://greenlight.example.com:8080.
+        #[arg(long)]
+        base: Option<String>,
+    },
     /// Waits until the agent reports SHA (or a descendant) healthy. Exit codes: 0 healthy
     /// (or superseded), 1 failed or degraded, 3 superseded with --exact, 124 timeout.
     Wait {
@@ -95,18 +110,17 @@ enum Command {
 /// The admin client greenlightctl uses.
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
-async fn connect(server: &str, token: Option<&str>) -> anyhow::Result<Admin> {
-    let token = token.context("no token: pass --token or set GREENLIGHT_TOKEN")?;
-    let mut endpoint = Endpoint::from_shared(server.to_owned())
-        .with_context(|| format!("invalid server address {server:?}"))?
-        .connect_timeout(Duration::from_secs(10));
-    if server.starts_with("https://") {
-        endpoint = endpoint.tls_config(ClientTlsConfig::new().with_enabled_roots())?;
-    }
-    let channel = endpoint
+async fn connect(cli: &Cli) -> anyhow::Result<Admin> {
+    let server = cli.server.as_str();
+    let token = cli
+        .token
+        .as_deref()
+        .context("no token: pass --token or set GREENLIGHT_TOKEN")?;
+    connect::check_address(server, cli.insecure)?;
+    let channel = connect::endpoint(server, cli.ca_file.as_deref())?
         .connect()
         .await
-        .with_context(|| format!("cannot connect to {server}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot connect to {server}: {}", connect::describe(&e)))?;
     Ok(AdminServiceClient::with_interceptor(
         channel,
         Bearer::new(token)?,
@@ -138,7 +152,7 @@ where
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<i32> {
-    let mut admin = connect(&cli.server, cli.token.as_deref()).await?;
+    let mut admin = connect(&cli).await?;
     let format = cli.output;
     match cli.command {
         Command::Agents => {
@@ -213,6 +227,20 @@ async fn execute(cli: Cli) -> anyhow::Result<i32> {
                 .into_inner();
             output::status(format, &status);
         }
+        Command::BadgeUrl { agent, base } => {
+            let status = admin
+                .get_agent(GetAgentRequest {
+                    name: agent.clone(),
+                })
+                .await?
+                .into_inner();
+            anyhow::ensure!(
+                !status.badge_path.is_empty(),
+                "the badge of {agent:?} is private and the server has no badges.secret_file to derive its URL from"
+            );
+            let base = base.as_deref().unwrap_or_default().trim_end_matches('/');
+            output::badge_url(format, &format!("{base}{}", status.badge_path));
+        }
         Command::Wait {
             agent,
             sha,
@@ -263,5 +291,14 @@ mod tests {
             "--sha is required"
         );
         assert_eq!(run(["greenlightctl", "--help"]).await, 0);
+        let remote_plaintext = [
+            "greenlightctl",
+            "--server",
+            "http://greenlight.invalid:8150",
+            "--token",
+            "t",
+            "agents",
+        ];
+        assert_eq!(run(remote_plaintext).await, 2, "refused before dialing");
     }
 }

@@ -209,6 +209,14 @@ pub fn state_json(state: &RevisionState) -> Value {
     })
 }
 
+/// The URL of a badge.
+pub fn badge_url(format: Format, url: &str) {
+    match format {
+        Format::Human => println!("{url}"),
+        Format::Json => println!("{}", json!({ "url": url })),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,14 +1,12 @@
 //! Closing the loop with CI and people: commit statuses posted to GitLab, catching up after
-//! missed webhooks, `greenlightctl wait` exit codes and CI tokens, and badges.
+//! missed webhooks, `greenlightctl wait` exit codes and CI tokens.
 
 use std::path::{Path, PathBuf};
 
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
-use greenlight::v1::{
-    GetAgentRequest, PauseSyncRequest, Phase, ResumeSyncRequest, WatchRevisionRequest,
-};
+use greenlight::v1::{GetAgentRequest, PauseSyncRequest, Phase, WatchRevisionRequest};
 use greenlight_e2e::control_plane::TestCluster;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
 use greenlight_e2e::*;
@@ -205,27 +203,6 @@ async fn admin_as(
         channel,
         Bearer::new(token)?,
     ))
-}
-
-/// GETs the badge of `agent`; returns status, content type and body.
-async fn badge(
-    server: &TestServer,
-    agent: &str,
-    token: Option<&str>,
-) -> anyhow::Result<(u16, String, String)> {
-    let mut url = format!("http://{}/badges/{agent}.svg", server.http);
-    if let Some(token) = token {
-        url.push_str(&format!("?token={token}"));
-    }
-    let response = reqwest::get(url).await?;
-    let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get(reqwest::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    Ok((status, content_type, response.text().await?))
 }
 
 /// `GetRef` of `PROJECT@main`.
@@ -617,77 +594,6 @@ async fn wait_exits_1_when_the_commit_is_degraded() -> anyhow::Result<()> {
         "{statuses:?}"
     );
     assert!(statuses[2].2.starts_with("degraded:"), "{}", statuses[2].2);
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn badges_are_private_by_default_and_coloured_by_state() -> anyhow::Result<()> {
-    let w = world!(world(
-        "    health_timeout: 2s\n",
-        Some("    badge: public\n")
-    ));
-
-    // Access.
-    let (status, _, _) = badge(&w.server, "prod", None).await?;
-    assert_eq!(status, 401, "private without a token");
-    let (status, _, _) = badge(&w.server, "prod", Some("wrong")).await?;
-    assert_eq!(status, 401, "private with a wrong token");
-    let (status, content_type, _) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
-    assert_eq!(
-        (status, content_type.as_str()),
-        (200, "image/svg+xml"),
-        "the CI token"
-    );
-    let (status, _, _) = badge(&w.server, "prod", Some(ADMIN_TOKEN)).await?;
-    assert_eq!(status, 200, "the admin token");
-    let (status, content_type, svg) = badge(&w.server, "staging", None).await?;
-    assert_eq!(
-        (status, content_type.as_str()),
-        (200, "image/svg+xml"),
-        "public"
-    );
-    assert!(svg.starts_with("<svg"), "{svg}");
-
-    // Healthy: green, with the short SHA.
-    let x = w.repo.commit(
-        &[("app.yaml", configmap("settings", "one").as_bytes())],
-        &[],
-    )?;
-    let _agent = w.agent("prod", "replica-a");
-    w.release(ZERO, &x, 1).await?;
-    w.server.reported("prod", &x, Phase::Healthy).await?;
-    let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
-    assert!(svg.contains("#4c1"), "{svg}");
-    assert!(svg.contains(&x[..8]), "{svg}");
-    assert!(svg.contains("healthy"), "{svg}");
-
-    // Paused: grey.
-    let mut admin = w.server.admin().await?;
-    admin
-        .pause_sync(PauseSyncRequest {
-            name: "prod".into(),
-            reason: "freeze".into(),
-        })
-        .await?;
-    let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
-    assert!(svg.contains("#9f9f9f"), "{svg}");
-    assert!(svg.contains("paused"), "{svg}");
-    assert!(!svg.contains("#4c1"), "{svg}");
-    admin
-        .resume_sync(ResumeSyncRequest {
-            name: "prod".into(),
-        })
-        .await?;
-
-    // Degraded: red.
-    let never = deployment_on("web", 1, "nowhere");
-    let y = w.repo.commit(&[("web.yaml", never.as_bytes())], &[])?;
-    w.release(&x, &y, 2).await?;
-    w.server.reported("prod", &y, Phase::Degraded).await?;
-    let (_, _, svg) = badge(&w.server, "prod", Some(CI_TOKEN)).await?;
-    assert!(svg.contains("#e05d44"), "{svg}");
-    assert!(svg.contains(&y[..8]), "{svg}");
-    assert!(svg.contains("degraded"), "{svg}");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! End-to-end tests: real redis-server, real gRPC and HTTP over loopback.
 
 mod agent;
+mod badges;
 mod close_loop;
 mod gate;
 mod git;
@@ -8,4 +9,5 @@ mod ingest_errors;
 mod real_cluster;
 mod replicas;
 mod store_suite;
+mod tls;
 mod trust;

@@ -38,10 +38,7 @@ pub(super) fn mirror_dir(cache_dir: &Path, url: &str) -> PathBuf {
 
 /// The url as it may appear in messages and logs: a password in it is redacted.
 pub fn display_url(url: &str) -> String {
-    match gix::url::parse(url) {
-        Ok(parsed) if parsed.password().is_some() => parsed.to_string(),
-        _ => url.to_owned(),
-    }
+    crate::redact::url(url)
 }
 
 /// Opens the mirror in `dir`, or `None` when it was never created.

@@ -148,6 +148,12 @@ impl AdminApi {
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?
                 .unwrap_or_default(),
+            // Only admin and this agent's CI token get here, who may see its badge.
+            badge_path: self
+                .engine
+                .catalog()
+                .badge_path(&spec.name)
+                .unwrap_or_default(),
         })
     }
 

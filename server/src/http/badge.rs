@@ -1,11 +1,12 @@
 //! `GET /badges/<agent>.svg`: the deployed commit and its state, where people already look.
-//! Private unless the agent's config says `badge: public`.
+//! Private unless the agent's config says `badge: public`: a private badge is served only at
+//! its unguessable `/badges/<agent>/<key>.svg`. No token is taken, in the query string least
+//! of all: proxies and GitLab's badge settings would log it.
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use greenlight::v1::{Phase, StatusReport};
-use serde::Deserialize;
 
 use super::HttpState;
 use crate::engine::EngineError;
@@ -62,51 +63,38 @@ pub fn render(label: &str, badge: &Badge) -> String {
     )
 }
 
-#[derive(Deserialize)]
-pub struct TokenQuery {
-    token: Option<String>,
+/// Unknown agents, private badges without their key and wrong keys all get this, so that
+/// neither names nor keys can be probed.
+fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        "no such badge: a private badge is served at the URL `greenlightctl badge-url <agent>` prints",
+    )
+        .into_response()
 }
 
-/// Serves the badge of the agent named in the path (`<agent>.svg`).
-pub async fn serve(
+/// Serves the badge of the agent named in the path (`<agent>.svg`), if public.
+pub async fn serve_public(State(state): State<HttpState>, Path(file): Path<String>) -> Response {
+    match file.strip_suffix(".svg") {
+        Some(name) => serve(&state, name, None).await,
+        None => not_found(),
+    }
+}
+
+/// Serves the badge at `/badges/<agent>/<key>.svg`.
+pub async fn serve_keyed(
     State(state): State<HttpState>,
-    Path(file): Path<String>,
-    Query(query): Query<TokenQuery>,
-    headers: HeaderMap,
+    Path((name, file)): Path<(String, String)>,
 ) -> Response {
-    let Some(name) = file.strip_suffix(".svg") else {
-        return (
-            StatusCode::NOT_FOUND,
-            "badges are served as /badges/<agent>.svg",
-        )
-            .into_response();
-    };
-    let catalog = state.engine.catalog();
-    // Unknown and private agents get the same answer, so names cannot be probed.
-    let unauthorized = || {
-        let message =
-            "this badge is private: pass ?token=<admin or CI token>, or set `badge: public`";
-        (StatusCode::UNAUTHORIZED, message).into_response()
-    };
-    let token = query.token.as_deref().or_else(|| {
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-    });
-    let Some(agent) = catalog.agent(name) else {
-        return unauthorized();
-    };
-    let allowed = agent.badge_public
-        || token.is_some_and(|token| {
-            state
-                .admin_token
-                .as_ref()
-                .is_some_and(|admin| admin.matches(token))
-                || agent.ci_token.as_ref().is_some_and(|ci| ci.matches(token))
-        });
-    if !allowed {
-        return unauthorized();
+    match file.strip_suffix(".svg") {
+        Some(key) => serve(&state, &name, Some(key)).await,
+        None => not_found(),
+    }
+}
+
+async fn serve(state: &HttpState, name: &str, key: Option<&str>) -> Response {
+    if !state.engine.catalog().badge_visible(name, key) {
+        return not_found();
     }
     let unavailable =
         |error: EngineError| (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response();

@@ -12,7 +12,6 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 
-use crate::config::TokenHash;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::trust::WebhookSecrets;
@@ -22,7 +21,6 @@ use crate::trust::WebhookSecrets;
 pub struct HttpState {
     pub engine: Arc<Engine>,
     pub webhook_secrets: WebhookSecrets,
-    pub admin_token: Option<TokenHash>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -30,7 +28,8 @@ pub struct HttpState {
 pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
     Router::new()
         .route("/webhooks/gitlab", post(gitlab::receive))
-        .route("/badges/{file}", get(badge::serve))
+        .route("/badges/{file}", get(badge::serve_public))
+        .route("/badges/{agent}/{file}", get(badge::serve_keyed))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))

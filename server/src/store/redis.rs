@@ -68,7 +68,7 @@ impl RedisStore {
             channel,
             save: Script::new(SAVE_SCRIPT),
             notices,
-            url_for_logs: redact(&settings.url),
+            url_for_logs: crate::redact::url(&settings.url),
             prefix,
         })
     }
@@ -363,13 +363,4 @@ async fn listen(
 
 fn now_ms() -> i64 {
     crate::clock::now_ms()
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            format!("{}://…@{}", &url[..scheme], &url[at + 1..])
-        }
-        _ => url.to_owned(),
-    }
 }
