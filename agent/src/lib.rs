@@ -9,6 +9,7 @@ pub mod client;
 pub mod cluster;
 pub mod drift;
 pub mod health;
+pub mod health_watch;
 pub mod impersonate;
 pub mod inventory;
 pub mod lease;

@@ -7,14 +7,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use greenlight::v1::{ApplySettings, ObjectResult, Phase, StatusReport, object_result::Action};
 use kube::api::DynamicObject;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::assemble::ReadyRevision;
 use crate::cluster::{Cluster, ClusterError, ObjectRef, Resolved, Write, Written};
 use crate::drift::{DriftWatch, Version, WatchTarget};
-use crate::health::{Health, assess, has_status};
+use crate::health_watch::{HealthWatch, Waited};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest;
 use crate::plan::{
@@ -22,7 +21,6 @@ use crate::plan::{
     cascades, prune_allowed, prune_set,
 };
 use crate::session::jittered;
-use greenlight::health_check::{HealthQuery, Verdict};
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "greenlight";
@@ -30,13 +28,9 @@ pub const FIELD_MANAGER: &str = "greenlight";
 const LIST_INSTEAD_OF_READS: usize = 8;
 /// Objects applied at once within one stage.
 const APPLY_CONCURRENCY: usize = 8;
-/// How often health is polled while waiting.
-const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// How long custom resources may wait for their just-applied CRD to be served.
 const CRD_ESTABLISH_ATTEMPTS: u32 = 20;
 const CRD_ESTABLISH_POLL: Duration = Duration::from_millis(500);
-/// Health timeouts beyond a week are taken as a week: far enough, and no overflow.
-const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How applying a revision ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -958,55 +952,9 @@ impl Worker {
         settings: &ApplySettings,
         stop: &(dyn Fn() -> bool + Sync),
     ) -> Outcome {
-        let timeout = health_timeout(settings.health_timeout_seconds);
-        let deadline = tokio::time::Instant::now().checked_add(timeout);
-        // The operator's checks come first: they are for kinds whose status means something
-        // the conventions cannot read.
-        let checks: HashMap<(String, String), Result<HealthQuery, String>> = settings
-            .health_checks
-            .iter()
-            .map(|c| {
-                let query = HealthQuery::parse(&c.jsonpath, &c.healthy_values, &c.failed_values)
-                    .map_err(|e| e.to_string());
-                ((c.group.clone(), c.kind.clone()), query)
-            })
-            .collect();
-        let check_of = |key: &ObjectKey| checks.get(&(key.group.clone(), key.kind.clone()));
-        let watched: Vec<&InventoryEntry> = desired
-            .iter()
-            .filter(|e| needs_rollout(&e.key) || check_of(&e.key).is_some())
-            .collect();
-        loop {
-            let mut unhealthy: Vec<(String, String)> = Vec::new();
-            let mut failed: Vec<(String, String)> = Vec::new();
-            for entry in &watched {
-                let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind)
-                else {
-                    continue;
-                };
-                let state = match self
-                    .cluster
-                    .get(&resolved, entry.key.namespace.as_deref(), &entry.key.name)
-                    .await
-                {
-                    Ok(Some(object)) => match serde_json::to_value(&object) {
-                        Ok(value) => match check_of(&entry.key) {
-                            Some(Ok(check)) => judged(check, &value),
-                            Some(Err(invalid)) => Health::Failed(invalid.clone()),
-                            None => assess(&entry.key.group, &entry.key.kind, &value),
-                        },
-                        Err(error) => Health::Progressing(error.to_string()),
-                    },
-                    Ok(None) => Health::Progressing("does not exist".into()),
-                    Err(error) => Health::Progressing(error.message()),
-                };
-                match state {
-                    Health::Healthy => {}
-                    Health::Progressing(why) => unhealthy.push((entry.key.to_string(), why)),
-                    Health::Failed(why) => failed.push((entry.key.to_string(), why)),
-                }
-            }
-            if unhealthy.is_empty() && failed.is_empty() {
+        let watch = HealthWatch::new(&self.cluster, desired, settings);
+        match watch.wait(stop).await {
+            Waited::Healthy => {
                 self.report(
                     revision,
                     Phase::Healthy,
@@ -1016,36 +964,9 @@ impl Worker {
                     desired.len(),
                 )
                 .await;
-                return Outcome::Healthy;
+                Outcome::Healthy
             }
-            let timed_out = deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-            if !failed.is_empty() || timed_out {
-                let mut all = failed;
-                all.extend(unhealthy);
-                let objects: Vec<ObjectResult> = watched
-                    .iter()
-                    .filter_map(|entry| {
-                        let name = entry.key.to_string();
-                        let (_, why) = all.iter().find(|(n, _)| *n == name)?;
-                        Some(ObjectResult {
-                            api_version: entry.api_version.clone(),
-                            kind: entry.key.kind.clone(),
-                            namespace: entry.key.namespace.clone().unwrap_or_default(),
-                            name: entry.key.name.clone(),
-                            action: Action::NotHealthy.into(),
-                            message: why.clone(),
-                        })
-                    })
-                    .collect();
-                let list: Vec<String> = all
-                    .iter()
-                    .map(|(name, why)| format!("{name}: {why}"))
-                    .collect();
-                let message = format!(
-                    "not healthy after {}s: {}",
-                    timeout.as_secs(),
-                    list.join("; ")
-                );
+            Waited::Unhealthy { message, objects } => {
                 self.report(
                     revision,
                     Phase::Degraded,
@@ -1055,38 +976,11 @@ impl Worker {
                     desired.len(),
                 )
                 .await;
-                return Outcome::Degraded(message);
+                Outcome::Degraded(message)
             }
-            if stop() {
-                return Outcome::Stopped;
-            }
-            tokio::time::sleep(jittered(HEALTH_POLL)).await;
+            Waited::Stopped => Outcome::Stopped,
         }
     }
-}
-
-/// The configured health timeout, at least a second and at most [`MAX_HEALTH_TIMEOUT`].
-fn health_timeout(seconds: u64) -> Duration {
-    Duration::from_secs(seconds.clamp(1, MAX_HEALTH_TIMEOUT.as_secs()))
-}
-
-/// What an operator's check says, as health with the values it saw.
-fn judged(check: &HealthQuery, object: &Value) -> Health {
-    let (verdict, selected) = check.judge(object);
-    let seen = if selected.is_empty() {
-        "its health check selects nothing yet".to_owned()
-    } else {
-        format!("its health check selects {}", selected.join(", "))
-    };
-    match verdict {
-        Verdict::Healthy => Health::Healthy,
-        Verdict::Failed => Health::Failed(seen),
-        Verdict::Progressing => Health::Progressing(seen),
-    }
-}
-
-fn needs_rollout(key: &ObjectKey) -> bool {
-    has_status(&key.group, &key.kind)
 }
 
 /// `desired`, then what `previous` remembers beyond it.
@@ -1141,15 +1035,6 @@ fn describe(result: &ObjectResult) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn any_configured_health_timeout_makes_a_deadline() {
-        for seconds in [0, 1, 600, u64::MAX] {
-            let timeout = health_timeout(seconds);
-            assert!(timeout >= Duration::from_secs(1) && timeout <= MAX_HEALTH_TIMEOUT);
-            assert!(tokio::time::Instant::now().checked_add(timeout).is_some());
-        }
-    }
 
     #[test]
     fn the_inventory_keeps_what_it_remembered_beyond_the_desired() {
