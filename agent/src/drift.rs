@@ -3,7 +3,6 @@
 //! the agent applied, and let a reconcile skip the objects nobody touched.
 
 use std::collections::{BTreeSet, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
@@ -17,27 +16,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::inventory::INVENTORY_LABEL;
-use crate::plan::ObjectKey;
-
-/// One version of an object, as an apply returned it or the watch saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Version {
-    pub resource_version: String,
-    /// Set by the API server for kinds whose spec and status are apart: it moves only when
-    /// the spec does, so a controller writing status is not drift.
-    pub generation: Option<i64>,
-}
-
-impl Version {
-    /// Whether `self` and `other` are the same desired state: the same generation where the
-    /// kind has one, else the same resourceVersion.
-    fn same_spec(&self, other: &Version) -> bool {
-        match (self.generation, other.generation) {
-            (Some(a), Some(b)) => a == b,
-            _ => self.resource_version == other.resource_version,
-        }
-    }
-}
+use crate::plan::{ObjectKey, Version, body_digest, drifted_from, needs_apply};
 
 /// What the agent last applied to one object, and what the watch last saw of it.
 #[derive(Debug, Default)]
@@ -86,13 +65,6 @@ pub struct DriftWatch {
     selector: Option<String>,
     shared: Arc<Shared>,
     watches: HashMap<WatchTarget, Running>,
-}
-
-/// A digest of the body an apply sends, to tell a changed desired state from an unchanged one.
-pub fn body_digest(body: &Value) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    body.to_string().hash(&mut hasher);
-    hasher.finish()
 }
 
 impl DriftWatch {
@@ -164,12 +136,7 @@ impl DriftWatch {
         let objects = self.shared.objects();
         objects
             .get(key)
-            .is_some_and(|t| match (&t.applied, &t.observed) {
-                (Some((applied, digest)), Some(observed)) => {
-                    applied == observed && *digest == body_digest(body)
-                }
-                _ => false,
-            })
+            .is_some_and(|t| !needs_apply(t.applied.as_ref(), t.observed.as_ref(), body))
     }
 
     /// Watches exactly `targets` for agent `agent`'s objects, starting and stopping watches as
@@ -320,11 +287,7 @@ fn observe(shared: &Shared, key: &ObjectKey, version: Option<Version>) {
         if tracked.applying {
             return;
         }
-        match (&tracked.applied, &tracked.observed) {
-            (Some((applied, _)), Some(observed)) => !applied.same_spec(observed),
-            (Some(_), None) => true,
-            (None, _) => false,
-        }
+        drifted_from(tracked.applied.as_ref(), tracked.observed.as_ref())
     };
     if drifted {
         info!(object = %key, "changed by someone else; re-applying");

@@ -1,6 +1,7 @@
 //! What to apply in which order, and what to prune: pure decisions over resolved objects.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use greenlight::v1::ApplySettings;
 use serde::{Deserialize, Serialize};
@@ -312,6 +313,61 @@ pub fn prune_plan(
     gone
 }
 
+/// One version of an object, as an apply returned it or the watch saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub resource_version: String,
+    /// Set by the API server for kinds whose spec and status are apart: it moves only when
+    /// the spec does, so a controller writing status is not drift.
+    pub generation: Option<i64>,
+}
+
+impl Version {
+    /// Whether `self` and `other` are the same desired state: the same generation where the
+    /// kind has one, else the same resourceVersion.
+    pub fn same_spec(&self, other: &Version) -> bool {
+        match (self.generation, other.generation) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.resource_version == other.resource_version,
+        }
+    }
+}
+
+/// A digest of the body an apply sends, to tell a changed desired state from an unchanged one.
+pub fn body_digest(body: &Value) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    body.to_string().hash(&mut hasher);
+    hasher.finish()
+}
+
+/// The diff of one object: whether applying `desired` again could change anything, given
+/// what the last apply left (`applied`: its version and body digest) and what the watch saw
+/// since (`observed`). Unchanged only when the body is the same and nobody, controllers
+/// included, touched the object; so a reconcile re-applies what others edited, labels too.
+pub fn needs_apply(
+    applied: Option<&(Version, u64)>,
+    observed: Option<&Version>,
+    desired: &Value,
+) -> bool {
+    match (applied, observed) {
+        (Some((applied, digest)), Some(observed)) => {
+            applied != observed || *digest != body_digest(desired)
+        }
+        _ => true,
+    }
+}
+
+/// Whether what the watch saw is someone else's change to the desired state: a new spec
+/// (generation) or, for kinds without one, any new version, or a deletion. Status written
+/// by a controller is not.
+pub fn drifted_from(applied: Option<&(Version, u64)>, observed: Option<&Version>) -> bool {
+    match (applied, observed) {
+        (Some((applied, _)), Some(observed)) => !applied.same_spec(observed),
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// Resolves every manifest (kinds whose CRD ships in the same revision included), settles
 /// its namespace, labels it, and refuses the whole revision, naming every culprit, for an
 /// unknown kind, a failed discovery or an object outside the agent's scope.
@@ -544,6 +600,54 @@ mod tests {
             &BTreeMap::new(),
             served,
         )
+    }
+
+    fn seen(resource_version: &str, generation: Option<i64>) -> Version {
+        Version {
+            resource_version: resource_version.into(),
+            generation,
+        }
+    }
+
+    #[test]
+    fn an_object_needs_an_apply_unless_its_body_and_version_are_what_the_last_apply_left() {
+        let body = serde_json::json!({"data": {"value": "1"}});
+        let applied = (seen("10", None), body_digest(&body));
+        assert!(!needs_apply(Some(&applied), Some(&seen("10", None)), &body));
+        assert!(
+            needs_apply(Some(&applied), Some(&seen("11", None)), &body),
+            "edited"
+        );
+        let changed = serde_json::json!({"data": {"value": "2"}});
+        assert!(
+            needs_apply(Some(&applied), Some(&seen("10", None)), &changed),
+            "new revision"
+        );
+        assert!(
+            needs_apply(None, Some(&seen("10", None)), &body),
+            "never applied here"
+        );
+        assert!(
+            needs_apply(Some(&applied), None, &body),
+            "gone, or not yet seen"
+        );
+    }
+
+    #[test]
+    fn drift_is_a_new_spec_or_a_deletion_never_a_status_write() {
+        let applied = (seen("10", Some(1)), 0);
+        assert!(
+            !drifted_from(Some(&applied), Some(&seen("11", Some(1)))),
+            "status"
+        );
+        assert!(
+            drifted_from(Some(&applied), Some(&seen("12", Some(2)))),
+            "spec"
+        );
+        assert!(drifted_from(Some(&applied), None), "deleted");
+        let configmap = (seen("10", None), 0);
+        assert!(drifted_from(Some(&configmap), Some(&seen("11", None))));
+        assert!(!drifted_from(None, Some(&seen("11", None))), "not ours yet");
     }
 
     #[test]

@@ -12,13 +12,13 @@ use tracing::{info, warn};
 
 use crate::assemble::ReadyRevision;
 use crate::cluster::{Cluster, ClusterError, ObjectRef, Resolved, Write, Written};
-use crate::drift::{DriftWatch, Version, WatchTarget};
+use crate::drift::{DriftWatch, WatchTarget};
 use crate::health_watch::{HealthWatch, Waited};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest;
 use crate::plan::{
-    self, InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, apply_stages,
-    cascades, prune_allowed, prune_set,
+    self, InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, Version,
+    apply_stages, cascades, prune_allowed, prune_set,
 };
 use crate::session::jittered;
 
