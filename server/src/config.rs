@@ -298,6 +298,7 @@ struct GitFile {
     max_file_bytes: Option<ByteSize>,
     max_total_bytes: Option<ByteSize>,
     max_files: Option<usize>,
+    max_tree_entries: Option<usize>,
 }
 
 /// A size written as a number of bytes or with a unit: `5MiB`, `512KiB`, `1GiB`.
@@ -969,6 +970,13 @@ impl Config {
                     Some(0) => return Err(invalid("git.max_files", "must be greater than 0")),
                     Some(n) => n,
                     None => limits.max_files,
+                },
+                max_tree_entries: match file.git.max_tree_entries {
+                    Some(0) => {
+                        return Err(invalid("git.max_tree_entries", "must be greater than 0"));
+                    }
+                    Some(n) => n,
+                    None => limits.max_tree_entries,
                 },
             },
         };

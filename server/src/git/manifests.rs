@@ -95,13 +95,20 @@ pub(super) fn read(
         .and_then(|c| c.tree_id())
         .map_err(failed)?
         .detach();
-    // Matches beyond the limit are only counted, so that a huge tree costs no memory.
+    // Both bounds stop the walk at once: neither a huge tree nor a crafted one (directories
+    // listing the same subtree over and over) costs more than the limits allow.
     let mut matching: Vec<(String, gix::ObjectId)> = Vec::new();
-    let mut count = 0usize;
+    let mut visited = 0usize;
     let mut directories = vec![(String::new(), root)];
     while let Some((dir, id)) = directories.pop() {
         let tree = repo.find_tree(id).map_err(failed)?;
         for entry in tree.iter() {
+            visited += 1;
+            if visited > limits.max_tree_entries {
+                return Err(GitError::TreeTooLarge {
+                    limit: limits.max_tree_entries,
+                });
+            }
             let entry = entry.map_err(failed)?;
             let Ok(name) = entry.filename().to_str() else {
                 let name = entry.filename();
@@ -120,10 +127,12 @@ pub(super) fn read(
                 EntryKind::Blob | EntryKind::BlobExecutable
                     if !name.starts_with('.') && patterns.set.is_match(&path) =>
                 {
-                    count += 1;
-                    if count <= limits.max_files {
-                        matching.push((path, entry.object_id()));
+                    if matching.len() == limits.max_files {
+                        return Err(GitError::TooManyFiles {
+                            limit: limits.max_files,
+                        });
                     }
+                    matching.push((path, entry.object_id()));
                 }
                 // Dot-directories and dot-files hold tooling (a root `.gitlab-ci.yml`
                 // matches the default globs but is no manifest), symlinks could point
@@ -133,15 +142,9 @@ pub(super) fn read(
         }
     }
 
-    if count == 0 {
+    if matching.is_empty() {
         return Err(GitError::NoMatch {
             patterns: patterns.given.clone(),
-        });
-    }
-    if count > limits.max_files {
-        return Err(GitError::TooManyFiles {
-            count,
-            limit: limits.max_files,
         });
     }
     matching.sort_unstable_by(|a, b| a.0.cmp(&b.0));

@@ -39,6 +39,9 @@ pub struct Limits {
     pub max_file_bytes: u64,
     pub max_total_bytes: u64,
     pub max_files: usize,
+    /// Tree entries (files and directories) a read may visit: a crafted tree of a few KB,
+    /// whose directories list the same subtree again and again, expands to billions.
+    pub max_tree_entries: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             max_file_bytes: 5 * 1024 * 1024,
             max_total_bytes: 20 * 1024 * 1024,
             max_files: 1000,
+            max_tree_entries: 200_000,
         }
     }
 }
@@ -89,8 +93,13 @@ pub enum GitError {
     },
     #[error("the matching files have {bytes} bytes in total, more than the limit of {limit} bytes")]
     TotalTooLarge { bytes: u64, limit: u64 },
-    #[error("{count} files match the path globs, more than the limit of {limit}")]
-    TooManyFiles { count: usize, limit: usize },
+    #[error("more than {limit} files match the path globs (git.max_files)")]
+    TooManyFiles { limit: usize },
+    #[error(
+        "the commit's tree has more than {limit} entries outside dot-directories \
+         (git.max_tree_entries); narrow the repository or raise the limit"
+    )]
+    TreeTooLarge { limit: usize },
     #[error("invalid path glob {pattern:?}: {message}")]
     InvalidGlob { pattern: String, message: String },
     #[error("local git mirror: {message}")]

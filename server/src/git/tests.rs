@@ -52,6 +52,24 @@ impl Upstream {
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
     }
 
+    /// Runs git with `input` on its standard input; returns its output.
+    fn git_with_input(&self, args: &[&str], input: &[u8]) -> String {
+        use std::io::Write;
+        let mut child = Command::new("git")
+            .current_dir(self.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let output = child.wait_with_output().unwrap();
+        assert!(output.status.success(), "git {args:?}");
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
     fn write(&self, path: &str, content: &[u8]) {
         let full = self.path().join(path);
         std::fs::create_dir_all(full.parent().unwrap()).unwrap();
@@ -668,6 +686,7 @@ async fn limits_are_enforced() {
         max_file_bytes: 100,
         max_total_bytes: 220,
         max_files: 3,
+        max_tree_entries: 100,
     };
     assert_eq!(check(roomy).await.unwrap().files.len(), 3);
 
@@ -705,7 +724,59 @@ async fn limits_are_enforced() {
     })
     .await
     .unwrap_err();
-    assert_eq!(err, GitError::TooManyFiles { count: 3, limit: 2 });
+    assert_eq!(err, GitError::TooManyFiles { limit: 2 });
+    let err = check(Limits {
+        max_tree_entries: 2,
+        ..roomy
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err, GitError::TreeTooLarge { limit: 2 });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tree_that_lists_one_subtree_over_and_over_is_refused_not_walked() {
+    // Eight levels of directories, each listing the same ten-entry subtree ten times: a few
+    // hundred bytes of objects that name 10^8 paths.
+    let upstream = Upstream::new();
+    let blob = upstream.git_with_input(&["hash-object", "-w", "--stdin"], b"kind: ConfigMap\n");
+    let mut tree = upstream.git_with_input(
+        &["mktree"],
+        (0..10)
+            .map(|i| format!("100644 blob {blob}\tf{i}.yaml\n"))
+            .collect::<String>()
+            .as_bytes(),
+    );
+    for _ in 0..8 {
+        tree = upstream.git_with_input(
+            &["mktree"],
+            (0..10)
+                .map(|i| format!("040000 tree {tree}\td{i}\n"))
+                .collect::<String>()
+                .as_bytes(),
+        );
+    }
+    let commit = upstream.git(&["commit-tree", &tree, "-m", "bomb"]);
+    upstream.git(&["update-ref", "refs/heads/main", &commit]);
+    // Without the entry bound only max_files would stop the walk, and no file limit is
+    // set here: the walk must stop at the entries' limit.
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors_with(
+        Limits {
+            max_files: usize::MAX,
+            max_tree_entries: 10_000,
+            ..Limits::default()
+        },
+        Duration::from_secs(30),
+    );
+    let err = mirrors
+        .manifests(&upstream.file_url(), &Sha::parse(&commit).unwrap(), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err, GitError::TreeTooLarge { limit: 10_000 });
+    assert!(err.to_string().contains("git.max_tree_entries"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
