@@ -15,11 +15,47 @@ pub const EARLIEST_TIME_MS: i64 = 946_684_800_000;
 /// us); a result "finished" later would win over every real update of that pipeline.
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 
+/// Jobs one Pipeline Hook may list: GitLab's own pipelines stay far below.
+pub const MAX_JOBS: usize = 5000;
+/// Stages one pipeline may have passed, each at most [`MAX_STAGE_BYTES`] long: they are
+/// stored with the pipeline, so their size is bounded with it.
+pub const MAX_STAGES: usize = 256;
+pub const MAX_STAGE_BYTES: usize = 255;
+
+/// Refuses more jobs than [`MAX_JOBS`].
+pub fn check_jobs(count: usize) -> Result<(), Implausible> {
+    if count > MAX_JOBS {
+        return Err(Implausible::TooManyJobs(count));
+    }
+    Ok(())
+}
+
+/// Refuses more stages than [`MAX_STAGES`] or a stage name over [`MAX_STAGE_BYTES`].
+pub fn check_stages<'a>(stages: impl IntoIterator<Item = &'a str>) -> Result<(), Implausible> {
+    let mut count = 0usize;
+    for stage in stages {
+        count += 1;
+        if stage.len() > MAX_STAGE_BYTES {
+            return Err(Implausible::StageTooLong(stage.len()));
+        }
+    }
+    if count > MAX_STAGES {
+        return Err(Implausible::TooManyStages(count));
+    }
+    Ok(())
+}
+
 /// A pipeline claim outside plausible bounds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Implausible {
     #[error("pipeline id must be at least 1")]
     ZeroId,
+    #[error("{0} jobs, more than the {MAX_JOBS} a pipeline may list")]
+    TooManyJobs(usize),
+    #[error("{0} stages, more than the {MAX_STAGES} a pipeline may have")]
+    TooManyStages(usize),
+    #[error("a stage name of {0} bytes, more than {MAX_STAGE_BYTES}")]
+    StageTooLong(usize),
     #[error("pipeline id {0} is above {MAX_PIPELINE_ID}, far beyond any real pipeline")]
     IdTooLarge(u64),
     #[error("{field} {at} is before 2000-01-01")]
@@ -203,6 +239,26 @@ pub fn authorize_ingest(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jobs_and_stages_are_bounded() {
+        assert!(check_jobs(MAX_JOBS).is_ok());
+        assert_eq!(
+            check_jobs(MAX_JOBS + 1),
+            Err(Implausible::TooManyJobs(MAX_JOBS + 1))
+        );
+        let names: Vec<String> = (0..=MAX_STAGES).map(|i| format!("s{i}")).collect();
+        assert_eq!(
+            check_stages(names.iter().map(String::as_str)),
+            Err(Implausible::TooManyStages(MAX_STAGES + 1))
+        );
+        assert!(check_stages(names[..MAX_STAGES].iter().map(String::as_str)).is_ok());
+        let long = "x".repeat(MAX_STAGE_BYTES + 1);
+        assert_eq!(
+            check_stages([long.as_str()]),
+            Err(Implausible::StageTooLong(MAX_STAGE_BYTES + 1))
+        );
+    }
 
     const NOW: i64 = 1_800_000_000_000;
 

@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 use super::{bearer, status_from_proto};
 use crate::engine::{Engine, Fact, FactKind, Origin, Recording};
 use crate::gate::{Pipeline, Push, Sha};
-use crate::trust::{IngestToken, authorize_ingest, check_pipeline_id, check_time};
+use crate::trust::{IngestToken, authorize_ingest, check_pipeline_id, check_stages, check_time};
 
 /// Serves CI systems.
 pub struct IngestApi {
@@ -132,6 +132,8 @@ impl IngestService for IngestApi {
             check_time("finished_at_unix_ms", at, crate::clock::now_ms())
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
         }
+        check_stages(request.passed_stages.iter().map(String::as_str))
+            .map_err(|e| Status::invalid_argument(format!("passed_stages: {e}")))?;
         let pipeline = Pipeline {
             id: request.pipeline_id,
             status,

@@ -19,7 +19,7 @@ use super::HttpState;
 use crate::engine::{Fact, FactKind, Origin, Recording};
 use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
-use crate::trust::{Claimed, check_pipeline_id, check_time};
+use crate::trust::{Claimed, check_jobs, check_pipeline_id, check_stages, check_time};
 
 /// Leaves GitLab's 10 s budget some slack for the network.
 const RECORD_DEADLINE: Duration = Duration::from_secs(8);
@@ -110,18 +110,21 @@ fn aggregate(builds: &[Build]) -> Option<PipelineStatus> {
     aggregate_jobs(&jobs)
 }
 
-/// Stages every job of which succeeded (or may fail): what `gate.stages` waits for.
+/// Stages every job of which succeeded (or may fail): what `gate.stages` waits for. One
+/// pass, so a hook listing many jobs costs linear time.
 fn passed_stages(builds: &[Build]) -> Vec<String> {
-    let mut stages: Vec<String> = builds.iter().map(|b| b.stage.clone()).collect();
-    stages.sort();
-    stages.dedup();
-    stages.retain(|stage| {
-        builds.iter().filter(|b| &b.stage == stage).all(|b| {
-            b.status == "success"
-                || (b.allow_failure && PipelineStatus::parse(&b.status).is_ok_and(|s| s.is_final()))
-        })
-    });
-    stages
+    let mut passed: std::collections::BTreeMap<&str, bool> = std::collections::BTreeMap::new();
+    for build in builds {
+        let ok = build.status == "success"
+            || (build.allow_failure
+                && PipelineStatus::parse(&build.status).is_ok_and(|s| s.is_final()));
+        *passed.entry(build.stage.as_str()).or_insert(true) &= ok;
+    }
+    passed
+        .into_iter()
+        .filter(|(_, ok)| *ok)
+        .map(|(stage, _)| stage.to_owned())
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -298,6 +301,10 @@ fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
     if let Some(at) = finished_at {
         check_time("object_attributes.finished_at", at, now_ms).map_err(|e| e.to_string())?;
     }
+    check_jobs(hook.builds.len()).map_err(|e| format!("builds: {e}"))?;
+    let stages: std::collections::BTreeSet<&str> =
+        hook.builds.iter().map(|b| b.stage.as_str()).collect();
+    check_stages(stages).map_err(|e| format!("builds[].stage: {e}"))?;
     if let Some(at) = latest_activity(&hook.builds) {
         check_time("builds[].*_at", at, now_ms).map_err(|e| e.to_string())?;
     }
@@ -408,6 +415,28 @@ mod tests {
             panic!("not a pipeline")
         };
         assert_eq!(pipeline.passed_stages, ["test"]);
+    }
+
+    #[test]
+    fn too_many_jobs_or_an_oversized_stage_are_refused_naming_the_field() {
+        let hook = |builds: &str| {
+            format!(
+                r#"{{"object_attributes":{{"id":1,"ref":"main","sha":"1111111","status":"running"}},"project":{{"id":1}},"builds":[{builds}]}}"#
+            )
+        };
+        let job = r#"{"stage":"test","status":"success"}"#;
+        let many = vec![job; crate::trust::MAX_JOBS + 1].join(",");
+        let err = parse_pipeline(hook(&many).as_bytes(), NOW).err().unwrap();
+        assert!(err.starts_with("builds: 5001 jobs"), "{err}");
+        let enough = vec![job; crate::trust::MAX_JOBS].join(",");
+        let parsed = parse_pipeline(hook(&enough).as_bytes(), NOW);
+        assert!(parsed.is_ok(), "{:?}", parsed.err());
+        let long = format!(r#"{{"stage":"{}","status":"success"}}"#, "s".repeat(256));
+        let err = parse_pipeline(hook(&long).as_bytes(), NOW).err().unwrap();
+        assert!(
+            err.starts_with("builds[].stage: a stage name of 256 bytes"),
+            "{err}"
+        );
     }
 
     fn pipeline_of(body: &[u8]) -> Option<Pipeline> {
