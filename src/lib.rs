@@ -6,6 +6,7 @@ pub mod connect;
 pub mod ctl;
 pub mod digest;
 pub mod health_check;
+pub mod report;
 pub mod tls;
 
 /// Generated protobuf messages and gRPC stubs of the `greenlight.v1` package.

@@ -122,7 +122,7 @@ impl Worker {
         done: usize,
         total: usize,
     ) {
-        let report = StatusReport {
+        let mut report = StatusReport {
             revision: revision.sha().to_owned(),
             phase: phase.into(),
             message,
@@ -132,6 +132,7 @@ impl Worker {
             received_at_unix_ms: 0,
             generation: revision.generation(),
         };
+        greenlight::report::bound(&mut report);
         if self.reports.send(report).await.is_err() {
             warn!("report channel closed");
         }

@@ -179,10 +179,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AgentServiceServer::new(AgentApi::new(
-            engine.clone(),
-            shutdown.clone(),
-        )))
+        .add_service(
+            AgentServiceServer::new(AgentApi::new(engine.clone(), shutdown.clone()))
+                .max_decoding_message_size(greenlight::report::MAX_REPORT_REQUEST_BYTES),
+        )
         .add_service(AdminServiceServer::new(AdminApi::new(
             engine.clone(),
             config.admin_token.clone(),

@@ -291,3 +291,60 @@ async fn report_on_a_revision_never_sent_is_refused() -> anyhow::Result<()> {
     assert_eq!(last.map(|r| r.revision), Some(green));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_is_bounded_and_an_oversized_one_refused() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let client = server.agent("dev").await?;
+    let mut stream = server.stream("dev").await?;
+    let green = sha(0x61);
+    server.release(ZERO, &green, 1).await?;
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), green);
+    let objects = |count: usize, message: &str| -> Vec<greenlight::v1::ObjectResult> {
+        (0..count)
+            .map(|i| greenlight::v1::ObjectResult {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: "apps".into(),
+                name: format!("cm-{i}"),
+                action: greenlight::v1::object_result::Action::Applied.into(),
+                message: message.to_owned(),
+            })
+            .collect()
+    };
+    // An agent of another version sending more than this one would: kept, but cut.
+    client
+        .report(StatusReport {
+            revision: green.clone(),
+            phase: Phase::Applied.into(),
+            message: "applied".into(),
+            objects: objects(3000, "ok"),
+            ..Default::default()
+        })
+        .await?;
+    let last = server.last_report("dev").await?.expect("stored");
+    assert_eq!(last.objects.len(), greenlight::report::MAX_REPORT_OBJECTS);
+    assert!(
+        last.message.contains("2000 more objects not listed"),
+        "{}",
+        last.message
+    );
+
+    // Beyond the request limit the server does not even decode it.
+    let huge = client
+        .report(StatusReport {
+            revision: green.clone(),
+            phase: Phase::Applied.into(),
+            objects: objects(5000, &"x".repeat(1024)),
+            ..Default::default()
+        })
+        .await;
+    match huge {
+        Err(ClientError::Status(status)) => {
+            assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+        }
+        other => bail!("an oversized report must be refused, got {other:?}"),
+    }
+    Ok(())
+}

@@ -273,6 +273,9 @@ impl AgentService for AgentApi {
             return Err(Status::invalid_argument("report.phase is required"));
         }
         report.received_at_unix_ms = now_ms();
+        // An agent of another version may send more than this one would: keep what is
+        // stored (a hundred times per agent) bounded all the same.
+        greenlight::report::bound(&mut report);
         self.engine
             .report(&agent.name, &revision, report.encode_to_vec())
             .await?;
