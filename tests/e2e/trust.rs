@@ -348,3 +348,34 @@ async fn a_report_is_bounded_and_an_oversized_one_refused() -> anyhow::Result<()
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_per_caller_are_capped_and_a_closed_one_frees_its_slot() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let client = server.agent("dev").await?;
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        open.push(client.sync(None).await?);
+    }
+    match client.sync(None).await {
+        Err(ClientError::Status(status)) => {
+            assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+            assert!(
+                status
+                    .message()
+                    .contains("agent dev already has 8 sync streams open"),
+                "{}",
+                status.message()
+            );
+        }
+        Err(other) => bail!("a ninth stream must be refused, got {other:?}"),
+        Ok(_) => bail!("a ninth stream must be refused"),
+    }
+    drop(open.pop());
+    eventually("the slot freed", || async {
+        Ok(client.sync(None).await.ok())
+    })
+    .await?;
+    Ok(())
+}

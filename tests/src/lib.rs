@@ -90,8 +90,15 @@ impl Redis {
             dir,
             child: None,
         };
-        redis.spawn().await?;
-        Ok(redis)
+        for _ in 0..5 {
+            match redis.spawn().await {
+                Err(error) if error.downcast_ref::<PortTaken>().is_some() => {
+                    redis.port = free_port()?;
+                }
+                other => return other.map(|()| redis),
+            }
+        }
+        bail!("redis-server found no free port in 5 tries")
     }
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
@@ -113,10 +120,24 @@ impl Redis {
             .context("cannot start redis-server: is it installed? (scripts/test installs it)")?;
         self.child = Some(child);
         for _ in 0..200 {
+            // Another test may have taken the port between our probe and redis-server's
+            // bind: then ours exits, and what answers is someone else's server.
+            if let Some(child) = self.child.as_mut()
+                && child.try_wait()?.is_some()
+            {
+                bail!(PortTaken(self.port));
+            }
             if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
                 .await
                 .is_ok()
             {
+                // Answering, and still ours.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if let Some(child) = self.child.as_mut()
+                    && child.try_wait()?.is_some()
+                {
+                    bail!(PortTaken(self.port));
+                }
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -154,6 +175,11 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// redis-server could not bind its port: another process took it first.
+#[derive(Debug, thiserror::Error)]
+#[error("port {0} was taken before redis-server could bind it")]
+struct PortTaken(u16);
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())

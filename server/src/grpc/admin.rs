@@ -10,10 +10,17 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, warn};
 
+use super::streams::{Slot, StreamSlots};
 use super::{bearer, decision_to_proto, mode_to_proto, revision_to_proto, status_to_proto};
 use crate::clock::now_ms;
 use crate::config::{AgentSpec, TokenHash};
 use crate::engine::{Engine, Operation};
+
+/// Watches (events and revisions) the admin token may hold open on one replica: a control
+/// plane and its operators, not one per cluster.
+const MAX_ADMIN_STREAMS: usize = 64;
+/// Revision watches one agent's CI token may hold: one per concurrent `greenlightctl wait`.
+const MAX_CI_STREAMS: usize = 16;
 use crate::gate::{AgentGate, Sha};
 use crate::progress::is_final;
 use crate::store::{Broadcast, RefKey};
@@ -47,6 +54,7 @@ pub struct AdminApi {
     engine: Arc<Engine>,
     token: Option<TokenHash>,
     shutdown: CancellationToken,
+    streams: StreamSlots,
 }
 
 impl AdminApi {
@@ -56,6 +64,7 @@ impl AdminApi {
             engine,
             token,
             shutdown,
+            streams: StreamSlots::default(),
         }
     }
 
@@ -90,6 +99,20 @@ impl AdminApi {
             Caller::Admin => Ok(()),
             Caller::Ci(own) if own == agent => Ok(()),
             Caller::Ci(_) => Err(Status::permission_denied(CI_SCOPE)),
+        }
+    }
+
+    /// A slot for one more long-lived stream of the request's caller.
+    fn stream_slot<T>(&self, request: &Request<T>, what: &str) -> Result<Slot, Status> {
+        match self.caller(request)? {
+            Caller::Admin => self
+                .streams
+                .acquire("the admin token", MAX_ADMIN_STREAMS, what),
+            Caller::Ci(agent) => self.streams.acquire(
+                &format!("the CI token of agent {agent}"),
+                MAX_CI_STREAMS,
+                what,
+            ),
         }
     }
 
@@ -227,6 +250,7 @@ impl AdminService for AdminApi {
         request: Request<v1::WatchRevisionRequest>,
     ) -> Result<Response<Self::WatchRevisionStream>, Status> {
         self.authorize_for(&request, &request.get_ref().name)?;
+        let slot = self.stream_slot(&request, "revision watches")?;
         let request = request.into_inner();
         self.spec(&request.name)?;
         let sha = parse_sha("sha", &request.sha)?;
@@ -244,6 +268,7 @@ impl AdminService for AdminApi {
         let span = tracing::info_span!("watch_revision");
         tokio::spawn(
             async move {
+                let _slot = slot;
                 let mut last = first;
                 if tx.send(Ok(last.clone())).await.is_err() || is_final(last.state()) {
                     return;
@@ -462,6 +487,7 @@ impl AdminService for AdminApi {
         request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         self.authorize(&request)?;
+        let slot = self.stream_slot(&request, "event watches")?;
         let only = request.into_inner().agent;
         if !only.is_empty() {
             self.spec(&only)?;
@@ -471,6 +497,7 @@ impl AdminService for AdminApi {
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("watch_events");
         tokio::spawn(async move {
+            let _slot = slot;
             loop {
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => return,

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::streams::StreamSlots;
 use super::{bearer, revision_to_proto};
 use crate::catalog::ref_key;
 use crate::clock::now_ms;
@@ -22,6 +23,9 @@ use crate::git::ManifestSet;
 
 /// Messages buffered per stream: a slow agent holds at most this many, and blocks only itself.
 const STREAM_BUFFER: usize = 16;
+/// Sync streams one agent may hold on one replica: its replicas, and a few more while they
+/// roll, reconnect or rotate tokens.
+const MAX_STREAMS_PER_AGENT: usize = 8;
 /// Delivery retries after a retryable failure back off between these bounds.
 const RETRY_INITIAL: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
@@ -30,12 +34,17 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 pub struct AgentApi {
     engine: Arc<Engine>,
     shutdown: CancellationToken,
+    streams: StreamSlots,
 }
 
 impl AgentApi {
     /// Streams end when `shutdown` fires, so agents reconnect to another replica.
     pub fn new(engine: Arc<Engine>, shutdown: CancellationToken) -> Self {
-        Self { engine, shutdown }
+        Self {
+            engine,
+            shutdown,
+            streams: StreamSlots::default(),
+        }
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<AgentSpec, Status> {
@@ -159,6 +168,11 @@ impl AgentService for AgentApi {
         request: Request<v1::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
         let agent = self.authenticate(&request)?;
+        let slot = self.streams.acquire(
+            &format!("agent {}", agent.name),
+            MAX_STREAMS_PER_AGENT,
+            "sync streams",
+        )?;
         let request = request.into_inner();
         let applied_generation = request.applied_generation;
         let applied = match request
@@ -251,6 +265,7 @@ impl AgentService for AgentApi {
                     }
                 }
                 engine.disconnected(&agent.name).await;
+                drop(slot);
                 info!("agent disconnected");
             }
             .instrument(span),

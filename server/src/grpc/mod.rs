@@ -3,6 +3,7 @@
 mod admin;
 mod agent;
 mod ingest;
+mod streams;
 
 pub use admin::AdminApi;
 pub use agent::AgentApi;
