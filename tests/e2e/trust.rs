@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use greenlight::digest::sha256_hex;
 use greenlight::v1::{
     Phase, PipelineStatus, RecordPipelineRequest, RecordPushRequest, StatusReport,
@@ -377,5 +377,37 @@ async fn streams_per_caller_are_capped_and_a_closed_one_frees_its_slot() -> anyh
         Ok(client.sync(None).await.ok())
     })
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_flooding_reports_is_slowed_down() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let client = server.agent("dev").await?;
+    let mut stream = server.stream("dev").await?;
+    let green = sha(0x71);
+    server.release(ZERO, &green, 1).await?;
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), green);
+    let report = StatusReport {
+        revision: green.clone(),
+        phase: Phase::Applying.into(),
+        message: "again".into(),
+        ..Default::default()
+    };
+    let mut refused = None;
+    for _ in 0..200 {
+        if let Err(ClientError::Status(status)) = client.report(report.clone()).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let status = refused.context("200 reports at once were all accepted")?;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("status reports a second"),
+        "{}",
+        status.message()
+    );
     Ok(())
 }

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::rate::RateLimit;
 use super::streams::StreamSlots;
 use super::{bearer, revision_to_proto};
 use crate::catalog::ref_key;
@@ -26,6 +27,12 @@ const STREAM_BUFFER: usize = 16;
 /// Sync streams one agent may hold on one replica: its replicas, and a few more while they
 /// roll, reconnect or rotate tokens.
 const MAX_STREAMS_PER_AGENT: usize = 8;
+/// How long a stream may stay full before its agent counts as no longer reading.
+const STALLED_READER: Duration = Duration::from_secs(60);
+/// Status reports one agent may send per second on one replica, with bursts: the agent
+/// coalesces progress, so a revision costs a handful; more is a loop or an attack.
+const REPORTS_PER_SECOND: f64 = 10.0;
+const REPORT_BURST: f64 = 50.0;
 /// Delivery retries after a retryable failure back off between these bounds.
 const RETRY_INITIAL: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
@@ -35,6 +42,7 @@ pub struct AgentApi {
     engine: Arc<Engine>,
     shutdown: CancellationToken,
     streams: StreamSlots,
+    reports: RateLimit,
 }
 
 impl AgentApi {
@@ -44,6 +52,7 @@ impl AgentApi {
             engine,
             shutdown,
             streams: StreamSlots::default(),
+            reports: RateLimit::new(REPORTS_PER_SECOND, REPORT_BURST),
         }
     }
 
@@ -109,13 +118,7 @@ async fn send_revision(
         settings: Some(settings_to_proto(&agent.apply)),
         agent: agent.name.clone(),
     };
-    if tx
-        .send(Ok(v1::SyncEvent {
-            event: Some(Event::Header(header)),
-        }))
-        .await
-        .is_err()
-    {
+    if !deliver(tx, Event::Header(header)).await {
         return false;
     }
     for file in files.map(|set| set.files.as_slice()).unwrap_or_default() {
@@ -127,13 +130,7 @@ async fn send_revision(
                 path: file.path.clone(),
                 data: file.content.slice(offset..end),
             };
-            if tx
-                .send(Ok(v1::SyncEvent {
-                    event: Some(Event::Chunk(chunk)),
-                }))
-                .await
-                .is_err()
-            {
+            if !deliver(tx, Event::Chunk(chunk)).await {
                 return false;
             }
             offset = end;
@@ -145,11 +142,27 @@ async fn send_revision(
     let trailer = v1::RevisionTrailer {
         content_sha256: digest,
     };
-    tx.send(Ok(v1::SyncEvent {
-        event: Some(Event::Trailer(trailer)),
-    }))
-    .await
-    .is_ok()
+    deliver(tx, Event::Trailer(trailer)).await
+}
+
+/// Sends one event; `false` when the agent went away or stopped reading for
+/// [`STALLED_READER`], whose stream then ends rather than holding this replica's buffer and
+/// task forever (the agent reconnects).
+async fn deliver(tx: &mpsc::Sender<Result<v1::SyncEvent, Status>>, event: Event) -> bool {
+    match tx
+        .send_timeout(Ok(v1::SyncEvent { event: Some(event) }), STALLED_READER)
+        .await
+    {
+        Ok(()) => true,
+        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+            warn!(
+                after = ?STALLED_READER,
+                "the agent stopped reading its stream; closing it"
+            );
+            false
+        }
+        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
+    }
 }
 
 /// What waiting on a stream's inputs yielded.
@@ -278,6 +291,12 @@ impl AgentService for AgentApi {
         request: Request<v1::ReportStatusRequest>,
     ) -> Result<Response<v1::ReportStatusResponse>, Status> {
         let agent = self.authenticate(&request)?;
+        if !self.reports.allow(&agent.name, std::time::Instant::now()) {
+            return Err(Status::resource_exhausted(format!(
+                "agent {} sends more than {REPORTS_PER_SECOND} status reports a second; retry later",
+                agent.name
+            )));
+        }
         let mut report = request
             .into_inner()
             .report

@@ -3,6 +3,7 @@
 mod admin;
 mod agent;
 mod ingest;
+mod rate;
 mod streams;
 
 pub use admin::AdminApi;
