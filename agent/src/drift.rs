@@ -18,6 +18,9 @@ use tracing::{debug, info, warn};
 use crate::inventory::INVENTORY_LABEL;
 use crate::plan::{ObjectKey, Version, body_digest, drifted_from, needs_apply};
 
+/// Seconds one watch request lasts; below the agent's client read timeout.
+const WATCH_TIMEOUT_SECS: u32 = 45;
+
 /// What the agent last applied to one object, and what the watch last saw of it.
 #[derive(Debug, Default)]
 struct Tracked {
@@ -219,7 +222,12 @@ async fn run_watch(
         namespace: meta.namespace.clone(),
         name: meta.name.clone().unwrap_or_default(),
     };
-    let config = watcher::Config::default().labels(&selector);
+    // The API server ends each watch after this, well before the agent's client would give
+    // up on a quiet connection (its read timeout is a minute); the watcher then resumes from
+    // the last resourceVersion without listing again.
+    let config = watcher::Config::default()
+        .labels(&selector)
+        .timeout(WATCH_TIMEOUT_SECS);
     let mut events = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     // Objects listed during a (re)list: those missing from it were deleted meanwhile.
     let mut listing: BTreeSet<ObjectKey> = BTreeSet::new();

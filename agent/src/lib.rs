@@ -14,6 +14,7 @@ pub mod impersonate;
 pub mod inventory;
 pub mod lease;
 pub mod manifest;
+pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod run;

@@ -1,10 +1,12 @@
 //! `greenlight-agent`: applies what the server says is ready.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use greenlight_agent::lease::LEASE_DURATION;
+use greenlight_agent::metrics::AgentMetrics;
 use greenlight_agent::run::{self, Settings};
 use greenlight_agent::session::Target;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,13 @@ struct Cli {
     /// This replica's name in the Lease; defaults to POD_NAME, then the host name.
     #[arg(long, env = "GREENLIGHT_IDENTITY")]
     identity: Option<String>,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`.
+    #[arg(
+        long,
+        env = "GREENLIGHT_METRICS_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    metrics_listen: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,7 +98,11 @@ fn main() -> anyhow::Result<()> {
         namespace,
         identity,
         lease_duration: LEASE_DURATION,
+        metrics: Arc::new(AgentMetrics::default()),
     };
+    let metrics_listener = std::net::TcpListener::bind(&cli.metrics_listen)
+        .with_context(|| format!("cannot listen on --metrics-listen {}", cli.metrics_listen))?;
+    metrics_listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -97,8 +110,8 @@ fn main() -> anyhow::Result<()> {
         let mut config = kube::Config::infer().await.context(
             "cannot reach the cluster: no in-cluster service account and no usable KUBECONFIG",
         )?;
-        // kube sets no read timeout; the agent never watches, so no answer within this
-        // means the call is lost.
+        // kube sets no read timeout; no answer within this means the call is lost. The drift
+        // watches ask the API server to end each watch sooner (drift.rs).
         config.read_timeout.get_or_insert(KUBE_READ_TIMEOUT);
         let kube = kube::Client::try_from(config).context("cannot build the Kubernetes client")?;
         let shutdown = CancellationToken::new();
@@ -106,6 +119,14 @@ fn main() -> anyhow::Result<()> {
         tokio::spawn(async move {
             wait_for_signal().await;
             stop.cancel();
+        });
+        let metrics = settings.metrics.clone();
+        let listener = tokio::net::TcpListener::from_std(metrics_listener)?;
+        let serving = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = greenlight_agent::metrics::serve(listener, metrics, serving).await {
+                tracing::error!(%error, "metrics and probes stopped");
+            }
         });
         run::run(settings, kube, shutdown).await;
         Ok(())

@@ -2,6 +2,7 @@
 //! record the inventory, apply in stages with server-side apply, prune, wait for health.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -16,6 +17,7 @@ use crate::drift::{DriftWatch, WatchTarget};
 use crate::health_watch::{HealthWatch, Waited};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest;
+use crate::metrics::AgentMetrics;
 use crate::plan::{
     self, InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, Version,
     apply_stages, cascades, prune_allowed, prune_set,
@@ -68,12 +70,19 @@ pub struct Worker {
     /// Watches of the inventory: drift wakes the apply loop, and untouched objects are not
     /// written again.
     drift: DriftWatch,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Worker {
     /// A worker keeping its inventory in `namespace` and sending reports to `reports`.
-    pub fn new(cluster: Cluster, namespace: &str, reports: mpsc::Sender<StatusReport>) -> Self {
+    pub fn new(
+        cluster: Cluster,
+        namespace: &str,
+        reports: mpsc::Sender<StatusReport>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
         Self {
+            metrics,
             drift: DriftWatch::new(cluster.client().clone()),
             cluster,
             namespace: namespace.to_owned(),
@@ -132,6 +141,16 @@ impl Worker {
             received_at_unix_ms: 0,
             generation: revision.generation(),
         };
+        if report.phase() == Phase::Applied {
+            for object in &report.objects {
+                self.metrics.object(match object.action() {
+                    Action::Applied => "applied",
+                    Action::Pruned => "pruned",
+                    Action::Failed => "failed",
+                    _ => "unchanged",
+                });
+            }
+        }
         greenlight::report::bound(&mut report);
         if self.reports.send(report).await.is_err() {
             warn!("report channel closed");
@@ -954,7 +973,12 @@ impl Worker {
         stop: &(dyn Fn() -> bool + Sync),
     ) -> Outcome {
         let watch = HealthWatch::new(&self.cluster, desired, settings);
-        match watch.wait(stop).await {
+        let started = std::time::Instant::now();
+        let waited = watch.wait(stop).await;
+        self.metrics
+            .health_wait
+            .observe(started.elapsed().as_secs_f64());
+        match waited {
             Waited::Healthy => {
                 self.report(
                     revision,

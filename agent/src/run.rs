@@ -2,7 +2,8 @@
 //! correction, and a reporter that does not slow applying down.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use greenlight::v1::{Phase, StatusReport};
 use tokio::sync::{mpsc, watch};
@@ -14,6 +15,7 @@ use crate::assemble::ReadyRevision;
 use crate::client::{Client, ClientError};
 use crate::cluster::Cluster;
 use crate::lease::Elector;
+use crate::metrics::AgentMetrics;
 use crate::plan::lease_name;
 use crate::reconcile::{FIELD_MANAGER, Outcome, Worker};
 use crate::session::{self, Backoff, Target, jittered};
@@ -36,6 +38,8 @@ pub struct Settings {
     pub identity: String,
     /// How long leadership survives without renewal.
     pub lease_duration: Duration,
+    /// What it counts, for `/metrics`.
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// Runs the agent until `shutdown`.
@@ -61,18 +65,41 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
         report(settings.target.clone(), reports_rx, shutdown.clone())
             .instrument(info_span!("reporter")),
     );
+    {
+        let mut leading = leading_rx.clone();
+        let metrics = settings.metrics.clone();
+        tokio::spawn(async move {
+            while leading.changed().await.is_ok() {
+                metrics.leader.set(i64::from(*leading.borrow()));
+            }
+        });
+    }
     let worker = Worker::new(
         Cluster::new(kube, FIELD_MANAGER),
         &settings.namespace,
         reports_tx,
+        settings.metrics.clone(),
     );
     let applying = tokio::spawn(
-        apply_loop(worker, latest_rx, leading_rx, applied_tx, shutdown.clone())
-            .instrument(info_span!("apply_loop")),
+        apply_loop(
+            worker,
+            latest_rx,
+            leading_rx,
+            applied_tx,
+            settings.metrics.clone(),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("apply_loop")),
     );
-    session::run(settings.target, shutdown, applied_rx, latest_tx)
-        .instrument(info_span!("session"))
-        .await;
+    session::run(
+        settings.target,
+        shutdown,
+        applied_rx,
+        latest_tx,
+        settings.metrics.clone(),
+    )
+    .instrument(info_span!("session"))
+    .await;
     // The Lease is released only once the apply loop stopped at a safe point: the replica
     // taking over must not overlap with a write of this one.
     if tokio::time::timeout(STOP_GRACE, applying).await.is_err() {
@@ -167,6 +194,7 @@ pub async fn apply_loop(
     mut latest: watch::Receiver<Option<ReadyRevision>>,
     mut leading: watch::Receiver<bool>,
     applied: watch::Sender<Option<(String, u64)>>,
+    metrics: Arc<AgentMetrics>,
     shutdown: CancellationToken,
 ) {
     let mut failures = Backoff::new(FAILURE_BACKOFF_MIN, FAILURE_BACKOFF_MAX);
@@ -196,10 +224,18 @@ pub async fn apply_loop(
                     || shutdown.is_cancelled()
             }
         };
+        let started = Instant::now();
         let outcome = worker
             .reconcile(&revision, &stop)
             .instrument(info_span!("revision", sha = revision.sha()))
             .await;
+        let result = match &outcome {
+            Outcome::Healthy => "healthy",
+            Outcome::Degraded(_) => "degraded",
+            Outcome::Failed(_) => "failed",
+            Outcome::Stopped => "stopped",
+        };
+        metrics.applied(result, started.elapsed().as_secs_f64());
         let wait = match &outcome {
             Outcome::Stopped => continue,
             Outcome::Healthy | Outcome::Degraded(_) => {
@@ -221,7 +257,9 @@ pub async fn apply_loop(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(wait) => {}
-            _ = worker.drifted(), if !matches!(outcome, Outcome::Failed(_)) => {}
+            _ = worker.drifted(), if !matches!(outcome, Outcome::Failed(_)) => {
+                metrics.drift_corrections.inc();
+            }
             changed = latest.changed() => if changed.is_err() { return },
             changed = leading.changed() => if changed.is_err() { return },
         }

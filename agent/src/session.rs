@@ -76,6 +76,7 @@ pub async fn run(
     shutdown: CancellationToken,
     applied: watch::Receiver<Option<(String, u64)>>,
     latest: watch::Sender<Option<ReadyRevision>>,
+    metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF);
     while !shutdown.is_cancelled() {
@@ -95,6 +96,7 @@ pub async fn run(
                 applied = stated.as_ref().map_or("nothing", |(sha, _)| sha.as_str()),
                 "connected"
             );
+            metrics.connected();
             backoff.reset();
             while let Some(revision) = stream.next().await? {
                 info!(

@@ -1526,3 +1526,62 @@ async fn an_impersonated_service_account_lets_rbac_enforce_what_a_revision_write
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_counts_applies_drift_and_leadership_and_serves_its_probes() -> anyhow::Result<()>
+{
+    let w = world!("");
+    let agent = w.agent("replica-a");
+    // As the agent binary serves them on --metrics-listen.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(greenlight_agent::metrics::serve(
+        listener,
+        agent.metrics.clone(),
+        stop.clone(),
+    ));
+    let get = |path: &'static str| async move {
+        let response = reqwest::get(format!("http://{address}{path}")).await?;
+        Ok::<_, anyhow::Error>((response.status().as_u16(), response.text().await?))
+    };
+    assert_eq!(get("/healthz").await?.0, 200);
+    eventually("ready once connected", || async {
+        Ok((get("/readyz").await?.0 == 200).then_some(()))
+    })
+    .await?;
+
+    let x = w
+        .repo
+        .commit(&[("a.yaml", configmap("a", "desired").as_bytes())], &[])?;
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    w.plane.kubectl_ok(&[
+        "patch",
+        "configmap",
+        "a",
+        "-n",
+        &w.apps,
+        "--type=merge",
+        "-p",
+        r#"{"data":{"value":"edited by hand"}}"#,
+    ])?;
+    let text = eventually("a drift correction counted", || async {
+        let (_, text) = get("/metrics").await?;
+        Ok(text
+            .contains("greenlight_agent_drift_corrections_total 1")
+            .then_some(text))
+    })
+    .await?;
+    for line in [
+        "greenlight_agent_applies_total{result=\"healthy\"}",
+        "greenlight_agent_objects_total{action=\"applied\"}",
+        "greenlight_agent_leader 1",
+        "greenlight_agent_apply_duration_seconds_count",
+        "greenlight_agent_health_wait_seconds_count",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
+    stop.cancel();
+    Ok(())
+}

@@ -69,6 +69,7 @@ async fn scenario(client: kube::Client, namespace: &str) -> anyhow::Result<()> {
         namespace: namespace.to_owned(),
         identity: "real-cluster-test".to_owned(),
         lease_duration: std::time::Duration::from_secs(15),
+        metrics: std::sync::Arc::default(),
     };
     let shutdown = tokio_util::sync::CancellationToken::new();
     let running = tokio::spawn(greenlight_agent::run::run(

@@ -7,6 +7,7 @@ pub mod fake_gitlab;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -679,6 +680,8 @@ pub async fn metric(server: &TestServer, name: &str) -> anyhow::Result<f64> {
 pub struct AgentProcess {
     shutdown: CancellationToken,
     handle: JoinHandle<()>,
+    /// What the agent counts, as its `/metrics` would show.
+    pub metrics: Arc<greenlight_agent::metrics::AgentMetrics>,
 }
 
 impl AgentProcess {
@@ -725,10 +728,16 @@ impl AgentProcess {
             namespace: namespace.to_owned(),
             identity: identity.to_owned(),
             lease_duration,
+            metrics: Arc::default(),
         };
+        let metrics = settings.metrics.clone();
         let shutdown = CancellationToken::new();
         let handle = tokio::spawn(greenlight_agent::run::run(settings, kube, shutdown.clone()));
-        Self { shutdown, handle }
+        Self {
+            shutdown,
+            handle,
+            metrics,
+        }
     }
 
     /// Kills the agent at whatever it was doing, as SIGKILL would.
