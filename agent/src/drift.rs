@@ -10,13 +10,12 @@ use kube::api::{Api, DynamicObject};
 use kube::core::{ApiResource, PartialObjectMeta};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
-use serde_json::Value;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::inventory::INVENTORY_LABEL;
-use crate::plan::{ObjectKey, Version, body_digest, drifted_from, needs_apply};
+use crate::plan::{ObjectKey, Version, drifted_from, needs_apply};
 
 /// Seconds one watch request lasts; below the agent's client read timeout.
 const WATCH_TIMEOUT_SECS: u32 = 45;
@@ -107,13 +106,14 @@ impl DriftWatch {
             .applying = true;
     }
 
-    /// Records how the apply to `key` ended: at `resource_version` with `body`, or failed.
-    pub fn applied(&self, key: &ObjectKey, outcome: Option<(&Version, &Value)>) {
+    /// Records how the apply to `key` ended: at a version, with a body of that digest, or
+    /// failed.
+    pub fn applied(&self, key: &ObjectKey, outcome: Option<(&Version, u64)>) {
         let mut objects = self.shared.objects();
         let tracked = objects.entry(key.clone()).or_default();
         tracked.applying = false;
-        if let Some((version, body)) = outcome {
-            tracked.applied = Some((version.clone(), body_digest(body)));
+        if let Some((version, digest)) = outcome {
+            tracked.applied = Some((version.clone(), digest));
             // The watch reports this version too, sooner or later; nobody else's change can
             // be told from ours until it does.
             tracked.observed = Some(version.clone());
@@ -126,9 +126,9 @@ impl DriftWatch {
         self.shared.objects().remove(key);
     }
 
-    /// Whether `body` is what was last applied to `key`, and the watch (in sync) has seen
-    /// nobody change the object since: applying it again would change nothing.
-    pub fn unchanged(&self, target: &WatchTarget, key: &ObjectKey, body: &Value) -> bool {
+    /// Whether a body of `digest` is what was last applied to `key`, and the watch (in sync)
+    /// has seen nobody change the object since: applying it again would change nothing.
+    pub fn unchanged(&self, target: &WatchTarget, key: &ObjectKey, digest: u64) -> bool {
         let synced = self
             .watches
             .get(target)
@@ -139,7 +139,7 @@ impl DriftWatch {
         let objects = self.shared.objects();
         objects
             .get(key)
-            .is_some_and(|t| !needs_apply(t.applied.as_ref(), t.observed.as_ref(), body))
+            .is_some_and(|t| !needs_apply(t.applied.as_ref(), t.observed.as_ref(), digest))
     }
 
     /// Watches exactly `targets` for agent `agent`'s objects, starting and stopping watches as
@@ -306,7 +306,6 @@ fn observe(shared: &Shared, key: &ObjectKey, version: Option<Version>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     fn key(name: &str) -> ObjectKey {
         ObjectKey {
@@ -338,7 +337,7 @@ mod tests {
         let shared = Shared::default();
         let web = key("web");
         shared.objects().entry(web.clone()).or_default().applied =
-            Some((version("10", Some(1)), body_digest(&json!({}))));
+            Some((version("10", Some(1)), 0));
         observe(&shared, &web, Some(version("11", Some(1))));
         assert!(!drifted(&shared), "status only");
         observe(&shared, &web, Some(version("12", Some(2))));
@@ -353,7 +352,7 @@ mod tests {
             .objects()
             .entry(settings.clone())
             .or_default()
-            .applied = Some((version("10", None), body_digest(&json!({}))));
+            .applied = Some((version("10", None), 0));
         observe(&shared, &settings, Some(version("10", None)));
         assert!(!drifted(&shared), "our own write");
         observe(&shared, &settings, Some(version("11", None)));
@@ -369,7 +368,7 @@ mod tests {
         {
             let mut objects = shared.objects();
             let tracked = objects.entry(web.clone()).or_default();
-            tracked.applied = Some((version("10", Some(1)), body_digest(&json!({}))));
+            tracked.applied = Some((version("10", Some(1)), 0));
             tracked.applying = true;
         }
         observe(&shared, &web, Some(version("11", Some(2))));

@@ -29,6 +29,8 @@ pub struct Planned<R> {
     pub resolved: Option<R>,
     /// The manifest with its namespace settled and the inventory label added.
     pub body: Value,
+    /// `body_digest(&body)`, taken once: every reconcile compares it.
+    pub digest: u64,
 }
 
 /// Prefix of the ConfigMap that holds an agent's inventory, in the agent's namespace.
@@ -340,19 +342,18 @@ pub fn body_digest(body: &Value) -> u64 {
     hasher.finish()
 }
 
-/// The diff of one object: whether applying `desired` again could change anything, given
+/// The diff of one object: whether applying a body of digest `desired` again could change
+/// anything, given
 /// what the last apply left (`applied`: its version and body digest) and what the watch saw
 /// since (`observed`). Unchanged only when the body is the same and nobody, controllers
 /// included, touched the object; so a reconcile re-applies what others edited, labels too.
 pub fn needs_apply(
     applied: Option<&(Version, u64)>,
     observed: Option<&Version>,
-    desired: &Value,
+    desired: u64,
 ) -> bool {
     match (applied, observed) {
-        (Some((applied, digest)), Some(observed)) => {
-            applied != observed || *digest != body_digest(desired)
-        }
+        (Some((applied, digest)), Some(observed)) => applied != observed || *digest != desired,
         _ => true,
     }
 }
@@ -454,6 +455,7 @@ pub fn plan_objects<R: ServedKind>(
             key,
             namespaced,
             resolved,
+            digest: body_digest(&body),
             body,
         });
     }
@@ -613,22 +615,25 @@ mod tests {
     fn an_object_needs_an_apply_unless_its_body_and_version_are_what_the_last_apply_left() {
         let body = serde_json::json!({"data": {"value": "1"}});
         let applied = (seen("10", None), body_digest(&body));
-        assert!(!needs_apply(Some(&applied), Some(&seen("10", None)), &body));
+        let (body, changed) = (
+            body_digest(&body),
+            body_digest(&serde_json::json!({"data": {"value": "2"}})),
+        );
+        assert!(!needs_apply(Some(&applied), Some(&seen("10", None)), body));
         assert!(
-            needs_apply(Some(&applied), Some(&seen("11", None)), &body),
+            needs_apply(Some(&applied), Some(&seen("11", None)), body),
             "edited"
         );
-        let changed = serde_json::json!({"data": {"value": "2"}});
         assert!(
-            needs_apply(Some(&applied), Some(&seen("10", None)), &changed),
+            needs_apply(Some(&applied), Some(&seen("10", None)), changed),
             "new revision"
         );
         assert!(
-            needs_apply(None, Some(&seen("10", None)), &body),
+            needs_apply(None, Some(&seen("10", None)), body),
             "never applied here"
         );
         assert!(
-            needs_apply(Some(&applied), None, &body),
+            needs_apply(Some(&applied), None, body),
             "gone, or not yet seen"
         );
     }

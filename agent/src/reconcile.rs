@@ -814,7 +814,7 @@ impl Worker {
         let target = self.watch_target(&item.manifest.api_version, &item.key);
         if target
             .as_ref()
-            .is_some_and(|t| self.drift.unchanged(t, &item.key, &item.body))
+            .is_some_and(|t| self.drift.unchanged(t, &item.key, item.digest))
         {
             let unchanged = result(item, Action::Unchanged, String::new());
             return (item.key.clone(), unchanged, None);
@@ -823,7 +823,7 @@ impl Worker {
         let applied = self.apply_one(item, settings, false).await;
         self.drift.applied(
             &item.key,
-            applied.as_ref().ok().map(|version| (version, &item.body)),
+            applied.as_ref().ok().map(|version| (version, item.digest)),
         );
         match applied {
             Ok(Version {
@@ -902,14 +902,15 @@ impl Worker {
             };
         };
         let namespace = entry.key.namespace.as_deref();
+        let object = ObjectRef {
+            resolved: &resolved,
+            namespace,
+            name: &entry.key.name,
+        };
         if entry.adopted {
             self.drift.forget(&entry.key);
             let write = Write::LetGo {
-                object: ObjectRef {
-                    resolved: &resolved,
-                    namespace,
-                    name: &entry.key.name,
-                },
+                object,
                 label: INVENTORY_LABEL,
             };
             return match self.cluster.perform(write).await {
@@ -952,11 +953,7 @@ impl Worker {
         }
         self.drift.forget(&entry.key);
         let write = Write::Delete {
-            object: ObjectRef {
-                resolved: &resolved,
-                namespace,
-                name: &entry.key.name,
-            },
+            object,
             propagation: &settings.prune_propagation_policy,
         };
         match self.cluster.perform(write).await {
