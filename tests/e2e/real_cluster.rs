@@ -2,10 +2,9 @@
 //! suite's own control plane (in CI, always one of the two).
 
 use greenlight::v1::Phase;
+use greenlight_e2e::control_plane;
 use greenlight_e2e::*;
-use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams};
-use kube::core::ApiResource;
-use serde_json::json;
+use kube::api::{Api, DeleteParams};
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
 
@@ -28,22 +27,11 @@ async fn agent_applies_and_prunes_on_a_real_cluster() -> anyhow::Result<()> {
             }
         },
     };
-    let client = greenlight_e2e::control_plane::client_from(&path).await?;
+    let client = control_plane::client_from(&path).await?;
     let namespace = format!("greenlight-e2e-{:08x}", std::process::id());
-    let namespaces: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
-    );
-    let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
-    namespaces
-        .patch(
-            &namespace,
-            &PatchParams::apply("greenlight-e2e"),
-            &Patch::Apply(&body),
-        )
-        .await?;
+    control_plane::create_namespace(&client, &namespace).await?;
     let result = scenario(client.clone(), &namespace).await;
-    namespaces
+    control_plane::namespaces(&client)
         .delete(&namespace, &DeleteParams::background())
         .await?;
     result

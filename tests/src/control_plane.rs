@@ -319,18 +319,7 @@ impl ControlPlane {
             std::process::id(),
             NAMESPACES.fetch_add(1, Ordering::Relaxed)
         );
-        let namespaces: Api<DynamicObject> = Api::all_with(
-            client.clone(),
-            &ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
-        );
-        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
-        namespaces
-            .patch(
-                &name,
-                &PatchParams::apply("greenlight-e2e"),
-                &Patch::Apply(&body),
-            )
-            .await?;
+        create_namespace(client, &name).await?;
         Ok(name)
     }
 
@@ -435,6 +424,27 @@ impl AuditedRequest {
     pub fn is_write(&self) -> bool {
         !matches!(self.verb.as_str(), "get" | "list" | "watch") && !self.uri.contains("dryRun=")
     }
+}
+
+/// The Namespaces API of `client`'s cluster.
+pub fn namespaces(client: &kube::Client) -> Api<DynamicObject> {
+    Api::all_with(
+        client.clone(),
+        &ApiResource::erase::<k8s_openapi::api::core::v1::Namespace>(&()),
+    )
+}
+
+/// Creates (or keeps) namespace `name`, applied by the tests' field manager.
+pub async fn create_namespace(client: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+    namespaces(client)
+        .patch(
+            name,
+            &PatchParams::apply("greenlight-e2e"),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    Ok(())
 }
 
 /// A client from the kubeconfig at `path`.
