@@ -20,6 +20,8 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::core::ApiResource;
 use serde_json::{Value, json};
 
+use crate::free_port;
+
 /// The directory holding the binaries `scripts/k8s-tools` built.
 pub const BIN_DIR_ENV: &str = "GREENLIGHT_K8S_BIN_DIR";
 
@@ -512,12 +514,6 @@ fn log_tail(dir: &Path, name: &str) -> String {
         lines = text.lines().collect();
     }
     lines[lines.len().saturating_sub(20)..].join("\n")
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn random_token() -> anyhow::Result<String> {

@@ -121,7 +121,7 @@ impl Redis {
             .context("cannot start redis-server: is it installed? (scripts/test installs it)")?;
         self.child = Some(child);
         for _ in 0..200 {
-            // Another test may have taken the port between our probe and redis-server's
+            // Another process may have taken the port between our probe and redis-server's
             // bind: then ours exits, and what answers is someone else's server.
             if let Some(child) = self.child.as_mut()
                 && child.try_wait()?.is_some()
@@ -182,8 +182,20 @@ impl Drop for Redis {
 #[error("port {0} was taken before redis-server could bind it")]
 struct PortTaken(u16);
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A loopback port free now and never handed out before in this process: the kernel may
+/// give the same ephemeral port to two probes once the first is released, and two tests
+/// (or a test and the control plane) would then race to bind it.
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    static HANDED_OUT: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    for _ in 0..100 {
+        let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no loopback port that was not handed out before, in 100 tries")
 }
 
 /// An agent entry of a test config.
