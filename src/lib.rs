@@ -2,6 +2,7 @@
 //! must agree on byte for byte.
 
 pub mod auth;
+pub mod backoff;
 pub mod connect;
 pub mod ctl;
 pub mod digest;

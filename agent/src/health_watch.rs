@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::cluster::Cluster;
 use crate::health::{Health, assess, has_status};
 use crate::plan::{InventoryEntry, ObjectKey};
-use crate::session::jittered;
+use greenlight::backoff::jittered;
 
 /// How often health is polled while waiting.
 const HEALTH_POLL: Duration = Duration::from_secs(1);

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::session::jittered;
+use greenlight::backoff::jittered;
 
 /// How long a lease is valid without renewal, as kas used.
 pub const LEASE_DURATION: Duration = Duration::from_secs(15);

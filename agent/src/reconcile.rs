@@ -22,7 +22,7 @@ use crate::plan::{
     self, InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, Version,
     apply_stages, cascades, prune_allowed, prune_set,
 };
-use crate::session::jittered;
+use greenlight::backoff::jittered;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "greenlight";

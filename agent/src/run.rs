@@ -18,7 +18,8 @@ use crate::lease::Elector;
 use crate::metrics::AgentMetrics;
 use crate::plan::lease_name;
 use crate::reconcile::{FIELD_MANAGER, Outcome, Worker};
-use crate::session::{self, Backoff, Target, jittered};
+use crate::session::{self, Target};
+use greenlight::backoff::{Backoff, jittered};
 
 /// Retries of a failed revision back off between these bounds, as kas did.
 const FAILURE_BACKOFF_MIN: Duration = Duration::from_secs(10);

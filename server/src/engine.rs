@@ -1,7 +1,7 @@
 //! Records facts and operator actions, runs the gate, and keeps every replica's agents on
 //! their desired revision. The only place that reads, decides and writes ref documents.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, ref_key};
 use crate::clock::now_ms;
+use greenlight::backoff::Backoff;
 use greenlight::v1::{RevisionState, StatusReport};
 use prost::Message;
 
@@ -34,6 +35,9 @@ const FETCH_ERROR: &str = "cannot fetch";
 const SAFETY_INTERVAL: Duration = Duration::from_secs(60);
 /// Background fetch attempts before waiting for the next event.
 const FETCH_ATTEMPTS: u32 = 6;
+/// Pacing of re-reads that failed after the store came back.
+const RESYNC_RETRY_MIN: Duration = Duration::from_millis(200);
+const RESYNC_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What an update did.
 struct Updated {
@@ -474,7 +478,7 @@ impl Engine {
         let span = tracing::info_span!("fetch", %repository, %key);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let mut delay = Duration::from_secs(1);
+                let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
                 for _ in 0..FETCH_ATTEMPTS {
                     match engine.mirrors.fetch(&source).await {
                         Ok(()) => {
@@ -500,10 +504,7 @@ impl Engine {
                             }
                         }
                     }
-                    let jitter =
-                        Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 2));
-                    tokio::time::sleep(delay + jitter).await;
-                    delay = (delay * 2).min(Duration::from_secs(60));
+                    tokio::time::sleep(backoff.delay()).await;
                 }
             },
             span,
@@ -901,6 +902,13 @@ impl Engine {
             tokio::time::interval(Duration::from_secs(crate::store::PRESENCE_TTL_SECS * 4 / 5));
         let mut safety = tokio::time::interval(SAFETY_INTERVAL);
         safety.reset();
+        // Refs whose re-read after a missed-announcement gap failed: retried with backoff, since
+        // the store that just came back may not answer this replica's commands quite yet, and
+        // waiting for the safety pass would leave its agents a minute behind.
+        let mut stale: BTreeSet<RefKey> = BTreeSet::new();
+        let mut resync_backoff = Backoff::new(RESYNC_RETRY_MIN, RESYNC_RETRY_MAX);
+        let resync_retry = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(resync_retry);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -917,6 +925,14 @@ impl Engine {
                         warn!(%error, "cannot refresh presence");
                     }
                 }
+                () = &mut resync_retry, if !stale.is_empty() => {
+                    stale = self.resync(std::mem::take(&mut stale)).await;
+                    if stale.is_empty() {
+                        resync_backoff.reset();
+                    } else {
+                        resync_retry.as_mut().reset(tokio::time::Instant::now() + resync_backoff.delay());
+                    }
+                }
                 notice = notices.recv() => match notice {
                     Ok(Notice::Message(message)) => {
                         if let Broadcast::RefChanged { key, version, .. } = &message
@@ -924,25 +940,41 @@ impl Engine {
                             && let Err(error) = self.reread(key).await
                         {
                             warn!(%error, %key, "cannot re-read a changed ref");
+                            stale.insert(key.clone());
+                            resync_retry.as_mut().reset(tokio::time::Instant::now() + resync_backoff.delay());
                         }
                         let _ = self.events.send(message);
                     }
-                    Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => self.resync().await,
+                    Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        info!("re-reading the desired state of every agent");
+                        self.restore_presence().await;
+                        resync_backoff.reset();
+                        stale = self.resync(self.catalog.refs().cloned().collect()).await;
+                        if !stale.is_empty() {
+                            resync_retry.as_mut().reset(tokio::time::Instant::now() + resync_backoff.delay());
+                        }
+                    }
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             }
         }
     }
 
-    /// Re-reads every watched ref, after announcements may have been missed.
-    async fn resync(&self) {
-        info!("re-reading the desired state of every agent");
-        let keys: Vec<RefKey> = self.catalog.refs().cloned().collect();
+    /// Re-reads `keys` after announcements may have been missed; returns those that could not
+    /// be read.
+    async fn resync(&self, keys: BTreeSet<RefKey>) -> BTreeSet<RefKey> {
+        let mut failed = BTreeSet::new();
         for key in keys {
             if let Err(error) = self.reread(&key).await {
-                warn!(%error, %key, "cannot re-read ref");
+                warn!(%error, %key, "cannot re-read ref; will retry");
+                failed.insert(key);
             }
         }
+        failed
+    }
+
+    /// Announces again the agents connected here, after the store may have lost them.
+    async fn restore_presence(&self) {
         let agents: Vec<String> = self.lock_connections().keys().cloned().collect();
         for agent in agents {
             if let Err(error) = self.store.set_presence(&self.replica, &agent, true).await {

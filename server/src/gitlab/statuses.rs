@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use greenlight::backoff::Backoff;
 use greenlight::v1::{Phase, StatusReport};
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
@@ -213,7 +214,7 @@ async fn post_all(
             Err(error) => warn!(%error, "cannot tell whether a commit status was posted; posting"),
         }
         let deadline = tokio::time::Instant::now() + RETRY_FOR;
-        let mut delay = RETRY_INITIAL;
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         loop {
             match gitlab.post_status(&job.project, sha, &job.status).await {
                 Ok(()) => {
@@ -225,15 +226,13 @@ async fn post_all(
                     break;
                 }
                 Err(error) if error.retryable() && tokio::time::Instant::now() < deadline => {
+                    let delay = backoff.delay();
                     warn!(%error, agent, state, retry_in = ?delay, "cannot post commit status");
                     metrics.gitlab_status("retried", 1);
-                    let jitter =
-                        Duration::from_millis(fastrand::u64(0..=delay.as_millis() as u64 / 2));
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay + jitter) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    delay = (delay * 2).min(RETRY_MAX);
                 }
                 Err(error) => {
                     warn!(%error, agent, state, "giving up on a commit status");

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::StreamExt;
+use greenlight::backoff::Backoff;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use tokio::sync::broadcast;
@@ -306,7 +307,7 @@ async fn listen(
     notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         let attempt = async {
             let mut pubsub = client.get_async_pubsub().await?;
@@ -320,7 +321,7 @@ async fn listen(
         match pubsub {
             Ok(pubsub) => {
                 info!(%channel, "subscribed");
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 let _ = notices.send(Notice::Resync);
                 let (mut sink, mut messages) = pubsub.split();
                 let mut ping = tokio::time::interval(PUBSUB_PING_INTERVAL);
@@ -350,14 +351,12 @@ async fn listen(
                 }
                 warn!(%channel, "subscription lost; reconnecting");
             }
-            Err(error) => warn!(%error, retry_in = ?backoff, "cannot subscribe"),
+            Err(error) => warn!(%error, "cannot subscribe"),
         }
-        let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff + jitter) => {}
+            _ = tokio::time::sleep(backoff.delay()) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
     }
 }
 
