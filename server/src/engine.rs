@@ -5,8 +5,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::catalog::{Catalog, ref_key};
@@ -23,6 +24,7 @@ use crate::gate::{
 use crate::git::{GitError, GitLineage, ManifestSet, Mirrors};
 use crate::gitlab::{Claim, Confirmation, PipelineConfirmer};
 use crate::hub::{Desired, Hub};
+use crate::prepare::{PREPARE_WORKERS, PrepareQueue};
 use crate::store::{Broadcast, Notice, RefDoc, RefKey, SaveOutcome, Store, StoreError, Versioned};
 
 /// Conditional writes retried this often before giving up under contention.
@@ -129,8 +131,9 @@ pub struct Engine {
     confirmer: Option<PipelineConfirmer>,
     /// Agents whose desired revision this replica just decided: their manifests are read
     /// (and failures recorded) even if no stream of theirs is connected.
-    prepare: mpsc::UnboundedSender<(String, Sha)>,
-    prepare_rx: Mutex<Option<mpsc::UnboundedReceiver<(String, Sha)>>>,
+    prepare: PrepareQueue,
+    /// Every task the engine starts, drained when the server stops.
+    tasks: TaskTracker,
 }
 
 enum Change {
@@ -192,12 +195,12 @@ impl Engine {
         mirrors: Mirrors,
         replica: String,
         confirmer: Option<PipelineConfirmer>,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         let hub = Hub::new(catalog.agents().map(|a| a.name.as_str()));
-        let (prepare, prepare_rx) = mpsc::unbounded_channel();
         Arc::new(Self {
-            prepare,
-            prepare_rx: Mutex::new(Some(prepare_rx)),
+            prepare: PrepareQueue::default(),
+            tasks,
             confirmer,
             store,
             catalog,
@@ -476,7 +479,7 @@ impl Engine {
         let engine = self.clone();
         let repository = crate::git::display_url(&source.url);
         let span = tracing::info_span!("fetch", %repository, %key);
-        tokio::spawn(tracing::Instrument::instrument(
+        self.tasks.spawn(tracing::Instrument::instrument(
             async move {
                 let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
                 for _ in 0..FETCH_ATTEMPTS {
@@ -511,34 +514,21 @@ impl Engine {
         ));
     }
 
-    /// Reads the manifests of each newly decided revision, so that a broken revision is
-    /// visible on the agent at once and the shared read is warm when its streams ask.
-    async fn prepare_manifests(
-        self: Arc<Self>,
-        mut jobs: mpsc::UnboundedReceiver<(String, Sha)>,
-        shutdown: CancellationToken,
-    ) {
+    /// Reads the manifests of newly decided revisions one at a time until `shutdown`: see
+    /// [`crate::prepare`].
+    async fn prepare_manifests(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             let (agent, sha) = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                job = jobs.recv() => match job {
-                    Some(job) => job,
-                    None => return,
-                },
+                job = self.prepare.next() => job,
             };
             let Some(spec) = self.catalog.agent(&agent).cloned() else {
                 continue;
             };
-            let engine = self.clone();
-            tokio::spawn(async move {
-                match engine.manifests(&spec, &sha).await {
-                    Ok(_) => {}
-                    Err(error) => {
-                        let message = format!("cannot deliver {}: {error}", sha.short());
-                        engine.note_sync_error(&agent, Some(message)).await;
-                    }
-                }
-            });
+            if let Err(error) = self.manifests(&spec, &sha).await {
+                let message = format!("cannot deliver {}: {error}", sha.short());
+                self.note_sync_error(&agent, Some(message)).await;
+            }
         }
     }
 
@@ -738,8 +728,8 @@ impl Engine {
                 SaveOutcome::Saved { version } => {
                     // Local agents need not wait for the round trip through the store.
                     self.offer(key, version, &doc, false);
-                    for job in changed {
-                        let _ = self.prepare.send(job);
+                    for (agent, sha) in changed {
+                        self.prepare.push(&agent, sha);
                     }
                     return Ok(Updated {
                         written: Some(true),
@@ -886,15 +876,10 @@ impl Engine {
     /// Keeps the agents of this replica in step with every replica's decisions until
     /// `shutdown`, and refreshes presence.
     pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
-        let prepare = self
-            .prepare_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(prepare) = prepare {
-            tokio::spawn(tracing::Instrument::instrument(
-                self.clone().prepare_manifests(prepare, shutdown.clone()),
-                tracing::info_span!("prepare_manifests"),
+        for worker in 0..PREPARE_WORKERS {
+            self.tasks.spawn(tracing::Instrument::instrument(
+                self.clone().prepare_manifests(shutdown.clone()),
+                tracing::info_span!("prepare_manifests", worker),
             ));
         }
         let mut notices = self.store.subscribe();

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod http;
 pub mod hub;
 pub mod metrics;
+pub mod prepare;
 pub mod progress;
 pub mod redact;
 pub mod run;

@@ -9,6 +9,7 @@ use greenlight::v1::agent_service_server::AgentServiceServer;
 use greenlight::v1::ingest_service_server::IngestServiceServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -73,6 +74,9 @@ impl Listeners {
     }
 }
 
+/// How long stopping waits for background work (a fetch, a commit status post) to end.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
 /// HTTP/2 pings keep idle streams alive through proxies and reveal dead agents within a minute.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -98,6 +102,8 @@ pub async fn run(
         agents = config.agents.len(),
         "starting"
     );
+    // Every background task, so that stopping waits for them instead of cutting them off.
+    let tasks = TaskTracker::new();
     let catalog = Arc::new(Catalog::new(&config.agents, config.badge_secret.as_ref()));
     let mirrors = Mirrors::new(config.git.clone());
     let gitlab = config
@@ -113,8 +119,9 @@ pub async fn run(
         mirrors,
         config.replica_id.clone(),
         confirmer,
+        tasks.clone(),
     );
-    tokio::spawn(
+    tasks.spawn(
         engine
             .clone()
             .follow(shutdown.clone())
@@ -129,12 +136,12 @@ pub async fn run(
             settings.status_target_url.clone(),
             metrics.clone(),
         );
-        tokio::spawn(
+        tasks.spawn(
             publisher
                 .run(shutdown.clone())
                 .instrument(info_span!("commit_statuses")),
         );
-        tokio::spawn(
+        tasks.spawn(
             run_catch_up(
                 engine.clone(),
                 gitlab,
@@ -247,6 +254,16 @@ pub async fn run(
     let (grpc, http) = tokio::join!(grpc, http);
     shutdown.cancel();
     engine_for_exit.withdraw_presence().await;
+    tasks.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            still_running = tasks.len(),
+            "background tasks did not stop in time; leaving them"
+        );
+    }
     grpc?;
     http?;
     info!("stopped");
