@@ -1,12 +1,17 @@
 //! The embedded store: one process, nothing on disk.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use super::{Broadcast, Notice, RefDoc, RefKey, Result, SaveOutcome, Store, Versioned};
+use super::{
+    Broadcast, DELIVERY_MEMORY_SECS, Notice, RefDoc, RefKey, Result, STATUS_MEMORY_SECS,
+    SaveOutcome, Store, Versioned,
+};
 
 /// In-memory store for a single replica: zero setup, not durable.
 pub struct MemoryStore {
@@ -14,14 +19,13 @@ pub struct MemoryStore {
     notices: broadcast::Sender<Notice>,
 }
 
-#[derive(Default)]
 struct Inner {
     docs: HashMap<RefKey, (u64, RefDoc)>,
-    deliveries: HashSet<(String, String)>,
+    deliveries: Expiring<(String, String)>,
     reports: HashMap<String, VecDeque<Vec<u8>>>,
     presence: HashMap<String, String>,
     sync_errors: HashMap<String, String>,
-    statuses: HashSet<(String, String, String)>,
+    statuses: Expiring<(String, String, String)>,
 }
 
 impl Default for MemoryStore {
@@ -31,12 +35,34 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
-    /// An empty store.
+    /// An empty store that remembers deliveries and posted statuses as long as Redis does.
     pub fn new() -> Self {
+        Self::with_memory(
+            Duration::from_secs(DELIVERY_MEMORY_SECS),
+            Duration::from_secs(STATUS_MEMORY_SECS),
+        )
+    }
+
+    /// An empty store that forgets a delivery after `deliveries` and a posted status after
+    /// `statuses`, so that neither grows without bound.
+    pub fn with_memory(deliveries: Duration, statuses: Duration) -> Self {
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                docs: HashMap::new(),
+                deliveries: Expiring::new(deliveries),
+                reports: HashMap::new(),
+                presence: HashMap::new(),
+                sync_errors: HashMap::new(),
+                statuses: Expiring::new(statuses),
+            }),
             notices: broadcast::channel(1024).0,
         }
+    }
+
+    /// Delivery and status markers held now, expired ones not yet swept included.
+    pub fn markers(&self) -> usize {
+        let inner = self.lock();
+        inner.deliveries.len() + inner.statuses.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -74,10 +100,11 @@ impl Store for MemoryStore {
     ) -> Result<SaveOutcome> {
         let version = {
             let mut inner = self.lock();
+            let now = Instant::now();
             if let Some(id) = delivery
                 && inner
                     .deliveries
-                    .contains(&(key.project.clone(), id.to_owned()))
+                    .contains(&(key.project.clone(), id.to_owned()), now)
             {
                 return Ok(SaveOutcome::Duplicate);
             }
@@ -89,7 +116,7 @@ impl Store for MemoryStore {
             if let Some(id) = delivery {
                 inner
                     .deliveries
-                    .insert((key.project.clone(), id.to_owned()));
+                    .insert((key.project.clone(), id.to_owned()), now);
             }
             current + 1
         };
@@ -101,7 +128,7 @@ impl Store for MemoryStore {
         Ok(self
             .lock()
             .deliveries
-            .contains(&(key.project.clone(), delivery.to_owned())))
+            .contains(&(key.project.clone(), delivery.to_owned()), Instant::now()))
     }
 
     async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
@@ -154,14 +181,14 @@ impl Store for MemoryStore {
 
     async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
         let key = (agent.to_owned(), sha.to_owned(), state.to_owned());
-        Ok(self.lock().statuses.contains(&key))
+        Ok(self.lock().statuses.contains(&key, Instant::now()))
     }
 
     async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
-        Ok(self
-            .lock()
-            .statuses
-            .insert((agent.to_owned(), sha.to_owned(), state.to_owned())))
+        Ok(self.lock().statuses.insert(
+            (agent.to_owned(), sha.to_owned(), state.to_owned()),
+            Instant::now(),
+        ))
     }
 
     async fn publish(&self, message: &Broadcast) -> Result<()> {
@@ -179,5 +206,122 @@ impl Store for MemoryStore {
 
     fn describe(&self) -> String {
         "embedded in-memory store (single replica, not durable)".to_owned()
+    }
+}
+
+/// A set whose members are forgotten a fixed time after they were added, as Redis keys with
+/// `EX` are. Members expire in the order they were added, so sweeping is a walk from the
+/// front that stops at the first live one: amortised O(1) per insert.
+struct Expiring<K> {
+    ttl: Duration,
+    expires: HashMap<K, Instant>,
+    order: VecDeque<(Instant, K)>,
+}
+
+impl<K: Hash + Eq + Clone> Expiring<K> {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            expires: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Adds `key` unless it is held and live: `true` when it was added.
+    fn insert(&mut self, key: K, now: Instant) -> bool {
+        self.sweep(now);
+        if self.contains(&key, now) {
+            return false;
+        }
+        let expiry = now + self.ttl;
+        self.expires.insert(key.clone(), expiry);
+        self.order.push_back((expiry, key));
+        true
+    }
+
+    fn contains(&self, key: &K, now: Instant) -> bool {
+        self.expires.get(key).is_some_and(|expiry| *expiry > now)
+    }
+
+    fn len(&self) -> usize {
+        self.expires.len()
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        while let Some((expiry, _)) = self.order.front()
+            && *expiry <= now
+        {
+            if let Some((expiry, key)) = self.order.pop_front()
+                && self.expires.get(&key) == Some(&expiry)
+            {
+                self.expires.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_forgotten_after_their_time_and_swept_on_insert() {
+        let start = Instant::now();
+        let mut set = Expiring::new(Duration::from_secs(10));
+        assert!(set.insert("a", start));
+        assert!(
+            !set.insert("a", start + Duration::from_secs(5)),
+            "still live"
+        );
+        assert!(set.contains(&"a", start + Duration::from_secs(9)));
+        assert!(!set.contains(&"a", start + Duration::from_secs(10)));
+        // Re-added after it expired: the old order entry must not evict the new one.
+        assert!(set.insert("a", start + Duration::from_secs(11)));
+        assert!(set.contains(&"a", start + Duration::from_secs(20)));
+        assert!(set.insert("b", start + Duration::from_secs(22)));
+        assert!(!set.contains(&"a", start + Duration::from_secs(22)));
+        assert_eq!(set.len(), 1, "a was swept when b came");
+    }
+
+    #[test]
+    fn a_stream_of_new_members_holds_only_the_live_ones() {
+        let start = Instant::now();
+        let mut set = Expiring::new(Duration::from_secs(60));
+        for second in 0..10_000u64 {
+            set.insert(second, start + Duration::from_secs(second));
+        }
+        assert_eq!(set.len(), 60);
+        assert!(set.order.len() <= 61);
+    }
+
+    #[tokio::test]
+    async fn redeliveries_and_claims_are_forgotten_after_the_configured_time() {
+        let store = MemoryStore::with_memory(Duration::from_millis(50), Duration::from_millis(50));
+        let key = RefKey {
+            project: "p".to_owned(),
+            branch: "main".to_owned(),
+        };
+        let notice = Broadcast::Report {
+            agent: "a".to_owned(),
+            report: Vec::new(),
+        };
+        let doc = RefDoc::default();
+        store
+            .save(&key, 0, &doc, Some("d1"), &notice)
+            .await
+            .unwrap();
+        assert!(store.seen_delivery(&key, "d1").await.unwrap());
+        assert!(store.claim_status("a", "sha", "success").await.unwrap());
+        assert!(!store.claim_status("a", "sha", "success").await.unwrap());
+        assert_eq!(store.markers(), 2);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(!store.seen_delivery(&key, "d1").await.unwrap());
+        assert!(!store.status_posted("a", "sha", "success").await.unwrap());
+        store
+            .save(&key, 1, &doc, Some("d2"), &notice)
+            .await
+            .unwrap();
+        assert!(store.claim_status("a", "sha", "success").await.unwrap());
+        assert_eq!(store.markers(), 2, "the expired markers were swept");
     }
 }
