@@ -4,13 +4,13 @@ use std::sync::Arc;
 
 use greenlight::v1::{self, admin_service_server::AdminService};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, warn};
 
-use super::streams::{Slot, StreamSlots};
+use super::streams::{Outbox, STALLED_READER, Slot, StreamSlots};
 use super::{bearer, decision_to_proto, mode_to_proto, revision_to_proto, status_to_proto};
 use crate::clock::now_ms;
 use crate::config::{AgentSpec, TokenHash};
@@ -262,7 +262,7 @@ impl AdminService for AdminApi {
         // Subscribed before the first read, so nothing between them is missed.
         let mut events = self.engine.events();
         let first = self.engine.revision_progress(&request.name, &sha).await?;
-        let (tx, rx) = mpsc::channel(16);
+        let (mut tx, rx) = Outbox::new(16, STALLED_READER);
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("watch_revision");
@@ -270,7 +270,7 @@ impl AdminService for AdminApi {
             async move {
                 let _slot = slot;
                 let mut last = first;
-                if tx.send(Ok(last.clone())).await.is_err() || is_final(last.state()) {
+                if !tx.send(last.clone()).await || is_final(last.state()) {
                     return;
                 }
                 let mut tick = tokio::time::interval(REVISION_POLL);
@@ -293,7 +293,7 @@ impl AdminService for AdminApi {
                         }
                     };
                     if state != last {
-                        if tx.send(Ok(state.clone())).await.is_err() || is_final(state.state()) {
+                        if !tx.send(state.clone()).await || is_final(state.state()) {
                             return;
                         }
                         last = state;
@@ -302,7 +302,7 @@ impl AdminService for AdminApi {
             }
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn list_agents(
@@ -493,7 +493,7 @@ impl AdminService for AdminApi {
             self.spec(&only)?;
         }
         let mut events = self.engine.events();
-        let (tx, rx) = mpsc::channel(64);
+        let (mut tx, rx) = Outbox::new(64, STALLED_READER);
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("watch_events");
         tokio::spawn(async move {
@@ -507,9 +507,7 @@ impl AdminService for AdminApi {
                 match message {
                     Ok(message) => {
                         for event in event_to_proto(&message) {
-                            if (only.is_empty() || event.agent == only)
-                                && tx.send(Ok(event)).await.is_err()
-                            {
+                            if (only.is_empty() || event.agent == only) && !tx.send(event).await {
                                 return;
                             }
                         }
@@ -519,13 +517,13 @@ impl AdminService for AdminApi {
                         let status = Status::data_loss(format!(
                             "{missed} events were dropped because the watcher fell behind; re-read state and watch again"
                         ));
-                        let _ = tx.send(Err(status)).await;
+                        tx.finish(status);
                         return;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
             }
         }.instrument(span));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 }

@@ -3,17 +3,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use greenlight::backoff::Backoff;
 use greenlight::digest::ContentDigest;
 use greenlight::v1::{self, agent_service_server::AgentService, sync_event::Event};
 use prost::Message;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::rate::RateLimit;
-use super::streams::StreamSlots;
+use super::streams::{Outbox, STALLED_READER, StreamSlots};
 use super::{bearer, revision_to_proto};
 use crate::catalog::ref_key;
 use crate::clock::now_ms;
@@ -27,8 +27,6 @@ const STREAM_BUFFER: usize = 16;
 /// Sync streams one agent may hold on one replica: its replicas, and a few more while they
 /// roll, reconnect or rotate tokens.
 const MAX_STREAMS_PER_AGENT: usize = 8;
-/// How long a stream may stay full before its agent counts as no longer reading.
-const STALLED_READER: Duration = Duration::from_secs(60);
 /// Status reports one agent may send per second on one replica, with bursts: the agent
 /// coalesces progress, so a revision costs a handful; more is a loop or an attack.
 const REPORTS_PER_SECOND: f64 = 10.0;
@@ -100,7 +98,7 @@ fn settings_to_proto(settings: &ApplySettings) -> v1::ApplySettings {
 
 /// Sends one revision as header, chunks and trailer; `false` when the agent went away.
 async fn send_revision(
-    tx: &mpsc::Sender<Result<v1::SyncEvent, Status>>,
+    tx: &mut Outbox<v1::SyncEvent>,
     agent: &AgentSpec,
     revision: &Revision,
     files: Option<&ManifestSet>,
@@ -145,24 +143,9 @@ async fn send_revision(
     deliver(tx, Event::Trailer(trailer)).await
 }
 
-/// Sends one event; `false` when the agent went away or stopped reading for
-/// [`STALLED_READER`], whose stream then ends rather than holding this replica's buffer and
-/// task forever (the agent reconnects).
-async fn deliver(tx: &mpsc::Sender<Result<v1::SyncEvent, Status>>, event: Event) -> bool {
-    match tx
-        .send_timeout(Ok(v1::SyncEvent { event: Some(event) }), STALLED_READER)
-        .await
-    {
-        Ok(()) => true,
-        Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-            warn!(
-                after = ?STALLED_READER,
-                "the agent stopped reading its stream; closing it"
-            );
-            false
-        }
-        Err(mpsc::error::SendTimeoutError::Closed(_)) => false,
-    }
+/// Sends one event; `false` when the agent went away or stopped reading (see [`Outbox`]).
+async fn deliver(tx: &mut Outbox<v1::SyncEvent>, event: Event) -> bool {
+    tx.send(v1::SyncEvent { event: Some(event) }).await
 }
 
 /// What waiting on a stream's inputs yielded.
@@ -208,7 +191,7 @@ impl AgentService for AgentApi {
         if let Err(error) = self.engine.reread(&ref_key(&agent)).await {
             debug!(%error, agent = agent.name, "serving the last known desired revision");
         }
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (mut tx, rx) = Outbox::new(STREAM_BUFFER, STALLED_READER);
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
         let span = info_span!("sync_stream", agent = %agent.name);
@@ -218,7 +201,7 @@ impl AgentService for AgentApi {
                 info!(applied = ?applied.as_ref().map(Sha::short), "agent connected");
                 let mut sent: Option<(Sha, u64)> = None;
                 let mut first = true;
-                let mut retry = RETRY_INITIAL;
+                let mut retry = Backoff::new(RETRY_INITIAL, RETRY_MAX);
                 loop {
                     let revision = desired.borrow_and_update().revision.clone();
                     let mut wait_for_retry = false;
@@ -244,14 +227,14 @@ impl AgentService for AgentApi {
                                     debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
                                     let delivered = tokio::select! {
                                         _ = shutdown.cancelled() => false,
-                                        delivered = send_revision(&tx, &agent, &revision, files.as_deref()) => delivered,
+                                        delivered = send_revision(&mut tx, &agent, &revision, files.as_deref()) => delivered,
                                     };
                                     if !delivered {
                                         break;
                                     }
                                     engine.note_sync_error(&agent.name, None).await;
                                     sent = Some((revision.sha.clone(), revision.generation));
-                                    retry = RETRY_INITIAL;
+                                    retry.reset();
                                 }
                                 Err(error) => {
                                     // The agent keeps its last good revision meanwhile.
@@ -264,7 +247,7 @@ impl AgentService for AgentApi {
                         }
                     }
                     first = false;
-                    let pause = retry;
+                    let pause = if wait_for_retry { retry.delay() } else { Duration::ZERO };
                     let wake = tokio::select! {
                         _ = shutdown.cancelled() => Wake::Stop,
                         _ = tx.closed() => Wake::Stop,
@@ -273,8 +256,8 @@ impl AgentService for AgentApi {
                     };
                     match wake {
                         Wake::Stop => break,
-                        Wake::Changed => retry = RETRY_INITIAL,
-                        Wake::Retry => retry = (retry * 2).min(RETRY_MAX),
+                        Wake::Changed => retry.reset(),
+                        Wake::Retry => {}
                     }
                 }
                 engine.disconnected(&agent.name).await;
@@ -283,7 +266,7 @@ impl AgentService for AgentApi {
             }
             .instrument(span),
         );
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(rx))
     }
 
     async fn report_status(
