@@ -16,6 +16,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::HttpState;
+use crate::catalog::Catalog;
 use crate::engine::{Fact, FactKind, Origin, Recording};
 use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
@@ -71,6 +72,7 @@ struct Build {
     /// The job name; commit statuses appear as jobs named by their context.
     #[serde(default)]
     name: String,
+    /// Every job of a hook has one; commit statuses are filed under [`STATUS_STAGE`].
     stage: String,
     status: String,
     #[serde(default)]
@@ -83,28 +85,103 @@ struct Build {
     finished_at: Option<String>,
 }
 
+/// The stage GitLab files a commit status under when its poster names none, as ours do.
+const STATUS_STAGE: &str = "external";
+/// Appended to an agent's context for the status of a preview deploy.
+const PREVIEW_SUFFIX: &str = "/preview";
+
+/// The agents Greenlight posts commit statuses for, each under contexts named after it.
+trait AgentNames {
+    /// Whether `name` is a configured agent.
+    fn is_agent(&self, name: &str) -> bool;
+}
+
+impl AgentNames for Catalog {
+    fn is_agent(&self, name: &str) -> bool {
+        self.agent(name).is_some()
+    }
+}
+
+/// Which of Greenlight's commit statuses for an agent a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum OwnContext {
+    /// `greenlight/<agent>`: a deploy's progress and result.
+    Deploy,
+    /// `greenlight/<agent>/preview`.
+    Preview,
+}
+
+/// One of Greenlight's commit statuses, as a pipeline hook lists it among the jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct OwnStatus<'a> {
+    agent: &'a str,
+    context: OwnContext,
+}
+
+impl std::fmt::Display for OwnStatus<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{CONTEXT_PREFIX}{}", self.agent)?;
+        match self.context {
+            OwnContext::Deploy => Ok(()),
+            OwnContext::Preview => f.write_str(PREVIEW_SUFFIX),
+        }
+    }
+}
+
+/// Whose a pipeline hook's job is, which decides whether it counts towards the verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JobOwner<'a> {
+    /// A commit status Greenlight posted: it never counts.
+    Greenlight(OwnStatus<'a>),
+    /// A CI job, or a status anyone else posted: it counts, whatever its name.
+    Ci,
+}
+
+impl<'a> JobOwner<'a> {
+    /// The owner of the job named `name` in `stage`. A name alone proves nothing (a CI job
+    /// may well be called `greenlight/lint`): ours name a configured agent and, being commit
+    /// statuses posted without a stage, sit in GitLab's `external` stage.
+    fn of(name: &'a str, stage: &str, agents: &impl AgentNames) -> Self {
+        let Some(rest) = name.strip_prefix(CONTEXT_PREFIX) else {
+            return Self::Ci;
+        };
+        if stage != STATUS_STAGE {
+            return Self::Ci;
+        }
+        let (agent, context) = match rest.strip_suffix(PREVIEW_SUFFIX) {
+            Some(agent) => (agent, OwnContext::Preview),
+            None => (rest, OwnContext::Deploy),
+        };
+        if agents.is_agent(agent) {
+            Self::Greenlight(OwnStatus { agent, context })
+        } else {
+            Self::Ci
+        }
+    }
+}
+
 /// The latest job activity: when a running pipeline's state was last true.
-fn latest_activity(builds: &[Build]) -> Option<i64> {
+fn latest_activity<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Option<i64> {
     builds
-        .iter()
+        .into_iter()
         .flat_map(|b| [&b.created_at, &b.started_at, &b.finished_at])
         .filter_map(|t| t.as_deref().and_then(parse_gitlab_time))
         .max()
 }
 
 /// The latest job finish: when a result recomputed from the jobs became true.
-fn latest_finish(builds: &[Build]) -> Option<i64> {
+fn latest_finish<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Option<i64> {
     builds
-        .iter()
+        .into_iter()
         .filter_map(|b| b.finished_at.as_deref().and_then(parse_gitlab_time))
         .max()
 }
 
 /// GitLab's status of a pipeline made of `builds`, recomputed once Greenlight's own jobs are
 /// left out; `None` when no job is left.
-fn aggregate(builds: &[Build]) -> Option<PipelineStatus> {
+fn aggregate<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Option<PipelineStatus> {
     let jobs: Vec<(PipelineStatus, bool)> = builds
-        .iter()
+        .into_iter()
         .filter_map(|b| Some((PipelineStatus::parse(&b.status).ok()?, b.allow_failure)))
         .collect();
     aggregate_jobs(&jobs)
@@ -112,7 +189,7 @@ fn aggregate(builds: &[Build]) -> Option<PipelineStatus> {
 
 /// Stages every job of which succeeded (or may fail): what `gate.stages` waits for. One
 /// pass, so a hook listing many jobs costs linear time.
-fn passed_stages(builds: &[Build]) -> Vec<String> {
+fn passed_stages<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Vec<String> {
     let mut passed: std::collections::BTreeMap<&str, bool> = std::collections::BTreeMap::new();
     for build in builds {
         let ok = build.status == "success"
@@ -201,7 +278,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
     };
     let fact = match event {
         "Push Hook" => parse_push(&body),
-        "Pipeline Hook" => parse_pipeline(&body, crate::clock::now_ms()),
+        "Pipeline Hook" => parse_pipeline(&body, crate::clock::now_ms(), state.engine.catalog()),
         _ => Ok(Err(format!("{event} events are not used"))),
     };
     let fact = match fact {
@@ -283,7 +360,7 @@ fn parse_push(body: &[u8]) -> Parsed {
     }))
 }
 
-fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
+fn parse_pipeline(body: &[u8], now_ms: i64, agents: &impl AgentNames) -> Parsed {
     let hook: PipelineHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
     let attrs = hook.object_attributes;
     if attrs.tag {
@@ -318,28 +395,36 @@ fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
     // Greenlight's own statuses join the gate's pipeline as jobs and change its status: a
     // failed deploy on staging must not turn the pipeline red for prod, nor a "running"
     // deploy make a finished pipeline look unfinished.
-    let (own, builds): (Vec<Build>, Vec<Build>) = hook
-        .builds
-        .into_iter()
-        .partition(|b| b.name.starts_with(CONTEXT_PREFIX));
+    let mut own = std::collections::BTreeSet::new();
+    let mut builds = Vec::with_capacity(hook.builds.len());
+    for build in &hook.builds {
+        match JobOwner::of(&build.name, &build.stage, agents) {
+            JobOwner::Greenlight(status) => {
+                own.insert(status);
+            }
+            JobOwner::Ci => builds.push(build),
+        }
+    }
     let (status, as_of_ms) = if own.is_empty() {
         let as_of = if status.is_final() {
             finished_at
         } else {
-            latest_activity(&builds)
+            latest_activity(builds.iter().copied())
         };
         (status, as_of)
     } else {
-        let Some(status) = aggregate(&builds) else {
+        let Some(status) = aggregate(builds.iter().copied()) else {
+            let own: Vec<String> = own.iter().map(ToString::to_string).collect();
             return Ok(Err(format!(
-                "pipeline {} holds only Greenlight's own statuses",
-                attrs.id
+                "pipeline {} holds only Greenlight's own statuses ({})",
+                attrs.id,
+                own.join(", ")
             )));
         };
         let as_of = if status.is_final() {
-            latest_finish(&builds)
+            latest_finish(builds.iter().copied())
         } else {
-            latest_activity(&builds)
+            latest_activity(builds.iter().copied())
         };
         (status, as_of)
     };
@@ -353,7 +438,7 @@ fn parse_pipeline(body: &[u8], now_ms: i64) -> Parsed {
         status,
         source,
         as_of_ms,
-        passed_stages: passed_stages(&builds),
+        passed_stages: passed_stages(builds.iter().copied()),
     };
     Ok(Ok(Fact {
         origin: Origin::GitLabHook,
@@ -382,13 +467,21 @@ mod tests {
 
     /// 2026-12-01, a fixed "now" for the plausibility bounds.
     const NOW: i64 = 1_796_083_200_000;
+    /// The configured agents.
+    const AGENTS: [&str; 2] = ["staging", "prod"];
+
+    impl AgentNames for [&str; 2] {
+        fn is_agent(&self, name: &str) -> bool {
+            self.contains(&name)
+        }
+    }
 
     #[test]
     fn tag_pushes_and_tag_pipelines_are_not_acted_on() {
         let push = br#"{"ref":"refs/tags/v1","before":"0000000000000000000000000000000000000000","after":"1111111111111111111111111111111111111111","project":{"id":1}}"#;
         assert!(matches!(parse_push(push), Ok(Err(_))));
         let pipeline = br#"{"object_attributes":{"id":1,"ref":"v1","tag":true,"sha":"1111111111111111111111111111111111111111","status":"success"},"project":{"id":1}}"#;
-        assert!(matches!(parse_pipeline(pipeline, NOW), Ok(Err(_))));
+        assert!(matches!(parse_pipeline(pipeline, NOW, &AGENTS), Ok(Err(_))));
     }
 
     #[test]
@@ -397,11 +490,11 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.contains("after"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#, NOW)
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#, NOW, &AGENTS)
             .err()
             .unwrap();
         assert!(err.contains("missing field"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#, NOW).err().unwrap();
+        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#, NOW, &AGENTS).err().unwrap();
         assert!(err.contains("exploded"), "{err}");
     }
 
@@ -410,7 +503,7 @@ mod tests {
         let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"running"},"project":{"id":1},
             "builds":[{"stage":"test","status":"success"},{"stage":"test","status":"failed","allow_failure":true},
                       {"stage":"lint","status":"success"},{"stage":"lint","status":"running"},{"stage":"deploy","status":"created"}]}"#;
-        let fact = parse_pipeline(body, NOW).unwrap().unwrap();
+        let fact = parse_pipeline(body, NOW, &AGENTS).unwrap().unwrap();
         let FactKind::Pipeline { pipeline, .. } = fact.kind else {
             panic!("not a pipeline")
         };
@@ -426,13 +519,17 @@ mod tests {
         };
         let job = r#"{"stage":"test","status":"success"}"#;
         let many = vec![job; crate::trust::MAX_JOBS + 1].join(",");
-        let err = parse_pipeline(hook(&many).as_bytes(), NOW).err().unwrap();
+        let err = parse_pipeline(hook(&many).as_bytes(), NOW, &AGENTS)
+            .err()
+            .unwrap();
         assert!(err.starts_with("builds: 5001 jobs"), "{err}");
         let enough = vec![job; crate::trust::MAX_JOBS].join(",");
-        let parsed = parse_pipeline(hook(&enough).as_bytes(), NOW);
+        let parsed = parse_pipeline(hook(&enough).as_bytes(), NOW, &AGENTS);
         assert!(parsed.is_ok(), "{:?}", parsed.err());
         let long = format!(r#"{{"stage":"{}","status":"success"}}"#, "s".repeat(256));
-        let err = parse_pipeline(hook(&long).as_bytes(), NOW).err().unwrap();
+        let err = parse_pipeline(hook(&long).as_bytes(), NOW, &AGENTS)
+            .err()
+            .unwrap();
         assert!(
             err.starts_with("builds[].stage: a stage name of 256 bytes"),
             "{err}"
@@ -440,7 +537,7 @@ mod tests {
     }
 
     fn pipeline_of(body: &[u8]) -> Option<Pipeline> {
-        match parse_pipeline(body, NOW) {
+        match parse_pipeline(body, NOW, &AGENTS) {
             Ok(Ok(Fact {
                 kind: FactKind::Pipeline { pipeline, .. },
                 ..
@@ -476,9 +573,79 @@ mod tests {
         // A pipeline of nothing but our statuses, or made by them, is no verdict at all.
         let only_ours = br#"{"object_attributes":{"id":8,"ref":"main","sha":"1111111","status":"success","source":"push"},"project":{"id":1},
             "builds":[{"name":"greenlight/staging","stage":"external","status":"success"}]}"#;
-        assert!(matches!(parse_pipeline(only_ours, NOW), Ok(Err(_))));
+        let ignored = parse_pipeline(only_ours, NOW, &AGENTS)
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(
+            ignored,
+            "pipeline 8 holds only Greenlight's own statuses (greenlight/staging)"
+        );
         let external = br#"{"object_attributes":{"id":9,"ref":"main","sha":"1111111","status":"success","source":"external"},"project":{"id":1}}"#;
-        assert!(matches!(parse_pipeline(external, NOW), Ok(Err(_))));
+        assert!(matches!(parse_pipeline(external, NOW, &AGENTS), Ok(Err(_))));
+    }
+
+    #[test]
+    fn only_a_configured_agents_context_in_the_external_stage_is_ours() {
+        let owner = |name, stage| JobOwner::of(name, stage, &AGENTS);
+        let ours = |agent, context| JobOwner::Greenlight(OwnStatus { agent, context });
+        assert_eq!(
+            owner("greenlight/prod", "external"),
+            ours("prod", OwnContext::Deploy)
+        );
+        assert_eq!(
+            owner("greenlight/staging/preview", "external"),
+            ours("staging", OwnContext::Preview)
+        );
+        let preview = OwnStatus {
+            agent: "staging",
+            context: OwnContext::Preview,
+        };
+        assert_eq!(preview.to_string(), "greenlight/staging/preview");
+        // A CI job under our prefix, an unknown agent, a CI job named after an agent, and
+        // contexts of other shapes are not ours.
+        for (name, stage) in [
+            ("greenlight/lint", "test"),
+            ("greenlight/lint", "external"),
+            ("greenlight/prod", "deploy"),
+            ("greenlight/prod/preview", "test"),
+            ("greenlight/prod/other", "external"),
+            ("greenlight/prod/", "external"),
+            ("greenlight/", "external"),
+            ("greenlight/preview", "external"),
+            ("prod", "external"),
+        ] {
+            assert_eq!(owner(name, stage), JobOwner::Ci, "{name} in {stage}");
+        }
+    }
+
+    #[test]
+    fn a_failed_ci_job_named_greenlight_something_keeps_the_pipeline_red() {
+        let red = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/lint","stage":"test","status":"failed"}]}"#;
+        assert_eq!(pipeline_of(red).unwrap().status, PipelineStatus::Failed);
+        // Even filed under `external`, a job that names no agent is not one of our statuses.
+        let external = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/lint","stage":"external","status":"failed"}]}"#;
+        assert_eq!(
+            pipeline_of(external).unwrap().status,
+            PipelineStatus::Failed
+        );
+        // Beside our own failed status, the foreign job still decides.
+        let both = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/lint","stage":"test","status":"failed"},
+                      {"name":"greenlight/staging","stage":"external","status":"failed"}]}"#;
+        let pipeline = pipeline_of(both).unwrap();
+        assert_eq!(pipeline.status, PipelineStatus::Failed);
+        assert!(
+            pipeline.passed_stages.is_empty(),
+            "{:?}",
+            pipeline.passed_stages
+        );
+        // Our own agent's context, deploy or preview, is still left out.
+        let ours = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+            "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/staging","stage":"external","status":"failed"},
+                      {"name":"greenlight/prod/preview","stage":"external","status":"failed"}]}"#;
+        assert_eq!(pipeline_of(ours).unwrap().status, PipelineStatus::Success);
     }
 
     #[test]
