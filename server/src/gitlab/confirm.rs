@@ -169,7 +169,16 @@ impl PipelineConfirmer {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::Json;
+    use axum::extract::Path;
+    use axum::routing::get;
+    use serde_json::json;
+
     use super::*;
+    use crate::config::Secret;
 
     fn api(sha: &str, git_ref: &str, status: &str) -> ApiPipeline {
         ApiPipeline {
@@ -215,5 +224,86 @@ mod tests {
             failed.to_string(),
             "GitLab says pipeline 7 is failed, not success"
         );
+    }
+
+    /// A GitLab whose every pipeline is a success of `sha` on main, made of one successful CI job,
+    /// counting the pipeline reads it answers.
+    async fn counting_gitlab(
+        sha: String,
+    ) -> (GitLab, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let counter = asked.clone();
+        let app = axum::Router::new()
+            .route(
+                "/api/v4/projects/{project}/pipelines/{id}",
+                get(move |Path((_, id)): Path<(String, u64)>| {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let sha = sha.clone();
+                    async move {
+                        Json(json!({ "id": id, "sha": sha, "ref": "main", "status": "success" }))
+                    }
+                }),
+            )
+            .route(
+                "/api/v4/projects/{project}/pipelines/{id}/jobs",
+                get(|| async { Json(json!([{ "status": "success", "allow_failure": false }])) }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
+        (gitlab, asked, server)
+    }
+
+    #[tokio::test]
+    async fn a_confirmation_is_served_from_the_cache() {
+        let sha = Sha::parse(&"a".repeat(40)).unwrap();
+        let (gitlab, asked, server) = counting_gitlab(sha.to_string()).await;
+        let confirmer = PipelineConfirmer::new(gitlab);
+        let claim = |id, status| Claim {
+            id,
+            sha: &sha,
+            branch: "main",
+            status,
+        };
+        let success = claim(7, PipelineStatus::Success);
+        assert_eq!(
+            confirmer.confirm("42", &success).await,
+            Confirmation::Confirmed
+        );
+        assert_eq!(
+            confirmer.confirm("42", &success).await,
+            Confirmation::Confirmed
+        );
+        assert_eq!(
+            asked.load(Ordering::SeqCst),
+            1,
+            "the second answer came from the cache"
+        );
+
+        // Another pipeline, or another project's, is asked about.
+        let other = claim(8, PipelineStatus::Success);
+        assert_eq!(
+            confirmer.confirm("42", &other).await,
+            Confirmation::Confirmed
+        );
+        assert_eq!(
+            confirmer.confirm("43", &success).await,
+            Confirmation::Confirmed
+        );
+        assert_eq!(asked.load(Ordering::SeqCst), 3);
+
+        // A claim GitLab contradicts is never remembered: each repetition is asked again.
+        let failed = claim(7, PipelineStatus::Failed);
+        for _ in 0..2 {
+            assert!(matches!(
+                confirmer.confirm("42", &failed).await,
+                Confirmation::Contradicted(Mismatch::Status { .. })
+            ));
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 5);
+        server.abort();
     }
 }
