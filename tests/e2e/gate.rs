@@ -202,6 +202,41 @@ async fn manual_mode_waits_for_a_trigger() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn triggering_an_abbreviated_sha_is_an_invalid_argument() -> anyhow::Result<()> {
+    let (_redis, server) = setup(&[AgentDef::new("prod").mode("manual")]).await?;
+    let mut stream = server.stream("prod").await?;
+    let full = sha(30);
+    server.push("main", ZERO, &full).await?;
+    let mut admin = server.admin().await?;
+    let trigger = |sha: &str| TriggerSyncRequest {
+        name: "prod".into(),
+        sha: Some(sha.into()),
+        force_prune: false,
+    };
+
+    // Seven characters name this commit today, and maybe another one tomorrow.
+    let short = &full[..7];
+    let refused = admin
+        .trigger_sync(trigger(short))
+        .await
+        .expect_err("an abbreviated SHA is refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("full commit SHA") && refused.message().contains(short),
+        "{}",
+        refused.message()
+    );
+    no_revision(&mut stream, QUIET).await?;
+    assert!(server.agent_status("prod").await?.desired.is_none());
+
+    // The full SHA of the same commit deploys.
+    let status = admin.trigger_sync(trigger(&full)).await?.into_inner();
+    assert_eq!(status.desired.unwrap_or_default().sha, full);
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), full);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_and_resume_releases() -> anyhow::Result<()> {
     let (_redis, server) = setup(&[AgentDef::new("prod")]).await?;
     let mut stream = server.stream("prod").await?;
