@@ -101,6 +101,37 @@ async fn green_commit_delivers_exactly_its_matching_files() -> anyhow::Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_root_gitlab_ci_file_is_not_delivered_with_the_default_paths() -> anyhow::Result<()> {
+    let repo = GitRepo::new()?;
+    let manifest = configmap("settings", "x");
+    // Every GitLab project has one and it matches `*.yml`, yet it is no Kubernetes object:
+    // delivered, it would make the agent refuse the whole revision.
+    let x = repo.commit(
+        &[
+            (
+                ".gitlab-ci.yml",
+                b"stages: [test, deploy]\ntest:\n  script: [make test]\n",
+            ),
+            ("app.yaml", manifest.as_bytes()),
+        ],
+        &[],
+    )?;
+    let s = setup(&repo, "", &[("prod", &[])]).await?;
+    let mut stream = s.server.stream("prod").await?;
+    s.server.push("main", ZERO, &x).await?;
+    s.server.pipeline("main", &x, 1, "success", "push").await?;
+    let revision = next_revision(&mut stream, SOON).await?;
+    assert_eq!(revision.sha(), x);
+    let paths: Vec<&str> = revision.files.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["app.yaml"]);
+    assert_eq!(revision.files[0].1, manifest.as_bytes());
+    let status = s.server.agent_status("prod").await?;
+    assert_eq!(status.sync_error, "", "no sync error");
+    assert_eq!(status.desired.unwrap_or_default().sha, x);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manifests_larger_than_one_message_arrive_complete() -> anyhow::Result<()> {
     let repo = GitRepo::new()?;
     let mut files: Vec<(String, Vec<u8>)> = (0..39)
