@@ -49,11 +49,24 @@ pub struct ParseError {
     pub reason: String,
 }
 
+/// The most values (mappings, sequences and scalars, aliases counted as expanded) one
+/// revision may parse into. The parser's own limits hold per file, so without a total a
+/// revision of many files each just within them (YAML aliases make a few KB expand a
+/// thousandfold) could exhaust the agent's memory; a million values is some 20,000 ordinary
+/// objects.
+pub const MAX_REVISION_VALUES: usize = 1_000_000;
+
+/// The most documents one revision may hold, across all its files.
+pub const MAX_REVISION_DOCUMENTS: usize = 10_000;
+
 /// Parses every file (multi-document YAML, or JSON for `.json`). Empty documents are
-/// skipped; `kind: List` documents contribute their items.
+/// skipped; `kind: List` documents contribute their items. The whole revision is held to
+/// [`MAX_REVISION_VALUES`] and [`MAX_REVISION_DOCUMENTS`].
 pub fn parse(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, ParseError> {
     let mut manifests = Vec::new();
     let mut seen: BTreeMap<(String, String, Option<String>, String), Origin> = BTreeMap::new();
+    let mut values_left = MAX_REVISION_VALUES;
+    let mut documents_left = MAX_REVISION_DOCUMENTS;
     for (file, content) in files {
         let fail = |document: usize, reason: String| ParseError {
             file: file.clone(),
@@ -64,8 +77,36 @@ pub fn parse(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, ParseError> {
         let documents: Vec<Value> = if file.ends_with(".json") {
             vec![serde_json::from_str(text).map_err(|e| fail(0, format!("invalid JSON: {e}")))?]
         } else {
-            serde_saphyr::from_multiple(text).map_err(|e| fail(0, format!("invalid YAML: {e}")))?
+            serde_saphyr::from_multiple_with_options(text, yaml_options(values_left)).map_err(
+                |e| {
+                    let share = if values_left < MAX_REVISION_VALUES {
+                        format!(
+                            " (this file's share of the revision's {MAX_REVISION_VALUES} values \
+                             was {values_left}: the files before it hold the rest)"
+                        )
+                    } else {
+                        String::new()
+                    };
+                    fail(0, format!("invalid YAML: {e}{share}"))
+                },
+            )?
         };
+        let over_budget = |what: &str, limit: usize| {
+            fail(
+                0,
+                format!(
+                    "the revision holds more than {limit} {what} in all (this file takes it past \
+                     the limit); split it across agents or reduce it"
+                ),
+            )
+        };
+        documents_left = documents_left
+            .checked_sub(documents.len())
+            .ok_or_else(|| over_budget("documents", MAX_REVISION_DOCUMENTS))?;
+        let values: usize = documents.iter().map(count_values).sum();
+        values_left = values_left
+            .checked_sub(values)
+            .ok_or_else(|| over_budget("values", MAX_REVISION_VALUES))?;
         for (index, document) in documents.into_iter().enumerate() {
             let origin = Origin {
                 file: file.clone(),
@@ -106,6 +147,35 @@ pub fn parse(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, ParseError> {
         }
     }
     Ok(manifests)
+}
+
+/// Parser limits for one file: its share is whatever the revision has left, and never more
+/// than the parser's own defaults.
+fn yaml_options(values_left: usize) -> serde_saphyr::Options {
+    // A value costs at least one parser event; the slack covers document and collection ends.
+    let events = values_left.saturating_mul(2).saturating_add(64);
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_events = budget.max_events.min(events);
+    budget.max_recorded_anchor_events = budget.max_recorded_anchor_events.min(events);
+    budget.max_nodes = budget.max_nodes.min(values_left.saturating_add(1));
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
+/// How many values `value` holds, itself included.
+fn count_values(value: &Value) -> usize {
+    let mut count = 0;
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        count += 1;
+        match value {
+            Value::Array(items) => pending.extend(items),
+            Value::Object(map) => pending.extend(map.values()),
+            _ => {}
+        }
+    }
+    count
 }
 
 fn validate(value: Value, origin: Origin) -> Result<Manifest, String> {
@@ -256,5 +326,66 @@ mod tests {
         let doc = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: one}\n";
         let err = parse(&[file("a.yaml", doc), file("b.yaml", doc)]).unwrap_err();
         assert!(err.reason.contains("a.yaml document 0"), "{err}");
+    }
+
+    /// A ConfigMap whose data expands, through aliases, to about `width`⁴ values from a few
+    /// hundred bytes: each level repeats the one below `width` times.
+    fn alias_bomb(name: &str, width: usize) -> String {
+        let repeat = |anchor: &str| vec![format!("*{anchor}"); width].join(", ");
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}}}\nx:\n  a: &a [{}]\n  b: &b [{}]\n  c: &c [{}]\n  d: [{}]\n",
+            vec!["v"; width].join(", "),
+            repeat("a"),
+            repeat("b"),
+            repeat("c"),
+        )
+    }
+
+    #[test]
+    fn a_revision_is_bounded_in_all_not_only_per_file() {
+        // Each file alone stays well within the limit (~160,000 values)…
+        let one = alias_bomb("bomb-0", 20);
+        assert!(one.len() < 1_000, "a few hundred bytes: {}", one.len());
+        let parsed = parse(&[file("bomb-0.yaml", &one)]).unwrap();
+        assert_eq!(parsed.len(), 1);
+        // …but twenty of them would hold over three million.
+        let files: Vec<_> = (0..20)
+            .map(|n| {
+                file(
+                    &format!("bomb-{n}.yaml"),
+                    &alias_bomb(&format!("bomb-{n}"), 20),
+                )
+            })
+            .collect();
+        let err = parse(&files).unwrap_err();
+        assert!(err.reason.contains("1000000 values"), "{err}");
+        assert!(err.file.starts_with("bomb-"), "names the file: {err}");
+    }
+
+    #[test]
+    fn one_file_expanding_past_the_revision_budget_is_refused_by_the_parser() {
+        let err = parse(&[file("bomb.yaml", &alias_bomb("bomb", 40))]).unwrap_err();
+        assert!(err.reason.contains("budget breached"), "{err}");
+    }
+
+    #[test]
+    fn a_flood_of_documents_is_refused_across_files() {
+        let files: Vec<_> = (0..20)
+            .map(|n| {
+                let documents: String = (0..600)
+                    .map(|i| {
+                        format!(
+                            "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: c{n}-{i}}}\n"
+                        )
+                    })
+                    .collect();
+                file(&format!("f{n}.yaml"), &documents)
+            })
+            .collect();
+        let err = parse(&files).unwrap_err();
+        assert!(
+            err.reason.contains("more than 10000 documents in all"),
+            "{err}"
+        );
     }
 }
