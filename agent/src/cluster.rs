@@ -12,6 +12,7 @@ use kube::discovery::Scope;
 use serde_json::Value;
 
 use crate::impersonate::{InvalidUser, acting_as};
+use crate::plan::Terminating;
 use tracing::warn;
 
 /// Bound on every call to the API server: kube sets no read timeout, and one hung call must
@@ -115,8 +116,21 @@ pub enum Write<'a> {
 pub enum Written {
     /// The object as stored after an apply (or as it would be, on a dry run).
     Object(Box<DynamicObject>),
-    /// Whether there was an object to let go of or delete.
+    /// Whether there was an object to let go of.
     Existed(bool),
+    /// What a delete did.
+    Deleted(Deleted),
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    /// There was nothing to delete.
+    Absent,
+    /// The object is gone.
+    Gone,
+    /// Accepted, but the object stays until its finalizers are removed.
+    Terminating(Terminating),
 }
 
 impl crate::plan::ServedKind for Resolved {
@@ -324,7 +338,7 @@ impl Cluster {
             } => self
                 .delete(resolved, namespace, name, propagation)
                 .await
-                .map(Written::Existed),
+                .map(Written::Deleted),
         }
     }
 
@@ -416,15 +430,14 @@ impl Cluster {
         }
     }
 
-    /// Deletes the object with `policy` (orphan, background or foreground); `false` if it
-    /// was already gone.
+    /// Deletes the object with `policy` (orphan, background or foreground).
     async fn delete(
         &self,
         resolved: &Resolved,
         namespace: Option<&str>,
         name: &str,
         policy: &str,
-    ) -> Result<bool, ClusterError> {
+    ) -> Result<Deleted, ClusterError> {
         let propagation_policy = Some(match policy {
             "orphan" => PropagationPolicy::Orphan,
             "foreground" => PropagationPolicy::Foreground,
@@ -435,8 +448,13 @@ impl Cluster {
             ..DeleteParams::default()
         };
         match bounded(self.api(resolved, namespace).delete(name, &params)).await {
-            Ok(_) => Ok(true),
-            Err(error) if error.is_not_found() => Ok(false),
+            // The API server answers with the object when it stays for now (finalizers, a
+            // foreground deletion), with a Status or the last state when it is gone.
+            Ok(answer) => Ok(answer
+                .left()
+                .and_then(|object| Terminating::of(&object.metadata))
+                .map_or(Deleted::Gone, Deleted::Terminating)),
+            Err(error) if error.is_not_found() => Ok(Deleted::Absent),
             Err(error) => Err(error),
         }
     }

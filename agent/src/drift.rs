@@ -1,6 +1,7 @@
 //! Drift by watch: metadata watches on the kinds and namespaces of the inventory, filtered by
-//! the inventory label, notice within moments when someone else changed or deleted an object
-//! the agent applied, and let a reconcile skip the objects nobody touched.
+//! the inventory label, notice within moments when someone else changed or deleted what the
+//! agent applied (the fields its manager owns, as `managedFields` say), and let a reconcile
+//! skip the objects nobody touched that way.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,6 +63,8 @@ impl Shared {
 /// The watches of one agent's inventory.
 pub struct DriftWatch {
     client: kube::Client,
+    /// The field manager of the agent's applies, whose owned fields are the object's state.
+    manager: String,
     /// Whom `client` acts as, when not the agent itself.
     user: Option<String>,
     selector: Option<String>,
@@ -70,10 +73,11 @@ pub struct DriftWatch {
 }
 
 impl DriftWatch {
-    /// Watches nothing yet; `watch` says what.
-    pub fn new(client: kube::Client) -> Self {
+    /// Watches nothing yet (`watch` says what), for applies by field manager `manager`.
+    pub fn new(client: kube::Client, manager: &str) -> Self {
         Self {
             client,
+            manager: manager.to_owned(),
             user: None,
             selector: None,
             shared: Arc::default(),
@@ -169,6 +173,7 @@ impl DriftWatch {
             let synced = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let task = tokio::spawn(run_watch(
                 self.client.clone(),
+                self.manager.clone(),
                 target.clone(),
                 selector.clone(),
                 self.shared.clone(),
@@ -195,6 +200,7 @@ impl Drop for DriftWatch {
 
 async fn run_watch(
     client: kube::Client,
+    manager: String,
     target: WatchTarget,
     selector: String,
     shared: Arc<Shared>,
@@ -211,7 +217,7 @@ async fn run_watch(
         kind: target.kind.clone(),
         plural: target.plural.clone(),
     };
-    // Metadata only: the watch needs resourceVersions, not the objects' contents.
+    // Metadata only: versions and managedFields say what changed, without the contents.
     let api: Api<PartialObjectMeta<DynamicObject>> = match &target.namespace {
         Some(namespace) => Api::namespaced_with(client, namespace, &resource),
         None => Api::all_with(client, &resource),
@@ -244,7 +250,7 @@ async fn run_watch(
             Event::Init => listing.clear(),
             Event::InitApply(object) => {
                 let key = key_of(&object.metadata);
-                observe(&shared, &key, Some(version_of(&object.metadata)));
+                observe(&shared, &key, Some(Version::of(&object.metadata, &manager)));
                 listing.insert(key);
             }
             Event::InitDone => {
@@ -269,18 +275,11 @@ async fn run_watch(
                 observe(
                     &shared,
                     &key_of(&object.metadata),
-                    Some(version_of(&object.metadata)),
+                    Some(Version::of(&object.metadata, &manager)),
                 );
             }
             Event::Delete(object) => observe(&shared, &key_of(&object.metadata), None),
         }
-    }
-}
-
-fn version_of(meta: &kube::core::ObjectMeta) -> Version {
-    Version {
-        resource_version: meta.resource_version.clone().unwrap_or_default(),
-        generation: meta.generation,
     }
 }
 
@@ -320,6 +319,8 @@ mod tests {
         Version {
             resource_version: resource_version.into(),
             generation,
+            owned: None,
+            being_deleted: false,
         }
     }
 
@@ -373,6 +374,33 @@ mod tests {
         }
         observe(&shared, &web, Some(version("11", Some(2))));
         assert!(!drifted(&shared));
+    }
+
+    #[test]
+    fn a_label_another_manager_adds_is_not_drift_but_taking_our_field_is() {
+        let shared = Shared::default();
+        let settings = key("settings");
+        let applied = |owned: u64| Version {
+            resource_version: "10".into(),
+            generation: None,
+            owned: Some(owned),
+            being_deleted: false,
+        };
+        shared
+            .objects()
+            .entry(settings.clone())
+            .or_default()
+            .applied = Some((applied(1), 0));
+        let seen = |resource_version: &str, owned: u64| Version {
+            resource_version: resource_version.into(),
+            generation: None,
+            owned: Some(owned),
+            being_deleted: false,
+        };
+        observe(&shared, &settings, Some(seen("11", 1)));
+        assert!(!drifted(&shared), "what we own is as we left it");
+        observe(&shared, &settings, Some(seen("12", 2)));
+        assert!(drifted(&shared), "one of our fields changed hands");
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use greenlight::v1::ApplySettings;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -322,9 +323,24 @@ pub struct Version {
     /// Set by the API server for kinds whose spec and status are apart: it moves only when
     /// the spec does, so a controller writing status is not drift.
     pub generation: Option<i64>,
+    /// A digest of what the agent's field manager owns by apply, from `managedFields`; `None`
+    /// when the object carries no `managedFields` at all.
+    pub owned: Option<u64>,
+    /// It has a deletionTimestamp: there now, gone once its finalizers are removed.
+    pub being_deleted: bool,
 }
 
 impl Version {
+    /// The version `meta` describes, with what `manager` owns by apply.
+    pub fn of(meta: &ObjectMeta, manager: &str) -> Self {
+        Self {
+            resource_version: meta.resource_version.clone().unwrap_or_default(),
+            generation: meta.generation,
+            owned: owned_fields(meta, manager),
+            being_deleted: meta.deletion_timestamp.is_some(),
+        }
+    }
+
     /// Whether `self` and `other` are the same desired state: the same generation where the
     /// kind has one, else the same resourceVersion.
     pub fn same_spec(&self, other: &Version) -> bool {
@@ -333,6 +349,44 @@ impl Version {
             _ => self.resource_version == other.resource_version,
         }
     }
+
+    /// Whether nobody changed what the agent applied between `self` and `other`: the fields
+    /// its manager owns are the same set at the same API version. Another manager taking one
+    /// of them (an update, a forced apply) or removing one changes that set; labels or fields
+    /// someone else adds, and status, do not, since re-applying would not touch them. Where
+    /// the API server keeps no managed fields, [`Version::same_spec`] decides.
+    pub fn same_applied_state(&self, other: &Version) -> bool {
+        match (self.owned, other.owned) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.same_spec(other),
+        }
+    }
+}
+
+/// A digest of the entry of `manager`'s applies in `meta`'s `managedFields` (its API version
+/// and field set), or of its absence; `None` when there are no managed fields at all. The
+/// entry's time is left out: it changes only when the manager itself writes.
+pub fn owned_fields(meta: &ObjectMeta, manager: &str) -> Option<u64> {
+    let entries = meta.managed_fields.as_deref().filter(|e| !e.is_empty())?;
+    let ours = entries.iter().find(|e| {
+        e.manager.as_deref() == Some(manager)
+            && e.operation.as_deref() == Some("Apply")
+            && e.subresource.as_deref().unwrap_or_default().is_empty()
+    });
+    let mut hasher = DefaultHasher::new();
+    match ours {
+        Some(entry) => {
+            entry.api_version.hash(&mut hasher);
+            entry
+                .fields_v1
+                .as_ref()
+                .map(|f| f.0.to_string())
+                .hash(&mut hasher);
+        }
+        // Every manager's fields taken over, or the entry reset: distinct from any entry.
+        None => "no entry".hash(&mut hasher),
+    }
+    Some(hasher.finish())
 }
 
 /// A digest of the body an apply sends, to tell a changed desired state from an unchanged one.
@@ -343,29 +397,66 @@ pub fn body_digest(body: &Value) -> u64 {
 }
 
 /// The diff of one object: whether applying a body of digest `desired` again could change
-/// anything, given
-/// what the last apply left (`applied`: its version and body digest) and what the watch saw
-/// since (`observed`). Unchanged only when the body is the same and nobody, controllers
-/// included, touched the object; so a reconcile re-applies what others edited, labels too.
+/// anything, given what the last apply left (`applied`: its version and body digest) and what
+/// the watch saw since (`observed`). Unchanged only when the body is the same and nobody
+/// changed what the agent applied; so a reconcile re-applies what others edited, labels it
+/// set too, but not because a controller wrote status or someone added a label of their own.
+/// An object being deleted is applied again, so that every reconcile's outcome says so.
 pub fn needs_apply(
     applied: Option<&(Version, u64)>,
     observed: Option<&Version>,
     desired: u64,
 ) -> bool {
     match (applied, observed) {
-        (Some((applied, digest)), Some(observed)) => applied != observed || *digest != desired,
+        (_, Some(observed)) if observed.being_deleted => true,
+        (Some((applied, digest)), Some(observed)) => {
+            !applied.same_applied_state(observed) || *digest != desired
+        }
         _ => true,
     }
 }
 
-/// Whether what the watch saw is someone else's change to the desired state: a new spec
-/// (generation) or, for kinds without one, any new version, or a deletion. Status written
-/// by a controller is not.
+/// Whether what the watch saw is someone else's change to what the agent applied (see
+/// [`Version::same_applied_state`]), or a deletion. Status written by a controller, or a
+/// label another manager adds, is not.
 pub fn drifted_from(applied: Option<&(Version, u64)>, observed: Option<&Version>) -> bool {
     match (applied, observed) {
-        (Some((applied, _)), Some(observed)) => !applied.same_spec(observed),
+        (Some((applied, _)), Some(observed)) => !applied.same_applied_state(observed),
         (Some(_), None) => true,
         (None, _) => false,
+    }
+}
+
+/// An object whose deletion the API server accepted, but which stays until its finalizers are
+/// removed (or, without any, its grace period ends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Terminating {
+    /// What it waits for, as its `metadata.finalizers` name them.
+    pub finalizers: Vec<String>,
+}
+
+impl Terminating {
+    /// `Some` when `meta` says its object is being deleted.
+    pub fn of(meta: &ObjectMeta) -> Option<Self> {
+        meta.deletion_timestamp.as_ref()?;
+        Some(Self {
+            finalizers: meta.finalizers.clone().unwrap_or_default(),
+        })
+    }
+
+    /// What the deletion waits for, in words.
+    pub fn waiting_for(&self) -> String {
+        match self.finalizers.as_slice() {
+            [] => "waiting for its grace period".to_owned(),
+            [one] => format!("waiting for finalizer {one}"),
+            many => format!("waiting for finalizers {}", many.join(", ")),
+        }
+    }
+}
+
+impl std::fmt::Display for Terminating {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "terminating, {}", self.waiting_for())
     }
 }
 
@@ -608,7 +699,154 @@ mod tests {
         Version {
             resource_version: resource_version.into(),
             generation,
+            owned: None,
+            being_deleted: false,
         }
+    }
+
+    /// Metadata at `resource_version` with these `managedFields`, as the API server sends it.
+    fn meta(resource_version: &str, managed: Value) -> ObjectMeta {
+        serde_json::from_value(serde_json::json!({
+            "name": "settings",
+            "resourceVersion": resource_version,
+            "managedFields": managed,
+        }))
+        .unwrap()
+    }
+
+    fn entry_of(manager: &str, operation: &str, fields: Value) -> Value {
+        serde_json::json!({"manager": manager, "operation": operation, "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": fields, "time": "2025-01-01T00:00:00Z"})
+    }
+
+    #[test]
+    fn only_a_change_to_what_the_agent_owns_is_drift() {
+        let ours = serde_json::json!({"f:data": {"f:value": {}},
+            "f:metadata": {"f:labels": {"f:greenlight.dev/inventory": {}}}});
+        let applied = Version::of(
+            &meta(
+                "10",
+                Value::from(vec![entry_of("greenlight", "Apply", ours.clone())]),
+            ),
+            "greenlight",
+        );
+        let applied = Some((applied, 7));
+
+        // kubectl label adds a label of its own: a new version, but our fields are as we left them.
+        let labelled = Version::of(
+            &meta(
+                "11",
+                Value::from(vec![
+                    entry_of("greenlight", "Apply", ours.clone()),
+                    entry_of(
+                        "kubectl-label",
+                        "Update",
+                        serde_json::json!({"f:metadata": {"f:labels": {"f:team": {}}}}),
+                    ),
+                ]),
+            ),
+            "greenlight",
+        );
+        assert!(!drifted_from(applied.as_ref(), Some(&labelled)));
+        assert!(
+            !needs_apply(applied.as_ref(), Some(&labelled), 7),
+            "nothing to write"
+        );
+        assert!(
+            needs_apply(applied.as_ref(), Some(&labelled), 8),
+            "a new revision still is"
+        );
+
+        // Our own entry's time moves only when we write: the set is what counts.
+        let mut later = entry_of("greenlight", "Apply", ours.clone());
+        later["time"] = "2025-06-01T00:00:00Z".into();
+        let retimed = Version::of(&meta("12", Value::from(vec![later])), "greenlight");
+        assert!(!drifted_from(applied.as_ref(), Some(&retimed)));
+
+        // kubectl edits a field we own: it moves to kubectl, out of our entry.
+        let edited = Version::of(
+            &meta(
+                "13",
+                Value::from(vec![
+                    entry_of(
+                        "greenlight",
+                        "Apply",
+                        serde_json::json!({"f:metadata": {"f:labels": {"f:greenlight.dev/inventory": {}}}}),
+                    ),
+                    entry_of(
+                        "kubectl-patch",
+                        "Update",
+                        serde_json::json!({"f:data": {"f:value": {}}}),
+                    ),
+                ]),
+            ),
+            "greenlight",
+        );
+        assert!(drifted_from(applied.as_ref(), Some(&edited)));
+        assert!(needs_apply(applied.as_ref(), Some(&edited), 7));
+
+        // Everything taken over: our entry is gone.
+        let taken = Version::of(
+            &meta(
+                "14",
+                Value::from(vec![entry_of("someone-else", "Apply", ours.clone())]),
+            ),
+            "greenlight",
+        );
+        assert!(drifted_from(applied.as_ref(), Some(&taken)));
+
+        // An update by the same manager name is not our apply.
+        let updated = Version::of(
+            &meta(
+                "15",
+                Value::from(vec![entry_of("greenlight", "Update", ours)]),
+            ),
+            "greenlight",
+        );
+        assert!(drifted_from(applied.as_ref(), Some(&updated)));
+
+        // Being deleted: applied again (and found terminating) rather than skipped.
+        let deleting = Version {
+            being_deleted: true,
+            ..applied.as_ref().unwrap().0.clone()
+        };
+        assert!(!drifted_from(applied.as_ref(), Some(&deleting)));
+        assert!(needs_apply(applied.as_ref(), Some(&deleting), 7));
+
+        // Without managedFields at all, versions decide as before.
+        let bare = Version::of(&meta("16", Value::Null), "greenlight");
+        assert_eq!(bare.owned, None);
+        assert!(drifted_from(applied.as_ref(), Some(&bare)));
+    }
+
+    #[test]
+    fn a_deletion_timestamp_makes_an_object_terminating_naming_what_it_waits_for() {
+        let of = |value: Value| Terminating::of(&serde_json::from_value(value).unwrap());
+        assert_eq!(
+            of(serde_json::json!({"name": "a", "finalizers": ["example.com/hold"]})),
+            None
+        );
+        let held = of(
+            serde_json::json!({"name": "a", "deletionTimestamp": "2025-01-01T00:00:00Z",
+            "finalizers": ["example.com/hold"]}),
+        )
+        .unwrap();
+        assert_eq!(
+            held.to_string(),
+            "terminating, waiting for finalizer example.com/hold"
+        );
+        let two = of(
+            serde_json::json!({"name": "a", "deletionTimestamp": "2025-01-01T00:00:00Z",
+            "finalizers": ["a.example.com/x", "b.example.com/y"]}),
+        )
+        .unwrap();
+        assert_eq!(
+            two.waiting_for(),
+            "waiting for finalizers a.example.com/x, b.example.com/y"
+        );
+        let pod = of(serde_json::json!({"name": "a", "deletionTimestamp": "2025-01-01T00:00:00Z"}))
+            .unwrap();
+        assert_eq!(pod.waiting_for(), "waiting for its grace period");
     }
 
     #[test]

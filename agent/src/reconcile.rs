@@ -12,15 +12,15 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::assemble::ReadyRevision;
-use crate::cluster::{Cluster, ClusterError, ObjectRef, Resolved, Write, Written};
+use crate::cluster::{Cluster, ClusterError, Deleted, ObjectRef, Resolved, Write, Written};
 use crate::drift::{DriftWatch, WatchTarget};
 use crate::health_watch::{HealthWatch, Waited};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
 use crate::manifest;
 use crate::metrics::AgentMetrics;
 use crate::plan::{
-    self, InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, Version,
-    apply_stages, cascades, prune_allowed, prune_set,
+    self, InventoryEntry, ObjectKey, PRUNE_ALLOW, PRUNE_ANNOTATION, Scope, Stage, Terminating,
+    Version, apply_stages, cascades, prune_allowed, prune_set,
 };
 use greenlight::backoff::jittered;
 
@@ -56,8 +56,21 @@ enum Pruned {
     Done(Option<ObjectResult>),
     /// Deliberately not deleted, and still remembered so that it can be later.
     Kept(ObjectResult),
+    /// Its deletion was accepted (now or before), but it stays until its finalizers are
+    /// removed: still remembered, so that a later revision sees it gone.
+    Terminating(ObjectResult, Terminating),
     /// Could not be pruned now; still remembered.
     Failed(ObjectResult),
+}
+
+/// What applying one object did.
+struct ItemOutcome {
+    key: ObjectKey,
+    result: ObjectResult,
+    /// The resourceVersion it was left at, when it was written.
+    version: Option<String>,
+    /// Set when the object is being deleted: it is there now, but will not be for long.
+    terminating: Option<Terminating>,
 }
 
 /// Applies revisions to one cluster for one agent.
@@ -83,7 +96,7 @@ impl Worker {
     ) -> Self {
         Self {
             metrics,
-            drift: DriftWatch::new(cluster.client().clone()),
+            drift: DriftWatch::new(cluster.client().clone(), FIELD_MANAGER),
             cluster,
             namespace: namespace.to_owned(),
             reports,
@@ -402,6 +415,9 @@ impl Worker {
 
         let mut results = Vec::with_capacity(total);
         let mut failed = false;
+        // Applied, but being deleted: named in the outcome rather than called healthy.
+        let mut doomed: Vec<String> = Vec::new();
+        let mut doomed_objects: Vec<ObjectResult> = Vec::new();
         let items = std::mem::take(&mut planned);
         for (stage, mut group) in apply_stages(items, |p| {
             Stage::of(&p.key.group, &p.key.kind, p.namespaced)
@@ -447,16 +463,19 @@ impl Worker {
                 .iter()
                 .map(|item| self.apply_item(item, &settings, stop))
                 .collect();
-            let outcomes: Vec<(ObjectKey, ObjectResult, Option<String>)> =
-                futures_util::stream::iter(pending)
-                    .buffer_unordered(APPLY_CONCURRENCY)
-                    .collect()
-                    .await;
-            for (key, object, version) in outcomes {
-                failed |= object.action() == Action::Failed;
-                results.push(object);
-                if let Some(version) = version {
-                    self.versions.insert(key, version);
+            let outcomes: Vec<ItemOutcome> = futures_util::stream::iter(pending)
+                .buffer_unordered(APPLY_CONCURRENCY)
+                .collect()
+                .await;
+            for outcome in outcomes {
+                failed |= outcome.result.action() == Action::Failed;
+                if let Some(terminating) = outcome.terminating {
+                    doomed.push(format!("{} ({})", outcome.key, terminating.waiting_for()));
+                    doomed_objects.push(outcome.result.clone());
+                }
+                results.push(outcome.result);
+                if let Some(version) = outcome.version {
+                    self.versions.insert(outcome.key, version);
                 }
             }
             if stop() {
@@ -479,6 +498,7 @@ impl Worker {
 
         let mut kept = Vec::new();
         let mut kept_names = Vec::new();
+        let mut terminating_names = Vec::new();
         let mut let_go = 0;
         if let Some(prune) = prune {
             for entry in prune.out_of_scope {
@@ -517,6 +537,15 @@ impl Worker {
                     Pruned::Done(None) => {}
                     Pruned::Kept(object) => {
                         kept_names.push(format!("{} (its deletion would cascade)", entry.key));
+                        kept.push(entry.clone());
+                        results.push(object);
+                    }
+                    Pruned::Terminating(object, terminating) => {
+                        terminating_names.push(format!(
+                            "{} ({})",
+                            entry.key,
+                            terminating.waiting_for()
+                        ));
                         kept.push(entry.clone());
                         results.push(object);
                     }
@@ -573,6 +602,15 @@ impl Worker {
         if !kept_names.is_empty() {
             message.push_str(&format!("; kept {}", kept_names.join(", ")));
         }
+        if !terminating_names.is_empty() {
+            message.push_str(&format!(
+                "; still terminating: {}",
+                terminating_names.join(", ")
+            ));
+        }
+        if !doomed.is_empty() {
+            message.push_str(&format!("; being deleted: {}", doomed.join(", ")));
+        }
         if let Some(note) = dry_run_note {
             message.push_str("; ");
             message.push_str(&note);
@@ -587,6 +625,26 @@ impl Worker {
         )
         .await;
 
+        if !doomed.is_empty() {
+            // The API server took the apply, but the object goes once its finalizers are
+            // removed: that is no healthy state. Its deletion wakes the drift watch, which
+            // applies it again then.
+            let message = format!(
+                "being deleted, applied again once gone: {}",
+                doomed.join(", ")
+            );
+            warn!(sha = revision.sha(), %message, "revision degraded");
+            self.report(
+                revision,
+                Phase::Degraded,
+                message.clone(),
+                doomed_objects,
+                total,
+                total,
+            )
+            .await;
+            return Outcome::Degraded(message);
+        }
         self.await_health(revision, &desired, &settings, stop).await
     }
 
@@ -806,47 +864,57 @@ impl Worker {
         item: &Planned,
         settings: &ApplySettings,
         stop: &(dyn Fn() -> bool + Sync),
-    ) -> (ObjectKey, ObjectResult, Option<String>) {
+    ) -> ItemOutcome {
+        let outcome = |result, version, terminating| ItemOutcome {
+            key: item.key.clone(),
+            result,
+            version,
+            terminating,
+        };
         if stop() {
             let skipped = result(item, Action::Unchanged, "stopped before applying".into());
-            return (item.key.clone(), skipped, None);
+            return outcome(skipped, None, None);
         }
         let target = self.watch_target(&item.manifest.api_version, &item.key);
         if target
             .as_ref()
             .is_some_and(|t| self.drift.unchanged(t, &item.key, item.digest))
         {
-            let unchanged = result(item, Action::Unchanged, String::new());
-            return (item.key.clone(), unchanged, None);
+            return outcome(result(item, Action::Unchanged, String::new()), None, None);
         }
         self.drift.applying(&item.key);
-        let applied = self.apply_one(item, settings, false).await;
+        let applied = self.apply_one(item, settings, false).await.map(|object| {
+            (
+                Version::of(&object.metadata, FIELD_MANAGER),
+                Terminating::of(&object.metadata),
+            )
+        });
         self.drift.applied(
             &item.key,
-            applied.as_ref().ok().map(|version| (version, item.digest)),
+            applied
+                .as_ref()
+                .ok()
+                .map(|(version, _)| (version, item.digest)),
         );
         match applied {
-            Ok(Version {
-                resource_version: version,
-                ..
-            }) => {
-                let changed = self.versions.get(&item.key) != Some(&version);
+            Ok((version, terminating)) => {
+                let changed = self.versions.get(&item.key) != Some(&version.resource_version);
                 let action = if changed {
                     Action::Applied
                 } else {
                     Action::Unchanged
                 };
-                (
-                    item.key.clone(),
-                    result(item, action, String::new()),
-                    Some(version),
+                let message = terminating
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                outcome(
+                    result(item, action, message),
+                    Some(version.resource_version),
+                    terminating,
                 )
             }
-            Err(error) => (
-                item.key.clone(),
-                result(item, Action::Failed, error.message()),
-                None,
-            ),
+            Err(error) => outcome(result(item, Action::Failed, error.message()), None, None),
         }
     }
 
@@ -855,7 +923,7 @@ impl Worker {
         item: &Planned,
         settings: &ApplySettings,
         dry_run: bool,
-    ) -> Result<Version, ClusterError> {
+    ) -> Result<Box<DynamicObject>, ClusterError> {
         let resolved = item
             .resolved
             .as_ref()
@@ -873,10 +941,7 @@ impl Worker {
         let Written::Object(object) = self.cluster.perform(write).await? else {
             return Err(ClusterError::MismatchedAnswer(item.key.to_string()));
         };
-        Ok(Version {
-            resource_version: object.metadata.resource_version.unwrap_or_default(),
-            generation: object.metadata.generation,
-        })
+        Ok(object)
     }
 
     /// Deletes `entry` if it still carries this agent's label; `Ok(None)` when there was
@@ -938,6 +1003,16 @@ impl Worker {
             info!(object = %entry.key, "not pruning: it no longer carries this agent's label");
             return Pruned::Done(None);
         }
+        if let Some(terminating) = Terminating::of(&current.metadata) {
+            // Deleted already: another delete would change nothing, yet be a write on every
+            // reconcile until the finalizers are gone.
+            self.drift.forget(&entry.key);
+            info!(object = %entry.key, %terminating, "not pruning again: its deletion is underway");
+            return Pruned::Terminating(
+                as_result(Action::Unchanged, terminating.to_string()),
+                terminating,
+            );
+        }
         if cascades(&entry.key.group, &entry.key.kind)
             && !prune_allowed(current.metadata.annotations.as_ref())
         {
@@ -957,6 +1032,13 @@ impl Worker {
             propagation: &settings.prune_propagation_policy,
         };
         match self.cluster.perform(write).await {
+            Ok(Written::Deleted(Deleted::Terminating(terminating))) => {
+                info!(object = %entry.key, %terminating, "pruned; it stays until its finalizers are removed");
+                Pruned::Terminating(
+                    as_result(Action::Pruned, terminating.to_string()),
+                    terminating,
+                )
+            }
             Ok(_) => Pruned::Done(Some(as_result(Action::Pruned, String::new()))),
             Err(error) => Pruned::Failed(as_result(Action::Failed, error.message())),
         }

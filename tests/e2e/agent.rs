@@ -3,6 +3,7 @@
 //! test deploys into namespaces of its own, so they share one control plane in parallel.
 
 use greenlight::v1::Phase;
+use greenlight::v1::object_result::Action;
 use greenlight_e2e::control_plane::{ControlPlane, TestCluster};
 use greenlight_e2e::*;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
@@ -234,6 +235,32 @@ impl World {
             .filter(|r| r.namespace.is_some() || cluster.contains(&r.name.as_str()))
             .map(|r| format!("{} {}", r.verb, r.uri))
             .collect())
+    }
+
+    /// The first Applied report of `sha` the server's history keeps.
+    async fn applied(&self, sha: &str) -> anyhow::Result<greenlight::v1::StatusReport> {
+        eventually(&format!("an applied report for {sha}"), || async {
+            Ok(self
+                .server
+                .history("prod")
+                .await?
+                .reports
+                .into_iter()
+                .find(|r| r.revision == sha && r.phase() == Phase::Applied))
+        })
+        .await
+    }
+
+    /// How many Healthy reports of `sha` the server's history keeps: one per reconcile.
+    async fn healthy_reports(&self, sha: &str) -> anyhow::Result<usize> {
+        Ok(self
+            .server
+            .history("prod")
+            .await?
+            .reports
+            .iter()
+            .filter(|r| r.revision == sha && r.phase() == Phase::Healthy)
+            .count())
     }
 
     /// How many server-side applies (not dry runs) reached ConfigMap `name` since `mark`.
@@ -797,6 +824,78 @@ async fn drift_in_a_managed_field_is_corrected_by_watch_and_unmanaged_fields_are
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_label_another_manager_adds_is_left_alone_without_a_write() -> anyhow::Result<()> {
+    // The default reconcile interval (5 min): only the watch can wake the agent.
+    let w = world!("");
+    let files: Vec<(String, String)> = (0..6)
+        .map(|i| {
+            (
+                format!("cm-{i}.yaml"),
+                configmap(&format!("cm-{i}"), "desired"),
+            )
+        })
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, c)| (p.as_str(), c.as_bytes()))
+        .collect();
+    let x = w.repo.commit(&refs, &[])?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    let edit = |name: &str| {
+        w.plane.kubectl_ok(&[
+            "patch",
+            "configmap",
+            name,
+            "-n",
+            &w.apps,
+            "--type=merge",
+            "-p",
+            r#"{"data":{"value":"edited by hand"}}"#,
+        ])
+    };
+    let corrected = |name: &'static str, reconciles: usize| {
+        let w = &w;
+        let x = &x;
+        async move {
+            eventually(&format!("{name} corrected"), || async {
+                let done = w.value(name).await?.as_deref() == Some("desired")
+                    && w.healthy_reports(x).await? >= reconciles;
+                Ok(done.then_some(()))
+            })
+            .await
+        }
+    };
+    // A first correction, completed, shows the watches running and in sync.
+    edit("cm-0")?;
+    corrected("cm-0", 2).await?;
+
+    let mark = w.mark();
+    // kubectl adds a label of its own to one object, and changes nothing the agent applied.
+    w.plane
+        .kubectl_ok(&["label", "configmap", "cm-1", "-n", &w.apps, "team=payments"])?;
+    // Then it edits a field the revision sets on another. One watch sees both changes, in
+    // order, so once this one is corrected the label has been seen too.
+    edit("cm-2")?;
+    corrected("cm-2", 3).await?;
+    let writes = w.writes(mark, &[])?;
+    assert_eq!(w.patches_of(mark, "cm-1")?, 0, "{writes:#?}");
+    assert_eq!(w.patches_of(mark, "cm-2")?, 1, "{writes:#?}");
+    assert_eq!(writes.len(), 1, "only the correction: {writes:#?}");
+    let cm1 = w.configmap("cm-1").await?.expect("cm-1");
+    assert_eq!(cm1["metadata"]["labels"]["team"], "payments", "{cm1}");
+    let owner = cm1["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["fieldsV1"]["f:metadata"]["f:labels"]["f:team"].is_object())
+        .map(|m| m["manager"].clone());
+    assert_eq!(owner, Some(json!("kubectl-label")), "{cm1}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconciling_an_unchanged_revision_without_drift_writes_nothing() -> anyhow::Result<()> {
     let w = world!("    reconcile_interval: 1s\n");
     let manifests = format!("{}---\n{DEPLOYMENT}", configmap("settings", "one"));
@@ -1193,6 +1292,134 @@ async fn a_dropped_namespace_is_kept_unless_annotated_and_then_terminated() -> a
     );
     // Still remembered: annotating it later lets the next revision prune it.
     assert!(w.inventory_names().await?.contains(&kept_name));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_held_by_a_finalizer_is_reported_terminating_until_it_is_gone()
+-> anyhow::Result<()> {
+    let w = world!("");
+    // A controller of someone else's holds the object, or lets it go.
+    let hold = |finalizers: &str| {
+        w.plane.kubectl_ok(&[
+            "patch",
+            "configmap",
+            "held",
+            "-n",
+            &w.apps,
+            "--type=merge",
+            "-p",
+            &format!(r#"{{"metadata":{{"finalizers":{finalizers}}}}}"#),
+        ])
+    };
+    let waiting = format!(
+        "ConfigMap {}/held (waiting for finalizer example.com/hold)",
+        w.apps
+    );
+    let first = w.repo.commit(
+        &[
+            ("keep.yaml", configmap("keep", "1").as_bytes()),
+            ("held.yaml", configmap("held", "1").as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+    hold(r#"["example.com/hold"]"#)?;
+
+    // Removed from git: the delete is accepted, and the revision completes naming what the
+    // object waits for, rather than waiting with it or failing.
+    let second = w.repo.commit(&[], &["held.yaml"])?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
+    let applied = w.applied(&second).await?;
+    assert!(
+        applied
+            .message
+            .contains(&format!("still terminating: {waiting}")),
+        "{}",
+        applied.message
+    );
+    let held = applied
+        .objects
+        .iter()
+        .find(|o| o.name == "held")
+        .expect("held is reported");
+    assert_eq!(held.action(), Action::Pruned);
+    assert_eq!(
+        held.message,
+        "terminating, waiting for finalizer example.com/hold"
+    );
+    let object = w.configmap("held").await?.expect("there until let go");
+    assert!(
+        object["metadata"]["deletionTimestamp"].is_string(),
+        "{object}"
+    );
+    assert!(
+        w.inventory_names().await?.contains(&"held".to_owned()),
+        "remembered while it terminates"
+    );
+
+    // Back in git while it terminates: applied, but not called healthy.
+    let third = w
+        .repo
+        .commit(&[("held.yaml", configmap("held", "3").as_bytes())], &[])?;
+    w.server.release(&second, &third, 3).await?;
+    let degraded = w.server.reported("prod", &third, Phase::Degraded).await?;
+    assert!(degraded.message.contains(&waiting), "{}", degraded.message);
+    assert!(degraded.objects.iter().any(|o| o.name == "held"));
+    // Let go, it is gone; the watch sees that and the agent applies it afresh.
+    hold("null")?;
+    w.server.reported("prod", &third, Phase::Healthy).await?;
+    let object = w.configmap("held").await?.expect("applied again");
+    assert!(
+        object["metadata"]["deletionTimestamp"].is_null(),
+        "{object}"
+    );
+    assert_eq!(object["data"]["value"], "3");
+
+    // Pruned while held once more: deleted once, however often it is reconciled meanwhile.
+    hold(r#"["example.com/hold"]"#)?;
+    let mark = w.mark();
+    let fourth = w.repo.commit(&[], &["held.yaml"])?;
+    w.server.release(&third, &fourth, 4).await?;
+    w.server.reported("prod", &fourth, Phase::Healthy).await?;
+    let fifth = w
+        .repo
+        .commit(&[("keep.yaml", configmap("keep", "5").as_bytes())], &[])?;
+    w.server.release(&fourth, &fifth, 5).await?;
+    w.server.reported("prod", &fifth, Phase::Healthy).await?;
+    let applied = w.applied(&fifth).await?;
+    assert!(
+        applied
+            .message
+            .contains(&format!("still terminating: {waiting}")),
+        "{}",
+        applied.message
+    );
+    let deletes: Vec<String> = w
+        .writes(mark, &[])?
+        .into_iter()
+        .filter(|w| w.starts_with("delete "))
+        .collect();
+    assert_eq!(deletes.len(), 1, "{deletes:#?}");
+
+    // Let go, it is gone, and the next revision's inventory no longer lists it.
+    hold("null")?;
+    assert!(w.configmap("held").await?.is_none());
+    let sixth = w
+        .repo
+        .commit(&[("keep.yaml", configmap("keep", "6").as_bytes())], &[])?;
+    w.server.release(&fifth, &sixth, 6).await?;
+    w.server.reported("prod", &sixth, Phase::Healthy).await?;
+    assert_eq!(w.inventory_names().await?, ["keep"]);
+    let applied = w.applied(&sixth).await?;
+    assert!(
+        !applied.message.contains("terminating"),
+        "{}",
+        applied.message
+    );
     Ok(())
 }
 
