@@ -4,6 +4,10 @@
 //! renew deadline steps down, which is before anyone else may take over; and another
 //! holder's lease expires a lease duration after this replica *saw* its record last change,
 //! by the local monotonic clock, so clock skew between nodes cannot make two leaders.
+//!
+//! A standby looks at the Lease at least once per retry period (a third of the lease
+//! duration) and again at the moment the holder's lease would expire, so it takes over at
+//! most one lease duration plus one retry period after the holder's last renewal.
 
 use std::time::{Duration, Instant};
 
@@ -48,6 +52,51 @@ impl Observer {
             }
         }
     }
+}
+
+/// What one round found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Round {
+    /// This replica holds the lease.
+    Leading,
+    /// Another replica holds it until `expires` by the local clock; `None` when that is not
+    /// known (a compare-and-swap lost to another replica's write).
+    Following { expires: Option<Instant> },
+}
+
+impl Round {
+    /// The round a compare-and-swap write ended: leading when it won.
+    fn of(won: bool) -> Self {
+        if won {
+            Round::Leading
+        } else {
+            Round::Following { expires: None }
+        }
+    }
+}
+
+/// The time between the starts of two rounds: jittered, so that replicas started together
+/// do not keep colliding, but under nine tenths of `retry`, the rest absorbing the calls' own
+/// time, so that a standby sees a renewal within one retry period: that bounds a takeover.
+pub fn round_period(retry: Duration) -> Duration {
+    jittered(retry * 3 / 4)
+}
+
+/// When the round after one that started at `started` starts: `period` later, however long
+/// the calls took, so that a standby sees a renewal at most a period after it happened; at
+/// `expires`, another holder's expiry, if that comes first, so that it takes over the moment
+/// it may; and no later than a leader's renew `deadline`, so that it steps down in time.
+pub fn next_round(
+    started: Instant,
+    period: Duration,
+    expires: Option<Instant>,
+    deadline: Option<Instant>,
+) -> Instant {
+    let regular = started.checked_add(period).unwrap_or(started);
+    [expires, deadline]
+        .into_iter()
+        .flatten()
+        .fold(regular, Instant::min)
 }
 
 /// Whether a compare-and-swap write of the Lease won: a conflict (409) means another
@@ -130,8 +179,8 @@ impl Elector {
             .await)
     }
 
-    /// One round at `now`: acquires or renews the lease; `true` when this replica holds it.
-    pub async fn try_acquire(&mut self, now: Instant) -> Result<bool, kube::Error> {
+    /// One round at `now`: acquires or renews the lease.
+    pub async fn try_acquire(&mut self, now: Instant) -> Result<Round, kube::Error> {
         // Wall-clock times are written for people reading the Lease; decisions never use
         // them.
         let wall = Timestamp::now();
@@ -151,7 +200,7 @@ impl Elector {
                     ..LeaseSpec::default()
                 }),
             };
-            return won(self.api.create(&PostParams::default(), &lease).await);
+            return won(self.api.create(&PostParams::default(), &lease).await).map(Round::of);
         };
         let resource_version = lease.metadata.resource_version.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
@@ -171,7 +220,9 @@ impl Elector {
                 .filter(|s| *s > 0)
                 .map_or(self.duration, Duration::from_secs);
             if !expired(since, duration, now) {
-                return Ok(false);
+                return Ok(Round::Following {
+                    expires: since.checked_add(duration),
+                });
             }
         }
         if !mine {
@@ -187,6 +238,7 @@ impl Elector {
             .api
             .replace(&self.name, &PostParams::default(), &lease)
             .await)
+        .map(Round::of)
     }
 
     /// Keeps competing until `shutdown`, publishing whether this replica leads; the lease
@@ -214,22 +266,22 @@ impl Elector {
                 }
                 round = tokio::time::timeout(budget, self.try_acquire(started)) => round,
             };
-            let failed = match round {
-                Ok(Ok(true)) => {
+            let (failed, expires) = match round {
+                Ok(Ok(Round::Leading)) => {
                     self.renewed = Some(started);
-                    false
+                    (false, None)
                 }
-                Ok(Ok(false)) => {
+                Ok(Ok(Round::Following { expires })) => {
                     self.renewed = None;
-                    false
+                    (false, expires)
                 }
                 Ok(Err(error)) => {
                     warn!(%error, "cannot reach the lease");
-                    true
+                    (true, None)
                 }
                 Err(_) => {
                     warn!(timeout = ?budget, "lease round timed out");
-                    true
+                    (true, None)
                 }
             };
             let lead = still_leading(self.renewed, renew_deadline, Instant::now());
@@ -245,25 +297,22 @@ impl Elector {
                     false
                 }
             });
-            // Replicas that started together must not keep colliding; a leader whose
-            // renewal failed retries sooner, while it still leads.
-            let mut wait = if lead && failed {
+            // A leader whose renewal failed retries sooner, while it still leads.
+            let period = if lead && failed {
                 jittered(retry / 4)
             } else {
-                jittered(retry)
+                round_period(retry)
             };
-            if let Some(end) = self
+            let deadline = self
                 .renewed
-                .and_then(|sent| sent.checked_add(renew_deadline))
-            {
-                wait = wait.min(end.saturating_duration_since(Instant::now()));
-            }
+                .and_then(|sent| sent.checked_add(renew_deadline));
+            let next = next_round(started, period, expires, deadline);
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     leading.send_replace(false);
                     return;
                 }
-                _ = tokio::time::sleep(wait) => {}
+                _ = tokio::time::sleep_until(next.into()) => {}
             }
         }
     }
@@ -320,6 +369,38 @@ mod tests {
         ));
         assert!(!still_leading(Some(sent), deadline, sent + deadline));
         assert!(still_leading(Some(sent), deadline, sent));
+    }
+
+    #[test]
+    fn rounds_keep_their_pace_and_a_standby_looks_again_at_the_holders_expiry() {
+        let started = Instant::now();
+        let second = Duration::from_secs(1);
+        // A period after the round started, however long the round took.
+        assert_eq!(next_round(started, second, None, None), started + second);
+        // Another holder's lease ends before the next regular round: look exactly then.
+        let expires = started + second / 4;
+        assert_eq!(next_round(started, second, Some(expires), None), expires);
+        assert_eq!(
+            next_round(started, second, Some(started + 5 * second), None),
+            started + second
+        );
+        // A leader renews before its deadline, whatever the jitter drew.
+        let deadline = started + second / 2;
+        assert_eq!(next_round(started, second, None, Some(deadline)), deadline);
+        // Already past: at once.
+        assert_eq!(next_round(started, second, Some(started), None), started);
+    }
+
+    #[test]
+    fn the_standby_period_never_exceeds_the_retry_period() {
+        let retry = Duration::from_secs(5);
+        for _ in 0..1000 {
+            let period = round_period(retry);
+            assert!(
+                period <= retry * 9 / 10 && period >= retry / 2,
+                "{period:?}"
+            );
+        }
     }
 
     #[tokio::test]

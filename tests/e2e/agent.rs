@@ -2,15 +2,19 @@
 //! and kube-apiserver with its controllers and a kwok node (tests/src/control_plane.rs). Each
 //! test deploys into namespaces of its own, so they share one control plane in parallel.
 
+use anyhow::Context;
 use greenlight::v1::Phase;
 use greenlight::v1::object_result::Action;
 use greenlight_e2e::control_plane::{ControlPlane, TestCluster};
 use greenlight_e2e::*;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
 use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
+/// How long the agents' Lease lasts without renewal in the leader election tests.
+const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
 
 struct World {
     _redis: Redis,
@@ -720,13 +724,25 @@ async fn agent_killed_mid_revision_converges_after_restart() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_lease_holder_applies_and_another_takes_over() -> anyhow::Result<()> {
     let w = world!("");
+    let replica = |identity: &str| {
+        AgentProcess::start_with(
+            &w.server,
+            &agent_token("prod"),
+            w.agent_kube.clone(),
+            identity,
+            LEASE,
+            &w.home,
+        )
+    };
+    // Every write of the Lease from here on is in the audit log.
+    let start = w.mark();
     let first = w
         .repo
         .commit(&[("a.yaml", configmap("a", "1").as_bytes())], &[])?;
-    let leader = w.agent("replica-a");
+    let leader = replica("replica-a");
     w.server.release(ZERO, &first, 1).await?;
     w.server.reported("prod", &first, Phase::Healthy).await?;
-    let _standby = w.agent("replica-b");
+    let _standby = replica("replica-b");
     assert_eq!(w.holder().await?, "replica-a");
 
     let mark = w.mark();
@@ -737,24 +753,49 @@ async fn only_the_lease_holder_applies_and_another_takes_over() -> anyhow::Resul
     w.server.reported("prod", &second, Phase::Healthy).await?;
     assert_eq!(w.patches_of(mark, "a")?, 1, "one replica applied");
 
-    // As SIGKILL would: the Lease is not released, so the standby waits for it to expire
-    // (3 s in these tests).
+    // As SIGKILL would: the Lease is not released, so the standby waits for it to expire.
     leader.kill();
-    let killed = std::time::Instant::now();
+    assert_eq!(w.holder().await?, "replica-a", "not released");
     eventually("the standby leads", || async {
         Ok((w.holder().await? == "replica-b").then_some(()))
     })
     .await?;
-    let handover = killed.elapsed();
     let third = w
         .repo
         .commit(&[("a.yaml", configmap("a", "3").as_bytes())], &[])?;
     w.server.release(&second, &third, 3).await?;
     w.server.reported("prod", &third, Phase::Healthy).await?;
     assert_eq!(w.value("a").await?.as_deref(), Some("3"));
-    assert_eq!(w.leases().await?.len(), 1);
-    // One lease duration plus the standby's retry period.
-    assert!(handover < std::time::Duration::from_secs(6), "{handover:?}");
+    let leases = w.leases().await?;
+    assert_eq!(leases.len(), 1);
+
+    // The handover as the API server saw it: from the holder's last renewal (the last write
+    // of the Lease completed before the standby took over, since a standby only reads it; the
+    // create, when the holder had no time to renew) to the acquireTime the standby wrote.
+    let acquired: Timestamp = leases[0]["spec"]["acquireTime"]
+        .as_str()
+        .context("the standby wrote its acquireTime")?
+        .parse()?;
+    let lease_writes: Vec<_> = w
+        .plane
+        .agent_requests(start, &[&w.home])?
+        .into_iter()
+        .filter(|r| r.resource == "leases" && r.is_write())
+        .collect();
+    let renewed = lease_writes
+        .iter()
+        .filter(|r| r.code.is_some_and(|code| (200..300).contains(&code)))
+        .filter_map(|r| r.completed)
+        .filter(|completed| *completed < acquired)
+        .max()
+        .with_context(|| format!("no renewal before {acquired} in {lease_writes:#?}"))?;
+    let handover = acquired.duration_since(renewed);
+    // The bound the README states: one lease duration plus one retry period (a third of it).
+    let bound = SignedDuration::try_from(LEASE + LEASE / 3)?;
+    assert!(
+        handover <= bound,
+        "took over {handover:?} after the last renewal, more than {bound:?}"
+    );
     Ok(())
 }
 

@@ -365,6 +365,12 @@ impl ControlPlane {
                     .unwrap_or_default()
                     .to_owned(),
                 namespace: namespace.map(str::to_owned),
+                code: event["responseStatus"]["code"]
+                    .as_u64()
+                    .and_then(|c| u16::try_from(c).ok()),
+                completed: event["stageTimestamp"]
+                    .as_str()
+                    .and_then(|t| t.parse().ok()),
             });
         }
         Ok(requests)
@@ -419,6 +425,10 @@ pub struct AuditedRequest {
     pub resource: String,
     pub name: String,
     pub namespace: Option<String>,
+    /// The HTTP status the API server answered with.
+    pub code: Option<u16>,
+    /// When the API server completed it, by its clock (the same host's as the tests').
+    pub completed: Option<k8s_openapi::jiff::Timestamp>,
 }
 
 impl AuditedRequest {
