@@ -7,8 +7,10 @@ use greenlight::v1::Phase;
 use greenlight::v1::object_result::Action;
 use greenlight_e2e::control_plane::{ControlPlane, TestCluster};
 use greenlight_e2e::*;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
@@ -1622,6 +1624,9 @@ async fn the_example_rbac_is_enough_and_no_more() -> anyhow::Result<()> {
     let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/agent.yaml");
     plane.kubectl_ok(&["apply", "--server-side", "-f", manifest])?;
     let token = plane.kubectl_ok(&["create", "token", "greenlight-agent", "-n", "greenlight"])?;
+    // The agent the example's names are for: its records are `greenlight-inventory-prod-eu`
+    // and `greenlight-agent-prod-eu`.
+    let name = "prod-eu";
     let as_agent = plane.client_with_token(token.trim()).await?;
     let admin = plane.client().await?;
     let other = plane.namespace(&admin, "other").await?;
@@ -1632,15 +1637,15 @@ async fn the_example_rbac_is_enough_and_no_more() -> anyhow::Result<()> {
     // The agent's own scope allows `other`; its RBAC does not.
     let agent = format!(
         "{}    scope: {{ namespaces: [apps, {other}] }}\n",
-        git_agent_yaml("prod", &repo.url(), &[])
+        git_agent_yaml(name, &repo.url(), &[])
     );
     let server =
         TestServer::start(&git_config_yaml(&redis.url(), cache.path(), "", &[agent])).await?;
-    let _agent = AgentProcess::start_in(&server, "prod", as_agent, "replica-a", "greenlight");
+    let _agent = AgentProcess::start_in(&server, name, as_agent.clone(), "replica-a", "greenlight");
     let manifests = format!("{}---\n{DEPLOYMENT}", configmap("settings", "one"));
     let x = repo.commit(&[("app.yaml", manifests.as_bytes())], &[])?;
     server.release(ZERO, &x, 1).await?;
-    server.reported("prod", &x, Phase::Healthy).await?;
+    server.reported(name, &x, Phase::Healthy).await?;
 
     // The drift watches list and watch under these rights too.
     plane.kubectl_ok(&[
@@ -1653,7 +1658,7 @@ async fn the_example_rbac_is_enough_and_no_more() -> anyhow::Result<()> {
         "-p",
         r#"{"data":{"value":"edited by hand"}}"#,
     ])?;
-    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(admin, "apps");
+    let configmaps: Api<ConfigMap> = Api::namespaced(admin.clone(), "apps");
     eventually("drift corrected", || async {
         let value = configmaps
             .get("settings")
@@ -1670,7 +1675,7 @@ async fn the_example_rbac_is_enough_and_no_more() -> anyhow::Result<()> {
     );
     let y = repo.commit(&[("stray.yaml", stray.as_bytes())], &[])?;
     server.release(&x, &y, 2).await?;
-    let failed = server.reported("prod", &y, Phase::Failed).await?;
+    let failed = server.reported(name, &y, Phase::Failed).await?;
     assert!(
         failed.message.contains("forbidden")
             && failed
@@ -1679,6 +1684,81 @@ async fn the_example_rbac_is_enough_and_no_more() -> anyhow::Result<()> {
         "{}",
         failed.message
     );
+
+    // In its own namespace, its inventory and Lease by name, and nothing else there.
+    let own: Api<ConfigMap> = Api::namespaced(as_agent.clone(), "greenlight");
+    assert!(
+        own.get_opt("greenlight-inventory-prod-eu").await?.is_some(),
+        "it reads its inventory"
+    );
+    let theirs: Api<ConfigMap> = Api::namespaced(admin.clone(), "greenlight");
+    let stored = theirs
+        .patch(
+            "someone-elses",
+            &PatchParams::apply("greenlight-e2e").force(),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "someone-elses"}, "data": {"value": "theirs"}})),
+        )
+        .await?;
+    let mut replaced = stored.clone();
+    replaced.data = Some([("value".to_owned(), "the agent's".to_owned())].into());
+    let forbidden = |what: &str, answer: Result<(), kube::Error>| match answer {
+        Err(kube::Error::Api(status)) if status.code == 403 => Ok(()),
+        other => Err(anyhow::anyhow!("{what}: not forbidden: {other:?}")),
+    };
+    forbidden(
+        "update",
+        own.replace("someone-elses", &PostParams::default(), &replaced)
+            .await
+            .map(drop),
+    )?;
+    forbidden(
+        "apply",
+        own.patch(
+            "someone-elses",
+            &PatchParams::apply("greenlight").force(),
+            &Patch::Apply(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "someone-elses"}, "data": {"value": "the agent's"}})),
+        )
+        .await
+        .map(drop),
+    )?;
+    forbidden("get", own.get("someone-elses").await.map(drop))?;
+    forbidden(
+        "delete",
+        own.delete("someone-elses", &DeleteParams::default())
+            .await
+            .map(drop),
+    )?;
+    assert_eq!(
+        theirs.get("someone-elses").await?.data,
+        stored.data,
+        "untouched"
+    );
+    // Likewise a Lease of someone else's: its own is the only one it may renew.
+    let leases: Api<Lease> = Api::namespaced(admin, "greenlight");
+    let other_lease = leases
+        .patch(
+            "someone-elses",
+            &PatchParams::apply("greenlight-e2e").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "someone-elses"}, "spec": {"holderIdentity": "them"}}),
+            ),
+        )
+        .await?;
+    let mut taken = other_lease.clone();
+    if let Some(spec) = taken.spec.as_mut() {
+        spec.holder_identity = Some("replica-a".into());
+    }
+    let agent_leases: Api<Lease> = Api::namespaced(as_agent, "greenlight");
+    forbidden(
+        "lease update",
+        agent_leases
+            .replace("someone-elses", &PostParams::default(), &taken)
+            .await
+            .map(drop),
+    )?;
     Ok(())
 }
 
