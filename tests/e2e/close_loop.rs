@@ -256,7 +256,7 @@ async fn healthy_deploy_posts_pending_running_success_on_its_commit_only() -> an
         assert_eq!(status.project, PROJECT);
         assert_eq!(
             status.target_url.as_deref(),
-            Some("https://greenlight.example/badges/prod.svg")
+            Some("https://greenlight.example/agents/prod")
         );
     }
     let posts = w.gitlab.status_attempts(&x);

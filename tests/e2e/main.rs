@@ -8,6 +8,7 @@ mod git;
 mod ingest_errors;
 mod real_cluster;
 mod replicas;
+mod status_page;
 mod store_suite;
 mod tls;
 mod trust;

@@ -794,3 +794,97 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Headless Chromium (Debian's `chromium`), to look at a page as a person would.
+pub struct Chromium {
+    binary: std::path::PathBuf,
+    /// A profile of its own, so that runs never share state or a profile lock.
+    profile: tempfile::TempDir,
+}
+
+impl Chromium {
+    /// How long one page may take to load and render.
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// Chromium, if installed. In CI (`CI` set) its absence is an error, since scripts/test
+    /// installs it; elsewhere `None`, after printing that `test` is skipped and why.
+    pub fn find(test: &str) -> anyhow::Result<Option<Self>> {
+        let on_path = std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|dir| dir.join("chromium"))
+                .find(|candidate| candidate.is_file())
+        });
+        let Some(binary) = on_path else {
+            let why = "chromium is not installed (scripts/test installs it with apt)";
+            if std::env::var_os("CI").is_some() {
+                bail!("{test}: {why}");
+            }
+            eprintln!("skipping {test}: {why}");
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            binary,
+            profile: tempfile::tempdir()?,
+        }))
+    }
+
+    /// Runs Chromium headless on `url` with `args` and returns its stdout.
+    async fn run(&self, args: &[&str], url: &str) -> anyhow::Result<String> {
+        let mut command = tokio::process::Command::new(&self.binary);
+        command
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--window-size=1200,900",
+            ])
+            .arg(format!("--user-data-dir={}", self.profile.path().display()))
+            .args(args)
+            .arg(url)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        let output = tokio::time::timeout(Self::TIMEOUT, command.output())
+            .await
+            .with_context(|| format!("chromium did not finish within {:?}", Self::TIMEOUT))?
+            .context("cannot run chromium")?;
+        if !output.status.success() {
+            bail!(
+                "chromium {args:?} {url} exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// The DOM of `url` once loaded, serialized as HTML.
+    pub async fn dump_dom(&self, url: &str) -> anyhow::Result<String> {
+        self.run(&["--dump-dom"], url).await
+    }
+
+    /// Saves a PNG screenshot of `url`, 1200×900, at `path`.
+    pub async fn screenshot(&self, url: &str, path: &Path) -> anyhow::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let _ = std::fs::remove_file(path);
+        self.run(&[&format!("--screenshot={}", path.display())], url)
+            .await?;
+        let png = std::fs::read(path)
+            .with_context(|| format!("chromium wrote no screenshot at {}", path.display()))?;
+        if !png.starts_with(b"\x89PNG\r\n\x1a\n") {
+            bail!("{} is not a PNG", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// The workspace's `target/` directory (or `CARGO_TARGET_DIR`), where CI keeps artifacts.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}

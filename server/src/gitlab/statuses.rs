@@ -47,8 +47,10 @@ pub fn status_for(
         state,
         name: format!("{CONTEXT_PREFIX}{agent}"),
         description,
+        // The agent's status page at its plain URL, which answers for public agents only: a
+        // private agent's key is never posted to GitLab.
         target_url: target_base
-            .map(|base| format!("{}/badges/{agent}.svg", base.trim_end_matches('/'))),
+            .map(|base| format!("{}/agents/{agent}", base.trim_end_matches('/'))),
         pipeline_id: None,
         git_ref: None,
     };
@@ -299,7 +301,7 @@ mod tests {
         assert_eq!(statuses[1].2.description, "superseded by 1234abcd");
         assert_eq!(
             statuses[0].2.target_url.as_deref(),
-            Some("https://gl.example/badges/prod.svg")
+            Some("https://gl.example/agents/prod")
         );
     }
 

@@ -14,7 +14,7 @@ use super::streams::{Outbox, STALLED_READER, Slot, StreamSlots};
 use super::{bearer, decision_to_proto, mode_to_proto, revision_to_proto, status_to_proto};
 use crate::clock::now_ms;
 use crate::config::{AgentSpec, TokenHash};
-use crate::engine::{Engine, Operation};
+use crate::engine::{Engine, EngineError, Operation};
 
 /// Watches (events and revisions) the admin token may hold open on one replica: a control
 /// plane and its operators, not one per cluster.
@@ -130,9 +130,26 @@ impl AdminApi {
 
     /// The status of `name`, whose gate state was read already.
     async fn status_with(&self, name: &str, gate: &AgentGate) -> Result<v1::AgentStatus, Status> {
-        let spec = self.spec(name)?.clone();
-        let replica = self.engine.presence(name).await?;
-        let last_report = self.engine.last_report(name).await?;
+        let mut status = Self::read_status(&self.engine, name, gate).await?;
+        // Only admin and this agent's CI token get here, who may see its badge.
+        status.badge_path = self.engine.catalog().badge_path(name).unwrap_or_default();
+        Ok(status)
+    }
+
+    /// What `GetAgent` answers about `name`, whose gate state was read already, except the
+    /// badge path: the status page shows the same and must not show that key. Associated
+    /// rather than free so that the page reaches it.
+    pub(crate) async fn read_status(
+        engine: &Engine,
+        name: &str,
+        gate: &AgentGate,
+    ) -> Result<v1::AgentStatus, EngineError> {
+        let spec = engine
+            .catalog()
+            .agent(name)
+            .ok_or_else(|| EngineError::UnknownAgent(name.to_owned()))?;
+        let replica = engine.presence(name).await?;
+        let last_report = engine.last_report(name).await?;
         let applied_revision = last_report
             .as_ref()
             .filter(|r| {
@@ -164,20 +181,21 @@ impl AdminApi {
                 sha: p.sha.to_string(),
             }),
             last_decision: gate.decisions.back().map(decision_to_proto),
-            sync_error: self
-                .engine
-                .store()
-                .sync_error(name)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?
-                .unwrap_or_default(),
-            // Only admin and this agent's CI token get here, who may see its badge.
-            badge_path: self
-                .engine
-                .catalog()
-                .badge_path(&spec.name)
-                .unwrap_or_default(),
+            sync_error: engine.store().sync_error(name).await?.unwrap_or_default(),
+            badge_path: String::new(),
         })
+    }
+
+    /// What `GetAgentHistory` answers about `name`, whose gate state was read already: its
+    /// newest reports and its gate's decisions, newest first. Shared with the status page.
+    pub(crate) async fn read_history(
+        engine: &Engine,
+        name: &str,
+        gate: &AgentGate,
+    ) -> Result<v1::GetAgentHistoryResponse, EngineError> {
+        let reports = engine.reports(name, HISTORY_LIMIT).await?;
+        let decisions = gate.decisions.iter().rev().map(decision_to_proto).collect();
+        Ok(v1::GetAgentHistoryResponse { reports, decisions })
     }
 
     async fn operate(
@@ -339,13 +357,10 @@ impl AdminService for AdminApi {
         self.authorize(&request)?;
         let name = &request.get_ref().name;
         self.spec(name)?;
-        let reports = self.engine.reports(name, HISTORY_LIMIT).await?;
         let gate = self.engine.gate_of(name).await?;
-        let decisions = gate.decisions.iter().rev().map(decision_to_proto).collect();
-        Ok(Response::new(v1::GetAgentHistoryResponse {
-            reports,
-            decisions,
-        }))
+        Ok(Response::new(
+            Self::read_history(&self.engine, name, &gate).await?,
+        ))
     }
 
     async fn get_ref(

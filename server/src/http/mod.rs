@@ -2,6 +2,7 @@
 
 mod badge;
 mod gitlab;
+mod page;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +31,8 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/webhooks/gitlab", post(gitlab::receive))
         .route("/badges/{file}", get(badge::serve_public))
         .route("/badges/{agent}/{file}", get(badge::serve_keyed))
+        .route("/agents/{agent}", get(page::serve_public))
+        .route("/agents/{agent}/{key}", get(page::serve_keyed))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
