@@ -3,6 +3,7 @@
 mod agent;
 mod badges;
 mod close_loop;
+mod deploy;
 mod gate;
 mod git;
 mod ingest_errors;
