@@ -151,6 +151,9 @@ pub struct GitLabSettings {
     /// Base URL statuses link to (the badge of the agent); none when unset.
     pub status_target_url: Option<String>,
     pub catch_up_interval: Duration,
+    /// How long a commit status another replica took may go unposted before this one takes
+    /// it over (that replica died).
+    pub status_takeover: Duration,
 }
 
 /// Objects a revision may prune unless an operator forces it.
@@ -288,6 +291,7 @@ struct GitLabFile {
     token_file: PathBuf,
     status_target_url: Option<String>,
     catch_up_interval: Option<String>,
+    status_takeover: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1002,6 +1006,11 @@ impl Config {
                     catch_up_interval: parse_duration(
                         "gitlab.catch_up_interval",
                         gitlab.catch_up_interval.as_deref(),
+                        Duration::from_secs(300),
+                    )?,
+                    status_takeover: parse_duration(
+                        "gitlab.status_takeover",
+                        gitlab.status_takeover.as_deref(),
                         Duration::from_secs(300),
                     )?,
                 })

@@ -24,6 +24,7 @@ use crate::gate::{
 use crate::git::{GitError, GitLineage, ManifestSet, Mirrors};
 use crate::gitlab::{Claim, Confirmation, PipelineConfirmer};
 use crate::hub::{Desired, Hub};
+use crate::metrics::Metrics;
 use crate::prepare::{PREPARE_WORKERS, PrepareQueue};
 use crate::store::{Broadcast, Notice, RefDoc, RefKey, SaveOutcome, Store, StoreError, Versioned};
 
@@ -134,6 +135,7 @@ pub struct Engine {
     prepare: PrepareQueue,
     /// Every task the engine starts, drained when the server stops.
     tasks: TaskTracker,
+    metrics: Arc<Metrics>,
 }
 
 enum Change {
@@ -196,11 +198,13 @@ impl Engine {
         replica: String,
         confirmer: Option<PipelineConfirmer>,
         tasks: TaskTracker,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let hub = Hub::new(catalog.agents().map(|a| a.name.as_str()));
         Arc::new(Self {
             prepare: PrepareQueue::default(),
             tasks,
+            metrics,
             confirmer,
             store,
             catalog,
@@ -376,6 +380,7 @@ impl Engine {
             pipeline_id: Some(pipeline.id),
             reason: format!("pipeline {} rejected: {mismatch}", pipeline.id),
             at_ms,
+            superseded_by: None,
         };
         Ok(Some((rejected, decision)))
     }
@@ -860,7 +865,7 @@ impl Engine {
             connected,
             replica: self.replica.clone(),
         };
-        if let Err(error) = self.store.publish(&message).await {
+        if let Err(error) = self.store.append(&message).await {
             warn!(%error, agent, "cannot announce connection");
         }
     }
@@ -932,6 +937,7 @@ impl Engine {
                     }
                     Ok(Notice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         info!("re-reading the desired state of every agent");
+                        self.metrics.log_resync();
                         self.restore_presence().await;
                         resync_backoff.reset();
                         stale = self.resync(self.catalog.refs().cloned().collect()).await;
@@ -988,16 +994,15 @@ impl Engine {
                 sha: revision.clone(),
             });
         }
-        self.store
-            .push_report(agent, &report, REPORT_HISTORY)
-            .await?;
+        // Kept and announced in one step: a report that is stored always becomes its commit
+        // status and `wait` result, whichever replica is alive to act on it.
         let message = Broadcast::Report {
             agent: agent.to_owned(),
-            report,
+            report: report.clone(),
         };
-        if let Err(error) = self.store.publish(&message).await {
-            warn!(%error, agent, "cannot announce report");
-        }
+        self.store
+            .push_report(agent, &report, REPORT_HISTORY, &message)
+            .await?;
         Ok(())
     }
 }

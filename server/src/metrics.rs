@@ -18,6 +18,7 @@ pub struct Metrics {
     git_fetches: Counter,
     manifest_reads: Counter,
     gitlab_statuses: Family<EventLabels, Counter>,
+    log_resyncs: Counter,
 }
 
 impl Default for Metrics {
@@ -44,8 +45,16 @@ impl Default for Metrics {
         let gitlab_statuses = Family::<EventLabels, Counter>::default();
         registry.register(
             "gitlab_commit_statuses",
-            "Commit statuses by outcome: posted, retried, failed, dropped",
+            "Commit statuses by outcome: posted, retried, deferred (left for a later attempt), failed",
             gitlab_statuses.clone(),
+        );
+        let log_resyncs = Counter::default();
+        registry.register(
+            "change_log_resyncs",
+            "Times this replica re-read every ref because change log entries were lost to it \
+             (first start, entries trimmed unread, or Redis lost its data); not after a mere \
+             reconnection",
+            log_resyncs.clone(),
         );
         Self {
             registry,
@@ -53,6 +62,7 @@ impl Default for Metrics {
             git_fetches,
             manifest_reads,
             gitlab_statuses,
+            log_resyncs,
         }
     }
 }
@@ -66,6 +76,11 @@ impl Metrics {
                 ("outcome", outcome.to_owned()),
             ])
             .inc();
+    }
+
+    /// Counts one re-read of every ref after change log entries were lost.
+    pub fn log_resync(&self) {
+        self.log_resyncs.inc();
     }
 
     /// Counts `n` commit statuses with `outcome`.
@@ -90,5 +105,31 @@ fn catch_up(counter: &Counter, total: u64) {
     let seen = counter.get();
     if total > seen {
         counter.inc_by(total - seen);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resyncs_are_exposed_under_the_name_operators_alert_on() {
+        let metrics = Metrics::default();
+        let line = |text: &str| {
+            text.lines()
+                .find(|l| l.starts_with("greenlight_change_log_resyncs_total "))
+                .map(str::to_owned)
+        };
+        let text = metrics.encode(GitStats::default()).unwrap();
+        assert_eq!(
+            line(&text).as_deref(),
+            Some("greenlight_change_log_resyncs_total 0")
+        );
+        metrics.log_resync();
+        let text = metrics.encode(GitStats::default()).unwrap();
+        assert_eq!(
+            line(&text).as_deref(),
+            Some("greenlight_change_log_resyncs_total 1")
+        );
     }
 }

@@ -113,6 +113,7 @@ pub async fn run(
         .transpose()
         .map_err(RunError::GitLab)?;
     let confirmer = gitlab.clone().map(PipelineConfirmer::new);
+    let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(
         store,
         catalog,
@@ -120,6 +121,7 @@ pub async fn run(
         config.replica_id.clone(),
         confirmer,
         tasks.clone(),
+        metrics.clone(),
     );
     tasks.spawn(
         engine
@@ -127,14 +129,13 @@ pub async fn run(
             .follow(shutdown.clone())
             .instrument(info_span!("follow")),
     );
-    let metrics = Arc::new(Metrics::default());
     if let (Some(settings), Some(gitlab)) = (&config.gitlab, gitlab) {
-        // Created before the first decision so that it hears every one.
         let publisher = StatusPublisher::new(
             engine.clone(),
             gitlab.clone(),
             settings.status_target_url.clone(),
             metrics.clone(),
+            settings.status_takeover,
         );
         tasks.spawn(
             publisher

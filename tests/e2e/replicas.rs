@@ -4,12 +4,21 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
 use greenlight::v1::GetAgentRequest;
-use greenlight_e2e::{AgentDef, Redis, SOON, TestServer, config_yaml, next_revision, sha};
+use greenlight_e2e::fake_gitlab::FakeGitLab;
+use greenlight_e2e::{
+    AgentDef, Redis, SOON, TestServer, config_yaml, eventually, metric, next_revision, sha,
+};
 use greenlight_server::config::{Config, Overrides};
 
-/// How long a replica may take to notice a Redis restart, re-subscribe and re-read: the
-/// subscriber backs off while Redis is down.
+/// How long a replica may take to notice a Redis restart and resume the change log: its
+/// follower backs off while Redis is down.
 const RECOVER: Duration = Duration::from_secs(20);
+
+/// How long a commit status another replica took may stay unposted before a survivor takes
+/// it over, in these tests.
+const TAKEOVER: &str = "1s";
+
+const RESYNCS: &str = "greenlight_change_log_resyncs_total";
 
 const NULL_SHA: &str = "0000000000000000000000000000000000000000";
 
@@ -167,6 +176,7 @@ async fn decisions_after_a_redis_outage_reach_other_replicas() -> anyhow::Result
     let mut stream = b.stream("prod").await?;
     deploy(&a, NULL_SHA, 1).await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), sha(1));
+    let resyncs_before = metric(&b, RESYNCS).await?;
 
     redis.kill();
     let status = a.push("main", &sha(1), &sha(2)).await?;
@@ -195,5 +205,90 @@ async fn decisions_after_a_redis_outage_reach_other_replicas() -> anyhow::Result
         .await
         .context("B did not pick up A's decision after the outage")?;
     assert_eq!(revision.sha(), sha(2));
+    // B resumed the change log where it stopped: the outage cost it no re-read of everything.
+    assert_eq!(
+        metric(&b, RESYNCS).await?,
+        resyncs_before,
+        "no re-read after the outage"
+    );
+    Ok(())
+}
+
+/// A replica on `redis` that posts commit statuses to `gitlab`.
+async fn posting_replica(
+    redis: &Redis,
+    gitlab: &FakeGitLab,
+    token_file: &std::path::Path,
+    replica: &str,
+) -> anyhow::Result<TestServer> {
+    let mut yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]);
+    yaml.push_str(&format!(
+        "gitlab: {{ url: \"{}\", token_file: \"{}\", status_takeover: {TAKEOVER} }}\n",
+        gitlab.url(),
+        token_file.display()
+    ));
+    let overrides = Overrides {
+        replica_id: Some(replica.to_owned()),
+        ..Overrides::default()
+    };
+    TestServer::start_with(Config::from_yaml(&yaml, &overrides)?).await
+}
+
+/// A replica dies (as by SIGKILL) right after its decision, while GitLab still refuses the
+/// commit status: a surviving replica takes the status over and posts it, once per state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_commit_status_is_posted_once_by_a_survivor() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let gitlab = FakeGitLab::start().await?;
+    let secrets = tempfile::tempdir()?;
+    let token_file = secrets.path().join("gitlab-token");
+    std::fs::write(&token_file, "api-token\n")?;
+    let commit = sha(1);
+
+    let a = posting_replica(&redis, &gitlab, &token_file, "replica-a").await?;
+    // GitLab is down: A's publisher takes the decision's status and cannot post it.
+    gitlab.fail_with(Some(503));
+    deploy(&a, NULL_SHA, 1).await?;
+    eventually("replica A trying to post the status", || async {
+        Ok((!gitlab.status_attempts(&commit).is_empty()).then_some(()))
+    })
+    .await?;
+    a.kill();
+    gitlab.fail_with(None);
+
+    let b = posting_replica(&redis, &gitlab, &token_file, "replica-b").await?;
+    let posted = eventually("the survivor posting the dead replica's status", || async {
+        let statuses = gitlab.statuses_for(&commit);
+        Ok((!statuses.is_empty()).then_some(statuses))
+    })
+    .await?;
+    assert_eq!(posted[0].0, "pending");
+    assert_eq!(posted[0].1, "greenlight/prod");
+
+    // The agent reports on B: its result is posted too, and nothing is posted twice, even
+    // after several takeover periods.
+    let agent = b.agent("prod").await?;
+    agent
+        .report(greenlight::v1::StatusReport {
+            revision: commit.clone(),
+            phase: greenlight::v1::Phase::Healthy.into(),
+            ..Default::default()
+        })
+        .await?;
+    eventually("the success status", || async {
+        Ok(gitlab
+            .statuses_for(&commit)
+            .iter()
+            .any(|(state, _, _)| state == "success")
+            .then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let states: Vec<String> = gitlab
+        .statuses_for(&commit)
+        .into_iter()
+        .map(|(state, _, _)| state)
+        .collect();
+    assert_eq!(states, ["pending", "success"], "each state exactly once");
     Ok(())
 }

@@ -12,7 +12,7 @@ use greenlight_e2e::{Redis, SOON, sha};
 use greenlight_server::config::RedisSettings;
 use greenlight_server::gate::{AgentGate, Decision, Outcome, Pipeline, PipelineStatus, Push, Sha};
 use greenlight_server::store::{
-    Broadcast, MemoryStore, Notice, RedisStore, RefDoc, RefKey, SaveOutcome, Store,
+    Broadcast, LogEntry, MemoryStore, Notice, RedisStore, RefDoc, RefKey, SaveOutcome, Store,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -55,7 +55,10 @@ suite!(
     delivery_ids_are_per_project,
     save_publishes_ref_changed,
     failed_saves_publish_nothing,
-    publish_reaches_every_subscriber,
+    appends_reach_every_subscriber,
+    pushed_reports_are_appended_to_the_log,
+    the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged,
+    an_entry_a_publisher_never_acknowledged_goes_to_another,
     reports_are_newest_first_and_trimmed,
     presence_follows_connect_and_disconnect,
     disconnect_from_another_replica_keeps_presence,
@@ -140,6 +143,7 @@ fn changed(key: &RefKey, note: &str) -> Broadcast {
         pipeline_id: Some(7),
         reason: note.to_owned(),
         at_ms: 1_234,
+        superseded_by: None,
     };
     Broadcast::RefChanged {
         key: key.clone(),
@@ -178,7 +182,7 @@ async fn wait_until_receiving(
     loop {
         n += 1;
         // The store may still be reconnecting; a failed probe is simply retried.
-        let _ = store.publish(&probe(n)).await;
+        let _ = store.append(&probe(n)).await;
         let round = tokio::time::Instant::now() + Duration::from_millis(200);
         loop {
             match tokio::time::timeout_at(round, rx.recv()).await {
@@ -459,7 +463,7 @@ async fn failed_saves_publish_nothing(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn publish_reaches_every_subscriber(store: &dyn Store) -> anyhow::Result<()> {
+async fn appends_reach_every_subscriber(store: &dyn Store) -> anyhow::Result<()> {
     let mut first = subscribed(store).await?;
     let mut second = store.subscribe();
     let connection = Broadcast::Connection {
@@ -471,12 +475,108 @@ async fn publish_reaches_every_subscriber(store: &dyn Store) -> anyhow::Result<(
         agent: "prod".to_owned(),
         report: vec![0, 1, 2, 255],
     };
-    store.publish(&connection).await?;
-    store.publish(&report).await?;
+    store.append(&connection).await?;
+    store.append(&report).await?;
     for rx in [&mut first, &mut second] {
         assert_eq!(next_message(rx).await?, connection);
         assert_eq!(next_message(rx).await?, report);
     }
+    Ok(())
+}
+
+async fn pushed_reports_are_appended_to_the_log(store: &dyn Store) -> anyhow::Result<()> {
+    let mut rx = subscribed(store).await?;
+    let report = Broadcast::Report {
+        agent: "prod".to_owned(),
+        report: vec![9, 9],
+    };
+    store.push_report("prod", &[9, 9], 10, &report).await?;
+    assert_eq!(next_message(&mut rx).await?, report);
+    assert_eq!(store.reports("prod", 1).await?, vec![vec![9, 9]]);
+    Ok(())
+}
+
+/// Takes entries from the status feed until one that is not a probe, or none is left.
+async fn next_status_entry(
+    store: &dyn Store,
+    consumer: &str,
+    reclaim_after: Duration,
+) -> anyhow::Result<Option<LogEntry>> {
+    loop {
+        match store.next_for_statuses(consumer, reclaim_after).await? {
+            Some(entry) if is_probe(&entry.message) => store.ack_statuses(&entry.id).await?,
+            other => return Ok(other),
+        }
+    }
+}
+
+async fn the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let long = Duration::from_secs(3600);
+    let k = key("group/app", "main");
+    store
+        .save(&k, 0, &doc_with(1), None, &changed(&k, "one"))
+        .await?;
+    store
+        .save(&k, 1, &doc_with(2), None, &changed(&k, "two"))
+        .await?;
+    let first = next_status_entry(store, "replica-a", long)
+        .await?
+        .context("the first entry")?;
+    assert_eq!(first.message, changed(&k, "one"));
+    // Taken by replica-a and not acknowledged yet: replica-b gets the next one, not this.
+    let second = next_status_entry(store, "replica-b", long)
+        .await?
+        .context("the second entry")?;
+    assert_eq!(second.message, changed(&k, "two"));
+    assert!(
+        next_status_entry(store, "replica-c", long).await?.is_none(),
+        "both are taken"
+    );
+    store.ack_statuses(&first.id).await?;
+    store.ack_statuses(&second.id).await?;
+    assert!(
+        next_status_entry(store, "replica-a", Duration::ZERO)
+            .await?
+            .is_none()
+    );
+    Ok(())
+}
+
+async fn an_entry_a_publisher_never_acknowledged_goes_to_another(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let takeover = Duration::from_millis(300);
+    let k = key("group/app", "main");
+    store
+        .save(&k, 0, &doc_with(1), None, &changed(&k, "orphan"))
+        .await?;
+    let taken = next_status_entry(store, "replica-dead", takeover)
+        .await?
+        .context("the entry")?;
+    assert_eq!(taken.message, changed(&k, "orphan"));
+    // Asked at once, within the takeover time: the entry stays with its publisher.
+    assert!(
+        next_status_entry(store, "replica-alive", takeover)
+            .await?
+            .is_none(),
+        "not taken over while its publisher may still be posting it"
+    );
+    tokio::time::sleep(takeover).await;
+    let again = next_status_entry(store, "replica-alive", takeover)
+        .await?
+        .context("taken over after the takeover time")?;
+    assert_eq!(again.message, taken.message);
+    assert_eq!(again.id, taken.id);
+    store.ack_statuses(&again.id).await?;
+    tokio::time::sleep(takeover).await;
+    assert!(
+        next_status_entry(store, "replica-other", takeover)
+            .await?
+            .is_none(),
+        "acknowledged, it is never handed out again"
+    );
     Ok(())
 }
 
@@ -486,9 +586,9 @@ async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Resu
         "no reports yet"
     );
     for n in 1..=5u8 {
-        store.push_report("prod", &[n], 3).await?;
+        store.push_report("prod", &[n], 3, &probe(0)).await?;
     }
-    store.push_report("staging", b"other", 3).await?;
+    store.push_report("staging", b"other", 3, &probe(0)).await?;
     assert_eq!(
         store.reports("prod", 10).await?,
         vec![vec![5], vec![4], vec![3]],
@@ -506,7 +606,7 @@ async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Resu
         "reports are per agent"
     );
     assert!(store.reports("nobody", 10).await?.is_empty());
-    store.push_report("prod", &[6], 1).await?;
+    store.push_report("prod", &[6], 1, &probe(0)).await?;
     assert_eq!(
         store.reports("prod", 10).await?,
         vec![vec![6]],
@@ -694,10 +794,11 @@ async fn redis_concurrent_savers_lose_no_update() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Messages published while the subscription is down are lost, so after reconnecting the
-/// store tells subscribers to re-read everything.
+/// A Redis restart (the append-only file keeps the data) costs a follower nothing but the
+/// wait: it resumes the change log from the last entry it read, with no re-read of
+/// everything, and what is appended after the restart reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restart_sends_resync_and_keeps_data() -> anyhow::Result<()> {
+async fn redis_restart_resumes_the_log_without_resync_and_keeps_data() -> anyhow::Result<()> {
     let mut fixture = RedisFixture::start().await?;
     let store: Arc<dyn Store> = fixture.store.clone();
     let k = key("group/app", "main");
@@ -710,6 +811,57 @@ async fn redis_restart_sends_resync_and_keeps_data() -> anyhow::Result<()> {
     let mut rx = subscribed(store.as_ref()).await?;
 
     fixture.redis.restart().await?;
+    let (doc, after) = (doc_with(3), changed(&k, "after"));
+    let saved = retry(|| store.save(&k, 1, &doc, Some("after"), &after)).await?;
+    assert_eq!(saved, SaveOutcome::Saved { version: 2 });
+    let deadline = tokio::time::Instant::now() + RESUBSCRIBE;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .context("the entry appended after the restart never arrived")?
+        {
+            Ok(Notice::Resync) => bail!("a restart that lost nothing must not cost a re-read"),
+            Ok(Notice::Message(message)) if message == changed(&k, "after") => break,
+            Ok(Notice::Message(_)) => {}
+            Err(broadcast::error::RecvError::Lagged(_)) => bail!("the follower lagged"),
+            Err(broadcast::error::RecvError::Closed) => bail!("notices closed"),
+        }
+    }
+    // What was saved before the restart is still there (append-only file), delivery included.
+    let loaded = retry(|| store.load(&k)).await?;
+    assert_eq!(loaded.version, 2);
+    assert_eq!(
+        store
+            .save(&k, 2, &doc_with(4), Some("before"), &changed(&k, "n"))
+            .await?,
+        SaveOutcome::Duplicate
+    );
+    Ok(())
+}
+
+/// A Redis that lost its data (here: emptied under a live follower) cannot be resumed from:
+/// followers are told to re-read everything, then follow the new log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_lost_its_entries_makes_followers_re_read_everything() -> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let store: Arc<dyn Store> = fixture.store.clone();
+    let k = key("group/app", "main");
+    store
+        .save(&k, 0, &doc_with(2), None, &changed(&k, "n"))
+        .await?;
+    let mut rx = subscribed(store.as_ref()).await?;
+    let port = fixture
+        .redis
+        .url()
+        .rsplit(':')
+        .next()
+        .context("the test Redis URL has a port")?
+        .to_owned();
+    let flushed = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "FLUSHALL"])
+        .output()
+        .context("redis-cli")?;
+    ensure!(flushed.status.success(), "FLUSHALL failed: {flushed:?}");
     let resync = tokio::time::timeout(RESUBSCRIBE, async {
         loop {
             match rx.recv().await {
@@ -720,20 +872,9 @@ async fn redis_restart_sends_resync_and_keeps_data() -> anyhow::Result<()> {
         }
     })
     .await;
-    resync.context("no Notice::Resync within 15 s of a Redis restart")??;
-
-    // The re-subscription relays messages again.
+    resync.context("no Notice::Resync after the log lost its entries")??;
+    // Following the new log.
     wait_until_receiving(store.as_ref(), &mut rx, SOON).await?;
-    // What was saved before the restart is still there (append-only file), delivery included.
-    let loaded = retry(|| store.load(&k)).await?;
-    assert_eq!(loaded.version, 1);
-    assert_eq!(loaded.value, doc_with(2));
-    assert_eq!(
-        store
-            .save(&k, 1, &doc_with(3), Some("before"), &changed(&k, "n"))
-            .await?,
-        SaveOutcome::Duplicate
-    );
     Ok(())
 }
 

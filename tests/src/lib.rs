@@ -324,6 +324,14 @@ impl TestServer {
         Ok(())
     }
 
+    /// Stops the server as SIGKILL would, as far as a process can do that to itself: none of
+    /// its stopping steps run (presence is not withdrawn, work in flight is not finished or
+    /// acknowledged), and its background tasks end at their next step.
+    pub fn kill(self) {
+        self.handle.abort();
+        self.shutdown.cancel();
+    }
+
     /// Posts a GitLab webhook with the right secret; returns status and JSON body.
     pub async fn hook(
         &self,

@@ -68,6 +68,10 @@ pub struct Decision {
     pub pipeline_id: Option<u64>,
     pub reason: String,
     pub at_ms: i64,
+    /// For a green commit skipped because a newer deploy already includes it: that deploy.
+    /// What the commit status publisher acts on; `reason` is only its rendering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<Sha>,
 }
 
 impl Decision {
@@ -285,8 +289,15 @@ impl AgentGate {
                 && cx.lineage.descends_from(&position.sha, &sha)
                 && cx.green(&sha).is_ok();
             if candidate {
-                let reason = format!("superseded by {}", position.sha.short());
-                self.record(step, cx.now_ms, Outcome::Skip, Some(&sha), None, reason);
+                let decision = Decision {
+                    outcome: Outcome::Skip,
+                    reason: format!("superseded by {}", position.sha.short()),
+                    sha: Some(sha),
+                    pipeline_id: None,
+                    at_ms: cx.now_ms,
+                    superseded_by: Some(position.sha.clone()),
+                };
+                self.record_decision(step, decision);
             }
         }
     }
@@ -547,6 +558,7 @@ impl AgentGate {
                 pipeline_id: None,
                 reason,
                 at_ms,
+                superseded_by: None,
             },
         );
     }
@@ -566,7 +578,12 @@ impl AgentGate {
             pipeline_id,
             reason,
             at_ms,
+            superseded_by: None,
         };
+        self.record_decision(step, decision);
+    }
+
+    fn record_decision(&mut self, step: &mut Step, decision: Decision) {
         // Re-evaluations repeat the same verdicts; keep only what is news.
         let repeated = self
             .decisions

@@ -1,5 +1,11 @@
-//! Deploy results as GitLab commit statuses: one context per agent, posted from a bounded
-//! queue with retries so that GitLab's health never slows a sync.
+//! Deploy results as GitLab commit statuses: one context per agent, derived from the change
+//! log, so that GitLab's health never slows a sync and a decision gets its statuses even
+//! when the replica that made it died.
+//!
+//! Every replica runs a publisher; the log's status feed hands each entry to one of them,
+//! and an entry whose publisher died unacknowledged goes to another after
+//! `gitlab.status_takeover`. Posting one entry is bounded well within that time, so a live
+//! publisher's work is never taken over and posted twice.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,9 +13,8 @@ use std::time::Duration;
 use greenlight::backoff::Backoff;
 use greenlight::v1::{Phase, StatusReport};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, warn};
+use tracing::{debug, warn};
 
 use super::api::{CommitStatus, GitLab};
 use crate::catalog::ref_key;
@@ -17,14 +22,14 @@ use crate::config::AgentSpec;
 use crate::engine::Engine;
 use crate::gate::{Outcome, Sha};
 use crate::metrics::Metrics;
-use crate::store::Broadcast;
+use crate::store::{Broadcast, LogEntry};
 
-/// Statuses waiting to be posted; past this, new ones are dropped and counted.
-const QUEUE: usize = 1024;
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-/// How long one status is retried before the queue moves on.
-const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
+/// How long one entry's statuses are retried before it is left for a later attempt.
+const RETRY_FOR: Duration = Duration::from_secs(60);
+/// Pause after the status feed itself failed (the store is down).
+const FEED_RETRY: Duration = Duration::from_secs(1);
 /// Every commit status Greenlight posts is named `greenlight/<agent>`: pipeline hooks that
 /// carry them as jobs must not count them towards the verdict.
 pub const CONTEXT_PREFIX: &str = "greenlight/";
@@ -68,7 +73,7 @@ pub fn status_for(
                             ..status(agent, "pending", format!("deploying: {}", decision.reason))
                         },
                     )),
-                    Outcome::Skip if decision.reason.starts_with("superseded by") => Some((
+                    Outcome::Skip if decision.superseded_by.is_some() => Some((
                         agent.clone(),
                         sha,
                         status(agent, "canceled", decision.reason.clone()),
@@ -98,81 +103,112 @@ pub fn status_for(
     }
 }
 
-/// Turns every replica's events into commit statuses of the agents' projects.
+/// Turns the change log into commit statuses of the agents' projects.
 pub struct StatusPublisher {
     engine: Arc<Engine>,
     gitlab: GitLab,
     target_base: Option<String>,
     metrics: Arc<Metrics>,
-    events: broadcast::Receiver<Broadcast>,
+    takeover: Duration,
+}
+
+/// What became of one log entry's statuses.
+enum Handled {
+    /// Posted, already posted, or refused for good: done with the entry.
+    Done,
+    /// GitLab kept failing: left unacknowledged for a later attempt, by any replica.
+    Deferred,
+    Stopped,
 }
 
 impl StatusPublisher {
-    /// Posts to `gitlab`, linking to `target_base` when set; hears every event from now on.
+    /// Posts to `gitlab`, linking to `target_base` when set; takes over statuses of a
+    /// publisher that did not finish them within `takeover`.
     pub fn new(
         engine: Arc<Engine>,
         gitlab: GitLab,
         target_base: Option<String>,
         metrics: Arc<Metrics>,
+        takeover: Duration,
     ) -> Self {
-        let events = engine.events();
         Self {
             engine,
             gitlab,
             target_base,
             metrics,
-            events,
+            takeover,
         }
     }
 
     /// Runs until `shutdown`.
     pub async fn run(self, shutdown: CancellationToken) {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(
-            post_all(
-                self.engine.clone(),
-                self.gitlab.clone(),
-                rx,
-                self.metrics.clone(),
-                shutdown.clone(),
-            )
-            .instrument(tracing::info_span!("post_statuses")),
-        );
-        let mut events = self.events;
+        let consumer = self.engine.replica().to_owned();
+        let mut feed_failures = Backoff::new(FEED_RETRY, RETRY_MAX);
         loop {
-            let message = tokio::select! {
+            let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                message = events.recv() => message,
+                next = self.engine.store().next_for_statuses(&consumer, self.takeover) => next,
             };
-            let message = match message {
-                Ok(message) => message,
-                Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    warn!(missed, "commit status events missed");
-                    self.metrics.gitlab_status("dropped", missed);
+            let entry = match next {
+                Ok(Some(entry)) => entry,
+                Ok(None) => continue,
+                Err(error) => {
+                    let delay = feed_failures.delay();
+                    warn!(%error, retry_in = ?delay, "cannot read the status feed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
                     continue;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
             };
-            for (agent, sha, mut status) in status_for(&message, self.target_base.as_deref()) {
-                let Some(spec) = self.engine.catalog().agent(&agent) else {
-                    continue;
-                };
-                status.git_ref = Some(spec.branch.clone());
-                if status.pipeline_id.is_none() {
-                    status.pipeline_id = pipeline_of(&self.engine, spec, &sha).await;
+            feed_failures.reset();
+            match self.handle(&entry, &shutdown).await {
+                Handled::Done => {
+                    if let Err(error) = self.engine.store().ack_statuses(&entry.id).await {
+                        // Unacknowledged, it is taken over later and found already posted.
+                        warn!(%error, id = entry.id, "cannot acknowledge a status entry");
+                    }
                 }
-                let job = StatusJob {
-                    project: spec.project.clone(),
-                    agent,
-                    sha,
-                    status,
-                };
-                if tx.try_send(job).is_err() {
-                    warn!("commit status queue full; dropping a status");
-                    self.metrics.gitlab_status("dropped", 1);
-                }
+                Handled::Deferred => self.metrics.gitlab_status("deferred", 1),
+                Handled::Stopped => return,
             }
         }
+    }
+
+    /// Posts the statuses `entry` means, each once.
+    async fn handle(&self, entry: &LogEntry, shutdown: &CancellationToken) -> Handled {
+        // Bounded well within the takeover time: past it another replica would post too.
+        let deadline = tokio::time::Instant::now() + RETRY_FOR.min(self.takeover / 2);
+        for (agent, sha, mut status) in status_for(&entry.message, self.target_base.as_deref()) {
+            let Some(spec) = self.engine.catalog().agent(&agent) else {
+                continue;
+            };
+            status.git_ref = Some(spec.branch.clone());
+            if status.pipeline_id.is_none() {
+                status.pipeline_id = pipeline_of(&self.engine, spec, &sha).await;
+            }
+            let job = StatusJob {
+                project: spec.project.clone(),
+                agent,
+                sha,
+                status,
+            };
+            match post(
+                &self.engine,
+                &self.gitlab,
+                &job,
+                &self.metrics,
+                deadline,
+                shutdown,
+            )
+            .await
+            {
+                Handled::Done => {}
+                other => return other,
+            }
+        }
+        Handled::Done
     }
 }
 
@@ -193,54 +229,52 @@ async fn pipeline_of(engine: &Engine, agent: &AgentSpec, sha: &str) -> Option<u6
     opened.or_else(|| doc.refs.verdict(&sha).map(|p| p.id))
 }
 
-/// Posts jobs in order, each retried with backoff until it succeeds or cannot.
-async fn post_all(
-    engine: Arc<Engine>,
-    gitlab: GitLab,
-    mut jobs: mpsc::Receiver<StatusJob>,
-    metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
-) {
-    while let Some(job) = tokio::select! {
-        _ = shutdown.cancelled() => None,
-        job = jobs.recv() => job,
-    } {
-        // Every replica sees every event: skip what another replica (or this one before a
-        // restart) already posted. Two replicas racing may both post, which GitLab takes as
-        // the same state twice; marking only after success means a failure is never
-        // recorded as posted.
-        let (agent, sha, state) = (&job.agent, &job.sha, job.status.state);
-        match engine.store().status_posted(agent, sha, state).await {
-            Ok(true) => continue,
-            Ok(false) => {}
-            Err(error) => warn!(%error, "cannot tell whether a commit status was posted; posting"),
-        }
-        let deadline = tokio::time::Instant::now() + RETRY_FOR;
-        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
-        loop {
-            match gitlab.post_status(&job.project, sha, &job.status).await {
-                Ok(()) => {
-                    debug!(agent, sha, state, "commit status posted");
-                    metrics.gitlab_status("posted", 1);
-                    if let Err(error) = engine.store().claim_status(agent, sha, state).await {
-                        warn!(%error, agent, state, "cannot record a posted commit status");
-                    }
-                    break;
+/// Posts `job` unless it was posted before, retrying with backoff until `deadline`.
+async fn post(
+    engine: &Engine,
+    gitlab: &GitLab,
+    job: &StatusJob,
+    metrics: &Metrics,
+    deadline: tokio::time::Instant,
+    shutdown: &CancellationToken,
+) -> Handled {
+    // A publisher that died after posting but before acknowledging leaves an entry that is
+    // taken over: skip what it already posted. Marking only after success means a failure is
+    // never recorded as posted.
+    let (agent, sha, state) = (&job.agent, &job.sha, job.status.state);
+    match engine.store().status_posted(agent, sha, state).await {
+        Ok(true) => return Handled::Done,
+        Ok(false) => {}
+        Err(error) => warn!(%error, "cannot tell whether a commit status was posted; posting"),
+    }
+    let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+    loop {
+        match gitlab.post_status(&job.project, sha, &job.status).await {
+            Ok(()) => {
+                debug!(agent, sha, state, "commit status posted");
+                metrics.gitlab_status("posted", 1);
+                if let Err(error) = engine.store().claim_status(agent, sha, state).await {
+                    warn!(%error, agent, state, "cannot record a posted commit status");
                 }
-                Err(error) if error.retryable() && tokio::time::Instant::now() < deadline => {
-                    let delay = backoff.delay();
-                    warn!(%error, agent, state, retry_in = ?delay, "cannot post commit status");
-                    metrics.gitlab_status("retried", 1);
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                return Handled::Done;
+            }
+            Err(error) if error.retryable() => {
+                let delay = backoff.delay();
+                if tokio::time::Instant::now() + delay >= deadline {
+                    warn!(%error, agent, state, "cannot post commit status; leaving it for later");
+                    return Handled::Deferred;
                 }
-                Err(error) => {
-                    warn!(%error, agent, state, "giving up on a commit status");
-                    metrics.gitlab_status("failed", 1);
-                    break;
+                warn!(%error, agent, state, retry_in = ?delay, "cannot post commit status");
+                metrics.gitlab_status("retried", 1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Handled::Stopped,
+                    _ = tokio::time::sleep(delay) => {}
                 }
+            }
+            Err(error) => {
+                warn!(%error, agent, state, "giving up on a commit status");
+                metrics.gitlab_status("failed", 1);
+                return Handled::Done;
             }
         }
     }
@@ -259,6 +293,7 @@ mod tests {
             pipeline_id: None,
             reason: reason.into(),
             at_ms: 0,
+            superseded_by: None,
         }
     }
 
@@ -281,7 +316,10 @@ mod tests {
                 ),
                 (
                     "prod".into(),
-                    decision(Outcome::Skip, "superseded by 1234abcd"),
+                    Decision {
+                        superseded_by: Sha::parse(&"1234abcd".repeat(5)).ok(),
+                        ..decision(Outcome::Skip, "superseded by 1234abcd")
+                    },
                 ),
                 (
                     "prod".into(),

@@ -6,17 +6,22 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use tokio::sync::broadcast;
+use tokio::sync::{Notify, broadcast};
 
 use super::{
-    Broadcast, DELIVERY_MEMORY_SECS, Notice, RefDoc, RefKey, Result, STATUS_MEMORY_SECS,
-    SaveOutcome, Store, Versioned,
+    Broadcast, DELIVERY_MEMORY_SECS, LOG_MAX_ENTRIES, LogEntry, Notice, RefDoc, RefKey, Result,
+    STATUS_MEMORY_SECS, SaveOutcome, Store, Versioned,
 };
+
+/// How long `next_for_statuses` waits for an entry before answering `None`.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
 
 /// In-memory store for a single replica: zero setup, not durable.
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     notices: broadcast::Sender<Notice>,
+    /// Wakes status publishers waiting for an entry.
+    appended: Notify,
 }
 
 struct Inner {
@@ -26,6 +31,57 @@ struct Inner {
     presence: HashMap<String, String>,
     sync_errors: HashMap<String, String>,
     statuses: Expiring<(String, String, String)>,
+    status_feed: StatusFeed,
+}
+
+/// The change log as the status publishers see it: entries not yet acknowledged, oldest
+/// first, each with who took it and when.
+#[derive(Default)]
+struct StatusFeed {
+    next_id: u64,
+    entries: VecDeque<FeedEntry>,
+}
+
+struct FeedEntry {
+    id: u64,
+    message: Broadcast,
+    /// Which publisher took it, and when.
+    taken: Option<(String, Instant)>,
+}
+
+impl StatusFeed {
+    fn append(&mut self, message: Broadcast) {
+        self.next_id += 1;
+        self.entries.push_back(FeedEntry {
+            id: self.next_id,
+            message,
+            taken: None,
+        });
+        // Bounded like the Redis log: what falls off was not acknowledged in time.
+        while self.entries.len() > LOG_MAX_ENTRIES {
+            self.entries.pop_front();
+        }
+    }
+
+    fn take(&mut self, consumer: &str, reclaim_after: Duration, now: Instant) -> Option<LogEntry> {
+        let entry = self.entries.iter_mut().find(|entry| {
+            entry
+                .taken
+                .as_ref()
+                .is_none_or(|(_, at)| now.saturating_duration_since(*at) >= reclaim_after)
+        })?;
+        entry.taken = Some((consumer.to_owned(), now));
+        Some(LogEntry {
+            id: entry.id.to_string(),
+            message: entry.message.clone(),
+        })
+    }
+
+    fn ack(&mut self, id: &str) {
+        if let Ok(id) = id.parse::<u64>() {
+            self.entries.retain(|entry| entry.id != id);
+        }
+    }
 }
 
 impl Default for MemoryStore {
@@ -54,9 +110,18 @@ impl MemoryStore {
                 presence: HashMap::new(),
                 sync_errors: HashMap::new(),
                 statuses: Expiring::new(statuses),
+                status_feed: StatusFeed::default(),
             }),
             notices: broadcast::channel(1024).0,
+            appended: Notify::new(),
         }
+    }
+
+    /// Appends `message` to the change log: followers and status publishers see it.
+    fn log(&self, inner: &mut Inner, message: &Broadcast) {
+        inner.status_feed.append(message.clone());
+        let _ = self.notices.send(Notice::Message(message.clone()));
+        self.appended.notify_waiters();
     }
 
     /// Delivery and status markers held now, expired ones not yet swept included.
@@ -118,9 +183,9 @@ impl Store for MemoryStore {
                     .deliveries
                     .insert((key.project.clone(), id.to_owned()), now);
             }
+            self.log(&mut inner, notice);
             current + 1
         };
-        let _ = self.notices.send(Notice::Message(notice.clone()));
         Ok(SaveOutcome::Saved { version })
     }
 
@@ -131,11 +196,18 @@ impl Store for MemoryStore {
             .contains(&(key.project.clone(), delivery.to_owned()), Instant::now()))
     }
 
-    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
+    async fn push_report(
+        &self,
+        agent: &str,
+        report: &[u8],
+        keep: usize,
+        notice: &Broadcast,
+    ) -> Result<()> {
         let mut inner = self.lock();
         let reports = inner.reports.entry(agent.to_owned()).or_default();
         reports.push_front(report.to_vec());
         reports.truncate(keep);
+        self.log(&mut inner, notice);
         Ok(())
     }
 
@@ -191,8 +263,36 @@ impl Store for MemoryStore {
         ))
     }
 
-    async fn publish(&self, message: &Broadcast) -> Result<()> {
-        let _ = self.notices.send(Notice::Message(message.clone()));
+    async fn append(&self, message: &Broadcast) -> Result<()> {
+        let mut inner = self.lock();
+        self.log(&mut inner, message);
+        Ok(())
+    }
+
+    async fn next_for_statuses(
+        &self,
+        consumer: &str,
+        reclaim_after: Duration,
+    ) -> Result<Option<LogEntry>> {
+        let deadline = tokio::time::Instant::now() + STATUS_WAIT;
+        loop {
+            // Registered before looking, so an append in between still wakes this call.
+            let appended = self.appended.notified();
+            if let Some(entry) =
+                self.lock()
+                    .status_feed
+                    .take(consumer, reclaim_after, Instant::now())
+            {
+                return Ok(Some(entry));
+            }
+            if tokio::time::timeout_at(deadline, appended).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn ack_statuses(&self, id: &str) -> Result<()> {
+        self.lock().status_feed.ack(id);
         Ok(())
     }
 

@@ -1,5 +1,10 @@
 //! Where recorded facts and decisions live: one trait, an in-memory store for a single
 //! replica with zero setup, and Redis for durable, replicated deployments.
+//!
+//! Every change is also appended to a change log that replicas follow from the last entry
+//! they processed, so a replica that lost its connection resumes where it stopped instead
+//! of re-reading everything, and commit statuses are derived from the log by whichever
+//! replica is alive to post them.
 
 mod memory;
 mod redis;
@@ -23,6 +28,10 @@ pub const STATUS_MEMORY_SECS: u64 = 30 * 24 * 3600;
 
 /// A presence record without a refresh for this long belongs to a dead replica.
 pub const PRESENCE_TTL_SECS: u64 = 300;
+
+/// Entries the change log keeps, approximately. A replica that falls further behind than
+/// this re-reads everything once instead of resuming.
+pub const LOG_MAX_ENTRIES: usize = 10_000;
 
 /// Why the store could not serve a request.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +113,17 @@ pub enum Broadcast {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     Message(Broadcast),
-    /// Messages may have been missed (the store connection was lost): re-read everything.
+    /// Log entries were missed (trimmed before this replica read them, or the store lost its
+    /// data): re-read everything.
     Resync,
+}
+
+/// One entry of the change log, handed to a commit status publisher.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogEntry {
+    /// The log's own id of the entry, for acknowledging it.
+    pub id: String,
+    pub message: Broadcast,
 }
 
 /// The store every replica shares.
@@ -128,8 +146,15 @@ pub trait Store: Send + Sync + 'static {
     /// Whether `delivery` was already recorded for `key`'s project.
     async fn seen_delivery(&self, key: &RefKey, delivery: &str) -> Result<bool>;
 
-    /// Keeps `report` as the newest of at most `keep` reports of `agent`.
-    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()>;
+    /// Keeps `report` as the newest of at most `keep` reports of `agent`, and appends
+    /// `notice` to the change log, in one atomic step.
+    async fn push_report(
+        &self,
+        agent: &str,
+        report: &[u8],
+        keep: usize,
+        notice: &Broadcast,
+    ) -> Result<()>;
 
     /// The newest `limit` reports of `agent`, newest first.
     async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>>;
@@ -157,11 +182,24 @@ pub trait Store: Send + Sync + 'static {
     /// or before a restart.
     async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool>;
 
-    /// Announces `message` to every replica.
-    async fn publish(&self, message: &Broadcast) -> Result<()>;
+    /// Appends `message` to the change log every replica follows.
+    async fn append(&self, message: &Broadcast) -> Result<()>;
 
-    /// Notices from now on.
+    /// Every change log entry from now on, in order, and a resync notice when entries were
+    /// missed.
     fn subscribe(&self) -> broadcast::Receiver<Notice>;
+
+    /// The next change log entry for the commit status publishers, waiting a few seconds
+    /// for one: each entry goes to one publisher (`consumer`), and an entry a publisher took
+    /// but did not acknowledge within `reclaim_after` (its replica died) goes to another.
+    async fn next_for_statuses(
+        &self,
+        consumer: &str,
+        reclaim_after: std::time::Duration,
+    ) -> Result<Option<LogEntry>>;
+
+    /// Marks a status entry handled, so that no publisher takes it again.
+    async fn ack_statuses(&self, id: &str) -> Result<()>;
 
     /// Whether the store answers.
     async fn ping(&self) -> Result<()>;
