@@ -303,6 +303,60 @@ struct GitFile {
     max_total_bytes: Option<ByteSize>,
     max_files: Option<usize>,
     max_tree_entries: Option<usize>,
+    maintenance_interval: Option<Interval>,
+    max_cache_bytes: Option<ByteSize>,
+}
+
+/// How often mirrors are kept up when not the default.
+const DEFAULT_MAINTENANCE_INTERVAL: Duration = Duration::from_secs(6 * 3600);
+
+/// A duration that may be switched off: `6h`, or `off`/`0` (YAML may read those as a boolean
+/// or a number).
+struct Interval(String);
+
+impl<'de> Deserialize<'de> for Interval {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Interval;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as 6h, or off")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Interval, E> {
+                Ok(Interval(v.to_owned()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Interval, E> {
+                Ok(Interval(v.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<Interval, E> {
+                Ok(Interval(if v { "on" } else { "off" }.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+/// `None` for `off`, `0` or a zero duration.
+fn parse_interval(
+    key: &str,
+    value: Option<&Interval>,
+    default: Duration,
+) -> Result<Option<Duration>, ConfigError> {
+    let Some(Interval(text)) = value else {
+        return Ok(Some(default));
+    };
+    let text = text.trim();
+    if text == "off" || humantime::parse_duration(text).is_ok_and(|d| d.is_zero()) || text == "0" {
+        return Ok(None);
+    }
+    parse_duration(key, Some(text), default)
+        .map(Some)
+        .map_err(|_| {
+            invalid(
+                key,
+                format!("{text:?} is not a duration such as 30m or 6h (at most 30 days), or off"),
+            )
+        })
 }
 
 /// A size written as a number of bytes or with a unit: `5MiB`, `512KiB`, `1GiB`.
@@ -983,6 +1037,17 @@ impl Config {
                     None => limits.max_tree_entries,
                 },
             },
+            maintenance_interval: parse_interval(
+                "git.maintenance_interval",
+                file.git.maintenance_interval.as_ref(),
+                DEFAULT_MAINTENANCE_INTERVAL,
+            )?,
+            max_cache_bytes: file
+                .git
+                .max_cache_bytes
+                .as_ref()
+                .map(|v| parse_size("git.max_cache_bytes", v))
+                .transpose()?,
         };
         let gitlab = match file.gitlab {
             None => None,
@@ -1323,6 +1388,49 @@ mod tests {
         for bad in ["", "a/b/c", "Deployer", "team/", "system:admin"] {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains("agents[0].impersonate"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn git_upkeep_settings_default_parse_and_switch_off() {
+        let parse = |yaml: &str| Config::from_yaml(yaml, &Overrides::default());
+        let defaults = parse("{}").unwrap().git;
+        assert_eq!(
+            defaults.maintenance_interval,
+            Some(Duration::from_secs(6 * 3600))
+        );
+        assert_eq!(defaults.max_cache_bytes, None);
+        let git = parse("git: {maintenance_interval: 30m, max_cache_bytes: 2GiB}")
+            .unwrap()
+            .git;
+        assert_eq!(git.maintenance_interval, Some(Duration::from_secs(1800)));
+        assert_eq!(git.max_cache_bytes, Some(2 << 30));
+        for off in ["off", "'off'", "0", "0s"] {
+            let yaml = format!("git: {{maintenance_interval: {off}}}");
+            assert_eq!(
+                parse(&yaml).unwrap().git.maintenance_interval,
+                None,
+                "{off}"
+            );
+        }
+        for (yaml, key) in [
+            (
+                "git: {maintenance_interval: often}",
+                "git.maintenance_interval",
+            ),
+            (
+                "git: {maintenance_interval: on}",
+                "git.maintenance_interval",
+            ),
+            (
+                "git: {maintenance_interval: 60d}",
+                "git.maintenance_interval",
+            ),
+            ("git: {max_cache_bytes: 0}", "git.max_cache_bytes"),
+            ("git: {max_cache_bytes: 1TB}", "git.max_cache_bytes"),
+        ] {
+            let err = parse(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
         }
     }
 

@@ -11,7 +11,7 @@ use gix::credentials::protocol::Outcome;
 use gix::protocol::transport::client::blocking_io::http;
 use gix::refs::transaction::{PreviousValue, RefEdit};
 use gix::remote::Direction;
-use gix::remote::fetch::Tags;
+use gix::remote::fetch::{Status, Tags};
 use greenlight::digest::sha256_hex;
 
 use super::GitError;
@@ -172,6 +172,16 @@ pub(super) fn fetch(job: &FetchJob, interrupt: &AtomicBool) -> Result<(), GitErr
         .map_err(|err| unreachable("cannot list branches", err))?
         .receive(gix::progress::Discard, interrupt)
         .map_err(|err| unreachable("cannot fetch objects", err))?;
+    // gix leaves the new pack's `.keep` when no branch moved, for the caller to delete; a
+    // kept pack would never be repacked.
+    if let Status::Change {
+        write_pack_bundle, ..
+    } = &outcome.status
+        && let Some(keep) = &write_pack_bundle.keep_path
+        && let Err(err) = std::fs::remove_file(keep)
+    {
+        tracing::debug!(keep = %keep.display(), error = %err, "cannot delete a pack's .keep");
+    }
     prune(&repo, &outcome.ref_map.remote_refs)
 }
 

@@ -5,6 +5,8 @@
 //! another one runs waits for it instead of starting a second one, and a manifest read is
 //! shared by everyone who asks for the same (repository, commit, globs), like GitLab's kas.
 //! All gix work is blocking and runs on tokio's blocking pool.
+//! gix cannot repack: `upkeep` folds each mirror's packs into one with the git CLI and caps
+//! the cache's size, on a schedule.
 //!
 //! Over https a token is offered as GitLab expects (user `oauth2`, the token as password)
 //! when the server asks for credentials; it is kept in memory only, never in the mirror's
@@ -15,6 +17,7 @@ mod manifests;
 mod mirror;
 #[cfg(test)]
 mod tests;
+mod upkeep;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -55,12 +58,17 @@ impl Default for Limits {
     }
 }
 
-/// Where mirrors live, how long a fetch may take, and what a manifest read may return.
+/// Where mirrors live, how long a fetch may take, what a manifest read may return, and how
+/// the mirrors are kept up.
 #[derive(Debug, Clone)]
 pub struct GitSettings {
     pub cache_dir: PathBuf,
     pub fetch_timeout: Duration,
     pub limits: Limits,
+    /// How often mirrors are repacked and the cache cap enforced; `None` for never.
+    pub maintenance_interval: Option<Duration>,
+    /// Above this many bytes, mirrors no agent needs are deleted, least recently used first.
+    pub max_cache_bytes: Option<u64>,
 }
 
 /// A repository to mirror: `https://…`, `file:///…` or a local path, with an optional token.
@@ -134,7 +142,8 @@ pub struct Mirrors {
 
 struct Inner {
     settings: GitSettings,
-    repos: Mutex<HashMap<String, Arc<RepoState>>>,
+    /// By mirror directory, which upkeep knows even for mirrors of earlier runs.
+    repos: Mutex<HashMap<PathBuf, Arc<RepoState>>>,
     manifests: Mutex<ManifestCache>,
     fetches: AtomicU64,
     reads: AtomicU64,
@@ -149,6 +158,8 @@ struct RepoState {
     slot: Arc<tokio::sync::Mutex<FetchSlot>>,
     /// Commit generations for lineage, which never change once computed.
     generations: Arc<Mutex<lineage::Generations>>,
+    /// Last use, and fetches waiting for the slot, for upkeep.
+    activity: upkeep::Activity,
 }
 
 #[derive(Default)]
@@ -188,9 +199,12 @@ impl Mirrors {
             url: mirror::display_url(&source.url),
             after: timeout,
         };
+        // A repack holding the slot gives it up as soon as it hears of a waiting fetch.
+        let waiting = repo.activity.fetch_waiting();
         let slot = tokio::time::timeout(timeout, repo.slot.clone().lock_owned())
             .await
             .map_err(|_| timed_out())?;
+        drop(waiting);
         if slot.finished > asked
             && let Some(outcome) = &slot.outcome
         {
@@ -331,16 +345,27 @@ impl Mirrors {
         .await
     }
 
+    /// The mirror of `source`, marked as used now.
     fn repo(&self, source: &RepoSource) -> Arc<RepoState> {
+        let repo = self.repo_at(mirror::mirror_dir(
+            &self.inner.settings.cache_dir,
+            &source.url,
+        ));
+        repo.activity.used();
+        repo
+    }
+
+    fn repo_at(&self, dir: PathBuf) -> Arc<RepoState> {
         let mut repos = lock(&self.inner.repos);
         repos
-            .entry(source.url.clone())
-            .or_insert_with(|| {
+            .entry(dir)
+            .or_insert_with_key(|dir| {
                 Arc::new(RepoState {
-                    dir: mirror::mirror_dir(&self.inner.settings.cache_dir, &source.url),
+                    dir: dir.clone(),
                     started: AtomicU64::new(0),
                     slot: Arc::new(tokio::sync::Mutex::new(FetchSlot::default())),
                     generations: Arc::default(),
+                    activity: upkeep::Activity::default(),
                 })
             })
             .clone()

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use greenlight::digest::ContentDigest;
+use tokio_util::sync::CancellationToken;
 
 use super::*;
 use crate::gate::Lineage;
@@ -122,6 +123,8 @@ fn mirrors_with(limits: Limits, fetch_timeout: Duration) -> Fixture {
         cache_dir: cache.path().join("mirrors"),
         fetch_timeout,
         limits,
+        maintenance_interval: None,
+        max_cache_bytes: None,
     });
     Fixture { cache, mirrors }
 }
@@ -954,4 +957,332 @@ fn errors_read_well() {
     assert_eq!(Limits::default().max_file_bytes, 5 * 1024 * 1024);
     assert_eq!(Limits::default().max_total_bytes, 20 * 1024 * 1024);
     assert_eq!(Limits::default().max_files, 1000);
+}
+
+/// Mirrors of the cache directory `cache`, deleting unneeded ones above `max_cache_bytes`.
+fn capped_mirrors(cache: &Path, max_cache_bytes: u64) -> Mirrors {
+    Mirrors::new(GitSettings {
+        cache_dir: cache.join("mirrors"),
+        fetch_timeout: Duration::from_secs(30),
+        limits: Limits::default(),
+        maintenance_interval: Some(Duration::from_secs(3600)),
+        max_cache_bytes: Some(max_cache_bytes),
+    })
+}
+
+fn mirror_of(mirrors: &Mirrors, source: &RepoSource) -> PathBuf {
+    mirror::mirror_dir(&mirrors.inner.settings.cache_dir, &source.url)
+}
+
+/// The packs of a mirror, as `git` counts them.
+fn packs(mirror: &Path) -> usize {
+    std::fs::read_dir(mirror.join("objects/pack"))
+        .unwrap()
+        .filter(|e| {
+            let path = e.as_ref().unwrap().path();
+            path.extension().is_some_and(|ext| ext == "pack")
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn upkeep_folds_the_packs_of_many_fetches_into_one_and_keeps_every_commit() {
+    let upstream = Upstream::new();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    let mut commits = Vec::new();
+    for n in 0..5 {
+        commits.push(upstream.commit_file("a.yaml", format!("n: {n}\n").as_bytes()));
+        mirrors.fetch(&source).await.unwrap();
+    }
+    // A force push leaves a fetched commit on no branch; a pin may still name it.
+    upstream.git(&["reset", "--quiet", "--hard", commits[3].as_str()]);
+    let replaced = commits.pop().unwrap();
+    commits.push(upstream.commit_file("a.yaml", b"n: 5\n"));
+    mirrors.fetch(&source).await.unwrap();
+    let mirror = mirror_of(&mirrors, &source);
+    assert_eq!(packs(&mirror), 6, "gix writes one pack per fetch");
+
+    let stop = CancellationToken::new();
+    let report = mirrors.upkeep_once(&mirrors.needed([]), &stop).await;
+    assert_eq!(
+        report.mirrors,
+        [(mirror.clone(), upkeep::MirrorUpkeep::Repacked { packs: 6 })]
+    );
+    assert_eq!(packs(&mirror), 1);
+    assert!(
+        !std::fs::read_dir(mirror.join("objects/pack"))
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".keep")),
+        "nothing keeps a pack out of the next repack"
+    );
+
+    for (n, commit) in commits.iter().enumerate() {
+        let set = mirrors.manifests(&source, commit, &[]).await.unwrap();
+        let expected = if n == 4 {
+            "n: 5\n".to_owned()
+        } else {
+            format!("n: {n}\n")
+        };
+        assert_eq!(
+            set.files[0].content.as_ref(),
+            expected.as_bytes(),
+            "{commit}"
+        );
+    }
+    let unreachable = mirrors.manifests(&source, &replaced, &[]).await.unwrap();
+    assert_eq!(unreachable.files[0].content.as_ref(), b"n: 4\n");
+    let lineage = mirrors
+        .lineage(&source, "main", &commits, std::slice::from_ref(&commits[0]))
+        .await
+        .unwrap();
+    assert!(commits.iter().all(|c| lineage.on_branch(c)));
+    assert!(lineage.descends_from(&commits[4], &commits[0]));
+    assert_eq!(
+        mirrors.stats().fetches,
+        6,
+        "every read was answered without a fetch"
+    );
+
+    let again = mirrors.upkeep_once(&mirrors.needed([]), &stop).await;
+    assert_eq!(
+        again.mirrors,
+        [(mirror.clone(), upkeep::MirrorUpkeep::Compact)]
+    );
+    assert_eq!(again.cache_bytes, upkeep::disk_bytes(&mirror));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upkeep_waits_while_a_fetch_holds_the_mirror() {
+    let upstream = Upstream::new();
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    for n in 0..3 {
+        upstream.commit_file("a.yaml", format!("n: {n}\n").as_bytes());
+        mirrors.fetch(&source).await.unwrap();
+    }
+    let mirror = mirror_of(&mirrors, &source);
+    assert_eq!(packs(&mirror), 3);
+
+    // What a running fetch holds.
+    let fetching = mirrors.repo(&source).slot.clone().lock_owned().await;
+    let upkeep = tokio::spawn({
+        let mirrors = mirrors.clone();
+        async move {
+            let stop = CancellationToken::new();
+            mirrors.upkeep_once(&mirrors.needed([]), &stop).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!upkeep.is_finished(), "upkeep waits for the fetch");
+    assert_eq!(packs(&mirror), 3);
+    drop(fetching);
+    let report = tokio::time::timeout(Duration::from_secs(30), upkeep)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        report.mirrors,
+        [(mirror.clone(), upkeep::MirrorUpkeep::Repacked { packs: 3 })]
+    );
+    assert_eq!(packs(&mirror), 1);
+}
+
+/// A stand-in for a long repack that writes its pid and that of a child of its own, as git
+/// repack has pack-objects.
+fn slow_repack(pids: &Path) -> impl FnOnce() -> tokio::process::Command + use<> {
+    let script = format!(
+        "sleep 60 & echo $$ $! > {}.tmp; mv {0}.tmp {0}; wait",
+        pids.display()
+    );
+    move || {
+        let mut command = tokio::process::Command::new("sh");
+        command.args(["-c", &script]);
+        command
+    }
+}
+
+async fn written_pids(path: &Path) -> Vec<u32> {
+    for _ in 0..200 {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            return text
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect();
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the command never started");
+}
+
+/// Whether `pid` still runs; a zombie nobody reaped yet does not.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// Whether every one of `pids` ends within moments: a kill is delivered asynchronously.
+async fn all_end(pids: &[u32]) -> bool {
+    for _ in 0..100 {
+        if !pids.iter().any(|pid| running(*pid)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_stops_a_repack_of_its_mirror_and_never_runs_beside_it() {
+    let upstream = Upstream::new();
+    let Fixture { cache, mirrors } = mirrors();
+    let source = upstream.file_url();
+    for n in 0..2 {
+        upstream.commit_file("a.yaml", format!("n: {n}\n").as_bytes());
+        mirrors.fetch(&source).await.unwrap();
+    }
+    let pids = cache.path().join("pids");
+    let repo = mirrors.repo(&source);
+    let stop = CancellationToken::new();
+    let repack = tokio::spawn({
+        let command = slow_repack(&pids);
+        let stop = stop.clone();
+        async move { upkeep::maintain(&repo, command, Duration::from_secs(60), &stop).await }
+    });
+    let started = written_pids(&pids).await;
+    assert!(started.iter().all(|pid| running(*pid)));
+
+    let pushed = upstream.commit_file("a.yaml", b"n: 2\n");
+    let asked = std::time::Instant::now();
+    mirrors.fetch(&source).await.unwrap();
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(mirrors.has_commit(&source, &pushed).await);
+    assert_eq!(repack.await.unwrap(), upkeep::MirrorUpkeep::Interrupted);
+    // The slot was given up only once the repack and its child were killed.
+    assert!(all_end(&started).await, "{started:?}");
+}
+
+#[tokio::test]
+async fn a_repack_that_overruns_is_killed_and_frees_the_mirror() {
+    let upstream = Upstream::new();
+    let Fixture { cache, mirrors } = mirrors();
+    let source = upstream.file_url();
+    for n in 0..2 {
+        upstream.commit_file("a.yaml", format!("n: {n}\n").as_bytes());
+        mirrors.fetch(&source).await.unwrap();
+    }
+    let pids = cache.path().join("pids");
+    let repo = mirrors.repo(&source);
+    let outcome = upkeep::maintain(
+        &repo,
+        slow_repack(&pids),
+        Duration::from_millis(300),
+        &CancellationToken::new(),
+    )
+    .await;
+    assert!(
+        matches!(&outcome, upkeep::MirrorUpkeep::Failed { message } if message.contains("did not finish")),
+        "{outcome:?}"
+    );
+    let started = written_pids(&pids).await;
+    assert!(all_end(&started).await, "{started:?}");
+    let slot = repo.slot.try_lock();
+    assert!(slot.is_ok(), "the mirror is free again");
+}
+
+#[tokio::test]
+async fn the_cache_cap_deletes_unneeded_mirrors_least_recently_used_first_never_a_needed_one() {
+    let (needed, older, newer) = (Upstream::new(), Upstream::new(), Upstream::new());
+    let commits: Vec<Sha> = [&needed, &older, &newer]
+        .iter()
+        .map(|u| u.commit_file("a.yaml", b"a: 1\n"))
+        .collect();
+    let cache = tempfile::tempdir().unwrap();
+    let (needed, older, newer) = (needed.file_url(), older.file_url(), newer.file_url());
+
+    // Used in this order: the older unneeded mirror is the least recently used.
+    let mirrors = capped_mirrors(cache.path(), u64::MAX);
+    for source in [&older, &newer, &needed] {
+        mirrors.fetch(source).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dirs: Vec<PathBuf> = [&needed, &older, &newer]
+        .iter()
+        .map(|s| mirror_of(&mirrors, s))
+        .collect();
+    let total: u64 = dirs.iter().map(|d| upkeep::disk_bytes(d)).sum();
+    let stop = CancellationToken::new();
+    let report = mirrors
+        .upkeep_once(&mirrors.needed([needed.clone()]), &stop)
+        .await;
+    assert_eq!(report.cache_bytes, total);
+    assert!(
+        dirs.iter().all(|d| d.is_dir()),
+        "under the cap nothing goes"
+    );
+
+    // One byte too many: deleting the least recently used unneeded mirror is enough. A new
+    // process knows the order from what the last pass wrote down.
+    let mirrors = capped_mirrors(cache.path(), total - 1);
+    let report = mirrors
+        .upkeep_once(&mirrors.needed([needed.clone()]), &stop)
+        .await;
+    let removed: Vec<&PathBuf> = report
+        .mirrors
+        .iter()
+        .filter(|(_, outcome)| matches!(outcome, upkeep::MirrorUpkeep::Removed { .. }))
+        .map(|(dir, _)| dir)
+        .collect();
+    assert_eq!(removed, [&dirs[1]]);
+    assert!(!dirs[1].exists());
+    assert!(dirs[0].is_dir() && dirs[2].is_dir());
+    assert!(report.over_cap.is_empty());
+
+    // A cap nothing fits under: every unneeded mirror goes, the needed one stays and is named.
+    let mirrors = capped_mirrors(cache.path(), 1);
+    let report = mirrors
+        .upkeep_once(&mirrors.needed([needed.clone()]), &stop)
+        .await;
+    assert!(!dirs[2].exists());
+    assert!(dirs[0].is_dir());
+    assert_eq!(report.over_cap, [display_url(&needed.url)]);
+    assert_eq!(report.cache_bytes, upkeep::disk_bytes(&dirs[0]));
+    let leftovers: Vec<_> = std::fs::read_dir(cache.path().join("mirrors"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "{leftovers:?}");
+
+    // The next fetch of a deleted mirror clones it anew.
+    assert!(!mirrors.has_commit(&older, &commits[1]).await);
+    let set = mirrors.manifests(&older, &commits[1], &[]).await.unwrap();
+    assert_eq!(set.files[0].content.as_ref(), b"a: 1\n");
+    assert!(dirs[1].is_dir());
+}
+
+#[tokio::test]
+async fn upkeep_that_is_off_returns_at_once() {
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        mirrors.upkeep([], CancellationToken::new()),
+    )
+    .await
+    .unwrap();
 }
