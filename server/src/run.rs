@@ -106,6 +106,10 @@ pub async fn run(
     let tasks = TaskTracker::new();
     let catalog = Arc::new(Catalog::new(&config.agents, config.badge_secret.as_ref()));
     let mirrors = Mirrors::new(config.git.clone());
+    tasks.spawn(mirrors.upkeep(
+        config.agents.iter().filter_map(|a| a.source.clone()),
+        shutdown.clone(),
+    ));
     let gitlab = config
         .gitlab
         .as_ref()
