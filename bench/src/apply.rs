@@ -1,20 +1,25 @@
 //! The agent, as its own process, applying to a real kube-apiserver (the test suite's control
-//! plane): a first apply next to `kubectl apply --server-side` of the same files, an
-//! unchanged re-apply, drift, Deployments rolled out by the real controllers, and the
-//! agent's memory while it watches what it applied.
+//! plane), each scenario next to what kubectl does for the same in the same run: a first
+//! apply, an unchanged re-apply, drift, Deployments rolled out by the real controllers, and
+//! the agent's memory while it watches what it applied. Requests are counted from the API
+//! server's audit log, the agent's by its user and kubectl's by its user agent.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use greenlight::v1::{GetAgentHistoryRequest, Phase, TriggerSyncRequest};
-use greenlight_e2e::control_plane::{AuditedRequest, ControlPlane};
+use greenlight_e2e::control_plane::{AuditedRequest, ControlPlane, NODE};
 use greenlight_e2e::{GitRepo, Redis, TestServer, agent_token, git_agent_yaml, git_config_yaml};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::ListParams;
 
 use crate::common::{
-    Admin, SETTLE, push_and_settle, require_tool, send_green, wait_connected, wait_healthy,
+    Admin, SETTLE, load_average, push_and_settle, require_tool, send_green, wait_connected,
+    wait_healthy,
 };
 use crate::stats::{breakdown, ms};
 
@@ -218,6 +223,327 @@ fn commit_files(
         .context("cannot commit the files")
 }
 
+/// The label of every benchmark ConfigMap.
+const SELECTOR: &str = "app=bench";
+/// What the drift scenario writes behind the agent's (and kubectl's) back.
+const EDITED: &str = "edited by hand";
+
+/// One request in the API server's audit log, whoever sent it.
+struct Logged {
+    request: AuditedRequest,
+    user_agent: String,
+    subresource: String,
+}
+
+/// The API server's audit log, which the control plane keeps beside its admin kubeconfig.
+fn audit_log(plane: &ControlPlane) -> anyhow::Result<PathBuf> {
+    let path = plane
+        .kubeconfig()
+        .parent()
+        .context("the control plane's kubeconfig has no directory")?
+        .join("audit.log");
+    if !path.exists() {
+        bail!("no audit log at {}", path.display());
+    }
+    Ok(path)
+}
+
+/// Every request the API server completed since `mark` (`ControlPlane::audit_mark`), oldest
+/// first.
+fn logged_since(plane: &ControlPlane, mark: u64) -> anyhow::Result<Vec<Logged>> {
+    use serde_json::Value;
+    let mut file = std::fs::File::open(audit_log(plane)?)?;
+    file.seek(SeekFrom::Start(mark))?;
+    let mut logged = Vec::new();
+    for line in BufReader::new(file).lines() {
+        // A line being written as this reads it is not JSON yet, and not counted.
+        let Ok(event) = serde_json::from_str::<Value>(&line?) else {
+            continue;
+        };
+        if event["stage"] != "ResponseComplete" {
+            continue;
+        }
+        let text = |pointer: &str| event.pointer(pointer).and_then(Value::as_str);
+        let owned = |pointer: &str| text(pointer).unwrap_or_default().to_owned();
+        logged.push(Logged {
+            request: AuditedRequest {
+                verb: owned("/verb"),
+                uri: owned("/requestURI"),
+                resource: owned("/objectRef/resource"),
+                name: owned("/objectRef/name"),
+                namespace: text("/objectRef/namespace").map(str::to_owned),
+                code: event
+                    .pointer("/responseStatus/code")
+                    .and_then(Value::as_u64)
+                    .and_then(|c| u16::try_from(c).ok()),
+                completed: text("/stageTimestamp").and_then(|t| t.parse().ok()),
+            },
+            user_agent: owned("/userAgent"),
+            subresource: owned("/objectRef/subresource"),
+        });
+    }
+    Ok(logged)
+}
+
+/// kubectl's requests since `mark` to `namespace` or to none (discovery).
+fn kubectl_requests(
+    plane: &ControlPlane,
+    mark: u64,
+    namespace: &str,
+) -> anyhow::Result<Vec<AuditedRequest>> {
+    Ok(logged_since(plane, mark)?
+        .into_iter()
+        .filter(|l| l.user_agent.starts_with("kubectl/"))
+        .filter(|l| {
+            l.request
+                .namespace
+                .as_deref()
+                .is_none_or(|n| n == namespace)
+        })
+        .map(|l| l.request)
+        .collect())
+}
+
+/// When a Deployment's status in `namespace` was last written since `mark`, in ms since the
+/// epoch by the API server's clock: the controllers' end of a rollout.
+fn last_deployment_status(
+    plane: &ControlPlane,
+    mark: u64,
+    namespace: &str,
+) -> anyhow::Result<Option<i64>> {
+    Ok(logged_since(plane, mark)?
+        .iter()
+        .filter(|l| {
+            l.request.resource == "deployments"
+                && l.subresource == "status"
+                && l.request.is_write()
+                && l.request.namespace.as_deref() == Some(namespace)
+        })
+        .filter_map(|l| l.request.completed)
+        .map(|t| t.as_millisecond())
+        .max())
+}
+
+/// kubectl acting as the tests' admin in one namespace, with a discovery cache of the run's
+/// own (not the user's ~/.kube).
+struct Kubectl<'a> {
+    plane: &'a ControlPlane,
+    namespace: String,
+    cache: PathBuf,
+}
+
+/// One timed kubectl command and the requests it made.
+struct Timed {
+    took: Duration,
+    started_unix_ms: i64,
+    requests: Vec<AuditedRequest>,
+}
+
+impl Kubectl<'_> {
+    fn run(&self, args: &[&str]) -> anyhow::Result<Timed> {
+        let cache = format!("--cache-dir={}", self.cache.display());
+        let mut all = vec![cache.as_str(), "-n", &self.namespace];
+        all.extend(args);
+        let mark = self.plane.audit_mark();
+        let started_unix_ms = greenlight_server::clock::now_ms();
+        let started = Instant::now();
+        self.plane.kubectl_ok(&all)?;
+        let took = started.elapsed();
+        Ok(Timed {
+            took,
+            started_unix_ms,
+            requests: kubectl_requests(self.plane, mark, &self.namespace)?,
+        })
+    }
+
+    /// `kubectl apply --server-side` of every file under `dir`, forcing conflicts as the
+    /// agent does (`force_conflicts` is on by default).
+    fn apply(&self, dir: &Path) -> anyhow::Result<Timed> {
+        self.run(&[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=bench-kubectl",
+            "-R",
+            "-f",
+            &dir.to_string_lossy(),
+        ])
+    }
+
+    /// `kubectl rollout status` of every Deployment under `dir`, one after the other.
+    fn rollout_status(&self, dir: &Path) -> anyhow::Result<Timed> {
+        self.run(&[
+            "rollout",
+            "status",
+            "--timeout=600s",
+            "-R",
+            "-f",
+            &dir.to_string_lossy(),
+        ])
+    }
+
+    /// Changes `data.value` of ConfigMap `name`, as someone would by hand.
+    fn edit(&self, name: &str) -> anyhow::Result<()> {
+        let patch = format!(r#"{{"data":{{"value":"{EDITED}"}}}}"#);
+        self.run(&["patch", "configmap", name, "--type=merge", "-p", &patch])?;
+        Ok(())
+    }
+}
+
+/// The resourceVersion of each benchmark ConfigMap in `namespace`, by name.
+async fn versions(
+    kube: &kube::Client,
+    namespace: &str,
+) -> anyhow::Result<BTreeMap<String, String>> {
+    let api: kube::Api<ConfigMap> = kube::Api::namespaced(kube.clone(), namespace);
+    let list = api
+        .list_metadata(&ListParams::default().labels(SELECTOR))
+        .await
+        .with_context(|| format!("cannot list the ConfigMaps of {namespace}"))?;
+    Ok(list
+        .items
+        .into_iter()
+        .filter_map(|o| Some((o.metadata.name?, o.metadata.resource_version?)))
+        .collect())
+}
+
+/// How many objects of `before` the API server wrote since (or are gone): an apply that
+/// changes nothing leaves an object's resourceVersion as it was.
+fn changed(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> usize {
+    before
+        .iter()
+        .filter(|(name, version)| after.get(*name) != Some(*version))
+        .count()
+}
+
+/// Waits until none of ConfigMaps `names` in `namespace` holds the hand edit.
+async fn wait_restored(
+    kube: &kube::Client,
+    namespace: &str,
+    names: &[String],
+    within: Duration,
+) -> anyhow::Result<()> {
+    let configmaps: kube::Api<ConfigMap> = kube::Api::namespaced(kube.clone(), namespace);
+    let deadline = Instant::now() + within;
+    loop {
+        let mut restored = 0;
+        for name in names {
+            let cm = configmaps.get(name).await?;
+            let value = cm.data.as_ref().and_then(|d| d.get("value"));
+            restored += usize::from(value.is_some_and(|v| v != EDITED));
+        }
+        if restored == names.len() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{restored} of {} drifted objects in {namespace} restored within {within:?}",
+                names.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Writes `files` under `dir`.
+fn write_files(dir: &Path, files: &[(String, String)]) -> anyhow::Result<()> {
+    for (path, text) in files {
+        let file = dir.join(path);
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(file, text)?;
+    }
+    Ok(())
+}
+
+/// How long the fake node's Lease holds, and how often it is renewed: a kubelet's defaults.
+const NODE_LEASE_SECONDS: i32 = 40;
+const NODE_LEASE_RENEWAL: Duration = Duration::from_secs(10);
+
+/// Renews the fake node's Lease for as long as it lives, as a kubelet would. kwok runs here
+/// without `--node-lease-duration-seconds`, and its stages post the node's status only every
+/// 10 to 20 minutes: without a renewed Lease the node lifecycle controller takes the node for
+/// NotReady about a minute after it appeared and marks its pods unready, which kwok never
+/// undoes: no Deployment rolled out after that becomes available.
+struct NodeLease(tokio::task::JoinHandle<()>);
+
+impl NodeLease {
+    async fn keep(kube: &kube::Client) -> anyhow::Result<Self> {
+        use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+        use kube::api::{Patch, PatchParams};
+        let leases: kube::Api<Lease> = kube::Api::namespaced(kube.clone(), "kube-node-lease");
+        let renew = move || {
+            let leases = leases.clone();
+            async move {
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(NODE.to_owned()),
+                        namespace: Some("kube-node-lease".to_owned()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(NODE.to_owned()),
+                        lease_duration_seconds: Some(NODE_LEASE_SECONDS),
+                        renew_time: Some(MicroTime(k8s_openapi::jiff::Timestamp::now())),
+                        ..LeaseSpec::default()
+                    }),
+                };
+                let params = PatchParams::apply("greenlight-bench").force();
+                leases.patch(NODE, &params, &Patch::Apply(&lease)).await
+            }
+        };
+        renew()
+            .await
+            .context("cannot write the fake node's Lease")?;
+        Ok(Self(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(NODE_LEASE_RENEWAL).await;
+                if let Err(error) = renew().await {
+                    eprintln!("cannot renew the fake node's Lease: {error}");
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for NodeLease {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A webhook-to-Healthy rollout: when the apply ended, when the controllers last wrote a
+/// Deployment's status and when the outcome was known, in ms from the start.
+struct Rollout {
+    applied: i64,
+    controllers_done: i64,
+    total: i64,
+}
+
+/// The Deployments scenario, by the agent and by kubectl.
+struct Rollouts {
+    agent: Rollout,
+    reports: Vec<(Phase, i64)>,
+    agent_requests: Vec<AuditedRequest>,
+    kubectl: Rollout,
+    kubectl_apply: Timed,
+    kubectl_status: Timed,
+}
+
+impl Rollout {
+    fn describe(&self, applier: &str, noticing: &str) -> String {
+        format!(
+            "{} ms = {applier} {} ms + controllers {} ms (to the last Deployment status write) + {noticing} {} ms",
+            self.total,
+            self.applied,
+            self.controllers_done - self.applied,
+            self.total - self.controllers_done
+        )
+    }
+}
+
 pub async fn run(args: Args) -> anyhow::Result<()> {
     if args.objects == 0 || args.files == 0 {
         bail!("--objects and --files must be at least 1");
@@ -235,49 +561,57 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )
     })?;
     let kubectl_version = plane.kubectl_ok(&["version", "-o", "json"])?;
-    let server_version: serde_json::Value = serde_json::from_str(&kubectl_version)?;
-    println!(
-        "redis: {redis_version}\ngit: {git_version}\nkube-apiserver: {} (with etcd, controller-manager, scheduler, kwok; one fake node)",
-        server_version["serverVersion"]["gitVersion"]
+    let versions_json: serde_json::Value = serde_json::from_str(&kubectl_version)?;
+    let version = |which: &str| {
+        versions_json[which]["gitVersion"]
             .as_str()
             .unwrap_or("?")
+            .to_owned()
+    };
+    println!(
+        "redis: {redis_version}\ngit: {git_version}\nkube-apiserver: {} (with etcd, controller-manager, scheduler, kwok; one fake node); kubectl {}",
+        version("serverVersion"),
+        version("clientVersion")
     );
     let kube = plane.client().await?;
+    let node_lease = NodeLease::keep(&kube).await?;
     let apps = plane.namespace(&kube, "bench-apps").await?;
     let home = plane.namespace(&kube, "bench-agent").await?;
     let ceiling = plane.namespace(&kube, "bench-kubectl").await?;
 
     let objects: Vec<String> = (0..args.objects).map(configmap).collect();
     let files = spread("config", &objects, args.files);
+    let workloads: Vec<String> = (0..args.deployments).map(deployment).collect();
+    let workload_files = spread("workloads", &workloads, args.files);
     let repo = GitRepo::new().context("cannot create the git repository")?;
     let commit = commit_files(&repo, &files, &[])?;
+    let step = (args.objects / args.drifted.max(1)).max(1);
+    let drifted: Vec<String> = (0..args.drifted)
+        .map(|i| format!("cm-{:05}", i * step))
+        .collect();
 
-    // The ceiling: kubectl applies the same files, server-side, to the same apiserver.
+    // kubectl applies the same files, server-side, to the same apiserver: the first apply and
+    // the unchanged re-apply now, its drift after the agent's, its Deployments before the
+    // agent's.
     let work = tempfile::tempdir()?;
-    let kubectl_dir = work.path().join("kubectl");
-    for (path, text) in &files {
-        let file = kubectl_dir.join(path);
-        if let Some(parent) = file.parent() {
-            std::fs::create_dir_all(parent)?;
-        }
-        std::fs::write(file, text)?;
-    }
-    let kubectl_apply = || -> anyhow::Result<Duration> {
-        let started = Instant::now();
-        plane.kubectl_ok(&[
-            "apply",
-            "--server-side",
-            "--field-manager=bench-kubectl",
-            "-n",
-            &ceiling,
-            "-R",
-            "-f",
-            &kubectl_dir.to_string_lossy(),
-        ])?;
-        Ok(started.elapsed())
+    let config_dir = work.path().join("kubectl-config");
+    let workloads_dir = work.path().join("kubectl-workloads");
+    write_files(&config_dir, &files)?;
+    write_files(&workloads_dir, &workload_files)?;
+    let kubectl = Kubectl {
+        plane,
+        namespace: ceiling.clone(),
+        cache: work.path().join("kube-cache"),
     };
-    let kubectl_time = kubectl_apply()?;
-    let kubectl_again = kubectl_apply()?;
+    let by_hand = Kubectl {
+        plane,
+        namespace: apps.clone(),
+        cache: work.path().join("kube-cache"),
+    };
+    let kubectl_first = kubectl.apply(&config_dir)?;
+    let before = versions(&kube, &ceiling).await?;
+    let kubectl_again = kubectl.apply(&config_dir)?;
+    let kubectl_again_changed = changed(&before, &versions(&kube, &ceiling).await?);
 
     let redis = Redis::start().await.context("cannot start redis-server")?;
     let cache = tempfile::tempdir().context("cannot create the mirror cache directory")?;
@@ -313,6 +647,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let rss_watching = rss_kib(agent.0.id())?;
 
     // Re-apply of the same revision under a new generation: nothing changes.
+    let before = versions(&kube, &apps).await?;
     let mark = plane.audit_mark();
     let trigger_ms = greenlight_server::clock::now_ms();
     let status = admin
@@ -335,61 +670,51 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     let again_ms = again.received_at_unix_ms - trigger_ms;
     let again_requests = agent_requests(plane, mark, &[&apps, &home])?;
+    let again_changed = changed(&before, &versions(&kube, &apps).await?);
 
     // Drift: someone edits a field the agent owns on some objects.
     let mark = plane.audit_mark();
-    let step = (args.objects / args.drifted.max(1)).max(1);
-    let drifted: Vec<String> = (0..args.drifted)
-        .map(|i| format!("cm-{:05}", i * step))
-        .collect();
     let drift_started = Instant::now();
     for name in &drifted {
-        plane.kubectl_ok(&[
-            "patch",
-            "configmap",
-            name,
-            "-n",
-            &apps,
-            "--type=merge",
-            "-p",
-            r#"{"data":{"value":"edited by hand"}}"#,
-        ])?;
+        by_hand.edit(name)?;
     }
     let edited = drift_started.elapsed();
-    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
-        kube::Api::namespaced(kube.clone(), &apps);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let mut restored = 0;
-        for name in &drifted {
-            let cm = configmaps.get(name).await?;
-            let value = cm.data.as_ref().and_then(|d| d.get("value"));
-            restored += usize::from(value.is_some_and(|v| v != "edited by hand"));
-        }
-        if restored == drifted.len() {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "{restored} of {} drifted objects restored within 120 s",
-                drifted.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_restored(&kube, &apps, &drifted, Duration::from_secs(120)).await?;
     let drift_time = drift_started.elapsed();
     // Let any straggling writes land before counting.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let drift_requests = agent_requests(plane, mark, &[&apps, &home])?;
 
-    // Deployments: the agent's apply, then the controllers' rollout.
-    let mut rollout = None;
+    // The same edits to kubectl's copies, then kubectl applies the files again.
+    for name in &drifted {
+        kubectl.edit(name)?;
+    }
+    let before = versions(&kube, &ceiling).await?;
+    let kubectl_drift = kubectl.apply(&config_dir)?;
+    let kubectl_drift_changed = changed(&before, &versions(&kube, &ceiling).await?);
+    wait_restored(&kube, &ceiling, &drifted, Duration::from_secs(5)).await?;
+
+    // Deployments: kubectl's apply and `rollout status`, then the agent's revision with them;
+    // each split into the applier's part and the controllers' rollout after it.
+    let mut rollouts = None;
     if args.deployments > 0 {
-        let workloads: Vec<String> = (0..args.deployments).map(deployment).collect();
+        let mark = plane.audit_mark();
+        let kubectl_apply = kubectl.apply(&workloads_dir)?;
+        let kubectl_status = kubectl.rollout_status(&workloads_dir)?;
+        let done = last_deployment_status(plane, mark, &ceiling)?
+            .context("no Deployment status written in kubectl's namespace")?;
+        let started = kubectl_apply.started_unix_ms;
+        let by_kubectl = Rollout {
+            applied: ms_i64(kubectl_apply.took),
+            controllers_done: done - started,
+            total: kubectl_status.started_unix_ms + ms_i64(kubectl_status.took) - started,
+        };
+
         let mut all = files.clone();
-        all.extend(spread("workloads", &workloads, args.files));
+        all.extend(workload_files.iter().cloned());
         let with_deployments = commit_files(&repo, &all, &[])?;
         push_and_settle(&server, cache.path(), &with_deployments).await?;
+        let mark = plane.audit_mark();
         let green = send_green(&server, &with_deployments, 2).await?;
         let healthy = wait_healthy(
             &mut admin,
@@ -399,23 +724,41 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             Duration::from_secs(600),
         )
         .await?;
-        let marks = phases(
+        let reports = phases(
             &mut admin,
             &with_deployments,
             healthy.generation,
             green.at_unix_ms,
         )
         .await?;
-        rollout = Some((healthy.received_at_unix_ms - green.at_unix_ms, marks));
+        let done = last_deployment_status(plane, mark, &apps)?
+            .context("no Deployment status written in the agent's namespace")?;
+        let by_agent = Rollout {
+            applied: reports
+                .iter()
+                .find(|(p, _)| *p == Phase::Applied)
+                .map_or(0, |(_, at)| *at),
+            controllers_done: done - green.at_unix_ms,
+            total: healthy.received_at_unix_ms - green.at_unix_ms,
+        };
+        rollouts = Some(Rollouts {
+            agent: by_agent,
+            reports,
+            agent_requests: agent_requests(plane, mark, &[&apps, &home])?,
+            kubectl: by_kubectl,
+            kubectl_apply,
+            kubectl_status,
+        });
     }
     let rss_end = rss_kib(agent.0.id())?;
 
     drop(agent);
     server.stop().await.context("cannot stop the server")?;
     drop(redis);
+    drop(node_lease);
 
     println!(
-        "scenario: apply, {} ConfigMaps in {} files, greenlight-agent (its own process) against kube-apiserver, store redis",
+        "scenario: apply, {} ConfigMaps in {} files, greenlight-agent (its own process) against kube-apiserver, store redis; kubectl in another namespace of the same apiserver",
         args.objects,
         files.len()
     );
@@ -430,43 +773,64 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .map_or(0, |(_, at)| *at);
     println!("first apply (creates every object):");
     println!(
-        "  pipeline webhook -> Healthy: {first_ms} ms (server receive timestamps); kubectl apply --server-side of the same files: {} ms ({:.2}x)",
-        ms(kubectl_time),
-        first_ms as f64 / kubectl_time.as_millis().max(1) as f64
+        "  agent: pipeline webhook -> Healthy {first_ms} ms (server receive timestamps); kubectl apply --server-side of the same files {} ms; ratio {:.2}",
+        ms(kubectl_first.took),
+        first_ms as f64 / kubectl_first.took.as_millis().max(1) as f64
     );
     println!(
         "  reports: {} (applied at +{applied_at} ms)",
         describe(&first_phases)
     );
     print_requests("agent", &first_requests);
-    println!("re-apply without change (TriggerSync, generation {generation}):");
+    print_requests("kubectl", &kubectl_first.requests);
+    println!("re-apply without change (agent: TriggerSync, generation {generation}):");
     println!(
-        "  TriggerSync -> Healthy: {again_ms} ms; kubectl apply --server-side again: {} ms",
-        ms(kubectl_again)
+        "  agent: TriggerSync -> Healthy {again_ms} ms, {again_changed} objects changed; kubectl apply --server-side again {} ms, {kubectl_again_changed} objects changed",
+        ms(kubectl_again.took)
     );
     print_requests("agent", &again_requests);
+    print_requests("kubectl", &kubectl_again.requests);
     println!(
         "drift: {} objects edited with kubectl patch ({} ms for the edits):",
         drifted.len(),
         ms(edited)
     );
-    println!("  first edit -> all restored: {} ms", ms(drift_time));
+    println!(
+        "  agent: first edit -> all restored {} ms; kubectl apply --server-side of all the files {} ms, {kubectl_drift_changed} objects changed",
+        ms(drift_time),
+        ms(kubectl_drift.took)
+    );
     print_requests("agent", &drift_requests);
+    print_requests("kubectl", &kubectl_drift.requests);
     println!(
         "agent RSS: {rss_watching} KiB holding {} objects under watch; {rss_end} KiB at the end",
         args.objects
     );
-    if let Some((total, marks)) = rollout {
-        let applied = marks
-            .iter()
-            .find(|(p, _)| *p == Phase::Applied)
-            .map_or(0, |(_, at)| *at);
+    if let Some(rollouts) = rollouts {
         println!(
-            "rollout: {} Deployments (1 replica each) added to the revision: webhook -> Healthy {total} ms = agent's apply {applied} ms + controllers' rollout (scheduler, controller-manager, kwok) {} ms",
-            args.deployments,
-            total - applied
+            "rollout: {} Deployments (1 replica each; scheduler, controller-manager, kwok), kubectl's first:",
+            args.deployments
         );
-        println!("  reports: {}", describe(&marks));
+        println!(
+            "  agent: webhook -> Healthy {}",
+            rollouts.agent.describe("agent's apply", "agent noticing")
+        );
+        println!(
+            "  kubectl: apply --server-side, then rollout status: {}",
+            rollouts
+                .kubectl
+                .describe("apply", "rollout status noticing")
+        );
+        println!("  reports: {}", describe(&rollouts.reports));
+        print_requests("agent", &rollouts.agent_requests);
+        print_requests("kubectl apply", &rollouts.kubectl_apply.requests);
+        print_requests("kubectl rollout status", &rollouts.kubectl_status.requests);
     }
+    println!("load average at the end: {}", load_average());
     Ok(())
+}
+
+/// Whole milliseconds of `duration`.
+fn ms_i64(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }

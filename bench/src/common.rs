@@ -22,7 +22,7 @@ pub const BRANCH: &str = "main";
 /// The `before` of a branch's first push.
 pub const ZERO: &str = "0000000000000000000000000000000000000000";
 
-/// `nproc`, CPU model and memory, one line each.
+/// `nproc`, CPU model and memory, the load average, and the build, one line each.
 pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -47,7 +47,19 @@ pub fn machine() -> String {
     } else {
         "release"
     };
-    format!("machine: nproc {cpus}, CPU {model}, memory {memory}\nbuild: {build}")
+    format!(
+        "machine: nproc {cpus}, CPU {model}, memory {memory}\nload average: {}\nbuild: {build}",
+        load_average()
+    )
+}
+
+/// The load averages over 1, 5 and 15 minutes, as `uptime` prints them: whether anything
+/// else competed for the machine.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// Runs `tool --version`; a clear error when it is not installed.
