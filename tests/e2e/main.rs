@@ -3,10 +3,12 @@
 mod agent;
 mod badges;
 mod close_loop;
+mod config_reference;
 mod deploy;
 mod gate;
 mod git;
 mod ingest_errors;
+mod metrics;
 mod real_cluster;
 mod replicas;
 mod status_page;
