@@ -8,7 +8,6 @@ mod deploy;
 mod gate;
 mod git;
 mod ingest_errors;
-mod metrics;
 mod real_cluster;
 mod replicas;
 mod status_page;
