@@ -29,6 +29,9 @@ const MAX_RECONCILE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// On shutdown, how long the apply loop may take to reach its next safe point, and the
 /// Lease release may take, before the process exits anyway (the lease then just expires).
 const STOP_GRACE: Duration = Duration::from_secs(10);
+/// On shutdown, how long the reporter keeps delivering the reports it still holds (the
+/// apply loop's last ones included) before the process exits.
+const REPORT_FLUSH: Duration = Duration::from_secs(5);
 
 /// How the agent runs.
 pub struct Settings {
@@ -62,7 +65,7 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
         )
         .instrument(info_span!("leader_election", identity = %settings.identity)),
     );
-    tokio::spawn(
+    let reporter = tokio::spawn(
         report(settings.target.clone(), reports_rx, shutdown.clone())
             .instrument(info_span!("reporter")),
     );
@@ -116,6 +119,8 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
         Ok(Err(error)) => warn!(%error, "cannot release the lease; it will expire"),
         Err(_) => warn!("releasing the lease timed out; it will expire"),
     }
+    // After the Lease, so that the next holder is not kept waiting on the server.
+    let _ = reporter.await;
 }
 
 /// The agent's name as the server sent it with the newest revision.
@@ -331,6 +336,11 @@ impl ReportQueue {
         self.pending.is_empty()
     }
 
+    /// How many reports wait.
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// The queued reports, oldest first.
     pub fn iter(&self) -> impl Iterator<Item = &StatusReport> {
         self.pending.iter()
@@ -387,7 +397,9 @@ async fn deliver(
 }
 
 /// Sends reports to the server in order, retrying until each is delivered or superseded,
-/// without ever blocking the apply loop.
+/// without ever blocking the apply loop. Stopping does not drop what it holds: after
+/// `shutdown` it goes on until every report is delivered and the apply loop is gone (it
+/// sends its last reports as it stops), for at most [`REPORT_FLUSH`].
 async fn report(
     target: Target,
     mut reports: mpsc::Receiver<StatusReport>,
@@ -396,10 +408,16 @@ async fn report(
     let mut client: Option<Client> = None;
     let mut queue = ReportQueue::default();
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let flushed = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(REPORT_FLUSH).await;
+    };
+    tokio::pin!(flushed);
     loop {
         while queue.is_empty() {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                // Everything delivered; the apply loop outlived the grace period.
+                () = &mut flushed => return,
                 report = reports.recv() => match report {
                     Some(report) => queue.push(report),
                     None => return,
@@ -419,7 +437,10 @@ async fn report(
             // waits on the server.
             loop {
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    () = &mut flushed => {
+                        warn!(left = queue.len() + 1, "reports not delivered before the agent stopped");
+                        return;
+                    }
                     delivered = &mut send => break delivered,
                     Some(newer) = reports.recv() => queue.push(newer),
                 }
@@ -442,7 +463,10 @@ async fn report(
         tokio::pin!(pause);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                () = &mut flushed => {
+                    warn!(left = queue.len(), "reports not delivered before the agent stopped");
+                    return;
+                }
                 _ = &mut pause => break,
                 Some(newer) = reports.recv() => queue.push(newer),
             }
@@ -453,6 +477,82 @@ async fn report(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use greenlight::v1::agent_service_server::{AgentService, AgentServiceServer};
+    use greenlight::v1::{ReportStatusRequest, ReportStatusResponse, SyncEvent, SyncRequest};
+    use std::sync::Mutex;
+
+    /// An agent service that takes its time over every report, so that reports queue up.
+    #[derive(Clone, Default)]
+    struct SlowServer {
+        received: Arc<Mutex<Vec<(String, Phase)>>>,
+    }
+
+    #[tonic::async_trait]
+    impl AgentService for SlowServer {
+        type SyncStream = std::pin::Pin<
+            Box<dyn futures_util::Stream<Item = Result<SyncEvent, tonic::Status>> + Send>,
+        >;
+
+        async fn sync(
+            &self,
+            _: tonic::Request<SyncRequest>,
+        ) -> Result<tonic::Response<Self::SyncStream>, tonic::Status> {
+            Err(tonic::Status::unimplemented("reports only"))
+        }
+
+        async fn report_status(
+            &self,
+            request: tonic::Request<ReportStatusRequest>,
+        ) -> Result<tonic::Response<ReportStatusResponse>, tonic::Status> {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if let Some(report) = request.into_inner().report {
+                let phase = report.phase();
+                self.received
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((report.revision, phase));
+            }
+            Ok(tonic::Response::new(ReportStatusResponse {}))
+        }
+    }
+
+    #[tokio::test]
+    async fn reports_held_when_the_agent_stops_are_still_delivered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = SlowServer::default();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AgentServiceServer::new(server.clone()))
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+        );
+        let (tx, rx) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let target = Target {
+            server: format!("http://{addr}"),
+            token: "token".into(),
+            ca_file: None,
+        };
+        let reporter = tokio::spawn(super::report(target, rx, shutdown.clone()));
+        tx.send(report("a", Phase::Applying)).await.unwrap();
+        tx.send(report("a", Phase::Applied)).await.unwrap();
+        tx.send(report("a", Phase::Healthy)).await.unwrap();
+        // Stopped as by SIGTERM with the reports in flight and queued; the apply loop sends
+        // its last one as it stops, then goes.
+        shutdown.cancel();
+        tx.send(report("b", Phase::Applying)).await.unwrap();
+        drop(tx);
+        tokio::time::timeout(REPORT_FLUSH + Duration::from_secs(5), reporter)
+            .await
+            .expect("the reporter stops once everything is delivered")
+            .unwrap();
+        let received = server.received.lock().unwrap().clone();
+        assert!(
+            received.contains(&("a".to_owned(), Phase::Healthy)),
+            "the outcome reached the server: {received:?}"
+        );
+        assert_eq!(received.last(), Some(&("b".to_owned(), Phase::Applying)));
+    }
 
     fn report(revision: &str, phase: Phase) -> StatusReport {
         StatusReport {
