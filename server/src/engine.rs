@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -216,6 +216,11 @@ impl Engine {
         })
     }
 
+    /// What this replica counts.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The git mirrors of this replica.
     pub fn mirrors(&self) -> &Mirrors {
         &self.mirrors
@@ -252,6 +257,7 @@ impl Engine {
         fact: Fact,
         delivery: Option<&str>,
     ) -> Result<Recording, EngineError> {
+        let arrived = Instant::now();
         let keys =
             self.catalog
                 .refs_for(fact.project_path.as_deref(), fact.project_id, &fact.branch);
@@ -310,6 +316,9 @@ impl Engine {
                     Ok(Change::Dirty(advance_all(doc, key, env)))
                 })
                 .await?;
+            if result.written == Some(true) {
+                self.metrics.fact_decided(arrived.elapsed());
+            }
             outcome = match (result.written, outcome) {
                 (Some(true), _) | (_, Recording::Recorded) => Recording::Recorded,
                 (None, _) => Recording::Duplicate,
@@ -731,6 +740,9 @@ impl Engine {
                 .await?
             {
                 SaveOutcome::Saved { version } => {
+                    if let Broadcast::RefChanged { decisions, .. } = &notice {
+                        self.metrics.decided(decisions.iter().map(|(_, d)| d));
+                    }
                     // Local agents need not wait for the round trip through the store.
                     self.offer(key, version, &doc, false);
                     for (agent, sha) in changed {
@@ -853,6 +865,8 @@ impl Engine {
     }
 
     async fn announce_presence(&self, agent: &str, connected: bool) {
+        // Called once per first stream and once per last: the gauge of connected agents.
+        self.metrics.agent_connected(connected);
         if let Err(error) = self
             .store
             .set_presence(&self.replica, agent, connected)

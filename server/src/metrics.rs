@@ -1,14 +1,43 @@
 //! Prometheus metrics.
 
+mod counted_store;
+
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::git::GitStats;
+use crate::gate::{Decision, Outcome};
+use crate::git::{GitStats, GitTimer};
+
+pub use counted_store::CountedStore;
 
 /// Labels: event kind and outcome.
 pub type EventLabels = Vec<(&'static str, String)>;
+
+/// Labels whose values the server names itself.
+type StaticLabels = Vec<(&'static str, &'static str)>;
+
+/// Seconds from a fact to its decision: milliseconds normally, up to seconds when GitLab is
+/// asked to confirm a pipeline or writes contend.
+const DECISION_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Seconds of git work: a tree read takes milliseconds, a first clone minutes (the default
+/// `git.fetch_timeout` is 60 s).
+const GIT_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// How far behind the change log this replica's follower is: seconds between an entry's
+/// append and its relay. Shared with the store, which sets it.
+pub type LogLag = Gauge<f64, AtomicU64>;
 
 /// The server's metrics.
 pub struct Metrics {
@@ -19,6 +48,15 @@ pub struct Metrics {
     manifest_reads: Counter,
     gitlab_statuses: Family<EventLabels, Counter>,
     log_resyncs: Counter,
+    fact_to_decision: Histogram,
+    decisions: Family<StaticLabels, Counter>,
+    connected_agents: Gauge,
+    stream_messages: Counter,
+    stream_bytes: Counter,
+    git_fetch_duration: Histogram,
+    manifest_read_duration: Histogram,
+    store_errors: Family<StaticLabels, Counter>,
+    log_lag: LogLag,
 }
 
 impl Default for Metrics {
@@ -56,6 +94,64 @@ impl Default for Metrics {
              reconnection",
             log_resyncs.clone(),
         );
+        let fact_to_decision = Histogram::new(DECISION_BUCKETS);
+        registry.register(
+            "fact_to_decision_seconds",
+            "Seconds from a webhook or ingest fact reaching the engine to the ref it changed \
+             being saved with the gate's decisions (GitLab confirmation and write retries \
+             included); facts that change nothing are not timed",
+            fact_to_decision.clone(),
+        );
+        let decisions = Family::<StaticLabels, Counter>::default();
+        registry.register(
+            "decisions",
+            "Gate decisions saved by this replica, by outcome: deploy, hold, skip, or superseded \
+             (a green commit skipped because a newer deploy includes it)",
+            decisions.clone(),
+        );
+        let connected_agents = Gauge::default();
+        registry.register(
+            "connected_agents",
+            "Agents with at least one sync stream open on this replica",
+            connected_agents.clone(),
+        );
+        let stream_messages = Counter::default();
+        registry.register(
+            "sync_stream_messages",
+            "Messages (revision headers, manifest chunks, trailers) sent on agents' sync streams",
+            stream_messages.clone(),
+        );
+        let stream_bytes = Counter::default();
+        registry.register(
+            "sync_stream_bytes",
+            "Encoded protobuf bytes of the messages sent on agents' sync streams",
+            stream_bytes.clone(),
+        );
+        let git_fetch_duration = Histogram::new(GIT_BUCKETS);
+        registry.register(
+            "git_fetch_duration_seconds",
+            "Seconds each fetch (or first clone) took, failed and timed out ones included",
+            git_fetch_duration.clone(),
+        );
+        let manifest_read_duration = Histogram::new(GIT_BUCKETS);
+        registry.register(
+            "manifest_read_duration_seconds",
+            "Seconds each manifest read from a mirror took (cache hits are not reads)",
+            manifest_read_duration.clone(),
+        );
+        let store_errors = Family::<StaticLabels, Counter>::default();
+        registry.register(
+            "store_errors",
+            "Store operations that failed, by operation",
+            store_errors.clone(),
+        );
+        let log_lag = LogLag::default();
+        registry.register(
+            "change_log_lag_seconds",
+            "Seconds between the append of the last change log entry this replica relayed and \
+             its relay (by the two clocks); 0 once caught up, and always with the embedded store",
+            log_lag.clone(),
+        );
         Self {
             registry,
             webhooks,
@@ -63,6 +159,15 @@ impl Default for Metrics {
             manifest_reads,
             gitlab_statuses,
             log_resyncs,
+            fact_to_decision,
+            decisions,
+            connected_agents,
+            stream_messages,
+            stream_bytes,
+            git_fetch_duration,
+            manifest_read_duration,
+            store_errors,
+            log_lag,
         }
     }
 }
@@ -90,6 +195,54 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// Records that a fact's decision was saved `took` after the fact arrived.
+    pub fn fact_decided(&self, took: Duration) {
+        self.fact_to_decision.observe(took.as_secs_f64());
+    }
+
+    /// Counts saved decisions by outcome.
+    pub fn decided<'a>(&self, decisions: impl IntoIterator<Item = &'a Decision>) {
+        for decision in decisions {
+            let outcome = match (decision.outcome, &decision.superseded_by) {
+                (Outcome::Skip, Some(_)) => "superseded",
+                (Outcome::Skip, None) => "skip",
+                (Outcome::Deploy, _) => "deploy",
+                (Outcome::Hold, _) => "hold",
+            };
+            self.decisions
+                .get_or_create(&vec![("outcome", outcome)])
+                .inc();
+        }
+    }
+
+    /// Follows an agent's first stream opening on this replica, or its last one closing.
+    pub fn agent_connected(&self, connected: bool) {
+        if connected {
+            self.connected_agents.inc();
+        } else {
+            self.connected_agents.dec();
+        }
+    }
+
+    /// Counts one message of `bytes` sent on an agent's sync stream.
+    pub fn stream_sent(&self, bytes: usize) {
+        self.stream_messages.inc();
+        self.stream_bytes
+            .inc_by(u64::try_from(bytes).unwrap_or(u64::MAX));
+    }
+
+    /// Counts a failed store `operation`.
+    pub fn store_error(&self, operation: &'static str) {
+        self.store_errors
+            .get_or_create(&vec![("operation", operation)])
+            .inc();
+    }
+
+    /// The gauge the store sets to how far behind the change log this replica is.
+    pub fn log_lag(&self) -> LogLag {
+        self.log_lag.clone()
+    }
+
     /// The OpenMetrics text exposition, with the git counters brought up to `git`.
     pub fn encode(&self, git: GitStats) -> Result<String, std::fmt::Error> {
         catch_up(&self.git_fetches, git.fetches);
@@ -97,6 +250,16 @@ impl Metrics {
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+impl GitTimer for Metrics {
+    fn fetched(&self, took: Duration) {
+        self.git_fetch_duration.observe(took.as_secs_f64());
+    }
+
+    fn read(&self, took: Duration) {
+        self.manifest_read_duration.observe(took.as_secs_f64());
     }
 }
 
@@ -111,25 +274,94 @@ fn catch_up(counter: &Counter, total: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gate::Sha;
+
+    fn line(text: &str, prefix: &str) -> Option<String> {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_owned)
+    }
 
     #[test]
     fn resyncs_are_exposed_under_the_name_operators_alert_on() {
         let metrics = Metrics::default();
-        let line = |text: &str| {
-            text.lines()
-                .find(|l| l.starts_with("greenlight_change_log_resyncs_total "))
-                .map(str::to_owned)
-        };
+        let resyncs = "greenlight_change_log_resyncs_total ";
         let text = metrics.encode(GitStats::default()).unwrap();
         assert_eq!(
-            line(&text).as_deref(),
+            line(&text, resyncs).as_deref(),
             Some("greenlight_change_log_resyncs_total 0")
         );
         metrics.log_resync();
         let text = metrics.encode(GitStats::default()).unwrap();
         assert_eq!(
-            line(&text).as_deref(),
+            line(&text, resyncs).as_deref(),
             Some("greenlight_change_log_resyncs_total 1")
         );
+    }
+
+    fn decision(outcome: Outcome, superseded_by: Option<Sha>) -> Decision {
+        Decision {
+            outcome,
+            sha: None,
+            pipeline_id: None,
+            reason: String::new(),
+            at_ms: 0,
+            superseded_by,
+        }
+    }
+
+    #[test]
+    fn a_superseded_skip_is_counted_as_superseded_only() {
+        let metrics = Metrics::default();
+        let newer = Sha::parse(&"a".repeat(40)).unwrap();
+        metrics.decided(&[
+            decision(Outcome::Deploy, None),
+            decision(Outcome::Hold, None),
+            decision(Outcome::Skip, None),
+            decision(Outcome::Skip, Some(newer)),
+        ]);
+        let text = metrics.encode(GitStats::default()).unwrap();
+        for outcome in ["deploy", "hold", "skip", "superseded"] {
+            let sample = format!("greenlight_decisions_total{{outcome=\"{outcome}\"}} ");
+            assert_eq!(
+                line(&text, &sample),
+                Some(format!("{sample}1")),
+                "{outcome} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn connections_streams_git_and_lag_are_exposed() {
+        let metrics = Metrics::default();
+        metrics.agent_connected(true);
+        metrics.agent_connected(true);
+        metrics.agent_connected(false);
+        metrics.stream_sent(100);
+        metrics.stream_sent(28);
+        metrics.fetched(Duration::from_millis(1500));
+        metrics.read(Duration::from_millis(3));
+        metrics.fact_decided(Duration::from_millis(2));
+        metrics.store_error("load");
+        metrics.log_lag().set(0.25);
+        let text = metrics.encode(GitStats::default()).unwrap();
+        for expected in [
+            "greenlight_connected_agents 1",
+            "greenlight_sync_stream_messages_total 2",
+            "greenlight_sync_stream_bytes_total 128",
+            "greenlight_git_fetch_duration_seconds_count 1",
+            "greenlight_git_fetch_duration_seconds_bucket{le=\"2.5\"} 1",
+            "greenlight_git_fetch_duration_seconds_bucket{le=\"1.0\"} 0",
+            "greenlight_manifest_read_duration_seconds_bucket{le=\"0.005\"} 1",
+            "greenlight_fact_to_decision_seconds_bucket{le=\"0.0025\"} 1",
+            "greenlight_fact_to_decision_seconds_bucket{le=\"0.001\"} 0",
+            "greenlight_store_errors_total{operation=\"load\"} 1",
+            "greenlight_change_log_lag_seconds 0.25",
+        ] {
+            assert!(
+                text.lines().any(|l| l == expected),
+                "{expected} in:\n{text}"
+            );
+        }
     }
 }

@@ -20,7 +20,7 @@ use crate::git::Mirrors;
 use crate::gitlab::{GitLab, PipelineConfirmer, StatusPublisher, run_catch_up};
 use crate::grpc::{AdminApi, AgentApi, IngestApi};
 use crate::http::{HttpState, router};
-use crate::metrics::Metrics;
+use crate::metrics::{CountedStore, Metrics};
 use crate::store::{MemoryStore, RedisStore, Store, StoreError};
 use crate::tls::{ReloadingCert, TlsIncoming, acceptor};
 
@@ -87,8 +87,13 @@ pub async fn run(
     listeners: Listeners,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::default());
     let store: Arc<dyn Store> = match &config.redis {
-        Some(settings) => Arc::new(RedisStore::connect(settings, shutdown.clone())?),
+        Some(settings) => Arc::new(RedisStore::connect(
+            settings,
+            shutdown.clone(),
+            metrics.log_lag(),
+        )?),
         None => {
             warn!(
                 "no redis configured: using the embedded store (single replica, state is lost on restart)"
@@ -96,6 +101,7 @@ pub async fn run(
             Arc::new(MemoryStore::new())
         }
     };
+    let store: Arc<dyn Store> = Arc::new(CountedStore::new(store, metrics.clone()));
     info!(
         store = store.describe(),
         replica = config.replica_id,
@@ -105,7 +111,7 @@ pub async fn run(
     // Every background task, so that stopping waits for them instead of cutting them off.
     let tasks = TaskTracker::new();
     let catalog = Arc::new(Catalog::new(&config.agents, config.badge_secret.as_ref()));
-    let mirrors = Mirrors::new(config.git.clone());
+    let mirrors = Mirrors::with_timer(config.git.clone(), metrics.clone());
     tasks.spawn(mirrors.upkeep(
         config.agents.iter().filter_map(|a| a.source.clone()),
         shutdown.clone(),
@@ -117,7 +123,6 @@ pub async fn run(
         .transpose()
         .map_err(RunError::GitLab)?;
     let confirmer = gitlab.clone().map(PipelineConfirmer::new);
-    let metrics = Arc::new(Metrics::default());
     let engine = Engine::new(
         store,
         catalog,

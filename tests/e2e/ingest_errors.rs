@@ -360,7 +360,7 @@ async fn unknown_project_is_acknowledged_and_nothing_is_stored() -> anyhow::Resu
         url: redis.url(),
         key_prefix: "gl-test".into(),
     };
-    let store = RedisStore::connect(&settings, shutdown.clone())?;
+    let store = RedisStore::connect(&settings, shutdown.clone(), Default::default())?;
     for project in [OTHER_PROJECT, "4242"] {
         let key = RefKey {
             project: project.into(),

@@ -98,7 +98,11 @@ fn redis_store(redis: &Redis, shutdown: &CancellationToken) -> anyhow::Result<Re
         url: redis.url(),
         key_prefix: "gl-suite".to_owned(),
     };
-    Ok(RedisStore::connect(&settings, shutdown.clone())?)
+    Ok(RedisStore::connect(
+        &settings,
+        shutdown.clone(),
+        Default::default(),
+    )?)
 }
 
 fn key(project: &str, branch: &str) -> RefKey {

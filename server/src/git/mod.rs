@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -134,6 +134,21 @@ pub struct GitStats {
     pub reads: u64,
 }
 
+/// Told how long each fetch and each manifest read actually performed took (coalesced
+/// callers and cache hits excluded), as they end: how metrics time git.
+pub trait GitTimer: Send + Sync {
+    fn fetched(&self, took: Duration);
+    fn read(&self, took: Duration);
+}
+
+/// Times nothing.
+struct Untimed;
+
+impl GitTimer for Untimed {
+    fn fetched(&self, _: Duration) {}
+    fn read(&self, _: Duration) {}
+}
+
 /// The mirrors of all repositories; cheap to clone, all clones share mirrors and caches.
 #[derive(Clone)]
 pub struct Mirrors {
@@ -147,6 +162,7 @@ struct Inner {
     manifests: Mutex<ManifestCache>,
     fetches: AtomicU64,
     reads: AtomicU64,
+    timer: Arc<dyn GitTimer>,
 }
 
 /// One mirror and the fetch that may be running into it.
@@ -172,6 +188,11 @@ struct FetchSlot {
 impl Mirrors {
     /// Mirrors kept under `settings.cache_dir`, which is created on the first fetch.
     pub fn new(settings: GitSettings) -> Self {
+        Self::with_timer(settings, Arc::new(Untimed))
+    }
+
+    /// Mirrors as [`Mirrors::new`] makes them, telling `timer` how long their work took.
+    pub fn with_timer(settings: GitSettings, timer: Arc<dyn GitTimer>) -> Self {
         // gix fetches over https with reqwest, which needs the process-wide provider.
         greenlight::tls::install_ring();
         Self {
@@ -181,6 +202,7 @@ impl Mirrors {
                 manifests: Mutex::new(ManifestCache::default()),
                 fetches: AtomicU64::new(0),
                 reads: AtomicU64::new(0),
+                timer,
             }),
         }
     }
@@ -333,7 +355,8 @@ impl Mirrors {
         let sha = sha.clone();
         let limits = self.inner.settings.limits;
         let inner = self.inner.clone();
-        blocking(move || {
+        let started = Instant::now();
+        let read = blocking(move || {
             inner.reads.fetch_add(1, Ordering::Relaxed);
             let repo = mirror::open(&dir)?.ok_or_else(|| GitError::Repository {
                 message: format!("mirror {} vanished", dir.display()),
@@ -342,7 +365,9 @@ impl Mirrors {
                 .ok_or_else(|| GitError::CommitMissing { sha: sha.clone() })?;
             manifests::read(&repo, commit, &patterns, limits).map(Arc::new)
         })
-        .await
+        .await;
+        self.inner.timer.read(started.elapsed());
+        read
     }
 
     /// The mirror of `source`, marked as used now.
@@ -385,6 +410,7 @@ async fn run_fetch(
     let url = mirror::display_url(&job.url);
     let after = job.timeout;
     inner.fetches.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
     let mut work = tokio::task::spawn_blocking({
         let interrupt = interrupt.clone();
         move || mirror::fetch(&job, &interrupt)
@@ -392,6 +418,7 @@ async fn run_fetch(
     let outcome = match tokio::time::timeout(after, &mut work).await {
         Ok(joined) => joined.unwrap_or_else(|err| Err(panicked(err))),
         Err(_) => {
+            inner.timer.fetched(started.elapsed());
             interrupt.store(true, Ordering::SeqCst);
             let timed_out = GitError::Timeout {
                 url: url.clone(),
@@ -408,6 +435,7 @@ async fn run_fetch(
             return;
         }
     };
+    inner.timer.fetched(started.elapsed());
     if let Err(err) = &outcome {
         tracing::warn!(%url, error = %err, "fetch failed");
     }

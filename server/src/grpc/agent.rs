@@ -21,6 +21,7 @@ use crate::config::{AgentSpec, ApplySettings};
 use crate::engine::Engine;
 use crate::gate::{Revision, Sha};
 use crate::git::ManifestSet;
+use crate::metrics::Metrics;
 
 /// Messages buffered per stream: a slow agent holds at most this many, and blocks only itself.
 const STREAM_BUFFER: usize = 16;
@@ -102,6 +103,7 @@ async fn send_revision(
     agent: &AgentSpec,
     revision: &Revision,
     files: Option<&ManifestSet>,
+    metrics: &Metrics,
 ) -> bool {
     let (file_count, total_bytes, digest) = match files {
         Some(set) => (set.files.len(), set.total_bytes, set.content_sha256.clone()),
@@ -116,7 +118,7 @@ async fn send_revision(
         settings: Some(settings_to_proto(&agent.apply)),
         agent: agent.name.clone(),
     };
-    if !deliver(tx, Event::Header(header)).await {
+    if !deliver(tx, Event::Header(header), metrics).await {
         return false;
     }
     for file in files.map(|set| set.files.as_slice()).unwrap_or_default() {
@@ -128,7 +130,7 @@ async fn send_revision(
                 path: file.path.clone(),
                 data: file.content.slice(offset..end),
             };
-            if !deliver(tx, Event::Chunk(chunk)).await {
+            if !deliver(tx, Event::Chunk(chunk), metrics).await {
                 return false;
             }
             offset = end;
@@ -140,12 +142,18 @@ async fn send_revision(
     let trailer = v1::RevisionTrailer {
         content_sha256: digest,
     };
-    deliver(tx, Event::Trailer(trailer)).await
+    deliver(tx, Event::Trailer(trailer), metrics).await
 }
 
 /// Sends one event; `false` when the agent went away or stopped reading (see [`Outbox`]).
-async fn deliver(tx: &mut Outbox<v1::SyncEvent>, event: Event) -> bool {
-    tx.send(v1::SyncEvent { event: Some(event) }).await
+async fn deliver(tx: &mut Outbox<v1::SyncEvent>, event: Event, metrics: &Metrics) -> bool {
+    let message = v1::SyncEvent { event: Some(event) };
+    let bytes = message.encoded_len();
+    let sent = tx.send(message).await;
+    if sent {
+        metrics.stream_sent(bytes);
+    }
+    sent
 }
 
 /// What waiting on a stream's inputs yielded.
@@ -227,7 +235,7 @@ impl AgentService for AgentApi {
                                     debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
                                     let delivered = tokio::select! {
                                         _ = shutdown.cancelled() => false,
-                                        delivered = send_revision(&mut tx, &agent, &revision, files.as_deref()) => delivered,
+                                        delivered = send_revision(&mut tx, &agent, &revision, files.as_deref(), engine.metrics()) => delivered,
                                     };
                                     if !delivered {
                                         break;

@@ -24,6 +24,7 @@ use super::{
     RefKey, Result, SaveOutcome, Store, StoreError, Versioned,
 };
 use crate::config::RedisSettings;
+use crate::metrics::LogLag;
 
 /// Conditional write of a ref document: checks the delivery marker and the version, writes,
 /// marks the delivery and appends to the change log, or does nothing at all.
@@ -65,8 +66,13 @@ pub struct RedisStore {
 
 impl RedisStore {
     /// Connects lazily (the server starts even while Redis is down) and starts listening for
-    /// other replicas' announcements until `shutdown`.
-    pub fn connect(settings: &RedisSettings, shutdown: CancellationToken) -> Result<Self> {
+    /// other replicas' announcements until `shutdown`, keeping `lag` at how far behind the
+    /// change log that is.
+    pub fn connect(
+        settings: &RedisSettings,
+        shutdown: CancellationToken,
+        lag: LogLag,
+    ) -> Result<Self> {
         let client = redis::Client::open(settings.url.as_str())?;
         // Fail fast while Redis is down: webhooks must answer 503 well within GitLab's 10 s.
         let config = ConnectionManagerConfig::new()
@@ -79,7 +85,7 @@ impl RedisStore {
         let log = format!("{prefix}:log");
         let notices = broadcast::channel(4096).0;
         tokio::spawn(
-            follow_log(client.clone(), log.clone(), notices.clone(), shutdown)
+            follow_log(client.clone(), log.clone(), notices.clone(), lag, shutdown)
                 .instrument(info_span!("change_log")),
         );
         Ok(Self {
@@ -565,6 +571,7 @@ async fn follow_log(
     client: redis::Client,
     log: String,
     notices: broadcast::Sender<Notice>,
+    lag: LogLag,
     shutdown: CancellationToken,
 ) {
     let mut last: Option<EntryId> = None;
@@ -600,6 +607,7 @@ async fn follow_log(
                     .map(|key| key.ids)
                     .unwrap_or_default();
                 if entries.is_empty() {
+                    lag.set(0.0);
                     // An empty answer is also the moment to notice a log that was reset
                     // (Redis restarted without its data) under a live connection.
                     let (newest, max_deleted) = log_position(&mut conn, &log).await?;
@@ -627,6 +635,7 @@ async fn follow_log(
                     position = id;
                     last = Some(id);
                 }
+                lag.set(seconds_behind(position, now_ms()));
             }
             #[allow(unreachable_code)]
             Ok::<(), redis::RedisError>(())
@@ -649,6 +658,13 @@ fn now_ms() -> i64 {
     crate::clock::now_ms()
 }
 
+/// Seconds from the append of entry `id` (its id starts with Redis's clock in ms) to
+/// `now_ms`; 0 when the clocks disagree the other way.
+fn seconds_behind(id: EntryId, now_ms: i64) -> f64 {
+    let appended = i64::try_from(id.0).unwrap_or(i64::MAX);
+    now_ms.saturating_sub(appended).max(0) as f64 / 1000.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -669,6 +685,23 @@ mod tests {
         assert!(id(5, 10) < id(6, 0));
         assert!(id(5, 2) < id(5, 10), "numeric, not textual");
         assert_eq!(id(5, 10).to_string(), "5-10");
+    }
+
+    #[test]
+    fn lag_is_read_from_the_time_in_the_entry_id() {
+        assert_eq!(
+            seconds_behind(id(1_700_000_000_000, 4), 1_700_000_001_500),
+            1.5
+        );
+        assert_eq!(
+            seconds_behind(id(1_700_000_000_000, 0), 1_700_000_000_000),
+            0.0
+        );
+        // Redis's clock ahead of this replica's.
+        assert_eq!(
+            seconds_behind(id(1_700_000_002_000, 0), 1_700_000_000_000),
+            0.0
+        );
     }
 
     #[test]
