@@ -5,8 +5,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::routing::get;
+use greenlight::v1::{Phase, StatusReport, object_result::Action};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -15,12 +16,17 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
+/// What `/metrics` serves: OpenMetrics, which is what [`encode`] writes (a counter's samples
+/// end in `_total`, which Prometheus's older text format would not attribute to it).
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
 /// Labels: one name, one value.
 pub type Labels = Vec<(&'static str, &'static str)>;
 
-/// Seconds, from a fast apply to a long rollout.
-const APPLY_BUCKETS: [f64; 12] = [
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+/// Seconds, from a reconcile that writes nothing (milliseconds) to a long rollout (the
+/// default health timeout is 5 minutes).
+const APPLY_BUCKETS: [f64; 16] = [
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0,
 ];
 
 /// What the agent counts.
@@ -107,6 +113,22 @@ impl AgentMetrics {
         self.objects.get_or_create(&vec![("action", action)]).inc();
     }
 
+    /// Counts the objects of `report` by what the apply did to them, once per apply: from
+    /// the report that ends it, `Applied` or `Failed` (later health reports repeat objects).
+    pub fn reported(&self, report: &StatusReport) {
+        if !matches!(report.phase(), Phase::Applied | Phase::Failed) {
+            return;
+        }
+        for object in &report.objects {
+            self.object(match object.action() {
+                Action::Applied => "applied",
+                Action::Pruned => "pruned",
+                Action::Failed => "failed",
+                _ => "unchanged",
+            });
+        }
+    }
+
     /// Records a connection to the server; all but the first are reconnects.
     pub fn connected(&self) {
         if self.connected.swap(true, Ordering::AcqRel) {
@@ -134,7 +156,9 @@ pub async fn serve(
     let app = Router::new()
         .route(
             "/metrics",
-            get(|State(m): State<Arc<AgentMetrics>>| async move { m.render() }),
+            get(|State(m): State<Arc<AgentMetrics>>| async move {
+                ([(header::CONTENT_TYPE, CONTENT_TYPE)], m.render())
+            }),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route(
@@ -186,5 +210,46 @@ mod tests {
             text.contains("greenlight_agent_apply_duration_seconds_bucket"),
             "{text}"
         );
+    }
+
+    fn report(phase: Phase, actions: &[Action]) -> StatusReport {
+        let mut report = StatusReport::default();
+        report.set_phase(phase);
+        report.objects = actions
+            .iter()
+            .map(|action| {
+                let mut object = greenlight::v1::ObjectResult::default();
+                object.set_action(*action);
+                object
+            })
+            .collect();
+        report
+    }
+
+    #[test]
+    fn objects_are_counted_from_the_report_that_ends_an_apply_failed_ones_included() {
+        let metrics = AgentMetrics::default();
+        let count = |action: &str| {
+            let sample = format!("greenlight_agent_objects_total{{action=\"{action}\"}} ");
+            metrics
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix(sample.as_str()).map(str::to_owned))
+                .unwrap_or_else(|| "0".to_owned())
+        };
+        // An apply that failed: one object written before another was refused.
+        metrics.reported(&report(Phase::Failed, &[Action::Applied, Action::Failed]));
+        assert_eq!(count("failed"), "1");
+        assert_eq!(count("applied"), "1");
+        // A successful apply, then its health reports, which repeat objects.
+        let done = [Action::Applied, Action::Unchanged, Action::Pruned];
+        metrics.reported(&report(Phase::Applied, &done));
+        metrics.reported(&report(Phase::Degraded, &done));
+        metrics.reported(&report(Phase::Healthy, &done));
+        metrics.reported(&report(Phase::Applying, &done));
+        assert_eq!(count("applied"), "2");
+        assert_eq!(count("unchanged"), "1");
+        assert_eq!(count("pruned"), "1");
+        assert_eq!(count("failed"), "1");
     }
 }

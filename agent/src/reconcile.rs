@@ -154,16 +154,7 @@ impl Worker {
             received_at_unix_ms: 0,
             generation: revision.generation(),
         };
-        if report.phase() == Phase::Applied {
-            for object in &report.objects {
-                self.metrics.object(match object.action() {
-                    Action::Applied => "applied",
-                    Action::Pruned => "pruned",
-                    Action::Failed => "failed",
-                    _ => "unchanged",
-                });
-            }
-        }
+        self.metrics.reported(&report);
         greenlight::report::bound(&mut report);
         if self.reports.send(report).await.is_err() {
             warn!("report channel closed");
