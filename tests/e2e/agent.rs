@@ -1891,11 +1891,11 @@ async fn the_agent_counts_applies_drift_and_leadership_and_serves_its_probes() -
     ));
     let get = |path: &'static str| async move {
         let response = reqwest::get(format!("http://{address}{path}")).await?;
-        Ok::<_, anyhow::Error>((response.status().as_u16(), response.text().await?))
+        Ok::<_, anyhow::Error>(response.status().as_u16())
     };
-    assert_eq!(get("/healthz").await?.0, 200);
+    assert_eq!(get("/healthz").await?, 200);
     eventually("ready once connected", || async {
-        Ok((get("/readyz").await?.0 == 200).then_some(()))
+        Ok((get("/readyz").await? == 200).then_some(()))
     })
     .await?;
 
@@ -1914,22 +1914,45 @@ async fn the_agent_counts_applies_drift_and_leadership_and_serves_its_probes() -
         "-p",
         r#"{"data":{"value":"edited by hand"}}"#,
     ])?;
-    let text = eventually("a drift correction counted", || async {
-        let (_, text) = get("/metrics").await?;
-        Ok(text
-            .contains("greenlight_agent_drift_corrections_total 1")
-            .then_some(text))
+    const OBJECTS: &str = "greenlight_agent_objects_total";
+    const APPLIES: &str = "greenlight_agent_applies_total";
+    // Every scrape is read whole, strictly: a line Prometheus would refuse fails the test.
+    let metrics = eventually("a drift correction counted", || async {
+        let metrics = exposition::scrape(address).await?;
+        let corrections = metrics.count("greenlight_agent_drift_corrections_total", &[]);
+        Ok((corrections == 1.0).then_some(metrics))
     })
     .await?;
-    for line in [
-        "greenlight_agent_applies_total{result=\"healthy\"}",
-        "greenlight_agent_objects_total{action=\"applied\"}",
-        "greenlight_agent_leader 1",
-        "greenlight_agent_apply_duration_seconds_count",
-        "greenlight_agent_health_wait_seconds_count",
-    ] {
-        assert!(text.contains(line), "{line} in:\n{text}");
-    }
+    assert!(metrics.count(APPLIES, &[("result", "healthy")]) >= 1.0);
+    assert!(metrics.count(OBJECTS, &[("action", "applied")]) >= 1.0);
+    assert_eq!(metrics.count("greenlight_agent_leader", &[]), 1.0);
+    assert!(metrics.count("greenlight_agent_apply_duration_seconds_count", &[]) >= 1.0);
+    assert!(metrics.count("greenlight_agent_health_wait_seconds_count", &[]) >= 1.0);
+    assert_eq!(metrics.count(OBJECTS, &[("action", "failed")]), 0.0);
+
+    // The API server refuses one object of the next revision (a ConfigMap key may not hold
+    // a space): the apply fails, and the refused object is counted as failed.
+    let refused =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: refused}\ndata: {\"not a key\": x}\n";
+    let y = w.repo.commit(&[("b.yaml", refused.as_bytes())], &[])?;
+    w.server.release(&x, &y, 2).await?;
+    let failed = w.server.reported("prod", &y, Phase::Failed).await?;
+    assert!(
+        failed
+            .objects
+            .iter()
+            .any(|o| o.name == "refused" && o.action() == Action::Failed),
+        "{failed:?}"
+    );
+    // The apply is counted as it returns, just after its report: wait for both. (A failed
+    // revision is retried after 10 s at the earliest, each time failing on one object.)
+    eventually("the failed apply counted", || async {
+        let metrics = exposition::scrape(address).await?;
+        let objects = metrics.count(OBJECTS, &[("action", "failed")]);
+        let applies = metrics.count(APPLIES, &[("result", "failed")]);
+        Ok((applies >= 1.0 && objects >= applies).then_some(()))
+    })
+    .await?;
     stop.cancel();
     Ok(())
 }

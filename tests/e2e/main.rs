@@ -8,6 +8,7 @@ mod deploy;
 mod gate;
 mod git;
 mod ingest_errors;
+mod metrics;
 mod real_cluster;
 mod replicas;
 mod status_page;

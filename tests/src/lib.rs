@@ -2,6 +2,7 @@
 //! git repositories, and a real Kubernetes control plane (`control_plane`).
 
 pub mod control_plane;
+pub mod exposition;
 pub mod fake_gitlab;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
