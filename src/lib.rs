@@ -8,6 +8,8 @@ pub mod ctl;
 pub mod digest;
 pub mod health_check;
 pub mod report;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod tls;
 
 /// Generated protobuf messages and gRPC stubs of the `greenlight.v1` package.

@@ -81,12 +81,19 @@ impl Client {
 
     /// Reports progress or a result for a revision.
     pub async fn report(&self, report: StatusReport) -> Result<(), ClientError> {
-        self.inner
-            .clone()
-            .report_status(ReportStatusRequest {
-                report: Some(report),
-            })
-            .await?;
+        let traceparent = report.traceparent.clone();
+        let mut request = tonic::Request::new(ReportStatusRequest {
+            report: Some(report),
+        });
+        // W3C propagation: the server records the report in the apply's trace.
+        if !traceparent.is_empty()
+            && let Ok(value) = traceparent.parse()
+        {
+            request
+                .metadata_mut()
+                .insert(greenlight::telemetry::TRACEPARENT, value);
+        }
+        self.inner.clone().report_status(request).await?;
         Ok(())
     }
 }

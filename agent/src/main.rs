@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
+use greenlight::telemetry::{self, LogFormat, TelemetrySettings};
 use greenlight_agent::lease::LEASE_DURATION;
 use greenlight_agent::metrics::AgentMetrics;
 use greenlight_agent::run::{self, Settings};
@@ -49,16 +50,35 @@ struct Cli {
         default_value = "0.0.0.0:8080"
     )]
     metrics_listen: String,
+    /// Log lines as `text` or `json`; which lines is set by RUST_LOG (default `info`).
+    #[arg(long, env = "GREENLIGHT_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    /// OTLP/gRPC endpoint spans are exported to (`http://collector:4317`); defaults to
+    /// OTEL_EXPORTER_OTLP_ENDPOINT; none exports nothing.
+    #[arg(long, env = "GREENLIGHT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let telemetry = telemetry::init_on(
+        &runtime,
+        &TelemetrySettings {
+            service: "greenlight-agent",
+            log_format: cli.log_format,
+            otlp_endpoint: telemetry::endpoint_from(cli.otlp_endpoint.clone()),
+        },
+    )?;
+    let result = agent_main(cli, &runtime);
+    // Flushes the spans of the last moments while the runtime still runs.
+    drop(telemetry);
+    result
+}
+
+fn agent_main(cli: Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     greenlight::tls::install_ring();
     // A refused address is a configuration error: exit now rather than retry forever.
     greenlight::connect::check_address(&cli.server, cli.insecure)?;
@@ -103,9 +123,6 @@ fn main() -> anyhow::Result<()> {
     let metrics_listener = std::net::TcpListener::bind(&cli.metrics_listen)
         .with_context(|| format!("cannot listen on --metrics-listen {}", cli.metrics_listen))?;
     metrics_listener.set_nonblocking(true)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     runtime.block_on(async {
         let mut config = kube::Config::infer().await.context(
             "cannot reach the cluster: no in-cluster service account and no usable KUBECONFIG",

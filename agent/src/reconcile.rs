@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use greenlight::v1::{ApplySettings, ObjectResult, Phase, StatusReport, object_result::Action};
 use kube::api::DynamicObject;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::assemble::ReadyRevision;
 use crate::cluster::{Cluster, ClusterError, Deleted, ObjectRef, Resolved, Write, Written};
@@ -23,6 +23,7 @@ use crate::plan::{
     Version, apply_stages, cascades, prune_allowed, prune_set,
 };
 use greenlight::backoff::jittered;
+use greenlight::telemetry;
 
 /// The field manager of every write.
 pub const FIELD_MANAGER: &str = "greenlight";
@@ -153,6 +154,7 @@ impl Worker {
             objects_total: u32::try_from(total).unwrap_or(u32::MAX),
             received_at_unix_ms: 0,
             generation: revision.generation(),
+            traceparent: telemetry::traceparent(&tracing::Span::current()).unwrap_or_default(),
         };
         self.metrics.reported(&report);
         greenlight::report::bound(&mut report);
@@ -212,8 +214,24 @@ impl Worker {
         .await
     }
 
-    /// Applies `revision`; `stop` is polled at safe points between objects.
+    /// Applies `revision`; `stop` is polled at safe points between objects. The work joins
+    /// the trace of the decision that chose the revision.
     pub async fn reconcile(
+        &mut self,
+        revision: &ReadyRevision,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Outcome {
+        let span = tracing::info_span!(
+            "apply",
+            sha = revision.sha(),
+            generation = revision.generation(),
+            trace_id = tracing::field::Empty,
+        );
+        telemetry::adopt(&span, Some(revision.header.traceparent.as_str()));
+        self.reconcile_traced(revision, stop).instrument(span).await
+    }
+
+    async fn reconcile_traced(
         &mut self,
         revision: &ReadyRevision,
         stop: &(dyn Fn() -> bool + Sync),
@@ -450,6 +468,8 @@ impl Worker {
                     Err(message) => return self.fail(revision, message, results).await,
                 }
             }
+            let stage_span =
+                tracing::info_span!("apply_stage", stage = ?stage, objects = group.len());
             let pending: Vec<_> = group
                 .iter()
                 .map(|item| self.apply_item(item, &settings, stop))
@@ -457,9 +477,15 @@ impl Worker {
             let outcomes: Vec<ItemOutcome> = futures_util::stream::iter(pending)
                 .buffer_unordered(APPLY_CONCURRENCY)
                 .collect()
+                .instrument(stage_span.clone())
                 .await;
             for outcome in outcomes {
-                failed |= outcome.result.action() == Action::Failed;
+                if outcome.result.action() == Action::Failed {
+                    failed = true;
+                    // One span per failed object, so a trace names what went wrong.
+                    tracing::info_span!(parent: &stage_span, "object_failed", object = %outcome.key)
+                        .in_scope(|| warn!(error = outcome.result.message, "apply failed"));
+                }
                 if let Some(terminating) = outcome.terminating {
                     doomed.push(format!("{} ({})", outcome.key, terminating.waiting_for()));
                     doomed_objects.push(outcome.result.clone());
@@ -1044,7 +1070,10 @@ impl Worker {
     ) -> Outcome {
         let watch = HealthWatch::new(&self.cluster, desired, settings);
         let started = std::time::Instant::now();
-        let waited = watch.wait(stop).await;
+        let waited = watch
+            .wait(stop)
+            .instrument(tracing::info_span!("health_wait", objects = desired.len()))
+            .await;
         self.metrics
             .health_wait
             .observe(started.elapsed().as_secs_f64());

@@ -236,6 +236,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Private badge URLs are derived from this; without it they are not served.
     pub badge_secret: Option<Secret>,
+    /// Where spans are exported (OTLP/gRPC); none exports nothing.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// Values from flags or environment that win over the file.
@@ -266,6 +268,13 @@ struct FileConfig {
     gitlab: Option<GitLabFile>,
     tls: Option<TlsFile>,
     badges: Option<BadgesFile>,
+    telemetry: Option<TelemetryFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TelemetryFile {
+    otlp_endpoint: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -1133,6 +1142,7 @@ impl Config {
             gitlab,
             tls,
             badge_secret,
+            otlp_endpoint: file.telemetry.and_then(|t| t.otlp_endpoint),
         })
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::catalog::{Catalog, ref_key};
 use crate::clock::now_ms;
@@ -409,7 +409,7 @@ impl Engine {
             _ => None,
         };
         self.update(&key, None, target.as_ref(), |doc, env| {
-            let RefDoc { refs, agents } = doc;
+            let RefDoc { refs, agents, .. } = doc;
             let gate = agents.entry(agent.to_owned()).or_default();
             let lineage = RefLineage::new(refs, env.git);
             let cx = Context {
@@ -492,7 +492,10 @@ impl Engine {
         };
         let engine = self.clone();
         let repository = crate::git::display_url(&source.url);
-        let span = tracing::info_span!("fetch", %repository, %key);
+        // Joins the trace of what asked for it (a push), so that a decision the fetch makes
+        // possible is still part of that trace.
+        let span =
+            tracing::info_span!(parent: &tracing::Span::current(), "fetch", %repository, %key);
         self.tasks.spawn(tracing::Instrument::instrument(
             async move {
                 let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -674,7 +677,8 @@ impl Engine {
     fn offer(&self, key: &RefKey, version: u64, doc: &RefDoc, force: bool) {
         for agent in self.catalog.watchers(key) {
             let desired = doc.agents.get(agent).and_then(|g| g.desired.as_ref());
-            self.hub.offer(agent, version, desired, force);
+            let trace = doc.traces.get(agent).map(String::as_str);
+            self.hub.offer(agent, version, desired, trace, force);
         }
     }
 
@@ -698,7 +702,11 @@ impl Engine {
                 catalog: &self.catalog,
                 git: git.as_ref(),
             };
-            let steps = match change(&mut doc, &env)? {
+            let evaluated = {
+                let _span = tracing::info_span!("evaluate_gate", %key, attempt).entered();
+                change(&mut doc, &env)?
+            };
+            let steps = match evaluated {
                 Change::Clean => {
                     // Nothing to write, so the save's own duplicate check does not run: tell
                     // a redelivery from a new event that merely says nothing new.
@@ -714,6 +722,7 @@ impl Engine {
                 }
                 Change::Dirty(steps) => steps,
             };
+            let trace = greenlight::telemetry::traceparent(&tracing::Span::current());
             let changed: Vec<(String, Sha)> = steps
                 .iter()
                 .filter(|(_, step)| step.desired_changed)
@@ -728,17 +737,25 @@ impl Engine {
                     step.decisions.into_iter().map(move |d| (agent.clone(), d))
                 })
                 .collect();
+            for (agent, _) in &changed {
+                match &trace {
+                    Some(trace) => doc.traces.insert(agent.clone(), trace.clone()),
+                    None => doc.traces.remove(agent),
+                };
+            }
             let notice = Broadcast::RefChanged {
                 key: key.clone(),
                 // A successful conditional save writes exactly the next version.
                 version: version + 1,
                 decisions,
+                traceparent: trace.clone(),
             };
-            match self
+            let saved = self
                 .store
                 .save(key, version, &doc, delivery, &notice)
-                .await?
-            {
+                .instrument(tracing::info_span!("record_fact", %key))
+                .await?;
+            match saved {
                 SaveOutcome::Saved { version } => {
                     if let Broadcast::RefChanged { decisions, .. } = &notice {
                         self.metrics.decided(decisions.iter().map(|(_, d)| d));
@@ -1023,7 +1040,7 @@ impl Engine {
 
 /// Advances the gate of every agent watching `key`.
 fn advance_all(doc: &mut RefDoc, key: &RefKey, env: &Env<'_>) -> Vec<(String, Step)> {
-    let RefDoc { refs, agents } = doc;
+    let RefDoc { refs, agents, .. } = doc;
     let lineage = RefLineage::new(refs, env.git);
     let catalog = env.catalog;
     catalog

@@ -13,6 +13,8 @@ pub struct Desired {
     /// Version of the ref document it was read from; older reads never overwrite newer ones.
     pub version: u64,
     pub revision: Option<Revision>,
+    /// W3C trace context of the decision that chose `revision`, when it was traced.
+    pub traceparent: Option<String>,
 }
 
 /// One watch channel per configured agent.
@@ -42,7 +44,14 @@ impl Hub {
 
     /// Publishes `revision` read at `version`. With `force` the version check is skipped:
     /// after a store outage versions may have restarted.
-    pub fn offer(&self, agent: &str, version: u64, revision: Option<&Revision>, force: bool) {
+    pub fn offer(
+        &self,
+        agent: &str,
+        version: u64,
+        revision: Option<&Revision>,
+        traceparent: Option<&str>,
+        force: bool,
+    ) {
         let Some(tx) = self.agents.get(agent) else {
             return;
         };
@@ -55,6 +64,7 @@ impl Hub {
                 return false;
             }
             current.revision = revision.cloned();
+            current.traceparent = traceparent.map(str::to_owned);
             true
         });
     }
@@ -80,24 +90,24 @@ mod tests {
     fn streams_see_new_revisions_but_not_stale_reads() {
         let hub = Hub::new(["a"]);
         let mut rx = hub.subscribe("a").unwrap();
-        hub.offer("a", 2, Some(&revision(2, 2)), false);
+        hub.offer("a", 2, Some(&revision(2, 2)), None, false);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().revision, Some(revision(2, 2)));
-        hub.offer("a", 1, Some(&revision(1, 1)), false);
+        hub.offer("a", 1, Some(&revision(1, 1)), None, false);
         assert!(!rx.has_changed().unwrap());
-        hub.offer("a", 3, Some(&revision(2, 2)), false);
+        hub.offer("a", 3, Some(&revision(2, 2)), None, false);
         assert!(
             !rx.has_changed().unwrap(),
             "same revision at a newer version is no news"
         );
-        hub.offer("a", 1, Some(&revision(1, 1)), true);
+        hub.offer("a", 1, Some(&revision(1, 1)), None, true);
         assert!(rx.has_changed().unwrap());
     }
 
     #[test]
     fn unknown_agents_are_ignored() {
         let hub = Hub::new(["a"]);
-        hub.offer("b", 1, None, false);
+        hub.offer("b", 1, None, None, false);
         assert!(hub.subscribe("b").is_none());
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use greenlight::telemetry::{self, LogFormat, TelemetrySettings};
 use greenlight_server::config::{Config, Overrides};
 use greenlight_server::{Listeners, run};
 use tokio_util::sync::CancellationToken;
@@ -33,9 +34,9 @@ struct Cli {
     /// This replica's name in presence records; overrides replica_id.
     #[arg(long, env = "GREENLIGHT_REPLICA_ID")]
     replica_id: Option<String>,
-    /// Log as JSON lines.
-    #[arg(long, env = "GREENLIGHT_LOG_JSON")]
-    log_json: bool,
+    /// Log lines as `text` or `json`; which lines is set by RUST_LOG (default `info`).
+    #[arg(long, env = "GREENLIGHT_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -72,29 +73,28 @@ fn main() -> anyhow::Result<()> {
         println!("configuration is valid: {} agent(s)", config.agents.len());
         return Ok(());
     }
-    init_tracing(cli.log_json);
     greenlight::tls::install_ring();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async {
+    let telemetry = telemetry::init_on(
+        &runtime,
+        &TelemetrySettings {
+            service: "greenlight-server",
+            log_format: cli.log_format,
+            otlp_endpoint: telemetry::endpoint_from(config.otlp_endpoint.clone()),
+        },
+    )?;
+    let served = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
         let listeners = Listeners::bind(&config).await?;
         run(config, listeners, shutdown).await?;
-        Ok(())
-    })
-}
-
-fn init_tracing(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+        anyhow::Ok(())
+    });
+    // Flushes the spans of the last moments while the runtime still runs.
+    drop(telemetry);
+    served
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

@@ -237,6 +237,7 @@ pub async fn run(
         engine,
         webhook_secrets: config.webhook_secrets.clone(),
         metrics,
+        gitlab_url: config.gitlab.as_ref().map(|gitlab| gitlab.url.clone()),
     };
     let app = router(state, config.max_body_bytes);
     let http = async {

@@ -153,6 +153,7 @@ fn changed(key: &RefKey, note: &str) -> Broadcast {
         key: key.clone(),
         version: 1,
         decisions: vec![("prod".to_owned(), decision)],
+        traceparent: None,
     }
 }
 

@@ -14,7 +14,7 @@ use greenlight::backoff::Backoff;
 use greenlight::v1::{Phase, StatusReport};
 use prost::Message;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::api::{CommitStatus, GitLab};
 use crate::catalog::ref_key;
@@ -178,6 +178,9 @@ impl StatusPublisher {
 
     /// Posts the statuses `entry` means, each once.
     async fn handle(&self, entry: &LogEntry, shutdown: &CancellationToken) -> Handled {
+        // Joins the trace of the decision or report the entry records.
+        let span = tracing::info_span!("commit_statuses", trace_id = tracing::field::Empty);
+        greenlight::telemetry::adopt(&span, trace_of(&entry.message).as_deref());
         // Bounded well within the takeover time: past it another replica would post too.
         let deadline = tokio::time::Instant::now() + RETRY_FOR.min(self.takeover / 2);
         for (agent, sha, mut status) in status_for(&entry.message, self.target_base.as_deref()) {
@@ -194,6 +197,13 @@ impl StatusPublisher {
                 sha,
                 status,
             };
+            let posting = tracing::info_span!(
+                parent: &span,
+                "post_commit_status",
+                agent = job.agent,
+                sha = job.sha,
+                state = job.status.state
+            );
             match post(
                 &self.engine,
                 &self.gitlab,
@@ -202,6 +212,7 @@ impl StatusPublisher {
                 deadline,
                 shutdown,
             )
+            .instrument(posting)
             .await
             {
                 Handled::Done => {}
@@ -209,6 +220,18 @@ impl StatusPublisher {
             }
         }
         Handled::Done
+    }
+}
+
+/// The W3C trace context a log entry carries: its decision's, or its report's.
+fn trace_of(message: &Broadcast) -> Option<String> {
+    match message {
+        Broadcast::RefChanged { traceparent, .. } => traceparent.clone(),
+        Broadcast::Report { report, .. } => StatusReport::decode(report.as_slice())
+            .ok()
+            .map(|report| report.traceparent)
+            .filter(|trace| !trace.is_empty()),
+        Broadcast::Connection { .. } => None,
     }
 }
 
@@ -326,6 +349,7 @@ mod tests {
                     decision(Outcome::Skip, "pipeline 8 is running"),
                 ),
             ],
+            traceparent: None,
         };
         let statuses = status_for(&message, Some("https://gl.example/"));
         let states: Vec<&str> = statuses.iter().map(|(_, _, s)| s.state).collect();

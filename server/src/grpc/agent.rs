@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use greenlight::backoff::Backoff;
 use greenlight::digest::ContentDigest;
+use greenlight::telemetry;
 use greenlight::v1::{self, agent_service_server::AgentService, sync_event::Event};
 use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
@@ -104,6 +105,7 @@ async fn send_revision(
     revision: &Revision,
     files: Option<&ManifestSet>,
     metrics: &Metrics,
+    traceparent: String,
 ) -> bool {
     let (file_count, total_bytes, digest) = match files {
         Some(set) => (set.files.len(), set.total_bytes, set.content_sha256.clone()),
@@ -117,6 +119,7 @@ async fn send_revision(
         total_bytes,
         settings: Some(settings_to_proto(&agent.apply)),
         agent: agent.name.clone(),
+        traceparent,
     };
     if !deliver(tx, Event::Header(header), metrics).await {
         return false;
@@ -211,7 +214,10 @@ impl AgentService for AgentApi {
                 let mut first = true;
                 let mut retry = Backoff::new(RETRY_INITIAL, RETRY_MAX);
                 loop {
-                    let revision = desired.borrow_and_update().revision.clone();
+                    let (revision, trace) = {
+                        let desired = desired.borrow_and_update();
+                        (desired.revision.clone(), desired.traceparent.clone())
+                    };
                     let mut wait_for_retry = false;
                     if let Some(revision) = revision {
                         let already = if first {
@@ -225,17 +231,35 @@ impl AgentService for AgentApi {
                         if already {
                             sent = Some((revision.sha.clone(), revision.generation));
                         } else {
+                            // Joins the trace of the decision that chose the revision.
+                            let span = info_span!(
+                                "send_revision",
+                                sha = revision.sha.short(),
+                                generation = revision.generation,
+                                trace_id = tracing::field::Empty,
+                            );
+                            telemetry::adopt(&span, trace.as_deref());
                             // Shutdown must not wait for a fetch, or for an agent that stopped reading.
                             let files = tokio::select! {
                                 _ = shutdown.cancelled() => break,
-                                files = engine.manifests(&agent, &revision.sha) => files,
+                                files = engine
+                                    .manifests(&agent, &revision.sha)
+                                    .instrument(info_span!(parent: &span, "read_manifests")) => files,
                             };
                             match files {
                                 Ok(files) => {
                                     debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
                                     let delivered = tokio::select! {
                                         _ = shutdown.cancelled() => false,
-                                        delivered = send_revision(&mut tx, &agent, &revision, files.as_deref(), engine.metrics()) => delivered,
+                                        delivered = send_revision(
+                                            &mut tx,
+                                            &agent,
+                                            &revision,
+                                            files.as_deref(),
+                                            engine.metrics(),
+                                            telemetry::traceparent(&span).unwrap_or_default(),
+                                        )
+                                        .instrument(span.clone()) => delivered,
                                     };
                                     if !delivered {
                                         break;
@@ -282,6 +306,15 @@ impl AgentService for AgentApi {
         request: Request<v1::ReportStatusRequest>,
     ) -> Result<Response<v1::ReportStatusResponse>, Status> {
         let agent = self.authenticate(&request)?;
+        // The agent's apply span, sent as W3C metadata: the report and the commit status it
+        // becomes join that trace.
+        let span =
+            info_span!("report_status", agent = %agent.name, trace_id = tracing::field::Empty);
+        let parent = request
+            .metadata()
+            .get(telemetry::TRACEPARENT)
+            .and_then(|value| value.to_str().ok());
+        telemetry::adopt(&span, parent);
         if !self.reports.allow(&agent.name, std::time::Instant::now()) {
             return Err(Status::resource_exhausted(format!(
                 "agent {} sends more than {REPORTS_PER_SECOND} status reports a second; retry later",
@@ -298,11 +331,13 @@ impl AgentService for AgentApi {
             return Err(Status::invalid_argument("report.phase is required"));
         }
         report.received_at_unix_ms = now_ms();
+        report.traceparent = telemetry::traceparent(&span).unwrap_or_default();
         // An agent of another version may send more than this one would: keep what is
         // stored (a hundred times per agent) bounded all the same.
         greenlight::report::bound(&mut report);
         self.engine
             .report(&agent.name, &revision, report.encode_to_vec())
+            .instrument(span)
             .await?;
         Ok(Response::new(v1::ReportStatusResponse {}))
     }

@@ -36,11 +36,14 @@ impl IngestApi {
         })
     }
 
+    /// The root span of the trace that follows an ingested fact to the clusters.
+    #[tracing::instrument(name = "ingest", skip_all, fields(trace_id))]
     async fn record(
         &self,
         fact: Fact,
         delivery: &str,
     ) -> Result<Response<v1::RecordResponse>, Status> {
+        greenlight::telemetry::record_trace_id(&tracing::Span::current());
         let delivery = Some(delivery.trim()).filter(|d| !d.is_empty());
         let outcome = match self.engine.record(fact, delivery).await? {
             Recording::Recorded => "recorded".to_owned(),

@@ -235,8 +235,10 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-/// Handles one delivery.
+/// Handles one delivery; the root span of the trace that follows its fact to the clusters.
+#[tracing::instrument(name = "webhook", skip_all, fields(event, trace_id))]
 pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: Bytes) -> Response {
+    greenlight::telemetry::record_trace_id(&tracing::Span::current());
     if !state.webhook_secrets.enabled() {
         state.metrics.webhook("unknown", "disabled");
         return answer(
@@ -276,6 +278,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         "Pipeline Hook" => "pipeline",
         _ => "other",
     };
+    tracing::Span::current().record("event", label);
     let fact = match event {
         "Push Hook" => parse_push(&body),
         "Pipeline Hook" => parse_pipeline(&body, crate::clock::now_ms(), state.engine.catalog()),

@@ -23,6 +23,8 @@ pub struct HttpState {
     pub engine: Arc<Engine>,
     pub webhook_secrets: WebhookSecrets,
     pub metrics: Arc<Metrics>,
+    /// GitLab's base URL (`gitlab.url`), for links to commits; none when unset.
+    pub gitlab_url: Option<String>,
 }
 
 /// The HTTP routes.

@@ -693,10 +693,12 @@ async fn serve(state: &HttpState, name: &str, key: Option<&str>) -> Response {
         Ok(read) => read,
         Err(error) => return (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response(),
     };
-    // `gitlab.url` is not part of the HTTP listener's state yet: until it is, commits are
-    // shown without their GitLab link.
-    let gitlab_url = None;
-    let html = render(&view(&status, &history, gitlab_url, now_ms()));
+    let html = render(&view(
+        &status,
+        &history,
+        state.gitlab_url.as_deref(),
+        now_ms(),
+    ));
     (
         StatusCode::OK,
         [

@@ -67,6 +67,11 @@ impl std::fmt::Display for RefKey {
 pub struct RefDoc {
     pub refs: RefState,
     pub agents: BTreeMap<String, AgentGate>,
+    /// Per agent, the W3C trace context of the decision that set its desired revision, so
+    /// that the stream sending it, on whichever replica, and the agent's apply join that
+    /// trace. Not part of the gate: it never changes what is decided.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub traces: BTreeMap<String, String>,
 }
 
 /// A value and the version it was read at.
@@ -99,6 +104,9 @@ pub enum Broadcast {
         #[serde(default)]
         version: u64,
         decisions: Vec<(String, Decision)>,
+        /// W3C trace context of the change, for whoever acts on it (commit statuses).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
     },
     /// A prost-encoded `greenlight.v1.StatusReport`.
     Report { agent: String, report: Vec<u8> },
