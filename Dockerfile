@@ -2,8 +2,9 @@
 # One image with greenlight-server, greenlight-agent and greenlightctl, for the chart in
 # deploy/helm/greenlight (which runs each by its `command`):
 #   docker build -t registry.example.com/greenlight/greenlight:0.1.0 .
-# The build stage compiles on Debian bookworm; the runtime is distroless's cc image of the
-# same Debian (glibc, libgcc, CA certificates, no shell), as its non-root user 65532.
+# The build stage compiles on Debian bookworm; the runtime is the same Debian, slim, with the
+# git CLI the server needs for mirror upkeep (gix cannot repack) and file:// repositories,
+# run as the non-root user 65532.
 
 ARG RUST_VERSION=1.95
 
@@ -19,7 +20,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && mkdir -p /out \
  && cp target/release/greenlight-server target/release/greenlight-agent target/release/greenlightctl /out/
 
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends git ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --uid 65532 --user-group --no-create-home --home-dir /nonexistent greenlight
 COPY --from=build /out/ /usr/local/bin/
 USER 65532:65532
 # gRPC (agents, operators, ingest) and HTTP (webhooks, probes, metrics).
