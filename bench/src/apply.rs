@@ -304,24 +304,38 @@ fn kubectl_requests(
         .collect())
 }
 
-/// When a Deployment's status in `namespace` was last written since `mark`, in ms since the
-/// epoch by the API server's clock: the controllers' end of a rollout.
-fn last_deployment_status(
-    plane: &ControlPlane,
-    mark: u64,
-    namespace: &str,
-) -> anyhow::Result<Option<i64>> {
-    Ok(logged_since(plane, mark)?
-        .iter()
-        .filter(|l| {
-            l.request.resource == "deployments"
-                && l.subresource == "status"
-                && l.request.is_write()
-                && l.request.namespace.as_deref() == Some(namespace)
-        })
-        .filter_map(|l| l.request.completed)
-        .map(|t| t.as_millisecond())
-        .max())
+/// A rollout as the API server saw it, in ms since the epoch by its clock.
+struct Timeline {
+    /// The applier's first and last write of a Deployment (server-side apply PATCHes).
+    first_write: i64,
+    last_write: i64,
+    /// The controllers' last write of a Deployment's status: the end of the rollout.
+    last_status: i64,
+}
+
+/// The rollout of the Deployments in `namespace` since `mark`.
+fn timeline(plane: &ControlPlane, mark: u64, namespace: &str) -> anyhow::Result<Timeline> {
+    let logged = logged_since(plane, mark)?;
+    let at = |status: bool| {
+        logged
+            .iter()
+            .filter(move |l| {
+                l.request.resource == "deployments"
+                    && l.request.namespace.as_deref() == Some(namespace)
+                    && l.request.is_write()
+                    && (l.subresource == "status") == status
+                    // The appliers apply; the deployment controller updates annotations.
+                    && (status || l.request.verb == "patch")
+            })
+            .filter_map(|l| l.request.completed)
+            .map(|t| t.as_millisecond())
+    };
+    let context = || format!("no Deployment written in {namespace}");
+    Ok(Timeline {
+        first_write: at(false).min().with_context(context)?,
+        last_write: at(false).max().with_context(context)?,
+        last_status: at(true).max().with_context(context)?,
+    })
 }
 
 /// kubectl acting as the tests' admin in one namespace, with a discovery cache of the run's
@@ -514,12 +528,44 @@ impl Drop for NodeLease {
     }
 }
 
-/// A webhook-to-Healthy rollout: when the apply ended, when the controllers last wrote a
-/// Deployment's status and when the outcome was known, in ms from the start.
+/// A rollout from its start (the webhook, kubectl starting) until the applier knew it was
+/// done (the agent's Healthy report received, `kubectl rollout status` exited), in ms.
 struct Rollout {
-    applied: i64,
-    controllers_done: i64,
-    total: i64,
+    /// Until the first Deployment was written.
+    lead_in: i64,
+    /// From the first Deployment written to the controllers' last status write.
+    rollout: i64,
+    /// The applier's writes, first to last: part of `rollout`, overlapping the controllers.
+    writes: i64,
+    /// From the last status write until the applier knew.
+    noticing: i64,
+}
+
+impl Rollout {
+    /// `start` and `end` in ms since the epoch.
+    fn of(start: i64, timeline: &Timeline, end: i64) -> Self {
+        Self {
+            lead_in: timeline.first_write - start,
+            rollout: timeline.last_status - timeline.first_write,
+            writes: timeline.last_write - timeline.first_write,
+            noticing: end - timeline.last_status,
+        }
+    }
+
+    fn total(&self) -> i64 {
+        self.lead_in + self.rollout + self.noticing
+    }
+
+    fn describe(&self, start: &str, noticing: &str) -> String {
+        format!(
+            "{} ms = {start} to its first Deployment write {} ms + from it to the controllers' last Deployment status write {} ms (its own writes took {} ms of it) + {noticing} {} ms",
+            self.total(),
+            self.lead_in,
+            self.rollout,
+            self.writes,
+            self.noticing
+        )
+    }
 }
 
 /// The Deployments scenario, by the agent and by kubectl.
@@ -530,18 +576,6 @@ struct Rollouts {
     kubectl: Rollout,
     kubectl_apply: Timed,
     kubectl_status: Timed,
-}
-
-impl Rollout {
-    fn describe(&self, applier: &str, noticing: &str) -> String {
-        format!(
-            "{} ms = {applier} {} ms + controllers {} ms (to the last Deployment status write) + {noticing} {} ms",
-            self.total,
-            self.applied,
-            self.controllers_done - self.applied,
-            self.total - self.controllers_done
-        )
-    }
 }
 
 pub async fn run(args: Args) -> anyhow::Result<()> {
@@ -701,14 +735,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         let mark = plane.audit_mark();
         let kubectl_apply = kubectl.apply(&workloads_dir)?;
         let kubectl_status = kubectl.rollout_status(&workloads_dir)?;
-        let done = last_deployment_status(plane, mark, &ceiling)?
-            .context("no Deployment status written in kubectl's namespace")?;
-        let started = kubectl_apply.started_unix_ms;
-        let by_kubectl = Rollout {
-            applied: ms_i64(kubectl_apply.took),
-            controllers_done: done - started,
-            total: kubectl_status.started_unix_ms + ms_i64(kubectl_status.took) - started,
-        };
+        let by_kubectl = Rollout::of(
+            kubectl_apply.started_unix_ms,
+            &timeline(plane, mark, &ceiling)?,
+            kubectl_status.started_unix_ms + ms_i64(kubectl_status.took),
+        );
 
         let mut all = files.clone();
         all.extend(workload_files.iter().cloned());
@@ -731,16 +762,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             green.at_unix_ms,
         )
         .await?;
-        let done = last_deployment_status(plane, mark, &apps)?
-            .context("no Deployment status written in the agent's namespace")?;
-        let by_agent = Rollout {
-            applied: reports
-                .iter()
-                .find(|(p, _)| *p == Phase::Applied)
-                .map_or(0, |(_, at)| *at),
-            controllers_done: done - green.at_unix_ms,
-            total: healthy.received_at_unix_ms - green.at_unix_ms,
-        };
+        let by_agent = Rollout::of(
+            green.at_unix_ms,
+            &timeline(plane, mark, &apps)?,
+            healthy.received_at_unix_ms,
+        );
         rollouts = Some(Rollouts {
             agent: by_agent,
             reports,
@@ -813,13 +839,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         );
         println!(
             "  agent: webhook -> Healthy {}",
-            rollouts.agent.describe("agent's apply", "agent noticing")
+            rollouts
+                .agent
+                .describe("webhook", "until the Healthy report")
         );
         println!(
             "  kubectl: apply --server-side, then rollout status: {}",
             rollouts
                 .kubectl
-                .describe("apply", "rollout status noticing")
+                .describe("start", "until rollout status exited")
         );
         println!("  reports: {}", describe(&rollouts.reports));
         print_requests("agent", &rollouts.agent_requests);
