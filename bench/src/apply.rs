@@ -338,6 +338,35 @@ fn timeline(plane: &ControlPlane, mark: u64, namespace: &str) -> anyhow::Result<
     })
 }
 
+/// How long kube-controller-manager must have written nothing before a rollout is timed.
+const CONTROLLERS_QUIET: Duration = Duration::from_secs(3);
+
+/// Waits until kube-controller-manager has written nothing for [`CONTROLLERS_QUIET`] (at most
+/// a minute). Its controllers share client-side rate limits (20 requests a second, bursts of
+/// 30, per controller) with the events they record, which trail a rollout by seconds: a
+/// rollout started meanwhile would be slowed by the one before it.
+async fn controllers_quiet(plane: &ControlPlane, mark: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let last = logged_since(plane, mark)?
+            .iter()
+            .filter(|l| {
+                l.user_agent.starts_with("kube-controller-manager/") && l.request.is_write()
+            })
+            .filter_map(|l| l.request.completed)
+            .map(|t| t.as_millisecond())
+            .max();
+        let quiet_for = last.map_or(i64::MAX, |last| greenlight_server::clock::now_ms() - last);
+        if quiet_for >= ms_i64(CONTROLLERS_QUIET) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("kube-controller-manager still writing a minute after the rollout");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// kubectl acting as the tests' admin in one namespace, with a discovery cache of the run's
 /// own (not the user's ~/.kube).
 struct Kubectl<'a> {
@@ -728,8 +757,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let kubectl_drift_changed = changed(&before, &versions(&kube, &ceiling).await?);
     wait_restored(&kube, &ceiling, &drifted, Duration::from_secs(5)).await?;
 
-    // Deployments: kubectl's apply and `rollout status`, then the agent's revision with them;
-    // each split into the applier's part and the controllers' rollout after it.
+    // Deployments: kubectl's apply and `rollout status`, then, once the controllers are
+    // quiet again, the agent's revision with them; each split by the API server's timeline.
     let mut rollouts = None;
     if args.deployments > 0 {
         let mark = plane.audit_mark();
@@ -745,6 +774,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         all.extend(workload_files.iter().cloned());
         let with_deployments = commit_files(&repo, &all, &[])?;
         push_and_settle(&server, cache.path(), &with_deployments).await?;
+        controllers_quiet(plane, mark).await?;
         let mark = plane.audit_mark();
         let green = send_green(&server, &with_deployments, 2).await?;
         let healthy = wait_healthy(
