@@ -199,4 +199,66 @@ mod tests {
             AssembleError::TooLarge(1)
         );
     }
+
+    use proptest::prelude::*;
+
+    /// Any event the stream might carry, in no particular order.
+    fn any_event() -> impl Strategy<Value = SyncEvent> {
+        let path = prop::sample::select(vec!["a.yaml", "b.yaml", "", "dir/c.json"]);
+        prop_oneof![
+            (0u32..4, 0u64..16).prop_map(|(files, bytes)| header(files, bytes)),
+            (any::<u32>(), any::<u64>()).prop_map(|(files, bytes)| header(files, bytes)),
+            (path, prop::collection::vec(any::<u8>(), 0..8))
+                .prop_map(|(path, data)| chunk(path, &data)),
+            "[0-9a-f]{0,64}".prop_map(|content_sha256| SyncEvent {
+                event: Some(Event::Trailer(RevisionTrailer { content_sha256 })),
+            }),
+            Just(trailer(&[])),
+            Just(trailer(&[("a.yaml", b"")])),
+            Just(SyncEvent { event: None }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_event_sequences_never_panic_and_only_verified_revisions_come_out(
+            events in prop::collection::vec(any_event(), 0..32),
+        ) {
+            let mut assembler = Assembler::new();
+            for event in events {
+                if let Ok(Some(ready)) = assembler.push(event) {
+                    let bytes: usize = ready.files.iter().map(|(_, data)| data.len()).sum();
+                    prop_assert_eq!(ready.files.len(), ready.header.file_count as usize);
+                    prop_assert_eq!(bytes as u64, ready.header.total_bytes);
+                }
+            }
+        }
+
+        #[test]
+        fn files_sent_in_any_chunking_come_back_as_sent(
+            files in prop::collection::btree_map("[a-z]{1,8}\\.yaml", prop::collection::vec(any::<u8>(), 0..64), 0..6),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+        ) {
+            let files: Vec<(String, Vec<u8>)> = files.into_iter().collect();
+            let total: usize = files.iter().map(|(_, data)| data.len()).sum();
+            let mut assembler = Assembler::new();
+            prop_assert_eq!(assembler.push(header(files.len() as u32, total as u64)).unwrap(), None);
+            for (path, data) in &files {
+                // Every file is announced by at least one chunk, an empty file by an empty one.
+                let mut at: Vec<usize> = cuts.iter().map(|cut| cut.index(data.len() + 1)).collect();
+                at.extend([0, data.len()]);
+                at.sort_unstable();
+                at.dedup();
+                if at.len() == 1 {
+                    prop_assert_eq!(assembler.push(chunk(path, &[])).unwrap(), None);
+                }
+                for part in at.windows(2) {
+                    prop_assert_eq!(assembler.push(chunk(path, &data[part[0]..part[1]])).unwrap(), None);
+                }
+            }
+            let sent: Vec<(&str, &[u8])> = files.iter().map(|(p, d)| (p.as_str(), d.as_slice())).collect();
+            let ready = assembler.push(trailer(&sent)).unwrap().unwrap();
+            prop_assert_eq!(ready.files, files);
+        }
+    }
 }

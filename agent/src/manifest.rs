@@ -388,4 +388,105 @@ mod tests {
             "{err}"
         );
     }
+
+    use proptest::prelude::*;
+
+    /// A valid object name: DNS labels joined by dots.
+    fn name() -> impl Strategy<Value = String> {
+        prop::collection::vec("[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", 1..4).prop_map(|l| l.join("."))
+    }
+
+    /// How a ConfigMap is written down.
+    #[derive(Debug, Clone, Copy)]
+    enum Spelling {
+        /// Block YAML, one document each.
+        Yaml,
+        /// Flow YAML, quoted.
+        Flow,
+        /// One JSON file each.
+        Json,
+        /// All in one `kind: List`.
+        List,
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_manifest_parser(
+            files in prop::collection::vec(
+                (
+                    prop::sample::select(vec!["a.yaml", "b.yml", "c.json", "d"]),
+                    prop::collection::vec(any::<u8>(), 0..256),
+                ),
+                0..4,
+            ),
+        ) {
+            let files: Vec<(String, Vec<u8>)> =
+                files.into_iter().map(|(name, content)| (name.to_owned(), content)).collect();
+            let _ = parse(&files);
+        }
+
+        #[test]
+        fn arbitrary_yaml_like_text_never_panics_the_manifest_parser(
+            text in "([-:{}\\[\\],&*!|>'\"#? \n]|apiVersion|kind|List|items|metadata|name|namespace|v1|[a-z0-9]{1,3}|---\n|  ){0,64}",
+            json in any::<bool>(),
+        ) {
+            let file = if json { "x.json" } else { "x.yaml" };
+            let _ = parse(&[(file.to_owned(), text.into_bytes())]);
+        }
+
+        #[test]
+        fn generated_config_maps_parse_back_to_their_names_and_namespaces(
+            objects in prop::collection::btree_set((name(), prop::option::of("[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?")), 1..12),
+            spelling in prop::sample::select(vec![Spelling::Yaml, Spelling::Flow, Spelling::Json, Spelling::List]),
+        ) {
+            let objects: Vec<(String, Option<String>)> = objects.into_iter().collect();
+            let json_of = |(name, namespace): &(String, Option<String>)| {
+                let mut metadata = serde_json::json!({ "name": name });
+                if let Some(namespace) = namespace {
+                    metadata["namespace"] = serde_json::json!(namespace);
+                }
+                serde_json::json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": { "k": name } })
+            };
+            let files: Vec<(String, Vec<u8>)> = match spelling {
+                Spelling::Yaml => {
+                    let text: String = objects
+                        .iter()
+                        .map(|(name, namespace)| {
+                            let namespace = namespace.as_ref().map(|ns| format!("  namespace: \"{ns}\"\n")).unwrap_or_default();
+                            format!("---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: \"{name}\"\n{namespace}data:\n  k: \"{name}\"\n")
+                        })
+                        .collect();
+                    vec![file("all.yaml", &text)]
+                }
+                Spelling::Flow => {
+                    let text = objects
+                        .iter()
+                        .map(|object| json_of(object).to_string())
+                        .collect::<Vec<_>>()
+                        .join("\n---\n");
+                    vec![file("all.yml", &text)]
+                }
+                Spelling::Json => objects
+                    .iter()
+                    .enumerate()
+                    .map(|(n, object)| file(&format!("{n}.json"), &json_of(object).to_string()))
+                    .collect(),
+                Spelling::List => {
+                    let items: Vec<_> = objects.iter().map(json_of).collect();
+                    let list = serde_json::json!({ "apiVersion": "v1", "kind": "List", "items": items });
+                    vec![file("list.json", &list.to_string())]
+                }
+            };
+            let manifests = parse(&files).unwrap();
+            let parsed: Vec<(String, Option<String>)> = manifests
+                .iter()
+                .map(|m| (m.name.clone(), m.namespace.clone()))
+                .collect();
+            prop_assert_eq!(parsed, objects.clone());
+            for (manifest, object) in manifests.iter().zip(&objects) {
+                prop_assert_eq!((manifest.kind.as_str(), manifest.group(), manifest.version()), ("ConfigMap", "", "v1"));
+                prop_assert_eq!(&manifest.body, &json_of(object));
+            }
+        }
+    }
 }

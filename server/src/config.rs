@@ -1713,4 +1713,159 @@ mod tests {
         let config = Config::from_yaml("redis: {url: redis://elsewhere:6379}", &overrides).unwrap();
         assert_eq!(config.redis.unwrap().url, "redis://127.0.0.1:1");
     }
+
+    use proptest::prelude::*;
+
+    /// A project as the file names it.
+    #[derive(Debug, Clone)]
+    enum Project {
+        Path(String),
+        Id(u64),
+    }
+
+    /// One agent as a generator writes it into the file.
+    #[derive(Debug, Clone)]
+    struct GeneratedAgent {
+        name: String,
+        token: [u8; 32],
+        project: Project,
+        branch: String,
+        full_ref: bool,
+        mode: Mode,
+        stages: Vec<String>,
+        paths: Vec<String>,
+        prune: Option<bool>,
+        health_timeout_secs: Option<u64>,
+    }
+
+    fn agent_name() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?"
+    }
+
+    fn generated_agent() -> impl Strategy<Value = GeneratedAgent> {
+        (
+            (
+                agent_name(),
+                any::<[u8; 32]>(),
+                prop_oneof![
+                    "[a-z0-9_.-]{1,10}(/[a-z0-9_.-]{1,10}){1,2}".prop_map(Project::Path),
+                    any::<u64>().prop_map(Project::Id),
+                ],
+                "[a-z0-9][a-z0-9._-]{0,20}",
+                any::<bool>(),
+            ),
+            (
+                prop::sample::select(vec![Mode::Pipeline, Mode::Immediate, Mode::Manual]),
+                prop::collection::vec("[a-z][a-z0-9 _-]{0,10}[a-z0-9]", 0..3),
+                prop::collection::vec(
+                    prop::sample::select(vec!["deploy/**/*.yaml", "*.json", "k8s/{a,b}/*.yml"]),
+                    0..3,
+                ),
+                prop::option::of(any::<bool>()),
+                prop::option::of(1u64..=86_400),
+            ),
+        )
+            .prop_map(
+                |(
+                    (name, token, project, branch, full_ref),
+                    (mode, stages, paths, prune, health),
+                )| {
+                    GeneratedAgent {
+                        name,
+                        token,
+                        project,
+                        branch,
+                        full_ref,
+                        mode,
+                        stages: if mode == Mode::Pipeline {
+                            stages
+                        } else {
+                            Vec::new()
+                        },
+                        paths: paths.into_iter().map(str::to_owned).collect(),
+                        prune,
+                        health_timeout_secs: health,
+                    }
+                },
+            )
+    }
+
+    fn yaml_of(agents: &[GeneratedAgent]) -> String {
+        let mut yaml = String::from("agents:\n");
+        for agent in agents {
+            let project = match &agent.project {
+                Project::Path(path) => format!("{path:?}"),
+                Project::Id(id) => id.to_string(),
+            };
+            let git_ref = if agent.full_ref {
+                format!("refs/heads/{}", agent.branch)
+            } else {
+                agent.branch.clone()
+            };
+            yaml += &format!(
+                "  - name: {:?}\n    token_sha256: {}\n    project: {project}\n    ref: {git_ref:?}\n    gate:\n      mode: {}\n      stages: {:?}\n    paths: {:?}\n",
+                agent.name,
+                hex::encode(agent.token),
+                agent.mode.as_str(),
+                agent.stages,
+                agent.paths,
+            );
+            if let Some(prune) = agent.prune {
+                yaml += &format!("    prune: {prune}\n");
+            }
+            if let Some(secs) = agent.health_timeout_secs {
+                yaml += &format!("    health_timeout: {secs}s\n");
+            }
+        }
+        yaml
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics_the_config_parser(text in "\\PC{0,256}") {
+            let _ = Config::from_yaml(&text, &Overrides::default());
+        }
+
+        #[test]
+        fn arbitrary_config_like_yaml_never_panics_the_config_parser(
+            text in "([-:{}\\[\\],&*!|>'\" \n]|agents|name|token_sha256|project|ref|gate|mode|stages|paths|listen|grpc|git|max_files|max_file_bytes|fetch_timeout|webhooks|redis|url|[a-z0-9]{1,4}|  ){0,64}",
+        ) {
+            let _ = Config::from_yaml(&text, &Overrides::default());
+        }
+
+        #[test]
+        fn generated_agents_parse_back_to_what_was_written(
+            agents in prop::collection::vec(generated_agent(), 1..5)
+                .prop_filter("names and tokens are unique", |agents| {
+                    let names: BTreeSet<_> = agents.iter().map(|a| &a.name).collect();
+                    let tokens: BTreeSet<_> = agents.iter().map(|a| a.token).collect();
+                    names.len() == agents.len() && tokens.len() == agents.len()
+                }),
+        ) {
+            let yaml = yaml_of(&agents);
+            let config = match Config::from_yaml(&yaml, &Overrides::default()) {
+                Ok(config) => config,
+                Err(err) => panic!("{err}\n{yaml}"),
+            };
+            prop_assert_eq!(config.agents.len(), agents.len());
+            for (spec, agent) in config.agents.iter().zip(&agents) {
+                prop_assert_eq!(&spec.name, &agent.name);
+                prop_assert_eq!(spec.token.as_bytes(), &agent.token);
+                let project = match &agent.project {
+                    Project::Path(path) => path.trim_matches('/').to_owned(),
+                    Project::Id(id) => id.to_string(),
+                };
+                prop_assert_eq!(&spec.project, &project);
+                prop_assert_eq!(&spec.branch, &agent.branch);
+                prop_assert_eq!(spec.mode, agent.mode);
+                prop_assert_eq!(&spec.required_stages, &agent.stages);
+                prop_assert_eq!(&spec.paths, &agent.paths);
+                prop_assert_eq!(spec.apply.prune, agent.prune.unwrap_or(ApplySettings::default().prune));
+                let health = agent
+                    .health_timeout_secs
+                    .map_or(ApplySettings::default().health_timeout, Duration::from_secs);
+                prop_assert_eq!(spec.apply.health_timeout, health);
+            }
+        }
+    }
 }

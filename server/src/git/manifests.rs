@@ -38,14 +38,14 @@ pub struct ManifestSet {
 }
 
 /// Path globs, compiled once per request.
-pub(super) struct Patterns {
+pub struct Patterns {
     given: Vec<String>,
     set: GlobSet,
 }
 
 impl Patterns {
     /// Compiles `patterns`, or the default when there are none.
-    pub(super) fn compile(patterns: &[String]) -> Result<Self, GitError> {
+    pub fn compile(patterns: &[String]) -> Result<Self, GitError> {
         let given: Vec<String> = if patterns.is_empty() {
             DEFAULT_PATTERNS.iter().map(|p| (*p).to_owned()).collect()
         } else {
@@ -68,6 +68,11 @@ impl Patterns {
             message: err.kind().to_string(),
         })?;
         Ok(Self { given, set })
+    }
+
+    /// Whether `path` (`/`-separated, relative to the repository's root) matches a glob.
+    pub fn matches(&self, path: &str) -> bool {
+        self.set.is_match(path)
     }
 
     /// The globs in a canonical order, so that the same set in another order shares a read.
@@ -125,7 +130,7 @@ pub(super) fn read(
                     directories.push((path, entry.object_id()));
                 }
                 EntryKind::Blob | EntryKind::BlobExecutable
-                    if !name.starts_with('.') && patterns.set.is_match(&path) =>
+                    if !name.starts_with('.') && patterns.matches(&path) =>
                 {
                     if matching.len() == limits.max_files {
                         return Err(GitError::TooManyFiles {
@@ -241,5 +246,77 @@ impl ManifestCache {
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.slots.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn compile(patterns: &[&str]) -> Patterns {
+        let patterns: Vec<String> = patterns.iter().map(|p| (*p).to_owned()).collect();
+        Patterns::compile(&patterns).unwrap()
+    }
+
+    /// A path segment without glob syntax.
+    fn segment() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9_-][a-zA-Z0-9_.-]{0,10}"
+    }
+
+    fn dirs() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(segment(), 0..4)
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_globs_and_paths_never_panic(
+            patterns in prop::collection::vec("([*?{}\\[\\]!,/\\\\^-]|\\*\\*|[a-z.]|\\PC){0,16}", 0..4),
+            paths in prop::collection::vec("\\PC{0,32}|([*/.a-z]){0,16}", 0..8),
+        ) {
+            if let Ok(patterns) = Patterns::compile(&patterns) {
+                let _ = patterns.key();
+                for path in &paths {
+                    let _ = patterns.matches(path);
+                }
+            }
+        }
+
+        #[test]
+        fn the_default_globs_select_yaml_and_json_files_at_any_depth(
+            dirs in dirs(),
+            stem in segment(),
+            extension in prop::sample::select(vec!["yaml", "yml", "json", "txt", "yaml.bak", "md", ""]),
+        ) {
+            let path = [dirs, vec![format!("{stem}.{extension}")]].concat().join("/");
+            let manifest = ["yaml", "yml", "json"].contains(&extension);
+            prop_assert_eq!(compile(&[]).matches(&path), manifest, "{}", path);
+        }
+
+        #[test]
+        fn a_star_stays_within_its_directory_and_two_cross_them(
+            dir in segment(),
+            subdirs in prop::collection::vec(segment(), 1..3),
+            stem in segment(),
+        ) {
+            let direct = format!("{dir}/{stem}.yaml");
+            let nested = format!("{dir}/{}/{stem}.yaml", subdirs.join("/"));
+            let one = compile(&[&format!("{dir}/*.yaml")]);
+            prop_assert!(one.matches(&direct), "{}", direct);
+            prop_assert!(!one.matches(&nested), "{}", nested);
+            let any_depth = compile(&[&format!("{dir}/**/*.yaml")]);
+            prop_assert!(any_depth.matches(&direct), "{}", direct);
+            prop_assert!(any_depth.matches(&nested), "{}", nested);
+        }
+
+        #[test]
+        fn a_literal_path_matches_itself_only(
+            path in prop::collection::vec(segment(), 1..4).prop_map(|s| s.join("/")),
+            other in prop::collection::vec(segment(), 1..4).prop_map(|s| s.join("/")),
+        ) {
+            let patterns = compile(&[&path]);
+            prop_assert!(patterns.matches(&path));
+            prop_assert_eq!(patterns.matches(&other), other == path);
+        }
     }
 }

@@ -30,10 +30,10 @@ use tokio::sync::oneshot;
 use crate::gate::Sha;
 
 pub use lineage::GitLineage;
-pub use manifests::{ManifestFile, ManifestSet};
+pub use manifests::{ManifestFile, ManifestSet, Patterns};
 pub use mirror::display_url;
 
-use manifests::{ManifestCache, ManifestKey, Patterns};
+use manifests::{ManifestCache, ManifestKey};
 use mirror::FetchJob;
 
 /// Caps on what one manifest read may return, as kas enforced them (per file, total, count).

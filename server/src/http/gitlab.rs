@@ -91,7 +91,7 @@ const STATUS_STAGE: &str = "external";
 const PREVIEW_SUFFIX: &str = "/preview";
 
 /// The agents Greenlight posts commit statuses for, each under contexts named after it.
-trait AgentNames {
+pub trait AgentNames {
     /// Whether `name` is a configured agent.
     fn is_agent(&self, name: &str) -> bool;
 }
@@ -227,7 +227,8 @@ fn answer(status: StatusCode, outcome: &str, message: impl Into<String>) -> Resp
         .into_response()
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The trimmed value of header `name`, when it is present, text and not blank.
+pub fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -279,11 +280,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         _ => "other",
     };
     tracing::Span::current().record("event", label);
-    let fact = match event {
-        "Push Hook" => parse_push(&body),
-        "Pipeline Hook" => parse_pipeline(&body, crate::clock::now_ms(), state.engine.catalog()),
-        _ => Ok(Err(format!("{event} events are not used"))),
-    };
+    let fact = parse_event(event, &body, crate::clock::now_ms(), state.engine.catalog());
     let fact = match fact {
         Err(problem) => {
             state.metrics.webhook(label, "malformed");
@@ -337,6 +334,15 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
 
 /// `Err` for a malformed payload; `Ok(Err)` for a valid one we do not act on.
 type Parsed = Result<Result<Fact, String>, String>;
+
+/// Parses `body` as the event `X-Gitlab-Event` names: the pure part of [`receive`].
+pub fn parse_event(event: &str, body: &[u8], now_ms: i64, agents: &impl AgentNames) -> Parsed {
+    match event {
+        "Push Hook" => parse_push(body),
+        "Pipeline Hook" => parse_pipeline(body, now_ms, agents),
+        _ => Ok(Err(format!("{event} events are not used"))),
+    }
+}
 
 fn parse_push(body: &[u8]) -> Parsed {
     let hook: PushHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
@@ -659,5 +665,219 @@ mod tests {
             fact.kind,
             FactKind::Push(Push { after: None, .. })
         ));
+    }
+
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// JSON in the shape of a hook: the keys the parsers read, nested anyhow, holding values
+    /// of every type, the plausible ones (SHAs, statuses, times, our contexts) included.
+    fn hook_like() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[0-9a-fA-F]{0,66}".prop_map(Value::from),
+            prop::sample::select(vec![
+                "refs/heads/main",
+                "refs/tags/v1",
+                "main",
+                "",
+                "success",
+                "failed",
+                "running",
+                "cancelled",
+                "manual",
+                "external",
+                "push",
+                "greenlight/prod",
+                "greenlight/staging/preview",
+                "greenlight/",
+                "2026-11-26 10:05:00 UTC",
+                "2026-11-26T10:05:00Z",
+                "1999-12-31 23:59:59 UTC",
+                "9999-12-31T23:59:59Z",
+                "0000000000000000000000000000000000000000",
+            ])
+            .prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+        ];
+        let key = prop::sample::select(vec![
+            "ref",
+            "before",
+            "after",
+            "project",
+            "project_id",
+            "id",
+            "path_with_namespace",
+            "object_attributes",
+            "tag",
+            "sha",
+            "source",
+            "status",
+            "finished_at",
+            "builds",
+            "name",
+            "stage",
+            "allow_failure",
+            "created_at",
+            "started_at",
+        ]);
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(key.clone(), inner, 0..8).prop_map(
+                    |map| Value::Object(map.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+                ),
+            ]
+        })
+    }
+
+    fn event() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("Push Hook".to_owned()),
+            Just("Pipeline Hook".to_owned()),
+            "\\PC{0,16}",
+        ]
+    }
+
+    /// A GitLab time as hooks spell it, between 2000 and [`NOW`], and its value in ms.
+    fn gitlab_time() -> impl Strategy<Value = (String, i64)> {
+        (crate::trust::EARLIEST_TIME_MS / 1000..NOW / 1000).prop_map(|secs| {
+            let at = std::time::UNIX_EPOCH + Duration::from_secs(secs as u64);
+            let rfc3339 = humantime::format_rfc3339_seconds(at).to_string();
+            let spelled = format!("{} UTC", rfc3339.trim_end_matches('Z').replace('T', " "));
+            (spelled, secs * 1000)
+        })
+    }
+
+    /// A project as a hook names it: its path, its id, or both.
+    fn project() -> impl Strategy<Value = (Option<String>, Option<u64>)> {
+        prop_oneof![
+            ("[a-z0-9_.-]{1,12}(/[a-z0-9_.-]{1,12}){1,3}", any::<u64>())
+                .prop_map(|(path, id)| (Some(path), Some(id))),
+            "[a-z0-9_.-]{1,12}/[a-z0-9_.-]{1,12}".prop_map(|path| (Some(path), None)),
+            any::<u64>().prop_map(|id| (None, Some(id))),
+        ]
+    }
+
+    fn project_json(path: &Option<String>, id: Option<u64>) -> Value {
+        json!({ "path_with_namespace": path, "id": id })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_webhook_parsers(
+            event in event(),
+            body in prop::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let _ = parse_event(&event, &body, NOW, &AGENTS);
+            let _ = parse_push(&body);
+            let _ = parse_pipeline(&body, NOW, &AGENTS);
+        }
+
+        #[test]
+        fn arbitrary_hook_shaped_json_never_panics_the_webhook_parsers(
+            event in event(),
+            hook in hook_like(),
+            now in any::<i64>(),
+        ) {
+            let body = serde_json::to_vec(&hook).unwrap();
+            let _ = parse_event(&event, &body, now, &AGENTS);
+            let _ = parse_push(&body);
+            let _ = parse_pipeline(&body, now, &AGENTS);
+        }
+
+        #[test]
+        fn a_valid_push_parses_to_the_values_it_was_built_from(
+            branch in "\\PC{1,40}",
+            before in prop::option::of(prop_oneof!["[0-9a-fA-F]{40}", Just("0".repeat(40))]),
+            after in "[0-9a-fA-F]{40}",
+            (path, id) in project(),
+            id_at_top in any::<bool>(),
+        ) {
+            let mut hook = json!({ "ref": format!("refs/heads/{branch}"), "after": after });
+            if let Some(before) = &before {
+                hook["before"] = json!(before);
+            }
+            if id_at_top {
+                hook["project"] = json!({ "path_with_namespace": path });
+                hook["project_id"] = json!(id);
+            } else {
+                hook["project"] = project_json(&path, id);
+            }
+            let body = serde_json::to_vec(&hook).unwrap();
+            let fact = parse_event("Push Hook", &body, NOW, &AGENTS).unwrap().unwrap();
+            prop_assert_eq!(fact.origin, Origin::GitLabHook);
+            prop_assert_eq!(&fact.branch, &branch);
+            prop_assert_eq!(&fact.project_path, &path);
+            prop_assert_eq!(fact.project_id, id);
+            let FactKind::Push(push) = fact.kind else { panic!("not a push") };
+            let parsed = |sha: &str| Sha::parse(&sha.to_ascii_lowercase()).unwrap();
+            prop_assert_eq!(push.after, Some(parsed(&after)));
+            let before = before.filter(|b| b.bytes().any(|c| c != b'0'));
+            prop_assert_eq!(push.before, before.as_deref().map(parsed));
+        }
+
+        #[test]
+        fn a_valid_pipeline_parses_to_the_values_it_was_built_from(
+            id in 1..=crate::trust::MAX_PIPELINE_ID,
+            branch in "[a-z0-9][a-z0-9/._-]{0,30}",
+            full_ref in any::<bool>(),
+            sha in "[0-9a-f]{7,64}",
+            status in prop::sample::select(PipelineStatus::ALL.to_vec()),
+            source in prop::sample::select(vec!["push", "web", "schedule", "merge_request_event", "api"]),
+            finished_at in prop::option::of(gitlab_time()),
+            (path, project_id) in project(),
+            builds in prop::collection::vec(
+                (
+                    "[a-z][a-z0-9 :_-]{0,12}",
+                    prop::sample::select(vec!["build", "test", "deploy"]),
+                    prop::sample::select(PipelineStatus::ALL.to_vec()),
+                    any::<bool>(),
+                ),
+                0..12,
+            ),
+        ) {
+            let git_ref = if full_ref { format!("refs/heads/{branch}") } else { branch.clone() };
+            let jobs: Vec<Value> = builds
+                .iter()
+                .map(|(name, stage, status, allow_failure)| {
+                    json!({ "name": name, "stage": stage, "status": status.as_str(), "allow_failure": allow_failure })
+                })
+                .collect();
+            let hook = json!({
+                "object_attributes": {
+                    "id": id, "ref": git_ref, "tag": false, "sha": sha, "source": source,
+                    "status": status.as_str(), "finished_at": finished_at.as_ref().map(|(t, _)| t),
+                },
+                "project": project_json(&path, project_id),
+                "builds": jobs,
+            });
+            let body = serde_json::to_vec(&hook).unwrap();
+            let fact = parse_event("Pipeline Hook", &body, NOW, &AGENTS).unwrap().unwrap();
+            prop_assert_eq!(&fact.branch, &branch);
+            prop_assert_eq!(&fact.project_path, &path);
+            prop_assert_eq!(fact.project_id, project_id);
+            let FactKind::Pipeline { sha: parsed, pipeline } = fact.kind else { panic!("not a pipeline") };
+            prop_assert_eq!(parsed.as_str(), sha.as_str());
+            prop_assert_eq!(pipeline.id, id);
+            prop_assert_eq!(pipeline.status, status);
+            prop_assert_eq!(&pipeline.source, source);
+            // No job carries a time: a final result is as of its finish, a running one unknown.
+            let as_of = finished_at.map(|(_, ms)| ms).filter(|_| status.is_final());
+            prop_assert_eq!(pipeline.as_of_ms, as_of);
+            for stage in ["build", "test", "deploy"] {
+                let jobs: Vec<_> = builds.iter().filter(|b| b.1 == stage).collect();
+                let all_succeeded = !jobs.is_empty() && jobs.iter().all(|b| b.2 == PipelineStatus::Success);
+                let one_failed = jobs.iter().any(|b| b.2 == PipelineStatus::Failed && !b.3);
+                let passed = pipeline.passed_stages.iter().any(|s| s == stage);
+                prop_assert!(!all_succeeded || passed, "{stage} succeeded: {:?}", pipeline.passed_stages);
+                prop_assert!(!one_failed || !passed, "{stage} failed: {:?}", pipeline.passed_stages);
+                prop_assert!(!jobs.is_empty() || !passed, "{stage} has no job: {:?}", pipeline.passed_stages);
+            }
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! The HTTP listener: GitLab webhooks, health probes and metrics.
 
 mod badge;
-mod gitlab;
+pub mod gitlab;
 mod page;
 
 use std::sync::Arc;
