@@ -226,6 +226,10 @@ impl ControlPlane {
             &[
                 &kubeconfig,
                 "--manage-all-nodes=true",
+                // Without a node lease kwok only posts node status every 10 to 20 minutes, so
+                // about a minute after start the node controller marks the node NotReady and
+                // every pod unready: rollouts late in a test process would never finish.
+                "--node-lease-duration-seconds=40",
                 &format!(
                     "--config={}",
                     plane.bin_dir.join("kwok-stages.yaml").display()
