@@ -8,6 +8,7 @@ use prost_types::FileDescriptorSet;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/greenlight/v1/types.proto",
+        "proto/greenlight/v1/preview.proto",
         "proto/greenlight/v1/agent.proto",
         "proto/greenlight/v1/admin.proto",
         "proto/greenlight/v1/ingest.proto",

@@ -7,6 +7,7 @@ pub mod connect;
 pub mod ctl;
 pub mod digest;
 pub mod health_check;
+pub mod preview;
 pub mod report;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;

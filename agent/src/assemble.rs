@@ -1,7 +1,7 @@
 //! Turns a stream of header, chunks and trailer back into a revision, checking the digest.
 
 use greenlight::digest::ContentDigest;
-use greenlight::v1::{RevisionHeader, SyncEvent, sync_event::Event};
+use greenlight::v1::{PreviewHeader, RevisionHeader, SyncEvent, sync_event::Event};
 
 /// A revision with all its files, verified against the trailer.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +21,24 @@ impl ReadyRevision {
     pub fn generation(&self) -> u64 {
         self.header.revision.as_ref().map_or(0, |r| r.generation)
     }
+}
+
+/// A preview request with all its files: the merge request's head as a revision, which the
+/// agent dry-runs and never applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadyPreview {
+    /// The request's id.
+    pub id: String,
+    pub merge_request_iid: u64,
+    /// The head commit, its files and the agent's settings.
+    pub revision: ReadyRevision,
+}
+
+/// What a completed header, chunks and trailer were.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Ready {
+    Revision(ReadyRevision),
+    Preview(ReadyPreview),
 }
 
 /// The stream broke the protocol; the revision is discarded.
@@ -44,6 +62,8 @@ pub enum AssembleError {
 #[derive(Default)]
 pub struct Assembler {
     current: Option<ReadyRevision>,
+    /// Set while the files being collected are a preview request's.
+    preview: Option<PreviewHeader>,
     bytes: u64,
 }
 
@@ -53,8 +73,17 @@ impl Assembler {
         Self::default()
     }
 
-    /// Feeds one event; returns a revision when its trailer verifies.
+    /// Feeds one event; returns a revision when its trailer verifies. Preview requests are
+    /// passed over.
     pub fn push(&mut self, event: SyncEvent) -> Result<Option<ReadyRevision>, AssembleError> {
+        Ok(match self.push_any(event)? {
+            Some(Ready::Revision(revision)) => Some(revision),
+            _ => None,
+        })
+    }
+
+    /// Feeds one event; returns a revision or a preview request when its trailer verifies.
+    pub fn push_any(&mut self, event: SyncEvent) -> Result<Option<Ready>, AssembleError> {
         match event.event.ok_or(AssembleError::Empty)? {
             Event::Header(header) => {
                 // A new header abandons an unfinished revision: the server moved on.
@@ -62,6 +91,16 @@ impl Assembler {
                     header,
                     files: Vec::new(),
                 });
+                self.preview = None;
+                self.bytes = 0;
+                Ok(None)
+            }
+            Event::Preview(mut preview) => {
+                self.current = Some(ReadyRevision {
+                    header: preview.revision.take().unwrap_or_default(),
+                    files: Vec::new(),
+                });
+                self.preview = Some(preview);
                 self.bytes = 0;
                 Ok(None)
             }
@@ -111,7 +150,14 @@ impl Assembler {
                         got,
                     });
                 }
-                Ok(Some(current))
+                Ok(Some(match self.preview.take() {
+                    Some(preview) => Ready::Preview(ReadyPreview {
+                        id: preview.id,
+                        merge_request_iid: preview.merge_request_iid,
+                        revision: current,
+                    }),
+                    None => Ready::Revision(current),
+                }))
             }
         }
     }

@@ -5,12 +5,14 @@ use std::time::Duration;
 
 pub use greenlight::auth::Bearer;
 use greenlight::v1::agent_service_client::AgentServiceClient;
-use greenlight::v1::{ReportStatusRequest, StatusReport, SyncRequest};
+use greenlight::v1::{
+    Preview, ReportPreviewRequest, ReportStatusRequest, StatusReport, SyncRequest,
+};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Status, Streaming};
 
-use crate::assemble::{AssembleError, Assembler, ReadyRevision};
+use crate::assemble::{AssembleError, Assembler, Ready, ReadyRevision};
 
 /// Why talking to the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,17 @@ impl Client {
         self.inner.clone().report_status(request).await?;
         Ok(())
     }
+
+    /// Sends what a preview found.
+    pub async fn report_preview(&self, preview: Preview) -> Result<(), ClientError> {
+        self.inner
+            .clone()
+            .report_preview(ReportPreviewRequest {
+                preview: Some(preview),
+            })
+            .await?;
+        Ok(())
+    }
 }
 
 /// Ready revisions as the server sends them.
@@ -110,6 +123,17 @@ impl RevisionStream {
         while let Some(event) = self.events.message().await? {
             if let Some(revision) = self.assembler.push(event)? {
                 return Ok(Some(revision));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The next complete revision or preview request; `None` when the server ended the
+    /// stream.
+    pub async fn next_any(&mut self) -> Result<Option<Ready>, ClientError> {
+        while let Some(event) = self.events.message().await? {
+            if let Some(ready) = self.assembler.push_any(event)? {
+                return Ok(Some(ready));
             }
         }
         Ok(None)

@@ -16,6 +16,7 @@ pub mod lease;
 pub mod manifest;
 pub mod metrics;
 pub mod plan;
+pub mod preview;
 pub mod reconcile;
 pub mod run;
 pub mod session;

@@ -460,6 +460,15 @@ impl std::fmt::Display for Terminating {
     }
 }
 
+/// A manifest whose kind the cluster does not serve, and no CRD of the revision defines.
+pub struct Unresolved {
+    pub manifest: Manifest,
+    /// `Kind (apiVersion) in file document n`.
+    pub what: String,
+    /// Why discovery of its group-version failed, when it did.
+    pub discovery_failure: Option<String>,
+}
+
 /// Resolves every manifest (kinds whose CRD ships in the same revision included), settles
 /// its namespace, labels it, and refuses the whole revision, naming every culprit, for an
 /// unknown kind, a failed discovery or an object outside the agent's scope.
@@ -471,6 +480,49 @@ pub fn plan_objects<R: ServedKind>(
     discovery_failures: &BTreeMap<String, String>,
     resolve: impl Fn(&str, &str) -> Option<R>,
 ) -> Result<Vec<Planned<R>>, String> {
+    let (planned, unresolved) = plan_each(manifests, settings, agent, discovery_failures, resolve);
+    let mut unknown = Vec::new();
+    let mut undiscovered = Vec::new();
+    for u in unresolved {
+        match u.discovery_failure {
+            Some(why) => undiscovered.push(format!("{}: {why}", u.what)),
+            None => unknown.push(u.what),
+        }
+    }
+    let mut problems = Vec::new();
+    if !unknown.is_empty() {
+        problems.push(format!("unknown kind: {}", unknown.join(", ")));
+    }
+    if !undiscovered.is_empty() {
+        problems.push(format!(
+            "API discovery failed for {}",
+            undiscovered.join(", ")
+        ));
+    }
+    let refused = refusals(
+        planned.iter().map(|p| &p.key),
+        &Scope::of(settings),
+        agent_namespace,
+    );
+    if !refused.is_empty() {
+        problems.push(format!("not allowed: {}", refused.join(", ")));
+    }
+    if !problems.is_empty() {
+        return Err(format!("{}; nothing was applied", problems.join("; ")));
+    }
+    Ok(planned)
+}
+
+/// Resolves and labels every manifest it can, as [`plan_objects`] does, and returns the
+/// others apart instead of refusing the revision: a preview names each culprit on its own.
+/// Scope is not checked here.
+pub fn plan_each<R: ServedKind>(
+    manifests: Vec<Manifest>,
+    settings: &ApplySettings,
+    agent: &str,
+    discovery_failures: &BTreeMap<String, String>,
+    resolve: impl Fn(&str, &str) -> Option<R>,
+) -> (Vec<Planned<R>>, Vec<Unresolved>) {
     // Kinds whose CRD ships in this same revision: not served yet, but they will be.
     let mut defined: HashMap<(String, String), bool> = HashMap::new();
     for m in manifests
@@ -490,8 +542,7 @@ pub fn plan_objects<R: ServedKind>(
         let namespaced = m.body.pointer("/spec/scope").and_then(Value::as_str) != Some("Cluster");
         defined.insert((group.to_owned(), kind.to_owned()), namespaced);
     }
-    let mut unknown = Vec::new();
-    let mut undiscovered = Vec::new();
+    let mut unresolved = Vec::new();
     let mut planned = Vec::with_capacity(manifests.len());
     for manifest in manifests {
         let resolved = resolve(&manifest.api_version, &manifest.kind);
@@ -509,10 +560,12 @@ pub fn plan_objects<R: ServedKind>(
                     manifest.origin.file,
                     manifest.origin.document
                 );
-                match discovery_failures.get(&manifest.api_version) {
-                    Some(why) => undiscovered.push(format!("{what}: {why}")),
-                    None => unknown.push(what),
-                }
+                let discovery_failure = discovery_failures.get(&manifest.api_version).cloned();
+                unresolved.push(Unresolved {
+                    manifest,
+                    what,
+                    discovery_failure,
+                });
                 continue;
             }
         };
@@ -550,28 +603,7 @@ pub fn plan_objects<R: ServedKind>(
             body,
         });
     }
-    let mut problems = Vec::new();
-    if !unknown.is_empty() {
-        problems.push(format!("unknown kind: {}", unknown.join(", ")));
-    }
-    if !undiscovered.is_empty() {
-        problems.push(format!(
-            "API discovery failed for {}",
-            undiscovered.join(", ")
-        ));
-    }
-    let refused = refusals(
-        planned.iter().map(|p| &p.key),
-        &Scope::of(settings),
-        agent_namespace,
-    );
-    if !refused.is_empty() {
-        problems.push(format!("not allowed: {}", refused.join(", ")));
-    }
-    if !problems.is_empty() {
-        return Err(format!("{}; nothing was applied", problems.join("; ")));
-    }
-    Ok(planned)
+    (planned, unresolved)
 }
 
 #[cfg(test)]

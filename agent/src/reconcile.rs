@@ -676,22 +676,7 @@ impl Worker {
         planned: &[Planned],
         settings: &ApplySettings,
     ) -> Result<Option<String>, (String, Vec<ObjectResult>)> {
-        let mut created = BTreeSet::new();
-        for item in planned
-            .iter()
-            .filter(|p| p.key.group.is_empty() && p.key.kind == "Namespace")
-        {
-            let exists = match &item.resolved {
-                Some(resolved) => matches!(
-                    self.cluster.get(resolved, None, &item.key.name).await,
-                    Ok(Some(_))
-                ),
-                None => false,
-            };
-            if !exists {
-                created.insert(item.key.name.clone());
-            }
-        }
+        let created = namespaces_created(&self.cluster, planned).await;
         let in_created = |p: &Planned| {
             p.namespaced
                 && p.key
@@ -1154,6 +1139,28 @@ fn describe(result: &ObjectResult) -> String {
         format!("{}/{}", result.namespace, result.name)
     };
     format!("{} {name}: {}", result.kind, result.message)
+}
+
+/// The Namespaces of `planned` that do not exist yet: a dry run cannot place anything in
+/// them, since the API server needs the namespace first.
+pub(crate) async fn namespaces_created(cluster: &Cluster, planned: &[Planned]) -> BTreeSet<String> {
+    let mut created = BTreeSet::new();
+    for item in planned
+        .iter()
+        .filter(|p| p.key.group.is_empty() && p.key.kind == "Namespace")
+    {
+        let exists = match &item.resolved {
+            Some(resolved) => matches!(
+                cluster.get(resolved, None, &item.key.name).await,
+                Ok(Some(_))
+            ),
+            None => false,
+        };
+        if !exists {
+            created.insert(item.key.name.clone());
+        }
+    }
+    created
 }
 
 #[cfg(test)]

@@ -78,6 +78,18 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
             }
         });
     }
+    let previews = crate::preview::Inbox::default();
+    let previewing = tokio::spawn(
+        crate::preview::preview_loop(
+            kube.clone(),
+            settings.namespace.clone(),
+            settings.target.clone(),
+            previews.clone(),
+            leading_rx.clone(),
+            shutdown.clone(),
+        )
+        .instrument(info_span!("previews")),
+    );
     let worker = Worker::new(
         Cluster::new(kube, FIELD_MANAGER),
         &settings.namespace,
@@ -101,9 +113,12 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
         applied_rx,
         latest_tx,
         settings.metrics.clone(),
+        previews,
     )
     .instrument(info_span!("session"))
     .await;
+    // Previews never write: nothing to wait for beyond their next safe point.
+    previewing.abort();
     // The Lease is released only once the apply loop stopped at a safe point: the replica
     // taking over must not overlap with a write of this one.
     if tokio::time::timeout(STOP_GRACE, applying).await.is_err() {
@@ -513,6 +528,13 @@ mod tests {
                     .push((report.revision, phase));
             }
             Ok(tonic::Response::new(ReportStatusResponse {}))
+        }
+
+        async fn report_preview(
+            &self,
+            _: tonic::Request<greenlight::v1::ReportPreviewRequest>,
+        ) -> Result<tonic::Response<greenlight::v1::ReportPreviewResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("reports only"))
         }
     }
 

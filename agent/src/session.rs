@@ -6,7 +6,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::assemble::ReadyRevision;
+use crate::assemble::{Ready, ReadyRevision};
 use crate::client::{Client, ClientError};
 use greenlight::backoff::Backoff;
 
@@ -39,6 +39,7 @@ pub async fn run(
     applied: watch::Receiver<Option<(String, u64)>>,
     latest: watch::Sender<Option<ReadyRevision>>,
     metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
+    previews: crate::preview::Inbox,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(500), MAX_BACKOFF);
     while !shutdown.is_cancelled() {
@@ -60,14 +61,26 @@ pub async fn run(
             );
             metrics.connected();
             backoff.reset();
-            while let Some(revision) = stream.next().await? {
-                info!(
-                    sha = revision.sha(),
-                    generation = revision.generation(),
-                    files = revision.files.len(),
-                    "revision ready"
-                );
-                latest.send_replace(Some(revision));
+            while let Some(ready) = stream.next_any().await? {
+                match ready {
+                    Ready::Revision(revision) => {
+                        info!(
+                            sha = revision.sha(),
+                            generation = revision.generation(),
+                            files = revision.files.len(),
+                            "revision ready"
+                        );
+                        latest.send_replace(Some(revision));
+                    }
+                    Ready::Preview(preview) => {
+                        info!(
+                            sha = preview.revision.sha(),
+                            merge_request = preview.merge_request_iid,
+                            "preview requested"
+                        );
+                        previews.push(preview);
+                    }
+                }
             }
             Ok::<_, ClientError>(())
         };

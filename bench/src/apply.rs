@@ -65,7 +65,9 @@ fn spread(dir: &str, objects: &[String], files: usize) -> Vec<(String, String)> 
 }
 
 /// `verb resource` of each request, counted.
-fn count_requests(requests: &[AuditedRequest]) -> (usize, usize, BTreeMap<String, usize>) {
+pub(crate) fn count_requests(
+    requests: &[AuditedRequest],
+) -> (usize, usize, BTreeMap<String, usize>) {
     let mut by_target: BTreeMap<String, usize> = BTreeMap::new();
     let mut writes = 0;
     for request in requests {
@@ -88,7 +90,7 @@ fn count_requests(requests: &[AuditedRequest]) -> (usize, usize, BTreeMap<String
 }
 
 /// The agent's requests, without its Lease renewals (which go on regardless).
-fn agent_requests(
+pub(crate) fn agent_requests(
     plane: &ControlPlane,
     mark: u64,
     namespaces: &[&str],
@@ -157,7 +159,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// `greenlight-agent`, built next to this binary (`cargo build --release -p greenlight-agent`).
-fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
+pub(crate) fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe().context("cannot locate this binary")?;
     let path = exe
         .parent()
@@ -172,7 +174,7 @@ fn agent_binary() -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
-struct AgentChild(Child);
+pub(crate) struct AgentChild(pub(crate) Child);
 
 impl Drop for AgentChild {
     fn drop(&mut self) {
@@ -181,7 +183,7 @@ impl Drop for AgentChild {
     }
 }
 
-fn start_agent(
+pub(crate) fn start_agent(
     plane: &ControlPlane,
     server: &TestServer,
     home: &str,

@@ -8,7 +8,8 @@ use anyhow::{Context, bail};
 use greenlight::auth::Bearer;
 use greenlight::v1::admin_service_client::AdminServiceClient;
 use greenlight::v1::{GetAgentRequest, Phase, StatusReport};
-use greenlight_e2e::TestServer;
+use greenlight_agent::client::Client;
+use greenlight_e2e::{TestServer, agent_token};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
@@ -102,15 +103,38 @@ impl Streams {
     /// Connects one client per name (each its own HTTP/2 connection) and opens its `Sync`
     /// stream stating nothing applied.
     pub async fn open(server: &TestServer, names: &[String]) -> anyhow::Result<Self> {
+        Self::open_on(&[server.grpc_url()], names).await
+    }
+
+    /// Like [`Streams::open`], agent `i` on server `urls[i % urls.len()]`, opening up to
+    /// 64 at a time (10,000 one after the other take long on a busy machine).
+    pub async fn open_on(urls: &[String], names: &[String]) -> anyhow::Result<Self> {
+        if urls.is_empty() {
+            bail!("no server to connect to");
+        }
         let (tx, receipts) = mpsc::unbounded_channel();
         let mut tasks = Vec::with_capacity(names.len());
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+        let mut opening = tokio::task::JoinSet::new();
         for (agent, name) in names.iter().enumerate() {
-            let mut stream = server
-                .stream(name)
-                .await
-                .with_context(|| format!("cannot open the stream of {name}"))?;
-            let tx = tx.clone();
+            let url = urls[agent % urls.len()].clone();
             let name = name.clone();
+            let permits = permits.clone();
+            opening.spawn(async move {
+                let _permit = permits.acquire_owned().await?;
+                let client = Client::connect(&url, &agent_token(&name), None)
+                    .await
+                    .with_context(|| format!("cannot connect {name}"))?;
+                let stream = client
+                    .sync(None)
+                    .await
+                    .with_context(|| format!("cannot open the stream of {name}"))?;
+                anyhow::Ok((agent, name, stream))
+            });
+        }
+        while let Some(opened) = opening.join_next().await {
+            let (agent, name, mut stream) = opened.context("a connecting task failed")??;
+            let tx = tx.clone();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let message = match stream.next().await {

@@ -9,6 +9,10 @@ mod apply;
 mod common;
 mod latency;
 mod manifests;
+mod memory;
+mod preview;
+mod process;
+mod state;
 mod stats;
 mod throughput;
 
@@ -38,6 +42,14 @@ enum Scenario {
     /// The agent applying to a real kube-apiserver, next to kubectl: first apply, unchanged
     /// re-apply, drift, Deployments, memory.
     Apply(apply::Args),
+    /// Server RSS under the worst client its limits allow, next to a quiet server.
+    Memory(memory::Args),
+    /// A merge request preview of many changed objects: MR pipeline hook to note posted,
+    /// the agent's share apart from its dry-run requests.
+    Preview(preview::Args),
+    /// The state model at scale: RSS per idle agent, idle Redis load, latency and fan-out
+    /// with thousands of agents on one ref, one or two server processes.
+    State(state::Args),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +78,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Throughput(args) => throughput::run(args).await,
             Scenario::Manifests(args) => manifests::run(args).await,
             Scenario::Apply(args) => apply::run(args).await,
+            Scenario::Memory(args) => memory::run(args).await,
+            Scenario::Preview(args) => preview::run(args).await,
+            Scenario::State(args) => state::run(args).await,
         }
     })?;
     println!("total run time: {:.1} s", started.elapsed().as_secs_f64());

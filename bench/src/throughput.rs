@@ -11,7 +11,8 @@ use greenlight_e2e::{
     AgentDef, GITLAB_SECRET, PROJECT, Redis, TestServer, config_yaml, pipeline_payload, sha,
 };
 
-use crate::common::{BRANCH, ZERO, ref_document_sizes, require_tool};
+use crate::common::{BRANCH, ZERO, load_average, require_tool};
+use crate::process::{ServerProcess, redis_benchmark_set};
 use crate::stats::{Summary, breakdown, ms};
 
 /// Options of `throughput`.
@@ -29,6 +30,62 @@ pub struct Args {
     /// Which stores to measure.
     #[arg(long, value_enum, default_value_t = Stores::Both)]
     store: Stores,
+    /// Every delivery is the success of a new pipeline of a commit never seen before
+    /// (delivery i: pipeline 1000+i of commit 1000000+i), instead of running/success pairs
+    /// over the pushed commits.
+    #[arg(long)]
+    fresh: bool,
+    /// Runs greenlight-server as a child process (built beside this binary) instead of in
+    /// this process, so that the clients and the server do not share a runtime.
+    #[arg(long)]
+    process: bool,
+}
+
+/// The server under load: in this process, or a child process.
+enum Target {
+    InProcess(TestServer),
+    Process(Box<ServerProcess>),
+}
+
+impl Target {
+    fn http(&self) -> std::net::SocketAddr {
+        match self {
+            Self::InProcess(server) => server.http,
+            Self::Process(server) => server.http,
+        }
+    }
+
+    async fn push(&self, before: &str, after: &str) -> anyhow::Result<()> {
+        match self {
+            Self::InProcess(server) => {
+                let status = server
+                    .push(BRANCH, before, after)
+                    .await
+                    .context("push webhook failed")?;
+                if status != 200 {
+                    bail!("push webhook answered {status}");
+                }
+            }
+            Self::Process(server) => {
+                server.push(before, after).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn admin(&self) -> anyhow::Result<crate::common::Admin> {
+        match self {
+            Self::InProcess(server) => server.admin().await,
+            Self::Process(server) => server.admin().await,
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Self::InProcess(server) => server.stop().await,
+            Self::Process(server) => (*server).stop().await,
+        }
+    }
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -55,15 +112,43 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         "scenario: throughput, Pipeline Hook only, {} clients, {} s per store, pipelines over {} pushed commits",
         args.concurrency, args.seconds, args.commits
     );
+    if args.fresh {
+        println!(
+            "each delivery: unique X-Gitlab-Event-UUID; delivery i is the success of pipeline 1000+i of commit 1000000+i, never seen before"
+        );
+    } else {
+        println!(
+            "each delivery: unique X-Gitlab-Event-UUID; delivery i is pipeline 1000+i/2 of commit (i/2) mod {}, status running (even i) or success (odd i)",
+            args.commits
+        );
+    }
     println!(
-        "each delivery: unique X-Gitlab-Event-UUID; delivery i is pipeline 1000+i/2 of commit (i/2) mod {}, status running (even i) or success (odd i)",
-        args.commits
+        "server: {}",
+        if args.process {
+            "greenlight-server child process"
+        } else {
+            "in this process"
+        }
     );
     if args.store != Stores::Embedded {
         let version = require_tool("redis-server", "for the Redis half of throughput")?;
         println!("redis: {version}");
         let redis = Redis::start().await.context("cannot start redis-server")?;
+        let ceiling = |when: &str| match redis_benchmark_set(
+            redis.port(),
+            args.concurrency,
+            200_000,
+        ) {
+            Ok(rate) => println!(
+                "ceiling {when}: redis-benchmark -c {} -t set -n 200000 on the same redis-server: {rate:.0} SET/s (load average {})",
+                args.concurrency,
+                load_average()
+            ),
+            Err(error) => println!("ceiling {when}: redis-benchmark failed: {error:#}"),
+        };
+        ceiling("before");
         measure("redis", Some(&redis.url()), &args).await?;
+        ceiling("after");
     }
     if args.store != Stores::Redis {
         measure("embedded", None, &args).await?;
@@ -72,23 +157,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 async fn measure(label: &str, redis_url: Option<&str>, args: &Args) -> anyhow::Result<()> {
-    let server = TestServer::start(&config_yaml(redis_url, &[AgentDef::new("prod")]))
-        .await
-        .context("cannot start the server")?;
+    let yaml = config_yaml(redis_url, &[AgentDef::new("prod")]);
+    let server = if args.process {
+        Target::Process(Box::new(ServerProcess::start(label, &yaml).await?))
+    } else {
+        Target::InProcess(
+            TestServer::start(&yaml)
+                .await
+                .context("cannot start the server")?,
+        )
+    };
     let mut before = ZERO.to_owned();
     for n in 1..=args.commits {
         let commit = sha(n);
-        let status = server
-            .push(BRANCH, &before, &commit)
-            .await
-            .context("push webhook failed")?;
-        if status != 200 {
-            bail!("push webhook answered {status}");
-        }
+        server.push(&before, &commit).await?;
         before = commit;
     }
+    let load_before = load_average();
 
-    let url = format!("http://{}/webhooks/gitlab", server.http);
+    let url = format!("http://{}/webhooks/gitlab", server.http());
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
@@ -102,7 +189,7 @@ async fn measure(label: &str, redis_url: Option<&str>, args: &Args) -> anyhow::R
             client,
             url.clone(),
             label.to_owned(),
-            args.commits,
+            (!args.fresh).then_some(args.commits),
             next.clone(),
             start,
             deadline,
@@ -125,18 +212,18 @@ async fn measure(label: &str, redis_url: Option<&str>, args: &Args) -> anyhow::R
         .context("GetRef failed")?
         .into_inner();
     let pipelines: usize = refs.commits.iter().map(|c| c.pipelines.len()).sum();
-    let document = redis_url.map(ref_document_sizes);
     server.stop().await.context("cannot stop the server")?;
 
+    println!(
+        "load average at the start of the load: {load_before}, at its end: {}",
+        load_average()
+    );
     report(label, &mut samples, elapsed, args.seconds);
     println!(
-        "  ref document afterwards: {} commits, {} pipelines recorded",
+        "  GetRef afterwards: {} pushed commits, {} pipelines of them (pipelines of commits never pushed are not listed)",
         refs.commits.len(),
         pipelines
     );
-    if let Some(document) = document {
-        println!("  ref document in Redis: {document}");
-    }
     Ok(())
 }
 
@@ -145,7 +232,8 @@ async fn load(
     client: reqwest::Client,
     url: String,
     label: String,
-    commits: u32,
+    // Running/success pairs over this many pushed commits; `None`: fresh commits.
+    pairs_over: Option<u32>,
     next: Arc<AtomicU64>,
     start: Instant,
     deadline: Instant,
@@ -153,12 +241,17 @@ async fn load(
     let mut samples = Vec::new();
     while Instant::now() < deadline {
         let i = next.fetch_add(1, Ordering::Relaxed);
-        let pipeline = i / 2;
-        let commit = sha(1 + u32::try_from(pipeline % u64::from(commits)).unwrap_or(0));
-        let status = if i.is_multiple_of(2) {
-            "running"
+        let (pipeline, commit, status) = if let Some(commits) = pairs_over {
+            let pipeline = i / 2;
+            let commit = sha(1 + u32::try_from(pipeline % u64::from(commits)).unwrap_or(0));
+            let status = if i.is_multiple_of(2) {
+                "running"
+            } else {
+                "success"
+            };
+            (pipeline, commit, status)
         } else {
-            "success"
+            (i, sha(1_000_000 + u32::try_from(i).unwrap_or(0)), "success")
         };
         let body = pipeline_payload(PROJECT, BRANCH, &commit, 1000 + pipeline, status, "push");
         let body = match serde_json::to_vec(&body) {

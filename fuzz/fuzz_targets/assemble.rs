@@ -35,6 +35,7 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut assembler = Assembler::new();
     // What the assembler should hold: the files since the last header, if any.
     let mut sent: Option<(RevisionHeader, Vec<(String, Vec<u8>)>)> = None;
+    let mut previewing = false;
     for op in ops {
         let event = match op {
             Op::Header {
@@ -80,6 +81,10 @@ fuzz_target!(|ops: Vec<Op>| {
         // The model: a header starts over, accepted chunks of one path in a row concatenate.
         match (&event, &pushed) {
             (Event::Header(header), _) => sent = Some((header.clone(), Vec::new())),
+            // A preview request collects files as a revision does, and is never a revision.
+            (Event::Preview(preview), _) => {
+                sent = Some((preview.revision.clone().unwrap_or_default(), Vec::new()))
+            }
             (Event::Chunk(chunk), Ok(_)) => {
                 let (_, files) = sent.as_mut().expect("a chunk is accepted after a header");
                 match files.last_mut() {
@@ -92,6 +97,7 @@ fuzz_target!(|ops: Vec<Op>| {
             _ => {}
         }
         if let Ok(Some(ready)) = &pushed {
+            assert!(!previewing, "a preview request came out as a revision");
             let (header, files) = sent.as_ref().expect("a revision needs a header");
             assert_eq!(&ready.header, header);
             assert_eq!(&ready.files, files);
@@ -99,9 +105,15 @@ fuzz_target!(|ops: Vec<Op>| {
             let bytes: u64 = ready.files.iter().map(|(_, d)| d.len() as u64).sum();
             assert_eq!(bytes, header.total_bytes);
         }
-        if matches!(event, Event::Trailer(_)) {
+        match event {
+            Event::Header(_) => previewing = false,
+            Event::Preview(_) => previewing = true,
             // A trailer ends the revision, verified or not.
-            sent = None;
+            Event::Trailer(_) => {
+                sent = None;
+                previewing = false;
+            }
+            Event::Chunk(_) => {}
         }
     }
 });

@@ -50,4 +50,11 @@ pub fn webhook(data: &[u8], default_event: &str) {
             "a fact names its project: {fact:?}"
         );
     }
+    if let Ok(Some(trigger)) = greenlight_server::http::gitlab::parse_preview(event, body) {
+        assert!(
+            trigger.project_path.is_some() || trigger.project_id.is_some(),
+            "a preview trigger names its project: {trigger:?}"
+        );
+        assert_eq!(trigger.sha.len(), 40, "a full head sha: {trigger:?}");
+    }
 }

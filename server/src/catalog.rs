@@ -1,25 +1,51 @@
-//! The configured agents, indexed the ways requests find them.
+//! The agents, indexed the ways requests find them: those of the config file, which seed
+//! it, and those created at runtime through the admin API.
+//!
+//! A [`Catalog`] is an immutable snapshot, so lookups take no lock; [`LiveCatalog`] swaps
+//! in a new snapshot for each registry change every replica reads from the change log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use ring::hmac;
 use subtle::ConstantTimeEq;
+use tokio::sync::watch;
+use tracing::warn;
 
 use crate::config::{AgentSpec, Secret, TokenHash};
 use crate::git::RepoSource;
-use crate::store::RefKey;
+use crate::store::{RefKey, RegisteredAgent};
 
 /// Hex characters of a badge key: 128 bits, beyond guessing.
 const BADGE_KEY_CHARS: usize = 32;
 
-/// Configured agents by name, by token, by the ref they watch, and by badge key.
-#[derive(Default)]
+/// Who a token authenticates as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub agent: String,
+    /// For a token a rotation replaced: accepted until then (Unix ms), refused after.
+    pub until_ms: Option<i64>,
+}
+
+impl Grant {
+    fn valid_at(&self, now_ms: i64) -> bool {
+        self.until_ms.is_none_or(|until| now_ms < until)
+    }
+}
+
+/// The agents by name, by token, by the ref they watch, and by badge key.
+#[derive(Default, Clone)]
 pub struct Catalog {
-    agents: BTreeMap<String, AgentSpec>,
+    agents: BTreeMap<String, Arc<AgentSpec>>,
+    /// Agents created at runtime; the others come from the config file.
+    runtime: BTreeSet<String>,
+    /// The number of the last registry change this snapshot reflects.
+    registry_seq: u64,
     /// Derives each private badge's key; without it private badges are not served.
     badge_secret: Option<hmac::Key>,
-    by_token: HashMap<[u8; 32], String>,
-    by_ci_token: HashMap<[u8; 32], String>,
+    by_token: HashMap<[u8; 32], Grant>,
+    by_ci_token: HashMap<[u8; 32], Grant>,
     by_ref: BTreeMap<RefKey, Vec<String>>,
 }
 
@@ -27,13 +53,14 @@ impl std::fmt::Debug for Catalog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Catalog")
             .field("agents", &self.agents)
+            .field("runtime", &self.runtime)
             .field("badge_secret", &self.badge_secret.as_ref().map(|_| "…"))
             .finish_non_exhaustive()
     }
 }
 
 impl Catalog {
-    /// Indexes `agents`; private badge keys are derived from `badge_secret`.
+    /// Indexes the config file's `agents`; private badge keys are derived from `badge_secret`.
     pub fn new(agents: &[AgentSpec], badge_secret: Option<&Secret>) -> Self {
         let mut catalog = Catalog {
             badge_secret: badge_secret
@@ -41,45 +68,101 @@ impl Catalog {
             ..Catalog::default()
         };
         for agent in agents {
-            catalog
-                .by_token
-                .insert(*agent.token.as_bytes(), agent.name.clone());
-            if let Some(ci) = &agent.ci_token {
-                catalog
-                    .by_ci_token
-                    .insert(*ci.as_bytes(), agent.name.clone());
-            }
-            catalog
-                .by_ref
-                .entry(ref_key(agent))
-                .or_default()
-                .push(agent.name.clone());
-            catalog.agents.insert(agent.name.clone(), agent.clone());
+            catalog.insert(Arc::new(agent.clone()), None, None);
         }
         catalog
     }
 
+    fn insert(
+        &mut self,
+        agent: Arc<AgentSpec>,
+        previous_token: Option<&(TokenHash, i64)>,
+        previous_ci_token: Option<&(TokenHash, i64)>,
+    ) {
+        let name = &agent.name;
+        let grant = |until_ms| Grant {
+            agent: name.clone(),
+            until_ms,
+        };
+        self.by_token.insert(*agent.token.as_bytes(), grant(None));
+        if let Some((hash, until)) = previous_token {
+            self.by_token.insert(*hash.as_bytes(), grant(Some(*until)));
+        }
+        if let Some(ci) = &agent.ci_token {
+            self.by_ci_token.insert(*ci.as_bytes(), grant(None));
+        }
+        if let Some((hash, until)) = previous_ci_token {
+            self.by_ci_token
+                .insert(*hash.as_bytes(), grant(Some(*until)));
+        }
+        self.by_ref
+            .entry(ref_key(&agent))
+            .or_default()
+            .push(name.clone());
+        self.agents.insert(name.clone(), agent);
+    }
+
+    fn remove(&mut self, name: &str) -> Option<Arc<AgentSpec>> {
+        let agent = self.agents.remove(name)?;
+        self.runtime.remove(name);
+        self.by_token.retain(|_, grant| grant.agent != name);
+        self.by_ci_token.retain(|_, grant| grant.agent != name);
+        let key = ref_key(&agent);
+        if let Some(watchers) = self.by_ref.get_mut(&key) {
+            watchers.retain(|watcher| watcher != name);
+            if watchers.is_empty() {
+                self.by_ref.remove(&key);
+            }
+        }
+        Some(agent)
+    }
+
+    /// Whether `name` was created at runtime (and may be changed at runtime).
+    pub fn is_runtime(&self, name: &str) -> bool {
+        self.runtime.contains(name)
+    }
+
+    /// The number of the last registry change this snapshot reflects.
+    pub fn registry_seq(&self) -> u64 {
+        self.registry_seq
+    }
+
     /// The agent named `name`.
     pub fn agent(&self, name: &str) -> Option<&AgentSpec> {
-        self.agents.get(name)
+        self.agents.get(name).map(Arc::as_ref)
+    }
+
+    /// The agent named `name`, shared.
+    pub fn agent_arc(&self, name: &str) -> Option<Arc<AgentSpec>> {
+        self.agents.get(name).cloned()
     }
 
     /// Every agent, by name.
     pub fn agents(&self) -> impl Iterator<Item = &AgentSpec> {
-        self.agents.values()
+        self.agents.values().map(Arc::as_ref)
     }
 
     /// The agent whose bearer token is `token`.
     pub fn agent_by_token(&self, token: &str) -> Option<&AgentSpec> {
         // Looking up the token's hash reveals nothing about the token through timing.
-        let name = self.by_token.get(TokenHash::of(token).as_bytes())?;
-        self.agents.get(name)
+        let grant = self.token_grant(&TokenHash::of(token), crate::clock::now_ms())?;
+        self.agent(&grant.agent)
+    }
+
+    /// Who the bearer token hashing to `hash` authenticates as at `now_ms`, if anyone.
+    pub fn token_grant(&self, hash: &TokenHash, now_ms: i64) -> Option<&Grant> {
+        self.by_token
+            .get(hash.as_bytes())
+            .filter(|grant| grant.valid_at(now_ms))
     }
 
     /// The agent whose CI token is `token`.
     pub fn agent_by_ci_token(&self, token: &str) -> Option<&AgentSpec> {
-        let name = self.by_ci_token.get(TokenHash::of(token).as_bytes())?;
-        self.agents.get(name)
+        let grant = self
+            .by_ci_token
+            .get(TokenHash::of(token).as_bytes())
+            .filter(|grant| grant.valid_at(crate::clock::now_ms()))?;
+        self.agent(&grant.agent)
     }
 
     /// The key in the private badge URL of `name`: an HMAC of the name, so that it needs no
@@ -156,6 +239,164 @@ pub fn ref_key(agent: &AgentSpec) -> RefKey {
     }
 }
 
+/// How a registry change changed the catalog.
+#[derive(Debug, Clone)]
+pub enum CatalogChange {
+    Added(Arc<AgentSpec>),
+    Updated {
+        before: Arc<AgentSpec>,
+        after: Arc<AgentSpec>,
+    },
+    Removed(Arc<AgentSpec>),
+}
+
+/// The catalog as it changes at runtime: readers take the current snapshot without a lock;
+/// registry changes, applied in log order, swap in a new one.
+pub struct LiveCatalog {
+    current: ArcSwap<Catalog>,
+    /// Serialises writers, so that no change is lost between a load and a store.
+    writer: Mutex<()>,
+    /// Bumped by every change: streams re-check their agent and token.
+    changed: watch::Sender<u64>,
+}
+
+impl LiveCatalog {
+    /// Starts from `catalog`: the config file's agents.
+    pub fn new(catalog: Catalog) -> Self {
+        Self {
+            current: ArcSwap::from_pointee(catalog),
+            writer: Mutex::new(()),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// The catalog now.
+    pub fn load(&self) -> Arc<Catalog> {
+        self.current.load_full()
+    }
+
+    /// Hears of every change from now on.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Applies registry change `seq`: `agent` registered or updated, or `name` deleted
+    /// (`None`). Changes the snapshot already reflects are ignored, and so is a runtime
+    /// agent under the name of a config file agent (the file wins).
+    pub fn apply(
+        &self,
+        seq: u64,
+        name: &str,
+        agent: Option<RegisteredAgent>,
+    ) -> Option<CatalogChange> {
+        let _writer = self.lock_writer();
+        let current = self.current.load_full();
+        if seq <= current.registry_seq {
+            return None;
+        }
+        let mut next = Catalog::clone(&current);
+        next.registry_seq = seq;
+        let change = apply_one(&mut next, name, agent);
+        self.current.store(Arc::new(next));
+        self.changed.send_modify(|n| *n += 1);
+        change
+    }
+
+    /// Replaces every runtime agent with `agents`, the registry as read at change `seq`:
+    /// at start, and after this replica missed log entries. A read older than the changes
+    /// applied already is ignored, unless `force` (the store may have lost its data, and
+    /// its change numbers started again).
+    pub fn reset(&self, seq: u64, agents: Vec<RegisteredAgent>, force: bool) -> Vec<CatalogChange> {
+        let _writer = self.lock_writer();
+        let current = self.current.load_full();
+        if seq < current.registry_seq && !force {
+            return Vec::new();
+        }
+        let mut next = Catalog::clone(&current);
+        next.registry_seq = seq;
+        let mut changes = Vec::new();
+        let keep: BTreeSet<String> = agents.iter().map(|a| a.spec.name.clone()).collect();
+        let gone: Vec<String> = next
+            .runtime
+            .iter()
+            .filter(|name| !keep.contains(*name))
+            .cloned()
+            .collect();
+        for name in gone {
+            changes.extend(apply_one(&mut next, &name, None));
+        }
+        for agent in agents {
+            let name = agent.spec.name.clone();
+            let unchanged = next.agents.get(&name).is_some_and(|held| {
+                next.runtime.contains(&name) && same_agent(held, &agent, &next)
+            });
+            if !unchanged {
+                changes.extend(apply_one(&mut next, &name, Some(agent)));
+            }
+        }
+        self.current.store(Arc::new(next));
+        self.changed.send_modify(|n| *n += 1);
+        changes
+    }
+
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, ()> {
+        // Guards no data: a poisoned lock is as good as a clean one.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Whether `held` (with its grants in `catalog`) is what `agent` describes.
+fn same_agent(held: &AgentSpec, agent: &RegisteredAgent, catalog: &Catalog) -> bool {
+    let grant_until = |map: &HashMap<[u8; 32], Grant>, previous: &Option<(TokenHash, i64)>| {
+        previous.as_ref().is_none_or(|(hash, until)| {
+            map.get(hash.as_bytes())
+                .is_some_and(|grant| grant.until_ms == Some(*until))
+        })
+    };
+    let spec = &agent.spec;
+    held.token == spec.token
+        && held.ci_token == spec.ci_token
+        && held.project == spec.project
+        && held.branch == spec.branch
+        && held.mode == spec.mode
+        && held.required_stages == spec.required_stages
+        && held.source == spec.source
+        && held.paths == spec.paths
+        && held.apply == spec.apply
+        && held.badge_public == spec.badge_public
+        && grant_until(&catalog.by_token, &agent.previous_token)
+        && grant_until(&catalog.by_ci_token, &agent.previous_ci_token)
+}
+
+fn apply_one(
+    catalog: &mut Catalog,
+    name: &str,
+    agent: Option<RegisteredAgent>,
+) -> Option<CatalogChange> {
+    if catalog.agents.contains_key(name) && !catalog.runtime.contains(name) {
+        warn!(
+            agent = name,
+            "the config file defines this agent; its runtime definition is ignored"
+        );
+        return None;
+    }
+    let before = catalog.remove(name);
+    let Some(agent) = agent else {
+        return before.map(CatalogChange::Removed);
+    };
+    let after = Arc::new(agent.spec);
+    catalog.insert(
+        after.clone(),
+        agent.previous_token.as_ref(),
+        agent.previous_ci_token.as_ref(),
+    );
+    catalog.runtime.insert(name.to_owned());
+    Some(match before {
+        Some(before) => CatalogChange::Updated { before, after },
+        None => CatalogChange::Added(after),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +452,157 @@ mod tests {
         assert!(!catalog.badge_visible("prod", Some("")));
         assert!(catalog.badge_visible("docs", None));
         assert_eq!(catalog.badge_path("nobody"), None);
+    }
+
+    fn runtime(name: &str, token: &str, project: &str) -> RegisteredAgent {
+        let yaml = format!(
+            "agents:\n  - {{name: {name}, token_sha256: {}, project: {project}, ref: main}}\n",
+            hex::encode(TokenHash::of(token).as_bytes())
+        );
+        RegisteredAgent {
+            spec: Config::from_yaml(&yaml, &Overrides::default())
+                .unwrap()
+                .agents
+                .remove(0),
+            previous_token: None,
+            previous_ci_token: None,
+            created_ms: 0,
+            updated_ms: 0,
+        }
+    }
+
+    #[test]
+    fn registry_changes_swap_in_a_new_snapshot_in_order() {
+        let live = LiveCatalog::new(Catalog::new(&agents(), None));
+        let changes = live.subscribe();
+        let before = live.load();
+        assert!(matches!(
+            live.apply(1, "edge", Some(runtime("edge", "t1", "x"))),
+            Some(CatalogChange::Added(_))
+        ));
+        assert!(changes.has_changed().unwrap());
+        assert!(before.agent("edge").is_none(), "a snapshot never changes");
+        let now = live.load();
+        assert!(now.is_runtime("edge") && !now.is_runtime("prod"));
+        assert_eq!(now.agent_by_token("t1").unwrap().name, "edge");
+        assert_eq!(
+            now.watchers(&RefKey {
+                project: "x".into(),
+                branch: "main".into()
+            }),
+            ["prod", "docs", "edge"]
+        );
+        // An old entry heard again (after a reload saw it) changes nothing.
+        assert!(live.apply(1, "edge", None).is_none());
+        assert!(live.load().agent("edge").is_some());
+        // Moved to another project: the ref index follows.
+        assert!(matches!(
+            live.apply(2, "edge", Some(runtime("edge", "t1", "other"))),
+            Some(CatalogChange::Updated { .. })
+        ));
+        let now = live.load();
+        assert_eq!(
+            now.watchers(&RefKey {
+                project: "x".into(),
+                branch: "main".into()
+            }),
+            ["prod", "docs"]
+        );
+        assert_eq!(
+            now.watchers(&RefKey {
+                project: "other".into(),
+                branch: "main".into()
+            }),
+            ["edge"]
+        );
+        assert!(matches!(
+            live.apply(3, "edge", None),
+            Some(CatalogChange::Removed(_))
+        ));
+        let now = live.load();
+        assert!(now.agent("edge").is_none() && now.agent_by_token("t1").is_none());
+        assert!(now.refs().all(|key| key.project == "x"));
+        assert_eq!(now.registry_seq(), 3);
+    }
+
+    #[test]
+    fn a_runtime_agent_never_replaces_a_file_agent() {
+        let live = LiveCatalog::new(Catalog::new(&agents(), None));
+        assert!(
+            live.apply(1, "prod", Some(runtime("prod", "t1", "other")))
+                .is_none()
+        );
+        assert!(live.apply(2, "prod", None).is_none());
+        let now = live.load();
+        assert_eq!(now.agent("prod").unwrap().project, "x");
+        assert!(now.agent_by_token("t1").is_none());
+        assert!(!now.is_runtime("prod"));
+    }
+
+    #[test]
+    fn a_rotated_out_token_is_accepted_until_its_time() {
+        let live = LiveCatalog::new(Catalog::new(&agents(), None));
+        let mut agent = runtime("edge", "new", "x");
+        let until = crate::clock::now_ms() + 60_000;
+        agent.previous_token = Some((TokenHash::of("old"), until));
+        live.apply(1, "edge", Some(agent));
+        let now = live.load();
+        assert_eq!(now.agent_by_token("new").unwrap().name, "edge");
+        assert_eq!(now.agent_by_token("old").unwrap().name, "edge");
+        let old = TokenHash::of("old");
+        assert_eq!(
+            now.token_grant(&old, until - 1).unwrap().until_ms,
+            Some(until)
+        );
+        assert!(now.token_grant(&old, until).is_none());
+        assert_eq!(
+            now.token_grant(&TokenHash::of("new"), i64::MAX)
+                .unwrap()
+                .until_ms,
+            None
+        );
+    }
+
+    #[test]
+    fn a_reload_makes_the_runtime_agents_exactly_the_registry() {
+        let live = LiveCatalog::new(Catalog::new(&agents(), None));
+        live.apply(1, "a", Some(runtime("a", "ta", "x")));
+        live.apply(2, "b", Some(runtime("b", "tb", "x")));
+        assert!(live.reset(1, Vec::new(), false).is_empty(), "an older read");
+        let changes = live.reset(
+            7,
+            vec![
+                runtime("b", "tb", "x"),
+                runtime("c", "tc", "x"),
+                runtime("prod", "tp", "x"),
+            ],
+            false,
+        );
+        let described: Vec<String> = changes
+            .iter()
+            .map(|change| match change {
+                CatalogChange::Added(spec) => format!("+{}", spec.name),
+                CatalogChange::Updated { after, .. } => format!("~{}", after.name),
+                CatalogChange::Removed(spec) => format!("-{}", spec.name),
+            })
+            .collect();
+        assert_eq!(
+            described,
+            ["-a", "+c"],
+            "b is unchanged, prod is the file's"
+        );
+        let now = live.load();
+        assert_eq!(now.registry_seq(), 7);
+        assert!(now.agent_by_token("ta").is_none());
+        assert!(now.agent_by_token("tp").is_none());
+        assert!(
+            live.apply(7, "d", Some(runtime("d", "td", "x"))).is_none(),
+            "seen by the reload"
+        );
+        // The store lost its data: its numbers start again.
+        let changes = live.reset(0, Vec::new(), true);
+        assert_eq!(changes.len(), 2);
+        assert_eq!(live.load().registry_seq(), 0);
+        assert!(live.apply(1, "d", Some(runtime("d", "td", "x"))).is_some());
     }
 }

@@ -17,6 +17,12 @@ use crate::trust::{IngestToken, WebhookSecrets};
 
 /// Webhook request bodies larger than this are refused unless configured otherwise.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+/// How long a server stream may stay full before its reader counts as no longer reading.
+pub const DEFAULT_STREAM_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where the embedded store keeps its file unless told otherwise: beside where the server
+/// was started, as the README's first command expects.
+pub const DEFAULT_DATA_DIR: &str = "./greenlight-data";
 
 /// Why a configuration cannot be used; names the key and the problem.
 #[derive(Debug, thiserror::Error)]
@@ -106,8 +112,22 @@ impl std::fmt::Debug for Secret {
 /// Redis connection settings.
 #[derive(Clone)]
 pub struct RedisSettings {
+    /// A single Redis server; empty when `cluster_nodes` is given.
     pub url: String,
+    /// Seed nodes of a Redis Cluster; empty for a single server.
+    pub cluster_nodes: Vec<String>,
     pub key_prefix: String,
+}
+
+impl RedisSettings {
+    /// A single Redis server at `url`, under `key_prefix`.
+    pub fn single(url: impl Into<String>, key_prefix: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            cluster_nodes: Vec::new(),
+            key_prefix: key_prefix.into(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisSettings {
@@ -115,6 +135,14 @@ impl std::fmt::Debug for RedisSettings {
         // The URL may carry the Redis password.
         f.debug_struct("RedisSettings")
             .field("url", &crate::redact::url(&self.url))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|node| crate::redact::url(node))
+                    .collect::<Vec<_>>(),
+            )
             .field("key_prefix", &self.key_prefix)
             .finish()
     }
@@ -141,6 +169,9 @@ pub struct AgentSpec {
     pub ci_token: Option<TokenHash>,
     /// Whether `GET /badges/<agent>.svg` answers without the agent's badge key.
     pub badge_public: bool,
+    /// Whether merge requests into its branch get a preview from it: a note and a commit
+    /// status `greenlight/<agent>/preview`.
+    pub preview: bool,
 }
 
 /// Talking back to GitLab.
@@ -222,6 +253,8 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
     pub redis: Option<RedisSettings>,
+    /// Where the embedded store keeps its file when no Redis is configured.
+    pub data_dir: PathBuf,
     pub webhook_secrets: WebhookSecrets,
     pub max_body_bytes: usize,
     pub admin_token: Option<TokenHash>,
@@ -238,6 +271,8 @@ pub struct Config {
     pub badge_secret: Option<Secret>,
     /// Where spans are exported (OTLP/gRPC); none exports nothing.
     pub otlp_endpoint: Option<String>,
+    /// A server stream whose reader leaves it full this long is ended.
+    pub stream_stall_timeout: Duration,
 }
 
 /// Values from flags or environment that win over the file.
@@ -248,6 +283,7 @@ pub struct Overrides {
     pub redis_url: Option<String>,
     pub redis_key_prefix: Option<String>,
     pub replica_id: Option<String>,
+    pub data_dir: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -256,6 +292,7 @@ struct FileConfig {
     #[serde(default)]
     listen: ListenFile,
     redis: Option<RedisFile>,
+    data_dir: Option<PathBuf>,
     #[serde(default)]
     webhooks: WebhooksFile,
     admin: Option<TokenFile>,
@@ -269,6 +306,14 @@ struct FileConfig {
     tls: Option<TlsFile>,
     badges: Option<BadgesFile>,
     telemetry: Option<TelemetryFile>,
+    #[serde(default)]
+    streams: StreamsFile,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct StreamsFile {
+    stall_timeout: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -452,6 +497,8 @@ struct ListenFile {
 #[serde(deny_unknown_fields)]
 struct RedisFile {
     url: Option<String>,
+    #[serde(default)]
+    cluster_nodes: Vec<String>,
     key_prefix: Option<String>,
 }
 
@@ -570,6 +617,8 @@ struct AgentFile {
     impersonate: Option<String>,
     ci_token_sha256: Option<String>,
     badge: Option<String>,
+    #[serde(default)]
+    preview: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -586,6 +635,272 @@ struct GateFile {
     mode: Mode,
     #[serde(default)]
     stages: Vec<String>,
+}
+
+/// One agent as an entry of the config file's `agents:` writes it, without its tokens: what
+/// the file's agents and the agents created at runtime are both validated from.
+#[derive(Debug, Clone, Default)]
+pub struct AgentDefinition {
+    pub name: String,
+    /// Normalized: a path without outer slashes, or a numeric id as digits.
+    pub project: String,
+    /// `ref`: a branch, with or without `refs/heads/`.
+    pub git_ref: String,
+    pub mode: Mode,
+    pub stages: Vec<String>,
+    pub repository: Option<String>,
+    pub repository_token_file: Option<PathBuf>,
+    pub paths: Vec<String>,
+    pub default_namespace: Option<String>,
+    pub scope_namespaces: Option<Vec<String>>,
+    pub scope_cluster_kinds: Option<Vec<String>>,
+    pub prune: Option<bool>,
+    pub prune_limit: Option<u32>,
+    pub prune_propagation_policy: Option<String>,
+    pub dry_run_strategy: Option<String>,
+    pub health_timeout: Option<String>,
+    pub reconcile_interval: Option<String>,
+    pub force_conflicts: Option<bool>,
+    pub health_checks: Vec<HealthCheck>,
+    pub impersonate: Option<String>,
+    /// `public` or `private` (the default).
+    pub badge: Option<String>,
+    /// Whether merge requests into its branch get a preview from it.
+    pub preview: bool,
+}
+
+impl AgentFile {
+    /// The definition, and the token hashes as written.
+    fn split(
+        self,
+        key: &dyn Fn(&str) -> String,
+    ) -> Result<(AgentDefinition, TokenHash, Option<TokenHash>), ConfigError> {
+        let token = token_hash(&key("token_sha256"), &self.token_sha256)?;
+        let ci_token = self
+            .ci_token_sha256
+            .as_deref()
+            .map(|h| token_hash(&key("ci_token_sha256"), h))
+            .transpose()?;
+        let scope = self.scope.unwrap_or_default();
+        let definition = AgentDefinition {
+            project: self.project.normalized(&key("project"))?,
+            name: self.name,
+            git_ref: self.git_ref,
+            mode: self.gate.mode,
+            stages: self.gate.stages,
+            repository: self.repository,
+            repository_token_file: self.repository_token_file,
+            paths: self.paths,
+            default_namespace: self.default_namespace,
+            scope_namespaces: scope.namespaces,
+            scope_cluster_kinds: scope.cluster_kinds,
+            prune: self.prune,
+            prune_limit: self.prune_limit,
+            prune_propagation_policy: self.prune_propagation_policy,
+            dry_run_strategy: self.dry_run_strategy,
+            health_timeout: self.health_timeout,
+            reconcile_interval: self.reconcile_interval,
+            force_conflicts: self.force_conflicts,
+            health_checks: self.health_checks,
+            impersonate: self.impersonate,
+            badge: self.badge,
+            preview: self.preview,
+        };
+        Ok((definition, token, ci_token))
+    }
+}
+
+impl AgentDefinition {
+    /// Checks the definition and resolves its defaults; errors name the key as `key` spells
+    /// it (`agents[3].paths[0]` for the file).
+    pub fn validate(
+        self,
+        key: &dyn Fn(&str) -> String,
+        token: TokenHash,
+        ci_token: Option<TokenHash>,
+    ) -> Result<AgentSpec, ConfigError> {
+        // The name becomes part of Kubernetes object names (inventory) and label values.
+        let bytes = self.name.as_bytes();
+        let name_ok = !bytes.is_empty()
+            && bytes.len() <= 40
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+            && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
+        if !name_ok {
+            return Err(invalid(
+                key("name"),
+                format!(
+                    "{:?} must be 1-40 lowercase letters, digits or '-', starting and ending with a letter or digit (it names Kubernetes objects)",
+                    self.name
+                ),
+            ));
+        }
+        let project = self.project;
+        let branch = self
+            .git_ref
+            .strip_prefix("refs/heads/")
+            .unwrap_or(&self.git_ref)
+            .to_owned();
+        if branch.is_empty() || branch.starts_with("refs/") {
+            return Err(invalid(
+                key("ref"),
+                format!("{:?} must be a branch name", self.git_ref),
+            ));
+        }
+        let source = match (self.repository, self.repository_token_file) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(invalid(key("repository_token_file"), "needs `repository`"));
+            }
+            (Some(url), token_file) => {
+                let url = url.trim().to_owned();
+                if url.is_empty() {
+                    return Err(invalid(key("repository"), "must not be empty"));
+                }
+                if token_file.is_some() && !url.starts_with("https://") {
+                    return Err(invalid(
+                        key("repository_token_file"),
+                        "is only used with https:// repositories",
+                    ));
+                }
+                Some(RepoSource { url, token_file })
+            }
+        };
+        for (n, pattern) in self.paths.iter().enumerate() {
+            if let Err(e) = globset::Glob::new(pattern) {
+                return Err(invalid(
+                    key(&format!("paths[{n}]")),
+                    format!("{pattern:?} is not a valid glob: {e}"),
+                ));
+            }
+        }
+        if !self.stages.is_empty() && self.mode != Mode::Pipeline {
+            return Err(invalid(key("gate.stages"), "only applies to pipeline mode"));
+        }
+        if self.stages.iter().any(|stage| stage.trim().is_empty()) {
+            return Err(invalid(key("gate.stages"), "stage names must not be empty"));
+        }
+        let defaults = ApplySettings::default();
+        let one_of = |field: &str, value: Option<String>, allowed: &[&str], default: String| {
+            let value = value.unwrap_or(default);
+            if allowed.contains(&value.as_str()) {
+                Ok(value)
+            } else {
+                Err(invalid(
+                    key(field),
+                    format!("{value:?} must be one of {}", allowed.join(", ")),
+                ))
+            }
+        };
+        let default_namespace = self.default_namespace.unwrap_or(defaults.default_namespace);
+        let scope_namespaces = match self.scope_namespaces {
+            Some(patterns) if patterns.is_empty() => {
+                return Err(invalid(
+                    key("scope.namespaces"),
+                    "must name at least one namespace; leave it out for the default namespace only",
+                ));
+            }
+            Some(patterns) => patterns,
+            // The least that lets manifests without a namespace be applied at all.
+            None => vec![default_namespace.clone()],
+        };
+        for (n, pattern) in scope_namespaces.iter().enumerate() {
+            let valid = !pattern.is_empty()
+                && pattern.len() <= 63
+                && pattern.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'*' | b'?')
+                });
+            if !valid {
+                return Err(invalid(
+                    key(&format!("scope.namespaces[{n}]")),
+                    format!("{pattern:?} must be a namespace name, or a glob of one with * and ?"),
+                ));
+            }
+        }
+        let scope_cluster_kinds = self.scope_cluster_kinds.unwrap_or_default();
+        for (n, kind) in scope_cluster_kinds.iter().enumerate() {
+            let valid = kind.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+                && kind.bytes().all(|b| b.is_ascii_alphanumeric());
+            if !valid {
+                return Err(invalid(
+                    key(&format!("scope.cluster_kinds[{n}]")),
+                    format!("{kind:?} must be a kind such as Namespace or ClusterRole"),
+                ));
+            }
+        }
+        let prune_limit = match self.prune_limit {
+            Some(0) => {
+                return Err(invalid(
+                    key("prune_limit"),
+                    "must be greater than 0; use prune: false to never prune",
+                ));
+            }
+            Some(limit) => limit,
+            None => defaults.prune_limit,
+        };
+        let impersonate = self
+            .impersonate
+            .as_deref()
+            .map(|sa| service_account_user(&key("impersonate"), sa, &default_namespace))
+            .transpose()?;
+        let apply = ApplySettings {
+            default_namespace,
+            scope_namespaces,
+            scope_cluster_kinds,
+            prune_limit,
+            prune: self.prune.unwrap_or(defaults.prune),
+            prune_propagation_policy: one_of(
+                "prune_propagation_policy",
+                self.prune_propagation_policy,
+                &["orphan", "background", "foreground"],
+                defaults.prune_propagation_policy,
+            )?,
+            dry_run_strategy: one_of(
+                "dry_run_strategy",
+                self.dry_run_strategy,
+                &["none", "server"],
+                defaults.dry_run_strategy,
+            )?,
+            health_timeout: parse_duration(
+                &key("health_timeout"),
+                self.health_timeout.as_deref(),
+                defaults.health_timeout,
+            )?,
+            reconcile_interval: parse_duration(
+                &key("reconcile_interval"),
+                self.reconcile_interval.as_deref(),
+                defaults.reconcile_interval,
+            )?,
+            force_conflicts: self.force_conflicts.unwrap_or(defaults.force_conflicts),
+            health_checks: checked_health_checks(&key("health_checks"), self.health_checks)?,
+            impersonate,
+        };
+        Ok(AgentSpec {
+            token,
+            name: self.name,
+            project,
+            branch,
+            mode: self.mode,
+            required_stages: self.stages,
+            source,
+            paths: self.paths,
+            apply,
+            ci_token,
+            preview: self.preview,
+            badge_public: match self.badge.as_deref() {
+                None | Some("private") => false,
+                Some("public") => true,
+                Some(other) => {
+                    return Err(invalid(
+                        key("badge"),
+                        format!("{other:?} must be public or private"),
+                    ));
+                }
+            },
+        })
+    }
 }
 
 impl Config {
@@ -638,12 +953,40 @@ impl Config {
             .clone()
             .or_else(|| file.redis.as_ref().and_then(|r| r.url.clone()))
             .filter(|url| !url.trim().is_empty());
-        let redis = match redis_url {
+        let cluster_nodes: Vec<String> = file
+            .redis
+            .as_ref()
+            .map(|r| r.cluster_nodes.clone())
+            .unwrap_or_default();
+        if redis_url.is_some() && !cluster_nodes.is_empty() {
+            return Err(invalid(
+                "redis.cluster_nodes",
+                "set either redis.url (one server) or redis.cluster_nodes (a Redis Cluster), not both",
+            ));
+        }
+        for node in &cluster_nodes {
+            if !(node.starts_with("redis://") || node.starts_with("rediss://")) {
+                return Err(invalid(
+                    "redis.cluster_nodes",
+                    format!(
+                        "{:?} must start with redis:// or rediss://",
+                        crate::redact::url(node)
+                    ),
+                ));
+            }
+        }
+        let redis_target = match redis_url {
+            Some(url) => Some((url, Vec::new())),
+            None if !cluster_nodes.is_empty() => Some((String::new(), cluster_nodes)),
             None => None,
-            Some(url) => {
-                if !(url.starts_with("redis://")
-                    || url.starts_with("rediss://")
-                    || url.starts_with("unix://"))
+        };
+        let redis = match redis_target {
+            None => None,
+            Some((url, cluster_nodes)) => {
+                if cluster_nodes.is_empty()
+                    && !(url.starts_with("redis://")
+                        || url.starts_with("rediss://")
+                        || url.starts_with("unix://"))
                 {
                     return Err(invalid(
                         "redis.url",
@@ -664,7 +1007,11 @@ impl Config {
                         "must be non-empty, without braces or spaces",
                     ));
                 }
-                Some(RedisSettings { url, key_prefix })
+                Some(RedisSettings {
+                    url,
+                    cluster_nodes,
+                    key_prefix,
+                })
             }
         };
         let hooks = match file.webhooks.gitlab {
@@ -733,208 +1080,15 @@ impl Config {
         let mut agents = Vec::with_capacity(file.agents.len());
         for (i, agent) in file.agents.into_iter().enumerate() {
             let key = |field: &str| format!("agents[{i}].{field}");
-            // The name becomes part of Kubernetes object names (inventory) and label values.
-            let bytes = agent.name.as_bytes();
-            let name_ok = !bytes.is_empty()
-                && bytes.len() <= 40
-                && bytes
-                    .iter()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
-                && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
-                && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
-            if !name_ok {
-                return Err(invalid(
-                    key("name"),
-                    format!(
-                        "{:?} must be 1-40 lowercase letters, digits or '-', starting and ending with a letter or digit (it names Kubernetes objects)",
-                        agent.name
-                    ),
-                ));
-            }
-            if !names.insert(agent.name.clone()) {
+            if names.contains(&agent.name) {
                 return Err(invalid(
                     key("name"),
                     format!("agent {:?} is configured twice", agent.name),
                 ));
             }
-            let project = agent.project.normalized(&key("project"))?;
-            let branch = agent
-                .git_ref
-                .strip_prefix("refs/heads/")
-                .unwrap_or(&agent.git_ref)
-                .to_owned();
-            if branch.is_empty() || branch.starts_with("refs/") {
-                return Err(invalid(
-                    key("ref"),
-                    format!("{:?} must be a branch name", agent.git_ref),
-                ));
-            }
-            let source = match (agent.repository, agent.repository_token_file) {
-                (None, None) => None,
-                (None, Some(_)) => {
-                    return Err(invalid(key("repository_token_file"), "needs `repository`"));
-                }
-                (Some(url), token_file) => {
-                    let url = url.trim().to_owned();
-                    if url.is_empty() {
-                        return Err(invalid(key("repository"), "must not be empty"));
-                    }
-                    if token_file.is_some() && !url.starts_with("https://") {
-                        return Err(invalid(
-                            key("repository_token_file"),
-                            "is only used with https:// repositories",
-                        ));
-                    }
-                    Some(RepoSource { url, token_file })
-                }
-            };
-            for (n, pattern) in agent.paths.iter().enumerate() {
-                if let Err(e) = globset::Glob::new(pattern) {
-                    return Err(invalid(
-                        key(&format!("paths[{n}]")),
-                        format!("{pattern:?} is not a valid glob: {e}"),
-                    ));
-                }
-            }
-            if !agent.gate.stages.is_empty() && agent.gate.mode != Mode::Pipeline {
-                return Err(invalid(key("gate.stages"), "only applies to pipeline mode"));
-            }
-            if agent
-                .gate
-                .stages
-                .iter()
-                .any(|stage| stage.trim().is_empty())
-            {
-                return Err(invalid(key("gate.stages"), "stage names must not be empty"));
-            }
-            let defaults = ApplySettings::default();
-            let one_of = |field: &str, value: Option<String>, allowed: &[&str], default: String| {
-                let value = value.unwrap_or(default);
-                if allowed.contains(&value.as_str()) {
-                    Ok(value)
-                } else {
-                    Err(invalid(
-                        key(field),
-                        format!("{value:?} must be one of {}", allowed.join(", ")),
-                    ))
-                }
-            };
-            let default_namespace = agent
-                .default_namespace
-                .unwrap_or(defaults.default_namespace);
-            let scope = agent.scope.unwrap_or_default();
-            let scope_namespaces = match scope.namespaces {
-                Some(patterns) if patterns.is_empty() => {
-                    return Err(invalid(
-                        key("scope.namespaces"),
-                        "must name at least one namespace; leave it out for the default namespace only",
-                    ));
-                }
-                Some(patterns) => patterns,
-                // The least that lets manifests without a namespace be applied at all.
-                None => vec![default_namespace.clone()],
-            };
-            for (n, pattern) in scope_namespaces.iter().enumerate() {
-                let valid = !pattern.is_empty()
-                    && pattern.len() <= 63
-                    && pattern.bytes().all(|b| {
-                        b.is_ascii_lowercase()
-                            || b.is_ascii_digit()
-                            || matches!(b, b'-' | b'*' | b'?')
-                    });
-                if !valid {
-                    return Err(invalid(
-                        key(&format!("scope.namespaces[{n}]")),
-                        format!(
-                            "{pattern:?} must be a namespace name, or a glob of one with * and ?"
-                        ),
-                    ));
-                }
-            }
-            let scope_cluster_kinds = scope.cluster_kinds.unwrap_or_default();
-            for (n, kind) in scope_cluster_kinds.iter().enumerate() {
-                let valid = kind.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
-                    && kind.bytes().all(|b| b.is_ascii_alphanumeric());
-                if !valid {
-                    return Err(invalid(
-                        key(&format!("scope.cluster_kinds[{n}]")),
-                        format!("{kind:?} must be a kind such as Namespace or ClusterRole"),
-                    ));
-                }
-            }
-            let prune_limit = match agent.prune_limit {
-                Some(0) => {
-                    return Err(invalid(
-                        key("prune_limit"),
-                        "must be greater than 0; use prune: false to never prune",
-                    ));
-                }
-                Some(limit) => limit,
-                None => defaults.prune_limit,
-            };
-            let impersonate = agent
-                .impersonate
-                .as_deref()
-                .map(|sa| service_account_user(&key("impersonate"), sa, &default_namespace))
-                .transpose()?;
-            let apply = ApplySettings {
-                default_namespace,
-                scope_namespaces,
-                scope_cluster_kinds,
-                prune_limit,
-                prune: agent.prune.unwrap_or(defaults.prune),
-                prune_propagation_policy: one_of(
-                    "prune_propagation_policy",
-                    agent.prune_propagation_policy,
-                    &["orphan", "background", "foreground"],
-                    defaults.prune_propagation_policy,
-                )?,
-                dry_run_strategy: one_of(
-                    "dry_run_strategy",
-                    agent.dry_run_strategy,
-                    &["none", "server"],
-                    defaults.dry_run_strategy,
-                )?,
-                health_timeout: parse_duration(
-                    &key("health_timeout"),
-                    agent.health_timeout.as_deref(),
-                    defaults.health_timeout,
-                )?,
-                reconcile_interval: parse_duration(
-                    &key("reconcile_interval"),
-                    agent.reconcile_interval.as_deref(),
-                    defaults.reconcile_interval,
-                )?,
-                force_conflicts: agent.force_conflicts.unwrap_or(defaults.force_conflicts),
-                health_checks: checked_health_checks(&key("health_checks"), agent.health_checks)?,
-                impersonate,
-            };
-            agents.push(AgentSpec {
-                token: token_hash(&key("token_sha256"), &agent.token_sha256)?,
-                name: agent.name,
-                project,
-                branch,
-                mode: agent.gate.mode,
-                required_stages: agent.gate.stages,
-                source,
-                paths: agent.paths,
-                apply,
-                ci_token: agent
-                    .ci_token_sha256
-                    .as_deref()
-                    .map(|h| token_hash(&key("ci_token_sha256"), h))
-                    .transpose()?,
-                badge_public: match agent.badge.as_deref() {
-                    None | Some("private") => false,
-                    Some("public") => true,
-                    Some(other) => {
-                        return Err(invalid(
-                            key("badge"),
-                            format!("{other:?} must be public or private"),
-                        ));
-                    }
-                },
-            });
+            names.insert(agent.name.clone());
+            let (definition, token, ci_token) = agent.split(&key)?;
+            agents.push(definition.validate(&key, token, ci_token)?);
         }
         // A token must name one principal: a reused hash would let one agent act as another,
         // or a CI job as an admin.
@@ -1123,15 +1277,26 @@ impl Config {
                 Some(Secret::new(secret))
             }
         };
+        let stream_stall_timeout = parse_duration(
+            "streams.stall_timeout",
+            file.streams.stall_timeout.as_deref(),
+            DEFAULT_STREAM_STALL_TIMEOUT,
+        )?;
         let replica_id = overrides
             .replica_id
             .clone()
             .or(file.replica_id)
             .unwrap_or_else(default_replica_id);
+        let data_dir = overrides
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         Ok(Config {
             grpc_addr,
             http_addr,
             redis,
+            data_dir,
             webhook_secrets,
             max_body_bytes,
             admin_token,
@@ -1143,6 +1308,7 @@ impl Config {
             tls,
             badge_secret,
             otlp_endpoint: file.telemetry.and_then(|t| t.otlp_endpoint),
+            stream_stall_timeout,
         })
     }
 }
@@ -1329,6 +1495,17 @@ mod tests {
     }
 
     #[test]
+    fn the_stream_stall_timeout_defaults_to_a_minute_and_may_be_set() {
+        let agents =
+            format!("agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main}}\n");
+        let config = Config::from_yaml(&agents, &Overrides::default()).unwrap();
+        assert_eq!(config.stream_stall_timeout, DEFAULT_STREAM_STALL_TIMEOUT);
+        let yaml = format!("streams: {{stall_timeout: 2s}}\n{agents}");
+        let config = Config::from_yaml(&yaml, &Overrides::default()).unwrap();
+        assert_eq!(config.stream_stall_timeout, Duration::from_secs(2));
+    }
+
+    #[test]
     fn git_and_apply_settings_parse_with_units() {
         let yaml = format!(
             "git: {{max_file_bytes: 5MiB, max_total_bytes: 20971520, fetch_timeout: 30s}}\nagents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, repository: 'file:///tmp/r', paths: ['deploy/**/*.yaml'], prune: false, health_timeout: 2m, prune_propagation_policy: foreground}}\n"
@@ -1449,6 +1626,8 @@ mod tests {
         let cases = [
             ("git: {max_file_bytes: 5XB}", "git.max_file_bytes"),
             ("git: {fetch_timeout: soon}", "git.fetch_timeout"),
+            ("streams: {stall_timeout: 0s}", "streams.stall_timeout"),
+            ("streams: {stall_timeout: soon}", "streams.stall_timeout"),
         ];
         for (yaml, key) in cases {
             let err = Config::from_yaml(yaml, &Overrides::default())
@@ -1678,6 +1857,34 @@ mod tests {
             err.contains("tls") && err.contains("no PEM certificate"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn redis_cluster_seeds_are_checked_and_exclusive_with_a_url() {
+        let both = "redis: {url: 'redis://one:6379', cluster_nodes: ['redis://a:7000']}";
+        let err = Config::from_yaml(both, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("redis.cluster_nodes") && err.contains("not both"),
+            "{err}"
+        );
+        let bad = "redis: {cluster_nodes: ['http://:hunter2@a:7000']}";
+        let err = Config::from_yaml(bad, &Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("must start with redis://") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let seeds = "redis: {cluster_nodes: ['redis://a:7000', 'redis://b:7001']}";
+        let redis = Config::from_yaml(seeds, &Overrides::default())
+            .unwrap()
+            .redis
+            .unwrap();
+        assert_eq!(redis.cluster_nodes, ["redis://a:7000", "redis://b:7001"]);
+        assert!(redis.url.is_empty());
+        assert_eq!(redis.key_prefix, "greenlight");
     }
 
     #[test]

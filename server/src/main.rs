@@ -34,6 +34,9 @@ struct Cli {
     /// This replica's name in presence records; overrides replica_id.
     #[arg(long, env = "GREENLIGHT_REPLICA_ID")]
     replica_id: Option<String>,
+    /// Directory of the embedded store (used without Redis); overrides data_dir.
+    #[arg(long, env = "GREENLIGHT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     /// Log lines as `text` or `json`; which lines is set by RUST_LOG (default `info`).
     #[arg(long, env = "GREENLIGHT_LOG_FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -67,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         redis_url: cli.redis_url,
         redis_key_prefix: cli.redis_key_prefix,
         replica_id: cli.replica_id,
+        data_dir: cli.data_dir,
     };
     let config = Config::load(cli.config.as_deref(), &overrides)?;
     if let Some(Command::CheckConfig) = cli.command {

@@ -57,6 +57,47 @@ pub struct Metrics {
     manifest_read_duration: Histogram,
     store_errors: Family<StaticLabels, Counter>,
     log_lag: LogLag,
+    stream_buffer: StreamBuffer,
+}
+
+/// What this replica's server streams hold that their readers have not taken yet, and the
+/// streams it ended for their readers; shared by every stream's sending side.
+#[derive(Clone, Default)]
+pub struct StreamBuffer {
+    messages: Gauge,
+    bytes: Gauge,
+    closed: Family<StaticLabels, Counter>,
+}
+
+impl StreamBuffer {
+    /// One message of `bytes` more waits for its reader.
+    pub fn hold(&self, bytes: usize) {
+        self.messages.inc();
+        self.bytes.inc_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// One message of `bytes` was taken by its reader, or dropped with its stream.
+    pub fn release(&self, bytes: usize) {
+        self.messages.dec();
+        self.bytes.dec_by(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Counts a stream ended because of its reader: `stalled` or `behind`.
+    pub fn closed(&self, reason: &'static str) {
+        self.closed.get_or_create(&vec![("reason", reason)]).inc();
+    }
+
+    /// Messages and bytes held now.
+    #[cfg(test)]
+    pub fn held(&self) -> (i64, i64) {
+        (self.messages.get(), self.bytes.get())
+    }
+
+    /// Streams closed so far for `reason`.
+    #[cfg(test)]
+    pub fn closed_for(&self, reason: &'static str) -> u64 {
+        self.closed.get_or_create(&vec![("reason", reason)]).get()
+    }
 }
 
 impl Default for Metrics {
@@ -97,9 +138,10 @@ impl Default for Metrics {
         let fact_to_decision = Histogram::new(DECISION_BUCKETS);
         registry.register(
             "fact_to_decision_seconds",
-            "Seconds from a webhook or ingest fact reaching the engine to the ref it changed \
-             being saved with the gate's decisions (GitLab confirmation and write retries \
-             included); facts that change nothing are not timed",
+            "Seconds from a webhook or ingest fact being recorded to the evaluation of its ref \
+             that saved the gate's decisions, by the evaluating replica's clock: one sample \
+             per evaluation, timed from the oldest fact of the burst it covers; evaluations \
+             that change nothing are not timed",
             fact_to_decision.clone(),
         );
         let decisions = Family::<StaticLabels, Counter>::default();
@@ -152,6 +194,32 @@ impl Default for Metrics {
              its relay (by the two clocks); 0 once caught up, and always with the embedded store",
             log_lag.clone(),
         );
+        let stream_buffer = StreamBuffer::default();
+        // Served at 0 from the start, so that a rate over them needs no special case.
+        for reason in ["stalled", "behind"] {
+            stream_buffer
+                .closed
+                .get_or_create(&vec![("reason", reason)])
+                .inc_by(0);
+        }
+        registry.register(
+            "stream_buffered_messages",
+            "Messages of server streams (agents' sync streams, event and revision watches) \
+             waiting for their readers to take them; each stream's share is bounded",
+            stream_buffer.messages.clone(),
+        );
+        registry.register(
+            "stream_buffered_bytes",
+            "Encoded protobuf bytes of the messages counted by stream_buffered_messages",
+            stream_buffer.bytes.clone(),
+        );
+        registry.register(
+            "streams_closed",
+            "Server streams this replica ended because of their reader, by reason: stalled \
+             (read nothing for streams.stall_timeout) or behind (an event watch that fell \
+             behind the events)",
+            stream_buffer.closed.clone(),
+        );
         Self {
             registry,
             webhooks,
@@ -168,6 +236,7 @@ impl Default for Metrics {
             manifest_read_duration,
             store_errors,
             log_lag,
+            stream_buffer,
         }
     }
 }
@@ -236,6 +305,11 @@ impl Metrics {
         self.store_errors
             .get_or_create(&vec![("operation", operation)])
             .inc();
+    }
+
+    /// The gauges every server stream's sending side keeps up to date.
+    pub fn stream_buffer(&self) -> StreamBuffer {
+        self.stream_buffer.clone()
     }
 
     /// The gauge the store sets to how far behind the change log this replica is.

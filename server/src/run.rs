@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::serve::ListenerExt;
+use greenlight::backoff::Backoff;
 use greenlight::v1::admin_service_server::AdminServiceServer;
 use greenlight::v1::agent_service_server::AgentServiceServer;
 use greenlight::v1::ingest_service_server::IngestServiceServer;
@@ -11,9 +12,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::server::TcpIncoming;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, LiveCatalog};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::git::Mirrors;
@@ -21,7 +22,7 @@ use crate::gitlab::{GitLab, PipelineConfirmer, StatusPublisher, run_catch_up};
 use crate::grpc::{AdminApi, AgentApi, IngestApi};
 use crate::http::{HttpState, router};
 use crate::metrics::{CountedStore, Metrics};
-use crate::store::{MemoryStore, RedisStore, Store, StoreError};
+use crate::store::{EmbeddedStore, RedisStore, Store, StoreError};
 use crate::tls::{ReloadingCert, TlsIncoming, acceptor};
 
 /// Why the server stopped with an error.
@@ -45,6 +46,8 @@ pub enum RunError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("cannot set up the preview store: {0}")]
+    Previews(#[from] crate::preview::PreviewStoreError),
 }
 
 /// The sockets the server serves on; tests bind port 0 and read the addresses back.
@@ -89,16 +92,30 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let store: Arc<dyn Store> = match &config.redis {
-        Some(settings) => Arc::new(RedisStore::connect(
-            settings,
-            shutdown.clone(),
-            metrics.log_lag(),
-        )?),
+        Some(settings) => {
+            let redis = RedisStore::connect(settings, shutdown.clone(), metrics.log_lag())?;
+            match redis.check_layout().await {
+                Err(error @ StoreError::OldLayout { .. }) => return Err(error.into()),
+                Err(error) => {
+                    // Redis may come later: check then, and stop rather than serve on data
+                    // this version would misread.
+                    warn!(%error, "cannot check the store's layout yet; will retry");
+                    let redis = Arc::new(redis);
+                    tokio::spawn(check_layout_later(redis.clone(), shutdown.clone()));
+                    redis
+                }
+                Ok(()) => Arc::new(redis),
+            }
+        }
         None => {
-            warn!(
-                "no redis configured: using the embedded store (single replica, state is lost on restart)"
+            let data_dir = config.data_dir.clone();
+            let embedded = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
+                .await
+                .map_err(|error| StoreError::Embedded(format!("cannot open: {error}")))??;
+            info!(
+                "no redis configured: using the embedded store (a single replica; run several on Redis)"
             );
-            Arc::new(MemoryStore::new())
+            Arc::new(embedded)
         }
     };
     let store: Arc<dyn Store> = Arc::new(CountedStore::new(store, metrics.clone()));
@@ -110,10 +127,20 @@ pub async fn run(
     );
     // Every background task, so that stopping waits for them instead of cutting them off.
     let tasks = TaskTracker::new();
-    let catalog = Arc::new(Catalog::new(&config.agents, config.badge_secret.as_ref()));
+    let catalog = Arc::new(LiveCatalog::new(Catalog::new(
+        &config.agents,
+        config.badge_secret.as_ref(),
+    )));
     let mirrors = Mirrors::with_timer(config.git.clone(), metrics.clone());
+    let agents = catalog.clone();
     tasks.spawn(mirrors.upkeep(
-        config.agents.iter().filter_map(|a| a.source.clone()),
+        move || {
+            agents
+                .load()
+                .agents()
+                .filter_map(|a| a.source.clone())
+                .collect()
+        },
         shutdown.clone(),
     ));
     let gitlab = config
@@ -123,6 +150,38 @@ pub async fn run(
         .transpose()
         .map_err(RunError::GitLab)?;
     let confirmer = gitlab.clone().map(PipelineConfirmer::new);
+    let preview_store: Arc<dyn crate::preview::PreviewStore> = match &config.redis {
+        Some(settings) => Arc::new(crate::preview::store::RedisPreviews::connect(
+            settings,
+            shutdown.clone(),
+        )?),
+        None => {
+            let data_dir = config.data_dir.clone();
+            let previews = tokio::task::spawn_blocking(move || {
+                crate::preview::store::MemoryPreviews::open(&data_dir)
+            })
+            .await
+            .map_err(|error| StoreError::Embedded(format!("cannot open previews: {error}")))?
+            .map_err(|error| StoreError::Embedded(error.to_string()))?;
+            Arc::new(previews)
+        }
+    };
+    let previews = crate::preview::Previews::new(
+        catalog.clone(),
+        preview_store,
+        gitlab.clone(),
+        config
+            .gitlab
+            .as_ref()
+            .and_then(|g| g.status_target_url.clone()),
+        tasks.clone(),
+    );
+    tasks.spawn(
+        previews
+            .clone()
+            .run(shutdown.clone())
+            .instrument(info_span!("previews")),
+    );
     let engine = Engine::new(
         store,
         catalog,
@@ -197,13 +256,20 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            AgentServiceServer::new(AgentApi::new(engine.clone(), shutdown.clone()))
-                .max_decoding_message_size(greenlight::report::MAX_REPORT_REQUEST_BYTES),
+            AgentServiceServer::new(AgentApi::new(
+                engine.clone(),
+                previews.clone(),
+                shutdown.clone(),
+                config.stream_stall_timeout,
+            ))
+            .max_decoding_message_size(greenlight::report::MAX_REPORT_REQUEST_BYTES),
         )
         .add_service(AdminServiceServer::new(AdminApi::new(
             engine.clone(),
+            previews.clone(),
             config.admin_token.clone(),
             shutdown.clone(),
+            config.stream_stall_timeout,
         )))
         .add_service(IngestServiceServer::new(IngestApi::new(
             engine.clone(),
@@ -235,6 +301,7 @@ pub async fn run(
     let engine_for_exit = engine.clone();
     let state = HttpState {
         engine,
+        previews,
         webhook_secrets: config.webhook_secrets.clone(),
         metrics,
         gitlab_url: config.gitlab.as_ref().map(|gitlab| gitlab.url.clone()),
@@ -279,4 +346,25 @@ pub async fn run(
     http?;
     info!("stopped");
     Ok(())
+}
+
+/// Checks the store's layout once Redis answers; stops the server if it holds data of
+/// another layout.
+async fn check_layout_later(redis: Arc<RedisStore>, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.delay()) => {}
+        }
+        match redis.check_layout().await {
+            Ok(()) => return,
+            Err(error @ StoreError::OldLayout { .. }) => {
+                error!(%error, "stopping");
+                shutdown.cancel();
+                return;
+            }
+            Err(error) => debug!(%error, "cannot check the store's layout yet"),
+        }
+    }
 }

@@ -2,14 +2,16 @@
 //! [`run`], so tests exercise the same code.
 
 pub mod output;
+pub mod registry;
 pub mod wait;
 
 use std::time::Duration;
 
 use crate::v1::admin_service_client::AdminServiceClient;
 use crate::v1::{
-    GetAgentHistoryRequest, GetAgentRequest, ListAgentsRequest, PauseSyncRequest,
-    PinRevisionRequest, ResumeSyncRequest, TriggerSyncRequest, UnpinRevisionRequest,
+    GetAgentHistoryRequest, GetAgentRequest, GetPreviewRequest, ListAgentsRequest,
+    PauseSyncRequest, PinRevisionRequest, ResumeSyncRequest, TriggerSyncRequest,
+    UnpinRevisionRequest,
 };
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -23,7 +25,7 @@ use crate::connect;
 #[derive(Parser)]
 #[command(
     version,
-    about = "Operate Greenlight: status, trigger, pause, pin, wait"
+    about = "Operate Greenlight: status, trigger, pause, pin, wait, manage agents"
 )]
 struct Cli {
     /// Server gRPC address: http://host:8150 or https://host:8150.
@@ -55,6 +57,12 @@ struct Cli {
 enum Command {
     /// Lists the agents.
     Agents,
+    /// Creates, updates, deletes an agent at runtime, or rotates its token (admin only).
+    Agent {
+        // Boxed: the definition's flags make it far larger than the other commands.
+        #[command(subcommand)]
+        command: Box<registry::AgentCommand>,
+    },
     /// Shows an agent: desired and applied revision, health, last report, last decision.
     Status { agent: String },
     /// Shows an agent's recent reports and decisions.
@@ -85,6 +93,13 @@ enum Command {
     },
     /// Returns the agent to the gate.
     Unpin { agent: String },
+    /// Prints what the agent's preview of a merge request's head found: its newest, or of
+    /// SHA. Exit code 1 when that revision would not apply cleanly.
+    Preview {
+        agent: String,
+        #[arg(long)]
+        sha: Option<String>,
+    },
     /// Prints the URL of the agent's badge: the unguessable one for a private badge.
     BadgeUrl {
         agent: String,
@@ -163,12 +178,23 @@ async fn execute(cli: Cli) -> anyhow::Result<i32> {
                 .agents;
             output::agents(format, &agents);
         }
+        Command::Agent { command } => registry::execute(&mut admin, format, *command).await?,
         Command::Status { agent } => {
             let status = admin
                 .get_agent(GetAgentRequest { name: agent })
                 .await?
                 .into_inner();
             output::status(format, &status);
+        }
+        Command::Preview { agent, sha } => {
+            let preview = admin
+                .get_preview(GetPreviewRequest { name: agent, sha })
+                .await?
+                .into_inner();
+            output::preview(format, &preview);
+            if preview.outcome() != crate::v1::preview::Outcome::Clean {
+                return Ok(1);
+            }
         }
         Command::History { agent } => {
             let history = admin

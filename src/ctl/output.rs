@@ -217,6 +217,55 @@ pub fn badge_url(format: Format, url: &str) {
     }
 }
 
+/// Prints a merge request preview: the verdict, the counts and the diff.
+pub fn preview(format: Format, preview: &crate::v1::Preview) {
+    use crate::preview::{Counts, render_diff, verdict};
+    let counts = Counts::of(preview);
+    match format {
+        Format::Json => {
+            let objects: Vec<Value> = preview
+                .objects
+                .iter()
+                .map(|o| {
+                    json!({
+                        "api_version": o.api_version, "kind": o.kind, "namespace": o.namespace,
+                        "name": o.name, "change": o.change().as_str_name(), "message": o.message,
+                        "fields": o.fields.iter().map(|f| json!({
+                            "path": f.path, "before": f.before, "after": f.after, "redacted": f.redacted,
+                        })).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({
+                    "agent": preview.agent, "sha": preview.sha, "project": preview.project,
+                    "merge_request_iid": preview.merge_request_iid,
+                    "outcome": preview.outcome().as_str_name(), "reason": preview.reason,
+                    "create": counts.create, "update": counts.update, "prune": counts.prune,
+                    "refused": counts.refused, "unchanged": counts.unchanged,
+                    "truncated": preview.truncated, "objects": objects,
+                })
+            );
+        }
+        Format::Human => {
+            println!(
+                "greenlight/{} preview of {} (merge request !{})",
+                preview.agent,
+                short(&preview.sha),
+                preview.merge_request_iid
+            );
+            println!("{}", verdict(preview));
+            println!("{counts}");
+            let diff = render_diff(preview);
+            if !diff.is_empty() {
+                println!();
+                print!("{diff}");
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

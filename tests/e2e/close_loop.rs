@@ -10,6 +10,7 @@ use greenlight::v1::{GetAgentRequest, PauseSyncRequest, Phase, WatchRevisionRequ
 use greenlight_e2e::control_plane::TestCluster;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
 use greenlight_e2e::*;
+use greenlight_server::store::ChangeLog;
 use serde_json::json;
 use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
@@ -269,6 +270,75 @@ async fn healthy_deploy_posts_pending_running_success_on_its_commit_only() -> an
         assert_eq!(post.private_token.as_deref(), Some(GITLAB_API_TOKEN));
         assert_eq!(post.answered, 201);
     }
+    Ok(())
+}
+
+/// A publisher that died (or lost Redis) after GitLab took its status but before recording
+/// it leaves the claim unfinished: whoever takes the status over looks at GitLab first, so
+/// a posted status is never posted again and one that never arrived is still posted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_whose_post_went_unrecorded_is_looked_up_before_posting_again()
+-> anyhow::Result<()> {
+    let w = world!(world("", None));
+    let x = w.repo.commit(
+        &[("app.yaml", configmap("settings", "one").as_bytes())],
+        &[],
+    )?;
+    // Another replica claimed `pending` and `success` and died: its `pending` reached
+    // GitLab, its `success` did not.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let store = greenlight_server::store::RedisStore::connect(
+        &greenlight_server::config::RedisSettings::single(w.redis.url(), "gl-test"),
+        shutdown.clone(),
+        Default::default(),
+    )?;
+    let lease = std::time::Duration::from_millis(1);
+    for state in ["pending", "success"] {
+        let status = greenlight_server::store::StatusKey {
+            agent: "prod",
+            sha: &x,
+            state,
+        };
+        store.begin_status(&status, "replica-dead", lease).await?;
+    }
+    install_crypto();
+    let answered = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v4/projects/group%2Fapp-manifests/statuses/{x}",
+            w.gitlab.url()
+        ))
+        .header("PRIVATE-TOKEN", GITLAB_API_TOKEN)
+        .form(&[("state", "pending"), ("name", "greenlight/prod")])
+        .send()
+        .await?
+        .status();
+    assert_eq!(answered.as_u16(), 201);
+    shutdown.cancel();
+
+    let _agent = w.agent("prod", "replica-a");
+    w.release(ZERO, &x, 1).await?;
+    w.server.reported("prod", &x, Phase::Healthy).await?;
+    let statuses = w.statuses(&x, 3).await?;
+    tokio::time::sleep(QUIET).await;
+    let statuses_now = w.gitlab.statuses_for(&x);
+    assert_eq!(
+        states(&statuses_now),
+        ["pending", "running", "success"],
+        "the dead replica's pending, not again, then ours: {statuses:?}"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", w.server.http))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.lines().any(|line| line
+            .starts_with("greenlight_gitlab_commit_statuses_total{outcome=\"already_posted\"} 1")),
+        "the lookup found it: {:?}",
+        metrics
+            .lines()
+            .filter(|line| line.starts_with("greenlight_gitlab_commit_statuses_total"))
+            .collect::<Vec<_>>()
+    );
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 //! `--help`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
@@ -351,42 +351,6 @@ fn parse_help(text: &str) -> Help {
     help
 }
 
-/// The directory cargo puts this build's binaries in, with `greenlight-server` and
-/// `greenlight-agent` built into it.
-///
-/// Integration tests get `CARGO_BIN_EXE_*` only for their own package's binaries, so the two
-/// are built here, with the profile and target directory this test was built with (a no-op
-/// when they are up to date).
-fn built_binaries() -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    // <target>/<profile>/deps/e2e-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("the test executable is not in <target>/<profile>/deps")?
-        .to_owned();
-    let target_dir = profile_dir.parent().context("no target directory")?;
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev".to_owned(),
-        Some(name) => name.to_owned(),
-    };
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let output = Command::new(cargo)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
-        .args(["build", "--quiet", "--profile", &profile, "--target-dir"])
-        .arg(target_dir)
-        .args(["-p", "greenlight-server", "--bin", "greenlight-server"])
-        .args(["-p", "greenlight-agent", "--bin", "greenlight-agent"])
-        .output()
-        .context("cannot run cargo")?;
-    ensure!(
-        output.status.success(),
-        "cargo build of the binaries failed:\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(profile_dir)
-}
-
 /// `binary --help`, in an environment without `GREENLIGHT_*` values to show.
 fn help_of(dir: &Path, binary: &str) -> anyhow::Result<Help> {
     let output = Command::new(dir.join(binary))
@@ -500,7 +464,7 @@ fn flag_problems(
 #[test]
 fn every_flag_of_the_binaries_is_documented_with_its_variable() -> anyhow::Result<()> {
     let documented = documented_flags()?;
-    let dir = built_binaries()?;
+    let dir = greenlight_e2e::process::built_binaries()?;
     let mut problems = Vec::new();
     for binary in [Binary::Server, Binary::Agent] {
         let help = help_of(&dir, binary.name())?;

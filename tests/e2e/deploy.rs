@@ -446,13 +446,43 @@ fn redis_is_external_bundled_or_embedded_and_the_chart_refuses_what_cannot_work(
         "greenlight",
         "server: { replicas: 1 }\nredis: { bundled: { enabled: false } }\n",
     )?)?;
-    let server = container(find(&rendered, "Deployment", "greenlight-server")?);
+    let deployment = find(&rendered, "Deployment", "greenlight-server")?;
+    let server = container(deployment);
     assert!(env(server, "GREENLIGHT_REDIS_URL").is_none());
     assert!(
         !rendered
             .iter()
             .any(|o| o.name.starts_with("greenlight-redis"))
     );
+    // Its file lives on a claim that outlives the pod, held by one pod at a time.
+    assert_eq!(
+        env(server, "GREENLIGHT_DATA_DIR").and_then(|e| e["value"].as_str()),
+        Some("/var/lib/greenlight")
+    );
+    assert_eq!(deployment["spec"]["strategy"]["type"], "Recreate");
+    let claim = find(&rendered, "PersistentVolumeClaim", "greenlight-server-data")?;
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "1Gi");
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .context("volumes")?;
+    assert!(
+        volumes.iter().any(|v| v["name"] == "data"
+            && v["persistentVolumeClaim"]["claimName"] == "greenlight-server-data"),
+        "{volumes:?}"
+    );
+    assert!(
+        server["volumeMounts"]
+            .as_array()
+            .context("mounts")?
+            .iter()
+            .any(|m| m["name"] == "data" && m["mountPath"] == "/var/lib/greenlight")
+    );
+    // Without persistence, an emptyDir: no claim.
+    let rendered = objects(&helm.template(
+        "greenlight",
+        "server: { replicas: 1, persistence: { enabled: false } }\nredis: { bundled: { enabled: false } }\n",
+    )?)?;
+    assert!(!rendered.iter().any(|o| o.kind == "PersistentVolumeClaim"));
 
     // What cannot work is refused, saying what to do.
     for (values, says) in [

@@ -329,12 +329,7 @@ async fn decisions_and_ref_state_are_readable_by_operators() -> anyhow::Result<(
         .pipeline("main", &sha(17), 1100, "success", "push")
         .await?;
     let mut admin = server.admin().await?;
-    let status = admin
-        .get_agent(GetAgentRequest {
-            name: "prod".into(),
-        })
-        .await?
-        .into_inner();
+    let status = server.desired_becomes("prod", &sha(17)).await?;
     let desired = status.desired.unwrap_or_default();
     assert_eq!(
         (desired.sha.as_str(), desired.pipeline_id),

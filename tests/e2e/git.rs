@@ -273,6 +273,53 @@ async fn unreachable_repository_is_reported_not_fatal() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A fetch error is shown while the repository cannot be fetched, and cleared by the first
+/// fetch that succeeds: the revision then goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_error_is_cleared_once_the_repository_answers() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let cache = tempfile::tempdir()?;
+    let links = tempfile::tempdir()?;
+    // The configured path exists only once the repository is linked there.
+    let path = links.path().join("repo");
+    let agents = [git_agent_yaml(
+        "prod",
+        &format!("file://{}", path.display()),
+        &[],
+    )];
+    let server =
+        TestServer::start(&git_config_yaml(&redis.url(), cache.path(), "", &agents)).await?;
+    let repo = GitRepo::new()?;
+    let first = repo.commit(&[("app.yaml", b"v: 1\n")], &[])?;
+    server.push("main", ZERO, &first).await?;
+    server
+        .pipeline("main", &first, 1, "success", "push")
+        .await?;
+    wait_for_sync_error(&server, "prod", "cannot fetch").await?;
+
+    let target = repo.url();
+    std::os::unix::fs::symlink(target.strip_prefix("file://").unwrap_or(&target), &path)?;
+    let second = repo.commit(&[("app.yaml", b"v: 2\n")], &[])?;
+    let mut stream = server.stream("prod").await?;
+    server.push("main", &first, &second).await?;
+    server
+        .pipeline("main", &second, 2, "success", "push")
+        .await?;
+    // `first` may go out on its own once it can be read, before `second` is decided.
+    let mut delivered = next_revision(&mut stream, SOON).await?.sha().to_owned();
+    if delivered == first {
+        delivered = next_revision(&mut stream, SOON).await?.sha().to_owned();
+    }
+    assert_eq!(delivered, second);
+    let status = eventually("the fetch error cleared", || async {
+        let status = server.agent_status("prod").await?;
+        Ok(status.sync_error.is_empty().then_some(status))
+    })
+    .await?;
+    assert_eq!(status.desired.map(|d| d.sha), Some(second));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_not_yet_fetched_is_fetched_then_deployed() -> anyhow::Result<()> {
     let repo = GitRepo::new()?;

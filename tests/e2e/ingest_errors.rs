@@ -15,7 +15,7 @@ use greenlight_e2e::{
     config_yaml, install_crypto, next_revision, no_revision, pipeline_payload, push_payload, sha,
 };
 use greenlight_server::config::RedisSettings;
-use greenlight_server::store::{RedisStore, RefKey, Store};
+use greenlight_server::store::{FactStore, RedisStore, RefKey};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
@@ -356,10 +356,7 @@ async fn unknown_project_is_acknowledged_and_nothing_is_stored() -> anyhow::Resu
 
     // Nor is anything in Redis under any name of that project.
     let shutdown = CancellationToken::new();
-    let settings = RedisSettings {
-        url: redis.url(),
-        key_prefix: "gl-test".into(),
-    };
+    let settings = RedisSettings::single(redis.url(), "gl-test");
     let store = RedisStore::connect(&settings, shutdown.clone(), Default::default())?;
     for project in [OTHER_PROJECT, "4242"] {
         let key = RefKey {
@@ -367,13 +364,17 @@ async fn unknown_project_is_acknowledged_and_nothing_is_stored() -> anyhow::Resu
             branch: "main".into(),
         };
         assert_eq!(
-            store.load(&key).await?.version,
-            0,
-            "{project} has no document"
+            store.facts(&key).await?,
+            Default::default(),
+            "{project} has no facts"
         );
+        let keys = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port().to_string(), "--scan", "--pattern"])
+            .arg(format!("*{project}*"))
+            .output()?;
         assert!(
-            !store.seen_delivery(&key, "other-push").await?,
-            "{project} remembers no delivery"
+            keys.status.success() && keys.stdout.is_empty(),
+            "nothing under {project}'s name, no delivery marker either: {keys:?}"
         );
     }
     shutdown.cancel();

@@ -1,8 +1,10 @@
-//! One contract, two stores: every check runs against the in-memory store and against Redis.
+//! One contract, three stores: every check runs against the in-memory store, the embedded
+//! store on its file, and Redis.
 //!
-//! `memory::*` and `redis::*` are generated from the same list of async checks that take a
-//! `&dyn Store`; the Redis-only tests at the end cover what only a shared store can show
-//! (compare-and-set across connections, re-subscription after an outage).
+//! `memory::*`, `embedded::*` and `redis::*` are generated from the same list of async checks
+//! that take a `&dyn Store`; the tests at the end cover what only one store can show
+//! (conditional writes across connections, resuming the log after an outage, the layout; the
+//! embedded store's file across a reopening).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,14 +12,16 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use greenlight_e2e::{Redis, SOON, sha};
 use greenlight_server::config::RedisSettings;
-use greenlight_server::gate::{AgentGate, Decision, Outcome, Pipeline, PipelineStatus, Push, Sha};
+use greenlight_server::gate::{Decision, Outcome, Pipeline, PipelineStatus, Push, Revision, Sha};
 use greenlight_server::store::{
-    Broadcast, LogEntry, MemoryStore, Notice, RedisStore, RefDoc, RefKey, SaveOutcome, Store,
+    AgentState, AgentWrite, Broadcast, DeployedChange, EmbeddedStore, FactRecord, Ingested,
+    LogEntry, Notice, RedisStore, RefKey, StatusClaim, StatusKey, Store, StoreError, SyncError,
+    Written,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-/// How long a Redis subscriber may take to notice a restart and subscribe again.
+/// How long a Redis follower may take to notice a restart and resume.
 const RESUBSCRIBE: Duration = Duration::from_secs(15);
 
 /// The agent name probes are published under; `next_message` skips them.
@@ -29,7 +33,18 @@ macro_rules! suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $check() -> anyhow::Result<()> {
-                    let store = super::MemoryStore::new();
+                    let store = super::EmbeddedStore::new();
+                    super::$check(&store).await
+                }
+            )*
+        }
+
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $check() -> anyhow::Result<()> {
+                    let dir = tempfile::tempdir()?;
+                    let store = super::EmbeddedStore::open(dir.path())?;
                     super::$check(&store).await
                 }
             )*
@@ -48,22 +63,23 @@ macro_rules! suite {
 }
 
 suite!(
-    missing_key_loads_as_version_zero_and_default_doc,
-    save_with_expected_version_bumps_it,
-    save_with_stale_version_conflicts_and_writes_nothing,
+    nothing_recorded_reads_as_empty,
+    facts_keep_pushes_in_order_and_bump_the_position,
+    pipeline_updates_merge_by_the_gate_rule_in_any_order,
     repeated_delivery_is_duplicate_and_writes_nothing,
-    delivery_ids_are_per_project,
-    save_publishes_ref_changed,
-    failed_saves_publish_nothing,
-    appends_reach_every_subscriber,
-    pushed_reports_are_appended_to_the_log,
+    delivery_ids_are_per_ref,
+    facts_reach_followers_through_the_log,
+    trimmed_pipelines_are_forgotten,
+    agent_writes_bump_the_version_and_reach_followers,
+    agent_writes_refuse_stale_versions_and_older_facts,
+    agent_history_and_deployed_set_are_capped,
     the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged,
     an_entry_a_publisher_never_acknowledged_goes_to_another,
     reports_are_newest_first_and_trimmed,
     presence_follows_connect_and_disconnect,
-    disconnect_from_another_replica_keeps_presence,
     sync_errors_are_set_and_cleared,
     status_claims_go_to_the_first_claimant,
+    a_lease_has_one_holder_until_released_or_expired,
     ping_answers,
 );
 
@@ -94,10 +110,7 @@ impl Drop for RedisFixture {
 }
 
 fn redis_store(redis: &Redis, shutdown: &CancellationToken) -> anyhow::Result<RedisStore> {
-    let settings = RedisSettings {
-        url: redis.url(),
-        key_prefix: "gl-suite".to_owned(),
-    };
+    let settings = RedisSettings::single(redis.url(), "gl-suite".to_owned());
     Ok(RedisStore::connect(
         &settings,
         shutdown.clone(),
@@ -116,52 +129,73 @@ fn commit(n: u32) -> Sha {
     Sha::parse(&sha(n)).expect("sha() makes valid commit ids")
 }
 
-/// A document with `pushes` heads (commits 1..=pushes) and a green pipeline on the last.
-fn doc_with(pushes: u32) -> RefDoc {
-    let mut doc = RefDoc::default();
-    for n in 1..=pushes {
-        doc.refs.record_push(&Push {
-            before: None,
-            after: Some(commit(n)),
-            at_ms: i64::from(n),
-        });
-    }
-    if pushes > 0 {
-        let pipeline = Pipeline {
-            id: u64::from(pushes),
-            status: PipelineStatus::Success,
-            source: "push".to_owned(),
-            as_of_ms: Some(1_000),
-            passed_stages: Vec::new(),
-        };
-        doc.refs.record_pipeline(&commit(pushes), pipeline);
-    }
-    doc.agents.insert("prod".to_owned(), AgentGate::default());
-    doc
+fn push_of(n: u32) -> FactRecord {
+    FactRecord::Push(Push {
+        before: None,
+        after: Some(commit(n)),
+        at_ms: i64::from(n),
+    })
 }
 
-fn changed(key: &RefKey, note: &str) -> Broadcast {
-    let decision = Decision {
-        outcome: Outcome::Hold,
-        sha: Some(commit(1)),
-        pipeline_id: Some(7),
-        reason: note.to_owned(),
-        at_ms: 1_234,
+fn pipeline(id: u64, status: PipelineStatus, as_of_ms: Option<i64>, stages: &[&str]) -> Pipeline {
+    Pipeline {
+        id,
+        status,
+        source: "push".into(),
+        as_of_ms,
+        passed_stages: stages.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+fn decision(n: u32, reason: &str) -> Decision {
+    Decision {
+        outcome: Outcome::Deploy,
+        sha: Some(commit(n)),
+        pipeline_id: Some(u64::from(n)),
+        reason: reason.to_owned(),
+        at_ms: i64::from(n),
         superseded_by: None,
-    };
-    Broadcast::RefChanged {
-        key: key.clone(),
-        version: 1,
-        decisions: vec![("prod".to_owned(), decision)],
-        traceparent: None,
     }
 }
 
-fn probe(n: u64) -> Broadcast {
-    Broadcast::Report {
-        agent: PROBE_AGENT.to_owned(),
-        report: n.to_be_bytes().to_vec(),
-    }
+/// `state` with `desired` at commit `n`, decided from facts at `position`.
+fn deployed_at(mut state: AgentState, n: u32, position: u64) -> AgentState {
+    let revision = Revision {
+        sha: commit(n),
+        pipeline_id: Some(u64::from(n)),
+        reason: format!("pipeline {n} succeeded"),
+        decided_at_ms: i64::from(n),
+        generation: state.gate.generation + 1,
+        force_prune: false,
+    };
+    state.gate.generation += 1;
+    state.gate.position = Some(revision.clone());
+    state.gate.desired = Some(revision);
+    state.gate.deployed.push_back(commit(n));
+    state.gate.decisions.push_back(decision(n, "deploy"));
+    state.position = position;
+    state
+}
+
+/// Writes `next` over `previous`, read at `expected`, with the newest decision of `next`
+/// as the one this write made.
+async fn write(
+    store: &dyn Store,
+    agent: &str,
+    expected: u64,
+    previous: &AgentState,
+    next: &AgentState,
+) -> anyhow::Result<Written> {
+    let decisions: Vec<Decision> = next.gate.decisions.back().cloned().into_iter().collect();
+    Ok(store
+        .write_agent(&AgentWrite {
+            agent,
+            expected,
+            state: next,
+            decisions: &decisions,
+            deployed: DeployedChange::between(&previous.gate.deployed, &next.gate.deployed),
+        })
+        .await?)
 }
 
 fn is_probe(message: &Broadcast) -> bool {
@@ -183,11 +217,11 @@ async fn wait_until_receiving(
     within: Duration,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + within;
-    let mut n = 0;
+    let mut n: u64 = 0;
     loop {
         n += 1;
         // The store may still be reconnecting; a failed probe is simply retried.
-        let _ = store.append(&probe(n)).await;
+        let _ = store.push_report(PROBE_AGENT, &n.to_be_bytes(), 1).await;
         let round = tokio::time::Instant::now() + Duration::from_millis(200);
         loop {
             match tokio::time::timeout_at(round, rx.recv()).await {
@@ -222,103 +256,93 @@ async fn next_message(rx: &mut broadcast::Receiver<Notice>) -> anyhow::Result<Br
     }
 }
 
-async fn missing_key_loads_as_version_zero_and_default_doc(
-    store: &dyn Store,
-) -> anyhow::Result<()> {
-    let loaded = store.load(&key("group/none", "main")).await?;
-    assert_eq!(loaded.version, 0);
-    assert_eq!(loaded.value, RefDoc::default());
+async fn nothing_recorded_reads_as_empty(store: &dyn Store) -> anyhow::Result<()> {
+    let facts = store.facts(&key("group/none", "main")).await?;
+    assert_eq!(facts, Default::default());
+    let agent = store.agent("nobody").await?;
+    assert_eq!(agent.version, 0);
+    assert_eq!(agent.value, AgentState::default());
+    assert_eq!(store.agents(&["a".into(), "b".into()]).await?.len(), 2);
     Ok(())
 }
 
-async fn save_with_expected_version_bumps_it(store: &dyn Store) -> anyhow::Result<()> {
+async fn facts_keep_pushes_in_order_and_bump_the_position(store: &dyn Store) -> anyhow::Result<()> {
     let k = key("group/app", "main");
-    let first = doc_with(1);
-    assert_eq!(
-        store.save(&k, 0, &first, None, &changed(&k, "one")).await?,
-        SaveOutcome::Saved { version: 1 }
-    );
-    let loaded = store.load(&k).await?;
-    assert_eq!(loaded.version, 1);
-    assert_eq!(loaded.value, first, "the document reads back as written");
-
-    let second = doc_with(2);
-    assert_eq!(
-        store
-            .save(&k, 1, &second, None, &changed(&k, "two"))
-            .await?,
-        SaveOutcome::Saved { version: 2 }
-    );
-    let loaded = store.load(&k).await?;
-    assert_eq!(loaded.version, 2);
-    assert_eq!(loaded.value, second);
-
-    // Other refs, of the same project or not, have versions of their own.
-    let other = key("group/app", "staging");
-    assert_eq!(store.load(&other).await?.version, 0);
-    assert_eq!(
-        store
-            .save(&other, 0, &first, None, &changed(&other, "x"))
-            .await?,
-        SaveOutcome::Saved { version: 1 }
-    );
-    assert_eq!(store.load(&k).await?.version, 2);
-    Ok(())
-}
-
-async fn save_with_stale_version_conflicts_and_writes_nothing(
-    store: &dyn Store,
-) -> anyhow::Result<()> {
-    let k = key("group/app", "main");
-    let notice = changed(&k, "n");
-    assert_eq!(
-        store.save(&k, 5, &doc_with(1), None, &notice).await?,
-        SaveOutcome::Conflict,
-        "absent key is version 0"
-    );
-    let loaded = store.load(&k).await?;
-    assert_eq!(
-        (loaded.version, loaded.value),
-        (0, RefDoc::default()),
-        "a conflict writes nothing"
-    );
-
-    assert_eq!(
-        store.save(&k, 0, &doc_with(1), None, &notice).await?,
-        SaveOutcome::Saved { version: 1 }
-    );
-    assert_eq!(
-        store.save(&k, 1, &doc_with(2), None, &notice).await?,
-        SaveOutcome::Saved { version: 2 }
-    );
-    for stale in [0, 1, 3] {
-        assert_eq!(
-            store
-                .save(
-                    &k,
-                    stale,
-                    &doc_with(3),
-                    Some(&format!("stale-{stale}")),
-                    &notice
-                )
-                .await?,
-            SaveOutcome::Conflict,
-            "expected version {stale} while the stored one is 2"
+    for n in [1, 3, 2] {
+        let ingested = store.record_fact(&k, &push_of(n), None, None).await?;
+        ensure!(
+            matches!(ingested, Ingested::Recorded { .. }),
+            "{ingested:?}"
         );
     }
-    let loaded = store.load(&k).await?;
-    assert_eq!(loaded.version, 2);
-    assert_eq!(loaded.value, doc_with(2), "conflicting saves write nothing");
-    // A conflicting save does not remember its delivery: the retry must be able to succeed.
-    for stale in [0, 1, 3] {
-        assert!(!store.seen_delivery(&k, &format!("stale-{stale}")).await?);
-    }
+    let facts = store.facts(&k).await?;
+    assert_eq!(facts.position, 3);
+    let order: Vec<Sha> = facts
+        .pushes
+        .iter()
+        .filter_map(|p| p.after.clone())
+        .collect();
+    assert_eq!(order, [commit(1), commit(3), commit(2)], "as recorded");
+    let heads: Vec<Sha> = facts
+        .ref_state()
+        .current_heads()
+        .map(|h| h.sha.clone())
+        .collect();
+    assert_eq!(heads, [commit(2), commit(3), commit(1)], "newest first");
     assert_eq!(
-        store
-            .save(&k, 2, &doc_with(3), Some("stale-1"), &notice)
-            .await?,
-        SaveOutcome::Saved { version: 3 }
+        store.facts(&key("group/app", "other")).await?.position,
+        0,
+        "facts are per ref"
     );
+    Ok(())
+}
+
+/// Every order of the same updates leaves what the gate's own merge rule leaves: the store
+/// (a Lua script on Redis) and the gate agree.
+async fn pipeline_updates_merge_by_the_gate_rule_in_any_order(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    use PipelineStatus as S;
+    let updates = [
+        pipeline(7, S::Running, Some(10), &["build"]),
+        pipeline(7, S::Running, Some(20), &[]),
+        pipeline(7, S::Failed, Some(30), &[]),
+        pipeline(7, S::Running, Some(40), &["build", "test"]),
+        pipeline(7, S::Success, Some(50), &[]),
+        pipeline(7, S::Running, Some(45), &[]),
+        pipeline(7, S::Success, None, &[]),
+    ];
+    let mut rng = fastrand::Rng::with_seed(7);
+    for round in 0..40u32 {
+        let k = key("group/app", &format!("merge-{round}"));
+        let mut order: Vec<Pipeline> = updates.to_vec();
+        rng.shuffle(&mut order);
+        let mut expected: Option<Pipeline> = None;
+        for update in &order {
+            let merged = Pipeline::merged(expected.as_ref(), update.clone());
+            let ingested = store
+                .record_fact(
+                    &k,
+                    &FactRecord::Pipeline {
+                        sha: commit(1),
+                        pipeline: update.clone(),
+                    },
+                    None,
+                    None,
+                )
+                .await?;
+            assert_eq!(
+                matches!(ingested, Ingested::Recorded { .. }),
+                merged.is_some(),
+                "round {round}: {update:?} after {expected:?}"
+            );
+            if merged.is_some() {
+                expected = merged;
+            }
+        }
+        let stored = store.pipeline(&k, &commit(1), 7).await?;
+        assert_eq!(stored, expected, "round {round}: order {order:?}");
+    }
     Ok(())
 }
 
@@ -326,178 +350,220 @@ async fn repeated_delivery_is_duplicate_and_writes_nothing(
     store: &dyn Store,
 ) -> anyhow::Result<()> {
     let k = key("group/app", "main");
-    let notice = changed(&k, "n");
-    assert!(!store.seen_delivery(&k, "delivery-1").await?);
     assert_eq!(
         store
-            .save(&k, 0, &doc_with(1), Some("delivery-1"), &notice)
+            .record_fact(&k, &push_of(1), Some("d-1"), None)
             .await?,
-        SaveOutcome::Saved { version: 1 }
+        Ingested::Recorded { position: 1 }
     );
-    assert!(store.seen_delivery(&k, "delivery-1").await?);
-    assert!(!store.seen_delivery(&k, "delivery-2").await?);
-
-    // With the right version the same delivery still writes nothing.
     assert_eq!(
         store
-            .save(&k, 1, &doc_with(2), Some("delivery-1"), &notice)
+            .record_fact(&k, &push_of(2), Some("d-1"), None)
             .await?,
-        SaveOutcome::Duplicate
+        Ingested::Duplicate
     );
-    // A stale version does not hide that it is a duplicate.
+    let facts = store.facts(&k).await?;
+    assert_eq!(facts.position, 1);
+    assert_eq!(facts.pushes.len(), 1, "the redelivery wrote nothing");
+    // A stale update is remembered as delivered too.
+    let stale = FactRecord::Pipeline {
+        sha: commit(1),
+        pipeline: pipeline(3, PipelineStatus::Success, Some(5), &[]),
+    };
+    store.record_fact(&k, &stale, Some("d-2"), None).await?;
+    let late = FactRecord::Pipeline {
+        sha: commit(1),
+        pipeline: pipeline(3, PipelineStatus::Running, Some(1), &[]),
+    };
     assert_eq!(
-        store
-            .save(&k, 0, &doc_with(2), Some("delivery-1"), &notice)
-            .await?,
-        SaveOutcome::Duplicate
-    );
-    let loaded = store.load(&k).await?;
-    assert_eq!(loaded.version, 1);
-    assert_eq!(loaded.value, doc_with(1), "a duplicate writes nothing");
-
-    // Another delivery, or none, is saved as usual.
-    assert_eq!(
-        store
-            .save(&k, 1, &doc_with(2), Some("delivery-2"), &notice)
-            .await?,
-        SaveOutcome::Saved { version: 2 }
-    );
-    assert_eq!(
-        store.save(&k, 2, &doc_with(3), None, &notice).await?,
-        SaveOutcome::Saved { version: 3 }
+        store.record_fact(&k, &late, Some("d-3"), None).await?,
+        Ingested::Unchanged
     );
     assert_eq!(
-        store.save(&k, 3, &doc_with(4), None, &notice).await?,
-        SaveOutcome::Saved { version: 4 }
+        store.record_fact(&k, &late, Some("d-3"), None).await?,
+        Ingested::Duplicate
     );
     Ok(())
 }
 
-async fn delivery_ids_are_per_project(store: &dyn Store) -> anyhow::Result<()> {
-    let app = key("group/app", "main");
+async fn delivery_ids_are_per_ref(store: &dyn Store) -> anyhow::Result<()> {
+    let main = key("group/app", "main");
     let other = key("group/other", "main");
-    let notice = changed(&app, "n");
-    assert_eq!(
+    store
+        .record_fact(&main, &push_of(1), Some("d"), None)
+        .await?;
+    assert!(matches!(
         store
-            .save(&app, 0, &doc_with(1), Some("shared-id"), &notice)
+            .record_fact(&other, &push_of(1), Some("d"), None)
             .await?,
-        SaveOutcome::Saved { version: 1 }
-    );
-    assert!(
-        !store.seen_delivery(&other, "shared-id").await?,
-        "another project has not seen it"
-    );
-    assert_eq!(
-        store
-            .save(&other, 0, &doc_with(2), Some("shared-id"), &notice)
-            .await?,
-        SaveOutcome::Saved { version: 1 },
-        "the same delivery id in another project is independent"
-    );
-    assert_eq!(store.load(&other).await?.value, doc_with(2));
-    assert_eq!(store.load(&app).await?.value, doc_with(1));
-    // Both are remembered, each for its own project.
-    assert_eq!(
-        store
-            .save(&app, 1, &doc_with(3), Some("shared-id"), &notice)
-            .await?,
-        SaveOutcome::Duplicate
-    );
-    assert_eq!(
-        store
-            .save(&other, 1, &doc_with(3), Some("shared-id"), &notice)
-            .await?,
-        SaveOutcome::Duplicate
-    );
-    // The trait remembers deliveries per project: another branch of the same project sees it.
-    let staging = key("group/app", "staging");
-    assert!(store.seen_delivery(&staging, "shared-id").await?);
+        Ingested::Recorded { .. }
+    ));
     Ok(())
 }
 
-async fn save_publishes_ref_changed(store: &dyn Store) -> anyhow::Result<()> {
+async fn facts_reach_followers_through_the_log(store: &dyn Store) -> anyhow::Result<()> {
     let mut rx = subscribed(store).await?;
     let k = key("group/app", "main");
-    let notice = changed(&k, "published");
-    assert_eq!(
-        store.save(&k, 0, &doc_with(1), Some("d"), &notice).await?,
-        SaveOutcome::Saved { version: 1 }
-    );
-    assert_eq!(
-        next_message(&mut rx).await?,
-        notice,
-        "subscribers hear the save's notice as given"
-    );
-    Ok(())
-}
-
-async fn failed_saves_publish_nothing(store: &dyn Store) -> anyhow::Result<()> {
-    let mut rx = subscribed(store).await?;
-    let k = key("group/app", "main");
-    assert_eq!(
-        store
-            .save(&k, 0, &doc_with(1), Some("d1"), &changed(&k, "first"))
-            .await?,
-        SaveOutcome::Saved { version: 1 }
-    );
-    assert_eq!(
-        store
-            .save(&k, 0, &doc_with(2), None, &changed(&k, "conflict"))
-            .await?,
-        SaveOutcome::Conflict
-    );
-    assert_eq!(
-        store
-            .save(&k, 1, &doc_with(2), Some("d1"), &changed(&k, "duplicate"))
-            .await?,
-        SaveOutcome::Duplicate
-    );
-    assert_eq!(
-        store
-            .save(&k, 1, &doc_with(2), Some("d2"), &changed(&k, "second"))
-            .await?,
-        SaveOutcome::Saved { version: 2 }
-    );
-    // Notices arrive in order, so a notice of a failed save would show up between these two.
-    assert_eq!(next_message(&mut rx).await?, changed(&k, "first"));
-    assert_eq!(
-        next_message(&mut rx).await?,
-        changed(&k, "second"),
-        "a conflict or duplicate announced nothing"
-    );
-    Ok(())
-}
-
-async fn appends_reach_every_subscriber(store: &dyn Store) -> anyhow::Result<()> {
-    let mut first = subscribed(store).await?;
-    let mut second = store.subscribe();
-    let connection = Broadcast::Connection {
-        agent: "prod".to_owned(),
-        connected: true,
-        replica: "replica-1".to_owned(),
-    };
-    let report = Broadcast::Report {
-        agent: "prod".to_owned(),
-        report: vec![0, 1, 2, 255],
-    };
-    store.append(&connection).await?;
-    store.append(&report).await?;
-    for rx in [&mut first, &mut second] {
-        assert_eq!(next_message(rx).await?, connection);
-        assert_eq!(next_message(rx).await?, report);
+    store
+        .record_fact(&k, &push_of(1), Some("x"), Some("00-trace-01"))
+        .await?;
+    match next_message(&mut rx).await? {
+        Broadcast::Fact {
+            key,
+            position,
+            rejected,
+            traceparent,
+            at_ms,
+        } => {
+            assert_eq!((key, position, rejected), (k.clone(), 1, None));
+            assert_eq!(traceparent.as_deref(), Some("00-trace-01"));
+            ensure!(at_ms > 0, "stamped with when it was recorded");
+        }
+        other => bail!("expected the fact, got {other:?}"),
     }
+    // Refused and unchanged facts are not news.
+    store.record_fact(&k, &push_of(9), Some("x"), None).await?;
+    store.record_fact(&k, &push_of(2), None, None).await?;
+    ensure!(
+        matches!(
+            next_message(&mut rx).await?,
+            Broadcast::Fact { position: 2, .. }
+        ),
+        "the next fact"
+    );
     Ok(())
 }
 
-async fn pushed_reports_are_appended_to_the_log(store: &dyn Store) -> anyhow::Result<()> {
+async fn trimmed_pipelines_are_forgotten(store: &dyn Store) -> anyhow::Result<()> {
+    let k = key("group/app", "main");
+    for id in 1..=3 {
+        let fact = FactRecord::Pipeline {
+            sha: commit(1),
+            pipeline: pipeline(id, PipelineStatus::Success, None, &["test"]),
+        };
+        store.record_fact(&k, &fact, None, None).await?;
+    }
+    store
+        .forget_pipelines(&k, &[(commit(1), 1), (commit(1), 2)])
+        .await?;
+    let facts = store.facts(&k).await?;
+    let ids: Vec<u64> = facts.pipelines.iter().map(|(_, p)| p.id).collect();
+    assert_eq!(ids, [3]);
+    assert_eq!(facts.pipelines[0].1.passed_stages, ["test"]);
+    Ok(())
+}
+
+async fn agent_writes_bump_the_version_and_reach_followers(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
     let mut rx = subscribed(store).await?;
-    let report = Broadcast::Report {
-        agent: "prod".to_owned(),
-        report: vec![9, 9],
-    };
-    store.push_report("prod", &[9, 9], 10, &report).await?;
-    assert_eq!(next_message(&mut rx).await?, report);
-    assert_eq!(store.reports("prod", 1).await?, vec![vec![9, 9]]);
+    let empty = AgentState::default();
+    let first = deployed_at(empty.clone(), 1, 4);
+    assert_eq!(
+        write(store, "prod", 0, &empty, &first).await?,
+        Written::Saved { version: 1 }
+    );
+    let read = store.agent("prod").await?;
+    assert_eq!(read.version, 1);
+    assert_eq!(read.value, first);
+    match next_message(&mut rx).await? {
+        Broadcast::AgentChanged {
+            agent,
+            version,
+            desired,
+            decisions,
+            ..
+        } => {
+            assert_eq!((agent.as_str(), version), ("prod", 1));
+            assert_eq!(desired, first.gate.desired);
+            assert_eq!(decisions, [decision(1, "deploy")]);
+        }
+        other => bail!("expected the agent's change, got {other:?}"),
+    }
+    let second = deployed_at(first.clone(), 2, 5);
+    assert_eq!(
+        write(store, "prod", 1, &first, &second).await?,
+        Written::Saved { version: 2 }
+    );
+    let both = store.agents(&["prod".into(), "staging".into()]).await?;
+    assert_eq!(both[0].value, second);
+    assert_eq!(both[1].version, 0, "states are per agent");
+    Ok(())
+}
+
+async fn agent_writes_refuse_stale_versions_and_older_facts(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let empty = AgentState::default();
+    let newer = deployed_at(empty.clone(), 2, 10);
+    write(store, "prod", 0, &empty, &newer).await?;
+    let mut rx = subscribed(store).await?;
+    let rival = deployed_at(empty.clone(), 1, 12);
+    assert_eq!(
+        write(store, "prod", 0, &empty, &rival).await?,
+        Written::Conflict,
+        "written from a version that is gone"
+    );
+    let older = deployed_at(newer.clone(), 1, 9);
+    assert_eq!(
+        write(store, "prod", 1, &newer, &older).await?,
+        Written::Stale,
+        "decided from facts older than the stored state's"
+    );
+    assert_eq!(store.agent("prod").await?.value, newer, "nothing written");
+    store.push_report(PROBE_AGENT, b"end", 1).await?;
+    let message = next_message(&mut rx).await;
+    ensure!(message.is_err(), "refused writes reach nobody: {message:?}");
+    Ok(())
+}
+
+async fn agent_history_and_deployed_set_are_capped(store: &dyn Store) -> anyhow::Result<()> {
+    let mut state = AgentState::default();
+    let mut version = 0;
+    for n in 1..=300u32 {
+        let next = deployed_at(state.clone(), n, u64::from(n));
+        let mut capped = next.clone();
+        while capped.gate.decisions.len() > greenlight_server::gate::DECISION_HISTORY {
+            capped.gate.decisions.pop_front();
+        }
+        while capped.gate.deployed.len() > greenlight_server::gate::DEPLOYED_HISTORY {
+            capped.gate.deployed.pop_front();
+        }
+        match write(store, "prod", version, &state, &capped).await? {
+            Written::Saved { version: v } => version = v,
+            other => bail!("write {n}: {other:?}"),
+        }
+        state = capped;
+    }
+    let read = store.agent("prod").await?.value;
+    assert_eq!(
+        read.gate.decisions.len(),
+        greenlight_server::gate::DECISION_HISTORY
+    );
+    assert_eq!(
+        read.gate.deployed.len(),
+        greenlight_server::gate::DEPLOYED_HISTORY
+    );
+    // Compared piecewise: a failure of the whole would print 300 commits.
+    assert_eq!(
+        read.gate.decisions.front(),
+        state.gate.decisions.front(),
+        "oldest kept"
+    );
+    assert_eq!(
+        read.gate.deployed.front(),
+        state.gate.deployed.front(),
+        "oldest kept"
+    );
+    ensure!(read == state, "the capped state reads back as written");
+    // A rewrite of the deployed set (commits gone from the branch) replaces it.
+    let mut rewritten = state.clone();
+    rewritten.gate.deployed.retain(|sha| *sha != commit(299));
+    write(store, "prod", version, &state, &rewritten).await?;
+    ensure!(
+        store.agent("prod").await?.value.gate.deployed == rewritten.gate.deployed,
+        "the deployed set was replaced"
+    );
     Ok(())
 }
 
@@ -520,21 +586,20 @@ async fn the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged(
 ) -> anyhow::Result<()> {
     let long = Duration::from_secs(3600);
     let k = key("group/app", "main");
-    store
-        .save(&k, 0, &doc_with(1), None, &changed(&k, "one"))
-        .await?;
-    store
-        .save(&k, 1, &doc_with(2), None, &changed(&k, "two"))
-        .await?;
+    store.record_fact(&k, &push_of(1), None, None).await?;
+    store.record_fact(&k, &push_of(2), None, None).await?;
     let first = next_status_entry(store, "replica-a", long)
         .await?
         .context("the first entry")?;
-    assert_eq!(first.message, changed(&k, "one"));
+    ensure!(matches!(first.message, Broadcast::Fact { position: 1, .. }));
     // Taken by replica-a and not acknowledged yet: replica-b gets the next one, not this.
     let second = next_status_entry(store, "replica-b", long)
         .await?
         .context("the second entry")?;
-    assert_eq!(second.message, changed(&k, "two"));
+    ensure!(matches!(
+        second.message,
+        Broadcast::Fact { position: 2, .. }
+    ));
     assert!(
         next_status_entry(store, "replica-c", long).await?.is_none(),
         "both are taken"
@@ -554,13 +619,11 @@ async fn an_entry_a_publisher_never_acknowledged_goes_to_another(
 ) -> anyhow::Result<()> {
     let takeover = Duration::from_millis(300);
     let k = key("group/app", "main");
-    store
-        .save(&k, 0, &doc_with(1), None, &changed(&k, "orphan"))
-        .await?;
+    store.record_fact(&k, &push_of(1), None, None).await?;
     let taken = next_status_entry(store, "replica-dead", takeover)
         .await?
         .context("the entry")?;
-    assert_eq!(taken.message, changed(&k, "orphan"));
+    ensure!(matches!(taken.message, Broadcast::Fact { position: 1, .. }));
     // Asked at once, within the takeover time: the entry stays with its publisher.
     assert!(
         next_status_entry(store, "replica-alive", takeover)
@@ -591,9 +654,9 @@ async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Resu
         "no reports yet"
     );
     for n in 1..=5u8 {
-        store.push_report("prod", &[n], 3, &probe(0)).await?;
+        store.push_report("prod", &[n], 3).await?;
     }
-    store.push_report("staging", b"other", 3, &probe(0)).await?;
+    store.push_report("staging", b"other", 3).await?;
     assert_eq!(
         store.reports("prod", 10).await?,
         vec![vec![5], vec![4], vec![3]],
@@ -611,7 +674,7 @@ async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Resu
         "reports are per agent"
     );
     assert!(store.reports("nobody", 10).await?.is_empty());
-    store.push_report("prod", &[6], 1, &probe(0)).await?;
+    store.push_report("prod", &[6], 1).await?;
     assert_eq!(
         store.reports("prod", 10).await?,
         vec![vec![6]],
@@ -621,62 +684,53 @@ async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Resu
 }
 
 async fn presence_follows_connect_and_disconnect(store: &dyn Store) -> anyhow::Result<()> {
-    assert_eq!(store.presence("prod").await?, None);
+    let mut rx = subscribed(store).await?;
+    assert!(store.all_presence().await?.is_empty());
     store.set_presence("replica-a", "prod", true).await?;
-    assert_eq!(store.presence("prod").await?.as_deref(), Some("replica-a"));
+    store.set_presence("replica-a", "staging", true).await?;
+    let mut all = store.all_presence().await?;
+    all.sort();
     assert_eq!(
-        store.presence("staging").await?,
-        None,
-        "presence is per agent"
+        all,
+        [
+            ("prod".to_owned(), "replica-a".to_owned()),
+            ("staging".to_owned(), "replica-a".to_owned())
+        ]
+    );
+    assert_eq!(
+        next_message(&mut rx).await?,
+        Broadcast::Connection {
+            agent: "prod".into(),
+            connected: true,
+            replica: "replica-a".into()
+        },
+        "every replica hears of it"
     );
     store.refresh_presence("replica-a").await?;
+    store.set_presence("replica-a", "prod", false).await?;
+    store.set_presence("replica-a", "prod", false).await?;
     assert_eq!(
-        store.presence("prod").await?.as_deref(),
-        Some("replica-a"),
-        "a refresh keeps it"
+        store.all_presence().await?,
+        [("staging".to_owned(), "replica-a".to_owned())]
     );
-    store.set_presence("replica-a", "prod", false).await?;
-    assert_eq!(store.presence("prod").await?, None);
-    // Disconnecting twice, or an agent never connected, is harmless.
-    store.set_presence("replica-a", "prod", false).await?;
-    store.set_presence("replica-a", "nobody", false).await?;
-    assert_eq!(store.presence("prod").await?, None);
-    Ok(())
-}
-
-async fn disconnect_from_another_replica_keeps_presence(store: &dyn Store) -> anyhow::Result<()> {
-    store.set_presence("replica-a", "prod", true).await?;
-    store.set_presence("replica-b", "prod", false).await?;
-    assert_eq!(
-        store.presence("prod").await?.as_deref(),
-        Some("replica-a"),
-        "only the replica that holds the agent can remove it"
-    );
-    store.set_presence("replica-a", "prod", false).await?;
-    assert_eq!(store.presence("prod").await?, None);
     Ok(())
 }
 
 async fn sync_errors_are_set_and_cleared(store: &dyn Store) -> anyhow::Result<()> {
     assert_eq!(store.sync_error("prod").await?, None);
-    store
-        .set_sync_error("prod", Some("repository unreachable"))
-        .await?;
+    let fetch = SyncError::Fetch {
+        message: "repository unreachable".into(),
+    };
+    store.set_sync_error("prod", Some(&fetch)).await?;
+    assert_eq!(store.sync_error("prod").await?, Some(fetch));
+    assert_eq!(store.sync_error("staging").await?, None, "per agent");
+    let manifests = SyncError::Manifests {
+        message: "manifest invalid".into(),
+    };
+    store.set_sync_error("prod", Some(&manifests)).await?;
     assert_eq!(
-        store.sync_error("prod").await?.as_deref(),
-        Some("repository unreachable")
-    );
-    assert_eq!(
-        store.sync_error("staging").await?,
-        None,
-        "sync errors are per agent"
-    );
-    store
-        .set_sync_error("prod", Some("manifest invalid"))
-        .await?;
-    assert_eq!(
-        store.sync_error("prod").await?.as_deref(),
-        Some("manifest invalid"),
+        store.sync_error("prod").await?,
+        Some(manifests),
         "the newest wins"
     );
     store.set_sync_error("prod", None).await?;
@@ -685,27 +739,83 @@ async fn sync_errors_are_set_and_cleared(store: &dyn Store) -> anyhow::Result<()
     Ok(())
 }
 
-async fn status_claims_go_to_the_first_claimant(store: &dyn Store) -> anyhow::Result<()> {
-    let commit = sha(1);
+async fn a_lease_has_one_holder_until_released_or_expired(store: &dyn Store) -> anyhow::Result<()> {
+    let ttl = Duration::from_millis(400);
+    assert!(store.hold_lease(3, "replica-a", ttl).await?);
+    assert!(!store.hold_lease(3, "replica-b", ttl).await?, "held by a");
+    assert!(store.hold_lease(4, "replica-b", ttl).await?, "per shard");
+    assert!(store.hold_lease(3, "replica-a", ttl).await?, "a renews");
+    store.release_lease(3, "replica-b").await?;
     assert!(
-        store.claim_status("prod", &commit, "success").await?,
+        !store.hold_lease(3, "replica-b", ttl).await?,
+        "only a may release"
+    );
+    store.release_lease(3, "replica-a").await?;
+    assert!(store.hold_lease(3, "replica-b", ttl).await?, "released");
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    assert!(
+        store.hold_lease(3, "replica-a", ttl).await?,
+        "b stopped renewing: its lease expired"
+    );
+    Ok(())
+}
+
+async fn status_claims_go_to_the_first_claimant(store: &dyn Store) -> anyhow::Result<()> {
+    let (commit, other_commit) = (sha(1), sha(2));
+    let lease = Duration::from_millis(400);
+    let status = |agent, sha, state| StatusKey { agent, sha, state };
+    let success = status("prod", commit.as_str(), "success");
+    assert_eq!(
+        store.begin_status(&success, "replica-a", lease).await?,
+        StatusClaim::Mine,
         "the first claim wins"
     );
-    assert!(
-        !store.claim_status("prod", &commit, "success").await?,
-        "a second claim loses"
+    assert_eq!(
+        store.begin_status(&success, "replica-b", lease).await?,
+        StatusClaim::InFlight,
+        "a second publisher waits for the first"
     );
-    assert!(
-        store.claim_status("prod", &commit, "failed").await?,
-        "claims are per state"
+    assert_eq!(
+        store.begin_status(&success, "replica-a", lease).await?,
+        StatusClaim::Retaken,
+        "its holder may go on, but not as if it had never tried"
     );
-    assert!(
-        store.claim_status("prod", &sha(2), "success").await?,
-        "claims are per commit"
+    for other in [
+        status("prod", commit.as_str(), "failed"),
+        status("prod", other_commit.as_str(), "success"),
+        status("staging", commit.as_str(), "success"),
+    ] {
+        assert_eq!(
+            store.begin_status(&other, "replica-b", lease).await?,
+            StatusClaim::Mine,
+            "claims are per agent, commit and state: {other:?}"
+        );
+    }
+    // A failed post releases the claim at once, and the next claimant is told to look at
+    // GitLab before posting; a posted one is remembered.
+    store.finish_status(&success, "replica-a", false).await?;
+    assert_eq!(
+        store.begin_status(&success, "replica-b", lease).await?,
+        StatusClaim::Retaken
     );
-    assert!(
-        store.claim_status("staging", &commit, "success").await?,
-        "claims are per agent"
+    store.finish_status(&success, "replica-b", true).await?;
+    assert_eq!(
+        store.begin_status(&success, "replica-a", lease).await?,
+        StatusClaim::Posted
+    );
+    // A publisher that died holding a claim holds it only until its lease ends, and may
+    // have posted before it died.
+    let dead = status("prod", commit.as_str(), "running");
+    store.begin_status(&dead, "replica-dead", lease).await?;
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert_eq!(
+        store.begin_status(&dead, "replica-a", lease).await?,
+        StatusClaim::Retaken
+    );
+    store.finish_status(&dead, "replica-a", true).await?;
+    assert_eq!(
+        store.begin_status(&dead, "replica-b", lease).await?,
+        StatusClaim::Posted
     );
     Ok(())
 }
@@ -716,17 +826,16 @@ async fn ping_answers(store: &dyn Store) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Replicas on separate connections update one document concurrently; compare-and-set must
-/// lose no update.
+/// Writers on separate connections update one agent concurrently, each retrying on a
+/// conflict: the conditional write loses no update.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_concurrent_savers_lose_no_update() -> anyhow::Result<()> {
+async fn redis_concurrent_writers_lose_no_update() -> anyhow::Result<()> {
     const TASKS: u32 = 8;
     const ROUNDS: u32 = 20;
     let fixture = RedisFixture::start().await?;
     // Two store instances, as two replicas would have.
     let second: Arc<dyn Store> = Arc::new(redis_store(&fixture.redis, &fixture.shutdown)?);
     let first: Arc<dyn Store> = fixture.store.clone();
-    let k = key("group/app", "main");
     let mut tasks = tokio::task::JoinSet::new();
     for task in 0..TASKS {
         let store = if task % 2 == 0 {
@@ -734,35 +843,26 @@ async fn redis_concurrent_savers_lose_no_update() -> anyhow::Result<()> {
         } else {
             second.clone()
         };
-        let k = k.clone();
         tasks.spawn(async move {
             let mut conflicts = 0u32;
             for round in 0..ROUNDS {
-                let n = 1 + task * ROUNDS + round;
                 loop {
-                    let loaded = store.load(&k).await?;
-                    let mut doc = loaded.value;
-                    doc.refs.record_push(&Push {
-                        before: None,
-                        after: Some(commit(n)),
-                        at_ms: i64::from(n),
-                    });
-                    match store
-                        .save(&k, loaded.version, &doc, None, &changed(&k, "count"))
-                        .await?
-                    {
-                        SaveOutcome::Saved { version } => {
-                            ensure!(
-                                version == loaded.version + 1,
-                                "saved at {version} after reading {}",
-                                loaded.version
-                            );
+                    let read = store.agent("prod").await?;
+                    let mut next = read.value.clone();
+                    next.gate.generation += 1;
+                    next.gate
+                        .decisions
+                        .push_back(decision(task * ROUNDS + round, "count"));
+                    while next.gate.decisions.len() > 50 {
+                        next.gate.decisions.pop_front();
+                    }
+                    match write(store.as_ref(), "prod", read.version, &read.value, &next).await? {
+                        Written::Saved { version } => {
+                            ensure!(version == read.version + 1);
                             break;
                         }
-                        SaveOutcome::Conflict => conflicts += 1,
-                        SaveOutcome::Duplicate => {
-                            bail!("no delivery was given, yet the save was a duplicate")
-                        }
+                        Written::Conflict => conflicts += 1,
+                        Written::Stale => bail!("no write used older facts"),
                     }
                 }
             }
@@ -773,29 +873,13 @@ async fn redis_concurrent_savers_lose_no_update() -> anyhow::Result<()> {
     while let Some(result) = tasks.join_next().await {
         conflicts += result??;
     }
-    let total = TASKS * ROUNDS;
-    let loaded = first.load(&k).await?;
+    let read = first.agent("prod").await?;
+    let total = u64::from(TASKS * ROUNDS);
+    assert_eq!(read.version, total, "one version per successful write");
     assert_eq!(
-        loaded.version,
-        u64::from(total),
-        "one version per successful save"
-    );
-    assert_eq!(
-        loaded.value.refs.next_seq,
-        u64::from(total),
+        read.value.gate.generation, total,
         "every increment survived ({conflicts} conflicts retried)"
     );
-    let mut seen: Vec<String> = loaded
-        .value
-        .refs
-        .heads
-        .iter()
-        .map(|h| h.sha.to_string())
-        .collect();
-    seen.sort();
-    let mut expected: Vec<String> = (1..=total).map(sha).collect();
-    expected.sort();
-    assert_eq!(seen, expected, "every task's commits are there, once each");
     Ok(())
 }
 
@@ -809,16 +893,16 @@ async fn redis_restart_resumes_the_log_without_resync_and_keeps_data() -> anyhow
     let k = key("group/app", "main");
     assert_eq!(
         store
-            .save(&k, 0, &doc_with(2), Some("before"), &changed(&k, "n"))
+            .record_fact(&k, &push_of(1), Some("before"), None)
             .await?,
-        SaveOutcome::Saved { version: 1 }
+        Ingested::Recorded { position: 1 }
     );
     let mut rx = subscribed(store.as_ref()).await?;
 
     fixture.redis.restart().await?;
-    let (doc, after) = (doc_with(3), changed(&k, "after"));
-    let saved = retry(|| store.save(&k, 1, &doc, Some("after"), &after)).await?;
-    assert_eq!(saved, SaveOutcome::Saved { version: 2 });
+    let fact = push_of(2);
+    let recorded = retry(|| store.record_fact(&k, &fact, Some("after"), None)).await?;
+    assert_eq!(recorded, Ingested::Recorded { position: 2 });
     let deadline = tokio::time::Instant::now() + RESUBSCRIBE;
     loop {
         match tokio::time::timeout_at(deadline, rx.recv())
@@ -826,20 +910,20 @@ async fn redis_restart_resumes_the_log_without_resync_and_keeps_data() -> anyhow
             .context("the entry appended after the restart never arrived")?
         {
             Ok(Notice::Resync) => bail!("a restart that lost nothing must not cost a re-read"),
-            Ok(Notice::Message(message)) if message == changed(&k, "after") => break,
+            Ok(Notice::Message(Broadcast::Fact { position: 2, .. })) => break,
             Ok(Notice::Message(_)) => {}
             Err(broadcast::error::RecvError::Lagged(_)) => bail!("the follower lagged"),
             Err(broadcast::error::RecvError::Closed) => bail!("notices closed"),
         }
     }
-    // What was saved before the restart is still there (append-only file), delivery included.
-    let loaded = retry(|| store.load(&k)).await?;
-    assert_eq!(loaded.version, 2);
+    // What was recorded before the restart is still there (append-only file), delivery
+    // marker included.
+    assert_eq!(retry(|| store.facts(&k)).await?.position, 2);
     assert_eq!(
         store
-            .save(&k, 2, &doc_with(4), Some("before"), &changed(&k, "n"))
+            .record_fact(&k, &push_of(3), Some("before"), None)
             .await?,
-        SaveOutcome::Duplicate
+        Ingested::Duplicate
     );
     Ok(())
 }
@@ -851,19 +935,10 @@ async fn a_log_that_lost_its_entries_makes_followers_re_read_everything() -> any
     let fixture = RedisFixture::start().await?;
     let store: Arc<dyn Store> = fixture.store.clone();
     let k = key("group/app", "main");
-    store
-        .save(&k, 0, &doc_with(2), None, &changed(&k, "n"))
-        .await?;
+    store.record_fact(&k, &push_of(1), None, None).await?;
     let mut rx = subscribed(store.as_ref()).await?;
-    let port = fixture
-        .redis
-        .url()
-        .rsplit(':')
-        .next()
-        .context("the test Redis URL has a port")?
-        .to_owned();
     let flushed = std::process::Command::new("redis-cli")
-        .args(["-p", &port, "FLUSHALL"])
+        .args(["-p", &fixture.redis.port().to_string(), "FLUSHALL"])
         .output()
         .context("redis-cli")?;
     ensure!(flushed.status.success(), "FLUSHALL failed: {flushed:?}");
@@ -883,6 +958,36 @@ async fn a_log_that_lost_its_entries_makes_followers_re_read_everything() -> any
     Ok(())
 }
 
+/// A prefix holding the previous layout (one change log stream, no layout marker) is refused
+/// with a message that says what to do; an empty prefix is claimed for this layout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_of_the_previous_layout_is_refused() -> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    fixture.store.check_layout().await?;
+    fixture
+        .store
+        .check_layout()
+        .await
+        .context("its own layout passes")?;
+    let port = fixture.redis.port().to_string();
+    let old = std::process::Command::new("redis-cli")
+        .args(["-p", &port, "XADD", "gl-old:log", "*", "m", "{}"])
+        .output()
+        .context("redis-cli")?;
+    ensure!(old.status.success(), "XADD failed: {old:?}");
+    let settings = RedisSettings::single(fixture.redis.url(), "gl-old".to_owned());
+    let store = RedisStore::connect(&settings, fixture.shutdown.clone(), Default::default())?;
+    match store.check_layout().await {
+        Err(error @ StoreError::OldLayout { .. }) => {
+            let message = error.to_string();
+            ensure!(message.contains("gl-old"), "{message}");
+            ensure!(message.contains("key_prefix"), "says what to do: {message}");
+        }
+        other => bail!("the old layout was not refused: {other:?}"),
+    }
+    Ok(())
+}
+
 /// Retries `op` until it succeeds, for up to SOON: the connection may still be coming back.
 async fn retry<T, F, Fut>(mut op: F) -> anyhow::Result<T>
 where
@@ -897,4 +1002,133 @@ where
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// Everything the embedded store answered is in its file: reopened on the same directory, it
+/// holds the same facts, delivery marks, agents, reports, sync errors, status claims and
+/// unacknowledged change log entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_reopened_holds_all_it_answered() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let k = key("group/app", "main");
+    let first = deployed_at(AgentState::default(), 1, 2);
+    let error = SyncError::Manifests {
+        message: "app.yaml: not YAML".into(),
+    };
+    let posted = StatusKey {
+        agent: "prod",
+        sha: "a1",
+        state: "success",
+    };
+    let unsure = StatusKey {
+        state: "running",
+        ..posted
+    };
+    let lease = Duration::from_secs(60);
+    let unacknowledged = {
+        let owned = EmbeddedStore::open(dir.path())?;
+        let store: &dyn Store = &owned;
+        store
+            .record_fact(&k, &push_of(1), Some("delivery-1"), None)
+            .await?;
+        let green = FactRecord::Pipeline {
+            sha: commit(1),
+            pipeline: pipeline(5, PipelineStatus::Success, Some(10), &["test"]),
+        };
+        store.record_fact(&k, &green, None, None).await?;
+        write(store, "prod", 0, &AgentState::default(), &first).await?;
+        store.push_report("prod", b"older", 10).await?;
+        store.push_report("prod", b"newer", 10).await?;
+        store.set_sync_error("staging", Some(&error)).await?;
+        store.begin_status(&posted, "replica-a", lease).await?;
+        store.finish_status(&posted, "replica-a", true).await?;
+        store.begin_status(&unsure, "replica-a", lease).await?;
+        // Acknowledge the first entry of the log only.
+        let entry = store
+            .next_for_statuses("replica-a", lease)
+            .await?
+            .context("an entry")?;
+        store.ack_statuses(&entry.id).await?;
+        let mut left = Vec::new();
+        while let Some(entry) = store
+            .next_for_statuses("replica-a", lease)
+            .await?
+            .filter(|e| !left.iter().any(|l: &LogEntry| l.id == e.id))
+        {
+            left.push(entry);
+            if left.len() > 20 {
+                break;
+            }
+        }
+        left
+    };
+
+    let owned = EmbeddedStore::open(dir.path())?;
+    let store: &dyn Store = &owned;
+    let facts = store.facts(&k).await?;
+    assert_eq!(facts.position, 2);
+    assert_eq!(facts.pushes.len(), 1);
+    assert_eq!(
+        store.pipeline(&k, &commit(1), 5).await?.map(|p| p.status),
+        Some(PipelineStatus::Success)
+    );
+    assert_eq!(
+        store
+            .record_fact(&k, &push_of(1), Some("delivery-1"), None)
+            .await?,
+        Ingested::Duplicate,
+        "the delivery is still known"
+    );
+    let prod = store.agent("prod").await?;
+    assert_eq!((prod.version, &prod.value), (1, &first));
+    assert_eq!(
+        store.reports("prod", 10).await?,
+        [b"newer".to_vec(), b"older".to_vec()]
+    );
+    assert_eq!(store.sync_error("staging").await?, Some(error));
+    assert_eq!(
+        store.begin_status(&posted, "replica-b", lease).await?,
+        StatusClaim::Posted
+    );
+    assert_eq!(
+        store.begin_status(&unsure, "replica-b", lease).await?,
+        StatusClaim::Retaken,
+        "its post was never recorded: look first"
+    );
+    // The entries left unacknowledged are handed out again, the acknowledged one is not.
+    let mut again = Vec::new();
+    while let Some(entry) = store.next_for_statuses("replica-b", lease).await? {
+        if again.iter().any(|e: &LogEntry| e.id == entry.id) {
+            break;
+        }
+        again.push(entry);
+        if again.len() > 20 {
+            break;
+        }
+    }
+    let ids = |entries: &[LogEntry]| entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+    ensure!(!unacknowledged.is_empty());
+    assert_eq!(ids(&again), ids(&unacknowledged));
+    // And the agent's next write goes on from the version on file.
+    let second = deployed_at(first.clone(), 2, 3);
+    assert_eq!(
+        write(store, "prod", 1, &first, &second).await?,
+        Written::Saved { version: 2 }
+    );
+    Ok(())
+}
+
+/// A directory is one server's: a second store on it is refused, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_store_refuses_a_directory_another_holds() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let _first = EmbeddedStore::open(dir.path())?;
+    let refused = EmbeddedStore::open(dir.path())
+        .err()
+        .context("a second store opened the same file")?;
+    assert!(
+        matches!(refused, StoreError::Embedded(_)) && refused.to_string().contains("in use"),
+        "{refused}"
+    );
+    Ok(())
 }

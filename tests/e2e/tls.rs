@@ -96,6 +96,7 @@ struct TlsServer {
     http: SocketAddr,
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), RunError>>,
+    _data_dir: tempfile::TempDir,
 }
 
 impl TlsServer {
@@ -107,7 +108,12 @@ impl TlsServer {
             cert.display(),
             key.display()
         );
-        let config = Config::from_yaml(&yaml, &Overrides::default())?;
+        let data_dir = tempfile::tempdir()?;
+        let overrides = Overrides {
+            data_dir: Some(data_dir.path().to_owned()),
+            ..Overrides::default()
+        };
+        let config = Config::from_yaml(&yaml, &overrides)?;
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let http = TcpListener::bind("127.0.0.1:0").await?;
         let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
@@ -118,6 +124,7 @@ impl TlsServer {
             http: http_addr,
             shutdown,
             handle,
+            _data_dir: data_dir,
         })
     }
 

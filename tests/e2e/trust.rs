@@ -114,13 +114,13 @@ async fn forged_cross_project_hook_is_401_and_the_legitimate_one_still_works() -
     let run = pipeline_payload(PROD_PROJECT, "main", &green, 7, "success", "push");
     let (status, body) = hook_with(&server, PROD_SECRET, "Pipeline Hook", &run).await?;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("recorded")));
-    assert_eq!(desired(&server, "prod").await?, Some(green.clone()));
+    server.desired_becomes("prod", &green).await?;
     // …and not for the projects the global secret guards.
     let dev_push = push_payload(PROJECT, "main", ZERO, &green);
     let (status, body) = hook_with(&server, PROD_SECRET, "Push Hook", &dev_push).await?;
     assert_eq!(status, 401, "{body}");
     server.release(ZERO, &green, 8).await?;
-    assert_eq!(desired(&server, "dev").await?, Some(green));
+    server.desired_becomes("dev", &green).await?;
     Ok(())
 }
 
@@ -192,7 +192,7 @@ async fn out_of_bounds_pipeline_ids_and_times_are_refused() -> anyhow::Result<()
         .hook("Pipeline Hook", &green(7, "2026-11-26 10:00:00 UTC"), None)
         .await?;
     assert_eq!(status, 200);
-    assert_eq!(desired(&server, "dev").await?, Some(x));
+    server.desired_becomes("dev", &x).await?;
     Ok(())
 }
 
@@ -247,11 +247,11 @@ async fn scoped_ingest_token_is_refused_for_other_projects() -> anyhow::Result<(
     scoped.record_push(push(PROJECT)).await?;
     let outcome = scoped.record_pipeline(pipeline(PROJECT)).await?;
     assert_eq!(outcome.into_inner().outcome, "recorded");
-    assert_eq!(desired(&server, "dev").await?, Some(x.clone()));
+    server.desired_becomes("dev", &x).await?;
     let mut unscoped = server.ingest_as(INGEST_TOKEN).await?;
     unscoped.record_push(push(PROD_PROJECT)).await?;
     unscoped.record_pipeline(pipeline(PROD_PROJECT)).await?;
-    assert_eq!(desired(&server, "prod").await?, Some(x));
+    server.desired_becomes("prod", &x).await?;
     Ok(())
 }
 

@@ -67,6 +67,21 @@ pub struct PostedStatus {
     pub target_url: Option<String>,
 }
 
+/// A note on a merge request, as the fake holds it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MergeRequestNote {
+    pub id: u64,
+    /// The decoded project path or id.
+    pub project: String,
+    pub merge_request_iid: u64,
+    /// The body as last posted or edited.
+    pub body: String,
+    /// How many times it was edited after being posted.
+    pub edits: u32,
+    /// When it was posted or last edited.
+    pub updated_at: std::time::Instant,
+}
+
 /// A Pipeline Hook the fake sent, and how the receiver answered.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FiredHook {
@@ -85,6 +100,7 @@ type Webhook = (String, String);
 struct Inner {
     requests: Vec<RecordedRequest>,
     statuses: Vec<PostedStatus>,
+    notes: Vec<MergeRequestNote>,
     branches: HashMap<(String, String), String>,
     /// Per project, newest first, as the list API answers.
     pipelines: HashMap<String, Vec<Value>>,
@@ -220,6 +236,16 @@ impl FakeGitLab {
             .requests
             .iter()
             .filter(|r| r.method == "POST" && r.path.ends_with(&suffix))
+            .cloned()
+            .collect()
+    }
+
+    /// The notes on merge request `iid` of `project`, in the order they were posted.
+    pub fn notes(&self, project: &str, iid: u64) -> Vec<MergeRequestNote> {
+        self.lock()
+            .notes
+            .iter()
+            .filter(|n| n.project == project && n.merge_request_iid == iid)
             .cloned()
             .collect()
     }
@@ -510,6 +536,63 @@ async fn handle(
                     state.statuses.push(posted);
                     json_response(StatusCode::CREATED, body)
                 }
+            }
+            (&Method::POST, Some(project), [mrs, iid, notes])
+                if mrs == "merge_requests" && notes == "notes" =>
+            {
+                match (iid.parse::<u64>(), lookup(&form, "body")) {
+                    (Ok(iid), Some(body)) if !body.is_empty() => {
+                        state.next_id += 1;
+                        let note = MergeRequestNote {
+                            id: state.next_id,
+                            project: project.to_owned(),
+                            merge_request_iid: iid,
+                            body: body.to_owned(),
+                            edits: 0,
+                            updated_at: std::time::Instant::now(),
+                        };
+                        let answer = json!({ "id": note.id, "body": note.body });
+                        state.notes.push(note);
+                        json_response(StatusCode::CREATED, answer)
+                    }
+                    _ => json_response(
+                        StatusCode::BAD_REQUEST,
+                        json!({ "error": "body is missing" }),
+                    ),
+                }
+            }
+            (&Method::PUT, Some(project), [mrs, iid, notes, id])
+                if mrs == "merge_requests" && notes == "notes" =>
+            {
+                let body = lookup(&form, "body").unwrap_or_default().to_owned();
+                let found = state.notes.iter_mut().find(|n| {
+                    n.project == project
+                        && n.merge_request_iid.to_string() == *iid
+                        && n.id.to_string() == *id
+                });
+                match found {
+                    Some(note) => {
+                        note.body = body;
+                        note.edits += 1;
+                        note.updated_at = std::time::Instant::now();
+                        json_response(StatusCode::OK, json!({ "id": note.id, "body": note.body }))
+                    }
+                    None => not_found("Note"),
+                }
+            }
+            (&Method::GET, Some(project), [repository, commits, sha, statuses])
+                if repository == "repository" && commits == "commits" && statuses == "statuses" =>
+            {
+                // Every post is kept, so this answers as GitLab does with `all=true`.
+                let wanted_name = lookup(&query, "name");
+                let list: Vec<Value> = state
+                    .statuses
+                    .iter()
+                    .filter(|s| s.project == project && s.sha == *sha)
+                    .filter(|s| wanted_name.is_none_or(|name| s.name == name))
+                    .map(|s| json!({ "sha": s.sha, "name": s.name, "status": s.state }))
+                    .collect();
+                json_response(StatusCode::OK, Value::Array(list))
             }
             (&Method::GET, Some(project), [repository, branches, branch])
                 if repository == "repository" && branches == "branches" =>

@@ -1,9 +1,12 @@
 //! Test harness: a real `redis-server` per test, servers on loopback ports, GitLab payloads,
 //! git repositories, and a real Kubernetes control plane (`control_plane`).
 
+pub mod cluster;
 pub mod control_plane;
 pub mod exposition;
 pub mod fake_gitlab;
+pub mod process;
+pub mod proxy;
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::Path;
@@ -152,6 +155,11 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The loopback port it listens on, for `redis-cli -p`.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
     /// Kills the server abruptly, as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -267,6 +275,8 @@ pub struct TestServer {
     shutdown: CancellationToken,
     handle: JoinHandle<Result<(), RunError>>,
     http_client: reqwest::Client,
+    /// The embedded store's own directory, when the config left it at the default.
+    _data_dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -276,9 +286,20 @@ impl TestServer {
         Self::start_with(config).await
     }
 
-    /// Starts a server from a parsed config.
-    pub async fn start_with(config: Config) -> anyhow::Result<Self> {
+    /// Starts a server from a parsed config; on the embedded store, in a directory of its
+    /// own unless the config names one.
+    pub async fn start_with(mut config: Config) -> anyhow::Result<Self> {
         install_crypto();
+        let data_dir = match config.redis.is_none()
+            && config.data_dir == Path::new(greenlight_server::config::DEFAULT_DATA_DIR)
+        {
+            true => {
+                let dir = tempfile::tempdir()?;
+                config.data_dir = dir.path().to_owned();
+                Some(dir)
+            }
+            false => None,
+        };
         let grpc = TcpListener::bind(config.grpc_addr).await?;
         let http = TcpListener::bind(config.http_addr).await?;
         let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
@@ -292,9 +313,40 @@ impl TestServer {
             http_client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(15))
                 .build()?,
+            _data_dir: data_dir,
         };
         server.wait_ready().await?;
         Ok(server)
+    }
+
+    /// A handle on a server that runs elsewhere (another process) at `grpc` and `http`,
+    /// for its clients and helpers, once it answers; its `stop` and `kill` do nothing to
+    /// that server.
+    pub async fn attach(grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<Self> {
+        let server = Self::attach_later(grpc, http)?;
+        // A process may take a while to start on a loaded machine.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while let Err(error) = server.wait_ready().await {
+            if tokio::time::Instant::now() > deadline {
+                return Err(error);
+            }
+        }
+        Ok(server)
+    }
+
+    /// [`Self::attach`] without waiting: for a caller that waits for the server itself.
+    pub fn attach_later(grpc: SocketAddr, http: SocketAddr) -> anyhow::Result<Self> {
+        install_crypto();
+        Ok(Self {
+            grpc,
+            http,
+            shutdown: CancellationToken::new(),
+            handle: tokio::spawn(std::future::pending()),
+            http_client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(15))
+                .build()?,
+            _data_dir: None,
+        })
     }
 
     async fn wait_ready(&self) -> anyhow::Result<()> {
@@ -418,6 +470,17 @@ impl TestServer {
             .get_agent(GetAgentRequest { name: agent.into() })
             .await?
             .into_inner())
+    }
+
+    /// `GetAgent` for `agent` once its desired revision is `sha`: a webhook's answer never
+    /// waits for the gate, which decides a moment later.
+    pub async fn desired_becomes(&self, agent: &str, sha: &str) -> anyhow::Result<AgentStatus> {
+        eventually(&format!("{agent} to be told to run {sha}"), || async {
+            let status = self.agent_status(agent).await?;
+            let there = status.desired.as_ref().is_some_and(|d| d.sha == sha);
+            Ok(there.then_some(status))
+        })
+        .await
     }
 
     /// `GetAgentHistory` for `agent`, with the admin token.

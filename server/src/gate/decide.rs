@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::model::{Lineage, PipelineStatus, RefState, Sha};
 
 /// Deployed commits remembered per agent: as many as a ref keeps heads.
-const DEPLOYED_HISTORY: usize = super::model::MAX_HEADS;
+pub const DEPLOYED_HISTORY: usize = super::model::MAX_HEADS;
 
 /// Decisions kept per agent for operators to read.
 pub const DECISION_HISTORY: usize = 50;
@@ -274,31 +274,38 @@ impl AgentGate {
     /// superseded: say so once, so that whoever waits for them stops waiting. Their pipeline
     /// may turn green only after a newer commit was deployed.
     fn mark_superseded(&mut self, cx: &Context<'_>, step: &mut Step) {
-        let Some(position) = self.position.clone() else {
+        let Some(position) = self.position.as_ref().map(|p| p.sha.clone()) else {
             return;
         };
-        let heads: Vec<Sha> = cx.refs.current_heads().map(|h| h.sha.clone()).collect();
-        // Commits that left the ref's history cannot be superseded any more.
+        // Commits that left the ref's history cannot be superseded any more. Sets of borrowed
+        // ids: this runs for every agent of the ref, whose histories hold hundreds of them.
         let known: HashSet<&Sha> = cx.refs.heads.iter().map(|h| &h.sha).collect();
         self.deployed.retain(|sha| known.contains(sha));
-        let deployed: HashSet<Sha> = self.deployed.iter().cloned().collect();
-        for sha in heads {
-            let candidate = sha != position.sha
-                && !deployed.contains(&sha)
-                && cx.lineage.on_branch(&sha)
-                && cx.lineage.descends_from(&position.sha, &sha)
-                && cx.green(&sha).is_ok();
-            if candidate {
-                let decision = Decision {
-                    outcome: Outcome::Skip,
-                    reason: format!("superseded by {}", position.sha.short()),
-                    sha: Some(sha),
-                    pipeline_id: None,
-                    at_ms: cx.now_ms,
-                    superseded_by: Some(position.sha.clone()),
-                };
-                self.record_decision(step, decision);
-            }
+        let superseded: Vec<Sha> = {
+            let deployed: HashSet<&Sha> = self.deployed.iter().collect();
+            cx.refs
+                .current_heads()
+                .map(|h| &h.sha)
+                .filter(|sha| {
+                    **sha != position
+                        && !deployed.contains(sha)
+                        && cx.lineage.on_branch(sha)
+                        && cx.lineage.descends_from(&position, sha)
+                        && cx.green(sha).is_ok()
+                })
+                .cloned()
+                .collect()
+        };
+        for sha in superseded {
+            let decision = Decision {
+                outcome: Outcome::Skip,
+                reason: format!("superseded by {}", position.short()),
+                sha: Some(sha),
+                pipeline_id: None,
+                at_ms: cx.now_ms,
+                superseded_by: Some(position.clone()),
+            };
+            self.record_decision(step, decision);
         }
     }
 

@@ -7,10 +7,11 @@ mod model;
 mod tests;
 
 pub use decide::{
-    AgentGate, Context, DECISION_HISTORY, Decision, GateError, Hold, Mode, Outcome, Pin, Revision,
-    Step,
+    AgentGate, Context, DECISION_HISTORY, DEPLOYED_HISTORY, Decision, GateError, Hold, Mode,
+    Outcome, Pin, Revision, Step,
 };
 pub use model::{
-    EXTERNAL_SOURCE, InvalidSha, Lineage, MERGE_REQUEST_SOURCE, Pipeline, PipelineStatus, Push,
-    PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus, aggregate_jobs,
+    EXTERNAL_SOURCE, InvalidSha, Lineage, MAX_HEADS, MAX_REJECTED, MERGE_REQUEST_SOURCE, Pipeline,
+    PipelineStatus, Push, PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus,
+    aggregate_jobs,
 };

@@ -226,6 +226,26 @@ impl Pipeline {
         }
     }
 
+    /// What `update` makes of the pipeline's state so far (`recorded`, if any): `None` when
+    /// it changes nothing. The one merge rule of pipeline updates, which the Redis store's
+    /// script mirrors: updates may arrive in any order and still end in the same state.
+    pub fn merged(recorded: Option<&Pipeline>, update: Pipeline) -> Option<Pipeline> {
+        let Some(recorded) = recorded else {
+            return Some(update);
+        };
+        if *recorded == update || !update.supersedes(recorded) {
+            return None;
+        }
+        // Updates without job details (catch-up, other CI systems) keep what the webhooks
+        // said about passed stages.
+        let keep_stages = update.passed_stages.is_empty() && !update.status.is_final();
+        let mut merged = update;
+        if keep_stages && merged.status == PipelineStatus::Running {
+            merged.passed_stages = recorded.passed_stages.clone();
+        }
+        Some(merged)
+    }
+
     /// Whether this pipeline's result may open the gate for a branch.
     pub fn counts_for_branch(&self) -> bool {
         self.source != MERGE_REQUEST_SOURCE && self.source != EXTERNAL_SOURCE
@@ -253,6 +273,9 @@ pub struct Head {
     pub pushed_at_ms: i64,
     /// The line of history the head belongs to; a branch deletion starts a new one.
     pub line: u64,
+    /// The head its push moved the branch from, when the push said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Sha>,
 }
 
 /// A push to the watched ref.
@@ -323,57 +346,113 @@ impl RefState {
             seq: self.next_seq,
             pushed_at_ms: push.at_ms,
             line: self.line,
+            before: push.before.clone(),
         };
-        // A push delivered late continues from a head that is no longer the newest: its new
-        // head belongs right after that one, not after the pushes that came later.
-        let continues_older = push.before.as_ref().and_then(|before| {
-            let at = self
+        // The common case, a push from the newest head (or from anything this line does not
+        // know, with nothing known after it), goes last; a push delivered late puts the line
+        // back in the order of its commits.
+        let newest = self.heads.iter().rev().find(|h| h.line == self.line);
+        let in_order = match &head.before {
+            Some(before) if newest.is_some_and(|n| &n.sha == before) => true,
+            Some(before) => {
+                !self
+                    .heads
+                    .iter()
+                    .any(|h| h.line == self.line && &h.sha == before)
+                    && !self
+                        .heads
+                        .iter()
+                        .any(|h| h.line == self.line && h.before.as_ref() == Some(after))
+            }
+            None => !self
                 .heads
                 .iter()
-                .rposition(|h| h.line == self.line && &h.sha == before)?;
-            let newest = self.heads.iter().rposition(|h| h.line == self.line)?;
-            (at < newest).then_some(at)
-        });
-        match continues_older {
-            Some(at) => {
-                self.heads.insert(at + 1, head);
-                for (seq, head) in self.heads.iter_mut().enumerate() {
-                    head.seq = seq as u64;
-                }
-                self.next_seq = self.heads.len() as u64;
-            }
-            None => {
-                self.heads.push(head);
-                self.next_seq += 1;
-            }
+                .any(|h| h.line == self.line && h.before.as_ref() == Some(after)),
+        };
+        self.heads.push(head);
+        self.next_seq += 1;
+        if !in_order {
+            self.order_line();
         }
         self.trim();
         Recorded::Changed
+    }
+
+    /// Orders the current line's heads by their pushes' `before`: each right after the head
+    /// it was pushed on top of, heads whose `before` the line does not know in the order
+    /// they arrived. Pushes delivered out of order then leave the commits' order, whatever
+    /// order they came in.
+    fn order_line(&mut self) {
+        let start = self
+            .heads
+            .iter()
+            .position(|h| h.line == self.line)
+            .unwrap_or(self.heads.len());
+        let line: Vec<Head> = self.heads.drain(start..).collect();
+        let known = |sha: &Sha| line.iter().any(|h| &h.sha == sha);
+        let mut placed = vec![false; line.len()];
+        let mut ordered: Vec<Head> = Vec::with_capacity(line.len());
+        // Each pass starts chains at heads whose predecessor is placed already or unknown;
+        // a head pushed twice on the same predecessor (a force push) starts its own.
+        loop {
+            let mut progressed = false;
+            for first in 0..line.len() {
+                let ready = !placed[first]
+                    && line[first]
+                        .before
+                        .as_ref()
+                        .is_none_or(|b| !known(b) || ordered.iter().any(|h| &h.sha == b));
+                if !ready {
+                    continue;
+                }
+                progressed = true;
+                let mut current = first;
+                loop {
+                    placed[current] = true;
+                    ordered.push(line[current].clone());
+                    let sha = &line[current].sha;
+                    match (0..line.len())
+                        .find(|&next| !placed[next] && line[next].before.as_ref() == Some(sha))
+                    {
+                        Some(next) => current = next,
+                        None => break,
+                    }
+                }
+            }
+            if !progressed {
+                break;
+            }
+        }
+        // A cycle of befores (not a git history): what is left, as it arrived.
+        ordered.extend(
+            line.iter()
+                .zip(&placed)
+                .filter(|(_, placed)| !**placed)
+                .map(|(head, _)| head.clone()),
+        );
+        self.heads.extend(ordered);
+        for (seq, head) in self.heads.iter_mut().enumerate() {
+            head.seq = seq as u64;
+        }
+        self.next_seq = self.heads.len() as u64;
     }
 
     /// Records a pipeline update for `sha`.
     pub fn record_pipeline(&mut self, sha: &Sha, update: Pipeline) -> Recorded {
         let runs = self.pipelines.entry(sha.clone()).or_default();
         let outcome = match runs.iter_mut().find(|p| p.id == update.id) {
-            Some(recorded) if *recorded == update || !update.supersedes(recorded) => {
-                Recorded::Unchanged
-            }
-            Some(recorded) => {
-                // Updates without job details (catch-up, other CI systems) keep what the
-                // webhooks said about passed stages.
-                let keep_stages = update.passed_stages.is_empty() && !update.status.is_final();
-                let stages = std::mem::take(&mut recorded.passed_stages);
-                *recorded = update;
-                if keep_stages && recorded.status == PipelineStatus::Running {
-                    recorded.passed_stages = stages;
+            Some(recorded) => match Pipeline::merged(Some(recorded), update) {
+                Some(merged) => {
+                    *recorded = merged;
+                    Recorded::Changed
                 }
-                Recorded::Changed
-            }
+                None => Recorded::Unchanged,
+            },
             None => {
                 runs.push(update);
                 runs.sort_by_key(|p| p.id);
                 // Only the newest pipelines can be the verdict; scheduled pipelines on an idle
-                // head would otherwise grow the document forever.
+                // head would otherwise grow the state forever.
                 if runs.len() > MAX_PIPELINES_PER_COMMIT {
                     let excess = runs.len() - MAX_PIPELINES_PER_COMMIT;
                     runs.drain(..excess);
@@ -486,6 +565,7 @@ impl Lineage for PushOrder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::{Just, Strategy, prop_assert_eq};
 
     fn sha(n: u8) -> Sha {
         Sha::parse(&format!("{:040x}", n)).unwrap()
@@ -546,6 +626,48 @@ mod tests {
         let lineage = PushOrder(&state);
         assert!(lineage.descends_from(&sha(3), &sha(2)));
         assert!(!lineage.descends_from(&sha(2), &sha(3)));
+    }
+
+    /// The chaos run that found it: 84 (from 83) arrived before 83 (from 82) and 82 (from
+    /// 81), then 85 and 86; the newest head must be 86, not the late 83.
+    #[test]
+    fn pushes_of_one_line_in_any_order_keep_the_order_of_their_commits() {
+        let chain = |n: u8| Push {
+            before: Some(sha(n - 1)),
+            after: Some(sha(n)),
+            at_ms: 0,
+        };
+        let mut state = RefState::default();
+        for n in [81, 84, 83, 82, 85, 86] {
+            state.record_push(&chain(n));
+        }
+        let order: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+        let expected: Vec<Sha> = (81..=86).rev().map(sha).collect();
+        assert_eq!(order, expected, "newest first");
+    }
+
+    proptest::proptest! {
+        /// However the pushes of one straight line of commits are delivered (reordered,
+        /// some twice), the heads come out in the order of the commits.
+        #[test]
+        fn any_delivery_order_of_a_straight_line_gives_its_commit_order(
+            order in Just((1u8..=12).collect::<Vec<_>>()).prop_shuffle(),
+            again in proptest::collection::vec(1u8..=12, 0..4),
+        ) {
+            let chain = |n: u8| Push {
+                before: Some(sha(n - 1)),
+                after: Some(sha(n)),
+                at_ms: 0,
+            };
+            let mut state = RefState::default();
+            state.record_push(&Push { before: None, after: Some(sha(0)), at_ms: 0 });
+            for n in order.iter().chain(again.iter()) {
+                state.record_push(&chain(*n));
+            }
+            let heads: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+            let expected: Vec<Sha> = (0u8..=12).rev().map(sha).collect();
+            prop_assert_eq!(heads, expected);
+        }
     }
 
     #[test]

@@ -1281,7 +1281,7 @@ async fn upkeep_that_is_off_returns_at_once() {
     } = mirrors();
     tokio::time::timeout(
         Duration::from_secs(5),
-        mirrors.upkeep([], CancellationToken::new()),
+        mirrors.upkeep(Vec::new, CancellationToken::new()),
     )
     .await
     .unwrap();

@@ -137,22 +137,21 @@ pub(super) struct Needed(HashMap<PathBuf, String>);
 
 impl Mirrors {
     /// Upkeep every `git.maintenance_interval` until `shutdown`; returns at once when it is
-    /// off. `needed` are the repositories of the configured agents: their mirrors are never
-    /// deleted.
+    /// off. `needed` answers, at each pass, the repositories of the agents (which change at
+    /// runtime): their mirrors are never deleted.
     pub fn upkeep(
         &self,
-        needed: impl IntoIterator<Item = RepoSource>,
+        needed: impl Fn() -> Vec<RepoSource> + Send + 'static,
         shutdown: CancellationToken,
     ) -> impl Future<Output = ()> + Send + 'static {
         let mirrors = self.clone();
-        let needed = self.needed(needed);
         let interval = self.inner.settings.maintenance_interval;
         async move {
             let Some(interval) = interval else {
                 debug!("git mirror upkeep is off");
                 return;
             };
-            mirrors.upkeep_every(interval, &needed, &shutdown).await;
+            mirrors.upkeep_every(interval, needed, &shutdown).await;
         }
         .instrument(info_span!("git_upkeep"))
     }
@@ -173,7 +172,7 @@ impl Mirrors {
     async fn upkeep_every(
         &self,
         interval: Duration,
-        needed: &Needed,
+        needed: impl Fn() -> Vec<RepoSource>,
         shutdown: &CancellationToken,
     ) {
         let mut backoff = Backoff::new(RETRY_AFTER.min(interval), interval);
@@ -183,7 +182,8 @@ impl Mirrors {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(wait) => {}
             }
-            let report = self.upkeep_once(needed, shutdown).await;
+            let needed = self.needed(needed());
+            let report = self.upkeep_once(&needed, shutdown).await;
             if shutdown.is_cancelled() {
                 return;
             }
@@ -193,7 +193,7 @@ impl Mirrors {
                 backoff.reset();
                 jittered(interval)
             };
-            log(&report, needed, wait);
+            log(&report, &needed, wait);
         }
     }
 

@@ -73,6 +73,19 @@ pub struct ApiJob {
 }
 
 #[derive(Deserialize)]
+struct ApiNote {
+    id: u64,
+}
+
+/// A commit status as `GET /projects/:id/repository/commits/:sha/statuses` lists it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiCommitStatus {
+    pub name: String,
+    /// pending, running, success, failed or canceled.
+    pub status: String,
+}
+
+#[derive(Deserialize)]
 struct ApiBranch {
     commit: ApiCommit,
 }
@@ -167,6 +180,51 @@ impl GitLab {
         }
         self.send(self.http.post(url).form(&form)).await?;
         Ok(())
+    }
+
+    /// Every status named `name` on commit `sha` of `project`, older attempts included
+    /// (the first hundred).
+    pub async fn commit_statuses(
+        &self,
+        project: &str,
+        sha: &str,
+        name: &str,
+    ) -> Result<Vec<ApiCommitStatus>, GitLabError> {
+        let mut url = self.url(project, &["repository", "commits", sha, "statuses"])?;
+        url.query_pairs_mut()
+            .append_pair("name", name)
+            .append_pair("all", "true")
+            .append_pair("per_page", "100");
+        Ok(self.send(self.http.get(url)).await?.json().await?)
+    }
+
+    /// Posts a note with `body` on merge request `iid` of `project`; returns its id.
+    pub async fn post_note(&self, project: &str, iid: u64, body: &str) -> Result<u64, GitLabError> {
+        let url = self.url(project, &["merge_requests", &iid.to_string(), "notes"])?;
+        let response = self
+            .send(self.http.post(url).form(&[("body", body)]))
+            .await?;
+        Ok(response.json::<ApiNote>().await?.id)
+    }
+
+    /// Replaces the body of note `id` on merge request `iid` of `project`; `false` when the
+    /// note is gone (someone deleted it).
+    pub async fn edit_note(
+        &self,
+        project: &str,
+        iid: u64,
+        id: u64,
+        body: &str,
+    ) -> Result<bool, GitLabError> {
+        let url = self.url(
+            project,
+            &["merge_requests", &iid.to_string(), "notes", &id.to_string()],
+        )?;
+        match self.send(self.http.put(url).form(&[("body", body)])).await {
+            Ok(_) => Ok(true),
+            Err(GitLabError::Status { status: 404, .. }) => Ok(false),
+            Err(error) => Err(error),
+        }
     }
 
     /// The commit `branch` of `project` points to now.

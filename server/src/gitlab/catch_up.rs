@@ -8,9 +8,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::api::{GitLab, GitLabError, parse_gitlab_time};
-use crate::engine::{Engine, EngineError, Fact, FactKind, Origin};
+use crate::engine::{Engine, EngineError};
 use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
+use crate::ingest::{Fact, FactKind, Origin};
 use crate::store::RefKey;
+use crate::store::StoreError;
 
 /// Why one catch-up round failed.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +21,8 @@ pub enum CatchUpError {
     GitLab(#[from] GitLabError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("cannot reach the store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Reads `key`'s branch head and latest pipelines from GitLab and records them.
@@ -42,7 +46,10 @@ pub async fn catch_up_once(
             after: Some(after),
             at_ms: crate::clock::now_ms(),
         };
-        engine.record(fact(FactKind::Push(push)), None).await?;
+        engine
+            .ingest()
+            .record(fact(FactKind::Push(push)), None)
+            .await?;
     }
     let mut pipelines = gitlab.pipelines(&key.project, &key.branch).await?;
     pipelines.sort_by_key(|p| p.id);
@@ -60,6 +67,7 @@ pub async fn catch_up_once(
             passed_stages: Vec::new(),
         };
         engine
+            .ingest()
             .record(fact(FactKind::Pipeline { sha, pipeline }), None)
             .await?;
     }

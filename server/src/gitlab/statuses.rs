@@ -16,13 +16,13 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
-use super::api::{CommitStatus, GitLab};
+use super::api::{CommitStatus, GitLab, GitLabError};
 use crate::catalog::ref_key;
 use crate::config::AgentSpec;
 use crate::engine::Engine;
 use crate::gate::{Outcome, Sha};
 use crate::metrics::Metrics;
-use crate::store::{Broadcast, LogEntry};
+use crate::store::{Broadcast, LogEntry, StatusClaim, StatusKey};
 
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -60,9 +60,11 @@ pub fn status_for(
         git_ref: None,
     };
     match message {
-        Broadcast::RefChanged { decisions, .. } => decisions
+        Broadcast::AgentChanged {
+            agent, decisions, ..
+        } => decisions
             .iter()
-            .filter_map(|(agent, decision)| {
+            .filter_map(|decision| {
                 let sha = decision.sha.as_ref()?.to_string();
                 match decision.outcome {
                     Outcome::Deploy => Some((
@@ -99,7 +101,9 @@ pub fn status_for(
                 status(agent, state, description),
             )]
         }
-        Broadcast::Connection { .. } => Vec::new(),
+        Broadcast::Connection { .. } | Broadcast::Fact { .. } | Broadcast::Registry { .. } => {
+            Vec::new()
+        }
     }
 }
 
@@ -184,12 +188,12 @@ impl StatusPublisher {
         // Bounded well within the takeover time: past it another replica would post too.
         let deadline = tokio::time::Instant::now() + RETRY_FOR.min(self.takeover / 2);
         for (agent, sha, mut status) in status_for(&entry.message, self.target_base.as_deref()) {
-            let Some(spec) = self.engine.catalog().agent(&agent) else {
+            let Some(spec) = self.engine.catalog().agent_arc(&agent) else {
                 continue;
             };
             status.git_ref = Some(spec.branch.clone());
             if status.pipeline_id.is_none() {
-                status.pipeline_id = pipeline_of(&self.engine, spec, &sha).await;
+                status.pipeline_id = pipeline_of(&self.engine, &spec, &sha).await;
             }
             let job = StatusJob {
                 project: spec.project.clone(),
@@ -226,12 +230,12 @@ impl StatusPublisher {
 /// The W3C trace context a log entry carries: its decision's, or its report's.
 fn trace_of(message: &Broadcast) -> Option<String> {
     match message {
-        Broadcast::RefChanged { traceparent, .. } => traceparent.clone(),
+        Broadcast::AgentChanged { traceparent, .. } => traceparent.clone(),
         Broadcast::Report { report, .. } => StatusReport::decode(report.as_slice())
             .ok()
             .map(|report| report.traceparent)
             .filter(|trace| !trace.is_empty()),
-        Broadcast::Connection { .. } => None,
+        Broadcast::Connection { .. } | Broadcast::Fact { .. } | Broadcast::Registry { .. } => None,
     }
 }
 
@@ -241,18 +245,21 @@ fn trace_of(message: &Broadcast) -> Option<String> {
 /// GitLab makes an `external` pipeline, which the gate ignores.
 async fn pipeline_of(engine: &Engine, agent: &AgentSpec, sha: &str) -> Option<u64> {
     let sha = Sha::parse(sha).ok()?;
-    let doc = engine.load(&ref_key(agent)).await.ok()?.value;
-    let opened = doc.agents.get(&agent.name).and_then(|gate| {
-        [&gate.desired, &gate.position]
-            .into_iter()
-            .flatten()
-            .find(|revision| revision.sha == sha)
-            .and_then(|revision| revision.pipeline_id)
-    });
-    opened.or_else(|| doc.refs.verdict(&sha).map(|p| p.id))
+    let gate = engine.gate_of(&agent.name).await.ok()?;
+    let opened = [&gate.desired, &gate.position]
+        .into_iter()
+        .flatten()
+        .find(|revision| revision.sha == sha)
+        .and_then(|revision| revision.pipeline_id);
+    if opened.is_some() {
+        return opened;
+    }
+    let refs = engine.facts(&ref_key(agent)).await.ok()?;
+    refs.verdict(&sha).map(|p| p.id)
 }
 
-/// Posts `job` unless it was posted before, retrying with backoff until `deadline`.
+/// Posts `job` unless it was posted before or another publisher is posting it, retrying
+/// with backoff until `deadline`.
 async fn post(
     engine: &Engine,
     gitlab: &GitLab,
@@ -261,43 +268,128 @@ async fn post(
     deadline: tokio::time::Instant,
     shutdown: &CancellationToken,
 ) -> Handled {
-    // A publisher that died after posting but before acknowledging leaves an entry that is
-    // taken over: skip what it already posted. Marking only after success means a failure is
-    // never recorded as posted.
+    // Several log entries can mean the same status (an agent reports `applying` more than
+    // once; a commit is superseded again), and they may reach two publishers at once: the
+    // claim lets one post it. It lasts as long as this attempt may, so that a publisher
+    // that dies mid-post leaves the status to whoever takes its entry over.
     let (agent, sha, state) = (&job.agent, &job.sha, job.status.state);
-    match engine.store().status_posted(agent, sha, state).await {
-        Ok(true) => return Handled::Done,
-        Ok(false) => {}
-        Err(error) => warn!(%error, "cannot tell whether a commit status was posted; posting"),
+    let status = StatusKey { agent, sha, state };
+    let holder = engine.replica();
+    let lease = deadline
+        .saturating_duration_since(tokio::time::Instant::now())
+        .max(Duration::from_secs(1));
+    let retaken = match engine.store().begin_status(&status, holder, lease).await {
+        Ok(StatusClaim::Mine) => false,
+        Ok(StatusClaim::Retaken) => true,
+        // Another entry of the same status is being posted or was: its publisher answers
+        // for it, and retries its own entry if posting fails.
+        Ok(StatusClaim::Posted | StatusClaim::InFlight) => return Handled::Done,
+        Err(error) => {
+            warn!(%error, agent, state, "cannot claim a commit status; leaving it for later");
+            return Handled::Deferred;
+        }
+    };
+    let handled = post_claimed(gitlab, job, retaken, metrics, deadline, shutdown).await;
+    let posted = matches!(handled, Posted::Yes);
+    if let Err(error) = engine.store().finish_status(&status, holder, posted).await {
+        // Posted but not recorded: the claim expires, and whoever retakes it finds the
+        // status on GitLab.
+        warn!(%error, agent, state, "cannot record a commit status");
     }
+    match handled {
+        Posted::Yes | Posted::Refused => Handled::Done,
+        Posted::Later => Handled::Deferred,
+        Posted::Stopped => Handled::Stopped,
+    }
+}
+
+/// Whether GitLab already holds `job`'s status on the commit.
+async fn already_posted(gitlab: &GitLab, job: &StatusJob) -> Result<bool, GitLabError> {
+    let listed = gitlab
+        .commit_statuses(&job.project, &job.sha, &job.status.name)
+        .await?;
+    Ok(listed
+        .iter()
+        .filter(|status| status.name == job.status.name)
+        .any(|status| covers(&status.status, job.status.state)))
+}
+
+/// Whether a status GitLab lists in state `listed` stands for posting `state`: the same
+/// state, or (GitLab moves one status of a name along pending, running, then a final state
+/// in place) a later one than a `pending` or `running` still to post.
+fn covers(listed: &str, state: &str) -> bool {
+    let stage = |state: &str| match state {
+        "pending" => 0,
+        "running" => 1,
+        _ => 2,
+    };
+    listed == state || (stage(state) < 2 && stage(listed) > stage(state))
+}
+
+/// What became of one post.
+enum Posted {
+    Yes,
+    /// Refused for good (a 4xx): done with it, not recorded as posted.
+    Refused,
+    /// GitLab kept failing until the deadline.
+    Later,
+    Stopped,
+}
+
+/// Posts a claimed status, retrying with backoff until `deadline`. When an earlier attempt
+/// may have reached GitLab (`look_first`: a claim retaken, or a post whose answer was lost)
+/// GitLab's list is read first, since posting again would show the state twice.
+async fn post_claimed(
+    gitlab: &GitLab,
+    job: &StatusJob,
+    mut look_first: bool,
+    metrics: &Metrics,
+    deadline: tokio::time::Instant,
+    shutdown: &CancellationToken,
+) -> Posted {
+    let (agent, sha, state) = (&job.agent, &job.sha, job.status.state);
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     loop {
-        match gitlab.post_status(&job.project, sha, &job.status).await {
+        let attempt = match look_first {
+            true => match already_posted(gitlab, job).await {
+                Ok(true) => {
+                    debug!(agent, sha, state, "commit status found already posted");
+                    metrics.gitlab_status("already_posted", 1);
+                    return Posted::Yes;
+                }
+                Ok(false) => {
+                    look_first = false;
+                    gitlab.post_status(&job.project, sha, &job.status).await
+                }
+                Err(error) => Err(error),
+            },
+            false => gitlab.post_status(&job.project, sha, &job.status).await,
+        };
+        match attempt {
             Ok(()) => {
                 debug!(agent, sha, state, "commit status posted");
                 metrics.gitlab_status("posted", 1);
-                if let Err(error) = engine.store().claim_status(agent, sha, state).await {
-                    warn!(%error, agent, state, "cannot record a posted commit status");
-                }
-                return Handled::Done;
+                return Posted::Yes;
             }
             Err(error) if error.retryable() => {
+                // No answer at all: GitLab may have taken it.
+                look_first |= matches!(error, GitLabError::Transport(_));
                 let delay = backoff.delay();
                 if tokio::time::Instant::now() + delay >= deadline {
                     warn!(%error, agent, state, "cannot post commit status; leaving it for later");
-                    return Handled::Deferred;
+                    return Posted::Later;
                 }
                 warn!(%error, agent, state, retry_in = ?delay, "cannot post commit status");
                 metrics.gitlab_status("retried", 1);
                 tokio::select! {
-                    _ = shutdown.cancelled() => return Handled::Stopped,
+                    _ = shutdown.cancelled() => return Posted::Stopped,
                     _ = tokio::time::sleep(delay) => {}
                 }
             }
             Err(error) => {
                 warn!(%error, agent, state, "giving up on a commit status");
                 metrics.gitlab_status("failed", 1);
-                return Handled::Done;
+                return Posted::Refused;
             }
         }
     }
@@ -307,7 +399,6 @@ async fn post(
 mod tests {
     use super::*;
     use crate::gate::Decision;
-    use crate::store::RefKey;
 
     fn decision(outcome: Outcome, reason: &str) -> Decision {
         Decision {
@@ -321,33 +412,34 @@ mod tests {
     }
 
     #[test]
+    fn a_listed_status_covers_its_own_state_and_earlier_steps_only() {
+        assert!(covers("success", "success"));
+        assert!(covers("running", "pending"), "moved on in place");
+        assert!(covers("failed", "running"));
+        assert!(!covers("pending", "running"), "not there yet");
+        assert!(
+            !covers("failed", "success"),
+            "another outcome is not this one"
+        );
+        assert!(!covers("canceled", "failed"));
+    }
+
+    #[test]
     fn decisions_become_pending_and_superseded_commits_canceled() {
-        let key = RefKey {
-            project: "g/a".into(),
-            branch: "main".into(),
-        };
-        let message = Broadcast::RefChanged {
-            key,
+        let message = Broadcast::AgentChanged {
+            agent: "prod".into(),
             version: 1,
+            desired: None,
             decisions: vec![
-                (
-                    "prod".into(),
-                    Decision {
-                        pipeline_id: Some(7),
-                        ..decision(Outcome::Deploy, "pipeline 7 succeeded")
-                    },
-                ),
-                (
-                    "prod".into(),
-                    Decision {
-                        superseded_by: Sha::parse(&"1234abcd".repeat(5)).ok(),
-                        ..decision(Outcome::Skip, "superseded by 1234abcd")
-                    },
-                ),
-                (
-                    "prod".into(),
-                    decision(Outcome::Skip, "pipeline 8 is running"),
-                ),
+                Decision {
+                    pipeline_id: Some(7),
+                    ..decision(Outcome::Deploy, "pipeline 7 succeeded")
+                },
+                Decision {
+                    superseded_by: Sha::parse(&"1234abcd".repeat(5)).ok(),
+                    ..decision(Outcome::Skip, "superseded by 1234abcd")
+                },
+                decision(Outcome::Skip, "pipeline 8 is running"),
             ],
             traceparent: None,
         };

@@ -5,23 +5,31 @@ use std::sync::Arc;
 use greenlight::v1::{self, admin_service_server::AdminService};
 use prost::Message;
 use tokio::sync::broadcast;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, warn};
 
-use super::streams::{Outbox, STALLED_READER, Slot, StreamSlots};
+use super::streams::{Outbox, OutboxStream, Slot, StreamSettings, StreamSlots};
 use super::{bearer, decision_to_proto, mode_to_proto, revision_to_proto, status_to_proto};
 use crate::clock::now_ms;
 use crate::config::{AgentSpec, TokenHash};
-use crate::engine::{Engine, EngineError, Operation};
+use crate::engine::{Engine, EngineError};
+use crate::evaluate::Operation;
 
 /// Watches (events and revisions) the admin token may hold open on one replica: a control
 /// plane and its operators, not one per cluster.
 const MAX_ADMIN_STREAMS: usize = 64;
 /// Revision watches one agent's CI token may hold: one per concurrent `greenlightctl wait`.
 const MAX_CI_STREAMS: usize = 16;
-use crate::gate::{AgentGate, Sha};
+/// Bytes a revision watch may hold unread: its states are small.
+const REVISION_WATCH_BYTES: usize = 256 * 1024;
+/// Events an event watch may hold unread, and their bytes. Each watch decodes its own copy
+/// of every report (up to hundreds of KB once cut), and the admin token may hold 64 watches:
+/// 1 MiB each keeps the token's worst case near 64 × (1 MiB + one report).
+const EVENT_WATCH_BUFFER: usize = 64;
+const EVENT_WATCH_BYTES: usize = 1024 * 1024;
+use crate::catalog::Catalog;
+use crate::gate::{AgentGate, Decision, Outcome, Sha};
 use crate::progress::is_final;
 use crate::store::{Broadcast, RefKey};
 
@@ -31,13 +39,18 @@ const REVISION_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Whether `message` is about `agent`.
 fn concerns(message: &Broadcast, agent: &str) -> bool {
     match message {
-        Broadcast::RefChanged { decisions, .. } => decisions.iter().any(|(a, _)| a == agent),
-        Broadcast::Report { agent: a, .. } | Broadcast::Connection { agent: a, .. } => a == agent,
+        Broadcast::AgentChanged { agent: a, .. }
+        | Broadcast::Report { agent: a, .. }
+        | Broadcast::Connection { agent: a, .. } => a == agent,
+        // The agent's own state changes when the gate acts on a fact.
+        Broadcast::Fact { .. } => false,
+        Broadcast::Registry { .. } => false,
     }
 }
 
 /// What a CI token may do, for the refusal message.
-const CI_SCOPE: &str = "a CI token may only trigger, read the status of and wait for its own agent";
+const CI_SCOPE: &str =
+    "a CI token may only trigger, read the status and previews of and wait for its own agent";
 
 /// Who is calling.
 enum Caller {
@@ -52,19 +65,34 @@ const HISTORY_LIMIT: usize = 50;
 /// Serves operators.
 pub struct AdminApi {
     engine: Arc<Engine>,
+    previews: Arc<crate::preview::Previews>,
     token: Option<TokenHash>,
     shutdown: CancellationToken,
     streams: StreamSlots,
+    settings: StreamSettings,
 }
 
 impl AdminApi {
-    /// Requests must carry a bearer token hashing to `token`.
-    pub fn new(engine: Arc<Engine>, token: Option<TokenHash>, shutdown: CancellationToken) -> Self {
+    /// Requests must carry a bearer token hashing to `token`. Watches end when their reader
+    /// reads nothing for `stall`.
+    pub fn new(
+        engine: Arc<Engine>,
+        previews: Arc<crate::preview::Previews>,
+        token: Option<TokenHash>,
+        shutdown: CancellationToken,
+        stall: std::time::Duration,
+    ) -> Self {
+        let settings = StreamSettings {
+            stall,
+            buffer: engine.metrics().stream_buffer(),
+        };
         Self {
             engine,
+            previews,
             token,
             shutdown,
             streams: StreamSlots::default(),
+            settings,
         }
     }
 
@@ -116,10 +144,10 @@ impl AdminApi {
         }
     }
 
-    fn spec(&self, name: &str) -> Result<&AgentSpec, Status> {
+    fn spec(&self, name: &str) -> Result<Arc<AgentSpec>, Status> {
         self.engine
             .catalog()
-            .agent(name)
+            .agent_arc(name)
             .ok_or_else(|| Status::not_found(format!("no agent named {name:?} is configured")))
     }
 
@@ -146,9 +174,9 @@ impl AdminApi {
     ) -> Result<v1::AgentStatus, EngineError> {
         let spec = engine
             .catalog()
-            .agent(name)
+            .agent_arc(name)
             .ok_or_else(|| EngineError::UnknownAgent(name.to_owned()))?;
-        let replica = engine.presence(name).await?;
+        let replica = engine.presence(name);
         let last_report = engine.last_report(name).await?;
         let applied_revision = last_report
             .as_ref()
@@ -181,8 +209,14 @@ impl AdminApi {
                 sha: p.sha.to_string(),
             }),
             last_decision: gate.decisions.back().map(decision_to_proto),
-            sync_error: engine.store().sync_error(name).await?.unwrap_or_default(),
+            sync_error: engine
+                .store()
+                .sync_error(name)
+                .await?
+                .map(|error| error.message().to_owned())
+                .unwrap_or_default(),
             badge_path: String::new(),
+            runtime: engine.catalog().is_runtime(name),
         })
     }
 
@@ -204,7 +238,11 @@ impl AdminApi {
         operation: Operation,
     ) -> Result<Response<v1::AgentStatus>, Status> {
         self.spec(name)?;
-        self.engine.operate(name, operation).await?;
+        self.engine
+            .evaluator()
+            .operate(name, operation)
+            .await
+            .map_err(EngineError::from)?;
         Ok(Response::new(self.status(name).await?))
     }
 }
@@ -223,18 +261,48 @@ fn require_reason(reason: &str) -> Result<String, Status> {
     Ok(reason.to_owned())
 }
 
-fn event_to_proto(message: &Broadcast) -> Vec<v1::Event> {
+fn event_to_proto(message: &Broadcast, catalog: &Catalog) -> Vec<v1::Event> {
     use v1::event::Event;
     let at = now_ms();
     match message {
-        Broadcast::RefChanged { decisions, .. } => decisions
+        Broadcast::AgentChanged {
+            agent, decisions, ..
+        } => decisions
             .iter()
-            .map(|(agent, decision)| v1::Event {
+            .map(|decision| v1::Event {
                 agent: agent.clone(),
                 at_unix_ms: decision.at_ms,
                 event: Some(Event::Decision(decision_to_proto(decision))),
             })
             .collect(),
+        // A refused claim changes no agent's state; its watchers hear of it all the same.
+        Broadcast::Fact {
+            key,
+            rejected: Some(rejected),
+            ..
+        } => {
+            let decision = Decision {
+                outcome: Outcome::Skip,
+                sha: Some(rejected.sha.clone()),
+                pipeline_id: Some(rejected.pipeline_id),
+                reason: format!(
+                    "pipeline {} rejected: {}",
+                    rejected.pipeline_id, rejected.reason
+                ),
+                at_ms: rejected.at_ms,
+                superseded_by: None,
+            };
+            catalog
+                .watchers(key)
+                .iter()
+                .map(|agent| v1::Event {
+                    agent: agent.clone(),
+                    at_unix_ms: rejected.at_ms,
+                    event: Some(Event::Decision(decision_to_proto(&decision))),
+                })
+                .collect()
+        }
+        Broadcast::Fact { .. } | Broadcast::Registry { .. } => Vec::new(),
         Broadcast::Report { agent, report } => v1::StatusReport::decode(report.as_slice())
             .map(|report| v1::Event {
                 agent: agent.clone(),
@@ -260,8 +328,8 @@ fn event_to_proto(message: &Broadcast) -> Vec<v1::Event> {
 
 #[tonic::async_trait]
 impl AdminService for AdminApi {
-    type WatchEventsStream = ReceiverStream<Result<v1::Event, Status>>;
-    type WatchRevisionStream = ReceiverStream<Result<v1::RevisionState, Status>>;
+    type WatchEventsStream = OutboxStream<v1::Event>;
+    type WatchRevisionStream = OutboxStream<v1::RevisionState>;
 
     async fn watch_revision(
         &self,
@@ -280,13 +348,12 @@ impl AdminService for AdminApi {
         // Subscribed before the first read, so nothing between them is missed.
         let mut events = self.engine.events();
         let first = self.engine.revision_progress(&request.name, &sha).await?;
-        let (mut tx, rx) = Outbox::new(16, STALLED_READER);
+        let (mut tx, rx) = Outbox::new(16, REVISION_WATCH_BYTES, &self.settings);
         let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("watch_revision");
         tokio::spawn(
             async move {
-                let _slot = slot;
                 let mut last = first;
                 if !tx.send(last.clone()).await || is_final(last.state()) {
                     return;
@@ -320,7 +387,53 @@ impl AdminService for AdminApi {
             }
             .instrument(span),
         );
-        Ok(Response::new(rx))
+        Ok(Response::new(rx.holding(slot)))
+    }
+
+    async fn create_agent(
+        &self,
+        request: Request<v1::CreateAgentRequest>,
+    ) -> Result<Response<v1::CreateAgentResponse>, Status> {
+        self.authorize(&request)?;
+        let request = request.into_inner();
+        let definition = super::registry::definition(request.agent)?;
+        let created = self
+            .engine
+            .create_agent(definition, request.ci_token)
+            .await?;
+        Ok(Response::new(v1::CreateAgentResponse {
+            agent: Some(self.status(&created.spec.name).await?),
+            token: created.token,
+            ci_token: created.ci_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn update_agent(
+        &self,
+        request: Request<v1::UpdateAgentRequest>,
+    ) -> Result<Response<v1::AgentStatus>, Status> {
+        self.authorize(&request)?;
+        let definition = super::registry::definition(request.into_inner().agent)?;
+        let spec = self.engine.update_agent(definition).await?;
+        Ok(Response::new(self.status(&spec.name).await?))
+    }
+
+    async fn delete_agent(
+        &self,
+        request: Request<v1::DeleteAgentRequest>,
+    ) -> Result<Response<v1::DeleteAgentResponse>, Status> {
+        self.authorize(&request)?;
+        self.engine.delete_agent(&request.get_ref().name).await?;
+        Ok(Response::new(v1::DeleteAgentResponse {}))
+    }
+
+    async fn rotate_agent_token(
+        &self,
+        request: Request<v1::RotateAgentTokenRequest>,
+    ) -> Result<Response<v1::RotateAgentTokenResponse>, Status> {
+        self.authorize(&request)?;
+        let rotated = super::registry::rotate(&self.engine, request.into_inner()).await?;
+        Ok(Response::new(rotated))
     }
 
     async fn list_agents(
@@ -328,15 +441,21 @@ impl AdminService for AdminApi {
         request: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsResponse>, Status> {
         self.authorize(&request)?;
-        // Agents watching one ref share its document: read each once.
-        let keys: Vec<RefKey> = self.engine.catalog().refs().cloned().collect();
-        let mut agents = Vec::new();
-        for key in keys {
-            let doc = self.engine.load(&key).await?.value;
-            for name in self.engine.catalog().watchers(&key) {
-                let gate = doc.agents.get(name).cloned().unwrap_or_default();
-                agents.push(self.status_with(name, &gate).await?);
-            }
+        let names: Vec<String> = self
+            .engine
+            .catalog()
+            .agents()
+            .map(|a| a.name.clone())
+            .collect();
+        let states = self
+            .engine
+            .store()
+            .agents(&names)
+            .await
+            .map_err(EngineError::from)?;
+        let mut agents = Vec::with_capacity(names.len());
+        for (name, state) in names.iter().zip(states) {
+            agents.push(self.status_with(name, &state.value.gate).await?);
         }
         agents.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Response::new(v1::ListAgentsResponse { agents }))
@@ -363,6 +482,27 @@ impl AdminService for AdminApi {
         ))
     }
 
+    async fn get_preview(
+        &self,
+        request: Request<v1::GetPreviewRequest>,
+    ) -> Result<Response<v1::Preview>, Status> {
+        let name = request.get_ref().name.clone();
+        self.authorize_for(&request, &name)?;
+        self.spec(&name)?;
+        let sha = request.into_inner().sha.filter(|s| !s.is_empty());
+        let found = self
+            .previews
+            .get(&name, sha.as_deref())
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot read previews: {e}")))?;
+        found.map(Response::new).ok_or_else(|| {
+            Status::not_found(match sha {
+                Some(sha) => format!("agent {name} has no preview of {sha}"),
+                None => format!("agent {name} has no preview yet"),
+            })
+        })
+    }
+
     async fn get_ref(
         &self,
         request: Request<v1::GetRefRequest>,
@@ -381,10 +521,9 @@ impl AdminService for AdminApi {
         if self.engine.catalog().watchers(&key).is_empty() {
             return Err(Status::not_found(format!("no agent watches {key}")));
         }
-        let doc = self.engine.load(&key).await?.value;
-        let lineage = crate::gate::PushOrder(&doc.refs);
-        let commits = doc
-            .refs
+        let refs = self.engine.facts(&key).await?;
+        let lineage = crate::gate::PushOrder(&refs);
+        let commits = refs
             .heads
             .iter()
             .rev()
@@ -392,8 +531,7 @@ impl AdminService for AdminApi {
                 sha: head.sha.to_string(),
                 seq: head.seq,
                 pushed_at_unix_ms: head.pushed_at_ms,
-                pipelines: doc
-                    .refs
+                pipelines: refs
                     .pipelines
                     .get(&head.sha)
                     .into_iter()
@@ -412,13 +550,8 @@ impl AdminService for AdminApi {
             project: key.project,
             r#ref: branch,
             commits,
-            head: doc
-                .refs
-                .head()
-                .map(|h| h.sha.to_string())
-                .unwrap_or_default(),
-            rejected: doc
-                .refs
+            head: refs.head().map(|h| h.sha.to_string()).unwrap_or_default(),
+            rejected: refs
                 .rejected
                 .iter()
                 .rev()
@@ -508,11 +641,12 @@ impl AdminService for AdminApi {
             self.spec(&only)?;
         }
         let mut events = self.engine.events();
-        let (mut tx, rx) = Outbox::new(64, STALLED_READER);
+        let buffer = self.settings.buffer.clone();
+        let (mut tx, rx) = Outbox::new(EVENT_WATCH_BUFFER, EVENT_WATCH_BYTES, &self.settings);
+        let engine = self.engine.clone();
         let shutdown = self.shutdown.clone();
         let span = tracing::info_span!("watch_events");
         tokio::spawn(async move {
-            let _slot = slot;
             loop {
                 let message = tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -521,7 +655,7 @@ impl AdminService for AdminApi {
                 };
                 match message {
                     Ok(message) => {
-                        for event in event_to_proto(&message) {
+                        for event in event_to_proto(&message, &engine.catalog()) {
                             if (only.is_empty() || event.agent == only) && !tx.send(event).await {
                                 return;
                             }
@@ -529,6 +663,7 @@ impl AdminService for AdminApi {
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         warn!(missed, "event watcher too slow; events dropped");
+                        buffer.closed("behind");
                         let status = Status::data_loss(format!(
                             "{missed} events were dropped because the watcher fell behind; re-read state and watch again"
                         ));
@@ -539,6 +674,6 @@ impl AdminService for AdminApi {
                 }
             }
         }.instrument(span));
-        Ok(Response::new(rx))
+        Ok(Response::new(rx.holding(slot)))
     }
 }

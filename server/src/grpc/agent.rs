@@ -8,24 +8,26 @@ use greenlight::digest::ContentDigest;
 use greenlight::telemetry;
 use greenlight::v1::{self, agent_service_server::AgentService, sync_event::Event};
 use prost::Message;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::rate::RateLimit;
-use super::streams::{Outbox, STALLED_READER, StreamSlots};
+use super::streams::{Outbox, OutboxStream, StreamSettings, StreamSlots};
 use super::{bearer, revision_to_proto};
-use crate::catalog::ref_key;
 use crate::clock::now_ms;
-use crate::config::{AgentSpec, ApplySettings};
+use crate::config::{AgentSpec, ApplySettings, TokenHash};
 use crate::engine::Engine;
 use crate::gate::{Revision, Sha};
 use crate::git::ManifestSet;
 use crate::metrics::Metrics;
+use crate::preview::{PreviewRequest, Previews};
+use crate::store::SyncError;
 
 /// Messages buffered per stream: a slow agent holds at most this many, and blocks only itself.
 const STREAM_BUFFER: usize = 16;
+/// Bytes buffered per stream: the messages above, each a manifest chunk at most.
+const STREAM_BUFFER_BYTES: usize = STREAM_BUFFER * (MAX_CHUNK_BYTES + 1024);
 /// Sync streams one agent may hold on one replica: its replicas, and a few more while they
 /// roll, reconnect or rotate tokens.
 const MAX_STREAMS_PER_AGENT: usize = 8;
@@ -40,19 +42,33 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Serves agents.
 pub struct AgentApi {
     engine: Arc<Engine>,
+    previews: Arc<Previews>,
     shutdown: CancellationToken,
     streams: StreamSlots,
     reports: RateLimit,
+    settings: StreamSettings,
 }
 
 impl AgentApi {
-    /// Streams end when `shutdown` fires, so agents reconnect to another replica.
-    pub fn new(engine: Arc<Engine>, shutdown: CancellationToken) -> Self {
+    /// Streams end when `shutdown` fires, so agents reconnect to another replica, and when
+    /// their agent reads nothing for `stall`.
+    pub fn new(
+        engine: Arc<Engine>,
+        previews: Arc<Previews>,
+        shutdown: CancellationToken,
+        stall: Duration,
+    ) -> Self {
+        let settings = StreamSettings {
+            stall,
+            buffer: engine.metrics().stream_buffer(),
+        };
         Self {
             engine,
+            previews,
             shutdown,
             streams: StreamSlots::default(),
             reports: RateLimit::new(REPORTS_PER_SECOND, REPORT_BURST),
+            settings,
         }
     }
 
@@ -66,6 +82,38 @@ impl AgentApi {
             .cloned()
             .ok_or_else(|| Status::unauthenticated("unknown agent token"))
     }
+}
+
+/// Whether a stream of agent `name`, opened with the token hashing to `token`, may go on:
+/// the agent as it is now, and until when the token is accepted (a rotated-out token in its
+/// grace period); else the status the stream ends with.
+fn credentials(
+    engine: &Engine,
+    name: &str,
+    token: &TokenHash,
+) -> Result<(Arc<AgentSpec>, Option<i64>), Status> {
+    let catalog = engine.catalog();
+    let Some(spec) = catalog.agent_arc(name) else {
+        return Err(Status::not_found(format!("agent {name} was deleted")));
+    };
+    match catalog.token_grant(token, now_ms()) {
+        Some(grant) if grant.agent == name => Ok((spec, grant.until_ms)),
+        _ => Err(Status::unauthenticated(format!(
+            "the token this stream of agent {name} was opened with is no longer accepted (it was \
+             rotated and its grace period ended); reconnect with the new token"
+        ))),
+    }
+}
+
+/// Whether a stream must send its revision again for `after`: what the agent receives with
+/// a revision changed.
+fn delivery_changed(before: &AgentSpec, after: &AgentSpec) -> bool {
+    before.apply != after.apply || before.paths != after.paths || before.source != after.source
+}
+
+/// How long until `until_ms` (Unix ms), none for never.
+fn until(until_ms: Option<i64>) -> Option<Duration> {
+    until_ms.map(|ms| Duration::from_millis(ms.saturating_sub(now_ms()).max(0).unsigned_abs()))
 }
 
 /// The largest file chunk in one message: far below any gRPC message limit.
@@ -107,12 +155,43 @@ async fn send_revision(
     metrics: &Metrics,
     traceparent: String,
 ) -> bool {
-    let (file_count, total_bytes, digest) = match files {
-        Some(set) => (set.files.len(), set.total_bytes, set.content_sha256.clone()),
-        None => (0, 0, ContentDigest::new().finish()),
+    let header = revision_header(agent, revision_to_proto(revision), files, traceparent);
+    deliver(tx, Event::Header(header), metrics).await && send_files(tx, files, metrics).await
+}
+
+/// Sends a preview request for `request`'s head as a preview header, chunks and trailer;
+/// `false` when the agent went away.
+async fn send_preview(
+    tx: &mut Outbox<v1::SyncEvent>,
+    agent: &AgentSpec,
+    request: &PreviewRequest,
+    files: Option<&ManifestSet>,
+    metrics: &Metrics,
+) -> bool {
+    let revision = v1::Revision {
+        sha: request.sha.clone(),
+        reason: format!("preview of merge request !{}", request.merge_request_iid),
+        decided_at_unix_ms: request.at_ms,
+        ..v1::Revision::default()
     };
-    let header = v1::RevisionHeader {
-        revision: Some(revision_to_proto(revision)),
+    let header = v1::PreviewHeader {
+        revision: Some(revision_header(agent, revision, files, String::new())),
+        id: request.id.clone(),
+        merge_request_iid: request.merge_request_iid,
+    };
+    deliver(tx, Event::Preview(header), metrics).await && send_files(tx, files, metrics).await
+}
+
+/// The header announcing `revision` of `agent` with `files`.
+fn revision_header(
+    agent: &AgentSpec,
+    revision: v1::Revision,
+    files: Option<&ManifestSet>,
+    traceparent: String,
+) -> v1::RevisionHeader {
+    let (file_count, total_bytes) = files.map_or((0, 0), |set| (set.files.len(), set.total_bytes));
+    v1::RevisionHeader {
+        revision: Some(revision),
         project: agent.project.clone(),
         r#ref: agent.branch.clone(),
         file_count: u32::try_from(file_count).unwrap_or(u32::MAX),
@@ -120,10 +199,16 @@ async fn send_revision(
         settings: Some(settings_to_proto(&agent.apply)),
         agent: agent.name.clone(),
         traceparent,
-    };
-    if !deliver(tx, Event::Header(header), metrics).await {
-        return false;
     }
+}
+
+/// Sends `files` as chunks and the trailer with their digest, after a header; `false` when
+/// the agent went away.
+async fn send_files(
+    tx: &mut Outbox<v1::SyncEvent>,
+    files: Option<&ManifestSet>,
+    metrics: &Metrics,
+) -> bool {
     for file in files.map(|set| set.files.as_slice()).unwrap_or_default() {
         let mut offset = 0;
         // An empty file still needs one chunk so the agent learns its path.
@@ -142,10 +227,16 @@ async fn send_revision(
             }
         }
     }
-    let trailer = v1::RevisionTrailer {
-        content_sha256: digest,
+    let content_sha256 = match files {
+        Some(set) => set.content_sha256.clone(),
+        None => ContentDigest::new().finish(),
     };
-    deliver(tx, Event::Trailer(trailer), metrics).await
+    deliver(
+        tx,
+        Event::Trailer(v1::RevisionTrailer { content_sha256 }),
+        metrics,
+    )
+    .await
 }
 
 /// Sends one event; `false` when the agent went away or stopped reading (see [`Outbox`]).
@@ -164,17 +255,21 @@ enum Wake {
     Changed,
     Retry,
     Stop,
+    /// The agent or its tokens may have changed.
+    Recheck,
 }
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
-    type SyncStream = ReceiverStream<Result<v1::SyncEvent, Status>>;
+    type SyncStream = OutboxStream<v1::SyncEvent>;
 
     async fn sync(
         &self,
         request: Request<v1::SyncRequest>,
     ) -> Result<Response<Self::SyncStream>, Status> {
+        let token = bearer(&request).map(TokenHash::of);
         let agent = self.authenticate(&request)?;
+        let token = token.ok_or_else(|| Status::unauthenticated("missing token"))?;
         let slot = self.streams.acquire(
             &format!("agent {}", agent.name),
             MAX_STREAMS_PER_AGENT,
@@ -199,13 +294,20 @@ impl AgentService for AgentApi {
             .ok_or_else(|| Status::internal("agent has no channel"))?;
         // Level-triggered: read the store now so a reconnecting agent gets what was decided
         // while it was away even if this replica missed the announcement.
-        if let Err(error) = self.engine.reread(&ref_key(&agent)).await {
+        if let Err(error) = self.engine.reread(&agent.name).await {
             debug!(%error, agent = agent.name, "serving the last known desired revision");
         }
-        let (mut tx, rx) = Outbox::new(STREAM_BUFFER, STALLED_READER);
+        let (mut tx, rx) = Outbox::new(STREAM_BUFFER, STREAM_BUFFER_BYTES, &self.settings);
         let engine = self.engine.clone();
+        // Preview requests ride the same stream, after any revision that is due.
+        let previews = self.previews.clone();
+        let mut pending_previews = previews.watch(&agent.name);
         let shutdown = self.shutdown.clone();
         let span = info_span!("sync_stream", agent = %agent.name);
+        // Deleting the agent or rotating its token ends the stream; so does the end of a
+        // rotated-out token's grace period.
+        let mut catalog_changes = self.engine.live_catalog().subscribe();
+        let (mut agent, mut expires) = credentials(&self.engine, &agent.name, &token)?;
         tokio::spawn(
             async move {
                 engine.connected(&agent.name).await;
@@ -213,6 +315,7 @@ impl AgentService for AgentApi {
                 let mut sent: Option<(Sha, u64)> = None;
                 let mut first = true;
                 let mut retry = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+                let mut previews_sent = std::collections::HashSet::new();
                 loop {
                     let (revision, trace) = {
                         let desired = desired.borrow_and_update();
@@ -271,34 +374,101 @@ impl AgentService for AgentApi {
                                 Err(error) => {
                                     // The agent keeps its last good revision meanwhile.
                                     warn!(%error, sha = revision.sha.short(), "cannot deliver revision");
-                                    let message = format!("cannot deliver {}: {error}", revision.sha.short());
-                                    engine.note_sync_error(&agent.name, Some(message)).await;
+                                    let failure = SyncError::Manifests {
+                                        message: format!("cannot deliver {}: {error}", revision.sha.short()),
+                                    };
+                                    engine.note_sync_error(&agent.name, Some(failure)).await;
                                     wait_for_retry = error.retryable();
                                 }
                             }
                         }
                     }
                     first = false;
+                    // Previews: each unanswered request once per stream, never before a
+                    // revision that is due (above), so they cannot delay a deploy's delivery.
+                    let wanted: Vec<PreviewRequest> = pending_previews
+                        .borrow_and_update()
+                        .requests
+                        .values()
+                        .filter(|r| !previews_sent.contains(&r.id))
+                        .cloned()
+                        .collect();
+                    for request in wanted {
+                        previews_sent.insert(request.id.clone());
+                        let files = match Sha::parse(&request.sha) {
+                            Ok(sha) => tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                files = engine.manifests(&agent, &sha) => files.map_err(|e| e.to_string()),
+                            },
+                            Err(error) => Err(error.to_string()),
+                        };
+                        match files {
+                            Ok(files) => {
+                                let delivered = tokio::select! {
+                                    _ = shutdown.cancelled() => false,
+                                    delivered = send_preview(&mut tx, &agent, &request, files.as_deref(), engine.metrics()) => delivered,
+                                };
+                                if !delivered {
+                                    break;
+                                }
+                            }
+                            Err(error) => {
+                                warn!(%error, sha = request.sha, "cannot read the manifests of a preview");
+                                previews.unavailable(&request, format!("cannot read the manifests: {error}")).await;
+                            }
+                        }
+                    }
+                    if previews_sent.len() > 1024 {
+                        // Only what is still pending can be sent again.
+                        let pending = pending_previews.borrow();
+                        previews_sent.retain(|id| pending.requests.values().any(|r| &r.id == id));
+                    }
                     let pause = if wait_for_retry { retry.delay() } else { Duration::ZERO };
                     let wake = tokio::select! {
                         _ = shutdown.cancelled() => Wake::Stop,
                         _ = tx.closed() => Wake::Stop,
-                        changed = desired.changed() => if changed.is_err() { Wake::Stop } else { Wake::Changed },
+                        changed = desired.changed() => if changed.is_err() { Wake::Recheck } else { Wake::Changed },
+                        changed = pending_previews.changed() => if changed.is_err() { Wake::Stop } else { Wake::Retry },
                         _ = tokio::time::sleep(pause), if wait_for_retry => Wake::Retry,
+                        changed = catalog_changes.changed() => if changed.is_err() { Wake::Stop } else { Wake::Recheck },
+                        _ = tokio::time::sleep(until(expires).unwrap_or_default()), if expires.is_some() => Wake::Recheck,
                     };
                     match wake {
                         Wake::Stop => break,
                         Wake::Changed => retry.reset(),
                         Wake::Retry => {}
+                        Wake::Recheck => match credentials(&engine, &agent.name, &token) {
+                            Err(status) => {
+                                info!(reason = status.message(), "ending the stream");
+                                tx.finish(status);
+                                break;
+                            }
+                            Ok((now, valid_until)) => {
+                                expires = valid_until;
+                                if delivery_changed(&agent, &now) {
+                                    sent = None;
+                                }
+                                agent = now;
+                                if desired.has_changed().is_err() {
+                                    // Deleted and created again: follow the new channel.
+                                    match engine.desired(&agent.name) {
+                                        Some(channel) => {
+                                            desired = channel;
+                                            sent = None;
+                                        }
+                                        None => break,
+                                    }
+                                }
+                            }
+                        },
                     }
                 }
                 engine.disconnected(&agent.name).await;
-                drop(slot);
                 info!("agent disconnected");
             }
             .instrument(span),
         );
-        Ok(Response::new(rx))
+        Ok(Response::new(rx.holding(slot)))
     }
 
     async fn report_status(
@@ -340,5 +510,34 @@ impl AgentService for AgentApi {
             .instrument(span)
             .await?;
         Ok(Response::new(v1::ReportStatusResponse {}))
+    }
+
+    async fn report_preview(
+        &self,
+        request: Request<v1::ReportPreviewRequest>,
+    ) -> Result<Response<v1::ReportPreviewResponse>, Status> {
+        let agent = self.authenticate(&request)?;
+        if !self.reports.allow(&agent.name, std::time::Instant::now()) {
+            return Err(Status::resource_exhausted(format!(
+                "agent {} sends more than {REPORTS_PER_SECOND} reports a second; retry later",
+                agent.name
+            )));
+        }
+        let mut preview = request
+            .into_inner()
+            .preview
+            .ok_or_else(|| Status::invalid_argument("preview is required"))?;
+        Sha::parse(&preview.sha)
+            .map_err(|e| Status::invalid_argument(format!("preview.sha: {e}")))?;
+        // An agent speaks for itself only, about its own project.
+        preview.agent = agent.name.clone();
+        preview.project = agent.project.clone();
+        preview.received_at_unix_ms = now_ms();
+        crate::preview::bound(&mut preview);
+        self.previews
+            .answered(preview)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot record the preview: {e}")))?;
+        Ok(Response::new(v1::ReportPreviewResponse {}))
     }
 }

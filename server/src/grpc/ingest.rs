@@ -6,8 +6,9 @@ use greenlight::v1::{self, ingest_service_server::IngestService};
 use tonic::{Request, Response, Status};
 
 use super::{bearer, status_from_proto};
-use crate::engine::{Engine, Fact, FactKind, Origin, Recording};
+use crate::engine::{Engine, EngineError};
 use crate::gate::{Pipeline, Push, Sha};
+use crate::ingest::{Fact, FactKind, Origin, Recording};
 use crate::trust::{IngestToken, authorize_ingest, check_pipeline_id, check_stages, check_time};
 
 /// Serves CI systems.
@@ -45,7 +46,8 @@ impl IngestApi {
     ) -> Result<Response<v1::RecordResponse>, Status> {
         greenlight::telemetry::record_trace_id(&tracing::Span::current());
         let delivery = Some(delivery.trim()).filter(|d| !d.is_empty());
-        let outcome = match self.engine.record(fact, delivery).await? {
+        let recorded = self.engine.ingest().record(fact, delivery).await;
+        let outcome = match recorded.map_err(EngineError::from)? {
             Recording::Recorded => "recorded".to_owned(),
             Recording::Unchanged => "unchanged".to_owned(),
             Recording::Duplicate => "duplicate".to_owned(),

@@ -4,6 +4,7 @@ mod admin;
 mod agent;
 mod ingest;
 mod rate;
+mod registry;
 mod streams;
 
 pub use admin::AdminApi;
@@ -14,6 +15,7 @@ use greenlight::v1;
 use tonic::Status;
 
 use crate::engine::EngineError;
+use crate::evaluate::EvaluateError;
 use crate::gate::{Decision, GateError, Mode, Outcome, PipelineStatus, Revision};
 
 /// The bearer token of a request, if it carries one.
@@ -31,11 +33,13 @@ impl From<EngineError> for Status {
         match error {
             EngineError::Store(_) => Status::unavailable(message),
             EngineError::UnknownAgent(_) => Status::not_found(message),
-            EngineError::Contention(_) => Status::aborted(message),
-            EngineError::Gate(GateError::AbbreviatedPin(_) | GateError::AbbreviatedTrigger(_)) => {
-                Status::invalid_argument(message)
-            }
-            EngineError::Gate(_) | EngineError::NotSent { .. } => {
+            EngineError::Evaluate(EvaluateError::Contention(_)) => Status::aborted(message),
+            EngineError::Evaluate(EvaluateError::Gate(
+                GateError::AbbreviatedPin(_) | GateError::AbbreviatedTrigger(_),
+            )) => Status::invalid_argument(message),
+            EngineError::Evaluate(EvaluateError::Store(_)) => Status::unavailable(message),
+            EngineError::Evaluate(EvaluateError::UnknownAgent(_)) => Status::not_found(message),
+            EngineError::Evaluate(EvaluateError::Gate(_)) | EngineError::NotSent { .. } => {
                 Status::failed_precondition(message)
             }
         }

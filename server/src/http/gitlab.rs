@@ -17,9 +17,10 @@ use tracing::{info, warn};
 
 use super::HttpState;
 use crate::catalog::Catalog;
-use crate::engine::{Fact, FactKind, Origin, Recording};
 use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
+use crate::ingest::{Fact, FactKind, Origin, Recording};
+use crate::preview::PreviewTrigger;
 use crate::trust::{Claimed, check_jobs, check_pipeline_id, check_stages, check_time};
 
 /// Leaves GitLab's 10 s budget some slack for the network.
@@ -66,6 +67,52 @@ struct PipelineHook {
     #[serde(default)]
     builds: Vec<Build>,
 }
+
+/// A pipeline hook's view of a merge request pipeline, read for previews only.
+#[derive(Deserialize)]
+struct MergeRequestPipelineHook {
+    object_attributes: MergeRequestPipelineAttributes,
+    project: Option<Project>,
+    merge_request: Option<PipelineMergeRequest>,
+}
+
+#[derive(Deserialize)]
+struct MergeRequestPipelineAttributes {
+    sha: String,
+    #[serde(default)]
+    source: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PipelineMergeRequest {
+    iid: u64,
+    target_branch: String,
+}
+
+#[derive(Deserialize)]
+struct MergeRequestHook {
+    object_attributes: MergeRequestAttributes,
+    project: Option<Project>,
+}
+
+#[derive(Deserialize)]
+struct MergeRequestAttributes {
+    iid: u64,
+    target_branch: String,
+    #[serde(default)]
+    action: Option<String>,
+    last_commit: Option<LastCommit>,
+}
+
+#[derive(Deserialize)]
+struct LastCommit {
+    id: String,
+}
+
+/// The source of a merge request pipeline.
+const MERGE_REQUEST_SOURCE: &str = "merge_request_event";
+/// Merge request hook actions that bring a head worth previewing.
+const PREVIEW_ACTIONS: [&str; 3] = ["open", "update", "reopen"];
 
 #[derive(Deserialize)]
 struct Build {
@@ -277,10 +324,64 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
     let label = match event {
         "Push Hook" => "push",
         "Pipeline Hook" => "pipeline",
+        "Merge Request Hook" => "merge_request",
         _ => "other",
     };
     tracing::Span::current().record("event", label);
-    let fact = parse_event(event, &body, crate::clock::now_ms(), state.engine.catalog());
+    // Previews: a merge request's head. They never touch the gate, so a failure to ask for
+    // one is logged and the pipeline hook is still recorded below.
+    let preview = parse_preview(event, &body);
+    if let Ok(Some(trigger)) = &preview {
+        let asked = tokio::time::timeout(RECORD_DEADLINE, state.previews.request(trigger)).await;
+        match (asked, event) {
+            (Ok(Ok(agents)), "Merge Request Hook") => {
+                state.metrics.webhook(label, "recorded");
+                let message = if agents.is_empty() {
+                    "no agent previews this head anew".to_owned()
+                } else {
+                    format!("preview asked of {}", agents.join(", "))
+                };
+                return answer(StatusCode::OK, "recorded", message);
+            }
+            (Ok(Ok(_)), _) => {}
+            (Ok(Err(error)), _) => warn!(%error, "cannot ask for a preview"),
+            (Err(_), _) => warn!("asking for a preview timed out"),
+        }
+        if event == "Merge Request Hook" {
+            state.metrics.webhook(label, "failed");
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "failed",
+                "cannot record the preview request; retry later",
+            );
+        }
+    }
+    if event == "Merge Request Hook" {
+        return match preview {
+            Err(problem) => {
+                state.metrics.webhook(label, "malformed");
+                answer(
+                    StatusCode::BAD_REQUEST,
+                    "rejected",
+                    format!("invalid {event} payload: {problem}"),
+                )
+            }
+            Ok(_) => {
+                state.metrics.webhook(label, "ignored");
+                answer(
+                    StatusCode::OK,
+                    "ignored",
+                    "this merge request event brings no head to preview",
+                )
+            }
+        };
+    }
+    let fact = parse_event(
+        event,
+        &body,
+        crate::clock::now_ms(),
+        state.engine.catalog().as_ref(),
+    );
     let fact = match fact {
         Err(problem) => {
             state.metrics.webhook(label, "malformed");
@@ -296,7 +397,11 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         }
         Ok(Ok(fact)) => fact,
     };
-    let recorded = tokio::time::timeout(RECORD_DEADLINE, state.engine.record(fact, delivery)).await;
+    let recorded = tokio::time::timeout(
+        RECORD_DEADLINE,
+        state.engine.ingest().record(fact, delivery),
+    )
+    .await;
     let (status, outcome, message) = match recorded {
         Ok(Ok(Recording::Recorded)) => (StatusCode::OK, "recorded", String::new()),
         Ok(Ok(Recording::Unchanged)) => (StatusCode::OK, "unchanged", "nothing new".to_owned()),
@@ -341,6 +446,63 @@ pub fn parse_event(event: &str, body: &[u8], now_ms: i64, agents: &impl AgentNam
         "Push Hook" => parse_push(body),
         "Pipeline Hook" => parse_pipeline(body, now_ms, agents),
         _ => Ok(Err(format!("{event} events are not used"))),
+    }
+}
+
+/// The merge request head a delivery asks previews of: a `Merge Request Hook` that opens,
+/// updates or reopens one, or a `Pipeline Hook` of a merge request pipeline. `Err` for a
+/// malformed merge request hook; `Ok(None)` for anything else.
+pub fn parse_preview(event: &str, body: &[u8]) -> Result<Option<PreviewTrigger>, String> {
+    match event {
+        "Merge Request Hook" => {
+            let hook: MergeRequestHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+            let attrs = hook.object_attributes;
+            if !attrs
+                .action
+                .as_deref()
+                .is_some_and(|a| PREVIEW_ACTIONS.contains(&a))
+            {
+                return Ok(None);
+            }
+            let commit = attrs
+                .last_commit
+                .ok_or("object_attributes.last_commit is required")?;
+            let sha = Sha::parse(&commit.id)
+                .map_err(|e| format!("object_attributes.last_commit.id: {e}"))?;
+            let (path, id) = project_of(hook.project.as_ref(), None)?;
+            Ok(Some(PreviewTrigger {
+                project_path: path,
+                project_id: id,
+                target_branch: attrs.target_branch,
+                merge_request_iid: attrs.iid,
+                sha: sha.as_str().to_owned(),
+            }))
+        }
+        "Pipeline Hook" => {
+            // Malformed pipeline hooks are the pipeline parser's to refuse.
+            let Ok(hook) = serde_json::from_slice::<MergeRequestPipelineHook>(body) else {
+                return Ok(None);
+            };
+            let (Some(mr), Some(MERGE_REQUEST_SOURCE)) =
+                (hook.merge_request, hook.object_attributes.source.as_deref())
+            else {
+                return Ok(None);
+            };
+            let (Ok(sha), Ok((path, id))) = (
+                Sha::parse(&hook.object_attributes.sha),
+                project_of(hook.project.as_ref(), None),
+            ) else {
+                return Ok(None);
+            };
+            Ok(Some(PreviewTrigger {
+                project_path: path,
+                project_id: id,
+                target_branch: mr.target_branch,
+                merge_request_iid: mr.iid,
+                sha: sha.as_str().to_owned(),
+            }))
+        }
+        _ => Ok(None),
     }
 }
 
@@ -739,6 +901,7 @@ mod tests {
         prop_oneof![
             Just("Push Hook".to_owned()),
             Just("Pipeline Hook".to_owned()),
+            Just("Merge Request Hook".to_owned()),
             "\\PC{0,16}",
         ]
     }
@@ -776,6 +939,8 @@ mod tests {
             let _ = parse_event(&event, &body, NOW, &AGENTS);
             let _ = parse_push(&body);
             let _ = parse_pipeline(&body, NOW, &AGENTS);
+            let _ = parse_preview(&event, &body);
+            let _ = parse_preview("Merge Request Hook", &body);
         }
 
         #[test]
@@ -877,6 +1042,68 @@ mod tests {
                 prop_assert!(!all_succeeded || passed, "{stage} succeeded: {:?}", pipeline.passed_stages);
                 prop_assert!(!one_failed || !passed, "{stage} failed: {:?}", pipeline.passed_stages);
                 prop_assert!(!jobs.is_empty() || !passed, "{stage} has no job: {:?}", pipeline.passed_stages);
+            }
+        }
+
+        #[test]
+        fn a_merge_request_hook_parses_to_the_head_it_was_built_from(
+            iid in 1u64..1_000_000,
+            target in "[a-z0-9][a-z0-9/._-]{0,30}",
+            sha in "[0-9a-f]{40}",
+            action in prop::sample::select(vec!["open", "update", "reopen", "close", "merge", "approved"]),
+            (path, project_id) in project(),
+        ) {
+            let hook = json!({
+                "object_kind": "merge_request",
+                "project": project_json(&path, project_id),
+                "object_attributes": {
+                    "iid": iid, "target_branch": target, "source_branch": "feature",
+                    "action": action, "state": "opened", "last_commit": { "id": sha },
+                },
+            });
+            let body = serde_json::to_vec(&hook).unwrap();
+            let trigger = parse_preview("Merge Request Hook", &body).unwrap();
+            if PREVIEW_ACTIONS.contains(&action) {
+                let trigger = trigger.expect("a head to preview");
+                prop_assert_eq!(trigger.merge_request_iid, iid);
+                prop_assert_eq!(&trigger.target_branch, &target);
+                prop_assert_eq!(&trigger.sha, &sha);
+                prop_assert_eq!(&trigger.project_path, &path);
+                prop_assert_eq!(trigger.project_id, project_id);
+            } else {
+                prop_assert!(trigger.is_none(), "{action} brings no head");
+            }
+        }
+
+        #[test]
+        fn only_merge_request_pipelines_ask_for_previews(
+            iid in 1u64..1_000_000,
+            target in "[a-z0-9][a-z0-9/._-]{0,30}",
+            sha in "[0-9a-f]{40}",
+            source in prop::sample::select(vec!["push", "web", "merge_request_event", "external"]),
+            with_mr in any::<bool>(),
+            (path, project_id) in project(),
+        ) {
+            let mut hook = json!({
+                "object_attributes": {
+                    "id": 5, "ref": "refs/merge-requests/1/head", "tag": false, "sha": sha,
+                    "source": source, "status": "running",
+                },
+                "project": project_json(&path, project_id),
+                "builds": [],
+            });
+            if with_mr {
+                hook["merge_request"] = json!({ "iid": iid, "target_branch": target, "source_branch": "f" });
+            }
+            let body = serde_json::to_vec(&hook).unwrap();
+            let trigger = parse_preview("Pipeline Hook", &body).unwrap();
+            if with_mr && source == "merge_request_event" {
+                let trigger = trigger.expect("a head to preview");
+                prop_assert_eq!(trigger.merge_request_iid, iid);
+                prop_assert_eq!(&trigger.target_branch, &target);
+                prop_assert_eq!(&trigger.sha, &sha);
+            } else {
+                prop_assert!(trigger.is_none());
             }
         }
     }

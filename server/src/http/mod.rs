@@ -21,6 +21,8 @@ use crate::trust::WebhookSecrets;
 #[derive(Clone)]
 pub struct HttpState {
     pub engine: Arc<Engine>,
+    /// Merge request previews: requested by webhooks, shown on the status page.
+    pub previews: Arc<crate::preview::Previews>,
     pub webhook_secrets: WebhookSecrets,
     pub metrics: Arc<Metrics>,
     /// GitLab's base URL (`gitlab.url`), for links to commits; none when unset.
@@ -35,6 +37,11 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
         .route("/badges/{agent}/{file}", get(badge::serve_keyed))
         .route("/agents/{agent}", get(page::serve_public))
         .route("/agents/{agent}/{key}", get(page::serve_keyed))
+        .route("/agents/{agent}/previews/{sha}", get(page::serve_preview))
+        .route(
+            "/agents/{agent}/{key}/previews/{sha}",
+            get(page::serve_keyed_preview),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))

@@ -132,7 +132,49 @@ pub struct PageView {
     pub sync_error: Option<String>,
     pub decisions: Vec<DecisionRow>,
     pub last_apply: Option<ApplyView>,
+    /// The newest merge request previews, newest first (filled in by the handler).
+    pub previews: Vec<PreviewRow>,
     pub now_ms: i64,
+}
+
+/// One merge request preview on the status page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreviewRow {
+    pub commit: CommitRef,
+    pub merge_request_iid: u64,
+    pub verdict: String,
+    pub tone: Tone,
+    pub counts: String,
+    pub received_at_ms: i64,
+    /// The full preview, relative to this page's URL.
+    pub link: String,
+}
+
+/// The rows of `previews`, linking to the full previews under `page_path`.
+pub fn preview_rows(
+    previews: &[v1::Preview],
+    gitlab_url: Option<&str>,
+    page_path: &str,
+) -> Vec<PreviewRow> {
+    previews
+        .iter()
+        .map(|p| PreviewRow {
+            commit: CommitRef {
+                sha: p.sha.clone(),
+                url: commit_url(gitlab_url, &p.project, &p.sha),
+            },
+            merge_request_iid: p.merge_request_iid,
+            verdict: greenlight::preview::verdict(p),
+            tone: if p.outcome() == v1::preview::Outcome::Clean {
+                Tone::Good
+            } else {
+                Tone::Bad
+            },
+            counts: greenlight::preview::Counts::of(p).to_string(),
+            received_at_ms: p.received_at_unix_ms,
+            link: format!("{page_path}/previews/{}", p.sha),
+        })
+        .collect()
 }
 
 /// GitLab's page of `sha` in `project`: only for a project named by its path, since a
@@ -193,6 +235,7 @@ pub fn view(
     let non_empty = |text: &str| (!text.is_empty()).then(|| text.to_owned());
     let last_apply = last_apply(&history.reports, commit);
     PageView {
+        previews: Vec::new(),
         agent: status.name.clone(),
         project: status.project.clone(),
         branch: status.r#ref.clone(),
@@ -628,6 +671,23 @@ pub fn render(view: &PageView) -> String {
     }
     html.push_str("</section>\n");
 
+    if !view.previews.is_empty() {
+        html.push_str("<section><h2>Merge request previews</h2>\n");
+        html.push_str("<table class=\"decisions\"><thead><tr><th>When</th><th>MR</th><th>Commit</th><th>Verdict</th><th>Changes</th></tr></thead><tbody>\n");
+        for row in &view.previews {
+            let _ = writeln!(
+                html,
+                "<tr><td>{}</td><td>!{}</td><td>{}</td><td>{} <a href=\"{}\">full preview</a></td><td>{}</td></tr>",
+                when(now, row.received_at_ms),
+                row.merge_request_iid,
+                commit_html(&row.commit),
+                chip(&row.verdict, row.tone),
+                escape(&row.link),
+                escape(&row.counts),
+            );
+        }
+        html.push_str("</tbody></table></section>\n");
+    }
     html.push_str("<section><h2>Decisions</h2>\n");
     if view.decisions.is_empty() {
         html.push_str("<p class=\"empty\">No decision yet.</p>\n");
@@ -665,6 +725,61 @@ fn not_found() -> Response {
         .into_response()
 }
 
+/// Previews listed on the status page.
+const PREVIEWS_SHOWN: usize = 5;
+
+/// Serves the full preview of `sha` at `/agents/<agent>/previews/<sha>` as plain text, if
+/// the agent is public.
+pub async fn serve_preview(
+    State(state): State<HttpState>,
+    Path((name, sha)): Path<(String, String)>,
+) -> Response {
+    serve_full_preview(&state, &name, None, &sha).await
+}
+
+/// Serves the full preview at `/agents/<agent>/<key>/previews/<sha>`.
+pub async fn serve_keyed_preview(
+    State(state): State<HttpState>,
+    Path((name, key, sha)): Path<(String, String, String)>,
+) -> Response {
+    serve_full_preview(&state, &name, Some(&key), &sha).await
+}
+
+async fn serve_full_preview(
+    state: &HttpState,
+    name: &str,
+    key: Option<&str>,
+    sha: &str,
+) -> Response {
+    if !state.engine.catalog().badge_visible(name, key) {
+        return not_found();
+    }
+    match state.previews.get(name, Some(sha)).await {
+        Ok(Some(preview)) => {
+            let text = format!(
+                "greenlight/{name} preview of {sha} (merge request !{})\n{}\n{}\n\n{}",
+                preview.merge_request_iid,
+                greenlight::preview::verdict(&preview),
+                greenlight::preview::Counts::of(&preview),
+                greenlight::preview::render_diff(&preview)
+            );
+            (
+                StatusCode::OK,
+                [
+                    (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                    (header::CACHE_CONTROL, "no-cache, max-age=0"),
+                    (header::REFERRER_POLICY, "no-referrer"),
+                    (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                ],
+                text,
+            )
+                .into_response()
+        }
+        Ok(None) => (StatusCode::NOT_FOUND, "no preview of this commit").into_response(),
+        Err(error) => (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response(),
+    }
+}
+
 /// Serves the page at `/agents/<agent>`, if the agent is public.
 pub async fn serve_public(State(state): State<HttpState>, Path(name): Path<String>) -> Response {
     serve(&state, &name, None).await
@@ -693,12 +808,16 @@ async fn serve(state: &HttpState, name: &str, key: Option<&str>) -> Response {
         Ok(read) => read,
         Err(error) => return (StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response(),
     };
-    let html = render(&view(
-        &status,
-        &history,
-        state.gitlab_url.as_deref(),
-        now_ms(),
-    ));
+    let mut page = view(&status, &history, state.gitlab_url.as_deref(), now_ms());
+    // Previews are an extra: a store that cannot list them leaves the rest of the page.
+    if let Ok(previews) = state.previews.latest(name, PREVIEWS_SHOWN).await {
+        let path = match key {
+            Some(key) => format!("/agents/{name}/{key}"),
+            None => format!("/agents/{name}"),
+        };
+        page.previews = preview_rows(&previews, state.gitlab_url.as_deref(), &path);
+    }
+    let html = render(&page);
     (
         StatusCode::OK,
         [

@@ -1,4 +1,4 @@
-//! A [`Store`] that counts its failures by operation: every store error the engine, the
+//! A [`Store`] that counts its failures by operation: every store error the replica, the
 //! edges and the status publisher meet passes through it, so none is missed and none is
 //! counted twice.
 
@@ -9,9 +9,13 @@ use async_trait::async_trait;
 use tokio::sync::broadcast;
 
 use super::Metrics;
+use crate::gate::{Pipeline, Sha};
 use crate::store::{
-    Broadcast, LogEntry, Notice, RefDoc, RefKey, Result, SaveOutcome, Store, Versioned,
+    AgentState, AgentStore, AgentWrite, ChangeLog, FactRecord, FactStore, Facts, Ingested,
+    LeaseStore, LogEntry, Notice, PresenceStore, RefKey, ReportStore, Result, StatusClaim,
+    StatusKey, Store, SyncError, Versioned, Written,
 };
+use crate::store::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 
 /// Wraps the store the server runs on.
 pub struct CountedStore {
@@ -34,43 +38,73 @@ impl CountedStore {
 }
 
 #[async_trait]
-impl Store for CountedStore {
-    async fn load(&self, key: &RefKey) -> Result<Versioned<RefDoc>> {
-        self.count("load", self.inner.load(key).await)
-    }
-
-    async fn save(
+impl FactStore for CountedStore {
+    async fn record_fact(
         &self,
         key: &RefKey,
-        expected: u64,
-        doc: &RefDoc,
+        fact: &FactRecord,
         delivery: Option<&str>,
-        notice: &Broadcast,
-    ) -> Result<SaveOutcome> {
-        let saved = self.inner.save(key, expected, doc, delivery, notice).await;
-        self.count("save", saved)
+        traceparent: Option<&str>,
+    ) -> Result<Ingested> {
+        let recorded = self
+            .inner
+            .record_fact(key, fact, delivery, traceparent)
+            .await;
+        self.count("record_fact", recorded)
     }
 
-    async fn seen_delivery(&self, key: &RefKey, delivery: &str) -> Result<bool> {
-        let seen = self.inner.seen_delivery(key, delivery).await;
-        self.count("seen_delivery", seen)
+    async fn facts(&self, key: &RefKey) -> Result<Facts> {
+        self.count("facts", self.inner.facts(key).await)
     }
 
-    async fn push_report(
-        &self,
-        agent: &str,
-        report: &[u8],
-        keep: usize,
-        notice: &Broadcast,
-    ) -> Result<()> {
-        let pushed = self.inner.push_report(agent, report, keep, notice).await;
+    async fn pipeline(&self, key: &RefKey, sha: &Sha, id: u64) -> Result<Option<Pipeline>> {
+        self.count("pipeline", self.inner.pipeline(key, sha, id).await)
+    }
+
+    async fn forget_pipelines(&self, key: &RefKey, forget: &[(Sha, u64)]) -> Result<()> {
+        let forgot = self.inner.forget_pipelines(key, forget).await;
+        self.count("forget_pipelines", forgot)
+    }
+}
+
+#[async_trait]
+impl AgentStore for CountedStore {
+    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>> {
+        self.count("agent", self.inner.agent(agent).await)
+    }
+
+    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>> {
+        self.count("agents", self.inner.agents(agents).await)
+    }
+
+    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {
+        self.count("write_agent", self.inner.write_agent(write).await)
+    }
+
+    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
+        let set = self.inner.set_sync_error(agent, error).await;
+        self.count("set_sync_error", set)
+    }
+
+    async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>> {
+        self.count("sync_error", self.inner.sync_error(agent).await)
+    }
+}
+
+#[async_trait]
+impl ReportStore for CountedStore {
+    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
+        let pushed = self.inner.push_report(agent, report, keep).await;
         self.count("push_report", pushed)
     }
 
     async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>> {
         self.count("reports", self.inner.reports(agent, limit).await)
     }
+}
 
+#[async_trait]
+impl PresenceStore for CountedStore {
     async fn set_presence(&self, replica: &str, agent: &str, connected: bool) -> Result<()> {
         let set = self.inner.set_presence(replica, agent, connected).await;
         self.count("set_presence", set)
@@ -81,33 +115,13 @@ impl Store for CountedStore {
         self.count("refresh_presence", refreshed)
     }
 
-    async fn presence(&self, agent: &str) -> Result<Option<String>> {
-        self.count("presence", self.inner.presence(agent).await)
+    async fn all_presence(&self) -> Result<Vec<(String, String)>> {
+        self.count("all_presence", self.inner.all_presence().await)
     }
+}
 
-    async fn set_sync_error(&self, agent: &str, error: Option<&str>) -> Result<()> {
-        let set = self.inner.set_sync_error(agent, error).await;
-        self.count("set_sync_error", set)
-    }
-
-    async fn sync_error(&self, agent: &str) -> Result<Option<String>> {
-        self.count("sync_error", self.inner.sync_error(agent).await)
-    }
-
-    async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
-        let claimed = self.inner.claim_status(agent, sha, state).await;
-        self.count("claim_status", claimed)
-    }
-
-    async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
-        let posted = self.inner.status_posted(agent, sha, state).await;
-        self.count("status_posted", posted)
-    }
-
-    async fn append(&self, message: &Broadcast) -> Result<()> {
-        self.count("append", self.inner.append(message).await)
-    }
-
+#[async_trait]
+impl ChangeLog for CountedStore {
     fn subscribe(&self) -> broadcast::Receiver<Notice> {
         self.inner.subscribe()
     }
@@ -125,6 +139,63 @@ impl Store for CountedStore {
         self.count("ack_statuses", self.inner.ack_statuses(id).await)
     }
 
+    async fn begin_status(
+        &self,
+        status: &StatusKey<'_>,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<StatusClaim> {
+        let claimed = self.inner.begin_status(status, holder, lease).await;
+        self.count("begin_status", claimed)
+    }
+
+    async fn finish_status(
+        &self,
+        status: &StatusKey<'_>,
+        holder: &str,
+        posted: bool,
+    ) -> Result<()> {
+        let finished = self.inner.finish_status(status, holder, posted).await;
+        self.count("finish_status", finished)
+    }
+}
+
+#[async_trait]
+impl LeaseStore for CountedStore {
+    async fn hold_lease(&self, shard: u16, replica: &str, ttl: Duration) -> Result<bool> {
+        let held = self.inner.hold_lease(shard, replica, ttl).await;
+        self.count("hold_lease", held)
+    }
+
+    async fn release_lease(&self, shard: u16, replica: &str) -> Result<()> {
+        let released = self.inner.release_lease(shard, replica).await;
+        self.count("release_lease", released)
+    }
+}
+
+#[async_trait]
+impl RegistryStore for CountedStore {
+    async fn registry(&self) -> Result<Registry> {
+        self.count("registry", self.inner.registry().await)
+    }
+
+    async fn registered(&self, name: &str) -> Result<Option<Versioned<RegistryRecord>>> {
+        self.count("registered", self.inner.registered(name).await)
+    }
+
+    async fn change_registered(
+        &self,
+        name: &str,
+        record: Option<&RegistryRecord>,
+        expected: u64,
+    ) -> Result<RegistryWritten> {
+        let changed = self.inner.change_registered(name, record, expected).await;
+        self.count("change_registered", changed)
+    }
+}
+
+#[async_trait]
+impl Store for CountedStore {
     async fn ping(&self) -> Result<()> {
         self.count("ping", self.inner.ping().await)
     }
@@ -145,10 +216,7 @@ mod tests {
     #[tokio::test]
     async fn failures_are_counted_by_operation() {
         // Nothing listens on port 1: every command fails at once with "connection refused".
-        let settings = RedisSettings {
-            url: "redis://127.0.0.1:1".into(),
-            key_prefix: "gl-unit".into(),
-        };
+        let settings = RedisSettings::single("redis://127.0.0.1:1", "gl-unit");
         let metrics = Arc::new(Metrics::default());
         let stop = CancellationToken::new();
         let redis = RedisStore::connect(&settings, stop.clone(), metrics.log_lag()).unwrap();
@@ -157,8 +225,8 @@ mod tests {
             project: "group/app".into(),
             branch: "main".into(),
         };
-        assert!(store.load(&key).await.is_err());
-        assert!(store.load(&key).await.is_err());
+        assert!(store.facts(&key).await.is_err());
+        assert!(store.facts(&key).await.is_err());
         assert!(store.ping().await.is_err());
         stop.cancel();
         let text = metrics.encode(GitStats::default()).unwrap();
@@ -170,7 +238,7 @@ mod tests {
         assert_eq!(
             errors,
             [
-                "greenlight_store_errors_total{operation=\"load\"} 2",
+                "greenlight_store_errors_total{operation=\"facts\"} 2",
                 "greenlight_store_errors_total{operation=\"ping\"} 1",
             ],
             "{text}"

@@ -1,24 +1,36 @@
-//! Where recorded facts and decisions live: one trait, an in-memory store for a single
-//! replica with zero setup, and Redis for durable, replicated deployments.
+//! Where facts, per-agent state and the change log live: narrow traits, one per concern,
+//! each implemented by the embedded store (one replica, zero setup) and by Redis (durable,
+//! shared by every replica).
 //!
-//! Every change is also appended to a change log that replicas follow from the last entry
-//! they processed, so a replica that lost its connection resumes where it stopped instead
-//! of re-reading everything, and commit statuses are derived from the log by whichever
-//! replica is alive to post them.
+//! - Facts are small records merged commutatively: recording one is a single atomic step
+//!   that refuses a redelivery, merges the fact and appends it to the change log.
+//! - Each agent's gate state is its own record, written only if its version is the one read
+//!   and the facts it was decided from are at least as new as those of the stored state.
+//! - The change log, sharded by hash tag, carries every change to every replica, which
+//!   resumes from the last entry it processed; commit statuses are derived from it by
+//!   whichever replica is alive to post them.
 
-mod memory;
+mod connection;
+mod disk;
+mod embedded;
+mod records;
 mod redis;
+mod registry;
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use crate::gate::{AgentGate, Decision, RefState};
+use crate::gate::{AgentGate, Decision, Pipeline, Push, RefState, Rejected, Revision, Sha};
 
-pub use memory::MemoryStore;
+pub(crate) use connection::{Conn as RedisConn, Source as RedisSource};
+pub use embedded::EmbeddedStore;
+pub use records::LAYOUT_VERSION;
 pub use redis::RedisStore;
+pub use registry::{RegisteredAgent, Registry, RegistryRecord, RegistryStore, RegistryWritten};
 
 /// Redeliveries are recognised for this long after the first delivery.
 pub const DELIVERY_MEMORY_SECS: u64 = 7 * 24 * 3600;
@@ -29,26 +41,40 @@ pub const STATUS_MEMORY_SECS: u64 = 30 * 24 * 3600;
 /// A presence record without a refresh for this long belongs to a dead replica.
 pub const PRESENCE_TTL_SECS: u64 = 300;
 
-/// Entries the change log keeps, approximately. A replica that falls further behind than
-/// this re-reads everything once instead of resuming.
+/// Entries each shard of the change log keeps, approximately. A replica that falls further
+/// behind than this re-reads every agent's state once instead of resuming.
 pub const LOG_MAX_ENTRIES: usize = 10_000;
+
+/// Shards of the change log and of the evaluation leases. Every key of a ref, and every key
+/// of an agent, carries its shard's hash tag, so that what changes atomically shares a
+/// Redis Cluster slot while the shards spread over the cluster.
+pub const SHARDS: u16 = 16;
+
+/// Push records kept per ref: enough to rebuild the heads the gate keeps.
+pub const PUSHES_KEPT: usize = 4 * crate::gate::MAX_HEADS;
 
 /// Why the store could not serve a request.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
-    #[error("stored document {key} is corrupt: {source}")]
-    Corrupt {
-        key: String,
-        source: serde_json::Error,
-    },
+    #[error("stored record {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(
+        "the store under prefix {prefix:?} holds data in an older layout ({found}); this version \
+         cannot read it. Point `redis.key_prefix` at a new prefix (the gate starts afresh: \
+         agents keep running what they have and receive the next green commit), or delete the \
+         old keys with `redis-cli --scan --pattern '{prefix}:*' | xargs redis-cli unlink`"
+    )]
+    OldLayout { prefix: String, found: String },
+    #[error("embedded database: {0}")]
+    Embedded(String),
 }
 
 /// Shorthand for store results.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
-/// One watched (project, branch): the unit of atomic update.
+/// One watched (project, branch).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct RefKey {
     pub project: String,
@@ -61,17 +87,27 @@ impl std::fmt::Display for RefKey {
     }
 }
 
-/// Everything decided from one ref: its facts and the gate state of each agent watching it.
-/// Kept in one document so that a decision reads and writes it atomically.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RefDoc {
-    pub refs: RefState,
-    pub agents: BTreeMap<String, AgentGate>,
-    /// Per agent, the W3C trace context of the decision that set its desired revision, so
-    /// that the stream sending it, on whichever replica, and the agent's apply join that
-    /// trace. Not part of the gate: it never changes what is decided.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub traces: BTreeMap<String, String>,
+impl RefKey {
+    /// The shard of this ref's keys, log entries and evaluation lease.
+    pub fn shard(&self) -> u16 {
+        shard_of(&[self.project.as_bytes(), b"@", self.branch.as_bytes()])
+    }
+}
+
+/// The shard of an agent's keys and log entries.
+pub fn agent_shard(agent: &str) -> u16 {
+    shard_of(&[agent.as_bytes()])
+}
+
+/// FNV-1a over `parts`: stable across versions and platforms, unlike std's hasher, since
+/// every replica must agree where a key lives.
+fn shard_of(parts: &[&[u8]]) -> u16 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in parts.iter().flat_map(|part| part.iter()) {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    (hash % u32::from(SHARDS)) as u16
 }
 
 /// A value and the version it was read at.
@@ -82,28 +118,162 @@ pub struct Versioned<T> {
     pub value: T,
 }
 
-/// Result of a conditional save.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SaveOutcome {
-    Saved {
-        version: u64,
+/// A fact as it is recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FactRecord {
+    Push(Push),
+    Pipeline {
+        sha: Sha,
+        pipeline: Pipeline,
     },
-    /// Someone else saved first; read again and redo the decision.
-    Conflict,
+    /// A pipeline claim GitLab's API contradicted, kept for operators.
+    Rejected(Rejected),
+}
+
+/// What recording a fact did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingested {
+    /// Merged, at this position of the ref's facts.
+    Recorded { position: u64 },
+    /// Nothing new (a stale pipeline update); the delivery is remembered.
+    Unchanged,
     /// The delivery was recorded before; nothing was written.
     Duplicate,
 }
 
-/// What every replica hears about, so that agents and watchers on any replica see it.
+/// Everything recorded about one ref, as the evaluator rebuilds the gate's view from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// Bumped by every fact that changed something: the position decisions are made at.
+    pub position: u64,
+    /// In the order they were recorded.
+    pub pushes: Vec<Push>,
+    /// The merged state of each (commit, pipeline).
+    pub pipelines: Vec<(Sha, Pipeline)>,
+    /// Oldest first.
+    pub rejected: Vec<Rejected>,
+}
+
+impl Facts {
+    /// The gate's view of the ref: pushes replayed in order, pipelines merged.
+    pub fn ref_state(&self) -> RefState {
+        let mut state = RefState::default();
+        for push in &self.pushes {
+            state.record_push(push);
+        }
+        for (sha, pipeline) in &self.pipelines {
+            state.record_pipeline(sha, pipeline.clone());
+        }
+        for rejected in &self.rejected {
+            state.reject(rejected.clone());
+        }
+        state
+    }
+}
+
+/// One agent's gate state as stored, with the position of the facts it was decided at.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentState {
+    pub gate: AgentGate,
+    /// The facts position of the ref the state was last evaluated at.
+    pub position: u64,
+    /// W3C trace context of the decision that set the desired revision, so that the stream
+    /// sending it, on whichever replica, and the agent's apply join that trace.
+    pub traceparent: Option<String>,
+}
+
+/// A conditional write of an agent's state.
+#[derive(Debug, Clone)]
+pub struct AgentWrite<'a> {
+    pub agent: &'a str,
+    /// The version read; the write happens only if it is still the stored one.
+    pub expected: u64,
+    pub state: &'a AgentState,
+    /// Decisions made by this write, appended to the agent's capped history.
+    pub decisions: &'a [Decision],
+    /// How the deployed set changed, so that a write carries only what is new.
+    pub deployed: DeployedChange,
+}
+
+/// How a write changes an agent's deployed set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeployedChange {
+    Unchanged,
+    /// `shas` were appended, and the set keeps its newest `keep` entries: the oldest fell off
+    /// (past the cap, or gone from the ref's history).
+    Append {
+        shas: Vec<Sha>,
+        keep: usize,
+    },
+    /// The set is now exactly this.
+    Replace(Vec<Sha>),
+}
+
+impl DeployedChange {
+    /// The change that turns `before` into `after`: an append in the common case.
+    pub fn between(before: &VecDeque<Sha>, after: &VecDeque<Sha>) -> Self {
+        if before == after {
+            return Self::Unchanged;
+        }
+        // `after` is `before` with its oldest entries dropped and new ones appended when a
+        // suffix of `before` is a prefix of `after`: all a write then carries is what is new.
+        for appended in 0..=after.len() {
+            let kept = after.len() - appended;
+            let Some(dropped) = before.len().checked_sub(kept) else {
+                continue;
+            };
+            // Keeping nothing of a set that had entries is a rewrite, not an append.
+            if kept == 0 && !before.is_empty() {
+                continue;
+            }
+            if before.iter().skip(dropped).eq(after.iter().take(kept)) {
+                return Self::Append {
+                    shas: after.iter().skip(kept).cloned().collect(),
+                    keep: after.len(),
+                };
+            }
+        }
+        Self::Replace(after.iter().cloned().collect())
+    }
+}
+
+/// Result of a conditional write of an agent's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    Saved {
+        version: u64,
+    },
+    /// Someone else wrote first; read again and redo the decision.
+    Conflict,
+    /// The stored state was decided from newer facts: this write would move it backwards.
+    Stale,
+}
+
+/// What every replica hears about, in order per ref and per agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Broadcast {
-    RefChanged {
+    /// A fact changed what is known about `key`: its evaluator decides again.
+    Fact {
         key: RefKey,
-        /// The version the change was saved as; 0 when unknown.
+        position: u64,
+        /// A pipeline claim refused because GitLab's API contradicts it, for watchers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rejected: Option<Rejected>,
+        /// W3C trace context of the request that brought the fact, which the evaluation
+        /// and what follows it join.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        traceparent: Option<String>,
+        /// When the recording replica recorded it, in Unix milliseconds.
         #[serde(default)]
+        at_ms: i64,
+    },
+    /// An agent's state was written: its desired revision and the decisions made.
+    AgentChanged {
+        agent: String,
         version: u64,
-        decisions: Vec<(String, Decision)>,
+        desired: Option<Revision>,
+        decisions: Vec<Decision>,
         /// W3C trace context of the change, for whoever acts on it (commit statuses).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         traceparent: Option<String>,
@@ -115,6 +285,14 @@ pub enum Broadcast {
         connected: bool,
         replica: String,
     },
+    /// Change `seq` of the registry of runtime agents: `agent` now has `record`, or was
+    /// deleted when it has none.
+    Registry {
+        agent: String,
+        seq: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        record: Option<Box<RegistryRecord>>,
+    },
 }
 
 /// What a subscriber receives.
@@ -122,7 +300,7 @@ pub enum Broadcast {
 pub enum Notice {
     Message(Broadcast),
     /// Log entries were missed (trimmed before this replica read them, or the store lost its
-    /// data): re-read everything.
+    /// data): re-read every agent's state.
     Resync,
 }
 
@@ -134,67 +312,97 @@ pub struct LogEntry {
     pub message: Broadcast,
 }
 
-/// The store every replica shares.
-#[async_trait]
-pub trait Store: Send + Sync + 'static {
-    /// Reads the document of `key` (empty at version 0 when absent).
-    async fn load(&self, key: &RefKey) -> Result<Versioned<RefDoc>>;
+/// Why an agent's desired revision cannot be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SyncError {
+    /// The repository could not be fetched: cleared by the next successful fetch.
+    Fetch { message: String },
+    /// The revision's manifests could not be read: cleared when a revision is delivered.
+    Manifests { message: String },
+}
 
-    /// Writes `doc` if the stored version is still `expected`, remembers `delivery`, and
-    /// announces `notice` to every replica, all in one atomic step.
-    async fn save(
+impl SyncError {
+    /// What operators read.
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Fetch { message } | Self::Manifests { message } => message,
+        }
+    }
+}
+
+/// Facts about refs.
+#[async_trait]
+pub trait FactStore: Send + Sync {
+    /// Refuses a redelivery, merges `fact` and appends it to the change log, in one atomic
+    /// step whose cost grows neither with history nor with the agents watching `key`.
+    async fn record_fact(
         &self,
         key: &RefKey,
-        expected: u64,
-        doc: &RefDoc,
+        fact: &FactRecord,
         delivery: Option<&str>,
-        notice: &Broadcast,
-    ) -> Result<SaveOutcome>;
+        traceparent: Option<&str>,
+    ) -> Result<Ingested>;
 
-    /// Whether `delivery` was already recorded for `key`'s project.
-    async fn seen_delivery(&self, key: &RefKey, delivery: &str) -> Result<bool>;
+    /// Everything recorded about `key`.
+    async fn facts(&self, key: &RefKey) -> Result<Facts>;
 
-    /// Keeps `report` as the newest of at most `keep` reports of `agent`, and appends
-    /// `notice` to the change log, in one atomic step.
-    async fn push_report(
-        &self,
-        agent: &str,
-        report: &[u8],
-        keep: usize,
-        notice: &Broadcast,
-    ) -> Result<()>;
+    /// The merged state of one pipeline of `sha` on `key`, if recorded.
+    async fn pipeline(&self, key: &RefKey, sha: &Sha, id: u64) -> Result<Option<Pipeline>>;
+
+    /// Forgets pipeline records of `key` that the gate no longer keeps (trimmed commits).
+    async fn forget_pipelines(&self, key: &RefKey, forget: &[(Sha, u64)]) -> Result<()>;
+}
+
+/// Each agent's gate state.
+#[async_trait]
+pub trait AgentStore: Send + Sync {
+    /// The state of `agent` (empty at version 0 when absent).
+    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>>;
+
+    /// The states of `agents`, in one round trip where the store allows it.
+    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>>;
+
+    /// Writes `write` if the stored version is still the expected one and the stored state
+    /// was not decided from newer facts, appending the change to the log in the same step.
+    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written>;
+
+    /// Records why `agent`'s desired revision cannot be delivered; `None` clears it.
+    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()>;
+
+    /// Why `agent`'s desired revision cannot be delivered, if it cannot.
+    async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>>;
+}
+
+/// Agents' status reports.
+#[async_trait]
+pub trait ReportStore: Send + Sync {
+    /// Keeps `report` as the newest of at most `keep` reports of `agent`, and appends it to
+    /// the change log, in one atomic step.
+    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()>;
 
     /// The newest `limit` reports of `agent`, newest first.
     async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>>;
+}
 
-    /// Marks `agent` connected to (or gone from) `replica`.
+/// Which replica each agent is connected to.
+#[async_trait]
+pub trait PresenceStore: Send + Sync {
+    /// Marks `agent` connected to (or gone from) `replica`, and tells every replica.
     async fn set_presence(&self, replica: &str, agent: &str, connected: bool) -> Result<()>;
 
     /// Keeps this replica's presence records alive: one call per interval, however many agents.
     async fn refresh_presence(&self, replica: &str) -> Result<()>;
 
-    /// The live replica `agent` is connected to, if any.
-    async fn presence(&self, agent: &str) -> Result<Option<String>>;
+    /// Every live (agent, replica) pair, for a replica rebuilding its index.
+    async fn all_presence(&self) -> Result<Vec<(String, String)>>;
+}
 
-    /// Records why `agent`'s desired revision cannot be delivered; `None` clears it.
-    async fn set_sync_error(&self, agent: &str, error: Option<&str>) -> Result<()>;
-
-    /// Why `agent`'s desired revision cannot be delivered, if it cannot.
-    async fn sync_error(&self, agent: &str) -> Result<Option<String>>;
-
-    /// Records that commit status `state` for `agent` on `sha` was posted: `true` for the
-    /// first to record it.
-    async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool>;
-
-    /// Whether commit status `state` for `agent` on `sha` was posted already, by any replica
-    /// or before a restart.
-    async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool>;
-
-    /// Appends `message` to the change log every replica follows.
-    async fn append(&self, message: &Broadcast) -> Result<()>;
-
-    /// Every change log entry from now on, in order, and a resync notice when entries were
-    /// missed.
+/// The change log and the commit status feed derived from it.
+#[async_trait]
+pub trait ChangeLog: Send + Sync {
+    /// Every change log entry from now on, in order per shard, and a resync notice when
+    /// entries were missed.
     fn subscribe(&self) -> broadcast::Receiver<Notice>;
 
     /// The next change log entry for the commit status publishers, waiting a few seconds
@@ -203,15 +411,122 @@ pub trait Store: Send + Sync + 'static {
     async fn next_for_statuses(
         &self,
         consumer: &str,
-        reclaim_after: std::time::Duration,
+        reclaim_after: Duration,
     ) -> Result<Option<LogEntry>>;
 
     /// Marks a status entry handled, so that no publisher takes it again.
     async fn ack_statuses(&self, id: &str) -> Result<()>;
 
+    /// Claims the posting of commit status `state` for `agent` on `sha` for `holder`, for at
+    /// most `lease`: several log entries can mean the same status, and two publishers must
+    /// never post it at once.
+    async fn begin_status(
+        &self,
+        status: &StatusKey<'_>,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<StatusClaim>;
+
+    /// Ends `holder`'s claim: the status is remembered as posted, or released for a later
+    /// attempt by anyone, who gets it as [`StatusClaim::Retaken`].
+    async fn finish_status(&self, status: &StatusKey<'_>, holder: &str, posted: bool)
+    -> Result<()>;
+}
+
+/// One commit status: agent, commit and state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusKey<'a> {
+    pub agent: &'a str,
+    pub sha: &'a str,
+    pub state: &'a str,
+}
+
+/// Where a commit status stands between publishers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusClaim {
+    /// Yours to post.
+    Mine,
+    /// Yours to post, but an earlier claim on it ended without its outcome recorded (its
+    /// publisher or the store died mid-post, or GitLab failed): GitLab may have it already,
+    /// so look before posting.
+    Retaken,
+    /// Posted already, by any replica or before a restart.
+    Posted,
+    /// Another publisher is posting it now.
+    InFlight,
+}
+
+/// Which replica evaluates the refs of a shard.
+#[async_trait]
+pub trait LeaseStore: Send + Sync {
+    /// Takes or renews the lease on `shard` for `replica` for `ttl`: `true` while held.
+    async fn hold_lease(&self, shard: u16, replica: &str, ttl: Duration) -> Result<bool>;
+
+    /// Gives up `replica`'s lease on `shard`, so another replica takes over at once.
+    async fn release_lease(&self, shard: u16, replica: &str) -> Result<()>;
+}
+
+/// Everything a replica needs from its store.
+#[async_trait]
+pub trait Store:
+    FactStore
+    + AgentStore
+    + ReportStore
+    + PresenceStore
+    + ChangeLog
+    + LeaseStore
+    + RegistryStore
+    + 'static
+{
     /// Whether the store answers.
     async fn ping(&self) -> Result<()>;
 
     /// Which store this is, for logs.
     fn describe(&self) -> String;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shas(ns: &[u8]) -> VecDeque<Sha> {
+        ns.iter()
+            .map(|n| Sha::parse(&format!("{n:040x}")).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn deployed_changes_are_appends_unless_history_was_rewritten() {
+        let change = |a: &[u8], b: &[u8]| DeployedChange::between(&shas(a), &shas(b));
+        assert_eq!(change(&[1, 2], &[1, 2]), DeployedChange::Unchanged);
+        let append = |new: &[u8], keep| DeployedChange::Append {
+            shas: shas(new).into(),
+            keep,
+        };
+        assert_eq!(change(&[1, 2], &[1, 2, 3]), append(&[3], 3));
+        assert_eq!(change(&[], &[1]), append(&[1], 1));
+        // The oldest gone from the ref's history, with or without a new one: still no rewrite.
+        assert_eq!(change(&[1, 2, 3], &[2, 3, 4]), append(&[4], 3));
+        assert_eq!(change(&[1, 2, 3], &[2, 3]), append(&[], 2));
+        assert_eq!(change(&[1, 2], &[]), DeployedChange::Replace(Vec::new()));
+        assert_eq!(
+            change(&[1, 2, 3], &[1, 3]),
+            DeployedChange::Replace(shas(&[1, 3]).into())
+        );
+    }
+
+    #[test]
+    fn shards_are_stable_and_spread() {
+        // Replicas of different versions must agree: these values are part of the layout.
+        assert_eq!(agent_shard("prod"), agent_shard("prod"));
+        let key = RefKey {
+            project: "group/app".into(),
+            branch: "main".into(),
+        };
+        assert_eq!(key.shard(), shard_of(&[b"group/app@main"]));
+        let used: std::collections::BTreeSet<u16> = (0..200)
+            .map(|n| agent_shard(&format!("agent-{n}")))
+            .collect();
+        assert_eq!(used.len(), usize::from(SHARDS));
+    }
 }

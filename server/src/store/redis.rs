@@ -1,42 +1,155 @@
-//! Redis: durable, shared by every replica. Keys carry a hash tag per project so that a
-//! ref document and its delivery markers live in one Redis Cluster slot.
+//! Redis: durable, shared by every replica.
 //!
-//! The change log is a Redis Stream. Each replica tails it from the id of the last entry it
-//! processed, over a connection of its own (a blocking read would stall every other command
-//! on a shared one); commit status publishers read it through a consumer group, which hands
-//! each entry to one of them and lets a survivor claim what a dead replica took.
+//! Every key of a ref and every key of an agent carries the hash tag of its shard
+//! (`{gl<n>}`), and each shard has its own change log stream under the same tag: what one
+//! script changes atomically lives in one Redis Cluster slot, and the shards spread over
+//! the cluster.
+//!
+//! Each replica tails the logs from the id of the last entry it processed, over a
+//! connection of its own (a blocking read would stall every other command on a shared one);
+//! commit status publishers read them through a consumer group, which hands each entry to
+//! one of them and lets a survivor claim what a dead replica took. Facts are recorded over
+//! a connection of their own as well: a webhook's answer must not queue behind the agent
+//! writes of an evaluation that fans out to thousands of agents.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use greenlight::backoff::Backoff;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
-use redis::{AsyncCommands, AsyncConnectionConfig, Script};
-use tokio::sync::{Mutex, broadcast};
+use redis::{AsyncCommands, Script};
+use tokio::sync::{Mutex, Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::connection::{Conn, Source};
+use super::records::{self, LAYOUT_VERSION};
 use super::{
-    Broadcast, DELIVERY_MEMORY_SECS, LOG_MAX_ENTRIES, LogEntry, Notice, PRESENCE_TTL_SECS, RefDoc,
-    RefKey, Result, SaveOutcome, Store, StoreError, Versioned,
+    AgentState, AgentStore, AgentWrite, Broadcast, ChangeLog, DELIVERY_MEMORY_SECS, DeployedChange,
+    FactRecord, FactStore, Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice,
+    PRESENCE_TTL_SECS, PUSHES_KEPT, PresenceStore, RefKey, ReportStore, Result, SHARDS,
+    STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, StoreError, SyncError, Versioned, Written,
+    agent_shard,
 };
+use super::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 use crate::config::RedisSettings;
+use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
 use crate::metrics::LogLag;
 
-/// Conditional write of a ref document: checks the delivery marker and the version, writes,
-/// marks the delivery and appends to the change log, or does nothing at all.
-const SAVE_SCRIPT: &str = r#"
-if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+/// Records one fact in one round trip: refuses a redelivery, merges the fact (pipeline
+/// updates by the rule of `Pipeline::merged`, so that arrival order never matters), bumps
+/// the ref's facts position and appends to the shard's log; or does nothing at all.
+const FACT_SCRIPT: &str = r#"
+if ARGV[1] ~= '' then
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return -1 end
+end
+local kind = ARGV[2]
+if kind == 'push' then
+  redis.call('RPUSH', KEYS[3], ARGV[3])
+  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
+elseif kind == 'rejected' then
+  redis.call('RPUSH', KEYS[5], ARGV[3])
+  redis.call('LTRIM', KEYS[5], -tonumber(ARGV[6]), -1)
+else
+  local FINAL = {success = true, failed = true, canceled = true, skipped = true}
+  local stages_field = ARGV[4] .. ':stages'
+  local ns, na = string.match(ARGV[3], '^([^|]*)|([^|]*)|')
+  na = tonumber(na)
+  local stages = ARGV[5]
+  local old = redis.call('HGET', KEYS[4], ARGV[4])
+  if old then
+    local old_stages = redis.call('HGET', KEYS[4], stages_field) or '[]'
+    if old == ARGV[3] and old_stages == ARGV[5] then return 0 end
+    local os, oa = string.match(old, '^([^|]*)|([^|]*)|')
+    oa = tonumber(oa)
+    local supersedes
+    if FINAL[os] and not FINAL[ns] then
+      supersedes = na ~= nil and oa ~= nil and na > oa
+    elseif FINAL[os] then
+      supersedes = (na ~= nil and (oa == nil or na >= oa)) or (na == nil and oa == nil)
+    else
+      supersedes = true
+    end
+    if not supersedes then return 0 end
+    if ARGV[5] == '[]' and ns == 'running' then stages = old_stages end
+  end
+  redis.call('HSET', KEYS[4], ARGV[4], ARGV[3], stages_field, stages)
+end
+local position = redis.call('HINCRBY', KEYS[2], 'position', 1)
+redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'm',
+  '{"kind":"fact","key":' .. ARGV[8] .. ',"position":' .. position .. ARGV[9] .. '}')
+return position
+"#;
+
+/// Writes an agent's state if its version is the one read and the stored state was not
+/// decided from newer facts; appends its new decisions and deployed commits to their capped
+/// lists and the change to the shard's log.
+const AGENT_SCRIPT: &str = r#"
 local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
 if v ~= tonumber(ARGV[1]) then return -2 end
+local p = tonumber(redis.call('HGET', KEYS[1], 'p') or '0')
+if p > tonumber(ARGV[2]) then return -3 end
 v = v + 1
-redis.call('HSET', KEYS[1], 'v', v, 'doc', ARGV[2])
-if ARGV[3] ~= '' then redis.call('SET', KEYS[2], '1', 'EX', ARGV[3]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[5])
+redis.call('HSET', KEYS[1], 'v', v, 'p', ARGV[2], 'core', ARGV[3])
+local n = tonumber(ARGV[9])
+if n > 0 then
+  for i = 10, 9 + n do redis.call('RPUSH', KEYS[2], ARGV[i]) end
+  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
+end
+if ARGV[8] == 'replace' then redis.call('DEL', KEYS[3]) end
+if ARGV[8] ~= '' then
+  for i = 10 + n, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
+  if tonumber(ARGV[7]) > 0 then
+    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
+  else
+    redis.call('DEL', KEYS[3])
+  end
+end
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[5])
 return v
+"#;
+
+/// Takes or renews a lease held by nobody or by the caller.
+const LEASE_SCRIPT: &str = r#"
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#;
+
+/// Claims a commit status for posting: 1 when the caller may post it, 3 when it may but an
+/// earlier claim was never finished (KEYS[2] marks a claim taken), 2 when it was posted, 0
+/// when another publisher is posting it.
+const BEGIN_STATUS_SCRIPT: &str = r#"
+local held = redis.call('GET', KEYS[1])
+if held == 'posted' then return 2 end
+if held ~= false and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then return 1 end
+return 3
+"#;
+
+/// Ends a claim: remembered as posted for ARGV[2] seconds, or (0) released if the caller
+/// still holds it, its mark left so that the next claimant looks before posting.
+const FINISH_STATUS_SCRIPT: &str = r#"
+if tonumber(ARGV[2]) > 0 then
+  redis.call('SET', KEYS[1], 'posted', 'EX', ARGV[2])
+  redis.call('DEL', KEYS[2])
+elseif redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
+/// Drops a lease if the caller holds it.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
 "#;
 
 /// The field of a log entry that holds its message.
@@ -49,71 +162,207 @@ const LOG_BLOCK: Duration = Duration::from_secs(5);
 const LOG_BATCH: usize = 512;
 /// How long a status publisher's read waits for an entry.
 const STATUS_BLOCK: Duration = Duration::from_secs(2);
+/// How often a publisher looks for entries a dead publisher took.
+const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 
 /// The Redis-backed store.
 pub struct RedisStore {
-    client: redis::Client,
-    conn: ConnectionManager,
-    prefix: String,
-    log: String,
-    save: Script,
+    source: Source,
+    conn: Conn,
+    /// Webhooks' and ingest calls' facts only.
+    ingest_conn: Conn,
+    keys: Keys,
+    fact: Script,
+    agent_write: Script,
+    lease: Script,
+    release: Script,
+    begin_status: Script,
+    finish_status: Script,
     notices: broadcast::Sender<Notice>,
     /// The status publisher's own connection for its blocking reads; `None` until first used
     /// and after it failed.
-    status_conn: Mutex<Option<MultiplexedConnection>>,
+    status_conn: Mutex<Option<Conn>>,
+    /// Rung by the followers when they relay entries: a status publisher on a cluster,
+    /// which cannot block on every shard at once, waits for it instead.
+    relayed: Arc<Notify>,
+    /// When this replica last looked for entries a dead publisher took.
+    last_reclaim: Mutex<Option<Instant>>,
     url_for_logs: String,
 }
 
+/// Where everything lives under the configured prefix.
+#[derive(Clone)]
+struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    fn tag(&self, shard: u16) -> String {
+        format!("{}:{{gl{shard}}}", self.prefix)
+    }
+
+    fn log(&self, shard: u16) -> String {
+        format!("{}:log", self.tag(shard))
+    }
+
+    fn logs(&self) -> Vec<String> {
+        (0..SHARDS).map(|shard| self.log(shard)).collect()
+    }
+
+    fn shard_of_log(&self, log: &str) -> Option<u16> {
+        (0..SHARDS).find(|shard| self.log(*shard) == log)
+    }
+
+    fn fact(&self, key: &RefKey, part: &str) -> String {
+        format!(
+            "{}:ref:{}:{}:{part}",
+            self.tag(key.shard()),
+            key.project,
+            key.branch
+        )
+    }
+
+    fn delivery(&self, key: &RefKey, delivery: &str) -> String {
+        format!(
+            "{}:delivery:{}:{}:{delivery}",
+            self.tag(key.shard()),
+            key.project,
+            key.branch
+        )
+    }
+
+    fn agent(&self, agent: &str, part: &str) -> String {
+        format!("{}:agent:{agent}:{part}", self.tag(agent_shard(agent)))
+    }
+
+    fn presence(&self, replica: &str) -> String {
+        format!("{}:presence:{{{replica}}}", self.prefix)
+    }
+
+    fn replicas(&self) -> String {
+        format!("{}:replicas", self.prefix)
+    }
+
+    fn lease(&self, shard: u16) -> String {
+        format!("{}:lease", self.tag(shard))
+    }
+
+    fn layout(&self) -> String {
+        format!("{}:layout", self.prefix)
+    }
+
+    /// The single change log of the previous layout.
+    fn old_log(&self) -> String {
+        format!("{}:log", self.prefix)
+    }
+}
+
 impl RedisStore {
-    /// Connects lazily (the server starts even while Redis is down) and starts listening for
-    /// other replicas' announcements until `shutdown`, keeping `lag` at how far behind the
-    /// change log that is.
+    /// Connects lazily (the server starts even while Redis is down) and starts following
+    /// the change log until `shutdown`, keeping `lag` at how far behind it that is.
     pub fn connect(
         settings: &RedisSettings,
         shutdown: CancellationToken,
         lag: LogLag,
     ) -> Result<Self> {
-        let client = redis::Client::open(settings.url.as_str())?;
-        // Fail fast while Redis is down: webhooks must answer 503 well within GitLab's 10 s.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-        let prefix = settings.key_prefix.clone();
-        let log = format!("{prefix}:log");
+        let source = Source::open(settings)?;
+        let conn = source.shared()?;
+        let ingest_conn = source.shared()?;
+        let keys = Keys {
+            prefix: settings.key_prefix.clone(),
+        };
         let notices = broadcast::channel(4096).0;
-        tokio::spawn(
-            follow_log(client.clone(), log.clone(), notices.clone(), lag, shutdown)
-                .instrument(info_span!("change_log")),
-        );
+        let relayed = Arc::new(Notify::new());
+        // One server answers one read of every shard; a cluster refuses reads across
+        // slots, so each shard gets a follower (and a connection) of its own.
+        let followers: Vec<Vec<u16>> = if source.is_cluster() {
+            (0..SHARDS).map(|shard| vec![shard]).collect()
+        } else {
+            vec![(0..SHARDS).collect()]
+        };
+        for shards in followers {
+            let follower = Follower {
+                source: source.clone(),
+                logs: shards.iter().map(|shard| keys.log(*shard)).collect(),
+                notices: notices.clone(),
+                relayed: relayed.clone(),
+                lag: lag.clone(),
+            };
+            tokio::spawn(
+                follower
+                    .run(shutdown.clone())
+                    .instrument(info_span!("change_log")),
+            );
+        }
+        let url_for_logs = if settings.cluster_nodes.is_empty() {
+            crate::redact::url(&settings.url)
+        } else {
+            let nodes: Vec<String> = settings
+                .cluster_nodes
+                .iter()
+                .map(|node| crate::redact::url(node))
+                .collect();
+            format!("cluster {}", nodes.join(", "))
+        };
         Ok(Self {
-            client,
+            source,
             conn,
-            log,
-            save: Script::new(SAVE_SCRIPT),
+            ingest_conn,
+            keys,
+            fact: Script::new(FACT_SCRIPT),
+            agent_write: Script::new(AGENT_SCRIPT),
+            lease: Script::new(LEASE_SCRIPT),
+            release: Script::new(RELEASE_SCRIPT),
+            begin_status: Script::new(BEGIN_STATUS_SCRIPT),
+            finish_status: Script::new(FINISH_STATUS_SCRIPT),
             notices,
             status_conn: Mutex::new(None),
-            url_for_logs: crate::redact::url(&settings.url),
-            prefix,
+            relayed,
+            last_reclaim: Mutex::new(None),
+            url_for_logs,
         })
     }
 
+    /// Refuses data of another layout under the prefix, and marks an empty prefix as this
+    /// layout's: a server must never read or extend state it would misunderstand.
+    pub async fn check_layout(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let marker: Option<String> = conn.get(self.keys.layout()).await?;
+        match marker.as_deref() {
+            Some(LAYOUT_VERSION) => return Ok(()),
+            Some(other) => {
+                return Err(StoreError::OldLayout {
+                    prefix: self.keys.prefix.clone(),
+                    found: format!("layout version {other}"),
+                });
+            }
+            None => {}
+        }
+        let old: bool = conn.exists(self.keys.old_log()).await?;
+        if old {
+            return Err(StoreError::OldLayout {
+                prefix: self.keys.prefix.clone(),
+                found: format!("the single change log {}", self.keys.old_log()),
+            });
+        }
+        let _: () = conn.set_nx(self.keys.layout(), LAYOUT_VERSION).await?;
+        Ok(())
+    }
+
     fn encode(&self, message: &Broadcast) -> Result<String> {
-        serde_json::to_string(message).map_err(|source| StoreError::Corrupt {
-            key: self.log.clone(),
-            source,
+        serde_json::to_string(message).map_err(|error| StoreError::Corrupt {
+            key: "change log entry".into(),
+            reason: error.to_string(),
         })
     }
 
     /// The status publisher's connection, made on first use.
-    async fn status_connection(&self) -> Result<MultiplexedConnection> {
+    async fn status_connection(&self) -> Result<Conn> {
         let mut held = self.status_conn.lock().await;
         if let Some(conn) = held.as_ref() {
             return Ok(conn.clone());
         }
-        let conn = blocking_connection(&self.client, STATUS_BLOCK).await?;
+        let conn = self.source.blocking(STATUS_BLOCK).await?;
         *held = Some(conn.clone());
         Ok(conn)
     }
@@ -122,22 +371,59 @@ impl RedisStore {
         *self.status_conn.lock().await = None;
     }
 
-    /// Creates the status group, unless it exists, at the log's first entry: what was
-    /// appended before any publisher asked still gets its statuses (those already posted are
-    /// recognised and skipped). Created again after Redis lost its data.
-    async fn ensure_status_group(&self) -> Result<()> {
-        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.log)
-            .arg(STATUS_GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.conn.clone())
-            .await;
-        match created {
-            Err(error) if error.code() != Some("BUSYGROUP") => Err(error.into()),
-            _ => Ok(()),
+    /// Creates the status group of every shard that lacks it, at the log's first entry:
+    /// what was appended before any publisher asked still gets its statuses (those already
+    /// posted are recognised and skipped). Created again after Redis lost its data.
+    async fn ensure_status_groups(&self) -> Result<()> {
+        for log in self.keys.logs() {
+            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&log)
+                .arg(STATUS_GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut self.conn.clone())
+                .await;
+            if let Err(error) = created
+                && error.code() != Some("BUSYGROUP")
+            {
+                return Err(error.into());
+            }
         }
+        Ok(())
+    }
+
+    /// An entry of a dead publisher, if one waited longer than `reclaim_after`; looked for
+    /// every few seconds, not on every read.
+    async fn reclaim(&self, consumer: &str, reclaim_after: Duration) -> Result<Option<LogEntry>> {
+        {
+            let mut last = self.last_reclaim.lock().await;
+            // Often enough that a takeover waits hardly longer than `reclaim_after`.
+            let every = RECLAIM_EVERY.min(reclaim_after / 2);
+            if last.is_some_and(|at| at.elapsed() < every) {
+                return Ok(None);
+            }
+            *last = Some(Instant::now());
+        }
+        let min_idle = u64::try_from(reclaim_after.as_millis()).unwrap_or(u64::MAX);
+        for (shard, log) in self.keys.logs().iter().enumerate() {
+            let reclaimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(log)
+                .arg(STATUS_GROUP)
+                .arg(consumer)
+                .arg(min_idle)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            if let Some(entry) = reclaimed.claimed.into_iter().next() {
+                // Others may wait too: look again on the next read.
+                *self.last_reclaim.lock().await = None;
+                return Ok(Some(self.entry(shard as u16, entry)));
+            }
+        }
+        Ok(None)
     }
 
     async fn take_for_statuses(
@@ -147,21 +433,14 @@ impl RedisStore {
     ) -> Result<Option<LogEntry>> {
         // First what a publisher took and never acknowledged: its replica died, or it is
         // this replica's own from before a restart.
-        let min_idle = u64::try_from(reclaim_after.as_millis()).unwrap_or(u64::MAX);
-        let reclaimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-            .arg(&self.log)
-            .arg(STATUS_GROUP)
-            .arg(consumer)
-            .arg(min_idle)
-            .arg("0-0")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        if let Some(entry) = reclaimed.claimed.into_iter().next() {
-            return Ok(Some(self.entry(entry)));
+        if let Some(entry) = self.reclaim(consumer, reclaim_after).await? {
+            return Ok(Some(entry));
+        }
+        if self.source.is_cluster() {
+            return self.take_from_each_shard(consumer).await;
         }
         let mut conn = self.status_connection().await?;
+        let logs = self.keys.logs();
         let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(STATUS_GROUP)
@@ -171,19 +450,49 @@ impl RedisStore {
             .arg("BLOCK")
             .arg(block_ms(STATUS_BLOCK))
             .arg("STREAMS")
-            .arg(&self.log)
-            .arg(">")
+            .arg(&logs)
+            .arg(vec![">"; logs.len()])
             .query_async(&mut conn)
             .await?;
-        Ok(read
-            .and_then(|reply| reply.keys.into_iter().next())
-            .and_then(|key| key.ids.into_iter().next())
-            .map(|entry| self.entry(entry)))
+        Ok(read.and_then(|reply| {
+            reply.keys.into_iter().find_map(|key| {
+                let shard = self.keys.shard_of_log(&key.key)?;
+                let entry = key.ids.into_iter().next()?;
+                Some(self.entry(shard, entry))
+            })
+        }))
+    }
+
+    /// On a cluster, which refuses one read across slots: each shard in turn without
+    /// blocking, then a wait for the followers to relay something new.
+    async fn take_from_each_shard(&self, consumer: &str) -> Result<Option<LogEntry>> {
+        let relayed = self.relayed.notified();
+        for (shard, log) in self.keys.logs().iter().enumerate() {
+            let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(STATUS_GROUP)
+                .arg(consumer)
+                .arg("COUNT")
+                .arg(1)
+                .arg("STREAMS")
+                .arg(log)
+                .arg(">")
+                .query_async(&mut self.conn.clone())
+                .await?;
+            let entry = read
+                .and_then(|reply| reply.keys.into_iter().next())
+                .and_then(|key| key.ids.into_iter().next());
+            if let Some(entry) = entry {
+                return Ok(Some(self.entry(shard as u16, entry)));
+            }
+        }
+        let _ = tokio::time::timeout(STATUS_BLOCK, relayed).await;
+        Ok(None)
     }
 
     /// A log entry as read; one this version cannot decode is handed over as a message
     /// nobody acts on, so that it is still acknowledged and never read again.
-    fn entry(&self, entry: StreamId) -> LogEntry {
+    fn entry(&self, shard: u16, entry: StreamId) -> LogEntry {
         let message = decode_entry(&entry).unwrap_or_else(|| {
             debug!(
                 id = entry.id,
@@ -196,124 +505,377 @@ impl RedisStore {
             }
         });
         LogEntry {
-            id: entry.id,
+            id: format!("{shard}/{}", entry.id),
             message,
         }
     }
 
-    fn doc_key(&self, key: &RefKey) -> String {
-        format!("{}:{{{}}}:ref:{}", self.prefix, key.project, key.branch)
+    /// The key of a status's claim, and the key marking that a claim on it was taken.
+    fn status_keys(&self, status: &StatusKey<'_>) -> (String, String) {
+        let claim = self.keys.agent(
+            status.agent,
+            &format!("status:{}:{}", status.sha, status.state),
+        );
+        let taken = format!("{claim}:taken");
+        (claim, taken)
     }
 
-    fn delivery_key(&self, key: &RefKey, delivery: &str) -> String {
-        format!("{}:{{{}}}:delivery:{}", self.prefix, key.project, delivery)
+    fn agent_reads(&self, pipe: &mut redis::Pipeline, agent: &str) {
+        pipe.cmd("HMGET")
+            .arg(self.keys.agent(agent, "state"))
+            .arg("v")
+            .arg("core")
+            .lrange(self.keys.agent(agent, "decisions"), 0, -1)
+            .lrange(self.keys.agent(agent, "deployed"), 0, -1);
     }
 
-    fn reports_key(&self, agent: &str) -> String {
-        format!("{}:agent:{{{}}}:reports", self.prefix, agent)
-    }
-
-    fn presence_key(&self, replica: &str) -> String {
-        format!("{}:presence:{{{}}}", self.prefix, replica)
-    }
-
-    fn status_key(&self, agent: &str, sha: &str, state: &str) -> String {
-        format!(
-            "{}:agent:{{{}}}:status:{}:{}",
-            self.prefix, agent, sha, state
-        )
-    }
-
-    fn replicas_key(&self) -> String {
-        format!("{}:replicas", self.prefix)
+    fn decode_agent(
+        &self,
+        agent: &str,
+        (version, core): (Option<u64>, Option<Vec<u8>>),
+        decisions: Vec<Vec<u8>>,
+        deployed: Vec<String>,
+    ) -> Result<Versioned<AgentState>> {
+        let Some(core) = core else {
+            return Ok(Versioned {
+                version: version.unwrap_or(0),
+                value: AgentState::default(),
+            });
+        };
+        let key = self.keys.agent(agent, "state");
+        let decisions = decisions
+            .iter()
+            .map(|d| records::decode_decision(&key, d))
+            .collect::<Result<Vec<_>>>()?;
+        let deployed = deployed
+            .iter()
+            .map(|sha| {
+                Sha::parse(sha).map_err(|error| StoreError::Corrupt {
+                    key: self.keys.agent(agent, "deployed"),
+                    reason: error.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Versioned {
+            version: version.unwrap_or(0),
+            value: records::decode_agent(&key, &core, decisions, deployed)?,
+        })
     }
 }
 
 #[async_trait]
-impl Store for RedisStore {
-    async fn load(&self, key: &RefKey) -> Result<Versioned<RefDoc>> {
-        let doc_key = self.doc_key(key);
-        let (version, doc): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-            .arg(&doc_key)
-            .arg("v")
-            .arg("doc")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        let value = match doc {
-            None => RefDoc::default(),
-            Some(json) => serde_json::from_str(&json).map_err(|source| StoreError::Corrupt {
-                key: doc_key,
-                source,
-            })?,
+impl FactStore for RedisStore {
+    async fn record_fact(
+        &self,
+        key: &RefKey,
+        fact: &FactRecord,
+        delivery: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<Ingested> {
+        let (delivery_key, ttl) = match delivery {
+            Some(id) => (
+                self.keys.delivery(key, id),
+                DELIVERY_MEMORY_SECS.to_string(),
+            ),
+            None => (self.keys.fact(key, "meta"), String::new()),
         };
-        Ok(Versioned {
-            version: version.unwrap_or(0),
-            value,
+        let mut extra = match fact {
+            FactRecord::Rejected(rejected) => {
+                format!(",\"rejected\":{}", records::encode_rejected(rejected))
+            }
+            _ => String::new(),
+        };
+        extra.push_str(&format!(",\"at_ms\":{}", now_ms()));
+        if let Some(trace) = traceparent {
+            let trace = serde_json::to_string(trace).unwrap_or_default();
+            extra.push_str(&format!(",\"traceparent\":{trace}"));
+        }
+        let (kind, payload, field, stages, cap) = match fact {
+            FactRecord::Push(push) => (
+                "push",
+                records::encode_push(push),
+                String::new(),
+                String::new(),
+                PUSHES_KEPT,
+            ),
+            FactRecord::Pipeline { sha, pipeline } => {
+                let (head, stages) = records::encode_pipeline(pipeline);
+                let field = records::pipeline_field(sha, pipeline.id);
+                ("pipeline", head, field, stages, 0)
+            }
+            FactRecord::Rejected(rejected) => (
+                "rejected",
+                records::encode_rejected(rejected),
+                String::new(),
+                String::new(),
+                MAX_REJECTED,
+            ),
+        };
+        let key_json = serde_json::to_string(key).map_err(|error| StoreError::Corrupt {
+            key: key.to_string(),
+            reason: error.to_string(),
+        })?;
+        let result: i64 = self
+            .fact
+            .key(delivery_key)
+            .key(self.keys.fact(key, "meta"))
+            .key(self.keys.fact(key, "pushes"))
+            .key(self.keys.fact(key, "pipelines"))
+            .key(self.keys.fact(key, "rejected"))
+            .key(self.keys.log(key.shard()))
+            .arg(ttl)
+            .arg(kind)
+            .arg(payload)
+            .arg(field)
+            .arg(stages)
+            .arg(cap)
+            .arg(LOG_MAX_ENTRIES)
+            .arg(key_json)
+            .arg(extra)
+            .invoke_async(&mut self.ingest_conn.clone())
+            .await?;
+        Ok(match result {
+            -1 => Ingested::Duplicate,
+            0 => Ingested::Unchanged,
+            position => Ingested::Recorded {
+                position: position.unsigned_abs(),
+            },
         })
     }
 
-    async fn save(
-        &self,
-        key: &RefKey,
-        expected: u64,
-        doc: &RefDoc,
-        delivery: Option<&str>,
-        notice: &Broadcast,
-    ) -> Result<SaveOutcome> {
-        let doc_key = self.doc_key(key);
-        let (delivery_key, ttl) = match delivery {
-            Some(id) => (self.delivery_key(key, id), DELIVERY_MEMORY_SECS.to_string()),
-            None => (doc_key.clone(), String::new()),
-        };
-        let json = serde_json::to_string(doc).map_err(|source| StoreError::Corrupt {
-            key: doc_key.clone(),
-            source,
+    async fn facts(&self, key: &RefKey) -> Result<Facts> {
+        type Read = (
+            Option<u64>,
+            Vec<String>,
+            HashMap<String, String>,
+            Vec<Vec<u8>>,
+        );
+        let (position, pushes, pipelines, rejected): Read = redis::pipe()
+            .hget(self.keys.fact(key, "meta"), "position")
+            .lrange(self.keys.fact(key, "pushes"), 0, -1)
+            .hgetall(self.keys.fact(key, "pipelines"))
+            .lrange(self.keys.fact(key, "rejected"), 0, -1)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let where_ = key.to_string();
+        let mut records = Vec::new();
+        for (field, head) in &pipelines {
+            if field.ends_with(":stages") {
+                continue;
+            }
+            let stages = pipelines.get(&format!("{field}:stages"));
+            records.push(records::decode_pipeline(
+                &where_,
+                field,
+                head,
+                stages.map(String::as_str),
+            )?);
+        }
+        records.sort_by(|a, b| (&a.0, a.1.id).cmp(&(&b.0, b.1.id)));
+        Ok(Facts {
+            position: position.unwrap_or(0),
+            pushes: pushes
+                .iter()
+                .map(|push| records::decode_push(&where_, push))
+                .collect::<Result<_>>()?,
+            pipelines: records,
+            rejected: rejected
+                .iter()
+                .map(|r| records::decode_rejected(&where_, r))
+                .collect::<Result<_>>()?,
+        })
+    }
+
+    async fn pipeline(&self, key: &RefKey, sha: &Sha, id: u64) -> Result<Option<Pipeline>> {
+        let field = records::pipeline_field(sha, id);
+        let (head, stages): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.keys.fact(key, "pipelines"))
+            .arg(&field)
+            .arg(format!("{field}:stages"))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        let Some(head) = head else { return Ok(None) };
+        let (_, pipeline) =
+            records::decode_pipeline(&key.to_string(), &field, &head, stages.as_deref())?;
+        Ok(Some(pipeline))
+    }
+
+    async fn forget_pipelines(&self, key: &RefKey, forget: &[(Sha, u64)]) -> Result<()> {
+        if forget.is_empty() {
+            return Ok(());
+        }
+        let fields: Vec<String> = forget
+            .iter()
+            .flat_map(|(sha, id)| {
+                let field = records::pipeline_field(sha, *id);
+                [format!("{field}:stages"), field]
+            })
+            .collect();
+        let _: i64 = self
+            .conn
+            .clone()
+            .hdel(self.keys.fact(key, "pipelines"), fields)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl AgentStore for RedisStore {
+    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>> {
+        let mut states = self.agents(&[agent.to_owned()]).await?;
+        Ok(states.pop().unwrap_or(Versioned {
+            version: 0,
+            value: AgentState::default(),
+        }))
+    }
+
+    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>> {
+        type Read = ((Option<u64>, Option<Vec<u8>>), Vec<Vec<u8>>, Vec<String>);
+        // One pipeline per shard (a cluster refuses one across slots), in bounded batches:
+        // one round trip each, without one reply holding every agent.
+        let mut by_shard: HashMap<u16, Vec<(usize, &String)>> = HashMap::new();
+        for (at, agent) in agents.iter().enumerate() {
+            by_shard
+                .entry(agent_shard(agent))
+                .or_default()
+                .push((at, agent));
+        }
+        let mut found: Vec<Option<Versioned<AgentState>>> = vec![None; agents.len()];
+        let batches = by_shard.values().flat_map(|members| members.chunks(256));
+        for members in batches {
+            let batch: Vec<String> = members.iter().map(|(_, agent)| (*agent).clone()).collect();
+            let mut states = Vec::with_capacity(batch.len());
+            let mut pipe = redis::pipe();
+            for agent in &batch {
+                self.agent_reads(&mut pipe, agent);
+            }
+            let replies: Vec<redis::Value> = pipe.query_async(&mut self.conn.clone()).await?;
+            let mut replies = replies.into_iter();
+            for agent in &batch {
+                let (Some(core), Some(decisions), Some(deployed)) =
+                    (replies.next(), replies.next(), replies.next())
+                else {
+                    return Err(StoreError::Corrupt {
+                        key: self.keys.agent(agent, "state"),
+                        reason: "short reply".into(),
+                    });
+                };
+                let corrupt = |error: redis::ParsingError| StoreError::Corrupt {
+                    key: self.keys.agent(agent, "state"),
+                    reason: error.to_string(),
+                };
+                let read: Read = (
+                    redis::from_redis_value(core).map_err(corrupt)?,
+                    redis::from_redis_value(decisions).map_err(corrupt)?,
+                    redis::from_redis_value(deployed).map_err(corrupt)?,
+                );
+                states.push(self.decode_agent(agent, read.0, read.1, read.2)?);
+            }
+            for ((at, _), state) in members.iter().zip(states) {
+                found[*at] = Some(state);
+            }
+        }
+        Ok(found
+            .into_iter()
+            .map(|state| {
+                state.unwrap_or(Versioned {
+                    version: 0,
+                    value: AgentState::default(),
+                })
+            })
+            .collect())
+    }
+
+    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {
+        let agent = write.agent;
+        let message = self.encode(&Broadcast::AgentChanged {
+            agent: agent.to_owned(),
+            // A successful conditional write stores exactly the next version.
+            version: write.expected + 1,
+            desired: write.state.gate.desired.clone(),
+            decisions: write.decisions.to_vec(),
+            traceparent: write.state.traceparent.clone(),
         })?;
-        let message = self.encode(notice)?;
-        let result: i64 = self
-            .save
-            .key(&doc_key)
-            .key(&delivery_key)
-            .key(&self.log)
-            .arg(expected)
-            .arg(json)
-            .arg(ttl)
+        let (mode, deployed, keep): (&str, &[Sha], usize) = match &write.deployed {
+            DeployedChange::Unchanged => ("", &[], DEPLOYED_HISTORY),
+            DeployedChange::Append { shas, keep } => ("append", shas, *keep),
+            DeployedChange::Replace(shas) => ("replace", shas, shas.len()),
+        };
+        let mut invocation = self.agent_write.prepare_invoke();
+        invocation
+            .key(self.keys.agent(agent, "state"))
+            .key(self.keys.agent(agent, "decisions"))
+            .key(self.keys.agent(agent, "deployed"))
+            .key(self.keys.log(agent_shard(agent)))
+            .arg(write.expected)
+            .arg(write.state.position)
+            .arg(records::encode_agent(write.state))
             .arg(LOG_MAX_ENTRIES)
             .arg(message)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+            .arg(DECISION_HISTORY)
+            .arg(keep.min(DEPLOYED_HISTORY))
+            .arg(mode)
+            .arg(write.decisions.len());
+        for decision in write.decisions {
+            invocation.arg(records::encode_decision(decision));
+        }
+        for sha in deployed {
+            invocation.arg(sha.as_str());
+        }
+        let result: i64 = invocation.invoke_async(&mut self.conn.clone()).await?;
         Ok(match result {
-            -1 => SaveOutcome::Duplicate,
-            -2 => SaveOutcome::Conflict,
-            version => SaveOutcome::Saved {
+            -2 => Written::Conflict,
+            -3 => Written::Stale,
+            version => Written::Saved {
                 version: version.unsigned_abs(),
             },
         })
     }
 
-    async fn seen_delivery(&self, key: &RefKey, delivery: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .clone()
-            .exists(self.delivery_key(key, delivery))
-            .await?)
+    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
+        let key = self.keys.agent(agent, "sync_error");
+        let mut conn = self.conn.clone();
+        match error {
+            Some(error) => {
+                let json = serde_json::to_string(error).map_err(|e| StoreError::Corrupt {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+                conn.set::<_, _, ()>(key, json).await?
+            }
+            None => conn.del::<_, ()>(key).await?,
+        }
+        Ok(())
     }
 
-    async fn push_report(
-        &self,
-        agent: &str,
-        report: &[u8],
-        keep: usize,
-        notice: &Broadcast,
-    ) -> Result<()> {
-        let key = self.reports_key(agent);
+    async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>> {
+        let key = self.keys.agent(agent, "sync_error");
+        let json: Option<String> = self.conn.clone().get(&key).await?;
+        json.map(|json| {
+            serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
+                key,
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+    }
+}
+
+#[async_trait]
+impl ReportStore for RedisStore {
+    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
+        let key = self.keys.agent(agent, "reports");
         let stop = isize::try_from(keep).unwrap_or(isize::MAX) - 1;
-        let message = self.encode(notice)?;
+        let message = self.encode(&Broadcast::Report {
+            agent: agent.to_owned(),
+            report: report.to_vec(),
+        })?;
         redis::pipe()
             .atomic()
             .lpush(&key, report)
             .ltrim(&key, 0, stop)
-            .add_command(append_command(&self.log, &message))
+            .add_command(append_command(&self.keys.log(agent_shard(agent)), &message))
             .ignore()
             .exec_async(&mut self.conn.clone())
             .await?;
@@ -328,92 +890,73 @@ impl Store for RedisStore {
         Ok(self
             .conn
             .clone()
-            .lrange(self.reports_key(agent), 0, stop)
+            .lrange(self.keys.agent(agent, "reports"), 0, stop)
             .await?)
     }
+}
 
+#[async_trait]
+impl PresenceStore for RedisStore {
     async fn set_presence(&self, replica: &str, agent: &str, connected: bool) -> Result<()> {
-        let key = self.presence_key(replica);
-        let mut pipe = redis::pipe();
+        let key = self.keys.presence(replica);
+        let message = self.encode(&Broadcast::Connection {
+            agent: agent.to_owned(),
+            connected,
+            replica: replica.to_owned(),
+        })?;
+        // Three keys in three slots: no pipeline spans them on a cluster, and nothing here
+        // needs to be atomic (presence expires, and the log entry only informs).
+        let mut conn = self.conn.clone();
         if connected {
-            pipe.hset(&key, agent, now_ms())
+            redis::pipe()
+                .hset(&key, agent, now_ms())
                 .expire(&key, PRESENCE_TTL_SECS as i64)
-                .zadd(self.replicas_key(), replica, now_ms());
+                .exec_async(&mut conn)
+                .await?;
+            let _: i64 = conn.zadd(self.keys.replicas(), replica, now_ms()).await?;
         } else {
-            pipe.hdel(&key, agent);
+            let _: i64 = conn.hdel(&key, agent).await?;
         }
-        pipe.exec_async(&mut self.conn.clone()).await?;
+        let _: String = append_command(&self.keys.log(agent_shard(agent)), &message)
+            .query_async(&mut conn)
+            .await?;
         Ok(())
     }
 
     async fn refresh_presence(&self, replica: &str) -> Result<()> {
         let cutoff = now_ms() - (PRESENCE_TTL_SECS as i64) * 1000;
+        let mut conn = self.conn.clone();
+        let _: bool = conn
+            .expire(self.keys.presence(replica), PRESENCE_TTL_SECS as i64)
+            .await?;
         redis::pipe()
-            .expire(self.presence_key(replica), PRESENCE_TTL_SECS as i64)
-            .zadd(self.replicas_key(), replica, now_ms())
-            .zrembyscore(self.replicas_key(), "-inf", cutoff)
-            .exec_async(&mut self.conn.clone())
+            .zadd(self.keys.replicas(), replica, now_ms())
+            .zrembyscore(self.keys.replicas(), "-inf", cutoff)
+            .exec_async(&mut conn)
             .await?;
         Ok(())
     }
 
-    async fn presence(&self, agent: &str) -> Result<Option<String>> {
+    async fn all_presence(&self) -> Result<Vec<(String, String)>> {
         let cutoff = now_ms() - (PRESENCE_TTL_SECS as i64) * 1000;
         let mut conn = self.conn.clone();
         let replicas: Vec<String> = conn
-            .zrangebyscore(self.replicas_key(), cutoff, "+inf")
+            .zrangebyscore(self.keys.replicas(), cutoff, "+inf")
             .await?;
+        let mut pairs = Vec::new();
         for replica in replicas {
-            let here: bool = conn.hexists(self.presence_key(&replica), agent).await?;
-            if here {
-                return Ok(Some(replica));
-            }
+            let agents: HashMap<String, String> =
+                conn.hgetall(self.keys.presence(&replica)).await?;
+            pairs.extend(agents.into_keys().map(|agent| (agent, replica.clone())));
         }
-        Ok(None)
+        Ok(pairs)
     }
+}
 
-    async fn set_sync_error(&self, agent: &str, error: Option<&str>) -> Result<()> {
-        let key = format!("{}:agent:{{{}}}:sync_error", self.prefix, agent);
-        let mut conn = self.conn.clone();
-        match error {
-            Some(error) => conn.set::<_, _, ()>(key, error).await?,
-            None => conn.del::<_, ()>(key).await?,
-        }
-        Ok(())
-    }
-
-    async fn sync_error(&self, agent: &str) -> Result<Option<String>> {
-        let key = format!("{}:agent:{{{}}}:sync_error", self.prefix, agent);
-        Ok(self.conn.clone().get(key).await?)
-    }
-
-    async fn status_posted(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
-        Ok(self
-            .conn
-            .clone()
-            .exists(self.status_key(agent, sha, state))
-            .await?)
-    }
-
-    async fn claim_status(&self, agent: &str, sha: &str, state: &str) -> Result<bool> {
-        let key = self.status_key(agent, sha, state);
-        let claimed: Option<String> = redis::cmd("SET")
-            .arg(key)
-            .arg(crate::clock::now_ms())
-            .arg("NX")
-            .arg("EX")
-            .arg(super::STATUS_MEMORY_SECS)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(claimed.is_some())
-    }
-
-    async fn append(&self, message: &Broadcast) -> Result<()> {
-        let message = self.encode(message)?;
-        let _: String = append_command(&self.log, &message)
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(())
+#[async_trait]
+impl ChangeLog for RedisStore {
+    fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
     }
 
     async fn next_for_statuses(
@@ -424,7 +967,8 @@ impl Store for RedisStore {
         match self.take_for_statuses(consumer, reclaim_after).await {
             Err(StoreError::Redis(error)) if error.code() == Some("NOGROUP") => {
                 // First use, or Redis lost its data.
-                self.ensure_status_group().await?;
+                self.ensure_status_groups().await?;
+                *self.last_reclaim.lock().await = None;
                 self.take_for_statuses(consumer, reclaim_after).await
             }
             Err(error) => {
@@ -437,8 +981,14 @@ impl Store for RedisStore {
     }
 
     async fn ack_statuses(&self, id: &str) -> Result<()> {
+        let Some((shard, id)) = id
+            .split_once('/')
+            .and_then(|(shard, id)| Some((shard.parse::<u16>().ok()?, id)))
+        else {
+            return Ok(());
+        };
         let _: i64 = redis::cmd("XACK")
-            .arg(&self.log)
+            .arg(self.keys.log(shard))
             .arg(STATUS_GROUP)
             .arg(id)
             .query_async(&mut self.conn.clone())
@@ -446,10 +996,75 @@ impl Store for RedisStore {
         Ok(())
     }
 
-    fn subscribe(&self) -> broadcast::Receiver<Notice> {
-        self.notices.subscribe()
+    async fn begin_status(
+        &self,
+        status: &StatusKey<'_>,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<StatusClaim> {
+        let (claim, taken) = self.status_keys(status);
+        let claimed: i64 = self
+            .begin_status
+            .key(claim)
+            .key(taken)
+            .arg(format!("posting:{holder}"))
+            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(STATUS_MEMORY_SECS)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match claimed {
+            1 => StatusClaim::Mine,
+            2 => StatusClaim::Posted,
+            3 => StatusClaim::Retaken,
+            _ => StatusClaim::InFlight,
+        })
     }
 
+    async fn finish_status(
+        &self,
+        status: &StatusKey<'_>,
+        holder: &str,
+        posted: bool,
+    ) -> Result<()> {
+        let (claim, taken) = self.status_keys(status);
+        let _: i64 = self
+            .finish_status
+            .key(claim)
+            .key(taken)
+            .arg(format!("posting:{holder}"))
+            .arg(if posted { STATUS_MEMORY_SECS } else { 0 })
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl LeaseStore for RedisStore {
+    async fn hold_lease(&self, shard: u16, replica: &str, ttl: Duration) -> Result<bool> {
+        let held: i64 = self
+            .lease
+            .key(self.keys.lease(shard))
+            .arg(replica)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn release_lease(&self, shard: u16, replica: &str) -> Result<()> {
+        let _: i64 = self
+            .release
+            .key(self.keys.lease(shard))
+            .arg(replica)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
     async fn ping(&self) -> Result<()> {
         let _: String = redis::cmd("PING")
             .query_async(&mut self.conn.clone())
@@ -458,7 +1073,10 @@ impl Store for RedisStore {
     }
 
     fn describe(&self) -> String {
-        format!("redis at {} (prefix {})", self.url_for_logs, self.prefix)
+        format!(
+            "redis at {} (prefix {})",
+            self.url_for_logs, self.keys.prefix
+        )
     }
 }
 
@@ -473,20 +1091,6 @@ fn append_command(log: &str, message: &str) -> redis::Cmd {
         .arg(ENTRY_FIELD)
         .arg(message);
     cmd
-}
-
-/// A connection of its own for blocking reads of `block`, which must not count as a hung
-/// server.
-async fn blocking_connection(
-    client: &redis::Client,
-    block: Duration,
-) -> redis::RedisResult<MultiplexedConnection> {
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(block + Duration::from_secs(5)));
-    client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
 }
 
 fn block_ms(block: Duration) -> u64 {
@@ -539,10 +1143,7 @@ fn resume_point(last: Option<EntryId>, newest: EntryId, max_deleted: EntryId) ->
 }
 
 /// The log's newest id and the newest id trimmed from it; zeros when it does not exist.
-async fn log_position(
-    conn: &mut MultiplexedConnection,
-    log: &str,
-) -> redis::RedisResult<(EntryId, EntryId)> {
+async fn log_position(conn: &mut Conn, log: &str) -> redis::RedisResult<(EntryId, EntryId)> {
     let info: redis::RedisResult<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("STREAM")
         .arg(log)
@@ -564,93 +1165,125 @@ async fn log_position(
     Ok((id("last-generated-id"), id("max-deleted-entry-id")))
 }
 
-/// Relays the change log to local subscribers in order, resuming after every reconnection
-/// from the last entry relayed; subscribers are asked to re-read everything only when
-/// entries were lost.
-async fn follow_log(
-    client: redis::Client,
-    log: String,
+/// Relays shards of the change log to local subscribers, resuming after every reconnection
+/// from the last entry relayed per shard; subscribers are asked to re-read everything only
+/// when entries were lost.
+struct Follower {
+    source: Source,
+    /// The log streams it reads, one per shard.
+    logs: Vec<String>,
     notices: broadcast::Sender<Notice>,
+    relayed: Arc<Notify>,
     lag: LogLag,
-    shutdown: CancellationToken,
-) {
-    let mut last: Option<EntryId> = None;
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    loop {
-        let session = async {
-            let mut conn = blocking_connection(&client, LOG_BLOCK).await?;
-            let (newest, max_deleted) = log_position(&mut conn, &log).await?;
-            let mut position = match resume_point(last, newest, max_deleted) {
-                Resume::From(id) => id,
-                Resume::Resync(id) => {
-                    info!(%log, "entries may have been missed; re-reading everything");
-                    let _ = notices.send(Notice::Resync);
-                    id
-                }
+}
+
+impl Follower {
+    async fn run(self, shutdown: CancellationToken) {
+        let mut last: Vec<Option<EntryId>> = vec![None; self.logs.len()];
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = self.session(&mut last, &mut backoff) => result,
             };
-            last = Some(position);
-            info!(%log, from = %position, "following the change log");
-            backoff.reset();
-            loop {
-                let read: Option<StreamReadReply> = redis::cmd("XREAD")
-                    .arg("COUNT")
-                    .arg(LOG_BATCH)
-                    .arg("BLOCK")
-                    .arg(block_ms(LOG_BLOCK))
-                    .arg("STREAMS")
-                    .arg(&log)
-                    .arg(position.to_string())
-                    .query_async(&mut conn)
-                    .await?;
-                let entries = read
-                    .and_then(|reply| reply.keys.into_iter().next())
-                    .map(|key| key.ids)
-                    .unwrap_or_default();
-                if entries.is_empty() {
-                    lag.set(0.0);
-                    // An empty answer is also the moment to notice a log that was reset
-                    // (Redis restarted without its data) under a live connection.
-                    let (newest, max_deleted) = log_position(&mut conn, &log).await?;
-                    if let Resume::Resync(id) = resume_point(last, newest, max_deleted) {
-                        info!(%log, "the change log was reset; re-reading everything");
-                        let _ = notices.send(Notice::Resync);
-                        position = id;
-                        last = Some(id);
-                    }
+            if let Err(error) = result {
+                warn!(%error, "change log connection lost; resuming");
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.delay()) => {}
+            }
+        }
+    }
+
+    /// Reads until the connection fails.
+    async fn session(
+        &self,
+        last: &mut [Option<EntryId>],
+        backoff: &mut Backoff,
+    ) -> redis::RedisResult<()> {
+        let mut conn = self.source.blocking(LOG_BLOCK).await?;
+        let mut positions = self.resume(&mut conn, last).await?;
+        info!(shards = self.logs.len(), "following the change log");
+        backoff.reset();
+        loop {
+            let read: Option<StreamReadReply> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(LOG_BATCH)
+                .arg("BLOCK")
+                .arg(block_ms(LOG_BLOCK))
+                .arg("STREAMS")
+                .arg(&self.logs)
+                .arg(
+                    positions
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>(),
+                )
+                .query_async(&mut conn)
+                .await?;
+            let shards = read.map(|reply| reply.keys).unwrap_or_default();
+            if shards.iter().all(|shard| shard.ids.is_empty()) {
+                self.lag.set(0.0);
+                // An empty answer is also the moment to notice a log that was reset
+                // (Redis restarted without its data) under a live connection.
+                positions = self.resume(&mut conn, last).await?;
+                continue;
+            }
+            let mut newest = EntryId::default();
+            for shard in shards {
+                let Some(index) = self.logs.iter().position(|log| *log == shard.key) else {
                     continue;
-                }
-                for entry in entries {
+                };
+                for entry in shard.ids {
                     let Some(id) = EntryId::parse(&entry.id) else {
                         continue;
                     };
                     match decode_entry(&entry) {
                         Some(message) => {
-                            let _ = notices.send(Notice::Message(message));
+                            let _ = self.notices.send(Notice::Message(message));
                         }
                         None => debug!(
                             id = entry.id,
                             "skipping an entry this version does not understand"
                         ),
                     }
-                    position = id;
-                    last = Some(id);
+                    positions[index] = id;
+                    last[index] = Some(id);
+                    newest = newest.max(id);
                 }
-                lag.set(seconds_behind(position, now_ms()));
             }
-            #[allow(unreachable_code)]
-            Ok::<(), redis::RedisError>(())
-        };
-        let result = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            result = session => result,
-        };
-        if let Err(error) = result {
-            warn!(%error, %log, "change log connection lost; resuming");
+            self.relayed.notify_waiters();
+            self.lag.set(seconds_behind(newest, now_ms()));
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(backoff.delay()) => {}
+    }
+
+    /// Where to read each shard from, given what was read before (`last`): one resync
+    /// notice when any shard lost entries this replica never read.
+    async fn resume(
+        &self,
+        conn: &mut Conn,
+        last: &mut [Option<EntryId>],
+    ) -> redis::RedisResult<Vec<EntryId>> {
+        let mut positions = Vec::with_capacity(self.logs.len());
+        let mut lost = false;
+        for (index, log) in self.logs.iter().enumerate() {
+            let (newest, max_deleted) = log_position(conn, log).await?;
+            let position = match resume_point(last[index], newest, max_deleted) {
+                Resume::From(id) => id,
+                Resume::Resync(id) => {
+                    lost = true;
+                    id
+                }
+            };
+            last[index] = Some(position);
+            positions.push(position);
         }
+        if lost {
+            info!("change log entries may have been missed; re-reading every agent's state");
+            let _ = self.notices.send(Notice::Resync);
+        }
+        Ok(positions)
     }
 }
 
@@ -663,6 +1296,132 @@ fn now_ms() -> i64 {
 fn seconds_behind(id: EntryId, now_ms: i64) -> f64 {
     let appended = i64::try_from(id.0).unwrap_or(i64::MAX);
     now_ms.saturating_sub(appended).max(0) as f64 / 1000.0
+}
+
+/// Changes one runtime agent's record if its version is the one expected, bumping the
+/// registry's change number and appending the change, record included, to the log.
+const REGISTRY_SCRIPT: &str = r#"
+local v = redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '0'
+if v ~= ARGV[2] then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local msg = '{"kind":"registry","agent":' .. ARGV[5] .. ',"seq":' .. seq
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], 'v:' .. ARGV[1], 'r:' .. ARGV[1])
+  msg = msg .. '}'
+else
+  redis.call('HSET', KEYS[1], 'v:' .. ARGV[1], seq, 'r:' .. ARGV[1], ARGV[3])
+  msg = msg .. ',"record":' .. ARGV[3] .. '}'
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', msg)
+return seq
+"#;
+
+/// The shard whose hash tag the registry and its log entries carry: the registry is one
+/// hash, changed atomically with its log entry, so it lives in one slot.
+const REGISTRY_SHARD: u16 = 0;
+
+/// The parts of an agent's state a new or deleted runtime agent starts without.
+const AGENT_STATE_PARTS: [&str; 5] = ["state", "decisions", "deployed", "reports", "sync_error"];
+
+impl Keys {
+    /// The hash of runtime agents: `seq`, and per agent `v:<name>` and `r:<name>`.
+    fn registry(&self) -> String {
+        format!("{}:registry", self.tag(REGISTRY_SHARD))
+    }
+}
+
+impl RedisStore {
+    /// Drops what is stored about `agent`'s gate, history and reports.
+    async fn drop_agent_state(&self, agent: &str) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for part in AGENT_STATE_PARTS {
+            pipe.del(self.keys.agent(agent, part)).ignore();
+        }
+        pipe.exec_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl RegistryStore for RedisStore {
+    async fn registry(&self) -> Result<Registry> {
+        let key = self.keys.registry();
+        let fields: HashMap<String, Vec<u8>> = self.conn.clone().hgetall(&key).await?;
+        let mut registry = Registry::default();
+        for (field, value) in &fields {
+            if field == "seq" {
+                registry.seq = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .unwrap_or(0);
+            } else if let Some(name) = field.strip_prefix("r:") {
+                let version = fields
+                    .get(&format!("v:{name}"))
+                    .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    .unwrap_or(0);
+                registry.agents.push(Versioned {
+                    version,
+                    value: RegistryRecord::parse(&format!("{key} {field}"), value)?,
+                });
+            }
+        }
+        registry
+            .agents
+            .sort_by(|a, b| a.value.name().cmp(b.value.name()));
+        Ok(registry)
+    }
+
+    async fn registered(&self, name: &str) -> Result<Option<Versioned<RegistryRecord>>> {
+        let key = self.keys.registry();
+        let (version, record): (Option<u64>, Option<Vec<u8>>) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(format!("v:{name}"))
+            .arg(format!("r:{name}"))
+            .query_async(&mut self.conn.clone())
+            .await?;
+        record
+            .map(|record| {
+                Ok(Versioned {
+                    version: version.unwrap_or(0),
+                    value: RegistryRecord::parse(&format!("{key} r:{name}"), &record)?,
+                })
+            })
+            .transpose()
+    }
+
+    async fn change_registered(
+        &self,
+        name: &str,
+        record: Option<&RegistryRecord>,
+        expected: u64,
+    ) -> Result<RegistryWritten> {
+        // The agent's state lives in its own slot, so it cannot change in the registry's
+        // script: a new agent's leftovers are dropped first, a deleted one's after.
+        if expected == 0 && record.is_some() && self.registered(name).await?.is_none() {
+            self.drop_agent_state(name).await?;
+        }
+        let quoted = serde_json::to_string(name).map_err(|error| StoreError::Corrupt {
+            key: "registry change".into(),
+            reason: error.to_string(),
+        })?;
+        let seq: i64 = Script::new(REGISTRY_SCRIPT)
+            .key(self.keys.registry())
+            .key(self.keys.log(REGISTRY_SHARD))
+            .arg(name)
+            .arg(expected)
+            .arg(record.map(RegistryRecord::encode).unwrap_or_default())
+            .arg(LOG_MAX_ENTRIES)
+            .arg(quoted)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        let Ok(seq) = u64::try_from(seq) else {
+            return Ok(RegistryWritten::Conflict);
+        };
+        if record.is_none() {
+            self.drop_agent_state(name).await?;
+        }
+        Ok(RegistryWritten::Saved { seq })
+    }
 }
 
 #[cfg(test)]

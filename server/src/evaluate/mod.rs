@@ -1,0 +1,790 @@
+//! The evaluator: a keyed controller that runs the gate of every agent watching a ref after
+//! the ref's facts changed, and carries out operators' requests on one agent.
+//!
+//! - A ref is evaluated by one replica at a time: the holder of its shard's lease. Facts
+//!   recorded on any replica reach it through the change log.
+//! - A burst of facts about a ref costs one evaluation: refs wait in a coalescing queue,
+//!   and a ref being evaluated is not handed to a second worker.
+//! - Every write of an agent's state is conditional on the version read and on the facts
+//!   being at least as new as those the stored state was decided from, so two evaluators
+//!   (a lease changing hands, an operator's request) can never move an agent backwards.
+//! - The holder keeps the agents' states it wrote in memory, so an evaluation reads the
+//!   ref's facts and nothing per agent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::stream::{self, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, warn};
+
+use crate::catalog::{LiveCatalog, ref_key};
+use crate::clock::now_ms;
+use crate::config::AgentSpec;
+use crate::gate::{Context, GateError, Lineage, PushOrder, RefState, Sha, Step};
+use crate::git::{GitError, GitLineage, ManifestSet, Mirrors};
+use crate::index::Index;
+use crate::metrics::Metrics;
+use crate::queue::Coalescing;
+use crate::store::{
+    AgentState, AgentWrite, DeployedChange, Facts, RefKey, SHARDS, Store, StoreError, SyncError,
+    Versioned, Written,
+};
+use greenlight::backoff::Backoff;
+
+mod rules;
+#[cfg(test)]
+mod tests;
+
+pub use rules::{Operation, admit};
+
+/// How long a shard's lease lasts without renewal: a dead holder's refs wait this long.
+pub const LEASE_TTL: Duration = Duration::from_secs(6);
+/// How often leases are renewed and free ones taken.
+const LEASE_RENEW: Duration = Duration::from_secs(2);
+/// Conditional writes of one agent retried this often before giving up under contention.
+const MAX_ATTEMPTS: u32 = 16;
+/// Refs evaluated at the same time by one replica.
+const EVALUATORS: usize = 4;
+/// Agent writes of one evaluation in flight at once.
+const WRITES_IN_FLIGHT: usize = 64;
+/// Background fetch attempts before waiting for the next event.
+const FETCH_ATTEMPTS: u32 = 6;
+/// How many revisions are read at the same time. Reads of one commit are shared by the
+/// mirror, so this bounds distinct reads, not agents.
+pub const PREPARE_WORKERS: usize = 4;
+/// Pipeline records past what the gate keeps before they are forgotten in the store.
+const FORGET_SLACK: usize = 64;
+
+/// Why a request could not be carried out.
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateError {
+    #[error("cannot reach the store: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gate(#[from] GateError),
+    #[error("no agent named {0:?} is configured")]
+    UnknownAgent(String),
+    #[error("too many concurrent updates of agent {0}; try again")]
+    Contention(String),
+}
+
+/// The history the gate orders commits by: git's when the ref has a repository, push order
+/// otherwise.
+pub enum RefLineage<'a> {
+    Push(PushOrder<'a>),
+    Git(&'a GitLineage),
+}
+
+impl<'a> RefLineage<'a> {
+    /// Git's lineage when there is one, else `refs`' push order.
+    pub fn new(refs: &'a RefState, git: Option<&'a GitLineage>) -> Self {
+        match git {
+            Some(git) => Self::Git(git),
+            None => Self::Push(PushOrder(refs)),
+        }
+    }
+}
+
+impl Lineage for RefLineage<'_> {
+    fn on_branch(&self, sha: &Sha) -> bool {
+        match self {
+            Self::Push(order) => order.on_branch(sha),
+            Self::Git(git) => git.on_branch(sha),
+        }
+    }
+
+    fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool {
+        match self {
+            Self::Push(order) => order.descends_from(descendant, ancestor),
+            Self::Git(git) => git.descends_from(descendant, ancestor),
+        }
+    }
+
+    fn knows(&self, sha: &Sha) -> bool {
+        match self {
+            Self::Push(order) => order.knows(sha),
+            Self::Git(git) => git.knows(sha),
+        }
+    }
+}
+
+/// What asked for a ref's evaluation.
+#[derive(Debug, Clone, Default)]
+pub struct Asked {
+    /// W3C trace context of the newest traced fact, which the evaluation joins.
+    pub traceparent: Option<String>,
+    /// When the oldest fact of the burst was recorded, in Unix milliseconds.
+    pub since_ms: Option<i64>,
+}
+
+impl Asked {
+    /// Asked by a fact recorded at `at_ms` in the trace `traceparent`.
+    pub fn by_fact(traceparent: Option<String>, at_ms: i64) -> Self {
+        Self {
+            traceparent,
+            since_ms: (at_ms > 0).then_some(at_ms),
+        }
+    }
+
+    fn merge(&mut self, newer: Asked) {
+        self.traceparent = newer.traceparent.or(self.traceparent.take());
+        self.since_ms = match (self.since_ms, newer.since_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// What an evaluation did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Evaluated {
+    /// Whether it wrote any agent's state.
+    pub wrote: bool,
+    /// Whether the mirror lacked a commit the gate needed: fetch, then evaluate again.
+    pub mirror_behind: bool,
+}
+
+/// A decided change of one agent, not yet written.
+struct Pending {
+    agent: String,
+    read: Shared,
+    next: AgentState,
+    step: Step,
+}
+
+/// An agent's state as read, shared between the cache and the evaluations using it: a state
+/// holds up to 50 decisions and 256 deployed commits, and copying it per evaluation made
+/// allocation most of an evaluation's cost.
+type Shared = Arc<Versioned<AgentState>>;
+
+/// Runs the gate: see the module documentation.
+pub struct Evaluator {
+    store: Arc<dyn Store>,
+    catalog: Arc<LiveCatalog>,
+    mirrors: Mirrors,
+    index: Arc<Index>,
+    replica: String,
+    /// Refs to evaluate, with who asked.
+    queue: Coalescing<RefKey, Asked>,
+    /// Shards whose lease this replica holds.
+    held: Mutex<HashSet<u16>>,
+    /// Agents' states as this replica last wrote or read them.
+    cache: Mutex<HashMap<String, Shared>>,
+    /// Agents whose desired revision this replica just decided: their manifests are read
+    /// (and failures recorded) even if no stream of theirs is connected.
+    prepare: Coalescing<String, Sha>,
+    /// Refs whose watchers may hold a fetch error: every ref until this replica's first
+    /// successful fetch of it (another replica, or this one before a restart, may have
+    /// recorded one), then only after a failed fetch.
+    fetch_errors_cleared: Mutex<HashSet<RefKey>>,
+    metrics: Arc<Metrics>,
+    tasks: TaskTracker,
+}
+
+impl Evaluator {
+    /// An evaluator for the agents of `catalog`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        catalog: Arc<LiveCatalog>,
+        mirrors: Mirrors,
+        index: Arc<Index>,
+        replica: String,
+        metrics: Arc<Metrics>,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            catalog,
+            mirrors,
+            index,
+            replica,
+            queue: Coalescing::default(),
+            held: Mutex::new(HashSet::new()),
+            cache: Mutex::new(HashMap::new()),
+            prepare: Coalescing::default(),
+            fetch_errors_cleared: Mutex::new(HashSet::new()),
+            metrics,
+            tasks,
+        })
+    }
+
+    /// Asks for `key` to be evaluated, if this replica holds its shard, as part of the trace
+    /// `traceparent` when the request that asked was traced.
+    pub fn enqueue(&self, key: &RefKey, asked: Asked) {
+        if self.holds(key.shard()) {
+            self.queue.push_merging(key.clone(), asked, Asked::merge);
+        }
+    }
+
+    /// Asks for every ref this replica holds to be evaluated: at start, after the change
+    /// log lost entries, and periodically as a safety net.
+    pub fn enqueue_all(&self) {
+        for key in self.catalog.load().refs() {
+            self.enqueue(key, Asked::default());
+        }
+    }
+
+    /// Hears that `agent`'s state was written at `version`, by this replica or another: a
+    /// cached older state is dropped, to be read again when next needed.
+    pub fn heard(&self, agent: &str, version: u64) {
+        let mut cache = self.lock_cache();
+        if cache.get(agent).is_some_and(|held| held.version < version) {
+            cache.remove(agent);
+        }
+    }
+
+    /// Drops the cached state of `agent`, deleted or changed at runtime.
+    pub fn forget_agent(&self, agent: &str) {
+        self.lock_cache().remove(agent);
+    }
+
+    /// Drops every cached state: the store may have lost its data.
+    pub fn forget_cache(&self) {
+        self.lock_cache().clear();
+    }
+
+    fn holds(&self, shard: u16) -> bool {
+        self.lock_held().contains(&shard)
+    }
+
+    /// Takes and renews shard leases, evaluates queued refs and reads decided revisions'
+    /// manifests until `shutdown`; then gives the leases up.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        for worker in 0..EVALUATORS {
+            let this = self.clone();
+            let stop = shutdown.clone();
+            self.tasks.spawn(
+                async move { this.evaluate_queued(stop).await }
+                    .instrument(tracing::info_span!("evaluator", worker)),
+            );
+        }
+        for worker in 0..PREPARE_WORKERS {
+            let this = self.clone();
+            let stop = shutdown.clone();
+            self.tasks.spawn(
+                async move { this.prepare_manifests(stop).await }
+                    .instrument(tracing::info_span!("prepare_manifests", worker)),
+            );
+        }
+        let mut renew = tokio::time::interval(LEASE_RENEW);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = renew.tick() => self.keep_leases().await,
+            }
+        }
+        let held: Vec<u16> = self.lock_held().drain().collect();
+        for shard in held {
+            if let Err(error) = self.store.release_lease(shard, &self.replica).await {
+                debug!(%error, shard, "cannot release a lease; it expires");
+            }
+        }
+    }
+
+    async fn keep_leases(&self) {
+        for shard in 0..SHARDS {
+            let held = match self.store.hold_lease(shard, &self.replica, LEASE_TTL).await {
+                Ok(held) => held,
+                Err(error) => {
+                    debug!(%error, shard, "cannot renew a lease");
+                    // Without the store this replica cannot tell whether another took
+                    // over: stop evaluating until it can.
+                    false
+                }
+            };
+            let was = {
+                let mut shards = self.lock_held();
+                if held {
+                    !shards.insert(shard)
+                } else {
+                    shards.remove(&shard)
+                }
+            };
+            if held && !was {
+                info!(shard, "evaluating the refs of a shard");
+                for key in self
+                    .catalog
+                    .load()
+                    .refs()
+                    .filter(|key| key.shard() == shard)
+                {
+                    // Another holder may have recorded fetch errors meanwhile.
+                    self.lock_fetch_errors_cleared().remove(key);
+                    self.queue
+                        .push_merging(key.clone(), Asked::default(), Asked::merge);
+                }
+            } else if !held && was {
+                info!(shard, "another replica evaluates the refs of a shard now");
+                let mut cache = self.lock_cache();
+                for key in self
+                    .catalog
+                    .load()
+                    .refs()
+                    .filter(|key| key.shard() == shard)
+                {
+                    for agent in self.catalog.load().watchers(key) {
+                        cache.remove(agent);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn evaluate_queued(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let (key, asked) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                job = self.queue.next() => job,
+            };
+            if self.holds(key.shard()) {
+                let span = tracing::info_span!("evaluate", %key, trace_id = tracing::field::Empty);
+                greenlight::telemetry::adopt(&span, asked.traceparent.as_deref());
+                match self.evaluate(&key).instrument(span).await {
+                    Ok(outcome) => {
+                        if outcome.wrote
+                            && let Some(since) = asked.since_ms
+                        {
+                            let took = now_ms().saturating_sub(since).max(0);
+                            self.metrics
+                                .fact_decided(Duration::from_millis(took.unsigned_abs()));
+                        }
+                        if outcome.mirror_behind {
+                            self.fetch_then_reevaluate(key.clone(), asked.traceparent);
+                        }
+                    }
+                    Err(error) => {
+                        warn!(%error, %key, "cannot evaluate ref; will retry");
+                        // Retried once the key is released below; paced so that a store
+                        // that is down is not asked in a tight loop.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        self.queue.push_merging(key.clone(), asked, Asked::merge);
+                    }
+                }
+            }
+            self.queue.done(&key);
+        }
+    }
+
+    /// Runs the gate of every agent watching `key` against its recorded facts, and writes
+    /// what changed.
+    pub async fn evaluate(&self, key: &RefKey) -> Result<Evaluated, EvaluateError> {
+        let facts = self.store.facts(key).await?;
+        let refs = facts.ref_state();
+        self.forget_trimmed(key, &facts, &refs).await;
+        let watchers: Vec<String> = self.catalog.load().watchers(key).to_vec();
+        let mut states = self.states(&watchers).await?;
+        let mut outcome = Evaluated::default();
+        // After a conflict only the agents that lost it are decided again: the others'
+        // writes went through, and deciding them from their old reads would only conflict.
+        let mut deciding = watchers;
+        for attempt in 0..MAX_ATTEMPTS {
+            let anchors: Vec<Sha> = states
+                .values()
+                .filter_map(|s| s.value.gate.position.as_ref().map(|r| r.sha.clone()))
+                .collect();
+            let (git, behind) = self.git_lineage(key, &refs, &anchors, None).await;
+            outcome.mirror_behind |= behind;
+            let pending = {
+                let _span = tracing::info_span!("evaluate_gate", %key, attempt).entered();
+                self.decide(key, &facts, &refs, git.as_ref(), &deciding, &states)
+            };
+            outcome.wrote |= !pending.is_empty();
+            let conflicted = self.write_all(pending).await?;
+            if conflicted.is_empty() {
+                return Ok(outcome);
+            }
+            debug!(%key, attempt, agents = conflicted.len(), "concurrent updates; retrying");
+            let fresh = self.store.agents(&conflicted).await?;
+            for (agent, state) in conflicted.iter().cloned().zip(fresh) {
+                states.insert(agent, Arc::new(state));
+            }
+            deciding = conflicted;
+        }
+        Err(EvaluateError::Contention(key.to_string()))
+    }
+
+    /// The stored states of `agents`: cached ones as held, the rest read in one go.
+    async fn states(&self, agents: &[String]) -> Result<HashMap<String, Shared>, StoreError> {
+        let mut states = HashMap::with_capacity(agents.len());
+        let mut missing = Vec::new();
+        {
+            let cache = self.lock_cache();
+            for agent in agents {
+                match cache.get(agent) {
+                    Some(state) => {
+                        states.insert(agent.clone(), state.clone());
+                    }
+                    None => missing.push(agent.clone()),
+                }
+            }
+        }
+        if !missing.is_empty() {
+            let read = self.store.agents(&missing).await?;
+            let mut cache = self.lock_cache();
+            for (agent, state) in missing.into_iter().zip(read) {
+                let state = Arc::new(state);
+                cache.insert(agent.clone(), state.clone());
+                states.insert(agent, state);
+            }
+        }
+        Ok(states)
+    }
+
+    /// The gate's step for each agent of `watchers` whose state it changes.
+    fn decide(
+        &self,
+        key: &RefKey,
+        facts: &Facts,
+        refs: &RefState,
+        git: Option<&GitLineage>,
+        watchers: &[String],
+        states: &HashMap<String, Shared>,
+    ) -> Vec<Pending> {
+        let lineage = RefLineage::new(refs, git);
+        let now = now_ms();
+        let trace = greenlight::telemetry::traceparent(&tracing::Span::current());
+        let catalog = self.catalog.load();
+        watchers
+            .iter()
+            .filter_map(|agent| {
+                let spec = catalog.agent(agent)?;
+                debug_assert_eq!(&ref_key(spec), key);
+                let read = states.get(agent)?.clone();
+                let cx = Context {
+                    mode: spec.mode,
+                    stages: spec.required_stages.as_slice(),
+                    refs,
+                    lineage: &lineage,
+                    now_ms: now,
+                };
+                let (next, step) =
+                    rules::advance(&read.value, &cx, facts.position, trace.as_deref())?;
+                Some(Pending {
+                    agent: agent.clone(),
+                    read,
+                    next,
+                    step,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes every pending change, a bounded number at once; returns the agents whose
+    /// state changed under the decision (to be read and decided again).
+    async fn write_all(&self, pending: Vec<Pending>) -> Result<Vec<String>, StoreError> {
+        let results: Vec<Result<Option<String>, StoreError>> = stream::iter(pending)
+            .map(|change| async move {
+                match self.write(change).await? {
+                    (agent, Written::Conflict) => Ok(Some(agent)),
+                    (_, Written::Saved { .. } | Written::Stale) => Ok(None),
+                }
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut conflicted = Vec::new();
+        for result in results {
+            if let Some(agent) = result? {
+                conflicted.push(agent);
+            }
+        }
+        Ok(conflicted)
+    }
+
+    /// Writes one agent's change; on success, this replica's streams and cache have it at
+    /// once, and a new desired revision's manifests are read. Returns the agent with what
+    /// became of the write.
+    async fn write(&self, change: Pending) -> Result<(String, Written), StoreError> {
+        let write = AgentWrite {
+            agent: &change.agent,
+            expected: change.read.version,
+            state: &change.next,
+            decisions: &change.step.decisions,
+            deployed: DeployedChange::between(
+                &change.read.value.gate.deployed,
+                &change.next.gate.deployed,
+            ),
+        };
+        let written = self
+            .store
+            .write_agent(&write)
+            .instrument(tracing::info_span!("write_agent", agent = change.agent))
+            .await?;
+        match written {
+            Written::Saved { version } => {
+                self.metrics.decided(change.step.decisions.iter());
+                let desired = change.next.gate.desired.as_ref();
+                self.index.offer(
+                    &change.agent,
+                    version,
+                    desired,
+                    change.next.traceparent.as_deref(),
+                    false,
+                );
+                if change.step.desired_changed
+                    && let Some(desired) = desired
+                {
+                    self.prepare.push(change.agent.clone(), desired.sha.clone());
+                }
+                let saved = Arc::new(Versioned {
+                    version,
+                    value: change.next,
+                });
+                self.lock_cache().insert(change.agent.clone(), saved);
+            }
+            Written::Conflict | Written::Stale => {
+                self.lock_cache().remove(&change.agent);
+            }
+        }
+        Ok((change.agent, written))
+    }
+
+    /// Carries out an operator's request on `agent`, on whichever replica it arrives: the
+    /// conditional write keeps it from racing the ref's evaluator.
+    pub async fn operate(&self, agent: &str, operation: Operation) -> Result<(), EvaluateError> {
+        let spec = self
+            .catalog
+            .load()
+            .agent_arc(agent)
+            .ok_or_else(|| EvaluateError::UnknownAgent(agent.to_owned()))?;
+        let key = ref_key(&spec);
+        let target = rules::subject(&operation).cloned();
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.store.agent(agent).await?;
+            let facts = self.store.facts(&key).await?;
+            let refs = facts.ref_state();
+            let anchors: Vec<Sha> = read
+                .value
+                .gate
+                .position
+                .iter()
+                .map(|r| r.sha.clone())
+                .collect();
+            let (git, _) = self
+                .git_lineage(&key, &refs, &anchors, target.as_ref())
+                .await;
+            let trace = greenlight::telemetry::traceparent(&tracing::Span::current());
+            let (next, step) = {
+                let lineage = RefLineage::new(&refs, git.as_ref());
+                let cx = Context {
+                    mode: spec.mode,
+                    stages: spec.required_stages.as_slice(),
+                    refs: &refs,
+                    lineage: &lineage,
+                    now_ms: now_ms(),
+                };
+                rules::operate(
+                    &read.value,
+                    &cx,
+                    facts.position,
+                    &operation,
+                    trace.as_deref(),
+                )?
+            };
+            let change = Pending {
+                agent: agent.to_owned(),
+                read: Arc::new(read),
+                next,
+                step,
+            };
+            match self.write(change).await? {
+                (_, Written::Saved { .. }) => return Ok(()),
+                (_, Written::Conflict | Written::Stale) => continue,
+            }
+        }
+        Err(EvaluateError::Contention(agent.to_owned()))
+    }
+
+    /// Forgets pipeline records the gate no longer keeps, once enough have piled up.
+    async fn forget_trimmed(&self, key: &RefKey, facts: &Facts, refs: &RefState) {
+        let kept: usize = refs.pipelines.values().map(Vec::len).sum();
+        if facts.pipelines.len() <= kept + FORGET_SLACK {
+            return;
+        }
+        let forget: Vec<(Sha, u64)> = facts
+            .pipelines
+            .iter()
+            .filter(|(sha, pipeline)| {
+                refs.pipelines
+                    .get(sha)
+                    .is_none_or(|runs| runs.iter().all(|run| run.id != pipeline.id))
+            })
+            .map(|(sha, pipeline)| (sha.clone(), pipeline.id))
+            .collect();
+        if let Err(error) = self.store.forget_pipelines(key, &forget).await {
+            debug!(%error, %key, "cannot forget trimmed pipelines; later");
+        }
+    }
+
+    /// Git's view of the commits the gate may decide about, and whether the mirror lacks
+    /// any of them; `None` when the ref has no repository (push order decides).
+    async fn git_lineage(
+        &self,
+        key: &RefKey,
+        refs: &RefState,
+        anchors: &[Sha],
+        subject: Option<&Sha>,
+    ) -> (Option<GitLineage>, bool) {
+        let Some(source) = self.catalog.load().source(key).cloned() else {
+            return (None, false);
+        };
+        let mut candidates: Vec<Sha> = refs.current_heads().map(|h| h.sha.clone()).collect();
+        candidates.extend(subject.cloned());
+        let mut anchors = anchors.to_vec();
+        anchors.sort();
+        anchors.dedup();
+        match self
+            .mirrors
+            .lineage(&source, &key.branch, &candidates, &anchors)
+            .await
+        {
+            Ok(lineage) => {
+                let behind = subject.is_some_and(|sha| !lineage.knows(sha))
+                    || anchors.iter().any(|sha| !lineage.knows(sha))
+                    || refs.head().is_some_and(|head| !lineage.knows(&head.sha));
+                (Some(lineage), behind)
+            }
+            Err(error) => {
+                // Knowing nothing holds every agent where it is until a fetch succeeds.
+                debug!(%error, %key, "no lineage from the mirror yet");
+                (Some(GitLineage::default()), true)
+            }
+        }
+    }
+
+    /// Fetches the repository of `key` in the background, retrying with backoff, then
+    /// evaluates it again, in the trace `traceparent` of what asked for it. Fetches of one
+    /// repository are coalesced by the mirror.
+    pub fn fetch_then_reevaluate(self: &Arc<Self>, key: RefKey, traceparent: Option<String>) {
+        let Some(source) = self.catalog.load().source(&key).cloned() else {
+            return;
+        };
+        let this = self.clone();
+        let repository = crate::git::display_url(&source.url);
+        let span =
+            tracing::info_span!("fetch", %repository, %key, trace_id = tracing::field::Empty);
+        greenlight::telemetry::adopt(&span, traceparent.as_deref());
+        self.tasks.spawn(
+            async move {
+                let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+                for _ in 0..FETCH_ATTEMPTS {
+                    match this.mirrors.fetch(&source).await {
+                        Ok(()) => {
+                            this.clear_fetch_errors(&key).await;
+                            let asked = Asked {
+                                traceparent,
+                                since_ms: None,
+                            };
+                            this.queue.push_merging(key.clone(), asked, Asked::merge);
+                            return;
+                        }
+                        Err(error) => {
+                            warn!(%error, "fetch failed");
+                            let failure = SyncError::Fetch {
+                                message: format!("cannot fetch {repository}: {error}"),
+                            };
+                            this.lock_fetch_errors_cleared().remove(&key);
+                            for agent in this.catalog.load().watchers(&key) {
+                                this.note_sync_error(agent, Some(failure.clone())).await;
+                            }
+                            if !error.retryable() {
+                                return;
+                            }
+                        }
+                    }
+                    tokio::time::sleep(backoff.delay()).await;
+                }
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Reads the manifests of newly decided revisions until `shutdown`, so that a broken
+    /// revision shows on its agent even while the agent is offline.
+    async fn prepare_manifests(&self, shutdown: CancellationToken) {
+        loop {
+            let (agent, sha) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                job = self.prepare.next() => job,
+            };
+            if let Some(spec) = self.catalog.load().agent(&agent)
+                && let Err(error) = manifests(&self.mirrors, spec, &sha).await
+            {
+                let failure = SyncError::Manifests {
+                    message: format!("cannot deliver {}: {error}", sha.short()),
+                };
+                self.note_sync_error(&agent, Some(failure)).await;
+            }
+            self.prepare.done(&agent);
+        }
+    }
+
+    /// After a successful fetch of `key`'s repository, clears the fetch errors its watchers
+    /// may hold. Reading every watcher's error costs a store round trip each (ten thousand
+    /// on a large ref), so it is done only where an error may be: see
+    /// `fetch_errors_cleared`.
+    async fn clear_fetch_errors(&self, key: &RefKey) {
+        if self.lock_fetch_errors_cleared().contains(key) {
+            return;
+        }
+        let watchers = self.catalog.load().watchers(key).to_vec();
+        let cleared = stream::iter(watchers)
+            .map(|agent| async move {
+                match self.store.sync_error(&agent).await {
+                    Ok(Some(SyncError::Fetch { .. })) => {
+                        self.note_sync_error(&agent, None).await;
+                        true
+                    }
+                    Ok(_) => true,
+                    Err(error) => {
+                        warn!(%error, agent, "cannot read the sync error");
+                        false
+                    }
+                }
+            })
+            .buffer_unordered(WRITES_IN_FLIGHT)
+            .fold(true, |all, ok| async move { all && ok })
+            .await;
+        if cleared {
+            self.lock_fetch_errors_cleared().insert(key.clone());
+        }
+    }
+
+    fn lock_fetch_errors_cleared(&self) -> std::sync::MutexGuard<'_, HashSet<RefKey>> {
+        self.fetch_errors_cleared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records why `agent`'s desired revision cannot be delivered, or clears it.
+    pub async fn note_sync_error(&self, agent: &str, error: Option<SyncError>) {
+        // Written every time: a cache here would hide another replica's newer error.
+        if let Err(store_error) = self.store.set_sync_error(agent, error.as_ref()).await {
+            warn!(%store_error, agent, "cannot record the sync error");
+        }
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Shared>> {
+        // Each change is one statement: the cache stays consistent under a poisoned lock.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_held(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The manifests of `sha` for `agent`: `None` when the agent has no repository.
+pub async fn manifests(
+    mirrors: &Mirrors,
+    agent: &AgentSpec,
+    sha: &Sha,
+) -> Result<Option<Arc<ManifestSet>>, GitError> {
+    let Some(source) = &agent.source else {
+        return Ok(None);
+    };
+    mirrors.manifests(source, sha, &agent.paths).await.map(Some)
+}

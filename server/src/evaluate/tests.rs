@@ -1,0 +1,423 @@
+//! Two evaluators racing over one store: arbitrary interleavings of facts (out of order,
+//! redelivered), operators' requests and the evaluators' reads and writes never move an
+//! agent backwards, and end where one evaluator ends.
+
+use proptest::prelude::*;
+
+use super::rules::{self, Operation};
+use crate::gate::{Context, Lineage, Mode, Pipeline, PipelineStatus, Push, PushOrder, Sha};
+use crate::store::{
+    AgentState, AgentStore, AgentWrite, DeployedChange, EmbeddedStore, FactRecord, FactStore,
+    Facts, RefKey, Versioned, Written,
+};
+
+const COMMITS: u8 = 6;
+const AGENT: &str = "prod";
+
+fn sha(n: u8) -> Sha {
+    Sha::parse(&format!("{n:040x}")).expect("a valid commit id")
+}
+
+fn key() -> RefKey {
+    RefKey {
+        project: "group/app".into(),
+        branch: "main".into(),
+    }
+}
+
+/// One thing that happens, in the order generated.
+#[derive(Debug, Clone)]
+enum Event {
+    /// The push of commit `n` (its parent is `n - 1`), under its own delivery id.
+    Push(u8),
+    /// An update of pipeline `id` of commit `n`; `status` `None` is the pipeline's final
+    /// result as the case's verdicts have it.
+    Pipeline {
+        n: u8,
+        id: u64,
+        status: Option<PipelineStatus>,
+        at: i64,
+    },
+    /// The delivery of an earlier event, again.
+    Redeliver(usize),
+    Operate(Operation),
+    /// A step of evaluator 0 or 1.
+    Evaluate(usize, Phase),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    ReadFacts,
+    ReadAgent,
+    Write,
+}
+
+/// Events whose pipelines may report anything in any order (`monotone` false), or only
+/// running updates and one final result per commit, so that a commit once green stays green.
+fn event(monotone: bool) -> impl Strategy<Value = Event> {
+    let status = if monotone {
+        prop_oneof![Just(Some(PipelineStatus::Running)), Just(None)].boxed()
+    } else {
+        prop_oneof![
+            Just(Some(PipelineStatus::Running)),
+            Just(Some(PipelineStatus::Success)),
+            Just(Some(PipelineStatus::Failed)),
+        ]
+        .boxed()
+    };
+    let ids = if monotone { 1..2u64 } else { 1..3u64 };
+    let phase = prop_oneof![
+        Just(Phase::ReadFacts),
+        Just(Phase::ReadAgent),
+        Just(Phase::Write)
+    ];
+    let operation = prop_oneof![
+        Just(Operation::Pause {
+            reason: "freeze".into()
+        }),
+        Just(Operation::Resume),
+        (1..=COMMITS).prop_map(|n| Operation::Pin {
+            sha: sha(n),
+            reason: "roll back".into()
+        }),
+        Just(Operation::Unpin),
+        Just(Operation::Trigger {
+            sha: None,
+            force_prune: false
+        }),
+    ];
+    prop_oneof![
+        3 => (1..=COMMITS).prop_map(Event::Push),
+        4 => (1..=COMMITS, ids, status, 0..100i64)
+            .prop_map(|(n, id, status, at)| Event::Pipeline { n, id: u64::from(n) * 10 + id, status, at }),
+        1 => (0..64usize).prop_map(Event::Redeliver),
+        1 => operation.prop_map(Event::Operate),
+        8 => (0..2usize, phase).prop_map(|(e, p)| Event::Evaluate(e, p)),
+    ]
+}
+
+/// An evaluator's reads in progress, and its cache of the agent's state.
+#[derive(Default)]
+struct Evaluator {
+    facts: Option<Facts>,
+    agent: Option<Versioned<AgentState>>,
+}
+
+/// What the store holds after a write, for the invariants.
+struct Watch {
+    position: Option<Sha>,
+    desired: Option<Sha>,
+    /// Whether the desired revision is an operator's pin, or what a pin left when it was
+    /// removed before the gate had anything: not a gate decision.
+    from_pin: bool,
+}
+
+struct Run {
+    /// Per commit, whether its pipeline's final result is a success.
+    verdicts: Vec<bool>,
+    store: EmbeddedStore,
+    evaluators: [Evaluator; 2],
+    /// Deliveries so far: their id and fact.
+    delivered: Vec<(String, FactRecord)>,
+    last: Watch,
+    now: i64,
+}
+
+impl Run {
+    fn new(verdicts: &[bool]) -> Self {
+        Self {
+            verdicts: verdicts.to_vec(),
+            store: EmbeddedStore::new(),
+            evaluators: Default::default(),
+            delivered: Vec::new(),
+            last: Watch {
+                position: None,
+                desired: None,
+                from_pin: false,
+            },
+            now: 0,
+        }
+    }
+
+    async fn record(&mut self, id: String, fact: FactRecord) -> Result<(), TestCaseError> {
+        self.store
+            .record_fact(&key(), &fact, Some(&id), None)
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        self.delivered.push((id, fact));
+        Ok(())
+    }
+
+    async fn apply(&mut self, event: &Event) -> Result<(), TestCaseError> {
+        self.now += 1;
+        match event {
+            Event::Push(n) => {
+                let push = Push {
+                    before: (*n > 1).then(|| sha(n - 1)),
+                    after: Some(sha(*n)),
+                    at_ms: self.now,
+                };
+                self.record(format!("push-{n}"), FactRecord::Push(push))
+                    .await
+            }
+            Event::Pipeline { n, id, status, at } => {
+                let verdict = if self.verdicts.get(usize::from(*n)).copied().unwrap_or(true) {
+                    PipelineStatus::Success
+                } else {
+                    PipelineStatus::Failed
+                };
+                let pipeline = Pipeline {
+                    id: *id,
+                    status: status.unwrap_or(verdict),
+                    source: "push".into(),
+                    // A final result finishes after every running update of its pipeline.
+                    as_of_ms: Some(if status.is_some() { *at } else { 100 }),
+                    passed_stages: Vec::new(),
+                };
+                let fact = FactRecord::Pipeline {
+                    sha: sha(*n),
+                    pipeline,
+                };
+                let id = format!("pipeline-{}", self.now);
+                self.record(id, fact).await
+            }
+            Event::Redeliver(i) => {
+                let Some((id, fact)) = self.delivered.get(i % self.delivered.len().max(1)).cloned()
+                else {
+                    return Ok(());
+                };
+                let outcome = self
+                    .store
+                    .record_fact(&key(), &fact, Some(&id), None)
+                    .await
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(outcome, crate::store::Ingested::Duplicate);
+                Ok(())
+            }
+            Event::Operate(operation) => self.operate(operation).await,
+            Event::Evaluate(e, phase) => self.step(*e, *phase).await,
+        }
+    }
+
+    /// An operator's request, read and written at once, retried on a conflict.
+    async fn operate(&mut self, operation: &Operation) -> Result<(), TestCaseError> {
+        loop {
+            let read = self.store.agent(AGENT).await.map_err(fail)?;
+            let facts = self.store.facts(&key()).await.map_err(fail)?;
+            let refs = facts.ref_state();
+            let lineage = PushOrder(&refs);
+            let cx = context(&refs, &lineage, self.now);
+            let Ok((next, step)) =
+                rules::operate(&read.value, &cx, facts.position, operation, None)
+            else {
+                // Refused (not paused, not green, ...): nothing is written.
+                return Ok(());
+            };
+            match self.write(&read, next, &step.decisions, &refs).await? {
+                Written::Conflict => continue,
+                _ => return Ok(()),
+            }
+        }
+    }
+
+    async fn step(&mut self, e: usize, phase: Phase) -> Result<(), TestCaseError> {
+        match phase {
+            Phase::ReadFacts => {
+                self.evaluators[e].facts = Some(self.store.facts(&key()).await.map_err(fail)?);
+            }
+            Phase::ReadAgent => {
+                self.evaluators[e].agent = Some(self.store.agent(AGENT).await.map_err(fail)?);
+            }
+            Phase::Write => {
+                let (Some(facts), Some(read)) = (
+                    self.evaluators[e].facts.clone(),
+                    self.evaluators[e].agent.clone(),
+                ) else {
+                    return Ok(());
+                };
+                let refs = facts.ref_state();
+                let lineage = PushOrder(&refs);
+                let cx = context(&refs, &lineage, self.now);
+                let Some((next, step)) = rules::advance(&read.value, &cx, facts.position, None)
+                else {
+                    return Ok(());
+                };
+                let written = self
+                    .write(&read, next.clone(), &step.decisions, &refs)
+                    .await?;
+                // As the evaluator's cache does: keep what it wrote, forget what it lost.
+                self.evaluators[e].agent = match written {
+                    Written::Saved { version } => Some(Versioned {
+                        version,
+                        value: next,
+                    }),
+                    Written::Conflict | Written::Stale => None,
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `next` over `read` and checks that the agent moved only forward.
+    async fn write(
+        &mut self,
+        read: &Versioned<AgentState>,
+        next: AgentState,
+        decisions: &[crate::gate::Decision],
+        refs: &crate::gate::RefState,
+    ) -> Result<Written, TestCaseError> {
+        let written = self
+            .store
+            .write_agent(&AgentWrite {
+                agent: AGENT,
+                expected: read.version,
+                state: &next,
+                decisions,
+                deployed: DeployedChange::between(&read.value.gate.deployed, &next.gate.deployed),
+            })
+            .await
+            .map_err(fail)?;
+        if let Written::Saved { .. } = written {
+            let lineage = PushOrder(refs);
+            let desired = next.gate.desired.as_ref().map(|r| r.sha.clone());
+            let watch = Watch {
+                position: next.gate.position.as_ref().map(|r| r.sha.clone()),
+                from_pin: next.gate.pinned.is_some()
+                    || (self.last.from_pin && desired == self.last.desired),
+                desired,
+            };
+            prop_assert!(
+                forward(&lineage, &self.last.position, &watch.position),
+                "the gate went back from {:?} to {:?}",
+                self.last.position,
+                watch.position
+            );
+            // A pin, and leaving one, move the agent deliberately anywhere.
+            if !self.last.from_pin && !watch.from_pin {
+                prop_assert!(
+                    forward(&lineage, &self.last.desired, &watch.desired),
+                    "the desired revision went back from {:?} to {:?}",
+                    self.last.desired,
+                    watch.desired
+                );
+            }
+            self.last = watch;
+        }
+        Ok(written)
+    }
+
+    /// Both evaluators read and write until neither changes anything.
+    async fn settle(&mut self) -> Result<(), TestCaseError> {
+        for _ in 0..20 {
+            let before = self.store.agent(AGENT).await.map_err(fail)?.version;
+            for e in 0..2 {
+                self.evaluators[e] = Evaluator::default();
+                self.step(e, Phase::ReadFacts).await?;
+                self.step(e, Phase::ReadAgent).await?;
+                self.step(e, Phase::Write).await?;
+            }
+            if self.store.agent(AGENT).await.map_err(fail)?.version == before {
+                return Ok(());
+            }
+        }
+        Err(TestCaseError::fail("the evaluators never settled"))
+    }
+}
+
+fn fail(error: crate::store::StoreError) -> TestCaseError {
+    TestCaseError::fail(error.to_string())
+}
+
+fn context<'a>(refs: &'a crate::gate::RefState, lineage: &'a dyn Lineage, now: i64) -> Context<'a> {
+    Context {
+        mode: Mode::Pipeline,
+        stages: &[],
+        refs,
+        lineage,
+        now_ms: now,
+    }
+}
+
+/// Whether going from `from` to `to` is forward in push order: commits are pushed as a
+/// line, so a later one descends from every earlier one.
+fn forward(lineage: &dyn Lineage, from: &Option<Sha>, to: &Option<Sha>) -> bool {
+    match (from, to) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(from), Some(to)) => lineage.descends_from(to, from),
+    }
+}
+
+/// The agent after `events` with evaluator 1's steps dropped and evaluator 0 catching up
+/// after every fact: one evaluator, never behind.
+async fn single(verdicts: &[bool], events: &[Event]) -> Result<AgentState, TestCaseError> {
+    let mut run = Run::new(verdicts);
+    for event in events {
+        match event {
+            Event::Evaluate(..) => {}
+            other => {
+                run.apply(other).await?;
+                run.settle().await?;
+            }
+        }
+    }
+    run.settle().await?;
+    Ok(run.store.agent(AGENT).await.map_err(fail)?.value)
+}
+
+/// Runs `events` through two evaluators: the invariants are checked on every write.
+async fn race(verdicts: &[bool], events: &[Event]) -> Result<AgentState, TestCaseError> {
+    let mut run = Run::new(verdicts);
+    for event in events {
+        run.apply(event).await?;
+    }
+    run.settle().await?;
+    Ok(run.store.agent(AGENT).await.map_err(fail)?.value)
+}
+
+fn block_on<T>(
+    future: impl std::future::Future<Output = Result<T, TestCaseError>>,
+) -> Result<T, TestCaseError> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+        .block_on(future)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Whatever the pipelines report, in whatever order: no write moves the agent back.
+    #[test]
+    fn two_evaluators_never_move_an_agent_back(
+        events in prop::collection::vec(event(false), 1..80)
+    ) {
+        block_on(race(&[], &events))?;
+    }
+
+    /// When a green commit stays green, where the agent ends does not depend on how the
+    /// evaluators raced: two stale, concurrent evaluators end where one that never lags does.
+    #[test]
+    fn two_evaluators_end_where_one_does(
+        verdicts in prop::collection::vec(any::<bool>(), usize::from(COMMITS) + 1),
+        events in prop::collection::vec(event(true), 1..80)
+    ) {
+        block_on(async {
+            let two = race(&verdicts, &events).await?;
+            let one = single(&verdicts, &events).await?;
+            let sha = |r: &Option<crate::gate::Revision>| r.as_ref().map(|r| r.sha.clone());
+            prop_assert_eq!(sha(&two.gate.position), sha(&one.gate.position), "the gate");
+            prop_assert_eq!(
+                two.gate.pinned.as_ref().map(|p| p.sha.clone()),
+                one.gate.pinned.as_ref().map(|p| p.sha.clone())
+            );
+            prop_assert_eq!(two.gate.paused.is_some(), one.gate.paused.is_some());
+            // A pause holds what the agent had when it came, which depends on how far the
+            // evaluators had got: only an agent that is not held must agree.
+            if two.gate.paused.is_none() {
+                prop_assert_eq!(sha(&two.gate.desired), sha(&one.gate.desired), "desired");
+            }
+            Ok(())
+        })?;
+    }
+}

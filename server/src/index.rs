@@ -1,0 +1,211 @@
+//! The replica's index: what every agent should run, and where every agent is connected,
+//! held in memory and fed from the change log. A change reaches the streams of its agent on
+//! any replica through one watch channel per agent, without a store read per agent; looking
+//! up presence costs nothing; and an idle replica asks the store for nothing per agent.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+use tokio::sync::watch;
+
+use crate::gate::Revision;
+
+/// What streams of one agent see.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// Version of the agent's state it was read from; older reads never overwrite newer ones.
+    pub version: u64,
+    pub revision: Option<Revision>,
+    /// W3C trace context of the decision that chose `revision`, when it was traced.
+    pub traceparent: Option<String>,
+}
+
+/// One watch channel per agent, and every agent's replica.
+pub struct Index {
+    /// Written only when an agent is created or deleted at runtime.
+    agents: RwLock<HashMap<String, watch::Sender<Desired>>>,
+    presence: Mutex<HashMap<String, String>>,
+}
+
+impl Index {
+    /// An empty index of `names`.
+    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
+        let agents = names
+            .into_iter()
+            .map(|name| (name.to_owned(), watch::channel(Desired::default()).0))
+            .collect();
+        Self {
+            agents: RwLock::new(agents),
+            presence: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Adds a channel for `agent`, created at runtime; an existing one is kept.
+    pub fn add(&self, agent: &str) {
+        self.write_agents()
+            .entry(agent.to_owned())
+            .or_insert_with(|| watch::channel(Desired::default()).0);
+    }
+
+    /// Drops the channel of `agent`, deleted at runtime: its streams see it closed.
+    pub fn remove(&self, agent: &str) {
+        self.write_agents().remove(agent);
+        self.lock_presence().remove(agent);
+    }
+
+    /// Streams of `agent` follow this receiver.
+    pub fn subscribe(&self, agent: &str) -> Option<watch::Receiver<Desired>> {
+        self.read_agents().get(agent).map(watch::Sender::subscribe)
+    }
+
+    /// The current desired revision of `agent` on this replica.
+    pub fn current(&self, agent: &str) -> Option<Desired> {
+        self.read_agents().get(agent).map(|tx| tx.borrow().clone())
+    }
+
+    fn read_agents(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<String, watch::Sender<Desired>>> {
+        // Each change is one insert or remove: the map stays consistent under a poisoned lock.
+        self.agents.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_agents(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<String, watch::Sender<Desired>>> {
+        self.agents.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes `revision` of state `version`. With `force` the version check is skipped:
+    /// after the store lost its data, versions start again.
+    pub fn offer(
+        &self,
+        agent: &str,
+        version: u64,
+        revision: Option<&Revision>,
+        traceparent: Option<&str>,
+        force: bool,
+    ) {
+        let agents = self.read_agents();
+        let Some(tx) = agents.get(agent) else {
+            return;
+        };
+        tx.send_if_modified(|current| {
+            if !force && version < current.version {
+                return false;
+            }
+            current.version = version;
+            if current.revision.as_ref() == revision {
+                return false;
+            }
+            current.revision = revision.cloned();
+            current.traceparent = traceparent.map(str::to_owned);
+            true
+        });
+    }
+
+    /// Records that `agent` connected to (or left) `replica`.
+    pub fn set_presence(&self, agent: &str, replica: &str, connected: bool) {
+        let mut presence = self.lock_presence();
+        if connected {
+            presence.insert(agent.to_owned(), replica.to_owned());
+        } else if presence.get(agent).is_some_and(|r| r == replica) {
+            presence.remove(agent);
+        }
+    }
+
+    /// Replaces every presence record, after the change log lost entries.
+    pub fn reset_presence(&self, pairs: impl IntoIterator<Item = (String, String)>) {
+        *self.lock_presence() = pairs.into_iter().collect();
+    }
+
+    /// The replica `agent` is connected to, as this replica last heard.
+    pub fn presence(&self, agent: &str) -> Option<String> {
+        self.lock_presence().get(agent).cloned()
+    }
+
+    fn lock_presence(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // Each change is one statement: the map stays consistent under a poisoned lock.
+        self.presence.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::Sha;
+
+    fn revision(n: u8, generation: u64) -> Revision {
+        Revision {
+            sha: Sha::parse(&format!("{n:040x}")).unwrap(),
+            pipeline_id: None,
+            reason: String::new(),
+            decided_at_ms: 0,
+            generation,
+            force_prune: false,
+        }
+    }
+
+    #[test]
+    fn streams_see_new_revisions_but_not_stale_reads() {
+        let index = Index::new(["a"]);
+        let mut rx = index.subscribe("a").unwrap();
+        index.offer("a", 2, Some(&revision(2, 2)), None, false);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(rx.borrow_and_update().revision, Some(revision(2, 2)));
+        index.offer("a", 1, Some(&revision(1, 1)), None, false);
+        assert!(!rx.has_changed().unwrap());
+        index.offer("a", 3, Some(&revision(2, 2)), None, false);
+        assert!(
+            !rx.has_changed().unwrap(),
+            "same revision at a newer version is no news"
+        );
+        index.offer("a", 1, Some(&revision(1, 1)), None, true);
+        assert!(rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn unknown_agents_are_ignored() {
+        let index = Index::new(["a"]);
+        index.offer("b", 1, None, None, false);
+        assert!(index.subscribe("b").is_none());
+    }
+
+    #[test]
+    fn agents_added_at_runtime_get_a_channel_and_deleted_ones_close_theirs() {
+        let index = Index::new(["a"]);
+        index.add("b");
+        let mut rx = index.subscribe("b").unwrap();
+        index.offer("b", 1, Some(&revision(1, 1)), None, false);
+        assert_eq!(rx.borrow_and_update().revision, Some(revision(1, 1)));
+        index.add("b");
+        assert_eq!(
+            index.current("b").unwrap().revision,
+            Some(revision(1, 1)),
+            "adding again keeps the channel"
+        );
+        index.set_presence("b", "r1", true);
+        index.remove("b");
+        assert!(
+            rx.has_changed().is_err(),
+            "its streams see the channel closed"
+        );
+        assert!(index.subscribe("b").is_none());
+        assert_eq!(index.presence("b"), None);
+    }
+
+    #[test]
+    fn presence_follows_the_last_word_of_each_replica() {
+        let index = Index::new(["a"]);
+        index.set_presence("a", "r1", true);
+        index.set_presence("a", "r2", true);
+        index.set_presence("a", "r1", false);
+        assert_eq!(
+            index.presence("a").as_deref(),
+            Some("r2"),
+            "r1 leaving does not remove r2"
+        );
+        index.reset_presence([]);
+        assert_eq!(index.presence("a"), None);
+    }
+}

@@ -1,0 +1,131 @@
+//! Connections to Redis, one server or a Redis Cluster, for every part of the server that
+//! keeps state there (the store, the previews).
+
+use std::time::Duration;
+
+use redis::AsyncConnectionConfig;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster::ClusterClient;
+use redis::cluster::ClusterConfig;
+use redis::cluster_async::ClusterConnection;
+
+use crate::config::RedisSettings;
+
+/// Where the Redis data lives: one server, or a Redis Cluster whose client follows `MOVED`
+/// and `ASK` redirections.
+#[derive(Clone)]
+pub(crate) enum Source {
+    Single(redis::Client),
+    Cluster(Box<ClusterClient>),
+}
+
+/// A connection to either.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    /// Reconnects by itself: every command but blocking reads.
+    Managed(ConnectionManager),
+    /// Of its own, for blocking reads that must not stall other commands.
+    Plain(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Managed(conn) => conn.req_packed_command(cmd),
+            Self::Plain(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Managed(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Plain(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Managed(conn) => conn.get_db(),
+            Self::Plain(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+impl Source {
+    /// The server of `settings.url`, or the cluster of `settings.cluster_nodes`.
+    pub(crate) fn open(settings: &RedisSettings) -> redis::RedisResult<Self> {
+        Ok(if settings.cluster_nodes.is_empty() {
+            Self::Single(redis::Client::open(settings.url.as_str())?)
+        } else {
+            Self::Cluster(Box::new(ClusterClient::new(
+                settings.cluster_nodes.iter().map(String::as_str),
+            )?))
+        })
+    }
+
+    /// The connection every command but blocking reads shares; made lazily, so that the
+    /// server starts while Redis is down.
+    pub(crate) fn shared(&self) -> redis::RedisResult<Conn> {
+        Ok(match self {
+            Self::Single(client) => {
+                // Fail fast while Redis is down: webhooks must answer 503 well within
+                // GitLab's 10 s.
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(1)))
+                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                Conn::Managed(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?)
+            }
+            Self::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(Duration::from_secs(1))
+                    .set_response_timeout(Duration::from_secs(2));
+                Conn::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        })
+    }
+
+    /// A connection of its own for blocking reads of `block`, which must not count as a
+    /// hung server.
+    pub(crate) async fn blocking(&self, block: Duration) -> redis::RedisResult<Conn> {
+        let response = block + Duration::from_secs(5);
+        Ok(match self {
+            Self::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(response));
+                Conn::Plain(
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?,
+                )
+            }
+            Self::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(Duration::from_secs(2))
+                    .set_response_timeout(response);
+                Conn::Cluster(client.get_async_connection_with_config(config).await?)
+            }
+        })
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+}

@@ -1,0 +1,1363 @@
+//! The embedded store: one process, its state in memory and, when opened on a `data_dir`,
+//! in a file (`disk.rs`) that every change reaches before it is answered or heard of. What a
+//! single replica runs on without any setup, and (in memory only) what the unit tests use as
+//! the reference of the store contract.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{Notify, broadcast, watch};
+use tracing::{error, info};
+
+use super::StoreError;
+
+use super::disk::{self, Disk, Put, SEP, Table};
+use super::records;
+
+use super::{
+    AgentState, AgentStore, AgentWrite, Broadcast, ChangeLog, DELIVERY_MEMORY_SECS, FactRecord,
+    FactStore, Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT,
+    PresenceStore, RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore,
+    Result, STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Versioned, Written,
+};
+use crate::gate::{DECISION_HISTORY, MAX_REJECTED, Pipeline, Sha};
+
+/// How long `next_for_statuses` waits for an entry before answering `None`.
+const STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// How often the file forgets delivery and status markers past their time.
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
+
+/// The store of a single replica: zero setup; durable when opened on a `data_dir`.
+pub struct EmbeddedStore {
+    inner: Arc<Mutex<Inner>>,
+    notices: broadcast::Sender<Notice>,
+    /// Wakes status publishers waiting for an entry.
+    appended: Arc<Notify>,
+    /// The file behind the memory, when there is one.
+    journal: Option<Journal>,
+}
+
+/// The writer of the file: a thread that commits what changed, batch by batch.
+struct Journal {
+    /// Dropped first on drop: the writer then writes what is left and closes the file.
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    committed: watch::Receiver<Committed>,
+    path: String,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.wake.take();
+        // Joined so that the file is closed when the store is gone: a store opened next on
+        // the same directory (a restart in the same process) finds it free.
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// How far the file has come.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Committed {
+    /// Every change up to this ticket is on disk.
+    Upto(u64),
+    /// A write failed: nothing is answered as stored any more.
+    Failed(String),
+}
+
+/// Changes made in memory and not yet on disk, and the notices that wait for them.
+#[derive(Default)]
+struct Pending {
+    dirty: HashSet<Dirty>,
+    notices: Vec<Broadcast>,
+    ticket: u64,
+}
+
+/// A record that changed: its new value is read from memory when the batch is written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Dirty {
+    Facts(RefKey),
+    Delivery(RefKey, String),
+    Agent(String),
+    Reports(String),
+    SyncError(String),
+    Status(StatusId),
+    Taken(StatusId),
+    Feed(u64),
+    Registry(String),
+}
+
+/// (agent, sha, state) of a commit status.
+type StatusId = (String, String, String);
+
+struct Inner {
+    facts: HashMap<RefKey, RefFacts>,
+    deliveries: Expiring<(RefKey, String)>,
+    agents: HashMap<String, (u64, AgentState)>,
+    reports: HashMap<String, VecDeque<Vec<u8>>>,
+    presence: HashMap<String, String>,
+    sync_errors: HashMap<String, SyncError>,
+    statuses: Expiring<StatusId>,
+    /// Statuses being posted now, by whom and until when.
+    posting: HashMap<StatusId, (String, Instant)>,
+    /// Statuses claimed and not yet posted: the next claimant looks at GitLab first.
+    taken: Expiring<StatusId>,
+    status_feed: StatusFeed,
+    leases: HashMap<u16, (String, Instant)>,
+    registry: MemoryRegistry,
+    /// What the file still lacks; `None` without a file.
+    pending: Option<Pending>,
+}
+
+impl Inner {
+    /// Notes that `dirty` changed, for the next batch written to the file.
+    fn mark(&mut self, dirty: Dirty) {
+        if let Some(pending) = &mut self.pending {
+            pending.dirty.insert(dirty);
+            pending.ticket += 1;
+        }
+    }
+
+    /// The ticket to wait for so that every change marked so far is on disk.
+    fn ticket(&self) -> Option<u64> {
+        self.pending.as_ref().map(|pending| pending.ticket)
+    }
+}
+
+/// One ref's fact records.
+#[derive(Default)]
+struct RefFacts {
+    position: u64,
+    pushes: VecDeque<crate::gate::Push>,
+    pipelines: BTreeMap<(Sha, u64), Pipeline>,
+    rejected: VecDeque<crate::gate::Rejected>,
+}
+
+/// The change log as the status publishers see it: entries not yet acknowledged, oldest
+/// first, each with who took it and when.
+struct StatusFeed {
+    next_id: u64,
+    entries: VecDeque<FeedEntry>,
+    /// Entries after this one are not on disk yet: no publisher may act on them.
+    durable_upto: u64,
+}
+
+impl Default for StatusFeed {
+    fn default() -> Self {
+        Self {
+            next_id: 0,
+            entries: VecDeque::new(),
+            durable_upto: u64::MAX,
+        }
+    }
+}
+
+struct FeedEntry {
+    id: u64,
+    message: Broadcast,
+    /// Which publisher took it, and when.
+    taken: Option<(String, Instant)>,
+}
+
+impl StatusFeed {
+    /// Appends `message`; returns its id and those of the entries that fell off.
+    fn append(&mut self, message: Broadcast) -> (u64, Vec<u64>) {
+        self.next_id += 1;
+        self.entries.push_back(FeedEntry {
+            id: self.next_id,
+            message,
+            taken: None,
+        });
+        // Bounded like the Redis log: what falls off was not acknowledged in time.
+        let mut dropped = Vec::new();
+        while self.entries.len() > LOG_MAX_ENTRIES {
+            dropped.extend(self.entries.pop_front().map(|entry| entry.id));
+        }
+        (self.next_id, dropped)
+    }
+
+    fn get(&self, id: u64) -> Option<&Broadcast> {
+        // Ids grow along the queue.
+        let at = self
+            .entries
+            .binary_search_by_key(&id, |entry| entry.id)
+            .ok()?;
+        self.entries.get(at).map(|entry| &entry.message)
+    }
+
+    fn take(&mut self, consumer: &str, reclaim_after: Duration, now: Instant) -> Option<LogEntry> {
+        let durable_upto = self.durable_upto;
+        let entry = self
+            .entries
+            .iter_mut()
+            .take_while(|entry| entry.id <= durable_upto)
+            .find(|entry| {
+                entry
+                    .taken
+                    .as_ref()
+                    .is_none_or(|(_, at)| now.saturating_duration_since(*at) >= reclaim_after)
+            })?;
+        entry.taken = Some((consumer.to_owned(), now));
+        Some(LogEntry {
+            id: entry.id.to_string(),
+            message: entry.message.clone(),
+        })
+    }
+
+    fn ack(&mut self, id: &str) -> Option<u64> {
+        let id = id.parse::<u64>().ok()?;
+        self.entries.retain(|entry| entry.id != id);
+        Some(id)
+    }
+}
+
+impl Default for EmbeddedStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EmbeddedStore {
+    /// An empty store that remembers deliveries and posted statuses as long as Redis does.
+    pub fn new() -> Self {
+        Self::with_memory(
+            Duration::from_secs(DELIVERY_MEMORY_SECS),
+            Duration::from_secs(STATUS_MEMORY_SECS),
+        )
+    }
+
+    /// An empty store that forgets a delivery after `deliveries` and a posted status after
+    /// `statuses`, so that neither grows without bound.
+    pub fn with_memory(deliveries: Duration, statuses: Duration) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                facts: HashMap::new(),
+                deliveries: Expiring::new(deliveries),
+                agents: HashMap::new(),
+                reports: HashMap::new(),
+                presence: HashMap::new(),
+                sync_errors: HashMap::new(),
+                statuses: Expiring::new(statuses),
+                posting: HashMap::new(),
+                taken: Expiring::new(statuses),
+                status_feed: StatusFeed::default(),
+                leases: HashMap::new(),
+                registry: MemoryRegistry::default(),
+                pending: None,
+            })),
+            notices: broadcast::channel(4096).0,
+            appended: Arc::new(Notify::new()),
+            journal: None,
+        }
+    }
+
+    /// The durable embedded store: opens (or creates) the file under `data_dir`, loads what
+    /// it holds, and from then on answers a change only once it is on disk.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        let disk = Disk::open(data_dir)?;
+        let mut store = Self::new();
+        {
+            let mut inner = store.lock();
+            load(&disk, &mut inner)?;
+            inner.status_feed.durable_upto = inner.status_feed.next_id;
+            inner.pending = Some(Pending::default());
+            info!(
+                path = %disk.path().display(),
+                agents = inner.agents.len(),
+                refs = inner.facts.len(),
+                unacknowledged = inner.status_feed.entries.len(),
+                "embedded store loaded"
+            );
+        }
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let (committed_tx, committed) = watch::channel(Committed::Upto(0));
+        let path = disk.path().display().to_string();
+        let writer = Writer {
+            disk,
+            inner: store.inner.clone(),
+            notices: store.notices.clone(),
+            appended: store.appended.clone(),
+            committed: committed_tx,
+        };
+        let writer = std::thread::Builder::new()
+            .name("greenlight-store".into())
+            .spawn(move || writer.run(woken))
+            .map_err(|error| StoreError::Embedded(format!("cannot start its writer: {error}")))?;
+        store.journal = Some(Journal {
+            wake: Some(wake),
+            writer: Some(writer),
+            committed,
+            path,
+        });
+        Ok(store)
+    }
+
+    /// Appends `message` to the change log: followers and status publishers see it, once it
+    /// is on disk when there is a file.
+    fn log(&self, inner: &mut Inner, message: Broadcast) {
+        if inner.pending.is_none() {
+            let _ = self.notices.send(Notice::Message(message.clone()));
+            inner.status_feed.append(message);
+            self.appended.notify_waiters();
+            return;
+        }
+        let (id, dropped) = inner.status_feed.append(message.clone());
+        inner.mark(Dirty::Feed(id));
+        for id in dropped {
+            inner.mark(Dirty::Feed(id));
+        }
+        if let Some(pending) = &mut inner.pending {
+            pending.notices.push(message);
+        }
+    }
+
+    /// Waits until the changes up to `ticket` are on disk (at once without a file).
+    async fn durable(&self, ticket: Option<u64>) -> Result<()> {
+        let (Some(journal), Some(ticket)) = (&self.journal, ticket) else {
+            return Ok(());
+        };
+        // Full means a wake-up is already due, which covers this change too.
+        if let Some(wake) = &journal.wake {
+            let _ = wake.try_send(());
+        }
+        let mut committed = journal.committed.clone();
+        let reached = committed
+            .wait_for(|c| {
+                matches!(c, Committed::Upto(upto) if *upto >= ticket)
+                    || matches!(c, Committed::Failed(_))
+            })
+            .await
+            .map_err(|_| StoreError::Embedded("its writer stopped".into()))?;
+        match &*reached {
+            Committed::Failed(why) => Err(failed_write(&journal.path, why.as_str())),
+            Committed::Upto(_) => Ok(()),
+        }
+    }
+
+    /// Delivery and status markers held now, expired ones not yet swept included.
+    pub fn markers(&self) -> usize {
+        let inner = self.lock();
+        inner.deliveries.len() + inner.statuses.len() + inner.taken.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave a half-written entry: each write
+        // below checks everything before it changes anything.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl FactStore for EmbeddedStore {
+    async fn record_fact(
+        &self,
+        key: &RefKey,
+        fact: &FactRecord,
+        delivery: Option<&str>,
+        traceparent: Option<&str>,
+    ) -> Result<Ingested> {
+        let (outcome, ticket) = 'change: {
+            let mut inner = self.lock();
+            let now = Instant::now();
+            if let Some(id) = delivery {
+                if !inner.deliveries.insert((key.clone(), id.to_owned()), now) {
+                    return Ok(Ingested::Duplicate);
+                }
+                inner.mark(Dirty::Delivery(key.clone(), id.to_owned()));
+            }
+            let facts = inner.facts.entry(key.clone()).or_default();
+            match fact {
+                FactRecord::Push(push) => {
+                    facts.pushes.push_back(push.clone());
+                    if facts.pushes.len() > PUSHES_KEPT {
+                        facts.pushes.pop_front();
+                    }
+                }
+                FactRecord::Pipeline { sha, pipeline } => {
+                    let id = (sha.clone(), pipeline.id);
+                    match Pipeline::merged(facts.pipelines.get(&id), pipeline.clone()) {
+                        Some(merged) => facts.pipelines.insert(id, merged),
+                        None => break 'change (Ingested::Unchanged, inner.ticket()),
+                    };
+                }
+                FactRecord::Rejected(rejected) => {
+                    facts.rejected.push_back(rejected.clone());
+                    if facts.rejected.len() > MAX_REJECTED {
+                        facts.rejected.pop_front();
+                    }
+                }
+            }
+            facts.position += 1;
+            let position = facts.position;
+            inner.mark(Dirty::Facts(key.clone()));
+            self.log(
+                &mut inner,
+                Broadcast::Fact {
+                    key: key.clone(),
+                    position,
+                    rejected: match fact {
+                        FactRecord::Rejected(rejected) => Some(rejected.clone()),
+                        _ => None,
+                    },
+                    traceparent: traceparent.map(str::to_owned),
+                    at_ms: crate::clock::now_ms(),
+                },
+            );
+            (Ingested::Recorded { position }, inner.ticket())
+        };
+        self.durable(ticket).await?;
+        Ok(outcome)
+    }
+
+    async fn facts(&self, key: &RefKey) -> Result<Facts> {
+        let inner = self.lock();
+        Ok(inner
+            .facts
+            .get(key)
+            .map(|facts| Facts {
+                position: facts.position,
+                pushes: facts.pushes.iter().cloned().collect(),
+                pipelines: facts
+                    .pipelines
+                    .iter()
+                    .map(|((sha, _), pipeline)| (sha.clone(), pipeline.clone()))
+                    .collect(),
+                rejected: facts.rejected.iter().cloned().collect(),
+            })
+            .unwrap_or_default())
+    }
+
+    async fn pipeline(&self, key: &RefKey, sha: &Sha, id: u64) -> Result<Option<Pipeline>> {
+        let inner = self.lock();
+        Ok(inner
+            .facts
+            .get(key)
+            .and_then(|facts| facts.pipelines.get(&(sha.clone(), id)))
+            .cloned())
+    }
+
+    async fn forget_pipelines(&self, key: &RefKey, forget: &[(Sha, u64)]) -> Result<()> {
+        let ticket = {
+            let mut inner = self.lock();
+            if let Some(facts) = inner.facts.get_mut(key) {
+                for id in forget {
+                    facts.pipelines.remove(id);
+                }
+                inner.mark(Dirty::Facts(key.clone()));
+            }
+            inner.ticket()
+        };
+        self.durable(ticket).await
+    }
+}
+
+#[async_trait]
+impl AgentStore for EmbeddedStore {
+    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>> {
+        let inner = self.lock();
+        Ok(match inner.agents.get(agent) {
+            Some((version, state)) => Versioned {
+                version: *version,
+                value: state.clone(),
+            },
+            None => Versioned {
+                version: 0,
+                value: AgentState::default(),
+            },
+        })
+    }
+
+    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>> {
+        let mut states = Vec::with_capacity(agents.len());
+        for agent in agents {
+            states.push(self.agent(agent).await?);
+        }
+        Ok(states)
+    }
+
+    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {
+        let (outcome, ticket) = {
+            let mut inner = self.lock();
+            let (version, position) = inner
+                .agents
+                .get(write.agent)
+                .map_or((0, 0), |(version, state)| (*version, state.position));
+            let version = match crate::evaluate::admit(
+                version,
+                position,
+                write.expected,
+                write.state.position,
+            ) {
+                Written::Saved { version } => version,
+                refused => return Ok(refused),
+            };
+            let mut state = write.state.clone();
+            // The same caps as the Redis lists.
+            while state.gate.decisions.len() > DECISION_HISTORY {
+                state.gate.decisions.pop_front();
+            }
+            let message = Broadcast::AgentChanged {
+                agent: write.agent.to_owned(),
+                version,
+                desired: state.gate.desired.clone(),
+                decisions: write.decisions.to_vec(),
+                traceparent: state.traceparent.clone(),
+            };
+            inner
+                .agents
+                .insert(write.agent.to_owned(), (version, state));
+            inner.mark(Dirty::Agent(write.agent.to_owned()));
+            self.log(&mut inner, message);
+            (Written::Saved { version }, inner.ticket())
+        };
+        self.durable(ticket).await?;
+        Ok(outcome)
+    }
+
+    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
+        let ticket = {
+            let mut inner = self.lock();
+            let changed = match error {
+                Some(error) => {
+                    inner.sync_errors.insert(agent.to_owned(), error.clone()) != Some(error.clone())
+                }
+                None => inner.sync_errors.remove(agent).is_some(),
+            };
+            if changed {
+                inner.mark(Dirty::SyncError(agent.to_owned()));
+            }
+            inner.ticket()
+        };
+        self.durable(ticket).await
+    }
+
+    async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>> {
+        Ok(self.lock().sync_errors.get(agent).cloned())
+    }
+}
+
+#[async_trait]
+impl ReportStore for EmbeddedStore {
+    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
+        let ticket = {
+            let mut inner = self.lock();
+            let reports = inner.reports.entry(agent.to_owned()).or_default();
+            reports.push_front(report.to_vec());
+            reports.truncate(keep);
+            let message = Broadcast::Report {
+                agent: agent.to_owned(),
+                report: report.to_vec(),
+            };
+            inner.mark(Dirty::Reports(agent.to_owned()));
+            self.log(&mut inner, message);
+            inner.ticket()
+        };
+        self.durable(ticket).await
+    }
+
+    async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>> {
+        let inner = self.lock();
+        Ok(inner
+            .reports
+            .get(agent)
+            .map(|r| r.iter().take(limit).cloned().collect())
+            .unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl PresenceStore for EmbeddedStore {
+    async fn set_presence(&self, replica: &str, agent: &str, connected: bool) -> Result<()> {
+        let ticket = {
+            let mut inner = self.lock();
+            if connected {
+                inner.presence.insert(agent.to_owned(), replica.to_owned());
+            } else if inner.presence.get(agent).is_some_and(|r| r == replica) {
+                inner.presence.remove(agent);
+            }
+            let message = Broadcast::Connection {
+                agent: agent.to_owned(),
+                connected,
+                replica: replica.to_owned(),
+            };
+            self.log(&mut inner, message);
+            inner.ticket()
+        };
+        self.durable(ticket).await
+    }
+
+    async fn refresh_presence(&self, _replica: &str) -> Result<()> {
+        Ok(())
+    }
+
+    async fn all_presence(&self) -> Result<Vec<(String, String)>> {
+        let inner = self.lock();
+        Ok(inner
+            .presence
+            .iter()
+            .map(|(agent, replica)| (agent.clone(), replica.clone()))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl ChangeLog for EmbeddedStore {
+    fn subscribe(&self) -> broadcast::Receiver<Notice> {
+        self.notices.subscribe()
+    }
+
+    async fn next_for_statuses(
+        &self,
+        consumer: &str,
+        reclaim_after: Duration,
+    ) -> Result<Option<LogEntry>> {
+        let deadline = tokio::time::Instant::now() + STATUS_WAIT;
+        loop {
+            // Registered before looking, so an append in between still wakes this call.
+            let appended = self.appended.notified();
+            if let Some(entry) =
+                self.lock()
+                    .status_feed
+                    .take(consumer, reclaim_after, Instant::now())
+            {
+                return Ok(Some(entry));
+            }
+            if tokio::time::timeout_at(deadline, appended).await.is_err() {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn ack_statuses(&self, id: &str) -> Result<()> {
+        let ticket = {
+            let mut inner = self.lock();
+            if let Some(id) = inner.status_feed.ack(id) {
+                inner.mark(Dirty::Feed(id));
+            }
+            inner.ticket()
+        };
+        self.durable(ticket).await
+    }
+
+    async fn begin_status(
+        &self,
+        status: &StatusKey<'_>,
+        holder: &str,
+        lease: Duration,
+    ) -> Result<StatusClaim> {
+        let key = status_id(status);
+        let now = Instant::now();
+        let (claim, ticket) = {
+            let mut inner = self.lock();
+            if inner.statuses.contains(&key, now) {
+                return Ok(StatusClaim::Posted);
+            }
+            // Claims end with their post: the map holds only the statuses being posted now.
+            inner.posting.retain(|_, (_, until)| *until > now);
+            match inner.posting.get(&key) {
+                Some((other, _)) if other != holder => return Ok(StatusClaim::InFlight),
+                _ => {
+                    inner
+                        .posting
+                        .insert(key.clone(), (holder.to_owned(), now + lease));
+                    let claim = if inner.taken.insert(key.clone(), now) {
+                        inner.mark(Dirty::Taken(key));
+                        StatusClaim::Mine
+                    } else {
+                        StatusClaim::Retaken
+                    };
+                    (claim, inner.ticket())
+                }
+            }
+        };
+        self.durable(ticket).await?;
+        Ok(claim)
+    }
+
+    async fn finish_status(
+        &self,
+        status: &StatusKey<'_>,
+        holder: &str,
+        posted: bool,
+    ) -> Result<()> {
+        let key = status_id(status);
+        let ticket = {
+            let mut inner = self.lock();
+            if inner
+                .posting
+                .get(&key)
+                .is_some_and(|(claimant, _)| claimant == holder)
+            {
+                inner.posting.remove(&key);
+            }
+            if posted {
+                inner.taken.remove(&key);
+                inner.statuses.insert(key.clone(), Instant::now());
+                inner.mark(Dirty::Taken(key.clone()));
+                inner.mark(Dirty::Status(key));
+            }
+            inner.ticket()
+        };
+        self.durable(ticket).await
+    }
+}
+
+#[async_trait]
+impl LeaseStore for EmbeddedStore {
+    async fn hold_lease(&self, shard: u16, replica: &str, ttl: Duration) -> Result<bool> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let free = inner
+            .leases
+            .get(&shard)
+            .is_none_or(|(holder, until)| holder == replica || *until <= now);
+        if free {
+            inner.leases.insert(shard, (replica.to_owned(), now + ttl));
+        }
+        Ok(free)
+    }
+
+    async fn release_lease(&self, shard: u16, replica: &str) -> Result<()> {
+        let mut inner = self.lock();
+        if inner
+            .leases
+            .get(&shard)
+            .is_some_and(|(holder, _)| holder == replica)
+        {
+            inner.leases.remove(&shard);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn ping(&self) -> Result<()> {
+        match &self.journal {
+            Some(journal) => match &*journal.committed.borrow() {
+                Committed::Failed(why) => Err(failed_write(&journal.path, why.as_str())),
+                Committed::Upto(_) => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match &self.journal {
+            Some(journal) => format!("embedded store in {} (single replica)", journal.path),
+            None => "embedded in-memory store (single replica, not durable)".to_owned(),
+        }
+    }
+}
+
+fn status_id(status: &StatusKey<'_>) -> (String, String, String) {
+    (
+        status.agent.to_owned(),
+        status.sha.to_owned(),
+        status.state.to_owned(),
+    )
+}
+
+/// The registry of runtime agents: the last change's number and each agent's record.
+#[derive(Default)]
+struct MemoryRegistry {
+    seq: u64,
+    records: BTreeMap<String, Versioned<RegistryRecord>>,
+}
+
+#[async_trait]
+impl RegistryStore for EmbeddedStore {
+    async fn registry(&self) -> Result<Registry> {
+        let inner = self.lock();
+        Ok(Registry {
+            seq: inner.registry.seq,
+            agents: inner.registry.records.values().cloned().collect(),
+        })
+    }
+
+    async fn registered(&self, name: &str) -> Result<Option<Versioned<RegistryRecord>>> {
+        Ok(self.lock().registry.records.get(name).cloned())
+    }
+
+    async fn change_registered(
+        &self,
+        name: &str,
+        record: Option<&RegistryRecord>,
+        expected: u64,
+    ) -> Result<RegistryWritten> {
+        let (outcome, ticket) = {
+            let mut inner = self.lock();
+            let stored = inner.registry.records.get(name).map_or(0, |r| r.version);
+            if stored != expected {
+                return Ok(RegistryWritten::Conflict);
+            }
+            inner.registry.seq += 1;
+            let seq = inner.registry.seq;
+            if expected == 0 || record.is_none() {
+                // A new agent starts afresh, even under the name of a deleted one.
+                inner.agents.remove(name);
+                inner.reports.remove(name);
+                inner.sync_errors.remove(name);
+                inner.mark(Dirty::Agent(name.to_owned()));
+                inner.mark(Dirty::Reports(name.to_owned()));
+                inner.mark(Dirty::SyncError(name.to_owned()));
+            }
+            match record {
+                Some(record) => inner.registry.records.insert(
+                    name.to_owned(),
+                    Versioned {
+                        version: seq,
+                        value: record.clone(),
+                    },
+                ),
+                None => inner.registry.records.remove(name),
+            };
+            let message = Broadcast::Registry {
+                agent: name.to_owned(),
+                seq,
+                record: record.cloned().map(Box::new),
+            };
+            inner.mark(Dirty::Registry(name.to_owned()));
+            self.log(&mut inner, message);
+            (RegistryWritten::Saved { seq }, inner.ticket())
+        };
+        self.durable(ticket).await?;
+        Ok(outcome)
+    }
+}
+
+fn failed_write(path: &str, why: &str) -> StoreError {
+    StoreError::Embedded(format!(
+        "writing {path} failed ({why}); nothing is accepted until the server is restarted with \
+         the disk fixed"
+    ))
+}
+
+fn ref_id(key: &RefKey) -> String {
+    format!("{}{SEP}{}", key.project, key.branch)
+}
+
+fn status_key(id: &StatusId) -> String {
+    format!("{}{SEP}{}{SEP}{}", id.0, id.1, id.2)
+}
+
+/// The registry record of an agent as the file holds it: its version and the record.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RegistryFile {
+    version: u64,
+    record: RegistryRecord,
+}
+
+/// Writes what changed to the file, batch by batch, and tells the waiting callers and the
+/// followers once a batch is on disk.
+struct Writer {
+    disk: Disk,
+    inner: Arc<Mutex<Inner>>,
+    notices: broadcast::Sender<Notice>,
+    appended: Arc<Notify>,
+    committed: watch::Sender<Committed>,
+}
+
+impl Writer {
+    fn run(self, woken: std::sync::mpsc::Receiver<()>) {
+        // The load dropped what had expired; the next sweep is due in an hour.
+        let mut forgotten_at = Instant::now();
+        loop {
+            let stopping = match woken.recv_timeout(FORGET_EVERY) {
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => false,
+                // The store is gone: write what is left, then close the file.
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
+            };
+            if matches!(*self.committed.borrow(), Committed::Failed(_)) {
+                if stopping {
+                    return;
+                }
+                continue;
+            }
+            self.commit();
+            if forgotten_at.elapsed() >= FORGET_EVERY {
+                forgotten_at = Instant::now();
+                self.forget_old();
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+
+    /// Writes one batch: everything marked since the last one.
+    fn commit(&self) {
+        let (puts, notices, upto, feed_upto) = {
+            let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+            let feed_upto = inner.status_feed.next_id;
+            let Some(pending) = inner.pending.as_mut() else {
+                return;
+            };
+            let dirty = std::mem::take(&mut pending.dirty);
+            let notices = std::mem::take(&mut pending.notices);
+            let upto = pending.ticket;
+            let puts: Vec<Put> = dirty.iter().flat_map(|d| encode(&inner, d)).collect();
+            (puts, notices, upto, feed_upto)
+        };
+        if !puts.is_empty()
+            && let Err(failure) = self.disk.write(puts)
+        {
+            error!(error = %failure, "cannot write the embedded store; refusing every change from now on");
+            self.committed
+                .send_replace(Committed::Failed(failure.to_string()));
+            return;
+        }
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .status_feed
+            .durable_upto = feed_upto;
+        for message in notices {
+            let _ = self.notices.send(Notice::Message(message));
+        }
+        self.appended.notify_waiters();
+        self.committed.send_if_modified(|c| match c {
+            Committed::Upto(at) if *at < upto => {
+                *at = upto;
+                true
+            }
+            _ => false,
+        });
+    }
+
+    fn forget_old(&self) {
+        let now = crate::clock::now_ms();
+        for (table, age) in [
+            (Table::Deliveries, DELIVERY_MEMORY_SECS),
+            (Table::Statuses, STATUS_MEMORY_SECS),
+            (Table::Taken, STATUS_MEMORY_SECS),
+        ] {
+            if let Err(failure) = self.disk.forget_older(table, Duration::from_secs(age), now) {
+                // Only space is lost; the next round tries again.
+                error!(error = %failure, "cannot forget old markers in the embedded store");
+            }
+        }
+    }
+}
+
+/// The write that brings `dirty`'s record on disk up to its value in memory.
+fn encode(inner: &Inner, dirty: &Dirty) -> Vec<Put> {
+    let now = Instant::now();
+    let time = || Some(disk::encode_time(crate::clock::now_ms()));
+    match dirty {
+        Dirty::Facts(key) => vec![(
+            Table::Facts,
+            ref_id(key),
+            inner.facts.get(key).map(|f| {
+                records::encode_ref_facts(
+                    f.position,
+                    &f.pushes,
+                    f.pipelines.iter().map(|((sha, _), p)| (sha, p)),
+                    &f.rejected,
+                )
+            }),
+        )],
+        Dirty::Delivery(key, id) => vec![(
+            Table::Deliveries,
+            format!("{}{SEP}{id}", ref_id(key)),
+            time(),
+        )],
+        Dirty::Agent(agent) => vec![(
+            Table::Agents,
+            agent.clone(),
+            inner
+                .agents
+                .get(agent)
+                .map(|(version, state)| records::encode_agent_file(*version, state)),
+        )],
+        Dirty::Reports(agent) => vec![(
+            Table::Reports,
+            agent.clone(),
+            inner.reports.get(agent).map(disk::encode_frames),
+        )],
+        Dirty::SyncError(agent) => vec![(
+            Table::SyncErrors,
+            agent.clone(),
+            inner
+                .sync_errors
+                .get(agent)
+                .and_then(|e| serde_json::to_vec(e).ok()),
+        )],
+        Dirty::Status(id) => vec![(
+            Table::Statuses,
+            status_key(id),
+            inner.statuses.contains(id, now).then(time).flatten(),
+        )],
+        Dirty::Taken(id) => vec![(
+            Table::Taken,
+            status_key(id),
+            inner.taken.contains(id, now).then(time).flatten(),
+        )],
+        Dirty::Feed(id) => vec![(
+            Table::Feed,
+            format!("{id:020}"),
+            inner
+                .status_feed
+                .get(*id)
+                .and_then(|m| serde_json::to_vec(m).ok()),
+        )],
+        Dirty::Registry(name) => vec![
+            (
+                Table::Registry,
+                name.clone(),
+                inner.registry.records.get(name).and_then(|r| {
+                    serde_json::to_vec(&RegistryFile {
+                        version: r.version,
+                        record: r.value.clone(),
+                    })
+                    .ok()
+                }),
+            ),
+            (
+                Table::Meta,
+                "registry_seq".to_owned(),
+                Some(inner.registry.seq.to_string().into_bytes()),
+            ),
+        ],
+    }
+}
+
+/// Fills `inner` with what the file holds.
+fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
+    let now = Instant::now();
+    let now_ms = crate::clock::now_ms();
+    let age = |value: &[u8]| {
+        disk::time_of(value)
+            .map(|at| Duration::from_millis(u64::try_from(now_ms - at).unwrap_or(0)))
+    };
+    let corrupt = |table: &str, key: &str, reason: &str| StoreError::Corrupt {
+        key: format!("{table} {key}"),
+        reason: reason.to_owned(),
+    };
+    for (key, value) in disk.scan(Table::Facts)? {
+        let (project, branch) = key
+            .split_once(SEP)
+            .ok_or_else(|| corrupt("facts", &key, "no branch"))?;
+        let (position, pushes, pipelines, rejected) = records::decode_ref_facts(&key, &value)?;
+        inner.facts.insert(
+            RefKey {
+                project: project.to_owned(),
+                branch: branch.to_owned(),
+            },
+            RefFacts {
+                position,
+                pushes: pushes.into(),
+                pipelines: pipelines
+                    .into_iter()
+                    .map(|(sha, p)| ((sha, p.id), p))
+                    .collect(),
+                rejected: rejected.into(),
+            },
+        );
+    }
+    // Markers past their time (or unreadable) are dropped from the file as they are read.
+    let mut expired: Vec<Put> = Vec::new();
+    for (key, value) in disk.scan(Table::Deliveries)? {
+        let mut parts = key.splitn(3, SEP);
+        let kept = match (parts.next(), parts.next(), parts.next(), age(&value)) {
+            (Some(project), Some(branch), Some(id), Some(age)) => {
+                let delivery = RefKey {
+                    project: project.to_owned(),
+                    branch: branch.to_owned(),
+                };
+                inner
+                    .deliveries
+                    .insert_aged((delivery, id.to_owned()), now, age)
+            }
+            _ => false,
+        };
+        if !kept {
+            expired.push((Table::Deliveries, key, None));
+        }
+    }
+    for (agent, value) in disk.scan(Table::Agents)? {
+        let (version, state) = records::decode_agent_file(&agent, &value)?;
+        inner.agents.insert(agent, (version, state));
+    }
+    for (agent, value) in disk.scan(Table::Reports)? {
+        let frames =
+            disk::decode_frames(&value).ok_or_else(|| corrupt("reports", &agent, "cut short"))?;
+        inner.reports.insert(agent, frames.into());
+    }
+    for (agent, value) in disk.scan(Table::SyncErrors)? {
+        let error = serde_json::from_slice(&value)
+            .map_err(|e| corrupt("sync_errors", &agent, &e.to_string()))?;
+        inner.sync_errors.insert(agent, error);
+    }
+    for (table, set) in [
+        (Table::Statuses, &mut inner.statuses),
+        (Table::Taken, &mut inner.taken),
+    ] {
+        for (key, value) in disk.scan(table)? {
+            let mut parts = key.splitn(3, SEP);
+            let kept = match (parts.next(), parts.next(), parts.next(), age(&value)) {
+                (Some(agent), Some(sha), Some(state), Some(age)) => {
+                    let id = (agent.to_owned(), sha.to_owned(), state.to_owned());
+                    set.insert_aged(id, now, age)
+                }
+                _ => false,
+            };
+            if !kept {
+                expired.push((table, key, None));
+            }
+        }
+    }
+    for (key, value) in disk.scan(Table::Feed)? {
+        let id: u64 = key
+            .parse()
+            .map_err(|_| corrupt("feed", &key, "not an entry id"))?;
+        inner.status_feed.next_id = inner.status_feed.next_id.max(id);
+        // An entry this version cannot read is skipped, as the Redis log's would be.
+        if let Ok(message) = serde_json::from_slice(&value) {
+            inner.status_feed.entries.push_back(FeedEntry {
+                id,
+                message,
+                taken: None,
+            });
+        }
+    }
+    for (name, value) in disk.scan(Table::Registry)? {
+        let file: RegistryFile = serde_json::from_slice(&value)
+            .map_err(|e| corrupt("registry", &name, &e.to_string()))?;
+        inner.registry.records.insert(
+            name,
+            Versioned {
+                version: file.version,
+                value: file.record,
+            },
+        );
+    }
+    if !expired.is_empty() {
+        disk.write(expired)?;
+    }
+    inner.deliveries.settle();
+    inner.statuses.settle();
+    inner.taken.settle();
+    if let Some(seq) = disk.get(Table::Meta, "registry_seq")? {
+        inner.registry.seq = disk::time_of(&seq).map_or(0, |seq| u64::try_from(seq).unwrap_or(0));
+    }
+    Ok(())
+}
+
+/// A set whose members are forgotten a fixed time after they were added, as Redis keys with
+/// `EX` are. Members expire in the order they were added, so sweeping is a walk from the
+/// front that stops at the first live one: amortised O(1) per insert.
+struct Expiring<K> {
+    ttl: Duration,
+    expires: HashMap<K, Instant>,
+    order: VecDeque<(Instant, K)>,
+}
+
+impl<K: Hash + Eq + Clone> Expiring<K> {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            expires: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Adds `key` unless it is held and live: `true` when it was added.
+    fn insert(&mut self, key: K, now: Instant) -> bool {
+        self.sweep(now);
+        if self.contains(&key, now) {
+            return false;
+        }
+        let expiry = now + self.ttl;
+        self.expires.insert(key.clone(), expiry);
+        self.order.push_back((expiry, key));
+        true
+    }
+
+    /// Adds `key` as if it had been added `age` ago: `false`, and nothing added, when that
+    /// is past its time.
+    fn insert_aged(&mut self, key: K, now: Instant, age: Duration) -> bool {
+        let Some(left) = self.ttl.checked_sub(age) else {
+            return false;
+        };
+        let expiry = now + left;
+        self.expires.insert(key.clone(), expiry);
+        self.order.push_back((expiry, key));
+        true
+    }
+
+    /// Puts members added with [`Self::insert_aged`], in any order, in expiry order.
+    fn settle(&mut self) {
+        self.order
+            .make_contiguous()
+            .sort_by_key(|(expiry, _)| *expiry);
+    }
+
+    fn contains(&self, key: &K, now: Instant) -> bool {
+        self.expires.get(key).is_some_and(|expiry| *expiry > now)
+    }
+
+    fn remove(&mut self, key: &K) {
+        // Its place in `order` no longer matches an expiry, so the sweep skips it.
+        self.expires.remove(key);
+    }
+
+    fn len(&self) -> usize {
+        self.expires.len()
+    }
+
+    fn sweep(&mut self, now: Instant) {
+        while let Some((expiry, _)) = self.order.front()
+            && *expiry <= now
+        {
+            if let Some((expiry, key)) = self.order.pop_front()
+                && self.expires.get(&key) == Some(&expiry)
+            {
+                self.expires.remove(&key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_are_forgotten_after_their_time_and_swept_on_insert() {
+        let start = Instant::now();
+        let mut set = Expiring::new(Duration::from_secs(10));
+        assert!(set.insert("a", start));
+        assert!(
+            !set.insert("a", start + Duration::from_secs(5)),
+            "still live"
+        );
+        assert!(set.contains(&"a", start + Duration::from_secs(9)));
+        assert!(!set.contains(&"a", start + Duration::from_secs(10)));
+        // Re-added after it expired: the old order entry must not evict the new one.
+        assert!(set.insert("a", start + Duration::from_secs(11)));
+        assert!(set.contains(&"a", start + Duration::from_secs(20)));
+        assert!(set.insert("b", start + Duration::from_secs(22)));
+        assert!(!set.contains(&"a", start + Duration::from_secs(22)));
+        assert_eq!(set.len(), 1, "a was swept when b came");
+    }
+
+    #[test]
+    fn a_stream_of_new_members_holds_only_the_live_ones() {
+        let start = Instant::now();
+        let mut set = Expiring::new(Duration::from_secs(60));
+        for second in 0..10_000u64 {
+            set.insert(second, start + Duration::from_secs(second));
+        }
+        assert_eq!(set.len(), 60);
+        assert!(set.order.len() <= 61);
+    }
+
+    #[test]
+    fn markers_past_their_time_or_unreadable_leave_the_file_when_it_is_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let recent = crate::clock::now_ms();
+        {
+            let disk = Disk::open(dir.path()).unwrap();
+            disk.write(vec![
+                (
+                    Table::Deliveries,
+                    format!("p{SEP}b{SEP}old"),
+                    Some(disk::encode_time(0)),
+                ),
+                (
+                    Table::Deliveries,
+                    format!("p{SEP}b{SEP}new"),
+                    Some(disk::encode_time(recent)),
+                ),
+                (
+                    Table::Statuses,
+                    "no parts".into(),
+                    Some(disk::encode_time(recent)),
+                ),
+                (
+                    Table::Taken,
+                    format!("a{SEP}s{SEP}running"),
+                    Some(b"x".to_vec()),
+                ),
+            ])
+            .unwrap();
+        }
+        drop(EmbeddedStore::open(dir.path()).unwrap());
+        let disk = Disk::open(dir.path()).unwrap();
+        let kept: Vec<String> = disk
+            .scan(Table::Deliveries)
+            .unwrap()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(kept, [format!("p{SEP}b{SEP}new")]);
+        assert!(disk.scan(Table::Statuses).unwrap().is_empty());
+        assert!(disk.scan(Table::Taken).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn redeliveries_and_claims_are_forgotten_after_the_configured_time() {
+        let store =
+            EmbeddedStore::with_memory(Duration::from_millis(50), Duration::from_millis(50));
+        let key = RefKey {
+            project: "p".to_owned(),
+            branch: "main".to_owned(),
+        };
+        let push = FactRecord::Push(crate::gate::Push {
+            before: None,
+            after: Sha::parse(&"a".repeat(40)).ok(),
+            at_ms: 0,
+        });
+        assert!(matches!(
+            store
+                .record_fact(&key, &push, Some("d1"), None)
+                .await
+                .unwrap(),
+            Ingested::Recorded { position: 1 }
+        ));
+        assert_eq!(
+            store
+                .record_fact(&key, &push, Some("d1"), None)
+                .await
+                .unwrap(),
+            Ingested::Duplicate
+        );
+        let status = StatusKey {
+            agent: "a",
+            sha: "sha",
+            state: "success",
+        };
+        let lease = Duration::from_secs(60);
+        store.begin_status(&status, "r", lease).await.unwrap();
+        store.finish_status(&status, "r", true).await.unwrap();
+        assert_eq!(
+            store.begin_status(&status, "r", lease).await.unwrap(),
+            StatusClaim::Posted
+        );
+        assert_eq!(store.markers(), 2);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(
+            store.begin_status(&status, "r", lease).await.unwrap(),
+            StatusClaim::Mine,
+            "forgotten"
+        );
+        assert!(matches!(
+            store
+                .record_fact(&key, &push, Some("d1"), None)
+                .await
+                .unwrap(),
+            Ingested::Recorded { .. }
+        ));
+        store.finish_status(&status, "r", true).await.unwrap();
+        assert_eq!(store.markers(), 2, "the expired markers were swept");
+    }
+}

@@ -1,0 +1,474 @@
+//! What is persisted, as its own versioned types: the gate's types may change shape freely,
+//! and every conversion happens here, at the store's edge.
+
+use serde::{Deserialize, Serialize};
+
+use super::{AgentState, StoreError};
+use crate::gate::{
+    AgentGate, Decision, Hold, Outcome, Pin, Pipeline, PipelineStatus, Push, Rejected, Revision,
+    Sha,
+};
+
+/// The layout this version writes; a store holding another refuses to start.
+pub const LAYOUT_VERSION: &str = "2";
+
+fn corrupt(key: &str, reason: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        key: key.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+/// An agent's core record: small, rewritten by every decision about the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub enum AgentRecord {
+    #[serde(rename = "1")]
+    V1(AgentRecordV1),
+}
+
+/// Version 1 of the agent record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRecordV1 {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<RevisionV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<RevisionV1>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<(String, i64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<(Sha, String, i64)>,
+    pub generation: u64,
+    pub facts_position: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// Version 1 of a revision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevisionV1 {
+    pub sha: Sha,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_id: Option<u64>,
+    pub reason: String,
+    pub decided_at_ms: i64,
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_prune: bool,
+}
+
+impl From<&Revision> for RevisionV1 {
+    fn from(r: &Revision) -> Self {
+        Self {
+            sha: r.sha.clone(),
+            pipeline_id: r.pipeline_id,
+            reason: r.reason.clone(),
+            decided_at_ms: r.decided_at_ms,
+            generation: r.generation,
+            force_prune: r.force_prune,
+        }
+    }
+}
+
+impl From<RevisionV1> for Revision {
+    fn from(r: RevisionV1) -> Self {
+        Self {
+            sha: r.sha,
+            pipeline_id: r.pipeline_id,
+            reason: r.reason,
+            decided_at_ms: r.decided_at_ms,
+            generation: r.generation,
+            force_prune: r.force_prune,
+        }
+    }
+}
+
+/// One decision in an agent's history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub enum DecisionRecord {
+    #[serde(rename = "1")]
+    V1(DecisionV1),
+}
+
+/// Version 1 of a decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DecisionV1 {
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha: Option<Sha>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline_id: Option<u64>,
+    pub reason: String,
+    pub at_ms: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<Sha>,
+}
+
+/// Encodes a decision for the history.
+pub fn encode_decision(d: &Decision) -> String {
+    let record = DecisionRecord::V1(DecisionV1 {
+        outcome: d.outcome,
+        sha: d.sha.clone(),
+        pipeline_id: d.pipeline_id,
+        reason: d.reason.clone(),
+        at_ms: d.at_ms,
+        superseded_by: d.superseded_by.clone(),
+    });
+    // Serialising plain data into a string cannot fail.
+    serde_json::to_string(&record).unwrap_or_default()
+}
+
+/// Decodes a decision of the history stored under `key`.
+pub fn decode_decision(key: &str, text: &[u8]) -> Result<Decision, StoreError> {
+    let DecisionRecord::V1(d) = serde_json::from_slice(text).map_err(|e| corrupt(key, e))?;
+    Ok(Decision {
+        outcome: d.outcome,
+        sha: d.sha,
+        pipeline_id: d.pipeline_id,
+        reason: d.reason,
+        at_ms: d.at_ms,
+        superseded_by: d.superseded_by,
+    })
+}
+
+/// Encodes the core of an agent's state (the history and deployed set are kept apart).
+pub fn encode_agent(state: &AgentState) -> String {
+    let gate = &state.gate;
+    let record = AgentRecord::V1(AgentRecordV1 {
+        position: gate.position.as_ref().map(RevisionV1::from),
+        desired: gate.desired.as_ref().map(RevisionV1::from),
+        paused: gate.paused.as_ref().map(|h| (h.reason.clone(), h.since_ms)),
+        pinned: gate
+            .pinned
+            .as_ref()
+            .map(|p| (p.sha.clone(), p.reason.clone(), p.since_ms)),
+        generation: gate.generation,
+        facts_position: state.position,
+        traceparent: state.traceparent.clone(),
+    });
+    serde_json::to_string(&record).unwrap_or_default()
+}
+
+/// Rebuilds an agent's state from its core record, history (oldest first) and deployed set.
+pub fn decode_agent(
+    key: &str,
+    core: &[u8],
+    decisions: Vec<Decision>,
+    deployed: Vec<Sha>,
+) -> Result<AgentState, StoreError> {
+    let AgentRecord::V1(r) = serde_json::from_slice(core).map_err(|e| corrupt(key, e))?;
+    Ok(AgentState {
+        gate: AgentGate {
+            position: r.position.map(Revision::from),
+            desired: r.desired.map(Revision::from),
+            paused: r.paused.map(|(reason, since_ms)| Hold { reason, since_ms }),
+            pinned: r.pinned.map(|(sha, reason, since_ms)| Pin {
+                sha,
+                reason,
+                since_ms,
+            }),
+            generation: r.generation,
+            decisions: decisions.into(),
+            deployed: deployed.into(),
+        },
+        position: r.facts_position,
+        traceparent: r.traceparent,
+    })
+}
+
+/// The field a pipeline's record is stored under in its ref's pipeline hash.
+pub fn pipeline_field(sha: &Sha, id: u64) -> String {
+    format!("{sha}:{id}")
+}
+
+/// A pipeline record in the form the merge script compares: `status|as_of_ms|source`, and
+/// its passed stages apart, as a JSON array the script never looks into.
+pub fn encode_pipeline(pipeline: &Pipeline) -> (String, String) {
+    let as_of = pipeline
+        .as_of_ms
+        .map(|ms| ms.to_string())
+        .unwrap_or_default();
+    // The source is a GitLab enum; a separator in it would only confuse this record.
+    let source = pipeline.source.replace('|', "_");
+    let head = format!("{}|{as_of}|{source}", pipeline.status.as_str());
+    let stages = serde_json::to_string(&pipeline.passed_stages).unwrap_or_else(|_| "[]".into());
+    (head, stages)
+}
+
+/// Decodes a pipeline record stored under `field` of `key`.
+pub fn decode_pipeline(
+    key: &str,
+    field: &str,
+    head: &str,
+    stages: Option<&str>,
+) -> Result<(Sha, Pipeline), StoreError> {
+    let bad = |why: &str| corrupt(&format!("{key} {field}"), why);
+    let (sha, id) = field
+        .rsplit_once(':')
+        .ok_or_else(|| bad("no pipeline id"))?;
+    let sha = Sha::parse(sha).map_err(|e| bad(&e.to_string()))?;
+    let id = id.parse().map_err(|_| bad("bad pipeline id"))?;
+    let mut parts = head.splitn(3, '|');
+    let status = parts.next().ok_or_else(|| bad("no status"))?;
+    let status = PipelineStatus::parse(status).map_err(|e| bad(&e.to_string()))?;
+    let as_of_ms = match parts.next() {
+        None | Some("") => None,
+        Some(ms) => Some(ms.parse().map_err(|_| bad("bad time"))?),
+    };
+    let source = parts.next().unwrap_or_default().to_owned();
+    let passed_stages = match stages {
+        Some(json) => serde_json::from_str(json).map_err(|e| bad(&e.to_string()))?,
+        None => Vec::new(),
+    };
+    Ok((
+        sha,
+        Pipeline {
+            id,
+            status,
+            source,
+            as_of_ms,
+            passed_stages,
+        },
+    ))
+}
+
+/// A push record: `before|after|at_ms`, an empty side for none.
+pub fn encode_push(push: &Push) -> String {
+    let side = |sha: &Option<Sha>| sha.as_ref().map(Sha::to_string).unwrap_or_default();
+    format!(
+        "{}|{}|{}",
+        side(&push.before),
+        side(&push.after),
+        push.at_ms
+    )
+}
+
+/// Decodes a push record of `key`.
+pub fn decode_push(key: &str, text: &str) -> Result<Push, StoreError> {
+    let bad = |why: &str| corrupt(key, format!("push record {text:?}: {why}"));
+    let mut parts = text.split('|');
+    let mut side = || -> Result<Option<Sha>, StoreError> {
+        match parts.next() {
+            None => Err(bad("too short")),
+            Some("") => Ok(None),
+            Some(sha) => Sha::parse(sha).map(Some).map_err(|e| bad(&e.to_string())),
+        }
+    };
+    let before = side()?;
+    let after = side()?;
+    let at_ms = parts
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .ok_or_else(|| bad("bad time"))?;
+    Ok(Push {
+        before,
+        after,
+        at_ms,
+    })
+}
+
+/// Encodes a rejected claim.
+pub fn encode_rejected(rejected: &Rejected) -> String {
+    serde_json::to_string(rejected).unwrap_or_default()
+}
+
+/// Decodes a rejected claim of `key`.
+pub fn decode_rejected(key: &str, text: &[u8]) -> Result<Rejected, StoreError> {
+    serde_json::from_slice(text).map_err(|e| corrupt(key, e))
+}
+
+/// A ref's facts as the embedded store's file holds them, in one record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub enum RefFactsRecord {
+    #[serde(rename = "1")]
+    V1(RefFactsV1),
+}
+
+/// Version 1 of a ref's facts: the same texts as Redis's lists and hashes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RefFactsV1 {
+    pub position: u64,
+    pub pushes: Vec<String>,
+    /// (field, head, passed stages) of [`encode_pipeline`].
+    pub pipelines: Vec<(String, String, String)>,
+    pub rejected: Vec<String>,
+}
+
+/// A ref's facts, decoded.
+pub type RefFactsParts = (u64, Vec<Push>, Vec<(Sha, Pipeline)>, Vec<Rejected>);
+
+/// Encodes a ref's facts for the embedded store's file.
+pub fn encode_ref_facts<'a>(
+    position: u64,
+    pushes: impl IntoIterator<Item = &'a Push>,
+    pipelines: impl IntoIterator<Item = (&'a Sha, &'a Pipeline)>,
+    rejected: impl IntoIterator<Item = &'a Rejected>,
+) -> Vec<u8> {
+    let record = RefFactsRecord::V1(RefFactsV1 {
+        position,
+        pushes: pushes.into_iter().map(encode_push).collect(),
+        pipelines: pipelines
+            .into_iter()
+            .map(|(sha, pipeline)| {
+                let (head, stages) = encode_pipeline(pipeline);
+                (pipeline_field(sha, pipeline.id), head, stages)
+            })
+            .collect(),
+        rejected: rejected.into_iter().map(encode_rejected).collect(),
+    });
+    serde_json::to_vec(&record).unwrap_or_default()
+}
+
+/// Decodes the facts of `key` written by [`encode_ref_facts`].
+pub fn decode_ref_facts(key: &str, bytes: &[u8]) -> Result<RefFactsParts, StoreError> {
+    let RefFactsRecord::V1(r) = serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))?;
+    let pushes = r
+        .pushes
+        .iter()
+        .map(|text| decode_push(key, text))
+        .collect::<Result<_, _>>()?;
+    let pipelines = r
+        .pipelines
+        .iter()
+        .map(|(field, head, stages)| decode_pipeline(key, field, head, Some(stages)))
+        .collect::<Result<_, _>>()?;
+    let rejected = r
+        .rejected
+        .iter()
+        .map(|text| decode_rejected(key, text.as_bytes()))
+        .collect::<Result<_, _>>()?;
+    Ok((r.position, pushes, pipelines, rejected))
+}
+
+/// An agent's whole state as the embedded store's file holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "v")]
+pub enum AgentFileRecord {
+    #[serde(rename = "1")]
+    V1(AgentFileV1),
+}
+
+/// Version 1: the version, and the same texts as Redis's record, history and deployed list.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentFileV1 {
+    pub version: u64,
+    pub core: String,
+    pub decisions: Vec<String>,
+    pub deployed: Vec<Sha>,
+}
+
+/// Encodes an agent's state at `version` for the embedded store's file.
+pub fn encode_agent_file(version: u64, state: &AgentState) -> Vec<u8> {
+    let record = AgentFileRecord::V1(AgentFileV1 {
+        version,
+        core: encode_agent(state),
+        decisions: state.gate.decisions.iter().map(encode_decision).collect(),
+        deployed: state.gate.deployed.iter().cloned().collect(),
+    });
+    serde_json::to_vec(&record).unwrap_or_default()
+}
+
+/// Decodes the agent state of `key` written by [`encode_agent_file`], with its version.
+pub fn decode_agent_file(key: &str, bytes: &[u8]) -> Result<(u64, AgentState), StoreError> {
+    let AgentFileRecord::V1(r) = serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))?;
+    let decisions = r
+        .decisions
+        .iter()
+        .map(|text| decode_decision(key, text.as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let state = decode_agent(key, r.core.as_bytes(), decisions, r.deployed)?;
+    Ok((r.version, state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(n: u8) -> Sha {
+        Sha::parse(&format!("{n:040x}")).unwrap()
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let push = Push {
+            before: None,
+            after: Some(sha(1)),
+            at_ms: 5,
+        };
+        assert_eq!(decode_push("k", &encode_push(&push)).unwrap(), push);
+        let pipeline = Pipeline {
+            id: 9,
+            status: PipelineStatus::Running,
+            source: "push".into(),
+            as_of_ms: Some(12),
+            passed_stages: vec!["test".into()],
+        };
+        let (head, stages) = encode_pipeline(&pipeline);
+        let field = pipeline_field(&sha(2), 9);
+        assert_eq!(
+            decode_pipeline("k", &field, &head, Some(&stages)).unwrap(),
+            (sha(2), pipeline)
+        );
+        let mut state = AgentState::default();
+        state.gate.generation = 3;
+        state.gate.pinned = Some(Pin {
+            sha: sha(1),
+            reason: "r".into(),
+            since_ms: 1,
+        });
+        state.position = 7;
+        let core = encode_agent(&state);
+        assert_eq!(
+            decode_agent("k", core.as_bytes(), Vec::new(), Vec::new()).unwrap(),
+            state
+        );
+    }
+
+    #[test]
+    fn file_records_round_trip() {
+        let push = Push {
+            before: Some(sha(1)),
+            after: Some(sha(2)),
+            at_ms: 5,
+        };
+        let pipeline = Pipeline {
+            id: 4,
+            status: PipelineStatus::Success,
+            source: "push".into(),
+            as_of_ms: None,
+            passed_stages: Vec::new(),
+        };
+        let bytes = encode_ref_facts(3, [&push], [(&sha(2), &pipeline)], []);
+        let (position, pushes, pipelines, rejected) = decode_ref_facts("k", &bytes).unwrap();
+        assert_eq!(position, 3);
+        assert_eq!(pushes, [push]);
+        assert_eq!(pipelines, [(sha(2), pipeline)]);
+        assert!(rejected.is_empty());
+
+        let mut state = AgentState::default();
+        state.gate.deployed.push_back(sha(7));
+        state.gate.decisions.push_back(Decision {
+            outcome: Outcome::Deploy,
+            sha: Some(sha(7)),
+            pipeline_id: Some(4),
+            reason: "green".into(),
+            at_ms: 9,
+            superseded_by: None,
+        });
+        let bytes = encode_agent_file(6, &state);
+        assert_eq!(decode_agent_file("k", &bytes).unwrap(), (6, state));
+        assert!(decode_agent_file("k", b"{}").is_err());
+        assert!(decode_ref_facts("k", b"[1]").is_err());
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error_not_a_panic() {
+        assert!(decode_push("k", "zz|").is_err());
+        assert!(decode_pipeline("k", "nope", "success||push", None).is_err());
+        assert!(decode_pipeline("k", &pipeline_field(&sha(1), 1), "bogus||", None).is_err());
+        assert!(decode_agent("k", b"{\"v\":\"9\"}", Vec::new(), Vec::new()).is_err());
+        assert!(decode_decision("k", b"[]").is_err());
+    }
+}

@@ -1,0 +1,240 @@
+//! `greenlightctl agent …`: agents managed at runtime through the admin API.
+
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use super::Admin;
+use super::output::{self, Format};
+use crate::v1::{
+    AgentDefinition, CreateAgentRequest, DeleteAgentRequest, GateMode, RotateAgentTokenRequest,
+    UpdateAgentRequest,
+};
+
+/// Runtime agent commands (admin token only).
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Creates an agent and prints its token, which is shown only this once.
+    Create {
+        #[command(flatten)]
+        definition: Definition,
+        /// Also make a CI token for the agent (trigger, status and wait only).
+        #[arg(long)]
+        ci_token: bool,
+    },
+    /// Replaces a runtime agent's definition (its tokens, project and ref stay).
+    Update {
+        #[command(flatten)]
+        definition: Definition,
+    },
+    /// Deletes a runtime agent: its streams end and its tokens are refused.
+    Delete { name: String },
+    /// Gives a runtime agent a new token, printed only this once; the old one stays valid
+    /// for the grace period.
+    RotateToken {
+        name: String,
+        /// How long the old token stays valid (0s refuses it at once; at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        /// Rotate the CI token instead of the agent's bearer token.
+        #[arg(long)]
+        ci: bool,
+    },
+}
+
+/// How an agent's desired revision advances.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Mode {
+    Pipeline,
+    Immediate,
+    Manual,
+}
+
+/// An agent's definition, as an entry of the server's `agents:` writes it.
+#[derive(Args)]
+pub struct Definition {
+    /// 1-40 lowercase letters, digits or '-'.
+    name: String,
+    /// GitLab project: path (group/app) or numeric id.
+    #[arg(long)]
+    project: String,
+    /// Branch to follow.
+    #[arg(long = "ref")]
+    git_ref: String,
+    #[arg(long, value_enum, default_value_t = Mode::Pipeline)]
+    mode: Mode,
+    /// Pipeline mode: a stage whose success opens the gate (repeat for more).
+    #[arg(long = "stage")]
+    stages: Vec<String>,
+    /// Git repository of the manifests.
+    #[arg(long)]
+    repository: Option<String>,
+    /// File on every server replica holding the repository's token.
+    #[arg(long)]
+    repository_token_file: Option<String>,
+    /// Glob selecting manifest files (repeat for more).
+    #[arg(long = "path")]
+    paths: Vec<String>,
+    #[arg(long)]
+    default_namespace: Option<String>,
+    /// Namespace (or glob) the agent may write to (repeat for more).
+    #[arg(long = "scope-namespace")]
+    scope_namespaces: Vec<String>,
+    /// Cluster-scoped kind the agent may write (repeat for more).
+    #[arg(long = "scope-cluster-kind")]
+    scope_cluster_kinds: Vec<String>,
+    /// Whether objects removed from the manifests are deleted.
+    #[arg(long)]
+    prune: Option<bool>,
+    #[arg(long)]
+    prune_limit: Option<u32>,
+    /// How long a revision may take to become healthy (90s, 5m).
+    #[arg(long)]
+    health_timeout: Option<String>,
+    /// How often the agent re-applies to correct drift (5m).
+    #[arg(long)]
+    reconcile_interval: Option<String>,
+    /// Service account the agent acts as: name or namespace/name.
+    #[arg(long)]
+    impersonate: Option<String>,
+    /// Serve the agent's badge without its key.
+    #[arg(long)]
+    badge_public: bool,
+}
+
+impl Definition {
+    fn into_proto(self) -> AgentDefinition {
+        let mode = match self.mode {
+            Mode::Pipeline => GateMode::Pipeline,
+            Mode::Immediate => GateMode::Immediate,
+            Mode::Manual => GateMode::Manual,
+        };
+        AgentDefinition {
+            name: self.name,
+            project: self.project,
+            r#ref: self.git_ref,
+            mode: mode.into(),
+            stages: self.stages,
+            repository: self.repository.unwrap_or_default(),
+            repository_token_file: self.repository_token_file.unwrap_or_default(),
+            paths: self.paths,
+            default_namespace: self.default_namespace.unwrap_or_default(),
+            scope_namespaces: self.scope_namespaces,
+            scope_cluster_kinds: self.scope_cluster_kinds,
+            prune: self.prune,
+            prune_limit: self.prune_limit,
+            health_timeout: self.health_timeout.unwrap_or_default(),
+            reconcile_interval: self.reconcile_interval.unwrap_or_default(),
+            impersonate: self.impersonate.unwrap_or_default(),
+            badge_public: self.badge_public,
+            ..AgentDefinition::default()
+        }
+    }
+}
+
+/// Prints a token shown this once.
+fn token(format: Format, name: &str, token: &str, ci_token: &str) {
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({"name": name, "token": token, "ci_token": Some(ci_token).filter(|t| !t.is_empty())})
+        ),
+        Format::Human => {
+            println!("agent {name}");
+            if !token.is_empty() {
+                println!("token: {token}");
+            }
+            if !ci_token.is_empty() {
+                println!("ci token: {ci_token}");
+            }
+            eprintln!("these tokens are shown only now: the server keeps only their SHA-256");
+        }
+    }
+}
+
+/// Runs one runtime agent command.
+pub async fn execute(
+    admin: &mut Admin,
+    format: Format,
+    command: AgentCommand,
+) -> anyhow::Result<()> {
+    match command {
+        AgentCommand::Create {
+            definition,
+            ci_token,
+        } => {
+            let created = admin
+                .create_agent(CreateAgentRequest {
+                    agent: Some(definition.into_proto()),
+                    ci_token,
+                })
+                .await?
+                .into_inner();
+            let name = created
+                .agent
+                .as_ref()
+                .map(|a| a.name.as_str())
+                .unwrap_or_default();
+            token(format, name, &created.token, &created.ci_token);
+        }
+        AgentCommand::Update { definition } => {
+            let status = admin
+                .update_agent(UpdateAgentRequest {
+                    agent: Some(definition.into_proto()),
+                })
+                .await?
+                .into_inner();
+            output::status(format, &status);
+        }
+        AgentCommand::Delete { name } => {
+            admin
+                .delete_agent(DeleteAgentRequest { name: name.clone() })
+                .await?;
+            match format {
+                Format::Json => println!("{}", json!({"deleted": name})),
+                Format::Human => println!("agent {name} deleted"),
+            }
+        }
+        AgentCommand::RotateToken { name, grace, ci } => {
+            let grace_seconds = u32::try_from(grace.as_secs())
+                .map_err(|_| anyhow::anyhow!("--grace is too long"))?;
+            let rotated = admin
+                .rotate_agent_token(RotateAgentTokenRequest {
+                    name: name.clone(),
+                    grace_seconds: Some(grace_seconds),
+                    ci_token: ci,
+                })
+                .await?
+                .into_inner();
+            let (bearer, ci_token) = if ci {
+                ("", rotated.token.as_str())
+            } else {
+                (rotated.token.as_str(), "")
+            };
+            match format {
+                Format::Json => println!(
+                    "{}",
+                    json!({
+                        "name": name,
+                        "token": Some(bearer).filter(|t| !t.is_empty()),
+                        "ci_token": Some(ci_token).filter(|t| !t.is_empty()),
+                        "previous_valid_until_unix_ms": rotated.previous_valid_until_unix_ms,
+                    })
+                ),
+                Format::Human => {
+                    token(format, &name, bearer, ci_token);
+                    if rotated.previous_valid_until_unix_ms > 0 {
+                        println!(
+                            "the old token is accepted for {} more",
+                            humantime::format_duration(grace)
+                        );
+                    } else {
+                        println!("the old token is refused from now on");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

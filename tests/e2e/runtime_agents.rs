@@ -1,0 +1,501 @@
+//! Agents managed at runtime through the admin API: created on one replica and connected on
+//! another, their tokens rotated with a grace period, deleted with their streams ended; and
+//! the config file's agents left alone.
+
+use anyhow::{Context as _, bail, ensure};
+use greenlight::v1::{
+    AgentDefinition, CreateAgentRequest, DeleteAgentRequest, GetAgentRequest,
+    RotateAgentTokenRequest, UpdateAgentRequest,
+};
+use greenlight_agent::client::{Client, ClientError, RevisionStream};
+use greenlight_e2e::{
+    ADMIN_TOKEN, AgentDef, PROJECT, Redis, SOON, TestServer, config_yaml, eventually,
+    next_revision, sha,
+};
+use greenlight_server::config::{Config, Overrides};
+use tonic::Code;
+
+const NULL_SHA: &str = "0000000000000000000000000000000000000000";
+
+/// How long a rotated-out token stays valid in these tests: long enough to be used once
+/// right after the rotation, short enough to wait out.
+const GRACE_SECONDS: u32 = 3;
+
+/// A replica named `replica` with the file agent `prod`, on `redis` or the embedded store.
+async fn server(redis: Option<&Redis>, replica: &str) -> anyhow::Result<TestServer> {
+    let url = redis.map(Redis::url);
+    let yaml = config_yaml(url.as_deref(), &[AgentDef::new("prod")]);
+    let overrides = Overrides {
+        replica_id: Some(replica.to_owned()),
+        ..Overrides::default()
+    };
+    TestServer::start_with(Config::from_yaml(&yaml, &overrides)?).await
+}
+
+fn definition(name: &str) -> AgentDefinition {
+    AgentDefinition {
+        name: name.into(),
+        project: PROJECT.into(),
+        r#ref: "main".into(),
+        ..AgentDefinition::default()
+    }
+}
+
+/// The code of a refused call, failing if it was not refused.
+fn refusal<T: std::fmt::Debug>(result: Result<T, tonic::Status>) -> anyhow::Result<tonic::Status> {
+    match result {
+        Ok(answer) => bail!("expected a refusal, got {answer:?}"),
+        Err(status) => Ok(status),
+    }
+}
+
+/// Opens a Sync stream on `server` with `token`: the server's refusal as an error.
+async fn open(server: &TestServer, token: &str) -> Result<RevisionStream, ClientError> {
+    Client::connect(&server.grpc_url(), token, None)
+        .await?
+        .sync(None)
+        .await
+}
+
+/// The status a stream's refusal or end carries.
+fn status_of(error: ClientError) -> anyhow::Result<tonic::Status> {
+    match error {
+        ClientError::Status(status) => Ok(status),
+        other => bail!("expected a status from the server, got {other}"),
+    }
+}
+
+/// Waits until `server` accepts `token` for a stream.
+async fn accepted(server: &TestServer, token: &str) -> anyhow::Result<RevisionStream> {
+    eventually("the token to be accepted", || async {
+        match open(server, token).await {
+            Ok(stream) => Ok(Some(stream)),
+            Err(ClientError::Status(status)) if status.code() == Code::Unauthenticated => Ok(None),
+            Err(other) => Err(other.into()),
+        }
+    })
+    .await
+}
+
+/// Waits until `server` refuses `token`.
+async fn refused(server: &TestServer, token: &str) -> anyhow::Result<tonic::Status> {
+    eventually("the token to be refused", || async {
+        match open(server, token).await {
+            Ok(_) => Ok(None),
+            Err(error) => {
+                let status = status_of(error)?;
+                ensure!(status.code() == Code::Unauthenticated, "{status:?}");
+                Ok(Some(status))
+            }
+        }
+    })
+    .await
+}
+
+/// Waits for the end of `stream`, which must carry a status; the revision a new stream
+/// starts with is read past.
+async fn ended(stream: &mut RevisionStream) -> anyhow::Result<tonic::Status> {
+    let deadline = tokio::time::Instant::now() + SOON * 3;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Err(_) => bail!("the stream did not end"),
+            Ok(Ok(Some(revision))) => ensure!(revision.sha() == sha(1), "{}", revision.sha()),
+            Ok(Ok(None)) => bail!("the stream ended without a status"),
+            Ok(Err(error)) => return status_of(error),
+        }
+    }
+}
+
+/// The whole life of a runtime agent, with its changes made on `a` and its streams on `b`
+/// (the same server for the embedded store).
+async fn lifecycle(a: &TestServer, b: &TestServer) -> anyhow::Result<()> {
+    let mut admin = a.admin().await?;
+
+    // Created on A: its tokens are answered once.
+    let created = admin
+        .create_agent(CreateAgentRequest {
+            agent: Some(definition("edge-1")),
+            ci_token: true,
+        })
+        .await?
+        .into_inner();
+    let status = created.agent.context("the created agent's status")?;
+    assert!(status.runtime, "{status:?}");
+    assert_eq!(
+        (status.project.as_str(), status.r#ref.as_str()),
+        (PROJECT, "main")
+    );
+    assert_eq!(created.token.len(), 64);
+    assert!(!created.ci_token.is_empty());
+    assert_ne!(created.token, created.ci_token);
+    let again = refusal(
+        admin
+            .create_agent(CreateAgentRequest {
+                agent: Some(definition("edge-1")),
+                ci_token: false,
+            })
+            .await,
+    )?;
+    assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
+    let invalid = refusal(
+        admin
+            .create_agent(CreateAgentRequest {
+                agent: Some(AgentDefinition {
+                    health_timeout: "soon".into(),
+                    ..definition("edge-2")
+                }),
+                ci_token: false,
+            })
+            .await,
+    )?;
+    assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
+    assert!(invalid.message().contains("health_timeout"), "{invalid:?}");
+    // Any file the server can read would be sent to the repository's host as its token.
+    let exfiltrate = refusal(
+        admin
+            .create_agent(CreateAgentRequest {
+                agent: Some(AgentDefinition {
+                    r#ref: "elsewhere".into(),
+                    repository: "https://attacker.invalid/x.git".into(),
+                    repository_token_file: "/etc/greenlight/gitlab-token".into(),
+                    ..definition("edge-2")
+                }),
+                ci_token: false,
+            })
+            .await,
+    )?;
+    assert_eq!(
+        exfiltrate.code(),
+        Code::FailedPrecondition,
+        "{exfiltrate:?}"
+    );
+    assert!(
+        exfiltrate.message().contains("repository_token_file"),
+        "{exfiltrate:?}"
+    );
+
+    // Connected through B, it receives what the gate lets through.
+    let mut stream = accepted(b, &created.token).await?;
+    a.release(NULL_SHA, &sha(1), 1).await?;
+    let revision = next_revision(&mut stream, SOON).await?;
+    assert_eq!(revision.sha(), sha(1));
+    let on_b = eventually("B to show the runtime agent", || async {
+        let status = b.agent_status("edge-1").await?;
+        Ok(status.connected.then_some(status))
+    })
+    .await?;
+    assert!(on_b.runtime);
+    assert_eq!(on_b.desired.map(|d| d.sha), Some(sha(1)));
+    // Its CI token is a CI token: status yes, pause no.
+    let ci_token = created.ci_token.clone();
+    let seen = eventually("B to accept the CI token", || {
+        let ci_token = ci_token.clone();
+        async move {
+            let mut ci = b.admin_as(&ci_token).await?;
+            Ok(ci
+                .get_agent(GetAgentRequest {
+                    name: "edge-1".into(),
+                })
+                .await
+                .ok())
+        }
+    })
+    .await?;
+    assert_eq!(seen.into_inner().name, "edge-1");
+
+    // An update changes what it runs with; its project and ref stay.
+    let updated = admin
+        .update_agent(UpdateAgentRequest {
+            agent: Some(AgentDefinition {
+                default_namespace: "apps".into(),
+                ..definition("edge-1")
+            }),
+        })
+        .await?
+        .into_inner();
+    assert!(updated.runtime);
+    let moved = refusal(
+        admin
+            .update_agent(UpdateAgentRequest {
+                agent: Some(AgentDefinition {
+                    r#ref: "other".into(),
+                    ..definition("edge-1")
+                }),
+            })
+            .await,
+    )?;
+    assert_eq!(moved.code(), Code::InvalidArgument, "{moved:?}");
+    // Streams get the revision again with the new settings.
+    let resent = next_revision(&mut stream, SOON).await?;
+    assert_eq!(resent.sha(), sha(1));
+    assert_eq!(
+        resent
+            .header
+            .settings
+            .as_ref()
+            .map(|s| s.default_namespace.as_str()),
+        Some("apps")
+    );
+
+    // Rotated: the new token works at once, the old one for the grace period only.
+    let old = created.token;
+    let rotated = admin
+        .rotate_agent_token(RotateAgentTokenRequest {
+            name: "edge-1".into(),
+            grace_seconds: Some(GRACE_SECONDS),
+            ci_token: false,
+        })
+        .await?
+        .into_inner();
+    assert_ne!(rotated.token, old);
+    assert!(rotated.previous_valid_until_unix_ms > 0);
+    let mut fresh = open(a, &rotated.token)
+        .await
+        .context("the new token on the replica that rotated it")?;
+    let mut within_grace = open(a, &old)
+        .await
+        .context("the old token within its grace period")?;
+    let mut fresh_b = accepted(b, &rotated.token).await?;
+    for server in [a, b] {
+        // Refused as unknown, or, right at the end of the grace period, as no longer valid.
+        let status = refused(server, &old).await?;
+        assert!(status.message().contains("token"), "{status:?}");
+    }
+    // Streams opened with the old token end when its grace period does.
+    for stream in [&mut stream, &mut within_grace] {
+        let status = ended(stream).await?;
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+        assert!(status.message().contains("rotated"), "{status:?}");
+    }
+
+    // Deleted: its streams end with a clear status and every replica refuses it.
+    admin
+        .delete_agent(DeleteAgentRequest {
+            name: "edge-1".into(),
+        })
+        .await?;
+    for stream in [&mut fresh, &mut fresh_b] {
+        let status = ended(stream).await?;
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+        assert!(
+            status.message().contains("edge-1 was deleted"),
+            "{status:?}"
+        );
+    }
+    for server in [a, b] {
+        refused(server, &rotated.token).await?;
+        let gone = eventually("the agent to be gone", || async {
+            let answer = server
+                .admin()
+                .await?
+                .get_agent(GetAgentRequest {
+                    name: "edge-1".into(),
+                })
+                .await;
+            Ok(answer.err().filter(|s| s.code() == Code::NotFound))
+        })
+        .await?;
+        assert_eq!(gone.code(), Code::NotFound);
+    }
+    let twice = refusal(
+        admin
+            .delete_agent(DeleteAgentRequest {
+                name: "edge-1".into(),
+            })
+            .await,
+    )?;
+    assert_eq!(twice.code(), Code::NotFound, "{twice:?}");
+    Ok(())
+}
+
+/// Every runtime change to the file agent `prod` is refused, and says why.
+async fn file_agents_are_left_alone(server: &TestServer) -> anyhow::Result<()> {
+    let mut admin = server.admin().await?;
+    let refusals = [
+        refusal(
+            admin
+                .update_agent(UpdateAgentRequest {
+                    agent: Some(definition("prod")),
+                })
+                .await,
+        )?,
+        refusal(
+            admin
+                .delete_agent(DeleteAgentRequest {
+                    name: "prod".into(),
+                })
+                .await,
+        )?,
+        refusal(
+            admin
+                .rotate_agent_token(RotateAgentTokenRequest {
+                    name: "prod".into(),
+                    grace_seconds: None,
+                    ci_token: false,
+                })
+                .await,
+        )?,
+        refusal(
+            admin
+                .create_agent(CreateAgentRequest {
+                    agent: Some(definition("prod")),
+                    ci_token: false,
+                })
+                .await,
+        )?,
+    ];
+    for status in refusals {
+        assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+        assert!(status.message().contains("config file"), "{status:?}");
+    }
+    // It still works.
+    server.stream("prod").await?;
+    assert!(!server.agent_status("prod").await?.runtime);
+    // And only the admin token manages agents.
+    let mut agent = server
+        .admin_as(&greenlight_e2e::agent_token("prod"))
+        .await?;
+    let status = refusal(
+        agent
+            .delete_agent(DeleteAgentRequest {
+                name: "prod".into(),
+            })
+            .await,
+    )?;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_agents_across_two_replicas_on_redis() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let a = server(Some(&redis), "replica-a").await?;
+    let b = server(Some(&redis), "replica-b").await?;
+    lifecycle(&a, &b).await?;
+    file_agents_are_left_alone(&a).await?;
+    file_agents_are_left_alone(&b).await?;
+
+    // A replica started later reads the registry from the store.
+    let mut admin = a.admin().await?;
+    let created = admin
+        .create_agent(CreateAgentRequest {
+            agent: Some(definition("edge-3")),
+            ci_token: false,
+        })
+        .await?
+        .into_inner();
+    // Redis holds the token's hash, never the token.
+    let stored = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port().to_string(),
+            "hgetall",
+            "gl-test:{gl0}:registry",
+        ])
+        .output()?;
+    let stored = String::from_utf8_lossy(&stored.stdout);
+    assert!(stored.contains("r:edge-3"), "{stored}");
+    assert!(!stored.contains(&created.token), "{stored}");
+    let hash = greenlight::digest::sha256_hex(created.token.as_bytes());
+    assert!(stored.contains(&hash), "{stored}");
+    let c = server(Some(&redis), "replica-c").await?;
+    let mut stream = open(&c, &created.token)
+        .await
+        .context("a new replica knows runtime agents at once")?;
+    // A new agent starts from the newest green commit of its ref.
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), sha(1));
+    a.release(&sha(1), &sha(7), 7).await?;
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), sha(7));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_agents_on_the_embedded_store() -> anyhow::Result<()> {
+    let server = server(None, "single").await?;
+    lifecycle(&server, &server).await?;
+    file_agents_are_left_alone(&server).await?;
+
+    // greenlightctl has the same commands.
+    let ctl = |args: &[&str]| {
+        let mut all = vec![
+            "greenlightctl".to_owned(),
+            "--server".to_owned(),
+            server.grpc_url(),
+            "--token".to_owned(),
+            ADMIN_TOKEN.to_owned(),
+        ];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        greenlight::ctl::run(all)
+    };
+    let create = [
+        "agent",
+        "create",
+        "edge-9",
+        "--project",
+        PROJECT,
+        "--ref",
+        "main",
+        "--mode",
+        "manual",
+        "--ci-token",
+    ];
+    assert_eq!(ctl(&create).await, 0);
+    let status = server.agent_status("edge-9").await?;
+    assert!(status.runtime);
+    assert_eq!(status.mode(), greenlight::v1::GateMode::Manual);
+    let update = [
+        "agent",
+        "update",
+        "edge-9",
+        "--project",
+        PROJECT,
+        "--ref",
+        "main",
+        "--default-namespace",
+        "apps",
+    ];
+    assert_eq!(ctl(&update).await, 0);
+    assert_eq!(
+        server.agent_status("edge-9").await?.mode(),
+        greenlight::v1::GateMode::Pipeline,
+        "an update replaces the whole definition"
+    );
+    assert_eq!(
+        ctl(&["agent", "rotate-token", "edge-9", "--grace", "0s"]).await,
+        0
+    );
+    assert_eq!(
+        ctl(&["agent", "rotate-token", "edge-9", "--ci", "-o", "json"]).await,
+        0
+    );
+    assert_eq!(ctl(&["agent", "delete", "prod"]).await, 2, "a file agent");
+    assert_eq!(ctl(&["agent", "delete", "edge-9"]).await, 0);
+    assert_eq!(ctl(&["agent", "delete", "edge-9"]).await, 2, "gone already");
+    Ok(())
+}
+
+/// A replica named `replica` on the Redis Cluster `seeds`, with the file agent `prod`.
+async fn cluster_server(seeds: &[String], replica: &str) -> anyhow::Result<TestServer> {
+    let yaml = config_yaml(None, &[AgentDef::new("prod")]);
+    let nodes: Vec<String> = seeds.iter().map(|seed| format!("\"{seed}\"")).collect();
+    let yaml = format!(
+        "{yaml}redis: {{ cluster_nodes: [{}], key_prefix: \"gl-registry\" }}\n",
+        nodes.join(", ")
+    );
+    let overrides = Overrides {
+        replica_id: Some(replica.to_owned()),
+        ..Overrides::default()
+    };
+    TestServer::start_with(Config::from_yaml(&yaml, &overrides)?).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runtime_agents_across_two_replicas_on_a_redis_cluster() -> anyhow::Result<()> {
+    let cluster = greenlight_e2e::cluster::RedisCluster::start(3).await?;
+    let seeds = cluster.seeds();
+    let a = cluster_server(&seeds, "replica-a").await?;
+    let b = cluster_server(&seeds, "replica-b").await?;
+    lifecycle(&a, &b).await?;
+    file_agents_are_left_alone(&b).await?;
+    Ok(())
+}
