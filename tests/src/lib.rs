@@ -349,16 +349,25 @@ impl TestServer {
         })
     }
 
+    /// Waits until the server answers and has tried its shard leases once, so that a fact
+    /// sent next is evaluated in its own trace; a store that is down (some tests start
+    /// so) does not count as starting.
     async fn wait_ready(&self) -> anyhow::Result<()> {
         for _ in 0..200 {
             if let Ok(response) = self
                 .http_client
-                .get(format!("http://{}/healthz", self.http))
+                .get(format!("http://{}/readyz", self.http))
                 .send()
                 .await
-                && response.status().is_success()
             {
-                return Ok(());
+                let starting = response.status().is_server_error()
+                    && response
+                        .text()
+                        .await
+                        .is_ok_and(|t| t.starts_with("starting:"));
+                if !starting {
+                    return Ok(());
+                }
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

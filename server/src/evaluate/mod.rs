@@ -171,6 +171,8 @@ pub struct Evaluator {
     queue: Coalescing<RefKey, Asked>,
     /// Shards whose lease this replica holds.
     held: Mutex<HashSet<u16>>,
+    /// Whether this replica has tried every shard's lease once since it started.
+    leases_tried: std::sync::atomic::AtomicBool,
     /// Agents' states as this replica last wrote or read them.
     cache: Mutex<HashMap<String, Shared>>,
     /// Agents whose desired revision this replica just decided: their manifests are read
@@ -203,12 +205,19 @@ impl Evaluator {
             replica,
             queue: Coalescing::default(),
             held: Mutex::new(HashSet::new()),
+            leases_tried: std::sync::atomic::AtomicBool::new(false),
             cache: Mutex::new(HashMap::new()),
             prepare: Coalescing::default(),
             fetch_errors_cleared: Mutex::new(HashSet::new()),
             metrics,
             tasks,
         })
+    }
+
+    /// Whether every shard's lease was tried once: before, a fact heard of on a shard this
+    /// replica is about to take would be evaluated by the takeover, without its trace.
+    pub fn leases_tried(&self) -> bool {
+        self.leases_tried.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Asks for `key` to be evaluated, if this replica holds its shard, as part of the trace
@@ -273,7 +282,10 @@ impl Evaluator {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = renew.tick() => self.keep_leases().await,
+                _ = renew.tick() => {
+                    self.keep_leases().await;
+                    self.leases_tried.store(true, std::sync::atomic::Ordering::Release);
+                }
             }
         }
         let held: Vec<u16> = self.lock_held().drain().collect();

@@ -50,6 +50,12 @@ pub fn router(state: HttpState, max_body_bytes: usize) -> Router {
 }
 
 async fn ready(State(state): State<HttpState>) -> impl IntoResponse {
+    if !state.engine.evaluator().leases_tried() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "starting: taking the leases of the shards this replica evaluates".to_owned(),
+        );
+    }
     match tokio::time::timeout(Duration::from_secs(2), state.engine.store().ping()).await {
         Ok(Ok(())) => (StatusCode::OK, "ready".to_owned()),
         Ok(Err(error)) => (
