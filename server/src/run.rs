@@ -38,6 +38,8 @@ pub enum RunError {
     Store(#[from] StoreError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("cannot start the HTTP listener's runtime: {0}")]
+    HttpRuntime(#[source] std::io::Error),
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
     #[error("invalid gitlab settings: {0}")]
@@ -74,6 +76,41 @@ impl Listeners {
                 source,
             })?;
         Ok(Self { grpc, http })
+    }
+}
+
+/// Threads of the runtime that serves the HTTP listener (webhooks, probes, metrics, pages).
+const HTTP_THREADS: usize = 2;
+
+/// The runtime of the HTTP listener, apart from the one that evaluates and streams: tokio
+/// has no priorities, so on a shared runtime a webhook's answer would wait behind the tasks
+/// of an evaluation that wakes thousands of agents' streams. Stopped in the background when
+/// dropped, which an async context allows.
+struct HttpRuntime {
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+}
+
+impl HttpRuntime {
+    fn start() -> Result<Self, RunError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(HTTP_THREADS)
+            .thread_name("greenlight-http")
+            .enable_all()
+            .build()
+            .map_err(RunError::HttpRuntime)?;
+        Ok(Self {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
+    }
+}
+
+impl Drop for HttpRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
     }
 }
 
@@ -307,17 +344,23 @@ pub async fn run(
         gitlab_url: config.gitlab.as_ref().map(|gitlab| gitlab.url.clone()),
     };
     let app = router(state, config.max_body_bytes);
-    let http = async {
-        let stopped = shutdown.clone().cancelled_owned();
-        match &tls {
-            Some((_, http_tls)) => {
-                let incoming = TlsIncoming::new(listeners.http, http_tls.clone());
+    let http_runtime = HttpRuntime::start()?;
+    // The listener moves to the HTTP runtime's reactor, so that its connections are polled
+    // there too.
+    let http_listener = listeners.http.into_std().map_err(RunError::Http)?;
+    let http_tls = tls.as_ref().map(|(_, http_tls)| http_tls.clone());
+    let stopped = shutdown.clone().cancelled_owned();
+    let serve_http = async move {
+        let listener = TcpListener::from_std(http_listener)?;
+        match http_tls {
+            Some(http_tls) => {
+                let incoming = TlsIncoming::new(listener, http_tls);
                 axum::serve(incoming, app)
                     .with_graceful_shutdown(stopped)
                     .await
             }
             None => {
-                let plain = listeners.http.tap_io(|stream| {
+                let plain = listener.tap_io(|stream| {
                     let _ = stream.set_nodelay(true);
                 });
                 axum::serve(plain, app)
@@ -325,7 +368,13 @@ pub async fn run(
                     .await
             }
         }
-        .map_err(RunError::Http)
+    };
+    let served_http = http_runtime.handle.spawn(serve_http);
+    let http = async {
+        match served_http.await {
+            Ok(result) => result.map_err(RunError::Http),
+            Err(join) => Err(RunError::Http(std::io::Error::other(join))),
+        }
     };
     info!(grpc = ?grpc_addr, http = ?http_addr, tls = tls.is_some(), "listening");
 
@@ -342,6 +391,7 @@ pub async fn run(
             "background tasks did not stop in time; leaving them"
         );
     }
+    drop(http_runtime);
     grpc?;
     http?;
     info!("stopped");
