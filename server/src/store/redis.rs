@@ -88,9 +88,10 @@ return position
 /// decided from newer facts; appends its new decisions and deployed commits to their capped
 /// lists and the change to the shard's log.
 const AGENT_SCRIPT: &str = r#"
-local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+local stored = redis.call('HMGET', KEYS[1], 'v', 'p')
+local v = tonumber(stored[1] or '0')
 if v ~= tonumber(ARGV[1]) then return -2 end
-local p = tonumber(redis.call('HGET', KEYS[1], 'p') or '0')
+local p = tonumber(stored[2] or '0')
 if p > tonumber(ARGV[2]) then return -3 end
 v = v + 1
 redis.call('HSET', KEYS[1], 'v', v, 'p', ARGV[2], 'core', ARGV[3])
