@@ -7,11 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use greenlight::auth::Bearer;
-use greenlight::v1::admin_service_client::AdminServiceClient;
-use greenlight_e2e::{ADMIN_TOKEN, GITLAB_SECRET, PROJECT, pipeline_payload, push_payload};
+use greenlight_e2e::{PROJECT, pipeline_payload, push_payload};
 use serde_json::Value;
-use tonic::transport::Channel;
 
 use crate::common::{Admin, BRANCH};
 
@@ -90,19 +87,8 @@ impl ServerProcess {
         body: &Value,
         delivery: Option<&str>,
     ) -> anyhow::Result<(u16, Value, Duration)> {
-        let mut request = self
-            .http_client
-            .post(format!("http://{}/webhooks/gitlab", self.http))
-            .header("X-Gitlab-Event", event)
-            .header("X-Gitlab-Token", GITLAB_SECRET)
-            .json(body);
-        if let Some(id) = delivery {
-            request = request.header("X-Gitlab-Event-UUID", id);
-        }
         let sent = Instant::now();
-        let response = request.send().await?;
-        let status = response.status().as_u16();
-        let body = response.json().await.unwrap_or(Value::Null);
+        let (status, body) = self.server.api.hook(event, body, delivery).await?;
         Ok((status, body, sent.elapsed()))
     }
 
@@ -155,11 +141,7 @@ impl ServerProcess {
 
     /// An admin API client.
     pub async fn admin(&self) -> anyhow::Result<Admin> {
-        let channel = Channel::from_shared(self.grpc_url())?.connect().await?;
-        Ok(AdminServiceClient::with_interceptor(
-            channel,
-            Bearer::new(ADMIN_TOKEN)?,
-        ))
+        self.server.api.admin().await
     }
 
     /// Stops the server with SIGTERM and waits up to 20 s for it to exit.
