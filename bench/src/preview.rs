@@ -123,19 +123,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
     let work = tempfile::tempdir()?;
-    let token_file = work.path().join("gitlab-token");
-    std::fs::write(&token_file, "glpat-bench\n")?;
     let gitlab = FakeGitLab::start().await?;
     let agent_yaml = git_agent_yaml(AGENT, &repo.url(), &[]).replace(
         "default_namespace: apps",
         &format!("default_namespace: {apps}"),
     ) + "    preview: true\n    prune_limit: 10000\n";
     let mut yaml = git_config_yaml(&redis.url(), cache.path(), "", &[agent_yaml]);
-    yaml.push_str(&format!(
-        "gitlab: {{ url: \"{}\", token_file: \"{}\" }}\n",
-        gitlab.url(),
-        token_file.display()
-    ));
+    yaml.push_str(&gitlab.config(""));
     let server = TestServer::start(&yaml).await?;
     let _agent = start_agent(plane, &server, &home, work.path())?;
     let mut admin: Admin = server.admin().await?;

@@ -318,8 +318,6 @@ impl World {
         let redis = Redis::start().await?;
         let gitlab = Arc::new(FakeGitLab::start().await?);
         let repo = Repository::new()?;
-        let token_file = dir.join("gitlab-token");
-        std::fs::write(&token_file, "glpat-chaos\n")?;
 
         let mut namespaces = BTreeMap::new();
         let mut agent_entries = String::new();
@@ -336,14 +334,15 @@ impl World {
                  webhooks: {{ gitlab: {{ secret_token: \"{GITLAB_SECRET}\" }} }}\n\
                  admin: {{ token_sha256: \"{}\" }}\n\
                  git: {{ cache_dir: \"{}\", fetch_timeout: 30s }}\n\
-                 gitlab: {{ url: \"{}\", token_file: \"{}\", status_target_url: \"https://greenlight.example/\", status_takeover: {}s }}\n\
+                 {}\
                  agents:\n{agent_entries}",
                 redis.url(),
                 sha256_hex(ADMIN_TOKEN.as_bytes()),
                 cache.display(),
-                gitlab.url(),
-                token_file.display(),
-                STATUS_TAKEOVER.as_secs(),
+                gitlab.config(&format!(
+                    ", status_target_url: \"https://greenlight.example/\", status_takeover: {}s",
+                    STATUS_TAKEOVER.as_secs()
+                )),
             );
             let config = dir.join(format!("server-{replica}.yaml"));
             std::fs::write(&config, yaml)?;

@@ -1,7 +1,7 @@
 //! Closing the loop with CI and people: commit statuses posted to GitLab, catching up after
 //! missed webhooks, `greenlightctl wait` exit codes and CI tokens.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
@@ -18,7 +18,6 @@ use tonic::transport::Channel;
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
 /// What the server sends GitLab as `PRIVATE-TOKEN`.
-const GITLAB_API_TOKEN: &str = "glpat-fake-api-token";
 /// The CI token of agent `prod`.
 const CI_TOKEN: &str = "ci-token-prod";
 /// Where statuses link to.
@@ -38,7 +37,6 @@ fn close_loop_yaml(
     redis_url: &str,
     cache: &Path,
     gitlab: &FakeGitLab,
-    token_file: &Path,
     catch_up_interval: Option<&str>,
     agents: &[String],
 ) -> String {
@@ -46,19 +44,13 @@ fn close_loop_yaml(
     let interval = catch_up_interval
         .map(|i| format!(", catch_up_interval: {i}"))
         .unwrap_or_default();
-    yaml.push_str(&format!(
-        "gitlab: {{ url: \"{}\", token_file: \"{}\", status_target_url: \"{TARGET_BASE}\"{interval} }}\n",
-        gitlab.url(),
-        token_file.display()
-    ));
+    yaml.push_str(&gitlab.config(&format!(", status_target_url: \"{TARGET_BASE}\"{interval}")));
     yaml
 }
 
 struct World {
     redis: Redis,
     cache: tempfile::TempDir,
-    _secrets: tempfile::TempDir,
-    token_file: PathBuf,
     repo: GitRepo,
     gitlab: FakeGitLab,
     server: TestServer,
@@ -91,9 +83,6 @@ async fn world_with(
     };
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
-    let secrets = tempfile::tempdir()?;
-    let token_file = secrets.path().join("gitlab-token");
-    std::fs::write(&token_file, format!("{GITLAB_API_TOKEN}\n"))?;
     let repo = GitRepo::new()?;
     let gitlab = FakeGitLab::start().await?;
     let mut agents = vec![cluster.agent_entry(&prod_agent(&repo.url(), prod_extra))];
@@ -107,7 +96,6 @@ async fn world_with(
         &redis.url(),
         cache.path(),
         &gitlab,
-        &token_file,
         catch_up_interval,
         &agents,
     );
@@ -115,8 +103,6 @@ async fn world_with(
     Ok(Some(World {
         redis,
         cache,
-        _secrets: secrets,
-        token_file,
         repo,
         gitlab,
         server,
@@ -267,7 +253,7 @@ async fn healthy_deploy_posts_pending_running_success_on_its_commit_only() -> an
             post.path,
             format!("/api/v4/projects/group%2Fapp-manifests/statuses/{x}")
         );
-        assert_eq!(post.private_token.as_deref(), Some(GITLAB_API_TOKEN));
+        assert_eq!(post.private_token.as_deref(), Some(FakeGitLab::API_TOKEN));
         assert_eq!(post.answered, 201);
     }
     Ok(())
@@ -307,7 +293,7 @@ async fn a_status_whose_post_went_unrecorded_is_looked_up_before_posting_again()
             "{}/api/v4/projects/group%2Fapp-manifests/statuses/{x}",
             w.gitlab.url()
         ))
-        .header("PRIVATE-TOKEN", GITLAB_API_TOKEN)
+        .header("PRIVATE-TOKEN", FakeGitLab::API_TOKEN)
         .form(&[("state", "pending"), ("name", "greenlight/prod")])
         .send()
         .await?
@@ -441,8 +427,6 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
     let World {
         redis,
         cache,
-        _secrets,
-        token_file,
         repo,
         gitlab,
         server,
@@ -473,14 +457,7 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
     let before_restart = gitlab.requests().len();
 
     let agents = [prod_agent(&repo.url(), "")];
-    let yaml = close_loop_yaml(
-        &redis.url(),
-        cache.path(),
-        &gitlab,
-        &token_file,
-        Some("1s"),
-        &agents,
-    );
+    let yaml = close_loop_yaml(&redis.url(), cache.path(), &gitlab, Some("1s"), &agents);
     let server = TestServer::start(&yaml).await?;
     let mut stream = server.agent("prod").await?.sync(Some(&a)).await?;
     let revision = next_revision(&mut stream, SOON).await?;
@@ -496,7 +473,7 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
         .find(|r| r.path.ends_with("/repository/branches/main"))
         .expect("the branch head was read");
     assert_eq!(branch.project.as_deref(), Some(PROJECT));
-    assert_eq!(branch.private_token.as_deref(), Some(GITLAB_API_TOKEN));
+    assert_eq!(branch.private_token.as_deref(), Some(FakeGitLab::API_TOKEN));
     let pipelines = reads
         .iter()
         .find(|r| r.path.ends_with("/pipelines"))

@@ -15,14 +15,10 @@ async fn a_report_accepted_before_a_sigkill_is_kept_and_becomes_its_commit_statu
 -> anyhow::Result<()> {
     let redis = Redis::start().await?;
     let gitlab = FakeGitLab::start().await?;
-    let secrets = tempfile::tempdir()?;
-    let token_file = secrets.path().join("gitlab-token");
-    std::fs::write(&token_file, "glpat-fake-api-token\n")?;
     let yaml = format!(
-        "{}gitlab: {{ url: \"{}\", token_file: \"{}\", status_takeover: 2s }}\nreplica_id: replica-a\n",
+        "{}{}replica_id: replica-a\n",
         config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]),
-        gitlab.url(),
-        token_file.display()
+        gitlab.config(", status_takeover: 2s")
     );
     let mut server = ServerProcess::from_yaml(&yaml).await?;
     let x = sha(0xd1);

@@ -15,7 +15,6 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
-const GITLAB_API_TOKEN: &str = "glpat-fake-api-token";
 const TARGET_BASE: &str = "https://greenlight.example";
 /// The merge request every test opens.
 const MR: u64 = 7;
@@ -23,7 +22,6 @@ const MR: u64 = 7;
 struct World {
     _redis: Redis,
     _cache: tempfile::TempDir,
-    _secrets: tempfile::TempDir,
     repo: GitRepo,
     gitlab: FakeGitLab,
     server: TestServer,
@@ -53,9 +51,6 @@ async fn world() -> anyhow::Result<Option<World>> {
     let slow = plane.namespace(&kube, "slow").await?;
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
-    let secrets = tempfile::tempdir()?;
-    let token_file = secrets.path().join("gitlab-token");
-    std::fs::write(&token_file, format!("{GITLAB_API_TOKEN}\n"))?;
     let repo = GitRepo::new()?;
     let gitlab = FakeGitLab::start().await?;
     let mut agent = git_agent_yaml("prod", &repo.url(), &[]).replace(
@@ -66,17 +61,12 @@ async fn world() -> anyhow::Result<Option<World>> {
         "    preview: true\n    scope: {{ namespaces: [{apps}, {slow}] }}\n"
     ));
     let mut yaml = git_config_yaml(&redis.url(), cache.path(), "", &[agent]);
-    yaml.push_str(&format!(
-        "gitlab: {{ url: \"{}\", token_file: \"{}\", status_target_url: \"{TARGET_BASE}\" }}\n",
-        gitlab.url(),
-        token_file.display()
-    ));
+    yaml.push_str(&gitlab.config(&format!(", status_target_url: \"{TARGET_BASE}\"")));
     let server = TestServer::start(&yaml).await?;
     let agent = AgentProcess::start_in(&server, "prod", agent_kube, "replica-a", &home);
     Ok(Some(World {
         _redis: redis,
         _cache: cache,
-        _secrets: secrets,
         repo,
         gitlab,
         server,
@@ -527,7 +517,6 @@ async fn a_preview_in_flight_does_not_delay_a_deploy() -> anyhow::Result<()> {
 struct Replicas {
     _redis: Redis,
     _cache: tempfile::TempDir,
-    _secrets: tempfile::TempDir,
     repo: GitRepo,
     gitlab: FakeGitLab,
     a: TestServer,
@@ -538,19 +527,12 @@ async fn replicas() -> anyhow::Result<Replicas> {
     install_crypto();
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
-    let secrets = tempfile::tempdir()?;
-    let token_file = secrets.path().join("gitlab-token");
-    std::fs::write(&token_file, format!("{GITLAB_API_TOKEN}\n"))?;
     let repo = GitRepo::new()?;
     let gitlab = FakeGitLab::start().await?;
     let mut agent = git_agent_yaml("prod", &repo.url(), &[]);
     agent.push_str("    preview: true\n");
     let mut yaml = git_config_yaml(&redis.url(), cache.path(), "", &[agent]);
-    yaml.push_str(&format!(
-        "gitlab: {{ url: \"{}\", token_file: \"{}\" }}\n",
-        gitlab.url(),
-        token_file.display()
-    ));
+    yaml.push_str(&gitlab.config(""));
     let a = TestServer::start(&yaml).await?;
     let b = TestServer::start(&yaml.replace(
         &cache.path().display().to_string(),
@@ -560,7 +542,6 @@ async fn replicas() -> anyhow::Result<Replicas> {
     Ok(Replicas {
         _redis: redis,
         _cache: cache,
-        _secrets: secrets,
         repo,
         gitlab,
         a,

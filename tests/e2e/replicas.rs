@@ -218,15 +218,10 @@ async fn decisions_after_a_redis_outage_reach_other_replicas() -> anyhow::Result
 async fn posting_replica(
     redis: &Redis,
     gitlab: &FakeGitLab,
-    token_file: &std::path::Path,
     replica: &str,
 ) -> anyhow::Result<TestServer> {
     let mut yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]);
-    yaml.push_str(&format!(
-        "gitlab: {{ url: \"{}\", token_file: \"{}\", status_takeover: {TAKEOVER} }}\n",
-        gitlab.url(),
-        token_file.display()
-    ));
+    yaml.push_str(&gitlab.config(&format!(", status_takeover: {TAKEOVER}")));
     let overrides = Overrides {
         replica_id: Some(replica.to_owned()),
         ..Overrides::default()
@@ -240,12 +235,9 @@ async fn posting_replica(
 async fn a_dead_replicas_commit_status_is_posted_once_by_a_survivor() -> anyhow::Result<()> {
     let redis = Redis::start().await?;
     let gitlab = FakeGitLab::start().await?;
-    let secrets = tempfile::tempdir()?;
-    let token_file = secrets.path().join("gitlab-token");
-    std::fs::write(&token_file, "api-token\n")?;
     let commit = sha(1);
 
-    let a = posting_replica(&redis, &gitlab, &token_file, "replica-a").await?;
+    let a = posting_replica(&redis, &gitlab, "replica-a").await?;
     // GitLab is down: A's publisher takes the decision's status and cannot post it.
     gitlab.fail_with(Some(503));
     deploy(&a, NULL_SHA, 1).await?;
@@ -256,7 +248,7 @@ async fn a_dead_replicas_commit_status_is_posted_once_by_a_survivor() -> anyhow:
     a.kill();
     gitlab.fail_with(None);
 
-    let b = posting_replica(&redis, &gitlab, &token_file, "replica-b").await?;
+    let b = posting_replica(&redis, &gitlab, "replica-b").await?;
     let posted = eventually("the survivor posting the dead replica's status", || async {
         let statuses = gitlab.statuses_for(&commit);
         Ok((!statuses.is_empty()).then_some(statuses))

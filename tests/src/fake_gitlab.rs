@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use axum::Router;
@@ -121,9 +122,15 @@ pub struct FakeGitLab {
     inner: Shared,
     handle: JoinHandle<()>,
     sender: JoinHandle<()>,
+    /// Holds the API token file a server is configured with.
+    _secrets: tempfile::TempDir,
+    token_file: PathBuf,
 }
 
 impl FakeGitLab {
+    /// The API token in [`FakeGitLab::token_file`], which servers send as `PRIVATE-TOKEN`.
+    pub const API_TOKEN: &str = "glpat-fake-api-token";
+
     /// Starts the fake on a free loopback port.
     pub async fn start() -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -140,12 +147,32 @@ impl FakeGitLab {
             let _ = axum::serve(listener, app).await;
         });
         let sender = tokio::spawn(send_hooks(inner.clone(), hooks));
+        let secrets = tempfile::tempdir()?;
+        let token_file = secrets.path().join("gitlab-token");
+        std::fs::write(&token_file, format!("{}\n", Self::API_TOKEN))?;
         Ok(Self {
             addr,
             inner,
             handle,
             sender,
+            _secrets: secrets,
+            token_file,
         })
+    }
+
+    /// A file holding [`FakeGitLab::API_TOKEN`], for `gitlab.token_file`.
+    pub fn token_file(&self) -> &Path {
+        &self.token_file
+    }
+
+    /// The `gitlab:` line of a server config for this fake, with `extra` settings (each
+    /// `, key: value`) after its URL and token file.
+    pub fn config(&self, extra: &str) -> String {
+        format!(
+            "gitlab: {{ url: \"{}\", token_file: \"{}\"{extra} }}\n",
+            self.url(),
+            self.token_file.display()
+        )
     }
 
     /// Sends a Pipeline Hook to `url` with `secret` whenever a status changes a pipeline.

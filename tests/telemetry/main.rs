@@ -125,18 +125,11 @@ async fn one_trace_runs_from_the_webhook_to_the_applied_objects_and_the_commit_s
     };
     let redis = Redis::start().await?;
     let cache = tempfile::tempdir()?;
-    let secrets = tempfile::tempdir()?;
-    let token_file = secrets.path().join("gitlab-token");
-    std::fs::write(&token_file, "api-token\n")?;
     let repo = GitRepo::new()?;
     let gitlab = FakeGitLab::start().await?;
     let agents = [cluster.agent_entry(&git_agent_yaml("prod", &repo.url(), &[]))];
     let mut yaml = git_config_yaml(&redis.url(), cache.path(), "", &agents);
-    yaml.push_str(&format!(
-        "gitlab: {{ url: \"{}\", token_file: \"{}\" }}\n",
-        gitlab.url(),
-        token_file.display()
-    ));
+    yaml.push_str(&gitlab.config(""));
     let server = TestServer::start(&yaml).await?;
     let agent = AgentProcess::start_in(
         &server,
