@@ -107,8 +107,8 @@ impl Ingest {
         let trace = greenlight::telemetry::traceparent(&tracing::Span::current());
         if let Some(rejected) = self.contradiction(&fact, &keys).await? {
             let reason = rejected.reason.clone();
+            let record = FactRecord::Rejected(rejected);
             for key in &keys {
-                let record = FactRecord::Rejected(rejected.clone());
                 self.store
                     .record_fact(key, &record, delivery, trace.as_deref())
                     .await?;
@@ -126,14 +126,14 @@ impl Ingest {
                 .record_fact(key, &record, delivery, trace.as_deref())
                 .instrument(tracing::info_span!("record_fact", %key))
                 .await?;
+            if let Ingested::Recorded { .. } = ingested {
+                // The change log brings it to the evaluator too; this spares the round trip
+                // when the evaluator is here.
+                let asked = Asked::by_fact(trace.clone(), now_ms());
+                self.evaluator.enqueue(key, asked);
+            }
             outcome = match (ingested, outcome) {
-                (Ingested::Recorded { .. }, _) | (_, Recording::Recorded) => {
-                    // The change log brings it to the evaluator too; this spares the round
-                    // trip when the evaluator is here.
-                    let asked = Asked::by_fact(trace.clone(), now_ms());
-                    self.evaluator.enqueue(key, asked);
-                    Recording::Recorded
-                }
+                (Ingested::Recorded { .. }, _) | (_, Recording::Recorded) => Recording::Recorded,
                 (Ingested::Duplicate, _) => Recording::Duplicate,
                 (Ingested::Unchanged, previous) => previous,
             };
