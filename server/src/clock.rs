@@ -1,6 +1,11 @@
 //! Wall-clock time for records people read; decisions take it as an argument.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Whole milliseconds of `duration`, saturating, as Redis and the wire want them.
+pub fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Milliseconds since the Unix epoch; 0 if the clock is before it.
 pub fn now_ms() -> i64 {

@@ -57,7 +57,7 @@ impl Activity {
     pub(super) fn used(&self) {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            .map_or(0, crate::clock::millis);
         self.last_used_ms.fetch_max(now, Ordering::Relaxed);
     }
 

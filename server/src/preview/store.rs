@@ -614,7 +614,7 @@ async fn follow(
                     .arg("COUNT")
                     .arg(256)
                     .arg("BLOCK")
-                    .arg(u64::try_from(STREAM_BLOCK.as_millis()).unwrap_or(5000))
+                    .arg(crate::clock::millis(STREAM_BLOCK))
                     .arg("STREAMS")
                     .arg(&stream)
                     .arg(&position)

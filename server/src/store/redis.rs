@@ -35,6 +35,7 @@ use super::{
     agent_shard,
 };
 use super::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
+use crate::clock::{millis, now_ms};
 use crate::config::RedisSettings;
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
 use crate::metrics::LogLag;
@@ -179,6 +180,7 @@ pub struct RedisStore {
     release: Script,
     begin_status: Script,
     finish_status: Script,
+    registry: Script,
     notices: broadcast::Sender<Notice>,
     /// The status publisher's own connection for its blocking reads; `None` until first used
     /// and after it failed.
@@ -316,6 +318,7 @@ impl RedisStore {
             release: Script::new(RELEASE_SCRIPT),
             begin_status: Script::new(BEGIN_STATUS_SCRIPT),
             finish_status: Script::new(FINISH_STATUS_SCRIPT),
+            registry: Script::new(REGISTRY_SCRIPT),
             notices,
             status_conn: Mutex::new(None),
             relayed,
@@ -406,7 +409,7 @@ impl RedisStore {
             }
             *last = Some(Instant::now());
         }
-        let min_idle = u64::try_from(reclaim_after.as_millis()).unwrap_or(u64::MAX);
+        let min_idle = millis(reclaim_after);
         for (shard, log) in self.keys.logs().iter().enumerate() {
             let reclaimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
                 .arg(log)
@@ -449,7 +452,7 @@ impl RedisStore {
             .arg("COUNT")
             .arg(1)
             .arg("BLOCK")
-            .arg(block_ms(STATUS_BLOCK))
+            .arg(millis(STATUS_BLOCK))
             .arg("STREAMS")
             .arg(&logs)
             .arg(vec![">"; logs.len()])
@@ -1009,7 +1012,7 @@ impl ChangeLog for RedisStore {
             .key(claim)
             .key(taken)
             .arg(format!("posting:{holder}"))
-            .arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1))
+            .arg(millis(lease).max(1))
             .arg(STATUS_MEMORY_SECS)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -1047,7 +1050,7 @@ impl LeaseStore for RedisStore {
             .lease
             .key(self.keys.lease(shard))
             .arg(replica)
-            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(millis(ttl))
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(held == 1)
@@ -1092,10 +1095,6 @@ fn append_command(log: &str, message: &str) -> redis::Cmd {
         .arg(ENTRY_FIELD)
         .arg(message);
     cmd
-}
-
-fn block_ms(block: Duration) -> u64 {
-    u64::try_from(block.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn decode_entry(entry: &StreamId) -> Option<Broadcast> {
@@ -1212,7 +1211,7 @@ impl Follower {
                 .arg("COUNT")
                 .arg(LOG_BATCH)
                 .arg("BLOCK")
-                .arg(block_ms(LOG_BLOCK))
+                .arg(millis(LOG_BLOCK))
                 .arg("STREAMS")
                 .arg(&self.logs)
                 .arg(
@@ -1286,10 +1285,6 @@ impl Follower {
         }
         Ok(positions)
     }
-}
-
-fn now_ms() -> i64 {
-    crate::clock::now_ms()
 }
 
 /// Seconds from the append of entry `id` (its id starts with Redis's clock in ms) to
@@ -1405,7 +1400,8 @@ impl RegistryStore for RedisStore {
             key: "registry change".into(),
             reason: error.to_string(),
         })?;
-        let seq: i64 = Script::new(REGISTRY_SCRIPT)
+        let seq: i64 = self
+            .registry
             .key(self.keys.registry())
             .key(self.keys.log(REGISTRY_SHARD))
             .arg(name)

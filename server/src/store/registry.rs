@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::{Result, StoreError, Versioned};
+use crate::clock::millis;
 use crate::config::{AgentSpec, ApplySettings, HealthCheck, TokenHash};
 use crate::gate::Mode;
 use crate::git::RepoSource;
@@ -137,10 +138,6 @@ pub struct RegisteredAgent {
     pub previous_ci_token: Option<(TokenHash, i64)>,
     pub created_ms: i64,
     pub updated_ms: i64,
-}
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl From<&RegisteredAgent> for RegistryRecord {
