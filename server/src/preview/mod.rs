@@ -205,19 +205,17 @@ impl Previews {
                 let Some(agent) = catalog.agent(name).filter(|a| a.preview) else {
                     continue;
                 };
+                let at_ms = now_ms();
                 let request = PreviewRequest {
                     id: format!(
-                        "{}-{}-{}-{}",
-                        agent.name,
-                        trigger.merge_request_iid,
-                        trigger.sha,
-                        now_ms()
+                        "{}-{}-{}-{at_ms}",
+                        agent.name, trigger.merge_request_iid, trigger.sha
                     ),
                     agent: agent.name.clone(),
                     project: agent.project.clone(),
                     merge_request_iid: trigger.merge_request_iid,
                     sha: trigger.sha.clone(),
-                    at_ms: now_ms(),
+                    at_ms,
                 };
                 if !self.store.request(&request).await? {
                     continue;
