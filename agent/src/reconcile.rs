@@ -299,32 +299,16 @@ impl Worker {
         };
         let total = planned.len();
 
-        let inventory = InventoryStore::new(
-            self.cluster.client().clone(),
-            &self.namespace,
-            &agent,
-            FIELD_MANAGER,
-        );
-        let previous = match inventory.load().await {
-            Ok(previous) => previous,
-            Err(error) => {
-                return self
-                    .fail(
-                        revision,
-                        format!("cannot read the inventory: {}", error.message()),
-                        Vec::new(),
-                    )
-                    .await;
-            }
-        };
-        if planned.is_empty() && settings.prune && !previous.entries.is_empty() {
-            // No repository, or paths that match only empty files, look exactly like "delete
-            // everything": far likelier a mistake than an intent.
+        let (inventory, previous) =
+            match load_inventory(&self.cluster, &self.namespace, &agent).await {
+                Ok(loaded) => loaded,
+                Err(message) => return self.fail(revision, message, Vec::new()).await,
+            };
+        if let Some(applied) = prunes_everything(planned.len(), &settings, &previous) {
             let message = format!(
-                "revision has no objects; refusing to prune {} objects applied before (an empty \
-                 revision usually means a missing repository or paths that match no \
-                 manifests); nothing was changed",
-                previous.entries.len()
+                "revision has no objects; refusing to prune {applied} objects applied before (an \
+                 empty revision usually means a missing repository or paths that match no \
+                 manifests); nothing was changed"
             );
             return self.fail(revision, message, Vec::new()).await;
         }
@@ -1143,6 +1127,31 @@ fn describe(result: &ObjectResult) -> String {
 
 /// The Namespaces of `planned` that do not exist yet: a dry run cannot place anything in
 /// them, since the API server needs the namespace first.
+/// The agent's inventory store and what it last recorded, or why it cannot be read.
+pub(crate) async fn load_inventory(
+    cluster: &Cluster,
+    namespace: &str,
+    agent: &str,
+) -> Result<(InventoryStore, Inventory), String> {
+    let store = InventoryStore::new(cluster.client().clone(), namespace, agent, FIELD_MANAGER);
+    match store.load().await {
+        Ok(previous) => Ok((store, previous)),
+        Err(error) => Err(format!("cannot read the inventory: {}", error.message())),
+    }
+}
+
+/// How many applied objects a revision of `objects` objects would prune all of: an empty
+/// revision with prune on. No repository, or paths that match only empty files, look exactly
+/// like "delete everything": far likelier a mistake than an intent.
+pub(crate) fn prunes_everything(
+    objects: usize,
+    settings: &ApplySettings,
+    previous: &Inventory,
+) -> Option<usize> {
+    (objects == 0 && settings.prune && !previous.entries.is_empty())
+        .then_some(previous.entries.len())
+}
+
 pub(crate) async fn namespaces_created(cluster: &Cluster, planned: &[Planned]) -> BTreeSet<String> {
     let mut created = BTreeSet::new();
     for item in planned

@@ -23,10 +23,10 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::assemble::ReadyPreview;
 use crate::client::Client;
 use crate::cluster::{Cluster, ObjectRef, Write, Written};
-use crate::inventory::{INVENTORY_LABEL, InventoryStore};
+use crate::inventory::INVENTORY_LABEL;
 use crate::manifest;
 use crate::plan::{self, ObjectKey, Scope, cascades, prune_allowed, prune_set};
-use crate::reconcile::FIELD_MANAGER;
+use crate::reconcile::{FIELD_MANAGER, load_inventory, prunes_everything};
 use crate::session::Target;
 use queue::{PreviewQueue, merge_request_of};
 
@@ -273,26 +273,19 @@ impl Previewer {
             ));
         }
 
-        let inventory = InventoryStore::new(
-            self.cluster.client().clone(),
-            &self.namespace,
-            &agent,
-            FIELD_MANAGER,
-        );
-        let previous = match inventory.load().await {
-            Ok(previous) => previous,
-            Err(error) => {
+        let previous = match load_inventory(&self.cluster, &self.namespace, &agent).await {
+            Ok((_, previous)) => previous,
+            Err(message) => {
                 preview.outcome = Outcome::Error.into();
-                reasons.insert(0, format!("cannot read the inventory: {}", error.message()));
+                reasons.insert(0, message);
                 return Some(Duration::ZERO);
             }
         };
-        if desired_keys.is_empty() && settings.prune && !previous.entries.is_empty() {
+        if let Some(applied) = prunes_everything(desired_keys.len(), &settings, &previous) {
             reasons.insert(
                 0,
                 format!(
-                    "revision has no objects; it would be refused rather than prune {} objects",
-                    previous.entries.len()
+                    "revision has no objects; it would be refused rather than prune {applied} objects"
                 ),
             );
         }
