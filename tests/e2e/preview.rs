@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use greenlight::v1::preview::Outcome;
 use greenlight::v1::{GetPreviewRequest, Phase};
 use greenlight_e2e::control_plane::{ControlPlane, TestCluster};
 use greenlight_e2e::fake_gitlab::{FakeGitLab, MergeRequestNote};
@@ -568,7 +569,6 @@ async fn next_preview(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_reaches_the_replica_holding_the_agent_and_a_newer_head_wins()
 -> anyhow::Result<()> {
-    use greenlight::v1::preview::Outcome;
     let r = replicas().await?;
     let first = r
         .repo
@@ -662,5 +662,66 @@ async fn a_request_reaches_the_replica_holding_the_agent_and_a_newer_head_wins()
             .into_inner();
         assert_eq!(stored.sha, second);
     }
+    Ok(())
+}
+
+/// What an agent's answer cannot do: carry a bad commit id, speak for another agent or
+/// project, or be lost quietly when the store is down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_answer_is_checked_kept_as_its_senders_and_refused_while_the_store_is_down()
+-> anyhow::Result<()> {
+    let mut redis = Redis::start().await?;
+    let server = TestServer::start(&config_yaml(
+        Some(&redis.url()),
+        &[AgentDef::new("prod"), AgentDef::new("staging")],
+    ))
+    .await?;
+    let prod = server.agent("prod").await?;
+    let head = sha(0x7e);
+    let answer = |sha: &str| greenlight::v1::Preview {
+        id: format!("prod-{MR}-{sha}"),
+        agent: "staging".into(),
+        project: "other/project".into(),
+        sha: sha.to_owned(),
+        merge_request_iid: MR,
+        outcome: Outcome::Clean.into(),
+        ..Default::default()
+    };
+
+    let refused = prod.report_preview(answer("not-a-sha")).await;
+    let Err(greenlight_agent::client::ClientError::Status(status)) = refused else {
+        anyhow::bail!("a bad sha is refused, got {refused:?}");
+    };
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("preview.sha"), "{status:?}");
+
+    prod.report_preview(answer(&head)).await?;
+    let mut admin = server.admin().await?;
+    let get = |name: &str| GetPreviewRequest {
+        name: name.into(),
+        sha: Some(head.clone()),
+    };
+    let kept = admin.get_preview(get("prod")).await?.into_inner();
+    assert_eq!(
+        (kept.agent.as_str(), kept.project.as_str()),
+        ("prod", PROJECT)
+    );
+    let other = admin.get_preview(get("staging")).await;
+    assert_eq!(
+        other.map(|_| ()).map_err(|s| s.code()),
+        Err(tonic::Code::NotFound),
+        "nothing is kept under the agent it claimed to be"
+    );
+
+    redis.kill();
+    let refused = prod.report_preview(answer(&sha(0x7f))).await;
+    let Err(greenlight_agent::client::ClientError::Status(status)) = refused else {
+        anyhow::bail!("an answer the store cannot keep is refused, got {refused:?}");
+    };
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("cannot record the preview"),
+        "{status:?}"
+    );
     Ok(())
 }
