@@ -112,14 +112,8 @@ mod tests {
             };
             refs.record_pipeline(&sha(*n), pipeline);
         }
-        let lineage = PushOrder(&refs);
-        gate.advance(&Context {
-            mode: Mode::Pipeline,
-            stages: &[],
-            refs: &refs,
-            lineage: &lineage,
-            now_ms: 0,
-        });
+        let lineage = PushOrder::new(&refs);
+        gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &lineage, 0));
         (refs, gate)
     }
 
@@ -137,7 +131,7 @@ mod tests {
     #[test]
     fn a_report_from_before_a_resync_does_not_end_the_wait() {
         let (refs, gate) = deployed(&[1]);
-        let lineage = PushOrder(&refs);
+        let lineage = PushOrder::new(&refs);
         let desired = gate.desired.clone().unwrap();
         let stale = StatusReport {
             generation: desired.generation - 1,
@@ -160,7 +154,7 @@ mod tests {
     #[test]
     fn the_exact_commit_healthy_ends_the_wait() {
         let (refs, gate) = deployed(&[1]);
-        let lineage = PushOrder(&refs);
+        let lineage = PushOrder::new(&refs);
         let waiting = progress(&sha(1), &gate, None, &lineage);
         assert_eq!(waiting.state(), State::Waiting);
         assert!(
@@ -185,7 +179,7 @@ mod tests {
     #[test]
     fn a_descendant_deployed_instead_supersedes() {
         let (refs, gate) = deployed(&[1, 2]);
-        let lineage = PushOrder(&refs);
+        let lineage = PushOrder::new(&refs);
         let before = progress(&sha(1), &gate, None, &lineage);
         assert_eq!(
             (before.state(), before.deployed_sha.as_str()),
@@ -215,14 +209,8 @@ mod tests {
             passed_stages: Vec::new(),
         };
         refs.record_pipeline(&sha(2), running);
-        let lineage = PushOrder(&refs);
-        gate.advance(&Context {
-            mode: Mode::Pipeline,
-            stages: &[],
-            refs: &refs,
-            lineage: &lineage,
-            now_ms: 0,
-        });
+        let lineage = PushOrder::new(&refs);
+        gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &lineage, 0));
         let state = progress(&sha(2), &gate, Some(&report(1, Phase::Healthy)), &lineage);
         assert_eq!(state.state(), State::Waiting);
         assert!(

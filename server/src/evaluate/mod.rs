@@ -83,7 +83,7 @@ impl<'a> RefLineage<'a> {
     pub fn new(refs: &'a RefState, git: Option<&'a GitLineage>) -> Self {
         match git {
             Some(git) => Self::Git(git),
-            None => Self::Push(PushOrder(refs)),
+            None => Self::Push(PushOrder::new(refs)),
         }
     }
 }
@@ -150,15 +150,41 @@ pub struct Evaluated {
 /// A decided change of one agent, not yet written.
 struct Pending {
     agent: String,
-    read: Shared,
-    next: AgentState,
-    step: Step,
+    read: Held,
+    next: Arc<AgentState>,
+    change: Arc<Change>,
 }
 
-/// An agent's state as read, shared between the cache and the evaluations using it: a state
-/// holds up to 50 decisions and 256 deployed commits, and copying it per evaluation made
-/// allocation most of an evaluation's cost.
-type Shared = Arc<Versioned<AgentState>>;
+/// What one decision changes, shared by the agents decided alike.
+struct Change {
+    step: Step,
+    deployed: DeployedChange,
+}
+
+/// An agent's state as this replica read or wrote it.
+///
+/// The state is shared between the cache and the evaluations using it, and between the
+/// agents of a ref that were decided alike: it holds up to 50 decisions and 256 deployed
+/// commits, and copying and deciding it per agent and evaluation made allocation most of an
+/// evaluation's cost.
+#[derive(Clone)]
+struct Held {
+    version: u64,
+    state: Arc<AgentState>,
+}
+
+impl From<Versioned<AgentState>> for Held {
+    fn from(read: Versioned<AgentState>) -> Self {
+        Self {
+            version: read.version,
+            state: Arc::new(read.value),
+        }
+    }
+}
+
+/// Distinct decided states kept per gate setting for sharing: agents whose states were read
+/// one by one (after a restart) share them from their first decision on.
+const DISTINCT_RESULTS: usize = 4;
 
 /// Runs the gate: see the module documentation.
 pub struct Evaluator {
@@ -174,7 +200,7 @@ pub struct Evaluator {
     /// Whether this replica has tried every shard's lease once since it started.
     leases_tried: std::sync::atomic::AtomicBool,
     /// Agents' states as this replica last wrote or read them.
-    cache: Mutex<HashMap<String, Shared>>,
+    cache: Mutex<HashMap<String, Held>>,
     /// Agents whose desired revision this replica just decided: their manifests are read
     /// (and failures recorded) even if no stream of theirs is connected.
     prepare: Coalescing<String, Sha>,
@@ -395,7 +421,7 @@ impl Evaluator {
         for attempt in 0..MAX_ATTEMPTS {
             let anchors: Vec<Sha> = states
                 .values()
-                .filter_map(|s| s.value.gate.position.as_ref().map(|r| r.sha.clone()))
+                .filter_map(|s| s.state.gate.position.as_ref().map(|r| r.sha.clone()))
                 .collect();
             let (git, behind) = self.git_lineage(key, &refs, &anchors, None).await;
             outcome.mirror_behind |= behind;
@@ -411,7 +437,7 @@ impl Evaluator {
             debug!(%key, attempt, agents = conflicted.len(), "concurrent updates; retrying");
             let fresh = self.store.agents(&conflicted).await?;
             for (agent, state) in conflicted.iter().cloned().zip(fresh) {
-                states.insert(agent, Arc::new(state));
+                states.insert(agent, Held::from(state));
             }
             deciding = conflicted;
         }
@@ -419,7 +445,7 @@ impl Evaluator {
     }
 
     /// The stored states of `agents`: cached ones as held, the rest read in one go.
-    async fn states(&self, agents: &[String]) -> Result<HashMap<String, Shared>, StoreError> {
+    async fn states(&self, agents: &[String]) -> Result<HashMap<String, Held>, StoreError> {
         let mut states = HashMap::with_capacity(agents.len());
         let mut missing = Vec::new();
         {
@@ -437,7 +463,7 @@ impl Evaluator {
             let read = self.store.agents(&missing).await?;
             let mut cache = self.lock_cache();
             for (agent, state) in missing.into_iter().zip(read) {
-                let state = Arc::new(state);
+                let state = Held::from(state);
                 cache.insert(agent.clone(), state.clone());
                 states.insert(agent, state);
             }
@@ -453,35 +479,64 @@ impl Evaluator {
         refs: &RefState,
         git: Option<&GitLineage>,
         watchers: &[String],
-        states: &HashMap<String, Shared>,
+        states: &HashMap<String, Held>,
     ) -> Vec<Pending> {
         let lineage = RefLineage::new(refs, git);
         let now = now_ms();
         let trace = greenlight::telemetry::traceparent(&tracing::Span::current());
         let catalog = self.catalog.load();
-        watchers
-            .iter()
-            .filter_map(|agent| {
-                let spec = catalog.agent(agent)?;
-                debug_assert_eq!(&ref_key(spec), key);
-                let read = states.get(agent)?.clone();
-                let cx = Context {
-                    mode: spec.mode,
-                    stages: spec.required_stages.as_slice(),
-                    refs,
-                    lineage: &lineage,
-                    now_ms: now,
-                };
-                let (next, step) =
-                    rules::advance(&read.value, &cx, facts.position, trace.as_deref())?;
-                Some(Pending {
+        // One context per gate setting: what it works out about the ref once serves every
+        // agent with that setting.
+        let mut contexts: Vec<Context<'_>> = Vec::new();
+        // Agents decided alike hold the same state: it is decided once per setting.
+        type Decided = Option<(Arc<AgentState>, Arc<Change>)>;
+        let mut decided: HashMap<(usize, *const AgentState), Decided> = HashMap::new();
+        let mut distinct: Vec<Vec<Arc<AgentState>>> = Vec::new();
+        let mut pending = Vec::new();
+        for agent in watchers {
+            let Some(spec) = catalog.agent(agent) else {
+                continue;
+            };
+            debug_assert_eq!(&ref_key(spec), key);
+            let Some(read) = states.get(agent) else {
+                continue;
+            };
+            let stages = spec.required_stages.as_slice();
+            let at = match contexts
+                .iter()
+                .position(|cx| cx.mode == spec.mode && cx.stages == stages)
+            {
+                Some(at) => at,
+                None => {
+                    contexts.push(Context::new(spec.mode, stages, refs, &lineage, now));
+                    distinct.push(Vec::new());
+                    contexts.len() - 1
+                }
+            };
+            let result = decided
+                .entry((at, Arc::as_ptr(&read.state)))
+                .or_insert_with(|| {
+                    let (next, step) = rules::advance(
+                        &read.state,
+                        &contexts[at],
+                        facts.position,
+                        trace.as_deref(),
+                    )?;
+                    let deployed =
+                        DeployedChange::between(&read.state.gate.deployed, &next.gate.deployed);
+                    let next = share(&mut distinct[at], next);
+                    Some((next, Arc::new(Change { step, deployed })))
+                });
+            if let Some((next, change)) = result {
+                pending.push(Pending {
                     agent: agent.clone(),
-                    read,
-                    next,
-                    step,
-                })
-            })
-            .collect()
+                    read: read.clone(),
+                    next: next.clone(),
+                    change: change.clone(),
+                });
+            }
+        }
+        pending
     }
 
     /// Writes every pending change, a bounded number at once; returns the agents whose
@@ -514,11 +569,8 @@ impl Evaluator {
             agent: &change.agent,
             expected: change.read.version,
             state: &change.next,
-            decisions: &change.step.decisions,
-            deployed: DeployedChange::between(
-                &change.read.value.gate.deployed,
-                &change.next.gate.deployed,
-            ),
+            decisions: &change.change.step.decisions,
+            deployed: change.change.deployed.clone(),
         };
         let written = self
             .store
@@ -527,7 +579,8 @@ impl Evaluator {
             .await?;
         match written {
             Written::Saved { version } => {
-                self.metrics.decided(change.step.decisions.iter());
+                let step = &change.change.step;
+                self.metrics.decided(step.decisions.iter());
                 let desired = change.next.gate.desired.as_ref();
                 self.index.offer(
                     &change.agent,
@@ -536,15 +589,15 @@ impl Evaluator {
                     change.next.traceparent.as_deref(),
                     false,
                 );
-                if change.step.desired_changed
+                if step.desired_changed
                     && let Some(desired) = desired
                 {
                     self.prepare.push(change.agent.clone(), desired.sha.clone());
                 }
-                let saved = Arc::new(Versioned {
+                let saved = Held {
                     version,
-                    value: change.next,
-                });
+                    state: change.next.clone(),
+                };
                 self.lock_cache().insert(change.agent.clone(), saved);
             }
             Written::Conflict | Written::Stale => {
@@ -581,13 +634,13 @@ impl Evaluator {
             let trace = greenlight::telemetry::traceparent(&tracing::Span::current());
             let (next, step) = {
                 let lineage = RefLineage::new(&refs, git.as_ref());
-                let cx = Context {
-                    mode: spec.mode,
-                    stages: spec.required_stages.as_slice(),
-                    refs: &refs,
-                    lineage: &lineage,
-                    now_ms: now_ms(),
-                };
+                let cx = Context::new(
+                    spec.mode,
+                    spec.required_stages.as_slice(),
+                    &refs,
+                    &lineage,
+                    now_ms(),
+                );
                 rules::operate(
                     &read.value,
                     &cx,
@@ -596,11 +649,12 @@ impl Evaluator {
                     trace.as_deref(),
                 )?
             };
+            let deployed = DeployedChange::between(&read.value.gate.deployed, &next.gate.deployed);
             let change = Pending {
                 agent: agent.to_owned(),
-                read: Arc::new(read),
-                next,
-                step,
+                read: Held::from(read),
+                next: Arc::new(next),
+                change: Arc::new(Change { step, deployed }),
             };
             match self.write(change).await? {
                 (_, Written::Saved { .. }) => return Ok(()),
@@ -779,7 +833,7 @@ impl Evaluator {
         }
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Shared>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         // Each change is one statement: the cache stays consistent under a poisoned lock.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -787,6 +841,18 @@ impl Evaluator {
     fn lock_held(&self) -> std::sync::MutexGuard<'_, HashSet<u16>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `next`, or an equal state among `seen` so that agents decided alike share one copy.
+fn share(seen: &mut Vec<Arc<AgentState>>, next: AgentState) -> Arc<AgentState> {
+    if let Some(same) = seen.iter().find(|state| ***state == next) {
+        return same.clone();
+    }
+    let next = Arc::new(next);
+    if seen.len() < DISTINCT_RESULTS {
+        seen.push(next.clone());
+    }
+    next
 }
 
 /// The manifests of `sha` for `agent`: `None` when the agent has no repository.

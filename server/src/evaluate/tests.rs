@@ -205,7 +205,7 @@ impl Run {
             let read = self.store.agent(AGENT).await.map_err(fail)?;
             let facts = self.store.facts(&key()).await.map_err(fail)?;
             let refs = facts.ref_state();
-            let lineage = PushOrder(&refs);
+            let lineage = PushOrder::new(&refs);
             let cx = context(&refs, &lineage, self.now);
             let Ok((next, step)) =
                 rules::operate(&read.value, &cx, facts.position, operation, None)
@@ -236,7 +236,7 @@ impl Run {
                     return Ok(());
                 };
                 let refs = facts.ref_state();
-                let lineage = PushOrder(&refs);
+                let lineage = PushOrder::new(&refs);
                 let cx = context(&refs, &lineage, self.now);
                 let Some((next, step)) = rules::advance(&read.value, &cx, facts.position, None)
                 else {
@@ -278,7 +278,7 @@ impl Run {
             .await
             .map_err(fail)?;
         if let Written::Saved { .. } = written {
-            let lineage = PushOrder(refs);
+            let lineage = PushOrder::new(refs);
             let desired = next.gate.desired.as_ref().map(|r| r.sha.clone());
             let watch = Watch {
                 position: next.gate.position.as_ref().map(|r| r.sha.clone()),
@@ -329,13 +329,7 @@ fn fail(error: crate::store::StoreError) -> TestCaseError {
 }
 
 fn context<'a>(refs: &'a crate::gate::RefState, lineage: &'a dyn Lineage, now: i64) -> Context<'a> {
-    Context {
-        mode: Mode::Pipeline,
-        stages: &[],
-        refs,
-        lineage,
-        now_ms: now,
-    }
+    Context::new(Mode::Pipeline, &[], refs, lineage, now)
 }
 
 /// Whether going from `from` to `to` is forward in push order: commits are pushed as a
@@ -420,4 +414,159 @@ proptest! {
             Ok(())
         })?;
     }
+}
+
+/// An evaluator over an embedded store for the agents of `yaml` (a config file's `agents:`).
+fn evaluator_for(
+    yaml: &str,
+) -> (
+    std::sync::Arc<super::Evaluator>,
+    std::sync::Arc<EmbeddedStore>,
+) {
+    use std::sync::Arc;
+    let config = crate::config::Config::from_yaml(yaml, &crate::config::Overrides::default())
+        .expect("a valid config");
+    let catalog = Arc::new(crate::catalog::LiveCatalog::new(
+        crate::catalog::Catalog::new(&config.agents, None),
+    ));
+    let store = Arc::new(EmbeddedStore::new());
+    let index = Arc::new(crate::index::Index::new(
+        config.agents.iter().map(|a| a.name.as_str()),
+    ));
+    let evaluator = super::Evaluator::new(
+        store.clone(),
+        catalog,
+        crate::git::Mirrors::new(config.git.clone()),
+        index,
+        "replica-0".into(),
+        Arc::new(crate::metrics::Metrics::default()),
+        tokio_util::task::TaskTracker::new(),
+    );
+    (evaluator, store)
+}
+
+/// A push of commit `n` and its green pipeline, as a ref's facts.
+async fn green_push(store: &EmbeddedStore, n: u8) {
+    let push = Push {
+        before: (n > 1).then(|| sha(n - 1)),
+        after: Some(sha(n)),
+        at_ms: i64::from(n),
+    };
+    let pipeline = Pipeline {
+        id: u64::from(n),
+        status: PipelineStatus::Success,
+        source: "push".into(),
+        as_of_ms: Some(i64::from(n)),
+        passed_stages: vec!["test".into()],
+    };
+    for (id, fact) in [
+        (format!("push-{n}"), FactRecord::Push(push)),
+        (
+            format!("pipeline-{n}"),
+            FactRecord::Pipeline {
+                sha: sha(n),
+                pipeline,
+            },
+        ),
+    ] {
+        store
+            .record_fact(&key(), &fact, Some(&id), None)
+            .await
+            .expect("the embedded store records facts");
+    }
+}
+
+#[tokio::test]
+async fn agents_decided_alike_share_one_state_and_each_still_gets_its_own_gate() {
+    let agent = |name: &str, gate: &str| {
+        let token = hex::encode(ring::digest::digest(&ring::digest::SHA256, name.as_bytes()));
+        format!(
+            "  - {{name: {name}, token_sha256: {token}, project: group/app, ref: main, gate: {gate}}}\n"
+        )
+    };
+    let yaml = format!(
+        "agents:\n{}{}{}{}{}{}",
+        agent("edge-1", "{mode: pipeline}"),
+        agent("edge-2", "{mode: pipeline}"),
+        agent("edge-3", "{mode: pipeline}"),
+        agent("held", "{mode: pipeline}"),
+        agent("manual", "{mode: manual}"),
+        agent("staged", "{mode: pipeline, stages: [test]}"),
+    );
+    let (evaluator, store) = evaluator_for(&yaml);
+    green_push(&store, 1).await;
+    evaluator.evaluate(&key()).await.expect("evaluates");
+    evaluator
+        .operate(
+            "held",
+            Operation::Pause {
+                reason: "freeze".into(),
+            },
+        )
+        .await
+        .expect("pauses");
+    green_push(&store, 2).await;
+    evaluator.evaluate(&key()).await.expect("evaluates");
+
+    let stored = |name: &'static str| {
+        let store = store.clone();
+        async move { store.agent(name).await.expect("reads the agent").value }
+    };
+    let edge = stored("edge-1").await;
+    assert_eq!(edge.gate.desired.as_ref().map(|d| &d.sha), Some(&sha(2)));
+    assert_eq!(stored("edge-2").await, edge, "decided alike, stored alike");
+    assert_eq!(stored("edge-3").await, edge);
+    let held = stored("held").await;
+    assert_eq!(held.gate.position.as_ref().map(|p| &p.sha), Some(&sha(2)));
+    assert_eq!(
+        held.gate.desired.as_ref().map(|d| &d.sha),
+        Some(&sha(1)),
+        "a paused agent keeps what it had while its ref's other agents move"
+    );
+    assert_ne!(held.gate.decisions, edge.gate.decisions);
+    assert!(
+        stored("manual").await.gate.desired.is_none(),
+        "manual waits for a trigger"
+    );
+    let staged = stored("staged").await;
+    assert_eq!(staged.gate.desired.as_ref().map(|d| &d.sha), Some(&sha(2)));
+    assert!(
+        staged
+            .gate
+            .decisions
+            .iter()
+            .any(|d| d.reason.contains("passed stages test")),
+        "its own setting decides its reasons: {:?}",
+        staged.gate.decisions
+    );
+
+    let cache = evaluator.lock_cache();
+    let held_state = |name: &str| {
+        cache
+            .get(name)
+            .expect("cached after its write")
+            .state
+            .clone()
+    };
+    assert!(std::sync::Arc::ptr_eq(
+        &held_state("edge-1"),
+        &held_state("edge-2")
+    ));
+    assert!(std::sync::Arc::ptr_eq(
+        &held_state("edge-1"),
+        &held_state("edge-3")
+    ));
+    assert!(!std::sync::Arc::ptr_eq(
+        &held_state("edge-1"),
+        &held_state("held")
+    ));
+    assert!(!std::sync::Arc::ptr_eq(
+        &held_state("edge-1"),
+        &held_state("staged")
+    ));
+    assert_eq!(
+        *held_state("edge-1"),
+        edge,
+        "the cache holds what was stored"
+    );
 }

@@ -1,10 +1,11 @@
 //! Per agent: where the gate stands, what the agent is told, and why.
 
-use std::collections::{HashSet, VecDeque};
+use std::cell::OnceCell;
+use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Lineage, PipelineStatus, RefState, Sha};
+use super::model::{Lineage, PipelineStatus, RefState, Sha, ShaSet};
 
 /// Deployed commits remembered per agent: as many as a ref keeps heads.
 pub const DEPLOYED_HISTORY: usize = super::model::MAX_HEADS;
@@ -147,7 +148,8 @@ pub struct Step {
     pub desired_changed: bool,
 }
 
-/// Inputs that are the same for every decision in one step.
+/// Inputs that are the same for every decision in one step, and for every agent of a ref
+/// with the same settings.
 pub struct Context<'a> {
     pub mode: Mode,
     /// In pipeline mode: stages whose success suffices while later stages (a deploy job
@@ -156,9 +158,50 @@ pub struct Context<'a> {
     pub refs: &'a RefState,
     pub lineage: &'a dyn Lineage,
     pub now_ms: i64,
+    /// What every agent decided with this context asks about the ref, worked out once: a
+    /// ref keeps hundreds of heads and may have thousands of agents.
+    heads: OnceCell<HeadFacts<'a>>,
 }
 
-impl Context<'_> {
+/// The ref's heads as `mark_superseded` asks about them.
+struct HeadFacts<'a> {
+    /// Every head the ref remembers, on any line.
+    known: ShaSet<'a>,
+    /// Heads of the current line that are on the branch and green, newest first.
+    green: Vec<&'a Sha>,
+}
+
+impl<'a> Context<'a> {
+    /// The context for agents in `mode` (with `stages`) deciding on `refs` at `now_ms`.
+    pub fn new(
+        mode: Mode,
+        stages: &'a [String],
+        refs: &'a RefState,
+        lineage: &'a dyn Lineage,
+        now_ms: i64,
+    ) -> Self {
+        Self {
+            mode,
+            stages,
+            refs,
+            lineage,
+            now_ms,
+            heads: OnceCell::new(),
+        }
+    }
+
+    fn head_facts(&self) -> &HeadFacts<'a> {
+        self.heads.get_or_init(|| HeadFacts {
+            known: self.refs.heads.iter().map(|h| &h.sha).collect(),
+            green: self
+                .refs
+                .current_heads()
+                .map(|h| &h.sha)
+                .filter(|sha| self.lineage.on_branch(sha) && self.green(sha).is_ok())
+                .collect(),
+        })
+    }
+
     /// Whether the gate may move from `current` to `candidate` without going backwards.
     ///
     /// A deployed commit that left the branch (force push, deletion) no longer anchors the
@@ -277,23 +320,22 @@ impl AgentGate {
         let Some(position) = self.position.as_ref().map(|p| p.sha.clone()) else {
             return;
         };
-        // Commits that left the ref's history cannot be superseded any more. Sets of borrowed
-        // ids: this runs for every agent of the ref, whose histories hold hundreds of them.
-        let known: HashSet<&Sha> = cx.refs.heads.iter().map(|h| &h.sha).collect();
-        self.deployed.retain(|sha| known.contains(sha));
+        // Commits that left the ref's history cannot be superseded any more. This runs for
+        // every agent of the ref, whose histories hold hundreds of ids: what does not depend
+        // on the agent is the context's, and lookups go through sets of borrowed ids.
+        let heads = cx.head_facts();
+        self.deployed.retain(|sha| heads.known.contains(sha));
         let superseded: Vec<Sha> = {
-            let deployed: HashSet<&Sha> = self.deployed.iter().collect();
-            cx.refs
-                .current_heads()
-                .map(|h| &h.sha)
+            let deployed: ShaSet<'_> = self.deployed.iter().collect();
+            heads
+                .green
+                .iter()
                 .filter(|sha| {
-                    **sha != position
-                        && !deployed.contains(sha)
-                        && cx.lineage.on_branch(sha)
+                    ***sha != position
+                        && !deployed.contains(**sha)
                         && cx.lineage.descends_from(&position, sha)
-                        && cx.green(sha).is_ok()
                 })
-                .cloned()
+                .map(|sha| (*sha).clone())
                 .collect()
         };
         for sha in superseded {

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +14,12 @@ pub const MAX_PIPELINES_PER_COMMIT: usize = 16;
 pub const MAX_ORPHAN_PIPELINE_COMMITS: usize = 64;
 
 /// A commit id: lowercase hex, 7 to 64 characters (SHA-1 or SHA-256 object names).
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct Sha(String);
+///
+/// Shared rather than owned: every agent's state holds hundreds of the same ids (its
+/// deployed commits and decisions), and an evaluation clones those states per agent.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(try_from = "String")]
+pub struct Sha(Arc<str>);
 
 /// Why a string is not a commit id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -27,7 +31,7 @@ impl Sha {
     pub fn parse(s: &str) -> Result<Self, InvalidSha> {
         let valid = (7..=64).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_hexdigit());
         if valid {
-            Ok(Self(s.to_ascii_lowercase()))
+            Ok(Self(s.to_ascii_lowercase().into()))
         } else {
             Err(InvalidSha(s.to_owned()))
         }
@@ -63,7 +67,13 @@ impl TryFrom<String> for Sha {
 
 impl From<Sha> for String {
     fn from(sha: Sha) -> String {
-        sha.0
+        sha.0.as_ref().to_owned()
+    }
+}
+
+impl Serialize for Sha {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
     }
 }
 
@@ -539,26 +549,44 @@ pub trait Lineage {
     }
 }
 
+/// Hashes commit ids for the gate's lookups, which run hundreds of times per agent and
+/// evaluation: cheaper than SipHash, and randomly seeded all the same.
+pub type ShaHasher = foldhash::fast::RandomState;
+
+/// A set of borrowed commit ids.
+pub type ShaSet<'a> = std::collections::HashSet<&'a Sha, ShaHasher>;
+
 /// Ancestry as the order in which pushes announced heads: every head of the current line
 /// descends from the heads before it.
-pub struct PushOrder<'a>(pub &'a RefState);
+pub struct PushOrder<'a> {
+    /// Where each head of the current line stands in push order (its newest announcement).
+    seq: std::collections::HashMap<&'a Sha, u64, ShaHasher>,
+}
+
+impl<'a> PushOrder<'a> {
+    /// The push order of `refs`' current line.
+    pub fn new(refs: &'a RefState) -> Self {
+        let mut seq = std::collections::HashMap::with_hasher(ShaHasher::default());
+        for head in refs.current_heads() {
+            seq.entry(&head.sha).or_insert(head.seq);
+        }
+        Self { seq }
+    }
+}
 
 impl Lineage for PushOrder<'_> {
     fn on_branch(&self, sha: &Sha) -> bool {
-        self.0.current_heads().any(|h| &h.sha == sha)
+        self.seq.contains_key(sha)
     }
 
     fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool {
         if descendant == ancestor {
             return true;
         }
-        let seq_of = |sha: &Sha| {
-            self.0
-                .current_heads()
-                .find(|h| &h.sha == sha)
-                .map(|h| h.seq)
-        };
-        matches!((seq_of(descendant), seq_of(ancestor)), (Some(d), Some(a)) if d > a)
+        matches!(
+            (self.seq.get(descendant), self.seq.get(ancestor)),
+            (Some(d), Some(a)) if d > a
+        )
     }
 }
 
@@ -623,7 +651,7 @@ mod tests {
         });
         let order: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
         assert_eq!(order, [sha(3), sha(2), sha(1)], "newest first");
-        let lineage = PushOrder(&state);
+        let lineage = PushOrder::new(&state);
         assert!(lineage.descends_from(&sha(3), &sha(2)));
         assert!(!lineage.descends_from(&sha(2), &sha(3)));
     }
@@ -791,7 +819,7 @@ mod tests {
         assert!(state.head().is_none());
         state.record_push(&push(1));
         state.record_push(&push(2));
-        let order = PushOrder(&state);
+        let order = PushOrder::new(&state);
         assert!(order.descends_from(&sha(2), &sha(1)));
         assert!(order.on_branch(&sha(1)));
     }

@@ -59,14 +59,8 @@ impl World {
 
     fn with_cx<T>(&mut self, f: impl FnOnce(&mut AgentGate, &Context<'_>) -> T) -> T {
         let now_ms = self.tick();
-        let lineage = PushOrder(&self.refs);
-        let cx = Context {
-            mode: self.mode,
-            stages: &[],
-            refs: &self.refs,
-            lineage: &lineage,
-            now_ms,
-        };
+        let lineage = PushOrder::new(&self.refs);
+        let cx = Context::new(self.mode, &[], &self.refs, &lineage, now_ms);
         f(&mut self.gate, &cx)
     }
 
@@ -823,14 +817,8 @@ proptest! {
                 }),
                 Delivery::Pipeline(n, update) => refs.record_pipeline(&sha(*n), update.clone()),
             };
-            let lineage = PushOrder(&refs);
-            let cx = Context {
-                mode: Mode::Pipeline,
-                stages: &[],
-                refs: &refs,
-                lineage: &lineage,
-                now_ms: at as i64,
-            };
+            let lineage = PushOrder::new(&refs);
+            let cx = Context::new(Mode::Pipeline, &[], &refs, &lineage, at as i64);
             let step = gate.advance(&cx);
             newest_ever_green = newest_ever_green.max(newest_green(&refs));
 
@@ -916,14 +904,8 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
             },
         );
     }
-    let full = PushOrder(&refs);
-    gate.advance(&Context {
-        mode: Mode::Pipeline,
-        stages: &[],
-        refs: &refs,
-        lineage: &full,
-        now_ms: 0,
-    });
+    let full = PushOrder::new(&refs);
+    gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &full, 0));
     assert_eq!(gate.desired.as_ref().map(|r| r.sha.clone()), Some(sha(2)));
 
     refs.record_push(&Push {
@@ -943,16 +925,10 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
     );
     // Another replica's stale mirror: it has 1 and 3 but not the deployed 2.
     let stale = PartlyFetched {
-        order: PushOrder(&refs),
+        order: PushOrder::new(&refs),
         known: vec![sha(1), sha(3)],
     };
-    let step = gate.advance(&Context {
-        mode: Mode::Pipeline,
-        stages: &[],
-        refs: &refs,
-        lineage: &stale,
-        now_ms: 0,
-    });
+    let step = gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &stale, 0));
     assert!(!step.desired_changed);
     assert!(
         gate.decisions
@@ -979,37 +955,37 @@ fn required_stages_open_the_gate_while_the_deploy_stage_still_runs() {
         passed_stages: vec!["test".into()],
     };
     refs.record_pipeline(&sha(1), running.clone());
-    let step = gate.advance(&Context {
-        mode: Mode::Pipeline,
-        stages: &stages,
-        refs: &refs,
-        lineage: &PushOrder(&refs),
-        now_ms: 0,
-    });
+    let step = gate.advance(&Context::new(
+        Mode::Pipeline,
+        &stages,
+        &refs,
+        &PushOrder::new(&refs),
+        0,
+    ));
     assert!(!step.desired_changed, "security has not passed yet");
 
     running.passed_stages.push("security".into());
     refs.record_pipeline(&sha(1), running);
-    gate.advance(&Context {
-        mode: Mode::Pipeline,
-        stages: &stages,
-        refs: &refs,
-        lineage: &PushOrder(&refs),
-        now_ms: 0,
-    });
+    gate.advance(&Context::new(
+        Mode::Pipeline,
+        &stages,
+        &refs,
+        &PushOrder::new(&refs),
+        0,
+    ));
     let desired = gate.desired.clone().unwrap();
     assert_eq!(desired.sha, sha(1));
     assert_eq!(desired.reason, "pipeline 5 passed stages test, security");
 
     // Without required stages the same running pipeline keeps the gate shut.
     let mut strict = AgentGate::default();
-    strict.advance(&Context {
-        mode: Mode::Pipeline,
-        stages: &[],
-        refs: &refs,
-        lineage: &PushOrder(&refs),
-        now_ms: 0,
-    });
+    strict.advance(&Context::new(
+        Mode::Pipeline,
+        &[],
+        &refs,
+        &PushOrder::new(&refs),
+        0,
+    ));
     assert!(strict.desired.is_none());
 }
 
@@ -1031,13 +1007,13 @@ fn a_failed_pipeline_never_counts_even_if_its_required_stages_passed() {
         passed_stages: vec!["test".into()],
     };
     refs.record_pipeline(&sha(1), failed);
-    gate.advance(&Context {
-        mode: Mode::Pipeline,
-        stages: &stages,
-        refs: &refs,
-        lineage: &PushOrder(&refs),
-        now_ms: 0,
-    });
+    gate.advance(&Context::new(
+        Mode::Pipeline,
+        &stages,
+        &refs,
+        &PushOrder::new(&refs),
+        0,
+    ));
     assert!(gate.desired.is_none());
 }
 

@@ -522,7 +522,7 @@ impl AdminService for AdminApi {
             return Err(Status::not_found(format!("no agent watches {key}")));
         }
         let refs = self.engine.facts(&key).await?;
-        let lineage = crate::gate::PushOrder(&refs);
+        let lineage = crate::gate::PushOrder::new(&refs);
         let commits = refs
             .heads
             .iter()
