@@ -309,8 +309,11 @@ impl Previews {
         {
             let _one = self.notes.lock().await;
             let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(10));
+            // A note posted by an attempt whose id the store then failed to keep: the next
+            // attempt edits it and keeps its id again, rather than posting a second note.
+            let mut posted = None;
             for attempt in 1..=PUBLISH_ATTEMPTS {
-                match self.write_note(gitlab, preview, &body).await {
+                match self.write_note(gitlab, preview, &body, &mut posted).await {
                     Ok(()) => break,
                     Err(error) if attempt < PUBLISH_ATTEMPTS => {
                         warn!(%error, "cannot write the preview note; retrying");
@@ -340,14 +343,23 @@ impl Previews {
         gitlab: &GitLab,
         preview: &Preview,
         body: &str,
+        posted: &mut Option<u64>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let (agent, project, iid) = (&preview.agent, &preview.project, preview.merge_request_iid);
-        if let Some(id) = self.store.note(agent, project, iid).await?
+        let known = match *posted {
+            Some(id) => Some(id),
+            None => self.store.note(agent, project, iid).await?,
+        };
+        if let Some(id) = known
             && gitlab.edit_note(project, iid, id, body).await?
         {
+            if posted.is_some() {
+                self.store.set_note(agent, project, iid, id).await?;
+            }
             return Ok(());
         }
         let id = gitlab.post_note(project, iid, body).await?;
+        *posted = Some(id);
         self.store.set_note(agent, project, iid, id).await?;
         Ok(())
     }
@@ -479,5 +491,140 @@ mod tests {
         );
         assert!(previews.watch("staging").borrow().requests.is_empty());
         shutdown.cancel();
+    }
+
+    /// Previews kept in memory, except that keeping a note id fails `failures` times.
+    struct NoteIdsFail {
+        inner: MemoryPreviews,
+        failures: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl PreviewStore for NoteIdsFail {
+        async fn request(&self, request: &PreviewRequest) -> Result<bool, PreviewStoreError> {
+            self.inner.request(request).await
+        }
+        async fn requested(
+            &self,
+            agent: &str,
+            project: &str,
+            iid: u64,
+        ) -> Result<Option<String>, PreviewStoreError> {
+            self.inner.requested(agent, project, iid).await
+        }
+        async fn announce(&self, announcement: &Announcement) -> Result<(), PreviewStoreError> {
+            self.inner.announce(announcement).await
+        }
+        fn announcements(&self) -> tokio::sync::broadcast::Receiver<Announcement> {
+            self.inner.announcements()
+        }
+        async fn save(&self, preview: &Preview) -> Result<(), PreviewStoreError> {
+            self.inner.save(preview).await
+        }
+        async fn load(
+            &self,
+            agent: &str,
+            sha: Option<&str>,
+        ) -> Result<Option<Preview>, PreviewStoreError> {
+            self.inner.load(agent, sha).await
+        }
+        async fn latest(
+            &self,
+            agent: &str,
+            limit: usize,
+        ) -> Result<Vec<Preview>, PreviewStoreError> {
+            self.inner.latest(agent, limit).await
+        }
+        async fn note(
+            &self,
+            agent: &str,
+            project: &str,
+            iid: u64,
+        ) -> Result<Option<u64>, PreviewStoreError> {
+            self.inner.note(agent, project, iid).await
+        }
+        async fn set_note(
+            &self,
+            agent: &str,
+            project: &str,
+            iid: u64,
+            note: u64,
+        ) -> Result<(), PreviewStoreError> {
+            let left = self.failures.load(std::sync::atomic::Ordering::SeqCst);
+            if left > 0 {
+                self.failures
+                    .store(left - 1, std::sync::atomic::Ordering::SeqCst);
+                return Err(PreviewStoreError::File("the disk is full".into()));
+            }
+            self.inner.set_note(agent, project, iid, note).await
+        }
+    }
+
+    /// A GitLab that answers note posts with increasing ids, and everything else with 200;
+    /// returns its URL and the bodies of the notes posted.
+    async fn gitlab_counting_notes() -> (String, Arc<Mutex<Vec<String>>>) {
+        use axum::extract::Request;
+        let posted = Arc::new(Mutex::new(Vec::new()));
+        let seen = posted.clone();
+        let app = axum::Router::new().fallback(move |request: Request| {
+            let posted = seen.clone();
+            async move {
+                let is_note_post = request.method() == axum::http::Method::POST
+                    && request.uri().path().ends_with("/notes");
+                let body = axum::body::to_bytes(request.into_body(), 1 << 20)
+                    .await
+                    .unwrap_or_default();
+                if is_note_post {
+                    let mut posted = posted.lock().unwrap();
+                    posted.push(String::from_utf8_lossy(&body).into_owned());
+                    format!("{{\"id\": {}}}", 100 + posted.len())
+                } else {
+                    "{}".to_owned()
+                }
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        (url, posted)
+    }
+
+    #[tokio::test]
+    async fn a_note_whose_id_could_not_be_kept_is_edited_on_retry_not_posted_twice() {
+        let (url, posted) = gitlab_counting_notes().await;
+        let store = Arc::new(NoteIdsFail {
+            inner: MemoryPreviews::default(),
+            failures: std::sync::atomic::AtomicUsize::new(1),
+        });
+        let gitlab = GitLab::new(&url, crate::config::Secret::new("token")).unwrap();
+        let catalog = previews().catalog.clone();
+        let previews = Previews::new(
+            catalog,
+            store.clone(),
+            Some(gitlab),
+            None,
+            TaskTracker::new(),
+        );
+        let preview = Preview {
+            agent: "prod".into(),
+            project: "g/app".into(),
+            sha: "a".repeat(40),
+            merge_request_iid: 3,
+            ..Preview::default()
+        };
+        previews.publish(&preview).await;
+        assert_eq!(
+            posted.lock().unwrap().len(),
+            1,
+            "one note, edited on the retry"
+        );
+        assert_eq!(
+            store.note("prod", "g/app", 3).await.unwrap(),
+            Some(101),
+            "the retry kept the posted note's id"
+        );
+        // The next head edits that note too.
+        previews.publish(&preview).await;
+        assert_eq!(posted.lock().unwrap().len(), 1);
     }
 }
