@@ -323,8 +323,10 @@ impl Evaluator {
     }
 
     async fn keep_leases(&self) {
-        for shard in 0..SHARDS {
-            let held = match self.store.hold_lease(shard, &self.replica, LEASE_TTL).await {
+        // All at once: one after another, a slow store would make the last renewals late
+        // enough for the leases to lapse.
+        let renewals = futures_util::future::join_all((0..SHARDS).map(|shard| async move {
+            match self.store.hold_lease(shard, &self.replica, LEASE_TTL).await {
                 Ok(held) => held,
                 Err(error) => {
                     debug!(%error, shard, "cannot renew a lease");
@@ -332,7 +334,10 @@ impl Evaluator {
                     // over: stop evaluating until it can.
                     false
                 }
-            };
+            }
+        }))
+        .await;
+        for (shard, held) in (0..SHARDS).zip(renewals) {
             let was = {
                 let mut shards = self.lock_held();
                 if held {
