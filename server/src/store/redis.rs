@@ -87,7 +87,8 @@ return position
 
 /// Writes an agent's state if its version is the one read and the stored state was not
 /// decided from newer facts; appends its new decisions and deployed commits to their capped
-/// lists and the change to the shard's log.
+/// lists (one `RPUSH` each, trimmed only past the cap: this runs for every agent of a
+/// decision) and the change to the shard's log.
 const AGENT_SCRIPT: &str = r#"
 local stored = redis.call('HMGET', KEYS[1], 'v', 'p')
 local v = tonumber(stored[1] or '0')
@@ -98,16 +99,23 @@ v = v + 1
 redis.call('HSET', KEYS[1], 'v', v, 'p', ARGV[2], 'core', ARGV[3])
 local n = tonumber(ARGV[9])
 if n > 0 then
-  for i = 10, 9 + n do redis.call('RPUSH', KEYS[2], ARGV[i]) end
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[6]), -1)
+  local len = redis.call('RPUSH', KEYS[2], unpack(ARGV, 10, 9 + n))
+  local cap = tonumber(ARGV[6])
+  if len > cap then redis.call('LTRIM', KEYS[2], -cap, -1) end
 end
 if ARGV[8] == 'replace' then redis.call('DEL', KEYS[3]) end
 if ARGV[8] ~= '' then
-  for i = 10 + n, #ARGV do redis.call('RPUSH', KEYS[3], ARGV[i]) end
-  if tonumber(ARGV[7]) > 0 then
-    redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
+  local keep = tonumber(ARGV[7])
+  local len
+  if #ARGV >= 10 + n then
+    len = redis.call('RPUSH', KEYS[3], unpack(ARGV, 10 + n, #ARGV))
   else
+    len = redis.call('LLEN', KEYS[3])
+  end
+  if keep <= 0 then
     redis.call('DEL', KEYS[3])
+  elseif len > keep then
+    redis.call('LTRIM', KEYS[3], -keep, -1)
   end
 end
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[5])
