@@ -221,9 +221,8 @@ impl Engine {
     async fn rebuild_index(&self, force: bool) -> Result<(), EngineError> {
         self.reload_registry(force).await?;
         let names: Vec<String> = self.catalog().agents().map(|a| a.name.clone()).collect();
-        let states = self.store.agents(&names).await?;
-        for (agent, state) in names.iter().zip(states) {
-            self.offer(agent, state.version, &state.value, force);
+        for (agent, state) in crate::store::readable_agents(&*self.store, &names).await? {
+            self.offer(&agent, state.version, &state.value, force);
         }
         self.reload_presence(true).await
     }

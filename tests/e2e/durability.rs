@@ -292,3 +292,42 @@ async fn a_full_disk_refuses_what_it_cannot_write_and_loses_nothing_answered() -
     assert_eq!(send(&head, &sha(0x0300_0000)).await?.0, 200);
     Ok(())
 }
+
+/// One agent whose stored state cannot be decoded (a bad restore, a hand edit) stops only
+/// itself: the other agent of its ref still deploys, the server starts and is ready, and
+/// `GetAgent` says which record is corrupt instead of asking to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_agent_record_stops_only_that_agent() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let key = format!(
+        "gl-test:{{gl{}}}:agent:broken:state",
+        greenlight_server::store::agent_shard("broken")
+    );
+    let written = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string(), "HSET", &key])
+        .args(["v", "1", "p", "0", "core", "{not json"])
+        .output()
+        .context("redis-cli")?;
+    anyhow::ensure!(written.status.success(), "{written:?}");
+    let yaml = config_yaml(
+        Some(&redis.url()),
+        &[AgentDef::new("broken"), AgentDef::new("healthy")],
+    );
+    let server = TestServer::start(&yaml).await?;
+    let x = sha(0xc1);
+    server.release(ZERO, &x, 1).await?;
+    server.desired_becomes("healthy", &x).await?;
+    let error = server
+        .agent_status("broken")
+        .await
+        .expect_err("a corrupt record cannot be shown");
+    let status = error
+        .downcast_ref::<tonic::Status>()
+        .context("a gRPC status")?;
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status:?}");
+    assert!(
+        status.message().contains(&key) && status.message().contains("corrupt"),
+        "names the record: {status:?}"
+    );
+    Ok(())
+}

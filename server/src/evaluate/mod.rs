@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 use crate::queue::Coalescing;
 use crate::store::{
     AgentState, AgentWrite, DeployedChange, Facts, RefKey, SHARDS, Store, StoreError, SyncError,
-    Versioned, Written,
+    Versioned, Written, readable_agents,
 };
 use greenlight::backoff::Backoff;
 
@@ -440,8 +440,7 @@ impl Evaluator {
                 return Ok(outcome);
             }
             debug!(%key, attempt, agents = conflicted.len(), "concurrent updates; retrying");
-            let fresh = self.store.agents(&conflicted).await?;
-            for (agent, state) in conflicted.iter().cloned().zip(fresh) {
+            for (agent, state) in readable_agents(&*self.store, &conflicted).await? {
                 states.insert(agent, Held::from(state));
             }
             deciding = conflicted;
@@ -449,7 +448,8 @@ impl Evaluator {
         Err(EvaluateError::Contention(key.to_string()))
     }
 
-    /// The stored states of `agents`: cached ones as held, the rest read in one go.
+    /// The stored states of `agents`: cached ones as held, the rest read in one go; an agent
+    /// whose record cannot be read is left out, and so not decided.
     async fn states(&self, agents: &[String]) -> Result<HashMap<String, Held>, StoreError> {
         let mut states = HashMap::with_capacity(agents.len());
         let mut missing = Vec::new();
@@ -465,9 +465,9 @@ impl Evaluator {
             }
         }
         if !missing.is_empty() {
-            let read = self.store.agents(&missing).await?;
+            let read = readable_agents(&*self.store, &missing).await?;
             let mut cache = self.lock_cache();
-            for (agent, state) in missing.into_iter().zip(read) {
+            for (agent, state) in read {
                 let state = Held::from(state);
                 cache.insert(agent.clone(), state.clone());
                 states.insert(agent, state);

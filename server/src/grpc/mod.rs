@@ -17,6 +17,7 @@ use tonic::Status;
 use crate::engine::EngineError;
 use crate::evaluate::EvaluateError;
 use crate::gate::{Decision, GateError, Mode, Outcome, PipelineStatus, Revision};
+use crate::store::StoreError;
 
 /// The bearer token of a request, if it carries one.
 fn bearer<T>(request: &tonic::Request<T>) -> Option<&str> {
@@ -31,6 +32,11 @@ impl From<EngineError> for Status {
     fn from(error: EngineError) -> Self {
         let message = error.to_string();
         match error {
+            // Retrying cannot help: an operator must repair or delete the record.
+            EngineError::Store(StoreError::Corrupt { .. })
+            | EngineError::Evaluate(EvaluateError::Store(StoreError::Corrupt { .. })) => {
+                Status::data_loss(message)
+            }
             EngineError::Store(_) => Status::unavailable(message),
             EngineError::UnknownAgent(_) => Status::not_found(message),
             EngineError::Evaluate(EvaluateError::Contention(_)) => Status::aborted(message),

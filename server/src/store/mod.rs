@@ -354,6 +354,38 @@ pub trait FactStore: Send + Sync {
     async fn forget_pipelines(&self, key: &RefKey, forget: &[(Sha, u64)]) -> Result<()>;
 }
 
+/// The stored states of `agents` that can be read, in order, with their names.
+///
+/// A record that cannot be decoded is skipped and logged, so that one corrupt agent does not
+/// stop every other agent of its ref (or a replica's start); that agent stays where it is
+/// and `GetAgent` reports the corrupt record. Fails only when the store does.
+pub async fn readable_agents<S: AgentStore + ?Sized>(
+    store: &S,
+    agents: &[String],
+) -> Result<Vec<(String, Versioned<AgentState>)>> {
+    match store.agents(agents).await {
+        Ok(read) => Ok(agents.iter().cloned().zip(read).collect()),
+        Err(StoreError::Corrupt { .. }) => {
+            // Only after a batch failed: one round trip per agent finds the corrupt ones.
+            let mut readable = Vec::with_capacity(agents.len());
+            for agent in agents {
+                match store.agent(agent).await {
+                    Ok(state) => readable.push((agent.clone(), state)),
+                    Err(StoreError::Corrupt { key, reason }) => tracing::warn!(
+                        agent,
+                        key,
+                        reason,
+                        "skipping an agent whose stored state cannot be read"
+                    ),
+                    Err(error) => return Err(error),
+                }
+            }
+            Ok(readable)
+        }
+        Err(error) => Err(error),
+    }
+}
+
 /// Each agent's gate state.
 #[async_trait]
 pub trait AgentStore: Send + Sync {
