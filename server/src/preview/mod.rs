@@ -560,26 +560,40 @@ mod tests {
         }
     }
 
-    /// A GitLab that answers note posts with increasing ids, and everything else with 200;
-    /// returns its URL and the bodies of the notes posted.
+    /// A GitLab that answers note posts with ids 101, 102, …, edits of notes it never
+    /// posted with 404, and everything else with 200; returns its URL and the bodies of the
+    /// notes posted.
     async fn gitlab_counting_notes() -> (String, Arc<Mutex<Vec<String>>>) {
         use axum::extract::Request;
+        use axum::http::{Method, StatusCode};
         let posted = Arc::new(Mutex::new(Vec::new()));
         let seen = posted.clone();
         let app = axum::Router::new().fallback(move |request: Request| {
             let posted = seen.clone();
             async move {
-                let is_note_post = request.method() == axum::http::Method::POST
-                    && request.uri().path().ends_with("/notes");
+                let method = request.method().clone();
+                let path = request.uri().path().to_owned();
                 let body = axum::body::to_bytes(request.into_body(), 1 << 20)
                     .await
                     .unwrap_or_default();
-                if is_note_post {
-                    let mut posted = posted.lock().unwrap();
+                let mut posted = posted.lock().unwrap();
+                if method == Method::POST && path.ends_with("/notes") {
                     posted.push(String::from_utf8_lossy(&body).into_owned());
-                    format!("{{\"id\": {}}}", 100 + posted.len())
-                } else {
-                    "{}".to_owned()
+                    return (
+                        StatusCode::OK,
+                        format!("{{\"id\": {}}}", 100 + posted.len()),
+                    );
+                }
+                let edited = path
+                    .rsplit_once("/notes/")
+                    .and_then(|(_, id)| id.parse::<usize>().ok());
+                match edited {
+                    Some(id)
+                        if method == Method::PUT && !(101..=100 + posted.len()).contains(&id) =>
+                    {
+                        (StatusCode::NOT_FOUND, "{}".to_owned())
+                    }
+                    _ => (StatusCode::OK, "{}".to_owned()),
                 }
             }
         });
@@ -589,22 +603,12 @@ mod tests {
         (url, posted)
     }
 
-    #[tokio::test]
-    async fn a_note_whose_id_could_not_be_kept_is_edited_on_retry_not_posted_twice() {
-        let (url, posted) = gitlab_counting_notes().await;
-        let store = Arc::new(NoteIdsFail {
-            inner: MemoryPreviews::default(),
-            failures: std::sync::atomic::AtomicUsize::new(1),
-        });
-        let gitlab = GitLab::new(&url, crate::config::Secret::new("token")).unwrap();
+    /// The previews of `store`, publishing to the GitLab at `url`, and a preview by `prod`
+    /// of merge request 3 of `g/app` to publish.
+    fn publishing(url: &str, store: Arc<dyn PreviewStore>) -> (Arc<Previews>, Preview) {
+        let gitlab = GitLab::new(url, crate::config::Secret::new("token")).unwrap();
         let catalog = previews().catalog.clone();
-        let previews = Previews::new(
-            catalog,
-            store.clone(),
-            Some(gitlab),
-            None,
-            TaskTracker::new(),
-        );
+        let previews = Previews::new(catalog, store, Some(gitlab), None, TaskTracker::new());
         let preview = Preview {
             agent: "prod".into(),
             project: "g/app".into(),
@@ -612,6 +616,17 @@ mod tests {
             merge_request_iid: 3,
             ..Preview::default()
         };
+        (previews, preview)
+    }
+
+    #[tokio::test]
+    async fn a_note_whose_id_could_not_be_kept_is_edited_on_retry_not_posted_twice() {
+        let (url, posted) = gitlab_counting_notes().await;
+        let store = Arc::new(NoteIdsFail {
+            inner: MemoryPreviews::default(),
+            failures: std::sync::atomic::AtomicUsize::new(1),
+        });
+        let (previews, preview) = publishing(&url, store.clone());
         previews.publish(&preview).await;
         assert_eq!(
             posted.lock().unwrap().len(),
@@ -626,5 +641,23 @@ mod tests {
         // The next head edits that note too.
         previews.publish(&preview).await;
         assert_eq!(posted.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_note_someone_deleted_is_posted_again_and_its_new_id_kept() {
+        let (url, posted) = gitlab_counting_notes().await;
+        let store = Arc::new(MemoryPreviews::default());
+        // The id of a note GitLab no longer has: deleted by someone on the merge request.
+        store.set_note("prod", "g/app", 3, 999).await.unwrap();
+        let (previews, preview) = publishing(&url, store.clone());
+        previews.publish(&preview).await;
+        assert_eq!(
+            posted.lock().unwrap().len(),
+            1,
+            "posted anew after the edit's 404"
+        );
+        assert_eq!(store.note("prod", "g/app", 3).await.unwrap(), Some(101));
+        previews.publish(&preview).await;
+        assert_eq!(posted.lock().unwrap().len(), 1, "and edited from then on");
     }
 }
