@@ -7,6 +7,12 @@ use crate::v1::preview::Outcome;
 use crate::v1::preview_object::Change;
 use crate::v1::{FieldChange, Preview, PreviewObject};
 
+/// The most objects a preview lists: the agent counts the rest in `truncated`, and the server
+/// keeps no more from an agent of another version.
+pub const MAX_OBJECTS: usize = 500;
+/// The most changed fields a preview lists per object, on both sides alike.
+pub const MAX_FIELDS: usize = 50;
+
 /// How many objects of each change a preview holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {

@@ -7,13 +7,12 @@
 //! Secret's values never appear: its `data` is compared key by key and only the key names
 //! are shown.
 
+use greenlight::preview::MAX_FIELDS;
 use greenlight::v1::FieldChange;
 use serde_json::Value;
 
 /// The longest value shown, in characters; longer ones are cut with `…`.
 pub const MAX_VALUE_CHARS: usize = 200;
-/// The most fields shown per object.
-pub const MAX_FIELDS: usize = 50;
 
 /// Metadata the API server keeps for itself.
 const SERVER_METADATA: [&str; 7] = [

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use greenlight::preview::{MAX_FIELDS, MAX_OBJECTS};
 use greenlight::v1::preview::Outcome;
 use greenlight::v1::preview_object::Change;
 use greenlight::v1::{Preview, PreviewObject};
@@ -32,8 +33,6 @@ use queue::{PreviewQueue, merge_request_of};
 
 /// Objects dry-run at once: as many as an apply writes at once.
 const CONCURRENCY: usize = 8;
-/// The most objects one preview lists; the rest are counted in `truncated`.
-pub const MAX_OBJECTS: usize = 500;
 /// How long sending a result may take before the next attempt.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts at sending one result.
@@ -384,7 +383,7 @@ impl Previewer {
                 }
                 Found::Update(fields) => {
                     let mut o = object(api_version, &item.key, Change::Update, String::new());
-                    if fields.len() >= diff::MAX_FIELDS {
+                    if fields.len() >= MAX_FIELDS {
                         preview.truncated = true;
                     }
                     o.fields = fields;

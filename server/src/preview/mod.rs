@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use greenlight::backoff::Backoff;
+use greenlight::preview::{MAX_FIELDS, MAX_OBJECTS};
 use greenlight::v1::Preview;
 use greenlight::v1::preview::Outcome;
 use tokio::sync::watch;
@@ -34,10 +35,8 @@ const REQUEST_LIFETIME_MS: i64 = 3600 * 1000;
 /// Attempts at posting one note or status.
 const PUBLISH_ATTEMPTS: u32 = 4;
 
-/// The most objects a stored preview keeps, and the most fields per object and characters
-/// per value: an agent of another version may send more than this one would.
-const MAX_OBJECTS: usize = 500;
-const MAX_FIELDS: usize = 50;
+/// The most characters per text a stored preview keeps: an agent of another version may send
+/// more than this one would (objects and fields are bounded by the shared limits).
 const MAX_TEXT: usize = 1024;
 
 /// Cuts `preview` down to what is stored and shown.
