@@ -161,26 +161,23 @@ struct Change {
     deployed: DeployedChange,
 }
 
+impl Change {
+    /// The change from `read` to `next` made by `step`.
+    fn new(read: &AgentState, next: &AgentState, step: Step) -> Self {
+        Self {
+            deployed: DeployedChange::between(&read.gate.deployed, &next.gate.deployed),
+            step,
+        }
+    }
+}
+
 /// An agent's state as this replica read or wrote it.
 ///
 /// The state is shared between the cache and the evaluations using it, and between the
 /// agents of a ref that were decided alike: it holds up to 50 decisions and 256 deployed
 /// commits, and copying and deciding it per agent and evaluation made allocation most of an
 /// evaluation's cost.
-#[derive(Clone)]
-struct Held {
-    version: u64,
-    state: Arc<AgentState>,
-}
-
-impl From<Versioned<AgentState>> for Held {
-    fn from(read: Versioned<AgentState>) -> Self {
-        Self {
-            version: read.version,
-            state: Arc::new(read.value),
-        }
-    }
-}
+type Held = Versioned<Arc<AgentState>>;
 
 /// Distinct decided states kept per gate setting for sharing: agents whose states were read
 /// one by one (after a restart) share them from their first decision on.
@@ -426,7 +423,7 @@ impl Evaluator {
         for attempt in 0..MAX_ATTEMPTS {
             let anchors: Vec<Sha> = states
                 .values()
-                .filter_map(|s| s.state.gate.position.as_ref().map(|r| r.sha.clone()))
+                .filter_map(|s| s.value.gate.position.as_ref().map(|r| r.sha.clone()))
                 .collect();
             let (git, behind) = self.git_lineage(key, &refs, &anchors, None).await;
             outcome.mirror_behind |= behind;
@@ -441,7 +438,7 @@ impl Evaluator {
             }
             debug!(%key, attempt, agents = conflicted.len(), "concurrent updates; retrying");
             for (agent, state) in readable_agents(&*self.store, &conflicted).await? {
-                states.insert(agent, Held::from(state));
+                states.insert(agent, state.map(Arc::new));
             }
             deciding = conflicted;
         }
@@ -468,7 +465,7 @@ impl Evaluator {
             let read = readable_agents(&*self.store, &missing).await?;
             let mut cache = self.lock_cache();
             for (agent, state) in read {
-                let state = Held::from(state);
+                let state = state.map(Arc::new);
                 cache.insert(agent.clone(), state.clone());
                 states.insert(agent, state);
             }
@@ -519,18 +516,17 @@ impl Evaluator {
                 }
             };
             let result = decided
-                .entry((at, Arc::as_ptr(&read.state)))
+                .entry((at, Arc::as_ptr(&read.value)))
                 .or_insert_with(|| {
                     let (next, step) = rules::advance(
-                        &read.state,
+                        &read.value,
                         &contexts[at],
                         facts.position,
                         trace.as_deref(),
                     )?;
-                    let deployed =
-                        DeployedChange::between(&read.state.gate.deployed, &next.gate.deployed);
+                    let change = Change::new(&read.value, &next, step);
                     let next = share(&mut distinct[at], next);
-                    Some((next, Arc::new(Change { step, deployed })))
+                    Some((next, Arc::new(change)))
                 });
             if let Some((next, change)) = result {
                 pending.push(Pending {
@@ -599,9 +595,9 @@ impl Evaluator {
                 {
                     self.prepare.push(change.agent.clone(), desired.sha.clone());
                 }
-                let saved = Held {
+                let saved = Versioned {
                     version,
-                    state: change.next.clone(),
+                    value: change.next.clone(),
                 };
                 self.lock_cache().insert(change.agent.clone(), saved);
             }
@@ -654,12 +650,11 @@ impl Evaluator {
                     trace.as_deref(),
                 )?
             };
-            let deployed = DeployedChange::between(&read.value.gate.deployed, &next.gate.deployed);
             let change = Pending {
                 agent: agent.to_owned(),
-                read: Held::from(read),
+                change: Arc::new(Change::new(&read.value, &next, step)),
+                read: read.map(Arc::new),
                 next: Arc::new(next),
-                change: Arc::new(Change { step, deployed }),
             };
             match self.write(change).await? {
                 (_, Written::Saved { .. }) => return Ok(()),

@@ -545,7 +545,7 @@ async fn agents_decided_alike_share_one_state_and_each_still_gets_its_own_gate()
         cache
             .get(name)
             .expect("cached after its write")
-            .state
+            .value
             .clone()
     };
     assert!(std::sync::Arc::ptr_eq(

@@ -65,12 +65,6 @@ impl TryFrom<String> for Sha {
     }
 }
 
-impl From<Sha> for String {
-    fn from(sha: Sha) -> String {
-        sha.0.as_ref().to_owned()
-    }
-}
-
 impl Serialize for Sha {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.0)

@@ -118,6 +118,16 @@ pub struct Versioned<T> {
     pub value: T,
 }
 
+impl<T> Versioned<T> {
+    /// The same version of `f(value)`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Versioned<U> {
+        Versioned {
+            version: self.version,
+            value: f(self.value),
+        }
+    }
+}
+
 /// A fact as it is recorded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FactRecord {
