@@ -456,21 +456,17 @@ impl Engine {
             } => self
                 .evaluator
                 .enqueue(key, Asked::by_fact(traceparent.clone(), *at_ms)),
-            Broadcast::AgentChanged {
-                agent,
-                version,
-                desired,
-                traceparent,
-                ..
-            } => {
-                self.evaluator.heard(agent, *version);
-                self.index.offer(
-                    agent,
-                    *version,
-                    desired.as_ref(),
-                    traceparent.as_deref(),
-                    false,
-                );
+            Broadcast::AgentsChanged(changes) => {
+                for (written, change) in changes.iter() {
+                    self.evaluator.heard(&written.agent, written.version);
+                    self.index.offer(
+                        &written.agent,
+                        written.version,
+                        change.desired.as_ref(),
+                        change.traceparent.as_deref(),
+                        false,
+                    );
+                }
             }
             Broadcast::Connection {
                 agent,

@@ -14,9 +14,9 @@ use greenlight_e2e::{Redis, SOON, sha};
 use greenlight_server::config::RedisSettings;
 use greenlight_server::gate::{Decision, Outcome, Pipeline, PipelineStatus, Push, Revision, Sha};
 use greenlight_server::store::{
-    AgentState, AgentWrite, Broadcast, DeployedChange, EmbeddedStore, FactRecord, Ingested,
-    LogEntry, Notice, RedisStore, RefKey, StatusClaim, StatusKey, Store, StoreError, SyncError,
-    Written,
+    AgentState, AgentWrite, AgentWrites, Broadcast, DeployedChange, EmbeddedStore, FactRecord,
+    Ingested, LogEntry, Notice, RedisStore, RefKey, StatusClaim, StatusKey, Store, StoreError,
+    SyncError, Written,
 };
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +73,7 @@ suite!(
     agent_writes_bump_the_version_and_reach_followers,
     agent_writes_refuse_stale_versions_and_older_facts,
     agent_history_and_deployed_set_are_capped,
+    agents_written_together_each_stand_on_their_own,
     the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged,
     an_entry_a_publisher_never_acknowledged_goes_to_another,
     reports_are_newest_first_and_trimmed,
@@ -193,7 +194,7 @@ async fn write(
             expected,
             state: next,
             decisions: &decisions,
-            deployed: DeployedChange::between(&previous.gate.deployed, &next.gate.deployed),
+            deployed: &DeployedChange::between(&previous.gate.deployed, &next.gate.deployed),
         })
         .await?)
 }
@@ -467,16 +468,14 @@ async fn agent_writes_bump_the_version_and_reach_followers(
     assert_eq!(read.version, 1);
     assert_eq!(read.value, first);
     match next_message(&mut rx).await? {
-        Broadcast::AgentChanged {
-            agent,
-            version,
-            desired,
-            decisions,
-            ..
-        } => {
-            assert_eq!((agent.as_str(), version), ("prod", 1));
-            assert_eq!(desired, first.gate.desired);
-            assert_eq!(decisions, [decision(1, "deploy")]);
+        Broadcast::AgentsChanged(changes) => {
+            let written: Vec<_> = changes.iter().collect();
+            let [(agent, change)] = written.as_slice() else {
+                bail!("expected one agent's change, got {changes:?}");
+            };
+            assert_eq!((agent.agent.as_str(), agent.version), ("prod", 1));
+            assert_eq!(change.desired, first.gate.desired);
+            assert_eq!(change.decisions, [decision(1, "deploy")]);
         }
         other => bail!("expected the agent's change, got {other:?}"),
     }
@@ -563,6 +562,127 @@ async fn agent_history_and_deployed_set_are_capped(store: &dyn Store) -> anyhow:
     ensure!(
         store.agent("prod").await?.value.gate.deployed == rewritten.gate.deployed,
         "the deployed set was replaced"
+    );
+    Ok(())
+}
+
+/// A fan-out's writes in one call: each agent's write is conditional on its own version and
+/// facts, agents decided alike share one change, and followers hear every agent written, in
+/// far fewer log entries than agents.
+async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> anyhow::Result<()> {
+    let empty = AgentState::default();
+    // "moved" was written since it was read; "ahead" was decided from newer facts.
+    write(store, "moved", 0, &empty, &deployed_at(empty.clone(), 1, 5)).await?;
+    let ahead = deployed_at(empty.clone(), 1, 20);
+    write(store, "ahead", 0, &empty, &ahead).await?;
+    let mut rx = subscribed(store).await?;
+
+    let fleet_state = deployed_at(empty.clone(), 3, 10);
+    let edge_state = deployed_at(empty.clone(), 4, 10);
+    let fleet_decisions = [decision(3, "deploy")];
+    let edge_decisions = [decision(4, "deploy")];
+    let fleet_deployed = DeployedChange::between(&empty.gate.deployed, &fleet_state.gate.deployed);
+    let edge_deployed = DeployedChange::between(&empty.gate.deployed, &edge_state.gate.deployed);
+    let fleet: Vec<String> = (0..300).map(|n| format!("fleet-{n}")).collect();
+    let edges: Vec<String> = (0..5).map(|n| format!("edge-{n}")).collect();
+    let mut writes = AgentWrites::default();
+    for agent in &fleet {
+        writes.push(AgentWrite {
+            agent,
+            expected: 0,
+            state: &fleet_state,
+            decisions: &fleet_decisions,
+            deployed: &fleet_deployed,
+        });
+    }
+    for (agent, expected) in [("moved", 0), ("ahead", 1)] {
+        writes.push(AgentWrite {
+            agent,
+            expected,
+            state: &fleet_state,
+            decisions: &fleet_decisions,
+            deployed: &fleet_deployed,
+        });
+    }
+    for agent in &edges {
+        writes.push(AgentWrite {
+            agent,
+            expected: 0,
+            state: &edge_state,
+            decisions: &edge_decisions,
+            deployed: &edge_deployed,
+        });
+    }
+    assert_eq!(
+        writes.changes().len(),
+        2,
+        "agents decided alike share a change"
+    );
+
+    let written = store.write_agents(&writes).await?;
+    let mut expected = vec![Written::Saved { version: 1 }; fleet.len()];
+    expected.extend([Written::Conflict, Written::Stale]);
+    expected.extend(vec![Written::Saved { version: 1 }; edges.len()]);
+    assert_eq!(
+        written, expected,
+        "each write judged on its own, answered in order"
+    );
+
+    let fleet_read = store.agents(&fleet).await?;
+    ensure!(
+        fleet_read
+            .iter()
+            .all(|read| read.version == 1 && read.value == fleet_state),
+        "every agent of the fleet holds the shared state"
+    );
+    assert_eq!(store.agent("edge-4").await?.value, edge_state);
+    assert_eq!(
+        store.agent("ahead").await?.value,
+        ahead,
+        "not moved backwards"
+    );
+    assert_eq!(store.agent("moved").await?.version, 1, "not overwritten");
+
+    // Followers hear each agent written once, with its own change.
+    let mut heard = std::collections::BTreeMap::new();
+    let mut entries = 0;
+    while heard.len() < fleet.len() + edges.len() {
+        let Broadcast::AgentsChanged(changes) = next_message(&mut rx).await? else {
+            continue;
+        };
+        entries += 1;
+        for (agent, change) in changes.iter() {
+            let desired = change.desired.as_ref().map(|revision| revision.sha.clone());
+            ensure!(
+                heard
+                    .insert(agent.agent.clone(), (agent.version, desired))
+                    .is_none(),
+                "{} heard twice",
+                agent.agent
+            );
+        }
+    }
+    ensure!(
+        !heard.contains_key("moved") && !heard.contains_key("ahead"),
+        "refused writes reach nobody"
+    );
+    ensure!(
+        fleet
+            .iter()
+            .all(|agent| heard.get(agent) == Some(&(1, Some(commit(3))))),
+        "the fleet hears commit 3 at version 1"
+    );
+    ensure!(
+        edges
+            .iter()
+            .all(|agent| heard.get(agent) == Some(&(1, Some(commit(4))))),
+        "the edges hear commit 4 at version 1"
+    );
+    // One entry per step of agents sharing a shard, not one per agent.
+    ensure!(
+        entries <= 2 * usize::from(greenlight_server::store::SHARDS),
+        "{entries} log entries for {} agents",
+        heard.len()
     );
     Ok(())
 }

@@ -29,8 +29,8 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::queue::Coalescing;
 use crate::store::{
-    AgentState, AgentWrite, DeployedChange, Facts, RefKey, SHARDS, Store, StoreError, SyncError,
-    Versioned, Written, readable_agents,
+    AgentState, AgentWrite, AgentWrites, DeployedChange, Facts, RefKey, SHARDS, Store, StoreError,
+    SyncError, Versioned, Written, readable_agents,
 };
 use greenlight::backoff::Backoff;
 
@@ -540,72 +540,78 @@ impl Evaluator {
         pending
     }
 
-    /// Writes every pending change, a bounded number at once; returns the agents whose
-    /// state changed under the decision (to be read and decided again).
+    /// Writes every pending change; returns the agents whose state changed under the
+    /// decision (to be read and decided again).
     async fn write_all(&self, pending: Vec<Pending>) -> Result<Vec<String>, StoreError> {
-        let results: Vec<Result<Option<String>, StoreError>> = stream::iter(pending)
-            .map(|change| async move {
-                match self.write(change).await? {
-                    (agent, Written::Conflict) => Ok(Some(agent)),
-                    (_, Written::Saved { .. } | Written::Stale) => Ok(None),
-                }
-            })
-            .buffer_unordered(WRITES_IN_FLIGHT)
-            .collect()
-            .await;
-        let mut conflicted = Vec::new();
-        for result in results {
-            if let Some(agent) = result? {
-                conflicted.push(agent);
-            }
-        }
-        Ok(conflicted)
+        Ok(self
+            .write(pending)
+            .await?
+            .into_iter()
+            .filter_map(|(agent, written)| (written == Written::Conflict).then_some(agent))
+            .collect())
     }
 
-    /// Writes one agent's change; on success, this replica's streams and cache have it at
-    /// once, and a new desired revision's manifests are read. Returns the agent with what
-    /// became of the write.
-    async fn write(&self, change: Pending) -> Result<(String, Written), StoreError> {
-        let write = AgentWrite {
+    /// Writes `pending` in as few store steps as the store allows; each agent saved is at
+    /// once in this replica's streams and cache, and a new desired revision's manifests are
+    /// read. Returns each agent with what became of its write.
+    async fn write(&self, pending: Vec<Pending>) -> Result<Vec<(String, Written)>, StoreError> {
+        let writes = AgentWrites::of(pending.iter().map(|change| AgentWrite {
             agent: &change.agent,
             expected: change.read.version,
             state: &change.next,
             decisions: &change.change.step.decisions,
-            deployed: change.change.deployed.clone(),
-        };
+            deployed: &change.change.deployed,
+        }));
         let written = self
             .store
-            .write_agent(&write)
-            .instrument(tracing::info_span!("write_agent", agent = change.agent))
+            .write_agents(&writes)
+            .instrument(tracing::info_span!(
+                "write_agents",
+                agents = writes.agents().len(),
+                changes = writes.changes().len()
+            ))
             .await?;
-        match written {
-            Written::Saved { version } => {
-                let step = &change.change.step;
-                self.metrics.decided(step.decisions.iter());
-                let desired = change.next.gate.desired.as_ref();
-                self.index.offer(
-                    &change.agent,
-                    version,
-                    desired,
-                    change.next.traceparent.as_deref(),
-                    false,
-                );
-                if step.desired_changed
-                    && let Some(desired) = desired
-                {
-                    self.prepare.push(change.agent.clone(), desired.sha.clone());
+        let mut cache = Vec::with_capacity(pending.len());
+        let outcomes = pending
+            .into_iter()
+            .zip(written)
+            .map(|(change, written)| {
+                match written {
+                    Written::Saved { version } => {
+                        let step = &change.change.step;
+                        self.metrics.decided(step.decisions.iter());
+                        let desired = change.next.gate.desired.as_ref();
+                        self.index.offer(
+                            &change.agent,
+                            version,
+                            desired,
+                            change.next.traceparent.as_deref(),
+                            false,
+                        );
+                        if step.desired_changed
+                            && let Some(desired) = desired
+                        {
+                            self.prepare.push(change.agent.clone(), desired.sha.clone());
+                        }
+                        let saved = Versioned {
+                            version,
+                            value: change.next.clone(),
+                        };
+                        cache.push((change.agent.clone(), Some(saved)));
+                    }
+                    Written::Conflict | Written::Stale => cache.push((change.agent.clone(), None)),
                 }
-                let saved = Versioned {
-                    version,
-                    value: change.next.clone(),
-                };
-                self.lock_cache().insert(change.agent.clone(), saved);
-            }
-            Written::Conflict | Written::Stale => {
-                self.lock_cache().remove(&change.agent);
-            }
+                (change.agent, written)
+            })
+            .collect();
+        let mut held = self.lock_cache();
+        for (agent, saved) in cache {
+            match saved {
+                Some(saved) => held.insert(agent, saved),
+                None => held.remove(&agent),
+            };
         }
-        Ok((change.agent, written))
+        Ok(outcomes)
     }
 
     /// Carries out an operator's request on `agent`, on whichever replica it arrives: the
@@ -656,9 +662,9 @@ impl Evaluator {
                 read: read.map(Arc::new),
                 next: Arc::new(next),
             };
-            match self.write(change).await? {
-                (_, Written::Saved { .. }) => return Ok(()),
-                (_, Written::Conflict | Written::Stale) => continue,
+            let written = self.write(vec![change]).await?;
+            if let [(_, Written::Saved { .. })] = written.as_slice() {
+                return Ok(());
             }
         }
         Err(EvaluateError::Contention(agent.to_owned()))

@@ -273,7 +273,7 @@ impl Run {
                 expected: read.version,
                 state: &next,
                 decisions,
-                deployed: DeployedChange::between(&read.value.gate.deployed, &next.gate.deployed),
+                deployed: &DeployedChange::between(&read.value.gate.deployed, &next.gate.deployed),
             })
             .await
             .map_err(fail)?;

@@ -60,28 +60,33 @@ pub fn status_for(
         git_ref: None,
     };
     match message {
-        Broadcast::AgentChanged {
-            agent, decisions, ..
-        } => decisions
+        Broadcast::AgentsChanged(changes) => changes
             .iter()
-            .filter_map(|decision| {
-                let sha = decision.sha.as_ref()?.to_string();
-                match decision.outcome {
-                    Outcome::Deploy => Some((
-                        agent.clone(),
-                        sha,
-                        CommitStatus {
-                            pipeline_id: decision.pipeline_id,
-                            ..status(agent, "pending", format!("deploying: {}", decision.reason))
-                        },
-                    )),
-                    Outcome::Skip if decision.superseded_by.is_some() => Some((
-                        agent.clone(),
-                        sha,
-                        status(agent, "canceled", decision.reason.clone()),
-                    )),
-                    _ => None,
-                }
+            .flat_map(|(written, change)| {
+                let agent = &written.agent;
+                change.decisions.iter().filter_map(move |decision| {
+                    let sha = decision.sha.as_ref()?.to_string();
+                    match decision.outcome {
+                        Outcome::Deploy => Some((
+                            agent.clone(),
+                            sha,
+                            CommitStatus {
+                                pipeline_id: decision.pipeline_id,
+                                ..status(
+                                    agent,
+                                    "pending",
+                                    format!("deploying: {}", decision.reason),
+                                )
+                            },
+                        )),
+                        Outcome::Skip if decision.superseded_by.is_some() => Some((
+                            agent.clone(),
+                            sha,
+                            status(agent, "canceled", decision.reason.clone()),
+                        )),
+                        _ => None,
+                    }
+                })
             })
             .collect(),
         Broadcast::Report { agent, report } => {
@@ -185,9 +190,11 @@ impl StatusPublisher {
         // Joins the trace of the decision or report the entry records.
         let span = tracing::info_span!("commit_statuses", trace_id = tracing::field::Empty);
         greenlight::telemetry::adopt(&span, trace_of(&entry.message).as_deref());
-        // Bounded well within the takeover time: past it another replica would post too.
-        let deadline = tokio::time::Instant::now() + RETRY_FOR.min(self.takeover / 2);
         for (agent, sha, mut status) in status_for(&entry.message, self.target_base.as_deref()) {
+            // Each status's attempts are bounded well within the takeover time, so that its
+            // claim outlives them. An entry naming many agents may take longer than that as
+            // a whole: a replica taking it over meanwhile skips the statuses claimed here.
+            let deadline = tokio::time::Instant::now() + RETRY_FOR.min(self.takeover / 2);
             let Some(spec) = self.engine.catalog().agent_arc(&agent) else {
                 continue;
             };
@@ -230,7 +237,11 @@ impl StatusPublisher {
 /// The W3C trace context a log entry carries: its decision's, or its report's.
 fn trace_of(message: &Broadcast) -> Option<String> {
     match message {
-        Broadcast::AgentChanged { traceparent, .. } => traceparent.clone(),
+        // Agents written together were decided by one evaluation, in one trace.
+        Broadcast::AgentsChanged(changes) => changes
+            .changes
+            .iter()
+            .find_map(|change| change.traceparent.clone()),
         Broadcast::Report { report, .. } => StatusReport::decode(report.as_slice())
             .ok()
             .map(|report| report.traceparent)
@@ -399,6 +410,7 @@ async fn post_claimed(
 mod tests {
     use super::*;
     use crate::gate::Decision;
+    use crate::store::{AgentChanges, ChangedAgent, DecidedChange};
 
     fn decision(outcome: Outcome, reason: &str) -> Decision {
         Decision {
@@ -425,10 +437,8 @@ mod tests {
     }
 
     #[test]
-    fn decisions_become_pending_and_superseded_commits_canceled() {
-        let message = Broadcast::AgentChanged {
-            agent: "prod".into(),
-            version: 1,
+    fn decisions_become_pending_and_superseded_commits_canceled_for_each_agent_written() {
+        let change = DecidedChange {
             desired: None,
             decisions: vec![
                 Decision {
@@ -443,10 +453,32 @@ mod tests {
             ],
             traceparent: None,
         };
-        let statuses = status_for(&message, Some("https://gl.example/"));
-        let states: Vec<&str> = statuses.iter().map(|(_, _, s)| s.state).collect();
-        assert_eq!(states, ["pending", "canceled"]);
+        let mut changes = AgentChanges::one("prod".into(), 1, change);
+        // Decided alike, written in the same step.
+        changes.agents.push(ChangedAgent {
+            agent: "prod-eu".into(),
+            version: 4,
+            change: 0,
+        });
+        let statuses = status_for(
+            &Broadcast::AgentsChanged(changes),
+            Some("https://gl.example/"),
+        );
+        let posted: Vec<(&str, &str)> = statuses
+            .iter()
+            .map(|(agent, _, s)| (agent.as_str(), s.state))
+            .collect();
+        assert_eq!(
+            posted,
+            [
+                ("prod", "pending"),
+                ("prod", "canceled"),
+                ("prod-eu", "pending"),
+                ("prod-eu", "canceled")
+            ]
+        );
         assert_eq!(statuses[0].2.name, "greenlight/prod");
+        assert_eq!(statuses[2].2.name, "greenlight/prod-eu");
         assert_eq!(
             statuses[0].2.pipeline_id,
             Some(7),

@@ -39,9 +39,8 @@ const REVISION_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Whether `message` is about `agent`.
 fn concerns(message: &Broadcast, agent: &str) -> bool {
     match message {
-        Broadcast::AgentChanged { agent: a, .. }
-        | Broadcast::Report { agent: a, .. }
-        | Broadcast::Connection { agent: a, .. } => a == agent,
+        Broadcast::AgentsChanged(changes) => changes.concerns(agent),
+        Broadcast::Report { agent: a, .. } | Broadcast::Connection { agent: a, .. } => a == agent,
         // The agent's own state changes when the gate acts on a fact.
         Broadcast::Fact { .. } => false,
         Broadcast::Registry { .. } => false,
@@ -265,14 +264,14 @@ fn event_to_proto(message: &Broadcast, catalog: &Catalog) -> Vec<v1::Event> {
     use v1::event::Event;
     let at = now_ms();
     match message {
-        Broadcast::AgentChanged {
-            agent, decisions, ..
-        } => decisions
+        Broadcast::AgentsChanged(changes) => changes
             .iter()
-            .map(|decision| v1::Event {
-                agent: agent.clone(),
-                at_unix_ms: decision.at_ms,
-                event: Some(Event::Decision(decision_to_proto(decision))),
+            .flat_map(|(written, change)| {
+                change.decisions.iter().map(|decision| v1::Event {
+                    agent: written.agent.clone(),
+                    at_unix_ms: decision.at_ms,
+                    event: Some(Event::Decision(decision_to_proto(decision))),
+                })
             })
             .collect(),
         // A refused claim changes no agent's state; its watchers hear of it all the same.

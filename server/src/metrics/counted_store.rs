@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use super::Metrics;
 use crate::gate::{Pipeline, Sha};
 use crate::store::{
-    AgentState, AgentStore, AgentWrite, ChangeLog, FactRecord, FactStore, Facts, Ingested,
+    AgentState, AgentStore, AgentWrites, ChangeLog, FactRecord, FactStore, Facts, Ingested,
     LeaseStore, LogEntry, Notice, PresenceStore, RefKey, ReportStore, Result, StatusClaim,
     StatusKey, Store, SyncError, Versioned, Written,
 };
@@ -77,8 +77,8 @@ impl AgentStore for CountedStore {
         self.count("agents", self.inner.agents(agents).await)
     }
 
-    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {
-        self.count("write_agent", self.inner.write_agent(write).await)
+    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
+        self.count("write_agents", self.inner.write_agents(writes).await)
     }
 
     async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {

@@ -19,10 +19,11 @@ use super::disk::{self, Disk, Put, SEP, Table};
 use super::records;
 
 use super::{
-    AgentState, AgentStore, AgentWrite, Broadcast, ChangeLog, DELIVERY_MEMORY_SECS, FactRecord,
-    FactStore, Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT,
-    PresenceStore, RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore,
-    Result, STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Versioned, Written,
+    AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog, ChangedAgent,
+    DELIVERY_MEMORY_SECS, DecidedChange, FactRecord, FactStore, Facts, Ingested, LOG_MAX_ENTRIES,
+    LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore, RefKey, Registry, RegistryRecord,
+    RegistryStore, RegistryWritten, ReportStore, Result, STATUS_MEMORY_SECS, StatusClaim,
+    StatusKey, Store, SyncError, Versioned, Written,
 };
 use crate::gate::{DECISION_HISTORY, MAX_REJECTED, Pipeline, Sha};
 
@@ -483,43 +484,52 @@ impl AgentStore for EmbeddedStore {
         Ok(states)
     }
 
-    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {
-        let (outcome, ticket) = {
+    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
+        let (outcomes, ticket) = {
             let mut inner = self.lock();
-            let (version, position) = inner
-                .agents
-                .get(write.agent)
-                .map_or((0, 0), |(version, state)| (*version, state.position));
-            let version = match crate::evaluate::admit(
-                version,
-                position,
-                write.expected,
-                write.state.position,
-            ) {
-                Written::Saved { version } => version,
-                refused => return Ok(refused),
+            let mut outcomes = Vec::with_capacity(writes.agents().len());
+            let mut logged = AgentChanges {
+                changes: writes.changes().iter().map(DecidedChange::of).collect(),
+                agents: Vec::new(),
             };
-            let mut state = write.state.clone();
-            // The same caps as the Redis lists.
-            while state.gate.decisions.len() > DECISION_HISTORY {
-                state.gate.decisions.pop_front();
+            for write in writes.agents() {
+                let change = writes.change_of(write);
+                let (version, position) = inner
+                    .agents
+                    .get(write.agent)
+                    .map_or((0, 0), |(version, state)| (*version, state.position));
+                let outcome = crate::evaluate::admit(
+                    version,
+                    position,
+                    write.expected,
+                    change.state.position,
+                );
+                outcomes.push(outcome);
+                let Written::Saved { version } = outcome else {
+                    continue;
+                };
+                let mut state = change.state.clone();
+                // The same caps as the Redis lists.
+                while state.gate.decisions.len() > DECISION_HISTORY {
+                    state.gate.decisions.pop_front();
+                }
+                inner
+                    .agents
+                    .insert(write.agent.to_owned(), (version, state));
+                inner.mark(Dirty::Agent(write.agent.to_owned()));
+                logged.agents.push(ChangedAgent {
+                    agent: write.agent.to_owned(),
+                    version,
+                    change: write.change,
+                });
             }
-            let message = Broadcast::AgentChanged {
-                agent: write.agent.to_owned(),
-                version,
-                desired: state.gate.desired.clone(),
-                decisions: write.decisions.to_vec(),
-                traceparent: state.traceparent.clone(),
-            };
-            inner
-                .agents
-                .insert(write.agent.to_owned(), (version, state));
-            inner.mark(Dirty::Agent(write.agent.to_owned()));
-            self.log(&mut inner, message);
-            (Written::Saved { version }, inner.ticket())
+            if !logged.agents.is_empty() {
+                self.log(&mut inner, Broadcast::AgentsChanged(logged));
+            }
+            (outcomes, inner.ticket())
         };
         self.durable(ticket).await?;
-        Ok(outcome)
+        Ok(outcomes)
     }
 
     async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
@@ -1121,7 +1131,7 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
             .map_err(|_| corrupt("feed", &key, "not an entry id"))?;
         inner.status_feed.next_id = inner.status_feed.next_id.max(id);
         // An entry this version cannot read is skipped, as the Redis log's would be.
-        if let Ok(message) = serde_json::from_slice(&value) {
+        if let Some(message) = Broadcast::decode(&value) {
             inner.status_feed.entries.push_back(FeedEntry {
                 id,
                 message,

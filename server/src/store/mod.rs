@@ -17,7 +17,7 @@ mod records;
 mod redis;
 mod registry;
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -193,7 +193,7 @@ pub struct AgentState {
 }
 
 /// A conditional write of an agent's state.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct AgentWrite<'a> {
     pub agent: &'a str,
     /// The version read; the write happens only if it is still the stored one.
@@ -202,7 +202,90 @@ pub struct AgentWrite<'a> {
     /// Decisions made by this write, appended to the agent's capped history.
     pub decisions: &'a [Decision],
     /// How the deployed set changed, so that a write carries only what is new.
-    pub deployed: DeployedChange,
+    pub deployed: &'a DeployedChange,
+}
+
+/// What a write stores for an agent, shared by the agents decided alike.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentChange<'a> {
+    pub state: &'a AgentState,
+    pub decisions: &'a [Decision],
+    pub deployed: &'a DeployedChange,
+}
+
+/// One agent's part of [`AgentWrites`].
+#[derive(Debug, Clone, Copy)]
+pub struct QueuedWrite<'a> {
+    pub agent: &'a str,
+    /// The version read; the write happens only if it is still the stored one.
+    pub expected: u64,
+    /// Index of what it writes in [`AgentWrites::changes`].
+    pub change: usize,
+}
+
+/// Conditional writes of many agents' states, each independent of the others, made in as
+/// few store steps as the store allows.
+///
+/// An evaluation writes every agent watching a ref, and agents decided alike write the same
+/// change: it is kept (and so encoded and logged) once, whatever the number of agents.
+#[derive(Debug, Default)]
+pub struct AgentWrites<'a> {
+    changes: Vec<AgentChange<'a>>,
+    agents: Vec<QueuedWrite<'a>>,
+    /// Changes by the addresses of what they borrow: the same borrowed values are the same
+    /// change.
+    known: HashMap<[usize; 4], usize>,
+}
+
+impl<'a> AgentWrites<'a> {
+    /// The writes of `writes`, in that order.
+    pub fn of(writes: impl IntoIterator<Item = AgentWrite<'a>>) -> Self {
+        let mut all = Self::default();
+        for write in writes {
+            all.push(write);
+        }
+        all
+    }
+
+    /// Adds `write`, sharing its change with earlier writes of the same borrowed values.
+    pub fn push(&mut self, write: AgentWrite<'a>) {
+        let identity = [
+            std::ptr::from_ref(write.state).addr(),
+            write.decisions.as_ptr().addr(),
+            write.decisions.len(),
+            std::ptr::from_ref(write.deployed).addr(),
+        ];
+        let next = self.changes.len();
+        let change = *self.known.entry(identity).or_insert(next);
+        if change == next {
+            self.changes.push(AgentChange {
+                state: write.state,
+                decisions: write.decisions,
+                deployed: write.deployed,
+            });
+        }
+        self.agents.push(QueuedWrite {
+            agent: write.agent,
+            expected: write.expected,
+            change,
+        });
+    }
+
+    /// The distinct changes written.
+    pub fn changes(&self) -> &[AgentChange<'a>] {
+        &self.changes
+    }
+
+    /// Each agent's write, in the order added; its `change` indexes [`Self::changes`].
+    pub fn agents(&self) -> &[QueuedWrite<'a>] {
+        &self.agents
+    }
+
+    /// The change `write` stores.
+    pub fn change_of(&self, write: &QueuedWrite<'_>) -> &AgentChange<'a> {
+        // In range by construction: `push` is the only way in.
+        &self.changes[write.change]
+    }
 }
 
 /// How a write changes an agent's deployed set.
@@ -278,16 +361,8 @@ pub enum Broadcast {
         #[serde(default)]
         at_ms: i64,
     },
-    /// An agent's state was written: its desired revision and the decisions made.
-    AgentChanged {
-        agent: String,
-        version: u64,
-        desired: Option<Revision>,
-        decisions: Vec<Decision>,
-        /// W3C trace context of the change, for whoever acts on it (commit statuses).
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        traceparent: Option<String>,
-    },
+    /// Agents' states were written: their versions, desired revisions and decisions.
+    AgentsChanged(AgentChanges),
     /// A prost-encoded `greenlight.v1.StatusReport`.
     Report { agent: String, report: Vec<u8> },
     Connection {
@@ -303,6 +378,110 @@ pub enum Broadcast {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         record: Option<Box<RegistryRecord>>,
     },
+}
+
+impl Broadcast {
+    /// A log entry's message, or `None` when this version cannot read it.
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        /// Written by versions that logged each agent's change as its own entry.
+        #[derive(Deserialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        enum Legacy {
+            AgentChanged {
+                agent: String,
+                version: u64,
+                desired: Option<Revision>,
+                decisions: Vec<Decision>,
+                #[serde(default)]
+                traceparent: Option<String>,
+            },
+        }
+        if let Ok(message) = serde_json::from_slice(payload) {
+            return Some(message);
+        }
+        let Legacy::AgentChanged {
+            agent,
+            version,
+            desired,
+            decisions,
+            traceparent,
+        } = serde_json::from_slice(payload).ok()?;
+        Some(Self::AgentsChanged(AgentChanges::one(
+            agent,
+            version,
+            DecidedChange {
+                desired,
+                decisions,
+                traceparent,
+            },
+        )))
+    }
+}
+
+/// Agents' states written in one step: what was decided, once per group of agents decided
+/// alike, and which agents it was written for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentChanges {
+    pub changes: Vec<DecidedChange>,
+    pub agents: Vec<ChangedAgent>,
+}
+
+impl AgentChanges {
+    /// `change`, written for `agent` at `version`.
+    pub fn one(agent: String, version: u64, change: DecidedChange) -> Self {
+        Self {
+            changes: vec![change],
+            agents: vec![ChangedAgent {
+                agent,
+                version,
+                change: 0,
+            }],
+        }
+    }
+
+    /// Each agent written, with what was decided for it. An agent naming a change the
+    /// entry lacks (a corrupt entry) is left out.
+    pub fn iter(&self) -> impl Iterator<Item = (&ChangedAgent, &DecidedChange)> {
+        self.agents
+            .iter()
+            .filter_map(|agent| Some((agent, self.changes.get(agent.change)?)))
+    }
+
+    /// Whether `agent` is among the agents written.
+    pub fn concerns(&self, agent: &str) -> bool {
+        self.agents.iter().any(|written| written.agent == agent)
+    }
+}
+
+/// What a decision told the agents decided alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecidedChange {
+    pub desired: Option<Revision>,
+    pub decisions: Vec<Decision>,
+    /// W3C trace context of the change, for whoever acts on it (commit statuses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+impl DecidedChange {
+    /// What writing `change` tells its agents.
+    pub fn of(change: &AgentChange<'_>) -> Self {
+        Self {
+            desired: change.state.gate.desired.clone(),
+            decisions: change.decisions.to_vec(),
+            traceparent: change.state.traceparent.clone(),
+        }
+    }
+}
+
+/// One agent of [`AgentChanges`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedAgent {
+    pub agent: String,
+    /// The version its state was written at.
+    pub version: u64,
+    /// Index of its change in [`AgentChanges::changes`].
+    pub change: usize,
 }
 
 /// What a subscriber receives.
@@ -405,9 +584,22 @@ pub trait AgentStore: Send + Sync {
     /// The states of `agents`, in one round trip where the store allows it.
     async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>>;
 
-    /// Writes `write` if the stored version is still the expected one and the stored state
-    /// was not decided from newer facts, appending the change to the log in the same step.
-    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written>;
+    /// Writes each agent of `writes` whose stored version is still the expected one and
+    /// whose stored state was not decided from newer facts, appending the changes to the log
+    /// in the same steps; returns what became of each write, in order.
+    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>>;
+
+    /// [`Self::write_agents`] for one agent.
+    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {
+        let written = self.write_agents(&AgentWrites::of([*write])).await?;
+        written
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::Corrupt {
+                key: write.agent.to_owned(),
+                reason: "the store answered no result for the write".into(),
+            })
+    }
 
     /// Records why `agent`'s desired revision cannot be delivered; `None` clears it.
     async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()>;
@@ -535,6 +727,64 @@ mod tests {
         ns.iter()
             .map(|n| Sha::parse(&format!("{n:040x}")).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn writes_of_the_same_values_share_one_change() {
+        let alike = AgentState::default();
+        let other = AgentState {
+            position: 3,
+            ..AgentState::default()
+        };
+        let unchanged = DeployedChange::Unchanged;
+        let write = |agent, state| AgentWrite {
+            agent,
+            expected: 0,
+            state,
+            decisions: &[],
+            deployed: &unchanged,
+        };
+        let writes = AgentWrites::of([write("a", &alike), write("b", &other), write("c", &alike)]);
+        assert_eq!(writes.changes().len(), 2);
+        let changes: Vec<usize> = writes.agents().iter().map(|w| w.change).collect();
+        assert_eq!(changes, [0, 1, 0]);
+        assert_eq!(writes.change_of(&writes.agents()[1]).state.position, 3);
+    }
+
+    #[test]
+    fn a_change_logged_by_an_earlier_version_reads_as_one_agent_written() {
+        let old = br#"{"kind":"agent_changed","agent":"prod","version":7,"desired":null,"decisions":[],"traceparent":"00-ab-cd-01"}"#;
+        let Some(Broadcast::AgentsChanged(changes)) = Broadcast::decode(old) else {
+            panic!("not read");
+        };
+        let written: Vec<_> = changes.iter().collect();
+        assert_eq!(written.len(), 1);
+        assert_eq!(
+            (written[0].0.agent.as_str(), written[0].0.version),
+            ("prod", 7)
+        );
+        assert_eq!(written[0].1.traceparent.as_deref(), Some("00-ab-cd-01"));
+        assert_eq!(Broadcast::decode(b"{\"kind\":\"unknown\"}"), None);
+    }
+
+    #[test]
+    fn an_agent_naming_a_change_the_entry_lacks_is_left_out() {
+        let mut changes = AgentChanges::one(
+            "prod".into(),
+            1,
+            DecidedChange {
+                desired: None,
+                decisions: Vec::new(),
+                traceparent: None,
+            },
+        );
+        changes.agents.push(ChangedAgent {
+            agent: "corrupt".into(),
+            version: 1,
+            change: 9,
+        });
+        let named: Vec<&str> = changes.iter().map(|(a, _)| a.agent.as_str()).collect();
+        assert_eq!(named, ["prod"]);
     }
 
     #[test]

@@ -28,11 +28,11 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::connection::{Conn, Source};
 use super::records::{self, LAYOUT_VERSION};
 use super::{
-    AgentState, AgentStore, AgentWrite, Broadcast, ChangeLog, DELIVERY_MEMORY_SECS, DeployedChange,
-    FactRecord, FactStore, Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice,
-    PRESENCE_TTL_SECS, PUSHES_KEPT, PresenceStore, RefKey, ReportStore, Result, SHARDS,
-    STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, StoreError, SyncError, Versioned, Written,
-    agent_shard,
+    AgentChange, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog, ChangedAgent,
+    DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore, Facts, Ingested,
+    LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PRESENCE_TTL_SECS, PUSHES_KEPT, PresenceStore,
+    QueuedWrite, RefKey, ReportStore, Result, SHARDS, STATUS_MEMORY_SECS, StatusClaim, StatusKey,
+    Store, StoreError, SyncError, Versioned, Written, agent_shard,
 };
 use super::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 use crate::clock::{millis, now_ms};
@@ -85,42 +85,71 @@ redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'm',
 return position
 "#;
 
-/// Writes an agent's state if its version is the one read and the stored state was not
-/// decided from newer facts; appends its new decisions and deployed commits to their capped
-/// lists (one `RPUSH` each, trimmed only past the cap: this runs for every agent of a
-/// decision) and the change to the shard's log.
-const AGENT_SCRIPT: &str = r#"
-local stored = redis.call('HMGET', KEYS[1], 'v', 'p')
-local v = tonumber(stored[1] or '0')
-if v ~= tonumber(ARGV[1]) then return -2 end
-local p = tonumber(stored[2] or '0')
-if p > tonumber(ARGV[2]) then return -3 end
-v = v + 1
-redis.call('HSET', KEYS[1], 'v', v, 'p', ARGV[2], 'core', ARGV[3])
-local n = tonumber(ARGV[9])
-if n > 0 then
-  local len = redis.call('RPUSH', KEYS[2], unpack(ARGV, 10, 9 + n))
-  local cap = tonumber(ARGV[6])
-  if len > cap then redis.call('LTRIM', KEYS[2], -cap, -1) end
-end
-if ARGV[8] == 'replace' then redis.call('DEL', KEYS[3]) end
-if ARGV[8] ~= '' then
-  local keep = tonumber(ARGV[7])
-  local len
-  if #ARGV >= 10 + n then
-    len = redis.call('RPUSH', KEYS[3], unpack(ARGV, 10 + n, #ARGV))
+/// Writes agents' states, each if its version is the one read and the stored state was
+/// not decided from newer facts; appends each written agent's new decisions and deployed
+/// commits to its capped lists (one `RPUSH` each, trimmed only past the cap) and one entry
+/// naming every written agent to the shard's log.
+///
+/// KEYS: each agent's state, decisions and deployed keys, then the log.
+/// ARGV: the log's cap, the decisions' cap, the log entry's opening, the number of changes;
+/// then per change (8): position, encoded state, deployed mode, deployed kept, and the first
+/// argument and count of its decisions and of its deployed commits; then per agent (3): the
+/// version read, its change (1-based) and its part of the log entry; then the lists' items.
+const AGENTS_SCRIPT: &str = r#"
+local changes = tonumber(ARGV[4])
+local agents_at = 4 + 8 * changes
+local written = {}
+local entries = {}
+for i = 1, (#KEYS - 1) / 3 do
+  local a = agents_at + 3 * (i - 1)
+  local c = 4 + 8 * (tonumber(ARGV[a + 2]) - 1)
+  local state, decisions, deployed = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local stored = redis.call('HMGET', state, 'v', 'p')
+  local v = tonumber(stored[1] or '0')
+  if v ~= tonumber(ARGV[a + 1]) then
+    written[i] = -2
+  elseif tonumber(stored[2] or '0') > tonumber(ARGV[c + 1]) then
+    written[i] = -3
   else
-    len = redis.call('LLEN', KEYS[3])
-  end
-  if keep <= 0 then
-    redis.call('DEL', KEYS[3])
-  elseif len > keep then
-    redis.call('LTRIM', KEYS[3], -keep, -1)
+    v = v + 1
+    redis.call('HSET', state, 'v', v, 'p', ARGV[c + 1], 'core', ARGV[c + 2])
+    local first, count = tonumber(ARGV[c + 5]), tonumber(ARGV[c + 6])
+    if count > 0 then
+      local len = redis.call('RPUSH', decisions, unpack(ARGV, first, first + count - 1))
+      local cap = tonumber(ARGV[2])
+      if len > cap then redis.call('LTRIM', decisions, -cap, -1) end
+    end
+    local mode = ARGV[c + 3]
+    if mode == 'replace' then redis.call('DEL', deployed) end
+    if mode ~= '' then
+      local keep = tonumber(ARGV[c + 4])
+      first, count = tonumber(ARGV[c + 7]), tonumber(ARGV[c + 8])
+      local len
+      if count > 0 then
+        len = redis.call('RPUSH', deployed, unpack(ARGV, first, first + count - 1))
+      else
+        len = redis.call('LLEN', deployed)
+      end
+      if keep <= 0 then
+        redis.call('DEL', deployed)
+      elseif len > keep then
+        redis.call('LTRIM', deployed, -keep, -1)
+      end
+    end
+    written[i] = v
+    entries[#entries + 1] = ARGV[a + 3]
   end
 end
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[5])
-return v
+if #entries > 0 then
+  redis.call('XADD', KEYS[#KEYS], 'MAXLEN', '~', ARGV[1], '*', 'm',
+    ARGV[3] .. table.concat(entries, ',') .. ']}')
+end
+return written
 "#;
+
+/// Agents written by one run of the agents script: it blocks Redis while it runs, so a
+/// fan-out to thousands of agents is split into steps of a few milliseconds.
+const AGENTS_PER_SCRIPT: usize = 128;
 
 /// Takes or renews a lease held by nobody or by the caller.
 const LEASE_SCRIPT: &str = r#"
@@ -183,7 +212,7 @@ pub struct RedisStore {
     ingest_conn: Conn,
     keys: Keys,
     fact: Script,
-    agent_write: Script,
+    agents_write: Script,
     lease: Script,
     release: Script,
     begin_status: Script,
@@ -321,7 +350,7 @@ impl RedisStore {
             ingest_conn,
             keys,
             fact: Script::new(FACT_SCRIPT),
-            agent_write: Script::new(AGENT_SCRIPT),
+            agents_write: Script::new(AGENTS_SCRIPT),
             lease: Script::new(LEASE_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
             begin_status: Script::new(BEGIN_STATUS_SCRIPT),
@@ -362,10 +391,104 @@ impl RedisStore {
     }
 
     fn encode(&self, message: &Broadcast) -> Result<String> {
-        serde_json::to_string(message).map_err(|error| StoreError::Corrupt {
-            key: "change log entry".into(),
-            reason: error.to_string(),
-        })
+        log_json(message)
+    }
+
+    /// Runs the agents script for the writes of `writes` at `members`, all of agents of
+    /// `shard`; returns what became of each, by its index.
+    async fn write_agents_of_shard(
+        &self,
+        writes: &AgentWrites<'_>,
+        encoded: &[EncodedChange<'_>],
+        shard: u16,
+        members: &[usize],
+    ) -> Result<Vec<(usize, Written)>> {
+        // The changes these agents write, numbered from 1 as the script counts them.
+        let mut numbers: HashMap<usize, usize> = HashMap::new();
+        let mut used: Vec<&EncodedChange<'_>> = Vec::new();
+        let mut agents: Vec<(&QueuedWrite<'_>, usize)> = Vec::with_capacity(members.len());
+        for &at in members {
+            let write = &writes.agents()[at];
+            let number = *numbers.entry(write.change).or_insert_with(|| {
+                used.push(&encoded[write.change]);
+                used.len()
+            });
+            agents.push((write, number));
+        }
+        let logged: Vec<&str> = used.iter().map(|change| change.logged.as_str()).collect();
+        let opening = format!(
+            r#"{{"kind":"agents_changed","changes":[{}],"agents":["#,
+            logged.join(",")
+        );
+        let mut invocation = self.agents_write.prepare_invoke();
+        for (write, _) in &agents {
+            invocation
+                .key(self.keys.agent(write.agent, "state"))
+                .key(self.keys.agent(write.agent, "decisions"))
+                .key(self.keys.agent(write.agent, "deployed"));
+        }
+        invocation
+            .key(self.keys.log(shard))
+            .arg(LOG_MAX_ENTRIES)
+            .arg(DECISION_HISTORY)
+            .arg(opening)
+            .arg(used.len());
+        // The lists' items follow the fixed arguments.
+        let mut item = 4 + 8 * used.len() + 3 * agents.len() + 1;
+        for change in &used {
+            invocation
+                .arg(change.position)
+                .arg(&change.core)
+                .arg(change.mode)
+                .arg(change.keep)
+                .arg(item)
+                .arg(change.decisions.len());
+            item += change.decisions.len();
+            invocation.arg(item).arg(change.deployed.len());
+            item += change.deployed.len();
+        }
+        for (write, number) in &agents {
+            let entry = log_json(&ChangedAgent {
+                agent: write.agent.to_owned(),
+                // A successful conditional write stores exactly the next version.
+                version: write.expected + 1,
+                change: number - 1,
+            })?;
+            invocation.arg(write.expected).arg(number).arg(entry);
+        }
+        for change in &used {
+            for decision in &change.decisions {
+                invocation.arg(decision);
+            }
+            for sha in change.deployed {
+                invocation.arg(sha.as_str());
+            }
+        }
+        let results: Vec<i64> = invocation.invoke_async(&mut self.conn.clone()).await?;
+        if results.len() != members.len() {
+            return Err(StoreError::Corrupt {
+                key: self.keys.log(shard),
+                reason: format!(
+                    "the agents script answered {} results for {} agents",
+                    results.len(),
+                    members.len()
+                ),
+            });
+        }
+        Ok(members
+            .iter()
+            .zip(results)
+            .map(|(at, result)| {
+                let written = match result {
+                    -2 => Written::Conflict,
+                    -3 => Written::Stale,
+                    version => Written::Saved {
+                        version: version.unsigned_abs(),
+                    },
+                };
+                (*at, written)
+            })
+            .collect())
     }
 
     /// The status publisher's connection, made on first use.
@@ -799,50 +922,42 @@ impl AgentStore for RedisStore {
             .collect())
     }
 
-    async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {
-        let agent = write.agent;
-        let message = self.encode(&Broadcast::AgentChanged {
-            agent: agent.to_owned(),
-            // A successful conditional write stores exactly the next version.
-            version: write.expected + 1,
-            desired: write.state.gate.desired.clone(),
-            decisions: write.decisions.to_vec(),
-            traceparent: write.state.traceparent.clone(),
-        })?;
-        let (mode, deployed, keep): (&str, &[Sha], usize) = match &write.deployed {
-            DeployedChange::Unchanged => ("", &[], DEPLOYED_HISTORY),
-            DeployedChange::Append { shas, keep } => ("append", shas, *keep),
-            DeployedChange::Replace(shas) => ("replace", shas, shas.len()),
-        };
-        let mut invocation = self.agent_write.prepare_invoke();
-        invocation
-            .key(self.keys.agent(agent, "state"))
-            .key(self.keys.agent(agent, "decisions"))
-            .key(self.keys.agent(agent, "deployed"))
-            .key(self.keys.log(agent_shard(agent)))
-            .arg(write.expected)
-            .arg(write.state.position)
-            .arg(records::encode_agent(write.state))
-            .arg(LOG_MAX_ENTRIES)
-            .arg(message)
-            .arg(DECISION_HISTORY)
-            .arg(keep.min(DEPLOYED_HISTORY))
-            .arg(mode)
-            .arg(write.decisions.len());
-        for decision in write.decisions {
-            invocation.arg(records::encode_decision(decision));
+    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
+        // What each change stores, encoded once however many agents write it.
+        let encoded: Vec<EncodedChange> = writes
+            .changes()
+            .iter()
+            .map(EncodedChange::new)
+            .collect::<Result<_>>()?;
+        // One script per shard's slot, and one log entry per script.
+        let mut by_shard: HashMap<u16, Vec<usize>> = HashMap::new();
+        for (at, write) in writes.agents().iter().enumerate() {
+            by_shard
+                .entry(agent_shard(write.agent))
+                .or_default()
+                .push(at);
         }
-        for sha in deployed {
-            invocation.arg(sha.as_str());
+        let steps: Vec<(u16, &[usize])> = by_shard
+            .iter()
+            .flat_map(|(shard, members)| {
+                members
+                    .chunks(AGENTS_PER_SCRIPT)
+                    .map(move |chunk| (*shard, chunk))
+            })
+            .collect();
+        // Pipelined over the shared connection: a fan-out's steps are bounded by its agents.
+        let results =
+            futures_util::future::try_join_all(steps.into_iter().map(|(shard, members)| {
+                self.write_agents_of_shard(writes, &encoded, shard, members)
+            }))
+            .await?;
+        let mut written = vec![Written::Conflict; writes.agents().len()];
+        for result in results {
+            for (at, outcome) in result {
+                written[at] = outcome;
+            }
         }
-        let result: i64 = invocation.invoke_async(&mut self.conn.clone()).await?;
-        Ok(match result {
-            -2 => Written::Conflict,
-            -3 => Written::Stale,
-            version => Written::Saved {
-                version: version.unsigned_abs(),
-            },
-        })
+        Ok(written)
     }
 
     async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
@@ -1092,6 +1207,50 @@ impl Store for RedisStore {
     }
 }
 
+/// `value` as JSON for the change log.
+fn log_json(value: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string(value).map_err(|error| StoreError::Corrupt {
+        key: "change log entry".into(),
+        reason: error.to_string(),
+    })
+}
+
+/// A change as the agents script takes it, encoded once for all the agents writing it.
+struct EncodedChange<'a> {
+    position: u64,
+    core: String,
+    /// How the deployed list changes: `""` not at all, `append` or `replace`.
+    mode: &'static str,
+    keep: usize,
+    decisions: Vec<String>,
+    deployed: &'a [Sha],
+    /// Its part of the log entry.
+    logged: String,
+}
+
+impl<'a> EncodedChange<'a> {
+    fn new(change: &AgentChange<'a>) -> Result<Self> {
+        let (mode, deployed, keep): (&str, &[Sha], usize) = match change.deployed {
+            DeployedChange::Unchanged => ("", &[], DEPLOYED_HISTORY),
+            DeployedChange::Append { shas, keep } => ("append", shas, *keep),
+            DeployedChange::Replace(shas) => ("replace", shas, shas.len()),
+        };
+        Ok(Self {
+            position: change.state.position,
+            core: records::encode_agent(change.state),
+            mode,
+            keep: keep.min(DEPLOYED_HISTORY),
+            decisions: change
+                .decisions
+                .iter()
+                .map(records::encode_decision)
+                .collect(),
+            deployed,
+            logged: log_json(&DecidedChange::of(change))?,
+        })
+    }
+}
+
 /// `XADD log MAXLEN ~ N * m message`.
 fn append_command(log: &str, message: &str) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
@@ -1107,7 +1266,7 @@ fn append_command(log: &str, message: &str) -> redis::Cmd {
 
 fn decode_entry(entry: &StreamId) -> Option<Broadcast> {
     let payload: Vec<u8> = entry.get(ENTRY_FIELD)?;
-    serde_json::from_slice(&payload).ok()
+    Broadcast::decode(&payload)
 }
 
 /// A stream entry id, `<ms>-<seq>`, ordered as Redis orders them.

@@ -377,7 +377,7 @@ mod tests {
             expected: 0,
             state: &state,
             decisions: &[],
-            deployed: DeployedChange::Unchanged,
+            deployed: &DeployedChange::Unchanged,
         };
         assert!(matches!(
             store.write_agent(&write).await.unwrap(),
