@@ -378,7 +378,10 @@ impl RefState {
         if !in_order {
             self.order_line();
         }
-        self.trim();
+        // Only a head dropped can make a commit's pipelines orphans.
+        if self.trim_heads() {
+            self.trim_orphans();
+        }
         Recorded::Changed
     }
 
@@ -464,7 +467,10 @@ impl RefState {
                 Recorded::Changed
             }
         };
-        self.trim();
+        // A head's pipelines are no orphans: recording them leaves the orphans as they were.
+        if !self.heads.iter().any(|head| &head.sha == sha) {
+            self.trim_orphans();
+        }
         outcome
     }
 
@@ -506,12 +512,22 @@ impl RefState {
         self.heads.iter().rev().find(|h| &h.sha == sha)
     }
 
-    fn trim(&mut self) {
-        if self.heads.len() > MAX_HEADS {
-            let excess = self.heads.len() - MAX_HEADS;
-            self.heads.drain(..excess);
+    /// Drops the oldest heads past the cap; whether it dropped any.
+    fn trim_heads(&mut self) -> bool {
+        let excess = self.heads.len().saturating_sub(MAX_HEADS);
+        self.heads.drain(..excess);
+        excess > 0
+    }
+
+    /// Forgets the pipelines of the oldest commits that are no head, past their cap.
+    ///
+    /// The facts are replayed into a state at every evaluation, a record at a time, so this
+    /// returns early whenever it cannot drop anything.
+    fn trim_orphans(&mut self) {
+        if self.pipelines.len() <= MAX_ORPHAN_PIPELINE_COMMITS {
+            return;
         }
-        let heads: std::collections::BTreeSet<&Sha> = self.heads.iter().map(|h| &h.sha).collect();
+        let heads: ShaSet<'_> = self.heads.iter().map(|h| &h.sha).collect();
         let mut orphans: Vec<(u64, Sha)> = self
             .pipelines
             .iter()
@@ -689,6 +705,65 @@ mod tests {
             let heads: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
             let expected: Vec<Sha> = (0u8..=12).rev().map(sha).collect();
             prop_assert_eq!(heads, expected);
+        }
+    }
+
+    /// A fact as the trimming test records it.
+    #[derive(Debug, Clone)]
+    enum Recording {
+        Push {
+            before: Option<u16>,
+            after: Option<u16>,
+        },
+        Pipeline {
+            sha: u16,
+            id: u64,
+            success: bool,
+        },
+    }
+
+    fn long_sha(n: u16) -> Sha {
+        Sha::parse(&format!("{n:040x}")).unwrap()
+    }
+
+    fn recording() -> impl Strategy<Value = Recording> {
+        proptest::prop_oneof![
+            3 => (proptest::option::weighted(0.5, 0u16..600), proptest::option::weighted(0.98, 0u16..600))
+                .prop_map(|(before, after)| Recording::Push { before, after }),
+            2 => (0u16..700, 1u64..2000, proptest::bool::ANY)
+                .prop_map(|(sha, id, success)| Recording::Pipeline { sha, id, success }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// Trimming is skipped when a record cannot make anything droppable: after every
+        /// record the state is what trimming everything would leave.
+        #[test]
+        fn a_record_leaves_the_state_fully_trimmed(
+            recordings in proptest::collection::vec(recording(), 0..900),
+        ) {
+            let mut state = RefState::default();
+            for recorded in recordings {
+                match recorded {
+                    Recording::Push { before, after } => {
+                        state.record_push(&Push {
+                            before: before.map(long_sha),
+                            after: after.map(long_sha),
+                            at_ms: 0,
+                        });
+                    }
+                    Recording::Pipeline { sha, id, success } => {
+                        let status = if success { PipelineStatus::Success } else { PipelineStatus::Failed };
+                        state.record_pipeline(&long_sha(sha), pipeline(id, status));
+                    }
+                }
+                let mut trimmed = state.clone();
+                trimmed.trim_heads();
+                trimmed.trim_orphans();
+                prop_assert_eq!(&trimmed, &state);
+            }
         }
     }
 
