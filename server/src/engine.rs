@@ -176,8 +176,13 @@ impl Engine {
     }
 
     /// Records why `agent`'s desired revision cannot be delivered, or clears it.
-    pub async fn note_sync_error(&self, agent: &str, error: Option<SyncError>) {
-        self.evaluator.note_sync_error(agent, error).await;
+    pub fn note_sync_error(&self, agent: &str, error: Option<SyncError>) {
+        self.evaluator.note_sync_error(agent, error);
+    }
+
+    /// Why `agent`'s desired revision cannot be delivered, if it cannot.
+    pub async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>, StoreError> {
+        self.evaluator.sync_error(agent).await
     }
 
     fn spec(&self, agent: &str) -> Result<Arc<AgentSpec>, EngineError> {

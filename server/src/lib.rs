@@ -26,6 +26,7 @@ pub mod queue;
 pub mod redact;
 pub mod run;
 pub mod store;
+pub mod sync_errors;
 pub mod tls;
 pub mod trust;
 

@@ -18,6 +18,7 @@ use greenlight_server::store::{
     Ingested, LogEntry, Notice, RedisStore, RefKey, StatusClaim, StatusKey, Store, StoreError,
     SyncError, Written,
 };
+use greenlight_server::sync_errors::SyncErrors;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -841,21 +842,45 @@ async fn sync_errors_are_set_and_cleared(store: &dyn Store) -> anyhow::Result<()
     let fetch = SyncError::Fetch {
         message: "repository unreachable".into(),
     };
-    store.set_sync_error("prod", Some(&fetch)).await?;
-    assert_eq!(store.sync_error("prod").await?, Some(fetch));
+    store.set_sync_errors(&[("prod", Some(&fetch))]).await?;
+    assert_eq!(store.sync_error("prod").await?, Some(fetch.clone()));
     assert_eq!(store.sync_error("staging").await?, None, "per agent");
     let manifests = SyncError::Manifests {
         message: "manifest invalid".into(),
     };
-    store.set_sync_error("prod", Some(&manifests)).await?;
+    store.set_sync_errors(&[("prod", Some(&manifests))]).await?;
     assert_eq!(
         store.sync_error("prod").await?,
         Some(manifests),
         "the newest wins"
     );
-    store.set_sync_error("prod", None).await?;
+    store.set_sync_errors(&[("prod", None)]).await?;
     assert_eq!(store.sync_error("prod").await?, None);
-    store.set_sync_error("prod", None).await?;
+    store.set_sync_errors(&[("prod", None)]).await?;
+    // Many agents at once, over every shard: set and cleared in one call each.
+    let fleet: Vec<String> = (0..100).map(|n| format!("fleet-{n}")).collect();
+    let all_failed: Vec<(&str, Option<&SyncError>)> = fleet
+        .iter()
+        .map(|agent| (agent.as_str(), Some(&fetch)))
+        .collect();
+    store.set_sync_errors(&all_failed).await?;
+    for agent in &fleet {
+        assert_eq!(
+            store.sync_error(agent).await?,
+            Some(fetch.clone()),
+            "{agent}"
+        );
+    }
+    let half_cleared: Vec<(&str, Option<&SyncError>)> = fleet
+        .iter()
+        .step_by(2)
+        .map(|agent| (agent.as_str(), None))
+        .collect();
+    store.set_sync_errors(&half_cleared).await?;
+    for (n, agent) in fleet.iter().enumerate() {
+        let expected = (n % 2 == 1).then(|| fetch.clone());
+        assert_eq!(store.sync_error(agent).await?, expected, "{agent}");
+    }
     Ok(())
 }
 
@@ -1006,6 +1031,41 @@ async fn redis_concurrent_writers_lose_no_update() -> anyhow::Result<()> {
 /// A Redis restart (the append-only file keeps the data) costs a follower nothing but the
 /// wait: it resumes the change log from the last entry it read, with no re-read of
 /// everything, and what is appended after the restart reaches it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_errors_noted_while_redis_is_down_are_stored_once_it_is_back() -> anyhow::Result<()> {
+    let mut fixture = RedisFixture::start().await?;
+    let store: Arc<dyn Store> = fixture.store.clone();
+    let errors = SyncErrors::new(store.clone());
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(errors.clone().run(shutdown.clone()));
+    let failed = SyncError::Manifests {
+        message: "manifest invalid".into(),
+    };
+
+    fixture.redis.kill();
+    errors.note("prod", Some(failed.clone()));
+    errors.note("staging", Some(failed.clone()));
+    errors.note("staging", None);
+    // The store cannot take them: they are kept, and this replica answers with them.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(errors.get("prod").await?, Some(failed.clone()));
+    assert_eq!(errors.get("staging").await?, None);
+
+    fixture.redis.restart().await?;
+    let deadline = tokio::time::Instant::now() + RESUBSCRIBE;
+    while retry(|| store.sync_error("prod")).await? != Some(failed.clone()) {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the kept note never reached the store"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.sync_error("staging").await?, None);
+    shutdown.cancel();
+    running.await?;
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restart_resumes_the_log_without_resync_and_keeps_data() -> anyhow::Result<()> {
     let mut fixture = RedisFixture::start().await?;
@@ -1159,7 +1219,7 @@ async fn embedded_store_reopened_holds_all_it_answered() -> anyhow::Result<()> {
         write(store, "prod", 0, &AgentState::default(), &first).await?;
         store.push_report("prod", b"older", 10).await?;
         store.push_report("prod", b"newer", 10).await?;
-        store.set_sync_error("staging", Some(&error)).await?;
+        store.set_sync_errors(&[("staging", Some(&error))]).await?;
         store.begin_status(&posted, "replica-a", lease).await?;
         store.finish_status(&posted, "replica-a", true).await?;
         store.begin_status(&unsure, "replica-a", lease).await?;

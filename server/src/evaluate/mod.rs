@@ -32,6 +32,7 @@ use crate::store::{
     AgentState, AgentWrite, AgentWrites, DeployedChange, Facts, RefKey, SHARDS, Store, StoreError,
     SyncError, Versioned, Written, readable_agents,
 };
+use crate::sync_errors::SyncErrors;
 use greenlight::backoff::Backoff;
 
 mod rules;
@@ -205,6 +206,8 @@ pub struct Evaluator {
     /// successful fetch of it (another replica, or this one before a restart, may have
     /// recorded one), then only after a failed fetch.
     fetch_errors_cleared: Mutex<HashSet<RefKey>>,
+    /// Why agents' desired revisions cannot be delivered, stored in batches.
+    sync_errors: Arc<SyncErrors>,
     metrics: Arc<Metrics>,
     tasks: TaskTracker,
 }
@@ -221,6 +224,7 @@ impl Evaluator {
         tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
+            sync_errors: SyncErrors::new(store.clone()),
             store,
             catalog,
             mirrors,
@@ -285,6 +289,8 @@ impl Evaluator {
     /// Takes and renews shard leases, evaluates queued refs and reads decided revisions'
     /// manifests until `shutdown`; then gives the leases up.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        self.tasks
+            .spawn(self.sync_errors.clone().run(shutdown.clone()));
         for worker in 0..EVALUATORS {
             let this = self.clone();
             let stop = shutdown.clone();
@@ -760,7 +766,7 @@ impl Evaluator {
                             };
                             this.lock_fetch_errors_cleared().remove(&key);
                             for agent in this.catalog.load().watchers(&key) {
-                                this.note_sync_error(agent, Some(failure.clone())).await;
+                                this.note_sync_error(agent, Some(failure.clone()));
                             }
                             if !error.retryable() {
                                 return;
@@ -788,7 +794,7 @@ impl Evaluator {
                 let failure = SyncError::Manifests {
                     message: format!("cannot deliver {}: {error}", sha.short()),
                 };
-                self.note_sync_error(&agent, Some(failure)).await;
+                self.note_sync_error(&agent, Some(failure));
             }
             self.prepare.done(&agent);
         }
@@ -805,9 +811,9 @@ impl Evaluator {
         let watchers = self.catalog.load().watchers(key).to_vec();
         let cleared = stream::iter(watchers)
             .map(|agent| async move {
-                match self.store.sync_error(&agent).await {
+                match self.sync_errors.get(&agent).await {
                     Ok(Some(SyncError::Fetch { .. })) => {
-                        self.note_sync_error(&agent, None).await;
+                        self.note_sync_error(&agent, None);
                         true
                     }
                     Ok(_) => true,
@@ -832,11 +838,13 @@ impl Evaluator {
     }
 
     /// Records why `agent`'s desired revision cannot be delivered, or clears it.
-    pub async fn note_sync_error(&self, agent: &str, error: Option<SyncError>) {
-        // Written every time: a cache here would hide another replica's newer error.
-        if let Err(store_error) = self.store.set_sync_error(agent, error.as_ref()).await {
-            warn!(%store_error, agent, "cannot record the sync error");
-        }
+    pub fn note_sync_error(&self, agent: &str, error: Option<SyncError>) {
+        self.sync_errors.note(agent, error);
+    }
+
+    /// Why `agent`'s desired revision cannot be delivered, if it cannot.
+    pub async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>, StoreError> {
+        self.sync_errors.get(agent).await
     }
 
     fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {

@@ -209,7 +209,6 @@ impl AdminApi {
             }),
             last_decision: gate.decisions.back().map(decision_to_proto),
             sync_error: engine
-                .store()
                 .sync_error(name)
                 .await?
                 .map(|error| error.message().to_owned())

@@ -367,7 +367,7 @@ impl AgentService for AgentApi {
                                     if !delivered {
                                         break;
                                     }
-                                    engine.note_sync_error(&agent.name, None).await;
+                                    engine.note_sync_error(&agent.name, None);
                                     sent = Some((revision.sha.clone(), revision.generation));
                                     retry.reset();
                                 }
@@ -377,7 +377,7 @@ impl AgentService for AgentApi {
                                     let failure = SyncError::Manifests {
                                         message: format!("cannot deliver {}: {error}", revision.sha.short()),
                                     };
-                                    engine.note_sync_error(&agent.name, Some(failure)).await;
+                                    engine.note_sync_error(&agent.name, Some(failure));
                                     wait_for_retry = error.retryable();
                                 }
                             }

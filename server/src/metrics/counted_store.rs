@@ -81,9 +81,9 @@ impl AgentStore for CountedStore {
         self.count("write_agents", self.inner.write_agents(writes).await)
     }
 
-    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
-        let set = self.inner.set_sync_error(agent, error).await;
-        self.count("set_sync_error", set)
+    async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {
+        let set = self.inner.set_sync_errors(errors).await;
+        self.count("set_sync_errors", set)
     }
 
     async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>> {

@@ -532,17 +532,22 @@ impl AgentStore for EmbeddedStore {
         Ok(outcomes)
     }
 
-    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
+    async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {
         let ticket = {
             let mut inner = self.lock();
-            let changed = match error {
-                Some(error) => {
-                    inner.sync_errors.insert(agent.to_owned(), error.clone()) != Some(error.clone())
+            for (agent, error) in errors {
+                let changed = match error {
+                    Some(error) => {
+                        inner
+                            .sync_errors
+                            .insert((*agent).to_owned(), (*error).clone())
+                            != Some((*error).clone())
+                    }
+                    None => inner.sync_errors.remove(*agent).is_some(),
+                };
+                if changed {
+                    inner.mark(Dirty::SyncError((*agent).to_owned()));
                 }
-                None => inner.sync_errors.remove(agent).is_some(),
-            };
-            if changed {
-                inner.mark(Dirty::SyncError(agent.to_owned()));
             }
             inner.ticket()
         };

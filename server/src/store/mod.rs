@@ -601,8 +601,8 @@ pub trait AgentStore: Send + Sync {
             })
     }
 
-    /// Records why `agent`'s desired revision cannot be delivered; `None` clears it.
-    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()>;
+    /// Records why each agent's desired revision cannot be delivered; `None` clears it.
+    async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()>;
 
     /// Why `agent`'s desired revision cannot be delivered, if it cannot.
     async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>>;

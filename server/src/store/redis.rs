@@ -234,11 +234,24 @@ pub struct RedisStore {
 #[derive(Clone)]
 struct Keys {
     prefix: String,
+    /// Each shard's hash-tagged prefix: every key of an agent or a ref starts with one, and
+    /// an evaluation names thousands of keys.
+    tags: Arc<[String]>,
 }
 
 impl Keys {
-    fn tag(&self, shard: u16) -> String {
-        format!("{}:{{gl{shard}}}", self.prefix)
+    fn new(prefix: String) -> Self {
+        let tags = (0..SHARDS)
+            .map(|shard| format!("{prefix}:{{gl{shard}}}"))
+            .collect();
+        Self { prefix, tags }
+    }
+
+    fn tag(&self, shard: u16) -> std::borrow::Cow<'_, str> {
+        match self.tags.get(usize::from(shard)) {
+            Some(tag) => tag.into(),
+            None => format!("{}:{{gl{shard}}}", self.prefix).into(),
+        }
     }
 
     fn log(&self, shard: u16) -> String {
@@ -308,9 +321,7 @@ impl RedisStore {
         let source = Source::open(settings)?;
         let conn = source.shared()?;
         let ingest_conn = source.shared()?;
-        let keys = Keys {
-            prefix: settings.key_prefix.clone(),
-        };
+        let keys = Keys::new(settings.key_prefix.clone());
         let notices = broadcast::channel(4096).0;
         let relayed = Arc::new(Notify::new());
         // One server answers one read of every shard; a cluster refuses reads across
@@ -960,19 +971,24 @@ impl AgentStore for RedisStore {
         Ok(written)
     }
 
-    async fn set_sync_error(&self, agent: &str, error: Option<&SyncError>) -> Result<()> {
-        let key = self.keys.agent(agent, "sync_error");
-        let mut conn = self.conn.clone();
-        match error {
-            Some(error) => {
-                let json = serde_json::to_string(error).map_err(|e| StoreError::Corrupt {
-                    key: key.clone(),
-                    reason: e.to_string(),
-                })?;
-                conn.set::<_, _, ()>(key, json).await?
+    async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {
+        // One pipeline per shard: a cluster answers a pipeline from one slot.
+        let mut by_shard: HashMap<u16, redis::Pipeline> = HashMap::new();
+        for (agent, error) in errors {
+            let key = self.keys.agent(agent, "sync_error");
+            let pipe = by_shard.entry(agent_shard(agent)).or_default();
+            match error {
+                Some(error) => pipe.set(key, log_json(error)?),
+                None => pipe.del(key),
             }
-            None => conn.del::<_, ()>(key).await?,
+            .ignore();
         }
+        futures_util::future::try_join_all(
+            by_shard
+                .values()
+                .map(|pipe| async { pipe.exec_async(&mut self.conn.clone()).await }),
+        )
+        .await?;
         Ok(())
     }
 
