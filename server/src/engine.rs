@@ -256,7 +256,8 @@ impl Engine {
     pub async fn reconcile_all(self: &Arc<Self>, warm_mirrors: bool) -> Result<(), EngineError> {
         if warm_mirrors {
             for key in self.catalog().refs() {
-                self.evaluator.fetch_then_reevaluate(key.clone(), None);
+                self.evaluator
+                    .fetch_then_reevaluate(key.clone(), None, None);
             }
         }
         self.rebuild_index(false).await

@@ -177,7 +177,7 @@ impl Engine {
     fn evaluate_new(&self, spec: &AgentSpec) {
         let key = ref_key(spec);
         if spec.source.is_some() {
-            self.evaluator.fetch_then_reevaluate(key, None);
+            self.evaluator.fetch_then_reevaluate(key, None, None);
         } else {
             self.evaluator
                 .enqueue(&key, crate::evaluate::Asked::default());

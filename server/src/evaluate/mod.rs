@@ -144,8 +144,9 @@ impl Asked {
 pub struct Evaluated {
     /// Whether it wrote any agent's state.
     pub wrote: bool,
-    /// Whether the mirror lacked a commit the gate needed: fetch, then evaluate again.
-    pub mirror_behind: bool,
+    /// The mirror lacked a commit the gate needed: fetch, then evaluate again. Holds the
+    /// mirror's fetch mark ([`Mirrors::fetched`]) when it was read.
+    pub mirror_behind: Option<u64>,
 }
 
 /// A decided change of one agent, not yet written.
@@ -397,8 +398,8 @@ impl Evaluator {
                             self.metrics
                                 .fact_decided(Duration::from_millis(took.unsigned_abs()));
                         }
-                        if outcome.mirror_behind {
-                            self.fetch_then_reevaluate(key.clone(), asked.traceparent);
+                        if let Some(seen) = outcome.mirror_behind {
+                            self.fetch_then_reevaluate(key.clone(), asked.traceparent, Some(seen));
                         }
                     }
                     Err(error) => {
@@ -432,7 +433,7 @@ impl Evaluator {
                 .filter_map(|s| s.value.gate.position.as_ref().map(|r| r.sha.clone()))
                 .collect();
             let (git, behind) = self.git_lineage(key, &refs, &anchors, None).await;
-            outcome.mirror_behind |= behind;
+            outcome.mirror_behind = outcome.mirror_behind.max(behind);
             let pending = {
                 let _span = tracing::info_span!("evaluate_gate", %key, attempt).entered();
                 self.decide(key, &facts, &refs, git.as_ref(), &deciding, &states)
@@ -697,18 +698,20 @@ impl Evaluator {
         }
     }
 
-    /// Git's view of the commits the gate may decide about, and whether the mirror lacks
-    /// any of them; `None` when the ref has no repository (push order decides).
+    /// Git's view of the commits the gate may decide about (`None` when the ref has no
+    /// repository: push order decides), and, when the mirror lacks any of them, the
+    /// mirror's fetch mark before it was read.
     async fn git_lineage(
         &self,
         key: &RefKey,
         refs: &RefState,
         anchors: &[Sha],
         subject: Option<&Sha>,
-    ) -> (Option<GitLineage>, bool) {
+    ) -> (Option<GitLineage>, Option<u64>) {
         let Some(source) = self.catalog.load().source(key).cloned() else {
-            return (None, false);
+            return (None, None);
         };
+        let seen = self.mirrors.fetched(&source);
         let mut candidates: Vec<Sha> = refs.current_heads().map(|h| h.sha.clone()).collect();
         candidates.extend(subject.cloned());
         let mut anchors = anchors.to_vec();
@@ -723,20 +726,27 @@ impl Evaluator {
                 let behind = subject.is_some_and(|sha| !lineage.knows(sha))
                     || anchors.iter().any(|sha| !lineage.knows(sha))
                     || refs.head().is_some_and(|head| !lineage.knows(&head.sha));
-                (Some(lineage), behind)
+                (Some(lineage), behind.then_some(seen))
             }
             Err(error) => {
                 // Knowing nothing holds every agent where it is until a fetch succeeds.
                 debug!(%error, %key, "no lineage from the mirror yet");
-                (Some(GitLineage::default()), true)
+                (Some(GitLineage::default()), Some(seen))
             }
         }
     }
 
     /// Fetches the repository of `key` in the background, retrying with backoff, then
     /// evaluates it again, in the trace `traceparent` of what asked for it. Fetches of one
-    /// repository are coalesced by the mirror.
-    pub fn fetch_then_reevaluate(self: &Arc<Self>, key: RefKey, traceparent: Option<String>) {
+    /// repository are coalesced by the mirror; with `seen`, the mirror's fetch mark when an
+    /// evaluation found it behind, a fetch that finished since (or is running) serves
+    /// instead of a new one.
+    pub fn fetch_then_reevaluate(
+        self: &Arc<Self>,
+        key: RefKey,
+        traceparent: Option<String>,
+        seen: Option<u64>,
+    ) {
         let Some(source) = self.catalog.load().source(&key).cloned() else {
             return;
         };
@@ -748,8 +758,13 @@ impl Evaluator {
         self.tasks.spawn(
             async move {
                 let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+                let mut seen = seen;
                 for _ in 0..FETCH_ATTEMPTS {
-                    match this.mirrors.fetch(&source).await {
+                    let fetched = match seen.take() {
+                        Some(seen) => this.mirrors.fetch_unless_fetched_since(&source, seen).await,
+                        None => this.mirrors.fetch(&source).await,
+                    };
+                    match fetched {
                         Ok(()) => {
                             this.clear_fetch_errors(&key).await;
                             let asked = Asked {

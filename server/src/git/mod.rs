@@ -170,6 +170,9 @@ struct RepoState {
     dir: PathBuf,
     /// Fetches started so far; a caller remembers it to recognise a fetch that began later.
     started: AtomicU64,
+    /// The `started` count of the last fetch that finished: a reader of the mirror remembers
+    /// it to recognise a fetch that finished after its read.
+    finished: AtomicU64,
     /// Held for as long as a fetch writes into the mirror, by the fetch task itself.
     slot: Arc<tokio::sync::Mutex<FetchSlot>>,
     /// Commit generations for lineage, which never change once computed.
@@ -214,8 +217,39 @@ impl Mirrors {
     /// have missed what the caller is after. After `fetch_timeout` gix is interrupted and the
     /// caller gets [`GitError::Timeout`].
     pub async fn fetch(&self, source: &RepoSource) -> Result<(), GitError> {
+        let asked = self.repo(source).started.load(Ordering::SeqCst);
+        self.fetch_unless_finished_after(source, asked).await
+    }
+
+    /// The mark of the last fetch into `source`'s mirror that finished, for
+    /// [`Self::fetch_unless_fetched_since`].
+    pub fn fetched(&self, source: &RepoSource) -> u64 {
+        self.repo(source).finished.load(Ordering::SeqCst)
+    }
+
+    /// Fetches as [`Self::fetch`] does, unless a fetch finished after the mirror's
+    /// [`Self::fetched`] mark was `seen` (one running now is waited for): what the caller
+    /// read from the mirror before may be stale, but the mirror is newer than that read, so
+    /// the caller looks again before anything is fetched again.
+    ///
+    /// An evaluation that finds the mirror behind while the fetch another evaluation asked
+    /// for is running takes that fetch's outcome instead of fetching a second time.
+    pub async fn fetch_unless_fetched_since(
+        &self,
+        source: &RepoSource,
+        seen: u64,
+    ) -> Result<(), GitError> {
+        self.fetch_unless_finished_after(source, seen).await
+    }
+
+    /// Fetches unless the last fetch that finished, once any running one did, started
+    /// after the `started` count was `mark`; then takes its outcome.
+    async fn fetch_unless_finished_after(
+        &self,
+        source: &RepoSource,
+        mark: u64,
+    ) -> Result<(), GitError> {
         let repo = self.repo(source);
-        let asked = repo.started.load(Ordering::SeqCst);
         let timeout = self.inner.settings.fetch_timeout;
         let timed_out = || GitError::Timeout {
             url: mirror::display_url(&source.url),
@@ -227,7 +261,7 @@ impl Mirrors {
             .await
             .map_err(|_| timed_out())?;
         drop(waiting);
-        if slot.finished > asked
+        if slot.finished > mark
             && let Some(outcome) = &slot.outcome
         {
             return outcome.clone();
@@ -243,7 +277,7 @@ impl Mirrors {
         // The fetch is a task of its own so that a caller that goes away neither cancels it
         // halfway nor leaves the mirror locked without a deadline.
         let inner = self.inner.clone();
-        tokio::spawn(run_fetch(inner, job, slot, generation, report));
+        tokio::spawn(run_fetch(inner, repo, job, slot, generation, report));
         outcome.await.unwrap_or_else(|_| {
             Err(GitError::Repository {
                 message: "the fetch task ended without a result".into(),
@@ -388,6 +422,7 @@ impl Mirrors {
                 Arc::new(RepoState {
                     dir: dir.clone(),
                     started: AtomicU64::new(0),
+                    finished: AtomicU64::new(0),
                     slot: Arc::new(tokio::sync::Mutex::new(FetchSlot::default())),
                     generations: Arc::default(),
                     activity: upkeep::Activity::default(),
@@ -401,6 +436,7 @@ impl Mirrors {
 /// outcome is known but keeping the slot until gix stopped writing (or gave up on it).
 async fn run_fetch(
     inner: Arc<Inner>,
+    repo: Arc<RepoState>,
     job: FetchJob,
     mut slot: tokio::sync::OwnedMutexGuard<FetchSlot>,
     generation: u64,
@@ -432,6 +468,7 @@ async fn run_fetch(
             }
             slot.finished = generation;
             slot.outcome = Some(Err(timed_out));
+            repo.finished.store(generation, Ordering::SeqCst);
             return;
         }
     };
@@ -441,6 +478,7 @@ async fn run_fetch(
     }
     slot.finished = generation;
     slot.outcome = Some(outcome.clone());
+    repo.finished.store(generation, Ordering::SeqCst);
     drop(slot);
     let _ = report.send(outcome);
 }

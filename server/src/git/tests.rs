@@ -276,6 +276,58 @@ async fn concurrent_fetches_coalesce() {
     assert!(mirrors.has_commit(&source, &commit).await);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fetch_that_finished_after_a_read_serves_instead_of_another() {
+    let upstream = Upstream::new();
+    upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture {
+        cache: _cache,
+        mirrors,
+    } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+    let read_at = mirrors.fetched(&source);
+
+    // Nothing was fetched since the read: the commit pushed since is fetched.
+    let second = upstream.commit_file("b.yaml", b"b: 1\n");
+    mirrors
+        .fetch_unless_fetched_since(&source, read_at)
+        .await
+        .unwrap();
+    assert_eq!(mirrors.stats().fetches, 2);
+    assert!(mirrors.has_commit(&source, &second).await);
+
+    // Another reader that read before that fetch finished takes it: no third fetch.
+    mirrors
+        .fetch_unless_fetched_since(&source, read_at)
+        .await
+        .unwrap();
+    assert_eq!(
+        mirrors.stats().fetches,
+        2,
+        "served by the fetch since the read"
+    );
+
+    // A fetch running when a reader finds the mirror behind serves it too.
+    let read_at = mirrors.fetched(&source);
+    let third = upstream.commit_file("c.yaml", b"c: 1\n");
+    let running = {
+        let mirrors = mirrors.clone();
+        let source = source.clone();
+        tokio::spawn(async move { mirrors.fetch(&source).await })
+    };
+    while mirrors.stats().fetches < 3 {
+        tokio::task::yield_now().await;
+    }
+    mirrors
+        .fetch_unless_fetched_since(&source, read_at)
+        .await
+        .unwrap();
+    running.await.unwrap().unwrap();
+    assert_eq!(mirrors.stats().fetches, 3, "one fetch for both");
+    assert!(mirrors.has_commit(&source, &third).await);
+}
+
 #[tokio::test]
 async fn lineage_of_a_linear_history() {
     let upstream = Upstream::new();
