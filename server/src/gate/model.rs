@@ -446,6 +446,7 @@ impl RefState {
 
     /// Records a pipeline update for `sha`.
     pub fn record_pipeline(&mut self, sha: &Sha, update: Pipeline) -> Recorded {
+        let new_commit = !self.pipelines.contains_key(sha);
         let runs = self.pipelines.entry(sha.clone()).or_default();
         let outcome = match runs.iter_mut().find(|p| p.id == update.id) {
             Some(recorded) => match Pipeline::merged(Some(recorded), update) {
@@ -467,8 +468,9 @@ impl RefState {
                 Recorded::Changed
             }
         };
-        // A head's pipelines are no orphans: recording them leaves the orphans as they were.
-        if !self.heads.iter().any(|head| &head.sha == sha) {
+        // Only a commit new to the pipelines and no head adds an orphan; recording another
+        // run of a commit already there leaves the orphans as many as they were.
+        if new_commit && !self.heads.iter().any(|head| &head.sha == sha) {
             self.trim_orphans();
         }
         outcome
