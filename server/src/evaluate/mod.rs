@@ -49,8 +49,8 @@ const LEASE_RENEW: Duration = Duration::from_secs(2);
 const MAX_ATTEMPTS: u32 = 16;
 /// Refs evaluated at the same time by one replica.
 const EVALUATORS: usize = 4;
-/// Agent writes of one evaluation in flight at once.
-const WRITES_IN_FLIGHT: usize = 64;
+/// Watchers' sync errors read at once when a fetch clears them.
+const SYNC_ERROR_READS_IN_FLIGHT: usize = 64;
 /// Background fetch attempts before waiting for the next event.
 const FETCH_ATTEMPTS: u32 = 6;
 /// How many revisions are read at the same time. Reads of one commit are shared by the
@@ -838,7 +838,7 @@ impl Evaluator {
                     }
                 }
             })
-            .buffer_unordered(WRITES_IN_FLIGHT)
+            .buffer_unordered(SYNC_ERROR_READS_IN_FLIGHT)
             .fold(true, |all, ok| async move { all && ok })
             .await;
         if cleared {

@@ -218,7 +218,7 @@ impl Mirrors {
     /// caller gets [`GitError::Timeout`].
     pub async fn fetch(&self, source: &RepoSource) -> Result<(), GitError> {
         let asked = self.repo(source).started.load(Ordering::SeqCst);
-        self.fetch_unless_finished_after(source, asked).await
+        self.fetch_unless_fetched_since(source, asked).await
     }
 
     /// The mark of the last fetch into `source`'s mirror that finished, for
@@ -234,20 +234,12 @@ impl Mirrors {
     ///
     /// An evaluation that finds the mirror behind while the fetch another evaluation asked
     /// for is running takes that fetch's outcome instead of fetching a second time.
+    /// [`Self::fetch`] is this with the count of fetches started when it is called: any
+    /// fetch that finishes with a later mark started after the call.
     pub async fn fetch_unless_fetched_since(
         &self,
         source: &RepoSource,
         seen: u64,
-    ) -> Result<(), GitError> {
-        self.fetch_unless_finished_after(source, seen).await
-    }
-
-    /// Fetches unless the last fetch that finished, once any running one did, started
-    /// after the `started` count was `mark`; then takes its outcome.
-    async fn fetch_unless_finished_after(
-        &self,
-        source: &RepoSource,
-        mark: u64,
     ) -> Result<(), GitError> {
         let repo = self.repo(source);
         let timeout = self.inner.settings.fetch_timeout;
@@ -261,7 +253,7 @@ impl Mirrors {
             .await
             .map_err(|_| timed_out())?;
         drop(waiting);
-        if slot.finished > mark
+        if slot.finished > seen
             && let Some(outcome) = &slot.outcome
         {
             return outcome.clone();
