@@ -1032,6 +1032,40 @@ async fn redis_concurrent_writers_lose_no_update() -> anyhow::Result<()> {
 /// wait: it resumes the change log from the last entry it read, with no re-read of
 /// everything, and what is appended after the restart reaches it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_written_while_redis_is_down_fail_with_its_error_and_go_through_after()
+-> anyhow::Result<()> {
+    let mut fixture = RedisFixture::start().await?;
+    let store: Arc<dyn Store> = fixture.store.clone();
+    let empty = AgentState::default();
+    let next = deployed_at(empty.clone(), 1, 3);
+    let decisions = [decision(1, "deploy")];
+    let deployed = DeployedChange::between(&empty.gate.deployed, &next.gate.deployed);
+    let fleet: Vec<String> = (0..40).map(|n| format!("fleet-{n}")).collect();
+    let writes = AgentWrites::of(fleet.iter().map(|agent| AgentWrite {
+        agent,
+        expected: 0,
+        state: &next,
+        decisions: &decisions,
+        deployed: &deployed,
+    }));
+
+    fixture.redis.kill();
+    match store.write_agents(&writes).await {
+        Err(StoreError::Redis(_)) => {}
+        other => bail!("expected Redis's error, got {other:?}"),
+    }
+    fixture.redis.restart().await?;
+    // Nothing was written: the same writes, from the same versions, go through.
+    let written = retry(|| store.write_agents(&writes)).await?;
+    ensure!(
+        written.iter().all(|w| *w == Written::Saved { version: 1 }),
+        "{written:?}"
+    );
+    assert_eq!(store.agent("fleet-39").await?.value, next);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_errors_noted_while_redis_is_down_are_stored_once_it_is_back() -> anyhow::Result<()> {
     let mut fixture = RedisFixture::start().await?;
     let store: Arc<dyn Store> = fixture.store.clone();
