@@ -243,6 +243,23 @@ async fn wait_until_receiving(
 }
 
 /// The next message on `rx` that is not a probe or a resync.
+/// Takes messages until each of `agents` was heard written.
+///
+/// Shards are followed independently, so a write may be heard after anything published later
+/// on another shard, the subscription's probe included: a test that must hear nothing more
+/// first waits for what it wrote before.
+async fn until_heard(rx: &mut broadcast::Receiver<Notice>, agents: &[&str]) -> anyhow::Result<()> {
+    let mut left: std::collections::BTreeSet<&str> = agents.iter().copied().collect();
+    while !left.is_empty() {
+        if let Broadcast::AgentsChanged(changes) = next_message(rx).await? {
+            for (agent, _) in changes.iter() {
+                left.remove(agent.agent.as_str());
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn next_message(rx: &mut broadcast::Receiver<Notice>) -> anyhow::Result<Broadcast> {
     let deadline = tokio::time::Instant::now() + SOON;
     loop {
@@ -496,8 +513,9 @@ async fn agent_writes_refuse_stale_versions_and_older_facts(
 ) -> anyhow::Result<()> {
     let empty = AgentState::default();
     let newer = deployed_at(empty.clone(), 2, 10);
-    write(store, "prod", 0, &empty, &newer).await?;
     let mut rx = subscribed(store).await?;
+    write(store, "prod", 0, &empty, &newer).await?;
+    until_heard(&mut rx, &["prod"]).await?;
     let rival = deployed_at(empty.clone(), 1, 12);
     assert_eq!(
         write(store, "prod", 0, &empty, &rival).await?,
@@ -572,11 +590,12 @@ async fn agent_history_and_deployed_set_are_capped(store: &dyn Store) -> anyhow:
 /// far fewer log entries than agents.
 async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> anyhow::Result<()> {
     let empty = AgentState::default();
+    let mut rx = subscribed(store).await?;
     // "moved" was written since it was read; "ahead" was decided from newer facts.
     write(store, "moved", 0, &empty, &deployed_at(empty.clone(), 1, 5)).await?;
     let ahead = deployed_at(empty.clone(), 1, 20);
     write(store, "ahead", 0, &empty, &ahead).await?;
-    let mut rx = subscribed(store).await?;
+    until_heard(&mut rx, &["moved", "ahead"]).await?;
 
     let fleet_state = deployed_at(empty.clone(), 3, 10);
     let edge_state = deployed_at(empty.clone(), 4, 10);
