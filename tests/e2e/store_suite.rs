@@ -1047,6 +1047,135 @@ async fn redis_concurrent_writers_lose_no_update() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A step of a fan-out that Redis refuses midway (here: one agent's decision list replaced by
+/// a string) writes none of its agents, so that no agent is changed without the log entry
+/// that tells the replicas; the other steps go through and are heard, and the refused step
+/// goes through once the key is mended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let store: &dyn Store = fixture.store.as_ref();
+    let empty = AgentState::default();
+    let before = deployed_at(empty.clone(), 1, 5);
+    write(store, "victim", 0, &empty, &before).await?;
+    let list = redis_cli(
+        &fixture.redis,
+        &["--scan", "--pattern", "*:agent:victim:decisions"],
+    )?;
+    let list = list.trim();
+    ensure!(!list.is_empty(), "the victim's decision list was not found");
+    redis_cli(&fixture.redis, &["DEL", list])?;
+    redis_cli(&fixture.redis, &["SET", list, "not a list"])?;
+    let mut rx = subscribed(store).await?;
+
+    let after = deployed_at(before.clone(), 2, 10);
+    let decisions = [decision(2, "deploy")];
+    let deployed = DeployedChange::between(&before.gate.deployed, &after.gate.deployed);
+    let fleet: Vec<String> = (0..200).map(|n| format!("fleet-{n}")).collect();
+    let victim_shard = greenlight_server::store::agent_shard("victim");
+    let (neighbours, others): (Vec<&String>, Vec<&String>) = fleet
+        .iter()
+        .partition(|agent| greenlight_server::store::agent_shard(agent) == victim_shard);
+    ensure!(
+        !neighbours.is_empty() && !others.is_empty(),
+        "the fleet spans the victim's shard and others"
+    );
+    let batch = |fleet_version: u64| {
+        let mut writes = AgentWrites::default();
+        for agent in &fleet {
+            writes.push(AgentWrite {
+                agent,
+                expected: fleet_version,
+                state: &after,
+                decisions: &decisions,
+                deployed: &deployed,
+            });
+        }
+        writes.push(AgentWrite {
+            agent: "victim",
+            expected: 1,
+            state: &after,
+            decisions: &decisions,
+            deployed: &deployed,
+        });
+        writes
+    };
+    let refused = store.write_agents(&batch(0)).await;
+    let Err(error) = refused else {
+        bail!("a step with a broken key was accepted: {refused:?}");
+    };
+    ensure!(
+        error.to_string().contains("WRONGTYPE"),
+        "the error names the cause: {error}"
+    );
+
+    let versions = |agents: &[&String]| {
+        let agents: Vec<String> = agents.iter().map(|agent| (*agent).clone()).collect();
+        async move {
+            let read = store.agents(&agents).await?;
+            anyhow::Ok(read.iter().map(|read| read.version).collect::<Vec<_>>())
+        }
+    };
+    ensure!(
+        versions(&neighbours).await?.iter().all(|&v| v == 0),
+        "no agent of the refused step was written"
+    );
+    ensure!(
+        versions(&others).await?.iter().all(|&v| v == 1),
+        "the other steps went through"
+    );
+    let mut heard = std::collections::BTreeSet::new();
+    while heard.len() < others.len() {
+        if let Broadcast::AgentsChanged(changes) = next_message(&mut rx).await? {
+            heard.extend(changes.iter().map(|(agent, _)| agent.agent.clone()));
+        }
+    }
+    store.push_report(PROBE_AGENT, b"end", 1).await?;
+    let late = next_message(&mut rx).await;
+    ensure!(late.is_err(), "only written agents are heard: {late:?}");
+    ensure!(
+        others.iter().all(|agent| heard.contains(*agent)),
+        "every agent written is heard"
+    );
+
+    redis_cli(&fixture.redis, &["DEL", list])?;
+    assert_eq!(
+        store.agent("victim").await?.version,
+        1,
+        "the victim not written"
+    );
+    let written = store.write_agents(&batch(0)).await?;
+    for (agent, written) in fleet
+        .iter()
+        .chain(["victim".to_owned()].iter())
+        .zip(written)
+    {
+        let expected = if others.contains(&agent) {
+            Written::Conflict
+        } else if agent == "victim" {
+            Written::Saved { version: 2 }
+        } else {
+            Written::Saved { version: 1 }
+        };
+        ensure!(
+            written == expected,
+            "{agent}: {written:?}, not {expected:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Runs `redis-cli` against `redis` and returns what it printed.
+fn redis_cli(redis: &Redis, args: &[&str]) -> anyhow::Result<String> {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port().to_string()])
+        .args(args)
+        .output()
+        .context("redis-cli")?;
+    ensure!(output.status.success(), "redis-cli {args:?}: {output:?}");
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// A Redis restart (the append-only file keeps the data) costs a follower nothing but the
 /// wait: it resumes the change log from the last entry it read, with no re-read of
 /// everything, and what is appended after the restart reaches it.
@@ -1170,11 +1299,7 @@ async fn a_log_that_lost_its_entries_makes_followers_re_read_everything() -> any
     let k = key("group/app", "main");
     store.record_fact(&k, &push_of(1), None, None).await?;
     let mut rx = subscribed(store.as_ref()).await?;
-    let flushed = std::process::Command::new("redis-cli")
-        .args(["-p", &fixture.redis.port().to_string(), "FLUSHALL"])
-        .output()
-        .context("redis-cli")?;
-    ensure!(flushed.status.success(), "FLUSHALL failed: {flushed:?}");
+    redis_cli(&fixture.redis, &["FLUSHALL"])?;
     let resync = tokio::time::timeout(RESUBSCRIBE, async {
         loop {
             match rx.recv().await {
@@ -1202,12 +1327,7 @@ async fn data_of_the_previous_layout_is_refused() -> anyhow::Result<()> {
         .check_layout()
         .await
         .context("its own layout passes")?;
-    let port = fixture.redis.port().to_string();
-    let old = std::process::Command::new("redis-cli")
-        .args(["-p", &port, "XADD", "gl-old:log", "*", "m", "{}"])
-        .output()
-        .context("redis-cli")?;
-    ensure!(old.status.success(), "XADD failed: {old:?}");
+    redis_cli(&fixture.redis, &["XADD", "gl-old:log", "*", "m", "{}"])?;
     let settings = RedisSettings::single(fixture.redis.url(), "gl-old".to_owned());
     let store = RedisStore::connect(&settings, fixture.shutdown.clone(), Default::default())?;
     match store.check_layout().await {

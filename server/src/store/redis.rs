@@ -100,19 +100,43 @@ local changes = tonumber(ARGV[4])
 local agents_at = 4 + 8 * changes
 local written = {}
 local entries = {}
-for i = 1, (#KEYS - 1) / 3 do
+local agents = (#KEYS - 1) / 3
+-- Every check before any write: Redis keeps what a failing script wrote, so an error after
+-- a write would leave an agent changed with no log entry for anyone to hear.
+local versions = {}
+for i = 1, agents do
   local a = agents_at + 3 * (i - 1)
   local c = 4 + 8 * (tonumber(ARGV[a + 2]) - 1)
-  local state, decisions, deployed = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local state = KEYS[3 * i - 2]
   local stored = redis.call('HMGET', state, 'v', 'p')
-  local v = tonumber(stored[1] or '0')
+  local v = versions[state] or tonumber(stored[1] or '0')
   if v ~= tonumber(ARGV[a + 1]) then
     written[i] = -2
   elseif tonumber(stored[2] or '0') > tonumber(ARGV[c + 1]) then
     written[i] = -3
   else
-    v = v + 1
-    redis.call('HSET', state, 'v', v, 'p', ARGV[c + 1], 'core', ARGV[c + 2])
+    -- The lists this write touches: the decisions if it adds any, the deployed set if its
+    -- mode changes it.
+    local lists = {}
+    if tonumber(ARGV[c + 6]) > 0 then lists[#lists + 1] = KEYS[3 * i - 1] end
+    if ARGV[c + 3] ~= '' then lists[#lists + 1] = KEYS[3 * i] end
+    for _, list in ipairs(lists) do
+      local kind = redis.call('TYPE', list)['ok']
+      if kind ~= 'none' and kind ~= 'list' then
+        return redis.error_reply('WRONGTYPE ' .. list .. ' holds a ' .. kind ..
+          ', not a list: no agent of this step was written')
+      end
+    end
+    written[i] = v + 1
+    versions[state] = v + 1
+  end
+end
+for i = 1, agents do
+  if written[i] > 0 then
+    local a = agents_at + 3 * (i - 1)
+    local c = 4 + 8 * (tonumber(ARGV[a + 2]) - 1)
+    local state, decisions, deployed = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+    redis.call('HSET', state, 'v', written[i], 'p', ARGV[c + 1], 'core', ARGV[c + 2])
     local first, count = tonumber(ARGV[c + 5]), tonumber(ARGV[c + 6])
     if count > 0 then
       local len = redis.call('RPUSH', decisions, unpack(ARGV, first, first + count - 1))
@@ -136,7 +160,6 @@ for i = 1, (#KEYS - 1) / 3 do
         redis.call('LTRIM', deployed, -keep, -1)
       end
     end
-    written[i] = v
     entries[#entries + 1] = ARGV[a + 3]
   end
 end
