@@ -1165,6 +1165,74 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
     Ok(())
 }
 
+/// A fact Redis refuses midway (here: the ref's push list replaced by a string) leaves
+/// nothing behind, not even its delivery marked as seen, so the same delivery sent again
+/// once the key is mended is recorded rather than refused as a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fact_redis_refuses_midway_leaves_its_delivery_unseen() -> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let store: &dyn Store = fixture.store.as_ref();
+    let k = key("group/app", "main");
+    store
+        .record_fact(&k, &push_of(1), Some("first"), None)
+        .await?;
+    let pushes = redis_cli(&fixture.redis, &["--scan", "--pattern", "*:pushes"])?;
+    let pushes = pushes.trim();
+    ensure!(!pushes.is_empty(), "the ref's push list was not found");
+    redis_cli(&fixture.redis, &["DEL", pushes])?;
+    redis_cli(&fixture.redis, &["SET", pushes, "not a list"])?;
+
+    let refused = store
+        .record_fact(&k, &push_of(2), Some("second"), None)
+        .await;
+    ensure!(
+        matches!(&refused, Err(error) if error.to_string().contains("WRONGTYPE")),
+        "a fact on a broken key fails with Redis's reason: {refused:?}"
+    );
+    redis_cli(&fixture.redis, &["DEL", pushes])?;
+    assert_eq!(
+        store.facts(&k).await?.position,
+        1,
+        "the refused fact moved nothing"
+    );
+    assert_eq!(
+        store
+            .record_fact(&k, &push_of(2), Some("second"), None)
+            .await?,
+        Ingested::Recorded { position: 2 },
+        "the same delivery again is recorded"
+    );
+    Ok(())
+}
+
+/// A registry change whose log entry Redis refuses changes nothing: a registry changed
+/// without its entry would go unseen by the other replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Result<()> {
+    use greenlight_server::store::{RegistryStore as _, RegistryWritten};
+    let fixture = RedisFixture::start().await?;
+    // The registry's entries go to shard 0's log.
+    let log = "gl-suite:{gl0}:log";
+    redis_cli(&fixture.redis, &["DEL", log])?;
+    redis_cli(&fixture.redis, &["SET", log, "not a stream"])?;
+    let refused = fixture.store.change_registered("ghost", None, 0).await;
+    ensure!(
+        matches!(&refused, Err(error) if error.to_string().contains("WRONGTYPE")),
+        "a change on a broken log fails with Redis's reason: {refused:?}"
+    );
+    redis_cli(&fixture.redis, &["DEL", log])?;
+    assert_eq!(
+        fixture.store.registry().await?.seq,
+        0,
+        "nothing was changed"
+    );
+    assert_eq!(
+        fixture.store.change_registered("ghost", None, 0).await?,
+        RegistryWritten::Saved { seq: 1 }
+    );
+    Ok(())
+}
+
 /// Runs `redis-cli` against `redis` and returns what it printed.
 fn redis_cli(redis: &Redis, args: &[&str]) -> anyhow::Result<String> {
     let output = std::process::Command::new("redis-cli")

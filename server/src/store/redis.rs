@@ -44,10 +44,22 @@ use crate::metrics::LogLag;
 /// updates by the rule of `Pipeline::merged`, so that arrival order never matters), bumps
 /// the ref's facts position and appends to the shard's log; or does nothing at all.
 const FACT_SCRIPT: &str = r#"
+local kind = ARGV[2]
+-- Every key this run writes is read first, which fails on a key of the wrong type before
+-- anything is written: Redis keeps what a failing script wrote, and a delivery marked as
+-- seen without its fact would refuse the redelivery that could still record it.
+redis.call('HGET', KEYS[2], 'position')
+redis.call('XLEN', KEYS[6])
+if kind == 'push' then
+  redis.call('LLEN', KEYS[3])
+elseif kind == 'rejected' then
+  redis.call('LLEN', KEYS[5])
+else
+  redis.call('HLEN', KEYS[4])
+end
 if ARGV[1] ~= '' then
   if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return -1 end
 end
-local kind = ARGV[2]
 if kind == 'push' then
   redis.call('RPUSH', KEYS[3], ARGV[3])
   redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
@@ -1503,6 +1515,9 @@ fn seconds_behind(id: EntryId, now_ms: i64) -> f64 {
 /// Changes one runtime agent's record if its version is the one expected, bumping the
 /// registry's change number and appending the change, record included, to the log.
 const REGISTRY_SCRIPT: &str = r#"
+-- The log is read first, so that one of the wrong type fails the run before the registry
+-- is changed without the entry that tells the replicas.
+redis.call('XLEN', KEYS[2])
 local v = redis.call('HGET', KEYS[1], 'v:' .. ARGV[1]) or '0'
 if v ~= ARGV[2] then return -1 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
