@@ -355,24 +355,23 @@ impl RefState {
         // The common case, a push from the newest head (or from anything this line does not
         // know, with nothing known after it), goes last; a push delivered late puts the line
         // back in the order of its commits.
-        let newest = self.heads.iter().rev().find(|h| h.line == self.line);
-        let in_order = match &head.before {
-            Some(before) if newest.is_some_and(|n| &n.sha == before) => true,
-            Some(before) => {
-                !self
-                    .heads
-                    .iter()
-                    .any(|h| h.line == self.line && &h.sha == before)
-                    && !self
-                        .heads
-                        .iter()
-                        .any(|h| h.line == self.line && h.before.as_ref() == Some(after))
-            }
-            None => !self
-                .heads
-                .iter()
-                .any(|h| h.line == self.line && h.before.as_ref() == Some(after)),
-        };
+        // A push that fills a gap below a head already known (that head was pushed on top of
+        // this one) is late however it continues the line: even on top of the newest head.
+        let on_line = |h: &&Head| h.line == self.line;
+        let newest = self.heads.iter().rev().find(on_line);
+        let fills_a_gap = self
+            .heads
+            .iter()
+            .filter(on_line)
+            .any(|h| h.before.as_ref() == Some(after));
+        let in_order = !fills_a_gap
+            && match &head.before {
+                Some(before) => {
+                    newest.is_some_and(|n| &n.sha == before)
+                        || !self.heads.iter().filter(on_line).any(|h| &h.sha == before)
+                }
+                None => true,
+            };
         self.heads.push(head);
         self.next_seq += 1;
         if !in_order {
@@ -605,7 +604,7 @@ impl Lineage for PushOrder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::{Just, Strategy, prop_assert_eq};
+    use proptest::prelude::{Just, Strategy, prop_assert, prop_assert_eq};
 
     fn sha(n: u8) -> Sha {
         Sha::parse(&format!("{:040x}", n)).unwrap()
@@ -703,11 +702,42 @@ mod tests {
             state.record_push(&Push { before: None, after: Some(sha(0)), at_ms: 0 });
             for n in order.iter().chain(again.iter()) {
                 state.record_push(&chain(*n));
+                // At every step, not only once the line is complete: the gate decides on
+                // what it has, and a head it took for newer than its descendant would be a
+                // move backwards.
+                let heads: Vec<&Head> = state.current_heads().collect();
+                for (newer, head) in heads.iter().enumerate() {
+                    if let Some(parent) = heads.iter().position(|h| Some(&h.sha) == head.before.as_ref()) {
+                        prop_assert!(
+                            parent > newer,
+                            "{} is listed newer than {}, which was pushed on top of it",
+                            heads[parent].sha, head.sha
+                        );
+                    }
+                }
             }
             let heads: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
             let expected: Vec<Sha> = (0u8..=12).rev().map(sha).collect();
             prop_assert_eq!(heads, expected);
         }
+    }
+
+    /// The case two racing evaluators found: 5 (from 4) arrived first, then 3 (from an
+    /// unknown 2) and 4 (from 3). The push of 4 continues the newest head, 3, but 5 was
+    /// pushed on top of it, so 5 stays the newest.
+    #[test]
+    fn a_late_push_on_top_of_the_newest_head_still_goes_below_its_descendant() {
+        let chain = |n: u8| Push {
+            before: Some(sha(n - 1)),
+            after: Some(sha(n)),
+            at_ms: 0,
+        };
+        let mut state = RefState::default();
+        for n in [5, 3, 4] {
+            state.record_push(&chain(n));
+        }
+        let order: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+        assert_eq!(order, [sha(5), sha(4), sha(3)], "newest first");
     }
 
     /// A fact as the trimming test records it.
