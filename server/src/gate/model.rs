@@ -610,6 +610,15 @@ mod tests {
         Sha::parse(&format!("{:040x}", n)).unwrap()
     }
 
+    /// The push of commit `n` on top of `n - 1`.
+    fn chain(n: u8) -> Push {
+        Push {
+            before: Some(sha(n - 1)),
+            after: Some(sha(n)),
+            at_ms: 0,
+        }
+    }
+
     fn push(after: u8) -> Push {
         Push {
             before: None,
@@ -671,11 +680,6 @@ mod tests {
     /// 81), then 85 and 86; the newest head must be 86, not the late 83.
     #[test]
     fn pushes_of_one_line_in_any_order_keep_the_order_of_their_commits() {
-        let chain = |n: u8| Push {
-            before: Some(sha(n - 1)),
-            after: Some(sha(n)),
-            at_ms: 0,
-        };
         let mut state = RefState::default();
         for n in [81, 84, 83, 82, 85, 86] {
             state.record_push(&chain(n));
@@ -693,11 +697,6 @@ mod tests {
             order in Just((1u8..=12).collect::<Vec<_>>()).prop_shuffle(),
             again in proptest::collection::vec(1u8..=12, 0..4),
         ) {
-            let chain = |n: u8| Push {
-                before: Some(sha(n - 1)),
-                after: Some(sha(n)),
-                at_ms: 0,
-            };
             let mut state = RefState::default();
             state.record_push(&Push { before: None, after: Some(sha(0)), at_ms: 0 });
             for n in order.iter().chain(again.iter()) {
@@ -727,11 +726,6 @@ mod tests {
     /// pushed on top of it, so 5 stays the newest.
     #[test]
     fn a_late_push_on_top_of_the_newest_head_still_goes_below_its_descendant() {
-        let chain = |n: u8| Push {
-            before: Some(sha(n - 1)),
-            after: Some(sha(n)),
-            at_ms: 0,
-        };
         let mut state = RefState::default();
         for n in [5, 3, 4] {
             state.record_push(&chain(n));
