@@ -362,6 +362,79 @@ async fn an_invalid_object_and_one_out_of_scope_fail_the_preview_with_the_api_se
     Ok(())
 }
 
+/// What the agent cannot dry-run at all is refused with the reason, and a preview of more
+/// objects than a note lists is cut with a mark: the same merge request, one head after
+/// another, one note.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unparseable_manifests_and_an_unknown_kind_are_refused_and_a_large_preview_is_cut()
+-> anyhow::Result<()> {
+    let w = world!();
+    let base_config = configmap("base", "one");
+    let base = w
+        .deploy_base(&[("base.yaml", base_config.as_bytes())])
+        .await?;
+
+    let broken = w.commit_on_feature(&base, &[("broken.yaml", b"kind: [unclosed\n")], &[])?;
+    w.merge_request_hook("open", &broken).await?;
+    let (state, description) = w.preview_status(&broken).await?;
+    assert_eq!(state, "failed");
+    assert!(
+        description.contains("invalid manifests") && description.contains("broken.yaml"),
+        "names the file: {description}"
+    );
+
+    let widget = "apiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: w\n";
+    let unknown = w.commit_on_feature(
+        &broken,
+        &[("widget.yaml", widget.as_bytes())],
+        &["broken.yaml"],
+    )?;
+    w.merge_request_hook("update", &unknown).await?;
+    let (state, description) = w.preview_status(&unknown).await?;
+    assert_eq!(state, "failed");
+    assert!(description.contains("unknown kind"), "{description}");
+    let note = w.note_saying(&unknown[..8]).await?;
+    assert!(
+        diff_lines(&note.body)
+            .iter()
+            .any(|l| l.starts_with("! Widget ") && l.contains("unknown kind")),
+        "{}",
+        note.body
+    );
+
+    let many = greenlight::preview::MAX_OBJECTS + 10;
+    let configs: Vec<String> = (0..many)
+        .map(|n| configmap(&format!("many-{n}"), "x"))
+        .collect();
+    let configs = configs.join("---\n");
+    let large = w.commit_on_feature(
+        &unknown,
+        &[("many.yaml", configs.as_bytes())],
+        &["widget.yaml"],
+    )?;
+    w.merge_request_hook("update", &large).await?;
+    let (state, description) = w.preview_status(&large).await?;
+    assert_eq!(state, "success", "{description}");
+    let note = w.note_saying(&large[..8]).await?;
+    let lines = diff_lines(&note.body);
+    let listed = lines
+        .iter()
+        .filter(|l| l.starts_with("+ ConfigMap "))
+        .count();
+    assert_eq!(
+        listed,
+        greenlight::preview::MAX_OBJECTS,
+        "as many as a note lists"
+    );
+    assert!(
+        note.body
+            .contains("… (the agent left out more objects or fields)"),
+        "the cut is marked: {}",
+        note.body
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_secret_change_shows_key_names_only() -> anyhow::Result<()> {
     let w = world!();
