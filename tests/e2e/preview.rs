@@ -110,6 +110,19 @@ impl World {
         Ok(base)
     }
 
+    /// Deploys one ConfigMap as the first revision; see [`World::deploy_base`].
+    async fn deploy_one_config(&self) -> anyhow::Result<String> {
+        let config = configmap("base", "one");
+        self.deploy_base(&[("base.yaml", config.as_bytes())]).await
+    }
+
+    /// The description of the preview status of `sha`, which must be a failure.
+    async fn failed_preview(&self, sha: &str) -> anyhow::Result<String> {
+        let (state, description) = self.preview_status(sha).await?;
+        anyhow::ensure!(state == "failed", "{state}: {description}");
+        Ok(description)
+    }
+
     /// A push and a green pipeline of `sha` on `main`, which GitLab confirms.
     async fn release(&self, before: &str, sha: &str, id: u64) -> anyhow::Result<()> {
         self.gitlab.put_pipeline(
@@ -320,10 +333,7 @@ async fn a_merge_request_gets_one_note_listing_exactly_its_changes_and_a_green_s
 async fn an_invalid_object_and_one_out_of_scope_fail_the_preview_with_the_api_servers_reason()
 -> anyhow::Result<()> {
     let w = world!();
-    let base_config = configmap("base", "one");
-    let base = w
-        .deploy_base(&[("base.yaml", base_config.as_bytes())])
-        .await?;
+    let base = w.deploy_one_config().await?;
     let invalid = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: bad\nspec:\n  replicaz: 3\n  selector:\n    matchLabels: {app: bad}\n  template:\n    metadata:\n      labels: {app: bad}\n    spec:\n      containers:\n        - {name: bad, image: nginx}\n";
     let outside = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: elsewhere\n  namespace: kube-system\ndata: {v: x}\n";
     let head = w.commit_on_feature(
@@ -336,8 +346,7 @@ async fn an_invalid_object_and_one_out_of_scope_fail_the_preview_with_the_api_se
     )?;
     w.merge_request_hook("open", &head).await?;
 
-    let (state, description) = w.preview_status(&head).await?;
-    assert_eq!(state, "failed");
+    let description = w.failed_preview(&head).await?;
     assert!(
         description.contains("kube-system") && description.contains("not in the agent's scope"),
         "the first reason: {description}"
@@ -369,15 +378,11 @@ async fn an_invalid_object_and_one_out_of_scope_fail_the_preview_with_the_api_se
 async fn unparseable_manifests_and_an_unknown_kind_are_refused_and_a_large_preview_is_cut()
 -> anyhow::Result<()> {
     let w = world!();
-    let base_config = configmap("base", "one");
-    let base = w
-        .deploy_base(&[("base.yaml", base_config.as_bytes())])
-        .await?;
+    let base = w.deploy_one_config().await?;
 
     let broken = w.commit_on_feature(&base, &[("broken.yaml", b"kind: [unclosed\n")], &[])?;
     w.merge_request_hook("open", &broken).await?;
-    let (state, description) = w.preview_status(&broken).await?;
-    assert_eq!(state, "failed");
+    let description = w.failed_preview(&broken).await?;
     assert!(
         description.contains("invalid manifests") && description.contains("broken.yaml"),
         "names the file: {description}"
@@ -390,8 +395,7 @@ async fn unparseable_manifests_and_an_unknown_kind_are_refused_and_a_large_previ
         &["broken.yaml"],
     )?;
     w.merge_request_hook("update", &unknown).await?;
-    let (state, description) = w.preview_status(&unknown).await?;
-    assert_eq!(state, "failed");
+    let description = w.failed_preview(&unknown).await?;
     assert!(description.contains("unknown kind"), "{description}");
     let note = w.note_saying(&unknown[..8]).await?;
     assert!(
@@ -500,10 +504,7 @@ async fn hanging_listener() -> anyhow::Result<(u16, Arc<AtomicUsize>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preview_in_flight_does_not_delay_a_deploy() -> anyhow::Result<()> {
     let w = world!();
-    let base_config = configmap("base", "one");
-    let base = w
-        .deploy_base(&[("base.yaml", base_config.as_bytes())])
-        .await?;
+    let base = w.deploy_one_config().await?;
 
     // ConfigMaps of the `slow` namespace go through an admission webhook that never answers
     // (ignored after its timeout): a dry run there keeps the preview in flight for a while.
