@@ -120,8 +120,61 @@ fn open_or_init(dir: &Path) -> Result<gix::Repository, GitError> {
     open(dir)?.ok_or_else(|| repository(format!("mirror {} vanished", dir.display())))
 }
 
+/// How old a lock file in a mirror must be to be taken for one a killed process left: git
+/// holds its locks for the moment of a reference update, never for seconds.
+pub(super) const STALE_LOCK_AGE: Duration = Duration::from_secs(30);
+
 /// Fetches every branch into the mirror and deletes the branches the remote no longer has.
+///
+/// A process killed while it updated the mirror's references leaves their lock files
+/// behind, and every later fetch would fail on them: after a failed fetch the stale ones
+/// are removed, so that the retry goes through.
 pub(super) fn fetch(job: &FetchJob, interrupt: &AtomicBool) -> Result<(), GitError> {
+    let fetched = fetch_into_mirror(job, interrupt);
+    if fetched.is_err() {
+        for lock in remove_stale_locks(&job.dir, STALE_LOCK_AGE) {
+            tracing::warn!(lock = %lock.display(), "removed a lock file a killed process left");
+        }
+    }
+    fetched
+}
+
+/// Removes the lock files (`*.lock`) at the top of mirror `dir` and under its `refs` that
+/// are older than `age`; returns the ones removed.
+pub(super) fn remove_stale_locks(dir: &Path, age: Duration) -> Vec<PathBuf> {
+    let is_stale_lock = |entry: &std::fs::DirEntry| {
+        entry.path().extension().is_some_and(|ext| ext == "lock")
+            && entry
+                .metadata()
+                .and_then(|meta| meta.modified())
+                .is_ok_and(|modified| modified.elapsed().is_ok_and(|elapsed| elapsed > age))
+    };
+    let mut removed = Vec::new();
+    // The top level (HEAD, config, packed-refs) and every reference: objects hold no locks.
+    let mut pending = vec![(dir.to_owned(), false), (dir.join("refs"), true)];
+    while let Some((current, recurse)) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&current) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() && recurse => pending.push((path, true)),
+                Ok(kind)
+                    if kind.is_file()
+                        && is_stale_lock(&entry)
+                        && std::fs::remove_file(&path).is_ok() =>
+                {
+                    removed.push(path);
+                }
+                _ => {}
+            }
+        }
+    }
+    removed
+}
+
+fn fetch_into_mirror(job: &FetchJob, interrupt: &AtomicBool) -> Result<(), GitError> {
     let shown = display_url(&job.url);
     let url = gix::url::parse(job.url.as_str()).map_err(|err| GitError::Unreachable {
         url: shown.clone(),

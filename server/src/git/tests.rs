@@ -194,6 +194,41 @@ async fn a_broken_mirror_is_cloned_anew() {
     assert!(mirrors.has_commit(&source, &commit).await);
 }
 
+/// A server killed while it updated a mirror's branch leaves the branch's lock file, and
+/// every fetch after the restart failed on it for good: a lock older than any git holds is
+/// removed after the fetch it failed, and the retry goes through. A fresh one is left alone.
+#[tokio::test]
+async fn a_lock_file_a_killed_process_left_fails_one_fetch_and_is_then_removed() {
+    let upstream = Upstream::new();
+    upstream.commit_file("a.yaml", b"a: 1\n");
+    let Fixture { mirrors, .. } = mirrors();
+    let source = upstream.file_url();
+    mirrors.fetch(&source).await.unwrap();
+    let lock = mirror_of(&mirrors, &source).join("refs/heads/main.lock");
+    let second = upstream.commit_file("a.yaml", b"a: 2\n");
+
+    std::fs::write(&lock, b"").unwrap();
+    let fresh = mirrors.fetch(&source).await;
+    assert!(fresh.is_err(), "a held lock fails the fetch: {fresh:?}");
+    assert!(lock.exists(), "a lock as young as a live one is kept");
+
+    let long_ago = std::time::SystemTime::now() - 2 * mirror::STALE_LOCK_AGE;
+    std::fs::File::options()
+        .write(true)
+        .open(&lock)
+        .unwrap()
+        .set_modified(long_ago)
+        .unwrap();
+    let failed = mirrors.fetch(&source).await;
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(
+        !lock.exists(),
+        "a stale lock is removed after the fetch it failed"
+    );
+    mirrors.fetch(&source).await.unwrap();
+    assert!(mirrors.has_commit(&source, &second).await);
+}
+
 #[tokio::test]
 async fn plain_paths_work_like_file_urls() {
     let upstream = Upstream::new();
