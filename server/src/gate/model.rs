@@ -384,10 +384,12 @@ impl RefState {
         Recorded::Changed
     }
 
-    /// Orders the current line's heads by their pushes' `before`: each right after the head
-    /// it was pushed on top of, heads whose `before` the line does not know in the order
-    /// they arrived. Pushes delivered out of order then leave the commits' order, whatever
-    /// order they came in.
+    /// Orders the current line's heads by their pushes' `before`: each after the head it was
+    /// pushed on top of; where that leaves a choice, first the push that created the branch
+    /// (it has no `before`), then the head whose pushes (its own or those of the heads pushed
+    /// on top of it) came first. Pushes delivered out of order then leave the commits'
+    /// order, whatever order they came in, and heads whose relation is not known keep the
+    /// order they arrived in.
     fn order_line(&mut self) {
         let start = self
             .heads
@@ -395,48 +397,38 @@ impl RefState {
             .position(|h| h.line == self.line)
             .unwrap_or(self.heads.len());
         let line: Vec<Head> = self.heads.drain(start..).collect();
-        let known = |sha: &Sha| line.iter().any(|h| &h.sha == sha);
-        let mut placed = vec![false; line.len()];
-        let mut ordered: Vec<Head> = Vec::with_capacity(line.len());
-        // Each pass starts chains at heads whose predecessor is placed already or unknown;
-        // a head pushed twice on the same predecessor (a force push) starts its own.
-        loop {
-            let mut progressed = false;
-            for first in 0..line.len() {
-                let ready = !placed[first]
-                    && line[first]
-                        .before
-                        .as_ref()
-                        .is_none_or(|b| !known(b) || ordered.iter().any(|h| &h.sha == b));
-                if !ready {
-                    continue;
-                }
-                progressed = true;
-                let mut current = first;
-                loop {
-                    placed[current] = true;
-                    ordered.push(line[current].clone());
-                    let sha = &line[current].sha;
-                    match (0..line.len())
-                        .find(|&next| !placed[next] && line[next].before.as_ref() == Some(sha))
-                    {
-                        Some(next) => current = next,
-                        None => break,
-                    }
-                }
-            }
-            if !progressed {
-                break;
+        let at: std::collections::HashMap<&Sha, usize> =
+            line.iter().enumerate().map(|(i, h)| (&h.sha, i)).collect();
+        let parent: Vec<Option<usize>> = line
+            .iter()
+            .map(|h| h.before.as_ref().and_then(|b| at.get(b).copied()))
+            .collect();
+        // Where each head's subtree first appears in the line as it stands: a late push of an
+        // old commit takes the place of the earliest head pushed on top of it.
+        let mut first_seen: Vec<usize> = (0..line.len()).collect();
+        for head in 0..line.len() {
+            let mut ancestor = parent[head];
+            // Bounded: a cycle of befores (not a git history) must not loop.
+            for _ in 0..line.len() {
+                let Some(up) = ancestor else { break };
+                first_seen[up] = first_seen[up].min(head);
+                ancestor = parent[up];
             }
         }
-        // A cycle of befores (not a git history): what is left, as it arrived.
-        ordered.extend(
-            line.iter()
-                .zip(&placed)
-                .filter(|(_, placed)| !**placed)
-                .map(|(head, _)| head.clone()),
-        );
-        self.heads.extend(ordered);
+        let mut placed = vec![false; line.len()];
+        let mut order: Vec<usize> = Vec::with_capacity(line.len());
+        while let Some(next) = (0..line.len())
+            .filter(|&i| !placed[i] && parent[i].is_none_or(|p| placed[p]))
+            .min_by_key(|&i| (line[i].before.is_some(), first_seen[i], i))
+        {
+            placed[next] = true;
+            order.push(next);
+        }
+        // A cycle of befores: what is left, as it stands.
+        order.extend((0..line.len()).filter(|&i| !placed[i]));
+        let mut line: Vec<Option<Head>> = line.into_iter().map(Some).collect();
+        self.heads
+            .extend(order.into_iter().filter_map(|i| line[i].take()));
         for (seq, head) in self.heads.iter_mut().enumerate() {
             head.seq = seq as u64;
         }
@@ -719,6 +711,37 @@ mod tests {
             let expected: Vec<Sha> = (0u8..=12).rev().map(sha).collect();
             prop_assert_eq!(heads, expected);
         }
+    }
+
+    /// Where pushes are missing in between, what is known still orders the line: the push
+    /// that created the branch first, and a late push of an old commit goes below the
+    /// heads pushed on top of it instead of after the heads that arrived before it.
+    #[test]
+    fn a_line_with_gaps_keeps_the_creation_first_and_late_pushes_below_their_descendants() {
+        let created = |n: u8| Push {
+            before: None,
+            after: Some(sha(n)),
+            at_ms: 0,
+        };
+        let order = |state: &RefState| -> Vec<Sha> {
+            state.current_heads().map(|h| h.sha.clone()).collect()
+        };
+        // 2 (from 1), 5 (from 4), then the creation of the branch at 1.
+        let mut state = RefState::default();
+        state.record_push(&chain(2));
+        state.record_push(&chain(5));
+        state.record_push(&created(1));
+        assert_eq!(order(&state), [sha(5), sha(2), sha(1)], "newest first");
+        // 5 (from 4), the creation at 1, 3 (from 2), then 4 (from 3).
+        let mut state = RefState::default();
+        for push in [chain(5), created(1), chain(3), chain(4)] {
+            state.record_push(&push);
+        }
+        assert_eq!(
+            order(&state),
+            [sha(5), sha(4), sha(3), sha(1)],
+            "newest first"
+        );
     }
 
     /// The case two racing evaluators found: 5 (from 4) arrived first, then 3 (from an
