@@ -65,9 +65,9 @@ pub fn operate(
     let step = match operation {
         Operation::Trigger { sha, force_prune } => gate.trigger(cx, sha.as_ref(), *force_prune)?,
         Operation::Pause { reason } => gate.pause(reason.clone(), now),
-        Operation::Resume => gate.resume(now)?,
+        Operation::Resume => gate.resume(cx)?,
         Operation::Pin { sha, reason } => gate.pin(sha.clone(), reason.clone(), now)?,
-        Operation::Unpin => gate.unpin(now)?,
+        Operation::Unpin => gate.unpin(cx)?,
     };
     next.position = next.position.max(facts_position);
     if step.desired_changed {

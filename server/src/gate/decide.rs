@@ -266,13 +266,18 @@ impl AgentGate {
     /// Moves the gate after the ref changed, then settles what the agent is told.
     pub fn advance(&mut self, cx: &Context<'_>) -> Step {
         let mut step = Step::default();
+        self.advance_into(cx, &mut step);
+        step
+    }
+
+    /// [`Self::advance`], adding to `step`.
+    fn advance_into(&mut self, cx: &Context<'_>, step: &mut Step) {
         match cx.mode {
-            Mode::Pipeline => self.advance_on_pipelines(cx, &mut step),
-            Mode::Immediate => self.advance_to_head(cx, &mut step),
+            Mode::Pipeline => self.advance_on_pipelines(cx, step),
+            Mode::Immediate => self.advance_to_head(cx, step),
             Mode::Manual => {}
         }
-        self.settle(cx.now_ms, false, &mut step);
-        step
+        self.settle(cx.now_ms, false, step);
     }
 
     fn advance_on_pipelines(&mut self, cx: &Context<'_>, step: &mut Step) {
@@ -464,12 +469,14 @@ impl AgentGate {
         step
     }
 
-    /// Releases a pause: the agent goes to where the gate stands now.
-    pub fn resume(&mut self, now_ms: i64) -> Result<Step, GateError> {
+    /// Releases a pause: the agent goes to where the gate stands now, with the facts of
+    /// `cx`. The gate runs first: facts recorded since it last ran (a late push that put the
+    /// line in order) may show that where it stood is behind what the agent holds.
+    pub fn resume(&mut self, cx: &Context<'_>) -> Result<Step, GateError> {
         let mut step = Step::default();
         self.paused.take().ok_or(GateError::NotPaused)?;
-        self.record_action(&mut step, now_ms, Outcome::Hold, None, "resumed".into());
-        self.settle(now_ms, false, &mut step);
+        self.record_action(&mut step, cx.now_ms, Outcome::Hold, None, "resumed".into());
+        self.advance_into(cx, &mut step);
         Ok(step)
     }
 
@@ -495,18 +502,18 @@ impl AgentGate {
         Ok(step)
     }
 
-    /// Removes a pin: the agent returns to where the gate stands.
-    pub fn unpin(&mut self, now_ms: i64) -> Result<Step, GateError> {
+    /// Removes a pin: the agent returns to where the gate stands now, run as for a resume.
+    pub fn unpin(&mut self, cx: &Context<'_>) -> Result<Step, GateError> {
         let mut step = Step::default();
         self.pinned.take().ok_or(GateError::NotPinned)?;
         self.record_action(
             &mut step,
-            now_ms,
+            cx.now_ms,
             Outcome::Hold,
             None,
             "unpinned: back to the gate".into(),
         );
-        self.settle(now_ms, false, &mut step);
+        self.advance_into(cx, &mut step);
         Ok(step)
     }
 

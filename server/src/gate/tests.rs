@@ -78,6 +78,19 @@ impl World {
         self.advance()
     }
 
+    /// Records the push of `n` on top of the head and its green pipeline `10 * n`, as facts
+    /// that arrived since the gate last ran.
+    fn record_green_push_unevaluated(&mut self, n: u8) {
+        let before = self.refs.head().map(|h| h.sha.clone());
+        self.refs.record_push(&Push {
+            before,
+            after: Some(sha(n)),
+            at_ms: self.now_ms,
+        });
+        self.refs
+            .record_pipeline(&sha(n), run(u64::from(n) * 10, Success));
+    }
+
     fn delete_branch(&mut self) -> Step {
         let before = self.refs.head().map(|h| h.sha.clone());
         self.refs.record_push(&Push {
@@ -114,8 +127,7 @@ impl World {
     }
 
     fn resume(&mut self) -> Result<Step, GateError> {
-        let now_ms = self.tick();
-        self.gate.resume(now_ms)
+        self.with_cx(|gate, cx| gate.resume(cx))
     }
 
     fn pin(&mut self, target: Sha) -> Result<Step, GateError> {
@@ -124,8 +136,7 @@ impl World {
     }
 
     fn unpin(&mut self) -> Result<Step, GateError> {
-        let now_ms = self.tick();
-        self.gate.unpin(now_ms)
+        self.with_cx(|gate, cx| gate.unpin(cx))
     }
 
     fn desired(&self) -> Option<Sha> {
@@ -452,6 +463,26 @@ fn pause_holds_the_agent_while_the_gate_moves_and_resume_releases_the_newest() {
     assert!(step.desired_changed);
     assert_eq!(w.desired(), Some(sha(3)));
     assert_eq!(w.revision().pipeline_id, Some(30));
+}
+
+/// A resume or an unpin goes where the gate stands with the facts recorded by then, not
+/// where it stood when it last ran: in between, a late push may have shown that the
+/// gate's old position is behind the revision the agent holds.
+#[test]
+fn resume_and_unpin_run_the_gate_on_the_facts_recorded_since_it_last_ran() {
+    let mut w = World::new(Mode::Pipeline);
+    w.push(1);
+    w.pipeline(1, 10, Success);
+    w.pause();
+    w.record_green_push_unevaluated(2);
+    w.resume().unwrap();
+    assert_eq!(w.desired(), Some(sha(2)));
+    assert_eq!(w.position(), Some(sha(2)));
+
+    w.pin(sha(1)).unwrap();
+    w.record_green_push_unevaluated(3);
+    w.unpin().unwrap();
+    assert_eq!(w.desired(), Some(sha(3)));
 }
 
 #[test]
