@@ -142,13 +142,6 @@ pub(super) fn fetch(job: &FetchJob, interrupt: &AtomicBool) -> Result<(), GitErr
 /// Removes the lock files (`*.lock`) at the top of mirror `dir` and under its `refs` that
 /// are older than `age`; returns the ones removed.
 pub(super) fn remove_stale_locks(dir: &Path, age: Duration) -> Vec<PathBuf> {
-    let is_stale_lock = |entry: &std::fs::DirEntry| {
-        entry.path().extension().is_some_and(|ext| ext == "lock")
-            && entry
-                .metadata()
-                .and_then(|meta| meta.modified())
-                .is_ok_and(|modified| modified.elapsed().is_ok_and(|elapsed| elapsed > age))
-    };
     let mut removed = Vec::new();
     // The top level (HEAD, config, packed-refs) and every reference: objects hold no locks.
     let mut pending = vec![(dir.to_owned(), false), (dir.join("refs"), true)];
@@ -162,7 +155,8 @@ pub(super) fn remove_stale_locks(dir: &Path, age: Duration) -> Vec<PathBuf> {
                 Ok(kind) if kind.is_dir() && recurse => pending.push((path, true)),
                 Ok(kind)
                     if kind.is_file()
-                        && is_stale_lock(&entry)
+                        && path.extension().is_some_and(|ext| ext == "lock")
+                        && older_than(&path, age)
                         && std::fs::remove_file(&path).is_ok() =>
                 {
                     removed.push(path);
@@ -172,6 +166,13 @@ pub(super) fn remove_stale_locks(dir: &Path, age: Duration) -> Vec<PathBuf> {
         }
     }
     removed
+}
+
+/// Whether `path` was last changed more than `age` ago.
+pub(super) fn older_than(path: &Path, age: Duration) -> bool {
+    path.symlink_metadata()
+        .and_then(|m| m.modified())
+        .is_ok_and(|modified| modified.elapsed().is_ok_and(|elapsed| elapsed > age))
 }
 
 fn fetch_into_mirror(job: &FetchJob, interrupt: &AtomicBool) -> Result<(), GitError> {

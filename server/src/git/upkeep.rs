@@ -540,7 +540,7 @@ fn mirror_dirs(cache_dir: &Path) -> std::io::Result<Vec<PathBuf>> {
         }
         let abandoned = name.starts_with('.')
             && (name.contains(".removing-")
-                || (name.contains(".init-") && older_than(&path, LEFTOVER_AFTER)));
+                || (name.contains(".init-") && mirror::older_than(&path, LEFTOVER_AFTER)));
         if abandoned {
             if let Err(err) = std::fs::remove_dir_all(&path) {
                 warn!(dir = %path.display(), error = %err, "cannot delete a leftover directory");
@@ -570,19 +570,13 @@ fn prepare(dir: &Path) -> std::io::Result<usize> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let git_temporary = name.starts_with("tmp_") || name.starts_with(".tmp-");
-        if name.ends_with(".keep") || (git_temporary && older_than(&path, LEFTOVER_AFTER)) {
+        if name.ends_with(".keep") || (git_temporary && mirror::older_than(&path, LEFTOVER_AFTER)) {
             std::fs::remove_file(&path)?;
         } else if name.ends_with(".pack") && path.with_extension("idx").is_file() {
             packs += 1;
         }
     }
     Ok(packs)
-}
-
-fn older_than(path: &Path, age: Duration) -> bool {
-    path.symlink_metadata()
-        .and_then(|m| m.modified())
-        .is_ok_and(|modified| modified.elapsed().is_ok_and(|elapsed| elapsed > age))
 }
 
 /// The mirror's last use: what this process remembers, written down for the next one, or
