@@ -345,15 +345,18 @@ impl Mirrors {
         sha: &Sha,
         patterns: &[String],
     ) -> Result<Arc<ManifestSet>, GitError> {
-        let patterns = Arc::new(Patterns::compile(patterns)?);
         let key = ManifestKey {
             url: source.url.clone(),
             sha: sha.clone(),
-            patterns: patterns.key(),
+            patterns: Patterns::key_of(patterns),
         };
         let cell = lock(&self.inner.manifests).cell(&key);
         let outcome = cell
-            .get_or_init(|| self.read_manifests(source, sha, patterns))
+            .get_or_init(|| async {
+                // Compiled by the one read: the callers that share it never compile.
+                let patterns = Arc::new(Patterns::compile(patterns)?);
+                self.read_manifests(source, sha, patterns).await
+            })
             .await
             .clone();
         if outcome.is_err() {
