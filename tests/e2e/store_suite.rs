@@ -1058,14 +1058,9 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
     let empty = AgentState::default();
     let before = deployed_at(empty.clone(), 1, 5);
     write(store, "victim", 0, &empty, &before).await?;
-    let list = redis_cli(
-        &fixture.redis,
-        &["--scan", "--pattern", "*:agent:victim:decisions"],
-    )?;
-    let list = list.trim();
-    ensure!(!list.is_empty(), "the victim's decision list was not found");
-    redis_cli(&fixture.redis, &["DEL", list])?;
-    redis_cli(&fixture.redis, &["SET", list, "not a list"])?;
+    let list = only_key(&fixture.redis, "*:agent:victim:decisions")?;
+    // SET replaces a key of any type.
+    redis_cli(&fixture.redis, &["SET", &list, "not a list"])?;
     let mut rx = subscribed(store).await?;
 
     let after = deployed_at(before.clone(), 2, 10);
@@ -1138,7 +1133,7 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
         "every agent written is heard"
     );
 
-    redis_cli(&fixture.redis, &["DEL", list])?;
+    redis_cli(&fixture.redis, &["DEL", &list])?;
     assert_eq!(
         store.agent("victim").await?.version,
         1,
@@ -1176,11 +1171,8 @@ async fn a_fact_redis_refuses_midway_leaves_its_delivery_unseen() -> anyhow::Res
     store
         .record_fact(&k, &push_of(1), Some("first"), None)
         .await?;
-    let pushes = redis_cli(&fixture.redis, &["--scan", "--pattern", "*:pushes"])?;
-    let pushes = pushes.trim();
-    ensure!(!pushes.is_empty(), "the ref's push list was not found");
-    redis_cli(&fixture.redis, &["DEL", pushes])?;
-    redis_cli(&fixture.redis, &["SET", pushes, "not a list"])?;
+    let pushes = only_key(&fixture.redis, "*:pushes")?;
+    redis_cli(&fixture.redis, &["SET", &pushes, "not a list"])?;
 
     let refused = store
         .record_fact(&k, &push_of(2), Some("second"), None)
@@ -1189,7 +1181,7 @@ async fn a_fact_redis_refuses_midway_leaves_its_delivery_unseen() -> anyhow::Res
         matches!(&refused, Err(error) if error.to_string().contains("WRONGTYPE")),
         "a fact on a broken key fails with Redis's reason: {refused:?}"
     );
-    redis_cli(&fixture.redis, &["DEL", pushes])?;
+    redis_cli(&fixture.redis, &["DEL", &pushes])?;
     assert_eq!(
         store.facts(&k).await?.position,
         1,
@@ -1213,7 +1205,6 @@ async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Res
     let fixture = RedisFixture::start().await?;
     // The registry's entries go to shard 0's log.
     let log = "gl-suite:{gl0}:log";
-    redis_cli(&fixture.redis, &["DEL", log])?;
     redis_cli(&fixture.redis, &["SET", log, "not a stream"])?;
     let refused = fixture.store.change_registered("ghost", None, 0).await;
     ensure!(
@@ -1231,6 +1222,16 @@ async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Res
         RegistryWritten::Saved { seq: 1 }
     );
     Ok(())
+}
+
+/// The one key of `redis` that matches `pattern`.
+fn only_key(redis: &Redis, pattern: &str) -> anyhow::Result<String> {
+    let found = redis_cli(redis, &["--scan", "--pattern", pattern])?;
+    let keys: Vec<&str> = found.lines().filter(|key| !key.is_empty()).collect();
+    match keys.as_slice() {
+        [key] => Ok((*key).to_owned()),
+        other => bail!("{} keys match {pattern}: {other:?}", other.len()),
+    }
 }
 
 /// Runs `redis-cli` against `redis` and returns what it printed.
