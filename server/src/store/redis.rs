@@ -116,9 +116,12 @@ local agents = (#KEYS - 1) / 3
 -- Every check before any write: Redis keeps what a failing script wrote, so an error after
 -- a write would leave an agent changed with no log entry for anyone to hear.
 local versions = {}
+-- Where each agent's arguments and its change's arguments start.
+local agent_at, change_at = {}, {}
 for i = 1, agents do
   local a = agents_at + 3 * (i - 1)
   local c = 4 + 8 * (tonumber(ARGV[a + 2]) - 1)
+  agent_at[i], change_at[i] = a, c
   local state = KEYS[3 * i - 2]
   local stored = redis.call('HMGET', state, 'v', 'p')
   local v = versions[state] or tonumber(stored[1] or '0')
@@ -145,8 +148,7 @@ for i = 1, agents do
 end
 for i = 1, agents do
   if written[i] > 0 then
-    local a = agents_at + 3 * (i - 1)
-    local c = 4 + 8 * (tonumber(ARGV[a + 2]) - 1)
+    local a, c = agent_at[i], change_at[i]
     local state, decisions, deployed = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
     redis.call('HSET', state, 'v', written[i], 'p', ARGV[c + 1], 'core', ARGV[c + 2])
     local first, count = tonumber(ARGV[c + 5]), tonumber(ARGV[c + 6])
