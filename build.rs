@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&descriptors),
     )?;
     tonic_prost_build::configure()
+        // Small per-call buffers: an idle agent stream holds them for its whole life.
+        .codec_path("crate::codec::LeanCodec")
         // Manifest chunks are slices of files shared by every agent: no copies.
         .bytes(".greenlight.v1.ManifestChunk.data")
         .compile_fds(descriptors)?;

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod backoff;
+pub mod codec;
 pub mod connect;
 pub mod ctl;
 pub mod digest;

@@ -308,9 +308,12 @@ impl AgentService for AgentApi {
         // rotated-out token's grace period.
         let mut catalog_changes = self.engine.live_catalog().subscribe();
         let (mut agent, mut expires) = credentials(&self.engine, &agent.name, &token)?;
+        // The task lives as long as the agent stays connected, idle nearly all that time,
+        // and an async task is as large as its largest state: the reads, sends and store
+        // calls it makes now and then are boxed, so that they take memory only while they run.
         tokio::spawn(
             async move {
-                engine.connected(&agent.name).await;
+                Box::pin(engine.connected(&agent.name)).await;
                 info!(applied = ?applied.as_ref().map(Sha::short), "agent connected");
                 let mut sent: Option<(Sha, u64)> = None;
                 let mut first = true;
@@ -345,16 +348,16 @@ impl AgentService for AgentApi {
                             // Shutdown must not wait for a fetch, or for an agent that stopped reading.
                             let files = tokio::select! {
                                 _ = shutdown.cancelled() => break,
-                                files = engine
+                                files = Box::pin(engine
                                     .manifests(&agent, &revision.sha)
-                                    .instrument(info_span!(parent: &span, "read_manifests")) => files,
+                                    .instrument(info_span!(parent: &span, "read_manifests"))) => files,
                             };
                             match files {
                                 Ok(files) => {
                                     debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
                                     let delivered = tokio::select! {
                                         _ = shutdown.cancelled() => false,
-                                        delivered = send_revision(
+                                        delivered = Box::pin(send_revision(
                                             &mut tx,
                                             &agent,
                                             &revision,
@@ -362,7 +365,7 @@ impl AgentService for AgentApi {
                                             engine.metrics(),
                                             telemetry::traceparent(&span).unwrap_or_default(),
                                         )
-                                        .instrument(span.clone()) => delivered,
+                                        .instrument(span.clone())) => delivered,
                                     };
                                     if !delivered {
                                         break;
@@ -398,7 +401,7 @@ impl AgentService for AgentApi {
                         let files = match Sha::parse(&request.sha) {
                             Ok(sha) => tokio::select! {
                                 _ = shutdown.cancelled() => break,
-                                files = engine.manifests(&agent, &sha) => files.map_err(|e| e.to_string()),
+                                files = Box::pin(engine.manifests(&agent, &sha)) => files.map_err(|e| e.to_string()),
                             },
                             Err(error) => Err(error.to_string()),
                         };
@@ -406,7 +409,7 @@ impl AgentService for AgentApi {
                             Ok(files) => {
                                 let delivered = tokio::select! {
                                     _ = shutdown.cancelled() => false,
-                                    delivered = send_preview(&mut tx, &agent, &request, files.as_deref(), engine.metrics()) => delivered,
+                                    delivered = Box::pin(send_preview(&mut tx, &agent, &request, files.as_deref(), engine.metrics())) => delivered,
                                 };
                                 if !delivered {
                                     break;
@@ -414,7 +417,7 @@ impl AgentService for AgentApi {
                             }
                             Err(error) => {
                                 warn!(%error, sha = request.sha, "cannot read the manifests of a preview");
-                                previews.unavailable(&request, format!("cannot read the manifests: {error}")).await;
+                                Box::pin(previews.unavailable(&request, format!("cannot read the manifests: {error}"))).await;
                             }
                         }
                     }
@@ -463,7 +466,7 @@ impl AgentService for AgentApi {
                         },
                     }
                 }
-                engine.disconnected(&agent.name).await;
+                Box::pin(engine.disconnected(&agent.name)).await;
                 info!("agent disconnected");
             }
             .instrument(span),

@@ -105,6 +105,11 @@ impl<T> Stream for OutboxStream<T> {
         let mut queue = self.shared.lock();
         if let Some(Held { item, cost, .. }) = queue.held.pop_front() {
             queue.cost -= cost;
+            if queue.held.is_empty() {
+                // A sync stream is idle nearly all its life: an emptied buffer gives its
+                // slots back rather than keep them for the next revision.
+                queue.held = VecDeque::new();
+            }
             drop(queue);
             self.shared.room.notify_one();
             return Poll::Ready(Some(Ok(item)));
@@ -360,6 +365,21 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         drop(outbox);
         assert_eq!(reader.await.unwrap(), (1, true));
+    }
+
+    #[tokio::test]
+    async fn an_emptied_stream_holds_no_buffer_until_the_next_message() {
+        let (mut outbox, mut stream) =
+            Outbox::<u32>::new(4, 1024, &settings(Duration::from_secs(60)));
+        let capacity = |stream: &OutboxStream<u32>| stream.shared.lock().held.capacity();
+        assert!(outbox.send(1).await);
+        assert!(outbox.send(2).await);
+        assert_eq!(stream.next().await.unwrap().unwrap(), 1);
+        assert!(capacity(&stream) > 0, "kept while a message waits");
+        assert_eq!(stream.next().await.unwrap().unwrap(), 2);
+        assert_eq!(capacity(&stream), 0);
+        assert!(outbox.send(3).await);
+        assert_eq!(stream.next().await.unwrap().unwrap(), 3);
     }
 
     #[tokio::test]
