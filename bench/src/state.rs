@@ -32,6 +32,11 @@ pub struct Args {
     /// The store behind the server (embedded: one replica only).
     #[arg(long, value_enum, default_value_t = Store::Redis)]
     store: Store,
+    /// Milliseconds between a round's push and its pipeline webhook. GitLab reports a
+    /// pipeline's success minutes after the push; 0 sends it at once, while the push's own
+    /// evaluation may still be writing every agent.
+    #[arg(long, default_value_t = 0)]
+    pipeline_after_ms: u64,
     /// Seconds the connected agents are left idle before their RSS is read.
     #[arg(long, default_value_t = 5)]
     settle: u64,
@@ -322,6 +327,7 @@ async fn latency(
         // Commit 1 was the first release.
         let commit = sha(round + 1);
         let pushed = server.push(head, &commit).await?;
+        tokio::time::sleep(Duration::from_millis(args.pipeline_after_ms)).await;
         let (sent, answered) = server.green(&commit, u64::from(round) + 1).await?;
         let receipts = streams
             .all_receive(&commit, Duration::from_secs(60))
@@ -360,9 +366,10 @@ async fn latency(
     let late = Summary::of(&mut green_answers[green_answers.len() - tenth..].to_vec());
 
     println!(
-        "latency: {} rounds (+{} warm-up) of push + pipeline success, webhooks to replica round mod {replicas}; load average {load_start} -> {}",
+        "latency: {} rounds (+{} warm-up) of push + pipeline success {} ms later, webhooks to replica round mod {replicas}; load average {load_start} -> {}",
         args.rounds,
         args.warmup,
+        args.pipeline_after_ms,
         load_average()
     );
     let line = |v: &mut Vec<Duration>| Summary::of(v).map_or_else(String::new, |s| s.line());
