@@ -1,11 +1,11 @@
 //! The protobuf codec of every `greenlight.v1` service, on both sides.
 //!
-//! tonic's default codec allocates an 8 KiB encode buffer and an 8 KiB decode buffer for
-//! every call as it starts, and keeps them for the call's life. An agent's sync stream
-//! lasts as long as the agent runs and is idle nearly all of that time, so on a server with
-//! thousands of agents those two buffers were half of the memory each idle agent cost.
-//! Messages are encoded and decoded the same way; the buffers start small and grow to the
-//! message being handled.
+//! tonic's default codec starts every call with 8 KiB encode and decode buffers, and a
+//! streaming response keeps its encode buffer for as long as the stream lives. An agent's
+//! sync stream lasts as long as the agent runs and is idle nearly all of that time, so on a
+//! server with thousands of agents that buffer was the largest allocation of each idle
+//! stream after h2's own (docs/BENCHMARKS.md). Messages are encoded and decoded the same
+//! way; the buffers start small and grow to the message being handled.
 
 use std::marker::PhantomData;
 
