@@ -68,36 +68,32 @@ impl World {
         self.with_cx(|gate, cx| gate.advance(cx))
     }
 
-    fn push(&mut self, n: u8) -> Step {
+    /// Records a push on top of the head, moving the branch to `after` (`None` deletes it),
+    /// without running the gate.
+    fn record_push(&mut self, after: Option<Sha>) {
         let before = self.refs.head().map(|h| h.sha.clone());
         self.refs.record_push(&Push {
             before,
-            after: Some(sha(n)),
+            after,
             at_ms: self.now_ms,
         });
+    }
+
+    fn push(&mut self, n: u8) -> Step {
+        self.record_push(Some(sha(n)));
         self.advance()
     }
 
     /// Records the push of `n` on top of the head and its green pipeline `10 * n`, as facts
     /// that arrived since the gate last ran.
     fn record_green_push_unevaluated(&mut self, n: u8) {
-        let before = self.refs.head().map(|h| h.sha.clone());
-        self.refs.record_push(&Push {
-            before,
-            after: Some(sha(n)),
-            at_ms: self.now_ms,
-        });
+        self.record_push(Some(sha(n)));
         self.refs
             .record_pipeline(&sha(n), run(u64::from(n) * 10, Success));
     }
 
     fn delete_branch(&mut self) -> Step {
-        let before = self.refs.head().map(|h| h.sha.clone());
-        self.refs.record_push(&Push {
-            before,
-            after: None,
-            at_ms: self.now_ms,
-        });
+        self.record_push(None);
         self.advance()
     }
 
