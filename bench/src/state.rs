@@ -327,7 +327,9 @@ async fn latency(
         // Commit 1 was the first release.
         let commit = sha(round + 1);
         let pushed = server.push(head, &commit).await?;
-        tokio::time::sleep(Duration::from_millis(args.pipeline_after_ms)).await;
+        if args.pipeline_after_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(args.pipeline_after_ms)).await;
+        }
         let (sent, answered) = server.green(&commit, u64::from(round) + 1).await?;
         let receipts = streams
             .all_receive(&commit, Duration::from_secs(60))
