@@ -156,10 +156,17 @@ pub(super) fn remove_stale_locks(dir: &Path, age: Duration) -> Vec<PathBuf> {
                 Ok(kind)
                     if kind.is_file()
                         && path.extension().is_some_and(|ext| ext == "lock")
-                        && older_than(&path, age)
-                        && std::fs::remove_file(&path).is_ok() =>
+                        && older_than(&path, age) =>
                 {
-                    removed.push(path);
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => removed.push(path),
+                        // Every fetch of this mirror fails until it is gone: say which and why.
+                        Err(error) => tracing::warn!(
+                            lock = %path.display(),
+                            %error,
+                            "cannot remove a stale lock file; remove it by hand"
+                        ),
+                    }
                 }
                 _ => {}
             }
