@@ -7,6 +7,7 @@
 
 mod apply;
 mod common;
+mod floor;
 mod latency;
 mod manifests;
 mod memory;
@@ -50,6 +51,9 @@ enum Scenario {
     /// The state model at scale: RSS per idle agent, idle Redis load, latency and fan-out
     /// with thousands of agents on one ref, one or two server processes.
     State(state::Args),
+    /// The bare gRPC server `state` measures its ceiling with (started by `state` itself).
+    #[command(hide = true)]
+    FloorServer,
 }
 
 fn main() -> ExitCode {
@@ -66,11 +70,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     greenlight_e2e::install_crypto();
-    println!("{}", common::machine());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the Tokio runtime")?;
+    // The floor server's first line says where it listens, for the `state` that started it.
+    if !matches!(cli.scenario, Scenario::FloorServer) {
+        println!("{}", common::machine());
+    }
     let started = std::time::Instant::now();
     runtime.block_on(async {
         match cli.scenario {
@@ -81,6 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Memory(args) => memory::run(args).await,
             Scenario::Preview(args) => preview::run(args).await,
             Scenario::State(args) => state::run(args).await,
+            Scenario::FloorServer => floor::serve().await,
         }
     })?;
     println!("total run time: {:.1} s", started.elapsed().as_secs_f64());

@@ -59,24 +59,9 @@ impl ServerProcess {
         Ok(self.server.rss_bytes()? / 1024)
     }
 
-    /// CPU time (user + system) the server has used so far, from `/proc/<pid>/stat`.
+    /// CPU time (user + system) the server has used so far.
     pub fn cpu_time(&self) -> anyhow::Result<Duration> {
-        let pid = self.pid().context("the server is not running")?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .context("cannot read the server's /proc stat")?;
-        // Fields after the command name, which is in parentheses and may hold spaces.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
-        let total = ticks(11) + ticks(12);
-        // USER_HZ is 100 on Linux.
-        Ok(Duration::from_millis(total * 10))
+        cpu_time_of(self.pid().context("the server is not running")?)
     }
 
     /// Posts a GitLab webhook with the right secret; returns the status, the JSON answer
@@ -192,4 +177,23 @@ pub fn redis_benchmark_set(port: u16, clients: usize, requests: u64) -> anyhow::
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<f64>().ok())
         .next_back()
         .with_context(|| format!("no SET figure in redis-benchmark's output: {text}"))
+}
+
+/// CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn cpu_time_of(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
+    let total = ticks(11) + ticks(12);
+    // USER_HZ is 100 on Linux.
+    Ok(Duration::from_millis(total * 10))
 }

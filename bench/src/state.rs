@@ -2,6 +2,9 @@
 //! `greenlight-server` processes. Measures, in this order and in one run: the servers' RSS
 //! per idle connected agent, idle Redis commands per minute, webhook → agent latency with
 //! the webhook's own answer time over many rounds, and the fan-out of a manifest set.
+//! Without a manifest set the same clients then measure the ceiling: the RSS per idle stream
+//! and the latency of a bare tonic server that sends each revision with no work behind it
+//! (see `floor`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use greenlight_e2e::{AgentDef, GitRepo, Redis, config_yaml, git_agent_yaml, git_config_yaml, sha};
 
-use crate::common::{Streams, ZERO, load_average, require_tool, wait_for_mirror};
+use crate::common::{Receipt, Streams, ZERO, load_average, require_tool, wait_for_mirror};
+use crate::floor::FloorProcess;
 use crate::process::{ServerProcess, redis_command_calls};
 use crate::stats::{Summary, ms};
 
@@ -53,6 +57,9 @@ pub struct Args {
     /// Green pipelines timed in the manifest fan-out, each of a new commit.
     #[arg(long, default_value_t = 3)]
     fanouts: u32,
+    /// Leaves out the ceiling measured after the latency rounds.
+    #[arg(long)]
+    skip_ceiling: bool,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,11 +181,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let rss_after = rss_all(&servers)?;
-    let grown: i64 = rss_after
-        .iter()
-        .zip(&rss_before)
-        .map(|(a, b)| *a as i64 - *b as i64)
-        .sum();
+    let grown = rss_growth(&rss_after, &rss_before);
     println!(
         "RSS with {} idle streams: {} (load average {})",
         args.agents,
@@ -213,6 +216,140 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         server.stop().await?;
     }
     drop(redis);
+    if git.is_none() && !args.skip_ceiling {
+        ceiling(&args, &names).await?;
+    }
+    Ok(())
+}
+
+/// Per-round figures of a run of latency rounds: every agent's time, the first and last
+/// agent's of each round, and the trigger's answer time.
+#[derive(Default)]
+struct RoundTimes {
+    every: Vec<Duration>,
+    first: Vec<Duration>,
+    last: Vec<Duration>,
+    answers: Vec<Duration>,
+}
+
+impl RoundTimes {
+    /// Adds a round whose trigger was sent at `sent` and answered after `answered`.
+    fn record(&mut self, sent: Instant, answered: Duration, receipts: &[Receipt]) {
+        let (mut first, mut last) = (Duration::MAX, Duration::ZERO);
+        for receipt in receipts {
+            let latency = receipt.at.saturating_duration_since(sent);
+            first = first.min(latency);
+            last = last.max(latency);
+            self.every.push(latency);
+        }
+        self.first.push(first);
+        self.last.push(last);
+        self.answers.push(answered);
+    }
+
+    /// Prints every agent's, the first and the last agent's times since `trigger`, then the
+    /// trigger's answer times, each line after `indent`.
+    fn print(&mut self, indent: &str, trigger: &str, answered: &str) {
+        for (what, samples) in [
+            ("revision received, every (agent, round)", &mut self.every),
+            ("first agent of the round", &mut self.first),
+            ("last agent of the round", &mut self.last),
+        ] {
+            println!(
+                "{indent}{trigger} -> {what}:\n{indent}  {}",
+                summary_line(samples)
+            );
+        }
+        println!(
+            "{indent}{answered}:\n{indent}  {}",
+            summary_line(&mut self.answers)
+        );
+    }
+}
+
+/// A summary line of `samples`, empty when there are none.
+fn summary_line(samples: &mut [Duration]) -> String {
+    Summary::of(samples).map_or_else(String::new, |s| s.line())
+}
+
+/// The ceiling of the figures above on this machine, with the same clients: `--replicas`
+/// floor servers (a bare tonic server each, see `floor`) and the same number of streams and
+/// rounds, every round's revision published to each server at once.
+async fn ceiling(args: &Args, names: &[String]) -> anyhow::Result<()> {
+    let mut floors = Vec::with_capacity(args.replicas);
+    for _ in 0..args.replicas {
+        floors.push(FloorProcess::start().await?);
+    }
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let rss_before = rss_all(&floors)?;
+    let urls: Vec<String> = floors.iter().map(FloorProcess::grpc_url).collect();
+    let mut streams = Streams::open_on(&urls, names).await?;
+    streams
+        .all_receive(&sha(1), Duration::from_secs(300))
+        .await
+        .context("agents connecting to the floor server")?;
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let rss_after = rss_all(&floors)?;
+    let grown = rss_growth(&rss_after, &rss_before);
+    println!(
+        "ceiling: a bare tonic server (`floor-server`: the Sync protocol, nothing behind it) per replica, the same {} clients; load average {}",
+        args.agents,
+        load_average()
+    );
+    println!(
+        "  RSS: {} before any stream, {} with {} idle streams: {:.2} KiB per idle stream",
+        kib_list(&rss_before),
+        kib_list(&rss_after),
+        args.agents,
+        grown as f64 / args.agents as f64
+    );
+
+    let mut times = RoundTimes::default();
+    let mut cpu_start = Vec::new();
+    let mut measuring = Instant::now();
+    for round in 1..=args.warmup + args.rounds {
+        if round == args.warmup + 1 {
+            cpu_start = cpu_all(&floors)?;
+            measuring = Instant::now();
+        }
+        // Other commits than the Greenlight rounds': a fresh server, but clearly apart.
+        let commit = sha(1_000_000 + round);
+        let mut sent = None;
+        for floor in &mut floors {
+            let (at, answered) = floor.green(&commit, u64::from(round) + 1).await?;
+            sent.get_or_insert((at, answered));
+        }
+        let receipts = streams
+            .all_receive(&commit, Duration::from_secs(60))
+            .await
+            .with_context(|| format!("ceiling round {round}"))?;
+        if round > args.warmup
+            && let Some((at, answered)) = sent
+        {
+            times.record(at, answered, &receipts);
+        }
+    }
+    let elapsed = measuring.elapsed();
+    let cpu = cpu_since(&floors, &cpu_start)?;
+    println!(
+        "  {} rounds (+{} warm-up) of one published revision; load average {}",
+        args.rounds,
+        args.warmup,
+        load_average()
+    );
+    times.print("  ", "published", "publish call (gRPC) answered in");
+    println!(
+        "  rounds took {} ms in all; floor server CPU per round: {}",
+        ms(elapsed),
+        cpu.iter()
+            .map(|c| format!("{} ms", ms(*c / args.rounds.max(1))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    streams.close();
+    for floor in floors {
+        floor.stop().await?;
+    }
     Ok(())
 }
 
@@ -246,8 +383,54 @@ fn commit_manifests(repo: &GitRepo, args: &Args, round: u32) -> anyhow::Result<S
         .context("cannot commit the manifests")
 }
 
-fn rss_all(servers: &[ServerProcess]) -> anyhow::Result<Vec<u64>> {
-    servers.iter().map(ServerProcess::rss_kib).collect()
+/// A child process whose RSS and CPU time `state` reads: a server or a floor server.
+trait Measured {
+    fn rss_kib(&self) -> anyhow::Result<u64>;
+    fn cpu_time(&self) -> anyhow::Result<Duration>;
+}
+
+impl Measured for ServerProcess {
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        ServerProcess::rss_kib(self)
+    }
+    fn cpu_time(&self) -> anyhow::Result<Duration> {
+        ServerProcess::cpu_time(self)
+    }
+}
+
+impl Measured for FloorProcess {
+    fn rss_kib(&self) -> anyhow::Result<u64> {
+        FloorProcess::rss_kib(self)
+    }
+    fn cpu_time(&self) -> anyhow::Result<Duration> {
+        FloorProcess::cpu_time(self)
+    }
+}
+
+fn rss_all(processes: &[impl Measured]) -> anyhow::Result<Vec<u64>> {
+    processes.iter().map(Measured::rss_kib).collect()
+}
+
+/// KiB the processes grew by in all.
+fn rss_growth(after: &[u64], before: &[u64]) -> i64 {
+    after
+        .iter()
+        .zip(before)
+        .map(|(a, b)| *a as i64 - *b as i64)
+        .sum()
+}
+
+fn cpu_all(processes: &[impl Measured]) -> anyhow::Result<Vec<Duration>> {
+    processes.iter().map(Measured::cpu_time).collect()
+}
+
+/// CPU time each process used since `start` (from [`cpu_all`]).
+fn cpu_since(processes: &[impl Measured], start: &[Duration]) -> anyhow::Result<Vec<Duration>> {
+    Ok(cpu_all(processes)?
+        .into_iter()
+        .zip(start)
+        .map(|(now, start)| now.saturating_sub(*start))
+        .collect())
 }
 
 fn kib_list(values: &[u64]) -> String {
@@ -301,23 +484,17 @@ async fn latency(
     head: &mut String,
 ) -> anyhow::Result<()> {
     let replicas = servers.len();
-    let mut samples: Vec<Duration> = Vec::with_capacity(args.agents * args.rounds as usize);
+    let mut times = RoundTimes::default();
     // Agents on the replica that took the webhook, and on the other one.
     let (mut same, mut other): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
-    let mut green_answers: Vec<Duration> = Vec::with_capacity(args.rounds as usize);
     let mut push_answers: Vec<Duration> = Vec::with_capacity(args.rounds as usize);
-    let mut first: Vec<Duration> = Vec::with_capacity(args.rounds as usize);
-    let mut last: Vec<Duration> = Vec::with_capacity(args.rounds as usize);
     let load_start = load_average();
     let mut cpu_start = Vec::new();
     let mut commands_start = BTreeMap::new();
     let mut measuring = Instant::now();
     for round in 1..=args.warmup + args.rounds {
         if round == args.warmup + 1 {
-            cpu_start = servers
-                .iter()
-                .map(ServerProcess::cpu_time)
-                .collect::<anyhow::Result<_>>()?;
+            cpu_start = cpu_all(servers)?;
             if let Some(redis) = redis {
                 commands_start = redis_command_calls(redis.port())?.into_iter().collect();
             }
@@ -336,15 +513,11 @@ async fn latency(
             .await
             .with_context(|| format!("round {round}"))?;
         if round > args.warmup {
-            green_answers.push(answered);
+            times.record(sent, answered, &receipts);
             push_answers.push(pushed);
-            let (mut round_first, mut round_last) = (Duration::MAX, Duration::ZERO);
-            for receipt in &receipts {
-                let latency = receipt.at.saturating_duration_since(sent);
-                round_first = round_first.min(latency);
-                round_last = round_last.max(latency);
-                samples.push(latency);
-                if replicas > 1 {
+            if replicas > 1 {
+                for receipt in &receipts {
+                    let latency = receipt.at.saturating_duration_since(sent);
                     if receipt.agent % replicas == round as usize % replicas {
                         same.push(latency);
                     } else {
@@ -352,20 +525,15 @@ async fn latency(
                     }
                 }
             }
-            first.push(round_first);
-            last.push(round_last);
         }
         *head = commit;
     }
     let elapsed = measuring.elapsed();
-    let cpu: Vec<Duration> = servers
-        .iter()
-        .zip(&cpu_start)
-        .map(|(s, start)| s.cpu_time().map(|now| now.saturating_sub(*start)))
-        .collect::<anyhow::Result<_>>()?;
-    let tenth = (green_answers.len() / 10).max(1);
-    let early = Summary::of(&mut green_answers[..tenth].to_vec());
-    let late = Summary::of(&mut green_answers[green_answers.len() - tenth..].to_vec());
+    let cpu = cpu_since(servers, &cpu_start)?;
+    let answers = &times.answers;
+    let tenth = (answers.len() / 10).max(1);
+    let early = Summary::of(&mut answers[..tenth].to_vec());
+    let late = Summary::of(&mut answers[answers.len().saturating_sub(tenth)..].to_vec());
 
     println!(
         "latency: {} rounds (+{} warm-up) of push + pipeline success {} ms later, webhooks to replica round mod {replicas}; load average {load_start} -> {}",
@@ -374,29 +542,10 @@ async fn latency(
         args.pipeline_after_ms,
         load_average()
     );
-    let line = |v: &mut Vec<Duration>| Summary::of(v).map_or_else(String::new, |s| s.line());
-    println!(
-        "pipeline webhook sent -> revision received, every (agent, round):\n  {}",
-        line(&mut samples)
-    );
-    if replicas > 1 {
-        println!(
-            "  agents on the replica that took the webhook: {}",
-            line(&mut same)
-        );
-        println!("  agents on the other replica: {}", line(&mut other));
-    }
-    println!(
-        "pipeline webhook sent -> first agent of the round:\n  {}",
-        line(&mut first)
-    );
-    println!(
-        "pipeline webhook sent -> last agent of the round:\n  {}",
-        line(&mut last)
-    );
-    println!(
-        "pipeline webhook HTTP response time:\n  {}",
-        line(&mut green_answers)
+    times.print(
+        "",
+        "pipeline webhook sent",
+        "pipeline webhook HTTP response time",
     );
     if let (Some(early), Some(late)) = (early, late) {
         println!(
@@ -407,8 +556,15 @@ async fn latency(
     }
     println!(
         "push webhook HTTP response time:\n  {}",
-        line(&mut push_answers)
+        summary_line(&mut push_answers)
     );
+    if replicas > 1 {
+        println!(
+            "pipeline webhook sent -> revision received, by the agent's replica:\n  on the replica that took the webhook: {}\n  on the other replica: {}",
+            summary_line(&mut same),
+            summary_line(&mut other)
+        );
+    }
     println!(
         "rounds took {} ms in all ({} ms per round); server CPU per round: {}",
         ms(elapsed),

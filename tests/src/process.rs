@@ -381,15 +381,7 @@ impl ServerProcess {
 
     /// The resident set size of the process in bytes, from `/proc`.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
-        let pid = self.process.pid().context("not running")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .context("no VmRSS in /proc/<pid>/status")?;
-        Ok(kib * 1024)
+        rss_bytes_of(self.process.pid().context("not running")?)
     }
 
     /// The gRPC URL agents and operators dial.
@@ -449,4 +441,16 @@ impl AgentProcessOs {
         self.process.kill();
         self.process.start()
     }
+}
+
+/// Resident set size of process `pid` in bytes (`VmRSS` of `/proc/<pid>/status`).
+pub fn rss_bytes_of(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .context("no VmRSS in /proc/<pid>/status")?;
+    Ok(kib * 1024)
 }
