@@ -18,6 +18,7 @@ use greenlight::v1::agent_service_server::{AgentService, AgentServiceServer};
 use greenlight::v1::ingest_service_client::IngestServiceClient;
 use greenlight::v1::ingest_service_server::{IngestService, IngestServiceServer};
 use greenlight::v1::{self, sync_event::Event};
+use prost::bytes::Bytes;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -34,9 +35,33 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// What every stream is sent: the events of the latest revision, shared.
 type Latest = Arc<[v1::SyncEvent]>;
 
-/// The events announcing `sha` (pipeline `pipeline_id`), as `greenlight-server` sends a
-/// revision without manifests: a header and the trailer of no files.
-fn revision_events(sha: &str, pipeline_id: u64) -> Latest {
+/// What the floor server sends with each revision: `files` ConfigMaps adding up to `bytes`
+/// (none when `files` is 0), as `state` commits them.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct Manifests {
+    #[arg(long, default_value_t = 0)]
+    files: usize,
+    #[arg(long, default_value_t = 0)]
+    bytes: u64,
+}
+
+impl Manifests {
+    /// The manifest set of `round`, as path and content.
+    fn of_round(self, round: u32) -> Vec<(String, Bytes)> {
+        if self.files == 0 {
+            return Vec::new();
+        }
+        crate::state::manifest_files(self.files, self.bytes, round)
+            .into_iter()
+            .map(|(path, content)| (path, Bytes::from(content)))
+            .collect()
+    }
+}
+
+/// The events announcing `sha` (pipeline `pipeline_id`) with `files`, as `greenlight-server`
+/// sends a revision: a header, each file in chunks, and the trailer with their digest.
+fn revision_events(sha: &str, pipeline_id: u64, files: &[(String, Bytes)]) -> Latest {
+    let total_bytes = files.iter().map(|(_, content)| content.len() as u64).sum();
     let header = v1::RevisionHeader {
         revision: Some(v1::Revision {
             sha: sha.to_owned(),
@@ -48,8 +73,8 @@ fn revision_events(sha: &str, pipeline_id: u64) -> Latest {
         }),
         project: greenlight_e2e::PROJECT.to_owned(),
         r#ref: crate::common::BRANCH.to_owned(),
-        file_count: 0,
-        total_bytes: 0,
+        file_count: u32::try_from(files.len()).unwrap_or(u32::MAX),
+        total_bytes,
         settings: Some(v1::ApplySettings {
             default_namespace: "default".to_owned(),
             prune: true,
@@ -59,21 +84,39 @@ fn revision_events(sha: &str, pipeline_id: u64) -> Latest {
         agent: "agent-00000".to_owned(),
         traceparent: String::new(),
     };
-    let trailer = v1::RevisionTrailer {
-        content_sha256: ContentDigest::new().finish(),
-    };
-    Arc::from([
-        v1::SyncEvent {
-            event: Some(Event::Header(header)),
-        },
-        v1::SyncEvent {
-            event: Some(Event::Trailer(trailer)),
-        },
-    ])
+    let mut digest = ContentDigest::new();
+    let mut events = vec![v1::SyncEvent {
+        event: Some(Event::Header(header)),
+    }];
+    for (path, content) in files {
+        digest.add_file(path, content);
+        // The server's chunk size, 128 KiB: an empty file is still one chunk.
+        let mut offset = 0;
+        loop {
+            let end = (offset + 128 * 1024).min(content.len());
+            events.push(v1::SyncEvent {
+                event: Some(Event::Chunk(v1::ManifestChunk {
+                    path: path.clone(),
+                    data: content.slice(offset..end),
+                })),
+            });
+            offset = end;
+            if offset >= content.len() {
+                break;
+            }
+        }
+    }
+    events.push(v1::SyncEvent {
+        event: Some(Event::Trailer(v1::RevisionTrailer {
+            content_sha256: digest.finish(),
+        })),
+    });
+    Arc::from(events)
 }
 
 struct Floor {
     latest: watch::Sender<Latest>,
+    manifests: Manifests,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::SyncEvent, Status>> + Send>>;
@@ -138,8 +181,11 @@ impl IngestService for Floor {
         request: Request<v1::RecordPipelineRequest>,
     ) -> Result<Response<v1::RecordResponse>, Status> {
         let request = request.into_inner();
+        // The pipeline id is the fan-out's round.
+        let round = u32::try_from(request.pipeline_id).unwrap_or(u32::MAX);
+        let files = self.manifests.of_round(round);
         self.latest
-            .send_replace(revision_events(&request.sha, request.pipeline_id));
+            .send_replace(revision_events(&request.sha, request.pipeline_id, &files));
         Ok(Response::new(v1::RecordResponse {
             outcome: "recorded".to_owned(),
         }))
@@ -148,13 +194,14 @@ impl IngestService for Floor {
 
 /// `greenlight-bench floor-server`: serves on a free loopback port, prints `listening on
 /// <address>` and runs until killed.
-pub async fn serve() -> anyhow::Result<()> {
+pub async fn serve(manifests: Manifests) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("cannot bind a loopback port")?;
     let address = listener.local_addr()?;
-    let (latest, _) = watch::channel(revision_events(&greenlight_e2e::sha(1), 1));
-    let floor = Arc::new(Floor { latest });
+    let first = revision_events(&greenlight_e2e::sha(1), 1, &manifests.of_round(0));
+    let (latest, _) = watch::channel(first);
+    let floor = Arc::new(Floor { latest, manifests });
     println!("listening on {address}");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
@@ -175,11 +222,13 @@ pub struct FloorProcess {
 }
 
 impl FloorProcess {
-    /// Starts `greenlight-bench floor-server` from this very binary and connects to it.
-    pub async fn start() -> anyhow::Result<Self> {
+    /// Starts `greenlight-bench floor-server` from this very binary, sending `files` files
+    /// of `bytes` in all with each revision, and connects to it.
+    pub async fn start(files: usize, bytes: u64) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("cannot find this benchmark's binary")?;
         let mut child = tokio::process::Command::new(exe)
             .arg("floor-server")
+            .args(["--files", &files.to_string(), "--bytes", &bytes.to_string()])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -229,9 +278,11 @@ impl FloorProcess {
 
     /// Publishes `sha` as pipeline `id`'s success: when it was sent and how long the answer
     /// took.
-    pub async fn green(&mut self, sha: &str, id: u64) -> anyhow::Result<(Instant, Duration)> {
+    pub async fn green(&self, sha: &str, id: u64) -> anyhow::Result<(Instant, Duration)> {
+        // A clone shares the connection.
+        let mut ingest = self.ingest.clone();
         let at = Instant::now();
-        self.ingest
+        ingest
             .record_pipeline(v1::RecordPipelineRequest {
                 sha: sha.to_owned(),
                 pipeline_id: id,
@@ -259,7 +310,7 @@ mod tests {
     use super::*;
 
     /// What a stream of `floor` yields until the agent's assembler completes a revision.
-    async fn next_revision(stream: &mut EventStream) -> String {
+    async fn next_revision(stream: &mut EventStream) -> (String, usize) {
         let mut assembler = Assembler::new();
         loop {
             let event = stream
@@ -268,21 +319,33 @@ mod tests {
                 .expect("the stream ended")
                 .expect("an error");
             if let Some(revision) = assembler.push(event).expect("the agent refused it") {
-                return revision.sha().to_owned();
+                return (revision.sha().to_owned(), revision.files.len());
             }
         }
     }
 
     #[tokio::test]
-    async fn a_stream_gets_the_current_revision_then_each_published_one_as_an_agent_reads_them() {
-        let (latest, _) = watch::channel(revision_events(&greenlight_e2e::sha(1), 1));
-        let floor = Floor { latest };
+    async fn a_stream_gets_the_current_revision_then_each_published_one_with_its_files_as_an_agent_reads_them()
+     {
+        let manifests = Manifests {
+            files: 3,
+            bytes: 3000,
+        };
+        let (latest, _) = watch::channel(revision_events(
+            &greenlight_e2e::sha(1),
+            1,
+            &manifests.of_round(0),
+        ));
+        let floor = Floor { latest, manifests };
         let mut stream = floor
             .sync(Request::new(v1::SyncRequest::default()))
             .await
             .expect("sync")
             .into_inner();
-        assert_eq!(next_revision(&mut stream).await, greenlight_e2e::sha(1));
+        assert_eq!(
+            next_revision(&mut stream).await,
+            (greenlight_e2e::sha(1), 3)
+        );
 
         for round in 2..4 {
             let answer = floor
@@ -295,7 +358,10 @@ mod tests {
                 .expect("record_pipeline")
                 .into_inner();
             assert_eq!(answer.outcome, "recorded");
-            assert_eq!(next_revision(&mut stream).await, greenlight_e2e::sha(round));
+            assert_eq!(
+                next_revision(&mut stream).await,
+                (greenlight_e2e::sha(round), 3)
+            );
         }
     }
 }

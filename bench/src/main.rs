@@ -53,7 +53,7 @@ enum Scenario {
     State(state::Args),
     /// The bare gRPC server `state` measures its ceiling with (started by `state` itself).
     #[command(hide = true)]
-    FloorServer,
+    FloorServer(floor::Manifests),
 }
 
 fn main() -> ExitCode {
@@ -75,7 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .build()
         .context("cannot start the Tokio runtime")?;
     // The floor server's first line says where it listens, for the `state` that started it.
-    if !matches!(cli.scenario, Scenario::FloorServer) {
+    if !matches!(cli.scenario, Scenario::FloorServer(_)) {
         println!("{}", common::machine());
     }
     let started = std::time::Instant::now();
@@ -88,7 +88,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Memory(args) => memory::run(args).await,
             Scenario::Preview(args) => preview::run(args).await,
             Scenario::State(args) => state::run(args).await,
-            Scenario::FloorServer => floor::serve().await,
+            Scenario::FloorServer(manifests) => floor::serve(manifests).await,
         }
     })?;
     println!("total run time: {:.1} s", started.elapsed().as_secs_f64());

@@ -216,8 +216,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         server.stop().await?;
     }
     drop(redis);
-    if git.is_none() && !args.skip_ceiling {
-        ceiling(&args, &names).await?;
+    if !args.skip_ceiling {
+        let (floors, mut streams) = start_floors(&args, &names).await?;
+        match git {
+            None => ceiling_rounds(&args, &floors, &mut streams).await?,
+            Some(_) => ceiling_fan_outs(&args, &floors, &mut streams).await?,
+        }
+        streams.close();
+        for floor in floors {
+            floor.stop().await?;
+        }
     }
     Ok(())
 }
@@ -273,12 +281,15 @@ fn summary_line(samples: &mut [Duration]) -> String {
 }
 
 /// The ceiling of the figures above on this machine, with the same clients: `--replicas`
-/// floor servers (a bare tonic server each, see `floor`) and the same number of streams and
-/// rounds, every round's revision published to each server at once.
-async fn ceiling(args: &Args, names: &[String]) -> anyhow::Result<()> {
+/// floor servers (a bare tonic server each, see `floor`) sending the same manifest set, if
+/// any, and the same number of streams, connected and idle; prints their RSS per stream.
+async fn start_floors(
+    args: &Args,
+    names: &[String],
+) -> anyhow::Result<(Vec<FloorProcess>, Streams)> {
     let mut floors = Vec::with_capacity(args.replicas);
     for _ in 0..args.replicas {
-        floors.push(FloorProcess::start().await?);
+        floors.push(FloorProcess::start(args.manifest_files, args.manifest_bytes).await?);
     }
     tokio::time::sleep(Duration::from_secs(args.settle)).await;
     let rss_before = rss_all(&floors)?;
@@ -304,18 +315,27 @@ async fn ceiling(args: &Args, names: &[String]) -> anyhow::Result<()> {
         grown as f64 / args.agents as f64
     );
 
+    Ok((floors, streams))
+}
+
+/// The latency rounds against the floor servers: one revision published a round.
+async fn ceiling_rounds(
+    args: &Args,
+    floors: &[FloorProcess],
+    streams: &mut Streams,
+) -> anyhow::Result<()> {
     let mut times = RoundTimes::default();
     let mut cpu_start = Vec::new();
     let mut measuring = Instant::now();
     for round in 1..=args.warmup + args.rounds {
         if round == args.warmup + 1 {
-            cpu_start = cpu_all(&floors)?;
+            cpu_start = cpu_all(floors)?;
             measuring = Instant::now();
         }
         // Other commits than the Greenlight rounds': a fresh server, but clearly apart.
         let commit = sha(1_000_000 + round);
         let mut sent = None;
-        for floor in &mut floors {
+        for floor in floors {
             let (at, answered) = floor.green(&commit, u64::from(round) + 1).await?;
             sent.get_or_insert((at, answered));
         }
@@ -330,7 +350,7 @@ async fn ceiling(args: &Args, names: &[String]) -> anyhow::Result<()> {
         }
     }
     let elapsed = measuring.elapsed();
-    let cpu = cpu_since(&floors, &cpu_start)?;
+    let cpu = cpu_since(floors, &cpu_start)?;
     println!(
         "  {} rounds (+{} warm-up) of one published revision; load average {}",
         args.rounds,
@@ -346,18 +366,91 @@ async fn ceiling(args: &Args, names: &[String]) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    streams.close();
-    for floor in floors {
-        floor.stop().await?;
+    Ok(())
+}
+
+/// The fan-outs against the floor servers: `--fanouts` times, the next manifest set
+/// published to every floor server at once.
+async fn ceiling_fan_outs(
+    args: &Args,
+    floors: &[FloorProcess],
+    streams: &mut Streams,
+) -> anyhow::Result<()> {
+    for round in 1..=args.fanouts {
+        let commit = sha(2_000_000 + round);
+        let load = load_average();
+        let cpu_start = cpu_all(floors)?;
+        let mut sent = None;
+        for floor in floors {
+            let (at, answered) = floor.green(&commit, u64::from(round)).await?;
+            sent.get_or_insert((at, answered));
+        }
+        let Some((at, answered)) = sent else {
+            bail!("no floor server to publish to");
+        };
+        let receipts = streams
+            .all_receive(&commit, Duration::from_secs(300))
+            .await
+            .with_context(|| format!("ceiling fan-out {round}"))?;
+        let bytes = every_file_received(&receipts, args.manifest_files)?;
+        let cpu = cpu_since(floors, &cpu_start)?;
+        println!(
+            "  fan-out {round}: {} files, {bytes} bytes to {} agents; load average {load}; publish answered in {} ms; floor server CPU {}",
+            args.manifest_files,
+            args.agents,
+            ms(answered),
+            cpu.iter()
+                .map(|c| format!("{} ms", ms(*c)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "    published -> agent holds every byte: {}",
+            spread(&receipts, at)
+        );
     }
     Ok(())
 }
 
-/// The manifest set of fan-out `round`: `--manifest-files` ConfigMaps adding up to
-/// `--manifest-bytes`, the first of which names the round so that every commit differs.
-fn manifest_files(args: &Args, round: u32) -> Vec<(String, Vec<u8>)> {
-    let count = args.manifest_files;
-    let per_file = usize::try_from(args.manifest_bytes / count as u64).unwrap_or(1024);
+/// Checks that every agent received `expected` files; returns the bytes each received.
+fn every_file_received(receipts: &[Receipt], expected: usize) -> anyhow::Result<u64> {
+    let mut bytes = 0;
+    for receipt in receipts {
+        if receipt.files != expected {
+            bail!(
+                "agent {} received {} files; expected {expected}",
+                receipt.agent,
+                receipt.files
+            );
+        }
+        bytes = receipt.bytes;
+    }
+    Ok(bytes)
+}
+
+/// `first …, median …, p99 …, last …` of the receipts' times since `sent`.
+fn spread(receipts: &[Receipt], sent: Instant) -> String {
+    let mut times: Vec<Duration> = receipts
+        .iter()
+        .map(|r| r.at.saturating_duration_since(sent))
+        .collect();
+    times.sort_unstable();
+    let (Some(first), Some(last)) = (times.first(), times.last()) else {
+        return "no agent".to_owned();
+    };
+    format!(
+        "first {} ms, median {} ms, p99 {} ms, last {} ms",
+        ms(*first),
+        ms(times[(times.len() - 1) / 2]),
+        ms(times[(times.len() * 99).div_ceil(100).max(1) - 1]),
+        ms(*last)
+    )
+}
+
+/// The manifest set of fan-out `round`: `count` ConfigMaps adding up to `total_bytes`, the
+/// first of which names the round so that every commit differs.
+pub fn manifest_files(count: usize, total_bytes: u64, round: u32) -> Vec<(String, Vec<u8>)> {
+    let per_file = usize::try_from(total_bytes / count.max(1) as u64).unwrap_or(1024);
     (0..count)
         .map(|i| {
             let mut text = format!(
@@ -374,7 +467,7 @@ fn manifest_files(args: &Args, round: u32) -> Vec<(String, Vec<u8>)> {
 
 /// Commits the manifest set of `round` to `repo`.
 fn commit_manifests(repo: &GitRepo, args: &Args, round: u32) -> anyhow::Result<String> {
-    let files = manifest_files(args, round);
+    let files = manifest_files(args.manifest_files, args.manifest_bytes, round);
     let refs: Vec<(&str, &[u8])> = files
         .iter()
         .map(|(p, c)| (p.as_str(), c.as_slice()))
@@ -625,22 +718,7 @@ async fn fan_out(
             .all_receive(&commit, Duration::from_secs(300))
             .await
             .with_context(|| format!("fan-out {round}"))?;
-        let mut bytes = 0;
-        for receipt in &receipts {
-            if receipt.files != expected_files {
-                bail!(
-                    "agent {} received {} files; expected {expected_files}",
-                    receipt.agent,
-                    receipt.files
-                );
-            }
-            bytes = receipt.bytes;
-        }
-        let mut times: Vec<Duration> = receipts
-            .iter()
-            .map(|r| r.at.saturating_duration_since(sent))
-            .collect();
-        times.sort_unstable();
+        let bytes = every_file_received(&receipts, expected_files)?;
         let fetches = metric_all(servers, "greenlight_git_fetches_total").await?;
         let reads = metric_all(servers, "greenlight_manifest_reads_total").await?;
         let delta = |after: &[f64], before: &[f64]| {
@@ -658,11 +736,8 @@ async fn fan_out(
             ms(answered)
         );
         println!(
-            "  pipeline webhook sent -> agent holds every byte: first {} ms, median {} ms, p99 {} ms, last {} ms",
-            ms(times[0]),
-            ms(times[(times.len() - 1) / 2]),
-            ms(times[(times.len() * 99).div_ceil(100).max(1) - 1]),
-            ms(times[times.len() - 1])
+            "  pipeline webhook sent -> agent holds every byte: {}",
+            spread(&receipts, sent)
         );
         println!(
             "  since the push, per replica: git fetches {}, manifest reads {}",
