@@ -64,12 +64,24 @@ impl Drop for Journal {
 }
 
 /// How far the file has come.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Committed {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Committed {
     /// Every change up to this ticket is on disk.
-    Upto(u64),
-    /// A write failed: nothing is answered as stored any more.
-    Failed(String),
+    upto: u64,
+    /// Why a write failed: nothing after `upto` is answered as stored any more. A change
+    /// committed before the failure still is, however late its caller looks.
+    failed: Option<String>,
+}
+
+impl Committed {
+    /// Whether the change of `ticket` is on disk: `None` while that is not known yet.
+    fn stored(&self, ticket: u64) -> Option<std::result::Result<(), &str>> {
+        if self.upto >= ticket {
+            Some(Ok(()))
+        } else {
+            self.failed.as_deref().map(Err)
+        }
+    }
 }
 
 /// Changes made in memory and not yet on disk, and the notices that wait for them.
@@ -277,7 +289,7 @@ impl EmbeddedStore {
             );
         }
         let (wake, woken) = std::sync::mpsc::sync_channel(1);
-        let (committed_tx, committed) = watch::channel(Committed::Upto(0));
+        let (committed_tx, committed) = watch::channel(Committed::default());
         let path = disk.path().display().to_string();
         let writer = Writer {
             disk,
@@ -329,15 +341,13 @@ impl EmbeddedStore {
         }
         let mut committed = journal.committed.clone();
         let reached = committed
-            .wait_for(|c| {
-                matches!(c, Committed::Upto(upto) if *upto >= ticket)
-                    || matches!(c, Committed::Failed(_))
-            })
+            .wait_for(|c| c.stored(ticket).is_some())
             .await
             .map_err(|_| StoreError::Embedded("its writer stopped".into()))?;
-        match &*reached {
-            Committed::Failed(why) => Err(failed_write(&journal.path, why.as_str())),
-            Committed::Upto(_) => Ok(()),
+        match reached.stored(ticket) {
+            Some(Ok(())) => Ok(()),
+            Some(Err(why)) => Err(failed_write(&journal.path, why)),
+            None => Err(StoreError::Embedded("its writer stopped".into())),
         }
     }
 
@@ -757,9 +767,9 @@ impl LeaseStore for EmbeddedStore {
 impl Store for EmbeddedStore {
     async fn ping(&self) -> Result<()> {
         match &self.journal {
-            Some(journal) => match &*journal.committed.borrow() {
-                Committed::Failed(why) => Err(failed_write(&journal.path, why.as_str())),
-                Committed::Upto(_) => Ok(()),
+            Some(journal) => match &journal.committed.borrow().failed {
+                Some(why) => Err(failed_write(&journal.path, why)),
+                None => Ok(()),
             },
             None => Ok(()),
         }
@@ -891,7 +901,7 @@ impl Writer {
                 // The store is gone: write what is left, then close the file.
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
             };
-            if matches!(*self.committed.borrow(), Committed::Failed(_)) {
+            if self.committed.borrow().failed.is_some() {
                 if stopping {
                     return;
                 }
@@ -927,7 +937,7 @@ impl Writer {
         {
             error!(error = %failure, "cannot write the embedded store; refusing every change from now on");
             self.committed
-                .send_replace(Committed::Failed(failure.to_string()));
+                .send_modify(|c| c.failed = Some(failure.to_string()));
             return;
         }
         self.inner
@@ -939,12 +949,10 @@ impl Writer {
             let _ = self.notices.send(Notice::Message(message));
         }
         self.appended.notify_waiters();
-        self.committed.send_if_modified(|c| match c {
-            Committed::Upto(at) if *at < upto => {
-                *at = upto;
-                true
-            }
-            _ => false,
+        self.committed.send_if_modified(|c| {
+            let advanced = c.upto < upto;
+            c.upto = c.upto.max(upto);
+            advanced
         });
     }
 
@@ -1245,6 +1253,57 @@ impl<K: Hash + Eq + Clone> Expiring<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store whose writer is played by the test: what it says through the returned sender
+    /// is what the store's callers hear.
+    fn store_with_writer() -> (EmbeddedStore, watch::Sender<Committed>) {
+        let (committed_tx, committed) = watch::channel(Committed::default());
+        let mut store = EmbeddedStore::new();
+        store.journal = Some(Journal {
+            wake: None,
+            writer: None,
+            committed,
+            path: "/data/greenlight.redb".into(),
+        });
+        (store, committed_tx)
+    }
+
+    #[tokio::test]
+    async fn a_change_on_disk_before_a_later_write_failed_is_answered_as_stored() {
+        let (store, writer) = store_with_writer();
+        // The batch with ticket 5 was written; the next one failed before the caller of
+        // ticket 5 looked.
+        writer.send_modify(|c| c.upto = 5);
+        writer.send_modify(|c| c.failed = Some("File too large (os error 27)".into()));
+
+        assert!(store.durable(Some(5)).await.is_ok());
+        assert!(store.durable(Some(3)).await.is_ok());
+        let refused = store
+            .durable(Some(6))
+            .await
+            .expect_err("ticket 6 never reached disk");
+        assert!(refused.to_string().contains("File too large"), "{refused}");
+        assert!(
+            store.ping().await.is_err(),
+            "the store is not ready after a failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_caller_waits_for_its_batch_and_hears_a_failure_of_it() {
+        let (store, writer) = store_with_writer();
+        let store = Arc::new(store);
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.durable(Some(2)).await }
+        });
+        writer.send_modify(|c| c.upto = 1);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "ticket 2 is not on disk yet");
+        writer.send_modify(|c| c.failed = Some("No space left on device".into()));
+        let answer = waiting.await.expect("the waiter ran");
+        assert!(answer.is_err(), "{answer:?}");
+    }
 
     #[test]
     fn members_are_forgotten_after_their_time_and_swept_on_insert() {
