@@ -521,18 +521,36 @@ impl RefState {
             return;
         }
         let heads: ShaSet<'_> = self.heads.iter().map(|h| &h.sha).collect();
-        let mut orphans: Vec<(u64, Sha)> = self
+        // An orphan's age is its newest run's id; the oldest go first.
+        let orphans = self
             .pipelines
             .iter()
             .filter(|(sha, _)| !heads.contains(sha))
-            .map(|(sha, runs)| (runs.iter().map(|p| p.id).max().unwrap_or(0), sha.clone()))
-            .collect();
-        if orphans.len() > MAX_ORPHAN_PIPELINE_COMMITS {
-            orphans.sort();
-            let drop = orphans.len() - MAX_ORPHAN_PIPELINE_COMMITS;
-            for (_, sha) in orphans.into_iter().take(drop) {
-                self.pipelines.remove(&sha);
-            }
+            .map(|(sha, runs)| (runs.iter().map(|p| p.id).max().unwrap_or(0), sha));
+        let count = orphans.clone().count();
+        if count <= MAX_ORPHAN_PIPELINE_COMMITS {
+            return;
+        }
+        let excess = count - MAX_ORPHAN_PIPELINE_COMMITS;
+        // Recording one pipeline at a time leaves one orphan too many: the oldest, found
+        // without sorting them all (this runs for every record when a ref's state is
+        // rebuilt from its facts).
+        let dropped: Vec<Sha> = if excess == 1 {
+            orphans
+                .min()
+                .map(|(_, sha)| sha.clone())
+                .into_iter()
+                .collect()
+        } else {
+            let mut all: Vec<(u64, &Sha)> = orphans.collect();
+            all.sort_unstable();
+            all.into_iter()
+                .take(excess)
+                .map(|(_, sha)| sha.clone())
+                .collect()
+        };
+        for sha in dropped {
+            self.pipelines.remove(&sha);
         }
     }
 }
@@ -812,6 +830,64 @@ mod tests {
                 trimmed.trim_heads();
                 trimmed.trim_orphans();
                 prop_assert_eq!(&trimmed, &state);
+            }
+        }
+    }
+
+    /// Trimming as it was first written: sort every orphan by its newest run, drop the
+    /// oldest beyond the cap.
+    fn trim_orphans_by_sorting(state: &mut RefState) {
+        let heads: Vec<Sha> = state.heads.iter().map(|h| h.sha.clone()).collect();
+        let mut orphans: Vec<(u64, Sha)> = state
+            .pipelines
+            .iter()
+            .filter(|(sha, _)| !heads.contains(sha))
+            .map(|(sha, runs)| (runs.iter().map(|p| p.id).max().unwrap_or(0), sha.clone()))
+            .collect();
+        orphans.sort();
+        let excess = orphans.len().saturating_sub(MAX_ORPHAN_PIPELINE_COMMITS);
+        for (_, sha) in orphans.into_iter().take(excess) {
+            state.pipelines.remove(&sha);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// One orphan over the cap or many, with runs sharing ids, the oldest are dropped as
+        /// sorting them all would drop them.
+        #[test]
+        fn trimming_orphans_drops_what_sorting_them_would(
+            heads in proptest::collection::vec(0u16..40, 0..30),
+            runs in proptest::collection::vec((0u16..200, 1u64..100), 0..200),
+            late_id in 1u64..100,
+        ) {
+            let mut state = RefState::default();
+            let mut before = None;
+            for head in heads {
+                state.record_push(&Push { before, after: Some(long_sha(head)), at_ms: 0 });
+                before = Some(long_sha(head));
+            }
+            // Straight into the map: the records themselves would trim on the way.
+            for (sha, id) in runs {
+                state
+                    .pipelines
+                    .entry(long_sha(sha))
+                    .or_default()
+                    .push(pipeline(id, PipelineStatus::Success));
+            }
+            // As the records leave it (at most one over), and as the facts may hold it.
+            let mut one_over = state.clone();
+            trim_orphans_by_sorting(&mut one_over);
+            one_over
+                .pipelines
+                .insert(long_sha(999), vec![pipeline(late_id, PipelineStatus::Success)]);
+            for untrimmed in [one_over, state] {
+                let mut fast = untrimmed.clone();
+                fast.trim_orphans();
+                let mut slow = untrimmed;
+                trim_orphans_by_sorting(&mut slow);
+                prop_assert_eq!(&fast, &slow);
             }
         }
     }
