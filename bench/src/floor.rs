@@ -25,12 +25,11 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use greenlight_e2e::process::rss_bytes_of;
+use greenlight_server::grpc::MAX_CHUNK_BYTES;
+// The keepalive `greenlight-server` sets, so that each connection carries the same timers.
+use greenlight_server::run::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
 use crate::process::cpu_time_of;
-
-/// The keepalive `greenlight-server` sets, so that each connection carries the same timers.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every stream is sent: the events of the latest revision, shared.
 type Latest = Arc<[v1::SyncEvent]>;
@@ -90,10 +89,10 @@ fn revision_events(sha: &str, pipeline_id: u64, files: &[(String, Bytes)]) -> La
     }];
     for (path, content) in files {
         digest.add_file(path, content);
-        // The server's chunk size, 128 KiB: an empty file is still one chunk.
+        // An empty file is still one chunk.
         let mut offset = 0;
         loop {
-            let end = (offset + 128 * 1024).min(content.len());
+            let end = (offset + MAX_CHUNK_BYTES).min(content.len());
             events.push(v1::SyncEvent {
                 event: Some(Event::Chunk(v1::ManifestChunk {
                     path: path.clone(),

@@ -118,8 +118,9 @@ impl Drop for HttpRuntime {
 const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// HTTP/2 pings keep idle streams alive through proxies and reveal dead agents within a minute.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a ping may go unanswered before the connection is closed.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Serves until `shutdown` fires, then stops accepting, ends streams and returns.
 pub async fn run(
