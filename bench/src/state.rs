@@ -2,9 +2,9 @@
 //! `greenlight-server` processes. Measures, in this order and in one run: the servers' RSS
 //! per idle connected agent, idle Redis commands per minute, webhook → agent latency with
 //! the webhook's own answer time over many rounds, and the fan-out of a manifest set.
-//! Without a manifest set the same clients then measure the ceiling: the RSS per idle stream
-//! and the latency of a bare tonic server that sends each revision with no work behind it
-//! (see `floor`).
+//! The same clients then measure the ceiling: the RSS per idle stream and the latency or
+//! fan-out of a bare tonic server that sends each revision with no work behind it (see
+//! `floor`).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -57,7 +57,7 @@ pub struct Args {
     /// Green pipelines timed in the manifest fan-out, each of a new commit.
     #[arg(long, default_value_t = 3)]
     fanouts: u32,
-    /// Leaves out the ceiling measured after the latency rounds.
+    /// Leaves out the ceiling measured after the latency rounds or the fan-outs.
     #[arg(long)]
     skip_ceiling: bool,
 }
@@ -314,7 +314,6 @@ async fn start_floors(
         args.agents,
         grown as f64 / args.agents as f64
     );
-
     Ok((floors, streams))
 }
 
