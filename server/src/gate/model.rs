@@ -522,33 +522,23 @@ impl RefState {
         }
         let heads: ShaSet<'_> = self.heads.iter().map(|h| &h.sha).collect();
         // An orphan's age is its newest run's id; the oldest go first.
-        let orphans = self
+        let mut orphans: Vec<(u64, &Sha)> = self
             .pipelines
             .iter()
             .filter(|(sha, _)| !heads.contains(sha))
-            .map(|(sha, runs)| (runs.iter().map(|p| p.id).max().unwrap_or(0), sha));
-        let count = orphans.clone().count();
-        if count <= MAX_ORPHAN_PIPELINE_COMMITS {
+            .map(|(sha, runs)| (runs.iter().map(|p| p.id).max().unwrap_or(0), sha))
+            .collect();
+        if orphans.len() <= MAX_ORPHAN_PIPELINE_COMMITS {
             return;
         }
-        let excess = count - MAX_ORPHAN_PIPELINE_COMMITS;
-        // Recording one pipeline at a time leaves one orphan too many: the oldest, found
-        // without sorting them all (this runs for every record when a ref's state is
-        // rebuilt from its facts).
-        let dropped: Vec<Sha> = if excess == 1 {
-            orphans
-                .min()
-                .map(|(_, sha)| sha.clone())
-                .into_iter()
-                .collect()
-        } else {
-            let mut all: Vec<(u64, &Sha)> = orphans.collect();
-            all.sort_unstable();
-            all.into_iter()
-                .take(excess)
-                .map(|(_, sha)| sha.clone())
-                .collect()
-        };
+        let excess = orphans.len() - MAX_ORPHAN_PIPELINE_COMMITS;
+        // Only the oldest `excess` are needed, not all in order: this runs for every record
+        // when a ref's state is rebuilt from its facts, one orphan over the cap each time.
+        orphans.select_nth_unstable(excess - 1);
+        let dropped: Vec<Sha> = orphans[..excess]
+            .iter()
+            .map(|(_, sha)| (*sha).clone())
+            .collect();
         for sha in dropped {
             self.pipelines.remove(&sha);
         }
