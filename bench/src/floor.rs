@@ -25,7 +25,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use greenlight_e2e::process::rss_bytes_of;
-use greenlight_server::grpc::MAX_CHUNK_BYTES;
+use greenlight_server::grpc::file_chunks;
 // The keepalive `greenlight-server` sets, so that each connection carries the same timers.
 use greenlight_server::run::{KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT};
 
@@ -89,21 +89,9 @@ fn revision_events(sha: &str, pipeline_id: u64, files: &[(String, Bytes)]) -> La
     }];
     for (path, content) in files {
         digest.add_file(path, content);
-        // An empty file is still one chunk.
-        let mut offset = 0;
-        loop {
-            let end = (offset + MAX_CHUNK_BYTES).min(content.len());
-            events.push(v1::SyncEvent {
-                event: Some(Event::Chunk(v1::ManifestChunk {
-                    path: path.clone(),
-                    data: content.slice(offset..end),
-                })),
-            });
-            offset = end;
-            if offset >= content.len() {
-                break;
-            }
-        }
+        events.extend(file_chunks(path, content).map(|chunk| v1::SyncEvent {
+            event: Some(Event::Chunk(chunk)),
+        }));
     }
     events.push(v1::SyncEvent {
         event: Some(Event::Trailer(v1::RevisionTrailer {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use greenlight::backoff::Backoff;
 use greenlight::digest::ContentDigest;
 use greenlight::telemetry;
@@ -202,6 +203,19 @@ fn revision_header(
     }
 }
 
+/// The chunks of one file, in order, each sharing `content`'s bytes; an empty file is still
+/// one chunk, so that the agent learns its path.
+pub fn file_chunks<'a>(
+    path: &'a str,
+    content: &'a Bytes,
+) -> impl Iterator<Item = v1::ManifestChunk> + 'a {
+    let starts = (0..content.len().max(1)).step_by(MAX_CHUNK_BYTES);
+    starts.map(move |start| v1::ManifestChunk {
+        path: path.to_owned(),
+        data: content.slice(start..(start + MAX_CHUNK_BYTES).min(content.len())),
+    })
+}
+
 /// Sends `files` as chunks and the trailer with their digest, after a header; `false` when
 /// the agent went away.
 async fn send_files(
@@ -210,20 +224,9 @@ async fn send_files(
     metrics: &Metrics,
 ) -> bool {
     for file in files.map(|set| set.files.as_slice()).unwrap_or_default() {
-        let mut offset = 0;
-        // An empty file still needs one chunk so the agent learns its path.
-        loop {
-            let end = (offset + MAX_CHUNK_BYTES).min(file.content.len());
-            let chunk = v1::ManifestChunk {
-                path: file.path.clone(),
-                data: file.content.slice(offset..end),
-            };
+        for chunk in file_chunks(&file.path, &file.content) {
             if !deliver(tx, Event::Chunk(chunk), metrics).await {
                 return false;
-            }
-            offset = end;
-            if offset >= file.content.len() {
-                break;
             }
         }
     }
@@ -542,5 +545,25 @@ impl AgentService for AgentApi {
             .await
             .map_err(|e| Status::unavailable(format!("cannot record the preview: {e}")))?;
         Ok(Response::new(v1::ReportPreviewResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_cut_into_chunks_that_add_up_to_it_and_an_empty_one_is_one_chunk() {
+        let empty = Bytes::new();
+        let chunks: Vec<_> = file_chunks("a.yaml", &empty).collect();
+        assert_eq!(chunks.len(), 1);
+        assert!(chunks[0].data.is_empty() && chunks[0].path == "a.yaml");
+
+        let content = Bytes::from(vec![7u8; 2 * MAX_CHUNK_BYTES + 1]);
+        let chunks: Vec<_> = file_chunks("b.yaml", &content).collect();
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.data.len()).collect();
+        assert_eq!(sizes, [MAX_CHUNK_BYTES, MAX_CHUNK_BYTES, 1]);
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.data.iter().copied()).collect();
+        assert_eq!(joined, content);
     }
 }

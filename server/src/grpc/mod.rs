@@ -8,7 +8,7 @@ mod registry;
 mod streams;
 
 pub use admin::AdminApi;
-pub use agent::{AgentApi, MAX_CHUNK_BYTES};
+pub use agent::{AgentApi, file_chunks};
 pub use ingest::IngestApi;
 
 use greenlight::v1;
