@@ -900,6 +900,17 @@ async fn sync_errors_are_set_and_cleared(store: &dyn Store) -> anyhow::Result<()
         let expected = (n % 2 == 1).then(|| fetch.clone());
         assert_eq!(store.sync_error(agent).await?, expected, "{agent}");
     }
+    // One call that sets some and clears the others, shards mixed.
+    let swapped: Vec<(&str, Option<&SyncError>)> = fleet
+        .iter()
+        .enumerate()
+        .map(|(n, agent)| (agent.as_str(), (n % 2 == 0).then_some(&fetch)))
+        .collect();
+    store.set_sync_errors(&swapped).await?;
+    for (n, agent) in fleet.iter().enumerate() {
+        let expected = (n % 2 == 0).then(|| fetch.clone());
+        assert_eq!(store.sync_error(agent).await?, expected, "{agent}");
+    }
     Ok(())
 }
 

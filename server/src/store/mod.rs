@@ -396,6 +396,29 @@ impl Broadcast {
                 traceparent: Option<String>,
             },
         }
+        /// Only the tag: the rest of the entry is skipped, not kept.
+        #[derive(Deserialize)]
+        struct Tagged {
+            kind: Kind,
+        }
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Kind {
+            AgentsChanged,
+            #[serde(other)]
+            Other,
+        }
+        // An internally tagged enum keeps a copy of the whole entry in a generic tree until
+        // it has found the tag; a fan-out's entries name hundreds of agents each, and every
+        // replica reads every one. Their body is read straight into its type instead.
+        if let Ok(Tagged {
+            kind: Kind::AgentsChanged,
+        }) = serde_json::from_slice(payload)
+        {
+            return serde_json::from_slice(payload)
+                .ok()
+                .map(Self::AgentsChanged);
+        }
         if let Ok(message) = serde_json::from_slice(payload) {
             return Some(message);
         }
@@ -765,6 +788,73 @@ mod tests {
         );
         assert_eq!(written[0].1.traceparent.as_deref(), Some("00-ab-cd-01"));
         assert_eq!(Broadcast::decode(b"{\"kind\":\"unknown\"}"), None);
+    }
+
+    #[test]
+    fn every_kind_of_entry_reads_back_as_written() {
+        let revision = Revision {
+            sha: shas(&[7])[0].clone(),
+            pipeline_id: Some(42),
+            reason: "pipeline 42 passed".into(),
+            decided_at_ms: 5,
+            generation: 3,
+            force_prune: false,
+        };
+        let change = |desired: Option<Revision>| DecidedChange {
+            desired,
+            decisions: Vec::new(),
+            traceparent: Some("00-ab-cd-01".into()),
+        };
+        let mut agents = AgentChanges::one("prod".into(), 4, change(Some(revision)));
+        agents.changes.push(change(None));
+        agents.agents.push(ChangedAgent {
+            agent: "staging".into(),
+            version: 9,
+            change: 1,
+        });
+        let key = RefKey {
+            project: "group/app".into(),
+            branch: "main".into(),
+        };
+        let entries = [
+            Broadcast::AgentsChanged(agents),
+            Broadcast::Fact {
+                key,
+                position: 12,
+                rejected: None,
+                traceparent: None,
+                at_ms: 99,
+            },
+            Broadcast::Report {
+                agent: "prod".into(),
+                report: vec![1, 2, 3],
+            },
+            Broadcast::Connection {
+                agent: "prod".into(),
+                connected: true,
+                replica: "replica-a".into(),
+            },
+            Broadcast::Registry {
+                agent: "edge".into(),
+                seq: 2,
+                record: None,
+            },
+        ];
+        for entry in entries {
+            let payload = serde_json::to_vec(&entry).unwrap();
+            assert_eq!(Broadcast::decode(&payload), Some(entry));
+        }
+        // As the agents script writes it: the tag first, the fields in any order after it.
+        let scripted = br#"{"kind":"agents_changed","agents":[{"agent":"prod","version":2,"change":0}],"changes":[{"desired":null,"decisions":[]}]}"#;
+        let Some(Broadcast::AgentsChanged(read)) = Broadcast::decode(scripted) else {
+            panic!("not read");
+        };
+        assert_eq!(read.agents.len(), 1);
+        assert_eq!(
+            Broadcast::decode(br#"{"kind":"agents_changed","agents":7}"#),
+            None,
+            "a corrupt body is unreadable, not a panic"
+        );
     }
 
     #[test]

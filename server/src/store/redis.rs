@@ -1009,22 +1009,33 @@ impl AgentStore for RedisStore {
     }
 
     async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {
-        // One pipeline per shard: a cluster answers a pipeline from one slot.
-        let mut by_shard: HashMap<u16, redis::Pipeline> = HashMap::new();
+        // Per shard (a cluster answers a command from one slot), one MSET of the errors and
+        // one DEL of the clears: a fan-out clears every agent it reached, and a command per
+        // agent cost both sides more than the keys themselves.
+        #[derive(Default)]
+        struct ShardNotes {
+            set: Vec<(String, String)>,
+            cleared: Vec<String>,
+        }
+        let mut by_shard: HashMap<u16, ShardNotes> = HashMap::new();
         for (agent, error) in errors {
             let key = self.keys.agent(agent, "sync_error");
-            let pipe = by_shard.entry(agent_shard(agent)).or_default();
+            let notes = by_shard.entry(agent_shard(agent)).or_default();
             match error {
-                Some(error) => pipe.set(key, log_json(error)?),
-                None => pipe.del(key),
+                Some(error) => notes.set.push((key, log_json(error)?)),
+                None => notes.cleared.push(key),
             }
-            .ignore();
         }
-        futures_util::future::try_join_all(
-            by_shard
-                .values()
-                .map(|pipe| async { pipe.exec_async(&mut self.conn.clone()).await }),
-        )
+        futures_util::future::try_join_all(by_shard.values().map(|notes| {
+            let mut pipe = redis::pipe();
+            if !notes.set.is_empty() {
+                pipe.mset(&notes.set).ignore();
+            }
+            if !notes.cleared.is_empty() {
+                pipe.del(&notes.cleared).ignore();
+            }
+            async move { pipe.exec_async(&mut self.conn.clone()).await }
+        }))
         .await?;
         Ok(())
     }
