@@ -458,10 +458,11 @@ impl Engine {
                 key,
                 traceparent,
                 at_ms,
+                position,
                 ..
             } => self
                 .evaluator
-                .enqueue(key, Asked::by_fact(traceparent.clone(), *at_ms)),
+                .enqueue(key, Asked::by_fact(traceparent.clone(), *at_ms, *position)),
             Broadcast::AgentsChanged(changes) => {
                 for (written, change) in changes.iter() {
                     self.evaluator.heard(&written.agent, written.version);

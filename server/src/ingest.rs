@@ -126,10 +126,10 @@ impl Ingest {
                 .record_fact(key, &record, delivery, trace.as_deref())
                 .instrument(tracing::info_span!("record_fact", %key))
                 .await?;
-            if let Ingested::Recorded { .. } = ingested {
+            if let Ingested::Recorded { position } = ingested {
                 // The change log brings it to the evaluator too; this spares the round trip
                 // when the evaluator is here.
-                let asked = Asked::by_fact(trace.clone(), now_ms());
+                let asked = Asked::by_fact(trace.clone(), now_ms(), position);
                 self.evaluator.enqueue(key, asked);
             }
             outcome = match (ingested, outcome) {

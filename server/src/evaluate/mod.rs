@@ -119,14 +119,22 @@ pub struct Asked {
     pub traceparent: Option<String>,
     /// When the oldest fact of the burst was recorded, in Unix milliseconds.
     pub since_ms: Option<i64>,
+    /// The newest facts position of the ref that asked; 0 when no fact did.
+    pub position: u64,
+    /// An evaluation before this one left its decisions unwritten for newer facts: this one
+    /// writes whatever comes after it, so that a steady stream of facts still gets decided.
+    deferred_once: bool,
 }
 
 impl Asked {
-    /// Asked by a fact recorded at `at_ms` in the trace `traceparent`.
-    pub fn by_fact(traceparent: Option<String>, at_ms: i64) -> Self {
+    /// Asked by a fact recorded at `at_ms` at `position` of its ref, in the trace
+    /// `traceparent`.
+    pub fn by_fact(traceparent: Option<String>, at_ms: i64, position: u64) -> Self {
         Self {
             traceparent,
             since_ms: (at_ms > 0).then_some(at_ms),
+            position,
+            deferred_once: false,
         }
     }
 
@@ -136,7 +144,29 @@ impl Asked {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
+        self.position = self.position.max(newer.position);
+        self.deferred_once |= newer.deferred_once;
     }
+
+    /// What a deferred evaluation leaves in the queue: the burst's start, for the latency
+    /// it is measured by, and that the next evaluation must write.
+    fn deferred(&self) -> Self {
+        Self {
+            traceparent: None,
+            since_ms: self.since_ms,
+            position: 0,
+            deferred_once: true,
+        }
+    }
+}
+
+/// Whether an evaluation may leave its decisions unwritten when a newer fact of its ref is
+/// already queued: the next evaluation would supersede them at once, and writing every
+/// agent twice only delays the newer decision (a push, then its pipeline a moment later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deferral {
+    Allowed,
+    Refused,
 }
 
 /// What an evaluation did.
@@ -144,6 +174,8 @@ impl Asked {
 pub struct Evaluated {
     /// Whether it wrote any agent's state.
     pub wrote: bool,
+    /// It left its decisions unwritten for a newer fact already queued (see [`Deferral`]).
+    pub deferred: bool,
     /// The mirror lacked a commit the gate needed: fetch, then evaluate again. Holds the
     /// mirror's fetch mark ([`Mirrors::fetched`]) when it was read.
     pub mirror_behind: Option<u64>,
@@ -387,37 +419,62 @@ impl Evaluator {
                 job = self.queue.next() => job,
             };
             if self.holds(key.shard()) {
-                let span = tracing::info_span!("evaluate", %key, trace_id = tracing::field::Empty);
-                greenlight::telemetry::adopt(&span, asked.traceparent.as_deref());
-                match self.evaluate(&key).instrument(span).await {
-                    Ok(outcome) => {
-                        if outcome.wrote
-                            && let Some(since) = asked.since_ms
-                        {
-                            let took = now_ms().saturating_sub(since).max(0);
-                            self.metrics
-                                .fact_decided(Duration::from_millis(took.unsigned_abs()));
-                        }
-                        if let Some(seen) = outcome.mirror_behind {
-                            self.fetch_then_reevaluate(key.clone(), asked.traceparent, Some(seen));
-                        }
-                    }
-                    Err(error) => {
-                        warn!(%error, %key, "cannot evaluate ref; will retry");
-                        // Retried once the key is released below; paced so that a store
-                        // that is down is not asked in a tight loop.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        self.queue.push_merging(key.clone(), asked, Asked::merge);
-                    }
-                }
+                self.evaluate_job(&key, asked).await;
             }
             self.queue.done(&key);
+        }
+    }
+
+    /// Evaluates `key` as `asked`, and queues what follows: a deferred evaluation, a retry
+    /// after an error, a fetch for a mirror found behind.
+    async fn evaluate_job(self: &Arc<Self>, key: &RefKey, asked: Asked) {
+        let span = tracing::info_span!("evaluate", %key, trace_id = tracing::field::Empty);
+        greenlight::telemetry::adopt(&span, asked.traceparent.as_deref());
+        let deferral = if asked.deferred_once {
+            Deferral::Refused
+        } else {
+            Deferral::Allowed
+        };
+        match self.evaluate_with(key, deferral).instrument(span).await {
+            Ok(outcome) if outcome.deferred => {
+                self.queue
+                    .push_merging(key.clone(), asked.deferred(), Asked::merge);
+            }
+            Ok(outcome) => {
+                if outcome.wrote
+                    && let Some(since) = asked.since_ms
+                {
+                    let took = now_ms().saturating_sub(since).max(0);
+                    self.metrics
+                        .fact_decided(Duration::from_millis(took.unsigned_abs()));
+                }
+                if let Some(seen) = outcome.mirror_behind {
+                    self.fetch_then_reevaluate(key.clone(), asked.traceparent, Some(seen));
+                }
+            }
+            Err(error) => {
+                warn!(%error, %key, "cannot evaluate ref; will retry");
+                // Retried once the key is released: paced so that a store that is down is
+                // not asked in a tight loop.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.queue.push_merging(key.clone(), asked, Asked::merge);
+            }
         }
     }
 
     /// Runs the gate of every agent watching `key` against its recorded facts, and writes
     /// what changed.
     pub async fn evaluate(&self, key: &RefKey) -> Result<Evaluated, EvaluateError> {
+        self.evaluate_with(key, Deferral::Refused).await
+    }
+
+    /// [`Self::evaluate`], unless `deferral` allows it to leave its decisions to the
+    /// evaluation of a newer fact already queued.
+    async fn evaluate_with(
+        &self,
+        key: &RefKey,
+        deferral: Deferral,
+    ) -> Result<Evaluated, EvaluateError> {
         let facts = self.store.facts(key).await?;
         let refs = facts.ref_state();
         self.forget_trimmed(key, &facts, &refs).await;
@@ -438,6 +495,15 @@ impl Evaluator {
                 let _span = tracing::info_span!("evaluate_gate", %key, attempt).entered();
                 self.decide(key, &facts, &refs, git.as_ref(), &deciding, &states)
             };
+            if attempt == 0
+                && deferral == Deferral::Allowed
+                && !pending.is_empty()
+                && self.newer_fact_queued(key, facts.position)
+            {
+                debug!(%key, position = facts.position, "a newer fact is queued; deferring");
+                outcome.deferred = true;
+                return Ok(outcome);
+            }
             outcome.wrote |= !pending.is_empty();
             let conflicted = self.write_all(pending).await?;
             if conflicted.is_empty() {
@@ -450,6 +516,13 @@ impl Evaluator {
             deciding = conflicted;
         }
         Err(EvaluateError::Contention(key.to_string()))
+    }
+
+    /// Whether a fact of `key` newer than `position` waits in the queue.
+    fn newer_fact_queued(&self, key: &RefKey, position: u64) -> bool {
+        self.queue
+            .peek(key, |asked| asked.position > position)
+            .unwrap_or(false)
     }
 
     /// The stored states of `agents`: cached ones as held, the rest read in one go; an agent
@@ -769,7 +842,7 @@ impl Evaluator {
                             this.clear_fetch_errors(&key).await;
                             let asked = Asked {
                                 traceparent,
-                                since_ms: None,
+                                ..Asked::default()
                             };
                             this.queue.push_merging(key.clone(), asked, Asked::merge);
                             return;

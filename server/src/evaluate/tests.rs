@@ -4,6 +4,7 @@
 
 use proptest::prelude::*;
 
+use super::Asked;
 use super::rules::{self, Operation};
 use crate::gate::{Context, Lineage, Mode, Pipeline, PipelineStatus, Push, PushOrder, Sha};
 use crate::store::{
@@ -445,6 +446,27 @@ fn evaluator_for(
     (evaluator, store)
 }
 
+/// One entry of a config file's `agents:` watching group/app@main.
+fn agent_yaml(name: &str, gate: &str) -> String {
+    let token = hex::encode(ring::digest::digest(&ring::digest::SHA256, name.as_bytes()));
+    format!(
+        "  - {{name: {name}, token_sha256: {token}, project: group/app, ref: main, gate: {gate}}}\n"
+    )
+}
+
+/// An evaluator of one agent, `edge`, gated by pipelines, whose ref has commit 1 green.
+async fn edge_after_green_push() -> (
+    std::sync::Arc<super::Evaluator>,
+    std::sync::Arc<EmbeddedStore>,
+) {
+    let (evaluator, store) = evaluator_for(&format!(
+        "agents:\n{}",
+        agent_yaml("edge", "{mode: pipeline}")
+    ));
+    green_push(&store, 1).await;
+    (evaluator, store)
+}
+
 /// A push of commit `n` and its green pipeline, as a ref's facts.
 async fn green_push(store: &EmbeddedStore, n: u8) {
     let push = Push {
@@ -478,12 +500,7 @@ async fn green_push(store: &EmbeddedStore, n: u8) {
 
 #[tokio::test]
 async fn agents_decided_alike_share_one_state_and_each_still_gets_its_own_gate() {
-    let agent = |name: &str, gate: &str| {
-        let token = hex::encode(ring::digest::digest(&ring::digest::SHA256, name.as_bytes()));
-        format!(
-            "  - {{name: {name}, token_sha256: {token}, project: group/app, ref: main, gate: {gate}}}\n"
-        )
-    };
+    let agent = agent_yaml;
     let yaml = format!(
         "agents:\n{}{}{}{}{}{}",
         agent("edge-1", "{mode: pipeline}"),
@@ -568,5 +585,84 @@ async fn agents_decided_alike_share_one_state_and_each_still_gets_its_own_gate()
         *held_state("edge-1"),
         edge,
         "the cache holds what was stored"
+    );
+}
+
+#[tokio::test]
+async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_one_once() {
+    let (evaluator, store) = edge_after_green_push().await;
+    evaluator.evaluate(&key()).await.expect("evaluates");
+    let before = store.agent("edge").await.expect("reads the agent");
+    let push = Push {
+        before: Some(sha(1)),
+        after: Some(sha(2)),
+        at_ms: 2,
+    };
+    let recorded = store
+        .record_fact(&key(), &FactRecord::Push(push), Some("push-2"), None)
+        .await
+        .expect("records");
+    let crate::store::Ingested::Recorded { position } = recorded else {
+        panic!("the push is new: {recorded:?}");
+    };
+
+    // Its pipeline, recorded elsewhere and heard while this evaluation runs.
+    evaluator
+        .queue
+        .push_merging(key(), Asked::by_fact(None, 10, position + 1), Asked::merge);
+    evaluator
+        .evaluate_job(&key(), Asked::by_fact(None, 5, position))
+        .await;
+    assert_eq!(
+        store.agent("edge").await.expect("reads the agent"),
+        before,
+        "nothing written for facts already superseded"
+    );
+    let queued = evaluator
+        .queue
+        .peek(&key(), |asked| {
+            (asked.position, asked.since_ms, asked.deferred_once)
+        })
+        .expect("the newer fact is still queued");
+    assert_eq!(
+        queued,
+        (position + 1, Some(5), true),
+        "the burst's start and the deferral are kept"
+    );
+
+    // The next evaluation writes, however many newer facts are queued by then.
+    let (taken, asked) = evaluator.queue.next().await;
+    evaluator
+        .queue
+        .push_merging(key(), Asked::by_fact(None, 20, position + 2), Asked::merge);
+    evaluator.evaluate_job(&taken, asked).await;
+    evaluator.queue.done(&taken);
+    let after = store.agent("edge").await.expect("reads the agent");
+    assert_eq!(after.value.position, position, "decided at the facts read");
+    assert!(after.version > before.version);
+    assert!(
+        evaluator
+            .queue
+            .peek(&key(), |asked| asked.deferred_once)
+            .is_some_and(|deferred| !deferred),
+        "a write clears the deferral: the newest fact may defer again"
+    );
+}
+
+#[tokio::test]
+async fn a_fact_heard_again_from_the_log_does_not_defer_its_own_evaluation() {
+    let (evaluator, store) = edge_after_green_push().await;
+    let position = store.facts(&key()).await.expect("reads facts").position;
+    // The replica that recorded it enqueued it, and the change log brings it again.
+    evaluator
+        .queue
+        .push_merging(key(), Asked::by_fact(None, 10, position), Asked::merge);
+    evaluator
+        .evaluate_job(&key(), Asked::by_fact(None, 10, position))
+        .await;
+    let stored = store.agent("edge").await.expect("reads the agent");
+    assert_eq!(
+        stored.value.gate.desired.as_ref().map(|d| &d.sha),
+        Some(&sha(1))
     );
 }
