@@ -25,8 +25,9 @@ pub struct SyncErrors {
     store: Arc<dyn Store>,
     /// Noted and not yet being stored.
     pending: Mutex<Notes>,
-    /// Being stored now: still what a read answers until the store has it.
-    storing: Mutex<Notes>,
+    /// Being stored now: still what a read answers until the store has it. Shared with the
+    /// call storing it rather than copied: a fan-out notes every agent it reached.
+    storing: Mutex<Arc<Notes>>,
     noted: Notify,
 }
 
@@ -83,11 +84,11 @@ impl SyncErrors {
 
     /// Stores every pending note; on failure they stay pending unless noted again meanwhile.
     async fn store_noted(&self) -> Result<(), StoreError> {
-        let batch = std::mem::take(&mut *lock(&self.pending));
+        let batch = Arc::new(std::mem::take(&mut *lock(&self.pending)));
         if batch.is_empty() {
             return Ok(());
         }
-        lock(&self.storing).clone_from(&batch);
+        *lock(&self.storing) = batch.clone();
         let notes: Vec<(&str, Option<&SyncError>)> = batch
             .iter()
             .map(|(agent, error)| (agent.as_str(), error.as_ref()))
@@ -95,18 +96,20 @@ impl SyncErrors {
         let stored = self.store.set_sync_errors(&notes).await;
         let mut pending = lock(&self.pending);
         if stored.is_err() {
-            for (agent, error) in batch {
-                pending.entry(agent).or_insert(error);
+            for (agent, error) in batch.iter() {
+                pending
+                    .entry(agent.clone())
+                    .or_insert_with(|| error.clone());
             }
         }
         // Cleared under the pending lock: a read sees a note in one of the two maps, or
         // the store holding it.
-        lock(&self.storing).clear();
+        *lock(&self.storing) = Arc::default();
         stored
     }
 }
 
-fn lock(notes: &Mutex<Notes>) -> MutexGuard<'_, Notes> {
+fn lock<T>(notes: &Mutex<T>) -> MutexGuard<'_, T> {
     // Each change is one statement: the notes stay consistent under a poisoned lock.
     notes
         .lock()
