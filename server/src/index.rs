@@ -58,6 +58,14 @@ impl Index {
         self.read_agents().get(agent).map(watch::Sender::subscribe)
     }
 
+    /// Whether a stream of `agent` on this replica follows its channel: that stream reads
+    /// each new desired revision's manifests itself.
+    pub fn streamed_here(&self, agent: &str) -> bool {
+        self.read_agents()
+            .get(agent)
+            .is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
     /// The current desired revision of `agent` on this replica.
     pub fn current(&self, agent: &str) -> Option<Desired> {
         self.read_agents().get(agent).map(|tx| tx.borrow().clone())

@@ -232,8 +232,9 @@ pub struct Evaluator {
     leases_tried: std::sync::atomic::AtomicBool,
     /// Agents' states as this replica last wrote or read them.
     cache: Mutex<HashMap<String, Held>>,
-    /// Agents whose desired revision this replica just decided: their manifests are read
-    /// (and failures recorded) even if no stream of theirs is connected.
+    /// Agents whose desired revision this replica just decided and that no stream of this
+    /// replica follows: their manifests are read (and failures recorded) even if no stream
+    /// of theirs is connected anywhere.
     prepare: Coalescing<String, Sha>,
     /// Refs whose watchers may hold a fetch error: every ref until this replica's first
     /// successful fetch of it (another replica, or this one before a restart, may have
@@ -668,8 +669,11 @@ impl Evaluator {
                             change.next.traceparent.as_deref(),
                             false,
                         );
+                        // An agent streaming here has its manifests read by its stream;
+                        // preparing them too cost a queued job per agent of a fan-out.
                         if step.desired_changed
                             && let Some(desired) = desired
+                            && !self.index.streamed_here(&change.agent)
                         {
                             self.prepare.push(change.agent.clone(), desired.sha.clone());
                         }

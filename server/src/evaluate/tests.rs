@@ -666,3 +666,28 @@ async fn a_fact_heard_again_from_the_log_does_not_defer_its_own_evaluation() {
         Some(&sha(1))
     );
 }
+
+#[tokio::test]
+async fn manifests_are_prepared_for_agents_no_stream_here_follows() {
+    let (evaluator, store) = evaluator_for(&format!(
+        "agents:\n{}{}",
+        agent_yaml("streaming", "{mode: pipeline}"),
+        agent_yaml("offline", "{mode: pipeline}"),
+    ));
+    green_push(&store, 1).await;
+    let _stream = evaluator
+        .index
+        .subscribe("streaming")
+        .expect("a channel for every agent");
+    evaluator.evaluate(&key()).await.expect("evaluates");
+    assert_eq!(
+        evaluator.prepare.peek(&"offline".to_owned(), Sha::clone),
+        Some(sha(1)),
+        "read now, so that a broken revision shows while the agent is away"
+    );
+    assert_eq!(
+        evaluator.prepare.peek(&"streaming".to_owned(), Sha::clone),
+        None,
+        "its stream reads them as it sends"
+    );
+}
