@@ -84,12 +84,12 @@ impl<K: Hash + Eq + Clone, V> Coalescing<K, V> {
         }
     }
 
-    /// How many keys wait for a worker.
     /// What `read` makes of the value queued for `key`, if one is queued (not taken).
     pub fn peek<R>(&self, key: &K, read: impl FnOnce(&V) -> R) -> Option<R> {
         self.lock().newest.get(key).map(read)
     }
 
+    /// How many keys wait for a worker.
     pub fn len(&self) -> usize {
         self.lock().newest.len()
     }

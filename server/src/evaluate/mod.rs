@@ -165,7 +165,9 @@ impl Asked {
 /// agent twice only delays the newer decision (a push, then its pipeline a moment later).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deferral {
+    /// The first evaluation of a burst: it may defer.
     Allowed,
+    /// An evaluation after a deferral, or one asked for directly: it writes.
     Refused,
 }
 
