@@ -84,11 +84,17 @@ impl SyncErrors {
 
     /// Stores every pending note; on failure they stay pending unless noted again meanwhile.
     async fn store_noted(&self) -> Result<(), StoreError> {
-        let batch = Arc::new(std::mem::take(&mut *lock(&self.pending)));
+        let batch = {
+            let mut pending = lock(&self.pending);
+            let batch = Arc::new(std::mem::take(&mut *pending));
+            // Handed over under the pending lock: a read finds each note in one of the two
+            // maps, never in neither while the store still holds the older value.
+            *lock(&self.storing) = batch.clone();
+            batch
+        };
         if batch.is_empty() {
             return Ok(());
         }
-        *lock(&self.storing) = batch.clone();
         let notes: Vec<(&str, Option<&SyncError>)> = batch
             .iter()
             .map(|(agent, error)| (agent.as_str(), error.as_ref()))

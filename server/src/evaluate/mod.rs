@@ -122,7 +122,8 @@ pub struct Asked {
     /// The newest facts position of the ref that asked; 0 when no fact did.
     pub position: u64,
     /// An evaluation before this one left its decisions unwritten for newer facts: this one
-    /// writes whatever comes after it, so that a steady stream of facts still gets decided.
+    /// writes even if newer facts are queued, so that a steady stream of facts still gets
+    /// decided.
     deferred_once: bool,
 }
 
@@ -442,6 +443,10 @@ impl Evaluator {
             Ok(outcome) if outcome.deferred => {
                 self.queue
                     .push_merging(key.clone(), asked.deferred(), Asked::merge);
+                // The next evaluation would find the mirror behind too: fetch now.
+                if let Some(seen) = outcome.mirror_behind {
+                    self.fetch_then_reevaluate(key.clone(), None, Some(seen));
+                }
             }
             Ok(outcome) => {
                 if outcome.wrote
@@ -671,8 +676,10 @@ impl Evaluator {
                             change.next.traceparent.as_deref(),
                             false,
                         );
-                        // An agent streaming here has its manifests read by its stream;
-                        // preparing them too cost a queued job per agent of a fan-out.
+                        // An agent streaming here has its manifests read by its stream as it
+                        // sends; preparing them too cost a queued job per agent of a fan-out.
+                        // A stream that ends before it reads them leaves a broken revision
+                        // unreported until the agent reconnects.
                         if step.desired_changed
                             && let Some(desired) = desired
                             && !self.index.streamed_here(&change.agent)

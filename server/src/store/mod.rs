@@ -408,9 +408,10 @@ impl Broadcast {
             #[serde(other)]
             Other,
         }
-        // An internally tagged enum keeps a copy of the whole entry in a generic tree until
-        // it has found the tag; a fan-out's entries name hundreds of agents each, and every
-        // replica reads every one. Their body is read straight into its type instead.
+        // An internally tagged enum first copies the whole entry into a generic tree, then
+        // reads its variant from that; a fan-out's entries name hundreds of agents each, and
+        // every replica reads every one. Their body is read straight into its type instead
+        // (the other kinds are small, and pay a second scan for the tag).
         if let Ok(Tagged {
             kind: Kind::AgentsChanged,
         }) = serde_json::from_slice(payload)
@@ -625,6 +626,7 @@ pub trait AgentStore: Send + Sync {
     }
 
     /// Records why each agent's desired revision cannot be delivered; `None` clears it.
+    /// Each agent is named once: the order of two notes of one agent is not kept.
     async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()>;
 
     /// Why `agent`'s desired revision cannot be delivered, if it cannot.
