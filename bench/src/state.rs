@@ -179,9 +179,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args.agents,
         ms(started.elapsed())
     );
-    tokio::time::sleep(Duration::from_secs(args.settle)).await;
-    let rss_after = rss_all(&servers)?;
-    let grown = rss_growth(&rss_after, &rss_before);
+    let (rss_after, grown) = idle_rss(&servers, &rss_before, args.settle).await?;
     println!(
         "RSS with {} idle streams: {} (load average {})",
         args.agents,
@@ -299,9 +297,7 @@ async fn start_floors(
         .all_receive(&sha(1), Duration::from_secs(300))
         .await
         .context("agents connecting to the floor server")?;
-    tokio::time::sleep(Duration::from_secs(args.settle)).await;
-    let rss_after = rss_all(&floors)?;
-    let grown = rss_growth(&rss_after, &rss_before);
+    let (rss_after, grown) = idle_rss(&floors, &rss_before, args.settle).await?;
     println!(
         "ceiling: a bare tonic server (`floor-server`: the Sync protocol, nothing behind it) per replica, the same {} clients; load average {}",
         args.agents,
@@ -360,10 +356,7 @@ async fn ceiling_rounds(
     println!(
         "  rounds took {} ms in all; floor server CPU per round: {}",
         ms(elapsed),
-        cpu.iter()
-            .map(|c| format!("{} ms", ms(*c / args.rounds.max(1))))
-            .collect::<Vec<_>>()
-            .join(", ")
+        ms_list(&cpu, args.rounds)
     );
     Ok(())
 }
@@ -398,10 +391,7 @@ async fn ceiling_fan_outs(
             args.manifest_files,
             args.agents,
             ms(answered),
-            cpu.iter()
-                .map(|c| format!("{} ms", ms(*c)))
-                .collect::<Vec<_>>()
-                .join(", ")
+            ms_list(&cpu, 1)
         );
         println!(
             "    published -> agent holds every byte: {}",
@@ -433,17 +423,27 @@ fn spread(receipts: &[Receipt], sent: Instant) -> String {
         .iter()
         .map(|r| r.at.saturating_duration_since(sent))
         .collect();
-    times.sort_unstable();
-    let (Some(first), Some(last)) = (times.first(), times.last()) else {
-        return "no agent".to_owned();
-    };
-    format!(
-        "first {} ms, median {} ms, p99 {} ms, last {} ms",
-        ms(*first),
-        ms(times[(times.len() - 1) / 2]),
-        ms(times[(times.len() * 99).div_ceil(100).max(1) - 1]),
-        ms(*last)
+    Summary::of(&mut times).map_or_else(
+        || "no agent".to_owned(),
+        |s| {
+            format!(
+                "first {} ms, median {} ms, p99 {} ms, last {} ms",
+                ms(s.min),
+                ms(s.p50),
+                ms(s.p99),
+                ms(s.max)
+            )
+        },
     )
+}
+
+/// `a ms, b ms, …`: each duration divided by `per` (at least 1).
+fn ms_list(durations: &[Duration], per: u32) -> String {
+    durations
+        .iter()
+        .map(|d| format!("{} ms", ms(*d / per.max(1))))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The manifest set of fan-out `round`: `count` ConfigMaps adding up to `total_bytes`, the
@@ -503,13 +503,21 @@ fn rss_all(processes: &[impl Measured]) -> anyhow::Result<Vec<u64>> {
     processes.iter().map(Measured::rss_kib).collect()
 }
 
-/// KiB the processes grew by in all.
-fn rss_growth(after: &[u64], before: &[u64]) -> i64 {
-    after
+/// The processes' RSS once their streams have been idle for `settle` seconds, and the KiB
+/// they grew by in all since `before`.
+async fn idle_rss(
+    processes: &[impl Measured],
+    before: &[u64],
+    settle: u64,
+) -> anyhow::Result<(Vec<u64>, i64)> {
+    tokio::time::sleep(Duration::from_secs(settle)).await;
+    let after = rss_all(processes)?;
+    let grown = after
         .iter()
         .zip(before)
         .map(|(a, b)| *a as i64 - *b as i64)
-        .sum()
+        .sum();
+    Ok((after, grown))
 }
 
 fn cpu_all(processes: &[impl Measured]) -> anyhow::Result<Vec<Duration>> {
