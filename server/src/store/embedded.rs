@@ -340,11 +340,8 @@ impl EmbeddedStore {
             let _ = wake.try_send(());
         }
         let mut committed = journal.committed.clone();
-        let reached = committed
-            .wait_for(|c| c.stored(ticket).is_some())
-            .await
-            .map_err(|_| StoreError::Embedded("its writer stopped".into()))?;
-        match reached.stored(ticket) {
+        let reached = committed.wait_for(|c| c.stored(ticket).is_some()).await;
+        match reached.as_deref().ok().and_then(|c| c.stored(ticket)) {
             Some(Ok(())) => Ok(()),
             Some(Err(why)) => Err(failed_write(&journal.path, why)),
             None => Err(StoreError::Embedded("its writer stopped".into())),
@@ -1303,6 +1300,22 @@ mod tests {
         writer.send_modify(|c| c.failed = Some("No space left on device".into()));
         let answer = waiting.await.expect("the waiter ran");
         assert!(answer.is_err(), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_caller_whose_writer_is_gone_hears_so_rather_than_waiting() {
+        let (store, writer) = store_with_writer();
+        writer.send_modify(|c| c.upto = 1);
+        drop(writer);
+        assert!(
+            store.durable(Some(1)).await.is_ok(),
+            "on disk before it went"
+        );
+        let refused = store
+            .durable(Some(2))
+            .await
+            .expect_err("nobody will write ticket 2");
+        assert!(refused.to_string().contains("writer stopped"), "{refused}");
     }
 
     #[test]
