@@ -437,6 +437,30 @@ impl RefState {
 
     /// Records a pipeline update for `sha`.
     pub fn record_pipeline(&mut self, sha: &Sha, update: Pipeline) -> Recorded {
+        let (outcome, new_commit) = self.merge_pipeline(sha, update);
+        // Only a commit new to the pipelines and no head adds an orphan; recording another
+        // run of a commit already there leaves the orphans as many as they were.
+        if new_commit && !self.heads.iter().any(|head| &head.sha == sha) {
+            self.trim_orphans();
+        }
+        outcome
+    }
+
+    /// Records a ref's stored pipelines, then trims the orphans once: the newest
+    /// `MAX_ORPHAN_PIPELINE_COMMITS` by their newest run stay, whatever the order of
+    /// `records`. Trimming after each record, as [`Self::record_pipeline`] does, would scan
+    /// every orphan once per record, and the store may hold many more than the cap between
+    /// two evaluations under a stream of pipelines of commits never pushed.
+    pub fn replay_pipelines<'a>(&mut self, records: impl IntoIterator<Item = &'a (Sha, Pipeline)>) {
+        for (sha, pipeline) in records {
+            self.merge_pipeline(sha, pipeline.clone());
+        }
+        self.trim_orphans();
+    }
+
+    /// Merges `update` into its commit's runs; also says whether the commit is new to the
+    /// pipelines.
+    fn merge_pipeline(&mut self, sha: &Sha, update: Pipeline) -> (Recorded, bool) {
         let new_commit = !self.pipelines.contains_key(sha);
         let runs = self.pipelines.entry(sha.clone()).or_default();
         let outcome = match runs.iter_mut().find(|p| p.id == update.id) {
@@ -459,12 +483,7 @@ impl RefState {
                 Recorded::Changed
             }
         };
-        // Only a commit new to the pipelines and no head adds an orphan; recording another
-        // run of a commit already there leaves the orphans as many as they were.
-        if new_commit && !self.heads.iter().any(|head| &head.sha == sha) {
-            self.trim_orphans();
-        }
-        outcome
+        (outcome, new_commit)
     }
 
     /// Keeps `rejected` for operators; the oldest are forgotten.
@@ -532,8 +551,8 @@ impl RefState {
             return;
         }
         let excess = orphans.len() - MAX_ORPHAN_PIPELINE_COMMITS;
-        // Only the oldest `excess` are needed, not all in order: this runs for every record
-        // when a ref's state is rebuilt from its facts, one orphan over the cap each time.
+        // Only the oldest `excess` are needed, not all in order: this runs for every new
+        // orphan recorded, one over the cap each time.
         orphans.select_nth_unstable(excess - 1);
         let dropped: Vec<Sha> = orphans[..excess]
             .iter()
@@ -879,6 +898,43 @@ mod tests {
                 trim_orphans_by_sorting(&mut slow);
                 prop_assert_eq!(&fast, &slow);
             }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// A ref's stored pipelines replayed in any order leave the orphans with the newest
+        /// runs, as merging them all and then trimming by sorting would.
+        #[test]
+        fn replayed_pipelines_keep_the_newest_orphans_in_any_order(
+            heads in proptest::collection::vec(0u16..40, 0..30),
+            runs in proptest::collection::vec((0u16..200, 1u64..100, proptest::bool::ANY), 0..300),
+        ) {
+            let mut pushed = RefState::default();
+            let mut before = None;
+            for head in heads {
+                pushed.record_push(&Push { before, after: Some(long_sha(head)), at_ms: 0 });
+                before = Some(long_sha(head));
+            }
+            let records: Vec<(Sha, Pipeline)> = runs
+                .into_iter()
+                .map(|(sha, id, success)| {
+                    let status = if success { PipelineStatus::Success } else { PipelineStatus::Running };
+                    (long_sha(sha), pipeline(id, status))
+                })
+                .collect();
+            let mut expected = pushed.clone();
+            for (sha, run) in &records {
+                expected.merge_pipeline(sha, run.clone());
+            }
+            trim_orphans_by_sorting(&mut expected);
+            let mut in_order = pushed.clone();
+            in_order.replay_pipelines(&records);
+            prop_assert_eq!(&in_order, &expected);
+            let mut reversed = pushed;
+            reversed.replay_pipelines(records.iter().rev());
+            prop_assert_eq!(&reversed, &expected);
         }
     }
 

@@ -171,9 +171,7 @@ impl Facts {
         for push in &self.pushes {
             state.record_push(push);
         }
-        for (sha, pipeline) in &self.pipelines {
-            state.record_pipeline(sha, pipeline.clone());
-        }
+        state.replay_pipelines(&self.pipelines);
         for rejected in &self.rejected {
             state.reject(rejected.clone());
         }
