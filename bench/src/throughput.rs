@@ -1,15 +1,20 @@
 //! Pipeline Hook deliveries per second, on Redis and on the embedded store.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use greenlight::v1::GetRefRequest;
 use greenlight_e2e::{
     AgentDef, GITLAB_SECRET, PROJECT, Redis, TestServer, config_yaml, pipeline_payload, sha,
 };
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 
 use crate::common::{BRANCH, ZERO, load_average, require_tool};
 use crate::process::{ServerProcess, redis_benchmark_set};
@@ -175,19 +180,15 @@ async fn measure(label: &str, redis_url: Option<&str>, args: &Args) -> anyhow::R
     }
     let load_before = load_average();
 
-    let url = format!("http://{}/webhooks/gitlab", server.http());
+    let payloads = Arc::new(Payloads::new().context("cannot render the payloads")?);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
     let mut workers = Vec::with_capacity(args.concurrency);
     for _ in 0..args.concurrency {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .context("cannot build an HTTP client")?;
         workers.push(tokio::spawn(load(
-            client,
-            url.clone(),
+            server.http(),
+            payloads.clone(),
             label.to_owned(),
             (!args.fresh).then_some(args.commits),
             next.clone(),
@@ -227,10 +228,11 @@ async fn measure(label: &str, redis_url: Option<&str>, args: &Args) -> anyhow::R
     Ok(())
 }
 
-/// One client: posts deliveries one after another until `deadline`.
+/// One client: posts deliveries one after another over its own connection until
+/// `deadline`.
 async fn load(
-    client: reqwest::Client,
-    url: String,
+    server: SocketAddr,
+    payloads: Arc<Payloads>,
     label: String,
     // Running/success pairs over this many pushed commits; `None`: fresh commits.
     pairs_over: Option<u32>,
@@ -239,61 +241,53 @@ async fn load(
     deadline: Instant,
 ) -> Vec<Sample> {
     let mut samples = Vec::new();
+    let mut connection = None;
     while Instant::now() < deadline {
         let i = next.fetch_add(1, Ordering::Relaxed);
         let (pipeline, commit, status) = if let Some(commits) = pairs_over {
             let pipeline = i / 2;
             let commit = sha(1 + u32::try_from(pipeline % u64::from(commits)).unwrap_or(0));
             let status = if i.is_multiple_of(2) {
-                "running"
+                PayloadStatus::Running
             } else {
-                "success"
+                PayloadStatus::Success
             };
             (pipeline, commit, status)
         } else {
-            (i, sha(1_000_000 + u32::try_from(i).unwrap_or(0)), "success")
+            (
+                i,
+                sha(1_000_000 + u32::try_from(i).unwrap_or(0)),
+                PayloadStatus::Success,
+            )
         };
-        let body = pipeline_payload(PROJECT, BRANCH, &commit, 1000 + pipeline, status, "push");
-        let body = match serde_json::to_vec(&body) {
-            Ok(body) => body,
-            Err(error) => {
-                samples.push(Sample {
-                    done: start.elapsed(),
-                    latency: Duration::ZERO,
-                    outcome: Err(format!("cannot encode the payload: {error}")),
-                });
-                continue;
-            }
-        };
+        let body = payloads.render(status, 1000 + pipeline, &commit);
         let sent = Instant::now();
-        let answer = client
-            .post(&url)
-            .header("Content-Type", "application/json")
-            .header("X-Gitlab-Event", "Pipeline Hook")
-            .header("X-Gitlab-Token", GITLAB_SECRET)
-            .header("X-Gitlab-Event-UUID", format!("bench-{label}-{i}"))
-            .body(body)
-            .send()
-            .await;
-        let outcome = match answer {
-            Err(error) => Err(format!("transport: {error}")),
-            Ok(response) => {
-                let code = response.status().as_u16();
-                let text = response.bytes().await.unwrap_or_default();
-                let answer = serde_json::from_slice::<serde_json::Value>(&text).ok();
-                let field = |name: &str| {
-                    answer
-                        .as_ref()
-                        .and_then(|v| v[name].as_str())
-                        .unwrap_or("?")
-                        .to_owned()
-                };
-                if code == 200 {
-                    Ok(field("outcome"))
-                } else {
-                    let message: String = field("message").chars().take(100).collect();
-                    Err(format!("HTTP {code} {}: {message}", field("outcome")))
-                }
+        let outcome = match tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            deliver(&mut connection, server, &format!("bench-{label}-{i}"), body),
+        )
+        .await
+        {
+            Ok(Ok((200, answer))) => Ok(answer.outcome.unwrap_or_else(|| "?".into())),
+            Ok(Ok((code, answer))) => {
+                let message: String = answer
+                    .message
+                    .unwrap_or_default()
+                    .chars()
+                    .take(100)
+                    .collect();
+                Err(format!(
+                    "HTTP {code} {}: {message}",
+                    answer.outcome.unwrap_or_else(|| "?".into())
+                ))
+            }
+            Ok(Err(error)) => {
+                connection = None;
+                Err(format!("transport: {error}"))
+            }
+            Err(_) => {
+                connection = None;
+                Err(format!("no answer within {REQUEST_TIMEOUT:?}"))
             }
         };
         samples.push(Sample {
@@ -303,6 +297,95 @@ async fn load(
         });
     }
     samples
+}
+
+/// How long one delivery may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What the server's answer to a webhook says.
+#[derive(serde::Deserialize, Default)]
+struct Answer {
+    outcome: Option<String>,
+    message: Option<String>,
+}
+
+/// Posts one delivery over `connection`, opening it first if there is none: a bare HTTP/1.1
+/// client, so that the load generator's own CPU (on the cores the server and Redis share)
+/// stays small next to the server's.
+async fn deliver(
+    connection: &mut Option<http1::SendRequest<Full<Bytes>>>,
+    server: SocketAddr,
+    delivery: &str,
+    body: String,
+) -> anyhow::Result<(u16, Answer)> {
+    let sender = match connection {
+        Some(sender) => sender,
+        None => {
+            let stream = tokio::net::TcpStream::connect(server).await?;
+            stream.set_nodelay(true)?;
+            let (sender, driver) = http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(driver);
+            connection.insert(sender)
+        }
+    };
+    sender.ready().await?;
+    let request = hyper::Request::post("/webhooks/gitlab")
+        .header(hyper::header::HOST, server.to_string())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header("X-Gitlab-Event", "Pipeline Hook")
+        .header("X-Gitlab-Token", GITLAB_SECRET)
+        .header("X-Gitlab-Event-UUID", delivery)
+        .body(Full::new(Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
+    let code = response.status().as_u16();
+    let text = response.into_body().collect().await?.to_bytes();
+    Ok((code, serde_json::from_slice(&text).unwrap_or_default()))
+}
+
+/// Which pipeline status a delivery reports.
+#[derive(Clone, Copy)]
+enum PayloadStatus {
+    Running,
+    Success,
+}
+
+/// The Pipeline Hook payloads, rendered once with placeholders for the pipeline id and the
+/// commit, so that a delivery costs two substitutions instead of building a JSON document.
+struct Payloads {
+    running: String,
+    success: String,
+}
+
+impl Payloads {
+    const ID: u64 = 987_654_321;
+    const COMMIT: &str = "feedfacefeedfacefeedfacefeedfacefeedface";
+
+    fn new() -> anyhow::Result<Self> {
+        let render = |status| {
+            serde_json::to_string(&pipeline_payload(
+                PROJECT,
+                BRANCH,
+                Self::COMMIT,
+                Self::ID,
+                status,
+                "push",
+            ))
+        };
+        Ok(Self {
+            running: render("running")?,
+            success: render("success")?,
+        })
+    }
+
+    fn render(&self, status: PayloadStatus, id: u64, commit: &str) -> String {
+        let template = match status {
+            PayloadStatus::Running => &self.running,
+            PayloadStatus::Success => &self.success,
+        };
+        template
+            .replace(Self::COMMIT, commit)
+            .replace(&Self::ID.to_string(), &id.to_string())
+    }
 }
 
 fn report(label: &str, samples: &mut [Sample], elapsed: Duration, seconds: u64) {

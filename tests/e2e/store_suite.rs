@@ -69,6 +69,7 @@ suite!(
     pipeline_updates_merge_by_the_gate_rule_in_any_order,
     repeated_delivery_is_duplicate_and_writes_nothing,
     delivery_ids_are_per_ref,
+    facts_sent_at_once_each_get_a_position_of_their_own,
     facts_reach_followers_through_the_log,
     trimmed_pipelines_are_forgotten,
     agent_writes_bump_the_version_and_reach_followers,
@@ -417,6 +418,61 @@ async fn delivery_ids_are_per_ref(store: &dyn Store) -> anyhow::Result<()> {
             .await?,
         Ingested::Recorded { .. }
     ));
+    Ok(())
+}
+
+/// Facts of several refs sent at once, every delivery twice: each is recorded once, at a
+/// position of its own, and each redelivery is refused.
+async fn facts_sent_at_once_each_get_a_position_of_their_own(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    const PER_REF: u32 = 30;
+    // Two refs that share a shard (and so a change log), and two others.
+    let mut refs = vec![key("group/a", "main")];
+    let shared = (0..)
+        .map(|n| key(&format!("group/b{n}"), "main"))
+        .find(|k| k.shard() == refs[0].shard())
+        .context("some ref shares the first one's shard")?;
+    refs.extend([shared, key("group/c", "main"), key("group/d", "release")]);
+    let mut sends = Vec::new();
+    for (r, k) in refs.iter().enumerate() {
+        for n in 0..PER_REF {
+            let fact = push_of(1000 * u32::try_from(r)? + n);
+            for _ in 0..2 {
+                sends.push((k, fact.clone(), format!("d-{n}")));
+            }
+        }
+    }
+    let answers = futures_util::future::join_all(
+        sends
+            .iter()
+            .map(|(k, fact, delivery)| store.record_fact(k, fact, Some(delivery), None)),
+    )
+    .await;
+    for k in &refs {
+        let mut positions = Vec::new();
+        let mut duplicates = 0;
+        for ((to, _, _), answer) in sends.iter().zip(&answers) {
+            if to != &k {
+                continue;
+            }
+            match answer {
+                Ok(Ingested::Recorded { position }) => positions.push(*position),
+                Ok(Ingested::Duplicate) => duplicates += 1,
+                other => bail!("a fact about {k} answered {other:?}"),
+            }
+        }
+        positions.sort_unstable();
+        assert_eq!(
+            positions,
+            (1..=u64::from(PER_REF)).collect::<Vec<_>>(),
+            "each fact of {k} has a position of its own"
+        );
+        assert_eq!(duplicates, PER_REF, "each redelivery to {k} is refused");
+        let facts = store.facts(k).await?;
+        assert_eq!(facts.position, u64::from(PER_REF));
+        assert_eq!(facts.pushes.len(), usize::try_from(PER_REF)?);
+    }
     Ok(())
 }
 

@@ -18,8 +18,21 @@ pub async fn binaries() -> anyhow::Result<PathBuf> {
     tokio::task::spawn_blocking(built_binaries).await?
 }
 
+/// Names a directory whose `greenlight-server` and `greenlight-agent` are used as they are,
+/// instead of building the workspace's: how a benchmark compares two builds in one sitting.
+pub const PREBUILT_BIN_DIR: &str = "GREENLIGHT_PREBUILT_BIN_DIR";
+
 /// `binaries`, for a test that does not run on an async runtime.
 pub fn built_binaries() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os(PREBUILT_BIN_DIR) {
+        let dir = PathBuf::from(dir);
+        ensure!(
+            dir.join("greenlight-server").is_file(),
+            "{PREBUILT_BIN_DIR} names {}, which holds no greenlight-server",
+            dir.display()
+        );
+        return Ok(dir);
+    }
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BUILT
         .get_or_init(|| build().map_err(|error| format!("{error:#}")))
