@@ -40,6 +40,9 @@ pub struct Args {
     /// over the pushed commits.
     #[arg(long)]
     fresh: bool,
+    /// Jobs in each Pipeline Hook's `builds`, as GitLab lists them (a few hundred bytes each).
+    #[arg(long, default_value_t = 0)]
+    jobs: usize,
     /// Runs greenlight-server as a child process (built beside this binary) instead of in
     /// this process, so that the clients and the server do not share a runtime.
     #[arg(long)]
@@ -114,8 +117,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         bail!("--seconds, --concurrency and --commits must be at least 1");
     }
     println!(
-        "scenario: throughput, Pipeline Hook only, {} clients, {} s per store, pipelines over {} pushed commits",
-        args.concurrency, args.seconds, args.commits
+        "scenario: throughput, Pipeline Hook only, {} clients, {} s per store, pipelines over {} pushed commits, {} jobs in each hook",
+        args.concurrency, args.seconds, args.commits, args.jobs
     );
     if args.fresh {
         println!(
@@ -180,7 +183,7 @@ async fn measure(label: &str, redis_url: Option<&str>, args: &Args) -> anyhow::R
     }
     let load_before = load_average();
 
-    let payloads = Arc::new(Payloads::new().context("cannot render the payloads")?);
+    let payloads = Arc::new(Payloads::new(args.jobs).context("cannot render the payloads")?);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(args.seconds);
@@ -342,6 +345,34 @@ async fn deliver(
     Ok((code, serde_json::from_slice(&text).unwrap_or_default()))
 }
 
+/// Job `n` of a pipeline in `status`, with the fields GitLab sends for each job.
+fn job(n: usize, status: &str) -> serde_json::Value {
+    let stage = if n.is_multiple_of(2) {
+        "test"
+    } else {
+        "deploy"
+    };
+    serde_json::json!({
+        "id": 5000 + n,
+        "stage": stage,
+        "name": format!("{stage}-job-{n}"),
+        "status": status,
+        "created_at": "2026-11-26 09:58:00 UTC",
+        "started_at": "2026-11-26 09:58:30 UTC",
+        "finished_at": if status == "success" { serde_json::Value::from("2026-11-26 09:59:40 UTC") } else { serde_json::Value::Null },
+        "duration": 70.2,
+        "queued_duration": 1.4,
+        "failure_reason": null,
+        "when": "on_success",
+        "manual": false,
+        "allow_failure": false,
+        "user": { "id": 1, "name": "Jane", "username": "jane", "avatar_url": "https://gitlab.example.com/uploads/-/system/user/avatar/1/avatar.png", "email": "[REDACTED]" },
+        "runner": { "id": 12, "description": "shared-runner-2", "runner_type": "instance_type", "active": true, "is_shared": true, "tags": ["docker", "linux"] },
+        "artifacts_file": { "filename": null, "size": null },
+        "environment": null
+    })
+}
+
 /// Which pipeline status a delivery reports.
 #[derive(Clone, Copy)]
 enum PayloadStatus {
@@ -360,16 +391,12 @@ impl Payloads {
     const ID: u64 = 987_654_321;
     const COMMIT: &str = "feedfacefeedfacefeedfacefeedfacefeedface";
 
-    fn new() -> anyhow::Result<Self> {
+    fn new(jobs: usize) -> anyhow::Result<Self> {
         let render = |status| {
-            serde_json::to_string(&pipeline_payload(
-                PROJECT,
-                BRANCH,
-                Self::COMMIT,
-                Self::ID,
-                status,
-                "push",
-            ))
+            let mut payload =
+                pipeline_payload(PROJECT, BRANCH, Self::COMMIT, Self::ID, status, "push");
+            payload["builds"] = (0..jobs).map(|n| job(n, status)).collect();
+            serde_json::to_string(&payload)
         };
         Ok(Self {
             running: render("running")?,

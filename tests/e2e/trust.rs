@@ -10,7 +10,7 @@ use greenlight::v1::{
 };
 use greenlight_agent::client::ClientError;
 use greenlight_e2e::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tonic::Code;
 
 const ZERO: &str = "0000000000000000000000000000000000000000";
@@ -115,6 +115,15 @@ async fn forged_cross_project_hook_is_401_and_the_legitimate_one_still_works() -
     let (status, body) = hook_with(&server, PROD_SECRET, "Pipeline Hook", &run).await?;
     assert_eq!((status, body["outcome"].as_str()), (200, Some("recorded")));
     server.desired_becomes("prod", &green).await?;
+    // …also for an event Greenlight does not use, and for a body that is not its event:
+    // both are read for the project alone, which picks the secret.
+    let job = json!({ "object_kind": "build", "project": { "path_with_namespace": PROD_PROJECT } });
+    let (status, body) = hook_with(&server, PROD_SECRET, "Job Hook", &job).await?;
+    assert_eq!((status, body["outcome"].as_str()), (200, Some("ignored")));
+    let (status, body) = hook_with(&server, PROD_SECRET, "Pipeline Hook", &job).await?;
+    assert_eq!((status, body["outcome"].as_str()), (400, Some("rejected")));
+    let (status, _) = hook_with(&server, GITLAB_SECRET, "Job Hook", &job).await?;
+    assert_eq!(status, 401);
     // …and not for the projects the global secret guards.
     let dev_push = push_payload(PROJECT, "main", ZERO, &green);
     let (status, body) = hook_with(&server, PROD_SECRET, "Push Hook", &dev_push).await?;

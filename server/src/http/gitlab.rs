@@ -41,12 +41,51 @@ struct ProjectClaim {
 
 impl ProjectClaim {
     fn claimed(&self) -> Option<Claimed<'_>> {
-        let path = self
-            .project
-            .as_ref()
-            .and_then(|p| p.path_with_namespace.as_deref());
-        let id = self.project.as_ref().and_then(|p| p.id).or(self.project_id);
-        (path.is_some() || id.is_some()).then_some(Claimed { path, id })
+        claimed(self.project.as_ref(), self.project_id)
+    }
+}
+
+/// The project a body names, by path, id or both.
+fn claimed(project: Option<&Project>, project_id: Option<u64>) -> Option<Claimed<'_>> {
+    let path = project.and_then(|p| p.path_with_namespace.as_deref());
+    let id = project.and_then(|p| p.id).or(project_id);
+    (path.is_some() || id.is_some()).then_some(Claimed { path, id })
+}
+
+/// A delivery's body, parsed once as the event its `X-Gitlab-Event` header names: the
+/// secret, the preview and the fact all come from this one reading, and GitLab's pipeline
+/// hooks carry every job of the pipeline.
+enum Payload {
+    Push(PushHook),
+    Pipeline(PipelineHook),
+    MergeRequest(MergeRequestHook),
+    /// An event Greenlight does not use, by name; its body is not read.
+    Other(String),
+}
+
+impl Payload {
+    /// Parses `body` as `event`; `Err` says what is malformed.
+    fn parse(event: &str, body: &[u8]) -> Result<Self, String> {
+        fn read<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+            serde_json::from_slice(body).map_err(|e| e.to_string())
+        }
+        Ok(match event {
+            "Push Hook" => Self::Push(read(body)?),
+            "Pipeline Hook" => Self::Pipeline(read(body)?),
+            "Merge Request Hook" => Self::MergeRequest(read(body)?),
+            _ => Self::Other(event.to_owned()),
+        })
+    }
+
+    /// The project the body names, which picks the secret; `None` for an event that is not
+    /// read.
+    fn claimed(&self) -> Option<Claimed<'_>> {
+        match self {
+            Self::Push(hook) => claimed(hook.project.as_ref(), hook.project_id),
+            Self::Pipeline(hook) => claimed(hook.project.as_ref(), hook.project_id),
+            Self::MergeRequest(hook) => claimed(hook.project.as_ref(), hook.project_id),
+            Self::Other(_) => None,
+        }
     }
 }
 
@@ -64,35 +103,31 @@ struct PushHook {
 struct PipelineHook {
     object_attributes: PipelineAttributes,
     project: Option<Project>,
+    /// Read for the secret only, as [`ProjectClaim`] reads it.
+    #[serde(default)]
+    project_id: Option<u64>,
     #[serde(default)]
     builds: Vec<Build>,
-}
-
-/// A pipeline hook's view of a merge request pipeline, read for previews only.
-#[derive(Deserialize)]
-struct MergeRequestPipelineHook {
-    object_attributes: MergeRequestPipelineAttributes,
-    project: Option<Project>,
+    /// Set for a merge request pipeline, which previews follow.
+    #[serde(default)]
     merge_request: Option<PipelineMergeRequest>,
 }
 
-#[derive(Deserialize)]
-struct MergeRequestPipelineAttributes {
-    sha: String,
-    #[serde(default)]
-    source: Option<String>,
-}
-
+/// A merge request pipeline's merge request: optional fields, so that one without them
+/// asks for no preview rather than making the whole hook malformed.
 #[derive(Deserialize)]
 struct PipelineMergeRequest {
-    iid: u64,
-    target_branch: String,
+    iid: Option<u64>,
+    target_branch: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct MergeRequestHook {
     object_attributes: MergeRequestAttributes,
     project: Option<Project>,
+    /// Read for the secret only, as [`ProjectClaim`] reads it.
+    #[serde(default)]
+    project_id: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -303,15 +338,24 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
             "missing X-Gitlab-Token header",
         );
     };
+    let event = header(&headers, "x-gitlab-event");
+    let payload = event.map(|event| Payload::parse(event, &body));
     // The secret depends on the project the body names, so the body is read (not trusted)
-    // before the token is checked.
-    let claim = serde_json::from_slice::<ProjectClaim>(&body).ok();
-    let claimed = claim.as_ref().and_then(ProjectClaim::claimed);
+    // before the token is checked. A body that is not the event it claims to be, or of an
+    // event not used, is read for its project alone.
+    let lenient;
+    let claimed = match &payload {
+        Some(Ok(payload)) if !matches!(payload, Payload::Other(_)) => payload.claimed(),
+        _ => {
+            lenient = serde_json::from_slice::<ProjectClaim>(&body).ok();
+            lenient.as_ref().and_then(ProjectClaim::claimed)
+        }
+    };
     if let Err(refused) = state.webhook_secrets.check(claimed, token) {
         state.metrics.webhook("unknown", "unauthorized");
         return answer(StatusCode::UNAUTHORIZED, "rejected", refused.to_string());
     }
-    let Some(event) = header(&headers, "x-gitlab-event") else {
+    let (Some(event), Some(payload)) = (event, payload) else {
         state.metrics.webhook("unknown", "malformed");
         return answer(
             StatusCode::BAD_REQUEST,
@@ -330,7 +374,10 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
     tracing::Span::current().record("event", label);
     // Previews: a merge request's head. They never touch the gate, so a failure to ask for
     // one is logged and the pipeline hook is still recorded below.
-    let preview = parse_preview(event, &body);
+    let preview = match &payload {
+        Ok(payload) => payload.preview(),
+        Err(problem) => preview_of_malformed(event, problem.clone()),
+    };
     if let Ok(Some(trigger)) = &preview {
         let asked = tokio::time::timeout(RECORD_DEADLINE, state.previews.request(trigger)).await;
         match (asked, event) {
@@ -376,12 +423,8 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
             }
         };
     }
-    let fact = parse_event(
-        event,
-        &body,
-        crate::clock::now_ms(),
-        state.engine.catalog().as_ref(),
-    );
+    let fact = payload
+        .and_then(|payload| payload.fact(crate::clock::now_ms(), state.engine.catalog().as_ref()));
     let fact = match fact {
         Err(problem) => {
             state.metrics.webhook(label, "malformed");
@@ -442,72 +485,99 @@ type Parsed = Result<Result<Fact, String>, String>;
 
 /// Parses `body` as the event `X-Gitlab-Event` names: the pure part of [`receive`].
 pub fn parse_event(event: &str, body: &[u8], now_ms: i64, agents: &impl AgentNames) -> Parsed {
-    match event {
-        "Push Hook" => parse_push(body),
-        "Pipeline Hook" => parse_pipeline(body, now_ms, agents),
-        _ => Ok(Err(format!("{event} events are not used"))),
-    }
+    Payload::parse(event, body)?.fact(now_ms, agents)
 }
 
 /// The merge request head a delivery asks previews of: a `Merge Request Hook` that opens,
 /// updates or reopens one, or a `Pipeline Hook` of a merge request pipeline. `Err` for a
 /// malformed merge request hook; `Ok(None)` for anything else.
 pub fn parse_preview(event: &str, body: &[u8]) -> Result<Option<PreviewTrigger>, String> {
+    match Payload::parse(event, body) {
+        Ok(payload) => payload.preview(),
+        Err(problem) => preview_of_malformed(event, problem),
+    }
+}
+
+/// What a malformed body asks of previews: a merge request hook's problem is refused; a
+/// malformed pipeline hook is the pipeline parser's to refuse.
+fn preview_of_malformed(event: &str, problem: String) -> Result<Option<PreviewTrigger>, String> {
     match event {
-        "Merge Request Hook" => {
-            let hook: MergeRequestHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
-            let attrs = hook.object_attributes;
-            if !attrs
-                .action
-                .as_deref()
-                .is_some_and(|a| PREVIEW_ACTIONS.contains(&a))
-            {
-                return Ok(None);
-            }
-            let commit = attrs
-                .last_commit
-                .ok_or("object_attributes.last_commit is required")?;
-            let sha = Sha::parse(&commit.id)
-                .map_err(|e| format!("object_attributes.last_commit.id: {e}"))?;
-            let (path, id) = project_of(hook.project.as_ref(), None)?;
-            Ok(Some(PreviewTrigger {
-                project_path: path,
-                project_id: id,
-                target_branch: attrs.target_branch,
-                merge_request_iid: attrs.iid,
-                sha: sha.as_str().to_owned(),
-            }))
-        }
-        "Pipeline Hook" => {
-            // Malformed pipeline hooks are the pipeline parser's to refuse.
-            let Ok(hook) = serde_json::from_slice::<MergeRequestPipelineHook>(body) else {
-                return Ok(None);
-            };
-            let (Some(mr), Some(MERGE_REQUEST_SOURCE)) =
-                (hook.merge_request, hook.object_attributes.source.as_deref())
-            else {
-                return Ok(None);
-            };
-            let (Ok(sha), Ok((path, id))) = (
-                Sha::parse(&hook.object_attributes.sha),
-                project_of(hook.project.as_ref(), None),
-            ) else {
-                return Ok(None);
-            };
-            Ok(Some(PreviewTrigger {
-                project_path: path,
-                project_id: id,
-                target_branch: mr.target_branch,
-                merge_request_iid: mr.iid,
-                sha: sha.as_str().to_owned(),
-            }))
-        }
+        "Merge Request Hook" => Err(problem),
         _ => Ok(None),
     }
 }
 
-fn parse_push(body: &[u8]) -> Parsed {
-    let hook: PushHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+impl Payload {
+    /// The fact the delivery brings: `Err` for a malformed one, `Ok(Err)` for one we do not
+    /// act on.
+    fn fact(self, now_ms: i64, agents: &impl AgentNames) -> Parsed {
+        match self {
+            Self::Push(hook) => parse_push(hook),
+            Self::Pipeline(hook) => parse_pipeline(hook, now_ms, agents),
+            Self::MergeRequest(_) => Ok(Err("Merge Request Hook events are not used".into())),
+            Self::Other(event) => Ok(Err(format!("{event} events are not used"))),
+        }
+    }
+
+    /// The merge request head the delivery asks previews of, as [`parse_preview`] says.
+    fn preview(&self) -> Result<Option<PreviewTrigger>, String> {
+        match self {
+            Self::MergeRequest(hook) => {
+                let attrs = &hook.object_attributes;
+                if !attrs
+                    .action
+                    .as_deref()
+                    .is_some_and(|a| PREVIEW_ACTIONS.contains(&a))
+                {
+                    return Ok(None);
+                }
+                let commit = attrs
+                    .last_commit
+                    .as_ref()
+                    .ok_or("object_attributes.last_commit is required")?;
+                let sha = Sha::parse(&commit.id)
+                    .map_err(|e| format!("object_attributes.last_commit.id: {e}"))?;
+                let (path, id) = project_of(hook.project.as_ref(), None)?;
+                Ok(Some(PreviewTrigger {
+                    project_path: path,
+                    project_id: id,
+                    target_branch: attrs.target_branch.clone(),
+                    merge_request_iid: attrs.iid,
+                    sha: sha.as_str().to_owned(),
+                }))
+            }
+            Self::Pipeline(hook) => {
+                let attrs = &hook.object_attributes;
+                let (
+                    Some(PipelineMergeRequest {
+                        iid: Some(iid),
+                        target_branch: Some(target_branch),
+                    }),
+                    Some(MERGE_REQUEST_SOURCE),
+                ) = (&hook.merge_request, attrs.source.as_deref())
+                else {
+                    return Ok(None);
+                };
+                let (Ok(sha), Ok((path, id))) = (
+                    Sha::parse(&attrs.sha),
+                    project_of(hook.project.as_ref(), None),
+                ) else {
+                    return Ok(None);
+                };
+                Ok(Some(PreviewTrigger {
+                    project_path: path,
+                    project_id: id,
+                    target_branch: target_branch.clone(),
+                    merge_request_iid: *iid,
+                    sha: sha.as_str().to_owned(),
+                }))
+            }
+            Self::Push(_) | Self::Other(_) => Ok(None),
+        }
+    }
+}
+
+fn parse_push(hook: PushHook) -> Parsed {
     let Some(branch) = hook.git_ref.strip_prefix("refs/heads/") else {
         return Ok(Err(format!("{} is not a branch", hook.git_ref)));
     };
@@ -531,8 +601,7 @@ fn parse_push(body: &[u8]) -> Parsed {
     }))
 }
 
-fn parse_pipeline(body: &[u8], now_ms: i64, agents: &impl AgentNames) -> Parsed {
-    let hook: PipelineHook = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+fn parse_pipeline(hook: PipelineHook, now_ms: i64, agents: &impl AgentNames) -> Parsed {
     let attrs = hook.object_attributes;
     if attrs.tag {
         return Ok(Err(format!(
@@ -650,22 +719,76 @@ mod tests {
     #[test]
     fn tag_pushes_and_tag_pipelines_are_not_acted_on() {
         let push = br#"{"ref":"refs/tags/v1","before":"0000000000000000000000000000000000000000","after":"1111111111111111111111111111111111111111","project":{"id":1}}"#;
-        assert!(matches!(parse_push(push), Ok(Err(_))));
+        assert!(matches!(
+            parse_event("Push Hook", push, NOW, &AGENTS),
+            Ok(Err(_))
+        ));
         let pipeline = br#"{"object_attributes":{"id":1,"ref":"v1","tag":true,"sha":"1111111111111111111111111111111111111111","status":"success"},"project":{"id":1}}"#;
-        assert!(matches!(parse_pipeline(pipeline, NOW, &AGENTS), Ok(Err(_))));
+        assert!(matches!(
+            parse_event("Pipeline Hook", pipeline, NOW, &AGENTS),
+            Ok(Err(_))
+        ));
+    }
+
+    /// The project a body names is the same whether it is read once as its event or read
+    /// for the project alone, as a body that is not its event is: the secret it picks does
+    /// not depend on which.
+    #[test]
+    fn a_body_read_once_claims_the_project_the_lenient_reading_claims() {
+        let bodies: [(&str, &[u8]); 6] = [
+            ("Push Hook", br#"{"ref":"refs/heads/main","after":"1111111111111111111111111111111111111111","project_id":7}"#),
+            ("Push Hook", br#"{"ref":"refs/heads/main","after":"1111111111111111111111111111111111111111","project":{"id":3,"path_with_namespace":"g/a"},"project_id":7}"#),
+            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"},"project":{"path_with_namespace":"g/a"}}"#),
+            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"},"project_id":9}"#),
+            ("Merge Request Hook", br#"{"object_attributes":{"iid":1,"target_branch":"main"},"project":{"id":4}}"#),
+            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"}}"#),
+        ];
+        for (event, body) in bodies {
+            let payload = Payload::parse(event, body).unwrap();
+            let lenient: ProjectClaim = serde_json::from_slice(body).unwrap();
+            assert_eq!(payload.claimed(), lenient.claimed(), "{event}");
+        }
+    }
+
+    /// A merge request pipeline whose merge request lacks the fields a preview needs is
+    /// still a pipeline: it asks no preview and is recorded.
+    #[test]
+    fn a_merge_request_pipeline_without_its_merge_requests_fields_is_still_recorded() {
+        let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","source":"merge_request_event","status":"success"},"project":{"id":1},"merge_request":{"id":5}}"#;
+        assert_eq!(parse_preview("Pipeline Hook", body), Ok(None));
+        assert!(matches!(
+            parse_event("Pipeline Hook", body, NOW, &AGENTS),
+            Ok(Ok(_))
+        ));
+        let complete = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","source":"merge_request_event","status":"success"},"project":{"id":1},"merge_request":{"iid":5,"target_branch":"main"}}"#;
+        let trigger = parse_preview("Pipeline Hook", complete).unwrap().unwrap();
+        assert_eq!(
+            (trigger.merge_request_iid, trigger.target_branch.as_str()),
+            (5, "main")
+        );
     }
 
     #[test]
     fn malformed_payloads_name_the_problem() {
-        let err = parse_push(br#"{"ref":"refs/heads/main","after":"zz","project":{"id":1}}"#)
-            .err()
-            .unwrap();
+        let err = parse_event(
+            "Push Hook",
+            br#"{"ref":"refs/heads/main","after":"zz","project":{"id":1}}"#,
+            NOW,
+            &AGENTS,
+        )
+        .err()
+        .unwrap();
         assert!(err.contains("after"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1}}"#, NOW, &AGENTS)
-            .err()
-            .unwrap();
+        let err = parse_event(
+            "Pipeline Hook",
+            br#"{"object_attributes":{"id":1}}"#,
+            NOW,
+            &AGENTS,
+        )
+        .err()
+        .unwrap();
         assert!(err.contains("missing field"), "{err}");
-        let err = parse_pipeline(br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#, NOW, &AGENTS).err().unwrap();
+        let err = parse_event("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#, NOW, &AGENTS).err().unwrap();
         assert!(err.contains("exploded"), "{err}");
     }
 
@@ -674,7 +797,9 @@ mod tests {
         let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"running"},"project":{"id":1},
             "builds":[{"stage":"test","status":"success"},{"stage":"test","status":"failed","allow_failure":true},
                       {"stage":"lint","status":"success"},{"stage":"lint","status":"running"},{"stage":"deploy","status":"created"}]}"#;
-        let fact = parse_pipeline(body, NOW, &AGENTS).unwrap().unwrap();
+        let fact = parse_event("Pipeline Hook", body, NOW, &AGENTS)
+            .unwrap()
+            .unwrap();
         let FactKind::Pipeline { pipeline, .. } = fact.kind else {
             panic!("not a pipeline")
         };
@@ -690,15 +815,15 @@ mod tests {
         };
         let job = r#"{"stage":"test","status":"success"}"#;
         let many = vec![job; crate::trust::MAX_JOBS + 1].join(",");
-        let err = parse_pipeline(hook(&many).as_bytes(), NOW, &AGENTS)
+        let err = parse_event("Pipeline Hook", hook(&many).as_bytes(), NOW, &AGENTS)
             .err()
             .unwrap();
         assert!(err.starts_with("builds: 5001 jobs"), "{err}");
         let enough = vec![job; crate::trust::MAX_JOBS].join(",");
-        let parsed = parse_pipeline(hook(&enough).as_bytes(), NOW, &AGENTS);
+        let parsed = parse_event("Pipeline Hook", hook(&enough).as_bytes(), NOW, &AGENTS);
         assert!(parsed.is_ok(), "{:?}", parsed.err());
         let long = format!(r#"{{"stage":"{}","status":"success"}}"#, "s".repeat(256));
-        let err = parse_pipeline(hook(&long).as_bytes(), NOW, &AGENTS)
+        let err = parse_event("Pipeline Hook", hook(&long).as_bytes(), NOW, &AGENTS)
             .err()
             .unwrap();
         assert!(
@@ -708,7 +833,7 @@ mod tests {
     }
 
     fn pipeline_of(body: &[u8]) -> Option<Pipeline> {
-        match parse_pipeline(body, NOW, &AGENTS) {
+        match parse_event("Pipeline Hook", body, NOW, &AGENTS) {
             Ok(Ok(Fact {
                 kind: FactKind::Pipeline { pipeline, .. },
                 ..
@@ -744,7 +869,7 @@ mod tests {
         // A pipeline of nothing but our statuses, or made by them, is no verdict at all.
         let only_ours = br#"{"object_attributes":{"id":8,"ref":"main","sha":"1111111","status":"success","source":"push"},"project":{"id":1},
             "builds":[{"name":"greenlight/staging","stage":"external","status":"success"}]}"#;
-        let ignored = parse_pipeline(only_ours, NOW, &AGENTS)
+        let ignored = parse_event("Pipeline Hook", only_ours, NOW, &AGENTS)
             .unwrap()
             .unwrap_err();
         assert_eq!(
@@ -752,7 +877,10 @@ mod tests {
             "pipeline 8 holds only Greenlight's own statuses (greenlight/staging)"
         );
         let external = br#"{"object_attributes":{"id":9,"ref":"main","sha":"1111111","status":"success","source":"external"},"project":{"id":1}}"#;
-        assert!(matches!(parse_pipeline(external, NOW, &AGENTS), Ok(Err(_))));
+        assert!(matches!(
+            parse_event("Pipeline Hook", external, NOW, &AGENTS),
+            Ok(Err(_))
+        ));
     }
 
     #[test]
@@ -822,7 +950,9 @@ mod tests {
     #[test]
     fn branch_deletion_has_no_after() {
         let body = br#"{"ref":"refs/heads/main","before":"1111111111111111111111111111111111111111","after":"0000000000000000000000000000000000000000","project":{"path_with_namespace":"g/a"}}"#;
-        let fact = parse_push(body).unwrap().unwrap();
+        let fact = parse_event("Push Hook", body, NOW, &AGENTS)
+            .unwrap()
+            .unwrap();
         assert!(matches!(
             fact.kind,
             FactKind::Push(Push { after: None, .. })
@@ -937,8 +1067,8 @@ mod tests {
             body in prop::collection::vec(any::<u8>(), 0..512),
         ) {
             let _ = parse_event(&event, &body, NOW, &AGENTS);
-            let _ = parse_push(&body);
-            let _ = parse_pipeline(&body, NOW, &AGENTS);
+            let _ = parse_event("Push Hook", &body, NOW, &AGENTS);
+            let _ = parse_event("Pipeline Hook", &body, NOW, &AGENTS);
             let _ = parse_preview(&event, &body);
             let _ = parse_preview("Merge Request Hook", &body);
         }
@@ -951,8 +1081,8 @@ mod tests {
         ) {
             let body = serde_json::to_vec(&hook).unwrap();
             let _ = parse_event(&event, &body, now, &AGENTS);
-            let _ = parse_push(&body);
-            let _ = parse_pipeline(&body, now, &AGENTS);
+            let _ = parse_event("Push Hook", &body, NOW, &AGENTS);
+            let _ = parse_event("Pipeline Hook", &body, now, &AGENTS);
         }
 
         #[test]
