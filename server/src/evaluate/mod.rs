@@ -288,7 +288,7 @@ impl Evaluator {
     /// `traceparent` when the request that asked was traced.
     pub fn enqueue(&self, key: &RefKey, asked: Asked) {
         if self.holds(key.shard()) {
-            self.queue.push_merging(key.clone(), asked, Asked::merge);
+            self.queue.push_merging(key, asked, Asked::merge);
         }
     }
 
@@ -396,8 +396,7 @@ impl Evaluator {
                 {
                     // Another holder may have recorded fetch errors meanwhile.
                     self.lock_fetch_errors_cleared().remove(key);
-                    self.queue
-                        .push_merging(key.clone(), Asked::default(), Asked::merge);
+                    self.queue.push_merging(key, Asked::default(), Asked::merge);
                 }
             } else if !held && was {
                 info!(shard, "another replica evaluates the refs of a shard now");
@@ -441,8 +440,7 @@ impl Evaluator {
         };
         match self.evaluate_with(key, deferral).instrument(span).await {
             Ok(outcome) if outcome.deferred => {
-                self.queue
-                    .push_merging(key.clone(), asked.deferred(), Asked::merge);
+                self.queue.push_merging(key, asked.deferred(), Asked::merge);
                 // The next evaluation would find the mirror behind too: fetch now.
                 if let Some(seen) = outcome.mirror_behind {
                     self.fetch_then_reevaluate(key.clone(), None, Some(seen));
@@ -465,7 +463,7 @@ impl Evaluator {
                 // Retried once the key is released: paced so that a store that is down is
                 // not asked in a tight loop.
                 tokio::time::sleep(Duration::from_millis(200)).await;
-                self.queue.push_merging(key.clone(), asked, Asked::merge);
+                self.queue.push_merging(key, asked, Asked::merge);
             }
         }
     }
@@ -857,7 +855,7 @@ impl Evaluator {
                                 traceparent,
                                 ..Asked::default()
                             };
-                            this.queue.push_merging(key.clone(), asked, Asked::merge);
+                            this.queue.push_merging(&key, asked, Asked::merge);
                             return;
                         }
                         Err(error) => {

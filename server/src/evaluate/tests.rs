@@ -609,7 +609,7 @@ async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_o
     // Its pipeline, recorded elsewhere and heard while this evaluation runs.
     evaluator
         .queue
-        .push_merging(key(), Asked::by_fact(None, 10, position + 1), Asked::merge);
+        .push_merging(&key(), Asked::by_fact(None, 10, position + 1), Asked::merge);
     evaluator
         .evaluate_job(&key(), Asked::by_fact(None, 5, position))
         .await;
@@ -634,7 +634,7 @@ async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_o
     let (taken, asked) = evaluator.queue.next().await;
     evaluator
         .queue
-        .push_merging(key(), Asked::by_fact(None, 20, position + 2), Asked::merge);
+        .push_merging(&key(), Asked::by_fact(None, 20, position + 2), Asked::merge);
     evaluator.evaluate_job(&taken, asked).await;
     evaluator.queue.done(&taken);
     let after = store.agent("edge").await.expect("reads the agent");
@@ -656,7 +656,7 @@ async fn a_fact_heard_again_from_the_log_does_not_defer_its_own_evaluation() {
     // The replica that recorded it enqueued it, and the change log brings it again.
     evaluator
         .queue
-        .push_merging(key(), Asked::by_fact(None, 10, position), Asked::merge);
+        .push_merging(&key(), Asked::by_fact(None, 10, position), Asked::merge);
     evaluator
         .evaluate_job(&key(), Asked::by_fact(None, 10, position))
         .await;
