@@ -180,6 +180,12 @@ impl Engine {
         self.evaluator.note_sync_error(agent, error);
     }
 
+    /// Hears that a stream of `agent` ended with `desired` due and the manifests of `read`
+    /// the last it read: see [`Evaluator::stream_ended`].
+    pub fn stream_ended(&self, agent: &str, desired: Option<&Sha>, read: Option<&Sha>) {
+        self.evaluator.stream_ended(agent, desired, read);
+    }
+
     /// Why `agent`'s desired revision cannot be delivered, if it cannot.
     pub async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>, StoreError> {
         self.evaluator.sync_error(agent).await

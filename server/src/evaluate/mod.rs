@@ -676,8 +676,8 @@ impl Evaluator {
                         );
                         // An agent streaming here has its manifests read by its stream as it
                         // sends; preparing them too cost a queued job per agent of a fan-out.
-                        // A stream that ends before it reads them leaves a broken revision
-                        // unreported until the agent reconnects.
+                        // A stream that ends before it reads them has them prepared then
+                        // (`stream_ended`).
                         if step.desired_changed
                             && let Some(desired) = desired
                             && !self.index.streamed_here(&change.agent)
@@ -877,6 +877,18 @@ impl Evaluator {
             }
             .instrument(span),
         );
+    }
+
+    /// Hears that a stream of `agent` ended with `desired` due and the manifests of `read`
+    /// the last it read. A desired revision the stream never read was not prepared when it
+    /// was decided (the stream was to read it), so it is prepared now: a broken revision
+    /// then shows while the agent is away, as it does for an agent that was away all along.
+    pub fn stream_ended(&self, agent: &str, desired: Option<&Sha>, read: Option<&Sha>) {
+        if let Some(desired) = desired
+            && read != Some(desired)
+        {
+            self.prepare.push(agent.to_owned(), desired.clone());
+        }
     }
 
     /// Reads the manifests of newly decided revisions until `shutdown`, so that a broken

@@ -322,6 +322,9 @@ impl AgentService for AgentApi {
                 Box::pin(engine.connected(&agent.name)).await;
                 info!(applied = ?applied.as_ref().map(Sha::short), "agent connected");
                 let mut sent: Option<(Sha, u64)> = None;
+                // The revision whose manifests this stream read last (or that the agent
+                // already held): one due but never read is prepared when the stream ends.
+                let mut read: Option<Sha> = None;
                 let mut first = true;
                 let mut retry = Backoff::new(RETRY_INITIAL, RETRY_MAX);
                 let mut previews_sent = std::collections::HashSet::new();
@@ -342,6 +345,7 @@ impl AgentService for AgentApi {
                         };
                         if already {
                             sent = Some((revision.sha.clone(), revision.generation));
+                            read = Some(revision.sha.clone());
                         } else {
                             // Joins the trace of the decision that chose the revision.
                             let span = info_span!(
@@ -358,6 +362,7 @@ impl AgentService for AgentApi {
                                     .manifests(&agent, &revision.sha)
                                     .instrument(info_span!(parent: &span, "read_manifests"))) => files,
                             };
+                            read = Some(revision.sha.clone());
                             match files {
                                 Ok(files) => {
                                     debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
@@ -472,6 +477,8 @@ impl AgentService for AgentApi {
                         },
                     }
                 }
+                let due = desired.borrow().revision.as_ref().map(|r| r.sha.clone());
+                engine.stream_ended(&agent.name, due.as_ref(), read.as_ref());
                 Box::pin(engine.disconnected(&agent.name)).await;
                 info!("agent disconnected");
             }
