@@ -180,10 +180,10 @@ impl Engine {
         self.evaluator.note_sync_error(agent, error);
     }
 
-    /// Hears that a stream of `agent` ended with `desired` due and the manifests of `read`
-    /// the last it read: see [`Evaluator::stream_ended`].
-    pub fn stream_ended(&self, agent: &str, desired: Option<&Sha>, read: Option<&Sha>) {
-        self.evaluator.stream_ended(agent, desired, read);
+    /// Hears that a stream of `agent` ended having read the manifests of `read` last: see
+    /// [`Evaluator::stream_ended`].
+    pub fn stream_ended(&self, agent: &str, read: Option<&Sha>) {
+        self.evaluator.stream_ended(agent, read);
     }
 
     /// Why `agent`'s desired revision cannot be delivered, if it cannot.

@@ -61,8 +61,8 @@ impl<K: Hash + Eq + Clone, V> Coalescing<K, V> {
             }
         };
         // A request merged into a queued one needs no wake-up of its own: the queued one had
-        // one, and a worker looks for queued jobs before it waits. Under a stream of facts
-        // about one ref, that spares a worker's wake-up per fact.
+        // one, or waits for a worker busy with its key, whose `done` wakes one. Under a
+        // stream of facts about one ref, that spares a worker's wake-up per fact.
         if added {
             self.ready.notify_one();
         }
@@ -71,9 +71,13 @@ impl<K: Hash + Eq + Clone, V> Coalescing<K, V> {
     /// The next job, waiting for one. The key is held until [`Coalescing::done`].
     pub async fn next(&self) -> (K, V) {
         loop {
-            // Registered before looking, so a push between the look and the wait still
-            // wakes this worker (notify_one keeps a permit when nobody waits).
+            // Registered as a waiter before looking, so that a push between the look and
+            // the wait wakes this worker, and two pushes wake two workers: an unregistered
+            // waiter would leave them one stored permit between them. A wake-up this worker
+            // receives but does not wait for passes on to another when it returns a job.
             let notified = self.ready.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
             if let Some(job) = self.take() {
                 return job;
             }

@@ -879,15 +879,26 @@ impl Evaluator {
         );
     }
 
-    /// Hears that a stream of `agent` ended with `desired` due and the manifests of `read`
-    /// the last it read. A desired revision the stream never read was not prepared when it
-    /// was decided (the stream was to read it), so it is prepared now: a broken revision
-    /// then shows while the agent is away, as it does for an agent that was away all along.
-    pub fn stream_ended(&self, agent: &str, desired: Option<&Sha>, read: Option<&Sha>) {
-        if let Some(desired) = desired
-            && read != Some(desired)
+    /// Hears that a stream of `agent` ended having read the manifests of `read` last (or
+    /// found the agent holding it). A desired revision the stream never read was not
+    /// prepared when it was decided (the stream was to read it), so it is prepared now,
+    /// unless another stream here follows the agent: a broken revision then shows while the
+    /// agent is away, as it does for an agent that was away all along. Called once the
+    /// stream no longer follows the agent, so that a decision made meanwhile is prepared
+    /// either here or by the evaluation that made it.
+    pub fn stream_ended(&self, agent: &str, read: Option<&Sha>) {
+        if self.index.streamed_here(agent) {
+            return;
+        }
+        let due = self
+            .index
+            .current(agent)
+            .and_then(|desired| desired.revision)
+            .map(|revision| revision.sha);
+        if let Some(due) = due
+            && read != Some(&due)
         {
-            self.prepare.push(agent.to_owned(), desired.clone());
+            self.prepare.push(agent.to_owned(), due);
         }
     }
 

@@ -694,7 +694,7 @@ async fn manifests_are_prepared_for_agents_no_stream_here_follows() {
 
 /// A stream that ends before it reads the manifests of its agent's desired revision leaves
 /// them to be prepared, so that a broken revision still shows while the agent is away; one
-/// that read them, or whose agent already held the revision, leaves nothing.
+/// that read them, or that another stream here still follows, leaves nothing.
 #[tokio::test]
 async fn a_stream_that_ends_before_reading_its_due_revision_leaves_it_prepared() {
     let (evaluator, store) = evaluator_for(&format!(
@@ -709,11 +709,12 @@ async fn a_stream_that_ends_before_reading_its_due_revision_leaves_it_prepared()
     evaluator.evaluate(&key()).await.expect("evaluates");
     let prepared = || evaluator.prepare.peek(&"streaming".to_owned(), Sha::clone);
     assert_eq!(prepared(), None, "its stream was to read them");
-    drop(stream);
 
-    evaluator.stream_ended("streaming", Some(&sha(1)), Some(&sha(1)));
-    evaluator.stream_ended("streaming", None, None);
-    assert_eq!(prepared(), None, "read, or nothing due");
-    evaluator.stream_ended("streaming", Some(&sha(1)), None);
-    assert_eq!(prepared(), Some(sha(1)));
+    evaluator.stream_ended("streaming", None);
+    assert_eq!(prepared(), None, "another stream here still follows it");
+    drop(stream);
+    evaluator.stream_ended("streaming", Some(&sha(1)));
+    assert_eq!(prepared(), None, "read");
+    evaluator.stream_ended("streaming", None);
+    assert_eq!(prepared(), Some(sha(1)), "never read");
 }

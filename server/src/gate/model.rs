@@ -533,8 +533,8 @@ impl RefState {
 
     /// Forgets the pipelines of the oldest commits that are no head, past their cap.
     ///
-    /// The facts are replayed into a state at every evaluation, a record at a time, so this
-    /// returns early whenever it cannot drop anything.
+    /// Runs after every new orphan recorded, so it returns early whenever it cannot drop
+    /// anything.
     fn trim_orphans(&mut self) {
         if self.pipelines.len() <= MAX_ORPHAN_PIPELINE_COMMITS {
             return;

@@ -461,6 +461,7 @@ impl AgentService for AgentApi {
                                 expires = valid_until;
                                 if delivery_changed(&agent, &now) {
                                     sent = None;
+                                    read = None;
                                 }
                                 agent = now;
                                 if desired.has_changed().is_err() {
@@ -469,6 +470,7 @@ impl AgentService for AgentApi {
                                         Some(channel) => {
                                             desired = channel;
                                             sent = None;
+                                            read = None;
                                         }
                                         None => break,
                                     }
@@ -477,8 +479,8 @@ impl AgentService for AgentApi {
                         },
                     }
                 }
-                let due = desired.borrow().revision.as_ref().map(|r| r.sha.clone());
-                engine.stream_ended(&agent.name, due.as_ref(), read.as_ref());
+                drop(desired);
+                engine.stream_ended(&agent.name, read.as_ref());
                 Box::pin(engine.disconnected(&agent.name)).await;
                 info!("agent disconnected");
             }
