@@ -218,6 +218,18 @@ impl Catalog {
             .find_map(|name| self.agents.get(name)?.source.as_ref())
     }
 
+    /// Whether some agent watches `project` (as the agents spell it: a path or an id).
+    pub fn watches_project(&self, project: &str) -> bool {
+        let first = RefKey {
+            project: project.to_owned(),
+            branch: String::new(),
+        };
+        self.by_ref
+            .range(first..)
+            .next()
+            .is_some_and(|(key, _)| key.project == project)
+    }
+
     /// The watched refs an event about project (`path`, `id`) and `branch` touches: the config
     /// may name a project by path or by id.
     pub fn refs_for(&self, path: Option<&str>, id: Option<u64>, branch: &str) -> Vec<RefKey> {

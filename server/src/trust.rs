@@ -130,6 +130,10 @@ pub enum HookRefused {
     NoSecretFor(String),
     #[error("X-Gitlab-Token matches no configured secret")]
     NoMatch,
+    #[error(
+        "X-Gitlab-Token is the secret of another project named in the body; it does not speak for {0}"
+    )]
+    NotTheirs(String),
 }
 
 /// GitLab webhook secrets: one per project, and a global one for the projects without.
@@ -146,12 +150,26 @@ impl WebhookSecrets {
         self.global.is_some() || !self.projects.is_empty()
     }
 
+    /// Whether some project has a secret of its own, so that which secret applies depends
+    /// on the project a body names.
+    pub fn by_project(&self) -> bool {
+        !self.projects.is_empty()
+    }
+
     /// Whether `token` may deliver an event about `claimed` (`None`: the body names no
-    /// project, and is refused later as malformed if the token is good for anything).
+    /// project, and is refused later as malformed if the token is good for anything);
+    /// `watched` says whether agents watch a project, by path or id.
     ///
     /// Every per-project secret the claim matches, by path or by id, must match: a sender
-    /// holding project B's secret cannot name B's id with another project's path.
-    pub fn check(&self, claimed: Option<Claimed<'_>>, token: &str) -> Result<(), HookRefused> {
+    /// holding project B's secret cannot name B's id with another project's path. Nor with
+    /// the path of a watched project that has no secret of its own: that part of the claim
+    /// needs the global secret too.
+    pub fn check(
+        &self,
+        claimed: Option<Claimed<'_>>,
+        token: &str,
+        watched: impl Fn(&str) -> bool,
+    ) -> Result<(), HookRefused> {
         let Some(claimed) = claimed else {
             let any = self.global.iter().chain(self.projects.values());
             // Each secret is compared, so the answer time does not tell which one matched.
@@ -169,10 +187,23 @@ impl WebhookSecrets {
             .filter(|(key, _)| Some(key.as_str()) == claimed.path || Some(*key) == id.as_ref())
             .collect();
         if !own.is_empty() {
-            return match own.iter().find(|(_, secret)| !secret.matches(token)) {
-                Some((project, _)) => Err(HookRefused::ProjectSecret((*project).clone())),
-                None => Ok(()),
-            };
+            if let Some((project, _)) = own.iter().find(|(_, secret)| !secret.matches(token)) {
+                return Err(HookRefused::ProjectSecret((*project).clone()));
+            }
+            // A part naming no watched project leads to no fact, so a hook's numeric id may
+            // stay unconfigured next to the path its secret is keyed by.
+            let uncovered = [claimed.path, id.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter(|part| !self.projects.contains_key(*part) && watched(part));
+            for part in uncovered {
+                match &self.global {
+                    Some(secret) if secret.matches(token) => {}
+                    Some(_) => return Err(HookRefused::NotTheirs(part.to_owned())),
+                    None => return Err(HookRefused::NoSecretFor(part.to_owned())),
+                }
+            }
+            return Ok(());
         }
         match &self.global {
             Some(secret) if secret.matches(token) => Ok(()),
@@ -310,17 +341,20 @@ mod tests {
     fn a_project_with_its_own_secret_accepts_only_that_secret() {
         let s = secrets(Some("global"), &[("g/prod", "prod-secret")]);
         assert!(
-            s.check(claim(Some("g/prod"), Some(1)), "prod-secret")
+            s.check(claim(Some("g/prod"), Some(1)), "prod-secret", |_| false)
                 .is_ok()
         );
         assert_eq!(
-            s.check(claim(Some("g/prod"), Some(1)), "global"),
+            s.check(claim(Some("g/prod"), Some(1)), "global", |_| false),
             Err(HookRefused::ProjectSecret("g/prod".into()))
         );
         // Other projects use the global secret, and only it.
-        assert!(s.check(claim(Some("g/other"), Some(2)), "global").is_ok());
+        assert!(
+            s.check(claim(Some("g/other"), Some(2)), "global", |_| false)
+                .is_ok()
+        );
         assert_eq!(
-            s.check(claim(Some("g/other"), Some(2)), "prod-secret"),
+            s.check(claim(Some("g/other"), Some(2)), "prod-secret", |_| false),
             Err(HookRefused::GlobalSecret)
         );
     }
@@ -330,22 +364,54 @@ mod tests {
         let s = secrets(None, &[("g/prod", "prod-secret"), ("7", "b-secret")]);
         // B's secret, B's id, prod's path: refused.
         assert_eq!(
-            s.check(claim(Some("g/prod"), Some(7)), "b-secret"),
+            s.check(claim(Some("g/prod"), Some(7)), "b-secret", |_| false),
             Err(HookRefused::ProjectSecret("g/prod".into()))
         );
-        assert!(s.check(claim(Some("g/b"), Some(7)), "b-secret").is_ok());
-        assert!(s.check(claim(None, Some(7)), "b-secret").is_ok());
+        assert!(
+            s.check(claim(Some("g/b"), Some(7)), "b-secret", |_| false)
+                .is_ok()
+        );
+        assert!(s.check(claim(None, Some(7)), "b-secret", |_| false).is_ok());
         assert_eq!(
-            s.check(claim(Some("g/none"), Some(9)), "b-secret"),
+            s.check(claim(Some("g/none"), Some(9)), "b-secret", |_| false),
             Err(HookRefused::NoSecretFor("g/none".into()))
+        );
+    }
+
+    /// A project's own secret speaks for it alone: a body that names its id next to the
+    /// path of a watched project guarded by the global secret needs that secret too. A part
+    /// of the claim no agent watches changes nothing.
+    #[test]
+    fn a_projects_secret_does_not_speak_for_a_watched_project_without_one() {
+        let s = secrets(Some("global"), &[("7", "prod-secret")]);
+        let watched = |project: &str| project == "g/dev";
+        assert_eq!(
+            s.check(claim(Some("g/dev"), Some(7)), "prod-secret", watched),
+            Err(HookRefused::NotTheirs("g/dev".into()))
+        );
+        assert_eq!(
+            s.check(claim(Some("g/dev"), Some(7)), "global", watched),
+            Err(HookRefused::ProjectSecret("7".into()))
+        );
+        assert!(
+            s.check(claim(Some("g/prod"), Some(7)), "prod-secret", watched)
+                .is_ok()
+        );
+        let keyed_by_path = secrets(None, &[("g/prod", "prod-secret")]);
+        let watched = |project: &str| project == "g/prod";
+        assert!(
+            keyed_by_path
+                .check(claim(Some("g/prod"), Some(42)), "prod-secret", watched)
+                .is_ok(),
+            "the hook's id, which no agent names, needs no secret"
         );
     }
 
     #[test]
     fn a_body_without_a_project_needs_some_valid_secret() {
         let s = secrets(None, &[("g/prod", "prod-secret")]);
-        assert!(s.check(None, "prod-secret").is_ok());
-        assert_eq!(s.check(None, "guess"), Err(HookRefused::NoMatch));
+        assert!(s.check(None, "prod-secret", |_| false).is_ok());
+        assert_eq!(s.check(None, "guess", |_| false), Err(HookRefused::NoMatch));
         assert!(!WebhookSecrets::default().enabled());
         assert!(s.enabled());
     }

@@ -31,6 +31,11 @@ pub fn built_binaries() -> anyhow::Result<PathBuf> {
             "{PREBUILT_BIN_DIR} names {}, which holds no greenlight-server",
             dir.display()
         );
+        // Said every time, so that a variable left set never passes for a fresh build.
+        eprintln!(
+            "running the binaries of {} ({PREBUILT_BIN_DIR}), not this workspace's",
+            dir.display()
+        );
         return Ok(dir);
     }
     static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();

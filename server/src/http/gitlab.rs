@@ -40,9 +40,25 @@ struct ProjectClaim {
 }
 
 impl ProjectClaim {
+    /// The project a body names, read leniently: any fields but these may be missing or
+    /// malformed. Only an object names one: serde would also read a JSON array's elements
+    /// as the fields in order, a reading the event's own would not share.
+    fn read(body: &[u8]) -> Option<Self> {
+        is_object(body)
+            .then(|| serde_json::from_slice(body).ok())
+            .flatten()
+    }
+
     fn claimed(&self) -> Option<Claimed<'_>> {
         claimed(self.project.as_ref(), self.project_id)
     }
+}
+
+/// Whether `body` is a JSON object, as every GitLab hook is.
+fn is_object(body: &[u8]) -> bool {
+    body.iter()
+        .find(|byte| !byte.is_ascii_whitespace())
+        .is_some_and(|byte| *byte == b'{')
 }
 
 /// The project a body names, by path, id or both.
@@ -67,6 +83,9 @@ impl Payload {
     /// Parses `body` as `event`; `Err` says what is malformed.
     fn parse(event: &str, body: &[u8]) -> Result<Self, String> {
         fn read<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+            if !is_object(body) {
+                return Err("the body is not a JSON object".into());
+            }
             serde_json::from_slice(body).map_err(|e| e.to_string())
         }
         Ok(match event {
@@ -108,17 +127,11 @@ struct PipelineHook {
     project_id: Option<u64>,
     #[serde(default)]
     builds: Vec<Build>,
-    /// Set for a merge request pipeline, which previews follow.
+    /// Set for a merge request pipeline, which previews follow. Read as any JSON, so that
+    /// one without the fields a preview needs, or with fields of another type, asks for no
+    /// preview rather than making the whole hook malformed.
     #[serde(default)]
-    merge_request: Option<PipelineMergeRequest>,
-}
-
-/// A merge request pipeline's merge request: optional fields, so that one without them
-/// asks for no preview rather than making the whole hook malformed.
-#[derive(Deserialize)]
-struct PipelineMergeRequest {
-    iid: Option<u64>,
-    target_branch: Option<String>,
+    merge_request: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -339,23 +352,33 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         );
     };
     let event = header(&headers, "x-gitlab-event");
-    let payload = event.map(|event| Payload::parse(event, &body));
-    // The secret depends on the project the body names, so the body is read (not trusted)
-    // before the token is checked. A body that is not the event it claims to be, or of an
-    // event not used, is read for its project alone.
+    // With per-project secrets the project the body names picks the secret, so the body is
+    // read (not trusted) before the token is checked; with only a global secret the token
+    // is checked first. A body that is not the event it claims to be, or of an event not
+    // used, is read for its project alone.
+    let mut payload = None;
     let lenient;
-    let claimed = match &payload {
-        Some(Ok(payload)) if !matches!(payload, Payload::Other(_)) => payload.claimed(),
-        _ => {
-            lenient = serde_json::from_slice::<ProjectClaim>(&body).ok();
-            lenient.as_ref().and_then(ProjectClaim::claimed)
+    let claimed = if state.webhook_secrets.by_project() {
+        payload = event.map(|event| Payload::parse(event, &body));
+        match &payload {
+            Some(Ok(payload)) if !matches!(payload, Payload::Other(_)) => payload.claimed(),
+            _ => {
+                lenient = ProjectClaim::read(&body);
+                lenient.as_ref().and_then(ProjectClaim::claimed)
+            }
         }
+    } else {
+        None
     };
-    if let Err(refused) = state.webhook_secrets.check(claimed, token) {
+    let catalog = state.engine.catalog();
+    if let Err(refused) = state
+        .webhook_secrets
+        .check(claimed, token, |project| catalog.watches_project(project))
+    {
         state.metrics.webhook("unknown", "unauthorized");
         return answer(StatusCode::UNAUTHORIZED, "rejected", refused.to_string());
     }
-    let (Some(event), Some(payload)) = (event, payload) else {
+    let Some(event) = event else {
         state.metrics.webhook("unknown", "malformed");
         return answer(
             StatusCode::BAD_REQUEST,
@@ -363,6 +386,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
             "missing X-Gitlab-Event header",
         );
     };
+    let payload = payload.unwrap_or_else(|| Payload::parse(event, &body));
     let delivery =
         header(&headers, "idempotency-key").or_else(|| header(&headers, "x-gitlab-event-uuid"));
     let label = match event {
@@ -548,14 +572,12 @@ impl Payload {
             }
             Self::Pipeline(hook) => {
                 let attrs = &hook.object_attributes;
-                let (
-                    Some(PipelineMergeRequest {
-                        iid: Some(iid),
-                        target_branch: Some(target_branch),
-                    }),
-                    Some(MERGE_REQUEST_SOURCE),
-                ) = (&hook.merge_request, attrs.source.as_deref())
-                else {
+                let merge_request = hook.merge_request.as_ref();
+                let (Some(iid), Some(target_branch), Some(MERGE_REQUEST_SOURCE)) = (
+                    merge_request.and_then(|mr| mr["iid"].as_u64()),
+                    merge_request.and_then(|mr| mr["target_branch"].as_str()),
+                    attrs.source.as_deref(),
+                ) else {
                     return Ok(None);
                 };
                 let (Ok(sha), Ok((path, id))) = (
@@ -567,8 +589,8 @@ impl Payload {
                 Ok(Some(PreviewTrigger {
                     project_path: path,
                     project_id: id,
-                    target_branch: target_branch.clone(),
-                    merge_request_iid: *iid,
+                    target_branch: target_branch.to_owned(),
+                    merge_request_iid: iid,
                     sha: sha.as_str().to_owned(),
                 }))
             }
@@ -745,21 +767,51 @@ mod tests {
         ];
         for (event, body) in bodies {
             let payload = Payload::parse(event, body).unwrap();
-            let lenient: ProjectClaim = serde_json::from_slice(body).unwrap();
+            let lenient = ProjectClaim::read(body).unwrap();
             assert_eq!(payload.claimed(), lenient.claimed(), "{event}");
         }
+    }
+
+    /// serde reads a JSON array's elements as a struct's fields in order. Neither reading
+    /// accepts one, so an array can neither name a project to the lenient reading and
+    /// another to the event's, nor name none to the secret check and one to the fact.
+    #[test]
+    fn a_body_that_is_no_json_object_names_no_project_and_is_malformed() {
+        let push = format!(
+            r#" ["refs/heads/main", null, "{}", {{"path_with_namespace": "g/prod"}}, null]"#,
+            "1".repeat(40)
+        );
+        assert!(ProjectClaim::read(push.as_bytes()).is_none());
+        assert!(Payload::parse("Push Hook", push.as_bytes()).is_err());
+        assert!(parse_event("Push Hook", push.as_bytes(), NOW, &AGENTS).is_err());
+        // A wrongly typed project id fails both readings alike.
+        let pipeline = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"},"project":{"path_with_namespace":"g/prod"},"project_id":"x"}"#;
+        assert!(ProjectClaim::read(pipeline).is_none());
+        assert!(parse_event("Pipeline Hook", pipeline, NOW, &AGENTS).is_err());
     }
 
     /// A merge request pipeline whose merge request lacks the fields a preview needs is
     /// still a pipeline: it asks no preview and is recorded.
     #[test]
     fn a_merge_request_pipeline_without_its_merge_requests_fields_is_still_recorded() {
-        let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","source":"merge_request_event","status":"success"},"project":{"id":1},"merge_request":{"id":5}}"#;
-        assert_eq!(parse_preview("Pipeline Hook", body), Ok(None));
-        assert!(matches!(
-            parse_event("Pipeline Hook", body, NOW, &AGENTS),
-            Ok(Ok(_))
-        ));
+        for merge_request in [r#"{"id":5}"#, r#"{"iid":"5","target_branch":"main"}"#, "7"] {
+            let body = format!(
+                r#"{{"object_attributes":{{"id":1,"ref":"main","sha":"{}","source":"merge_request_event","status":"success"}},"project":{{"id":1}},"merge_request":{merge_request}}}"#,
+                "1".repeat(40)
+            );
+            assert_eq!(
+                parse_preview("Pipeline Hook", body.as_bytes()),
+                Ok(None),
+                "{merge_request}"
+            );
+            assert!(
+                matches!(
+                    parse_event("Pipeline Hook", body.as_bytes(), NOW, &AGENTS),
+                    Ok(Ok(_))
+                ),
+                "{merge_request}"
+            );
+        }
         let complete = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","source":"merge_request_event","status":"success"},"project":{"id":1},"merge_request":{"iid":5,"target_branch":"main"}}"#;
         let trigger = parse_preview("Pipeline Hook", complete).unwrap().unwrap();
         assert_eq!(
