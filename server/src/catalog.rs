@@ -427,6 +427,25 @@ mod tests {
     }
 
     #[test]
+    fn a_project_is_watched_when_some_agent_names_it_exactly() {
+        let hash = |n: u8| hex::encode([n; 32]);
+        let yaml = format!(
+            "agents:\n  - {{name: a, token_sha256: {}, project: g/prod, ref: main}}\n  - {{name: b, token_sha256: {}, project: \"42\", ref: main}}\n",
+            hash(1),
+            hash(2)
+        );
+        let agents = Config::from_yaml(&yaml, &Overrides::default())
+            .map(|config| config.agents)
+            .unwrap_or_else(|error| panic!("{error}"));
+        let catalog = Catalog::new(&agents, None);
+        assert!(catalog.watches_project("g/prod"));
+        assert!(catalog.watches_project("42"));
+        for other in ["g/pro", "g/prod-x", "g", "4", "420", ""] {
+            assert!(!catalog.watches_project(other), "{other}");
+        }
+    }
+
+    #[test]
     fn private_badges_need_their_key_and_public_ones_nothing() {
         let secret = Secret::new("0123456789abcdef0123456789abcdef");
         let catalog = Catalog::new(&agents(), Some(&secret));

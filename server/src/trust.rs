@@ -397,6 +397,25 @@ mod tests {
             s.check(claim(Some("g/prod"), Some(7)), "prod-secret", watched)
                 .is_ok()
         );
+        // The other way round: the path has a secret, the id names a watched project.
+        let s = secrets(Some("global"), &[("g/prod", "prod-secret")]);
+        let watched = |project: &str| project == "42";
+        assert_eq!(
+            s.check(claim(Some("g/prod"), Some(42)), "prod-secret", watched),
+            Err(HookRefused::NotTheirs("42".into()))
+        );
+        // Without a global secret nothing speaks for the unguarded project.
+        let s = secrets(None, &[("g/prod", "prod-secret")]);
+        assert_eq!(
+            s.check(claim(Some("g/prod"), Some(42)), "prod-secret", watched),
+            Err(HookRefused::NoSecretFor("42".into()))
+        );
+        // One token that is both secrets speaks for both.
+        let s = secrets(Some("shared"), &[("g/prod", "shared")]);
+        assert!(
+            s.check(claim(Some("g/prod"), Some(42)), "shared", watched)
+                .is_ok()
+        );
         let keyed_by_path = secrets(None, &[("g/prod", "prod-secret")]);
         let watched = |project: &str| project == "g/prod";
         assert!(

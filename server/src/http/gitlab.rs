@@ -447,8 +447,21 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
             }
         };
     }
-    let fact = payload
-        .and_then(|payload| payload.fact(crate::clock::now_ms(), state.engine.catalog().as_ref()));
+    // Agents may have been created while a preview was asked for: what the token may speak
+    // for is decided again just before the fact is recorded.
+    let catalog = state.engine.catalog();
+    if state.webhook_secrets.by_project()
+        && let Ok(payload) = &payload
+        && let Err(refused) = state
+            .webhook_secrets
+            .check(payload.claimed(), token, |project| {
+                catalog.watches_project(project)
+            })
+    {
+        state.metrics.webhook(label, "unauthorized");
+        return answer(StatusCode::UNAUTHORIZED, "rejected", refused.to_string());
+    }
+    let fact = payload.and_then(|payload| payload.fact(crate::clock::now_ms(), catalog.as_ref()));
     let fact = match fact {
         Err(problem) => {
             state.metrics.webhook(label, "malformed");
@@ -782,6 +795,10 @@ mod tests {
             "1".repeat(40)
         );
         assert!(ProjectClaim::read(push.as_bytes()).is_none());
+        // An array whose elements would be the claim's fields in order.
+        let array = br#"[{"path_with_namespace":"g/prod"}, null]"#;
+        assert!(serde_json::from_slice::<ProjectClaim>(array).is_ok());
+        assert!(ProjectClaim::read(array).is_none());
         assert!(Payload::parse("Push Hook", push.as_bytes()).is_err());
         assert!(parse_event("Push Hook", push.as_bytes(), NOW, &AGENTS).is_err());
         // A wrongly typed project id fails both readings alike.
