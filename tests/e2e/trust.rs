@@ -23,11 +23,21 @@ const SCOPED_INGEST_TOKEN: &str = "ingest-token-app-only";
 /// Agent `dev` on `PROJECT` (global secret) and agent `prod` on `PROD_PROJECT` (own secret),
 /// both in pipeline mode; a scoped ingest token beside the unscoped one.
 async fn server(redis: &Redis) -> anyhow::Result<TestServer> {
+    server_with(redis, []).await
+}
+
+/// [`server`] with `extra` agents beside `dev` and `prod`.
+async fn server_with<const N: usize>(
+    redis: &Redis,
+    extra: [AgentDef; N],
+) -> anyhow::Result<TestServer> {
     let prod = AgentDef {
         project: PROD_PROJECT.into(),
         ..AgentDef::new("prod")
     };
-    let yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("dev"), prod])
+    let mut agents = vec![AgentDef::new("dev"), prod];
+    agents.extend(extra);
+    let yaml = config_yaml(Some(&redis.url()), &agents)
         .replace(
             &format!("webhooks: {{ gitlab: {{ secret_token: \"{GITLAB_SECRET}\" }} }}\n"),
             &format!(
@@ -130,6 +140,51 @@ async fn forged_cross_project_hook_is_401_and_the_legitimate_one_still_works() -
     assert_eq!(status, 401, "{body}");
     server.release(ZERO, &green, 8).await?;
     server.desired_becomes("dev", &green).await?;
+    Ok(())
+}
+
+/// A project's own secret speaks for that project only: a body naming prod's path (whose
+/// secret it holds) and, as its id, a watched project guarded by the global secret is
+/// refused, and nothing reaches that project's agent. The global secret alone does not do
+/// either, and it still speaks for that project on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_projects_secret_does_not_speak_for_another_project_named_by_id() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let by_id = AgentDef {
+        project: "4242".into(),
+        ..AgentDef::new("by-id")
+    };
+    let server = server_with(&redis, [by_id]).await?;
+    let red = sha(0xbad);
+    let mut forged = push_payload(PROD_PROJECT, "main", ZERO, &red);
+    forged["project"]["id"] = json!(4242);
+    forged["project_id"] = json!(4242);
+    let (status, body) = hook_with(&server, PROD_SECRET, "Push Hook", &forged).await?;
+    assert_eq!(status, 401, "{body}");
+    assert!(message(&body).contains("4242"), "{body}");
+    let (status, body) = hook_with(&server, GITLAB_SECRET, "Push Hook", &forged).await?;
+    assert_eq!(status, 401, "{body}");
+    assert!(message(&body).contains(PROD_PROJECT), "{body}");
+
+    let green = sha(0x600d);
+    let mut own = push_payload("group/unwatched", "main", ZERO, &green);
+    own["project"]["id"] = json!(4242);
+    own["project_id"] = json!(4242);
+    let (status, body) = hook_with(&server, GITLAB_SECRET, "Push Hook", &own).await?;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("recorded")),
+        "{body}"
+    );
+    let mut run = pipeline_payload("group/unwatched", "main", &green, 7, "success", "push");
+    run["project"]["id"] = json!(4242);
+    let (status, body) = hook_with(&server, GITLAB_SECRET, "Pipeline Hook", &run).await?;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (200, Some("recorded")),
+        "{body}"
+    );
+    server.desired_becomes("by-id", &green).await?;
     Ok(())
 }
 
