@@ -46,26 +46,17 @@ impl<K: Hash + Eq + Clone, V> Coalescing<K, V> {
     /// Asks for `key` to be worked on with `value`, merged by `merge` into the value of a
     /// request of that key that no worker has taken yet.
     pub fn push_merging(&self, key: &K, value: V, merge: impl FnOnce(&mut V, V)) {
-        let added = {
+        {
             let mut pending = self.lock();
             match pending.newest.get_mut(key) {
-                Some(held) => {
-                    merge(held, value);
-                    false
-                }
+                Some(held) => merge(held, value),
                 None => {
                     pending.newest.insert(key.clone(), value);
                     pending.order.push_back(key.clone());
-                    true
                 }
             }
-        };
-        // A request merged into a queued one needs no wake-up of its own: the queued one had
-        // one, or waits for a worker busy with its key, whose `done` wakes one. Under a
-        // stream of facts about one ref, that spares a worker's wake-up per fact.
-        if added {
-            self.ready.notify_one();
         }
+        self.ready.notify_one();
     }
 
     /// The next job, waiting for one. The key is held until [`Coalescing::done`].
