@@ -667,26 +667,43 @@ async fn a_fact_heard_again_from_the_log_does_not_defer_its_own_evaluation() {
     );
 }
 
-#[tokio::test]
-async fn manifests_are_prepared_for_agents_no_stream_here_follows() {
-    let (evaluator, store) = evaluator_for(&format!(
-        "agents:\n{}{}",
-        agent_yaml("streaming", "{mode: pipeline}"),
-        agent_yaml("offline", "{mode: pipeline}"),
-    ));
+/// An evaluator over pipeline-mode agents `streaming` and `others`, the first followed by a
+/// stream on this replica (the returned receiver), after it decided green commit 1.
+async fn decided_with_streaming_agent(
+    others: &[&str],
+) -> (
+    std::sync::Arc<super::Evaluator>,
+    tokio::sync::watch::Receiver<crate::index::Desired>,
+) {
+    let agents: String = std::iter::once("streaming")
+        .chain(others.iter().copied())
+        .map(|name| agent_yaml(name, "{mode: pipeline}"))
+        .collect();
+    let (evaluator, store) = evaluator_for(&format!("agents:\n{agents}"));
     green_push(&store, 1).await;
-    let _stream = evaluator
+    let stream = evaluator
         .index
         .subscribe("streaming")
         .expect("a channel for every agent");
     evaluator.evaluate(&key()).await.expect("evaluates");
+    (evaluator, stream)
+}
+
+/// The commit whose manifests wait to be prepared for `agent`.
+fn prepared(evaluator: &super::Evaluator, agent: &str) -> Option<Sha> {
+    evaluator.prepare.peek(&agent.to_owned(), Sha::clone)
+}
+
+#[tokio::test]
+async fn manifests_are_prepared_for_agents_no_stream_here_follows() {
+    let (evaluator, _stream) = decided_with_streaming_agent(&["offline"]).await;
     assert_eq!(
-        evaluator.prepare.peek(&"offline".to_owned(), Sha::clone),
+        prepared(&evaluator, "offline"),
         Some(sha(1)),
         "read now, so that a broken revision shows while the agent is away"
     );
     assert_eq!(
-        evaluator.prepare.peek(&"streaming".to_owned(), Sha::clone),
+        prepared(&evaluator, "streaming"),
         None,
         "its stream reads them as it sends"
     );
@@ -697,17 +714,8 @@ async fn manifests_are_prepared_for_agents_no_stream_here_follows() {
 /// that read them, or that another stream here still follows, leaves nothing.
 #[tokio::test]
 async fn a_stream_that_ends_before_reading_its_due_revision_leaves_it_prepared() {
-    let (evaluator, store) = evaluator_for(&format!(
-        "agents:\n{}",
-        agent_yaml("streaming", "{mode: pipeline}")
-    ));
-    green_push(&store, 1).await;
-    let stream = evaluator
-        .index
-        .subscribe("streaming")
-        .expect("a channel for every agent");
-    evaluator.evaluate(&key()).await.expect("evaluates");
-    let prepared = || evaluator.prepare.peek(&"streaming".to_owned(), Sha::clone);
+    let (evaluator, stream) = decided_with_streaming_agent(&[]).await;
+    let prepared = || prepared(&evaluator, "streaming");
     assert_eq!(prepared(), None, "its stream was to read them");
 
     evaluator.stream_ended("streaming", None);

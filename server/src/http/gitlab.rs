@@ -370,13 +370,8 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
     } else {
         None
     };
-    let catalog = state.engine.catalog();
-    if let Err(refused) = state
-        .webhook_secrets
-        .check(claimed, token, |project| catalog.watches_project(project))
-    {
-        state.metrics.webhook("unknown", "unauthorized");
-        return answer(StatusCode::UNAUTHORIZED, "rejected", refused.to_string());
+    if let Some(refused) = unauthorized(&state, "unknown", claimed, token) {
+        return refused;
     }
     let Some(event) = event else {
         state.metrics.webhook("unknown", "malformed");
@@ -447,20 +442,16 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
             }
         };
     }
-    // Agents may have been created while a preview was asked for: what the token may speak
-    // for is decided again just before the fact is recorded.
-    let catalog = state.engine.catalog();
-    if state.webhook_secrets.by_project()
+    // Agents may have been created while a preview was asked for, which can take seconds:
+    // what the token may speak for is decided again before the fact is recorded.
+    if matches!(preview, Ok(Some(_)))
+        && state.webhook_secrets.by_project()
         && let Ok(payload) = &payload
-        && let Err(refused) = state
-            .webhook_secrets
-            .check(payload.claimed(), token, |project| {
-                catalog.watches_project(project)
-            })
+        && let Some(refused) = unauthorized(&state, label, payload.claimed(), token)
     {
-        state.metrics.webhook(label, "unauthorized");
-        return answer(StatusCode::UNAUTHORIZED, "rejected", refused.to_string());
+        return refused;
     }
+    let catalog = state.engine.catalog();
     let fact = payload.and_then(|payload| payload.fact(crate::clock::now_ms(), catalog.as_ref()));
     let fact = match fact {
         Err(problem) => {
@@ -515,6 +506,27 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         info!(event, delivery, "recorded");
     }
     answer(status, outcome, message)
+}
+
+/// The 401 answer, unless `token` may speak for `claimed` among the projects agents watch
+/// now.
+fn unauthorized(
+    state: &HttpState,
+    label: &str,
+    claimed: Option<Claimed<'_>>,
+    token: &str,
+) -> Option<Response> {
+    let catalog = state.engine.catalog();
+    let refused = state
+        .webhook_secrets
+        .check(claimed, token, |project| catalog.watches_project(project))
+        .err()?;
+    state.metrics.webhook(label, "unauthorized");
+    Some(answer(
+        StatusCode::UNAUTHORIZED,
+        "rejected",
+        refused.to_string(),
+    ))
 }
 
 /// `Err` for a malformed payload; `Ok(Err)` for a valid one we do not act on.
