@@ -270,6 +270,20 @@ async fn malformed_payloads_are_400_and_name_the_problem() -> anyhow::Result<()>
     assert_eq!(status, 400, "{answer}");
     assert!(message(&answer).contains("Pipeline Hook"), "{answer}");
 
+    // serde would read an array's elements as the hook's fields in order.
+    let as_array = json!(["refs/heads/main", null, sha(1), { "id": 1 }, null]);
+    let (status, answer) = post(
+        &server,
+        &headers("Push Hook"),
+        serde_json::to_vec(&as_array)?,
+    )
+    .await?;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        message(&answer).contains("not a JSON object"),
+        "names the problem: {answer}"
+    );
+
     let mut bad_sha = push(1);
     bad_sha["after"] = json!("not-a-sha");
     let (status, answer) = post(
