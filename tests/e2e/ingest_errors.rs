@@ -499,6 +499,29 @@ async fn redis_outage_answers_503_and_the_redelivery_succeeds() -> anyhow::Resul
     Ok(())
 }
 
+/// GitLab does not redeliver a 503, so a connection that sat idle while Redis restarted must
+/// not cost the first webhook after Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_webhook_after_redis_came_back_is_recorded() -> anyhow::Result<()> {
+    let mut redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let mut stream = server.stream("prod").await?;
+    let (status, answer) = delivered(&server, "Push Hook", &push(1), "push-1").await?;
+    assert_eq!((status, outcome(&answer)), (200, "recorded"), "{answer}");
+
+    redis.kill();
+    // Long enough for every reconnection attempt made while Redis is down to give up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.restart().await?;
+
+    let (status, answer) =
+        delivered(&server, "Pipeline Hook", &green(1), "pipeline-1-success").await?;
+    assert_eq!((status, outcome(&answer)), (200, "recorded"), "{answer}");
+    let revision = next_revision(&mut stream, SOON).await?;
+    assert_eq!(revision.sha(), sha(1));
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivery_is_acknowledged_as_duplicate() -> anyhow::Result<()> {
     let redis = Redis::start().await?;

@@ -23,6 +23,15 @@ pub(crate) enum Source {
 #[derive(Clone)]
 pub(crate) enum Conn {
     /// Reconnects by itself: every command but blocking reads.
+    ///
+    /// The manager learns that its connection broke (Redis restarted, a proxy dropped it)
+    /// only from the next command, which fails, and it then reconnects in the background.
+    /// That command is sent once more, on the new connection: a webhook answered 503 is
+    /// never redelivered by GitLab, and a catch-up round would be lost. A command can reach
+    /// Redis twice only if the connection broke after Redis read it; every write the store
+    /// makes is idempotent or conditional (facts carry their delivery id, agent writes a
+    /// position, registry changes a version, commit statuses their state), so the worst
+    /// case is an agent report listed twice in its history.
     Managed(ConnectionManager),
     /// Of its own, for blocking reads that must not stall other commands.
     Plain(MultiplexedConnection),
@@ -35,7 +44,14 @@ impl redis::aio::ConnectionLike for Conn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
-            Self::Managed(conn) => conn.req_packed_command(cmd),
+            Self::Managed(conn) => Box::pin(async move {
+                match conn.send_packed_command(cmd).await {
+                    Err(error) if error.is_connection_dropped() => {
+                        conn.send_packed_command(cmd).await
+                    }
+                    answered => answered,
+                }
+            }),
             Self::Plain(conn) => conn.req_packed_command(cmd),
             Self::Cluster(conn) => conn.req_packed_command(cmd),
         }
@@ -48,7 +64,14 @@ impl redis::aio::ConnectionLike for Conn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
-            Self::Managed(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Managed(conn) => Box::pin(async move {
+                match conn.send_packed_commands(pipeline, offset, count).await {
+                    Err(error) if error.is_connection_dropped() => {
+                        conn.send_packed_commands(pipeline, offset, count).await
+                    }
+                    answered => answered,
+                }
+            }),
             Self::Plain(conn) => conn.req_packed_commands(pipeline, offset, count),
             Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
