@@ -352,26 +352,27 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         );
     };
     let event = header(&headers, "x-gitlab-event");
+    // A token that matches no secret at all is refused before the body is read.
+    if let Some(refused) = unauthorized(&state, "unknown", None, token) {
+        return refused;
+    }
     // With per-project secrets the project the body names picks the secret, so the body is
-    // read (not trusted) before the token is checked; with only a global secret the token
-    // is checked first. A body that is not the event it claims to be, or of an event not
-    // used, is read for its project alone.
+    // read (not trusted) before the token is checked against it. A body that is not the
+    // event it claims to be, or of an event not used, is read for its project alone.
     let mut payload = None;
-    let lenient;
-    let claimed = if state.webhook_secrets.by_project() {
+    if state.webhook_secrets.by_project() {
         payload = event.map(|event| Payload::parse(event, &body));
-        match &payload {
+        let lenient;
+        let claimed = match &payload {
             Some(Ok(payload)) if !matches!(payload, Payload::Other(_)) => payload.claimed(),
             _ => {
                 lenient = ProjectClaim::read(&body);
                 lenient.as_ref().and_then(ProjectClaim::claimed)
             }
+        };
+        if let Some(refused) = unauthorized(&state, "unknown", claimed, token) {
+            return refused;
         }
-    } else {
-        None
-    };
-    if let Some(refused) = unauthorized(&state, "unknown", claimed, token) {
-        return refused;
     }
     let Some(event) = event else {
         state.metrics.webhook("unknown", "malformed");
