@@ -9,6 +9,8 @@ use greenlight::digest::ContentDigest;
 use greenlight::telemetry;
 use greenlight::v1::{self, agent_service_server::AgentService, sync_event::Event};
 use prost::Message;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -115,6 +117,15 @@ fn delivery_changed(before: &AgentSpec, after: &AgentSpec) -> bool {
 /// How long until `until_ms` (Unix ms), none for never.
 fn until(until_ms: Option<i64>) -> Option<Duration> {
     until_ms.map(|ms| Duration::from_millis(ms.saturating_sub(now_ms()).max(0).unsigned_abs()))
+}
+
+/// Sleeps for `duration`, or forever without one. The timer is made only when there is
+/// one to wait for: a stream's loop waits at every wake, and most have none.
+async fn sleep_if(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => tokio::time::sleep(duration).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The largest file chunk in one message: far below any gRPC message limit.
@@ -312,7 +323,7 @@ impl AgentService for AgentApi {
         let span = info_span!("sync_stream", agent = %agent.name);
         // Deleting the agent or rotating its token ends the stream; so does the end of a
         // rotated-out token's grace period.
-        let mut catalog_changes = self.engine.live_catalog().subscribe();
+        let mut catalog_changes = WatchStream::from_changes(self.engine.live_catalog().subscribe());
         let (mut agent, mut expires) = credentials(&self.engine, &agent.name, &token)?;
         // The task lives as long as the agent stays connected, idle nearly all that time,
         // and an async task is as large as its largest state: the reads, sends and store
@@ -328,6 +339,10 @@ impl AgentService for AgentApi {
                 let mut first = true;
                 let mut retry = Backoff::new(RETRY_INITIAL, RETRY_MAX);
                 let mut previews_sent = std::collections::HashSet::new();
+                // Waited on across the whole loop rather than anew at each wake: every stream
+                // of the replica shares the token, and a fan-out wakes them all at once.
+                let stopped = shutdown.cancelled();
+                tokio::pin!(stopped);
                 loop {
                     let (revision, trace) = {
                         let desired = desired.borrow_and_update();
@@ -357,7 +372,7 @@ impl AgentService for AgentApi {
                             telemetry::adopt(&span, trace.as_deref());
                             // Shutdown must not wait for a fetch, or for an agent that stopped reading.
                             let files = tokio::select! {
-                                _ = shutdown.cancelled() => break,
+                                _ = &mut stopped => break,
                                 files = Box::pin(engine
                                     .manifests(&agent, &revision.sha)
                                     .instrument(info_span!(parent: &span, "read_manifests"))) => files,
@@ -367,7 +382,7 @@ impl AgentService for AgentApi {
                                 Ok(files) => {
                                     debug!(sha = revision.sha.short(), generation = revision.generation, "sending revision");
                                     let delivered = tokio::select! {
-                                        _ = shutdown.cancelled() => false,
+                                        _ = &mut stopped => false,
                                         delivered = Box::pin(send_revision(
                                             &mut tx,
                                             &agent,
@@ -411,7 +426,7 @@ impl AgentService for AgentApi {
                         previews_sent.insert(request.id.clone());
                         let files = match Sha::parse(&request.sha) {
                             Ok(sha) => tokio::select! {
-                                _ = shutdown.cancelled() => break,
+                                _ = &mut stopped => break,
                                 files = Box::pin(engine.manifests(&agent, &sha)) => files.map_err(|e| e.to_string()),
                             },
                             Err(error) => Err(error.to_string()),
@@ -419,7 +434,7 @@ impl AgentService for AgentApi {
                         match files {
                             Ok(files) => {
                                 let delivered = tokio::select! {
-                                    _ = shutdown.cancelled() => false,
+                                    _ = &mut stopped => false,
                                     delivered = Box::pin(send_preview(&mut tx, &agent, &request, files.as_deref(), engine.metrics())) => delivered,
                                 };
                                 if !delivered {
@@ -439,13 +454,13 @@ impl AgentService for AgentApi {
                     }
                     let pause = if wait_for_retry { retry.delay() } else { Duration::ZERO };
                     let wake = tokio::select! {
-                        _ = shutdown.cancelled() => Wake::Stop,
+                        _ = &mut stopped => Wake::Stop,
                         _ = tx.closed() => Wake::Stop,
                         changed = desired.changed() => if changed.is_err() { Wake::Recheck } else { Wake::Changed },
                         changed = pending_previews.changed() => if changed.is_err() { Wake::Stop } else { Wake::Retry },
-                        _ = tokio::time::sleep(pause), if wait_for_retry => Wake::Retry,
-                        changed = catalog_changes.changed() => if changed.is_err() { Wake::Stop } else { Wake::Recheck },
-                        _ = tokio::time::sleep(until(expires).unwrap_or_default()), if expires.is_some() => Wake::Recheck,
+                        _ = sleep_if(wait_for_retry.then_some(pause)) => Wake::Retry,
+                        changed = catalog_changes.next() => if changed.is_none() { Wake::Stop } else { Wake::Recheck },
+                        _ = sleep_if(until(expires)) => Wake::Recheck,
                     };
                     match wake {
                         Wake::Stop => break,
