@@ -303,12 +303,7 @@ async fn a_corrupt_agent_record_stops_only_that_agent() -> anyhow::Result<()> {
         "gl-test:{{gl{}}}:agent:broken:state",
         greenlight_server::store::agent_shard("broken")
     );
-    let written = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string(), "HSET", &key])
-        .args(["v", "1", "p", "0", "core", "{not json"])
-        .output()
-        .context("redis-cli")?;
-    anyhow::ensure!(written.status.success(), "{written:?}");
+    redis.cli(&["HSET", &key, "v", "1", "p", "0", "core", "{not json"])?;
     let yaml = config_yaml(
         Some(&redis.url()),
         &[AgentDef::new("broken"), AgentDef::new("healthy")],

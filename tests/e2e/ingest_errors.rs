@@ -12,7 +12,8 @@ use greenlight::v1::{
 use greenlight_agent::client::{Bearer, Client, ClientError};
 use greenlight_e2e::{
     AgentDef, GITLAB_SECRET, INGEST_TOKEN, PROJECT, QUIET, Redis, SOON, TestServer, agent_token,
-    config_yaml, install_crypto, next_revision, no_revision, pipeline_payload, push_payload, sha,
+    config_yaml, install_crypto, metric, next_revision, no_revision, pipeline_payload,
+    push_payload, sha,
 };
 use greenlight_server::config::RedisSettings;
 use greenlight_server::store::{FactStore, RedisStore, RefKey};
@@ -382,13 +383,10 @@ async fn unknown_project_is_acknowledged_and_nothing_is_stored() -> anyhow::Resu
             Default::default(),
             "{project} has no facts"
         );
-        let keys = std::process::Command::new("redis-cli")
-            .args(["-p", &redis.port().to_string(), "--scan", "--pattern"])
-            .arg(format!("*{project}*"))
-            .output()?;
+        let keys = redis.cli(&["--scan", "--pattern", &format!("*{project}*")])?;
         assert!(
-            keys.status.success() && keys.stdout.is_empty(),
-            "nothing under {project}'s name, no delivery marker either: {keys:?}"
+            keys.is_empty(),
+            "nothing under {project}'s name, no delivery marker either: {keys}"
         );
     }
     shutdown.cancel();
@@ -519,6 +517,49 @@ async fn the_first_webhook_after_redis_came_back_is_recorded() -> anyhow::Result
     assert_eq!((status, outcome(&answer)), (200, "recorded"), "{answer}");
     let revision = next_revision(&mut stream, SOON).await?;
     assert_eq!(revision.sha(), sha(1));
+    Ok(())
+}
+
+/// Runs `redis-cli` against `redis` with `args`, failing unless it answers OK.
+fn redis_ok(redis: &Redis, args: &[&str]) -> anyhow::Result<()> {
+    let answer = redis.cli(args)?;
+    ensure!(answer.trim() == "OK", "redis-cli {args:?}: {answer}");
+    Ok(())
+}
+
+/// How often the server has failed to read a ref's facts.
+const FAILED_FACT_READS: &str = r#"greenlight_store_errors_total{operation="facts"}"#;
+
+/// Facts recorded while their evaluation cannot read them back are decided once the store
+/// answers again, with no new webhook: the evaluation is retried, not dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evaluation_that_met_a_store_error_is_retried_until_it_decides() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(&redis).await?;
+    let mut stream = server.stream("prod").await?;
+
+    // Recording a fact runs a script; reading a ref's facts back needs HGETALL, which Redis
+    // now refuses to the server's user.
+    redis_ok(&redis, &["ACL", "SETUSER", "default", "-hgetall"])?;
+    let (status, answer) = delivered(&server, "Push Hook", &push(1), "push-1").await?;
+    assert_eq!((status, outcome(&answer)), (200, "recorded"), "{answer}");
+    let (status, answer) =
+        delivered(&server, "Pipeline Hook", &green(1), "pipeline-1-success").await?;
+    assert_eq!((status, outcome(&answer)), (200, "recorded"), "{answer}");
+    let deadline = tokio::time::Instant::now() + SOON;
+    while metric(&server, FAILED_FACT_READS).await? < 2.0 {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the evaluation never met the refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    no_revision(&mut stream, QUIET).await?;
+
+    redis_ok(&redis, &["ACL", "SETUSER", "default", "+hgetall"])?;
+    let revision = next_revision(&mut stream, SOON).await?;
+    assert_eq!(revision.sha(), sha(1));
+    assert_eq!(desired_sha(&server).await?, Some(sha(1)));
     Ok(())
 }
 

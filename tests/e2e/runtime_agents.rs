@@ -385,15 +385,7 @@ async fn runtime_agents_across_two_replicas_on_redis() -> anyhow::Result<()> {
         .await?
         .into_inner();
     // Redis holds the token's hash, never the token.
-    let stored = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port().to_string(),
-            "hgetall",
-            "gl-test:{gl0}:registry",
-        ])
-        .output()?;
-    let stored = String::from_utf8_lossy(&stored.stdout);
+    let stored = redis.cli(&["hgetall", "gl-test:{gl0}:registry"])?;
     assert!(stored.contains("r:edge-3"), "{stored}");
     assert!(!stored.contains(&created.token), "{stored}");
     let hash = greenlight::digest::sha256_hex(created.token.as_bytes());

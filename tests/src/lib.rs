@@ -174,6 +174,17 @@ impl Redis {
         self.spawn().await
     }
 
+    /// Runs `redis-cli` against it with `args`; its output, if it succeeded.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let output = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .context("redis-cli")?;
+        anyhow::ensure!(output.status.success(), "redis-cli {args:?}: {output:?}");
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
     /// The data directory, for tests that inspect it.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -754,7 +765,8 @@ pub fn git_config_yaml(
     yaml
 }
 
-/// The value of a counter in the server's `/metrics`, 0 when absent.
+/// The value of a counter in the server's `/metrics`, 0 when absent: `name` is a metric
+/// (its first series counts) or one series with its labels, as `/metrics` writes it.
 pub async fn metric(server: &TestServer, name: &str) -> anyhow::Result<f64> {
     install_crypto();
     let text = reqwest::get(format!("http://{}/metrics", server.http))
@@ -763,7 +775,10 @@ pub async fn metric(server: &TestServer, name: &str) -> anyhow::Result<f64> {
         .await?;
     Ok(text
         .lines()
-        .find(|line| line.split([' ', '{']).next() == Some(name))
+        .find(|line| {
+            let series = line.split(' ').next().unwrap_or_default();
+            series == name || series.split('{').next() == Some(name)
+        })
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
         .unwrap_or(0.0))
