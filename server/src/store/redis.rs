@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::{StreamExt as _, TryStreamExt as _};
 use greenlight::backoff::Backoff;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncCommands, Script};
@@ -187,6 +188,9 @@ return written
 /// Agents written by one run of the agents script: it blocks Redis while it runs, so a
 /// fan-out to thousands of agents is split into steps of a few milliseconds.
 const AGENTS_PER_SCRIPT: usize = 128;
+
+/// Runs of the agents script one evaluation has under way at once.
+const AGENT_STEPS_IN_FLIGHT: usize = 2;
 
 /// Takes or renews a lease held by nobody or by the caller.
 const LEASE_SCRIPT: &str = r#"
@@ -993,11 +997,16 @@ impl AgentStore for RedisStore {
                     .map(move |chunk| (*shard, chunk))
             })
             .collect();
-        // Pipelined over the shared connection: a fan-out's steps are bounded by its agents.
-        let results =
-            futures_util::future::try_join_all(steps.into_iter().map(|(shard, members)| {
-                self.write_agents_of_shard(writes, &encoded, shard, members)
-            }))
+        // A few steps under way at a time: Redis runs every command a connection pipelined
+        // before it reads another connection's, so a whole fan-out sent at once would hold a
+        // webhook's fact behind thousands of agents' writes. Two keep Redis busy.
+        let runs: Vec<_> = steps
+            .into_iter()
+            .map(|(shard, members)| self.write_agents_of_shard(writes, &encoded, shard, members))
+            .collect();
+        let results: Vec<Vec<(usize, Written)>> = futures_util::stream::iter(runs)
+            .buffer_unordered(AGENT_STEPS_IN_FLIGHT)
+            .try_collect()
             .await?;
         let mut written = vec![Written::Conflict; writes.agents().len()];
         for result in results {
