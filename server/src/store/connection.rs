@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster::ClusterClient;
 use redis::cluster::ClusterConfig;
 use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, ProtocolVersion};
 
 use crate::config::RedisSettings;
 
@@ -24,14 +24,14 @@ pub(crate) enum Source {
 pub(crate) enum Conn {
     /// Reconnects by itself: every command but blocking reads.
     ///
-    /// The manager learns that its connection broke (Redis restarted, a proxy dropped it)
-    /// only from the next command, which fails, and it then reconnects in the background.
-    /// That command is sent once more, on the new connection: a webhook answered 503 is
-    /// never redelivered by GitLab, and a catch-up round would be lost. A command can reach
-    /// Redis twice only if the connection broke after Redis read it; every write the store
-    /// makes is idempotent or conditional (facts carry their delivery id, agent writes a
-    /// position, registry changes a version, commit statuses their state), so the worst
-    /// case is an agent report listed twice in its history.
+    /// It speaks RESP3, so that its connection tells it the moment Redis closes it (a
+    /// restart, a proxy's idle timeout) and it reconnects at once, instead of learning it
+    /// from the next command, which would fail: a webhook answered 503 is never redelivered
+    /// by GitLab. A reconnection made while Redis is still down fails, and so would the
+    /// next command, which never reached Redis: that command is sent once more, on the new
+    /// connection the failure started. A command that may have reached Redis is never sent
+    /// twice: a conditional write (an agent's state, a registry change, an operator's
+    /// pause) must not report a conflict with itself.
     Managed(ConnectionManager),
     /// Of its own, for blocking reads that must not stall other commands.
     Plain(MultiplexedConnection),
@@ -46,7 +46,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Self::Managed(conn) => Box::pin(async move {
                 match conn.send_packed_command(cmd).await {
-                    Err(error) if error.is_connection_dropped() => {
+                    Err(error) if error.is_connection_refusal() => {
                         conn.send_packed_command(cmd).await
                     }
                     answered => answered,
@@ -66,7 +66,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Self::Managed(conn) => Box::pin(async move {
                 match conn.send_packed_commands(pipeline, offset, count).await {
-                    Err(error) if error.is_connection_dropped() => {
+                    Err(error) if error.is_connection_refusal() => {
                         conn.send_packed_commands(pipeline, offset, count).await
                     }
                     answered => answered,
@@ -103,6 +103,12 @@ impl Source {
     pub(crate) fn shared(&self) -> redis::RedisResult<Conn> {
         Ok(match self {
             Self::Single(client) => {
+                let info = client.get_connection_info().clone();
+                let resp3 = info
+                    .redis_settings()
+                    .clone()
+                    .set_protocol(ProtocolVersion::RESP3);
+                let client = redis::Client::open(info.set_redis_settings(resp3))?;
                 // Fail fast while Redis is down: webhooks must answer 503 well within
                 // GitLab's 10 s.
                 let config = ConnectionManagerConfig::new()
@@ -110,10 +116,7 @@ impl Source {
                     .set_response_timeout(Some(Duration::from_secs(2)))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
-                Conn::Managed(ConnectionManager::new_lazy_with_config(
-                    client.clone(),
-                    config,
-                )?)
+                Conn::Managed(ConnectionManager::new_lazy_with_config(client, config)?)
             }
             Self::Cluster(client) => {
                 let config = ClusterConfig::new()
