@@ -112,7 +112,7 @@ async fn forged_cross_project_hook_is_401_and_the_legitimate_one_still_works() -
     let (status, body) = hook_with(&server, GITLAB_SECRET, "Pipeline Hook", &forged).await?;
     assert_eq!(status, 401, "{body}");
     assert!(message(&body).contains(PROD_PROJECT), "{body}");
-    // A guessed secret matches nothing, and is refused before the body is read: the answer
+    // A guessed secret matches nothing, and is refused before the body is parsed: the answer
     // names no project.
     let (status, body) = hook_with(&server, "guess", "Pipeline Hook", &forged).await?;
     assert_eq!(status, 401, "{body}");

@@ -352,7 +352,7 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         );
     };
     let event = header(&headers, "x-gitlab-event");
-    // A token that matches no secret at all is refused before the body is read.
+    // A token that matches no secret at all is refused before the body is parsed.
     if let Some(refused) = unauthorized(&state, "unknown", None, token) {
         return refused;
     }
