@@ -241,98 +241,51 @@ async fn bad_admin_token_is_unauthenticated() -> anyhow::Result<()> {
 async fn malformed_payloads_are_400_and_name_the_problem() -> anyhow::Result<()> {
     let redis = Redis::start().await?;
     let server = server(&redis).await?;
-    let headers = |event: &'static str| {
-        [
+    // Posts `body` as `event` with the right secret, expects a 400 whose message holds each
+    // of `named`, and returns the answer.
+    let refused = async |event: &str, body: Vec<u8>, named: &[&str]| -> anyhow::Result<Value> {
+        let headers = [
             ("Content-Type", "application/json"),
             ("X-Gitlab-Token", GITLAB_SECRET),
             ("X-Gitlab-Event", event),
-        ]
+        ];
+        let (status, answer) = post(&server, &headers, body).await?;
+        assert_eq!(status, 400, "{answer}");
+        for part in named {
+            assert!(message(&answer).contains(part), "names {part:?}: {answer}");
+        }
+        Ok(answer)
     };
 
     let truncated = br#"{"object_kind":"push","ref":"refs/heads/main","after":"#.to_vec();
-    let (status, answer) = post(&server, &headers("Push Hook"), truncated).await?;
-    assert_eq!(status, 400, "{answer}");
+    let answer = refused("Push Hook", truncated, &["Push Hook", "EOF"]).await?;
     assert_eq!(outcome(&answer), "rejected");
-    assert!(
-        message(&answer).contains("Push Hook"),
-        "names the event: {answer}"
-    );
-    assert!(
-        message(&answer).contains("EOF"),
-        "names the problem: {answer}"
-    );
 
-    let (status, answer) = post(
-        &server,
-        &headers("Pipeline Hook"),
-        b"not json at all".to_vec(),
-    )
-    .await?;
-    assert_eq!(status, 400, "{answer}");
-    assert!(message(&answer).contains("Pipeline Hook"), "{answer}");
+    let not_json = b"not json at all".to_vec();
+    refused("Pipeline Hook", not_json, &["Pipeline Hook"]).await?;
 
     // serde would read an array's elements as the hook's fields in order.
     let as_array = json!(["refs/heads/main", null, sha(1), { "id": 1 }, null]);
-    let (status, answer) = post(
-        &server,
-        &headers("Push Hook"),
-        serde_json::to_vec(&as_array)?,
-    )
-    .await?;
-    assert_eq!(status, 400, "{answer}");
-    assert!(
-        message(&answer).contains("not a JSON object"),
-        "names the problem: {answer}"
-    );
+    let as_array = serde_json::to_vec(&as_array)?;
+    refused("Push Hook", as_array, &["not a JSON object"]).await?;
 
     let mut bad_sha = push(1);
     bad_sha["after"] = json!("not-a-sha");
-    let (status, answer) = post(
-        &server,
-        &headers("Push Hook"),
-        serde_json::to_vec(&bad_sha)?,
-    )
-    .await?;
-    assert_eq!(status, 400, "{answer}");
-    assert!(
-        message(&answer).contains("after"),
-        "names the field: {answer}"
-    );
-    assert!(
-        message(&answer).contains("not-a-sha"),
-        "names the value: {answer}"
-    );
+    let bad_sha = serde_json::to_vec(&bad_sha)?;
+    refused("Push Hook", bad_sha, &["after", "not-a-sha"]).await?;
 
     let mut no_attributes = green(1);
     no_attributes
         .as_object_mut()
         .context("an object")?
         .remove("object_attributes");
-    let (status, answer) = post(
-        &server,
-        &headers("Pipeline Hook"),
-        serde_json::to_vec(&no_attributes)?,
-    )
-    .await?;
-    assert_eq!(status, 400, "{answer}");
-    assert!(
-        message(&answer).contains("object_attributes"),
-        "names the field: {answer}"
-    );
+    let no_attributes = serde_json::to_vec(&no_attributes)?;
+    refused("Pipeline Hook", no_attributes, &["object_attributes"]).await?;
 
     let mut bad_status = green(1);
     bad_status["object_attributes"]["status"] = json!("exploded");
-    let (status, answer) = post(
-        &server,
-        &headers("Pipeline Hook"),
-        serde_json::to_vec(&bad_status)?,
-    )
-    .await?;
-    assert_eq!(status, 400, "{answer}");
-    assert!(
-        message(&answer).contains("exploded"),
-        "names the value: {answer}"
-    );
+    let bad_status = serde_json::to_vec(&bad_status)?;
+    refused("Pipeline Hook", bad_status, &["exploded"]).await?;
 
     assert_nothing_recorded(&server).await
 }
