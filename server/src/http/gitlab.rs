@@ -587,14 +587,9 @@ impl Payload {
                     .ok_or("object_attributes.last_commit is required")?;
                 let sha = Sha::parse(&commit.id)
                     .map_err(|e| format!("object_attributes.last_commit.id: {e}"))?;
-                let (path, id) = project_of(hook.project.as_ref(), None)?;
-                Ok(Some(PreviewTrigger {
-                    project_path: path,
-                    project_id: id,
-                    target_branch: attrs.target_branch.clone(),
-                    merge_request_iid: attrs.iid,
-                    sha: sha.as_str().to_owned(),
-                }))
+                let trigger =
+                    preview_of(hook.project.as_ref(), &attrs.target_branch, attrs.iid, &sha)?;
+                Ok(Some(trigger))
             }
             Self::Pipeline(hook) => {
                 let attrs = &hook.object_attributes;
@@ -606,23 +601,34 @@ impl Payload {
                 ) else {
                     return Ok(None);
                 };
-                let (Ok(sha), Ok((path, id))) = (
-                    Sha::parse(&attrs.sha),
-                    project_of(hook.project.as_ref(), None),
-                ) else {
+                // A merge request pipeline that cannot name its head asks for no preview;
+                // the pipeline parser refuses what is malformed.
+                let Ok(sha) = Sha::parse(&attrs.sha) else {
                     return Ok(None);
                 };
-                Ok(Some(PreviewTrigger {
-                    project_path: path,
-                    project_id: id,
-                    target_branch: target_branch.to_owned(),
-                    merge_request_iid: iid,
-                    sha: sha.as_str().to_owned(),
-                }))
+                Ok(preview_of(hook.project.as_ref(), target_branch, iid, &sha).ok())
             }
             Self::Push(_) | Self::Other(_) => Ok(None),
         }
     }
+}
+
+/// The preview of `sha`, the head of merge request `iid` into `target_branch` of
+/// `project`; `Err` when the body names no project.
+fn preview_of(
+    project: Option<&Project>,
+    target_branch: &str,
+    iid: u64,
+    sha: &Sha,
+) -> Result<PreviewTrigger, String> {
+    let (project_path, project_id) = project_of(project, None)?;
+    Ok(PreviewTrigger {
+        project_path,
+        project_id,
+        target_branch: target_branch.to_owned(),
+        merge_request_iid: iid,
+        sha: sha.as_str().to_owned(),
+    })
 }
 
 fn parse_push(hook: PushHook) -> Parsed {
