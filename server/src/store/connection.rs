@@ -155,3 +155,67 @@ impl Source {
         matches!(self, Self::Cluster(_))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::Source;
+    use crate::config::RedisSettings;
+    use crate::store::StoreError;
+
+    /// A server older than Redis 6 refuses `HELLO`: the operator is told which Redis is
+    /// needed, not only that a command failed.
+    #[tokio::test]
+    async fn a_redis_without_resp3_is_named_as_too_old() {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|error| panic!("bind: {error}"));
+        let address = listener
+            .local_addr()
+            .unwrap_or_else(|error| panic!("address: {error}"));
+        // Answers whatever it reads as Redis 5 answers HELLO.
+        let old_redis = tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut request = [0u8; 4096];
+                    while let Ok(read) = socket.read(&mut request).await {
+                        // One refusal per command read (the client pipelines HELLO with
+                        // CLIENT SETINFO); each command is an array, `*` at a line's start.
+                        let read = &request[..read];
+                        let commands = read
+                            .iter()
+                            .enumerate()
+                            .filter(|(at, byte)| {
+                                **byte == b'*' && (*at == 0 || read[at - 1] == b'\n')
+                            })
+                            .count();
+                        if commands == 0 {
+                            break;
+                        }
+                        let refusal =
+                            b"-ERR unknown command `HELLO`, with args beginning with: `3`, \r\n";
+                        if socket.write_all(&refusal.repeat(commands)).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let settings = RedisSettings::single(format!("redis://{address}"), "gl-test");
+        let mut conn = Source::open(&settings)
+            .and_then(|source| source.shared())
+            .unwrap_or_else(|error| panic!("client: {error}"));
+        let ping = redis::cmd("PING");
+        let ping = ping.query_async::<String>(&mut conn);
+        let error = match tokio::time::timeout(Duration::from_secs(10), ping).await {
+            Ok(Err(error)) => StoreError::from(error).to_string(),
+            other => panic!("an old Redis was accepted: {other:?}"),
+        };
+        assert!(error.contains("Redis 6.2 or later"), "{error}");
+        old_redis.abort();
+    }
+}

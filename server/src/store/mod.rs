@@ -56,7 +56,7 @@ pub const PUSHES_KEPT: usize = 4 * crate::gate::MAX_HEADS;
 /// Why the store could not serve a request.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("redis: {0}")]
+    #[error("redis: {}", explain_redis(.0))]
     Redis(#[from] ::redis::RedisError),
     #[error("stored record {key} is corrupt: {reason}")]
     Corrupt { key: String, reason: String },
@@ -69,6 +69,17 @@ pub enum StoreError {
     OldLayout { prefix: String, found: String },
     #[error("embedded database: {0}")]
     Embedded(String),
+}
+
+/// A Redis error as an operator can act on it.
+fn explain_redis(error: &::redis::RedisError) -> String {
+    match error.kind() {
+        ::redis::ErrorKind::RESP3NotSupported => format!(
+            "the server does not speak RESP3 (it refused HELLO 3): Greenlight needs Redis 6.2 \
+             or later ({error})"
+        ),
+        _ => error.to_string(),
+    }
 }
 
 /// Shorthand for store results.
