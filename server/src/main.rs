@@ -10,6 +10,11 @@ use greenlight_server::config::{Config, Overrides};
 use greenlight_server::{Listeners, run};
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc rather than glibc's allocator: a fan-out to 10,000 agents took 15 % less CPU and
+/// ingest ran 6-15 % faster with it, at the same memory per idle agent (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     version,
