@@ -210,12 +210,16 @@ impl Catalog {
         self.by_ref.get(key).map(Vec::as_slice).unwrap_or_default()
     }
 
-    /// The repository of the agents watching `key`, if they have one (config validation
-    /// ensures they share it).
+    /// The repository of the agents watching `key`, if they have one.
+    ///
+    /// The config and the registry let agents watch one ref only with one repository or all
+    /// without, so the first watcher answers: a ref of 10,000 agents without a repository
+    /// was a scan of all of them on every evaluation.
     pub fn source(&self, key: &RefKey) -> Option<&RepoSource> {
         self.watchers(key)
             .iter()
-            .find_map(|name| self.agents.get(name)?.source.as_ref())
+            .find_map(|name| self.agents.get(name))
+            .and_then(|agent| agent.source.as_ref())
     }
 
     /// Whether some agent watches `project` (as the agents spell it: a path or an id).
@@ -414,35 +418,58 @@ mod tests {
     use super::*;
     use crate::config::{Config, Overrides};
 
-    fn agents() -> Vec<AgentSpec> {
-        let hash = |n: u8| hex::encode([n; 32]);
-        let yaml = format!(
-            "agents:\n  - {{name: prod, token_sha256: {}, project: x, ref: main}}\n  - {{name: docs, token_sha256: {}, project: x, ref: main, badge: public}}\n",
-            hash(1),
-            hash(2)
-        );
+    /// The agents of a config file listing `entries` (each an agent's fields but its
+    /// token), each with a token of its own.
+    fn agents_of(entries: &[&str]) -> Vec<AgentSpec> {
+        let mut yaml = String::from("agents:\n");
+        for (n, entry) in (1u8..).zip(entries) {
+            let token = hex::encode([n; 32]);
+            yaml.push_str(&format!("  - {{{entry}, token_sha256: {token}}}\n"));
+        }
         Config::from_yaml(&yaml, &Overrides::default())
-            .unwrap()
-            .agents
+            .map(|config| config.agents)
+            .unwrap_or_else(|error| panic!("{error}"))
+    }
+
+    fn agents() -> Vec<AgentSpec> {
+        agents_of(&[
+            "name: prod, project: x, ref: main",
+            "name: docs, project: x, ref: main, badge: public",
+        ])
     }
 
     #[test]
     fn a_project_is_watched_when_some_agent_names_it_exactly() {
-        let hash = |n: u8| hex::encode([n; 32]);
-        let yaml = format!(
-            "agents:\n  - {{name: a, token_sha256: {}, project: g/prod, ref: main}}\n  - {{name: b, token_sha256: {}, project: \"42\", ref: main}}\n",
-            hash(1),
-            hash(2)
-        );
-        let agents = Config::from_yaml(&yaml, &Overrides::default())
-            .map(|config| config.agents)
-            .unwrap_or_else(|error| panic!("{error}"));
+        let agents = agents_of(&[
+            "name: a, project: g/prod, ref: main",
+            "name: b, project: \"42\", ref: main",
+        ]);
         let catalog = Catalog::new(&agents, None);
         assert!(catalog.watches_project("g/prod"));
         assert!(catalog.watches_project("42"));
         for other in ["g/pro", "g/prod-x", "g", "4", "420", ""] {
             assert!(!catalog.watches_project(other), "{other}");
         }
+    }
+
+    #[test]
+    fn a_refs_repository_is_its_watchers() {
+        let agents = agents_of(&[
+            "name: a, project: g/app, ref: main, repository: 'file:///tmp/r'",
+            "name: b, project: g/app, ref: main, repository: 'file:///tmp/r'",
+            "name: c, project: g/app, ref: dev",
+        ]);
+        let catalog = Catalog::new(&agents, None);
+        let key = |branch: &str| RefKey {
+            project: "g/app".into(),
+            branch: branch.into(),
+        };
+        assert_eq!(
+            catalog.source(&key("main")).map(|s| s.url.as_str()),
+            Some("file:///tmp/r")
+        );
+        assert!(catalog.source(&key("dev")).is_none());
+        assert!(catalog.source(&key("unwatched")).is_none());
     }
 
     #[test]
