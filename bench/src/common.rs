@@ -20,8 +20,7 @@ pub type Admin = AdminServiceClient<InterceptedService<Channel, Bearer>>;
 
 /// Branch every scenario pushes to.
 pub const BRANCH: &str = "main";
-/// The `before` of a branch's first push.
-pub const ZERO: &str = "0000000000000000000000000000000000000000";
+pub use greenlight_e2e::ZERO;
 
 /// `nproc`, CPU model and memory, the load average, and the build, one line each.
 pub fn machine() -> String {

@@ -14,7 +14,6 @@ use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams
 use kube::core::GroupVersionKind;
 use serde_json::{Value, json};
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 /// How long the agents' Lease lasts without renewal in the leader election tests.
 const LEASE: std::time::Duration = std::time::Duration::from_secs(3);
 

@@ -5,7 +5,6 @@ use greenlight::digest::sha256_hex;
 use greenlight::v1::{GetAgentRequest, PauseSyncRequest, Phase, ResumeSyncRequest, StatusReport};
 use greenlight_e2e::*;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 /// The CI token of agent `prod`.
 const CI_TOKEN: &str = "ci-token-prod";
 /// What every 404 of the badge routes says.

@@ -38,7 +38,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 /// ConfigMaps per revision: enough writes that an apply takes a moment to kill it in.
 const OBJECTS: usize = 8;
 /// A `greenlight/<agent>` status another replica took is posted by a live one after this.

@@ -16,7 +16,6 @@ use tonic::Code;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 /// What the server sends GitLab as `PRIVATE-TOKEN`.
 /// The CI token of agent `prod`.
 const CI_TOKEN: &str = "ci-token-prod";

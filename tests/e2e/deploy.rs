@@ -19,8 +19,6 @@ use serde_json::Value;
 /// The directory holding the `helm` that scripts/helm-tool built.
 const HELM_BIN_DIR_ENV: &str = "GREENLIGHT_HELM_BIN_DIR";
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }

@@ -8,8 +8,6 @@ use greenlight_e2e::process::ServerProcess;
 use greenlight_e2e::*;
 use serde_json::json;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_accepted_before_a_sigkill_is_kept_and_becomes_its_commit_status()
 -> anyhow::Result<()> {

@@ -6,8 +6,6 @@ use greenlight::v1::{
 };
 use greenlight_e2e::*;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 async fn setup(agents: &[AgentDef]) -> anyhow::Result<(Redis, TestServer)> {
     let redis = Redis::start().await?;
     let server = TestServer::start(&config_yaml(Some(&redis.url()), agents)).await?;

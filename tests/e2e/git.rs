@@ -3,8 +3,6 @@
 use greenlight::v1::GetAgentRequest;
 use greenlight_e2e::*;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 struct Setup {
     _redis: Redis,
     _cache: tempfile::TempDir,

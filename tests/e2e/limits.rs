@@ -19,8 +19,6 @@ use prost::Message;
 use serde_json::{Value, json};
 use tonic::Code;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 /// The CI token of agent `name` in these tests.
 fn ci_token(name: &str) -> String {
     format!("ci-token-{name}")

@@ -7,11 +7,10 @@ use anyhow::ensure;
 use greenlight_agent::metrics::AgentMetrics;
 use greenlight_e2e::exposition::{Exposition, Kind, scrape};
 use greenlight_e2e::{
-    GitRepo, Redis, SOON, TestServer, eventually, git_agent_yaml, git_config_yaml, next_revision,
+    GitRepo, Redis, SOON, TestServer, ZERO, eventually, git_agent_yaml, git_config_yaml,
+    next_revision,
 };
 use greenlight_server::config::{Config, Overrides};
-
-const ZERO: &str = "0000000000000000000000000000000000000000";
 
 /// Every family the server serves, and its kind. One with labels is served once counted.
 const SERVER_FAMILIES: [(&str, Kind); 17] = [

@@ -15,7 +15,6 @@ use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 const TARGET_BASE: &str = "https://greenlight.example";
 /// The merge request every test opens.
 const MR: u64 = 7;

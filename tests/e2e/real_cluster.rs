@@ -6,8 +6,6 @@ use greenlight_e2e::control_plane;
 use greenlight_e2e::*;
 use kube::api::{Api, DeleteParams};
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_applies_and_prunes_on_a_real_cluster() -> anyhow::Result<()> {
     install_crypto();

@@ -11,7 +11,6 @@ use greenlight_e2e::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 /// Long enough that only a release, not an expiry, explains a takeover within it.
 const LEASE: Duration = Duration::from_secs(30);
 

@@ -5,7 +5,6 @@ use greenlight::v1::object_result::Action;
 use greenlight::v1::{ObjectResult, PauseSyncRequest, Phase, StatusReport};
 use greenlight_e2e::*;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 /// What every 404 of the page routes says.
 const NOT_FOUND: &str = "no such status page: a private agent's page is at /agents/<agent>/<key>, with the key of the URL `greenlightctl badge-url <agent>` prints";
 

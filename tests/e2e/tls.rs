@@ -19,8 +19,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
-
 /// A new P-256 key, unencrypted, as `openssl req` arguments.
 const NEW_EC_KEY: &str = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
 

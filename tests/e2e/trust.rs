@@ -13,7 +13,6 @@ use greenlight_e2e::*;
 use serde_json::{Value, json};
 use tonic::Code;
 
-const ZERO: &str = "0000000000000000000000000000000000000000";
 /// A second project, guarded by a secret of its own.
 const PROD_PROJECT: &str = "group/prod-manifests";
 const PROD_SECRET: &str = "prod-hook-secret";

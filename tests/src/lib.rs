@@ -67,6 +67,9 @@ pub fn deployment_on(name: &str, replicas: u32, pool: &str) -> String {
     )
 }
 
+/// The `before` of a branch's first push, as GitLab sends it.
+pub const ZERO: &str = "0000000000000000000000000000000000000000";
+
 /// A 40-hex commit id made from `n`, distinct for distinct `n`.
 pub fn sha(n: u32) -> String {
     format!("{n:08x}").repeat(5)
