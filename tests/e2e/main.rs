@@ -20,5 +20,6 @@ mod runtime_agents;
 mod shutdown;
 mod status_page;
 mod store_suite;
+mod stream_end;
 mod tls;
 mod trust;
