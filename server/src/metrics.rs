@@ -269,8 +269,8 @@ impl Metrics {
         self.fact_to_decision.observe(took.as_secs_f64());
     }
 
-    /// Counts saved decisions by outcome.
-    pub fn decided<'a>(&self, decisions: impl IntoIterator<Item = &'a Decision>) {
+    /// Counts saved decisions by outcome: each of `decisions` was saved for `agents` agents.
+    pub fn decided<'a>(&self, decisions: impl IntoIterator<Item = &'a Decision>, agents: u64) {
         for decision in decisions {
             let outcome = match (decision.outcome, &decision.superseded_by) {
                 (Outcome::Skip, Some(_)) => "superseded",
@@ -280,7 +280,7 @@ impl Metrics {
             };
             self.decisions
                 .get_or_create(&vec![("outcome", outcome)])
-                .inc();
+                .inc_by(agents);
         }
     }
 
@@ -388,18 +388,22 @@ mod tests {
     fn a_superseded_skip_is_counted_as_superseded_only() {
         let metrics = Metrics::default();
         let newer = Sha::parse(&"a".repeat(40)).unwrap();
-        metrics.decided(&[
-            decision(Outcome::Deploy, None),
-            decision(Outcome::Hold, None),
-            decision(Outcome::Skip, None),
-            decision(Outcome::Skip, Some(newer)),
-        ]);
+        // One step decided alike for three agents.
+        metrics.decided(
+            &[
+                decision(Outcome::Deploy, None),
+                decision(Outcome::Hold, None),
+                decision(Outcome::Skip, None),
+                decision(Outcome::Skip, Some(newer)),
+            ],
+            3,
+        );
         let text = metrics.encode(GitStats::default()).unwrap();
         for outcome in ["deploy", "hold", "skip", "superseded"] {
             let sample = format!("greenlight_decisions_total{{outcome=\"{outcome}\"}} ");
             assert_eq!(
                 line(&text, &sample),
-                Some(format!("{sample}1")),
+                Some(format!("{sample}3")),
                 "{outcome} in:\n{text}"
             );
         }

@@ -657,6 +657,20 @@ impl Evaluator {
                 changes = writes.changes().len()
             ))
             .await?;
+        // Agents decided alike share a change: its decisions are counted once, by agents saved.
+        let mut saved_by_change = vec![0u64; writes.changes().len()];
+        for (queued, outcome) in writes.agents().iter().zip(&written) {
+            if let (Written::Saved { .. }, Some(saved)) =
+                (outcome, saved_by_change.get_mut(queued.change))
+            {
+                *saved += 1;
+            }
+        }
+        for (change, agents) in writes.changes().iter().zip(saved_by_change) {
+            if agents > 0 {
+                self.metrics.decided(change.decisions, agents);
+            }
+        }
         let mut cache = Vec::with_capacity(pending.len());
         let outcomes = pending
             .into_iter()
@@ -665,7 +679,6 @@ impl Evaluator {
                 match written {
                     Written::Saved { version } => {
                         let step = &change.change.step;
-                        self.metrics.decided(step.decisions.iter());
                         let desired = change.next.gate.desired.as_ref();
                         self.index.offer(
                             &change.agent,

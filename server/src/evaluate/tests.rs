@@ -588,6 +588,32 @@ async fn agents_decided_alike_share_one_state_and_each_still_gets_its_own_gate()
     );
 }
 
+/// Agents decided alike write one shared change; its decisions still count once per agent.
+#[tokio::test]
+async fn a_shared_decision_is_counted_for_every_agent_it_was_saved_for() {
+    let yaml = format!(
+        "agents:\n{}{}{}",
+        agent_yaml("edge-1", "{mode: pipeline}"),
+        agent_yaml("edge-2", "{mode: pipeline}"),
+        agent_yaml("edge-3", "{mode: pipeline}"),
+    );
+    let (evaluator, store) = evaluator_for(&yaml);
+    // Read one by one, the three states are decided apart the first time and share their
+    // change from then on.
+    for n in 1..=2 {
+        green_push(&store, n).await;
+        evaluator.evaluate(&key()).await.expect("evaluates");
+    }
+    let text = evaluator
+        .metrics
+        .encode(crate::git::GitStats::default())
+        .expect("encodes");
+    let deployed = text
+        .lines()
+        .find_map(|line| line.strip_prefix("greenlight_decisions_total{outcome=\"deploy\"} "));
+    assert_eq!(deployed, Some("6"), "in:\n{text}");
+}
+
 #[tokio::test]
 async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_one_once() {
     let (evaluator, store) = edge_after_green_push().await;
