@@ -1127,7 +1127,7 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
     write(store, "victim", 0, &empty, &before).await?;
     let list = only_key(&fixture.redis, "*:agent:victim:decisions")?;
     // SET replaces a key of any type.
-    redis_cli(&fixture.redis, &["SET", &list, "not a list"])?;
+    fixture.redis.cli(&["SET", &list, "not a list"])?;
     let mut rx = subscribed(store).await?;
 
     let after = deployed_at(before.clone(), 2, 10);
@@ -1209,7 +1209,7 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
         "every agent written is heard"
     );
 
-    redis_cli(&fixture.redis, &["DEL", &list])?;
+    fixture.redis.cli(&["DEL", &list])?;
     assert_eq!(
         store.agent("victim").await?.version,
         1,
@@ -1250,7 +1250,7 @@ async fn a_fact_redis_refuses_midway_leaves_its_delivery_unseen() -> anyhow::Res
         .record_fact(&k, &push_of(1), Some("first"), None)
         .await?;
     let pushes = only_key(&fixture.redis, "*:pushes")?;
-    redis_cli(&fixture.redis, &["SET", &pushes, "not a list"])?;
+    fixture.redis.cli(&["SET", &pushes, "not a list"])?;
 
     let refused = store
         .record_fact(&k, &push_of(2), Some("second"), None)
@@ -1259,7 +1259,7 @@ async fn a_fact_redis_refuses_midway_leaves_its_delivery_unseen() -> anyhow::Res
         matches!(&refused, Err(error) if error.to_string().contains("WRONGTYPE")),
         "a fact on a broken key fails with Redis's reason: {refused:?}"
     );
-    redis_cli(&fixture.redis, &["DEL", &pushes])?;
+    fixture.redis.cli(&["DEL", &pushes])?;
     assert_eq!(
         store.facts(&k).await?.position,
         1,
@@ -1283,13 +1283,13 @@ async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Res
     let fixture = RedisFixture::start().await?;
     // The registry's entries go to shard 0's log.
     let log = "gl-suite:{gl0}:log";
-    redis_cli(&fixture.redis, &["SET", log, "not a stream"])?;
+    fixture.redis.cli(&["SET", log, "not a stream"])?;
     let refused = fixture.store.change_registered("ghost", None, 0).await;
     ensure!(
         matches!(&refused, Err(error) if error.to_string().contains("WRONGTYPE")),
         "a change on a broken log fails with Redis's reason: {refused:?}"
     );
-    redis_cli(&fixture.redis, &["DEL", log])?;
+    fixture.redis.cli(&["DEL", log])?;
     assert_eq!(
         fixture.store.registry().await?.seq,
         0,
@@ -1304,23 +1304,12 @@ async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Res
 
 /// The one key of `redis` that matches `pattern`.
 fn only_key(redis: &Redis, pattern: &str) -> anyhow::Result<String> {
-    let found = redis_cli(redis, &["--scan", "--pattern", pattern])?;
+    let found = redis.cli(&["--scan", "--pattern", pattern])?;
     let keys: Vec<&str> = found.lines().filter(|key| !key.is_empty()).collect();
     match keys.as_slice() {
         [key] => Ok((*key).to_owned()),
         other => bail!("{} keys match {pattern}: {other:?}", other.len()),
     }
-}
-
-/// Runs `redis-cli` against `redis` and returns what it printed.
-fn redis_cli(redis: &Redis, args: &[&str]) -> anyhow::Result<String> {
-    let output = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port().to_string()])
-        .args(args)
-        .output()
-        .context("redis-cli")?;
-    ensure!(output.status.success(), "redis-cli {args:?}: {output:?}");
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// A Redis restart (the append-only file keeps the data) costs a follower nothing but the
@@ -1446,7 +1435,7 @@ async fn a_log_that_lost_its_entries_makes_followers_re_read_everything() -> any
     let k = key("group/app", "main");
     store.record_fact(&k, &push_of(1), None, None).await?;
     let mut rx = subscribed(store.as_ref()).await?;
-    redis_cli(&fixture.redis, &["FLUSHALL"])?;
+    fixture.redis.cli(&["FLUSHALL"])?;
     let resync = tokio::time::timeout(RESUBSCRIBE, async {
         loop {
             match rx.recv().await {
@@ -1474,7 +1463,7 @@ async fn data_of_the_previous_layout_is_refused() -> anyhow::Result<()> {
         .check_layout()
         .await
         .context("its own layout passes")?;
-    redis_cli(&fixture.redis, &["XADD", "gl-old:log", "*", "m", "{}"])?;
+    fixture.redis.cli(&["XADD", "gl-old:log", "*", "m", "{}"])?;
     let settings = RedisSettings::single(fixture.redis.url(), "gl-old".to_owned());
     let store = RedisStore::connect(&settings, fixture.shutdown.clone(), Default::default())?;
     match store.check_layout().await {
