@@ -10,9 +10,10 @@ use greenlight::v1::{
     RefStatus,
 };
 use greenlight_agent::client::{Bearer, Client, ClientError};
+use greenlight_e2e::exposition::scrape;
 use greenlight_e2e::{
     AgentDef, GITLAB_SECRET, INGEST_TOKEN, PROJECT, QUIET, Redis, SOON, TestServer, agent_token,
-    config_yaml, install_crypto, metric, next_revision, no_revision, pipeline_payload,
+    config_yaml, eventually, install_crypto, next_revision, no_revision, pipeline_payload,
     push_payload, sha,
 };
 use greenlight_server::config::RedisSettings;
@@ -480,9 +481,6 @@ fn redis_ok(redis: &Redis, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often the server has failed to read a ref's facts.
-const FAILED_FACT_READS: &str = r#"greenlight_store_errors_total{operation="facts"}"#;
-
 /// Facts recorded while their evaluation cannot read them back are decided once the store
 /// answers again, with no new webhook: the evaluation is retried, not dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -499,14 +497,13 @@ async fn an_evaluation_that_met_a_store_error_is_retried_until_it_decides() -> a
     let (status, answer) =
         delivered(&server, "Pipeline Hook", &green(1), "pipeline-1-success").await?;
     assert_eq!((status, outcome(&answer)), (200, "recorded"), "{answer}");
-    let deadline = tokio::time::Instant::now() + SOON;
-    while metric(&server, FAILED_FACT_READS).await? < 2.0 {
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the evaluation never met the refusal"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the evaluation to meet the refusal twice", || async {
+        let metrics = scrape(server.http).await?;
+        let failed_reads =
+            metrics.count("greenlight_store_errors_total", &[("operation", "facts")]);
+        Ok((failed_reads >= 2.0).then_some(()))
+    })
+    .await?;
     no_revision(&mut stream, QUIET).await?;
 
     redis_ok(&redis, &["ACL", "SETUSER", "default", "+hgetall"])?;

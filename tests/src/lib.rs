@@ -768,8 +768,7 @@ pub fn git_config_yaml(
     yaml
 }
 
-/// The value of a counter in the server's `/metrics`, 0 when absent: `name` is a metric
-/// (its first series counts) or one series with its labels, as `/metrics` writes it.
+/// The value of a counter in the server's `/metrics`, 0 when absent.
 pub async fn metric(server: &TestServer, name: &str) -> anyhow::Result<f64> {
     install_crypto();
     let text = reqwest::get(format!("http://{}/metrics", server.http))
@@ -778,10 +777,7 @@ pub async fn metric(server: &TestServer, name: &str) -> anyhow::Result<f64> {
         .await?;
     Ok(text
         .lines()
-        .find(|line| {
-            let series = line.split(' ').next().unwrap_or_default();
-            series == name || series.split('{').next() == Some(name)
-        })
+        .find(|line| line.split([' ', '{']).next() == Some(name))
         .and_then(|line| line.rsplit(' ').next())
         .and_then(|value| value.parse().ok())
         .unwrap_or(0.0))
