@@ -695,7 +695,15 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
         "agents decided alike share a change"
     );
 
-    let written = store.write_agents(&writes).await?;
+    let mut told = vec![None; writes.agents().len()];
+    let written = store
+        .write_agents_telling(&writes, &mut |step| {
+            for &(at, outcome) in step {
+                assert!(told[at].is_none(), "write {at} told twice");
+                told[at] = Some(outcome);
+            }
+        })
+        .await?;
     let mut expected = vec![Written::Saved { version: 1 }; fleet.len()];
     expected.extend([Written::Conflict, Written::Stale]);
     expected.extend(vec![Written::Saved { version: 1 }; edges.len()]);
@@ -703,6 +711,8 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
         written, expected,
         "each write judged on its own, answered in order"
     );
+    let told: Vec<Written> = told.into_iter().flatten().collect();
+    assert_eq!(told, written, "every write told once, as answered");
 
     let fleet_read = store.agents(&fleet).await?;
     ensure!(
@@ -1162,7 +1172,15 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
         });
         writes
     };
-    let refused = store.write_agents(&batch(0)).await;
+    let writes = batch(0);
+    let mut told = Vec::new();
+    let refused = store
+        .write_agents_telling(&writes, &mut |step| {
+            for &(at, outcome) in step {
+                told.push((writes.agents()[at].agent.to_owned(), outcome));
+            }
+        })
+        .await;
     let Err(error) = refused else {
         bail!("a step with a broken key was accepted: {refused:?}");
     };
@@ -1195,6 +1213,23 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
         .filter(|(_, version)| **version == 1)
         .map(|(agent, _)| *agent)
         .collect();
+    // What the other steps wrote was told as it was written, despite the error at the end.
+    let told_saved: std::collections::BTreeSet<&String> = told
+        .iter()
+        .map(|(agent, outcome)| {
+            ensure!(
+                *outcome == Written::Saved { version: 1 },
+                "{agent} told {outcome:?}"
+            );
+            Ok(agent)
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ensure!(
+        told.len() == told_saved.len() && told_saved == written_before,
+        "told exactly the agents the other steps wrote: {} told, {} written",
+        told.len(),
+        written_before.len()
+    );
     let mut heard = std::collections::BTreeSet::new();
     while heard.len() < written_before.len() {
         if let Broadcast::AgentsChanged(changes) = next_message(&mut rx).await? {
@@ -1303,6 +1338,62 @@ async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Res
 }
 
 /// The one key of `redis` that matches `pattern`.
+/// A fan-out larger than one step tells the first agents written while later steps are
+/// still to be written, so that the evaluator can send to them meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_tells_its_first_agents_before_its_last_step_is_written() -> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let store: &dyn Store = fixture.store.as_ref();
+    let empty = AgentState::default();
+    let next = deployed_at(empty.clone(), 1, 1);
+    let decisions = [decision(1, "deploy")];
+    let deployed = DeployedChange::between(&empty.gate.deployed, &next.gate.deployed);
+    let fleet: Vec<String> = (0..1000).map(|n| format!("fleet-{n}")).collect();
+    let mut writes = AgentWrites::default();
+    for agent in &fleet {
+        writes.push(AgentWrite {
+            agent,
+            expected: 0,
+            state: &next,
+            decisions: &decisions,
+            deployed: &deployed,
+        });
+    }
+    let stored = || -> anyhow::Result<usize> {
+        let keys = fixture
+            .redis
+            .cli(&["--scan", "--pattern", "*:agent:*:state"])?;
+        Ok(keys.lines().filter(|key| !key.is_empty()).count())
+    };
+    let mut stored_at_first_tell = None;
+    let mut told = 0;
+    let written = store
+        .write_agents_telling(&writes, &mut |step| {
+            assert!(
+                step.iter()
+                    .all(|(_, o)| *o == Written::Saved { version: 1 })
+            );
+            told += step.len();
+            if stored_at_first_tell.is_none() {
+                stored_at_first_tell = Some(stored());
+            }
+        })
+        .await?;
+    ensure!(
+        written.iter().all(|w| *w == Written::Saved { version: 1 }),
+        "every agent written"
+    );
+    assert_eq!(told, fleet.len(), "every agent told");
+    assert_eq!(stored()?, fleet.len());
+    let first = stored_at_first_tell.context("nothing told")??;
+    ensure!(
+        first > 0 && first < fleet.len(),
+        "{first} of {} agents were stored when the first was told",
+        fleet.len()
+    );
+    Ok(())
+}
+
 fn only_key(redis: &Redis, pattern: &str) -> anyhow::Result<String> {
     let found = redis.cli(&["--scan", "--pattern", pattern])?;
     let keys: Vec<&str> = found.lines().filter(|key| !key.is_empty()).collect();

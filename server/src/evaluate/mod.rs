@@ -637,9 +637,10 @@ impl Evaluator {
             .collect())
     }
 
-    /// Writes `pending` in as few store steps as the store allows; each agent saved is at
-    /// once in this replica's streams and cache, and a new desired revision's manifests are
-    /// read. Returns each agent with what became of its write.
+    /// Writes `pending` in as few store steps as the store allows; each agent saved is in
+    /// this replica's streams and cache as soon as its step is done, not after the last
+    /// one, and a new desired revision's manifests are read. Returns each agent with what
+    /// became of its write.
     async fn write(&self, pending: Vec<Pending>) -> Result<Vec<(String, Written)>, StoreError> {
         let writes = AgentWrites::of(pending.iter().map(|change| AgentWrite {
             agent: &change.agent,
@@ -648,9 +649,18 @@ impl Evaluator {
             decisions: &change.change.step.decisions,
             deployed: &change.change.deployed,
         }));
+        // A fan-out to thousands of agents takes the store many steps: the agents of the
+        // first are sent to while the rest are written.
+        let mut told = |step: &[(usize, Written)]| {
+            for &(at, written) in step {
+                if let Some(change) = pending.get(at) {
+                    self.saved(change, written);
+                }
+            }
+        };
         let written = self
             .store
-            .write_agents(&writes)
+            .write_agents_telling(&writes, &mut told)
             .instrument(tracing::info_span!(
                 "write_agents",
                 agents = writes.agents().len(),
@@ -671,51 +681,42 @@ impl Evaluator {
                 self.metrics.decided(change.decisions, agents);
             }
         }
-        let mut cache = Vec::with_capacity(pending.len());
-        let outcomes = pending
+        Ok(pending
             .into_iter()
             .zip(written)
-            .map(|(change, written)| {
-                match written {
-                    Written::Saved { version } => {
-                        let step = &change.change.step;
-                        let desired = change.next.gate.desired.as_ref();
-                        self.index.offer(
-                            &change.agent,
-                            version,
-                            desired,
-                            change.next.traceparent.as_deref(),
-                            false,
-                        );
-                        // An agent streaming here has its manifests read by its stream as it
-                        // sends; preparing them too cost a queued job per agent of a fan-out.
-                        // A stream that ends before it reads them has them prepared then
-                        // (`stream_ended`).
-                        if step.desired_changed
-                            && let Some(desired) = desired
-                            && !self.index.streamed_here(&change.agent)
-                        {
-                            self.prepare.push(change.agent.clone(), desired.sha.clone());
-                        }
-                        let saved = Versioned {
-                            version,
-                            value: change.next.clone(),
-                        };
-                        cache.push((change.agent.clone(), Some(saved)));
-                    }
-                    Written::Conflict | Written::Stale => cache.push((change.agent.clone(), None)),
-                }
-                (change.agent, written)
-            })
-            .collect();
-        let mut held = self.lock_cache();
-        for (agent, saved) in cache {
-            match saved {
-                Some(saved) => held.insert(agent, saved),
-                None => held.remove(&agent),
-            };
+            .map(|(change, written)| (change.agent, written))
+            .collect())
+    }
+
+    /// Puts what became of `change`'s write in this replica's streams and cache.
+    fn saved(&self, change: &Pending, written: Written) {
+        let Written::Saved { version } = written else {
+            // Someone else's write won: the next evaluation reads the agent again.
+            self.lock_cache().remove(&change.agent);
+            return;
+        };
+        let desired = change.next.gate.desired.as_ref();
+        self.index.offer(
+            &change.agent,
+            version,
+            desired,
+            change.next.traceparent.as_deref(),
+            false,
+        );
+        // An agent streaming here has its manifests read by its stream as it sends;
+        // preparing them too cost a queued job per agent of a fan-out. A stream that ends
+        // before it reads them has them prepared then (`stream_ended`).
+        if change.change.step.desired_changed
+            && let Some(desired) = desired
+            && !self.index.streamed_here(&change.agent)
+        {
+            self.prepare.push(change.agent.clone(), desired.sha.clone());
         }
-        Ok(outcomes)
+        let saved = Versioned {
+            version,
+            value: change.next.clone(),
+        };
+        self.lock_cache().insert(change.agent.clone(), saved);
     }
 
     /// Carries out an operator's request on `agent`, on whichever replica it arrives: the

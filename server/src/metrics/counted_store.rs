@@ -13,7 +13,7 @@ use crate::gate::{Pipeline, Sha};
 use crate::store::{
     AgentState, AgentStore, AgentWrites, ChangeLog, FactRecord, FactStore, Facts, Ingested,
     LeaseStore, LogEntry, Notice, PresenceStore, RefKey, ReportStore, Result, StatusClaim,
-    StatusKey, Store, SyncError, Versioned, Written,
+    StatusKey, Store, SyncError, Told, Versioned, Written,
 };
 use crate::store::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 
@@ -77,8 +77,13 @@ impl AgentStore for CountedStore {
         self.count("agents", self.inner.agents(agents).await)
     }
 
-    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
-        self.count("write_agents", self.inner.write_agents(writes).await)
+    async fn write_agents_telling(
+        &self,
+        writes: &AgentWrites<'_>,
+        told: &mut Told<'_>,
+    ) -> Result<Vec<Written>> {
+        let written = self.inner.write_agents_telling(writes, told).await;
+        self.count("write_agents", written)
     }
 
     async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {

@@ -23,7 +23,7 @@ use super::{
     DELIVERY_MEMORY_SECS, DecidedChange, FactRecord, FactStore, Facts, Ingested, LOG_MAX_ENTRIES,
     LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore, RefKey, Registry, RegistryRecord,
     RegistryStore, RegistryWritten, ReportStore, Result, STATUS_MEMORY_SECS, StatusClaim,
-    StatusKey, Store, SyncError, Versioned, Written,
+    StatusKey, Store, SyncError, Told, Versioned, Written,
 };
 use crate::gate::{DECISION_HISTORY, MAX_REJECTED, Pipeline, Sha};
 
@@ -491,7 +491,12 @@ impl AgentStore for EmbeddedStore {
         Ok(states)
     }
 
-    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
+    async fn write_agents_telling(
+        &self,
+        writes: &AgentWrites<'_>,
+        told: &mut Told<'_>,
+    ) -> Result<Vec<Written>> {
+        // One step: every write is told at once, once it is durable.
         let (outcomes, ticket) = {
             let mut inner = self.lock();
             let mut outcomes = Vec::with_capacity(writes.agents().len());
@@ -536,6 +541,8 @@ impl AgentStore for EmbeddedStore {
             (outcomes, inner.ticket())
         };
         self.durable(ticket).await?;
+        let step: Vec<(usize, Written)> = outcomes.iter().copied().enumerate().collect();
+        told(&step);
         Ok(outcomes)
     }
 

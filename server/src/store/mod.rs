@@ -608,6 +608,10 @@ pub async fn readable_agents<S: AgentStore + ?Sized>(
     }
 }
 
+/// Hears the writes of each step of a batch, by place in the batch and outcome, as soon as
+/// the store made them.
+pub type Told<'a> = dyn FnMut(&[(usize, Written)]) + Send + 'a;
+
 /// Each agent's gate state.
 #[async_trait]
 pub trait AgentStore: Send + Sync {
@@ -620,7 +624,20 @@ pub trait AgentStore: Send + Sync {
     /// Writes each agent of `writes` whose stored version is still the expected one and
     /// whose stored state was not decided from newer facts, appending the changes to the log
     /// in the same steps; returns what became of each write, in order.
-    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>>;
+    ///
+    /// A large batch takes several steps: `told` hears each step's writes, by place in
+    /// `writes.agents()` and outcome, as soon as the step is done, so that the first agents
+    /// saved can be served while the rest are written. Outcomes told before an error stand.
+    async fn write_agents_telling(
+        &self,
+        writes: &AgentWrites<'_>,
+        told: &mut Told<'_>,
+    ) -> Result<Vec<Written>>;
+
+    /// [`Self::write_agents_telling`], with the outcomes at the end only.
+    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
+        self.write_agents_telling(writes, &mut |_| {}).await
+    }
 
     /// [`Self::write_agents`] for one agent.
     async fn write_agent(&self, write: &AgentWrite<'_>) -> Result<Written> {

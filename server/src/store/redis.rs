@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use greenlight::backoff::Backoff;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{AsyncCommands, Script};
@@ -32,7 +34,7 @@ use super::{
     DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore, Facts, Ingested,
     LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PRESENCE_TTL_SECS, PUSHES_KEPT, PresenceStore,
     QueuedWrite, RefKey, ReportStore, Result, SHARDS, STATUS_MEMORY_SECS, StatusClaim, StatusKey,
-    Store, StoreError, SyncError, Versioned, Written, agent_shard,
+    Store, StoreError, SyncError, Told, Versioned, Written, agent_shard,
 };
 use super::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 use crate::clock::{millis, now_ms};
@@ -973,7 +975,11 @@ impl AgentStore for RedisStore {
             .collect())
     }
 
-    async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
+    async fn write_agents_telling(
+        &self,
+        writes: &AgentWrites<'_>,
+        told: &mut Told<'_>,
+    ) -> Result<Vec<Written>> {
         // What each change stores, encoded once however many agents write it.
         let encoded: Vec<EncodedChange> = writes
             .changes()
@@ -1017,15 +1023,19 @@ impl AgentStore for RedisStore {
         let mut written = vec![Written::Conflict; writes.agents().len()];
         let mut failure = None;
         for wave in waves {
-            let runs = wave.into_iter().map(|(shard, members)| {
-                self.write_agents_of_shard(writes, &encoded, shard, members)
-            });
-            for result in futures_util::future::join_all(runs).await {
+            let mut runs: FuturesUnordered<_> = wave
+                .into_iter()
+                .map(|(shard, members)| {
+                    self.write_agents_of_shard(writes, &encoded, shard, members)
+                })
+                .collect();
+            while let Some(result) = runs.next().await {
                 match result {
                     Ok(outcomes) => {
-                        for (at, outcome) in outcomes {
+                        for &(at, outcome) in &outcomes {
                             written[at] = outcome;
                         }
+                        told(&outcomes);
                     }
                     Err(error) => {
                         failure.get_or_insert(error);
