@@ -6,6 +6,7 @@
 //! (conditional writes across connections, resuming the log after an outage, the layout; the
 //! embedded store's file across a reopening).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -702,6 +703,7 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
                 assert!(told[at].is_none(), "write {at} told twice");
                 told[at] = Some(outcome);
             }
+            ControlFlow::Continue(())
         })
         .await?;
     let mut expected = vec![Written::Saved { version: 1 }; fleet.len()];
@@ -1104,6 +1106,7 @@ async fn redis_concurrent_writers_lose_no_update() -> anyhow::Result<()> {
                         }
                         Written::Conflict => conflicts += 1,
                         Written::Stale => bail!("no write used older facts"),
+                        Written::Withheld => bail!("a single write was withheld"),
                     }
                 }
             }
@@ -1179,6 +1182,7 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
             for &(at, outcome) in step {
                 told.push((writes.agents()[at].agent.to_owned(), outcome));
             }
+            ControlFlow::Continue(())
         })
         .await;
     let Err(error) = refused else {
@@ -1377,6 +1381,7 @@ async fn a_fan_out_tells_its_first_agents_before_its_last_step_is_written() -> a
             if stored_at_first_tell.is_none() {
                 stored_at_first_tell = Some(stored());
             }
+            ControlFlow::Continue(())
         })
         .await?;
     ensure!(
@@ -1391,6 +1396,73 @@ async fn a_fan_out_tells_its_first_agents_before_its_last_step_is_written() -> a
         "{first} of {} agents were stored when the first was told",
         fleet.len()
     );
+    Ok(())
+}
+
+/// A writer that stops a fan-out after its first step (a newer fact came meanwhile) has the
+/// steps not yet started withheld: those agents are neither written nor heard of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fan_out_stopped_after_its_first_step_withholds_the_rest() -> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let store: &dyn Store = fixture.store.as_ref();
+    let mut rx = subscribed(store).await?;
+    let empty = AgentState::default();
+    let next = deployed_at(empty.clone(), 1, 1);
+    let decisions = [decision(1, "deploy")];
+    let deployed = DeployedChange::between(&empty.gate.deployed, &next.gate.deployed);
+    let fleet: Vec<String> = (0..1000).map(|n| format!("fleet-{n}")).collect();
+    let mut writes = AgentWrites::default();
+    for agent in &fleet {
+        writes.push(AgentWrite {
+            agent,
+            expected: 0,
+            state: &next,
+            decisions: &decisions,
+            deployed: &deployed,
+        });
+    }
+    let mut steps = 0;
+    let written = store
+        .write_agents_telling(&writes, &mut |_| {
+            steps += 1;
+            ControlFlow::Break(())
+        })
+        .await?;
+    let saved: Vec<&String> = fleet
+        .iter()
+        .zip(&written)
+        .filter(|(_, w)| **w == Written::Saved { version: 1 })
+        .map(|(agent, _)| agent)
+        .collect();
+    let withheld = written.iter().filter(|w| **w == Written::Withheld).count();
+    ensure!(
+        !saved.is_empty() && withheld > 0 && saved.len() + withheld == fleet.len(),
+        "{} saved and {withheld} withheld of {} in {steps} steps told",
+        saved.len(),
+        fleet.len()
+    );
+    let versions: Vec<u64> = store
+        .agents(&fleet)
+        .await?
+        .iter()
+        .map(|read| read.version)
+        .collect();
+    for ((agent, outcome), version) in fleet.iter().zip(&written).zip(versions) {
+        let expected = if *outcome == Written::Withheld { 0 } else { 1 };
+        ensure!(
+            version == expected,
+            "{agent} ({outcome:?}) at version {version}"
+        );
+    }
+    let mut heard = std::collections::BTreeSet::new();
+    while heard.len() < saved.len() {
+        if let Broadcast::AgentsChanged(changes) = next_message(&mut rx).await? {
+            heard.extend(changes.iter().map(|(agent, _)| agent.agent.clone()));
+        }
+    }
+    store.push_report(PROBE_AGENT, b"end", 1).await?;
+    let late = next_message(&mut rx).await;
+    ensure!(late.is_err(), "only written agents are heard: {late:?}");
     Ok(())
 }
 

@@ -12,6 +12,7 @@
 //!   ref's facts and nothing per agent.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -511,7 +512,20 @@ impl Evaluator {
                 return Ok(outcome);
             }
             outcome.wrote |= !pending.is_empty();
-            let conflicted = self.write_all(pending).await?;
+            // A newer fact that comes while a fan-out is written stops it between store
+            // steps, as it would have deferred it had it come before the decision.
+            let stop_after =
+                (attempt == 0 && deferral == Deferral::Allowed).then_some((key, facts.position));
+            let written = self.write(pending, stop_after).await?;
+            if written.iter().any(|(_, w)| *w == Written::Withheld) {
+                debug!(%key, position = facts.position, "a newer fact is queued; deferring the agents not yet written");
+                outcome.deferred = true;
+                return Ok(outcome);
+            }
+            let conflicted: Vec<String> = written
+                .into_iter()
+                .filter_map(|(agent, written)| (written == Written::Conflict).then_some(agent))
+                .collect();
             if conflicted.is_empty() {
                 return Ok(outcome);
             }
@@ -626,22 +640,17 @@ impl Evaluator {
         pending
     }
 
-    /// Writes every pending change; returns the agents whose state changed under the
-    /// decision (to be read and decided again).
-    async fn write_all(&self, pending: Vec<Pending>) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .write(pending)
-            .await?
-            .into_iter()
-            .filter_map(|(agent, written)| (written == Written::Conflict).then_some(agent))
-            .collect())
-    }
-
     /// Writes `pending` in as few store steps as the store allows; each agent saved is in
     /// this replica's streams and cache as soon as its step is done, not after the last
-    /// one, and a new desired revision's manifests are read. Returns each agent with what
+    /// one, and a new desired revision's manifests are read. With `stop_after` (a ref and
+    /// the facts' position the decisions were made from), no step starts once a newer fact
+    /// of that ref is queued: the writes left are withheld. Returns each agent with what
     /// became of its write.
-    async fn write(&self, pending: Vec<Pending>) -> Result<Vec<(String, Written)>, StoreError> {
+    async fn write(
+        &self,
+        pending: Vec<Pending>,
+        stop_after: Option<(&RefKey, u64)>,
+    ) -> Result<Vec<(String, Written)>, StoreError> {
         let writes = AgentWrites::of(pending.iter().map(|change| AgentWrite {
             agent: &change.agent,
             expected: change.read.version,
@@ -656,6 +665,12 @@ impl Evaluator {
                 if let Some(change) = pending.get(at) {
                     self.saved(change, written);
                 }
+            }
+            match stop_after {
+                Some((key, position)) if self.newer_fact_queued(key, position) => {
+                    ControlFlow::Break(())
+                }
+                _ => ControlFlow::Continue(()),
             }
         };
         let written = self
@@ -690,10 +705,15 @@ impl Evaluator {
 
     /// Puts what became of `change`'s write in this replica's streams and cache.
     fn saved(&self, change: &Pending, written: Written) {
-        let Written::Saved { version } = written else {
+        let version = match written {
+            Written::Saved { version } => version,
             // Someone else's write won: the next evaluation reads the agent again.
-            self.lock_cache().remove(&change.agent);
-            return;
+            Written::Conflict | Written::Stale => {
+                self.lock_cache().remove(&change.agent);
+                return;
+            }
+            // The store holds what the cache holds.
+            Written::Withheld => return,
         };
         let desired = change.next.gate.desired.as_ref();
         self.index.offer(
@@ -767,7 +787,7 @@ impl Evaluator {
                 read: read.map(Arc::new),
                 next: Arc::new(next),
             };
-            let written = self.write(vec![change]).await?;
+            let written = self.write(vec![change], None).await?;
             if let [(_, Written::Saved { .. })] = written.as_slice() {
                 return Ok(());
             }

@@ -253,6 +253,9 @@ impl Run {
                         value: next,
                     }),
                     Written::Conflict | Written::Stale => None,
+                    Written::Withheld => {
+                        return Err(TestCaseError::fail("a single write was withheld"));
+                    }
                 };
             }
         }

@@ -542,7 +542,8 @@ impl AgentStore for EmbeddedStore {
         };
         self.durable(ticket).await?;
         let step: Vec<(usize, Written)> = outcomes.iter().copied().enumerate().collect();
-        told(&step);
+        // Nothing is left to stop.
+        let _ = told(&step);
         Ok(outcomes)
     }
 

@@ -18,6 +18,7 @@ mod redis;
 mod registry;
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -349,6 +350,8 @@ pub enum Written {
     Conflict,
     /// The stored state was decided from newer facts: this write would move it backwards.
     Stale,
+    /// Not tried: the writer stopped the batch before this write's step.
+    Withheld,
 }
 
 /// What every replica hears about, in order per ref and per agent.
@@ -610,7 +613,8 @@ pub async fn readable_agents<S: AgentStore + ?Sized>(
 
 /// Hears the writes of each step of a batch, by place in the batch and outcome, as soon as
 /// the store made them.
-pub type Told<'a> = dyn FnMut(&[(usize, Written)]) + Send + 'a;
+/// `Break` stops the batch before its next step.
+pub type Told<'a> = dyn FnMut(&[(usize, Written)]) -> ControlFlow<()> + Send + 'a;
 
 /// Each agent's gate state.
 #[async_trait]
@@ -628,6 +632,8 @@ pub trait AgentStore: Send + Sync {
     /// A large batch takes several steps: `told` hears each step's writes, by place in
     /// `writes.agents()` and outcome, as soon as the step is done, so that the first agents
     /// saved can be served while the rest are written. Outcomes told before an error stand.
+    /// Once `told` answers `Break`, no further step is started and the writes left are
+    /// [`Written::Withheld`].
     async fn write_agents_telling(
         &self,
         writes: &AgentWrites<'_>,
@@ -636,7 +642,8 @@ pub trait AgentStore: Send + Sync {
 
     /// [`Self::write_agents_telling`], with the outcomes at the end only.
     async fn write_agents(&self, writes: &AgentWrites<'_>) -> Result<Vec<Written>> {
-        self.write_agents_telling(writes, &mut |_| {}).await
+        self.write_agents_telling(writes, &mut |_| ControlFlow::Continue(()))
+            .await
     }
 
     /// [`Self::write_agents`] for one agent.

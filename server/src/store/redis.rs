@@ -1020,9 +1020,13 @@ impl AgentStore for RedisStore {
                 wave.push(step);
             }
         }
-        let mut written = vec![Written::Conflict; writes.agents().len()];
+        let mut written = vec![Written::Withheld; writes.agents().len()];
         let mut failure = None;
+        let mut stopped = false;
         for wave in waves {
+            if stopped {
+                break;
+            }
             let mut runs: FuturesUnordered<_> = wave
                 .into_iter()
                 .map(|(shard, members)| {
@@ -1035,7 +1039,8 @@ impl AgentStore for RedisStore {
                         for &(at, outcome) in &outcomes {
                             written[at] = outcome;
                         }
-                        told(&outcomes);
+                        // A step already under way is finished and told all the same.
+                        stopped |= told(&outcomes).is_break();
                     }
                     Err(error) => {
                         failure.get_or_insert(error);
