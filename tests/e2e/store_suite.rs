@@ -1341,28 +1341,50 @@ async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Res
     Ok(())
 }
 
-/// The one key of `redis` that matches `pattern`.
+/// A thousand new agents all deployed to commit 1 together: more than one store step.
+struct FanOut {
+    fleet: Vec<String>,
+    next: AgentState,
+    decisions: [Decision; 1],
+    deployed: DeployedChange,
+}
+
+impl FanOut {
+    fn new() -> Self {
+        let empty = AgentState::default();
+        let next = deployed_at(empty.clone(), 1, 1);
+        let deployed = DeployedChange::between(&empty.gate.deployed, &next.gate.deployed);
+        Self {
+            fleet: (0..1000).map(|n| format!("fleet-{n}")).collect(),
+            next,
+            decisions: [decision(1, "deploy")],
+            deployed,
+        }
+    }
+
+    fn writes(&self) -> AgentWrites<'_> {
+        let mut writes = AgentWrites::default();
+        for agent in &self.fleet {
+            writes.push(AgentWrite {
+                agent,
+                expected: 0,
+                state: &self.next,
+                decisions: &self.decisions,
+                deployed: &self.deployed,
+            });
+        }
+        writes
+    }
+}
+
 /// A fan-out larger than one step tells the first agents written while later steps are
 /// still to be written, so that the evaluator can send to them meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fan_out_tells_its_first_agents_before_its_last_step_is_written() -> anyhow::Result<()> {
     let fixture = RedisFixture::start().await?;
     let store: &dyn Store = fixture.store.as_ref();
-    let empty = AgentState::default();
-    let next = deployed_at(empty.clone(), 1, 1);
-    let decisions = [decision(1, "deploy")];
-    let deployed = DeployedChange::between(&empty.gate.deployed, &next.gate.deployed);
-    let fleet: Vec<String> = (0..1000).map(|n| format!("fleet-{n}")).collect();
-    let mut writes = AgentWrites::default();
-    for agent in &fleet {
-        writes.push(AgentWrite {
-            agent,
-            expected: 0,
-            state: &next,
-            decisions: &decisions,
-            deployed: &deployed,
-        });
-    }
+    let fan_out = FanOut::new();
+    let (fleet, writes) = (&fan_out.fleet, fan_out.writes());
     let stored = || -> anyhow::Result<usize> {
         let keys = fixture
             .redis
@@ -1406,21 +1428,8 @@ async fn a_fan_out_stopped_after_its_first_step_withholds_the_rest() -> anyhow::
     let fixture = RedisFixture::start().await?;
     let store: &dyn Store = fixture.store.as_ref();
     let mut rx = subscribed(store).await?;
-    let empty = AgentState::default();
-    let next = deployed_at(empty.clone(), 1, 1);
-    let decisions = [decision(1, "deploy")];
-    let deployed = DeployedChange::between(&empty.gate.deployed, &next.gate.deployed);
-    let fleet: Vec<String> = (0..1000).map(|n| format!("fleet-{n}")).collect();
-    let mut writes = AgentWrites::default();
-    for agent in &fleet {
-        writes.push(AgentWrite {
-            agent,
-            expected: 0,
-            state: &next,
-            decisions: &decisions,
-            deployed: &deployed,
-        });
-    }
+    let fan_out = FanOut::new();
+    let (fleet, writes) = (&fan_out.fleet, fan_out.writes());
     let mut steps = 0;
     let written = store
         .write_agents_telling(&writes, &mut |_| {
@@ -1442,7 +1451,7 @@ async fn a_fan_out_stopped_after_its_first_step_withholds_the_rest() -> anyhow::
         fleet.len()
     );
     let versions: Vec<u64> = store
-        .agents(&fleet)
+        .agents(fleet)
         .await?
         .iter()
         .map(|read| read.version)
@@ -1466,6 +1475,7 @@ async fn a_fan_out_stopped_after_its_first_step_withholds_the_rest() -> anyhow::
     Ok(())
 }
 
+/// The one key of `redis` that matches `pattern`.
 fn only_key(redis: &Redis, pattern: &str) -> anyhow::Result<String> {
     let found = redis.cli(&["--scan", "--pattern", pattern])?;
     let keys: Vec<&str> = found.lines().filter(|key| !key.is_empty()).collect();
