@@ -612,8 +612,7 @@ pub async fn readable_agents<S: AgentStore + ?Sized>(
 }
 
 /// Hears the writes of each step of a batch, by place in the batch and outcome, as soon as
-/// the store made them.
-/// `Break` stops the batch before its next step.
+/// the store made them; answering `Break` stops the batch before its next step.
 pub type Told<'a> = dyn FnMut(&[(usize, Written)]) -> ControlFlow<()> + Send + 'a;
 
 /// Each agent's gate state.
