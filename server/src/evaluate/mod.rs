@@ -517,14 +517,18 @@ impl Evaluator {
             let stop_after =
                 (attempt == 0 && deferral == Deferral::Allowed).then_some((key, facts.position));
             let written = self.write(pending, stop_after).await?;
-            if written.iter().any(|(_, w)| *w == Written::Withheld) {
+            let withheld = written.iter().any(|(_, w)| *w == Written::Withheld);
+            if withheld && stop_after.is_some() {
                 debug!(%key, position = facts.position, "a newer fact is queued; deferring the agents not yet written");
                 outcome.deferred = true;
                 return Ok(outcome);
             }
+            // A write withheld unasked is tried again, as one that lost a conflict.
             let conflicted: Vec<String> = written
                 .into_iter()
-                .filter_map(|(agent, written)| (written == Written::Conflict).then_some(agent))
+                .filter_map(|(agent, written)| {
+                    matches!(written, Written::Conflict | Written::Withheld).then_some(agent)
+                })
                 .collect();
             if conflicted.is_empty() {
                 return Ok(outcome);
@@ -661,9 +665,22 @@ impl Evaluator {
         // A fan-out to thousands of agents takes the store many steps: the agents of the
         // first are sent to while the rest are written.
         let mut told = |step: &[(usize, Written)]| {
+            // Agents decided alike share a change: its decisions are counted once, by the
+            // agents saved, step by step so that a later step's failure loses no count.
+            let mut saved_by_change = vec![0u64; writes.changes().len()];
             for &(at, written) in step {
                 if let Some(change) = pending.get(at) {
                     self.saved(change, written);
+                }
+                if let (Written::Saved { .. }, Some(queued)) = (written, writes.agents().get(at))
+                    && let Some(saved) = saved_by_change.get_mut(queued.change)
+                {
+                    *saved += 1;
+                }
+            }
+            for (change, agents) in writes.changes().iter().zip(saved_by_change) {
+                if agents > 0 {
+                    self.metrics.decided(change.decisions, agents);
                 }
             }
             match stop_after {
@@ -682,20 +699,6 @@ impl Evaluator {
                 changes = writes.changes().len()
             ))
             .await?;
-        // Agents decided alike share a change: its decisions are counted once, by agents saved.
-        let mut saved_by_change = vec![0u64; writes.changes().len()];
-        for (queued, outcome) in writes.agents().iter().zip(&written) {
-            if let (Written::Saved { .. }, Some(saved)) =
-                (outcome, saved_by_change.get_mut(queued.change))
-            {
-                *saved += 1;
-            }
-        }
-        for (change, agents) in writes.changes().iter().zip(saved_by_change) {
-            if agents > 0 {
-                self.metrics.decided(change.decisions, agents);
-            }
-        }
         Ok(pending
             .into_iter()
             .zip(written)
