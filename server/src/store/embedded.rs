@@ -112,7 +112,8 @@ type StatusId = (String, String, String);
 struct Inner {
     facts: HashMap<RefKey, RefFacts>,
     deliveries: Expiring<(RefKey, String)>,
-    agents: HashMap<String, (u64, AgentState)>,
+    /// Agents decided alike share one state.
+    agents: HashMap<String, (u64, Arc<AgentState>)>,
     reports: HashMap<String, VecDeque<Vec<u8>>>,
     presence: HashMap<String, String>,
     sync_errors: HashMap<String, SyncError>,
@@ -474,7 +475,7 @@ impl AgentStore for EmbeddedStore {
         Ok(match inner.agents.get(agent) {
             Some((version, state)) => Versioned {
                 version: *version,
-                value: state.clone(),
+                value: AgentState::clone(state),
             },
             None => Versioned {
                 version: 0,
@@ -504,6 +505,9 @@ impl AgentStore for EmbeddedStore {
                 changes: writes.changes().iter().map(DecidedChange::of).collect(),
                 agents: Vec::new(),
             };
+            // One state per change however many agents write it: a fan-out to thousands
+            // of agents would otherwise copy their whole histories as many times.
+            let mut shared: Vec<Option<Arc<AgentState>>> = vec![None; writes.changes().len()];
             for write in writes.agents() {
                 let change = writes.change_of(write);
                 let (version, position) = inner
@@ -520,11 +524,21 @@ impl AgentStore for EmbeddedStore {
                 let Written::Saved { version } = outcome else {
                     continue;
                 };
-                let mut state = change.state.clone();
-                // The same caps as the Redis lists.
-                while state.gate.decisions.len() > DECISION_HISTORY {
-                    state.gate.decisions.pop_front();
-                }
+                let state = match shared.get_mut(write.change) {
+                    Some(Some(state)) => state.clone(),
+                    slot => {
+                        let mut state = change.state.clone();
+                        // The same caps as the Redis lists.
+                        while state.gate.decisions.len() > DECISION_HISTORY {
+                            state.gate.decisions.pop_front();
+                        }
+                        let state = Arc::new(state);
+                        if let Some(slot) = slot {
+                            *slot = Some(state.clone());
+                        }
+                        state
+                    }
+                };
                 inner
                     .agents
                     .insert(write.agent.to_owned(), (version, state));
@@ -925,7 +939,7 @@ impl Writer {
 
     /// Writes one batch: everything marked since the last one.
     fn commit(&self) {
-        let (puts, notices, upto, feed_upto) = {
+        let (staged, notices, upto, feed_upto) = {
             let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
             let feed_upto = inner.status_feed.next_id;
             let Some(pending) = inner.pending.as_mut() else {
@@ -934,9 +948,10 @@ impl Writer {
             let dirty = std::mem::take(&mut pending.dirty);
             let notices = std::mem::take(&mut pending.notices);
             let upto = pending.ticket;
-            let puts: Vec<Put> = dirty.iter().flat_map(|d| encode(&inner, d)).collect();
-            (puts, notices, upto, feed_upto)
+            let staged: Vec<Staged> = dirty.iter().flat_map(|d| stage(&inner, d)).collect();
+            (staged, notices, upto, feed_upto)
         };
+        let puts: Vec<Put> = staged.into_iter().map(Staged::encoded).collect();
         if !puts.is_empty()
             && let Err(failure) = self.disk.write(puts)
         {
@@ -977,6 +992,43 @@ impl Writer {
 }
 
 /// The write that brings `dirty`'s record on disk up to its value in memory.
+/// A record to write, taken while the store is locked.
+enum Staged {
+    Encoded(Put),
+    /// An agent's state, encoded once the lock is released: a fan-out marks thousands of
+    /// agents, and webhooks wait for the lock meanwhile.
+    Agent(String, Option<(u64, Arc<AgentState>)>),
+}
+
+impl Staged {
+    fn encoded(self) -> Put {
+        match self {
+            Self::Encoded(put) => put,
+            Self::Agent(agent, state) => agent_put(agent, state.as_ref()),
+        }
+    }
+}
+
+/// What `dirty` writes, with agents' states left to encode.
+fn stage(inner: &Inner, dirty: &Dirty) -> Vec<Staged> {
+    match dirty {
+        Dirty::Agent(agent) => vec![Staged::Agent(
+            agent.clone(),
+            inner.agents.get(agent).cloned(),
+        )],
+        other => encode(inner, other)
+            .into_iter()
+            .map(Staged::Encoded)
+            .collect(),
+    }
+}
+
+/// The record of `agent` at `state`, or its removal.
+fn agent_put(agent: String, state: Option<&(u64, Arc<AgentState>)>) -> Put {
+    let record = state.map(|(version, state)| records::encode_agent_file(*version, state));
+    (Table::Agents, agent, record)
+}
+
 fn encode(inner: &Inner, dirty: &Dirty) -> Vec<Put> {
     let now = Instant::now();
     let time = || Some(disk::encode_time(crate::clock::now_ms()));
@@ -998,14 +1050,7 @@ fn encode(inner: &Inner, dirty: &Dirty) -> Vec<Put> {
             format!("{}{SEP}{id}", ref_id(key)),
             time(),
         )],
-        Dirty::Agent(agent) => vec![(
-            Table::Agents,
-            agent.clone(),
-            inner
-                .agents
-                .get(agent)
-                .map(|(version, state)| records::encode_agent_file(*version, state)),
-        )],
+        Dirty::Agent(agent) => vec![agent_put(agent.clone(), inner.agents.get(agent))],
         Dirty::Reports(agent) => vec![(
             Table::Reports,
             agent.clone(),
@@ -1113,7 +1158,7 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
     }
     for (agent, value) in disk.scan(Table::Agents)? {
         let (version, state) = records::decode_agent_file(&agent, &value)?;
-        inner.agents.insert(agent, (version, state));
+        inner.agents.insert(agent, (version, Arc::new(state)));
     }
     for (agent, value) in disk.scan(Table::Reports)? {
         let frames =
