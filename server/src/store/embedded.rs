@@ -525,19 +525,8 @@ impl AgentStore for EmbeddedStore {
                     continue;
                 };
                 let state = match shared.get_mut(write.change) {
-                    Some(Some(state)) => state.clone(),
-                    slot => {
-                        let mut state = change.state.clone();
-                        // The same caps as the Redis lists.
-                        while state.gate.decisions.len() > DECISION_HISTORY {
-                            state.gate.decisions.pop_front();
-                        }
-                        let state = Arc::new(state);
-                        if let Some(slot) = slot {
-                            *slot = Some(state.clone());
-                        }
-                        state
-                    }
+                    Some(slot) => slot.get_or_insert_with(|| capped(change.state)).clone(),
+                    None => capped(change.state),
                 };
                 inner
                     .agents
@@ -1009,18 +998,13 @@ impl Staged {
     }
 }
 
-/// What `dirty` writes, with agents' states left to encode.
-fn stage(inner: &Inner, dirty: &Dirty) -> Vec<Staged> {
-    match dirty {
-        Dirty::Agent(agent) => vec![Staged::Agent(
-            agent.clone(),
-            inner.agents.get(agent).cloned(),
-        )],
-        other => encode(inner, other)
-            .into_iter()
-            .map(Staged::Encoded)
-            .collect(),
+/// `state` as stored: with the same cap on its decisions as the Redis lists.
+fn capped(state: &AgentState) -> Arc<AgentState> {
+    let mut state = state.clone();
+    while state.gate.decisions.len() > DECISION_HISTORY {
+        state.gate.decisions.pop_front();
     }
+    Arc::new(state)
 }
 
 /// The record of `agent` at `state`, or its removal.
@@ -1029,10 +1013,11 @@ fn agent_put(agent: String, state: Option<&(u64, Arc<AgentState>)>) -> Put {
     (Table::Agents, agent, record)
 }
 
-fn encode(inner: &Inner, dirty: &Dirty) -> Vec<Put> {
+/// What `dirty` writes, with agents' states left to encode.
+fn stage(inner: &Inner, dirty: &Dirty) -> Vec<Staged> {
     let now = Instant::now();
     let time = || Some(disk::encode_time(crate::clock::now_ms()));
-    match dirty {
+    let puts = match dirty {
         Dirty::Facts(key) => vec![(
             Table::Facts,
             ref_id(key),
@@ -1050,7 +1035,12 @@ fn encode(inner: &Inner, dirty: &Dirty) -> Vec<Put> {
             format!("{}{SEP}{id}", ref_id(key)),
             time(),
         )],
-        Dirty::Agent(agent) => vec![agent_put(agent.clone(), inner.agents.get(agent))],
+        Dirty::Agent(agent) => {
+            return vec![Staged::Agent(
+                agent.clone(),
+                inner.agents.get(agent).cloned(),
+            )];
+        }
         Dirty::Reports(agent) => vec![(
             Table::Reports,
             agent.clone(),
@@ -1100,7 +1090,8 @@ fn encode(inner: &Inner, dirty: &Dirty) -> Vec<Put> {
                 Some(inner.registry.seq.to_string().into_bytes()),
             ),
         ],
-    }
+    };
+    puts.into_iter().map(Staged::Encoded).collect()
 }
 
 /// Fills `inner` with what the file holds.
