@@ -250,16 +250,23 @@ async fn wait_until_receiving(
 /// Shards are followed independently, so a write may be heard after anything published later
 /// on another shard, the subscription's probe included: a test that must hear nothing more
 /// first waits for what it wrote before.
-async fn until_heard(rx: &mut broadcast::Receiver<Notice>, agents: &[&str]) -> anyhow::Result<()> {
+/// Reads the log until every one of `agents` was heard written; returns every agent heard
+/// meanwhile, others included.
+async fn until_heard(
+    rx: &mut broadcast::Receiver<Notice>,
+    agents: &[&str],
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
     let mut left: std::collections::BTreeSet<&str> = agents.iter().copied().collect();
+    let mut heard = std::collections::BTreeSet::new();
     while !left.is_empty() {
         if let Broadcast::AgentsChanged(changes) = next_message(rx).await? {
             for (agent, _) in changes.iter() {
                 left.remove(agent.agent.as_str());
+                heard.insert(agent.agent.clone());
             }
         }
     }
-    Ok(())
+    Ok(heard)
 }
 
 async fn next_message(rx: &mut broadcast::Receiver<Notice>) -> anyhow::Result<Broadcast> {
@@ -1234,19 +1241,16 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
         told.len(),
         written_before.len()
     );
-    let mut heard = std::collections::BTreeSet::new();
-    while heard.len() < written_before.len() {
-        if let Broadcast::AgentsChanged(changes) = next_message(&mut rx).await? {
-            heard.extend(changes.iter().map(|(agent, _)| agent.agent.clone()));
-        }
-    }
+    // Every agent written is heard, and nothing else.
+    let written_names: Vec<&str> = written_before.iter().map(|agent| agent.as_str()).collect();
+    let heard = until_heard(&mut rx, &written_names).await?;
+    ensure!(
+        heard.iter().all(|agent| written_before.contains(agent)),
+        "only written agents are heard: {heard:?}"
+    );
     store.push_report(PROBE_AGENT, b"end", 1).await?;
     let late = next_message(&mut rx).await;
     ensure!(late.is_err(), "only written agents are heard: {late:?}");
-    ensure!(
-        written_before.iter().all(|agent| heard.contains(*agent)),
-        "every agent written is heard"
-    );
 
     fixture.redis.cli(&["DEL", &list])?;
     assert_eq!(
@@ -1472,12 +1476,14 @@ async fn a_fan_out_stopped_after_its_first_step_withholds_the_rest() -> anyhow::
             "{agent} ({outcome:?}) at version {version}"
         );
     }
-    let mut heard = std::collections::BTreeSet::new();
-    while heard.len() < saved.len() {
-        if let Broadcast::AgentsChanged(changes) = next_message(&mut rx).await? {
-            heard.extend(changes.iter().map(|(agent, _)| agent.agent.clone()));
-        }
-    }
+    let saved_names: Vec<&str> = saved.iter().map(|agent| agent.as_str()).collect();
+    let heard = until_heard(&mut rx, &saved_names).await?;
+    ensure!(
+        heard
+            .iter()
+            .all(|agent| saved_names.contains(&agent.as_str())),
+        "only written agents are heard: {heard:?}"
+    );
     store.push_report(PROBE_AGENT, b"end", 1).await?;
     let late = next_message(&mut rx).await;
     ensure!(late.is_err(), "only written agents are heard: {late:?}");
