@@ -1,15 +1,17 @@
 //! Manifests from git: the files of the gated commit, ordered by real ancestry.
 
-use greenlight::v1::GetAgentRequest;
 use greenlight_e2e::*;
 
-struct Setup {
+/// A server on its own Redis and mirror cache, serving agents of one repository.
+pub(crate) struct Setup {
     _redis: Redis,
     _cache: tempfile::TempDir,
-    server: TestServer,
+    pub(crate) server: TestServer,
 }
 
-async fn setup(
+/// Starts a server whose `agents` (name and paths) watch `repo`, with `git_extra` appended
+/// to its git settings.
+pub(crate) async fn setup(
     repo: &GitRepo,
     git_extra: &str,
     agents: &[(&str, &[&str])],
@@ -35,29 +37,19 @@ async fn setup(
 }
 
 /// Waits until GetAgent shows a sync error containing `needle`.
-async fn wait_for_sync_error(
+pub(crate) async fn wait_for_sync_error(
     server: &TestServer,
     agent: &str,
     needle: &str,
 ) -> anyhow::Result<String> {
-    let mut admin = server.admin().await?;
-    let deadline = tokio::time::Instant::now() + SOON;
-    loop {
-        let status = admin
-            .get_agent(GetAgentRequest { name: agent.into() })
-            .await?
-            .into_inner();
-        if status.sync_error.contains(needle) {
-            return Ok(status.sync_error);
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!(
-                "no sync error containing {needle:?}; last: {:?}",
-                status.sync_error
-            );
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    eventually(&format!("a sync error containing {needle:?}"), || async {
+        let status = server.agent_status(agent).await?;
+        Ok(status
+            .sync_error
+            .contains(needle)
+            .then_some(status.sync_error))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -44,16 +44,8 @@ async fn a_revision_the_ended_stream_never_read_is_read_by_the_evaluator() -> an
     let too_large = vec![b'#'; TOO_LARGE_BYTES];
     let b = repo.commit(&[("too-large.yaml", &too_large)], &[])?;
 
-    let redis = Redis::start().await?;
-    let cache = tempfile::tempdir()?;
-    let agents = [git_agent_yaml("prod", &repo.url(), &[])];
-    let server = TestServer::start(&git_config_yaml(
-        &redis.url(),
-        cache.path(),
-        GIT_LIMITS,
-        &agents,
-    ))
-    .await?;
+    let setup = crate::git::setup(&repo, GIT_LIMITS, &[("prod", &[])]).await?;
+    let server = &setup.server;
 
     // Connected but never read: the server's send of `a` fills the HTTP/2 window and the
     // stream's buffer, then waits.
@@ -64,7 +56,7 @@ async fn a_revision_the_ended_stream_never_read_is_read_by_the_evaluator() -> an
     eventually(
         "the stream to hold part of the first revision unsent",
         || async {
-            Ok((metric(&server, "greenlight_stream_buffered_bytes").await? > 0.0).then_some(()))
+            Ok((metric(server, "greenlight_stream_buffered_bytes").await? > 0.0).then_some(()))
         },
     )
     .await?;
@@ -78,17 +70,13 @@ async fn a_revision_the_ended_stream_never_read_is_read_by_the_evaluator() -> an
     let status = server.agent_status("prod").await?;
     assert_eq!(status.sync_error, "", "no one read {} yet", short(&b));
     assert!(
-        metric(&server, "greenlight_stream_buffered_bytes").await? > 0.0,
+        metric(server, "greenlight_stream_buffered_bytes").await? > 0.0,
         "the stream is still sending the first revision"
     );
 
     // The agent goes away having read nothing: its stream read `a` last, so `b` is read now.
     drop(unread);
-    let error = eventually("a sync error naming the revision never read", || async {
-        let status = server.agent_status("prod").await?;
-        Ok((!status.sync_error.is_empty()).then_some(status.sync_error))
-    })
-    .await?;
+    let error = crate::git::wait_for_sync_error(server, "prod", short(&b)).await?;
     assert!(error.contains(short(&b)), "{error}");
     assert!(error.contains("too-large.yaml"), "{error}");
     Ok(())
