@@ -129,6 +129,14 @@ impl ServerProcess {
         self.server.api.admin().await
     }
 
+    /// SIGKILLs the server, starts it again on the same ports and store, and answers how
+    /// long it took to be ready.
+    pub async fn kill_and_restart(&mut self) -> anyhow::Result<Duration> {
+        let started = Instant::now();
+        self.server.restart().await?;
+        Ok(started.elapsed())
+    }
+
     /// Stops the server with SIGTERM and waits up to 20 s for it to exit.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.server.process.terminate(Duration::from_secs(20)).await

@@ -210,6 +210,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         Some(git) => fan_out(&args, &servers, &mut streams, git, &mut head).await?,
     }
     streams.close();
+    if args.store == Store::Embedded {
+        restart(&mut servers[0], &args, rss_before[0]).await?;
+    }
     for server in servers {
         server.stop().await?;
     }
@@ -225,6 +228,25 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             floor.stop().await?;
         }
     }
+    Ok(())
+}
+
+/// Restarts `server` after a SIGKILL and prints how long loading the agents' states with
+/// their histories took and what the server then holds in memory, next to the RSS of the
+/// fresh server before any agent connected (`fresh_kib`).
+async fn restart(server: &mut ServerProcess, args: &Args, fresh_kib: u64) -> anyhow::Result<()> {
+    let took = server.kill_and_restart().await?;
+    let ready = server.rss_kib()?;
+    // The allocator returns what loading used and freed a few seconds later.
+    tokio::time::sleep(Duration::from_secs(args.settle)).await;
+    let settled = server.rss_kib()?;
+    println!(
+        "restart after SIGKILL, {} agents with their histories in the file: ready after {} ms; RSS before any agent connects {ready} KiB when ready, {settled} KiB {} s later ({} KiB more than the fresh server's)",
+        args.agents,
+        ms(took),
+        args.settle,
+        settled.saturating_sub(fresh_kib)
+    );
     Ok(())
 }
 

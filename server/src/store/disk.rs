@@ -20,8 +20,13 @@ pub enum Table {
     Facts,
     /// project SEP branch SEP delivery id → when it was first seen (Unix ms).
     Deliveries,
-    /// agent → version, core record, history and deployed set.
+    /// agent → version, core record, and which entries of its two rings are live.
     Agents,
+    /// slot SEP agent → one decision of the agent's history, a ring of `DECISION_HISTORY`.
+    /// Slot first: a fan-out writes one slot of thousands of agents, which then share pages.
+    AgentDecisions,
+    /// slot SEP agent → one commit of the agent's deployed set, a ring of `DEPLOYED_HISTORY`.
+    AgentDeployed,
     /// agent → its newest reports, length-prefixed.
     Reports,
     /// agent → why its desired revision cannot be delivered.
@@ -37,11 +42,13 @@ pub enum Table {
 }
 
 impl Table {
-    const ALL: [Table; 10] = [
+    const ALL: [Table; 12] = [
         Table::Meta,
         Table::Facts,
         Table::Deliveries,
         Table::Agents,
+        Table::AgentDecisions,
+        Table::AgentDeployed,
         Table::Reports,
         Table::SyncErrors,
         Table::Statuses,
@@ -56,6 +63,8 @@ impl Table {
             Table::Facts => "facts",
             Table::Deliveries => "deliveries",
             Table::Agents => "agents",
+            Table::AgentDecisions => "agent_decisions",
+            Table::AgentDeployed => "agent_deployed",
             Table::Reports => "reports",
             Table::SyncErrors => "sync_errors",
             Table::Statuses => "statuses",
@@ -65,6 +74,11 @@ impl Table {
         })
     }
 }
+
+/// The file's page cache. The store reads the file once, when it is opened, and serves
+/// from memory after that: the cache only holds the pages a batch rewrites, and redb's default
+/// (1 GiB) would keep every page read at the start for as long as the server runs.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Separates the parts of a key: no project, branch, agent, sha or delivery id holds it.
 pub const SEP: char = '\u{1f}';
@@ -89,14 +103,17 @@ impl Disk {
             ))
         })?;
         let path = data_dir.join("greenlight.redb");
-        let db = Database::create(&path).map_err(|error| match error {
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Embedded(format!(
-                "{} is in use by another process: each server needs its own data_dir (run \
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|error| match error {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Embedded(format!(
+                    "{} is in use by another process: each server needs its own data_dir (run \
                  several replicas on Redis instead)",
-                path.display()
-            )),
-            other => StoreError::Embedded(format!("cannot open {}: {other}", path.display())),
-        })?;
+                    path.display()
+                )),
+                other => StoreError::Embedded(format!("cannot open {}: {other}", path.display())),
+            })?;
         let disk = Self { db, path };
         disk.prepare()?;
         Ok(disk)
@@ -140,18 +157,31 @@ impl Disk {
 
     /// Every record of `table`, in key order.
     pub fn scan(&self, table: Table) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let mut records = Vec::new();
+        self.scan_each(table, |key, value| {
+            records.push((key.to_owned(), value.to_vec()));
+            Ok(())
+        })?;
+        Ok(records)
+    }
+
+    /// Hands every record of `table` to `each`, in key order, without holding them all.
+    pub fn scan_each(
+        &self,
+        table: Table,
+        mut each: impl FnMut(&str, &[u8]) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let read = self.db.begin_read().map_err(failed)?;
         let table = match read.open_table(table.definition()) {
             Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
             Err(error) => return Err(failed(error)),
         };
-        let mut records = Vec::new();
         for entry in table.iter().map_err(failed)? {
             let (key, value) = entry.map_err(failed)?;
-            records.push((key.value().to_owned(), value.value().to_vec()));
+            each(key.value(), value.value())?;
         }
-        Ok(records)
+        Ok(())
     }
 
     /// Writes `puts` in one transaction, durable when this returns.

@@ -16,16 +16,16 @@ use tracing::{error, info};
 use super::StoreError;
 
 use super::disk::{self, Disk, Put, SEP, Table};
-use super::records;
+use super::records::{self, AgentFile, RingV1};
 
 use super::{
-    AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog, ChangedAgent,
-    DELIVERY_MEMORY_SECS, DecidedChange, FactRecord, FactStore, Facts, Ingested, LOG_MAX_ENTRIES,
-    LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore, RefKey, Registry, RegistryRecord,
-    RegistryStore, RegistryWritten, ReportStore, Result, STATUS_MEMORY_SECS, StatusClaim,
-    StatusKey, Store, SyncError, Told, Versioned, Written,
+    AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
+    ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore,
+    Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore,
+    RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore, Result,
+    STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Told, Versioned, Written,
 };
-use crate::gate::{DECISION_HISTORY, MAX_REJECTED, Pipeline, Sha};
+use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
 
 /// How long `next_for_statuses` waits for an entry before answering `None`.
 const STATUS_WAIT: Duration = Duration::from_secs(2);
@@ -112,8 +112,7 @@ type StatusId = (String, String, String);
 struct Inner {
     facts: HashMap<RefKey, RefFacts>,
     deliveries: Expiring<(RefKey, String)>,
-    /// Agents decided alike share one state.
-    agents: HashMap<String, (u64, Arc<AgentState>)>,
+    agents: HashMap<String, StoredAgent>,
     reports: HashMap<String, VecDeque<Vec<u8>>>,
     presence: HashMap<String, String>,
     sync_errors: HashMap<String, SyncError>,
@@ -141,6 +140,49 @@ impl Inner {
     /// The ticket to wait for so that every change marked so far is on disk.
     fn ticket(&self) -> Option<u64> {
         self.pending.as_ref().map(|pending| pending.ticket)
+    }
+}
+
+/// An agent's state as the store holds it.
+#[derive(Clone)]
+struct StoredAgent {
+    version: u64,
+    /// Shared by the agents decided alike.
+    state: Arc<AgentState>,
+    /// Decisions and deployed commits appended since the agent was created: the numbers of
+    /// the entries of its rings in the file.
+    appended: Appended,
+    /// How much of `appended` has been staged for the file.
+    staged: Appended,
+}
+
+/// Counts of entries appended to an agent's two histories.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Appended {
+    decisions: u64,
+    deployed: u64,
+}
+
+impl Appended {
+    /// The counts once `change` is written.
+    fn after(self, change: &AgentChange<'_>) -> Self {
+        let deployed = match change.deployed {
+            DeployedChange::Unchanged => 0,
+            DeployedChange::Append { shas, .. } => shas.len(),
+            DeployedChange::Replace(shas) => shas.len(),
+        };
+        Self {
+            decisions: self.decisions + change.decisions.len() as u64,
+            deployed: self.deployed + deployed as u64,
+        }
+    }
+
+    /// What was appended since `earlier`.
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            decisions: self.decisions.saturating_sub(earlier.decisions),
+            deployed: self.deployed.saturating_sub(earlier.deployed),
+        }
     }
 }
 
@@ -274,6 +316,22 @@ impl EmbeddedStore {
     /// The durable embedded store: opens (or creates) the file under `data_dir`, loads what
     /// it holds, and from then on answers a change only once it is on disk.
     pub fn open(data_dir: &Path) -> Result<Self> {
+        let (mut store, writer) = Self::loaded(data_dir)?;
+        let (wake, woken) = std::sync::mpsc::sync_channel(1);
+        let writer = std::thread::Builder::new()
+            .name("greenlight-store".into())
+            .spawn(move || writer.run(woken))
+            .map_err(|error| StoreError::Embedded(format!("cannot start its writer: {error}")))?;
+        if let Some(journal) = &mut store.journal {
+            journal.wake = Some(wake);
+            journal.writer = Some(writer);
+        }
+        Ok(store)
+    }
+
+    /// The store loaded from the file under `data_dir`, and the writer of that file, not
+    /// started yet.
+    fn loaded(data_dir: &Path) -> Result<(Self, Writer)> {
         let disk = Disk::open(data_dir)?;
         let mut store = Self::new();
         {
@@ -289,7 +347,6 @@ impl EmbeddedStore {
                 "embedded store loaded"
             );
         }
-        let (wake, woken) = std::sync::mpsc::sync_channel(1);
         let (committed_tx, committed) = watch::channel(Committed::default());
         let path = disk.path().display().to_string();
         let writer = Writer {
@@ -299,17 +356,13 @@ impl EmbeddedStore {
             appended: store.appended.clone(),
             committed: committed_tx,
         };
-        let writer = std::thread::Builder::new()
-            .name("greenlight-store".into())
-            .spawn(move || writer.run(woken))
-            .map_err(|error| StoreError::Embedded(format!("cannot start its writer: {error}")))?;
         store.journal = Some(Journal {
-            wake: Some(wake),
-            writer: Some(writer),
+            wake: None,
+            writer: None,
             committed,
             path,
         });
-        Ok(store)
+        Ok((store, writer))
     }
 
     /// Appends `message` to the change log: followers and status publishers see it, once it
@@ -473,9 +526,9 @@ impl AgentStore for EmbeddedStore {
     async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>> {
         let inner = self.lock();
         Ok(match inner.agents.get(agent) {
-            Some((version, state)) => Versioned {
-                version: *version,
-                value: AgentState::clone(state),
+            Some(stored) => Versioned {
+                version: stored.version,
+                value: AgentState::clone(&stored.state),
             },
             None => Versioned {
                 version: 0,
@@ -510,10 +563,17 @@ impl AgentStore for EmbeddedStore {
             let mut shared: Vec<Option<Arc<AgentState>>> = vec![None; writes.changes().len()];
             for write in writes.agents() {
                 let change = writes.change_of(write);
-                let (version, position) = inner
-                    .agents
-                    .get(write.agent)
-                    .map_or((0, 0), |(version, state)| (*version, state.position));
+                let (version, position, appended, staged) = inner.agents.get(write.agent).map_or(
+                    (0, 0, Appended::default(), Appended::default()),
+                    |stored| {
+                        (
+                            stored.version,
+                            stored.state.position,
+                            stored.appended,
+                            stored.staged,
+                        )
+                    },
+                );
                 let outcome = crate::evaluate::admit(
                     version,
                     position,
@@ -528,9 +588,15 @@ impl AgentStore for EmbeddedStore {
                     Some(slot) => slot.get_or_insert_with(|| capped(change.state)).clone(),
                     None => capped(change.state),
                 };
-                inner
-                    .agents
-                    .insert(write.agent.to_owned(), (version, state));
+                inner.agents.insert(
+                    write.agent.to_owned(),
+                    StoredAgent {
+                        version,
+                        state,
+                        appended: appended.after(change),
+                        staged,
+                    },
+                );
                 inner.mark(Dirty::Agent(write.agent.to_owned()));
                 logged.agents.push(ChangedAgent {
                     agent: write.agent.to_owned(),
@@ -937,10 +1003,14 @@ impl Writer {
             let dirty = std::mem::take(&mut pending.dirty);
             let notices = std::mem::take(&mut pending.notices);
             let upto = pending.ticket;
-            let staged: Vec<Staged> = dirty.iter().flat_map(|d| stage(&inner, d)).collect();
+            let staged: Vec<Staged> = dirty.iter().flat_map(|d| stage(&mut inner, d)).collect();
             (staged, notices, upto, feed_upto)
         };
-        let puts: Vec<Put> = staged.into_iter().map(Staged::encoded).collect();
+        let mut puts = Vec::with_capacity(staged.len());
+        let mut encoded = EncodedStates::new();
+        for staged in staged {
+            staged.encode_into(&mut encoded, &mut puts);
+        }
         if !puts.is_empty()
             && let Err(failure) = self.disk.write(puts)
         {
@@ -980,41 +1050,142 @@ impl Writer {
     }
 }
 
-/// The write that brings `dirty`'s record on disk up to its value in memory.
 /// A record to write, taken while the store is locked.
 enum Staged {
     Encoded(Put),
-    /// An agent's state, encoded once the lock is released: a fan-out marks thousands of
-    /// agents, and webhooks wait for the lock meanwhile.
-    Agent(String, Option<(u64, Arc<AgentState>)>),
+    /// An agent's state, encoded once the lock is released (a fan-out marks thousands of
+    /// agents, and webhooks wait for the lock meanwhile), with what its rings lack.
+    Agent {
+        agent: String,
+        stored: StoredAgent,
+        unwritten: Appended,
+    },
+    /// An agent that is gone, rings and all.
+    Removed(String),
 }
 
 impl Staged {
-    fn encoded(self) -> Put {
+    fn encode_into(self, encoded: &mut EncodedStates, puts: &mut Vec<Put>) {
         match self {
-            Self::Encoded(put) => put,
-            Self::Agent(agent, state) => agent_put(agent, state.as_ref()),
+            Self::Encoded(put) => puts.push(put),
+            Self::Agent {
+                agent,
+                stored,
+                unwritten,
+            } => agent_puts(&agent, &stored, unwritten, encoded, puts),
+            Self::Removed(agent) => {
+                puts.push((Table::Agents, agent.clone(), None));
+                for (table, capacity) in [DECISION_RING, DEPLOYED_RING] {
+                    for slot in 0..capacity as u64 {
+                        puts.push((table, slot_key(&agent, slot), None));
+                    }
+                }
+            }
         }
     }
 }
 
-/// `state` as stored: with the same cap on its decisions as the Redis lists.
+/// The texts of states being written, each encoded once however many agents share it.
+type EncodedStates = HashMap<*const AgentState, EncodedState>;
+
+/// A state's core record and (as they are asked for) its decisions, encoded.
+struct EncodedState {
+    core: String,
+    decisions: Vec<Option<Vec<u8>>>,
+}
+
+/// The records that bring `agent`'s file up to `stored`: its own record, and the newest
+/// `unwritten` entries of each ring (all of them, if more were appended than it keeps).
+fn agent_puts(
+    agent: &str,
+    stored: &StoredAgent,
+    unwritten: Appended,
+    encoded: &mut EncodedStates,
+    puts: &mut Vec<Put>,
+) {
+    let state = &stored.state;
+    let texts = encoded
+        .entry(Arc::as_ptr(state))
+        .or_insert_with(|| EncodedState {
+            core: records::encode_agent(state),
+            decisions: vec![None; state.gate.decisions.len()],
+        });
+    let decisions = RingV1 {
+        appended: stored.appended.decisions,
+        len: state.gate.decisions.len(),
+    };
+    let deployed = RingV1 {
+        appended: stored.appended.deployed,
+        len: state.gate.deployed.len(),
+    };
+    puts.push((
+        Table::Agents,
+        agent.to_owned(),
+        Some(records::encode_agent_file(
+            stored.version,
+            &texts.core,
+            decisions,
+            deployed,
+        )),
+    ));
+    let fresh = |ring: RingV1, unwritten: u64| {
+        let old = ring
+            .len
+            .saturating_sub(usize::try_from(unwritten).unwrap_or(usize::MAX));
+        ring.live().enumerate().skip(old)
+    };
+    for (index, number) in fresh(decisions, unwritten.decisions) {
+        let (Some(decision), Some(text)) = (
+            state.gate.decisions.get(index),
+            texts.decisions.get_mut(index),
+        ) else {
+            continue;
+        };
+        let text = text.get_or_insert_with(|| records::encode_decision(decision).into_bytes());
+        puts.push((
+            DECISION_RING.0,
+            slot_key(agent, number % DECISION_RING.1 as u64),
+            Some(text.clone()),
+        ));
+    }
+    for (index, number) in fresh(deployed, unwritten.deployed) {
+        let Some(sha) = state.gate.deployed.get(index) else {
+            continue;
+        };
+        puts.push((
+            DEPLOYED_RING.0,
+            slot_key(agent, number % DEPLOYED_RING.1 as u64),
+            Some(sha.as_str().as_bytes().to_vec()),
+        ));
+    }
+}
+
+/// The table of an agent's decisions, and how many it keeps.
+const DECISION_RING: (Table, usize) = (Table::AgentDecisions, DECISION_HISTORY);
+
+/// The table of an agent's deployed commits, and how many it keeps.
+const DEPLOYED_RING: (Table, usize) = (Table::AgentDeployed, DEPLOYED_HISTORY);
+
+/// The key of `agent`'s entry in ring slot `slot`.
+fn slot_key(agent: &str, slot: u64) -> String {
+    format!("{slot:03}{SEP}{agent}")
+}
+
+/// `state` as stored: with the same caps on its decisions and deployed set as Redis's
+/// lists, and as the file's rings hold.
 fn capped(state: &AgentState) -> Arc<AgentState> {
     let mut state = state.clone();
     while state.gate.decisions.len() > DECISION_HISTORY {
         state.gate.decisions.pop_front();
     }
+    while state.gate.deployed.len() > DEPLOYED_HISTORY {
+        state.gate.deployed.pop_front();
+    }
     Arc::new(state)
 }
 
-/// The record of `agent` at `state`, or its removal.
-fn agent_put(agent: String, state: Option<&(u64, Arc<AgentState>)>) -> Put {
-    let record = state.map(|(version, state)| records::encode_agent_file(*version, state));
-    (Table::Agents, agent, record)
-}
-
 /// What `dirty` writes, with agents' states left to encode.
-fn stage(inner: &Inner, dirty: &Dirty) -> Vec<Staged> {
+fn stage(inner: &mut Inner, dirty: &Dirty) -> Vec<Staged> {
     let now = Instant::now();
     let time = || Some(disk::encode_time(crate::clock::now_ms()));
     let puts = match dirty {
@@ -1036,10 +1207,18 @@ fn stage(inner: &Inner, dirty: &Dirty) -> Vec<Staged> {
             time(),
         )],
         Dirty::Agent(agent) => {
-            return vec![Staged::Agent(
-                agent.clone(),
-                inner.agents.get(agent).cloned(),
-            )];
+            return vec![match inner.agents.get_mut(agent) {
+                Some(stored) => {
+                    let unwritten = stored.appended.since(stored.staged);
+                    stored.staged = stored.appended;
+                    Staged::Agent {
+                        agent: agent.clone(),
+                        stored: stored.clone(),
+                        unwritten,
+                    }
+                }
+                None => Staged::Removed(agent.clone()),
+            }];
         }
         Dirty::Reports(agent) => vec![(
             Table::Reports,
@@ -1127,8 +1306,9 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
             },
         );
     }
-    // Markers past their time (or unreadable) are dropped from the file as they are read.
-    let mut expired: Vec<Put> = Vec::new();
+    // Markers past their time (or unreadable) are dropped from the file as they are read,
+    // and records of an earlier version rewritten.
+    let mut rewrites: Vec<Put> = Vec::new();
     for (key, value) in disk.scan(Table::Deliveries)? {
         let mut parts = key.splitn(3, SEP);
         let kept = match (parts.next(), parts.next(), parts.next(), age(&value)) {
@@ -1144,13 +1324,10 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
             _ => false,
         };
         if !kept {
-            expired.push((Table::Deliveries, key, None));
+            rewrites.push((Table::Deliveries, key, None));
         }
     }
-    for (agent, value) in disk.scan(Table::Agents)? {
-        let (version, state) = records::decode_agent_file(&agent, &value)?;
-        inner.agents.insert(agent, (version, Arc::new(state)));
-    }
+    load_agents(disk, inner, &mut rewrites)?;
     for (agent, value) in disk.scan(Table::Reports)? {
         let frames =
             disk::decode_frames(&value).ok_or_else(|| corrupt("reports", &agent, "cut short"))?;
@@ -1175,7 +1352,7 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
                 _ => false,
             };
             if !kept {
-                expired.push((table, key, None));
+                rewrites.push((table, key, None));
             }
         }
     }
@@ -1204,8 +1381,8 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
             },
         );
     }
-    if !expired.is_empty() {
-        disk.write(expired)?;
+    if !rewrites.is_empty() {
+        disk.write(rewrites)?;
     }
     inner.deliveries.settle();
     inner.statuses.settle();
@@ -1214,6 +1391,184 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
         inner.registry.seq = disk::time_of(&seq).map_or(0, |seq| u64::try_from(seq).unwrap_or(0));
     }
     Ok(())
+}
+
+/// An agent read from the file whose rings are being read.
+struct Loading {
+    version: u64,
+    core: String,
+    /// Each ring's place and its live entries.
+    rings: [(RingV1, Found); 2],
+}
+
+/// A ring's live entries, oldest first, filled in as the scan finds them.
+type Found = Vec<Option<Arc<[u8]>>>;
+
+/// Fills `inner.agents` from the file: the agents' records, then their rings' entries.
+fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result<()> {
+    let mut loading: HashMap<String, Loading> = HashMap::new();
+    let mut rewritten = EncodedStates::new();
+    for (agent, value) in disk.scan(Table::Agents)? {
+        match records::decode_agent_file(&agent, &value)? {
+            AgentFile::Split {
+                version,
+                core,
+                decisions,
+                deployed,
+            } => {
+                for (ring, (_, capacity)) in [(decisions, DECISION_RING), (deployed, DEPLOYED_RING)]
+                {
+                    if ring.len > capacity {
+                        return Err(StoreError::Corrupt {
+                            key: format!("agents {agent}"),
+                            reason: format!("{} entries in a ring of {capacity}", ring.len),
+                        });
+                    }
+                }
+                let rings = [decisions, deployed].map(|ring| (ring, vec![None; ring.len]));
+                loading.insert(
+                    agent,
+                    Loading {
+                        version,
+                        core,
+                        rings,
+                    },
+                );
+            }
+            // Written by an earlier version, whole: rewritten now into rings.
+            AgentFile::Whole { version, state } => {
+                let appended = Appended {
+                    decisions: state.gate.decisions.len() as u64,
+                    deployed: state.gate.deployed.len() as u64,
+                };
+                let stored = StoredAgent {
+                    version,
+                    state: capped(&state),
+                    appended,
+                    staged: appended,
+                };
+                agent_puts(&agent, &stored, appended, &mut rewritten, rewrites);
+                inner.agents.insert(agent, stored);
+            }
+        }
+    }
+    // Agents decided alike hold the same entries: each text is kept once while loading.
+    let mut texts: HashSet<Arc<[u8]>> = HashSet::new();
+    for (which, (table, capacity)) in [DECISION_RING, DEPLOYED_RING].into_iter().enumerate() {
+        disk.scan_each(table, |key, value| {
+            // Entries of no agent, or no longer live, are left to be overwritten.
+            let Some((slot, agent)) = key.split_once(SEP) else {
+                return Ok(());
+            };
+            let (Ok(slot), Some(agent)) = (slot.parse(), loading.get_mut(agent)) else {
+                return Ok(());
+            };
+            let (ring, entries) = &mut agent.rings[which];
+            if let Some(entry) = ring
+                .index_of(slot, capacity)
+                .and_then(|i| entries.get_mut(i))
+            {
+                let text = match texts.get(value) {
+                    Some(text) => text.clone(),
+                    None => {
+                        let text: Arc<[u8]> = Arc::from(value);
+                        texts.insert(text.clone());
+                        text
+                    }
+                };
+                *entry = Some(text);
+            }
+            Ok(())
+        })?;
+    }
+    // And they share one state in memory, as they did before the restart.
+    let mut shared: HashMap<(String, Vec<*const u8>), Arc<AgentState>> = HashMap::new();
+    for (
+        agent,
+        Loading {
+            version,
+            core,
+            rings,
+        },
+    ) in loading
+    {
+        let [(decision_ring, decisions), (deployed_ring, deployed)] = rings;
+        let missing = |ring: RingV1, entries: &Found| {
+            entries
+                .iter()
+                .position(Option::is_none)
+                .map(|i| StoreError::Corrupt {
+                    key: format!("agents {agent}"),
+                    reason: format!(
+                        "entry {} of its ring is missing",
+                        ring.live().start + i as u64
+                    ),
+                })
+        };
+        if let Some(error) =
+            missing(decision_ring, &decisions).or(missing(deployed_ring, &deployed))
+        {
+            return Err(error);
+        }
+        let decisions: Vec<Arc<[u8]>> = decisions.into_iter().flatten().collect();
+        let deployed: Vec<Arc<[u8]>> = deployed.into_iter().flatten().collect();
+        let same = (
+            core,
+            decisions
+                .iter()
+                .chain(&deployed)
+                .map(|text| text.as_ptr())
+                .collect(),
+        );
+        let state = match shared.get(&same) {
+            Some(state) => state.clone(),
+            None => {
+                let state = Arc::new(decode_split(&agent, &same.0, &decisions, &deployed)?);
+                shared.insert(same, state.clone());
+                state
+            }
+        };
+        let appended = Appended {
+            decisions: decision_ring.appended,
+            deployed: deployed_ring.appended,
+        };
+        inner.agents.insert(
+            agent,
+            StoredAgent {
+                version,
+                state,
+                appended,
+                staged: appended,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// The state of `agent` from its core record and its rings' live entries.
+fn decode_split(
+    agent: &str,
+    core: &str,
+    decisions: &[Arc<[u8]>],
+    deployed: &[Arc<[u8]>],
+) -> Result<AgentState> {
+    let decisions = decisions
+        .iter()
+        .map(|text| records::decode_decision(agent, text))
+        .collect::<Result<_>>()?;
+    let deployed = deployed
+        .iter()
+        .map(|text| {
+            std::str::from_utf8(text)
+                .ok()
+                .and_then(|text| Sha::parse(text).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: format!("agent_deployed {agent}"),
+                    reason: "not a commit SHA".into(),
+                })
+        })
+        .collect::<Result<_>>()?;
+    records::decode_agent(agent, core.as_bytes(), decisions, deployed)
 }
 
 /// A set whose members are forgotten a fixed time after they were added, as Redis keys with
@@ -1360,6 +1715,262 @@ mod tests {
             .await
             .expect_err("nobody will write ticket 2");
         assert!(refused.to_string().contains("writer stopped"), "{refused}");
+    }
+
+    use crate::gate::{Decision, Outcome};
+    use crate::store::{AgentWrite, AgentWrites, RegistryStore};
+    use futures_util::FutureExt;
+    use proptest::prelude::*;
+
+    /// One step of a run against the file.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// The `agents` that read alike are decided alike: `decisions` new decisions, and
+        /// `appended` new deployed commits with the `dropped` oldest falling off, or with
+        /// `replaced`, a deployed set made anew of `appended` commits.
+        Decide {
+            agents: Vec<usize>,
+            decisions: usize,
+            appended: usize,
+            dropped: usize,
+            replaced: bool,
+        },
+        /// The writer writes everything marked so far.
+        Commit,
+        /// Everything is written, and the store opened again on the same file.
+        Reopen,
+        /// The agent is deleted from the registry.
+        Remove(usize),
+    }
+
+    const AGENTS: [&str; 3] = ["a", "b", "c"];
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            4 => (
+                prop::collection::vec(0..AGENTS.len(), 1..4),
+                prop_oneof![0..3usize, 45..70usize],
+                prop_oneof![0..3usize, 250..300usize],
+                0..3usize,
+                prop::bool::weighted(0.1),
+            )
+                .prop_map(|(agents, decisions, appended, dropped, replaced)| Step::Decide {
+                    agents,
+                    decisions,
+                    appended,
+                    dropped,
+                    replaced,
+                }),
+            2 => Just(Step::Commit),
+            1 => Just(Step::Reopen),
+            1 => (0..AGENTS.len()).prop_map(Step::Remove),
+        ]
+    }
+
+    /// Every agent's version and state as `store` holds them.
+    fn held(store: &EmbeddedStore) -> Vec<(u64, AgentState)> {
+        let inner = store.lock();
+        AGENTS
+            .iter()
+            .map(|agent| {
+                inner
+                    .agents
+                    .get(*agent)
+                    .map_or_else(Default::default, |stored| {
+                        (stored.version, AgentState::clone(&stored.state))
+                    })
+            })
+            .collect()
+    }
+
+    /// Marks `agents`' next state in memory, as a fan-out does before the file has it: the
+    /// caller's wait for the file is dropped, and the test's `Commit` plays the writer.
+    fn decide(store: &EmbeddedStore, step: &Step, counter: &mut u64) {
+        let Step::Decide {
+            agents,
+            decisions,
+            appended,
+            dropped,
+            replaced,
+        } = step
+        else {
+            return;
+        };
+        let all = held(store);
+        let before = &all[agents[0]].1;
+        let mut after = before.clone();
+        let mut made = Vec::new();
+        for _ in 0..*decisions {
+            *counter += 1;
+            let decision = Decision {
+                outcome: Outcome::Deploy,
+                sha: Some(sha(*counter)),
+                pipeline_id: Some(*counter),
+                reason: format!("decision {counter}"),
+                at_ms: *counter as i64,
+                superseded_by: None,
+            };
+            after.gate.decisions.push_back(decision.clone());
+            made.push(decision);
+        }
+        while after.gate.decisions.len() > DECISION_HISTORY {
+            after.gate.decisions.pop_front();
+        }
+        if *replaced {
+            after.gate.deployed.clear();
+        }
+        for _ in 0..*appended {
+            *counter += 1;
+            after.gate.deployed.push_back(sha(*counter));
+        }
+        for _ in 0..*dropped {
+            after.gate.deployed.pop_front();
+        }
+        while after.gate.deployed.len() > DEPLOYED_HISTORY {
+            after.gate.deployed.pop_front();
+        }
+        *counter += 1;
+        after.position = *counter;
+        let deployed = DeployedChange::between(&before.gate.deployed, &after.gate.deployed);
+        // Only agents that read alike share a change, as the evaluator's are.
+        let mut alike: Vec<usize> = agents
+            .iter()
+            .copied()
+            .filter(|&agent| all[agent].1 == *before)
+            .collect();
+        alike.dedup();
+        let writes = AgentWrites::of(alike.iter().map(|&agent| AgentWrite {
+            agent: AGENTS[agent],
+            expected: all[agent].0,
+            state: &after,
+            decisions: &made,
+            deployed: &deployed,
+        }));
+        let _marked_and_not_waited_for = store.write_agents(&writes).now_or_never();
+        let now = held(store);
+        for agent in alike {
+            assert_eq!(
+                now[agent].0,
+                all[agent].0 + 1,
+                "{} was written",
+                AGENTS[agent]
+            );
+        }
+    }
+
+    fn sha(n: u64) -> Sha {
+        Sha::parse(&format!("{n:040x}")).expect("forty hex digits")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// Whatever was written, in whatever batches, the file read again holds every
+        /// agent's version and state as the memory held them, and agents that hold the
+        /// same state share it again.
+        #[test]
+        fn agents_read_back_from_the_file_as_memory_held_them(
+            steps in prop::collection::vec(step(), 1..24)
+        ) {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let (mut store, mut writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+            let mut counter = 0;
+            for step in steps.iter().chain([&Step::Reopen]) {
+                match step {
+                    Step::Decide { .. } => decide(&store, step, &mut counter),
+                    Step::Commit => writer.commit(),
+                    Step::Remove(agent) => {
+                        let _marked = store
+                            .change_registered(AGENTS[*agent], None, 0)
+                            .now_or_never();
+                    }
+                    Step::Reopen => {
+                        writer.commit();
+                        let before = held(&store);
+                        drop((store, writer));
+                        (store, writer) = EmbeddedStore::loaded(dir.path()).expect("reopened");
+                        prop_assert_eq!(held(&store), before);
+                        let inner = store.lock();
+                        for (a, b) in [("a", "b"), ("b", "c"), ("a", "c")] {
+                            if let (Some(a), Some(b)) = (inner.agents.get(a), inner.agents.get(b))
+                                && a.state == b.state
+                            {
+                                prop_assert!(Arc::ptr_eq(&a.state, &b.state), "equal states are shared");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A file written before histories had rings of their own: its agents read as they
+    /// were, and their records are rewritten in this version's form as the file is opened.
+    #[test]
+    fn agents_of_a_file_written_whole_are_read_and_rewritten_into_rings() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut state = AgentState {
+            position: 9,
+            ..AgentState::default()
+        };
+        for n in 1..=300 {
+            state.gate.deployed.push_back(sha(n));
+        }
+        for n in 1..=3 {
+            state.gate.decisions.push_back(Decision {
+                outcome: Outcome::Deploy,
+                sha: Some(sha(n)),
+                pipeline_id: Some(n),
+                reason: format!("pipeline {n} succeeded"),
+                at_ms: 5,
+                superseded_by: None,
+            });
+        }
+        let whole = records::AgentFileRecord::V1(records::AgentFileV1 {
+            version: 4,
+            core: records::encode_agent(&state),
+            decisions: state
+                .gate
+                .decisions
+                .iter()
+                .map(records::encode_decision)
+                .collect(),
+            deployed: state.gate.deployed.iter().cloned().collect(),
+        });
+        {
+            let disk = Disk::open(dir.path()).expect("opened");
+            let bytes = serde_json::to_vec(&whole).expect("encoded");
+            disk.write(vec![(Table::Agents, "prod".into(), Some(bytes))])
+                .expect("written");
+        }
+        // The set is kept to what the rings hold: the newest commits, as Redis trims it.
+        let mut expected = state.clone();
+        while expected.gate.deployed.len() > DEPLOYED_HISTORY {
+            expected.gate.deployed.pop_front();
+        }
+        for _ in 0..2 {
+            let (store, _writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+            assert_eq!(held(&store)[0], (0, AgentState::default()), "a is unknown");
+            let prod = store.agent("prod").now_or_never().expect("in memory");
+            let prod = prod.expect("readable");
+            assert_eq!((prod.version, prod.value), (4, expected.clone()));
+        }
+        let disk = Disk::open(dir.path()).expect("opened");
+        let record = disk
+            .get(Table::Agents, "prod")
+            .expect("read")
+            .expect("kept");
+        assert!(
+            matches!(
+                records::decode_agent_file("prod", &record),
+                Ok(AgentFile::Split { .. })
+            ),
+            "rewritten"
+        );
+        assert_eq!(
+            disk.scan(Table::AgentDeployed).expect("read").len(),
+            DEPLOYED_HISTORY
+        );
     }
 
     #[test]

@@ -342,15 +342,18 @@ pub fn decode_ref_facts(key: &str, bytes: &[u8]) -> Result<RefFactsParts, StoreE
     Ok((r.position, pushes, pipelines, rejected))
 }
 
-/// An agent's whole state as the embedded store's file holds it.
+/// An agent's record in the embedded store's file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "v")]
 pub enum AgentFileRecord {
     #[serde(rename = "1")]
     V1(AgentFileV1),
+    #[serde(rename = "2")]
+    V2(AgentFileV2),
 }
 
-/// Version 1: the version, and the same texts as Redis's record, history and deployed list.
+/// Version 1: the version, and the same texts as Redis's record, history and deployed list,
+/// all in one record. Read (and rewritten as version 2) when a file written before is opened.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentFileV1 {
     pub version: u64,
@@ -359,27 +362,93 @@ pub struct AgentFileV1 {
     pub deployed: Vec<Sha>,
 }
 
-/// Encodes an agent's state at `version` for the embedded store's file.
-pub fn encode_agent_file(version: u64, state: &AgentState) -> Vec<u8> {
-    let record = AgentFileRecord::V1(AgentFileV1 {
+/// Version 2: the version, the core record, and where the decisions and deployed commits
+/// are in their rings, which are records of their own: a decision rewrites this record and
+/// one entry of each ring, not the whole history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentFileV2 {
+    pub version: u64,
+    pub core: String,
+    pub decisions: RingV1,
+    pub deployed: RingV1,
+}
+
+/// Which entries of a ring are live: entry `n` is kept in slot `n % capacity`, and the live
+/// ones are the newest `len` of the `appended` ever written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RingV1 {
+    pub appended: u64,
+    pub len: usize,
+}
+
+impl RingV1 {
+    /// The numbers of the live entries, oldest first.
+    pub fn live(self) -> std::ops::Range<u64> {
+        self.appended.saturating_sub(self.len as u64)..self.appended
+    }
+
+    /// Where the entry in `slot` of a ring of `capacity` is among the live ones, if it is.
+    pub fn index_of(self, slot: u64, capacity: usize) -> Option<usize> {
+        let capacity = capacity as u64;
+        if slot >= capacity {
+            return None;
+        }
+        let oldest = self.live().start % capacity;
+        let index = (slot + capacity - oldest) % capacity;
+        (index < self.len as u64).then_some(index as usize)
+    }
+}
+
+/// What an agent's record in the file holds.
+#[derive(Debug)]
+pub enum AgentFile {
+    /// Written by this version: the rings are read from their own records.
+    Split {
+        version: u64,
+        core: String,
+        decisions: RingV1,
+        deployed: RingV1,
+    },
+    /// Written by an earlier version, history and all.
+    Whole {
+        version: u64,
+        state: Box<AgentState>,
+    },
+}
+
+/// Encodes an agent's record at `version`, its core already encoded.
+pub fn encode_agent_file(version: u64, core: &str, decisions: RingV1, deployed: RingV1) -> Vec<u8> {
+    let record = AgentFileRecord::V2(AgentFileV2 {
         version,
-        core: encode_agent(state),
-        decisions: state.gate.decisions.iter().map(encode_decision).collect(),
-        deployed: state.gate.deployed.iter().cloned().collect(),
+        core: core.to_owned(),
+        decisions,
+        deployed,
     });
     serde_json::to_vec(&record).unwrap_or_default()
 }
 
-/// Decodes the agent state of `key` written by [`encode_agent_file`], with its version.
-pub fn decode_agent_file(key: &str, bytes: &[u8]) -> Result<(u64, AgentState), StoreError> {
-    let AgentFileRecord::V1(r) = serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))?;
-    let decisions = r
-        .decisions
-        .iter()
-        .map(|text| decode_decision(key, text.as_bytes()))
-        .collect::<Result<_, _>>()?;
-    let state = decode_agent(key, r.core.as_bytes(), decisions, r.deployed)?;
-    Ok((r.version, state))
+/// Decodes the record of `key` written by [`encode_agent_file`] or an earlier version.
+pub fn decode_agent_file(key: &str, bytes: &[u8]) -> Result<AgentFile, StoreError> {
+    match serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))? {
+        AgentFileRecord::V2(r) => Ok(AgentFile::Split {
+            version: r.version,
+            core: r.core,
+            decisions: r.decisions,
+            deployed: r.deployed,
+        }),
+        AgentFileRecord::V1(r) => {
+            let decisions = r
+                .decisions
+                .iter()
+                .map(|text| decode_decision(key, text.as_bytes()))
+                .collect::<Result<_, _>>()?;
+            let state = decode_agent(key, r.core.as_bytes(), decisions, r.deployed)?;
+            Ok(AgentFile::Whole {
+                version: r.version,
+                state: Box::new(state),
+            })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -457,8 +526,53 @@ mod tests {
             at_ms: 9,
             superseded_by: None,
         });
-        let bytes = encode_agent_file(6, &state);
-        assert_eq!(decode_agent_file("k", &bytes).unwrap(), (6, state));
+        let ring = RingV1 {
+            appended: 60,
+            len: 50,
+        };
+        let bytes = encode_agent_file(6, &encode_agent(&state), ring, RingV1::default());
+        let AgentFile::Split {
+            version,
+            core,
+            decisions,
+            deployed,
+        } = decode_agent_file("k", &bytes).unwrap()
+        else {
+            panic!("this version's record reads as split");
+        };
+        assert_eq!((version, decisions, deployed), (6, ring, RingV1::default()));
+        assert_eq!(core, encode_agent(&state));
+        assert_eq!(ring.live(), 10..60);
+        // Entry 10, the oldest, is in slot 10 of a ring of 50; entry 59, the newest, in 9.
+        assert_eq!(ring.index_of(10, 50), Some(0));
+        assert_eq!(ring.index_of(9, 50), Some(49));
+        assert_eq!(ring.index_of(50, 50), None);
+        let short = RingV1 {
+            appended: 3,
+            len: 2,
+        };
+        assert_eq!(
+            (0..4)
+                .map(|slot| short.index_of(slot, 50))
+                .collect::<Vec<_>>(),
+            [None, Some(0), Some(1), None]
+        );
+        // A record of the first version holds its history and reads as a whole state.
+        let earlier = serde_json::to_vec(&AgentFileRecord::V1(AgentFileV1 {
+            version: 6,
+            core: encode_agent(&state),
+            decisions: state.gate.decisions.iter().map(encode_decision).collect(),
+            deployed: state.gate.deployed.iter().cloned().collect(),
+        }))
+        .unwrap();
+        let AgentFile::Whole {
+            version,
+            state: read,
+        } = decode_agent_file("k", &earlier).unwrap()
+        else {
+            panic!("a first version record reads as whole");
+        };
+        assert_eq!((version, *read), (6, state));
         assert!(decode_agent_file("k", b"{}").is_err());
         assert!(decode_ref_facts("k", b"[1]").is_err());
     }
