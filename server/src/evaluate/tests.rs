@@ -427,13 +427,24 @@ fn evaluator_for(
     std::sync::Arc<super::Evaluator>,
     std::sync::Arc<EmbeddedStore>,
 ) {
+    evaluator_on(yaml, EmbeddedStore::new())
+}
+
+/// An evaluator over `store` for the agents of `yaml` (a config file's `agents:`).
+fn evaluator_on(
+    yaml: &str,
+    store: EmbeddedStore,
+) -> (
+    std::sync::Arc<super::Evaluator>,
+    std::sync::Arc<EmbeddedStore>,
+) {
     use std::sync::Arc;
     let config = crate::config::Config::from_yaml(yaml, &crate::config::Overrides::default())
         .expect("a valid config");
     let catalog = Arc::new(crate::catalog::LiveCatalog::new(
         crate::catalog::Catalog::new(&config.agents, None),
     ));
-    let store = Arc::new(EmbeddedStore::new());
+    let store = Arc::new(store);
     let index = Arc::new(crate::index::Index::new(
         config.agents.iter().map(|a| a.name.as_str()),
     ));
@@ -660,12 +671,7 @@ async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_o
     );
 
     // The next evaluation writes, however many newer facts are queued by then.
-    let (taken, asked) = evaluator.queue.next().await;
-    evaluator
-        .queue
-        .push_merging(&key(), Asked::by_fact(None, 20, position + 2), Asked::merge);
-    evaluator.evaluate_job(&taken, asked).await;
-    evaluator.queue.done(&taken);
+    evaluate_next_while_a_fact_is_queued(&evaluator, position + 2).await;
     let after = store.agent("edge").await.expect("reads the agent");
     assert_eq!(after.value.position, position, "decided at the facts read");
     assert!(after.version > before.version);
@@ -676,6 +682,117 @@ async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_o
             .is_some_and(|deferred| !deferred),
         "a write clears the deferral: the newest fact may defer again"
     );
+}
+
+/// Runs the queued evaluation of the ref, with a fact at `position` queued as it starts.
+async fn evaluate_next_while_a_fact_is_queued(
+    evaluator: &std::sync::Arc<super::Evaluator>,
+    position: u64,
+) {
+    let (taken, asked) = evaluator.queue.next().await;
+    evaluator
+        .queue
+        .push_merging(&key(), Asked::by_fact(None, 40, position), Asked::merge);
+    evaluator.evaluate_job(&taken, asked).await;
+    evaluator.queue.done(&taken);
+}
+
+/// A fact that comes while a fan-out is being written stops it between the store's steps:
+/// the agents written keep what they got, the rest are left to the next evaluation, which
+/// writes them however many facts are queued by then, and no agent gets a decision twice.
+#[tokio::test]
+async fn a_fan_out_stopped_by_a_newer_fact_leaves_the_rest_to_the_next_evaluation() {
+    use futures_util::FutureExt;
+    const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    // On a file, each step waits for its transaction: the other tasks run meanwhile.
+    let mut store = EmbeddedStore::open(dir.path()).expect("opens");
+    store.set_write_step(1);
+    let agents: String = NAMES
+        .iter()
+        .map(|name| agent_yaml(name, "{mode: pipeline}"))
+        .collect();
+    let (evaluator, store) = evaluator_on(&format!("agents:\n{agents}"), store);
+    green_push(&store, 1).await;
+    evaluator.evaluate(&key()).await.expect("evaluates");
+    green_push(&store, 2).await;
+    let position = store.facts(&key()).await.expect("reads facts").position;
+
+    // As soon as the first agent is sent commit 2, the next push is heard of.
+    let mut channels: Vec<_> = NAMES
+        .iter()
+        .map(|name| evaluator.index.subscribe(name).expect("a channel"))
+        .collect();
+    let newer = tokio::spawn({
+        let evaluator = evaluator.clone();
+        let store = store.clone();
+        async move {
+            let sent = channels.iter_mut().map(|channel| channel.changed().boxed());
+            let _ = futures_util::future::select_all(sent).await;
+            evaluator.queue.push_merging(
+                &key(),
+                Asked::by_fact(None, 30, position + 1),
+                Asked::merge,
+            );
+            let push = Push {
+                before: Some(sha(2)),
+                after: Some(sha(3)),
+                at_ms: 3,
+            };
+            store
+                .record_fact(&key(), &FactRecord::Push(push), Some("push-3"), None)
+                .await
+                .expect("records");
+        }
+    });
+    evaluator
+        .evaluate_job(&key(), Asked::by_fact(None, 5, position))
+        .await;
+    newer.await.expect("the push was heard");
+
+    let desired =
+        |state: &Versioned<AgentState>| state.value.gate.desired.as_ref().map(|d| d.sha.clone());
+    let mut sent = 0;
+    for name in NAMES {
+        let state = store.agent(name).await.expect("reads the agent");
+        if desired(&state) == Some(sha(2)) {
+            sent += 1;
+        } else {
+            assert_eq!(desired(&state), Some(sha(1)), "{name} was not written");
+        }
+    }
+    assert!(
+        (1..NAMES.len()).contains(&sent),
+        "the fan-out stopped after writing {sent} of {} agents",
+        NAMES.len()
+    );
+    let queued = evaluator
+        .queue
+        .peek(&key(), |asked| (asked.position, asked.deferred_once))
+        .expect("the ref is queued again");
+    assert_eq!(
+        queued,
+        (position + 1, true),
+        "deferred once, at the newer fact"
+    );
+
+    evaluate_next_while_a_fact_is_queued(&evaluator, position + 2).await;
+    for name in NAMES {
+        let state = store.agent(name).await.expect("reads the agent");
+        assert_eq!(
+            desired(&state),
+            Some(sha(2)),
+            "{name} holds the green commit"
+        );
+        let deploys = state
+            .value
+            .gate
+            .decisions
+            .iter()
+            .filter(|d| d.sha == Some(sha(2)) && d.outcome == crate::gate::Outcome::Deploy)
+            .count();
+        assert_eq!(deploys, 1, "{name} was decided once for commit 2");
+    }
 }
 
 #[tokio::test]

@@ -22,13 +22,18 @@ use super::{
     AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
     ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore,
     Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore,
-    RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore, Result,
-    STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Told, Versioned, Written,
+    QueuedWrite, RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore,
+    Result, STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Told, Versioned, Written,
 };
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
 
 /// How long `next_for_statuses` waits for an entry before answering `None`.
 const STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// Agents a fan-out writes in one step. Each step is one transaction made durable: smaller
+/// steps send the first agents sooner and let a newer fact stop the fan-out sooner, at the
+/// cost of an fsync each.
+const WRITE_STEP: usize = 256;
 
 /// How often the file forgets delivery and status markers past their time.
 const FORGET_EVERY: Duration = Duration::from_secs(3600);
@@ -41,6 +46,8 @@ pub struct EmbeddedStore {
     appended: Arc<Notify>,
     /// The file behind the memory, when there is one.
     journal: Option<Journal>,
+    /// Agents a fan-out writes in one step, made durable and told before the next.
+    write_step: usize,
 }
 
 /// The writer of the file: a thread that commits what changed, batch by batch.
@@ -310,6 +317,7 @@ impl EmbeddedStore {
             notices: broadcast::channel(4096).0,
             appended: Arc::new(Notify::new()),
             journal: None,
+            write_step: WRITE_STEP,
         }
     }
 
@@ -400,6 +408,12 @@ impl EmbeddedStore {
             Some(Err(why)) => Err(failed_write(&journal.path, why)),
             None => Err(StoreError::Embedded("its writer stopped".into())),
         }
+    }
+
+    /// Makes a fan-out write `agents` agents a step.
+    #[cfg(test)]
+    pub(crate) fn set_write_step(&mut self, agents: usize) {
+        self.write_step = agents;
     }
 
     /// Delivery and status markers held now, expired ones not yet swept included.
@@ -550,69 +564,77 @@ impl AgentStore for EmbeddedStore {
         writes: &AgentWrites<'_>,
         told: &mut Told<'_>,
     ) -> Result<Vec<Written>> {
-        // One step: every write is told at once, once it is durable.
-        let (outcomes, ticket) = {
-            let mut inner = self.lock();
-            let mut outcomes = Vec::with_capacity(writes.agents().len());
-            let mut logged = AgentChanges {
-                changes: writes.changes().iter().map(DecidedChange::of).collect(),
-                agents: Vec::new(),
-            };
-            // One state per change however many agents write it: a fan-out to thousands
-            // of agents would otherwise copy their whole histories as many times.
-            let mut shared: Vec<Option<Arc<AgentState>>> = vec![None; writes.changes().len()];
-            for write in writes.agents() {
-                let change = writes.change_of(write);
-                let (version, position, appended, staged) = inner.agents.get(write.agent).map_or(
-                    (0, 0, Appended::default(), Appended::default()),
-                    |stored| {
-                        (
-                            stored.version,
-                            stored.state.position,
-                            stored.appended,
-                            stored.staged,
-                        )
-                    },
-                );
-                let outcome = crate::evaluate::admit(
-                    version,
-                    position,
-                    write.expected,
-                    change.state.position,
-                );
-                outcomes.push(outcome);
-                let Written::Saved { version } = outcome else {
-                    continue;
+        // Steps of `write_step` agents, each durable before it is told: a fan-out's first
+        // agents are sent to while the rest are written, and a newer fact stops it between
+        // steps.
+        let mut outcomes = vec![Written::Withheld; writes.agents().len()];
+        let changes: Vec<DecidedChange> = writes.changes().iter().map(DecidedChange::of).collect();
+        // One state per change however many agents write it: a fan-out to thousands of
+        // agents would otherwise copy their whole histories as many times.
+        let mut shared: Vec<Option<Arc<AgentState>>> = vec![None; writes.changes().len()];
+        let indexed: Vec<(usize, &QueuedWrite<'_>)> = writes.agents().iter().enumerate().collect();
+        for step in indexed.chunks(self.write_step.max(1)) {
+            let ticket = {
+                let mut inner = self.lock();
+                let mut logged = AgentChanges {
+                    changes: changes.clone(),
+                    agents: Vec::new(),
                 };
-                let state = match shared.get_mut(write.change) {
-                    Some(slot) => slot.get_or_insert_with(|| capped(change.state)).clone(),
-                    None => capped(change.state),
-                };
-                inner.agents.insert(
-                    write.agent.to_owned(),
-                    StoredAgent {
+                for &(at, write) in step {
+                    let change = writes.change_of(write);
+                    let (version, position, appended, staged) = inner
+                        .agents
+                        .get(write.agent)
+                        .map_or((0, 0, Appended::default(), Appended::default()), |stored| {
+                            (
+                                stored.version,
+                                stored.state.position,
+                                stored.appended,
+                                stored.staged,
+                            )
+                        });
+                    let outcome = crate::evaluate::admit(
                         version,
-                        state,
-                        appended: appended.after(change),
-                        staged,
-                    },
-                );
-                inner.mark(Dirty::Agent(write.agent.to_owned()));
-                logged.agents.push(ChangedAgent {
-                    agent: write.agent.to_owned(),
-                    version,
-                    change: write.change,
-                });
+                        position,
+                        write.expected,
+                        change.state.position,
+                    );
+                    outcomes[at] = outcome;
+                    let Written::Saved { version } = outcome else {
+                        continue;
+                    };
+                    let state = match shared.get_mut(write.change) {
+                        Some(slot) => slot.get_or_insert_with(|| capped(change.state)).clone(),
+                        None => capped(change.state),
+                    };
+                    inner.agents.insert(
+                        write.agent.to_owned(),
+                        StoredAgent {
+                            version,
+                            state,
+                            appended: appended.after(change),
+                            staged,
+                        },
+                    );
+                    inner.mark(Dirty::Agent(write.agent.to_owned()));
+                    logged.agents.push(ChangedAgent {
+                        agent: write.agent.to_owned(),
+                        version,
+                        change: write.change,
+                    });
+                }
+                if !logged.agents.is_empty() {
+                    self.log(&mut inner, Broadcast::AgentsChanged(logged));
+                }
+                inner.ticket()
+            };
+            self.durable(ticket).await?;
+            let done: Vec<(usize, Written)> =
+                step.iter().map(|&(at, _)| (at, outcomes[at])).collect();
+            if told(&done).is_break() {
+                break;
             }
-            if !logged.agents.is_empty() {
-                self.log(&mut inner, Broadcast::AgentsChanged(logged));
-            }
-            (outcomes, inner.ticket())
-        };
-        self.durable(ticket).await?;
-        let step: Vec<(usize, Written)> = outcomes.iter().copied().enumerate().collect();
-        // Nothing is left to stop.
-        let _ = told(&step);
+        }
         Ok(outcomes)
     }
 
