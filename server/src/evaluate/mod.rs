@@ -217,8 +217,8 @@ impl Change {
 /// evaluation's cost.
 type Held = Versioned<Arc<AgentState>>;
 
-/// Distinct decided states kept per gate setting for sharing: agents whose states were read
-/// one by one (after a restart) share them from their first decision on.
+/// Distinct states kept for sharing, per gate setting among decided states and per read among
+/// states read from the store.
 const DISTINCT_RESULTS: usize = 4;
 
 /// Runs the gate: see the module documentation.
@@ -568,8 +568,15 @@ impl Evaluator {
         if !missing.is_empty() {
             let read = readable_agents(&*self.store, &missing).await?;
             let mut cache = self.lock_cache();
+            // Agents read one by one (after a restart, say) that hold the same state share
+            // one copy, as they did when it was written: a quiet ref may not be decided again
+            // for days, and each copy holds a whole history.
+            let mut seen = Vec::new();
             for (agent, state) in read {
-                let state = state.map(Arc::new);
+                let state = Versioned {
+                    version: state.version,
+                    value: share(&mut seen, state.value),
+                };
                 cache.insert(agent.clone(), state.clone());
                 states.insert(agent, state);
             }

@@ -427,13 +427,13 @@ fn evaluator_for(
     std::sync::Arc<super::Evaluator>,
     std::sync::Arc<EmbeddedStore>,
 ) {
-    evaluator_on(yaml, EmbeddedStore::new())
+    evaluator_on(yaml, std::sync::Arc::new(EmbeddedStore::new()))
 }
 
 /// An evaluator over `store` for the agents of `yaml` (a config file's `agents:`).
 fn evaluator_on(
     yaml: &str,
-    store: EmbeddedStore,
+    store: std::sync::Arc<EmbeddedStore>,
 ) -> (
     std::sync::Arc<super::Evaluator>,
     std::sync::Arc<EmbeddedStore>,
@@ -444,7 +444,6 @@ fn evaluator_on(
     let catalog = Arc::new(crate::catalog::LiveCatalog::new(
         crate::catalog::Catalog::new(&config.agents, None),
     ));
-    let store = Arc::new(store);
     let index = Arc::new(crate::index::Index::new(
         config.agents.iter().map(|a| a.name.as_str()),
     ));
@@ -684,6 +683,34 @@ async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_o
     );
 }
 
+/// A replica that starts afresh reads its agents' states one by one: agents holding the same
+/// state share one copy, as they did on the replica that wrote it.
+#[tokio::test]
+async fn agents_read_alike_share_one_state() {
+    let agents: String = ["a", "b", "c"]
+        .iter()
+        .map(|name| agent_yaml(name, "{mode: pipeline}"))
+        .collect();
+    let yaml = format!("agents:\n{agents}");
+    let (first, store) = evaluator_for(&yaml);
+    green_push(&store, 1).await;
+    first.evaluate(&key()).await.expect("evaluates");
+
+    let (restarted, _) = evaluator_on(&yaml, store);
+    restarted.evaluate(&key()).await.expect("evaluates");
+    let cache = restarted.lock_cache();
+    let held: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|name| cache.get(*name).expect("read and kept").value.clone())
+        .collect();
+    assert_eq!(held[0].gate.desired.as_ref().map(|d| &d.sha), Some(&sha(1)));
+    assert!(
+        held.iter()
+            .all(|state| std::sync::Arc::ptr_eq(state, &held[0])),
+        "one copy for the three"
+    );
+}
+
 /// Runs the queued evaluation of the ref, with a fact at `position` queued as it starts.
 async fn evaluate_next_while_a_fact_is_queued(
     evaluator: &std::sync::Arc<super::Evaluator>,
@@ -712,7 +739,7 @@ async fn a_fan_out_stopped_by_a_newer_fact_leaves_the_rest_to_the_next_evaluatio
         .iter()
         .map(|name| agent_yaml(name, "{mode: pipeline}"))
         .collect();
-    let (evaluator, store) = evaluator_on(&format!("agents:\n{agents}"), store);
+    let (evaluator, store) = evaluator_on(&format!("agents:\n{agents}"), store.into());
     green_push(&store, 1).await;
     evaluator.evaluate(&key()).await.expect("evaluates");
     green_push(&store, 2).await;

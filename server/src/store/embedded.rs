@@ -568,7 +568,6 @@ impl AgentStore for EmbeddedStore {
         // agents are sent to while the rest are written, and a newer fact stops it between
         // steps.
         let mut outcomes = vec![Written::Withheld; writes.agents().len()];
-        let changes: Vec<DecidedChange> = writes.changes().iter().map(DecidedChange::of).collect();
         // One state per change however many agents write it: a fan-out to thousands of
         // agents would otherwise copy their whole histories as many times.
         let mut shared: Vec<Option<Arc<AgentState>>> = vec![None; writes.changes().len()];
@@ -576,10 +575,12 @@ impl AgentStore for EmbeddedStore {
         for step in indexed.chunks(self.write_step.max(1)) {
             let ticket = {
                 let mut inner = self.lock();
+                // The step's entry holds the changes its agents wrote, each once.
                 let mut logged = AgentChanges {
-                    changes: changes.clone(),
+                    changes: Vec::new(),
                     agents: Vec::new(),
                 };
+                let mut logged_as: HashMap<usize, usize> = HashMap::new();
                 for &(at, write) in step {
                     let change = writes.change_of(write);
                     let (version, position, appended, staged) = inner
@@ -617,10 +618,14 @@ impl AgentStore for EmbeddedStore {
                         },
                     );
                     inner.mark(Dirty::Agent(write.agent.to_owned()));
+                    let logged_change = *logged_as.entry(write.change).or_insert_with(|| {
+                        logged.changes.push(DecidedChange::of(change));
+                        logged.changes.len() - 1
+                    });
                     logged.agents.push(ChangedAgent {
                         agent: write.agent.to_owned(),
                         version,
-                        change: write.change,
+                        change: logged_change,
                     });
                 }
                 if !logged.agents.is_empty() {
@@ -1882,6 +1887,52 @@ mod tests {
 
     fn sha(n: u64) -> Sha {
         Sha::parse(&format!("{n:040x}")).expect("forty hex digits")
+    }
+
+    /// A fan-out written in steps logs an entry per step holding the changes of that step's
+    /// agents only, each once: agents decided apart would otherwise repeat every change in
+    /// every entry.
+    #[tokio::test]
+    async fn each_step_of_a_fan_out_logs_only_its_agents_changes() {
+        use crate::store::ChangeLog;
+        let mut store = EmbeddedStore::new();
+        store.set_write_step(2);
+        let mut notices = store.subscribe();
+        let states: Vec<AgentState> = (1..=3)
+            .map(|n| {
+                let mut state = AgentState::default();
+                state.gate.generation = n;
+                state
+            })
+            .collect();
+        // a and b decided alike, c and d each on their own.
+        let deployed = DeployedChange::Unchanged;
+        let writes = AgentWrites::of([("a", 0), ("b", 0), ("c", 1), ("d", 2)].map(
+            |(agent, state)| AgentWrite {
+                agent,
+                expected: 0,
+                state: &states[state],
+                decisions: &[],
+                deployed: &deployed,
+            },
+        ));
+        store.write_agents(&writes).await.expect("written");
+        let mut entries = Vec::new();
+        while let Ok(Notice::Message(Broadcast::AgentsChanged(entry))) = notices.try_recv() {
+            let agents: Vec<(String, usize)> = entry
+                .agents
+                .iter()
+                .map(|a| (a.agent.clone(), a.change))
+                .collect();
+            entries.push((entry.changes.len(), agents));
+        }
+        assert_eq!(
+            entries,
+            [
+                (1, vec![("a".into(), 0), ("b".into(), 0)]),
+                (2, vec![("c".into(), 0), ("d".into(), 1)]),
+            ]
+        );
     }
 
     proptest! {
