@@ -147,9 +147,13 @@ pub async fn run(
         }
         None => {
             let data_dir = config.data_dir.clone();
-            let embedded = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
+            let mut embedded = tokio::task::spawn_blocking(move || EmbeddedStore::open(&data_dir))
                 .await
                 .map_err(|error| StoreError::Embedded(format!("cannot open: {error}")))??;
+            if config.gitlab.is_none() {
+                // No status publisher runs to take the change log's entries.
+                embedded = embedded.without_status_feed();
+            }
             info!(
                 "no redis configured: using the embedded store (a single replica; run several on Redis)"
             );

@@ -48,6 +48,9 @@ pub struct EmbeddedStore {
     journal: Option<Journal>,
     /// Agents a fan-out writes in one step, made durable and told before the next.
     write_step: usize,
+    /// Whether the change log's entries are kept for a status publisher: without one they
+    /// would only pile up, each naming every agent of its fan-out step.
+    feeds_statuses: bool,
 }
 
 /// The writer of the file: a thread that commits what changed, batch by batch.
@@ -318,6 +321,7 @@ impl EmbeddedStore {
             appended: Arc::new(Notify::new()),
             journal: None,
             write_step: WRITE_STEP,
+            feeds_statuses: true,
         }
     }
 
@@ -378,18 +382,44 @@ impl EmbeddedStore {
     fn log(&self, inner: &mut Inner, message: Broadcast) {
         if inner.pending.is_none() {
             let _ = self.notices.send(Notice::Message(message.clone()));
-            inner.status_feed.append(message);
-            self.appended.notify_waiters();
+            if self.feeds_statuses {
+                inner.status_feed.append(message);
+                self.appended.notify_waiters();
+            }
             return;
         }
-        let (id, dropped) = inner.status_feed.append(message.clone());
-        inner.mark(Dirty::Feed(id));
-        for id in dropped {
+        if self.feeds_statuses {
+            let (id, dropped) = inner.status_feed.append(message.clone());
             inner.mark(Dirty::Feed(id));
+            for id in dropped {
+                inner.mark(Dirty::Feed(id));
+            }
         }
         if let Some(pending) = &mut inner.pending {
             pending.notices.push(message);
         }
+    }
+
+    /// The store of a server that publishes no commit statuses (no `gitlab` configured):
+    /// the change log's entries are not kept for a publisher, and those kept before are
+    /// removed, from the file too.
+    pub fn without_status_feed(mut self) -> Self {
+        self.feeds_statuses = false;
+        let ticket = {
+            let mut inner = self.lock();
+            let removed: Vec<u64> = inner.status_feed.entries.drain(..).map(|e| e.id).collect();
+            for id in removed {
+                inner.mark(Dirty::Feed(id));
+            }
+            inner.ticket()
+        };
+        // Written with the next batch; a wake-up makes that one now.
+        if let (Some(journal), Some(_)) = (&self.journal, ticket)
+            && let Some(wake) = &journal.wake
+        {
+            let _ = wake.try_send(());
+        }
+        self
     }
 
     /// Waits until the changes up to `ticket` are on disk (at once without a file).
@@ -1887,6 +1917,64 @@ mod tests {
 
     fn sha(n: u64) -> Sha {
         Sha::parse(&format!("{n:040x}")).expect("forty hex digits")
+    }
+
+    /// One write of `state` over `agent`'s version `expected`, deciding and deploying nothing.
+    fn single_write<'a>(agent: &'a str, expected: u64, state: &'a AgentState) -> AgentWrites<'a> {
+        static UNCHANGED: DeployedChange = DeployedChange::Unchanged;
+        AgentWrites::of([AgentWrite {
+            agent,
+            expected,
+            state,
+            decisions: &[],
+            deployed: &UNCHANGED,
+        }])
+    }
+
+    /// Without a status publisher the change log keeps nothing for one: entries kept before
+    /// leave memory and the file, and new ones are not kept, while followers still hear
+    /// every change.
+    #[tokio::test]
+    async fn a_store_without_a_status_feed_keeps_no_entries_for_one() {
+        use crate::store::ChangeLog;
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (store, writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+        let state = AgentState::default();
+        let _marked = store
+            .write_agents(&single_write("a", 0, &state))
+            .now_or_never();
+        writer.commit();
+        assert_eq!(
+            store.lock().status_feed.entries.len(),
+            1,
+            "kept for a publisher"
+        );
+
+        let store = store.without_status_feed();
+        let mut notices = store.subscribe();
+        let next = AgentState {
+            position: 1,
+            ..AgentState::default()
+        };
+        let _marked = store
+            .write_agents(&single_write("a", 1, &next))
+            .now_or_never();
+        writer.commit();
+        assert!(
+            matches!(
+                notices.try_recv(),
+                Ok(Notice::Message(Broadcast::AgentsChanged(_)))
+            ),
+            "followers hear the change"
+        );
+        assert!(store.lock().status_feed.entries.is_empty());
+        drop((store, writer));
+        let disk = Disk::open(dir.path()).expect("opened");
+        assert!(
+            disk.scan(Table::Feed).expect("read").is_empty(),
+            "none in the file"
+        );
+        assert!(disk.get(Table::Agents, "a").expect("read").is_some());
     }
 
     /// A fan-out written in steps logs an entry per step holding the changes of that step's
