@@ -16,7 +16,7 @@ use tracing::{error, info};
 use super::StoreError;
 
 use super::disk::{self, Disk, Put, SEP, Table};
-use super::records::{self, AgentFile, RingV1};
+use super::records::{self, AgentFile, AgentFileV2, RingV1};
 
 use super::{
     AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
@@ -405,20 +405,13 @@ impl EmbeddedStore {
     /// removed, from the file too.
     pub fn without_status_feed(mut self) -> Self {
         self.feeds_statuses = false;
-        let ticket = {
-            let mut inner = self.lock();
-            let removed: Vec<u64> = inner.status_feed.entries.drain(..).map(|e| e.id).collect();
-            for id in removed {
-                inner.mark(Dirty::Feed(id));
-            }
-            inner.ticket()
-        };
-        // Written with the next batch; a wake-up makes that one now.
-        if let (Some(journal), Some(_)) = (&self.journal, ticket)
-            && let Some(wake) = &journal.wake
-        {
-            let _ = wake.try_send(());
+        // Removed from the file with the next batch; until then a restart removes them again.
+        let mut inner = self.lock();
+        let removed: Vec<u64> = inner.status_feed.entries.drain(..).map(|e| e.id).collect();
+        for id in removed {
+            inner.mark(Dirty::Feed(id));
         }
+        drop(inner);
         self
     }
 
@@ -1452,10 +1445,9 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
 
 /// An agent read from the file whose rings are being read.
 struct Loading {
-    version: u64,
-    core: String,
-    /// Each ring's place and its live entries.
-    rings: [(RingV1, Found); 2],
+    record: AgentFileV2,
+    /// The live entries of its decisions, then of its deployed commits.
+    found: [Found; 2],
 }
 
 /// A ring's live entries, oldest first, filled in as the scan finds them.
@@ -1467,14 +1459,12 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
     let mut rewritten = EncodedStates::new();
     for (agent, value) in disk.scan(Table::Agents)? {
         match records::decode_agent_file(&agent, &value)? {
-            AgentFile::Split {
-                version,
-                core,
-                decisions,
-                deployed,
-            } => {
-                for (ring, (_, capacity)) in [(decisions, DECISION_RING), (deployed, DEPLOYED_RING)]
-                {
+            AgentFile::Split(record) => {
+                let rings = [
+                    (record.decisions, DECISION_RING),
+                    (record.deployed, DEPLOYED_RING),
+                ];
+                for (ring, (_, capacity)) in rings {
                     if ring.len > capacity {
                         return Err(StoreError::Corrupt {
                             key: format!("agents {agent}"),
@@ -1482,15 +1472,8 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
                         });
                     }
                 }
-                let rings = [decisions, deployed].map(|ring| (ring, vec![None; ring.len]));
-                loading.insert(
-                    agent,
-                    Loading {
-                        version,
-                        core,
-                        rings,
-                    },
-                );
+                let found = rings.map(|(ring, _)| vec![None; ring.len]);
+                loading.insert(agent, Loading { record, found });
             }
             // Written by an earlier version, whole: rewritten now into rings.
             AgentFile::Whole { version, state } => {
@@ -1520,10 +1503,10 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
             let (Ok(slot), Some(agent)) = (slot.parse(), loading.get_mut(agent)) else {
                 return Ok(());
             };
-            let (ring, entries) = &mut agent.rings[which];
+            let ring = [agent.record.decisions, agent.record.deployed][which];
             if let Some(entry) = ring
                 .index_of(slot, capacity)
-                .and_then(|i| entries.get_mut(i))
+                .and_then(|i| agent.found[which].get_mut(i))
             {
                 let text = match texts.get(value) {
                     Some(text) => text.clone(),
@@ -1540,37 +1523,19 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
     }
     // And they share one state in memory, as they did before the restart.
     let mut shared: HashMap<(String, Vec<*const u8>), Arc<AgentState>> = HashMap::new();
-    for (
-        agent,
-        Loading {
-            version,
-            core,
-            rings,
-        },
-    ) in loading
-    {
-        let [(decision_ring, decisions), (deployed_ring, deployed)] = rings;
-        let missing = |ring: RingV1, entries: &Found| {
-            entries
-                .iter()
-                .position(Option::is_none)
-                .map(|i| StoreError::Corrupt {
+    for (agent, Loading { record, found }) in loading {
+        let [decisions, deployed] = found.map(|found| {
+            found
+                .into_iter()
+                .collect::<Option<Vec<Arc<[u8]>>>>()
+                .ok_or_else(|| StoreError::Corrupt {
                     key: format!("agents {agent}"),
-                    reason: format!(
-                        "entry {} of its ring is missing",
-                        ring.live().start + i as u64
-                    ),
+                    reason: "an entry of its history is missing from the file".into(),
                 })
-        };
-        if let Some(error) =
-            missing(decision_ring, &decisions).or(missing(deployed_ring, &deployed))
-        {
-            return Err(error);
-        }
-        let decisions: Vec<Arc<[u8]>> = decisions.into_iter().flatten().collect();
-        let deployed: Vec<Arc<[u8]>> = deployed.into_iter().flatten().collect();
+        });
+        let (decisions, deployed) = (decisions?, deployed?);
         let same = (
-            core,
+            record.core,
             decisions
                 .iter()
                 .chain(&deployed)
@@ -1586,13 +1551,13 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
             }
         };
         let appended = Appended {
-            decisions: decision_ring.appended,
-            deployed: deployed_ring.appended,
+            decisions: record.decisions.appended,
+            deployed: record.deployed.appended,
         };
         inner.agents.insert(
             agent,
             StoredAgent {
-                version,
+                version: record.version,
                 state,
                 appended,
                 staged: appended,

@@ -403,12 +403,7 @@ impl RingV1 {
 #[derive(Debug)]
 pub enum AgentFile {
     /// Written by this version: the rings are read from their own records.
-    Split {
-        version: u64,
-        core: String,
-        decisions: RingV1,
-        deployed: RingV1,
-    },
+    Split(AgentFileV2),
     /// Written by an earlier version, history and all.
     Whole {
         version: u64,
@@ -430,12 +425,7 @@ pub fn encode_agent_file(version: u64, core: &str, decisions: RingV1, deployed: 
 /// Decodes the record of `key` written by [`encode_agent_file`] or an earlier version.
 pub fn decode_agent_file(key: &str, bytes: &[u8]) -> Result<AgentFile, StoreError> {
     match serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))? {
-        AgentFileRecord::V2(r) => Ok(AgentFile::Split {
-            version: r.version,
-            core: r.core,
-            decisions: r.decisions,
-            deployed: r.deployed,
-        }),
+        AgentFileRecord::V2(r) => Ok(AgentFile::Split(r)),
         AgentFileRecord::V1(r) => {
             let decisions = r
                 .decisions
@@ -531,12 +521,12 @@ mod tests {
             len: 50,
         };
         let bytes = encode_agent_file(6, &encode_agent(&state), ring, RingV1::default());
-        let AgentFile::Split {
+        let AgentFile::Split(AgentFileV2 {
             version,
             core,
             decisions,
             deployed,
-        } = decode_agent_file("k", &bytes).unwrap()
+        }) = decode_agent_file("k", &bytes).unwrap()
         else {
             panic!("this version's record reads as split");
         };
