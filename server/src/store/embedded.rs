@@ -1896,6 +1896,78 @@ mod tests {
         }])
     }
 
+    /// A fan-out whose second step cannot be written fails with the file's error, and its
+    /// caller has heard only the step that was written.
+    #[test]
+    fn a_fan_out_whose_step_fails_tells_only_the_steps_written() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (mut store, writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+        store.set_write_step(1);
+        let state = AgentState::default();
+        let writes = AgentWrites::of(["a", "b"].map(|agent| AgentWrite {
+            agent,
+            expected: 0,
+            state: &state,
+            decisions: &[],
+            deployed: &DeployedChange::Unchanged,
+        }));
+        let mut heard = Vec::new();
+        let mut told = |step: &[(usize, Written)]| {
+            heard.extend_from_slice(step);
+            std::ops::ControlFlow::Continue(())
+        };
+        let mut cx = std::task::Context::from_waker(futures_util::task::noop_waker_ref());
+        let answer = {
+            let mut writing = std::pin::pin!(store.write_agents_telling(&writes, &mut told));
+            assert!(writing.as_mut().poll(&mut cx).is_pending(), "step 1 waits");
+            writer.commit();
+            assert!(writing.as_mut().poll(&mut cx).is_pending(), "step 2 waits");
+            writer
+                .committed
+                .send_modify(|c| c.failed = Some("No space left on device".into()));
+            match writing.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready(answer) => answer,
+                std::task::Poll::Pending => panic!("a failed write is answered"),
+            }
+        };
+        let error = answer.expect_err("step 2 was not written");
+        assert!(error.to_string().contains("No space left"), "{error}");
+        assert_eq!(heard, [(0, Written::Saved { version: 1 })]);
+    }
+
+    /// A file whose agent record names history entries the file lacks, or more than a ring
+    /// holds, is refused at start, naming the agent, rather than loaded with a history cut
+    /// short.
+    #[test]
+    fn an_agent_whose_history_is_not_in_the_file_is_refused_at_start() {
+        let core = records::encode_agent(&AgentState::default());
+        let missing = RingV1 {
+            appended: 3,
+            len: 2,
+        };
+        let oversized = RingV1 {
+            appended: 900,
+            len: 900,
+        };
+        for (ring, why) in [(missing, "missing"), (oversized, "in a ring of 50")] {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            {
+                let disk = Disk::open(dir.path()).expect("opened");
+                let record = records::encode_agent_file(1, &core, ring, RingV1::default());
+                disk.write(vec![(Table::Agents, "prod".into(), Some(record))])
+                    .expect("written");
+            }
+            let Err(refused) = EmbeddedStore::loaded(dir.path()) else {
+                panic!("{ring:?} is refused");
+            };
+            let message = refused.to_string();
+            assert!(
+                message.contains("prod") && message.contains(why),
+                "{message}"
+            );
+        }
+    }
+
     /// Without a status publisher the change log keeps nothing for one: entries kept before
     /// leave memory and the file, and new ones are not kept, while followers still hear
     /// every change.
