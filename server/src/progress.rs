@@ -88,7 +88,7 @@ fn reported_is_current(gate: &AgentGate, reported: &Sha, report: &StatusReport) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gate::{Context, Mode, Pipeline, PipelineStatus, Push, PushOrder, RefState};
+    use crate::gate::{Before, Context, Mode, Pipeline, PipelineStatus, Push, PushOrder, RefState};
 
     fn sha(n: u8) -> Sha {
         Sha::parse(&format!("{n:040x}")).unwrap()
@@ -99,7 +99,7 @@ mod tests {
         let mut gate = AgentGate::default();
         for (i, n) in shas.iter().enumerate() {
             refs.record_push(&Push {
-                before: None,
+                before: Before::Created,
                 after: Some(sha(*n)),
                 at_ms: 0,
             });
@@ -197,7 +197,7 @@ mod tests {
     fn an_undecided_commit_waits_with_the_gates_reason() {
         let (mut refs, mut gate) = deployed(&[1]);
         refs.record_push(&Push {
-            before: None,
+            before: Before::Created,
             after: Some(sha(2)),
             at_ms: 0,
         });

@@ -6,7 +6,9 @@ use std::path::Path;
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
-use greenlight::v1::{GetAgentRequest, PauseSyncRequest, Phase, WatchRevisionRequest};
+use greenlight::v1::{
+    GetAgentRequest, GetRefRequest, PauseSyncRequest, Phase, WatchRevisionRequest, decision,
+};
 use greenlight_e2e::control_plane::TestCluster;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
 use greenlight_e2e::*;
@@ -489,6 +491,112 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
     })
     .await?;
     assert_eq!(on_b.1, "greenlight/prod");
+    server.stop().await?;
+    Ok(())
+}
+
+/// A server restarted while GitLab moved on reads the new head from the API, which does not
+/// say what the push came from; the push's hook, late, must still put that head in its
+/// place, and each later round must not record the known head again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_read_from_gitlab_takes_its_place_when_its_late_push_arrives_and_is_read_once()
+-> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let cache = tempfile::tempdir()?;
+    let repo = GitRepo::new()?;
+    let gitlab = FakeGitLab::start().await?;
+    let commit = |value: &str| {
+        repo.commit(
+            &[("app.yaml", configmap("settings", value).as_bytes())],
+            &[],
+        )
+    };
+    let (a, b, c) = (commit("a")?, commit("b")?, commit("c")?);
+    let green = |sha: &str, id: u64| json!({"id": id, "sha": sha, "ref": "main", "status": "success", "source": "push"});
+    gitlab.set_branch_head(PROJECT, "main", &a);
+    gitlab.set_pipelines(PROJECT, vec![green(&a, 1)]);
+    let agents = [git_agent_yaml("prod", &repo.url(), &[])];
+    let yaml = close_loop_yaml(&redis.url(), cache.path(), &gitlab, Some("1s"), &agents);
+    let server = TestServer::start(&yaml).await?;
+    let reads = |path: &str| {
+        gitlab
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with(path))
+            .count()
+    };
+    // The first round reads A from GitLab before A's hook comes: the hook then only tells
+    // where A came from.
+    eventually("a first round of catch-up", || async {
+        Ok((reads("/pipelines") > 0).then_some(()))
+    })
+    .await?;
+    let mut stream = server.stream("prod").await?;
+    assert_eq!(server.push("main", ZERO, &a).await?, 200);
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), a);
+
+    // GitLab moved on to C; the hooks of B and C are late.
+    gitlab.set_pipelines(PROJECT, vec![green(&c, 3), green(&a, 1)]);
+    gitlab.set_branch_head(PROJECT, "main", &c);
+    assert_eq!(
+        next_revision(&mut stream, SOON).await?.sha(),
+        c,
+        "caught up with C"
+    );
+    assert_eq!(server.push("main", &a, &b).await?, 200);
+    assert_eq!(server.push("main", &b, &c).await?, 200);
+
+    let admin = server.admin().await?;
+    let order = eventually("the heads in the order of their commits", || {
+        let mut admin = admin.clone();
+        let c = c.clone();
+        async move {
+            let request = GetRefRequest {
+                project: PROJECT.into(),
+                r#ref: "main".into(),
+            };
+            let status = admin.get_ref(request).await?.into_inner();
+            let order: Vec<String> = status.commits.into_iter().map(|c| c.sha).collect();
+            Ok((status.head == c && order.len() == 3).then_some(order))
+        }
+    })
+    .await?;
+    assert_eq!(order, [c.as_str(), &b, &a], "newest first");
+
+    // Rounds of catch-up after the heads are known record nothing more.
+    let rounds = reads("/pipelines");
+    eventually("three more rounds of catch-up", || async {
+        Ok((reads("/pipelines") >= rounds + 3).then_some(()))
+    })
+    .await?;
+    let keys = redis.cli(&["--scan", "--pattern", "*:ref:*:main:pushes"])?;
+    let key = keys.trim();
+    assert!(
+        !key.is_empty() && !key.contains('\n'),
+        "one push list: {keys:?}"
+    );
+    let pushes = redis.cli(&["LRANGE", key, "0", "-1"])?;
+    let pushes: Vec<&str> = pushes
+        .lines()
+        .map(|push| push.rsplit_once('|').map_or(push, |(moved, _at)| moved))
+        .collect();
+    let expected = [
+        format!("?|{a}"),
+        format!("|{a}"),
+        format!("?|{c}"),
+        format!("{a}|{b}"),
+        format!("{b}|{c}"),
+    ];
+    assert_eq!(pushes, expected);
+    let deployed: Vec<String> = server
+        .history("prod")
+        .await?
+        .decisions
+        .into_iter()
+        .filter(|d| d.outcome() == decision::Outcome::Deploy)
+        .map(|d| d.sha)
+        .collect();
+    assert_eq!(deployed, [c, a], "never moved back to B, newest first");
     server.stop().await?;
     Ok(())
 }

@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use greenlight_e2e::{Redis, SOON, sha};
 use greenlight_server::config::RedisSettings;
-use greenlight_server::gate::{Decision, Outcome, Pipeline, PipelineStatus, Push, Revision, Sha};
+use greenlight_server::gate::{
+    Before, Decision, Outcome, Pipeline, PipelineStatus, Push, Revision, Sha,
+};
 use greenlight_server::store::{
     AgentState, AgentWrite, AgentWrites, Broadcast, DeployedChange, EmbeddedStore, FactRecord,
     Ingested, LogEntry, Notice, RedisStore, RefKey, StatusClaim, StatusKey, Store, StoreError,
@@ -135,7 +137,7 @@ fn commit(n: u32) -> Sha {
 
 fn push_of(n: u32) -> FactRecord {
     FactRecord::Push(Push {
-        before: None,
+        before: Before::Created,
         after: Some(commit(n)),
         at_ms: i64::from(n),
     })

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 
 use super::Asked;
 use super::rules::{self, Operation};
-use crate::gate::{Context, Lineage, Mode, Pipeline, PipelineStatus, Push, PushOrder, Sha};
+use crate::gate::{Before, Context, Lineage, Mode, Pipeline, PipelineStatus, Push, PushOrder, Sha};
 use crate::store::{
     AgentState, AgentStore, AgentWrite, DeployedChange, EmbeddedStore, FactRecord, FactStore,
     Facts, RefKey, Versioned, Written,
@@ -154,7 +154,11 @@ impl Run {
         match event {
             Event::Push(n) => {
                 let push = Push {
-                    before: (*n > 1).then(|| sha(n - 1)),
+                    before: if *n > 1 {
+                        Before::Head(sha(n - 1))
+                    } else {
+                        Before::Created
+                    },
                     after: Some(sha(*n)),
                     at_ms: self.now,
                 };
@@ -483,7 +487,11 @@ async fn edge_after_green_push() -> (
 /// A push of commit `n` and its green pipeline, as a ref's facts.
 async fn green_push(store: &EmbeddedStore, n: u8) {
     let push = Push {
-        before: (n > 1).then(|| sha(n - 1)),
+        before: if n > 1 {
+            Before::Head(sha(n - 1))
+        } else {
+            Before::Created
+        },
         after: Some(sha(n)),
         at_ms: i64::from(n),
     };
@@ -633,7 +641,7 @@ async fn an_evaluation_overtaken_by_a_queued_fact_leaves_its_write_to_the_next_o
     evaluator.evaluate(&key()).await.expect("evaluates");
     let before = store.agent("edge").await.expect("reads the agent");
     let push = Push {
-        before: Some(sha(1)),
+        before: Before::Head(sha(1)),
         after: Some(sha(2)),
         at_ms: 2,
     };
@@ -762,7 +770,7 @@ async fn a_fan_out_stopped_by_a_newer_fact_leaves_the_rest_to_the_next_evaluatio
                 Asked::merge,
             );
             let push = Push {
-                before: Some(sha(2)),
+                before: Before::Head(sha(2)),
                 after: Some(sha(3)),
                 at_ms: 3,
             };

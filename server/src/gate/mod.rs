@@ -11,7 +11,7 @@ pub use decide::{
     Outcome, Pin, Revision, Step,
 };
 pub use model::{
-    EXTERNAL_SOURCE, InvalidSha, Lineage, MAX_HEADS, MAX_REJECTED, MERGE_REQUEST_SOURCE, Pipeline,
-    PipelineStatus, Push, PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus,
+    Before, EXTERNAL_SOURCE, InvalidSha, Lineage, MAX_HEADS, MAX_REJECTED, MERGE_REQUEST_SOURCE,
+    Pipeline, PipelineStatus, Push, PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus,
     aggregate_jobs,
 };

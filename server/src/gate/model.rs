@@ -277,15 +277,36 @@ pub struct Head {
     pub pushed_at_ms: i64,
     /// The line of history the head belongs to; a branch deletion starts a new one.
     pub line: u64,
-    /// The head its push moved the branch from, when the push said.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub before: Option<Sha>,
+    /// Where its push moved the branch from.
+    pub before: Before,
+}
+
+/// Where a push moved the branch from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Before {
+    /// The push created the branch.
+    Created,
+    /// The head the branch pointed to before the push.
+    Head(Sha),
+    /// Not known: the head was read from GitLab's API, which does not say what came before.
+    /// A push that names it later tells where it belongs.
+    Unknown,
+}
+
+impl Before {
+    /// The head the push continued from, when known.
+    pub fn head(&self) -> Option<&Sha> {
+        match self {
+            Self::Head(sha) => Some(sha),
+            Self::Created | Self::Unknown => None,
+        }
+    }
 }
 
 /// A push to the watched ref.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Push {
-    pub before: Option<Sha>,
+    pub before: Before,
     /// The new head; `None` when the branch was deleted.
     pub after: Option<Sha>,
     pub at_ms: i64,
@@ -319,7 +340,8 @@ pub struct RefState {
 
 impl RefState {
     /// Records a push. A head that was already announced on the current line is not
-    /// appended again, so a redelivered old push cannot look like a newer commit.
+    /// appended again, so a redelivered old push cannot look like a newer commit; it only
+    /// learns where it came from, if that was not known.
     pub fn record_push(&mut self, push: &Push) -> Recorded {
         let Some(after) = &push.after else {
             if self.deleted {
@@ -329,19 +351,32 @@ impl RefState {
             self.line += 1;
             return Recorded::Changed;
         };
-        let seen_on_this_line = !self.deleted
-            && self
-                .heads
+        let on_this_line = if self.deleted {
+            None
+        } else {
+            self.heads
                 .iter()
-                .any(|h| h.line == self.line && &h.sha == after);
-        // A push that continues from an earlier commit (it has a `before`) yet names a head of
-        // an older line is a late redelivery, not news; re-creating a branch has no `before`.
-        let seen_on_older_line = push.before.is_some()
+                .position(|h| h.line == self.line && &h.sha == after)
+        };
+        if let Some(known) = on_this_line {
+            // A head read from GitLab's API learns where it came from when its push arrives,
+            // and only then can take its place among the heads around it.
+            let head = &mut self.heads[known];
+            if head.before == Before::Unknown && push.before != Before::Unknown {
+                head.before = push.before.clone();
+                self.order_line();
+                return Recorded::Changed;
+            }
+            return Recorded::Unchanged;
+        }
+        // A push that continues from an earlier commit yet names a head of an older line is a
+        // late redelivery, not news; re-creating a branch has no `before`.
+        let seen_on_older_line = push.before.head().is_some()
             && self
                 .heads
                 .iter()
                 .any(|h| h.line < self.line && &h.sha == after);
-        if seen_on_this_line || seen_on_older_line {
+        if seen_on_older_line {
             return Recorded::Unchanged;
         }
         self.deleted = false;
@@ -363,9 +398,9 @@ impl RefState {
             .heads
             .iter()
             .filter(on_line)
-            .any(|h| h.before.as_ref() == Some(after));
+            .any(|h| h.before.head() == Some(after));
         let in_order = !fills_a_gap
-            && match &head.before {
+            && match head.before.head() {
                 Some(before) => {
                     newest.is_some_and(|n| &n.sha == before)
                         || !self.heads.iter().filter(on_line).any(|h| &h.sha == before)
@@ -385,8 +420,8 @@ impl RefState {
     }
 
     /// Orders the current line's heads by their pushes' `before`: each after the head it was
-    /// pushed on top of; where that leaves a choice, first the push that created the branch
-    /// (it has no `before`), then the head whose pushes (its own or those of the heads pushed
+    /// pushed on top of; where that leaves a choice, first the push that created the branch,
+    /// then the head whose pushes (its own or those of the heads pushed
     /// on top of it) came first. Pushes delivered out of order then leave the commits'
     /// order, whatever order they came in, and heads whose relation is not known keep the
     /// order they arrived in.
@@ -401,7 +436,7 @@ impl RefState {
             line.iter().enumerate().map(|(i, h)| (&h.sha, i)).collect();
         let parent: Vec<Option<usize>> = line
             .iter()
-            .map(|h| h.before.as_ref().and_then(|b| at.get(b).copied()))
+            .map(|h| h.before.head().and_then(|b| at.get(b).copied()))
             .collect();
         // Where each head's subtree first appears in the line as it stands: a late push of an
         // old commit takes the place of the earliest head pushed on top of it.
@@ -419,7 +454,7 @@ impl RefState {
         let mut order: Vec<usize> = Vec::with_capacity(line.len());
         while let Some(next) = (0..line.len())
             .filter(|&i| !placed[i] && parent[i].is_none_or(|p| placed[p]))
-            .min_by_key(|&i| (line[i].before.is_some(), first_seen[i], i))
+            .min_by_key(|&i| (line[i].before != Before::Created, first_seen[i], i))
         {
             placed[next] = true;
             order.push(next);
@@ -623,7 +658,8 @@ impl Lineage for PushOrder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::{Just, Strategy, prop_assert, prop_assert_eq};
+    use proptest::prelude::{Just, Strategy, any, prop_assert, prop_assert_eq};
+    use proptest::sample::Index;
 
     fn sha(n: u8) -> Sha {
         Sha::parse(&format!("{:040x}", n)).unwrap()
@@ -632,7 +668,7 @@ mod tests {
     /// The push of commit `n` on top of `n - 1`.
     fn chain(n: u8) -> Push {
         Push {
-            before: Some(sha(n - 1)),
+            before: Before::Head(sha(n - 1)),
             after: Some(sha(n)),
             at_ms: 0,
         }
@@ -640,7 +676,7 @@ mod tests {
 
     fn push(after: u8) -> Push {
         Push {
-            before: None,
+            before: Before::Created,
             after: Some(sha(after)),
             at_ms: 0,
         }
@@ -679,12 +715,12 @@ mod tests {
         state.record_push(&push(1));
         // A→B is delivered after B→C.
         state.record_push(&Push {
-            before: Some(sha(2)),
+            before: Before::Head(sha(2)),
             after: Some(sha(3)),
             at_ms: 0,
         });
         state.record_push(&Push {
-            before: Some(sha(1)),
+            before: Before::Head(sha(1)),
             after: Some(sha(2)),
             at_ms: 0,
         });
@@ -710,22 +746,37 @@ mod tests {
 
     proptest::proptest! {
         /// However the pushes of one straight line of commits are delivered (reordered,
-        /// some twice), the heads come out in the order of the commits.
+        /// some twice), and wherever heads read from GitLab's API come between them, the
+        /// heads come out in the order of the commits.
         #[test]
         fn any_delivery_order_of_a_straight_line_gives_its_commit_order(
             order in Just((1u8..=12).collect::<Vec<_>>()).prop_shuffle(),
             again in proptest::collection::vec(1u8..=12, 0..4),
+            observed in proptest::collection::vec((0u8..=12, any::<Index>()), 0..4),
         ) {
+            let created = Push { before: Before::Created, after: Some(sha(0)), at_ms: 0 };
+            let mut deliveries: Vec<(u8, Push)> = std::iter::once((0, created))
+                .chain(order.iter().chain(again.iter()).map(|n| (*n, chain(*n))))
+                .collect();
+            for (head, at) in observed {
+                // GitLab's head was `head` when it was read, so no later commit was pushed,
+                // nor its hook sent, yet.
+                let latest = deliveries
+                    .iter()
+                    .position(|(n, _)| *n > head)
+                    .unwrap_or(deliveries.len());
+                let read = Push { before: Before::Unknown, after: Some(sha(head)), at_ms: 0 };
+                deliveries.insert(at.index(latest + 1), (head, read));
+            }
             let mut state = RefState::default();
-            state.record_push(&Push { before: None, after: Some(sha(0)), at_ms: 0 });
-            for n in order.iter().chain(again.iter()) {
-                state.record_push(&chain(*n));
+            for (_, push) in &deliveries {
+                state.record_push(push);
                 // At every step, not only once the line is complete: the gate decides on
                 // what it has, and a head it took for newer than its descendant would be a
                 // move backwards.
                 let heads: Vec<&Head> = state.current_heads().collect();
                 for (newer, head) in heads.iter().enumerate() {
-                    if let Some(parent) = heads.iter().position(|h| Some(&h.sha) == head.before.as_ref()) {
+                    if let Some(parent) = heads.iter().position(|h| Some(&h.sha) == head.before.head()) {
                         prop_assert!(
                             parent > newer,
                             "{} is listed newer than {}, which was pushed on top of it",
@@ -740,13 +791,51 @@ mod tests {
         }
     }
 
+    /// What the chaos run that found it did: a restarted server read the branch head from
+    /// GitLab before that head's hook came, then hooks came out of order. The head read is
+    /// not the branch's creation, and is no longer in doubt once its own push arrives.
+    #[test]
+    fn a_head_read_from_gitlab_is_not_taken_for_the_branchs_creation() {
+        let read = |n: u8| Push {
+            before: Before::Unknown,
+            after: Some(sha(n)),
+            at_ms: 0,
+        };
+        let created = Push {
+            before: Before::Created,
+            after: Some(sha(0)),
+            at_ms: 0,
+        };
+        let mut state = RefState::default();
+        for push in [created, chain(1), read(2), chain(4), chain(3)] {
+            state.record_push(&push);
+        }
+        let order = |state: &RefState| -> Vec<Sha> {
+            state.current_heads().map(|h| h.sha.clone()).collect()
+        };
+        let expected: Vec<Sha> = (0..=4).rev().map(sha).collect();
+        assert_eq!(order(&state), expected, "newest first");
+        assert_eq!(state.record_push(&read(4)), Recorded::Unchanged);
+        assert_eq!(
+            state.record_push(&chain(2)),
+            Recorded::Changed,
+            "learns where 2 came from"
+        );
+        assert_eq!(
+            state.find_head(&sha(2)).unwrap().before,
+            Before::Head(sha(1))
+        );
+        assert_eq!(state.record_push(&chain(2)), Recorded::Unchanged);
+        assert_eq!(order(&state), expected);
+    }
+
     /// Where pushes are missing in between, what is known still orders the line: the push
     /// that created the branch first, and a late push of an old commit goes below the
     /// heads pushed on top of it instead of after the heads that arrived before it.
     #[test]
     fn a_line_with_gaps_keeps_the_creation_first_and_late_pushes_below_their_descendants() {
         let created = |n: u8| Push {
-            before: None,
+            before: Before::Created,
             after: Some(sha(n)),
             at_ms: 0,
         };
@@ -825,7 +914,7 @@ mod tests {
                 match recorded {
                     Recording::Push { before, after } => {
                         state.record_push(&Push {
-                            before: before.map(long_sha),
+                            before: before.map_or(Before::Created, |b| Before::Head(long_sha(b))),
                             after: after.map(long_sha),
                             at_ms: 0,
                         });
@@ -872,10 +961,10 @@ mod tests {
             late_id in 1u64..100,
         ) {
             let mut state = RefState::default();
-            let mut before = None;
+            let mut before = Before::Created;
             for head in heads {
                 state.record_push(&Push { before, after: Some(long_sha(head)), at_ms: 0 });
-                before = Some(long_sha(head));
+                before = Before::Head(long_sha(head));
             }
             // Straight into the map: the records themselves would trim on the way.
             for (sha, id) in runs {
@@ -912,10 +1001,10 @@ mod tests {
             runs in proptest::collection::vec((0u16..200, 1u64..100, proptest::bool::ANY), 0..300),
         ) {
             let mut pushed = RefState::default();
-            let mut before = None;
+            let mut before = Before::Created;
             for head in heads {
                 pushed.record_push(&Push { before, after: Some(long_sha(head)), at_ms: 0 });
-                before = Some(long_sha(head));
+                before = Before::Head(long_sha(head));
             }
             let records: Vec<(Sha, Pipeline)> = runs
                 .into_iter()
@@ -1052,7 +1141,7 @@ mod tests {
         let mut state = RefState::default();
         state.record_push(&push(1));
         state.record_push(&Push {
-            before: Some(sha(1)),
+            before: Before::Head(sha(1)),
             after: None,
             at_ms: 0,
         });
@@ -1071,7 +1160,7 @@ mod tests {
             state.record_push(&push(n));
         }
         state.record_push(&Push {
-            before: None,
+            before: Before::Created,
             after: Some(Sha::parse(&"f".repeat(40)).unwrap()),
             at_ms: 0,
         });

@@ -71,7 +71,10 @@ impl World {
     /// Records a push on top of the head, moving the branch to `after` (`None` deletes it),
     /// without running the gate.
     fn record_push(&mut self, after: Option<Sha>) {
-        let before = self.refs.head().map(|h| h.sha.clone());
+        let before = self
+            .refs
+            .head()
+            .map_or(Before::Created, |h| Before::Head(h.sha.clone()));
         self.refs.record_push(&Push {
             before,
             after,
@@ -562,7 +565,7 @@ fn redelivered_push_from_before_a_branch_deletion_is_not_a_new_head() {
 
     // GitLab retries webhooks; `before` shows this push happened on the old line.
     w.refs.record_push(&Push {
-        before: Some(sha(1)),
+        before: Before::Head(sha(1)),
         after: Some(sha(2)),
         at_ms: 0,
     });
@@ -838,7 +841,7 @@ proptest! {
         for (at, delivery) in deliveries.iter().enumerate() {
             match delivery {
                 Delivery::Push(n) => refs.record_push(&Push {
-                    before: None,
+                    before: Before::Created,
                     after: Some(sha(*n)),
                     at_ms: at as i64,
                 }),
@@ -916,7 +919,7 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
     let mut gate = AgentGate::default();
     for n in 1..=2 {
         refs.record_push(&Push {
-            before: None,
+            before: Before::Created,
             after: Some(sha(n)),
             at_ms: 0,
         });
@@ -936,7 +939,7 @@ fn a_deployed_commit_the_mirror_does_not_know_blocks_instead_of_counting_as_gone
     assert_eq!(gate.desired.as_ref().map(|r| r.sha.clone()), Some(sha(2)));
 
     refs.record_push(&Push {
-        before: Some(sha(2)),
+        before: Before::Head(sha(2)),
         after: Some(sha(3)),
         at_ms: 0,
     });
@@ -970,7 +973,7 @@ fn required_stages_open_the_gate_while_the_deploy_stage_still_runs() {
     let mut gate = AgentGate::default();
     let stages = vec!["test".to_owned(), "security".to_owned()];
     refs.record_push(&Push {
-        before: None,
+        before: Before::Created,
         after: Some(sha(1)),
         at_ms: 0,
     });
@@ -1022,7 +1025,7 @@ fn a_failed_pipeline_never_counts_even_if_its_required_stages_passed() {
     let mut gate = AgentGate::default();
     let stages = vec!["test".to_owned()];
     refs.record_push(&Push {
-        before: None,
+        before: Before::Created,
         after: Some(sha(1)),
         at_ms: 0,
     });

@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use super::api::{GitLab, GitLabError, parse_gitlab_time};
 use crate::engine::{Engine, EngineError};
-use crate::gate::{Pipeline, PipelineStatus, Push, Sha};
+use crate::gate::{Before, Pipeline, PipelineStatus, Push, Recorded, Sha};
 use crate::ingest::{Fact, FactKind, Origin};
 use crate::store::RefKey;
 use crate::store::StoreError;
@@ -42,14 +42,20 @@ pub async fn catch_up_once(
         && let Ok(after) = Sha::parse(&head)
     {
         let push = Push {
-            before: None,
+            before: Before::Unknown,
             after: Some(after),
             at_ms: crate::clock::now_ms(),
         };
-        engine
-            .ingest()
-            .record(fact(FactKind::Push(push)), None)
-            .await?;
+        // Only a head the ref does not know yet is news. Recording the known head again each
+        // round would fill the capped push history with it, pushing out the heads that order
+        // the line, and wake every watching agent's evaluation for nothing.
+        let mut known = engine.facts(key).await?;
+        if known.record_push(&push) == Recorded::Changed {
+            engine
+                .ingest()
+                .record(fact(FactKind::Push(push)), None)
+                .await?;
+        }
     }
     let mut pipelines = gitlab.pipelines(&key.project, &key.branch).await?;
     pipelines.sort_by_key(|p| p.id);

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{bearer, status_from_proto};
 use crate::engine::{Engine, EngineError};
-use crate::gate::{Pipeline, Push, Sha};
+use crate::gate::{Before, Pipeline, Push, Sha};
 use crate::ingest::{Fact, FactKind, Origin, Recording};
 use crate::trust::{IngestToken, authorize_ingest, check_pipeline_id, check_stages, check_time};
 
@@ -103,7 +103,7 @@ impl IngestService for IngestApi {
             ));
         }
         let push = Push {
-            before: optional_sha("before", &request.before)?,
+            before: optional_sha("before", &request.before)?.map_or(Before::Created, Before::Head),
             after: optional_sha("after", &request.after)?,
             at_ms: crate::clock::now_ms(),
         };

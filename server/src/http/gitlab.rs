@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::HttpState;
 use crate::catalog::Catalog;
-use crate::gate::{EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
+use crate::gate::{Before, EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
 use crate::ingest::{Fact, FactKind, Origin, Recording};
 use crate::preview::PreviewTrigger;
@@ -640,7 +640,8 @@ fn parse_push(hook: PushHook) -> Parsed {
     let before = match hook.before.as_deref() {
         Some(value) => Some(sha("before", value)?).filter(|s| !s.is_null()),
         None => None,
-    };
+    }
+    .map_or(Before::Created, Before::Head);
     let (path, id) = project_of(hook.project.as_ref(), hook.project_id)?;
     Ok(Ok(Fact {
         origin: Origin::GitLabHook,
@@ -1201,7 +1202,7 @@ mod tests {
             let parsed = |sha: &str| Sha::parse(&sha.to_ascii_lowercase()).unwrap();
             prop_assert_eq!(push.after, Some(parsed(&after)));
             let before = before.filter(|b| b.bytes().any(|c| c != b'0'));
-            prop_assert_eq!(push.before, before.as_deref().map(parsed));
+            prop_assert_eq!(push.before, before.as_deref().map(parsed).map_or(Before::Created, Before::Head));
         }
 
         #[test]

@@ -1739,7 +1739,7 @@ mod tests {
         assert!(refused.to_string().contains("writer stopped"), "{refused}");
     }
 
-    use crate::gate::{Decision, Outcome};
+    use crate::gate::{Before, Decision, Outcome};
     use crate::store::{AgentWrite, AgentWrites, RegistryStore};
     use futures_util::FutureExt;
     use proptest::prelude::*;
@@ -2253,7 +2253,7 @@ mod tests {
             branch: "main".to_owned(),
         };
         let push = FactRecord::Push(crate::gate::Push {
-            before: None,
+            before: Before::Created,
             after: Sha::parse(&"a".repeat(40)).ok(),
             at_ms: 0,
         });

@@ -5,8 +5,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{AgentState, StoreError};
 use crate::gate::{
-    AgentGate, Decision, Hold, Outcome, Pin, Pipeline, PipelineStatus, Push, Rejected, Revision,
-    Sha,
+    AgentGate, Before, Decision, Hold, Outcome, Pin, Pipeline, PipelineStatus, Push, Rejected,
+    Revision, Sha,
 };
 
 /// The layout this version writes; a store holding another refuses to start.
@@ -233,34 +233,39 @@ pub fn decode_pipeline(
     ))
 }
 
-/// A push record: `before|after|at_ms`, an empty side for none.
+/// A push record: `before|after|at_ms`, an empty side for none (a branch created or
+/// deleted) and `?` for a `before` not known.
 pub fn encode_push(push: &Push) -> String {
-    let side = |sha: &Option<Sha>| sha.as_ref().map(Sha::to_string).unwrap_or_default();
-    format!(
-        "{}|{}|{}",
-        side(&push.before),
-        side(&push.after),
-        push.at_ms
-    )
+    let before = match &push.before {
+        Before::Created => String::new(),
+        Before::Head(sha) => sha.to_string(),
+        Before::Unknown => UNKNOWN_BEFORE.to_owned(),
+    };
+    let after = push.after.as_ref().map(Sha::to_string).unwrap_or_default();
+    format!("{before}|{after}|{}", push.at_ms)
 }
+
+/// How a push record spells a `before` not known. Not a SHA, so no record written before
+/// it existed reads as one.
+const UNKNOWN_BEFORE: &str = "?";
 
 /// Decodes a push record of `key`.
 pub fn decode_push(key: &str, text: &str) -> Result<Push, StoreError> {
     let bad = |why: &str| corrupt(key, format!("push record {text:?}: {why}"));
     let mut parts = text.split('|');
-    let mut side = || -> Result<Option<Sha>, StoreError> {
-        match parts.next() {
-            None => Err(bad("too short")),
-            Some("") => Ok(None),
-            Some(sha) => Sha::parse(sha).map(Some).map_err(|e| bad(&e.to_string())),
+    let mut next = || parts.next().ok_or_else(|| bad("too short"));
+    let side = |part: &str| -> Result<Option<Sha>, StoreError> {
+        match part {
+            "" => Ok(None),
+            sha => Sha::parse(sha).map(Some).map_err(|e| bad(&e.to_string())),
         }
     };
-    let before = side()?;
-    let after = side()?;
-    let at_ms = parts
-        .next()
-        .and_then(|ms| ms.parse().ok())
-        .ok_or_else(|| bad("bad time"))?;
+    let before = match next()? {
+        UNKNOWN_BEFORE => Before::Unknown,
+        part => side(part)?.map_or(Before::Created, Before::Head),
+    };
+    let after = side(next()?)?;
+    let at_ms = next()?.parse().map_err(|_| bad("bad time"))?;
     Ok(Push {
         before,
         after,
@@ -450,13 +455,34 @@ mod tests {
     }
 
     #[test]
+    fn push_records_round_trip_every_kind_of_before() {
+        for before in [Before::Created, Before::Head(sha(3)), Before::Unknown] {
+            for after in [Some(sha(1)), None] {
+                let push = Push {
+                    before: before.clone(),
+                    after,
+                    at_ms: 5,
+                };
+                assert_eq!(decode_push("k", &encode_push(&push)).unwrap(), push);
+            }
+        }
+        // Written before a `before` could be unknown: an empty one is a branch created.
+        let created = decode_push("k", &format!("|{}|5", sha(1))).unwrap();
+        assert_eq!(created.before, Before::Created);
+        for bad in [
+            "",
+            "?",
+            &format!("?|{}", sha(1)),
+            &format!("x|{}|5", sha(1)),
+            "||t",
+        ] {
+            let error = decode_push("k", bad).unwrap_err().to_string();
+            assert!(error.contains("push record"), "{bad:?}: {error}");
+        }
+    }
+
+    #[test]
     fn records_round_trip() {
-        let push = Push {
-            before: None,
-            after: Some(sha(1)),
-            at_ms: 5,
-        };
-        assert_eq!(decode_push("k", &encode_push(&push)).unwrap(), push);
         let pipeline = Pipeline {
             id: 9,
             status: PipelineStatus::Running,
@@ -488,7 +514,7 @@ mod tests {
     #[test]
     fn file_records_round_trip() {
         let push = Push {
-            before: Some(sha(1)),
+            before: Before::Head(sha(1)),
             after: Some(sha(2)),
             at_ms: 5,
         };
