@@ -76,9 +76,11 @@ impl Table {
 }
 
 /// The file's page cache. The store reads the file once, when it is opened, and serves
-/// from memory after that: the cache only holds the pages a batch rewrites, and redb's default
-/// (1 GiB) would keep every page read at the start for as long as the server runs.
-const CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// from memory after that: the cache only holds the pages a batch rewrites. A larger one
+/// keeps pages read at the start for as long as the server runs (redb's default is 1 GiB):
+/// with 10,000 agents, 64 MiB held 70 MB more after a restart than 8 MiB, and fan-outs were
+/// no faster for it.
+const CACHE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Separates the parts of a key: no project, branch, agent, sha or delivery id holds it.
 pub const SEP: char = '\u{1f}';
