@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::{LAYOUT_VERSION, StoreError};
 
@@ -145,16 +145,13 @@ impl Disk {
 
     /// The record under `key`, if any.
     pub fn get(&self, table: Table, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let read = self.db.begin_read().map_err(failed)?;
-        let table = match read.open_table(table.definition()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(error) => return Err(failed(error)),
-        };
-        Ok(table
-            .get(key)
-            .map_err(failed)?
-            .map(|value| value.value().to_vec()))
+        let found = self.reading(table, |open| {
+            Ok(open
+                .get(key)
+                .map_err(failed)?
+                .map(|value| value.value().to_vec()))
+        })?;
+        Ok(found.flatten())
     }
 
     /// Every record of `table`, in key order.
@@ -173,17 +170,29 @@ impl Disk {
         table: Table,
         mut each: impl FnMut(&str, &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let read = self.db.begin_read().map_err(failed)?;
-        let table = match read.open_table(table.definition()) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
-            Err(error) => return Err(failed(error)),
-        };
-        for entry in table.iter().map_err(failed)? {
-            let (key, value) = entry.map_err(failed)?;
-            each(key.value(), value.value())?;
-        }
+        self.reading(table, |open| {
+            for entry in open.iter().map_err(failed)? {
+                let (key, value) = entry.map_err(failed)?;
+                each(key.value(), value.value())?;
+            }
+            Ok(())
+        })?;
         Ok(())
+    }
+
+    /// Runs `read` on `table` in a read transaction; `None` when the table was never
+    /// created (a file from before it existed, or one nothing was written to yet).
+    fn reading<T>(
+        &self,
+        table: Table,
+        read: impl FnOnce(&ReadOnlyTable<&'static str, &'static [u8]>) -> Result<T, StoreError>,
+    ) -> Result<Option<T>, StoreError> {
+        let transaction = self.db.begin_read().map_err(failed)?;
+        match transaction.open_table(table.definition()) {
+            Ok(open) => read(&open).map(Some),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+            Err(error) => Err(failed(error)),
+        }
     }
 
     /// Writes `puts` in one transaction, durable when this returns.
