@@ -1,6 +1,7 @@
 //! Two evaluators racing over one store: arbitrary interleavings of facts (out of order,
 //! redelivered), operators' requests and the evaluators' reads and writes never move an
-//! agent backwards, and end where one evaluator ends.
+//! agent backwards, and end where one evaluator ends; heads read from GitLab on the way
+//! take their place once their pushes come.
 
 use proptest::prelude::*;
 
@@ -31,6 +32,11 @@ fn key() -> RefKey {
 enum Event {
     /// The push of commit `n` (its parent is `n - 1`), under its own delivery id.
     Push(u8),
+    /// The branch head read from GitLab's API (catch-up), `ahead` commits past the newest
+    /// one known: the API never reads a head older than a push already delivered.
+    HeadRead {
+        ahead: u8,
+    },
     /// An update of pipeline `id` of commit `n`; `status` `None` is the pipeline's final
     /// result as the case's verdicts have it.
     Pipeline {
@@ -89,6 +95,7 @@ fn event(monotone: bool) -> impl Strategy<Value = Event> {
     ];
     prop_oneof![
         3 => (1..=COMMITS).prop_map(Event::Push),
+        1 => (0..3u8).prop_map(|ahead| Event::HeadRead { ahead }),
         4 => (1..=COMMITS, ids, status, 0..100i64)
             .prop_map(|(n, id, status, at)| Event::Pipeline { n, id: u64::from(n) * 10 + id, status, at }),
         1 => (0..64usize).prop_map(Event::Redeliver),
@@ -122,6 +129,10 @@ struct Run {
     delivered: Vec<(String, FactRecord)>,
     last: Watch,
     now: i64,
+    /// The newest commit pushed or read so far: the branch's head is never older.
+    newest: u8,
+    /// The commits whose push was delivered.
+    pushed: std::collections::BTreeSet<u8>,
 }
 
 impl Run {
@@ -137,6 +148,8 @@ impl Run {
                 from_pin: false,
             },
             now: 0,
+            newest: 0,
+            pushed: Default::default(),
         }
     }
 
@@ -162,8 +175,20 @@ impl Run {
                     after: Some(sha(*n)),
                     at_ms: self.now,
                 };
+                self.newest = self.newest.max(*n);
+                self.pushed.insert(*n);
                 self.record(format!("push-{n}"), FactRecord::Push(push))
                     .await
+            }
+            Event::HeadRead { ahead } => {
+                self.newest = (self.newest + ahead).clamp(1, COMMITS);
+                let push = Push {
+                    before: Before::Unknown,
+                    after: Some(sha(self.newest)),
+                    at_ms: self.now,
+                };
+                let id = format!("head-read-{}", self.now);
+                self.record(id, FactRecord::Push(push)).await
             }
             Event::Pipeline { n, id, status, at } => {
                 let verdict = if self.verdicts.get(usize::from(*n)).copied().unwrap_or(true) {
@@ -374,6 +399,14 @@ async fn race(verdicts: &[bool], events: &[Event]) -> Result<AgentState, TestCas
         run.apply(event).await?;
     }
     run.settle().await?;
+    // Once every push up to the newest commit came, heads read from GitLab on the way
+    // included, the line is in commit order.
+    if run.newest > 0 && (1..=run.newest).all(|n| run.pushed.contains(&n)) {
+        let facts = run.store.facts(&key()).await.map_err(fail)?;
+        let refs = facts.ref_state();
+        let head = refs.head().map(|h| h.sha.clone());
+        prop_assert_eq!(head, Some(sha(run.newest)), "the branch's head");
+    }
     Ok(run.store.agent(AGENT).await.map_err(fail)?.value)
 }
 
