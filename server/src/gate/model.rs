@@ -421,10 +421,10 @@ impl RefState {
 
     /// Orders the current line's heads by their pushes' `before`: each after the head it was
     /// pushed on top of; where that leaves a choice, first the push that created the branch,
-    /// then the head whose pushes (its own or those of the heads pushed
-    /// on top of it) came first. Pushes delivered out of order then leave the commits'
-    /// order, whatever order they came in, and heads whose relation is not known keep the
-    /// order they arrived in.
+    /// then the head whose pushes (its own or those of the heads pushed on top of it) came
+    /// first. Pushes delivered out of order then leave the commits' order, whatever order
+    /// they came in, and heads whose relation is not known (a head read from GitLab's API
+    /// among them) keep the order they arrived in.
     fn order_line(&mut self) {
         let start = self
             .heads

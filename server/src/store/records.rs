@@ -481,6 +481,28 @@ mod tests {
         }
     }
 
+    use proptest::prelude::{Just, Strategy, any, prop_assert_eq, prop_oneof};
+
+    proptest::proptest! {
+        /// Any push reads back as written, and any text at all is read or refused, never a
+        /// panic: a store's lists can hold anything another writer put there.
+        #[test]
+        fn push_records_round_trip_and_any_text_is_read_or_refused(
+            before in prop_oneof![
+                Just(Before::Created),
+                Just(Before::Unknown),
+                any::<u8>().prop_map(|n| Before::Head(sha(n))),
+            ],
+            after in proptest::option::of(any::<u8>()),
+            at_ms in any::<i64>(),
+            text in "[?|0-9a-f\\-]{0,100}|.{0,100}",
+        ) {
+            let push = Push { before, after: after.map(sha), at_ms };
+            prop_assert_eq!(decode_push("k", &encode_push(&push)).unwrap(), push);
+            let _ = decode_push("k", &text);
+        }
+    }
+
     #[test]
     fn records_round_trip() {
         let pipeline = Pipeline {
