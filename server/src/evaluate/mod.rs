@@ -111,6 +111,13 @@ impl Lineage for RefLineage<'_> {
             Self::Git(git) => git.knows(sha),
         }
     }
+
+    fn generation(&self, sha: &Sha) -> Option<u32> {
+        match self {
+            Self::Push(order) => order.generation(sha),
+            Self::Git(git) => git.generation(sha),
+        }
+    }
 }
 
 /// What asked for a ref's evaluation.

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{Lineage, PipelineStatus, RefState, Sha, ShaSet};
+use super::model::{Head, Lineage, PipelineStatus, RefState, Sha, ShaSet};
 
 /// Deployed commits remembered per agent: as many as a ref keeps heads.
 pub const DEPLOYED_HISTORY: usize = super::model::MAX_HEADS;
@@ -161,6 +161,8 @@ pub struct Context<'a> {
     /// What every agent decided with this context asks about the ref, worked out once: a
     /// ref keeps hundreds of heads and may have thousands of agents.
     heads: OnceCell<HeadFacts<'a>>,
+    /// The current line's heads, newest first, worked out once.
+    newest_first: OnceCell<Vec<&'a Head>>,
 }
 
 /// The ref's heads as `mark_superseded` asks about them.
@@ -187,15 +189,39 @@ impl<'a> Context<'a> {
             lineage,
             now_ms,
             heads: OnceCell::new(),
+            newest_first: OnceCell::new(),
         }
+    }
+
+    /// The current line's heads, newest first. Where the lineage knows where two heads
+    /// stand in the branch's history, that decides, not the order their pushes were
+    /// recorded in: a hook lost, or a head read from GitLab's API before its late hook came,
+    /// can leave push order wrong, and the gate would then take an older head for the
+    /// branch's newest. Heads it cannot place (not fetched yet, off the branch) keep their
+    /// place in push order.
+    pub fn heads(&self) -> &[&'a Head] {
+        self.newest_first.get_or_init(|| {
+            let mut heads: Vec<&'a Head> = self.refs.current_heads().collect();
+            let placed = |head: &&Head| {
+                self.lineage.on_branch(&head.sha) && self.lineage.generation(&head.sha).is_some()
+            };
+            let slots: Vec<usize> = (0..heads.len()).filter(|&i| placed(&heads[i])).collect();
+            let mut in_history: Vec<&'a Head> = slots.iter().map(|&i| heads[i]).collect();
+            // Stable: heads of one generation keep their push order.
+            in_history.sort_by_key(|head| std::cmp::Reverse(self.lineage.generation(&head.sha)));
+            for (slot, head) in slots.into_iter().zip(in_history) {
+                heads[slot] = head;
+            }
+            heads
+        })
     }
 
     fn head_facts(&self) -> &HeadFacts<'a> {
         self.heads.get_or_init(|| HeadFacts {
             known: self.refs.heads.iter().map(|h| &h.sha).collect(),
             green: self
-                .refs
-                .current_heads()
+                .heads()
+                .iter()
                 .map(|h| &h.sha)
                 .filter(|sha| self.lineage.on_branch(sha) && self.green(sha).is_ok())
                 .collect(),
@@ -283,7 +309,7 @@ impl AgentGate {
     fn advance_on_pipelines(&mut self, cx: &Context<'_>, step: &mut Step) {
         let current = self.position.clone();
         let mut chosen: Option<(Sha, u64)> = None;
-        for head in cx.refs.current_heads() {
+        for head in cx.heads() {
             if current.as_ref().is_some_and(|cur| cur.sha == head.sha) {
                 break;
             }
@@ -357,7 +383,9 @@ impl AgentGate {
     }
 
     fn advance_to_head(&mut self, cx: &Context<'_>, step: &mut Step) {
-        let Some(head) = cx.refs.head() else { return };
+        let Some(head) = cx.heads().first() else {
+            return;
+        };
         if self
             .position
             .as_ref()
@@ -411,7 +439,9 @@ impl AgentGate {
         let mut step = Step::default();
         let target = match (sha, cx.mode) {
             (Some(sha), _) => Some(sha.clone()),
-            (None, Mode::Manual) => Some(cx.refs.head().ok_or(GateError::NoCommit)?.sha.clone()),
+            (None, Mode::Manual) => {
+                Some(cx.heads().first().ok_or(GateError::NoCommit)?.sha.clone())
+            }
             (None, _) => None,
         };
         let Some(target) = target else {

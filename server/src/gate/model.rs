@@ -612,6 +612,12 @@ pub trait Lineage {
     fn knows(&self, _sha: &Sha) -> bool {
         true
     }
+    /// Where `sha` stands in the history when this lineage can say: a commit always stands
+    /// above every commit in its history. `None` when it cannot (push order is the order
+    /// itself; a mirror does not have the commit).
+    fn generation(&self, _sha: &Sha) -> Option<u32> {
+        None
+    }
 }
 
 /// Hashes commit ids for the gate's lookups, which run hundreds of times per agent and

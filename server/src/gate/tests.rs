@@ -1067,3 +1067,81 @@ fn an_agent_was_told_only_what_the_gate_or_an_operator_sent_it() {
     assert!(w.gate.was_told(&sha(1)), "pinned once");
     assert!(!w.gate.was_told(&sha(9)));
 }
+
+/// A straight history where commit `n` is generation `n`, as a mirror that has every
+/// commit knows it.
+struct History;
+
+impl Lineage for History {
+    fn on_branch(&self, _sha: &Sha) -> bool {
+        true
+    }
+    fn descends_from(&self, descendant: &Sha, ancestor: &Sha) -> bool {
+        descendant >= ancestor
+    }
+    fn generation(&self, sha: &Sha) -> Option<u32> {
+        sha.as_str()[32..].parse().ok()
+    }
+}
+
+/// The gate's newest head is the branch's newest commit where the mirror can tell, even
+/// when push order says otherwise: here 4 was read from GitLab while its pipeline ran, then
+/// the late hook of 3 (pushed on top of a 2 never heard of) went above it in push order and
+/// was deployed. In push order alone, 4 turning green would never be looked at again.
+#[test]
+fn history_not_push_order_tells_the_newest_head_when_the_mirror_knows() {
+    let green = |id: u64, status| Pipeline {
+        id,
+        status,
+        source: "push".into(),
+        as_of_ms: None,
+        passed_stages: Vec::new(),
+    };
+    let mut refs = RefState::default();
+    refs.record_push(&Push {
+        before: Before::Created,
+        after: Some(sha(1)),
+        at_ms: 0,
+    });
+    refs.record_pipeline(&sha(1), green(1, Success));
+    refs.record_push(&Push {
+        before: Before::Unknown,
+        after: Some(sha(4)),
+        at_ms: 0,
+    });
+    refs.record_pipeline(&sha(4), green(4, Running));
+    refs.record_push(&Push {
+        before: Before::Head(sha(2)),
+        after: Some(sha(3)),
+        at_ms: 0,
+    });
+    refs.record_pipeline(&sha(3), green(3, Success));
+    let push_order: Vec<Sha> = refs.current_heads().map(|h| h.sha.clone()).collect();
+    assert_eq!(
+        push_order,
+        [sha(3), sha(4), sha(1)],
+        "push order is wrong here"
+    );
+
+    let desired = |gate: &AgentGate| gate.desired.as_ref().map(|r| r.sha.clone());
+    let mut gate = AgentGate::default();
+    gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &History, 0));
+    assert_eq!(desired(&gate), Some(sha(3)), "3 is green, 4 still runs");
+    refs.record_pipeline(&sha(4), green(4, Success));
+    let step = gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &History, 0));
+    assert!(step.desired_changed);
+    assert_eq!(desired(&gate), Some(sha(4)));
+
+    // Immediate and manual mode take the same newest head.
+    let mut immediate = AgentGate::default();
+    immediate.advance(&Context::new(Mode::Immediate, &[], &refs, &History, 0));
+    assert_eq!(desired(&immediate), Some(sha(4)));
+    let cx = Context::new(Mode::Manual, &[], &refs, &History, 0);
+    assert_eq!(cx.heads().first().map(|h| h.sha.clone()), Some(sha(4)));
+
+    // Push order alone is what it is: the gate stays on 3.
+    let mut by_push = AgentGate::default();
+    let order = PushOrder::new(&refs);
+    by_push.advance(&Context::new(Mode::Pipeline, &[], &refs, &order, 0));
+    assert_eq!(desired(&by_push), Some(sha(3)));
+}

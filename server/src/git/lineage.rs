@@ -33,6 +33,8 @@ pub struct GitLineage {
     bit: HashMap<Sha, usize>,
     /// For each asked-about commit, the asked-about commits that have it in their history.
     descendants: HashMap<Sha, Vec<u64>>,
+    /// The generation of each asked-about commit: 1 + the highest of its parents'.
+    generations: HashMap<Sha, u32>,
 }
 
 impl Lineage for GitLineage {
@@ -49,6 +51,10 @@ impl Lineage for GitLineage {
 
     fn knows(&self, sha: &Sha) -> bool {
         self.present.contains(sha)
+    }
+
+    fn generation(&self, sha: &Sha) -> Option<u32> {
+        self.generations.get(sha).copied()
     }
 }
 
@@ -130,10 +136,6 @@ pub(super) fn compute(
             }
         }
     }
-    if generations.len() > MAX_GENERATIONS {
-        generations.clear();
-    }
-
     let mut lineage = GitLineage::default();
     let tip_bit = tip.and_then(|tip| bits.get(&tip).copied());
     for (sha, id) in asked {
@@ -144,8 +146,14 @@ pub(super) fn compute(
         if let Some(&bit) = bits.get(&id) {
             lineage.bit.insert(sha.clone(), bit);
         }
+        if let Some(&g) = generations.get(&id) {
+            lineage.generations.insert(sha.clone(), g);
+        }
         lineage.descendants.insert(sha.clone(), set);
         lineage.present.insert(sha);
+    }
+    if generations.len() > MAX_GENERATIONS {
+        generations.clear();
     }
     Ok(lineage)
 }

@@ -395,6 +395,11 @@ async fn lineage_of_a_linear_history() {
     assert!(!lineage.descends_from(&b, &c));
     assert!(!lineage.descends_from(&absent, &absent));
     assert!(!lineage.descends_from(&c, &absent));
+    // Generations stand each commit above its history; a commit not fetched has none.
+    let generation = |sha: &Sha| lineage.generation(sha);
+    assert!(generation(&a).is_some());
+    assert!(generation(&c) > generation(&b) && generation(&b) > generation(&a));
+    assert_eq!(generation(&absent), None);
 
     // Abbreviated names answer under the names they were asked with.
     let short = Sha::parse(a.short()).unwrap();
