@@ -495,87 +495,159 @@ async fn pipeline_finished_while_the_server_was_down_is_caught_up_without_a_webh
     Ok(())
 }
 
+/// A server on Redis with GitLab's API faked and read every second, and agent `prod` on a
+/// repository of its own, whose stream the test reads itself (no cluster).
+struct CatchingUp {
+    redis: Redis,
+    _cache: tempfile::TempDir,
+    repo: GitRepo,
+    gitlab: FakeGitLab,
+    server: TestServer,
+}
+
+impl CatchingUp {
+    async fn start() -> anyhow::Result<Self> {
+        let redis = Redis::start().await?;
+        let cache = tempfile::tempdir()?;
+        let repo = GitRepo::new()?;
+        let gitlab = FakeGitLab::start().await?;
+        let agents = [git_agent_yaml("prod", &repo.url(), &[])];
+        let yaml = close_loop_yaml(&redis.url(), cache.path(), &gitlab, Some("1s"), &agents);
+        let server = TestServer::start(&yaml).await?;
+        Ok(Self {
+            redis,
+            _cache: cache,
+            repo,
+            gitlab,
+            server,
+        })
+    }
+
+    /// A new commit on `main`.
+    fn commit(&self, value: &str) -> anyhow::Result<String> {
+        self.repo.commit(
+            &[("app.yaml", configmap("settings", value).as_bytes())],
+            &[],
+        )
+    }
+
+    /// Rounds of catch-up begun so far: each reads the pipelines once.
+    fn rounds(&self) -> usize {
+        self.gitlab
+            .requests()
+            .iter()
+            .filter(|r| r.path.ends_with("/pipelines"))
+            .count()
+    }
+
+    /// Waits until `n` more rounds than now have read GitLab: what the round before them
+    /// read is recorded by then.
+    async fn rounds_pass(&self, n: usize) -> anyhow::Result<()> {
+        let from = self.rounds();
+        eventually("rounds of catch-up", || async {
+            Ok((self.rounds() >= from + n).then_some(()))
+        })
+        .await
+    }
+
+    /// The ref's heads newest first, once its head is `head`.
+    async fn heads_once_head_is(&self, head: &str) -> anyhow::Result<Vec<String>> {
+        let admin = self.server.admin().await?;
+        eventually("the ref's head", || {
+            let mut admin = admin.clone();
+            async move {
+                let request = GetRefRequest {
+                    project: PROJECT.into(),
+                    r#ref: "main".into(),
+                };
+                let status = admin.get_ref(request).await?.into_inner();
+                let heads: Vec<String> = status.commits.into_iter().map(|c| c.sha).collect();
+                Ok((status.head == head).then_some(heads))
+            }
+        })
+        .await
+    }
+
+    /// GitLab's branch at `head`, with `pipelines` (sha, id, status) listed by its API.
+    fn gitlab_at(&self, head: &str, pipelines: &[(&str, u64, &str)]) {
+        let listed = pipelines
+            .iter()
+            .map(|(sha, id, status)| api_pipeline(sha, *id, status))
+            .collect();
+        self.gitlab.set_pipelines(PROJECT, listed);
+        self.gitlab.set_branch_head(PROJECT, "main", head);
+    }
+
+    /// `first` green, read by catch-up, then its hook: the agent's stream, sent `first`.
+    async fn deployed_first(
+        &self,
+        first: &str,
+    ) -> anyhow::Result<greenlight_agent::client::RevisionStream> {
+        self.gitlab_at(first, &[(first, 1, "success")]);
+        // The hook comes after a round read the head: it then only tells where it came from.
+        self.rounds_pass(2).await?;
+        let mut stream = self.server.stream("prod").await?;
+        assert_eq!(self.server.push("main", ZERO, first).await?, 200);
+        assert_eq!(next_revision(&mut stream, SOON).await?.sha(), first);
+        Ok(stream)
+    }
+
+    /// The commits `prod` was told to deploy, newest first.
+    async fn deployed(&self) -> anyhow::Result<Vec<String>> {
+        Ok(self
+            .server
+            .history("prod")
+            .await?
+            .decisions
+            .into_iter()
+            .filter(|d| d.outcome() == decision::Outcome::Deploy)
+            .map(|d| d.sha)
+            .collect())
+    }
+}
+
+/// A pipeline of `sha` on `main` as GitLab's API lists it.
+fn api_pipeline(sha: &str, id: u64, status: &str) -> serde_json::Value {
+    json!({"id": id, "sha": sha, "ref": "main", "status": status, "source": "push"})
+}
+
 /// A server restarted while GitLab moved on reads the new head from the API, which does not
 /// say what the push came from; the push's hook, late, must still put that head in its
 /// place, and each later round must not record the known head again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_read_from_gitlab_takes_its_place_when_its_late_push_arrives_and_is_read_once()
 -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let cache = tempfile::tempdir()?;
-    let repo = GitRepo::new()?;
-    let gitlab = FakeGitLab::start().await?;
-    let commit = |value: &str| {
-        repo.commit(
-            &[("app.yaml", configmap("settings", value).as_bytes())],
-            &[],
-        )
-    };
-    let (a, b, c) = (commit("a")?, commit("b")?, commit("c")?);
-    let green = |sha: &str, id: u64| json!({"id": id, "sha": sha, "ref": "main", "status": "success", "source": "push"});
-    gitlab.set_branch_head(PROJECT, "main", &a);
-    gitlab.set_pipelines(PROJECT, vec![green(&a, 1)]);
-    let agents = [git_agent_yaml("prod", &repo.url(), &[])];
-    let yaml = close_loop_yaml(&redis.url(), cache.path(), &gitlab, Some("1s"), &agents);
-    let server = TestServer::start(&yaml).await?;
-    let reads = |path: &str| {
-        gitlab
-            .requests()
-            .iter()
-            .filter(|r| r.path.ends_with(path))
-            .count()
-    };
-    // The first round reads A from GitLab before A's hook comes: the hook then only tells
-    // where A came from.
-    eventually("a first round of catch-up", || async {
-        Ok((reads("/pipelines") > 0).then_some(()))
-    })
-    .await?;
-    let mut stream = server.stream("prod").await?;
-    assert_eq!(server.push("main", ZERO, &a).await?, 200);
-    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), a);
+    let w = CatchingUp::start().await?;
+    let (a, b, c) = (w.commit("a")?, w.commit("b")?, w.commit("c")?);
+    let mut stream = w.deployed_first(&a).await?;
 
     // GitLab moved on to C; the hooks of B and C are late.
-    gitlab.set_pipelines(PROJECT, vec![green(&c, 3), green(&a, 1)]);
-    gitlab.set_branch_head(PROJECT, "main", &c);
+    w.gitlab_at(&c, &[(&c, 3, "success"), (&a, 1, "success")]);
     assert_eq!(
         next_revision(&mut stream, SOON).await?.sha(),
         c,
         "caught up with C"
     );
-    assert_eq!(server.push("main", &a, &b).await?, 200);
-    assert_eq!(server.push("main", &b, &c).await?, 200);
-
-    let admin = server.admin().await?;
-    let order = eventually("the heads in the order of their commits", || {
-        let mut admin = admin.clone();
-        let c = c.clone();
-        async move {
-            let request = GetRefRequest {
-                project: PROJECT.into(),
-                r#ref: "main".into(),
-            };
-            let status = admin.get_ref(request).await?.into_inner();
-            let order: Vec<String> = status.commits.into_iter().map(|c| c.sha).collect();
-            Ok((status.head == c && order.len() == 3).then_some(order))
-        }
+    assert_eq!(w.server.push("main", &a, &b).await?, 200);
+    assert_eq!(w.server.push("main", &b, &c).await?, 200);
+    let heads = eventually("all three heads", || async {
+        let heads = w.heads_once_head_is(&c).await?;
+        Ok((heads.len() == 3).then_some(heads))
     })
     .await?;
-    assert_eq!(order, [c.as_str(), &b, &a], "newest first");
+    assert_eq!(heads, [c.as_str(), &b, &a], "newest first");
 
     // Rounds of catch-up after the heads are known record nothing more.
-    let rounds = reads("/pipelines");
-    eventually("three more rounds of catch-up", || async {
-        Ok((reads("/pipelines") >= rounds + 3).then_some(()))
-    })
-    .await?;
-    let keys = redis.cli(&["--scan", "--pattern", "*:ref:*:main:pushes"])?;
+    w.rounds_pass(3).await?;
+    let keys = w
+        .redis
+        .cli(&["--scan", "--pattern", "*:ref:*:main:pushes"])?;
     let key = keys.trim();
     assert!(
         !key.is_empty() && !key.contains('\n'),
         "one push list: {keys:?}"
     );
-    let pushes = redis.cli(&["LRANGE", key, "0", "-1"])?;
+    let pushes = w.redis.cli(&["LRANGE", key, "0", "-1"])?;
     let pushes: Vec<&str> = pushes
         .lines()
         .map(|push| push.rsplit_once('|').map_or(push, |(moved, _at)| moved))
@@ -588,16 +660,56 @@ async fn a_head_read_from_gitlab_takes_its_place_when_its_late_push_arrives_and_
         format!("{b}|{c}"),
     ];
     assert_eq!(pushes, expected);
-    let deployed: Vec<String> = server
-        .history("prod")
-        .await?
-        .decisions
-        .into_iter()
-        .filter(|d| d.outcome() == decision::Outcome::Deploy)
-        .map(|d| d.sha)
-        .collect();
-    assert_eq!(deployed, [c, a], "never moved back to B, newest first");
-    server.stop().await?;
+    assert_eq!(
+        w.deployed().await?,
+        [c, a],
+        "never moved back to B, newest first"
+    );
+    w.server.stop().await?;
+    Ok(())
+}
+
+/// Push order can be wrong for good: here D was read from GitLab while its pipeline ran,
+/// then the late hook of C, pushed on top of a B never heard of, went above D and was
+/// deployed. The branch's history, not push order, says D is the newest: once D is green
+/// it is deployed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_head_by_history_is_deployed_though_push_order_puts_it_below()
+-> anyhow::Result<()> {
+    let w = CatchingUp::start().await?;
+    let (a, b, c, d) = (
+        w.commit("a")?,
+        w.commit("b")?,
+        w.commit("c")?,
+        w.commit("d")?,
+    );
+    let mut stream = w.deployed_first(&a).await?;
+
+    // GitLab is at D, whose pipeline runs.
+    w.gitlab_at(&d, &[(&d, 4, "running"), (&a, 1, "success")]);
+    w.heads_once_head_is(&d).await?;
+    // C's hook comes late, from a B the server never heard of, and C is green.
+    assert_eq!(w.server.push("main", &b, &c).await?, 200);
+    w.gitlab
+        .put_pipeline(PROJECT, api_pipeline(&c, 3, "success"));
+    assert_eq!(
+        w.server.pipeline("main", &c, 3, "success", "push").await?,
+        200
+    );
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), c);
+    let heads = w.heads_once_head_is(&c).await?;
+    assert_eq!(heads, [c.as_str(), &d, &a], "push order puts D below C");
+
+    // D turns green: GitLab's hook.
+    w.gitlab
+        .put_pipeline(PROJECT, api_pipeline(&d, 4, "success"));
+    assert_eq!(
+        w.server.pipeline("main", &d, 4, "success", "push").await?,
+        200
+    );
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), d);
+    assert_eq!(w.deployed().await?, [d, c, a], "newest first");
+    w.server.stop().await?;
     Ok(())
 }
 
