@@ -1090,32 +1090,25 @@ impl Lineage for History {
 /// was deployed. In push order alone, 4 turning green would never be looked at again.
 #[test]
 fn history_not_push_order_tells_the_newest_head_when_the_mirror_knows() {
-    let green = |id: u64, status| Pipeline {
-        id,
-        status,
-        source: "push".into(),
-        as_of_ms: None,
-        passed_stages: Vec::new(),
-    };
     let mut refs = RefState::default();
     refs.record_push(&Push {
         before: Before::Created,
         after: Some(sha(1)),
         at_ms: 0,
     });
-    refs.record_pipeline(&sha(1), green(1, Success));
+    refs.record_pipeline(&sha(1), run(1, Success));
     refs.record_push(&Push {
         before: Before::Unknown,
         after: Some(sha(4)),
         at_ms: 0,
     });
-    refs.record_pipeline(&sha(4), green(4, Running));
+    refs.record_pipeline(&sha(4), run(4, Running));
     refs.record_push(&Push {
         before: Before::Head(sha(2)),
         after: Some(sha(3)),
         at_ms: 0,
     });
-    refs.record_pipeline(&sha(3), green(3, Success));
+    refs.record_pipeline(&sha(3), run(3, Success));
     let push_order: Vec<Sha> = refs.current_heads().map(|h| h.sha.clone()).collect();
     assert_eq!(
         push_order,
@@ -1127,7 +1120,7 @@ fn history_not_push_order_tells_the_newest_head_when_the_mirror_knows() {
     let mut gate = AgentGate::default();
     gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &History, 0));
     assert_eq!(desired(&gate), Some(sha(3)), "3 is green, 4 still runs");
-    refs.record_pipeline(&sha(4), green(4, Success));
+    refs.record_pipeline(&sha(4), run(4, Success));
     let step = gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &History, 0));
     assert!(step.desired_changed);
     assert_eq!(desired(&gate), Some(sha(4)));
@@ -1144,4 +1137,59 @@ fn history_not_push_order_tells_the_newest_head_when_the_mirror_knows() {
     let order = PushOrder::new(&refs);
     by_push.advance(&Context::new(Mode::Pipeline, &[], &refs, &order, 0));
     assert_eq!(desired(&by_push), Some(sha(3)));
+}
+
+/// How the server comes to know a commit of a straight history.
+#[derive(Debug, Clone, Copy)]
+enum Heard {
+    /// Its push hook, on top of the commit before it.
+    Hook,
+    /// Read from GitLab's API as the branch's head.
+    Read,
+    /// Its hook was lost: a head never recorded.
+    Lost,
+}
+
+proptest! {
+    /// With the branch's history known, push order does not matter: whatever hooks are
+    /// lost, late, or preceded by a read of the head from GitLab, the desired revision
+    /// never moves back, and ends on the newest green commit the ref knows of.
+    #[test]
+    fn with_the_history_known_push_order_never_matters(
+        heard in proptest::collection::vec(
+            prop_oneof![3 => Just(Heard::Hook), 1 => Just(Heard::Read), 1 => Just(Heard::Lost)],
+            9,
+        ),
+        order in Just((1u8..=9).collect::<Vec<_>>()).prop_shuffle(),
+        green in proptest::collection::vec(any::<bool>(), 9),
+    ) {
+        let is_green = |n: u8| green[usize::from(n - 1)];
+        let mut refs = RefState::default();
+        for n in 1..=9u8 {
+            if is_green(n) {
+                refs.record_pipeline(&sha(n), run(u64::from(n), Success));
+            }
+        }
+        let mut gate = AgentGate::default();
+        let mut last: Option<u8> = None;
+        for n in order {
+            let before = match heard[usize::from(n - 1)] {
+                Heard::Lost => continue,
+                Heard::Read => Before::Unknown,
+                Heard::Hook if n == 1 => Before::Created,
+                Heard::Hook => Before::Head(sha(n - 1)),
+            };
+            refs.record_push(&Push { before, after: Some(sha(n)), at_ms: 0 });
+            gate.advance(&Context::new(Mode::Pipeline, &[], &refs, &History, 0));
+            let desired = gate.desired.as_ref().map(|r| commit_of(&r.sha));
+            prop_assert!(desired >= last, "went back from {last:?} to {desired:?}");
+            last = desired;
+        }
+        let newest_known_green = refs
+            .current_heads()
+            .map(|h| commit_of(&h.sha))
+            .filter(|&n| is_green(n))
+            .max();
+        prop_assert_eq!(last, newest_known_green);
+    }
 }
