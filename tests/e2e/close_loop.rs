@@ -114,10 +114,7 @@ async fn world_with(
 /// Makes the fake GitLab hold pipeline `id` of `sha` on `main` in `status`, as the real one
 /// does before it sends the hook: the server confirms gate-opening claims through the API.
 fn gitlab_holds(gitlab: &FakeGitLab, sha: &str, id: u64, status: &str) {
-    gitlab.put_pipeline(
-        PROJECT,
-        json!({ "id": id, "sha": sha, "ref": "main", "status": status, "source": "push" }),
-    );
+    gitlab.put_pipeline(PROJECT, api_pipeline(sha, id, status));
 }
 
 impl World {
@@ -592,6 +589,17 @@ impl CatchingUp {
         Ok(stream)
     }
 
+    /// Pipeline `id` of `sha` succeeded: GitLab holds it and sends its hook.
+    async fn green(&self, sha: &str, id: u64) -> anyhow::Result<()> {
+        gitlab_holds(&self.gitlab, sha, id, "success");
+        let answered = self
+            .server
+            .pipeline("main", sha, id, "success", "push")
+            .await?;
+        anyhow::ensure!(answered == 200, "pipeline hook answered {answered}");
+        Ok(())
+    }
+
     /// The commits `prod` was told to deploy, newest first.
     async fn deployed(&self) -> anyhow::Result<Vec<String>> {
         Ok(self
@@ -690,23 +698,13 @@ async fn the_newest_head_by_history_is_deployed_though_push_order_puts_it_below(
     w.heads_once_head_is(&d).await?;
     // C's hook comes late, from a B the server never heard of, and C is green.
     assert_eq!(w.server.push("main", &b, &c).await?, 200);
-    w.gitlab
-        .put_pipeline(PROJECT, api_pipeline(&c, 3, "success"));
-    assert_eq!(
-        w.server.pipeline("main", &c, 3, "success", "push").await?,
-        200
-    );
+    w.green(&c, 3).await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), c);
     let heads = w.heads_once_head_is(&c).await?;
     assert_eq!(heads, [c.as_str(), &d, &a], "push order puts D below C");
 
     // D turns green: GitLab's hook.
-    w.gitlab
-        .put_pipeline(PROJECT, api_pipeline(&d, 4, "success"));
-    assert_eq!(
-        w.server.pipeline("main", &d, 4, "success", "push").await?,
-        200
-    );
+    w.green(&d, 4).await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), d);
     assert_eq!(w.deployed().await?, [d, c, a], "newest first");
     w.server.stop().await?;

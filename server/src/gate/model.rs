@@ -680,6 +680,12 @@ mod tests {
         }
     }
 
+    /// The current line's heads, newest first.
+    fn newest_first(state: &RefState) -> Vec<Sha> {
+        state.current_heads().map(|h| h.sha.clone()).collect()
+    }
+
+    /// The push of `after` that created the branch.
     fn push(after: u8) -> Push {
         Push {
             before: Before::Created,
@@ -730,7 +736,7 @@ mod tests {
             after: Some(sha(2)),
             at_ms: 0,
         });
-        let order: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+        let order = newest_first(&state);
         assert_eq!(order, [sha(3), sha(2), sha(1)], "newest first");
         let lineage = PushOrder::new(&state);
         assert!(lineage.descends_from(&sha(3), &sha(2)));
@@ -745,7 +751,7 @@ mod tests {
         for n in [81, 84, 83, 82, 85, 86] {
             state.record_push(&chain(n));
         }
-        let order: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+        let order = newest_first(&state);
         let expected: Vec<Sha> = (81..=86).rev().map(sha).collect();
         assert_eq!(order, expected, "newest first");
     }
@@ -760,8 +766,7 @@ mod tests {
             again in proptest::collection::vec(1u8..=12, 0..4),
             observed in proptest::collection::vec((0u8..=12, any::<Index>()), 0..4),
         ) {
-            let created = Push { before: Before::Created, after: Some(sha(0)), at_ms: 0 };
-            let mut deliveries: Vec<(u8, Push)> = std::iter::once((0, created))
+            let mut deliveries: Vec<(u8, Push)> = std::iter::once((0, push(0)))
                 .chain(order.iter().chain(again.iter()).map(|n| (*n, chain(*n))))
                 .collect();
             for (head, at) in observed {
@@ -791,7 +796,7 @@ mod tests {
                     }
                 }
             }
-            let heads: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+            let heads = newest_first(&state);
             let expected: Vec<Sha> = (0u8..=12).rev().map(sha).collect();
             prop_assert_eq!(heads, expected);
         }
@@ -807,20 +812,12 @@ mod tests {
             after: Some(sha(n)),
             at_ms: 0,
         };
-        let created = Push {
-            before: Before::Created,
-            after: Some(sha(0)),
-            at_ms: 0,
-        };
         let mut state = RefState::default();
-        for push in [created, chain(1), read(2), chain(4), chain(3)] {
-            state.record_push(&push);
+        for delivered in [push(0), chain(1), read(2), chain(4), chain(3)] {
+            state.record_push(&delivered);
         }
-        let order = |state: &RefState| -> Vec<Sha> {
-            state.current_heads().map(|h| h.sha.clone()).collect()
-        };
         let expected: Vec<Sha> = (0..=4).rev().map(sha).collect();
-        assert_eq!(order(&state), expected, "newest first");
+        assert_eq!(newest_first(&state), expected, "newest first");
         assert_eq!(state.record_push(&read(4)), Recorded::Unchanged);
         assert_eq!(
             state.record_push(&chain(2)),
@@ -832,7 +829,7 @@ mod tests {
             Before::Head(sha(1))
         );
         assert_eq!(state.record_push(&chain(2)), Recorded::Unchanged);
-        assert_eq!(order(&state), expected);
+        assert_eq!(newest_first(&state), expected);
     }
 
     /// Where pushes are missing in between, what is known still orders the line: the push
@@ -840,27 +837,23 @@ mod tests {
     /// heads pushed on top of it instead of after the heads that arrived before it.
     #[test]
     fn a_line_with_gaps_keeps_the_creation_first_and_late_pushes_below_their_descendants() {
-        let created = |n: u8| Push {
-            before: Before::Created,
-            after: Some(sha(n)),
-            at_ms: 0,
-        };
-        let order = |state: &RefState| -> Vec<Sha> {
-            state.current_heads().map(|h| h.sha.clone()).collect()
-        };
         // 2 (from 1), 5 (from 4), then the creation of the branch at 1.
         let mut state = RefState::default();
         state.record_push(&chain(2));
         state.record_push(&chain(5));
-        state.record_push(&created(1));
-        assert_eq!(order(&state), [sha(5), sha(2), sha(1)], "newest first");
+        state.record_push(&push(1));
+        assert_eq!(
+            newest_first(&state),
+            [sha(5), sha(2), sha(1)],
+            "newest first"
+        );
         // 5 (from 4), the creation at 1, 3 (from 2), then 4 (from 3).
         let mut state = RefState::default();
-        for push in [chain(5), created(1), chain(3), chain(4)] {
-            state.record_push(&push);
+        for delivered in [chain(5), push(1), chain(3), chain(4)] {
+            state.record_push(&delivered);
         }
         assert_eq!(
-            order(&state),
+            newest_first(&state),
             [sha(5), sha(4), sha(3), sha(1)],
             "newest first"
         );
@@ -875,7 +868,7 @@ mod tests {
         for n in [5, 3, 4] {
             state.record_push(&chain(n));
         }
-        let order: Vec<Sha> = state.current_heads().map(|h| h.sha.clone()).collect();
+        let order = newest_first(&state);
         assert_eq!(order, [sha(5), sha(4), sha(3)], "newest first");
     }
 
