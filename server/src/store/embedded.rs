@@ -22,8 +22,8 @@ use super::{
     AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
     ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore,
     Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore,
-    QueuedWrite, RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore,
-    Result, STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Told, Versioned, Written,
+    RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore, Result,
+    STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Told, Versioned, Written,
 };
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
 
@@ -594,8 +594,9 @@ impl AgentStore for EmbeddedStore {
         // One state per change however many agents write it: a fan-out to thousands of
         // agents would otherwise copy their whole histories as many times.
         let mut shared: Vec<Option<Arc<AgentState>>> = vec![None; writes.changes().len()];
-        let indexed: Vec<(usize, &QueuedWrite<'_>)> = writes.agents().iter().enumerate().collect();
-        for step in indexed.chunks(self.write_step.max(1)) {
+        let size = self.write_step.max(1);
+        for (n, step) in writes.agents().chunks(size).enumerate() {
+            let first = n * size;
             let ticket = {
                 let mut inner = self.lock();
                 // The step's entry holds the changes its agents wrote, each once.
@@ -604,7 +605,7 @@ impl AgentStore for EmbeddedStore {
                     agents: Vec::new(),
                 };
                 let mut logged_as: HashMap<usize, usize> = HashMap::new();
-                for &(at, write) in step {
+                for (at, write) in (first..).zip(step) {
                     let change = writes.change_of(write);
                     let (version, position, appended, staged) = inner
                         .agents
@@ -657,8 +658,9 @@ impl AgentStore for EmbeddedStore {
                 inner.ticket()
             };
             self.durable(ticket).await?;
-            let done: Vec<(usize, Written)> =
-                step.iter().map(|&(at, _)| (at, outcomes[at])).collect();
+            let done: Vec<(usize, Written)> = (first..first + step.len())
+                .map(|at| (at, outcomes[at]))
+                .collect();
             if told(&done).is_break() {
                 break;
             }
