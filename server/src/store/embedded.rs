@@ -1467,10 +1467,15 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
                     (record.deployed, DEPLOYED_RING),
                 ];
                 for (ring, (_, capacity)) in rings {
-                    if ring.len > capacity {
+                    // More entries than a ring holds, or than were ever appended to it, would
+                    // read slots no write of this agent filled.
+                    if ring.len > capacity || ring.len as u64 > ring.appended {
                         return Err(StoreError::Corrupt {
                             key: format!("agents {agent}"),
-                            reason: format!("{} entries in a ring of {capacity}", ring.len),
+                            reason: format!(
+                                "{} entries in a ring of {capacity}, of {} ever appended",
+                                ring.len, ring.appended
+                            ),
                         });
                     }
                 }
@@ -1951,7 +1956,15 @@ mod tests {
             appended: 900,
             len: 900,
         };
-        for (ring, why) in [(missing, "missing"), (oversized, "in a ring of 50")] {
+        let unwritten = RingV1 {
+            appended: 1,
+            len: 5,
+        };
+        for (ring, why) in [
+            (missing, "missing"),
+            (oversized, "in a ring of 50"),
+            (unwritten, "of 1 ever appended"),
+        ] {
             let dir = tempfile::tempdir().expect("a temporary directory");
             {
                 let disk = Disk::open(dir.path()).expect("opened");
