@@ -1585,17 +1585,10 @@ fn decode_split(
         .iter()
         .map(|text| records::decode_decision(agent, text))
         .collect::<Result<_>>()?;
+    let key = format!("agent_deployed {agent}");
     let deployed = deployed
         .iter()
-        .map(|text| {
-            std::str::from_utf8(text)
-                .ok()
-                .and_then(|text| Sha::parse(text).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: format!("agent_deployed {agent}"),
-                    reason: "not a commit SHA".into(),
-                })
-        })
+        .map(|text| records::decode_deployed(&key, text))
         .collect::<Result<_>>()?;
     records::decode_agent(agent, core.as_bytes(), decisions, deployed)
 }

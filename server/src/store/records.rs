@@ -119,6 +119,12 @@ pub fn encode_decision(d: &Decision) -> String {
     serde_json::to_string(&record).unwrap_or_default()
 }
 
+/// Decodes a deployed commit of the set stored under `key`.
+pub fn decode_deployed(key: &str, text: &[u8]) -> Result<Sha, StoreError> {
+    let text = std::str::from_utf8(text).map_err(|e| corrupt(key, e))?;
+    Sha::parse(text).map_err(|e| corrupt(key, format!("deployed commit {text:?}: {e}")))
+}
+
 /// Decodes a decision of the history stored under `key`.
 pub fn decode_decision(key: &str, text: &[u8]) -> Result<Decision, StoreError> {
     let DecisionRecord::V1(d) = serde_json::from_slice(text).map_err(|e| corrupt(key, e))?;
@@ -501,6 +507,22 @@ mod tests {
             prop_assert_eq!(decode_push("k", &encode_push(&push)).unwrap(), push);
             let _ = decode_push("k", &text);
         }
+    }
+
+    #[test]
+    fn a_deployed_commit_that_is_no_sha_is_refused_with_the_key_and_reason() {
+        assert_eq!(
+            decode_deployed("k", sha(4).as_str().as_bytes()).unwrap(),
+            sha(4)
+        );
+        for bad in [&b"not-a-sha"[..], &[0xff, 0xfe][..]] {
+            let error = decode_deployed("agent_deployed prod", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("agent_deployed prod"), "{error}");
+        }
+        let error = decode_deployed("k", b"xyz").unwrap_err().to_string();
+        assert!(error.contains("deployed commit \"xyz\""), "{error}");
     }
 
     #[test]

@@ -735,14 +735,10 @@ impl RedisStore {
             .iter()
             .map(|d| records::decode_decision(&key, d))
             .collect::<Result<Vec<_>>>()?;
+        let deployed_key = self.keys.agent(agent, "deployed");
         let deployed = deployed
             .iter()
-            .map(|sha| {
-                Sha::parse(sha).map_err(|error| StoreError::Corrupt {
-                    key: self.keys.agent(agent, "deployed"),
-                    reason: error.to_string(),
-                })
-            })
+            .map(|sha| records::decode_deployed(&deployed_key, sha.as_bytes()))
             .collect::<Result<Vec<_>>>()?;
         Ok(Versioned {
             version: version.unwrap_or(0),
