@@ -324,8 +324,8 @@ pub enum Recorded {
 /// Everything known about one (project, ref): heads in push order and pipelines per commit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefState {
-    /// Oldest first.
-    pub heads: Vec<Head>,
+    /// Oldest first; the oldest are dropped past [`MAX_HEADS`], one per push once full.
+    pub heads: std::collections::VecDeque<Head>,
     pub pipelines: BTreeMap<Sha, Vec<Pipeline>>,
     pub next_seq: u64,
     /// The current line of history.
@@ -343,27 +343,48 @@ impl RefState {
     /// appended again, so a redelivered old push cannot look like a newer commit; it only
     /// learns where it came from, if that was not known.
     pub fn record_push(&mut self, push: &Push) -> Recorded {
+        let mut index = HeadIndex::of(self);
+        self.record_indexed(push, &mut index)
+    }
+
+    /// Records `pushes` in order, as [`Self::record_push`] would one by one. Replaying a
+    /// ref's stored pushes (four times as many as the heads kept) asks each push's questions
+    /// of up to [`MAX_HEADS`] heads: answered from one index, not by scanning every head.
+    pub fn record_pushes<'a>(&mut self, pushes: impl IntoIterator<Item = &'a Push>) {
+        let mut index = HeadIndex::of(self);
+        for push in pushes {
+            self.record_indexed(push, &mut index);
+        }
+    }
+
+    /// [`Self::record_push`], with `index` describing `self.heads` before and after.
+    fn record_indexed(&mut self, push: &Push, index: &mut HeadIndex) -> Recorded {
         let Some(after) = &push.after else {
             if self.deleted {
                 return Recorded::Unchanged;
             }
             self.deleted = true;
             self.line += 1;
+            index.start_line();
             return Recorded::Changed;
         };
-        let on_this_line = if self.deleted {
-            None
-        } else {
-            self.heads
-                .iter()
-                .position(|h| h.line == self.line && &h.sha == after)
-        };
-        if let Some(known) = on_this_line {
+        if !self.deleted && index.current.contains(after) {
             // A head read from GitLab's API learns where it came from when its push arrives,
             // and only then can take its place among the heads around it.
-            let head = &mut self.heads[known];
-            if head.before == Before::Unknown && push.before != Before::Unknown {
+            let line = self.line;
+            let known = self
+                .heads
+                .iter_mut()
+                .rev()
+                .find(|h| h.line == line && &h.sha == after);
+            if let Some(head) = known
+                && head.before == Before::Unknown
+                && push.before != Before::Unknown
+            {
                 head.before = push.before.clone();
+                if let Some(before) = head.before.head() {
+                    index.befores.add(before);
+                }
                 self.order_line();
                 return Recorded::Changed;
             }
@@ -371,12 +392,7 @@ impl RefState {
         }
         // A push that continues from an earlier commit yet names a head of an older line is a
         // late redelivery, not news; re-creating a branch has no `before`.
-        let seen_on_older_line = push.before.head().is_some()
-            && self
-                .heads
-                .iter()
-                .any(|h| h.line < self.line && &h.sha == after);
-        if seen_on_older_line {
+        if push.before.head().is_some() && index.older.contains(after) {
             return Recorded::Unchanged;
         }
         self.deleted = false;
@@ -392,28 +408,22 @@ impl RefState {
         // back in the order of its commits.
         // A push that fills a gap below a head already known (that head was pushed on top of
         // this one) is late however it continues the line: even on top of the newest head.
-        let on_line = |h: &&Head| h.line == self.line;
-        let newest = self.heads.iter().rev().find(on_line);
-        let fills_a_gap = self
-            .heads
-            .iter()
-            .filter(on_line)
-            .any(|h| h.before.head() == Some(after));
-        let in_order = !fills_a_gap
+        let newest = self.heads.iter().rev().find(|h| h.line == self.line);
+        let in_order = !index.befores.contains(after)
             && match head.before.head() {
                 Some(before) => {
-                    newest.is_some_and(|n| &n.sha == before)
-                        || !self.heads.iter().filter(on_line).any(|h| &h.sha == before)
+                    newest.is_some_and(|n| &n.sha == before) || !index.current.contains(before)
                 }
                 None => true,
             };
-        self.heads.push(head);
+        index.add_current(&head);
+        self.heads.push_back(head);
         self.next_seq += 1;
         if !in_order {
             self.order_line();
         }
         // Only a head dropped can make a commit's pipelines orphans.
-        if self.trim_heads() {
+        if self.trim_heads(index) {
             self.trim_orphans();
         }
         Recorded::Changed
@@ -560,9 +570,11 @@ impl RefState {
     }
 
     /// Drops the oldest heads past the cap; whether it dropped any.
-    fn trim_heads(&mut self) -> bool {
+    fn trim_heads(&mut self, index: &mut HeadIndex) -> bool {
         let excess = self.heads.len().saturating_sub(MAX_HEADS);
-        self.heads.drain(..excess);
+        for head in self.heads.drain(..excess) {
+            index.remove(&head, self.line);
+        }
         excess > 0
     }
 
@@ -596,6 +608,79 @@ impl RefState {
         for sha in dropped {
             self.pipelines.remove(&sha);
         }
+    }
+}
+
+/// A multiset of commit ids.
+#[derive(Debug, Default, PartialEq)]
+struct ShaCounts(std::collections::HashMap<Sha, u32, ShaHasher>);
+
+impl ShaCounts {
+    fn add(&mut self, sha: &Sha) {
+        *self.0.entry(sha.clone()).or_default() += 1;
+    }
+
+    fn remove(&mut self, sha: &Sha) {
+        if let Some(count) = self.0.get_mut(sha) {
+            *count -= 1;
+            if *count == 0 {
+                self.0.remove(sha);
+            }
+        }
+    }
+
+    fn contains(&self, sha: &Sha) -> bool {
+        self.0.contains_key(sha)
+    }
+}
+
+/// What [`RefState::record_push`] asks of the heads, by commit: which are on the current
+/// line, which an older line holds, and which the current line's heads were pushed on top of.
+#[derive(Debug, Default, PartialEq)]
+struct HeadIndex {
+    current: ShaCounts,
+    older: ShaCounts,
+    befores: ShaCounts,
+}
+
+impl HeadIndex {
+    fn of(state: &RefState) -> Self {
+        let mut index = Self::default();
+        for head in &state.heads {
+            if head.line == state.line {
+                index.add_current(head);
+            } else {
+                index.older.add(&head.sha);
+            }
+        }
+        index
+    }
+
+    fn add_current(&mut self, head: &Head) {
+        self.current.add(&head.sha);
+        if let Some(before) = head.before.head() {
+            self.befores.add(before);
+        }
+    }
+
+    /// Forgets `head`, a head of the current line if it is on `line`.
+    fn remove(&mut self, head: &Head, line: u64) {
+        if head.line == line {
+            self.current.remove(&head.sha);
+            if let Some(before) = head.before.head() {
+                self.befores.remove(before);
+            }
+        } else {
+            self.older.remove(&head.sha);
+        }
+    }
+
+    /// The branch was deleted: its heads now belong to an older line.
+    fn start_line(&mut self) {
+        for (sha, count) in std::mem::take(&mut self.current.0) {
+            *self.older.0.entry(sha).or_default() += count;
+        }
+        self.befores = ShaCounts::default();
     }
 }
 
@@ -924,10 +1009,120 @@ mod tests {
                     }
                 }
                 let mut trimmed = state.clone();
-                trimmed.trim_heads();
+                trimmed.trim_heads(&mut HeadIndex::of(&state));
                 trimmed.trim_orphans();
                 prop_assert_eq!(&trimmed, &state);
             }
+        }
+    }
+
+    /// A push of commit `after` (a deletion without one) from `before` (created without
+    /// one), or a head read from GitLab's API, which has no `before`.
+    fn any_push() -> impl Strategy<Value = Push> {
+        let before = proptest::prop_oneof![
+            1 => Just(Before::Created),
+            1 => Just(Before::Unknown),
+            6 => (0u16..400).prop_map(|n| Before::Head(long_sha(n))),
+        ];
+        (before, proptest::option::weighted(0.97, 0u16..400)).prop_map(|(before, after)| Push {
+            before,
+            after: after.map(long_sha),
+            at_ms: 0,
+        })
+    }
+
+    /// [`RefState::record_push`] as it was first written: every question answered by
+    /// scanning the heads.
+    fn record_push_by_scanning(state: &mut RefState, push: &Push) -> Recorded {
+        let Some(after) = &push.after else {
+            if state.deleted {
+                return Recorded::Unchanged;
+            }
+            state.deleted = true;
+            state.line += 1;
+            return Recorded::Changed;
+        };
+        let line = state.line;
+        let on_this_line = if state.deleted {
+            None
+        } else {
+            state
+                .heads
+                .iter()
+                .position(|h| h.line == line && &h.sha == after)
+        };
+        if let Some(known) = on_this_line {
+            let head = &mut state.heads[known];
+            if head.before == Before::Unknown && push.before != Before::Unknown {
+                head.before = push.before.clone();
+                state.order_line();
+                return Recorded::Changed;
+            }
+            return Recorded::Unchanged;
+        }
+        let seen_on_older_line = push.before.head().is_some()
+            && state.heads.iter().any(|h| h.line < line && &h.sha == after);
+        if seen_on_older_line {
+            return Recorded::Unchanged;
+        }
+        state.deleted = false;
+        let on_line = |h: &&Head| h.line == line;
+        let newest = state.heads.iter().rev().find(on_line);
+        let fills_a_gap = state
+            .heads
+            .iter()
+            .filter(on_line)
+            .any(|h| h.before.head() == Some(after));
+        let in_order = !fills_a_gap
+            && match push.before.head() {
+                Some(before) => {
+                    newest.is_some_and(|n| &n.sha == before)
+                        || !state.heads.iter().filter(on_line).any(|h| &h.sha == before)
+                }
+                None => true,
+            };
+        state.heads.push_back(Head {
+            sha: after.clone(),
+            seq: state.next_seq,
+            pushed_at_ms: push.at_ms,
+            line,
+            before: push.before.clone(),
+        });
+        state.next_seq += 1;
+        if !in_order {
+            state.order_line();
+        }
+        let excess = state.heads.len().saturating_sub(MAX_HEADS);
+        state.heads.drain(..excess);
+        if excess > 0 {
+            state.trim_orphans();
+        }
+        Recorded::Changed
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// The index answers what scanning the heads answered, and stays what indexing the
+        /// heads afresh gives, through redeliveries, deletions, heads read from GitLab and
+        /// the trimming of the oldest heads.
+        #[test]
+        fn recording_by_index_is_recording_by_scanning(
+            pushes in proptest::collection::vec(any_push(), 0..700),
+        ) {
+            let mut indexed = RefState::default();
+            let mut index = HeadIndex::of(&indexed);
+            let mut scanned = RefState::default();
+            for push in &pushes {
+                let by_index = indexed.record_indexed(push, &mut index);
+                let by_scanning = record_push_by_scanning(&mut scanned, push);
+                prop_assert_eq!(by_index, by_scanning, "{:?}", push);
+                prop_assert_eq!(&indexed, &scanned);
+                prop_assert_eq!(&index, &HeadIndex::of(&indexed));
+            }
+            let mut replayed = RefState::default();
+            replayed.record_pushes(&pushes);
+            prop_assert_eq!(&replayed, &scanned);
         }
     }
 

@@ -180,9 +180,7 @@ impl Facts {
     /// The gate's view of the ref: pushes replayed in order, pipelines merged.
     pub fn ref_state(&self) -> RefState {
         let mut state = RefState::default();
-        for push in &self.pushes {
-            state.record_push(push);
-        }
+        state.record_pushes(&self.pushes);
         state.replay_pipelines(&self.pipelines);
         for rejected in &self.rejected {
             state.reject(rejected.clone());
