@@ -16,8 +16,14 @@ use super::{LAYOUT_VERSION, StoreError};
 pub enum Table {
     /// "layout" → the layout version; "registry_seq" → the registry's change number.
     Meta,
-    /// project SEP branch → the ref's facts.
+    /// project SEP branch → the ref's position, and which entries of its rings are live.
     Facts,
+    /// project SEP branch SEP slot → one push of the ref, a ring of `PUSHES_KEPT`.
+    FactPushes,
+    /// project SEP branch SEP sha:id → one pipeline of the ref.
+    FactPipelines,
+    /// project SEP branch SEP slot → one rejected claim of the ref, a ring of `MAX_REJECTED`.
+    FactRejected,
     /// project SEP branch SEP delivery id → when it was first seen (Unix ms).
     Deliveries,
     /// agent → version, core record, and which entries of its two rings are live.
@@ -42,9 +48,12 @@ pub enum Table {
 }
 
 impl Table {
-    const ALL: [Table; 12] = [
+    const ALL: [Table; 15] = [
         Table::Meta,
         Table::Facts,
+        Table::FactPushes,
+        Table::FactPipelines,
+        Table::FactRejected,
         Table::Deliveries,
         Table::Agents,
         Table::AgentDecisions,
@@ -61,6 +70,9 @@ impl Table {
         TableDefinition::new(match self {
             Table::Meta => "meta",
             Table::Facts => "facts",
+            Table::FactPushes => "fact_pushes",
+            Table::FactPipelines => "fact_pipelines",
+            Table::FactRejected => "fact_rejected",
             Table::Deliveries => "deliveries",
             Table::Agents => "agents",
             Table::AgentDecisions => "agent_decisions",

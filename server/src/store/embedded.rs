@@ -16,7 +16,7 @@ use tracing::{error, info};
 use super::StoreError;
 
 use super::disk::{self, Disk, Put, SEP, Table};
-use super::records::{self, AgentFile, AgentFileV2, RingV1};
+use super::records::{self, AgentFile, AgentFileV2, RefFactsFile, RefFactsV2, RingV1};
 
 use super::{
     AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
@@ -105,7 +105,10 @@ struct Pending {
 /// A record that changed: its new value is read from memory when the batch is written.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Dirty {
+    /// The ref's record and what its rings lack.
     Facts(RefKey),
+    /// One pipeline of the ref, written or removed.
+    Pipeline(RefKey, Sha, u64),
     Delivery(RefKey, String),
     Agent(String),
     Reports(String),
@@ -203,6 +206,35 @@ struct RefFacts {
     pushes: VecDeque<crate::gate::Push>,
     pipelines: BTreeMap<(Sha, u64), Pipeline>,
     rejected: VecDeque<crate::gate::Rejected>,
+    /// Pushes and rejected claims appended since the ref was first recorded: the numbers of
+    /// the entries of its rings in the file.
+    appended: FactsAppended,
+    /// How much of `appended` has been staged for the file.
+    staged: FactsAppended,
+}
+
+/// Counts of entries appended to a ref's two rings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct FactsAppended {
+    pushes: u64,
+    rejected: u64,
+}
+
+impl RefFacts {
+    /// Where the live entries of its rings are.
+    fn header(&self) -> RefFactsV2 {
+        RefFactsV2 {
+            position: self.position,
+            pushes: RingV1 {
+                appended: self.appended.pushes,
+                len: self.pushes.len(),
+            },
+            rejected: RingV1 {
+                appended: self.appended.rejected,
+                len: self.rejected.len(),
+            },
+        }
+    }
 }
 
 /// The change log as the status publishers see it: entries not yet acknowledged, oldest
@@ -476,6 +508,7 @@ impl FactStore for EmbeddedStore {
             match fact {
                 FactRecord::Push(push) => {
                     facts.pushes.push_back(push.clone());
+                    facts.appended.pushes += 1;
                     if facts.pushes.len() > PUSHES_KEPT {
                         facts.pushes.pop_front();
                     }
@@ -489,6 +522,7 @@ impl FactStore for EmbeddedStore {
                 }
                 FactRecord::Rejected(rejected) => {
                     facts.rejected.push_back(rejected.clone());
+                    facts.appended.rejected += 1;
                     if facts.rejected.len() > MAX_REJECTED {
                         facts.rejected.pop_front();
                     }
@@ -497,6 +531,9 @@ impl FactStore for EmbeddedStore {
             facts.position += 1;
             let position = facts.position;
             inner.mark(Dirty::Facts(key.clone()));
+            if let FactRecord::Pipeline { sha, pipeline } = fact {
+                inner.mark(Dirty::Pipeline(key.clone(), sha.clone(), pipeline.id));
+            }
             self.log(
                 &mut inner,
                 Broadcast::Fact {
@@ -550,7 +587,9 @@ impl FactStore for EmbeddedStore {
                 for id in forget {
                     facts.pipelines.remove(id);
                 }
-                inner.mark(Dirty::Facts(key.clone()));
+                for (sha, id) in forget {
+                    inner.mark(Dirty::Pipeline(key.clone(), sha.clone(), *id));
+                }
             }
             inner.ticket()
         };
@@ -1180,12 +1219,6 @@ fn agent_puts(
             deployed,
         )),
     ));
-    let fresh = |ring: RingV1, unwritten: u64| {
-        let old = ring
-            .len
-            .saturating_sub(usize::try_from(unwritten).unwrap_or(usize::MAX));
-        ring.live().enumerate().skip(old)
-    };
     for (index, number) in fresh(decisions, unwritten.decisions) {
         let (Some(decision), Some(text)) = (
             state.gate.decisions.get(index),
@@ -1210,6 +1243,57 @@ fn agent_puts(
             Some(sha.as_str().as_bytes().to_vec()),
         ));
     }
+}
+
+/// The live entries of `ring` among its newest `unwritten`, as (index among the live ones,
+/// entry number): all of them if more were appended than it keeps.
+fn fresh(ring: RingV1, unwritten: u64) -> impl Iterator<Item = (usize, u64)> {
+    let old = ring
+        .len
+        .saturating_sub(usize::try_from(unwritten).unwrap_or(usize::MAX));
+    ring.live().enumerate().skip(old)
+}
+
+/// The records that bring the file's `id` ref up to `facts`: its own record, and the newest
+/// `unwritten` entries of each ring. Its pipelines are records of their own.
+fn ref_puts(id: &str, facts: &RefFacts, unwritten: FactsAppended, puts: &mut Vec<Put>) {
+    let header = facts.header();
+    puts.push((
+        Table::Facts,
+        id.to_owned(),
+        Some(records::encode_ref_facts(header)),
+    ));
+    for (index, number) in fresh(header.pushes, unwritten.pushes) {
+        if let Some(push) = facts.pushes.get(index) {
+            let slot = number % PUSHES_RING.1 as u64;
+            let text = records::encode_push(push).into_bytes();
+            puts.push((PUSHES_RING.0, ring_entry_key(id, slot), Some(text)));
+        }
+    }
+    for (index, number) in fresh(header.rejected, unwritten.rejected) {
+        if let Some(rejected) = facts.rejected.get(index) {
+            let slot = number % REJECTED_RING.1 as u64;
+            let text = records::encode_rejected(rejected).into_bytes();
+            puts.push((REJECTED_RING.0, ring_entry_key(id, slot), Some(text)));
+        }
+    }
+}
+
+/// The table of a ref's pushes, and how many it keeps.
+const PUSHES_RING: (Table, usize) = (Table::FactPushes, PUSHES_KEPT);
+
+/// The table of a ref's rejected claims, and how many it keeps.
+const REJECTED_RING: (Table, usize) = (Table::FactRejected, MAX_REJECTED);
+
+/// The key of the entry in ring slot `slot` of the ref `id`: the ref first, as one ref's
+/// facts are written one after another.
+fn ring_entry_key(id: &str, slot: u64) -> String {
+    format!("{id}{SEP}{slot}")
+}
+
+/// The key of pipeline `id` of `sha` of the ref `ref_id`.
+fn pipeline_key(ref_id: &str, sha: &Sha, id: u64) -> String {
+    format!("{ref_id}{SEP}{}", records::pipeline_field(sha, id))
 }
 
 /// The table of an agent's decisions, and how many it keeps.
@@ -1241,17 +1325,26 @@ fn stage(inner: &mut Inner, dirty: &Dirty) -> Vec<Staged> {
     let now = Instant::now();
     let time = || Some(disk::encode_time(crate::clock::now_ms()));
     let puts = match dirty {
-        Dirty::Facts(key) => vec![(
-            Table::Facts,
-            ref_id(key),
-            inner.facts.get(key).map(|f| {
-                records::encode_ref_facts(
-                    f.position,
-                    &f.pushes,
-                    f.pipelines.iter().map(|((sha, _), p)| (sha, p)),
-                    &f.rejected,
-                )
-            }),
+        Dirty::Facts(key) => {
+            let mut puts = Vec::new();
+            if let Some(facts) = inner.facts.get_mut(key) {
+                let unwritten = FactsAppended {
+                    pushes: facts.appended.pushes - facts.staged.pushes,
+                    rejected: facts.appended.rejected - facts.staged.rejected,
+                };
+                facts.staged = facts.appended;
+                ref_puts(&ref_id(key), facts, unwritten, &mut puts);
+            }
+            puts
+        }
+        Dirty::Pipeline(key, sha, id) => vec![(
+            Table::FactPipelines,
+            pipeline_key(&ref_id(key), sha, *id),
+            inner
+                .facts
+                .get(key)
+                .and_then(|facts| facts.pipelines.get(&(sha.clone(), *id)))
+                .map(records::encode_pipeline_entry),
         )],
         Dirty::Delivery(key, id) => vec![(
             Table::Deliveries,
@@ -1333,34 +1426,10 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
         disk::time_of(value)
             .map(|at| Duration::from_millis(u64::try_from(now_ms - at).unwrap_or(0)))
     };
-    let corrupt = |table: &str, key: &str, reason: &str| StoreError::Corrupt {
-        key: format!("{table} {key}"),
-        reason: reason.to_owned(),
-    };
-    for (key, value) in disk.scan(Table::Facts)? {
-        let (project, branch) = key
-            .split_once(SEP)
-            .ok_or_else(|| corrupt("facts", &key, "no branch"))?;
-        let (position, pushes, pipelines, rejected) = records::decode_ref_facts(&key, &value)?;
-        inner.facts.insert(
-            RefKey {
-                project: project.to_owned(),
-                branch: branch.to_owned(),
-            },
-            RefFacts {
-                position,
-                pushes: pushes.into(),
-                pipelines: pipelines
-                    .into_iter()
-                    .map(|(sha, p)| ((sha, p.id), p))
-                    .collect(),
-                rejected: rejected.into(),
-            },
-        );
-    }
     // Markers past their time (or unreadable) are dropped from the file as they are read,
     // and records of an earlier version rewritten.
     let mut rewrites: Vec<Put> = Vec::new();
+    load_facts(disk, inner, &mut rewrites)?;
     for (key, value) in disk.scan(Table::Deliveries)? {
         let mut parts = key.splitn(3, SEP);
         let kept = match (parts.next(), parts.next(), parts.next(), age(&value)) {
@@ -1381,13 +1450,13 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
     }
     load_agents(disk, inner, &mut rewrites)?;
     for (agent, value) in disk.scan(Table::Reports)? {
-        let frames =
-            disk::decode_frames(&value).ok_or_else(|| corrupt("reports", &agent, "cut short"))?;
+        let frames = disk::decode_frames(&value)
+            .ok_or_else(|| corrupt_record("reports", &agent, "cut short"))?;
         inner.reports.insert(agent, frames.into());
     }
     for (agent, value) in disk.scan(Table::SyncErrors)? {
         let error = serde_json::from_slice(&value)
-            .map_err(|e| corrupt("sync_errors", &agent, &e.to_string()))?;
+            .map_err(|e| corrupt_record("sync_errors", &agent, &e.to_string()))?;
         inner.sync_errors.insert(agent, error);
     }
     for (table, set) in [
@@ -1411,7 +1480,7 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
     for (key, value) in disk.scan(Table::Feed)? {
         let id: u64 = key
             .parse()
-            .map_err(|_| corrupt("feed", &key, "not an entry id"))?;
+            .map_err(|_| corrupt_record("feed", &key, "not an entry id"))?;
         inner.status_feed.next_id = inner.status_feed.next_id.max(id);
         // An entry this version cannot read is skipped, as the Redis log's would be.
         if let Some(message) = Broadcast::decode(&value) {
@@ -1424,7 +1493,7 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
     }
     for (name, value) in disk.scan(Table::Registry)? {
         let file: RegistryFile = serde_json::from_slice(&value)
-            .map_err(|e| corrupt("registry", &name, &e.to_string()))?;
+            .map_err(|e| corrupt_record("registry", &name, &e.to_string()))?;
         inner.registry.records.insert(
             name,
             Versioned {
@@ -1443,6 +1512,189 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
         inner.registry.seq = disk::time_of(&seq).map_or(0, |seq| u64::try_from(seq).unwrap_or(0));
     }
     Ok(())
+}
+
+/// A ref read from the file whose rings and pipelines are being read.
+struct LoadingRef {
+    key: RefKey,
+    header: RefFactsV2,
+    pushes: Vec<Option<crate::gate::Push>>,
+    rejected: Vec<Option<crate::gate::Rejected>>,
+    pipelines: BTreeMap<(Sha, u64), Pipeline>,
+}
+
+/// Fills `inner.facts` from the file: the refs' records, then their rings' entries and
+/// pipelines. A ref written whole by an earlier version is rewritten into records.
+fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result<()> {
+    let mut loading: HashMap<String, LoadingRef> = HashMap::new();
+    for (id, value) in disk.scan(Table::Facts)? {
+        let key = match id.split_once(SEP) {
+            Some((project, branch)) => RefKey {
+                project: project.to_owned(),
+                branch: branch.to_owned(),
+            },
+            None => return Err(corrupt_record("facts", &id, "no branch")),
+        };
+        match records::decode_ref_facts(&id, &value)? {
+            RefFactsFile::Split(header) => {
+                check_ring(&format!("facts {id}"), header.pushes, PUSHES_RING.1)?;
+                check_ring(&format!("facts {id}"), header.rejected, REJECTED_RING.1)?;
+                let ref_loading = LoadingRef {
+                    key,
+                    header,
+                    pushes: vec![None; header.pushes.len],
+                    rejected: vec![None; header.rejected.len],
+                    pipelines: BTreeMap::new(),
+                };
+                loading.insert(id, ref_loading);
+            }
+            RefFactsFile::Whole((position, pushes, pipelines, rejected)) => {
+                let mut pushes = VecDeque::from(pushes);
+                pushes.drain(..pushes.len().saturating_sub(PUSHES_KEPT));
+                let mut rejected = VecDeque::from(rejected);
+                rejected.drain(..rejected.len().saturating_sub(MAX_REJECTED));
+                let appended = FactsAppended {
+                    pushes: pushes.len() as u64,
+                    rejected: rejected.len() as u64,
+                };
+                let facts = RefFacts {
+                    position,
+                    pushes,
+                    pipelines: pipelines
+                        .into_iter()
+                        .map(|(sha, p)| ((sha, p.id), p))
+                        .collect(),
+                    rejected,
+                    appended,
+                    staged: appended,
+                };
+                ref_puts(&id, &facts, appended, rewrites);
+                for ((sha, pipeline_id), pipeline) in &facts.pipelines {
+                    rewrites.push((
+                        Table::FactPipelines,
+                        pipeline_key(&id, sha, *pipeline_id),
+                        Some(records::encode_pipeline_entry(pipeline)),
+                    ));
+                }
+                inner.facts.insert(key, facts);
+            }
+        }
+    }
+    load_ring(
+        disk,
+        PUSHES_RING,
+        &mut loading,
+        |r| (r.header.pushes, &mut r.pushes),
+        |key, text| {
+            let text = std::str::from_utf8(text)
+                .map_err(|e| corrupt_record("fact_pushes", key, &e.to_string()))?;
+            records::decode_push(&format!("fact_pushes {key}"), text)
+        },
+    )?;
+    load_ring(
+        disk,
+        REJECTED_RING,
+        &mut loading,
+        |r| (r.header.rejected, &mut r.rejected),
+        |key, text| records::decode_rejected(&format!("fact_rejected {key}"), text),
+    )?;
+    disk.scan_each(Table::FactPipelines, |key, value| {
+        // Pipelines of no ref are left alone: nothing reads them.
+        let Some((id, field)) = key.rsplit_once(SEP) else {
+            return Ok(());
+        };
+        if let Some(ref_loading) = loading.get_mut(id) {
+            let (sha, pipeline) =
+                records::decode_pipeline_entry(&format!("fact_pipelines {key}"), field, value)?;
+            ref_loading.pipelines.insert((sha, pipeline.id), pipeline);
+        }
+        Ok(())
+    })?;
+    for (id, ref_loading) in loading {
+        let missing = || {
+            corrupt_record(
+                "facts",
+                &id,
+                "an entry of its history is missing from the file",
+            )
+        };
+        let pushes = ref_loading
+            .pushes
+            .into_iter()
+            .collect::<Option<VecDeque<_>>>()
+            .ok_or_else(missing)?;
+        let rejected = ref_loading
+            .rejected
+            .into_iter()
+            .collect::<Option<VecDeque<_>>>()
+            .ok_or_else(missing)?;
+        let appended = FactsAppended {
+            pushes: ref_loading.header.pushes.appended,
+            rejected: ref_loading.header.rejected.appended,
+        };
+        inner.facts.insert(
+            ref_loading.key,
+            RefFacts {
+                position: ref_loading.header.position,
+                pushes,
+                pipelines: ref_loading.pipelines,
+                rejected,
+                appended,
+                staged: appended,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Reads the entries of one ring table into the refs being loaded: each entry in a live
+/// slot of its ref's ring. Entries of no ref, or no longer live, are left to be overwritten.
+fn load_ring<T>(
+    disk: &Disk,
+    (table, capacity): (Table, usize),
+    loading: &mut HashMap<String, LoadingRef>,
+    ring_of: impl Fn(&mut LoadingRef) -> (RingV1, &mut Vec<Option<T>>),
+    decode: impl Fn(&str, &[u8]) -> Result<T>,
+) -> Result<()> {
+    disk.scan_each(table, |key, value| {
+        let Some((id, slot)) = key.rsplit_once(SEP) else {
+            return Ok(());
+        };
+        let (Ok(slot), Some(ref_loading)) = (slot.parse(), loading.get_mut(id)) else {
+            return Ok(());
+        };
+        let (ring, entries) = ring_of(ref_loading);
+        if let Some(entry) = ring
+            .index_of(slot, capacity)
+            .and_then(|index| entries.get_mut(index))
+        {
+            *entry = Some(decode(key, value)?);
+        }
+        Ok(())
+    })
+}
+
+/// Refuses a ring that claims more live entries than it holds, or than were ever appended
+/// to it: reading it would take slots no write of its owner filled.
+fn check_ring(owner: &str, ring: RingV1, capacity: usize) -> Result<()> {
+    if ring.len > capacity || ring.len as u64 > ring.appended {
+        return Err(StoreError::Corrupt {
+            key: owner.to_owned(),
+            reason: format!(
+                "{} entries in a ring of {capacity}, of {} ever appended",
+                ring.len, ring.appended
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A record of `table` under `key` that cannot be read, and why.
+fn corrupt_record(table: &str, key: &str, reason: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: format!("{table} {key}"),
+        reason: reason.to_owned(),
+    }
 }
 
 /// An agent read from the file whose rings are being read.
@@ -1467,17 +1719,7 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
                     (record.deployed, DEPLOYED_RING),
                 ];
                 for (ring, (_, capacity)) in rings {
-                    // More entries than a ring holds, or than were ever appended to it, would
-                    // read slots no write of this agent filled.
-                    if ring.len > capacity || ring.len as u64 > ring.appended {
-                        return Err(StoreError::Corrupt {
-                            key: format!("agents {agent}"),
-                            reason: format!(
-                                "{} entries in a ring of {capacity}, of {} ever appended",
-                                ring.len, ring.appended
-                            ),
-                        });
-                    }
+                    check_ring(&format!("agents {agent}"), ring, capacity)?;
                 }
                 let found = rings.map(|(ring, _)| vec![None; ring.len]);
                 loading.insert(agent, Loading { record, found });
@@ -2177,6 +2419,259 @@ mod tests {
             disk.scan(Table::AgentDeployed).expect("read").len(),
             DEPLOYED_HISTORY
         );
+    }
+
+    fn main_branch() -> RefKey {
+        RefKey {
+            project: "group/app".into(),
+            branch: "main".into(),
+        }
+    }
+
+    /// Records `fact` in memory; the writer is left to put it on disk.
+    fn record(store: &EmbeddedStore, fact: FactRecord) {
+        let _marked = store
+            .record_fact(&main_branch(), &fact, None, None)
+            .now_or_never();
+    }
+
+    fn push_of(n: u64) -> FactRecord {
+        FactRecord::Push(crate::gate::Push {
+            before: crate::gate::Before::Head(sha(n - 1)),
+            after: Some(sha(n)),
+            at_ms: i64::try_from(n).expect("small"),
+        })
+    }
+
+    fn pipeline_of(n: u64, status: crate::gate::PipelineStatus) -> FactRecord {
+        FactRecord::Pipeline {
+            sha: sha(n),
+            pipeline: Pipeline {
+                id: n,
+                status,
+                source: "push".into(),
+                as_of_ms: None,
+                passed_stages: Vec::new(),
+            },
+        }
+    }
+
+    /// What the writer's next batch would put in the file, taken as it takes it.
+    fn next_batch(store: &EmbeddedStore) -> Vec<Put> {
+        let mut inner = store.lock();
+        let pending = inner.pending.as_mut().expect("a file");
+        let dirty = std::mem::take(&mut pending.dirty);
+        let mut puts = Vec::new();
+        for staged in dirty.iter().flat_map(|d| stage(&mut inner, d)) {
+            staged.encode_into(&mut EncodedStates::new(), &mut puts);
+        }
+        puts
+    }
+
+    /// A fact costs the file its own record and the ref's small one, however long the
+    /// ref's history: the same with 1,100 pushes behind it as with one.
+    #[test]
+    fn a_fact_writes_its_own_record_and_the_refs_whatever_the_history() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (store, writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+        let mut sizes = Vec::new();
+        for history in [1, 1_100] {
+            for n in 1..=history {
+                record(&store, push_of(n));
+                record(&store, pipeline_of(n, crate::gate::PipelineStatus::Success));
+            }
+            writer.commit();
+            record(&store, push_of(history + 1));
+            let push = next_batch(&store);
+            record(
+                &store,
+                pipeline_of(history + 1, crate::gate::PipelineStatus::Running),
+            );
+            let pipeline = next_batch(&store);
+            let tables = |puts: &[Put]| {
+                let mut tables: Vec<Table> = puts.iter().map(|(table, _, _)| *table).collect();
+                tables.sort_by_key(|table| format!("{table:?}"));
+                tables
+            };
+            // Its change log entry, for the status publishers, is as small.
+            assert_eq!(
+                tables(&push),
+                [Table::FactPushes, Table::Facts, Table::Feed]
+            );
+            assert_eq!(
+                tables(&pipeline),
+                [Table::FactPipelines, Table::Facts, Table::Feed]
+            );
+            let bytes = |puts: &[Put]| {
+                puts.iter()
+                    .map(|(_, key, value)| key.len() + value.as_ref().map_or(0, Vec::len))
+                    .sum::<usize>()
+            };
+            sizes.push((bytes(&push), bytes(&pipeline)));
+            writer.commit();
+        }
+        assert!(
+            sizes
+                .iter()
+                .all(|&(push, pipeline)| push < 400 && pipeline < 400),
+            "{sizes:?}"
+        );
+    }
+
+    /// Pushes and rejected claims past what their rings keep, pipelines forgotten, batches
+    /// that appended more than a ring keeps: what the store held is what it holds again
+    /// after a restart, and the file keeps only the live entries.
+    #[test]
+    fn facts_in_records_of_their_own_are_read_back_after_a_restart() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let expected = {
+            let (store, writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+            for n in 1..=10 {
+                record(&store, push_of(n));
+            }
+            writer.commit();
+            // More than the ring keeps between two batches: only the live ones are written.
+            for n in 11..=1_100 {
+                record(&store, push_of(n));
+            }
+            for n in 1..=30 {
+                record(&store, pipeline_of(n, crate::gate::PipelineStatus::Failed));
+                record(
+                    &store,
+                    FactRecord::Rejected(crate::gate::Rejected {
+                        sha: sha(n),
+                        pipeline_id: n,
+                        reason: format!("GitLab says pipeline {n} is running"),
+                        at_ms: 7,
+                    }),
+                );
+            }
+            writer.commit();
+            record(&store, pipeline_of(3, crate::gate::PipelineStatus::Success));
+            let _forgotten = store
+                .forget_pipelines(&main_branch(), &[(sha(1), 1), (sha(2), 2)])
+                .now_or_never();
+            writer.commit();
+            let facts = store
+                .facts(&main_branch())
+                .now_or_never()
+                .expect("in memory");
+            facts.expect("readable")
+        };
+        assert_eq!(expected.pushes.len(), PUSHES_KEPT);
+        assert_eq!(expected.rejected.len(), MAX_REJECTED);
+        assert_eq!(expected.pipelines.len(), 28);
+        let mut expected = expected;
+        for next in [1_101, 1_102] {
+            let (store, writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+            let held = |store: &EmbeddedStore| {
+                let facts = store.facts(&main_branch()).now_or_never();
+                facts.expect("in memory").expect("readable")
+            };
+            assert!(held(&store) == expected, "read back as it was held");
+            // And it goes on from there.
+            record(&store, push_of(next));
+            writer.commit();
+            expected = held(&store);
+        }
+        let disk = Disk::open(dir.path()).expect("opened");
+        let count = |table| disk.scan(table).expect("read").len();
+        assert_eq!(count(Table::FactPushes), PUSHES_KEPT);
+        assert_eq!(count(Table::FactRejected), MAX_REJECTED);
+        assert_eq!(count(Table::FactPipelines), 28);
+    }
+
+    /// A ref written whole by an earlier version is read, then rewritten into records.
+    #[test]
+    fn facts_of_a_file_written_whole_are_read_and_rewritten_into_records() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let pipeline = Pipeline {
+            id: 4,
+            status: crate::gate::PipelineStatus::Success,
+            source: "push".into(),
+            as_of_ms: Some(3),
+            passed_stages: vec!["test".into()],
+        };
+        let pushes: Vec<crate::gate::Push> = (1..=3)
+            .map(|n| match push_of(n) {
+                FactRecord::Push(push) => push,
+                _ => unreachable!("a push"),
+            })
+            .collect();
+        let (head, stages) = records::encode_pipeline(&pipeline);
+        let whole = records::RefFactsRecord::V1(records::RefFactsV1 {
+            position: 9,
+            pushes: pushes.iter().map(records::encode_push).collect(),
+            pipelines: vec![(records::pipeline_field(&sha(3), 4), head, stages)],
+            rejected: Vec::new(),
+        });
+        {
+            let disk = Disk::open(dir.path()).expect("opened");
+            let bytes = serde_json::to_vec(&whole).expect("encoded");
+            disk.write(vec![(Table::Facts, ref_id(&main_branch()), Some(bytes))])
+                .expect("written");
+        }
+        let expected = Facts {
+            position: 9,
+            pushes,
+            pipelines: vec![(sha(3), pipeline)],
+            rejected: Vec::new(),
+        };
+        for _ in 0..2 {
+            let (store, _writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+            let facts = store
+                .facts(&main_branch())
+                .now_or_never()
+                .expect("in memory");
+            assert_eq!(facts.expect("readable"), expected);
+        }
+        let disk = Disk::open(dir.path()).expect("opened");
+        let record = disk
+            .get(Table::Facts, &ref_id(&main_branch()))
+            .expect("read")
+            .expect("kept");
+        assert!(
+            matches!(
+                records::decode_ref_facts("main", &record),
+                Ok(RefFactsFile::Split(_))
+            ),
+            "rewritten"
+        );
+        assert_eq!(disk.scan(Table::FactPushes).expect("read").len(), 3);
+        assert_eq!(disk.scan(Table::FactPipelines).expect("read").len(), 1);
+    }
+
+    /// A ref whose record names entries the file lacks, or more than its ring keeps, is
+    /// refused at start, naming the ref.
+    #[test]
+    fn a_ref_whose_facts_are_not_in_the_file_is_refused_at_start() {
+        let ring = |appended, len| RingV1 { appended, len };
+        for (pushes, rejected, why) in [
+            (ring(3, 2), RingV1::default(), "missing"),
+            (RingV1::default(), ring(1, 1), "missing"),
+            (ring(2_000, 2_000), RingV1::default(), "in a ring of 1024"),
+            (RingV1::default(), ring(1, 3), "of 1 ever appended"),
+        ] {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            {
+                let disk = Disk::open(dir.path()).expect("opened");
+                let header = records::encode_ref_facts(RefFactsV2 {
+                    position: 1,
+                    pushes,
+                    rejected,
+                });
+                disk.write(vec![(Table::Facts, ref_id(&main_branch()), Some(header))])
+                    .expect("written");
+            }
+            let Err(refused) = EmbeddedStore::loaded(dir.path()) else {
+                panic!("{pushes:?} {rejected:?} is refused");
+            };
+            let message = refused.to_string();
+            assert!(
+                message.contains("group/app") && message.contains(why),
+                "{message}"
+            );
+        }
     }
 
     #[test]

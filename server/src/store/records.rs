@@ -289,15 +289,18 @@ pub fn decode_rejected(key: &str, text: &[u8]) -> Result<Rejected, StoreError> {
     serde_json::from_slice(text).map_err(|e| corrupt(key, e))
 }
 
-/// A ref's facts as the embedded store's file holds them, in one record.
+/// A ref's record in the embedded store's file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "v")]
 pub enum RefFactsRecord {
     #[serde(rename = "1")]
     V1(RefFactsV1),
+    #[serde(rename = "2")]
+    V2(RefFactsV2),
 }
 
-/// Version 1 of a ref's facts: the same texts as Redis's lists and hashes.
+/// Version 1: every fact of the ref in one record, the same texts as Redis's lists and
+/// hashes. Read (and rewritten as version 2) when a file written before is opened.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RefFactsV1 {
     pub position: u64,
@@ -307,34 +310,39 @@ pub struct RefFactsV1 {
     pub rejected: Vec<String>,
 }
 
+/// Version 2: the ref's position and where its pushes and rejected claims are in their
+/// rings. Those and each pipeline are records of their own, so that a fact writes this
+/// record and its own entry, whatever the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefFactsV2 {
+    pub position: u64,
+    pub pushes: RingV1,
+    pub rejected: RingV1,
+}
+
 /// A ref's facts, decoded.
 pub type RefFactsParts = (u64, Vec<Push>, Vec<(Sha, Pipeline)>, Vec<Rejected>);
 
-/// Encodes a ref's facts for the embedded store's file.
-pub fn encode_ref_facts<'a>(
-    position: u64,
-    pushes: impl IntoIterator<Item = &'a Push>,
-    pipelines: impl IntoIterator<Item = (&'a Sha, &'a Pipeline)>,
-    rejected: impl IntoIterator<Item = &'a Rejected>,
-) -> Vec<u8> {
-    let record = RefFactsRecord::V1(RefFactsV1 {
-        position,
-        pushes: pushes.into_iter().map(encode_push).collect(),
-        pipelines: pipelines
-            .into_iter()
-            .map(|(sha, pipeline)| {
-                let (head, stages) = encode_pipeline(pipeline);
-                (pipeline_field(sha, pipeline.id), head, stages)
-            })
-            .collect(),
-        rejected: rejected.into_iter().map(encode_rejected).collect(),
-    });
-    serde_json::to_vec(&record).unwrap_or_default()
+/// What a ref's record in the file holds.
+#[derive(Debug)]
+pub enum RefFactsFile {
+    /// Written by this version: the facts are read from their own records.
+    Split(RefFactsV2),
+    /// Written by an earlier version, every fact in it.
+    Whole(RefFactsParts),
 }
 
-/// Decodes the facts of `key` written by [`encode_ref_facts`].
-pub fn decode_ref_facts(key: &str, bytes: &[u8]) -> Result<RefFactsParts, StoreError> {
-    let RefFactsRecord::V1(r) = serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))?;
+/// Encodes a ref's record for the embedded store's file.
+pub fn encode_ref_facts(record: RefFactsV2) -> Vec<u8> {
+    serde_json::to_vec(&RefFactsRecord::V2(record)).unwrap_or_default()
+}
+
+/// Decodes the ref record of `key` written by [`encode_ref_facts`] or an earlier version.
+pub fn decode_ref_facts(key: &str, bytes: &[u8]) -> Result<RefFactsFile, StoreError> {
+    let r = match serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))? {
+        RefFactsRecord::V2(record) => return Ok(RefFactsFile::Split(record)),
+        RefFactsRecord::V1(r) => r,
+    };
     let pushes = r
         .pushes
         .iter()
@@ -350,7 +358,26 @@ pub fn decode_ref_facts(key: &str, bytes: &[u8]) -> Result<RefFactsParts, StoreE
         .iter()
         .map(|text| decode_rejected(key, text.as_bytes()))
         .collect::<Result<_, _>>()?;
-    Ok((r.position, pushes, pipelines, rejected))
+    Ok(RefFactsFile::Whole((
+        r.position, pushes, pipelines, rejected,
+    )))
+}
+
+/// A pipeline's record of its own in the embedded store's file: [`encode_pipeline`]'s two
+/// parts.
+pub fn encode_pipeline_entry(pipeline: &Pipeline) -> Vec<u8> {
+    serde_json::to_vec(&encode_pipeline(pipeline)).unwrap_or_default()
+}
+
+/// Decodes the pipeline record of `key`, stored under `field` ([`pipeline_field`]).
+pub fn decode_pipeline_entry(
+    key: &str,
+    field: &str,
+    bytes: &[u8],
+) -> Result<(Sha, Pipeline), StoreError> {
+    let (head, stages): (String, String) =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(key, e))?;
+    decode_pipeline(key, field, &head, Some(&stages))
 }
 
 /// An agent's record in the embedded store's file.
@@ -569,8 +596,38 @@ mod tests {
             as_of_ms: None,
             passed_stages: Vec::new(),
         };
-        let bytes = encode_ref_facts(3, [&push], [(&sha(2), &pipeline)], []);
-        let (position, pushes, pipelines, rejected) = decode_ref_facts("k", &bytes).unwrap();
+        let header = RefFactsV2 {
+            position: 3,
+            pushes: RingV1 {
+                appended: 1,
+                len: 1,
+            },
+            rejected: RingV1::default(),
+        };
+        let Ok(RefFactsFile::Split(read)) = decode_ref_facts("k", &encode_ref_facts(header)) else {
+            panic!("this version's ref record reads as split");
+        };
+        assert_eq!(read, header);
+        let field = pipeline_field(&sha(2), 4);
+        assert_eq!(
+            decode_pipeline_entry("k", &field, &encode_pipeline_entry(&pipeline)).unwrap(),
+            (sha(2), pipeline.clone())
+        );
+        assert!(decode_pipeline_entry("k", &field, b"[\"success||push\"]").is_err());
+        // A ref record of the first version holds every fact.
+        let (head, stages) = encode_pipeline(&pipeline);
+        let earlier = serde_json::to_vec(&RefFactsRecord::V1(RefFactsV1 {
+            position: 3,
+            pushes: vec![encode_push(&push)],
+            pipelines: vec![(field, head, stages)],
+            rejected: Vec::new(),
+        }))
+        .unwrap();
+        let Ok(RefFactsFile::Whole((position, pushes, pipelines, rejected))) =
+            decode_ref_facts("k", &earlier)
+        else {
+            panic!("a first version ref record reads as whole");
+        };
         assert_eq!(position, 3);
         assert_eq!(pushes, [push]);
         assert_eq!(pipelines, [(sha(2), pipeline)]);
