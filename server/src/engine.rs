@@ -18,7 +18,7 @@ use crate::catalog::{Catalog, LiveCatalog, ref_key};
 use crate::config::AgentSpec;
 use crate::evaluate::{Asked, EvaluateError, Evaluator, RefLineage};
 use crate::gate::{AgentGate, RefState, Sha};
-use crate::git::{GitError, ManifestSet, Mirrors};
+use crate::git::{GitError, GitLineage, ManifestSet, Mirrors};
 use crate::gitlab::PipelineConfirmer;
 use crate::index::{Desired, Index};
 use crate::ingest::Ingest;
@@ -207,6 +207,17 @@ impl Engine {
     /// What is recorded about `key`, as the gate sees it.
     pub async fn facts(&self, key: &RefKey) -> Result<RefState, EngineError> {
         Ok(self.store.facts(key).await?.ref_state())
+    }
+
+    /// What is recorded about `key`, and git's view of its heads when it has a repository:
+    /// what the gate orders the heads by.
+    pub async fn facts_with_lineage(
+        &self,
+        key: &RefKey,
+    ) -> Result<(RefState, Option<GitLineage>), EngineError> {
+        let refs = self.facts(key).await?;
+        let git = self.evaluator.lineage_of(key, &refs).await;
+        Ok((refs, git))
     }
 
     /// Reads `agent`'s state and hands its desired revision to its streams: a connecting

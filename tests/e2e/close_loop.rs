@@ -7,7 +7,8 @@ use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
 use greenlight::v1::{
-    GetAgentRequest, GetRefRequest, PauseSyncRequest, Phase, WatchRevisionRequest, decision,
+    CommitInfo, GetAgentRequest, GetRefRequest, PauseSyncRequest, Phase, WatchRevisionRequest,
+    decision,
 };
 use greenlight_e2e::control_plane::TestCluster;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
@@ -549,6 +550,12 @@ impl CatchingUp {
 
     /// The ref's heads newest first, once its head is `head`.
     async fn heads_once_head_is(&self, head: &str) -> anyhow::Result<Vec<String>> {
+        let commits = self.commits_once_head_is(head).await?;
+        Ok(commits.into_iter().map(|commit| commit.sha).collect())
+    }
+
+    /// `GetRef`'s commits, once its head is `head`.
+    async fn commits_once_head_is(&self, head: &str) -> anyhow::Result<Vec<CommitInfo>> {
         let admin = self.server.admin().await?;
         eventually("the ref's head", || {
             let mut admin = admin.clone();
@@ -558,8 +565,7 @@ impl CatchingUp {
                     r#ref: "main".into(),
                 };
                 let status = admin.get_ref(request).await?.into_inner();
-                let heads: Vec<String> = status.commits.into_iter().map(|c| c.sha).collect();
-                Ok((status.head == head).then_some(heads))
+                Ok((status.head == head).then_some(status.commits))
             }
         })
         .await
@@ -700,8 +706,12 @@ async fn the_newest_head_by_history_is_deployed_though_push_order_puts_it_below(
     assert_eq!(w.server.push("main", &b, &c).await?, 200);
     w.green(&c, 3).await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), c);
-    let heads = w.heads_once_head_is(&c).await?;
-    assert_eq!(heads, [c.as_str(), &d, &a], "push order puts D below C");
+    // The admin API lists the heads as the gate walks them, by history, with their places in
+    // push order, where C's late hook went above D.
+    let commits = w.commits_once_head_is(&d).await?;
+    let listed: Vec<(&str, u64)> = commits.iter().map(|c| (c.sha.as_str(), c.seq)).collect();
+    assert_eq!(listed, [(d.as_str(), 1), (&c, 2), (&a, 0)]);
+    assert!(commits.iter().all(|commit| commit.on_branch));
 
     // D turns green: GitLab's hook.
     w.green(&d, 4).await?;

@@ -833,6 +833,12 @@ impl Evaluator {
         }
     }
 
+    /// Git's view of the heads of `refs`, the facts of `key`, as the gate would read it;
+    /// `None` when the ref has no repository.
+    pub async fn lineage_of(&self, key: &RefKey, refs: &RefState) -> Option<GitLineage> {
+        self.git_lineage(key, refs, &[], None).await.0
+    }
+
     /// Git's view of the commits the gate may decide about (`None` when the ref has no
     /// repository: push order decides), and, when the mirror lacks any of them, the
     /// mirror's fetch mark before it was read.

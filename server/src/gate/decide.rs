@@ -193,27 +193,12 @@ impl<'a> Context<'a> {
         }
     }
 
-    /// The current line's heads, newest first. Where the lineage knows where two heads
-    /// stand in the branch's history, that decides, not the order their pushes were
-    /// recorded in: a hook lost, or a head read from GitLab's API before its late hook came,
-    /// can leave push order wrong, and the gate would then take an older head for the
-    /// branch's newest. Heads it cannot place (not fetched yet, off the branch) keep their
-    /// place in push order.
+    /// The current line's heads, newest first by history where the lineage knows it
+    /// ([`RefState::newest_first`]), worked out once: taking push order, the gate would take
+    /// an older head for the branch's newest when a hook was lost or came late.
     pub fn heads(&self) -> &[&'a Head] {
-        self.newest_first.get_or_init(|| {
-            let mut heads: Vec<&'a Head> = self.refs.current_heads().collect();
-            let placed = |head: &&Head| {
-                self.lineage.on_branch(&head.sha) && self.lineage.generation(&head.sha).is_some()
-            };
-            let slots: Vec<usize> = (0..heads.len()).filter(|&i| placed(&heads[i])).collect();
-            let mut in_history: Vec<&'a Head> = slots.iter().map(|&i| heads[i]).collect();
-            // Stable: heads of one generation keep their push order.
-            in_history.sort_by_key(|head| std::cmp::Reverse(self.lineage.generation(&head.sha)));
-            for (slot, head) in slots.into_iter().zip(in_history) {
-                heads[slot] = head;
-            }
-            heads
-        })
+        self.newest_first
+            .get_or_init(|| self.refs.newest_first(self.lineage))
     }
 
     fn head_facts(&self) -> &HeadFacts<'a> {

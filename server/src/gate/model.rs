@@ -559,6 +559,25 @@ impl RefState {
             .filter(move |h| !deleted && h.line == line)
     }
 
+    /// The current line's heads, newest first, as the gate walks them: where `lineage`
+    /// knows where two heads stand in the branch's history, that decides, not the order
+    /// their pushes were recorded in (a hook lost, or a head read from GitLab's API before
+    /// its late hook came, leaves push order wrong). Heads it cannot place (not fetched yet,
+    /// off the branch) keep their place in push order.
+    pub fn newest_first(&self, lineage: &dyn Lineage) -> Vec<&Head> {
+        let mut heads: Vec<&Head> = self.current_heads().collect();
+        let placed =
+            |head: &&Head| lineage.on_branch(&head.sha) && lineage.generation(&head.sha).is_some();
+        let slots: Vec<usize> = (0..heads.len()).filter(|&i| placed(&heads[i])).collect();
+        let mut in_history: Vec<&Head> = slots.iter().map(|&i| heads[i]).collect();
+        // Stable: heads of one generation keep their push order.
+        in_history.sort_by_key(|head| std::cmp::Reverse(lineage.generation(&head.sha)));
+        for (slot, head) in slots.into_iter().zip(in_history) {
+            heads[slot] = head;
+        }
+        heads
+    }
+
     /// The newest head of the branch, if it exists.
     pub fn head(&self) -> Option<&Head> {
         self.current_heads().next()

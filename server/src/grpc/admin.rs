@@ -519,12 +519,29 @@ impl AdminService for AdminApi {
         if self.engine.catalog().watchers(&key).is_empty() {
             return Err(Status::not_found(format!("no agent watches {key}")));
         }
-        let refs = self.engine.facts(&key).await?;
-        let lineage = crate::gate::PushOrder::new(&refs);
-        let commits = refs
+        let (refs, git) = self.engine.facts_with_lineage(&key).await?;
+        let lineage = crate::evaluate::RefLineage::new(&refs, git.as_ref());
+        // A commit the mirror has not fetched yet is not known to be off the branch.
+        let push_order = crate::gate::PushOrder::new(&refs);
+        let on_branch = |sha: &crate::gate::Sha| {
+            use crate::gate::Lineage;
+            if lineage.knows(sha) {
+                lineage.on_branch(sha)
+            } else {
+                push_order.on_branch(sha)
+            }
+        };
+        // The current line as the gate walks it, then older lines' heads, newest first.
+        let current = refs.newest_first(&lineage);
+        let older = refs
             .heads
             .iter()
             .rev()
+            .filter(|head| refs.deleted || head.line != refs.line);
+        let commits = current
+            .iter()
+            .copied()
+            .chain(older)
             .map(|head| v1::CommitInfo {
                 sha: head.sha.to_string(),
                 seq: head.seq,
@@ -541,14 +558,17 @@ impl AdminService for AdminApi {
                         source: p.source.clone(),
                     })
                     .collect(),
-                on_branch: crate::gate::Lineage::on_branch(&lineage, &head.sha),
+                on_branch: on_branch(&head.sha),
             })
             .collect();
         Ok(Response::new(v1::RefStatus {
             project: key.project,
             r#ref: branch,
             commits,
-            head: refs.head().map(|h| h.sha.to_string()).unwrap_or_default(),
+            head: current
+                .first()
+                .map(|h| h.sha.to_string())
+                .unwrap_or_default(),
             rejected: refs
                 .rejected
                 .iter()
