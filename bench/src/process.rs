@@ -7,8 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use greenlight_e2e::{PROJECT, pipeline_payload, push_payload};
+use greenlight_e2e::{GITLAB_SECRET, PROJECT, pipeline_payload, push_payload};
 use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::common::{Admin, BRANCH};
 
@@ -19,6 +20,91 @@ pub struct ServerProcess {
     pub http: SocketAddr,
     server: greenlight_e2e::process::ServerProcess,
     http_client: reqwest::Client,
+    hooks: HookSender,
+}
+
+/// A webhook to send, and where its answer goes.
+struct HookJob {
+    event: String,
+    body: Value,
+    delivery: Option<String>,
+    answered: oneshot::Sender<anyhow::Result<HookAnswer>>,
+}
+
+/// A webhook's answer, and when it was sent and how long the answer took.
+struct HookAnswer {
+    status: u16,
+    body: Value,
+    sent: Instant,
+    took: Duration,
+}
+
+/// Sends webhooks from a thread and runtime of its own, as GitLab sends them from another
+/// machine: an answer is timed as it arrives, not when the benchmark's runtime, busy with
+/// thousands of agents' streams, next gets to it.
+struct HookSender {
+    jobs: mpsc::UnboundedSender<HookJob>,
+}
+
+impl HookSender {
+    fn start(url: String) -> anyhow::Result<Self> {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<HookJob>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        std::thread::Builder::new()
+            .name("webhook-sender".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    while let Some(job) = queue.recv().await {
+                        let mut request = client
+                            .post(&url)
+                            .header("X-Gitlab-Event", &job.event)
+                            .header("X-Gitlab-Token", GITLAB_SECRET)
+                            .json(&job.body);
+                        if let Some(id) = &job.delivery {
+                            request = request.header("X-Gitlab-Event-UUID", id);
+                        }
+                        let sent = Instant::now();
+                        let answer = async {
+                            let response = request.send().await?;
+                            let status = response.status().as_u16();
+                            let body = response.json().await.unwrap_or(Value::Null);
+                            Ok(HookAnswer {
+                                status,
+                                body,
+                                sent,
+                                took: sent.elapsed(),
+                            })
+                        };
+                        let _ = job.answered.send(answer.await);
+                    }
+                });
+            })?;
+        Ok(Self { jobs })
+    }
+
+    async fn send(
+        &self,
+        event: &str,
+        body: &Value,
+        delivery: Option<&str>,
+    ) -> anyhow::Result<HookAnswer> {
+        let (answered, answer) = oneshot::channel();
+        let job = HookJob {
+            event: event.to_owned(),
+            body: body.clone(),
+            delivery: delivery.map(str::to_owned),
+            answered,
+        };
+        self.jobs
+            .send(job)
+            .map_err(|_| anyhow::anyhow!("the webhook sender stopped"))?;
+        answer.await.context("the webhook sender stopped")?
+    }
 }
 
 impl ServerProcess {
@@ -33,10 +119,12 @@ impl ServerProcess {
         })
         .await
         .with_context(|| format!("cannot start greenlight-server {name}"))?;
+        let hooks = HookSender::start(format!("http://{}/webhooks/gitlab", server.http))?;
         Ok(Self {
             name: name.to_owned(),
             grpc: server.grpc,
             http: server.http,
+            hooks,
             server,
             http_client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(30))
@@ -64,48 +152,34 @@ impl ServerProcess {
         cpu_time_of(self.pid().context("the server is not running")?)
     }
 
-    /// Posts a GitLab webhook with the right secret; returns the status, the JSON answer
-    /// and how long the answer took.
-    pub async fn hook(
+    /// Posts a GitLab webhook with the right secret from the webhook sender's thread.
+    async fn hook(
         &self,
         event: &str,
         body: &Value,
         delivery: Option<&str>,
-    ) -> anyhow::Result<(u16, Value, Duration)> {
-        let sent = Instant::now();
-        let (status, body) = self.server.api.hook(event, body, delivery).await?;
-        Ok((status, body, sent.elapsed()))
+    ) -> anyhow::Result<HookAnswer> {
+        let answer = self.hooks.send(event, body, delivery).await?;
+        if answer.status != 200 {
+            bail!("{event} answered {}: {}", answer.status, answer.body);
+        }
+        Ok(answer)
     }
 
-    /// A push of `after` (previous head `before`) to `main`; fails unless answered 200.
+    /// A push of `after` (previous head `before`) to `main`: how long its answer took; fails
+    /// unless answered 200.
     pub async fn push(&self, before: &str, after: &str) -> anyhow::Result<Duration> {
-        let (status, answer, took) = self
-            .hook(
-                "Push Hook",
-                &push_payload(PROJECT, BRANCH, before, after),
-                None,
-            )
-            .await
-            .context("push webhook failed")?;
-        if status != 200 {
-            bail!("push webhook answered {status}: {answer}");
-        }
-        Ok(took)
+        let body = push_payload(PROJECT, BRANCH, before, after);
+        let answer = self.hook("Push Hook", &body, None).await?;
+        Ok(answer.took)
     }
 
     /// The pipeline-success webhook for `sha` (pipeline `id`): when it was sent and how long
     /// its answer took; fails unless answered 200.
     pub async fn green(&self, sha: &str, id: u64) -> anyhow::Result<(Instant, Duration)> {
         let body = pipeline_payload(PROJECT, BRANCH, sha, id, "success", "push");
-        let at = Instant::now();
-        let (status, answer, took) = self
-            .hook("Pipeline Hook", &body, None)
-            .await
-            .context("pipeline webhook failed")?;
-        if status != 200 {
-            bail!("pipeline webhook answered {status}: {answer}");
-        }
-        Ok((at, took))
+        let answer = self.hook("Pipeline Hook", &body, None).await?;
+        Ok((answer.sent, answer.took))
     }
 
     /// The value of a metric in `/metrics` (summed over its label sets), 0 when absent.
