@@ -768,7 +768,7 @@ impl Lineage for PushOrder<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::{Just, Strategy, any, prop_assert, prop_assert_eq};
+    use proptest::prelude::{Just, Strategy, TestCaseError, any, prop_assert, prop_assert_eq};
     use proptest::sample::Index;
 
     fn sha(n: u8) -> Sha {
@@ -1119,29 +1119,87 @@ mod tests {
         Recorded::Changed
     }
 
+    /// One line of history past the heads kept, as a long-lived branch has: commit `n`
+    /// pushed on top of `n - 1`, some pushes swapped with the next (hooks out of order),
+    /// some heads read from GitLab before their push, some pushes delivered twice.
+    fn long_line() -> impl Strategy<Value = Vec<Push>> {
+        proptest::collection::vec(0u8..16, 300..450).prop_map(|noise| {
+            let chained = |n: usize| {
+                let n = u16::try_from(n).expect("a short line");
+                Push {
+                    before: if n == 0 {
+                        Before::Created
+                    } else {
+                        Before::Head(long_sha(n - 1))
+                    },
+                    after: Some(long_sha(n)),
+                    at_ms: 0,
+                }
+            };
+            let mut line: Vec<Push> = (0..noise.len()).map(chained).collect();
+            for (n, kind) in noise.iter().enumerate() {
+                if *kind == 0 && n + 1 < line.len() {
+                    line.swap(n, n + 1);
+                }
+            }
+            let mut delivered = Vec::new();
+            for (push, kind) in line.into_iter().zip(noise) {
+                if kind == 1 {
+                    delivered.push(Push {
+                        before: Before::Unknown,
+                        ..push.clone()
+                    });
+                }
+                if kind == 2 {
+                    delivered.push(push.clone());
+                }
+                delivered.push(push);
+            }
+            delivered
+        })
+    }
+
+    /// Records `pushes` by index and by scanning side by side: the same outcome and state
+    /// after each, the kept index what indexing the heads afresh gives, and a replay of them
+    /// all the same state.
+    fn index_answers_as_scanning(pushes: &[Push]) -> Result<(), TestCaseError> {
+        let mut indexed = RefState::default();
+        let mut index = HeadIndex::of(&indexed);
+        let mut scanned = RefState::default();
+        for push in pushes {
+            let by_index = indexed.record_indexed(push, &mut index);
+            let by_scanning = record_push_by_scanning(&mut scanned, push);
+            prop_assert_eq!(by_index, by_scanning, "{:?}", push);
+            prop_assert_eq!(&indexed, &scanned);
+            prop_assert_eq!(&index, &HeadIndex::of(&indexed));
+        }
+        let mut replayed = RefState::default();
+        replayed.record_pushes(pushes);
+        prop_assert_eq!(&replayed, &scanned);
+        Ok(())
+    }
+
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
 
-        /// The index answers what scanning the heads answered, and stays what indexing the
-        /// heads afresh gives, through redeliveries, deletions, heads read from GitLab and
-        /// the trimming of the oldest heads.
+        /// The index answers what scanning the heads answered through redeliveries,
+        /// deletions, heads read from GitLab and the trimming of older lines' heads.
         #[test]
         fn recording_by_index_is_recording_by_scanning(
             pushes in proptest::collection::vec(any_push(), 0..700),
         ) {
-            let mut indexed = RefState::default();
-            let mut index = HeadIndex::of(&indexed);
-            let mut scanned = RefState::default();
-            for push in &pushes {
-                let by_index = indexed.record_indexed(push, &mut index);
-                let by_scanning = record_push_by_scanning(&mut scanned, push);
-                prop_assert_eq!(by_index, by_scanning, "{:?}", push);
-                prop_assert_eq!(&indexed, &scanned);
-                prop_assert_eq!(&index, &HeadIndex::of(&indexed));
-            }
-            let mut replayed = RefState::default();
-            replayed.record_pushes(&pushes);
-            prop_assert_eq!(&replayed, &scanned);
+            index_answers_as_scanning(&pushes)?;
+        }
+
+        /// And on one line longer than the heads kept, whose oldest heads are trimmed at
+        /// every push, as on a long-lived branch.
+        #[test]
+        fn a_long_line_by_index_is_a_long_line_by_scanning(pushes in long_line()) {
+            let mut state = RefState::default();
+            state.record_pushes(&pushes);
+            prop_assert!(state.heads.iter().all(|head| head.line == 0), "one line");
+            prop_assert_eq!(state.heads.len(), MAX_HEADS, "trimmed");
+            index_answers_as_scanning(&pushes)?;
         }
     }
 
