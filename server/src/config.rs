@@ -738,12 +738,21 @@ impl AgentDefinition {
             ));
         }
         let project = self.project;
+        // The stores join a project and branch with a control character into one key.
+        if project.chars().any(char::is_control) {
+            return Err(invalid(
+                key("project"),
+                format!("{project:?} must not hold control characters"),
+            ));
+        }
         let branch = self
             .git_ref
             .strip_prefix("refs/heads/")
             .unwrap_or(&self.git_ref)
             .to_owned();
-        if branch.is_empty() || branch.starts_with("refs/") {
+        // Git refuses control characters in ref names; the stores' keys rely on it.
+        if branch.is_empty() || branch.starts_with("refs/") || branch.chars().any(char::is_control)
+        {
             return Err(invalid(
                 key("ref"),
                 format!("{:?} must be a branch name", self.git_ref),
@@ -1481,6 +1490,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("yolo"), "{err}");
+    }
+
+    /// The stores join a project and branch with a control character into one key, so
+    /// neither may hold one; git refuses them in ref names anyway.
+    #[test]
+    fn control_characters_in_a_project_or_branch_are_refused() {
+        for (project, git_ref, key, why) in [
+            (
+                "\"group\\u001fapp\"",
+                "main",
+                "agents[0].project",
+                "control characters",
+            ),
+            (
+                "group/app",
+                "\"ma\\u001fin\"",
+                "agents[0].ref",
+                "a branch name",
+            ),
+        ] {
+            let yaml = format!(
+                "agents:\n  - {{name: a, token_sha256: {HASH}, project: {project}, ref: {git_ref}}}\n"
+            );
+            let err = Config::from_yaml(&yaml, &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key) && err.contains(why), "{err}");
+        }
     }
 
     #[test]

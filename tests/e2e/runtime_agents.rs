@@ -150,6 +150,23 @@ async fn lifecycle(a: &TestServer, b: &TestServer) -> anyhow::Result<()> {
     )?;
     assert_eq!(invalid.code(), Code::InvalidArgument, "{invalid:?}");
     assert!(invalid.message().contains("health_timeout"), "{invalid:?}");
+    // The stores' keys join project and branch with a control character.
+    let joined = refusal(
+        admin
+            .create_agent(CreateAgentRequest {
+                agent: Some(AgentDefinition {
+                    project: "group\u{1f}app".into(),
+                    ..definition("edge-2")
+                }),
+                ci_token: false,
+            })
+            .await,
+    )?;
+    assert_eq!(joined.code(), Code::InvalidArgument, "{joined:?}");
+    assert!(
+        joined.message().contains("control characters"),
+        "{joined:?}"
+    );
     // Any file the server can read would be sent to the repository's host as its token.
     let exfiltrate = refusal(
         admin
