@@ -324,3 +324,91 @@ async fn a_corrupt_agent_record_stops_only_that_agent() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Webhooks sent by eight senders at once while the embedded store is SIGKILLed: every one
+/// answered 200 is there after the restart, pushes and pipelines alike, and the facts go on
+/// from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_answered_before_a_sigkill_mid_stream_are_all_kept() -> anyhow::Result<()> {
+    let yaml = config_yaml(None, &[AgentDef::new("prod")]);
+    let mut server = ServerProcess::from_yaml(&yaml).await?;
+    let url = format!("http://{}/webhooks/gitlab", server.http);
+    let client = reqwest::Client::new();
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, u64)>::new()));
+    let senders: Vec<_> = (0..8u32)
+        .map(|sender| {
+            let (url, client, answered) = (url.clone(), client.clone(), answered.clone());
+            tokio::spawn(async move {
+                // Fewer than the 256 heads a ref keeps, so GetRef lists every one.
+                for n in 0..30u32 {
+                    let id = u64::from(sender * 100 + n + 1);
+                    let commit = sha(0x5e00_0000 + sender * 100 + n);
+                    let events = [
+                        ("Push Hook", push_payload(PROJECT, "main", ZERO, &commit)),
+                        (
+                            "Pipeline Hook",
+                            pipeline_payload(PROJECT, "main", &commit, id, "running", "push"),
+                        ),
+                    ];
+                    for (event, body) in events {
+                        let sent = client
+                            .post(&url)
+                            .header("X-Gitlab-Event", event)
+                            .header("X-Gitlab-Token", GITLAB_SECRET)
+                            .json(&body)
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(response) if response.status() == 200 => {
+                                let pipeline = if event == "Push Hook" { 0 } else { id };
+                                let mut answered = answered.lock().expect("not poisoned");
+                                answered.push((commit.clone(), pipeline));
+                            }
+                            // Killed: what was not answered 200 may be lost.
+                            _ => return,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    eventually("webhooks answered before the kill", || {
+        let answered = answered.clone();
+        async move { Ok((answered.lock().expect("not poisoned").len() >= 120).then_some(())) }
+    })
+    .await?;
+    server.kill();
+    for sender in senders {
+        sender.await?;
+    }
+    let answered = answered.lock().expect("not poisoned").clone();
+    assert!(answered.len() < 480, "the kill came mid-stream");
+
+    server
+        .restart()
+        .await
+        .with_context(|| format!("restart failed; log:\n{}", server.log()))?;
+    let mut admin = server.api.admin().await?;
+    let request = || greenlight::v1::GetRefRequest {
+        project: PROJECT.into(),
+        r#ref: "main".into(),
+    };
+    let kept = admin.get_ref(request()).await?.into_inner();
+    for (commit, pipeline) in &answered {
+        let listed = kept.commits.iter().find(|c| &c.sha == commit);
+        let listed = listed.with_context(|| format!("push of {commit} answered 200, then lost"))?;
+        if *pipeline != 0 {
+            assert!(
+                listed.pipelines.iter().any(|p| p.id == *pipeline),
+                "pipeline {pipeline} of {commit} answered 200, then lost"
+            );
+        }
+    }
+    // And the store goes on from there.
+    let next = sha(0x5eff_0001);
+    assert_eq!(server.api.push("main", ZERO, &next).await?, 200);
+    let after = admin.get_ref(request()).await?.into_inner();
+    assert_eq!(after.head, next);
+    assert_eq!(after.commits.len(), kept.commits.len() + 1);
+    Ok(())
+}
