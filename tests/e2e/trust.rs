@@ -480,3 +480,68 @@ async fn an_agent_flooding_reports_is_slowed_down() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Asking a merge request pipeline's previews of every agent with previews takes as long as
+/// there are agents to ask, and runtime agents may be created meanwhile. What the token
+/// speaks for is decided again before the hook's fact is recorded: a project's own secret
+/// that spoke for the hook when it came does not speak for the project id an agent created
+/// meanwhile watches, and nothing is recorded for that agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hook_is_checked_again_against_agents_created_while_its_previews_were_asked()
+-> anyhow::Result<()> {
+    const PREVIEWING: usize = 800;
+    let mut yaml = config_yaml(None, &[]).replace(
+        &format!("webhooks: {{ gitlab: {{ secret_token: \"{GITLAB_SECRET}\" }} }}\n"),
+        &format!(
+            "webhooks: {{ gitlab: {{ secret_token: \"{GITLAB_SECRET}\", projects: {{ \"{PROJECT}\": {{ secret_token: \"{PROD_SECRET}\" }} }} }} }}\n"
+        ),
+    );
+    for n in 0..PREVIEWING {
+        let name = format!("pv-{n}");
+        let token = sha256_hex(agent_token(&name).as_bytes());
+        yaml.push_str(&format!(
+            "  - {{ name: {name}, token_sha256: \"{token}\", project: \"{PROJECT}\", ref: main, preview: true }}\n"
+        ));
+    }
+    let server = TestServer::start(&yaml).await?;
+    let mut first = server.stream("pv-0").await?;
+
+    // A merge request pipeline into main, naming the project by its path (whose own secret
+    // the sender holds) and by an id no agent watches yet.
+    let head = sha(0x77);
+    let mut body = pipeline_payload(PROJECT, "main", &head, 7, "success", "merge_request_event");
+    body["merge_request"]["target_branch"] = json!("main");
+    let hook = hook_with(&server, PROD_SECRET, "Pipeline Hook", &body);
+    let create_meanwhile = async {
+        // The first agent asked shows the token passed the first check; hundreds remain.
+        let asked = tokio::time::timeout(Duration::from_secs(30), first.next_any())
+            .await
+            .context("no preview request reached pv-0")??;
+        assert!(
+            matches!(asked, Some(greenlight_agent::assemble::Ready::Preview(_))),
+            "{asked:?}"
+        );
+        let mut admin = server.admin().await?;
+        admin
+            .create_agent(greenlight::v1::CreateAgentRequest {
+                agent: Some(greenlight::v1::AgentDefinition {
+                    name: "by-id".into(),
+                    project: PROJECT_ID.to_string(),
+                    r#ref: "main".into(),
+                    ..Default::default()
+                }),
+                ci_token: false,
+            })
+            .await?;
+        anyhow::Ok(())
+    };
+    let ((status, answer), ()) = tokio::try_join!(hook, create_meanwhile)?;
+    assert_eq!(status, 401, "{answer}");
+    assert!(
+        message(&answer).contains(&PROJECT_ID.to_string()),
+        "names the project it does not speak for: {answer}"
+    );
+    let by_id = server.agent_status("by-id").await?;
+    assert!(by_id.desired.is_none(), "{by_id:?}");
+    Ok(())
+}
