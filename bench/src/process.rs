@@ -27,7 +27,6 @@ pub struct ServerProcess {
 struct HookJob {
     event: String,
     body: Value,
-    delivery: Option<String>,
     answered: oneshot::Sender<anyhow::Result<HookAnswer>>,
 }
 
@@ -60,14 +59,11 @@ impl HookSender {
             .spawn(move || {
                 runtime.block_on(async move {
                     while let Some(job) = queue.recv().await {
-                        let mut request = client
+                        let request = client
                             .post(&url)
                             .header("X-Gitlab-Event", &job.event)
                             .header("X-Gitlab-Token", GITLAB_SECRET)
                             .json(&job.body);
-                        if let Some(id) = &job.delivery {
-                            request = request.header("X-Gitlab-Event-UUID", id);
-                        }
                         let sent = Instant::now();
                         let answer = async {
                             let response = request.send().await?;
@@ -87,17 +83,11 @@ impl HookSender {
         Ok(Self { jobs })
     }
 
-    async fn send(
-        &self,
-        event: &str,
-        body: &Value,
-        delivery: Option<&str>,
-    ) -> anyhow::Result<HookAnswer> {
+    async fn send(&self, event: &str, body: &Value) -> anyhow::Result<HookAnswer> {
         let (answered, answer) = oneshot::channel();
         let job = HookJob {
             event: event.to_owned(),
             body: body.clone(),
-            delivery: delivery.map(str::to_owned),
             answered,
         };
         self.jobs
@@ -153,13 +143,8 @@ impl ServerProcess {
     }
 
     /// Posts a GitLab webhook with the right secret from the webhook sender's thread.
-    async fn hook(
-        &self,
-        event: &str,
-        body: &Value,
-        delivery: Option<&str>,
-    ) -> anyhow::Result<HookAnswer> {
-        let answer = self.hooks.send(event, body, delivery).await?;
+    async fn hook(&self, event: &str, body: &Value) -> anyhow::Result<HookAnswer> {
+        let answer = self.hooks.send(event, body).await?;
         if answer.status != 200 {
             bail!("{event} answered {}: {}", answer.status, answer.body);
         }
@@ -170,7 +155,7 @@ impl ServerProcess {
     /// unless answered 200.
     pub async fn push(&self, before: &str, after: &str) -> anyhow::Result<Duration> {
         let body = push_payload(PROJECT, BRANCH, before, after);
-        let answer = self.hook("Push Hook", &body, None).await?;
+        let answer = self.hook("Push Hook", &body).await?;
         Ok(answer.took)
     }
 
@@ -178,7 +163,7 @@ impl ServerProcess {
     /// its answer took; fails unless answered 200.
     pub async fn green(&self, sha: &str, id: u64) -> anyhow::Result<(Instant, Duration)> {
         let body = pipeline_payload(PROJECT, BRANCH, sha, id, "success", "push");
-        let answer = self.hook("Pipeline Hook", &body, None).await?;
+        let answer = self.hook("Pipeline Hook", &body).await?;
         Ok((answer.sent, answer.took))
     }
 
