@@ -29,7 +29,7 @@ const REVISION_WATCH_BYTES: usize = 256 * 1024;
 const EVENT_WATCH_BUFFER: usize = 64;
 const EVENT_WATCH_BYTES: usize = 1024 * 1024;
 use crate::catalog::Catalog;
-use crate::gate::{AgentGate, Decision, Outcome, Sha};
+use crate::gate::{AgentGate, Decision, Lineage, Outcome, PushOrder, Sha};
 use crate::progress::is_final;
 use crate::store::{Broadcast, RefKey};
 
@@ -520,11 +520,13 @@ impl AdminService for AdminApi {
             return Err(Status::not_found(format!("no agent watches {key}")));
         }
         let (refs, git) = self.engine.facts_with_lineage(&key).await?;
-        let lineage = crate::evaluate::RefLineage::new(&refs, git.as_ref());
+        let push_order = PushOrder::new(&refs);
+        let lineage: &dyn Lineage = match &git {
+            Some(git) => git,
+            None => &push_order,
+        };
         // A commit the mirror has not fetched yet is not known to be off the branch.
-        let push_order = crate::gate::PushOrder::new(&refs);
-        let on_branch = |sha: &crate::gate::Sha| {
-            use crate::gate::Lineage;
+        let on_branch = |sha: &Sha| {
             if lineage.knows(sha) {
                 lineage.on_branch(sha)
             } else {
@@ -532,7 +534,7 @@ impl AdminService for AdminApi {
             }
         };
         // The current line as the gate walks it, then older lines' heads, newest first.
-        let current = refs.newest_first(&lineage);
+        let current = refs.newest_first(lineage);
         let older = refs
             .heads
             .iter()
