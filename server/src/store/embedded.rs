@@ -220,7 +220,38 @@ struct FactsAppended {
     rejected: u64,
 }
 
+impl FactsAppended {
+    /// What was appended since `earlier`.
+    fn since(self, earlier: Self) -> Self {
+        Self {
+            pushes: self.pushes.saturating_sub(earlier.pushes),
+            rejected: self.rejected.saturating_sub(earlier.rejected),
+        }
+    }
+}
+
 impl RefFacts {
+    /// A ref read from the file: everything in it is on disk already.
+    fn loaded(
+        header: RefFactsV2,
+        pushes: VecDeque<crate::gate::Push>,
+        pipelines: BTreeMap<(Sha, u64), Pipeline>,
+        rejected: VecDeque<crate::gate::Rejected>,
+    ) -> Self {
+        let appended = FactsAppended {
+            pushes: header.pushes.appended,
+            rejected: header.rejected.appended,
+        };
+        Self {
+            position: header.position,
+            pushes,
+            pipelines,
+            rejected,
+            appended,
+            staged: appended,
+        }
+    }
+
     /// Where the live entries of its rings are.
     fn header(&self) -> RefFactsV2 {
         RefFactsV2 {
@@ -1263,20 +1294,52 @@ fn ref_puts(id: &str, facts: &RefFacts, unwritten: FactsAppended, puts: &mut Vec
         id.to_owned(),
         Some(records::encode_ref_facts(header)),
     ));
-    for (index, number) in fresh(header.pushes, unwritten.pushes) {
-        if let Some(push) = facts.pushes.get(index) {
-            let slot = number % PUSHES_RING.1 as u64;
-            let text = records::encode_push(push).into_bytes();
-            puts.push((PUSHES_RING.0, ring_entry_key(id, slot), Some(text)));
+    let pushes = fresh(header.pushes, unwritten.pushes);
+    ring_puts(
+        id,
+        PUSHES_RING,
+        pushes,
+        &facts.pushes,
+        records::encode_push,
+        puts,
+    );
+    let rejected = fresh(header.rejected, unwritten.rejected);
+    ring_puts(
+        id,
+        REJECTED_RING,
+        rejected,
+        &facts.rejected,
+        records::encode_rejected,
+        puts,
+    );
+}
+
+/// The entries `fresh` (index among the live ones, entry number) of the ref `id`'s ring in
+/// `table`, from its live `entries`.
+fn ring_puts<T>(
+    id: &str,
+    (table, capacity): (Table, usize),
+    fresh: impl Iterator<Item = (usize, u64)>,
+    entries: &VecDeque<T>,
+    encode: impl Fn(&T) -> String,
+    puts: &mut Vec<Put>,
+) {
+    for (index, number) in fresh {
+        if let Some(entry) = entries.get(index) {
+            let key = ring_entry_key(id, number % capacity as u64);
+            puts.push((table, key, Some(encode(entry).into_bytes())));
         }
     }
-    for (index, number) in fresh(header.rejected, unwritten.rejected) {
-        if let Some(rejected) = facts.rejected.get(index) {
-            let slot = number % REJECTED_RING.1 as u64;
-            let text = records::encode_rejected(rejected).into_bytes();
-            puts.push((REJECTED_RING.0, ring_entry_key(id, slot), Some(text)));
-        }
-    }
+}
+
+/// The record of pipeline `pipeline_id` of `sha` of the ref `id`: written, or removed when
+/// the ref no longer keeps it.
+fn pipeline_put(id: &str, sha: &Sha, pipeline_id: u64, pipeline: Option<&Pipeline>) -> Put {
+    (
+        Table::FactPipelines,
+        pipeline_key(id, sha, pipeline_id),
+        pipeline.map(records::encode_pipeline_entry),
+    )
 }
 
 /// The table of a ref's pushes, and how many it keeps.
@@ -1328,24 +1391,19 @@ fn stage(inner: &mut Inner, dirty: &Dirty) -> Vec<Staged> {
         Dirty::Facts(key) => {
             let mut puts = Vec::new();
             if let Some(facts) = inner.facts.get_mut(key) {
-                let unwritten = FactsAppended {
-                    pushes: facts.appended.pushes - facts.staged.pushes,
-                    rejected: facts.appended.rejected - facts.staged.rejected,
-                };
+                let unwritten = facts.appended.since(facts.staged);
                 facts.staged = facts.appended;
                 ref_puts(&ref_id(key), facts, unwritten, &mut puts);
             }
             puts
         }
-        Dirty::Pipeline(key, sha, id) => vec![(
-            Table::FactPipelines,
-            pipeline_key(&ref_id(key), sha, *id),
-            inner
+        Dirty::Pipeline(key, sha, id) => {
+            let pipeline = inner
                 .facts
                 .get(key)
-                .and_then(|facts| facts.pipelines.get(&(sha.clone(), *id)))
-                .map(records::encode_pipeline_entry),
-        )],
+                .and_then(|facts| facts.pipelines.get(&(sha.clone(), *id)));
+            vec![pipeline_put(&ref_id(key), sha, *id, pipeline)]
+        }
         Dirty::Delivery(key, id) => vec![(
             Table::Deliveries,
             format!("{}{SEP}{id}", ref_id(key)),
@@ -1553,28 +1611,25 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
                 pushes.drain(..pushes.len().saturating_sub(PUSHES_KEPT));
                 let mut rejected = VecDeque::from(rejected);
                 rejected.drain(..rejected.len().saturating_sub(MAX_REJECTED));
-                let appended = FactsAppended {
-                    pushes: pushes.len() as u64,
-                    rejected: rejected.len() as u64,
-                };
-                let facts = RefFacts {
+                let header = RefFactsV2 {
                     position,
-                    pushes,
-                    pipelines: pipelines
-                        .into_iter()
-                        .map(|(sha, p)| ((sha, p.id), p))
-                        .collect(),
-                    rejected,
-                    appended,
-                    staged: appended,
+                    pushes: RingV1 {
+                        appended: pushes.len() as u64,
+                        len: pushes.len(),
+                    },
+                    rejected: RingV1 {
+                        appended: rejected.len() as u64,
+                        len: rejected.len(),
+                    },
                 };
-                ref_puts(&id, &facts, appended, rewrites);
+                let pipelines = pipelines
+                    .into_iter()
+                    .map(|(sha, p)| ((sha, p.id), p))
+                    .collect();
+                let facts = RefFacts::loaded(header, pushes, pipelines, rejected);
+                ref_puts(&id, &facts, facts.appended, rewrites);
                 for ((sha, pipeline_id), pipeline) in &facts.pipelines {
-                    rewrites.push((
-                        Table::FactPipelines,
-                        pipeline_key(&id, sha, *pipeline_id),
-                        Some(records::encode_pipeline_entry(pipeline)),
-                    ));
+                    rewrites.push(pipeline_put(&id, sha, *pipeline_id, Some(pipeline)));
                 }
                 inner.facts.insert(key, facts);
             }
@@ -1628,21 +1683,8 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
             .into_iter()
             .collect::<Option<VecDeque<_>>>()
             .ok_or_else(missing)?;
-        let appended = FactsAppended {
-            pushes: ref_loading.header.pushes.appended,
-            rejected: ref_loading.header.rejected.appended,
-        };
-        inner.facts.insert(
-            ref_loading.key,
-            RefFacts {
-                position: ref_loading.header.position,
-                pushes,
-                pipelines: ref_loading.pipelines,
-                rejected,
-                appended,
-                staged: appended,
-            },
-        );
+        let facts = RefFacts::loaded(ref_loading.header, pushes, ref_loading.pipelines, rejected);
+        inner.facts.insert(ref_loading.key, facts);
     }
     Ok(())
 }
