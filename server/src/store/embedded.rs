@@ -2694,23 +2694,78 @@ mod tests {
             (ring(2_000, 2_000), RingV1::default(), "in a ring of 1024"),
             (RingV1::default(), ring(1, 3), "of 1 ever appended"),
         ] {
-            let dir = tempfile::tempdir().expect("a temporary directory");
-            {
-                let disk = Disk::open(dir.path()).expect("opened");
-                let header = records::encode_ref_facts(RefFactsV2 {
-                    position: 1,
-                    pushes,
-                    rejected,
-                });
-                disk.write(vec![(Table::Facts, ref_id(&main_branch()), Some(header))])
-                    .expect("written");
-            }
-            let Err(refused) = EmbeddedStore::loaded(dir.path()) else {
-                panic!("{pushes:?} {rejected:?} is refused");
-            };
-            let message = refused.to_string();
+            let message = refused_at_start(pushes, rejected, Vec::new());
             assert!(
                 message.contains("group/app") && message.contains(why),
+                "{message}"
+            );
+        }
+    }
+
+    /// Why a file holding `main_branch`'s record, with rings `pushes` and `rejected`, and
+    /// `others` is refused at start.
+    fn refused_at_start(pushes: RingV1, rejected: RingV1, others: Vec<Put>) -> String {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        {
+            let disk = Disk::open(dir.path()).expect("opened");
+            let header = records::encode_ref_facts(RefFactsV2 {
+                position: 1,
+                pushes,
+                rejected,
+            });
+            let mut puts = vec![(Table::Facts, ref_id(&main_branch()), Some(header))];
+            puts.extend(others);
+            disk.write(puts).expect("written");
+        }
+        match EmbeddedStore::loaded(dir.path()) {
+            Err(refused) => refused.to_string(),
+            Ok(_) => panic!("{pushes:?} {rejected:?} is refused"),
+        }
+    }
+
+    /// A fact's own record that cannot be read (a bad restore, a hand edit) is refused at
+    /// start, naming the record and why, rather than read as another fact.
+    #[test]
+    fn a_fact_record_that_cannot_be_read_is_refused_at_start_naming_it() {
+        let id = ref_id(&main_branch());
+        let one = RingV1 {
+            appended: 1,
+            len: 1,
+        };
+        for (pushes, rejected, entry, why) in [
+            (
+                one,
+                RingV1::default(),
+                (Table::FactPushes, format!("{id}{SEP}0")),
+                "push record",
+            ),
+            (
+                one,
+                RingV1::default(),
+                (Table::FactPushes, format!("{id}{SEP}0")),
+                "utf-8",
+            ),
+            (
+                RingV1::default(),
+                one,
+                (Table::FactRejected, format!("{id}{SEP}0")),
+                "fact_rejected",
+            ),
+            (
+                RingV1::default(),
+                RingV1::default(),
+                (Table::FactPipelines, pipeline_key(&id, &sha(1), 1)),
+                "fact_pipelines",
+            ),
+        ] {
+            let bad = if why == "utf-8" {
+                vec![0xff, 0xfe]
+            } else {
+                b"zz|".to_vec()
+            };
+            let message = refused_at_start(pushes, rejected, vec![(entry.0, entry.1, Some(bad))]);
+            assert!(
+                message.contains("group/app") && message.to_lowercase().contains(why),
                 "{message}"
             );
         }
