@@ -13,6 +13,7 @@ mod manifests;
 mod memory;
 mod preview;
 mod process;
+mod replay;
 mod state;
 mod stats;
 mod throughput;
@@ -51,6 +52,8 @@ enum Scenario {
     /// The state model at scale: RSS per idle agent, idle Redis load, latency and fan-out
     /// with thousands of agents on one ref, one or two server processes.
     State(state::Args),
+    /// Rebuilding a ref's heads from its stored pushes, in order and delivered out of order.
+    Replay(replay::Args),
     /// The bare gRPC server `state` measures its ceiling with (started by `state` itself).
     #[command(hide = true)]
     FloorServer(floor::Manifests),
@@ -88,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Scenario::Memory(args) => memory::run(args).await,
             Scenario::Preview(args) => preview::run(args).await,
             Scenario::State(args) => state::run(args).await,
+            Scenario::Replay(args) => replay::run(args).await,
             Scenario::FloorServer(manifests) => floor::serve(manifests).await,
         }
     })?;

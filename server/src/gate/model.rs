@@ -442,35 +442,7 @@ impl RefState {
             .position(|h| h.line == self.line)
             .unwrap_or(self.heads.len());
         let line: Vec<Head> = self.heads.drain(start..).collect();
-        let at: std::collections::HashMap<&Sha, usize> =
-            line.iter().enumerate().map(|(i, h)| (&h.sha, i)).collect();
-        let parent: Vec<Option<usize>> = line
-            .iter()
-            .map(|h| h.before.head().and_then(|b| at.get(b).copied()))
-            .collect();
-        // Where each head's subtree first appears in the line as it stands: a late push of an
-        // old commit takes the place of the earliest head pushed on top of it.
-        let mut first_seen: Vec<usize> = (0..line.len()).collect();
-        for head in 0..line.len() {
-            let mut ancestor = parent[head];
-            // Bounded: a cycle of befores (not a git history) must not loop.
-            for _ in 0..line.len() {
-                let Some(up) = ancestor else { break };
-                first_seen[up] = first_seen[up].min(head);
-                ancestor = parent[up];
-            }
-        }
-        let mut placed = vec![false; line.len()];
-        let mut order: Vec<usize> = Vec::with_capacity(line.len());
-        while let Some(next) = (0..line.len())
-            .filter(|&i| !placed[i] && parent[i].is_none_or(|p| placed[p]))
-            .min_by_key(|&i| (line[i].before != Before::Created, first_seen[i], i))
-        {
-            placed[next] = true;
-            order.push(next);
-        }
-        // A cycle of befores: what is left, as it stands.
-        order.extend((0..line.len()).filter(|&i| !placed[i]));
+        let order = line_order(&line);
         let mut line: Vec<Option<Head>> = line.into_iter().map(Some).collect();
         self.heads
             .extend(order.into_iter().filter_map(|i| line[i].take()));
@@ -763,6 +735,71 @@ impl Lineage for PushOrder<'_> {
             (Some(d), Some(a)) if d > a
         )
     }
+}
+
+/// The order [`RefState::order_line`] gives `line`'s heads, as indexes into it. Late pushes
+/// are common enough (GitLab delivers hooks concurrently) that this runs in most replays of
+/// a busy ref, so it is O(n log n): each subtree's first appearance is found in one pass from
+/// the leaves up, and the next head from a heap of those whose parent is placed.
+fn line_order(line: &[Head]) -> Vec<usize> {
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, HashMap};
+
+    let mut at = HashMap::with_capacity_and_hasher(line.len(), ShaHasher::default());
+    at.extend(line.iter().enumerate().map(|(i, h)| (&h.sha, i)));
+    let parent: Vec<Option<usize>> = line
+        .iter()
+        .map(|h| h.before.head().and_then(|b| at.get(b).copied()))
+        .collect();
+    // Each head's children as one run of `children`, from `first_child[head]` on.
+    let mut first_child = vec![0; line.len() + 1];
+    for up in parent.iter().flatten() {
+        first_child[up + 1] += 1;
+    }
+    for head in 0..line.len() {
+        first_child[head + 1] += first_child[head];
+    }
+    let mut children = vec![0; first_child[line.len()]];
+    let mut filled = first_child.clone();
+    let mut roots = Vec::new();
+    for (head, up) in parent.iter().enumerate() {
+        match up {
+            Some(up) => {
+                children[filled[*up]] = head;
+                filled[*up] += 1;
+            }
+            None => roots.push(head),
+        }
+    }
+    let children_of = |head: usize| &children[first_child[head]..first_child[head + 1]];
+    // Parents before their children; heads under a cycle of befores (not a git history)
+    // are never reached, and are never placed by the order either.
+    let mut downwards = Vec::with_capacity(line.len());
+    let mut stack = roots.clone();
+    while let Some(head) = stack.pop() {
+        downwards.push(head);
+        stack.extend(children_of(head));
+    }
+    // Where each head's subtree first appears in the line as it stands: a late push of an
+    // old commit takes the place of the earliest head pushed on top of it.
+    let mut first_seen: Vec<usize> = (0..line.len()).collect();
+    for &head in downwards.iter().rev() {
+        if let Some(up) = parent[head] {
+            first_seen[up] = first_seen[up].min(first_seen[head]);
+        }
+    }
+    let key = |i: usize| Reverse((line[i].before != Before::Created, first_seen[i], i));
+    let mut ready: BinaryHeap<_> = roots.into_iter().map(key).collect();
+    let mut placed = vec![false; line.len()];
+    let mut order = Vec::with_capacity(line.len());
+    while let Some(Reverse((_, _, next))) = ready.pop() {
+        placed[next] = true;
+        order.push(next);
+        ready.extend(children_of(next).iter().map(|&child| key(child)));
+    }
+    // A cycle of befores: what is left, as it stands.
+    order.extend((0..line.len()).filter(|&i| !placed[i]));
+    order
 }
 
 #[cfg(test)]
@@ -1200,6 +1237,72 @@ mod tests {
             prop_assert!(state.heads.iter().all(|head| head.line == 0), "one line");
             prop_assert_eq!(state.heads.len(), MAX_HEADS, "trimmed");
             index_answers_as_scanning(&pushes)?;
+        }
+    }
+
+    /// [`line_order`] as it was first written: each head's ancestors walked for every head,
+    /// and each next head found by scanning all of them.
+    fn line_order_by_scanning(line: &[Head]) -> Vec<usize> {
+        let at: std::collections::HashMap<&Sha, usize> =
+            line.iter().enumerate().map(|(i, h)| (&h.sha, i)).collect();
+        let parent: Vec<Option<usize>> = line
+            .iter()
+            .map(|h| h.before.head().and_then(|b| at.get(b).copied()))
+            .collect();
+        let mut first_seen: Vec<usize> = (0..line.len()).collect();
+        for head in 0..line.len() {
+            let mut ancestor = parent[head];
+            for _ in 0..line.len() {
+                let Some(up) = ancestor else { break };
+                first_seen[up] = first_seen[up].min(head);
+                ancestor = parent[up];
+            }
+        }
+        let mut placed = vec![false; line.len()];
+        let mut order: Vec<usize> = Vec::with_capacity(line.len());
+        while let Some(next) = (0..line.len())
+            .filter(|&i| !placed[i] && parent[i].is_none_or(|p| placed[p]))
+            .min_by_key(|&i| (line[i].before != Before::Created, first_seen[i], i))
+        {
+            placed[next] = true;
+            order.push(next);
+        }
+        order.extend((0..line.len()).filter(|&i| !placed[i]));
+        order
+    }
+
+    /// A line of distinct commits whose befores are anything: the created branch, unknown,
+    /// a head of the line (before or after it, itself, so cycles too) or a commit not on it.
+    fn any_line() -> impl Strategy<Value = Vec<Head>> {
+        (1usize..300).prop_flat_map(|len| {
+            let before = proptest::prop_oneof![
+                1 => Just(Before::Created),
+                1 => Just(Before::Unknown),
+                8 => (0..len as u16 + 8).prop_map(|n| Before::Head(long_sha(n))),
+            ];
+            proptest::collection::vec(before, len).prop_map(|befores| {
+                befores
+                    .into_iter()
+                    .enumerate()
+                    .map(|(n, before)| Head {
+                        sha: long_sha(u16::try_from(n).expect("a short line")),
+                        seq: n as u64,
+                        pushed_at_ms: 0,
+                        line: 0,
+                        before,
+                    })
+                    .collect()
+            })
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// Ordering a line from a heap gives the order scanning gave, whatever its befores.
+        #[test]
+        fn a_line_ordered_from_a_heap_is_a_line_ordered_by_scanning(line in any_line()) {
+            prop_assert_eq!(line_order(&line), line_order_by_scanning(&line));
         }
     }
 
