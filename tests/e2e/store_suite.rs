@@ -1626,7 +1626,47 @@ async fn a_log_that_lost_its_entries_makes_followers_re_read_everything() -> any
     store.record_fact(&k, &push_of(1), None, None).await?;
     let mut rx = subscribed(store.as_ref()).await?;
     fixture.redis.cli(&["FLUSHALL"])?;
-    let resync = tokio::time::timeout(RESUBSCRIBE, async {
+    resynced(&mut rx)
+        .await
+        .context("no Notice::Resync after the log lost its entries")?;
+    // Following the new log.
+    wait_until_receiving(store.as_ref(), &mut rx, SOON).await?;
+    Ok(())
+}
+
+/// A Redis restarted without its data that takes a write before the follower is back: the
+/// new log has newer ids and has trimmed nothing, yet what the follower read last is gone,
+/// and it re-reads everything rather than follow the new log as if nothing was lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_lost_its_entries_and_took_new_ones_makes_followers_re_read_everything()
+-> anyhow::Result<()> {
+    let mut fixture = RedisFixture::start().await?;
+    let store: Arc<dyn Store> = fixture.store.clone();
+    let k = key("group/app", "main");
+    store.record_fact(&k, &push_of(1), None, None).await?;
+    store.record_fact(&k, &push_of(2), None, None).await?;
+    let mut rx = subscribed(store.as_ref()).await?;
+    wait_until_receiving(store.as_ref(), &mut rx, SOON).await?;
+    // Down long enough for the follower's reconnection to back off past the write below.
+    fixture.redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fixture.redis.restart_empty().await?;
+    let fact = push_of(3);
+    let recorded = retry(|| store.record_fact(&k, &fact, None, None)).await?;
+    assert_eq!(
+        recorded,
+        Ingested::Recorded { position: 1 },
+        "the data is gone"
+    );
+    resynced(&mut rx)
+        .await
+        .context("no Notice::Resync after Redis came back empty and took a write")?;
+    Ok(())
+}
+
+/// Waits up to RESUBSCRIBE for a `Notice::Resync`, skipping any other notice.
+async fn resynced(rx: &mut broadcast::Receiver<Notice>) -> anyhow::Result<()> {
+    tokio::time::timeout(RESUBSCRIBE, async {
         loop {
             match rx.recv().await {
                 Ok(Notice::Resync) => return Ok(()),
@@ -1635,11 +1675,8 @@ async fn a_log_that_lost_its_entries_makes_followers_re_read_everything() -> any
             }
         }
     })
-    .await;
-    resync.context("no Notice::Resync after the log lost its entries")??;
-    // Following the new log.
-    wait_until_receiving(store.as_ref(), &mut rx, SOON).await?;
-    Ok(())
+    .await
+    .context("timed out")?
 }
 
 /// A prefix holding the previous layout (one change log stream, no layout marker) is refused

@@ -177,6 +177,22 @@ impl Redis {
         self.spawn().await
     }
 
+    /// Starts it again on the same port with none of its data, as a Redis whose storage
+    /// went with its pod does.
+    pub async fn restart_empty(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        for entry in std::fs::read_dir(self.dir.path()).context("reading Redis's data dir")? {
+            let path = entry?.path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            }
+            .with_context(|| format!("removing {}", path.display()))?;
+        }
+        self.spawn().await
+    }
+
     /// Runs `redis-cli` against it with `args`; its output, if it succeeded.
     pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
         let output = std::process::Command::new("redis-cli")

@@ -1402,17 +1402,61 @@ enum Resume {
     Resync(EntryId),
 }
 
+/// Where one shard of the log stands, as [`resume_point`] needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct LogEnd {
+    /// The newest id appended.
+    newest: EntryId,
+    /// The newest id ever trimmed.
+    max_deleted: EntryId,
+    /// Whether the entry last read is still in the log (true when that was not asked).
+    holds_last: bool,
+}
+
+impl LogEnd {
+    /// Whether `last` must still be in the log for [`resume_point`] to resume from it: a
+    /// log that lost its data and took new entries since has newer ids and has trimmed
+    /// nothing, so only the absence of the entry last read tells it apart.
+    fn must_hold(last: Option<EntryId>, newest: EntryId, max_deleted: EntryId) -> bool {
+        last.is_some_and(|last| last != EntryId::default() && max_deleted < last && newest >= last)
+    }
+}
+
 /// Decides how a follower that last read `last` (none on its first connection) goes on,
-/// given the log's newest id and the newest id ever trimmed from it.
-fn resume_point(last: Option<EntryId>, newest: EntryId, max_deleted: EntryId) -> Resume {
+/// given where the log stands now.
+fn resume_point(last: Option<EntryId>, end: LogEnd) -> Resume {
     match last {
-        None => Resume::Resync(newest),
-        Some(last) => match newest.cmp(&last) {
-            Ordering::Less => Resume::Resync(newest),
-            _ if max_deleted > last => Resume::Resync(newest),
+        None => Resume::Resync(end.newest),
+        Some(last) => match end.newest.cmp(&last) {
+            Ordering::Less => Resume::Resync(end.newest),
+            _ if end.max_deleted > last || !end.holds_last => Resume::Resync(end.newest),
             _ => Resume::From(last),
         },
     }
+}
+
+/// Where `log` stands for a follower that last read `last`: its newest id, the newest id
+/// trimmed from it (zeros when it does not exist), and, when that is what tells, whether it
+/// still holds `last`.
+async fn log_end(conn: &mut Conn, log: &str, last: Option<EntryId>) -> redis::RedisResult<LogEnd> {
+    let (newest, max_deleted) = log_position(conn, log).await?;
+    let holds_last = match last {
+        Some(last) if LogEnd::must_hold(Some(last), newest, max_deleted) => {
+            let found: Vec<redis::Value> = redis::cmd("XRANGE")
+                .arg(log)
+                .arg(last.to_string())
+                .arg(last.to_string())
+                .query_async(conn)
+                .await?;
+            !found.is_empty()
+        }
+        _ => true,
+    };
+    Ok(LogEnd {
+        newest,
+        max_deleted,
+        holds_last,
+    })
 }
 
 /// The log's newest id and the newest id trimmed from it; zeros when it does not exist.
@@ -1540,21 +1584,25 @@ impl Follower {
     ) -> redis::RedisResult<Vec<EntryId>> {
         let mut positions = Vec::with_capacity(self.logs.len());
         let mut lost = false;
+        // Every shard is asked before any is moved on: a shard moved past its lost entries
+        // by a resume that then failed would be resumed quietly by the next one.
         for (index, log) in self.logs.iter().enumerate() {
-            let (newest, max_deleted) = log_position(conn, log).await?;
-            let position = match resume_point(last[index], newest, max_deleted) {
+            let end = log_end(conn, log, last[index]).await?;
+            let position = match resume_point(last[index], end) {
                 Resume::From(id) => id,
                 Resume::Resync(id) => {
                     lost = true;
                     id
                 }
             };
-            last[index] = Some(position);
             positions.push(position);
         }
         if lost {
             info!("change log entries may have been missed; re-reading every agent's state");
             let _ = self.notices.send(Notice::Resync);
+        }
+        for (last, position) in last.iter_mut().zip(&positions) {
+            *last = Some(*position);
         }
         Ok(positions)
     }
@@ -1738,33 +1786,65 @@ mod tests {
 
     #[test]
     fn a_follower_resumes_unless_entries_were_lost() {
+        let end = |newest, max_deleted| LogEnd {
+            newest,
+            max_deleted,
+            holds_last: true,
+        };
         // First connection: nothing read yet, so everything is re-read once.
         assert_eq!(
-            resume_point(None, id(9, 0), id(0, 0)),
+            resume_point(None, end(id(9, 0), id(0, 0))),
             Resume::Resync(id(9, 0))
         );
         // Reconnected, nothing trimmed past what was read: resume.
         assert_eq!(
-            resume_point(Some(id(5, 0)), id(9, 0), id(0, 0)),
+            resume_point(Some(id(5, 0)), end(id(9, 0), id(0, 0))),
             Resume::From(id(5, 0))
         );
         assert_eq!(
-            resume_point(Some(id(5, 0)), id(9, 0), id(5, 0)),
+            resume_point(Some(id(5, 0)), end(id(9, 0), id(5, 0))),
             Resume::From(id(5, 0))
         );
         // Trimmed past the last entry read: some were never seen.
         assert_eq!(
-            resume_point(Some(id(5, 0)), id(9, 0), id(7, 0)),
+            resume_point(Some(id(5, 0)), end(id(9, 0), id(7, 0))),
             Resume::Resync(id(9, 0))
         );
         // The log is behind what was read: Redis lost its data.
         assert_eq!(
-            resume_point(Some(id(5, 0)), id(2, 0), id(0, 0)),
+            resume_point(Some(id(5, 0)), end(id(2, 0), id(0, 0))),
             Resume::Resync(id(2, 0))
         );
         assert_eq!(
-            resume_point(Some(id(5, 0)), id(0, 0), id(0, 0)),
+            resume_point(Some(id(5, 0)), end(id(0, 0), id(0, 0))),
             Resume::Resync(id(0, 0))
         );
+        // Redis lost its data and took new entries since: newer ids, nothing trimmed, but
+        // the entry last read is gone.
+        assert_eq!(
+            resume_point(
+                Some(id(5, 0)),
+                LogEnd {
+                    holds_last: false,
+                    ..end(id(9, 0), id(0, 0))
+                }
+            ),
+            Resume::Resync(id(9, 0))
+        );
+    }
+
+    #[test]
+    fn the_entry_last_read_is_looked_for_only_where_its_absence_tells() {
+        // Nothing read, or nothing ever in the log.
+        assert!(!LogEnd::must_hold(None, id(9, 0), id(0, 0)));
+        assert!(!LogEnd::must_hold(Some(id(0, 0)), id(0, 0), id(0, 0)));
+        // Trimmed up to it or past it: gone either way, and the trim says which.
+        assert!(!LogEnd::must_hold(Some(id(5, 0)), id(9, 0), id(5, 0)));
+        assert!(!LogEnd::must_hold(Some(id(5, 0)), id(9, 0), id(7, 0)));
+        // A log behind what was read says so itself.
+        assert!(!LogEnd::must_hold(Some(id(5, 0)), id(2, 0), id(0, 0)));
+        // Otherwise it must be there.
+        assert!(LogEnd::must_hold(Some(id(5, 0)), id(5, 0), id(0, 0)));
+        assert!(LogEnd::must_hold(Some(id(5, 0)), id(9, 0), id(3, 0)));
     }
 }
