@@ -122,12 +122,30 @@ pub struct StatusPublisher {
 }
 
 /// What became of one log entry's statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Handled {
     /// Posted, already posted, or refused for good: done with the entry.
     Done,
+    /// Another publisher holds the claim of one of its statuses and has not posted it yet:
+    /// left unacknowledged, so that whoever takes the entry over finds it posted, or
+    /// posts it if that publisher failed.
+    Claimed,
     /// GitLab kept failing: left unacknowledged for a later attempt, by any replica.
     Deferred,
     Stopped,
+}
+
+impl Handled {
+    /// Folds the statuses of one entry handled in turn: a status claimed elsewhere does not
+    /// stop the others being posted, GitLab failing or a shutdown does.
+    fn then(self, next: Handled) -> std::ops::ControlFlow<Handled, Handled> {
+        use std::ops::ControlFlow::{Break, Continue};
+        match (self, next) {
+            (_, Handled::Deferred | Handled::Stopped) => Break(next),
+            (Handled::Claimed, _) | (_, Handled::Claimed) => Continue(Handled::Claimed),
+            _ => Continue(self),
+        }
+    }
 }
 
 impl StatusPublisher {
@@ -179,6 +197,10 @@ impl StatusPublisher {
                         warn!(%error, id = entry.id, "cannot acknowledge a status entry");
                     }
                 }
+                Handled::Claimed => debug!(
+                    id = entry.id,
+                    "a status of the entry is claimed by another publisher; leaving it for later"
+                ),
                 Handled::Deferred => self.metrics.gitlab_status("deferred", 1),
                 Handled::Stopped => return,
             }
@@ -190,6 +212,7 @@ impl StatusPublisher {
         // Joins the trace of the decision or report the entry records.
         let span = tracing::info_span!("commit_statuses", trace_id = tracing::field::Empty);
         greenlight::telemetry::adopt(&span, trace_of(&entry.message).as_deref());
+        let mut handled = Handled::Done;
         for (agent, sha, mut status) in status_for(&entry.message, self.target_base.as_deref()) {
             // Each status's attempts are bounded well within the takeover time, so that its
             // claim outlives them. An entry naming many agents may take longer than that as
@@ -215,7 +238,7 @@ impl StatusPublisher {
                 sha = job.sha,
                 state = job.status.state
             );
-            match post(
+            let posted = post(
                 &self.engine,
                 &self.gitlab,
                 &job,
@@ -224,13 +247,13 @@ impl StatusPublisher {
                 shutdown,
             )
             .instrument(posting)
-            .await
-            {
-                Handled::Done => {}
-                other => return other,
-            }
+            .await;
+            handled = match handled.then(posted) {
+                std::ops::ControlFlow::Continue(so_far) => so_far,
+                std::ops::ControlFlow::Break(last) => return last,
+            };
         }
-        Handled::Done
+        handled
     }
 }
 
@@ -292,9 +315,10 @@ async fn post(
     let retaken = match engine.store().begin_status(&status, holder, lease).await {
         Ok(StatusClaim::Mine) => false,
         Ok(StatusClaim::Retaken) => true,
-        // Another entry of the same status is being posted or was: its publisher answers
-        // for it, and retries its own entry if posting fails.
-        Ok(StatusClaim::Posted | StatusClaim::InFlight) => return Handled::Done,
+        Ok(StatusClaim::Posted) => return Handled::Done,
+        // Being posted by another publisher, for another entry of the same status or for
+        // this one before it was taken over: only once it is posted is the entry done.
+        Ok(StatusClaim::InFlight) => return Handled::Claimed,
         Err(error) => {
             warn!(%error, agent, state, "cannot claim a commit status; leaving it for later");
             return Handled::Deferred;
@@ -421,6 +445,31 @@ mod tests {
             at_ms: 0,
             superseded_by: None,
         }
+    }
+
+    /// The statuses of one entry, each handled as `each` says, folded as `handle` does: what
+    /// the entry comes to, and how many statuses were tried.
+    fn settle(each: &[Handled]) -> (Handled, usize) {
+        let mut handled = Handled::Done;
+        for (tried, next) in each.iter().enumerate() {
+            match handled.then(*next) {
+                std::ops::ControlFlow::Continue(so_far) => handled = so_far,
+                std::ops::ControlFlow::Break(last) => return (last, tried + 1),
+            }
+        }
+        (handled, each.len())
+    }
+
+    #[test]
+    fn an_entry_with_a_status_claimed_elsewhere_is_left_for_later_once_the_others_are_tried() {
+        use Handled::{Claimed, Deferred, Done, Stopped};
+        assert_eq!(settle(&[]), (Done, 0));
+        assert_eq!(settle(&[Done, Done]), (Done, 2));
+        // Acknowledged, the entry would be lost if the publisher holding the claim failed.
+        assert_eq!(settle(&[Done, Claimed, Done]), (Claimed, 3));
+        assert_eq!(settle(&[Claimed, Done]), (Claimed, 2));
+        assert_eq!(settle(&[Claimed, Deferred, Done]), (Deferred, 2));
+        assert_eq!(settle(&[Done, Stopped, Claimed]), (Stopped, 2));
     }
 
     #[test]
