@@ -36,8 +36,17 @@ const GIT_BUCKETS: [f64; 14] = [
 ];
 
 /// How far behind the change log this replica's follower is: seconds between an entry's
-/// append and its relay. Shared with the store, which sets it.
+/// append and its relay.
 pub type LogLag = Gauge<f64, AtomicU64>;
+
+/// What the store sees of the change log: shared with it, which sets them.
+#[derive(Clone, Default)]
+pub struct LogMetrics {
+    /// How far behind the log this replica's follower is.
+    pub lag: LogLag,
+    /// Entries trimmed from the log before any status publisher read them.
+    pub status_entries_lost: Counter,
+}
 
 /// The server's metrics.
 pub struct Metrics {
@@ -56,7 +65,7 @@ pub struct Metrics {
     git_fetch_duration: Histogram,
     manifest_read_duration: Histogram,
     store_errors: Family<StaticLabels, Counter>,
-    log_lag: LogLag,
+    log: LogMetrics,
     stream_buffer: StreamBuffer,
 }
 
@@ -187,12 +196,19 @@ impl Default for Metrics {
             "Store operations that failed, by operation",
             store_errors.clone(),
         );
-        let log_lag = LogLag::default();
+        let log = LogMetrics::default();
         registry.register(
             "change_log_lag_seconds",
             "Seconds between the append of the last change log entry this replica relayed and \
              its relay (by the two clocks); 0 once caught up, and always with the embedded store",
-            log_lag.clone(),
+            log.lag.clone(),
+        );
+        registry.register(
+            "gitlab_commit_status_entries_lost",
+            "Change log entries trimmed before a status publisher read them, whose commit \
+             statuses are never posted (GitLab unreachable while about 10,000 entries passed in \
+             one shard); counted by the replica that notices",
+            log.status_entries_lost.clone(),
         );
         let stream_buffer = StreamBuffer::default();
         // Served at 0 from the start, so that a rate over them needs no special case.
@@ -235,7 +251,7 @@ impl Default for Metrics {
             git_fetch_duration,
             manifest_read_duration,
             store_errors,
-            log_lag,
+            log,
             stream_buffer,
         }
     }
@@ -312,9 +328,9 @@ impl Metrics {
         self.stream_buffer.clone()
     }
 
-    /// The gauge the store sets to how far behind the change log this replica is.
-    pub fn log_lag(&self) -> LogLag {
-        self.log_lag.clone()
+    /// The figures the store keeps of the change log.
+    pub fn log(&self) -> LogMetrics {
+        self.log.clone()
     }
 
     /// The OpenMetrics text exposition, with the git counters brought up to `git`.
@@ -421,7 +437,7 @@ mod tests {
         metrics.read(Duration::from_millis(3));
         metrics.fact_decided(Duration::from_millis(2));
         metrics.store_error("load");
-        metrics.log_lag().set(0.25);
+        metrics.log().lag.set(0.25);
         let text = metrics.encode(GitStats::default()).unwrap();
         for expected in [
             "greenlight_connected_agents 1",

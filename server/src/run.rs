@@ -131,7 +131,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::default());
     let store: Arc<dyn Store> = match &config.redis {
         Some(settings) => {
-            let redis = RedisStore::connect(settings, shutdown.clone(), metrics.log_lag())?;
+            let redis = RedisStore::connect(settings, shutdown.clone(), metrics.log())?;
             match redis.check_layout().await {
                 Err(error @ StoreError::OldLayout { .. }) => return Err(error.into()),
                 Err(error) => {

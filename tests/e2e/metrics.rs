@@ -13,7 +13,7 @@ use greenlight_e2e::{
 use greenlight_server::config::{Config, Overrides};
 
 /// Every family the server serves, and its kind. One with labels is served once counted.
-const SERVER_FAMILIES: [(&str, Kind); 17] = [
+const SERVER_FAMILIES: [(&str, Kind); 18] = [
     ("greenlight_webhook_deliveries", Kind::Counter),
     ("greenlight_git_fetches", Kind::Counter),
     ("greenlight_manifest_reads", Kind::Counter),
@@ -31,6 +31,10 @@ const SERVER_FAMILIES: [(&str, Kind); 17] = [
     ("greenlight_manifest_read_duration_seconds", Kind::Histogram),
     ("greenlight_store_errors", Kind::Counter),
     ("greenlight_change_log_lag_seconds", Kind::Gauge),
+    (
+        "greenlight_gitlab_commit_status_entries_lost",
+        Kind::Counter,
+    ),
 ];
 
 /// Every family the agent serves, and its kind.

@@ -16,6 +16,7 @@ use greenlight_server::config::RedisSettings;
 use greenlight_server::gate::{
     Before, Decision, Outcome, Pipeline, PipelineStatus, Push, Revision, Sha,
 };
+use greenlight_server::metrics::LogMetrics;
 use greenlight_server::store::{
     AgentState, AgentWrite, AgentWrites, Broadcast, DeployedChange, EmbeddedStore, FactRecord,
     Ingested, LogEntry, Notice, RedisStore, RefKey, StatusClaim, StatusKey, Store, StoreError,
@@ -1661,6 +1662,88 @@ async fn a_log_that_lost_its_entries_and_took_new_ones_makes_followers_re_read_e
     resynced(&mut rx)
         .await
         .context("no Notice::Resync after Redis came back empty and took a write")?;
+    Ok(())
+}
+
+/// Entries trimmed from the log while a follower was away, past the one it read last: it
+/// re-reads everything. Redis does not count trimming in the stream's newest deleted id, so
+/// only the entry last read being gone tells.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_trimmed_unread_while_a_follower_was_away_make_it_re_read_everything()
+-> anyhow::Result<()> {
+    let mut fixture = RedisFixture::start().await?;
+    let store: Arc<dyn Store> = fixture.store.clone();
+    let k = key("group/app", "main");
+    store.record_fact(&k, &push_of(1), None, None).await?;
+    let mut rx = subscribed(store.as_ref()).await?;
+    wait_until_receiving(store.as_ref(), &mut rx, SOON).await?;
+    // Down long enough for the follower's reconnection to back off past what follows.
+    fixture.redis.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fixture.redis.restart().await?;
+    for n in 2..=6 {
+        let fact = push_of(n);
+        retry(|| store.record_fact(&k, &fact, None, None)).await?;
+    }
+    for log in fixture
+        .redis
+        .cli(&["--raw", "KEYS", "gl-suite:*:log"])?
+        .lines()
+    {
+        fixture.redis.cli(&["XTRIM", log, "MAXLEN", "2"])?;
+    }
+    resynced(&mut rx)
+        .await
+        .context("no Notice::Resync after entries were trimmed unread")?;
+    Ok(())
+}
+
+/// Entries trimmed from the log before any status publisher read them, and before it looked
+/// again, are counted once each, and the publishers read on from the oldest entry kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_entries_trimmed_unread_are_counted_once() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let settings = RedisSettings::single(redis.url(), "gl-lost".to_owned());
+    let metrics = LogMetrics::default();
+    let owned = RedisStore::connect(&settings, shutdown.clone(), metrics.clone())?;
+    let store: &dyn Store = &owned;
+    // Losses are looked for every half of this at most, before a read.
+    let lease = Duration::from_millis(200);
+    let k = key("group/app", "main");
+    store.record_fact(&k, &push_of(1), None, None).await?;
+    let first = store
+        .next_for_statuses("replica-a", lease)
+        .await?
+        .context("the first entry")?;
+    store.ack_statuses(&first.id).await?;
+    for n in 2..=6 {
+        store.record_fact(&k, &push_of(n), None, None).await?;
+    }
+    let (shard, _) = first.id.split_once('/').context("a shard/id entry id")?;
+    let log = format!("gl-lost:{{gl{shard}}}:log");
+    assert_eq!(
+        redis.cli(&["XLEN", &log])?.trim(),
+        "6",
+        "one ref's entries share a shard"
+    );
+    // Keep the newest two of the five unread: three are lost.
+    redis.cli(&["XTRIM", &log, "MAXLEN", "2"])?;
+    tokio::time::sleep(lease).await;
+    let next = store
+        .next_for_statuses("replica-a", lease)
+        .await?
+        .context("an entry kept")?;
+    assert_eq!(metrics.status_entries_lost.get(), 3);
+    store.ack_statuses(&next.id).await?;
+    tokio::time::sleep(lease).await;
+    let last = store
+        .next_for_statuses("replica-a", lease)
+        .await?
+        .context("the newest entry")?;
+    store.ack_statuses(&last.id).await?;
+    assert_eq!(metrics.status_entries_lost.get(), 3, "counted once");
     Ok(())
 }
 

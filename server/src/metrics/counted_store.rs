@@ -224,7 +224,7 @@ mod tests {
         let settings = RedisSettings::single("redis://127.0.0.1:1", "gl-unit");
         let metrics = Arc::new(Metrics::default());
         let stop = CancellationToken::new();
-        let redis = RedisStore::connect(&settings, stop.clone(), metrics.log_lag()).unwrap();
+        let redis = RedisStore::connect(&settings, stop.clone(), metrics.log()).unwrap();
         let store = CountedStore::new(Arc::new(redis), metrics.clone());
         let key = RefKey {
             project: "group/app".into(),

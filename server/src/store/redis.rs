@@ -40,7 +40,7 @@ use super::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 use crate::clock::{millis, now_ms};
 use crate::config::RedisSettings;
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
-use crate::metrics::LogLag;
+use crate::metrics::{LogLag, LogMetrics};
 
 /// Records one fact in one round trip: refuses a redelivery, merges the fact (pipeline
 /// updates by the rule of `Pipeline::merged`, so that arrival order never matters), bumps
@@ -269,6 +269,11 @@ pub struct RedisStore {
     relayed: Arc<Notify>,
     /// When this replica last looked for entries a dead publisher took.
     last_reclaim: Mutex<Option<Instant>>,
+    /// Counts log entries trimmed before any status publisher read them.
+    status_entries_lost: prometheus_client::metrics::counter::Counter,
+    /// Per shard, where the status group stood when its loss was last counted, and how many
+    /// were counted then.
+    status_loss_counted: Mutex<HashMap<String, (EntryId, u64)>>,
     url_for_logs: String,
 }
 
@@ -354,11 +359,11 @@ impl Keys {
 
 impl RedisStore {
     /// Connects lazily (the server starts even while Redis is down) and starts following
-    /// the change log until `shutdown`, keeping `lag` at how far behind it that is.
+    /// the change log until `shutdown`, keeping `metrics` of it.
     pub fn connect(
         settings: &RedisSettings,
         shutdown: CancellationToken,
-        lag: LogLag,
+        metrics: LogMetrics,
     ) -> Result<Self> {
         let source = Source::open(settings)?;
         let conn = source.shared()?;
@@ -379,7 +384,7 @@ impl RedisStore {
                 logs: shards.iter().map(|shard| keys.log(*shard)).collect(),
                 notices: notices.clone(),
                 relayed: relayed.clone(),
-                lag: lag.clone(),
+                lag: metrics.lag.clone(),
             };
             tokio::spawn(
                 follower
@@ -413,6 +418,8 @@ impl RedisStore {
             status_conn: Mutex::new(None),
             relayed,
             last_reclaim: Mutex::new(None),
+            status_entries_lost: metrics.status_entries_lost,
+            status_loss_counted: Mutex::new(HashMap::new()),
             url_for_logs,
         })
     }
@@ -593,6 +600,7 @@ impl RedisStore {
             }
             *last = Some(Instant::now());
         }
+        self.count_status_entries_lost().await?;
         let min_idle = millis(reclaim_after);
         for (shard, log) in self.keys.logs().iter().enumerate() {
             let reclaimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
@@ -612,6 +620,51 @@ impl RedisStore {
             }
         }
         Ok(None)
+    }
+
+    /// Counts, and warns of, entries each shard trimmed before the status group read them:
+    /// their statuses are lost, and the group reads on from the oldest entry kept, so each
+    /// is counted once.
+    async fn count_status_entries_lost(&self) -> Result<()> {
+        for log in self.keys.logs() {
+            let mut conn = self.conn.clone();
+            let stream = match stream_info(&mut conn, &log).await? {
+                Some(stream) => stream,
+                None => continue,
+            };
+            let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&log)
+                .query_async(&mut conn)
+                .await?;
+            let Some(group) = groups.iter().find(|group| {
+                group
+                    .get("name")
+                    .and_then(|name| redis::from_redis_value_ref::<String>(name).ok())
+                    .is_some_and(|name| name == STATUS_GROUP)
+            }) else {
+                continue;
+            };
+            let delivered = StatusGroupRead {
+                last_delivered: info_id(group, "last-delivered-id"),
+                entries_read: info_count(group, "entries-read"),
+            };
+            let lost = {
+                // Until the group reads on, later looks see the same loss, or more of it.
+                let mut counted = self.status_loss_counted.lock().await;
+                delivered.newly_lost(&stream, counted.entry(log.clone()).or_default())
+            };
+            if lost > 0 {
+                warn!(
+                    log,
+                    lost,
+                    "change log entries were trimmed before a status publisher read them; \
+                     their commit statuses will not be posted"
+                );
+                self.status_entries_lost.inc_by(lost);
+            }
+        }
+        Ok(())
     }
 
     async fn take_for_statuses(
@@ -1407,16 +1460,18 @@ enum Resume {
 struct LogEnd {
     /// The newest id appended.
     newest: EntryId,
-    /// The newest id ever trimmed.
+    /// The newest id ever deleted by `XDEL` (trimming does not count).
     max_deleted: EntryId,
     /// Whether the entry last read is still in the log (true when that was not asked).
     holds_last: bool,
 }
 
 impl LogEnd {
-    /// Whether `last` must still be in the log for [`resume_point`] to resume from it: a
-    /// log that lost its data and took new entries since has newer ids and has trimmed
-    /// nothing, so only the absence of the entry last read tells it apart.
+    /// Whether `last` must still be in the log for [`resume_point`] to resume from it. Its
+    /// absence is what tells both losses apart from a log merely read on: Redis does not
+    /// count trimming (`MAXLEN`) in the newest id deleted, and trims the oldest first, so
+    /// entries after `last` were trimmed unread only if `last` went too; and a log that lost
+    /// its data and took new entries since has newer ids and deleted nothing.
     fn must_hold(last: Option<EntryId>, newest: EntryId, max_deleted: EntryId) -> bool {
         last.is_some_and(|last| last != EntryId::default() && max_deleted < last && newest >= last)
     }
@@ -1459,8 +1514,74 @@ async fn log_end(conn: &mut Conn, log: &str, last: Option<EntryId>) -> redis::Re
     })
 }
 
-/// The log's newest id and the newest id trimmed from it; zeros when it does not exist.
-async fn log_position(conn: &mut Conn, log: &str) -> redis::RedisResult<(EntryId, EntryId)> {
+/// What `XINFO STREAM` says of a shard of the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct StreamInfo {
+    /// The newest id appended.
+    newest: EntryId,
+    /// The newest id ever deleted by `XDEL` (trimming does not count).
+    max_deleted: EntryId,
+    /// The oldest id it holds.
+    first_kept: EntryId,
+    /// Entries ever appended.
+    entries_added: u64,
+    /// Entries it holds now.
+    length: u64,
+}
+
+/// What `XINFO GROUPS` says of the status publishers' group on a shard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct StatusGroupRead {
+    last_delivered: EntryId,
+    /// Entries the group read, as Redis counts them; `None` when it cannot tell.
+    entries_read: Option<u64>,
+}
+
+impl StatusGroupRead {
+    /// How many entries `stream` trimmed that the group never read. The oldest go first, and
+    /// so do the group's reads, so they are the trimmed ones beyond those it read; none when
+    /// what it was last given is still kept, or Redis cannot tell how many it read.
+    fn lost_from(&self, stream: &StreamInfo) -> u64 {
+        if stream.length > 0 && self.last_delivered >= stream.first_kept {
+            return 0;
+        }
+        let trimmed = stream.entries_added.saturating_sub(stream.length);
+        self.entries_read
+            .map_or(0, |read| trimmed.saturating_sub(read))
+    }
+}
+
+impl StatusGroupRead {
+    /// What [`Self::lost_from`] finds that was not counted yet, given where the group stood
+    /// and how many were lost when last counted (`counted`, updated).
+    fn newly_lost(&self, stream: &StreamInfo, counted: &mut (EntryId, u64)) -> u64 {
+        let lost = self.lost_from(stream);
+        let already = if counted.0 == self.last_delivered {
+            counted.1
+        } else {
+            0
+        };
+        *counted = (self.last_delivered, lost.max(already));
+        lost.saturating_sub(already)
+    }
+}
+
+/// An id field of an `XINFO` reply; zeros when missing.
+fn info_id(info: &HashMap<String, redis::Value>, field: &str) -> EntryId {
+    info.get(field)
+        .and_then(|value| redis::from_redis_value_ref::<String>(value).ok())
+        .and_then(|text| EntryId::parse(&text))
+        .unwrap_or_default()
+}
+
+/// A count field of an `XINFO` reply; `None` when missing or nil.
+fn info_count(info: &HashMap<String, redis::Value>, field: &str) -> Option<u64> {
+    info.get(field)
+        .and_then(|value| redis::from_redis_value_ref::<u64>(value).ok())
+}
+
+/// `XINFO STREAM` of `log`; `None` when it does not exist.
+async fn stream_info(conn: &mut Conn, log: &str) -> redis::RedisResult<Option<StreamInfo>> {
     let info: redis::RedisResult<HashMap<String, redis::Value>> = redis::cmd("XINFO")
         .arg("STREAM")
         .arg(log)
@@ -1468,18 +1589,22 @@ async fn log_position(conn: &mut Conn, log: &str) -> redis::RedisResult<(EntryId
         .await;
     let info = match info {
         Ok(info) => info,
-        Err(error) if error.to_string().contains("no such key") => {
-            return Ok((EntryId::default(), EntryId::default()));
-        }
+        Err(error) if error.to_string().contains("no such key") => return Ok(None),
         Err(error) => return Err(error),
     };
-    let id = |field: &str| {
-        info.get(field)
-            .and_then(|value| redis::from_redis_value_ref::<String>(value).ok())
-            .and_then(|text| EntryId::parse(&text))
-            .unwrap_or_default()
-    };
-    Ok((id("last-generated-id"), id("max-deleted-entry-id")))
+    Ok(Some(StreamInfo {
+        newest: info_id(&info, "last-generated-id"),
+        max_deleted: info_id(&info, "max-deleted-entry-id"),
+        first_kept: info_id(&info, "recorded-first-entry-id"),
+        entries_added: info_count(&info, "entries-added").unwrap_or_default(),
+        length: info_count(&info, "length").unwrap_or_default(),
+    }))
+}
+
+/// The log's newest id and the newest id trimmed from it; zeros when it does not exist.
+async fn log_position(conn: &mut Conn, log: &str) -> redis::RedisResult<(EntryId, EntryId)> {
+    let info = stream_info(conn, log).await?.unwrap_or_default();
+    Ok((info.newest, info.max_deleted))
 }
 
 /// Relays shards of the change log to local subscribers, resuming after every reconnection
@@ -1830,6 +1955,67 @@ mod tests {
                 }
             ),
             Resume::Resync(id(9, 0))
+        );
+    }
+
+    #[test]
+    fn status_entries_are_lost_when_trimmed_past_what_the_group_was_given() {
+        // Entry n has id n: 1 to 50 trimmed, 51 to 90 kept.
+        let stream = StreamInfo {
+            newest: id(90, 0),
+            max_deleted: id(0, 0),
+            first_kept: id(51, 0),
+            entries_added: 90,
+            length: 40,
+        };
+        let group = |last, read| StatusGroupRead {
+            last_delivered: id(last, 0),
+            entries_read: read,
+        };
+        // Read up to the trim or past it: nothing lost.
+        assert_eq!(group(50, Some(50)).lost_from(&stream), 0);
+        assert_eq!(group(70, Some(70)).lost_from(&stream), 0);
+        // Read 20, then 50 trimmed: 30 never read.
+        assert_eq!(group(20, Some(20)).lost_from(&stream), 30);
+        // Never read anything.
+        assert_eq!(group(0, Some(0)).lost_from(&stream), 50);
+        // Redis cannot tell how many were read: not counted.
+        assert_eq!(group(20, None).lost_from(&stream), 0);
+        // Everything trimmed, the last 10 unread.
+        let emptied = StreamInfo {
+            length: 0,
+            first_kept: id(0, 0),
+            ..stream
+        };
+        assert_eq!(group(80, Some(80)).lost_from(&emptied), 10);
+
+        // Looked at again before the group read on: only what was trimmed since counts.
+        let mut counted = (EntryId::default(), 0);
+        assert_eq!(group(20, Some(20)).newly_lost(&stream, &mut counted), 30);
+        assert_eq!(group(20, Some(20)).newly_lost(&stream, &mut counted), 0);
+        let trimmed_more = StreamInfo {
+            first_kept: id(61, 0),
+            entries_added: 100,
+            ..stream
+        };
+        assert_eq!(
+            group(20, Some(20)).newly_lost(&trimmed_more, &mut counted),
+            10
+        );
+        // Read on past the gap: nothing more, and a later loss counts whole.
+        assert_eq!(
+            group(61, Some(61)).newly_lost(&trimmed_more, &mut counted),
+            0
+        );
+        let much_later = StreamInfo {
+            first_kept: id(81, 0),
+            entries_added: 110,
+            length: 30,
+            ..stream
+        };
+        assert_eq!(
+            group(70, Some(70)).newly_lost(&much_later, &mut counted),
+            10
         );
     }
 
