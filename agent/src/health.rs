@@ -43,69 +43,15 @@ pub fn has_status(group: &str, kind: &str) -> bool {
     }
 }
 
-/// Judges `object` of `kind` in `group`: workloads must have rolled out, Jobs completed,
-/// everything else by the conventions kstatus reads (observed generation, then the `Stalled`,
-/// `Ready`, `Available` and `Reconciling` conditions), or merely exist when it reports none.
+/// Judges `object` of `kind` in `group`: workloads must have rolled out as `kubectl rollout
+/// status` judges them, Jobs completed, everything else by the conventions kstatus reads
+/// (observed generation, then the `Stalled`, `Ready`, `Available` and `Reconciling`
+/// conditions), or merely exist when it reports none.
 pub fn assess(group: &str, kind: &str, object: &Value) -> Health {
-    let generation = int(object, "/metadata/generation").unwrap_or(0);
-    let observed = int(object, "/status/observedGeneration").unwrap_or(0);
-    let replicas = int(object, "/spec/replicas").unwrap_or(1);
-    let stale = || {
-        Health::Progressing(format!(
-            "controller has observed generation {observed} of {generation}"
-        ))
-    };
     match (group, kind) {
-        ("apps", "Deployment") => {
-            if observed < generation {
-                return stale();
-            }
-            if condition(object, "Progressing")
-                .and_then(|c| c.get("reason"))
-                .and_then(Value::as_str)
-                == Some("ProgressDeadlineExceeded")
-            {
-                return Health::Failed("progress deadline exceeded".into());
-            }
-            let updated = int(object, "/status/updatedReplicas").unwrap_or(0);
-            let available = int(object, "/status/availableReplicas").unwrap_or(0);
-            if updated < replicas {
-                Health::Progressing(format!("{updated} of {replicas} replicas updated"))
-            } else if available < replicas {
-                Health::Progressing(format!("{available} of {replicas} replicas available"))
-            } else {
-                Health::Healthy
-            }
-        }
-        ("apps", "StatefulSet") => {
-            if observed < generation {
-                return stale();
-            }
-            let updated = int(object, "/status/updatedReplicas").unwrap_or(0);
-            let ready = int(object, "/status/readyReplicas").unwrap_or(0);
-            if updated < replicas {
-                Health::Progressing(format!("{updated} of {replicas} replicas updated"))
-            } else if ready < replicas {
-                Health::Progressing(format!("{ready} of {replicas} replicas ready"))
-            } else {
-                Health::Healthy
-            }
-        }
-        ("apps", "DaemonSet") => {
-            if observed < generation {
-                return stale();
-            }
-            let desired = int(object, "/status/desiredNumberScheduled").unwrap_or(0);
-            let updated = int(object, "/status/updatedNumberScheduled").unwrap_or(0);
-            let available = int(object, "/status/numberAvailable").unwrap_or(0);
-            if updated < desired {
-                Health::Progressing(format!("{updated} of {desired} pods updated"))
-            } else if available < desired {
-                Health::Progressing(format!("{available} of {desired} pods available"))
-            } else {
-                Health::Healthy
-            }
-        }
+        ("apps", "Deployment") => deployment(object),
+        ("apps", "StatefulSet") => stateful_set(object),
+        ("apps", "DaemonSet") => daemon_set(object),
         ("batch", "Job") => {
             if condition_true(object, "Complete") {
                 Health::Healthy
@@ -119,7 +65,127 @@ pub fn assess(group: &str, kind: &str, object: &Value) -> Health {
                 Health::Progressing("job has not completed".into())
             }
         }
-        _ => by_convention(object, observed, generation),
+        _ => {
+            let generation = int(object, "/metadata/generation").unwrap_or(0);
+            let observed = int(object, "/status/observedGeneration").unwrap_or(0);
+            by_convention(object, observed, generation)
+        }
+    }
+}
+
+/// `Some(Progressing)` while the workload's controller has not yet seen its latest spec: until
+/// then its status describes the previous one.
+fn unobserved(object: &Value) -> Option<Health> {
+    let generation = int(object, "/metadata/generation").unwrap_or(0);
+    let observed = int(object, "/status/observedGeneration").unwrap_or(0);
+    (observed < generation).then(|| {
+        Health::Progressing(format!(
+            "controller has observed generation {observed} of {generation}"
+        ))
+    })
+}
+
+/// `spec.replicas`, which the API server defaults to 1.
+fn desired_replicas(object: &Value) -> i64 {
+    int(object, "/spec/replicas").unwrap_or(1)
+}
+
+/// Whether the workload's update strategy is `OnDelete`: its controller replaces a pod only
+/// once someone deletes it, so waiting for every pod to be updated could never end.
+fn updates_on_delete(object: &Value) -> bool {
+    object
+        .pointer("/spec/updateStrategy/type")
+        .and_then(Value::as_str)
+        == Some("OnDelete")
+}
+
+/// A Deployment as `kubectl rollout status` judges it. `availableReplicas` counts the old
+/// ReplicaSets' pods too, so it proves nothing until no old pod is left (`status.replicas`
+/// equals `updatedReplicas`) and is compared with the updated count.
+fn deployment(object: &Value) -> Health {
+    if let Some(stale) = unobserved(object) {
+        return stale;
+    }
+    if condition(object, "Progressing")
+        .and_then(|c| c.get("reason"))
+        .and_then(Value::as_str)
+        == Some("ProgressDeadlineExceeded")
+    {
+        return Health::Failed("progress deadline exceeded".into());
+    }
+    let desired = desired_replicas(object);
+    let updated = int(object, "/status/updatedReplicas").unwrap_or(0);
+    let total = int(object, "/status/replicas").unwrap_or(0);
+    let available = int(object, "/status/availableReplicas").unwrap_or(0);
+    if updated < desired {
+        Health::Progressing(format!("{updated} of {desired} replicas updated"))
+    } else if total > updated {
+        Health::Progressing(format!(
+            "{} old replicas pending termination",
+            total - updated
+        ))
+    } else if available < updated {
+        Health::Progressing(format!(
+            "{available} of {updated} updated replicas available"
+        ))
+    } else {
+        Health::Healthy
+    }
+}
+
+/// A StatefulSet as `kubectl rollout status` judges it, except that an `OnDelete` one (which
+/// kubectl refuses to wait for) is done once its pods are ready: only a person deleting pods
+/// would update them. A partitioned rollout is done once the pods at or above the partition
+/// ordinal are updated; the ones below stay at the old revision on purpose.
+fn stateful_set(object: &Value) -> Health {
+    if let Some(stale) = unobserved(object) {
+        return stale;
+    }
+    let desired = desired_replicas(object);
+    let updated = int(object, "/status/updatedReplicas").unwrap_or(0);
+    let total = int(object, "/status/replicas").unwrap_or(0);
+    let ready = int(object, "/status/readyReplicas").unwrap_or(0);
+    let partition = int(object, "/spec/updateStrategy/rollingUpdate/partition")
+        .unwrap_or(0)
+        .clamp(0, desired.max(0));
+    let to_update = desired - partition;
+    if !updates_on_delete(object) && updated < to_update {
+        return Health::Progressing(if partition > 0 {
+            format!("{updated} of {to_update} replicas at or above partition {partition} updated")
+        } else {
+            format!("{updated} of {desired} replicas updated")
+        });
+    }
+    // `readyReplicas` counts pods being scaled away too: a ready condemned pod must not stand
+    // in for an updated one that is not ready.
+    if total > desired {
+        Health::Progressing(format!(
+            "{} replicas above {desired} pending termination",
+            total - desired
+        ))
+    } else if ready < desired {
+        Health::Progressing(format!("{ready} of {desired} replicas ready"))
+    } else {
+        Health::Healthy
+    }
+}
+
+/// A DaemonSet as `kubectl rollout status` judges it, except that an `OnDelete` one is done
+/// once its pods are available. The controller counts only the oldest pod on each node, for
+/// availability as for being updated, so a surging new pod cannot hide behind an old one.
+fn daemon_set(object: &Value) -> Health {
+    if let Some(stale) = unobserved(object) {
+        return stale;
+    }
+    let desired = int(object, "/status/desiredNumberScheduled").unwrap_or(0);
+    let updated = int(object, "/status/updatedNumberScheduled").unwrap_or(0);
+    let available = int(object, "/status/numberAvailable").unwrap_or(0);
+    if !updates_on_delete(object) && updated < desired {
+        Health::Progressing(format!("{updated} of {desired} pods updated"))
+    } else if available < desired {
+        Health::Progressing(format!("{available} of {desired} pods available"))
+    } else {
+        Health::Healthy
     }
 }
 
@@ -180,6 +246,115 @@ mod tests {
             assess("apps", "Deployment", &d),
             Health::Failed(_)
         ));
+    }
+
+    /// A Deployment of 3 replicas mid-rollout with maxSurge 1 and maxUnavailable 0: all 3 new
+    /// pods exist, one of them crash-looping, and one old pod still serves.
+    fn surging_deployment() -> Value {
+        json!({"metadata": {"generation": 2}, "spec": {"replicas": 3},
+            "status": {"observedGeneration": 2, "replicas": 4, "updatedReplicas": 3,
+                "availableReplicas": 3}})
+    }
+
+    #[test]
+    fn a_deployment_with_old_pods_left_is_still_rolling_out() {
+        let mut d = surging_deployment();
+        assert_eq!(
+            assess("apps", "Deployment", &d),
+            Health::Progressing("1 old replicas pending termination".into())
+        );
+        // The old pod is gone; the crash-looping new one is not available.
+        d["status"]["replicas"] = json!(3);
+        d["status"]["availableReplicas"] = json!(2);
+        assert_eq!(
+            assess("apps", "Deployment", &d),
+            Health::Progressing("2 of 3 updated replicas available".into())
+        );
+        d["status"]["availableReplicas"] = json!(3);
+        assert_eq!(assess("apps", "Deployment", &d), Health::Healthy);
+    }
+
+    fn stateful_set(strategy: Value, updated: i64, ready: i64) -> Value {
+        json!({"metadata": {"generation": 2}, "spec": {"replicas": 3, "updateStrategy": strategy},
+            "status": {"observedGeneration": 2, "replicas": 3, "updatedReplicas": updated,
+                "readyReplicas": ready}})
+    }
+
+    #[test]
+    fn an_on_delete_statefulset_is_done_once_its_pods_are_ready() {
+        let on_delete = json!({"type": "OnDelete"});
+        assert_eq!(
+            assess(
+                "apps",
+                "StatefulSet",
+                &stateful_set(on_delete.clone(), 0, 3)
+            ),
+            Health::Healthy
+        );
+        assert_eq!(
+            assess("apps", "StatefulSet", &stateful_set(on_delete, 0, 2)),
+            Health::Progressing("2 of 3 replicas ready".into())
+        );
+    }
+
+    #[test]
+    fn a_partitioned_statefulset_is_done_once_the_pods_above_the_partition_are_updated() {
+        let partitioned = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 2}});
+        assert_eq!(
+            assess(
+                "apps",
+                "StatefulSet",
+                &stateful_set(partitioned.clone(), 1, 3)
+            ),
+            Health::Healthy
+        );
+        assert_eq!(
+            assess("apps", "StatefulSet", &stateful_set(partitioned, 0, 3)),
+            Health::Progressing("0 of 1 replicas at or above partition 2 updated".into())
+        );
+        // A partition beyond the replicas holds every pod back: nothing to wait for.
+        let beyond = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 5}});
+        assert_eq!(
+            assess("apps", "StatefulSet", &stateful_set(beyond, 0, 3)),
+            Health::Healthy
+        );
+        let whole = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 0}});
+        assert_eq!(
+            assess("apps", "StatefulSet", &stateful_set(whole, 2, 3)),
+            Health::Progressing("2 of 3 replicas updated".into())
+        );
+    }
+
+    #[test]
+    fn a_statefulset_scaling_down_is_not_healthy_on_the_strength_of_a_condemned_pod() {
+        // Scaled 4 -> 3 in the same revision as a new image: the ready count includes pod 3,
+        // about to be deleted, while one updated pod is not ready.
+        let mut sts = stateful_set(json!({"type": "RollingUpdate"}), 3, 3);
+        sts["status"]["replicas"] = json!(4);
+        assert_eq!(
+            assess("apps", "StatefulSet", &sts),
+            Health::Progressing("1 replicas above 3 pending termination".into())
+        );
+    }
+
+    #[test]
+    fn an_on_delete_daemonset_is_done_once_its_pods_are_available() {
+        let ds = |available: i64| {
+            json!({"metadata": {"generation": 2}, "spec": {"updateStrategy": {"type": "OnDelete"}},
+                "status": {"observedGeneration": 2, "desiredNumberScheduled": 2,
+                    "updatedNumberScheduled": 0, "numberAvailable": available}})
+        };
+        assert_eq!(assess("apps", "DaemonSet", &ds(2)), Health::Healthy);
+        assert_eq!(
+            assess("apps", "DaemonSet", &ds(1)),
+            Health::Progressing("1 of 2 pods available".into())
+        );
+        let mut rolling = ds(2);
+        rolling["spec"]["updateStrategy"] = json!({"type": "RollingUpdate"});
+        assert_eq!(
+            assess("apps", "DaemonSet", &rolling),
+            Health::Progressing("0 of 2 pods updated".into())
+        );
     }
 
     #[test]
