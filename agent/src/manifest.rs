@@ -12,6 +12,12 @@ pub struct Origin {
     pub document: usize,
 }
 
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} document {}", self.file, self.document)
+    }
+}
+
 /// One object from the manifests, not yet resolved against the API server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Manifest {
@@ -127,6 +133,9 @@ pub fn parse(files: &[(String, Vec<u8>)]) -> Result<Vec<Manifest>, ParseError> {
             for item in items {
                 let manifest =
                     validate(item, origin.clone()).map_err(|reason| fail(index, reason))?;
+                // Only manifests spelled alike are caught here: whether two spelled apart name
+                // one object depends on the kind's scope and the default namespace, which
+                // `plan::duplicates` checks once they are known.
                 let identity = (
                     manifest.group().to_owned(),
                     manifest.kind.clone(),

@@ -8,7 +8,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Origin};
 
 /// The label every applied object carries; its value is the agent's name. Objects that
 /// existed before the agent first applied them carry it too, but are marked adopted in the
@@ -469,9 +469,66 @@ pub struct Unresolved {
     pub discovery_failure: Option<String>,
 }
 
+/// Two manifests of one revision that resolve to the same object: applying both would have
+/// each reconcile write one body over the other.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{key} is defined twice, in {first} and in {second}{why}; keep one of them",
+    why = alike_because(.key, .namespaces)
+)]
+pub struct DuplicateObject {
+    /// The object both resolve to.
+    pub key: ObjectKey,
+    /// Where it is defined first.
+    pub first: Origin,
+    /// Where it is defined again.
+    pub second: Origin,
+    /// `metadata.namespace` as each wrote it, first then second.
+    pub namespaces: (Option<String>, Option<String>),
+}
+
+/// Why two manifests whose `metadata.namespace` reads `namespaces` name the object `key`: empty
+/// when they are written alike, since then the reader sees it at once.
+fn alike_because(key: &ObjectKey, namespaces: &(Option<String>, Option<String>)) -> String {
+    if namespaces.0 == namespaces.1 {
+        return String::new();
+    }
+    match &key.namespace {
+        Some(default) => format!(
+            " (without metadata.namespace an object goes to the default namespace {default})"
+        ),
+        None => format!(
+            " ({} is cluster-scoped, so metadata.namespace is ignored)",
+            key.kind
+        ),
+    }
+}
+
+/// Every object that more than one of `planned` resolves to, each later definition paired
+/// with the first one.
+pub fn duplicates<R>(planned: &[Planned<R>]) -> Vec<DuplicateObject> {
+    let mut first_of: HashMap<&ObjectKey, &Manifest> = HashMap::with_capacity(planned.len());
+    let mut found = Vec::new();
+    for p in planned {
+        match first_of.get(&p.key) {
+            Some(first) => found.push(DuplicateObject {
+                key: p.key.clone(),
+                first: first.origin.clone(),
+                second: p.manifest.origin.clone(),
+                namespaces: (first.namespace.clone(), p.manifest.namespace.clone()),
+            }),
+            None => {
+                first_of.insert(&p.key, &p.manifest);
+            }
+        }
+    }
+    found
+}
+
 /// Resolves every manifest (kinds whose CRD ships in the same revision included), settles
 /// its namespace, labels it, and refuses the whole revision, naming every culprit, for an
-/// unknown kind, a failed discovery or an object outside the agent's scope.
+/// unknown kind, a failed discovery, two manifests of the same object or an object outside
+/// the agent's scope.
 pub fn plan_objects<R: ServedKind>(
     manifests: Vec<Manifest>,
     settings: &ApplySettings,
@@ -499,6 +556,7 @@ pub fn plan_objects<R: ServedKind>(
             undiscovered.join(", ")
         ));
     }
+    problems.extend(duplicates(&planned).iter().map(ToString::to_string));
     let refused = refusals(
         planned.iter().map(|p| &p.key),
         &Scope::of(settings),
@@ -954,6 +1012,75 @@ mod tests {
         for p in &planned {
             assert_eq!(p.body["metadata"]["labels"][INVENTORY_LABEL], "prod");
         }
+    }
+
+    /// The plan of `files`, each `(name, yaml)`, for an agent whose default namespace is `apps`
+    /// and which may write Namespaces.
+    fn plan_of_files(files: &[(&str, &str)]) -> Result<Vec<Planned<Served>>, String> {
+        let settings = ApplySettings {
+            default_namespace: "apps".into(),
+            scope_cluster_kinds: vec!["Namespace".into()],
+            scope_namespaces: vec!["apps".into(), "team".into()],
+            ..ApplySettings::default()
+        };
+        let files: Vec<(String, Vec<u8>)> = files
+            .iter()
+            .map(|(name, yaml)| ((*name).to_owned(), yaml.as_bytes().to_vec()))
+            .collect();
+        let manifests = crate::manifest::parse(&files).map_err(|e| e.to_string())?;
+        plan_objects(
+            manifests,
+            &settings,
+            "prod",
+            "greenlight",
+            &BTreeMap::new(),
+            served,
+        )
+    }
+
+    #[test]
+    fn an_object_written_with_and_without_the_default_namespace_is_a_duplicate() {
+        let refused = plan_of_files(&[
+            ("a.yaml", "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {v: a}\n"),
+            (
+                "b.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: other, namespace: team}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: apps}\ndata: {v: b}\n",
+            ),
+        ])
+        .err()
+        .unwrap_or_default();
+        assert_eq!(
+            refused,
+            "ConfigMap apps/x is defined twice, in a.yaml document 0 and in b.yaml document 1 \
+             (without metadata.namespace an object goes to the default namespace apps); keep \
+             one of them; nothing was applied"
+        );
+        // The same name in another namespace is another object.
+        assert!(
+            plan_of_files(&[(
+                "a.yaml",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: x, namespace: team}\n",
+            )])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_cluster_scoped_object_with_different_stray_namespaces_is_a_duplicate() {
+        let refused = plan_of_files(&[(
+            "ns.yaml",
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: team, namespace: a}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team, namespace: b}\n",
+        )])
+        .err()
+        .unwrap_or_default();
+        assert_eq!(
+            refused,
+            "Namespace team is defined twice, in ns.yaml document 0 and in ns.yaml document 1 \
+             (Namespace is cluster-scoped, so metadata.namespace is ignored); keep one of them; \
+             Namespace team is defined twice, in ns.yaml document 0 and in ns.yaml document 2 \
+             (Namespace is cluster-scoped, so metadata.namespace is ignored); keep one of them; \
+             nothing was applied"
+        );
     }
 
     #[test]

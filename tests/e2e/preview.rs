@@ -329,17 +329,23 @@ async fn a_merge_request_gets_one_note_listing_exactly_its_changes_and_a_green_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_object_and_one_out_of_scope_fail_the_preview_with_the_api_servers_reason()
+async fn an_invalid_object_one_out_of_scope_and_one_defined_twice_fail_the_preview_with_reasons()
 -> anyhow::Result<()> {
     let w = world!();
     let base = w.deploy_one_config().await?;
     let invalid = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: bad\nspec:\n  replicaz: 3\n  selector:\n    matchLabels: {app: bad}\n  template:\n    metadata:\n      labels: {app: bad}\n    spec:\n      containers:\n        - {name: bad, image: nginx}\n";
     let outside = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: elsewhere\n  namespace: kube-system\ndata: {v: x}\n";
+    // One object twice: once in the default namespace by omission, once by name.
+    let twice = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: twice\ndata: {{v: a}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: twice\n  namespace: {}\ndata: {{v: b}}\n",
+        w.apps
+    );
     let head = w.commit_on_feature(
         &base,
         &[
             ("bad.yaml", invalid.as_bytes()),
             ("outside.yaml", outside.as_bytes()),
+            ("twice.yaml", twice.as_bytes()),
         ],
         &[],
     )?;
@@ -347,7 +353,7 @@ async fn an_invalid_object_and_one_out_of_scope_fail_the_preview_with_the_api_se
 
     let description = w.failed_preview(&head).await?;
     assert!(
-        description.contains("kube-system") && description.contains("not in the agent's scope"),
+        description.contains("twice") && description.contains("keep one of them"),
         "the first reason: {description}"
     );
     let note = w.note_saying(&head[..8]).await?;
@@ -366,7 +372,15 @@ async fn an_invalid_object_and_one_out_of_scope_fail_the_preview_with_the_api_se
         "{}",
         note.body
     );
-    assert!(note.body.contains("2 refused"), "{}", note.body);
+    let twice = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("! ConfigMap {}/twice: ", w.apps)))
+        .unwrap_or_else(|| panic!("the object defined twice is named: {}", note.body));
+    assert!(
+        twice.contains("defined twice, in twice.yaml document 0 and in twice.yaml document 1"),
+        "{twice}"
+    );
+    assert!(note.body.contains("3 refused"), "{}", note.body);
     Ok(())
 }
 

@@ -252,6 +252,28 @@ impl Previewer {
                 .objects
                 .push(object(&u.manifest.api_version, &key, Change::Refused, why));
         }
+        // Two manifests of one object would be refused at apply: neither is dry-run.
+        let duplicates = plan::duplicates(&planned);
+        let mut planned = planned;
+        for duplicate in &duplicates {
+            let Some(api_version) = planned
+                .iter()
+                .find(|p| p.key == duplicate.key)
+                .map(|p| p.manifest.api_version.clone())
+            else {
+                continue;
+            };
+            let reason = duplicate.to_string();
+            let why = reason
+                .strip_prefix(&format!("{} is ", duplicate.key))
+                .unwrap_or(&reason)
+                .to_owned();
+            preview
+                .objects
+                .push(object(&api_version, &duplicate.key, Change::Refused, why));
+            reasons.push(reason);
+            planned.retain(|p| p.key != duplicate.key);
+        }
         let scope = Scope::of(&settings);
         let desired_keys: BTreeSet<ObjectKey> = planned.iter().map(|p| p.key.clone()).collect();
         let (allowed, refused): (Vec<_>, Vec<_>) = planned
