@@ -18,7 +18,7 @@ use crate::lease::Elector;
 use crate::metrics::AgentMetrics;
 use crate::plan::lease_name;
 use crate::reconcile::{FIELD_MANAGER, Outcome, Worker};
-use crate::session::{self, Target};
+use crate::session::{self, Held, RevisionIdentity, Target};
 use greenlight::backoff::{Backoff, jittered};
 
 /// Retries of a failed revision back off between these bounds, as kas did.
@@ -48,7 +48,7 @@ pub struct Settings {
 
 /// Runs the agent until `shutdown`.
 pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationToken) {
-    let (latest_tx, latest_rx) = watch::channel(None::<ReadyRevision>);
+    let (latest_tx, latest_rx) = watch::channel(None::<Held>);
     let (applied_tx, applied_rx) = watch::channel(None::<(String, u64)>);
     let (leading_tx, leading_rx) = watch::channel(false);
     let (reports_tx, reports_rx) = mpsc::channel(64);
@@ -139,11 +139,11 @@ pub async fn run(settings: Settings, kube: kube::Client, shutdown: CancellationT
 }
 
 /// The agent's name as the server sent it with the newest revision.
-fn agent_name(latest: &watch::Receiver<Option<ReadyRevision>>) -> Option<String> {
+fn agent_name(latest: &watch::Receiver<Option<Held>>) -> Option<String> {
     latest
         .borrow()
         .as_ref()
-        .map(|r| r.header.agent.clone())
+        .map(|held| held.revision.header.agent.clone())
         .filter(|name| !name.is_empty())
 }
 
@@ -159,7 +159,7 @@ async fn lead(
     namespace: String,
     identity: String,
     duration: Duration,
-    mut latest: watch::Receiver<Option<ReadyRevision>>,
+    mut latest: watch::Receiver<Option<Held>>,
     leading: watch::Sender<bool>,
     shutdown: CancellationToken,
 ) -> Option<Elector> {
@@ -208,39 +208,99 @@ async fn lead(
     }
 }
 
+/// The revision the apply loop may apply now, with its identity: one the connected stream
+/// delivered, or the one this replica already applied (or tried to) since it last gained the
+/// lease.
+///
+/// Why: a revision held from a stream that has ended may have been superseded, and another
+/// replica may have applied the newer one meanwhile; applying the old one on gaining the lease
+/// would roll the cluster back and prune what the newer one added. A leader that merely lost
+/// its stream keeps correcting drift toward what it already applied, which no other replica
+/// can have changed while it kept the lease. Generations are not compared with the
+/// inventory's, which records only a SHA: such a check would also have to let through a
+/// server that lost its state, whose generations start from 1 again, rather than wedge.
+fn applicable(
+    held: Option<&Held>,
+    this_term: Option<&RevisionIdentity>,
+) -> Option<(ReadyRevision, RevisionIdentity)> {
+    held.filter(|held| held.current || this_term == Some(&held.identity))
+        .map(|held| (held.revision.clone(), held.identity.clone()))
+}
+
+/// Resolves once `latest` holds a revision other than `identity`; a re-send of the same one,
+/// or it becoming current again on a new stream, is no reason to apply it again.
+async fn superseded(
+    latest: &mut watch::Receiver<Option<Held>>,
+    identity: &RevisionIdentity,
+) -> Result<(), watch::error::RecvError> {
+    loop {
+        latest.changed().await?;
+        if latest
+            .borrow_and_update()
+            .as_ref()
+            .map(|held| &held.identity)
+            != Some(identity)
+        {
+            return Ok(());
+        }
+    }
+}
+
 /// Applies the newest revision while leading; re-applies it when a watched object drifts
-/// and every reconcile interval; retries failures with backoff.
+/// and every reconcile interval; retries failures with backoff. On gaining the lease it
+/// applies only a revision the connected stream delivered (see [`applicable`]).
 pub async fn apply_loop(
     mut worker: Worker,
-    mut latest: watch::Receiver<Option<ReadyRevision>>,
+    mut latest: watch::Receiver<Option<Held>>,
     mut leading: watch::Receiver<bool>,
     applied: watch::Sender<Option<(String, u64)>>,
     metrics: Arc<AgentMetrics>,
     shutdown: CancellationToken,
 ) {
     let mut failures = Backoff::new(FAILURE_BACKOFF_MIN, FAILURE_BACKOFF_MAX);
+    // The revision applied (or tried) since this replica last gained the lease. Every change
+    // of `leading` ends the term: only real changes are published, so a change that still
+    // reads "leading" was a loss and a gain this loop did not see in between.
+    let mut this_term: Option<RevisionIdentity> = None;
     loop {
+        if leading.has_changed().unwrap_or(true) {
+            this_term = None;
+        }
         if !*leading.borrow_and_update() {
+            this_term = None;
+            // Stated on the next connection, it would keep the server from sending its
+            // current revision, which another leader may have applied since.
+            applied.send_replace(None);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = leading.changed() => if changed.is_err() { return },
             }
             continue;
         }
-        let Some(revision) = latest.borrow_and_update().clone() else {
+        let Some((revision, identity)) =
+            applicable(latest.borrow_and_update().as_ref(), this_term.as_ref())
+        else {
+            if latest.borrow().is_some() {
+                info!("leading; waiting for the server's current revision");
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = latest.changed() => if changed.is_err() { return },
-                changed = leading.changed() => if changed.is_err() { return },
+                changed = leading.changed() => {
+                    if changed.is_err() { return }
+                    this_term = None;
+                }
             }
             continue;
         };
+        this_term = Some(identity.clone());
         let stop = {
             let latest = latest.clone();
             let leading = leading.clone();
             let shutdown = shutdown.clone();
+            let identity = identity.clone();
             move || {
-                latest.has_changed().unwrap_or(true)
+                latest.borrow().as_ref().map(|held| &held.identity) != Some(&identity)
                     || !*leading.borrow()
                     || shutdown.is_cancelled()
             }
@@ -281,8 +341,11 @@ pub async fn apply_loop(
             _ = worker.drifted(), if !matches!(outcome, Outcome::Failed(_)) => {
                 metrics.drift_corrections.inc();
             }
-            changed = latest.changed() => if changed.is_err() { return },
-            changed = leading.changed() => if changed.is_err() { return },
+            changed = superseded(&mut latest, &identity) => if changed.is_err() { return },
+            changed = leading.changed() => {
+                if changed.is_err() { return }
+                this_term = None;
+            }
         }
     }
 }
@@ -655,5 +718,315 @@ mod tests {
         let down = DeliveryError::Client(ClientError::Status(tonic::Status::unavailable("down")));
         assert!(!down.is_permanent());
         assert!(!DeliveryError::Timeout(REPORT_TIMEOUT).is_permanent());
+    }
+
+    /// A worker and its reports, on a stand-in API server that serves Deployments, has no
+    /// object (nor inventory), and takes every write.
+    async fn worker() -> (Worker, mpsc::Receiver<StatusReport>) {
+        let (kube, _) = crate::testing::serve(|method, path| {
+            Some(match (method, path) {
+                ("GET", "/apis/apps/v1") => (
+                    200,
+                    crate::testing::resources("apps/v1", &[("deployments", "Deployment", true)]),
+                ),
+                ("PATCH", _) => (
+                    200,
+                    r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"written"}}"#
+                        .to_owned(),
+                ),
+                _ => (404, crate::testing::status(404, "not found")),
+            })
+        })
+        .await;
+        let (reports, received) = mpsc::channel(64);
+        let worker = Worker::new(
+            Cluster::new(kube, FIELD_MANAGER),
+            "greenlight",
+            reports,
+            Arc::new(AgentMetrics::default()),
+        );
+        (worker, received)
+    }
+
+    /// A revision of no objects, healthy once applied and re-applied every second.
+    fn empty_revision(sha: &str, generation: u64) -> ReadyRevision {
+        let mut revision = session::tests::revision(sha, generation, "");
+        revision.files.clear();
+        revision.header.file_count = 0;
+        revision.header.total_bytes = 0;
+        revision.header.settings = Some(greenlight::v1::ApplySettings {
+            reconcile_interval_seconds: 1,
+            ..Default::default()
+        });
+        revision
+    }
+
+    /// A revision of one Deployment, which the stand-in API server never shows after taking
+    /// it: its health wait lasts a minute.
+    fn revision_waiting_for_health(sha: &str, generation: u64) -> ReadyRevision {
+        let mut revision = empty_revision(sha, generation);
+        let manifest = b"apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: app\n".to_vec();
+        revision.header.file_count = 1;
+        revision.header.total_bytes = manifest.len() as u64;
+        revision.files = vec![("app.yaml".to_owned(), manifest)];
+        revision.header.settings = Some(greenlight::v1::ApplySettings {
+            default_namespace: "apps".into(),
+            health_timeout_seconds: 60,
+            reconcile_interval_seconds: 1,
+            ..Default::default()
+        });
+        revision
+    }
+
+    /// Waits (for at most 10 s) for a report of `phase`.
+    async fn reported(reports: &mut mpsc::Receiver<StatusReport>, phase: Phase) -> StatusReport {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), reports.recv()).await {
+                Ok(Some(report)) if report.phase() == phase => return report,
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => panic!("no {phase:?} report"),
+            }
+        }
+    }
+
+    /// The SHA of the next revision the worker starts applying within `within`, if any: every
+    /// apply opens with an Applying report saying it validates the manifests.
+    async fn next_applied(
+        reports: &mut mpsc::Receiver<StatusReport>,
+        within: Duration,
+    ) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, reports.recv()).await {
+                Ok(Some(report)) if report.phase() == Phase::Applying => {
+                    if report.message == "validating manifests" {
+                        return Some(report.revision);
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// The apply loop over channels the test drives.
+    struct Loop {
+        latest: watch::Sender<Option<Held>>,
+        leading: watch::Sender<bool>,
+        reports: mpsc::Receiver<StatusReport>,
+        shutdown: CancellationToken,
+    }
+
+    impl Loop {
+        async fn start(held: Option<Held>) -> Self {
+            let (worker, reports) = worker().await;
+            let (latest, latest_rx) = watch::channel(held);
+            let (leading, leading_rx) = watch::channel(false);
+            let (applied, _) = watch::channel(None);
+            let shutdown = CancellationToken::new();
+            tokio::spawn(apply_loop(
+                worker,
+                latest_rx,
+                leading_rx,
+                applied,
+                Arc::new(AgentMetrics::default()),
+                shutdown.clone(),
+            ));
+            Self {
+                latest,
+                leading,
+                reports,
+                shutdown,
+            }
+        }
+
+        /// What the session does when the stream ends.
+        fn stream_ends(&self) {
+            self.latest.send_if_modified(|held| {
+                if let Some(held) = held {
+                    held.current = false;
+                }
+                false
+            });
+        }
+
+        async fn next_applied(&mut self, within: Duration) -> Option<String> {
+            next_applied(&mut self.reports, within).await
+        }
+    }
+
+    impl Drop for Loop {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    fn held(revision: ReadyRevision, current: bool) -> Held {
+        Held {
+            identity: RevisionIdentity::of(&revision),
+            revision,
+            current,
+        }
+    }
+
+    #[test]
+    fn a_stale_revision_is_applicable_only_within_the_term_that_applied_it() {
+        let a = empty_revision("a", 1);
+        let a_identity = RevisionIdentity::of(&a);
+        let b_identity = RevisionIdentity::of(&empty_revision("b", 2));
+        let stale = held(a.clone(), false);
+        assert!(applicable(Some(&stale), None).is_none());
+        assert!(applicable(Some(&stale), Some(&b_identity)).is_none());
+        assert!(applicable(Some(&stale), Some(&a_identity)).is_some());
+        assert!(applicable(Some(&held(a, true)), None).is_some());
+        assert!(applicable(None, Some(&a_identity)).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_new_leader_does_not_apply_a_revision_its_ended_stream_left() {
+        let mut applying = Loop::start(Some(held(empty_revision("a", 1), false))).await;
+        applying.leading.send_replace(true);
+        assert_eq!(applying.next_applied(Duration::from_secs(2)).await, None);
+        session::deliver(&applying.latest, empty_revision("b", 2));
+        assert_eq!(
+            applying.next_applied(Duration::from_secs(5)).await,
+            Some("b".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_leader_keeps_correcting_toward_its_revision_while_disconnected() {
+        let mut applying = Loop::start(None).await;
+        applying.leading.send_replace(true);
+        session::deliver(&applying.latest, empty_revision("a", 1));
+        assert_eq!(
+            applying.next_applied(Duration::from_secs(5)).await,
+            Some("a".to_owned())
+        );
+        applying.stream_ends();
+        assert_eq!(
+            applying.next_applied(Duration::from_secs(5)).await,
+            Some("a".to_owned()),
+            "re-applied after its interval, though its stream ended"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_regained_lease_needs_a_current_revision_again() {
+        let mut applying = Loop::start(None).await;
+        applying.leading.send_replace(true);
+        session::deliver(&applying.latest, empty_revision("a", 1));
+        assert_eq!(
+            applying.next_applied(Duration::from_secs(5)).await,
+            Some("a".to_owned())
+        );
+        applying.stream_ends();
+        // Lost and regained before the loop looked: whoever led in between may have applied
+        // a newer revision.
+        applying.leading.send_replace(false);
+        applying.leading.send_replace(true);
+        assert_eq!(applying.next_applied(Duration::from_secs(3)).await, None);
+        // The server sends it again on the new stream: it is still the current one.
+        session::deliver(&applying.latest, empty_revision("a", 1));
+        assert_eq!(
+            applying.next_applied(Duration::from_secs(5)).await,
+            Some("a".to_owned())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_apply_waiting_for_health_goes_on_when_its_revision_is_sent_again() {
+        let mut applying = Loop::start(None).await;
+        applying.leading.send_replace(true);
+        session::deliver(&applying.latest, revision_waiting_for_health("a", 1));
+        let applied = reported(&mut applying.reports, Phase::Applied).await;
+        assert_eq!(applied.revision, "a", "{applied:?}");
+        // Reconnected: the server sends the revision in progress again.
+        applying.stream_ends();
+        session::deliver(&applying.latest, revision_waiting_for_health("a", 1));
+        assert_eq!(
+            applying.next_applied(Duration::from_secs(3)).await,
+            None,
+            "the apply and its health deadline started over"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_standby_taking_over_applies_the_current_revision_not_its_broken_streams() {
+        use session::tests::{
+            Scripted, ScriptedServer, events, held_until, revision, spawn_session,
+        };
+        // The standby received A, then lost its stream; meanwhile B was decided and applied by
+        // the leader, and the server sends B once the standby is back.
+        let server = ScriptedServer::new([
+            Scripted::SendThenEnd(events(&revision("a", 1, ""))),
+            Scripted::Refuse,
+            Scripted::Refuse,
+            Scripted::SendThenHold(events(&revision("b", 2, ""))),
+        ]);
+        let target = server.start().await;
+        let (worker, mut reports) = worker().await;
+        let (latest, latest_rx) = watch::channel(None);
+        let (leading, leading_rx) = watch::channel(false);
+        let (applied, _) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let session = spawn_session(target, latest, None, shutdown.clone());
+        tokio::spawn(apply_loop(
+            worker,
+            latest_rx.clone(),
+            leading_rx,
+            applied,
+            Arc::new(AgentMetrics::default()),
+            shutdown.clone(),
+        ));
+        held_until(&latest_rx, |h| h.revision.sha() == "a" && !h.current).await;
+        leading.send_replace(true);
+        assert_eq!(
+            next_applied(&mut reports, Duration::from_secs(10)).await,
+            Some("b".to_owned())
+        );
+        shutdown.cancel();
+        session.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failed_revision_resent_on_reconnect_keeps_its_backoff() {
+        use session::tests::{Scripted, ScriptedServer, events, revision, spawn_session};
+        let a = revision("a", 1, "");
+        // The stream breaks after the revision failed, while its failure backoff runs.
+        let server = ScriptedServer::new([
+            Scripted::SendThenEndAfter(events(&a), Duration::from_millis(500)),
+            Scripted::SendThenHold(events(&a)),
+        ]);
+        let target = server.clone().start().await;
+        let (worker, mut reports) = worker().await;
+        let (latest, latest_rx) = watch::channel(None);
+        // Kept to the end: the apply loop stops once no one can change its leadership.
+        let (_leading, leading_rx) = watch::channel(true);
+        let (applied, _) = watch::channel(None);
+        let shutdown = CancellationToken::new();
+        let session = spawn_session(target, latest, None, shutdown.clone());
+        tokio::spawn(apply_loop(
+            worker,
+            latest_rx,
+            leading_rx,
+            applied,
+            Arc::new(AgentMetrics::default()),
+            shutdown.clone(),
+        ));
+        assert_eq!(
+            next_applied(&mut reports, Duration::from_secs(10)).await,
+            Some("a".to_owned())
+        );
+        // The reconnection and the re-send take at most about a second; the failure backoff
+        // holds the retry back for at least 5 s.
+        assert_eq!(
+            next_applied(&mut reports, Duration::from_secs(3)).await,
+            None,
+            "re-applied at once"
+        );
+        assert_eq!(server.calls(), 2, "the revision was sent again");
+        shutdown.cancel();
+        session.await.unwrap();
     }
 }
