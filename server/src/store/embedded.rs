@@ -256,14 +256,12 @@ impl RefFacts {
     fn header(&self) -> RefFactsV2 {
         RefFactsV2 {
             position: self.position,
-            pushes: RingV1 {
-                appended: self.appended.pushes,
-                len: self.pushes.len(),
-            },
-            rejected: RingV1 {
-                appended: self.appended.rejected,
-                len: self.rejected.len(),
-            },
+            pushes: RingV1::laid_out(self.appended.pushes, self.pushes.len(), PUSHES_RING.1),
+            rejected: RingV1::laid_out(
+                self.appended.rejected,
+                self.rejected.len(),
+                REJECTED_RING.1,
+            ),
         }
     }
 }
@@ -1232,14 +1230,16 @@ fn agent_puts(
             core: records::encode_agent(state),
             decisions: vec![None; state.gate.decisions.len()],
         });
-    let decisions = RingV1 {
-        appended: stored.appended.decisions,
-        len: state.gate.decisions.len(),
-    };
-    let deployed = RingV1 {
-        appended: stored.appended.deployed,
-        len: state.gate.deployed.len(),
-    };
+    let decisions = RingV1::laid_out(
+        stored.appended.decisions,
+        state.gate.decisions.len(),
+        DECISION_RING.1,
+    );
+    let deployed = RingV1::laid_out(
+        stored.appended.deployed,
+        state.gate.deployed.len(),
+        DEPLOYED_RING.1,
+    );
     puts.push((
         Table::Agents,
         agent.to_owned(),
@@ -1597,6 +1597,8 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
             RefFactsFile::Split(header) => {
                 check_ring(&format!("facts {id}"), header.pushes, PUSHES_RING.1)?;
                 check_ring(&format!("facts {id}"), header.rejected, REJECTED_RING.1)?;
+                // Read where they were written; re-laid below when this version keeps
+                // another number.
                 let ref_loading = LoadingRef {
                     key,
                     header,
@@ -1613,14 +1615,8 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
                 rejected.drain(..rejected.len().saturating_sub(MAX_REJECTED));
                 let header = RefFactsV2 {
                     position,
-                    pushes: RingV1 {
-                        appended: pushes.len() as u64,
-                        len: pushes.len(),
-                    },
-                    rejected: RingV1 {
-                        appended: rejected.len() as u64,
-                        len: rejected.len(),
-                    },
+                    pushes: RingV1::laid_out(pushes.len() as u64, pushes.len(), PUSHES_KEPT),
+                    rejected: RingV1::laid_out(rejected.len() as u64, rejected.len(), MAX_REJECTED),
                 };
                 let pipelines = pipelines
                     .into_iter()
@@ -1683,7 +1679,34 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
             .into_iter()
             .collect::<Option<VecDeque<_>>>()
             .ok_or_else(missing)?;
-        let facts = RefFacts::loaded(ref_loading.header, pushes, ref_loading.pipelines, rejected);
+        let header = ref_loading.header;
+        let relaid = header.pushes.slots(PUSHES_RING.1) != PUSHES_RING.1
+            || header.rejected.slots(REJECTED_RING.1) != REJECTED_RING.1;
+        let facts = if relaid {
+            // Numbered anew from 0 in this version's slots, the newest kept; the old slots
+            // go, so that none is read later as one of the new.
+            let mut pushes = pushes;
+            pushes.drain(..pushes.len().saturating_sub(PUSHES_RING.1));
+            let mut rejected = rejected;
+            rejected.drain(..rejected.len().saturating_sub(REJECTED_RING.1));
+            let header = RefFactsV2 {
+                position: header.position,
+                pushes: RingV1::laid_out(pushes.len() as u64, pushes.len(), PUSHES_RING.1),
+                rejected: RingV1::laid_out(rejected.len() as u64, rejected.len(), REJECTED_RING.1),
+            };
+            for (table, ring) in [
+                (PUSHES_RING.0, ref_loading.header.pushes),
+                (REJECTED_RING.0, ref_loading.header.rejected),
+            ] {
+                let old = ring.capacity.unwrap_or_default() as u64;
+                rewrites.extend((0..old).map(|slot| (table, ring_entry_key(&id, slot), None)));
+            }
+            let facts = RefFacts::loaded(header, pushes, ref_loading.pipelines, rejected);
+            ref_puts(&id, &facts, facts.appended, rewrites);
+            facts
+        } else {
+            RefFacts::loaded(header, pushes, ref_loading.pipelines, rejected)
+        };
         inner.facts.insert(ref_loading.key, facts);
     }
     Ok(())
@@ -1707,7 +1730,7 @@ fn load_ring<T>(
         };
         let (ring, entries) = ring_of(ref_loading);
         if let Some(entry) = ring
-            .index_of(slot, capacity)
+            .index_of(slot, ring.slots(capacity))
             .and_then(|index| entries.get_mut(index))
         {
             *entry = Some(decode(key, value)?);
@@ -1718,7 +1741,8 @@ fn load_ring<T>(
 
 /// Refuses a ring that claims more live entries than it holds, or than were ever appended
 /// to it: reading it would take slots no write of its owner filled.
-fn check_ring(owner: &str, ring: RingV1, capacity: usize) -> Result<()> {
+fn check_ring(owner: &str, ring: RingV1, current: usize) -> Result<()> {
+    let capacity = ring.slots(current);
     if ring.len > capacity || ring.len as u64 > ring.appended {
         return Err(StoreError::Corrupt {
             key: owner.to_owned(),
@@ -1796,7 +1820,7 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
             };
             let ring = [agent.record.decisions, agent.record.deployed][which];
             if let Some(entry) = ring
-                .index_of(slot, capacity)
+                .index_of(slot, ring.slots(capacity))
                 .and_then(|i| agent.found[which].get_mut(i))
             {
                 let text = match texts.get(value) {
@@ -1841,6 +1865,41 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
                 state
             }
         };
+        let rings = [
+            (DECISION_RING, record.decisions),
+            (DEPLOYED_RING, record.deployed),
+        ];
+        if rings
+            .iter()
+            .any(|((_, current), ring)| ring.slots(*current) != *current)
+        {
+            // Numbered anew from 0 in this version's slots, the newest kept; the old slots
+            // go, so that none is read later as one of the new.
+            for ((table, _), ring) in rings {
+                let old = ring.capacity.unwrap_or_default() as u64;
+                rewrites.extend((0..old).map(|slot| (table, slot_key(&agent, slot), None)));
+            }
+            let state = capped(&state);
+            let appended = Appended {
+                decisions: state.gate.decisions.len() as u64,
+                deployed: state.gate.deployed.len() as u64,
+            };
+            let stored = StoredAgent {
+                version: record.version,
+                state,
+                appended,
+                staged: appended,
+            };
+            agent_puts(
+                &agent,
+                &stored,
+                appended,
+                &mut EncodedStates::new(),
+                rewrites,
+            );
+            inner.agents.insert(agent, stored);
+            continue;
+        }
         let appended = Appended {
             decisions: record.decisions.appended,
             deployed: record.deployed.appended,
@@ -2228,14 +2287,17 @@ mod tests {
         let missing = RingV1 {
             appended: 3,
             len: 2,
+            capacity: None,
         };
         let oversized = RingV1 {
             appended: 900,
             len: 900,
+            capacity: None,
         };
         let unwritten = RingV1 {
             appended: 1,
             len: 5,
+            capacity: None,
         };
         for (ring, why) in [
             (missing, "missing"),
@@ -2623,6 +2685,79 @@ mod tests {
         assert_eq!(count(Table::FactPipelines), 28);
     }
 
+    /// A ring written with another number of slots than this version keeps (an earlier or
+    /// later version's) is read where it was written, then laid out anew in this version's
+    /// slots, its old slots gone.
+    #[test]
+    fn rings_laid_out_in_other_slots_are_read_in_order_and_laid_out_anew() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let id = ref_id(&main_branch());
+        let pushes: Vec<crate::gate::Push> = (30..50)
+            .map(|n| match push_of(n) {
+                FactRecord::Push(push) => push,
+                _ => unreachable!("push_of makes pushes"),
+            })
+            .collect();
+        {
+            let disk = Disk::open(dir.path()).expect("opened");
+            let header = records::encode_ref_facts(RefFactsV2 {
+                position: 50,
+                pushes: RingV1::laid_out(50, 20, 20),
+                rejected: RingV1::laid_out(0, 0, MAX_REJECTED),
+            });
+            let mut puts = vec![(Table::Facts, id.clone(), Some(header))];
+            for (n, push) in (30u64..50).zip(&pushes) {
+                let text = records::encode_push(push).into_bytes();
+                puts.push((Table::FactPushes, ring_entry_key(&id, n % 20), Some(text)));
+            }
+            let core = records::encode_agent(&AgentState::default());
+            let record = records::encode_agent_file(
+                1,
+                &core,
+                RingV1::laid_out(0, 0, DECISION_RING.1),
+                RingV1::laid_out(10, 4, 4),
+            );
+            puts.push((Table::Agents, "prod".into(), Some(record)));
+            for n in 6u64..10 {
+                let text = sha(n).as_str().as_bytes().to_vec();
+                puts.push((Table::AgentDeployed, slot_key("prod", n % 4), Some(text)));
+            }
+            disk.write(puts).expect("written");
+        }
+        let deployed: Vec<Sha> = (6..10).map(sha).collect();
+        for start in ["laid out anew", "as laid out"] {
+            let (store, _writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+            let facts = store.facts(&main_branch()).now_or_never();
+            let facts = facts.expect("in memory").expect("readable");
+            assert!(facts.pushes.iter().eq(&pushes), "{start}: oldest first");
+            let agent = store.agent("prod").now_or_never();
+            let agent = agent.expect("in memory").expect("readable");
+            assert!(
+                agent.value.gate.deployed.iter().eq(&deployed),
+                "{start}: {:?}",
+                agent.value.gate.deployed
+            );
+        }
+        let disk = Disk::open(dir.path()).expect("opened");
+        let header = disk.scan(Table::Facts).expect("read");
+        let RefFactsFile::Split(header) =
+            records::decode_ref_facts(&id, &header[0].1).expect("readable")
+        else {
+            panic!("a header");
+        };
+        assert_eq!(header.pushes, RingV1::laid_out(20, 20, PUSHES_KEPT));
+        let slots = |table| -> Vec<String> {
+            let rows = disk.scan(table).expect("read");
+            rows.into_iter().map(|(key, _)| key).collect()
+        };
+        let mut expected: Vec<String> = (0..20).map(|slot| ring_entry_key(&id, slot)).collect();
+        expected.sort();
+        assert_eq!(slots(Table::FactPushes), expected, "the old slots are gone");
+        let mut expected: Vec<String> = (0..4).map(|slot| slot_key("prod", slot)).collect();
+        expected.sort();
+        assert_eq!(slots(Table::AgentDeployed), expected);
+    }
+
     /// A ref written whole by an earlier version is read, then rewritten into records.
     #[test]
     fn facts_of_a_file_written_whole_are_read_and_rewritten_into_records() {
@@ -2687,7 +2822,11 @@ mod tests {
     /// refused at start, naming the ref.
     #[test]
     fn a_ref_whose_facts_are_not_in_the_file_is_refused_at_start() {
-        let ring = |appended, len| RingV1 { appended, len };
+        let ring = |appended, len| RingV1 {
+            appended,
+            len,
+            capacity: None,
+        };
         for (pushes, rejected, why) in [
             (ring(3, 2), RingV1::default(), "missing"),
             (RingV1::default(), ring(1, 1), "missing"),
@@ -2731,6 +2870,7 @@ mod tests {
         let one = RingV1 {
             appended: 1,
             len: 1,
+            capacity: None,
         };
         for (pushes, rejected, entry, why) in [
             (

@@ -417,9 +417,28 @@ pub struct AgentFileV2 {
 pub struct RingV1 {
     pub appended: u64,
     pub len: usize,
+    /// The slots it was laid out in, so that a version keeping more or fewer entries reads
+    /// each where it was written; absent from records written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<usize>,
 }
 
 impl RingV1 {
+    /// A ring of `capacity` slots whose live entries are the newest `len` of `appended`.
+    pub fn laid_out(appended: u64, len: usize, capacity: usize) -> Self {
+        Self {
+            appended,
+            len,
+            capacity: Some(capacity),
+        }
+    }
+
+    /// Its slots: those recorded, or `current` for a record written before they were, when
+    /// every ring had the capacity it has now.
+    pub fn slots(self, current: usize) -> usize {
+        self.capacity.unwrap_or(current)
+    }
+
     /// The numbers of the live entries, oldest first.
     pub fn live(self) -> std::ops::Range<u64> {
         self.appended.saturating_sub(self.len as u64)..self.appended
@@ -601,6 +620,7 @@ mod tests {
             pushes: RingV1 {
                 appended: 1,
                 len: 1,
+                capacity: None,
             },
             rejected: RingV1::default(),
         };
@@ -646,6 +666,7 @@ mod tests {
         let ring = RingV1 {
             appended: 60,
             len: 50,
+            capacity: None,
         };
         let bytes = encode_agent_file(6, &encode_agent(&state), ring, RingV1::default());
         let AgentFile::Split(AgentFileV2 {
@@ -667,6 +688,7 @@ mod tests {
         let short = RingV1 {
             appended: 3,
             len: 2,
+            capacity: None,
         };
         assert_eq!(
             (0..4)
