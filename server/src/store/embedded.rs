@@ -1595,6 +1595,13 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
         };
         match records::decode_ref_facts(&id, &value)? {
             RefFactsFile::Split(header) => {
+                if header.position > MAX_COUNT {
+                    return Err(corrupt_record(
+                        "facts",
+                        &id,
+                        "its position is not a real count",
+                    ));
+                }
                 check_ring(&format!("facts {id}"), header.pushes, PUSHES_RING.1)?;
                 check_ring(&format!("facts {id}"), header.rejected, REJECTED_RING.1)?;
                 // Read where they were written; re-laid below when this version keeps
@@ -1743,6 +1750,17 @@ fn load_ring<T>(
 /// to it: reading it would take slots no write of its owner filled.
 fn check_ring(owner: &str, ring: RingV1, current: usize) -> Result<()> {
     let capacity = ring.slots(current);
+    // No store appends 2^62 entries; a count that high was edited, and counting on from it
+    // would overflow.
+    if ring.appended > MAX_COUNT {
+        return Err(StoreError::Corrupt {
+            key: owner.to_owned(),
+            reason: format!(
+                "{} entries ever appended is not a real count",
+                ring.appended
+            ),
+        });
+    }
     if ring.len > capacity || ring.len as u64 > ring.appended {
         return Err(StoreError::Corrupt {
             key: owner.to_owned(),
@@ -1754,6 +1772,9 @@ fn check_ring(owner: &str, ring: RingV1, current: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Above any count a store reaches: a ring's entries ever appended, a ref's facts.
+const MAX_COUNT: u64 = 1 << 62;
 
 /// A record of `table` under `key` that cannot be read, and why.
 fn corrupt_record(table: &str, key: &str, reason: &str) -> StoreError {
@@ -2832,6 +2853,7 @@ mod tests {
             (RingV1::default(), ring(1, 1), "missing"),
             (ring(2_000, 2_000), RingV1::default(), "in a ring of 1024"),
             (RingV1::default(), ring(1, 3), "of 1 ever appended"),
+            (ring(u64::MAX, 1), RingV1::default(), "not a real count"),
         ] {
             let message = refused_at_start(pushes, rejected, Vec::new());
             assert!(
