@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
 };
@@ -12,12 +13,15 @@ use kube::discovery::Scope;
 use serde_json::Value;
 
 use crate::impersonate::{InvalidUser, acting_as};
+use crate::inventory::{ADOPTED, ADOPTED_ANNOTATION, INVENTORY_LABEL};
 use crate::plan::Terminating;
 use tracing::warn;
 
 /// Bound on every call to the API server: kube sets no read timeout, and one hung call must
 /// not stall the apply loop forever.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts at letting go of an object that keeps changing between its read and the write.
+const LET_GO_ATTEMPTS: u32 = 3;
 /// Bound on reading one group-version's kinds: the document is small, and a revision using
 /// a broken group should fail soon rather than after kube's retries.
 const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(15);
@@ -57,6 +61,11 @@ impl ClusterError {
     pub fn is_not_found(&self) -> bool {
         matches!(self, ClusterError::Api(kube::Error::Api(status)) if status.code == 404)
     }
+
+    /// Whether the API server refused a write because the object changed since it was read.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, ClusterError::Api(kube::Error::Api(status)) if status.code == 409)
+    }
 }
 
 /// Runs one API call under [`CALL_TIMEOUT`].
@@ -80,6 +89,34 @@ pub struct Resolved {
 /// Objects per page of a list.
 const LIST_PAGE: u32 = 500;
 
+/// Whose an existing object is, as its metadata says.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// The agent its inventory label names, if it carries one.
+    pub agent: Option<String>,
+    /// It carries the adopted mark ([`ADOPTED_ANNOTATION`]): an agent found it, rather than
+    /// made it.
+    pub adopted: bool,
+}
+
+impl Owner {
+    /// Whose the object of `meta` is.
+    pub fn of(meta: &ObjectMeta) -> Self {
+        Self {
+            agent: meta
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(INVENTORY_LABEL))
+                .cloned(),
+            adopted: meta
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(ADOPTED_ANNOTATION))
+                .is_some_and(|v| v == ADOPTED),
+        }
+    }
+}
+
 /// One object of a kind the cluster serves.
 #[derive(Debug, Clone, Copy)]
 pub struct ObjectRef<'a> {
@@ -99,11 +136,14 @@ pub enum Write<'a> {
         force: bool,
         dry_run: bool,
     },
-    /// Remove `label`, letting go of an object the agent adopted.
+    /// Remove the inventory label and the adopted mark, letting go of an object `agent`
+    /// adopted; only while the label names `agent`.
     LetGo {
         object: ObjectRef<'a>,
-        label: &'a str,
+        agent: &'a str,
     },
+    /// Add the adopted mark ([`ADOPTED_ANNOTATION`]) to an object the agent adopted.
+    MarkAdopted { object: ObjectRef<'a> },
     /// Delete, with `propagation` (`orphan`, `background` or `foreground`).
     Delete {
         object: ObjectRef<'a>,
@@ -114,12 +154,23 @@ pub enum Write<'a> {
 /// What a write did.
 #[derive(Debug)]
 pub enum Written {
-    /// The object as stored after an apply (or as it would be, on a dry run).
+    /// The object as stored after an apply (or as it would be, on a dry run) or a mark.
     Object(Box<DynamicObject>),
-    /// Whether there was an object to let go of.
-    Existed(bool),
+    /// What letting go did.
+    LetGo(LetGo),
     /// What a delete did.
     Deleted(Deleted),
+}
+
+/// What letting go of an object did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LetGo {
+    /// The label and the mark were removed.
+    Released,
+    /// There was no such object.
+    Absent,
+    /// Untouched: its label does not name the agent (another agent's, or none).
+    NotOurs(Option<String>),
 }
 
 /// What a delete did.
@@ -322,11 +373,22 @@ impl Cluster {
                         namespace,
                         name,
                     },
-                label,
+                agent,
             } => self
-                .remove_label(resolved, namespace, name, label)
+                .let_go(resolved, namespace, name, agent)
                 .await
-                .map(Written::Existed),
+                .map(Written::LetGo),
+            Write::MarkAdopted {
+                object:
+                    ObjectRef {
+                        resolved,
+                        namespace,
+                        name,
+                    },
+            } => self
+                .mark_adopted(resolved, namespace, name)
+                .await
+                .map(|object| Written::Object(Box::new(object))),
             Write::Delete {
                 object:
                     ObjectRef {
@@ -376,27 +438,21 @@ impl Cluster {
         bounded(self.api(resolved, namespace).get_opt(name)).await
     }
 
-    /// The names of every object of `resolved` in `namespace`, each with its `label`'s
-    /// value: one paginated metadata list rather than a read per object.
-    pub async fn names_with_label(
+    /// The name of every object of `resolved` in `namespace`, each with whose it is: one
+    /// paginated metadata list rather than a read per object.
+    pub async fn owners(
         &self,
         resolved: &Resolved,
         namespace: Option<&str>,
-        label: &str,
-    ) -> Result<HashMap<String, Option<String>>, ClusterError> {
+    ) -> Result<HashMap<String, Owner>, ClusterError> {
         let api = self.api(resolved, namespace);
         let mut names = HashMap::new();
         let mut params = ListParams::default().limit(LIST_PAGE);
         loop {
             let page = bounded(api.list_metadata(&params)).await?;
             for object in page.items {
-                let value = object
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(label))
-                    .cloned();
-                names.insert(object.metadata.name.unwrap_or_default(), value);
+                let owner = Owner::of(&object.metadata);
+                names.insert(object.metadata.name.unwrap_or_default(), owner);
             }
             match page.metadata.continue_ {
                 Some(token) if !token.is_empty() => params = params.continue_token(&token),
@@ -405,28 +461,64 @@ impl Cluster {
         }
     }
 
-    /// Removes `label` from the object with a merge patch; `false` if it was already gone.
-    async fn remove_label(
+    /// A merge patch's parameters: written as the agent's field manager, which such a write
+    /// records as an update of its own, apart from what the agent's applies own.
+    fn update_params(&self) -> PatchParams {
+        PatchParams {
+            field_manager: Some(self.field_manager.clone()),
+            ..PatchParams::default()
+        }
+    }
+
+    /// Adds the adopted mark with a merge patch; returns the object as stored.
+    async fn mark_adopted(
         &self,
         resolved: &Resolved,
         namespace: Option<&str>,
         name: &str,
-        label: &str,
-    ) -> Result<bool, ClusterError> {
-        let patch = serde_json::json!({ "metadata": { "labels": { label: null } } });
-        let params = PatchParams {
-            field_manager: Some(self.field_manager.clone()),
-            ..PatchParams::default()
-        };
-        match bounded(
-            self.api(resolved, namespace)
-                .patch(name, &params, &Patch::Merge(&patch)),
-        )
+    ) -> Result<DynamicObject, ClusterError> {
+        let patch = serde_json::json!({
+            "metadata": { "annotations": { ADOPTED_ANNOTATION: ADOPTED } }
+        });
+        bounded(self.api(resolved, namespace).patch(
+            name,
+            &self.update_params(),
+            &Patch::Merge(&patch),
+        ))
         .await
-        {
-            Ok(_) => Ok(true),
-            Err(error) if error.is_not_found() => Ok(false),
-            Err(error) => Err(error),
+    }
+
+    /// Removes the inventory label and the adopted mark, if the label names `agent`.
+    async fn let_go(
+        &self,
+        resolved: &Resolved,
+        namespace: Option<&str>,
+        name: &str,
+        agent: &str,
+    ) -> Result<LetGo, ClusterError> {
+        let api = self.api(resolved, namespace);
+        let mut attempt = 1;
+        loop {
+            let Some(current) = bounded(api.get_metadata_opt(name)).await? else {
+                return Ok(LetGo::Absent);
+            };
+            let owner = Owner::of(&current.metadata);
+            if owner.agent.as_deref() != Some(agent) {
+                return Ok(LetGo::NotOurs(owner.agent));
+            }
+            // The version read is a precondition of the patch: another agent that labelled
+            // the object in between keeps its label, and the patch fails with a conflict.
+            let patch = serde_json::json!({ "metadata": {
+                "resourceVersion": current.metadata.resource_version,
+                "labels": { INVENTORY_LABEL: null },
+                "annotations": { ADOPTED_ANNOTATION: null },
+            } });
+            match bounded(api.patch(name, &self.update_params(), &Patch::Merge(&patch))).await {
+                Ok(_) => return Ok(LetGo::Released),
+                Err(error) if error.is_not_found() => return Ok(LetGo::Absent),
+                Err(error) if error.is_conflict() && attempt < LET_GO_ATTEMPTS => attempt += 1,
+                Err(error) => return Err(error),
+            }
         }
     }
 
@@ -471,6 +563,102 @@ mod tests {
     use crate::testing::{resources, serve, status};
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// A ConfigMap `x` of namespace `apps` whose inventory label is `agent`.
+    fn labelled(agent: &str) -> String {
+        serde_json::json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "x", "namespace": "apps", "resourceVersion": "7",
+                "labels": {INVENTORY_LABEL: agent}}})
+        .to_string()
+    }
+
+    /// Lets go of ConfigMap `apps/x` for agent `prod` on a stand-in API server answering
+    /// reads of it with `object` and its patches in turn with `patches`; returns what letting
+    /// go did and the requests made.
+    async fn let_go_of_x(object: String, patches: Vec<(u16, String)>) -> (LetGo, Vec<String>) {
+        let patches = std::sync::Mutex::new(patches.into_iter());
+        let (client, log) = serve(move |method, path| {
+            Some(match (method, path) {
+                ("GET", "/api/v1") => (200, resources("v1", &[("configmaps", "ConfigMap", true)])),
+                ("GET", "/api/v1/namespaces/apps/configmaps/x") => (200, object.clone()),
+                ("PATCH", "/api/v1/namespaces/apps/configmaps/x") => patches
+                    .lock()
+                    .unwrap()
+                    .next()
+                    .unwrap_or((500, status(500, "unexpected patch"))),
+                _ => (404, status(404, "not found")),
+            })
+        })
+        .await;
+        let cluster = Cluster::new(client, "test");
+        cluster.discover([("v1", "ConfigMap")]).await;
+        let resolved = cluster.resolve("v1", "ConfigMap").expect("served");
+        let object = ObjectRef {
+            resolved: &resolved,
+            namespace: Some("apps"),
+            name: "x",
+        };
+        let written = cluster
+            .perform(Write::LetGo {
+                object,
+                agent: "prod",
+            })
+            .await
+            .expect("let go");
+        let Written::LetGo(let_go) = written else {
+            panic!("answered as another write: {written:?}");
+        };
+        let log = log.lock().unwrap().clone();
+        (let_go, log)
+    }
+
+    #[tokio::test]
+    async fn letting_go_leaves_another_agents_label_alone() {
+        let (let_go, log) = let_go_of_x(labelled("staging"), Vec::new()).await;
+        assert_eq!(let_go, LetGo::NotOurs(Some("staging".into())));
+        assert!(!log.iter().any(|r| r.starts_with("PATCH")), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn letting_go_removes_the_agents_own_label_reading_again_after_a_conflict() {
+        let conflict = (409, status(409, "the object has been modified"));
+        let (let_go, log) =
+            let_go_of_x(labelled("prod"), vec![conflict, (200, labelled("prod"))]).await;
+        assert_eq!(let_go, LetGo::Released);
+        let patches = log.iter().filter(|r| r.starts_with("PATCH")).count();
+        assert_eq!(patches, 2, "{log:?}");
+    }
+
+    #[test]
+    fn an_objects_owner_is_its_label_and_its_adopted_mark() {
+        let meta = |labels: &[(&str, &str)], annotations: &[(&str, &str)]| ObjectMeta {
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            annotations: Some(
+                annotations
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(Owner::of(&ObjectMeta::default()), Owner::default());
+        assert_eq!(
+            Owner::of(&meta(
+                &[(INVENTORY_LABEL, "prod")],
+                &[(ADOPTED_ANNOTATION, ADOPTED)]
+            )),
+            Owner {
+                agent: Some("prod".into()),
+                adopted: true
+            }
+        );
+        assert!(!Owner::of(&meta(&[], &[(ADOPTED_ANNOTATION, "false")])).adopted);
+    }
 
     #[tokio::test]
     async fn a_broken_group_fails_only_the_kinds_it_serves_and_new_kinds_are_found() {

@@ -130,6 +130,16 @@ impl DriftWatch {
         self.shared.objects().remove(key);
     }
 
+    /// Whether the watch lost sight of `key` after the agent applied it: deleted, or no
+    /// longer carrying this agent's label (which is what the watch filters by), so possibly
+    /// another agent's by now.
+    pub fn vanished(&self, key: &ObjectKey) -> bool {
+        self.shared
+            .objects()
+            .get(key)
+            .is_some_and(|t| t.applied.is_some() && t.observed.is_none())
+    }
+
     /// Whether a body of `digest` is what was last applied to `key`, and the watch (in sync)
     /// has seen nobody change the object since: applying it again would change nothing.
     pub fn unchanged(&self, target: &WatchTarget, key: &ObjectKey, digest: u64) -> bool {
@@ -401,6 +411,29 @@ mod tests {
         assert!(!drifted(&shared), "what we own is as we left it");
         observe(&shared, &settings, Some(seen("12", 2)));
         assert!(drifted(&shared), "one of our fields changed hands");
+    }
+
+    #[tokio::test]
+    async fn an_object_the_watch_stops_seeing_after_our_apply_has_vanished() {
+        let watch = DriftWatch::new(unreachable_client(), "greenlight");
+        let web = key("web");
+        assert!(!watch.vanished(&web), "never applied");
+        watch.applying(&web);
+        watch.applied(&web, Some((&version("10", Some(1)), 0)));
+        assert!(!watch.vanished(&web), "our own apply");
+        observe(&watch.shared, &web, Some(version("11", Some(1))));
+        assert!(!watch.vanished(&web), "still carrying our label");
+        // Relabelled by someone else, or deleted: the filtered watch says deleted either way.
+        observe(&watch.shared, &web, None);
+        assert!(watch.vanished(&web));
+        watch.applied(&web, Some((&version("12", Some(1)), 0)));
+        assert!(!watch.vanished(&web), "applied again");
+    }
+
+    /// A client for a `DriftWatch` that starts no watch in the test.
+    fn unreachable_client() -> kube::Client {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("a valid URI"));
+        kube::Client::try_from(config).expect("a client")
     }
 
     #[test]

@@ -11,6 +11,14 @@ use crate::plan::{InventoryEntry, inventory_name};
 
 pub use crate::plan::INVENTORY_LABEL;
 
+/// The annotation that records on an object itself that the agent adopted it (it existed
+/// before the agent first applied it). The inventory says so too, but the inventory can be
+/// lost, and an entry can be forgotten and come back; the object cannot lose it that way, so
+/// an object carrying it is never pruned, only let go.
+pub const ADOPTED_ANNOTATION: &str = "greenlight.dev/adopted";
+/// The value of [`ADOPTED_ANNOTATION`] the agent writes.
+pub const ADOPTED: &str = "true";
+
 /// What the inventory holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inventory {

@@ -1,7 +1,7 @@
 //! Applying one revision: parse and validate everything, resolve kinds, optionally dry-run,
 //! record the inventory, apply in stages with server-side apply, prune, wait for health.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, info, warn};
 
 use crate::assemble::ReadyRevision;
-use crate::cluster::{Cluster, ClusterError, Deleted, ObjectRef, Resolved, Write, Written};
+use crate::cluster::{
+    Cluster, ClusterError, Deleted, LetGo, ObjectRef, Owner, Resolved, Write, Written,
+};
 use crate::drift::{DriftWatch, WatchTarget};
 use crate::health_watch::{HealthWatch, Waited};
 use crate::inventory::{INVENTORY_LABEL, Inventory, InventoryStore};
@@ -25,7 +27,20 @@ use crate::plan::{
 use greenlight::backoff::jittered;
 use greenlight::telemetry;
 
-/// The field manager of every write.
+/// The field manager of every write, the same for every agent.
+///
+/// Not one per agent (`greenlight-<agent>`), deliberately. The name is documented, and what
+/// users and their tooling see in `managedFields`. And every object applied so far is owned by
+/// it: applying under a new name would leave `greenlight` owning each field, so that a field
+/// removed from git would never be removed, unless every object's `managedFields` were
+/// rewritten to hand its fields over (as kubectl does when moving from client-side apply), a
+/// write to each object with its own races against replicas still on the old name. What a
+/// manager per agent would prevent, two agents applying one object, is refused instead: an
+/// agent reads an object's inventory label before its first write of it in a process, and
+/// again whenever its watch loses sight of it, and refuses one another agent labelled
+/// (`judge`); it lets go of an object only while the label names it. Two agents creating one
+/// new object at the same moment can both write it once; the one whose label was overwritten
+/// then loses sight of it, reads it, and refuses it from then on.
 pub const FIELD_MANAGER: &str = "greenlight";
 /// New objects of one kind in one namespace from which one list beats a read each.
 const LIST_INSTEAD_OF_READS: usize = 8;
@@ -48,13 +63,46 @@ pub enum Outcome {
 /// One object ready to apply, with its kind as discovery serves it.
 type Planned = plan::Planned<Resolved>;
 
-/// Whether an object exists (`Some`), and then which agent's label it carries.
-type Ownership = Option<Option<String>>;
+/// Whether an object exists (`Some`), and then whose it is.
+type Ownership = Option<Owner>;
+
+/// An object this agent must not write: another agent's label is on it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{key} belongs to agent {owner} (it carries {INVENTORY_LABEL}={owner}), and an agent \
+     never writes another agent's objects: remove it from the manifests of one of the two \
+     agents, or remove that label if agent {owner} no longer manages it"
+)]
+pub struct OwnedByAnotherAgent {
+    /// The object.
+    pub key: ObjectKey,
+    /// The agent its label names.
+    pub owner: String,
+}
+
+/// Why whose the objects of a revision are could not be settled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// Reading some of them failed, as listed.
+    #[error("cannot tell whether objects already exist: {}", .0.join(", "))]
+    Unreadable(Vec<String>),
+    /// Another agent's label is on some.
+    #[error("refusing to write what other agents manage: {}", list(.0))]
+    OwnedByOthers(Vec<OwnedByAnotherAgent>),
+}
+
+/// `refusals`, one after the other.
+fn list(refusals: &[OwnedByAnotherAgent]) -> String {
+    let reasons: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+    reasons.join("; ")
+}
 
 /// What pruning one inventory entry did.
 enum Pruned {
-    /// Deleted or let go (with a result), or nothing of ours was there (without).
+    /// Deleted (with a result), or nothing of ours was there (without).
     Done(Option<ObjectResult>),
+    /// Not deleted but let go, since the agent adopted it: forgotten, its label removed.
+    LetGo(ObjectResult),
     /// Deliberately not deleted, and still remembered so that it can be later.
     Kept(ObjectResult),
     /// Its deletion was accepted (now or before), but it stays until its finalizers are
@@ -81,6 +129,10 @@ pub struct Worker {
     reports: mpsc::Sender<StatusReport>,
     /// Last resourceVersion seen per object, to tell "unchanged" from "applied" for free.
     versions: HashMap<ObjectKey, String>,
+    /// Objects of the inventory read in this process and found this agent's (or nobody's):
+    /// read again only once the watch loses sight of them, as another agent's label would
+    /// make it.
+    confirmed: HashSet<ObjectKey>,
     /// Watches of the inventory: drift wakes the apply loop, and untouched objects are not
     /// written again.
     drift: DriftWatch,
@@ -102,6 +154,7 @@ impl Worker {
             namespace: namespace.to_owned(),
             reports,
             versions: HashMap::new(),
+            confirmed: HashSet::new(),
         }
     }
 
@@ -358,29 +411,34 @@ impl Worker {
             }
         }
 
-        // Objects the agent has not applied before may have been there already: those are
-        // adopted, and never pruned.
+        // Whose each object is, before the first write. One the agent has not applied before
+        // may have been there already (adopted: never pruned) or be another agent's (refused).
+        // One it applied is read once per process, and again once the watch lost sight of it:
+        // in between, only the agent's own writes touched its label.
         let known: HashMap<ObjectKey, bool> = previous
             .entries
             .iter()
             .map(|e| (e.key.clone(), e.adopted))
             .collect();
-        let fresh: Vec<&Planned> = planned
+        self.confirmed.retain(|key| !self.drift.vanished(key));
+        let unconfirmed: Vec<&Planned> = planned
             .iter()
-            .filter(|p| p.resolved.is_some() && !known.contains_key(&p.key))
+            .filter(|p| p.resolved.is_some() && !self.is_confirmed(&known, &p.key))
             .collect();
-        let adopted = match self.preexisting(&fresh, &agent).await {
+        let adopted = match self.claim(&unconfirmed, &known, &agent).await {
             Ok(adopted) => adopted,
-            Err(message) => {
+            Err(error) => {
                 return self
                     .fail(
                         revision,
-                        format!("{message}; nothing was applied"),
+                        format!("{error}; nothing was applied"),
                         Vec::new(),
                     )
                     .await;
             }
         };
+        let checked: Vec<ObjectKey> = unconfirmed.iter().map(|p| p.key.clone()).collect();
+        self.confirmed.extend(checked);
         let mut desired: Vec<InventoryEntry> = planned
             .iter()
             .map(|p| InventoryEntry {
@@ -389,6 +447,11 @@ impl Worker {
                 namespaced: p.namespaced,
                 adopted: known.get(&p.key).copied().unwrap_or(false) || adopted.contains(&p.key),
             })
+            .collect();
+        let mut adopted_keys: BTreeSet<ObjectKey> = desired
+            .iter()
+            .filter(|e| e.adopted)
+            .map(|e| e.key.clone())
             .collect();
         // Recorded before the first write: a crash mid-apply leaves nothing the next prune
         // would not know about.
@@ -429,34 +492,45 @@ impl Worker {
                     Err(None) => return Outcome::Stopped,
                     Err(Some(message)) => return self.fail(revision, message, results).await,
                 }
-                // Their kinds are served now, so whether they already existed can be told.
-                let fresh: Vec<&Planned> = group
+                // Their kinds are served now, so whose they are can be told.
+                let unconfirmed: Vec<&Planned> = group
                     .iter()
-                    .filter(|p| late.contains(&p.key) && !known.contains_key(&p.key))
+                    .filter(|p| late.contains(&p.key) && !self.is_confirmed(&known, &p.key))
                     .collect();
-                match self.preexisting(&fresh, &agent).await {
-                    Ok(adopted) if adopted.is_empty() => {}
-                    Ok(adopted) => {
-                        for entry in desired.iter_mut().filter(|e| adopted.contains(&e.key)) {
-                            entry.adopted = true;
-                        }
-                        let pending = Inventory {
-                            entries: merge(&desired, &previous.entries),
-                            revision: previous.revision.clone(),
-                        };
-                        if let Err(error) = inventory.save(&pending).await {
-                            return self.inventory_failed(revision, &error, results).await;
-                        }
-                        stored = pending;
+                let adopted = match self.claim(&unconfirmed, &known, &agent).await {
+                    Ok(adopted) => adopted,
+                    Err(error) => return self.fail(revision, error.to_string(), results).await,
+                };
+                let checked: Vec<ObjectKey> = unconfirmed.iter().map(|p| p.key.clone()).collect();
+                self.confirmed.extend(checked);
+                let mut newly_adopted = false;
+                for entry in desired
+                    .iter_mut()
+                    .filter(|e| !e.adopted && adopted.contains(&e.key))
+                {
+                    entry.adopted = true;
+                    adopted_keys.insert(entry.key.clone());
+                    newly_adopted = true;
+                }
+                if newly_adopted {
+                    let pending = Inventory {
+                        entries: merge(&desired, &previous.entries),
+                        revision: previous.revision.clone(),
+                    };
+                    if let Err(error) = inventory.save(&pending).await {
+                        return self.inventory_failed(revision, &error, results).await;
                     }
-                    Err(message) => return self.fail(revision, message, results).await,
+                    stored = pending;
                 }
             }
             let stage_span =
                 tracing::info_span!("apply_stage", stage = ?stage, objects = group.len());
             let pending: Vec<_> = group
                 .iter()
-                .map(|item| self.apply_item(item, &settings, stop))
+                .map(|item| {
+                    let adopted = adopted_keys.contains(&item.key);
+                    self.apply_item(item, adopted, &settings, stop)
+                })
                 .collect();
             let outcomes: Vec<ItemOutcome> = futures_util::stream::iter(pending)
                 .buffer_unordered(APPLY_CONCURRENCY)
@@ -501,67 +575,87 @@ impl Worker {
         let mut kept_names = Vec::new();
         let mut terminating_names = Vec::new();
         let mut let_go = 0;
-        if let Some(prune) = prune {
-            for entry in prune.out_of_scope {
-                info!(object = %entry.key, "not pruning: outside the agent's scope");
-                kept_names.push(format!("{} (outside the agent's scope)", entry.key));
-                results.push(entry_result(
-                    &entry,
-                    Action::Unchanged,
-                    "not pruned: outside the agent's scope".into(),
-                ));
-                kept.push(entry);
-            }
-            let gone = prune.candidates;
-            let discovery_failures = if gone.is_empty() {
-                BTreeMap::new()
-            } else {
-                self.cluster
-                    .discover(
-                        gone.iter()
-                            .map(|e| (e.api_version.as_str(), e.key.kind.as_str())),
-                    )
-                    .await
-            };
-            for entry in gone {
-                if stop() {
-                    return Outcome::Stopped;
+        let pruning = prune.is_some();
+        let gone = match prune {
+            Some(prune) => {
+                for entry in prune.out_of_scope {
+                    info!(object = %entry.key, "not pruning: outside the agent's scope");
+                    kept_names.push(format!("{} (outside the agent's scope)", entry.key));
+                    results.push(entry_result(
+                        &entry,
+                        Action::Unchanged,
+                        "not pruned: outside the agent's scope".into(),
+                    ));
+                    kept.push(entry);
                 }
-                match self
-                    .prune_one(&entry, &agent, &settings, &discovery_failures)
+                prune.candidates
+            }
+            // Without prune, what left the manifests is forgotten rather than remembered: the
+            // inventory stays as large as the revision, and turning prune on later deletes only
+            // what is removed from then on. What the agent made keeps its label, so that it is
+            // known for the agent's own should it come back. An adopted object is let go
+            // first: with the label left on it, it would pass for the agent's own when it came
+            // back, and be deleted once removed again with prune on. Outside the scope it is
+            // not touched, but remembered, to be let go once it is back in.
+            None => {
+                let (outside, inside): (Vec<_>, Vec<_>) =
+                    plan::prune_plan(&previous.entries, &desired_keys)
+                        .into_iter()
+                        .filter(|e| e.adopted)
+                        .partition(|e| scope.refusal(&e.key).is_some());
+                kept.extend(outside);
+                inside
+            }
+        };
+        let discovery_failures = if gone.is_empty() {
+            BTreeMap::new()
+        } else {
+            self.cluster
+                .discover(
+                    gone.iter()
+                        .map(|e| (e.api_version.as_str(), e.key.kind.as_str())),
+                )
+                .await
+        };
+        for entry in gone {
+            if stop() {
+                return Outcome::Stopped;
+            }
+            let pruned = if pruning {
+                self.prune_one(&entry, &agent, &settings, &discovery_failures)
                     .await
-                {
-                    Pruned::Done(Some(object)) => {
-                        let_go += usize::from(entry.adopted);
-                        results.push(object);
-                    }
-                    Pruned::Done(None) => {}
-                    Pruned::Kept(object) => {
-                        kept_names.push(format!("{} (its deletion would cascade)", entry.key));
-                        kept.push(entry.clone());
-                        results.push(object);
-                    }
-                    Pruned::Terminating(object, terminating) => {
-                        terminating_names.push(format!(
-                            "{} ({})",
-                            entry.key,
-                            terminating.waiting_for()
-                        ));
-                        kept.push(entry.clone());
-                        results.push(object);
-                    }
-                    Pruned::Failed(object) => {
-                        // Still ours and still there: keep remembering it.
-                        kept.push(entry.clone());
-                        failed = true;
-                        results.push(object);
-                    }
+            } else {
+                self.let_go_of(&entry, &agent, &discovery_failures).await
+            };
+            match pruned {
+                Pruned::Done(Some(object)) => results.push(object),
+                Pruned::Done(None) => {}
+                Pruned::LetGo(object) => {
+                    let_go += 1;
+                    results.push(object);
+                }
+                Pruned::Kept(object) => {
+                    kept_names.push(format!("{} (its deletion would cascade)", entry.key));
+                    kept.push(entry.clone());
+                    results.push(object);
+                }
+                Pruned::Terminating(object, terminating) => {
+                    terminating_names.push(format!(
+                        "{} ({})",
+                        entry.key,
+                        terminating.waiting_for()
+                    ));
+                    kept.push(entry.clone());
+                    results.push(object);
+                }
+                Pruned::Failed(object) => {
+                    // Still ours and still there: keep remembering it.
+                    kept.push(entry.clone());
+                    failed = true;
+                    results.push(object);
                 }
             }
         }
-        // Without prune, what left the manifests is forgotten rather than remembered (`kept`
-        // stays empty): the inventory stays as large as the revision, and turning prune on
-        // later deletes only what is removed from then on.
         let mut entries = desired.clone();
         entries.extend(kept);
         let done_inventory = Inventory {
@@ -574,8 +668,16 @@ impl Worker {
             return self.inventory_failed(revision, &error, results).await;
         }
         self.watch_inventory(&agent, &done_inventory.entries);
+        let remembered: HashSet<&ObjectKey> =
+            done_inventory.entries.iter().map(|e| &e.key).collect();
+        self.confirmed.retain(|key| remembered.contains(key));
         if failed {
-            return self.fail_listing(revision, "prune failed", results).await;
+            let what = if pruning {
+                "prune failed"
+            } else {
+                "letting go of adopted objects failed"
+            };
+            return self.fail_listing(revision, what, results).await;
         }
         let applied = results
             .iter()
@@ -706,14 +808,24 @@ impl Worker {
         }))
     }
 
-    /// Which of `items` already exist without this agent's label: those are adopted.
-    async fn preexisting(
+    /// Whether `key` is in the inventory and was found this agent's by a read in this
+    /// process, since when the watch has not lost sight of it.
+    fn is_confirmed(&self, known: &HashMap<ObjectKey, bool>, key: &ObjectKey) -> bool {
+        known.contains_key(key) && self.confirmed.contains(key)
+    }
+
+    /// Reads whose each of `items` is: refuses the revision if another agent's label is on
+    /// any, and returns those that are adopted (see [`judge`]). `known` is what the
+    /// inventory says of the objects in it: whether adopted.
+    async fn claim(
         &self,
         items: &[&Planned],
+        known: &HashMap<ObjectKey, bool>,
         agent: &str,
-    ) -> Result<BTreeSet<ObjectKey>, String> {
-        // Many new objects of one kind in one namespace (a first apply) cost one list; a few
-        // cost a read each, which is cheaper than listing a namespace full of others.
+    ) -> Result<BTreeSet<ObjectKey>, ClaimError> {
+        // Many objects of one kind in one namespace (a first apply, or a restart) cost one
+        // list; a few cost a read each, which is cheaper than listing a namespace full of
+        // others.
         let mut groups: BTreeMap<(String, Option<String>), Vec<&Planned>> = BTreeMap::new();
         for item in items {
             if let Some(resolved) = &item.resolved {
@@ -738,12 +850,12 @@ impl Worker {
                 if group.len() >= LIST_INSTEAD_OF_READS {
                     match self
                         .cluster
-                        .names_with_label(resolved, first.key.namespace.as_deref(), INVENTORY_LABEL)
+                        .owners(resolved, first.key.namespace.as_deref())
                         .await
                     {
-                        Ok(names) => {
+                        Ok(owners) => {
                             for item in group {
-                                found.push((&item.key, Ok(names.get(&item.key.name).cloned())));
+                                found.push((&item.key, Ok(owners.get(&item.key.name).cloned())));
                             }
                         }
                         Err(error) => {
@@ -760,7 +872,7 @@ impl Worker {
                         .cluster
                         .get(resolved, item.key.namespace.as_deref(), &item.key.name)
                         .await
-                        .map(|o| o.map(|o| label(&o).map(str::to_owned)));
+                        .map(|o| o.map(|o| Owner::of(&o.metadata)));
                     found.push((&item.key, read));
                 }
                 found
@@ -774,26 +886,36 @@ impl Worker {
             .flatten()
             .collect();
         let mut adopted = BTreeSet::new();
-        let mut errors = Vec::new();
+        let mut unreadable = Vec::new();
+        let mut refused = Vec::new();
         for (key, found) in found {
-            match found {
-                Ok(Some(owner)) if owner.as_deref() != Some(agent) => {
-                    info!(object = %key, "adopting an object that existed before");
+            let owner = match found {
+                Ok(owner) => owner,
+                Err(error) => {
+                    unreadable.push(format!("{key}: {}", error.message()));
+                    continue;
+                }
+            };
+            match judge(key, owner.as_ref(), agent, known.get(key).copied()) {
+                Ok(true) => {
+                    if !known.get(key).copied().unwrap_or(false) {
+                        info!(object = %key, "adopting an object that existed before");
+                    }
                     adopted.insert(key.clone());
                 }
-                Ok(_) => {}
-                Err(error) => errors.push(format!("{key}: {}", error.message())),
+                Ok(false) => {}
+                Err(refusal) => refused.push(refusal),
             }
         }
-        if errors.is_empty() {
-            Ok(adopted)
-        } else {
-            errors.sort();
-            Err(format!(
-                "cannot tell whether objects already exist: {}",
-                errors.join(", ")
-            ))
+        if !unreadable.is_empty() {
+            unreadable.sort();
+            return Err(ClaimError::Unreadable(unreadable));
         }
+        if !refused.is_empty() {
+            refused.sort_by(|a, b| a.key.cmp(&b.key));
+            return Err(ClaimError::OwnedByOthers(refused));
+        }
+        Ok(adopted)
     }
 
     /// Waits until the kinds of `group` that were not served are (their CRDs were just
@@ -844,10 +966,12 @@ impl Worker {
         )))
     }
 
-    /// Applies one object at a safe point: not at all once `stop` says so.
+    /// Applies one object at a safe point: not at all once `stop` says so. An `adopted` one
+    /// also gets the adopted mark, if it lacks it.
     async fn apply_item(
         &self,
         item: &Planned,
+        adopted: bool,
         settings: &ApplySettings,
         stop: &(dyn Fn() -> bool + Sync),
     ) -> ItemOutcome {
@@ -869,7 +993,13 @@ impl Worker {
             return outcome(result(item, Action::Unchanged, String::new()), None, None);
         }
         self.drift.applying(&item.key);
-        let applied = self.apply_one(item, settings, false).await.map(|object| {
+        let applied = match self.apply_one(item, settings, false).await {
+            Ok(object) if adopted && !Owner::of(&object.metadata).adopted => {
+                self.mark_adopted(item).await
+            }
+            applied => applied,
+        }
+        .map(|object| {
             (
                 Version::of(&object.metadata, FIELD_MANAGER),
                 Terminating::of(&object.metadata),
@@ -904,6 +1034,28 @@ impl Worker {
         }
     }
 
+    /// Marks an adopted object as such on the object itself, once applied: the mark is not
+    /// part of the applied body, so that a preview's dry run, which knows nothing of
+    /// adoption, does not see the agent's applies remove it. Written as an update of its own,
+    /// an apply never removes it either.
+    async fn mark_adopted(&self, item: &Planned) -> Result<Box<DynamicObject>, ClusterError> {
+        let resolved = item
+            .resolved
+            .as_ref()
+            .ok_or_else(|| ClusterError::NotServed(item.key.kind.clone()))?;
+        let write = Write::MarkAdopted {
+            object: ObjectRef {
+                resolved,
+                namespace: item.key.namespace.as_deref(),
+                name: &item.key.name,
+            },
+        };
+        let Written::Object(object) = self.cluster.perform(write).await? else {
+            return Err(ClusterError::MismatchedAnswer(item.key.to_string()));
+        };
+        Ok(object)
+    }
+
     async fn apply_one(
         &self,
         item: &Planned,
@@ -930,9 +1082,9 @@ impl Worker {
         Ok(object)
     }
 
-    /// Deletes `entry` if it still carries this agent's label; `Ok(None)` when there was
-    /// nothing of ours to delete. An adopted object is only let go: its label is removed
-    /// so that it is not mistaken for the agent's own later.
+    /// Deletes `entry` if it still carries this agent's label; `Pruned::Done(None)` when
+    /// there was nothing of ours to delete. An adopted object, as the inventory or the object
+    /// itself says, is only let go.
     async fn prune_one(
         &self,
         entry: &InventoryEntry,
@@ -942,15 +1094,7 @@ impl Worker {
     ) -> Pruned {
         let as_result = |action: Action, message: String| entry_result(entry, action, message);
         let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) else {
-            return match discovery_failures.get(&entry.api_version) {
-                // It may well still exist: remember it until its kind can be resolved.
-                Some(why) => Pruned::Failed(as_result(
-                    Action::Failed,
-                    format!("API discovery of {} failed: {why}", entry.api_version),
-                )),
-                // The kind is gone, and with it every object of it.
-                None => Pruned::Done(None),
-            };
+            return unresolved(entry, discovery_failures);
         };
         let namespace = entry.key.namespace.as_deref();
         let object = ObjectRef {
@@ -959,22 +1103,7 @@ impl Worker {
             name: &entry.key.name,
         };
         if entry.adopted {
-            self.drift.forget(&entry.key);
-            let write = Write::LetGo {
-                object,
-                label: INVENTORY_LABEL,
-            };
-            return match self.cluster.perform(write).await {
-                Ok(Written::Existed(true)) => {
-                    info!(object = %entry.key, "not pruning: it existed before the agent adopted it");
-                    Pruned::Done(Some(as_result(
-                        Action::Unchanged,
-                        "not pruned: existed before the agent adopted it".into(),
-                    )))
-                }
-                Ok(_) => Pruned::Done(None),
-                Err(error) => Pruned::Failed(as_result(Action::Failed, error.message())),
-            };
+            return self.let_go(entry, object, agent).await;
         }
         let current = match self
             .cluster
@@ -985,9 +1114,15 @@ impl Worker {
             Ok(None) => return Pruned::Done(None),
             Err(error) => return Pruned::Failed(as_result(Action::Failed, error.message())),
         };
-        if label(&current) != Some(agent) {
+        let owner = Owner::of(&current.metadata);
+        if owner.agent.as_deref() != Some(agent) {
             info!(object = %entry.key, "not pruning: it no longer carries this agent's label");
             return Pruned::Done(None);
+        }
+        if owner.adopted {
+            // The inventory lost the mark (it was rebuilt, or the entry forgotten and added
+            // again), the object kept it.
+            return self.let_go(entry, object, agent).await;
         }
         if let Some(terminating) = Terminating::of(&current.metadata) {
             // Deleted already: another delete would change nothing, yet be a write on every
@@ -1027,6 +1162,51 @@ impl Worker {
             }
             Ok(_) => Pruned::Done(Some(as_result(Action::Pruned, String::new()))),
             Err(error) => Pruned::Failed(as_result(Action::Failed, error.message())),
+        }
+    }
+
+    /// Lets go of adopted `entry` without pruning (prune is off).
+    async fn let_go_of(
+        &self,
+        entry: &InventoryEntry,
+        agent: &str,
+        discovery_failures: &BTreeMap<String, String>,
+    ) -> Pruned {
+        let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) else {
+            return unresolved(entry, discovery_failures);
+        };
+        let object = ObjectRef {
+            resolved: &resolved,
+            namespace: entry.key.namespace.as_deref(),
+            name: &entry.key.name,
+        };
+        self.let_go(entry, object, agent).await
+    }
+
+    /// Removes this agent's label and adopted mark from `object`, if the label is still this
+    /// agent's: another agent's object is not this agent's to let go of.
+    async fn let_go(&self, entry: &InventoryEntry, object: ObjectRef<'_>, agent: &str) -> Pruned {
+        self.drift.forget(&entry.key);
+        match self.cluster.perform(Write::LetGo { object, agent }).await {
+            Ok(Written::LetGo(LetGo::Released)) => {
+                info!(object = %entry.key, "not pruning: it existed before the agent adopted it");
+                Pruned::LetGo(entry_result(
+                    entry,
+                    Action::Unchanged,
+                    "not pruned: existed before the agent adopted it".into(),
+                ))
+            }
+            Ok(Written::LetGo(LetGo::Absent)) => Pruned::Done(None),
+            Ok(Written::LetGo(LetGo::NotOurs(owner))) => {
+                info!(object = %entry.key, ?owner, "not letting go: it no longer carries this agent's label");
+                Pruned::Done(None)
+            }
+            Ok(_) => Pruned::Failed(entry_result(
+                entry,
+                Action::Failed,
+                ClusterError::MismatchedAnswer(entry.key.to_string()).to_string(),
+            )),
+            Err(error) => Pruned::Failed(entry_result(entry, Action::Failed, error.message())),
         }
     }
 
@@ -1076,6 +1256,32 @@ impl Worker {
     }
 }
 
+/// Whether this agent may apply an object that `owner` describes (`None`: it does not
+/// exist), and if so whether it is adopted; `known` is what the inventory says of it
+/// (`None`: not in it, so never applied, or forgotten since). An object another agent's
+/// label names is refused. One the agent has not applied is adopted when it exists without
+/// the label; with this agent's label and the adopted mark, it was adopted before and stays
+/// so, whatever the inventory lost.
+fn judge(
+    key: &ObjectKey,
+    owner: Option<&Owner>,
+    agent: &str,
+    known: Option<bool>,
+) -> Result<bool, OwnedByAnotherAgent> {
+    let recorded = known.unwrap_or(false);
+    let Some(owner) = owner else {
+        return Ok(recorded);
+    };
+    match owner.agent.as_deref() {
+        Some(other) if other != agent => Err(OwnedByAnotherAgent {
+            key: key.clone(),
+            owner: other.to_owned(),
+        }),
+        None if known.is_none() => Ok(true),
+        _ => Ok(recorded || owner.adopted),
+    }
+}
+
 /// `desired`, then what `previous` remembers beyond it.
 fn merge(desired: &[InventoryEntry], previous: &[InventoryEntry]) -> Vec<InventoryEntry> {
     let keys: BTreeSet<&ObjectKey> = desired.iter().map(|e| &e.key).collect();
@@ -1084,14 +1290,18 @@ fn merge(desired: &[InventoryEntry], previous: &[InventoryEntry]) -> Vec<Invento
     union
 }
 
-/// The value of this agent's inventory label on `object`.
-fn label(object: &DynamicObject) -> Option<&str> {
-    object
-        .metadata
-        .labels
-        .as_ref()?
-        .get(INVENTORY_LABEL)
-        .map(String::as_str)
+/// What pruning (or letting go of) `entry` did when its kind cannot be resolved.
+fn unresolved(entry: &InventoryEntry, discovery_failures: &BTreeMap<String, String>) -> Pruned {
+    match discovery_failures.get(&entry.api_version) {
+        // It may well still exist: remember it until its kind can be resolved.
+        Some(why) => Pruned::Failed(entry_result(
+            entry,
+            Action::Failed,
+            format!("API discovery of {} failed: {why}", entry.api_version),
+        )),
+        // The kind is gone, and with it every object of it.
+        None => Pruned::Done(None),
+    }
 }
 
 fn result(item: &Planned, action: Action, message: String) -> ObjectResult {
@@ -1175,6 +1385,363 @@ pub(crate) async fn namespaces_created(cluster: &Cluster, planned: &[Planned]) -
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    use crate::inventory::{ADOPTED, ADOPTED_ANNOTATION};
+    use crate::testing::{resources, serve, status};
+    use serde_json::{Value, json};
+
+    const INVENTORY: &str = "/api/v1/namespaces/greenlight/configmaps/greenlight-inventory-prod";
+    const OBJECTS: &str = "/api/v1/namespaces/apps/configmaps/";
+
+    fn configmap_key(name: &str) -> ObjectKey {
+        ObjectKey {
+            group: String::new(),
+            kind: "ConfigMap".into(),
+            namespace: Some("apps".into()),
+            name: name.into(),
+        }
+    }
+
+    fn inventory_entry(name: &str, adopted: bool) -> InventoryEntry {
+        InventoryEntry {
+            key: configmap_key(name),
+            api_version: "v1".into(),
+            namespaced: true,
+            adopted,
+        }
+    }
+
+    /// ConfigMap `name` of namespace `apps` with `metadata` beyond its name.
+    fn live(name: &str, metadata: Value) -> Value {
+        let mut object = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "apps", "resourceVersion": "7"}});
+        if let (Some(meta), Some(extra)) =
+            (object["metadata"].as_object_mut(), metadata.as_object())
+        {
+            meta.extend(extra.clone());
+        }
+        object
+    }
+
+    /// A worker of agent `prod` on a stand-in API server holding the inventory `entries` (none
+    /// without) and the ConfigMaps `objects` of namespace `apps`. It takes every write and
+    /// answers it with the object as it was (or, new, with the agent's label). Returns the
+    /// worker, the log of its requests, and its reports.
+    async fn worker_on(
+        entries: Option<Vec<InventoryEntry>>,
+        objects: Vec<Value>,
+    ) -> (
+        Worker,
+        Arc<Mutex<Vec<String>>>,
+        mpsc::Receiver<StatusReport>,
+    ) {
+        let inventory = entries.map(|entries| {
+            json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "greenlight-inventory-prod", "namespace": "greenlight"},
+                "data": {"entries": serde_json::to_string(&entries).unwrap_or_default(),
+                    "revision": "previous"}})
+            .to_string()
+        });
+        let objects: HashMap<String, String> = objects
+            .into_iter()
+            .map(|o| {
+                (
+                    o["metadata"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    o.to_string(),
+                )
+            })
+            .collect();
+        let (kube, log) = serve(move |method, path| {
+            if path == "/api/v1" {
+                return Some((200, resources("v1", &[("configmaps", "ConfigMap", true)])));
+            }
+            if path == INVENTORY {
+                return Some(match (method, &inventory) {
+                    ("GET", None) => (404, status(404, "not found")),
+                    (_, Some(stored)) => (200, stored.clone()),
+                    (_, None) => (
+                        200,
+                        live("greenlight-inventory-prod", json!({})).to_string(),
+                    ),
+                });
+            }
+            let Some(name) = path.strip_prefix(OBJECTS) else {
+                return Some((404, status(404, "not found")));
+            };
+            Some(match (method, objects.get(name)) {
+                ("GET", None) => (404, status(404, "not found")),
+                ("DELETE", _) => (
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1",
+                    "metadata": {}, "status": "Success"})
+                    .to_string(),
+                ),
+                (_, Some(object)) => (200, object.clone()),
+                (_, None) => (
+                    200,
+                    live(name, json!({"labels": {INVENTORY_LABEL: "prod"}})).to_string(),
+                ),
+            })
+        })
+        .await;
+        let (reports, received) = mpsc::channel(64);
+        let worker = Worker::new(
+            Cluster::new(kube, FIELD_MANAGER),
+            "greenlight",
+            reports,
+            Arc::new(AgentMetrics::default()),
+        );
+        (worker, log, received)
+    }
+
+    /// A revision of agent `prod` of a ConfigMap in `apps` for each of `names`.
+    fn revision_of(names: &[&str], prune: bool) -> ReadyRevision {
+        let mut revision = crate::session::tests::revision("abc", 1, "");
+        revision.files = names
+            .iter()
+            .map(|name| {
+                let yaml = format!(
+                    "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata: {{value: one}}\n"
+                );
+                (format!("{name}.yaml"), yaml.into_bytes())
+            })
+            .collect();
+        revision.header.file_count = u32::try_from(names.len()).unwrap_or(u32::MAX);
+        revision.header.settings = Some(ApplySettings {
+            default_namespace: "apps".into(),
+            prune,
+            prune_propagation_policy: "background".into(),
+            force_conflicts: true,
+            ..ApplySettings::default()
+        });
+        revision
+    }
+
+    fn requests(log: &Mutex<Vec<String>>, method: &str, name: &str) -> usize {
+        let line = format!("{method} {OBJECTS}{name}");
+        log.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| **l == line)
+            .count()
+    }
+
+    async fn reconcile(worker: &mut Worker, revision: &ReadyRevision) -> Outcome {
+        worker.reconcile(revision, &|| false).await
+    }
+
+    #[tokio::test]
+    async fn an_object_marked_adopted_is_let_go_though_the_inventory_forgot_it() {
+        // Adopted, forgotten (prune was off) and added again: the inventory no longer knows,
+        // the object does.
+        let (mut worker, log, _reports) = worker_on(
+            Some(vec![
+                inventory_entry("keep", false),
+                inventory_entry("x", false),
+            ]),
+            vec![
+                live("keep", json!({"labels": {INVENTORY_LABEL: "prod"}})),
+                live(
+                    "x",
+                    json!({"labels": {INVENTORY_LABEL: "prod"},
+                        "annotations": {ADOPTED_ANNOTATION: ADOPTED}}),
+                ),
+            ],
+        )
+        .await;
+        let outcome = reconcile(&mut worker, &revision_of(&["keep"], true)).await;
+        assert_eq!(outcome, Outcome::Healthy);
+        assert_eq!(requests(&log, "DELETE", "x"), 0, "never deleted");
+        assert_eq!(requests(&log, "PATCH", "x"), 1, "let go");
+    }
+
+    #[tokio::test]
+    async fn a_new_object_with_the_agents_label_and_the_adopted_mark_stays_adopted() {
+        // The inventory was deleted: every object is new to it, and carries the agent's label.
+        let (mut worker, log, mut reports) = worker_on(
+            None,
+            vec![
+                live("made", json!({"labels": {INVENTORY_LABEL: "prod"}})),
+                live(
+                    "found",
+                    json!({"labels": {INVENTORY_LABEL: "prod"},
+                        "annotations": {ADOPTED_ANNOTATION: ADOPTED}}),
+                ),
+            ],
+        )
+        .await;
+        let outcome = reconcile(&mut worker, &revision_of(&["made", "found"], true)).await;
+        assert_eq!(outcome, Outcome::Healthy);
+        assert_eq!(
+            requests(&log, "GET", "found"),
+            1,
+            "read before the first write"
+        );
+        let mut applied = None;
+        while let Ok(report) = reports.try_recv() {
+            if report.phase() == Phase::Applied {
+                applied = Some(report.message);
+            }
+        }
+        let applied = applied.unwrap_or_default();
+        assert!(
+            applied.contains("; 1 adopted (they existed before; never pruned)"),
+            "only `found`: {applied}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_adopted_object_gets_the_adopted_mark_once_applied() {
+        let (mut worker, log, _reports) =
+            worker_on(None, vec![live("found", json!({"labels": {"team": "a"}}))]).await;
+        let outcome = reconcile(&mut worker, &revision_of(&["found"], true)).await;
+        assert_eq!(outcome, Outcome::Healthy);
+        assert_eq!(requests(&log, "PATCH", "found"), 2, "applied, then marked");
+    }
+
+    #[tokio::test]
+    async fn without_prune_an_adopted_object_leaving_the_manifests_is_let_go() {
+        let (mut worker, log, _reports) = worker_on(
+            Some(vec![
+                inventory_entry("keep", false),
+                inventory_entry("found", true),
+                inventory_entry("made", false),
+            ]),
+            vec![
+                live("keep", json!({"labels": {INVENTORY_LABEL: "prod"}})),
+                live("found", json!({"labels": {INVENTORY_LABEL: "prod"}})),
+                live("made", json!({"labels": {INVENTORY_LABEL: "prod"}})),
+            ],
+        )
+        .await;
+        let outcome = reconcile(&mut worker, &revision_of(&["keep"], false)).await;
+        assert_eq!(outcome, Outcome::Healthy);
+        assert_eq!(requests(&log, "PATCH", "found"), 1, "its label removed");
+        assert_eq!(
+            requests(&log, "PATCH", "made"),
+            0,
+            "the agent's own keeps it"
+        );
+        assert_eq!(
+            requests(&log, "DELETE", "found") + requests(&log, "DELETE", "made"),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn another_agents_object_is_refused_before_any_write() {
+        let (mut worker, log, _reports) = worker_on(
+            None,
+            vec![
+                live("mine", json!({})),
+                live("theirs", json!({"labels": {INVENTORY_LABEL: "staging"}})),
+            ],
+        )
+        .await;
+        let Outcome::Failed(message) =
+            reconcile(&mut worker, &revision_of(&["mine", "theirs"], true)).await
+        else {
+            panic!("refused");
+        };
+        assert!(
+            message.contains("ConfigMap apps/theirs belongs to agent staging")
+                && message.ends_with("nothing was applied"),
+            "{message}"
+        );
+        let writes: Vec<String> = log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| !l.starts_with("GET"))
+            .cloned()
+            .collect();
+        assert_eq!(writes, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn a_known_object_another_agent_labelled_is_refused_after_a_restart() {
+        // Both agents applied it before they refused each other's objects.
+        let (mut worker, log, _reports) = worker_on(
+            Some(vec![inventory_entry("shared", false)]),
+            vec![live(
+                "shared",
+                json!({"labels": {INVENTORY_LABEL: "staging"}}),
+            )],
+        )
+        .await;
+        let outcome = reconcile(&mut worker, &revision_of(&["shared"], true)).await;
+        assert!(
+            matches!(&outcome, Outcome::Failed(m) if m.contains("belongs to agent staging")),
+            "{outcome:?}"
+        );
+        assert_eq!(requests(&log, "PATCH", "shared"), 0);
+    }
+
+    #[tokio::test]
+    async fn a_confirmed_object_is_not_read_again() {
+        let (mut worker, log, _reports) = worker_on(
+            Some(vec![inventory_entry("settings", false)]),
+            vec![live(
+                "settings",
+                json!({"labels": {INVENTORY_LABEL: "prod"}}),
+            )],
+        )
+        .await;
+        let revision = revision_of(&["settings"], true);
+        assert_eq!(reconcile(&mut worker, &revision).await, Outcome::Healthy);
+        assert_eq!(reconcile(&mut worker, &revision).await, Outcome::Healthy);
+        assert_eq!(requests(&log, "GET", "settings"), 1, "once per process");
+        assert_eq!(requests(&log, "PATCH", "settings"), 2);
+    }
+
+    #[test]
+    fn whose_an_object_is_decides_adoption_and_refusal() {
+        let key = configmap_key("x");
+        let owner = |agent: Option<&str>, adopted: bool| Owner {
+            agent: agent.map(str::to_owned),
+            adopted,
+        };
+        let judged =
+            |found: Option<Owner>, known: Option<bool>| judge(&key, found.as_ref(), "prod", known);
+        assert_eq!(judged(None, None), Ok(false), "to be created");
+        assert_eq!(judged(None, Some(true)), Ok(true), "once adopted, always");
+        assert_eq!(
+            judged(Some(owner(None, false)), None),
+            Ok(true),
+            "found there"
+        );
+        assert_eq!(
+            judged(Some(owner(Some("prod"), false)), None),
+            Ok(false),
+            "made by it"
+        );
+        assert_eq!(
+            judged(Some(owner(Some("prod"), true)), None),
+            Ok(true),
+            "adopted, as the object says"
+        );
+        assert_eq!(
+            judged(Some(owner(Some("prod"), true)), Some(false)),
+            Ok(true)
+        );
+        assert_eq!(
+            judged(Some(owner(None, false)), Some(false)),
+            Ok(false),
+            "its label removed"
+        );
+        assert_eq!(
+            judged(Some(owner(Some("staging"), false)), None),
+            Err(OwnedByAnotherAgent {
+                key: key.clone(),
+                owner: "staging".into()
+            })
+        );
+        assert!(judged(Some(owner(Some("staging"), true)), Some(true)).is_err());
+    }
 
     #[test]
     fn the_inventory_keeps_what_it_remembered_beyond_the_desired() {

@@ -1955,3 +1955,163 @@ async fn the_agent_counts_applies_drift_and_leadership_and_serves_its_probes() -
     stop.cancel();
     Ok(())
 }
+
+// Adoption and other agents' objects: an adopted object stays adopted however the inventory
+// forgets it, and an agent neither adopts nor lets go of what another agent's label names.
+
+/// The labels and annotations of ConfigMap `name` of the default namespace.
+async fn marks(w: &World, name: &str) -> anyhow::Result<(Value, Value)> {
+    let object = w.configmap(name).await?.context("the ConfigMap exists")?;
+    Ok((
+        object["metadata"]["labels"].clone(),
+        object["metadata"]["annotations"].clone(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_object_survives_being_forgotten_and_the_inventory_being_deleted()
+-> anyhow::Result<()> {
+    let w = world!("    prune: false\n");
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "handmade", "namespace": w.apps}, "data": {"value": "by hand"}}))
+        .await?;
+    let first = w.repo.commit(
+        &[
+            ("handmade.yaml", configmap("handmade", "1").as_bytes()),
+            ("keep.yaml", configmap("keep", "1").as_bytes()),
+        ],
+        &[],
+    )?;
+    let agent = w.agent("replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+    let (labels, annotations) = marks(&w, "handmade").await?;
+    assert_eq!(labels["greenlight.dev/inventory"], "prod");
+    assert_eq!(
+        annotations["greenlight.dev/adopted"], "true",
+        "marked on the object"
+    );
+    assert!(marks(&w, "keep").await?.1["greenlight.dev/adopted"].is_null());
+
+    // Removed from git with prune off: forgotten, and let go.
+    let second = w.repo.commit(&[], &["handmade.yaml"])?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
+    let (labels, annotations) = marks(&w, "handmade").await?;
+    assert!(
+        labels["greenlight.dev/inventory"].is_null(),
+        "let go: {labels}"
+    );
+    assert!(
+        annotations["greenlight.dev/adopted"].is_null(),
+        "{annotations}"
+    );
+
+    // Added back: adopted again, as it existed before.
+    let third = w.repo.commit(
+        &[("handmade.yaml", configmap("handmade", "3").as_bytes())],
+        &[],
+    )?;
+    w.server.release(&second, &third, 3).await?;
+    w.server.reported("prod", &third, Phase::Healthy).await?;
+    assert_eq!(
+        marks(&w, "handmade").await?.1["greenlight.dev/adopted"],
+        "true"
+    );
+    agent.stop().await?;
+
+    // The inventory is lost, and prune is turned on: the object itself says it was adopted.
+    let inventories: Api<ConfigMap> = Api::namespaced(w.kube.clone(), &w.home);
+    inventories
+        .delete("greenlight-inventory-prod", &DeleteParams::default())
+        .await?;
+    let config = w.server_config.replace("    prune: false\n", "");
+    let server = TestServer::start(&config).await?;
+    let _agent =
+        AgentProcess::start_in(&server, "prod", w.agent_kube.clone(), "replica-a", &w.home);
+    let fourth = w
+        .repo
+        .commit(&[("keep.yaml", configmap("keep", "4").as_bytes())], &[])?;
+    server.release(&third, &fourth, 4).await?;
+    server.reported("prod", &fourth, Phase::Healthy).await?;
+    // Both removed, with prune on; one other object, since a revision of none is refused.
+    let fifth = w.repo.commit(
+        &[("other.yaml", configmap("other", "5").as_bytes())],
+        &["handmade.yaml", "keep.yaml"],
+    )?;
+    server.release(&fourth, &fifth, 5).await?;
+    let applied = server.reported("prod", &fifth, Phase::Healthy).await?;
+    assert!(
+        w.configmap("keep").await?.is_none(),
+        "the agent's own is pruned"
+    );
+    let (labels, _) = marks(&w, "handmade").await?;
+    assert!(
+        labels["greenlight.dev/inventory"].is_null(),
+        "adopted: let go, never deleted ({applied:?})"
+    );
+    assert_eq!(w.value("handmade").await?.as_deref(), Some("3"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_agents_object_is_refused_and_never_let_go() -> anyhow::Result<()> {
+    let w = world!("");
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "theirs", "namespace": w.apps,
+            "labels": {"greenlight.dev/inventory": "staging"}},
+        "data": {"value": "staging's"}}))
+        .await?;
+    let first = w.repo.commit(
+        &[
+            ("theirs.yaml", configmap("theirs", "prod's").as_bytes()),
+            ("mine.yaml", configmap("mine", "1").as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    let failed = w.server.reported("prod", &first, Phase::Failed).await?;
+    let refusal = format!("ConfigMap {}/theirs belongs to agent staging", w.apps);
+    assert!(
+        failed.message.contains(&refusal) && failed.message.ends_with("nothing was applied"),
+        "{}",
+        failed.message
+    );
+    assert!(w.configmap("mine").await?.is_none(), "nothing written");
+    assert_eq!(w.value("theirs").await?.as_deref(), Some("staging's"));
+
+    // A hand-made object is adopted; then another agent takes it over before it leaves git.
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "found", "namespace": w.apps}, "data": {"value": "by hand"}}))
+        .await?;
+    let second = w.repo.commit(
+        &[("found.yaml", configmap("found", "2").as_bytes())],
+        &["theirs.yaml"],
+    )?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
+    assert_eq!(
+        marks(&w, "found").await?.1["greenlight.dev/adopted"],
+        "true"
+    );
+    w.plane.kubectl_ok(&[
+        "label",
+        "configmap",
+        "found",
+        "-n",
+        &w.apps,
+        "--overwrite",
+        "greenlight.dev/inventory=staging",
+    ])?;
+    let third = w.repo.commit(&[], &["found.yaml"])?;
+    w.server.release(&second, &third, 3).await?;
+    w.server.reported("prod", &third, Phase::Healthy).await?;
+    let (labels, _) = marks(&w, "found").await?;
+    assert_eq!(
+        labels["greenlight.dev/inventory"], "staging",
+        "not ours to let go"
+    );
+    assert_eq!(w.value("theirs").await?.as_deref(), Some("staging's"));
+    Ok(())
+}
