@@ -120,6 +120,8 @@ struct ItemOutcome {
     version: Option<String>,
     /// Set when the object is being deleted: it is there now, but will not be for long.
     terminating: Option<Terminating>,
+    /// Whether it holds what was applied: written now, or known unchanged since.
+    holds: bool,
 }
 
 /// Applies revisions to one cluster for one agent.
@@ -437,8 +439,9 @@ impl Worker {
                     .await;
             }
         };
-        let checked: Vec<ObjectKey> = unconfirmed.iter().map(|p| p.key.clone()).collect();
-        self.confirmed.extend(checked);
+        // Confirmed once applied: an object that failed or was never reached may be labelled
+        // by another agent before the next attempt.
+        let mut claimed: HashSet<ObjectKey> = unconfirmed.iter().map(|p| p.key.clone()).collect();
         let mut desired: Vec<InventoryEntry> = planned
             .iter()
             .map(|p| InventoryEntry {
@@ -501,8 +504,7 @@ impl Worker {
                     Ok(adopted) => adopted,
                     Err(error) => return self.fail(revision, error.to_string(), results).await,
                 };
-                let checked: Vec<ObjectKey> = unconfirmed.iter().map(|p| p.key.clone()).collect();
-                self.confirmed.extend(checked);
+                claimed.extend(unconfirmed.iter().map(|p| p.key.clone()));
                 let mut newly_adopted = false;
                 for entry in desired
                     .iter_mut()
@@ -538,6 +540,11 @@ impl Worker {
                 .instrument(stage_span.clone())
                 .await;
             for outcome in outcomes {
+                if !outcome.holds {
+                    self.confirmed.remove(&outcome.key);
+                } else if claimed.remove(&outcome.key) {
+                    self.confirmed.insert(outcome.key.clone());
+                }
                 if outcome.result.action() == Action::Failed {
                     failed = true;
                     // One span per failed object, so a trace names what went wrong.
@@ -975,22 +982,24 @@ impl Worker {
         settings: &ApplySettings,
         stop: &(dyn Fn() -> bool + Sync),
     ) -> ItemOutcome {
-        let outcome = |result, version, terminating| ItemOutcome {
+        let outcome = |result, version, terminating: Option<Terminating>, holds| ItemOutcome {
             key: item.key.clone(),
             result,
             version,
+            holds: holds && terminating.is_none(),
             terminating,
         };
         if stop() {
             let skipped = result(item, Action::Unchanged, "stopped before applying".into());
-            return outcome(skipped, None, None);
+            return outcome(skipped, None, None, false);
         }
         let target = self.watch_target(&item.manifest.api_version, &item.key);
         if target
             .as_ref()
             .is_some_and(|t| self.drift.unchanged(t, &item.key, item.digest))
         {
-            return outcome(result(item, Action::Unchanged, String::new()), None, None);
+            let unchanged = result(item, Action::Unchanged, String::new());
+            return outcome(unchanged, None, None, true);
         }
         self.drift.applying(&item.key);
         let applied = match self.apply_one(item, settings, false).await {
@@ -1028,9 +1037,15 @@ impl Worker {
                     result(item, action, message),
                     Some(version.resource_version),
                     terminating,
+                    true,
                 )
             }
-            Err(error) => outcome(result(item, Action::Failed, error.message()), None, None),
+            Err(error) => outcome(
+                result(item, Action::Failed, error.message()),
+                None,
+                None,
+                false,
+            ),
         }
     }
 
@@ -1679,6 +1694,64 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(requests(&log, "PATCH", "shared"), 0);
+    }
+
+    /// An object whose apply failed is not confirmed as the agent's: another agent may
+    /// label it before the next attempt, which must read it again and refuse it.
+    #[tokio::test]
+    async fn an_object_whose_apply_failed_is_read_again_before_the_next_attempt() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let patches = Arc::new(AtomicUsize::new(0));
+        let patched = patches.clone();
+        // The inventory lists it, as it is saved before the first write.
+        let inventory = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "greenlight-inventory-prod", "namespace": "greenlight"},
+            "data": {"entries": serde_json::to_string(&[inventory_entry("x", false)])
+                .unwrap_or_default(), "revision": "previous"}})
+        .to_string();
+        let (kube, log) = serve(move |method, path| {
+            if path == "/api/v1" {
+                return Some((200, resources("v1", &[("configmaps", "ConfigMap", true)])));
+            }
+            if path == INVENTORY {
+                return Some((200, inventory.clone()));
+            }
+            let name = path.strip_prefix(OBJECTS)?;
+            Some(match method {
+                // Not there until the failed apply; then agent staging made it.
+                "GET" if patched.load(Ordering::SeqCst) == 0 => (404, status(404, "not found")),
+                "GET" => (
+                    200,
+                    live(name, json!({"labels": {INVENTORY_LABEL: "staging"}})).to_string(),
+                ),
+                "PATCH" => {
+                    patched.fetch_add(1, Ordering::SeqCst);
+                    (500, status(500, "admission webhook unreachable"))
+                }
+                _ => (404, status(404, "not found")),
+            })
+        })
+        .await;
+        let (reports, _received) = mpsc::channel(64);
+        let mut worker = Worker::new(
+            Cluster::new(kube, FIELD_MANAGER),
+            "greenlight",
+            reports,
+            Arc::new(AgentMetrics::default()),
+        );
+        let revision = revision_of(&["x"], true);
+        assert!(matches!(
+            reconcile(&mut worker, &revision).await,
+            Outcome::Failed(_)
+        ));
+        let writes = patches.load(Ordering::SeqCst);
+        assert!(writes >= 1, "the apply was tried");
+        let Outcome::Failed(message) = reconcile(&mut worker, &revision).await else {
+            panic!("refused");
+        };
+        assert!(message.contains("belongs to agent staging"), "{message}");
+        assert_eq!(requests(&log, "GET", "x"), 2, "read again");
+        assert_eq!(patches.load(Ordering::SeqCst), writes, "not written again");
     }
 
     #[tokio::test]
