@@ -262,15 +262,19 @@ pub async fn apply_loop(
     // of `leading` ends the term: only real changes are published, so a change that still
     // reads "leading" was a loss and a gain this loop did not see in between.
     let mut this_term: Option<RevisionIdentity> = None;
+    // Ends the term: what it applied is no longer stated on connecting, since stated, it
+    // would keep the server from sending its current revision (which another leader may
+    // have applied since) and mark the stale one current again.
+    let end_term = |this_term: &mut Option<RevisionIdentity>| {
+        *this_term = None;
+        applied.send_replace(None);
+    };
     loop {
         if leading.has_changed().unwrap_or(true) {
-            this_term = None;
+            end_term(&mut this_term);
         }
         if !*leading.borrow_and_update() {
-            this_term = None;
-            // Stated on the next connection, it would keep the server from sending its
-            // current revision, which another leader may have applied since.
-            applied.send_replace(None);
+            end_term(&mut this_term);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = leading.changed() => if changed.is_err() { return },
@@ -288,7 +292,7 @@ pub async fn apply_loop(
                 changed = latest.changed() => if changed.is_err() { return },
                 changed = leading.changed() => {
                     if changed.is_err() { return }
-                    this_term = None;
+                    end_term(&mut this_term);
                 }
             }
             continue;
@@ -299,8 +303,11 @@ pub async fn apply_loop(
             let leading = leading.clone();
             let shutdown = shutdown.clone();
             let identity = identity.clone();
+            // Any change of the lease ends the term, even a loss and a gain between two safe
+            // points: someone else may have led in between.
             move || {
                 latest.borrow().as_ref().map(|held| &held.identity) != Some(&identity)
+                    || leading.has_changed().unwrap_or(true)
                     || !*leading.borrow()
                     || shutdown.is_cancelled()
             }
@@ -344,7 +351,7 @@ pub async fn apply_loop(
             changed = superseded(&mut latest, &identity) => if changed.is_err() { return },
             changed = leading.changed() => {
                 if changed.is_err() { return }
-                this_term = None;
+                end_term(&mut this_term);
             }
         }
     }
@@ -813,6 +820,8 @@ mod tests {
     struct Loop {
         latest: watch::Sender<Option<Held>>,
         leading: watch::Sender<bool>,
+        /// What the session would state as applied on connecting.
+        applied: watch::Receiver<Option<(String, u64)>>,
         reports: mpsc::Receiver<StatusReport>,
         shutdown: CancellationToken,
     }
@@ -822,7 +831,7 @@ mod tests {
             let (worker, reports) = worker().await;
             let (latest, latest_rx) = watch::channel(held);
             let (leading, leading_rx) = watch::channel(false);
-            let (applied, _) = watch::channel(None);
+            let (applied, applied_rx) = watch::channel(None);
             let shutdown = CancellationToken::new();
             tokio::spawn(apply_loop(
                 worker,
@@ -835,6 +844,7 @@ mod tests {
             Self {
                 latest,
                 leading,
+                applied: applied_rx,
                 reports,
                 shutdown,
             }
@@ -909,6 +919,36 @@ mod tests {
             Some("a".to_owned()),
             "re-applied after its interval, though its stream ended"
         );
+    }
+
+    /// Lost and regained between two looks of the loop: the new term states nothing as
+    /// applied, so the server sends its current revision rather than confirm the old one.
+    #[tokio::test]
+    async fn a_regained_lease_states_nothing_applied() {
+        let mut applying = Loop::start(None).await;
+        applying.leading.send_replace(true);
+        session::deliver(&applying.latest, empty_revision("a", 1));
+        assert_eq!(
+            applying.next_applied(Duration::from_secs(5)).await,
+            Some("a".to_owned())
+        );
+        let stated = tokio::time::timeout(
+            Duration::from_secs(5),
+            applying.applied.wait_for(Option::is_some),
+        )
+        .await
+        .is_ok_and(|seen| seen.is_ok());
+        assert!(stated, "a leader states what it applied");
+        applying.stream_ends();
+        applying.leading.send_replace(false);
+        applying.leading.send_replace(true);
+        let cleared = tokio::time::timeout(
+            Duration::from_secs(3),
+            applying.applied.wait_for(Option::is_none),
+        )
+        .await
+        .is_ok_and(|seen| seen.is_ok());
+        assert!(cleared, "the new term states nothing applied");
     }
 
     #[tokio::test]

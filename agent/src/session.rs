@@ -17,11 +17,13 @@ use greenlight::backoff::Backoff;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// The first wait between reconnection attempts.
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
-/// How long a stream that delivered nothing must have stayed up for its end to count as a
-/// first failure again. An up-to-date agent is sent nothing, so delivery alone cannot be
+/// How long a stream that delivered nothing new must have stayed up for its end to count as
+/// a first failure again. An up-to-date agent is sent nothing, so delivery alone cannot be
 /// the test; a stream that opens and breaks at once must not reset the backoff either, or the
-/// agent reconnects twice a second and the server re-reads its manifests each time.
-pub const STABLE_STREAM: Duration = Duration::from_secs(30);
+/// agent reconnects twice a second and the server re-reads its manifests each time. Shorter
+/// than the idle timeouts proxies commonly cut streams at (30 s and more), so that a stream
+/// cut by one still counts as healthy.
+pub const STABLE_STREAM: Duration = Duration::from_secs(10);
 
 /// Where the agent connects.
 #[derive(Clone)]
@@ -175,7 +177,6 @@ pub async fn run(
             metrics.connected();
             confirm_stated(&latest, stated.as_ref());
             while let Some(ready) = stream.next_any().await? {
-                delivered = true;
                 match ready {
                     Ready::Revision(revision) => {
                         info!(
@@ -184,9 +185,15 @@ pub async fn run(
                             files = revision.files.len(),
                             "revision ready"
                         );
+                        // Only news proves the stream: a server that sends the revision held
+                        // and drops the stream again must not be redialled at once.
+                        let before = latest.borrow().as_ref().map(|held| held.identity.clone());
                         deliver(&latest, revision);
+                        delivered |=
+                            latest.borrow().as_ref().map(|held| &held.identity) != before.as_ref();
                     }
                     Ready::Preview(preview) => {
+                        delivered = true;
                         info!(
                             sha = preview.revision.sha(),
                             merge_request = preview.merge_request_iid,
@@ -429,8 +436,8 @@ pub(crate) mod tests {
 
     /// How many streams a session opens in 3 s against a server that answers each with
     /// `script`.
-    async fn calls_in_3_s(script: Scripted) -> usize {
-        let server = ScriptedServer::new([script]);
+    async fn calls_in_3_s(script: impl IntoIterator<Item = Scripted>) -> usize {
+        let server = ScriptedServer::new(script);
         let target = server.clone().start().await;
         let (latest, _held) = watch::channel(None);
         let shutdown = CancellationToken::new();
@@ -443,17 +450,26 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn a_stream_that_breaks_at_once_does_not_reset_the_backoff() {
-        let calls = calls_in_3_s(Scripted::SendThenEnd(Vec::new())).await;
+        let calls = calls_in_3_s([Scripted::SendThenEnd(Vec::new())]).await;
         // Growing waits of at least 0.25, 0.5, 1 and 2 s allow at most 4 calls in 3 s; a
         // backoff reset on every open allows one every 0.5 s at most, 7 or more.
         assert!((2..=5).contains(&calls), "{calls} calls in 3 s");
     }
 
     #[tokio::test]
-    async fn a_stream_that_delivered_a_revision_resets_the_backoff() {
-        let a = revision("a", 1, "");
-        let calls = calls_in_3_s(Scripted::SendThenEnd(events(&a))).await;
+    async fn a_stream_that_delivered_a_new_revision_resets_the_backoff() {
+        let news = (1..=12)
+            .map(|generation| Scripted::SendThenEnd(events(&revision("a", generation, ""))));
+        let calls = calls_in_3_s(news).await;
         assert!(calls >= 5, "only {calls} calls in 3 s");
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_only_sent_the_revision_held_does_not_reset_the_backoff() {
+        let a = revision("a", 1, "");
+        let calls = calls_in_3_s([Scripted::SendThenEnd(events(&a))]).await;
+        // As for a stream that breaks at once, after the first delivery.
+        assert!((2..=5).contains(&calls), "{calls} calls in 3 s");
     }
 
     #[test]
