@@ -438,6 +438,18 @@ impl Cluster {
         bounded(self.api(resolved, namespace).get_opt(name)).await
     }
 
+    /// Whose the object is, if it exists: its metadata alone, so that reading a Secret's
+    /// owner does not fetch its data.
+    pub async fn owner(
+        &self,
+        resolved: &Resolved,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Owner>, ClusterError> {
+        let found = bounded(self.api(resolved, namespace).get_metadata_opt(name)).await?;
+        Ok(found.map(|object| Owner::of(&object.metadata)))
+    }
+
     /// The name of every object of `resolved` in `namespace`, each with whose it is: one
     /// paginated metadata list rather than a read per object.
     pub async fn owners(

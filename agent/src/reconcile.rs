@@ -877,9 +877,8 @@ impl Worker {
                 for item in group {
                     let read = self
                         .cluster
-                        .get(resolved, item.key.namespace.as_deref(), &item.key.name)
-                        .await
-                        .map(|o| o.map(|o| Owner::of(&o.metadata)));
+                        .owner(resolved, item.key.namespace.as_deref(), &item.key.name)
+                        .await;
                     found.push((&item.key, read));
                 }
                 found
