@@ -329,7 +329,7 @@ async fn a_merge_request_gets_one_note_listing_exactly_its_changes_and_a_green_s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_invalid_object_one_out_of_scope_and_one_defined_twice_fail_the_preview_with_reasons()
+async fn invalid_out_of_scope_doubled_and_foreign_objects_fail_the_preview_with_reasons()
 -> anyhow::Result<()> {
     let w = world!();
     let base = w.deploy_one_config().await?;
@@ -340,12 +340,29 @@ async fn an_invalid_object_one_out_of_scope_and_one_defined_twice_fail_the_previ
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: twice\ndata: {{v: a}}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: twice\n  namespace: {}\ndata: {{v: b}}\n",
         w.apps
     );
+    // Another agent's object, as agent staging left it in the cluster.
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(w.kube.clone(), &w.apps);
+    let theirs = serde_json::json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "theirs", "labels": {"greenlight.dev/inventory": "staging"}},
+        "data": {"v": "staging's"}
+    });
+    configmaps
+        .patch(
+            "theirs",
+            &PatchParams::apply("greenlight-e2e"),
+            &Patch::Apply(&theirs),
+        )
+        .await?;
+    let ours = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: theirs\ndata: {v: prod's}\n";
     let head = w.commit_on_feature(
         &base,
         &[
             ("bad.yaml", invalid.as_bytes()),
             ("outside.yaml", outside.as_bytes()),
             ("twice.yaml", twice.as_bytes()),
+            ("theirs.yaml", ours.as_bytes()),
         ],
         &[],
     )?;
@@ -380,7 +397,12 @@ async fn an_invalid_object_one_out_of_scope_and_one_defined_twice_fail_the_previ
         twice.contains("defined twice, in twice.yaml document 0 and in twice.yaml document 1"),
         "{twice}"
     );
-    assert!(note.body.contains("3 refused"), "{}", note.body);
+    let theirs = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("! ConfigMap {}/theirs: ", w.apps)))
+        .unwrap_or_else(|| panic!("another agent's object is named: {}", note.body));
+    assert!(theirs.contains("belongs to agent staging"), "{theirs}");
+    assert!(note.body.contains("4 refused"), "{}", note.body);
     Ok(())
 }
 

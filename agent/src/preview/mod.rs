@@ -23,11 +23,11 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::assemble::ReadyPreview;
 use crate::client::Client;
-use crate::cluster::{Cluster, ObjectRef, Write, Written};
+use crate::cluster::{Cluster, ObjectRef, Owner, Write, Written};
 use crate::inventory::INVENTORY_LABEL;
 use crate::manifest;
 use crate::plan::{self, ObjectKey, Scope, cascades, prune_allowed, prune_set};
-use crate::reconcile::{FIELD_MANAGER, load_inventory, prunes_everything};
+use crate::reconcile::{FIELD_MANAGER, OwnedByAnotherAgent, load_inventory, prunes_everything};
 use crate::session::Target;
 use queue::{PreviewQueue, merge_request_of};
 
@@ -321,6 +321,7 @@ impl Previewer {
                 let cluster = &self.cluster;
                 let created = &created;
                 let force = settings.force_conflicts;
+                let agent = &agent;
                 async move {
                     if stop() {
                         return (item, None);
@@ -351,6 +352,18 @@ impl Previewer {
                         Ok(live) => live,
                         Err(error) => return (item, Some(Found::Refused(error.message()))),
                     };
+                    // As the apply would: another agent's object refuses the revision.
+                    if let Some(owner) = live
+                        .as_ref()
+                        .and_then(|live| Owner::of(&live.metadata).agent)
+                        .filter(|owner| owner != agent)
+                    {
+                        let refusal = OwnedByAnotherAgent {
+                            key: item.key.clone(),
+                            owner,
+                        };
+                        return (item, Some(Found::Refused(refusal.to_string())));
+                    }
                     let write = Write::Apply {
                         object: ObjectRef {
                             resolved,
