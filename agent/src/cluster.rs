@@ -520,11 +520,30 @@ impl Cluster {
             }
             // The version read is a precondition of the patch: another agent that labelled
             // the object in between keeps its label, and the patch fails with a conflict.
-            let patch = serde_json::json!({ "metadata": {
+            let mut patch = serde_json::json!({ "metadata": {
                 "resourceVersion": current.metadata.resource_version,
                 "labels": { INVENTORY_LABEL: null },
                 "annotations": { ADOPTED_ANNOTATION: null },
             } });
+            // Its applies' ownership goes too: every agent applies as the same manager, so
+            // an agent that adopts the object later would otherwise remove, at its first
+            // apply, every field only this one declared.
+            let managed = current.metadata.managed_fields.unwrap_or_default();
+            let kept: Vec<_> = managed
+                .iter()
+                .filter(|entry| {
+                    entry.manager.as_deref() != Some(self.field_manager.as_str())
+                        || entry.operation.as_deref() != Some("Apply")
+                })
+                .collect();
+            if kept.len() != managed.len() {
+                // An empty list leaves managedFields as they are; one empty entry clears them.
+                patch["metadata"]["managedFields"] = if kept.is_empty() {
+                    serde_json::json!([{}])
+                } else {
+                    serde_json::to_value(&kept)?
+                };
+            }
             match bounded(api.patch(name, &self.update_params(), &Patch::Merge(&patch))).await {
                 Ok(_) => return Ok(LetGo::Released),
                 Err(error) if error.is_not_found() => return Ok(LetGo::Absent),

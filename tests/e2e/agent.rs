@@ -2006,6 +2006,22 @@ async fn an_adopted_object_survives_being_forgotten_and_the_inventory_being_dele
         annotations["greenlight.dev/adopted"].is_null(),
         "{annotations}"
     );
+    let handmade = w.configmap("handmade").await?.context("kept")?;
+    let managers = handmade["metadata"]["managedFields"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !managers
+            .iter()
+            .any(|m| m["manager"] == "greenlight" && m["operation"] == "Apply"),
+        "its applies' ownership is let go too: {managers:?}"
+    );
+    assert_eq!(
+        w.value("handmade").await?.as_deref(),
+        Some("1"),
+        "the fields stay"
+    );
 
     // Added back: adopted again, as it existed before.
     let third = w.repo.commit(
