@@ -86,6 +86,7 @@ suite!(
     presence_follows_connect_and_disconnect,
     sync_errors_are_set_and_cleared,
     status_claims_go_to_the_first_claimant,
+    a_registry_write_repeated_is_answered_as_it_was_made,
     a_lease_has_one_holder_until_released_or_expired,
     ping_answers,
 );
@@ -1345,6 +1346,63 @@ async fn a_registry_change_redis_refuses_midway_changes_nothing() -> anyhow::Res
         fixture.store.change_registered("ghost", None, 0).await?,
         RegistryWritten::Saved { seq: 1 }
     );
+    Ok(())
+}
+
+/// A runtime agent's record, as `CreateAgent` makes one; `token` sets its token's hash.
+fn registry_record(
+    name: &str,
+    token: u8,
+) -> anyhow::Result<greenlight_server::store::RegistryRecord> {
+    use greenlight_server::config::{Config, Overrides};
+    use greenlight_server::store::RegisteredAgent;
+    let yaml = format!(
+        "agents:\n  - name: {name}\n    token_sha256: {}\n    project: group/app\n    ref: main\n",
+        hex_of(token)
+    );
+    let spec = Config::from_yaml(&yaml, &Overrides::default())?
+        .agents
+        .pop()
+        .context("one agent")?;
+    Ok((&RegisteredAgent {
+        spec,
+        previous_token: None,
+        previous_ci_token: None,
+        created_ms: 1,
+        updated_ms: 1,
+    })
+        .into())
+}
+
+/// 64 hex digits of `byte`.
+fn hex_of(byte: u8) -> String {
+    format!("{byte:02x}").repeat(32)
+}
+
+/// A registry write made twice (its answer lost, the write sent again) is answered as it
+/// was made, not as a conflict with itself; another write over the same version still is one.
+async fn a_registry_write_repeated_is_answered_as_it_was_made(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    use greenlight_server::store::RegistryWritten;
+    let created = registry_record("edge", 1)?;
+    let RegistryWritten::Saved { seq } = store.change_registered("edge", Some(&created), 0).await?
+    else {
+        bail!("created");
+    };
+    assert_eq!(
+        store.change_registered("edge", Some(&created), 0).await?,
+        RegistryWritten::Saved { seq },
+        "the same write, again"
+    );
+    assert_eq!(
+        store
+            .change_registered("edge", Some(&registry_record("edge", 2)?), 0)
+            .await?,
+        RegistryWritten::Conflict,
+        "another agent of the same name"
+    );
+    assert_eq!(store.registry().await?.seq, seq, "written once");
     Ok(())
 }
 

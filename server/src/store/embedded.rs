@@ -1016,7 +1016,16 @@ impl RegistryStore for EmbeddedStore {
             let mut inner = self.lock();
             let stored = inner.registry.records.get(name).map_or(0, |r| r.version);
             if stored != expected {
-                return Ok(RegistryWritten::Conflict);
+                // As on Redis: the very record asked for, already written, is answered as
+                // written (a write repeated after its answer was lost).
+                return Ok(match (record, inner.registry.records.get(name)) {
+                    (Some(record), Some(current)) if current.value == *record => {
+                        RegistryWritten::Saved {
+                            seq: current.version,
+                        }
+                    }
+                    _ => RegistryWritten::Conflict,
+                });
             }
             inner.registry.seq += 1;
             let seq = inner.registry.seq;

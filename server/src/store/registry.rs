@@ -47,7 +47,8 @@ pub trait RegistryStore: Send + Sync {
 
     /// Writes `record` (or deletes `name` when `None`, with its stored state, decisions and
     /// reports) if the stored record's version is `expected` (0: none stored), and appends
-    /// the change to the log in the same atomic step.
+    /// the change to the log in the same atomic step. A write whose record is already stored
+    /// under another version (the same write, repeated) is answered as saved at that version.
     async fn change_registered(
         &self,
         name: &str,
@@ -392,6 +393,21 @@ mod tests {
         assert_eq!(
             store
                 .change_registered("edge-1", Some(&record), 0)
+                .await
+                .unwrap(),
+            RegistryWritten::Saved { seq: 1 },
+            "the same write, repeated"
+        );
+        let another = RegistryRecord::from(&RegisteredAgent {
+            spec: spec(),
+            previous_token: None,
+            previous_ci_token: None,
+            created_ms: 2,
+            updated_ms: 2,
+        });
+        assert_eq!(
+            store
+                .change_registered("edge-1", Some(&another), 0)
                 .await
                 .unwrap(),
             RegistryWritten::Conflict,
