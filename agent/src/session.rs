@@ -89,27 +89,56 @@ impl Held {
     }
 }
 
-/// Publishes `revision`, just delivered by the connected stream, on `latest`; returns whether
-/// anyone was woken.
+/// What delivering a revision changed on `latest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivered {
+    /// Another revision than the one held: news.
+    News,
+    /// The held revision, stale since its stream ended, is current again.
+    Current,
+    /// The held revision, sent again while current: nothing changed.
+    Again,
+}
+
+impl Delivered {
+    /// Whether anyone watching `latest` was woken.
+    pub fn woke(self) -> bool {
+        self != Self::Again
+    }
+}
+
+/// Publishes `revision`, just delivered by the connected stream, on `latest`, and says what
+/// that changed.
 ///
 /// The server sends its current revision again on every connection. A re-send of the held
 /// revision wakes nobody while it is current, so that an apply in progress is not restarted
 /// (with its health deadline) and a failed one keeps its backoff. If it had gone stale it is
 /// marked current and wakes the apply loop, which needs that to lead with it; the apply loop
 /// compares identities, so that does not restart anything either.
-pub fn deliver(latest: &watch::Sender<Option<Held>>, revision: ReadyRevision) -> bool {
+pub fn deliver(latest: &watch::Sender<Option<Held>>, revision: ReadyRevision) -> Delivered {
     let identity = RevisionIdentity::of(&revision);
-    latest.send_if_modified(|held| match held {
-        Some(held) if held.identity == identity => !std::mem::replace(&mut held.current, true),
-        _ => {
-            *held = Some(Held {
-                revision,
-                identity,
-                current: true,
-            });
-            true
-        }
-    })
+    let mut delivered = Delivered::Again;
+    latest.send_if_modified(|held| {
+        delivered = match held {
+            Some(held) if held.identity == identity => {
+                if std::mem::replace(&mut held.current, true) {
+                    Delivered::Again
+                } else {
+                    Delivered::Current
+                }
+            }
+            _ => {
+                *held = Some(Held {
+                    revision,
+                    identity,
+                    current: true,
+                });
+                Delivered::News
+            }
+        };
+        delivered.woke()
+    });
+    delivered
 }
 
 /// Marks the held revision stale, its stream having ended; wakes nobody, so that a leader
@@ -187,10 +216,7 @@ pub async fn run(
                         );
                         // Only news proves the stream: a server that sends the revision held
                         // and drops the stream again must not be redialled at once.
-                        let before = latest.borrow().as_ref().map(|held| held.identity.clone());
-                        deliver(&latest, revision);
-                        delivered |=
-                            latest.borrow().as_ref().map(|held| &held.identity) != before.as_ref();
+                        delivered |= deliver(&latest, revision) == Delivered::News;
                     }
                     Ready::Preview(preview) => {
                         delivered = true;
@@ -530,10 +556,10 @@ pub(crate) mod tests {
     #[test]
     fn a_resent_revision_wakes_nobody_unless_it_was_stale() {
         let (latest, mut held) = watch::channel(None);
-        assert!(deliver(&latest, revision("a", 1, "trace-1")));
+        assert!(deliver(&latest, revision("a", 1, "trace-1")).woke());
         held.borrow_and_update();
         // The server's re-send on a new connection carries a new trace context only.
-        assert!(!deliver(&latest, revision("a", 1, "trace-2")));
+        assert!(!deliver(&latest, revision("a", 1, "trace-2")).woke());
         assert!(!held.has_changed().unwrap());
         assert_eq!(
             held.borrow()
@@ -546,7 +572,7 @@ pub(crate) mod tests {
         stream_ended(&latest);
         assert!(!held.has_changed().unwrap(), "a stream's end wakes nobody");
         assert!(held.borrow().as_ref().is_some_and(|h| !h.current));
-        assert!(deliver(&latest, revision("a", 1, "trace-3")));
+        assert!(deliver(&latest, revision("a", 1, "trace-3")).woke());
         assert!(held.borrow_and_update().as_ref().is_some_and(|h| h.current));
     }
 
@@ -554,14 +580,14 @@ pub(crate) mod tests {
     fn a_new_generation_or_content_is_news() {
         let (latest, _held) = watch::channel(None);
         let a = revision("a", 1, "");
-        assert!(deliver(&latest, a.clone()));
+        assert!(deliver(&latest, a.clone()).woke());
         assert!(
-            deliver(&latest, revision("a", 2, "")),
+            deliver(&latest, revision("a", 2, "")).woke(),
             "a re-sync of the same commit"
         );
         let mut changed = revision("a", 2, "");
         changed.files[0].1.push(b'y');
-        assert!(deliver(&latest, changed));
-        assert!(deliver(&latest, revision("b", 2, "")));
+        assert!(deliver(&latest, changed).woke());
+        assert!(deliver(&latest, revision("b", 2, "")).woke());
     }
 }
