@@ -1502,13 +1502,7 @@ mod tests {
             })
         })
         .await;
-        let (reports, received) = mpsc::channel(64);
-        let worker = Worker::new(
-            Cluster::new(kube, FIELD_MANAGER),
-            "greenlight",
-            reports,
-            Arc::new(AgentMetrics::default()),
-        );
+        let (worker, received) = crate::testing::worker_for(kube);
         (worker, log, received)
     }
 
@@ -1731,13 +1725,7 @@ mod tests {
             })
         })
         .await;
-        let (reports, _received) = mpsc::channel(64);
-        let mut worker = Worker::new(
-            Cluster::new(kube, FIELD_MANAGER),
-            "greenlight",
-            reports,
-            Arc::new(AgentMetrics::default()),
-        );
+        let (mut worker, _received) = crate::testing::worker_for(kube);
         let revision = revision_of(&["x"], true);
         assert!(matches!(
             reconcile(&mut worker, &revision).await,

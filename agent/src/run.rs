@@ -745,14 +745,7 @@ mod tests {
             })
         })
         .await;
-        let (reports, received) = mpsc::channel(64);
-        let worker = Worker::new(
-            Cluster::new(kube, FIELD_MANAGER),
-            "greenlight",
-            reports,
-            Arc::new(AgentMetrics::default()),
-        );
-        (worker, received)
+        crate::testing::worker_for(kube)
     }
 
     /// A revision of no objects, healthy once applied and re-applied every second.
@@ -850,6 +843,25 @@ mod tests {
             }
         }
 
+        /// A loop leading that has applied revision `a`, delivered on its stream.
+        async fn leading_with_a_applied() -> Self {
+            let mut applying = Self::start(None).await;
+            applying.leading.send_replace(true);
+            session::deliver(&applying.latest, empty_revision("a", 1));
+            assert_eq!(
+                applying.next_applied(Duration::from_secs(5)).await,
+                Some("a".to_owned())
+            );
+            applying
+        }
+
+        /// Whether, `within`, it states something applied (`stated`) or nothing.
+        async fn states(&mut self, stated: bool, within: Duration) -> bool {
+            tokio::time::timeout(within, self.applied.wait_for(|a| a.is_some() == stated))
+                .await
+                .is_ok_and(|seen| seen.is_ok())
+        }
+
         /// What the session does when the stream ends.
         fn stream_ends(&self) {
             self.latest.send_if_modified(|held| {
@@ -906,13 +918,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_leader_keeps_correcting_toward_its_revision_while_disconnected() {
-        let mut applying = Loop::start(None).await;
-        applying.leading.send_replace(true);
-        session::deliver(&applying.latest, empty_revision("a", 1));
-        assert_eq!(
-            applying.next_applied(Duration::from_secs(5)).await,
-            Some("a".to_owned())
-        );
+        let mut applying = Loop::leading_with_a_applied().await;
         applying.stream_ends();
         assert_eq!(
             applying.next_applied(Duration::from_secs(5)).await,
@@ -925,41 +931,19 @@ mod tests {
     /// applied, so the server sends its current revision rather than confirm the old one.
     #[tokio::test]
     async fn a_regained_lease_states_nothing_applied() {
-        let mut applying = Loop::start(None).await;
-        applying.leading.send_replace(true);
-        session::deliver(&applying.latest, empty_revision("a", 1));
-        assert_eq!(
-            applying.next_applied(Duration::from_secs(5)).await,
-            Some("a".to_owned())
-        );
-        let stated = tokio::time::timeout(
-            Duration::from_secs(5),
-            applying.applied.wait_for(Option::is_some),
-        )
-        .await
-        .is_ok_and(|seen| seen.is_ok());
+        let mut applying = Loop::leading_with_a_applied().await;
+        let stated = applying.states(true, Duration::from_secs(5)).await;
         assert!(stated, "a leader states what it applied");
         applying.stream_ends();
         applying.leading.send_replace(false);
         applying.leading.send_replace(true);
-        let cleared = tokio::time::timeout(
-            Duration::from_secs(3),
-            applying.applied.wait_for(Option::is_none),
-        )
-        .await
-        .is_ok_and(|seen| seen.is_ok());
+        let cleared = applying.states(false, Duration::from_secs(3)).await;
         assert!(cleared, "the new term states nothing applied");
     }
 
     #[tokio::test]
     async fn a_regained_lease_needs_a_current_revision_again() {
-        let mut applying = Loop::start(None).await;
-        applying.leading.send_replace(true);
-        session::deliver(&applying.latest, empty_revision("a", 1));
-        assert_eq!(
-            applying.next_applied(Duration::from_secs(5)).await,
-            Some("a".to_owned())
-        );
+        let mut applying = Loop::leading_with_a_applied().await;
         applying.stream_ends();
         // Lost and regained before the loop looked: whoever led in between may have applied
         // a newer revision.

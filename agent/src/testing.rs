@@ -97,3 +97,21 @@ pub fn resources(group_version: &str, kinds: &[(&str, &str, bool)]) -> String {
         "groupVersion": group_version, "resources": resources})
     .to_string()
 }
+
+/// A worker of agent `prod`'s home namespace `greenlight` on the API server `kube`, and the
+/// receiver of its reports.
+pub fn worker_for(
+    kube: kube::Client,
+) -> (
+    crate::reconcile::Worker,
+    tokio::sync::mpsc::Receiver<greenlight::v1::StatusReport>,
+) {
+    let (reports, received) = tokio::sync::mpsc::channel(64);
+    let worker = crate::reconcile::Worker::new(
+        crate::cluster::Cluster::new(kube, crate::reconcile::FIELD_MANAGER),
+        "greenlight",
+        reports,
+        Arc::new(crate::metrics::AgentMetrics::default()),
+    );
+    (worker, received)
+}
