@@ -169,6 +169,24 @@ struct StoredAgent {
     staged: Appended,
 }
 
+impl StoredAgent {
+    /// An agent read from an earlier layout, its histories capped and numbered anew from 0:
+    /// all of them are to be written.
+    fn laid_out_anew(version: u64, state: &AgentState) -> Self {
+        let state = capped(state);
+        let appended = Appended {
+            decisions: state.gate.decisions.len() as u64,
+            deployed: state.gate.deployed.len() as u64,
+        };
+        Self {
+            version,
+            state,
+            appended,
+            staged: appended,
+        }
+    }
+}
+
 /// Counts of entries appended to an agent's two histories.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Appended {
@@ -250,6 +268,24 @@ impl RefFacts {
             appended,
             staged: appended,
         }
+    }
+
+    /// The facts read from an earlier layout, numbered anew from 0 in this version's slots,
+    /// the newest kept: all of them are to be written.
+    fn laid_out_anew(
+        position: u64,
+        mut pushes: VecDeque<crate::gate::Push>,
+        pipelines: BTreeMap<(Sha, u64), Pipeline>,
+        mut rejected: VecDeque<crate::gate::Rejected>,
+    ) -> Self {
+        pushes.drain(..pushes.len().saturating_sub(PUSHES_RING.1));
+        rejected.drain(..rejected.len().saturating_sub(REJECTED_RING.1));
+        let header = RefFactsV2 {
+            position,
+            pushes: RingV1::laid_out(pushes.len() as u64, pushes.len(), PUSHES_RING.1),
+            rejected: RingV1::laid_out(rejected.len() as u64, rejected.len(), REJECTED_RING.1),
+        };
+        Self::loaded(header, pushes, pipelines, rejected)
     }
 
     /// Where the live entries of its rings are.
@@ -1625,20 +1661,12 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
                 loading.insert(id, ref_loading);
             }
             RefFactsFile::Whole((position, pushes, pipelines, rejected)) => {
-                let mut pushes = VecDeque::from(pushes);
-                pushes.drain(..pushes.len().saturating_sub(PUSHES_KEPT));
-                let mut rejected = VecDeque::from(rejected);
-                rejected.drain(..rejected.len().saturating_sub(MAX_REJECTED));
-                let header = RefFactsV2 {
-                    position,
-                    pushes: RingV1::laid_out(pushes.len() as u64, pushes.len(), PUSHES_KEPT),
-                    rejected: RingV1::laid_out(rejected.len() as u64, rejected.len(), MAX_REJECTED),
-                };
                 let pipelines = pipelines
                     .into_iter()
                     .map(|(sha, p)| ((sha, p.id), p))
                     .collect();
-                let facts = RefFacts::loaded(header, pushes, pipelines, rejected);
+                let facts =
+                    RefFacts::laid_out_anew(position, pushes.into(), pipelines, rejected.into());
                 ref_puts(&id, &facts, facts.appended, rewrites);
                 for ((sha, pipeline_id), pipeline) in &facts.pipelines {
                     rewrites.push(pipeline_put(&id, sha, *pipeline_id, Some(pipeline)));
@@ -1699,17 +1727,7 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
         let relaid = header.pushes.slots(PUSHES_RING.1) != PUSHES_RING.1
             || header.rejected.slots(REJECTED_RING.1) != REJECTED_RING.1;
         let facts = if relaid {
-            // Numbered anew from 0 in this version's slots, the newest kept; the old slots
-            // go, so that none is read later as one of the new.
-            let mut pushes = pushes;
-            pushes.drain(..pushes.len().saturating_sub(PUSHES_RING.1));
-            let mut rejected = rejected;
-            rejected.drain(..rejected.len().saturating_sub(REJECTED_RING.1));
-            let header = RefFactsV2 {
-                position: header.position,
-                pushes: RingV1::laid_out(pushes.len() as u64, pushes.len(), PUSHES_RING.1),
-                rejected: RingV1::laid_out(rejected.len() as u64, rejected.len(), REJECTED_RING.1),
-            };
+            // The old slots go, so that none is read later as one of the new.
             for (table, ring) in [
                 (PUSHES_RING.0, ref_loading.header.pushes),
                 (REJECTED_RING.0, ref_loading.header.rejected),
@@ -1717,7 +1735,8 @@ fn load_facts(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Result
                 let old = ring.capacity.unwrap_or_default() as u64;
                 rewrites.extend((0..old).map(|slot| (table, ring_entry_key(&id, slot), None)));
             }
-            let facts = RefFacts::loaded(header, pushes, ref_loading.pipelines, rejected);
+            let facts =
+                RefFacts::laid_out_anew(header.position, pushes, ref_loading.pipelines, rejected);
             ref_puts(&id, &facts, facts.appended, rewrites);
             facts
         } else {
@@ -1822,17 +1841,8 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
             }
             // Written by an earlier version, whole: rewritten now into rings.
             AgentFile::Whole { version, state } => {
-                let appended = Appended {
-                    decisions: state.gate.decisions.len() as u64,
-                    deployed: state.gate.deployed.len() as u64,
-                };
-                let stored = StoredAgent {
-                    version,
-                    state: capped(&state),
-                    appended,
-                    staged: appended,
-                };
-                agent_puts(&agent, &stored, appended, &mut rewritten, rewrites);
+                let stored = StoredAgent::laid_out_anew(version, &state);
+                agent_puts(&agent, &stored, stored.appended, &mut rewritten, rewrites);
                 inner.agents.insert(agent, stored);
             }
         }
@@ -1909,21 +1919,11 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
                 let old = ring.capacity.unwrap_or_default() as u64;
                 rewrites.extend((0..old).map(|slot| (table, slot_key(&agent, slot), None)));
             }
-            let state = capped(&state);
-            let appended = Appended {
-                decisions: state.gate.decisions.len() as u64,
-                deployed: state.gate.deployed.len() as u64,
-            };
-            let stored = StoredAgent {
-                version: record.version,
-                state,
-                appended,
-                staged: appended,
-            };
+            let stored = StoredAgent::laid_out_anew(record.version, &state);
             agent_puts(
                 &agent,
                 &stored,
-                appended,
+                stored.appended,
                 &mut EncodedStates::new(),
                 rewrites,
             );

@@ -600,7 +600,10 @@ impl RedisStore {
             }
             *last = Some(Instant::now());
         }
-        self.count_status_entries_lost().await?;
+        // Counting is for the operator: a failure to count must not hold statuses back.
+        if let Err(error) = self.count_status_entries_lost().await {
+            warn!(%error, "cannot count status entries trimmed unread");
+        }
         let min_idle = millis(reclaim_after);
         for (shard, log) in self.keys.logs().iter().enumerate() {
             let reclaimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
