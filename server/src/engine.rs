@@ -510,24 +510,39 @@ impl Engine {
 
     /// Keeps `report` (about `revision`) for `agent` and announces it, if the server ever
     /// sent the agent that revision: a report becomes a commit status and a `wait` result.
+    /// A report without a generation (from a client that sets none) is taken as about the
+    /// revision's current one, so that its status is ordered after the decision's.
     pub async fn report(
         &self,
         agent: &str,
         revision: &Sha,
-        report: Vec<u8>,
+        mut report: StatusReport,
     ) -> Result<(), EngineError> {
         // What this replica streams now needs no read: nearly every report is about it.
         let streaming = self
             .index
             .current(agent)
             .and_then(|desired| desired.revision)
-            .is_some_and(|current| &current.sha == revision);
-        if !streaming && !self.gate_of(agent).await?.was_told(revision) {
-            return Err(EngineError::NotSent {
-                agent: agent.to_owned(),
-                sha: revision.clone(),
-            });
+            .filter(|current| &current.sha == revision);
+        let generation = match streaming {
+            Some(current) => Some(current.generation),
+            None => {
+                let gate = self.gate_of(agent).await?;
+                if !gate.was_told(revision) {
+                    return Err(EngineError::NotSent {
+                        agent: agent.to_owned(),
+                        sha: revision.clone(),
+                    });
+                }
+                gate.desired
+                    .filter(|desired| &desired.sha == revision)
+                    .map(|desired| desired.generation)
+            }
+        };
+        if report.generation == 0 {
+            report.generation = generation.unwrap_or(0);
         }
+        let report = report.encode_to_vec();
         // Kept and announced in one step: a report that is stored always becomes its commit
         // status and `wait` result, whichever replica is alive to act on it.
         self.store

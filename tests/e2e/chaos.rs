@@ -1058,14 +1058,12 @@ async fn converge(
                     missing.push(format!("{agent}: cm-{i} holds {value:?}, want {label}"));
                 }
             }
+            // GitLab shows what runs: the newest status of the agent on the commit.
             let context = format!("greenlight/{agent}");
-            let success = world
-                .gitlab
-                .statuses_for(sha)
-                .iter()
-                .any(|(state, name, _)| state == "success" && *name == context);
-            if !success {
-                missing.push(format!("{agent}: no success status on {sha} yet"));
+            let statuses = world.gitlab.statuses_for(sha);
+            let shown = statuses.iter().rev().find(|(_, name, _)| *name == context);
+            if shown.is_none_or(|(state, _, _)| state != "success") {
+                missing.push(format!("{agent}: {sha} shows {shown:?}, not success yet"));
             }
         }
         if missing.is_empty() {
@@ -1209,23 +1207,23 @@ async fn check_forward_only(world: &World, admin: &mut Admin) -> anyhow::Result<
         .collect())
 }
 
-/// GitLab holds each (agent, commit, state) once; every deploy decision has its `pending`,
-/// every report its `running`, `success` or `failed`, each agent's final commit its
-/// `pending` and `success`, and every green commit of main that prod skipped its
+/// GitLab never holds one state twice in a row for an (agent, commit); every deploy decision
+/// has its `pending`, every report its `running`, `success` or `failed`, each agent's final
+/// commit its `pending` and `success`, and every green commit of main that prod skipped its
 /// `superseded`. A `pending` or `running` whose post failed is not posted once a later
 /// state is there (GitLab would move the status back), so a later state stands for it.
 fn check_statuses(world: &World, expected: &BTreeMap<String, String>) -> anyhow::Result<Statuses> {
     let statuses = world.gitlab.statuses();
-    let mut count: BTreeMap<(String, String, String), usize> = BTreeMap::new();
-    for status in &statuses {
-        *count
-            .entry((
+    let posted: BTreeSet<(String, String, String)> = statuses
+        .iter()
+        .map(|status| {
+            (
                 status.name.clone(),
                 status.sha.clone(),
                 status.state.clone(),
-            ))
-            .or_default() += 1;
-    }
+            )
+        })
+        .collect();
     let has = |agent: &str, sha: &str, state: &str| {
         let later: &[&str] = match state {
             "pending" => &["running", "success", "failed", "canceled"],
@@ -1235,18 +1233,23 @@ fn check_statuses(world: &World, expected: &BTreeMap<String, String>) -> anyhow:
         std::iter::once(state)
             .chain(later.iter().copied())
             .any(|shown| {
-                count.contains_key(&(
+                posted.contains(&(
                     format!("greenlight/{agent}"),
                     sha.to_owned(),
                     shown.to_owned(),
                 ))
             })
     };
+    // A state shown again only after another: a health that flipped, or a commit deployed
+    // again. The same state posted twice in a row is a status posted twice.
+    let mut last_posted: BTreeMap<(&str, &str), &str> = BTreeMap::new();
     let mut duplicates = Vec::new();
-    for ((name, sha, state), n) in &count {
-        if *n > 1 {
+    for status in &statuses {
+        let key = (status.name.as_str(), status.sha.as_str());
+        if last_posted.insert(key, status.state.as_str()) == Some(status.state.as_str()) {
             duplicates.push(format!(
-                "commit status: {name} {state} on {sha} posted {n} times"
+                "commit status: {} {} on {} posted twice in a row",
+                status.name, status.state, status.sha
             ));
         }
     }

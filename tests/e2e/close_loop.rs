@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use anyhow::Context as _;
+
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
@@ -283,6 +285,7 @@ async fn a_status_whose_post_went_unrecorded_is_looked_up_before_posting_again()
             agent: "prod",
             sha: &x,
             state,
+            order: greenlight_server::store::StatusOrder::default(),
         };
         store.begin_status(&status, "replica-dead", lease).await?;
     }
@@ -1138,5 +1141,55 @@ async fn a_pipeline_running_on_gitlab_only_because_of_our_status_is_confirmed() 
     );
     assert_eq!(next_revision(&mut prod, SOON).await?.sha(), x);
     assert!(main_ref(&w.server).await?.rejected.is_empty());
+    Ok(())
+}
+
+/// GitLab shows a commit's newest state: health that flips back (healthy, degraded, healthy)
+/// ends on `success`, however the reports' statuses reach the publishers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_health_flips_back_shows_its_newest_state() -> anyhow::Result<()> {
+    let w = CatchingUp::start().await?;
+    let a = w.commit("a")?;
+    let agent = w.server.agent("prod").await?;
+    let mut stream = agent.sync(None).await?;
+    assert_eq!(w.server.push("main", ZERO, &a).await?, 200);
+    gitlab_holds(&w.gitlab, &a, 1, "success");
+    assert_eq!(
+        w.server.pipeline("main", &a, 1, "success", "push").await?,
+        200
+    );
+    let revision = next_revision(&mut stream, SOON).await?;
+    assert_eq!(revision.sha(), a);
+    let mut expected = vec!["pending"];
+    for (phase, state) in [
+        (Phase::Applying, "running"),
+        (Phase::Healthy, "success"),
+        (Phase::Degraded, "failed"),
+        (Phase::Healthy, "success"),
+    ] {
+        agent
+            .report(greenlight::v1::StatusReport {
+                revision: a.clone(),
+                phase: phase.into(),
+                generation: revision.generation(),
+                ..Default::default()
+            })
+            .await?;
+        expected.push(state);
+        // Health is looked at seconds apart: each report is received after the last one's
+        // status was posted.
+        eventually(&format!("{expected:?} on GitLab"), || async {
+            Ok((states(&w.gitlab.statuses_for(&a)) == expected).then_some(()))
+        })
+        .await
+        .with_context(|| format!("posted: {:?}", w.gitlab.statuses_for(&a)))?;
+    }
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        states(&w.gitlab.statuses_for(&a)),
+        ["pending", "running", "success", "failed", "success"],
+        "each state once more for each flip, nothing after"
+    );
+    w.server.stop().await?;
     Ok(())
 }

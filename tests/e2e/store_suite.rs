@@ -19,8 +19,8 @@ use greenlight_server::gate::{
 use greenlight_server::metrics::LogMetrics;
 use greenlight_server::store::{
     AgentState, AgentWrite, AgentWrites, Broadcast, DeployedChange, EmbeddedStore, FactRecord,
-    Ingested, LogEntry, Notice, RedisStore, RefKey, StatusClaim, StatusKey, Store, StoreError,
-    SyncError, Written,
+    Ingested, LogEntry, Notice, RedisStore, RefKey, RegistryWritten, StatusClaim, StatusKey,
+    StatusOrder, Store, StoreError, SyncError, Written,
 };
 use greenlight_server::sync_errors::SyncErrors;
 use tokio::sync::broadcast;
@@ -86,6 +86,8 @@ suite!(
     presence_follows_connect_and_disconnect,
     sync_errors_are_set_and_cleared,
     status_claims_go_to_the_first_claimant,
+    shown_statuses_follow_their_order_not_their_arrival,
+    a_new_agent_under_an_old_name_starts_without_its_statuses,
     a_registry_write_repeated_is_answered_as_it_was_made,
     a_lease_has_one_holder_until_released_or_expired,
     ping_answers,
@@ -1017,32 +1019,38 @@ async fn a_lease_has_one_holder_until_released_or_expired(store: &dyn Store) -> 
 async fn status_claims_go_to_the_first_claimant(store: &dyn Store) -> anyhow::Result<()> {
     let (commit, other_commit) = (sha(1), sha(2));
     let lease = Duration::from_millis(400);
-    let status = |agent, sha, state| StatusKey { agent, sha, state };
-    let success = status("prod", commit.as_str(), "success");
+    let status = |agent, sha, state, generation| StatusKey {
+        agent,
+        sha,
+        state,
+        order: StatusOrder::decided(generation),
+    };
+    let success = status("prod", commit.as_str(), "success", 1);
     assert_eq!(
         store.begin_status(&success, "replica-a", lease).await?,
         StatusClaim::Mine,
         "the first claim wins"
     );
-    assert_eq!(
-        store.begin_status(&success, "replica-b", lease).await?,
-        StatusClaim::InFlight,
-        "a second publisher waits for the first"
-    );
+    for same_commit in [success, status("prod", commit.as_str(), "failed", 2)] {
+        assert_eq!(
+            store.begin_status(&same_commit, "replica-b", lease).await?,
+            StatusClaim::InFlight,
+            "a second publisher waits for the first: {same_commit:?}"
+        );
+    }
     assert_eq!(
         store.begin_status(&success, "replica-a", lease).await?,
         StatusClaim::Retaken,
         "its holder may go on, but not as if it had never tried"
     );
     for other in [
-        status("prod", commit.as_str(), "failed"),
-        status("prod", other_commit.as_str(), "success"),
-        status("staging", commit.as_str(), "success"),
+        status("prod", other_commit.as_str(), "success", 1),
+        status("staging", commit.as_str(), "success", 1),
     ] {
         assert_eq!(
             store.begin_status(&other, "replica-b", lease).await?,
             StatusClaim::Mine,
-            "claims are per agent, commit and state: {other:?}"
+            "claims are per agent and commit: {other:?}"
         );
     }
     // A failed post releases the claim at once, and the next claimant is told to look at
@@ -1059,7 +1067,7 @@ async fn status_claims_go_to_the_first_claimant(store: &dyn Store) -> anyhow::Re
     );
     // A publisher that died holding a claim holds it only until its lease ends, and may
     // have posted before it died.
-    let dead = status("prod", commit.as_str(), "running");
+    let dead = status("prod", commit.as_str(), "running", 3);
     store.begin_status(&dead, "replica-dead", lease).await?;
     tokio::time::sleep(lease + Duration::from_millis(100)).await;
     assert_eq!(
@@ -1070,6 +1078,96 @@ async fn status_claims_go_to_the_first_claimant(store: &dyn Store) -> anyhow::Re
     assert_eq!(
         store.begin_status(&dead, "replica-b", lease).await?,
         StatusClaim::Posted
+    );
+    Ok(())
+}
+
+/// Posts `status` as a publisher would, when its claim lets it: what the claim was.
+async fn post_in_order(store: &dyn Store, status: &StatusKey<'_>) -> anyhow::Result<StatusClaim> {
+    let claim = store
+        .begin_status(status, "replica-a", Duration::from_secs(30))
+        .await?;
+    if matches!(claim, StatusClaim::Mine | StatusClaim::Retaken) {
+        store.finish_status(status, "replica-a", true).await?;
+    }
+    Ok(claim)
+}
+
+async fn shown_statuses_follow_their_order_not_their_arrival(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let commit = sha(1);
+    let reported = |generation, at_ms, state| StatusKey {
+        agent: "prod",
+        sha: commit.as_str(),
+        state,
+        order: StatusOrder::reported(generation, at_ms, state),
+    };
+    let decided = |generation, state| StatusKey {
+        agent: "prod",
+        sha: commit.as_str(),
+        state,
+        order: StatusOrder::decided(generation),
+    };
+    use StatusClaim::{Mine, Posted, Superseded};
+    let steps = [
+        // Read after the reports on its revision, a decision would hide them.
+        (reported(1, 1_000, "running"), Mine, "the first status"),
+        (
+            reported(1, 1_000, "success"),
+            Mine,
+            "healthy in the same ms",
+        ),
+        (
+            decided(1, "pending"),
+            Superseded,
+            "decided before the reports",
+        ),
+        (reported(1, 2_000, "failed"), Mine, "health flipped"),
+        (reported(1, 3_000, "success"), Mine, "and flipped back"),
+        (reported(1, 2_500, "failed"), Superseded, "read late"),
+        (reported(1, 4_000, "success"), Posted, "stated again"),
+        (
+            reported(1, 3_500, "failed"),
+            Superseded,
+            "older than a restatement",
+        ),
+        (decided(2, "pending"), Mine, "deployed again"),
+        (reported(2, 5_000, "success"), Mine, "healthy again"),
+        (decided(2, "pending"), Superseded, "its decision read again"),
+    ];
+    for (status, expected, why) in steps {
+        assert_eq!(post_in_order(store, &status).await?, expected, "{why}");
+    }
+    Ok(())
+}
+
+async fn a_new_agent_under_an_old_name_starts_without_its_statuses(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let commit = sha(1);
+    let status = |generation| StatusKey {
+        agent: "edge",
+        sha: commit.as_str(),
+        state: "success",
+        order: StatusOrder::reported(generation, 1_000, "success"),
+    };
+    let record = registry_record("edge", 1)?;
+    let RegistryWritten::Saved { seq } = store.change_registered("edge", Some(&record), 0).await?
+    else {
+        bail!("a new agent is saved");
+    };
+    assert_eq!(post_in_order(store, &status(7)).await?, StatusClaim::Mine);
+    assert_eq!(
+        post_in_order(store, &status(1)).await?,
+        StatusClaim::Superseded
+    );
+    store.change_registered("edge", None, seq).await?;
+    store.change_registered("edge", Some(&record), 0).await?;
+    assert_eq!(
+        post_in_order(store, &status(1)).await?,
+        StatusClaim::Mine,
+        "its generations start again, and so do its statuses"
     );
     Ok(())
 }
@@ -1876,9 +1974,11 @@ async fn embedded_store_reopened_holds_all_it_answered() -> anyhow::Result<()> {
         agent: "prod",
         sha: "a1",
         state: "success",
+        order: StatusOrder::reported(1, 1_000, "success"),
     };
     let unsure = StatusKey {
-        state: "running",
+        state: "failed",
+        order: StatusOrder::reported(1, 2_000, "failed"),
         ..posted
     };
     let lease = Duration::from_secs(60);

@@ -612,13 +612,18 @@ async fn handle(
             {
                 // Every post is kept, so this answers as GitLab does with `all=true`.
                 let wanted_name = lookup(&query, "name");
-                let list: Vec<Value> = state
+                // Ids as GitLab's grow, here with the arrival order.
+                let mut list: Vec<Value> = state
                     .statuses
                     .iter()
-                    .filter(|s| s.project == project && s.sha == *sha)
-                    .filter(|s| wanted_name.is_none_or(|name| s.name == name))
-                    .map(|s| json!({ "sha": s.sha, "name": s.name, "status": s.state }))
+                    .zip(1u64..)
+                    .filter(|(s, _)| s.project == project && s.sha == *sha)
+                    .filter(|(s, _)| wanted_name.is_none_or(|name| s.name == name))
+                    .map(|(s, id)| json!({ "id": id, "sha": s.sha, "name": s.name, "status": s.state }))
                     .collect();
+                if lookup(&query, "sort") == Some("desc") {
+                    list.reverse();
+                }
                 json_response(StatusCode::OK, Value::Array(list))
             }
             (&Method::GET, Some(project), [repository, branches, branch])

@@ -80,6 +80,9 @@ struct ApiNote {
 /// A commit status as `GET /projects/:id/repository/commits/:sha/statuses` lists it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ApiCommitStatus {
+    /// Grows with each status GitLab creates; absent, the list's own order tells.
+    #[serde(default)]
+    pub id: u64,
     pub name: String,
     /// pending, running, success, failed or canceled.
     pub status: String,
@@ -183,7 +186,7 @@ impl GitLab {
     }
 
     /// Every status named `name` on commit `sha` of `project`, older attempts included
-    /// (the first hundred).
+    /// (the first hundred: the newest, on GitLab 17.8 and later, which sorts them).
     pub async fn commit_statuses(
         &self,
         project: &str,
@@ -194,6 +197,8 @@ impl GitLab {
         url.query_pairs_mut()
             .append_pair("name", name)
             .append_pair("all", "true")
+            .append_pair("order_by", "id")
+            .append_pair("sort", "desc")
             .append_pair("per_page", "100");
         Ok(self.send(self.http.get(url)).await?.json().await?)
     }

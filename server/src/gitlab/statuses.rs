@@ -16,13 +16,13 @@ use prost::Message;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, warn};
 
-use super::api::{CommitStatus, GitLab, GitLabError};
+use super::api::{ApiCommitStatus, CommitStatus, GitLab, GitLabError};
 use crate::catalog::ref_key;
 use crate::config::AgentSpec;
 use crate::engine::Engine;
 use crate::gate::{Outcome, Sha};
 use crate::metrics::Metrics;
-use crate::store::{Broadcast, LogEntry, StatusClaim, StatusKey};
+use crate::store::{Broadcast, LogEntry, StatusClaim, StatusKey, StatusOrder};
 
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -34,20 +34,24 @@ const FEED_RETRY: Duration = Duration::from_secs(1);
 /// carry them as jobs must not count them towards the verdict.
 pub const CONTEXT_PREFIX: &str = "greenlight/";
 
-/// One status to post.
+/// A commit status a log entry means for one agent, on a commit of its project.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusJob {
+pub struct MeantStatus {
     pub agent: String,
-    pub project: String,
     pub sha: String,
+    pub order: StatusOrder,
     pub status: CommitStatus,
 }
 
-/// The status an event means for GitLab, if any.
-pub fn status_for(
-    message: &Broadcast,
-    target_base: Option<&str>,
-) -> Vec<(String, String, CommitStatus)> {
+/// One status to post.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusJob {
+    pub project: String,
+    pub meant: MeantStatus,
+}
+
+/// The statuses an event means for GitLab, if any.
+pub fn status_for(message: &Broadcast, target_base: Option<&str>) -> Vec<MeantStatus> {
     let status = |agent: &str, state: &'static str, description: String| CommitStatus {
         state,
         name: format!("{CONTEXT_PREFIX}{agent}"),
@@ -64,28 +68,31 @@ pub fn status_for(
             .iter()
             .flat_map(|(written, change)| {
                 let agent = &written.agent;
+                // Statuses decided with a revision come before every report on it.
+                let order = StatusOrder::decided(
+                    change
+                        .desired
+                        .as_ref()
+                        .map_or(0, |desired| desired.generation),
+                );
                 change.decisions.iter().filter_map(move |decision| {
                     let sha = decision.sha.as_ref()?.to_string();
-                    match decision.outcome {
-                        Outcome::Deploy => Some((
-                            agent.clone(),
-                            sha,
-                            CommitStatus {
-                                pipeline_id: decision.pipeline_id,
-                                ..status(
-                                    agent,
-                                    "pending",
-                                    format!("deploying: {}", decision.reason),
-                                )
-                            },
-                        )),
-                        Outcome::Skip if decision.superseded_by.is_some() => Some((
-                            agent.clone(),
-                            sha,
-                            status(agent, "canceled", decision.reason.clone()),
-                        )),
-                        _ => None,
-                    }
+                    let status = match decision.outcome {
+                        Outcome::Deploy => CommitStatus {
+                            pipeline_id: decision.pipeline_id,
+                            ..status(agent, "pending", format!("deploying: {}", decision.reason))
+                        },
+                        Outcome::Skip if decision.superseded_by.is_some() => {
+                            status(agent, "canceled", decision.reason.clone())
+                        }
+                        _ => return None,
+                    };
+                    Some(MeantStatus {
+                        agent: agent.clone(),
+                        sha,
+                        order,
+                        status,
+                    })
                 })
             })
             .collect(),
@@ -100,11 +107,12 @@ pub fn status_for(
                 Phase::Degraded => ("failed", format!("degraded: {}", report.message)),
                 Phase::Applied | Phase::Unspecified => return Vec::new(),
             };
-            vec![(
-                agent.clone(),
-                report.revision.clone(),
-                status(agent, state, description),
-            )]
+            vec![MeantStatus {
+                agent: agent.clone(),
+                order: StatusOrder::reported(report.generation, report.received_at_unix_ms, state),
+                sha: report.revision,
+                status: status(agent, state, description),
+            }]
         }
         Broadcast::Connection { .. } | Broadcast::Fact { .. } | Broadcast::Registry { .. } => {
             Vec::new()
@@ -213,30 +221,28 @@ impl StatusPublisher {
         let span = tracing::info_span!("commit_statuses", trace_id = tracing::field::Empty);
         greenlight::telemetry::adopt(&span, trace_of(&entry.message).as_deref());
         let mut handled = Handled::Done;
-        for (agent, sha, mut status) in status_for(&entry.message, self.target_base.as_deref()) {
+        for mut meant in status_for(&entry.message, self.target_base.as_deref()) {
             // Each status's attempts are bounded well within the takeover time, so that its
             // claim outlives them. An entry naming many agents may take longer than that as
             // a whole: a replica taking it over meanwhile skips the statuses claimed here.
             let deadline = tokio::time::Instant::now() + RETRY_FOR.min(self.takeover / 2);
-            let Some(spec) = self.engine.catalog().agent_arc(&agent) else {
+            let Some(spec) = self.engine.catalog().agent_arc(&meant.agent) else {
                 continue;
             };
-            status.git_ref = Some(spec.branch.clone());
-            if status.pipeline_id.is_none() {
-                status.pipeline_id = pipeline_of(&self.engine, &spec, &sha).await;
+            meant.status.git_ref = Some(spec.branch.clone());
+            if meant.status.pipeline_id.is_none() {
+                meant.status.pipeline_id = pipeline_of(&self.engine, &spec, &meant.sha).await;
             }
             let job = StatusJob {
                 project: spec.project.clone(),
-                agent,
-                sha,
-                status,
+                meant,
             };
             let posting = tracing::info_span!(
                 parent: &span,
                 "post_commit_status",
-                agent = job.agent,
-                sha = job.sha,
-                state = job.status.state
+                agent = job.meant.agent,
+                sha = job.meant.sha,
+                state = job.meant.status.state
             );
             let posted = post(
                 &self.engine,
@@ -306,8 +312,14 @@ async fn post(
     // once; a commit is superseded again), and they may reach two publishers at once: the
     // claim lets one post it. It lasts as long as this attempt may, so that a publisher
     // that dies mid-post leaves the status to whoever takes its entry over.
-    let (agent, sha, state) = (&job.agent, &job.sha, job.status.state);
-    let status = StatusKey { agent, sha, state };
+    let meant = &job.meant;
+    let (agent, sha, state) = (&meant.agent, &meant.sha, meant.status.state);
+    let status = StatusKey {
+        agent,
+        sha,
+        state,
+        order: meant.order,
+    };
     let holder = engine.replica();
     let lease = deadline
         .saturating_duration_since(tokio::time::Instant::now())
@@ -316,6 +328,14 @@ async fn post(
         Ok(StatusClaim::Mine) => false,
         Ok(StatusClaim::Retaken) => true,
         Ok(StatusClaim::Posted) => return Handled::Done,
+        Ok(StatusClaim::Superseded) => {
+            debug!(
+                agent,
+                sha, state, "a later commit status is shown; not posting this one"
+            );
+            metrics.gitlab_status("superseded", 1);
+            return Handled::Done;
+        }
         // Being posted by another publisher, for another entry of the same status or for
         // this one before it was taken over: only once it is posted is the entry done.
         Ok(StatusClaim::InFlight) => return Handled::Claimed,
@@ -338,15 +358,24 @@ async fn post(
     }
 }
 
-/// Whether GitLab already holds `job`'s status on the commit.
+/// Whether GitLab already shows `job`'s status on the commit: the newest status of its name
+/// stands for it.
 async fn already_posted(gitlab: &GitLab, job: &StatusJob) -> Result<bool, GitLabError> {
+    let status = &job.meant.status;
     let listed = gitlab
-        .commit_statuses(&job.project, &job.sha, &job.status.name)
+        .commit_statuses(&job.project, &job.meant.sha, &status.name)
         .await?;
-    Ok(listed
+    Ok(shows(&listed, status))
+}
+
+/// Whether the newest of `listed` named as `status` stands for it.
+fn shows(listed: &[ApiCommitStatus], status: &CommitStatus) -> bool {
+    listed
         .iter()
-        .filter(|status| status.name == job.status.name)
-        .any(|status| covers(&status.status, job.status.state)))
+        .filter(|listed| listed.name == status.name)
+        // The last of equals: a list without ids is in the order GitLab created them.
+        .max_by_key(|listed| listed.id)
+        .is_some_and(|newest| covers(&newest.status, status.state))
 }
 
 /// Whether a status GitLab lists in state `listed` stands for posting `state`: the same
@@ -382,7 +411,7 @@ async fn post_claimed(
     deadline: tokio::time::Instant,
     shutdown: &CancellationToken,
 ) -> Posted {
-    let (agent, sha, state) = (&job.agent, &job.sha, job.status.state);
+    let (agent, sha, state) = (&job.meant.agent, &job.meant.sha, job.meant.status.state);
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     loop {
         let attempt = match look_first {
@@ -394,11 +423,17 @@ async fn post_claimed(
                 }
                 Ok(false) => {
                     look_first = false;
-                    gitlab.post_status(&job.project, sha, &job.status).await
+                    gitlab
+                        .post_status(&job.project, sha, &job.meant.status)
+                        .await
                 }
                 Err(error) => Err(error),
             },
-            false => gitlab.post_status(&job.project, sha, &job.status).await,
+            false => {
+                gitlab
+                    .post_status(&job.project, sha, &job.meant.status)
+                    .await
+            }
         };
         match attempt {
             Ok(()) => {
@@ -486,6 +521,48 @@ mod tests {
     }
 
     #[test]
+    fn only_the_newest_status_of_the_name_counts_as_shown() {
+        let listed = |statuses: &[(u64, &str, &str)]| -> Vec<ApiCommitStatus> {
+            statuses
+                .iter()
+                .map(|(id, name, status)| ApiCommitStatus {
+                    id: *id,
+                    name: (*name).into(),
+                    status: (*status).into(),
+                })
+                .collect()
+        };
+        let success = CommitStatus {
+            state: "success",
+            name: "greenlight/prod".into(),
+            description: String::new(),
+            target_url: None,
+            pipeline_id: None,
+            git_ref: None,
+        };
+        let flipped = listed(&[
+            (3, "greenlight/prod", "failed"),
+            (2, "greenlight/prod", "success"),
+            (4, "greenlight/staging", "success"),
+        ]);
+        assert!(!shows(&flipped, &success), "an older success is not shown");
+        let back = listed(&[
+            (3, "greenlight/prod", "failed"),
+            (5, "greenlight/prod", "success"),
+        ]);
+        assert!(shows(&back, &success));
+        let without_ids = listed(&[
+            (0, "greenlight/prod", "success"),
+            (0, "greenlight/prod", "failed"),
+        ]);
+        assert!(
+            !shows(&without_ids, &success),
+            "the last listed is the newest"
+        );
+        assert!(!shows(&[], &success));
+    }
+
+    #[test]
     fn decisions_become_pending_and_superseded_commits_canceled_for_each_agent_written() {
         let change = DecidedChange {
             desired: None,
@@ -515,7 +592,7 @@ mod tests {
         );
         let posted: Vec<(&str, &str)> = statuses
             .iter()
-            .map(|(agent, _, s)| (agent.as_str(), s.state))
+            .map(|meant| (meant.agent.as_str(), meant.status.state))
             .collect();
         assert_eq!(
             posted,
@@ -526,16 +603,16 @@ mod tests {
                 ("prod-eu", "canceled")
             ]
         );
-        assert_eq!(statuses[0].2.name, "greenlight/prod");
-        assert_eq!(statuses[2].2.name, "greenlight/prod-eu");
+        assert_eq!(statuses[0].status.name, "greenlight/prod");
+        assert_eq!(statuses[2].status.name, "greenlight/prod-eu");
         assert_eq!(
-            statuses[0].2.pipeline_id,
+            statuses[0].status.pipeline_id,
             Some(7),
             "joins the gate's pipeline"
         );
-        assert_eq!(statuses[1].2.description, "superseded by 1234abcd");
+        assert_eq!(statuses[1].status.description, "superseded by 1234abcd");
         assert_eq!(
-            statuses[0].2.target_url.as_deref(),
+            statuses[0].status.target_url.as_deref(),
             Some("https://gl.example/agents/prod")
         );
     }
@@ -555,7 +632,7 @@ mod tests {
         let state = |m: &Broadcast| {
             status_for(m, None)
                 .first()
-                .map(|(_, _, s)| (s.state, s.description.clone()))
+                .map(|meant| (meant.status.state, meant.status.description.clone()))
         };
         assert_eq!(
             state(&report(Phase::Applying, "")).map(|s| s.0),

@@ -19,11 +19,12 @@ use super::disk::{self, Disk, Put, SEP, Table};
 use super::records::{self, AgentFile, AgentFileV2, RefFactsFile, RefFactsV2, RingV1};
 
 use super::{
-    AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
+    Against, AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
     ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore,
     Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore,
     RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore, Result,
-    STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, SyncError, Told, Versioned, Written,
+    STATUS_MEMORY_SECS, ShownStatus, StatusClaim, StatusKey, StatusOrder, Store, SyncError, Told,
+    Versioned, Written,
 };
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
 
@@ -119,8 +120,8 @@ enum Dirty {
     Registry(String),
 }
 
-/// (agent, sha, state) of a commit status.
-type StatusId = (String, String, String);
+/// (agent, sha) of commit statuses.
+type StatusId = (String, String);
 
 struct Inner {
     facts: HashMap<RefKey, RefFacts>,
@@ -129,7 +130,8 @@ struct Inner {
     reports: HashMap<String, VecDeque<Vec<u8>>>,
     presence: HashMap<String, String>,
     sync_errors: HashMap<String, SyncError>,
-    statuses: Expiring<StatusId>,
+    /// The status GitLab shows, as far as the publishers know.
+    statuses: Expiring<StatusId, ShownStatus>,
     /// Statuses being posted now, by whom and until when.
     posting: HashMap<StatusId, (String, Instant)>,
     /// Statuses claimed and not yet posted: the next claimant looks at GitLab first.
@@ -912,14 +914,23 @@ impl ChangeLog for EmbeddedStore {
         let now = Instant::now();
         let (claim, ticket) = {
             let mut inner = self.lock();
-            if inner.statuses.contains(&key, now) {
-                return Ok(StatusClaim::Posted);
-            }
             // Claims end with their post: the map holds only the statuses being posted now.
             inner.posting.retain(|_, (_, until)| *until > now);
-            match inner.posting.get(&key) {
-                Some((other, _)) if other != holder => return Ok(StatusClaim::InFlight),
-                _ => {
+            if let Some((other, _)) = inner.posting.get(&key)
+                && other != holder
+            {
+                return Ok(StatusClaim::InFlight);
+            }
+            match ShownStatus::against(inner.statuses.get(&key, now), status) {
+                Against::Older => return Ok(StatusClaim::Superseded),
+                Against::SameState => {
+                    inner
+                        .statuses
+                        .put(key.clone(), ShownStatus::of(status), now);
+                    inner.mark(Dirty::Status(key));
+                    (StatusClaim::Posted, inner.ticket())
+                }
+                Against::Post => {
                     inner
                         .posting
                         .insert(key.clone(), (holder.to_owned(), now + lease));
@@ -944,6 +955,7 @@ impl ChangeLog for EmbeddedStore {
         posted: bool,
     ) -> Result<()> {
         let key = status_id(status);
+        let now = Instant::now();
         let ticket = {
             let mut inner = self.lock();
             if inner
@@ -955,9 +967,17 @@ impl ChangeLog for EmbeddedStore {
             }
             if posted {
                 inner.taken.remove(&key);
-                inner.statuses.insert(key.clone(), Instant::now());
                 inner.mark(Dirty::Taken(key.clone()));
-                inner.mark(Dirty::Status(key));
+                let later = inner
+                    .statuses
+                    .get(&key, now)
+                    .is_none_or(|shown| shown.order < status.order);
+                if later {
+                    inner
+                        .statuses
+                        .put(key.clone(), ShownStatus::of(status), now);
+                    inner.mark(Dirty::Status(key));
+                }
             }
             inner.ticket()
         };
@@ -1013,12 +1033,8 @@ impl Store for EmbeddedStore {
     }
 }
 
-fn status_id(status: &StatusKey<'_>) -> (String, String, String) {
-    (
-        status.agent.to_owned(),
-        status.sha.to_owned(),
-        status.state.to_owned(),
-    )
+fn status_id(status: &StatusKey<'_>) -> StatusId {
+    (status.agent.to_owned(), status.sha.to_owned())
 }
 
 /// The registry of runtime agents: the last change's number and each agent's record.
@@ -1073,6 +1089,15 @@ impl RegistryStore for EmbeddedStore {
                 inner.mark(Dirty::Agent(name.to_owned()));
                 inner.mark(Dirty::Reports(name.to_owned()));
                 inner.mark(Dirty::SyncError(name.to_owned()));
+                // Its generations start again: statuses shown for the old agent's would
+                // read as later than the new one's.
+                let of_agent = |(agent, _): &StatusId| agent == name;
+                for id in inner.statuses.remove_where(of_agent) {
+                    inner.mark(Dirty::Status(id));
+                }
+                for id in inner.taken.remove_where(of_agent) {
+                    inner.mark(Dirty::Taken(id));
+                }
             }
             match record {
                 Some(record) => inner.registry.records.insert(
@@ -1109,8 +1134,18 @@ fn ref_id(key: &RefKey) -> String {
     format!("{}{SEP}{}", key.project, key.branch)
 }
 
+/// A shown status as the file holds it: when it was posted (Unix ms), a space, the status.
+fn encode_shown(at_ms: i64, shown: &ShownStatus) -> Vec<u8> {
+    format!("{at_ms} {}", shown.encode()).into_bytes()
+}
+
+fn decode_shown(value: &[u8]) -> Option<(i64, ShownStatus)> {
+    let (at_ms, shown) = std::str::from_utf8(value).ok()?.split_once(' ')?;
+    Some((at_ms.parse().ok()?, ShownStatus::decode(shown)?))
+}
+
 fn status_key(id: &StatusId) -> String {
-    format!("{}{SEP}{}{SEP}{}", id.0, id.1, id.2)
+    format!("{}{SEP}{}", id.0, id.1)
 }
 
 /// The registry record of an agent as the file holds it: its version and the record.
@@ -1484,7 +1519,10 @@ fn stage(inner: &mut Inner, dirty: &Dirty) -> Vec<Staged> {
         Dirty::Status(id) => vec![(
             Table::Statuses,
             status_key(id),
-            inner.statuses.contains(id, now).then(time).flatten(),
+            inner
+                .statuses
+                .get(id, now)
+                .map(|shown| encode_shown(crate::clock::now_ms(), shown)),
         )],
         Dirty::Taken(id) => vec![(
             Table::Taken,
@@ -1525,10 +1563,8 @@ fn stage(inner: &mut Inner, dirty: &Dirty) -> Vec<Staged> {
 fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
     let now = Instant::now();
     let now_ms = crate::clock::now_ms();
-    let age = |value: &[u8]| {
-        disk::time_of(value)
-            .map(|at| Duration::from_millis(u64::try_from(now_ms - at).unwrap_or(0)))
-    };
+    let age_of = |at_ms: i64| Duration::from_millis(u64::try_from(now_ms - at_ms).unwrap_or(0));
+    let age = |value: &[u8]| disk::time_of(value).map(age_of);
     // Markers past their time (or unreadable) are dropped from the file as they are read,
     // and records of an earlier version rewritten.
     let mut rewrites: Vec<Put> = Vec::new();
@@ -1562,22 +1598,55 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
             .map_err(|e| corrupt_record("sync_errors", &agent, &e.to_string()))?;
         inner.sync_errors.insert(agent, error);
     }
-    for (table, set) in [
-        (Table::Statuses, &mut inner.statuses),
-        (Table::Taken, &mut inner.taken),
-    ] {
-        for (key, value) in disk.scan(table)? {
-            let mut parts = key.splitn(3, SEP);
-            let kept = match (parts.next(), parts.next(), parts.next(), age(&value)) {
-                (Some(agent), Some(sha), Some(state), Some(age)) => {
-                    let id = (agent.to_owned(), sha.to_owned(), state.to_owned());
-                    set.insert_aged(id, now, age)
+    // Records of an earlier version name a state too, and hold only when it was posted:
+    // each is read as shown since before any status of this version.
+    for (key, value) in disk.scan(Table::Statuses)? {
+        let mut parts = key.splitn(3, SEP);
+        let (agent, sha, old_state) = (parts.next(), parts.next(), parts.next());
+        let shown = match old_state {
+            Some(state) => disk::time_of(&value).map(|at_ms| {
+                let shown = ShownStatus {
+                    order: StatusOrder::default(),
+                    state: state.to_owned(),
+                };
+                (at_ms, shown)
+            }),
+            None => decode_shown(&value),
+        };
+        let kept = match (agent, sha, shown) {
+            (Some(agent), Some(sha), Some((at_ms, shown))) => {
+                let id = (agent.to_owned(), sha.to_owned());
+                let encoded = encode_shown(at_ms, &shown);
+                let kept = inner
+                    .statuses
+                    .put_aged(id.clone(), shown, now, age_of(at_ms));
+                if kept && old_state.is_some() {
+                    rewrites.push((Table::Statuses, status_key(&id), Some(encoded)));
                 }
-                _ => false,
-            };
-            if !kept {
-                rewrites.push((table, key, None));
+                kept && old_state.is_none()
             }
+            _ => false,
+        };
+        if !kept {
+            rewrites.push((Table::Statuses, key, None));
+        }
+    }
+    for (key, value) in disk.scan(Table::Taken)? {
+        let mut parts = key.splitn(3, SEP);
+        let (agent, sha, old_state) = (parts.next(), parts.next(), parts.next());
+        let kept = match (agent, sha, age(&value)) {
+            (Some(agent), Some(sha), Some(age)) => {
+                let id = (agent.to_owned(), sha.to_owned());
+                let kept = inner.taken.insert_aged(id.clone(), now, age);
+                if kept && old_state.is_some() {
+                    rewrites.push((Table::Taken, status_key(&id), Some(value.clone())));
+                }
+                kept && old_state.is_none()
+            }
+            _ => false,
+        };
+        if !kept {
+            rewrites.push((Table::Taken, key, None));
         }
     }
     for (key, value) in disk.scan(Table::Feed)? {
@@ -1966,16 +2035,17 @@ fn decode_split(
     records::decode_agent(agent, core.as_bytes(), decisions, deployed)
 }
 
-/// A set whose members are forgotten a fixed time after they were added, as Redis keys with
-/// `EX` are. Members expire in the order they were added, so sweeping is a walk from the
-/// front that stops at the first live one: amortised O(1) per insert.
-struct Expiring<K> {
+/// A set (or map, with values `V`) whose members are forgotten a fixed time after they were
+/// last added, as Redis keys with `EX` are. Members expire in the order they were added, so
+/// sweeping is a walk from the front that stops at the first live one: amortised O(1) per
+/// insert.
+struct Expiring<K, V = ()> {
     ttl: Duration,
-    expires: HashMap<K, Instant>,
+    expires: HashMap<K, (Instant, V)>,
     order: VecDeque<(Instant, K)>,
 }
 
-impl<K: Hash + Eq + Clone> Expiring<K> {
+impl<K: Hash + Eq + Clone, V> Expiring<K, V> {
     fn new(ttl: Duration) -> Self {
         Self {
             ttl,
@@ -1984,44 +2054,61 @@ impl<K: Hash + Eq + Clone> Expiring<K> {
         }
     }
 
-    /// Adds `key` unless it is held and live: `true` when it was added.
-    fn insert(&mut self, key: K, now: Instant) -> bool {
+    /// Adds `key` with `value`, or gives a live one `value` and its full time again.
+    fn put(&mut self, key: K, value: V, now: Instant) {
         self.sweep(now);
-        if self.contains(&key, now) {
-            return false;
-        }
         let expiry = now + self.ttl;
-        self.expires.insert(key.clone(), expiry);
+        self.expires.insert(key.clone(), (expiry, value));
         self.order.push_back((expiry, key));
-        true
     }
 
-    /// Adds `key` as if it had been added `age` ago: `false`, and nothing added, when that
-    /// is past its time.
-    fn insert_aged(&mut self, key: K, now: Instant, age: Duration) -> bool {
+    /// Adds `key` with `value` as if it had been added `age` ago: `false`, and nothing
+    /// added, when that is past its time.
+    fn put_aged(&mut self, key: K, value: V, now: Instant, age: Duration) -> bool {
         let Some(left) = self.ttl.checked_sub(age) else {
             return false;
         };
         let expiry = now + left;
-        self.expires.insert(key.clone(), expiry);
+        self.expires.insert(key.clone(), (expiry, value));
         self.order.push_back((expiry, key));
         true
     }
 
-    /// Puts members added with [`Self::insert_aged`], in any order, in expiry order.
+    /// Puts members added with [`Self::put_aged`], in any order, in expiry order.
     fn settle(&mut self) {
         self.order
             .make_contiguous()
             .sort_by_key(|(expiry, _)| *expiry);
     }
 
+    fn get(&self, key: &K, now: Instant) -> Option<&V> {
+        self.expires
+            .get(key)
+            .filter(|(expiry, _)| *expiry > now)
+            .map(|(_, value)| value)
+    }
+
     fn contains(&self, key: &K, now: Instant) -> bool {
-        self.expires.get(key).is_some_and(|expiry| *expiry > now)
+        self.get(key, now).is_some()
     }
 
     fn remove(&mut self, key: &K) {
         // Its place in `order` no longer matches an expiry, so the sweep skips it.
         self.expires.remove(key);
+    }
+
+    /// Removes every member `drop` picks: a walk over them all.
+    fn remove_where(&mut self, mut drop: impl FnMut(&K) -> bool) -> Vec<K> {
+        let dropped: Vec<K> = self
+            .expires
+            .keys()
+            .filter(|key| drop(key))
+            .cloned()
+            .collect();
+        for key in &dropped {
+            self.expires.remove(key);
+        }
+        dropped
     }
 
     fn len(&self) -> usize {
@@ -2033,11 +2120,29 @@ impl<K: Hash + Eq + Clone> Expiring<K> {
             && *expiry <= now
         {
             if let Some((expiry, key)) = self.order.pop_front()
-                && self.expires.get(&key) == Some(&expiry)
+                && self.expires.get(&key).map(|(at, _)| at) == Some(&expiry)
             {
                 self.expires.remove(&key);
             }
         }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Expiring<K> {
+    /// Adds `key` unless it is held and live: `true` when it was added.
+    fn insert(&mut self, key: K, now: Instant) -> bool {
+        self.sweep(now);
+        if self.contains(&key, now) {
+            return false;
+        }
+        self.put(key, (), now);
+        true
+    }
+
+    /// Adds `key` as if it had been added `age` ago: `false`, and nothing added, when that
+    /// is past its time.
+    fn insert_aged(&mut self, key: K, now: Instant, age: Duration) -> bool {
+        self.put_aged(key, (), now, age)
     }
 }
 
@@ -3016,6 +3121,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn statuses_of_the_earlier_records_are_read_as_shown_before_any_of_this_version() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let at = disk::encode_time(crate::clock::now_ms());
+        let old_key = |sha: &str, state: &str| format!("prod{SEP}{sha}{SEP}{state}");
+        {
+            let disk = Disk::open(dir.path()).expect("opened");
+            disk.write(vec![
+                (Table::Statuses, old_key("a1", "success"), Some(at.clone())),
+                (Table::Taken, old_key("b2", "running"), Some(at.clone())),
+            ])
+            .expect("written");
+        }
+        let store = EmbeddedStore::open(dir.path()).expect("opened");
+        let status = |sha, state, at_ms| StatusKey {
+            agent: "prod",
+            sha,
+            state,
+            order: StatusOrder::reported(1, at_ms, state),
+        };
+        let lease = Duration::from_secs(60);
+        let mut claims = Vec::new();
+        for (sha, state, at_ms) in [
+            ("a1", "success", 1),
+            ("a1", "failed", 2),
+            ("b2", "success", 1),
+        ] {
+            let claim = store
+                .begin_status(&status(sha, state, at_ms), "r", lease)
+                .await;
+            claims.push(claim.expect("claimed"));
+        }
+        assert_eq!(
+            claims,
+            [
+                StatusClaim::Posted,
+                // Any status of this version is later; a claim taken on the commit: look first.
+                StatusClaim::Mine,
+                StatusClaim::Retaken
+            ]
+        );
+        drop(store);
+        let disk = Disk::open(dir.path()).expect("reopened");
+        let keys = |table| -> Vec<String> {
+            let rows = disk.scan(table).expect("scanned");
+            rows.into_iter().map(|(key, _)| key).collect()
+        };
+        assert_eq!(keys(Table::Statuses), [format!("prod{SEP}a1")], "rewritten");
+        assert_eq!(
+            keys(Table::Taken),
+            [format!("prod{SEP}a1"), format!("prod{SEP}b2")]
+        );
+    }
+
+    #[tokio::test]
     async fn redeliveries_and_claims_are_forgotten_after_the_configured_time() {
         let store =
             EmbeddedStore::with_memory(Duration::from_millis(50), Duration::from_millis(50));
@@ -3046,6 +3205,7 @@ mod tests {
             agent: "a",
             sha: "sha",
             state: "success",
+            order: StatusOrder::default(),
         };
         let lease = Duration::from_secs(60);
         store.begin_status(&status, "r", lease).await.unwrap();

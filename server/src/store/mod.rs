@@ -706,9 +706,10 @@ pub trait ChangeLog: Send + Sync {
     /// Marks a status entry handled, so that no publisher takes it again.
     async fn ack_statuses(&self, id: &str) -> Result<()>;
 
-    /// Claims the posting of commit status `state` for `agent` on `sha` for `holder`, for at
-    /// most `lease`: several log entries can mean the same status, and two publishers must
-    /// never post it at once.
+    /// Claims the posting of commit status `status` for `holder`, for at most `lease`:
+    /// several log entries can mean the same status, two publishers must never post
+    /// statuses of one agent on one commit at once, and one older than the status GitLab
+    /// shows must not replace it.
     async fn begin_status(
         &self,
         status: &StatusKey<'_>,
@@ -716,18 +717,139 @@ pub trait ChangeLog: Send + Sync {
         lease: Duration,
     ) -> Result<StatusClaim>;
 
-    /// Ends `holder`'s claim: the status is remembered as posted, or released for a later
-    /// attempt by anyone, who gets it as [`StatusClaim::Retaken`].
+    /// Ends `holder`'s claim: the status is remembered as shown, unless a later one is, or
+    /// released for a later attempt by anyone, who gets it as [`StatusClaim::Retaken`].
     async fn finish_status(&self, status: &StatusKey<'_>, holder: &str, posted: bool)
     -> Result<()>;
 }
 
-/// One commit status: agent, commit and state.
+/// One commit status: agent, commit, state, and where it stands among the agent's statuses
+/// on that commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StatusKey<'a> {
     pub agent: &'a str,
     pub sha: &'a str,
     pub state: &'a str,
+    pub order: StatusOrder,
+}
+
+/// Where a commit status stands among its agent's statuses on one commit. GitLab shows the
+/// last status posted under a name, and the log's shards reach the publishers in any order,
+/// so a status is posted only when it is later than the one shown: a commit whose health
+/// flips back shows its newest state, and a decision read late never hides a report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct StatusOrder {
+    /// The generation of the revision it is about: a redeploy, a pin or a rollback to the
+    /// commit starts a later one.
+    pub generation: u64,
+    /// When the server received the report it comes from (Unix ms); 0 for a decision, which
+    /// comes before every report on its revision.
+    pub reported_ms: u64,
+    /// pending, running, then a final state: orders two reports received in the same
+    /// millisecond.
+    pub stage: u8,
+}
+
+impl StatusOrder {
+    /// The order of a status decided at `generation`.
+    pub fn decided(generation: u64) -> Self {
+        Self {
+            generation,
+            ..Self::default()
+        }
+    }
+
+    const SORTABLE_LEN: usize = 41;
+
+    /// As text that sorts as the order does: generation and time in 20 digits each, then the
+    /// stage.
+    pub fn sortable(&self) -> String {
+        format!(
+            "{:020}{:020}{}",
+            self.generation,
+            self.reported_ms,
+            self.stage.min(9)
+        )
+    }
+
+    fn from_sortable(text: &str) -> Option<Self> {
+        let stage = text.get(40..)?;
+        (stage.len() == 1).then_some(())?;
+        Some(Self {
+            generation: text.get(..20)?.parse().ok()?,
+            reported_ms: text.get(20..40)?.parse().ok()?,
+            stage: stage.parse().ok()?,
+        })
+    }
+
+    /// The order of a status reported on `generation`, received at `received_ms`.
+    pub fn reported(generation: u64, received_ms: i64, state: &str) -> Self {
+        Self {
+            generation,
+            reported_ms: u64::try_from(received_ms).unwrap_or(0),
+            stage: match state {
+                "pending" => 0,
+                "running" => 1,
+                _ => 2,
+            },
+        }
+    }
+}
+
+/// The status GitLab shows, as far as the publishers know: the last one posted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShownStatus {
+    pub order: StatusOrder,
+    pub state: String,
+}
+
+/// What a status comes to against the one shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Against {
+    /// Later, and another state: to post.
+    Post,
+    /// In the state shown, and not older: nothing to post, but a later one is now the one
+    /// shown.
+    SameState,
+    /// The one shown, or older: nothing to post.
+    Older,
+}
+
+impl ShownStatus {
+    /// What posting `status` would do to what is shown.
+    pub fn against(shown: Option<&ShownStatus>, status: &StatusKey<'_>) -> Against {
+        match shown {
+            None => Against::Post,
+            Some(shown) if shown.state == status.state && status.order >= shown.order => {
+                Against::SameState
+            }
+            Some(shown) if status.order <= shown.order => Against::Older,
+            Some(_) => Against::Post,
+        }
+    }
+
+    /// `status` as shown.
+    pub fn of(status: &StatusKey<'_>) -> Self {
+        Self {
+            order: status.order,
+            state: status.state.to_owned(),
+        }
+    }
+
+    /// As stored: the order as [`StatusOrder::sortable`] writes it, `:` and the state, as
+    /// the Redis scripts read it too.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.order.sortable(), self.state)
+    }
+
+    /// What [`Self::encode`] wrote; `None` when unreadable.
+    pub fn decode(text: &str) -> Option<Self> {
+        let (order, state) = text.split_at_checked(StatusOrder::SORTABLE_LEN)?;
+        Some(Self {
+            order: StatusOrder::from_sortable(order)?,
+            state: state.strip_prefix(':')?.to_owned(),
+        })
+    }
 }
 
 /// Where a commit status stands between publishers.
@@ -735,13 +857,15 @@ pub struct StatusKey<'a> {
 pub enum StatusClaim {
     /// Yours to post.
     Mine,
-    /// Yours to post, but an earlier claim on it ended without its outcome recorded (its
-    /// publisher or the store died mid-post, or GitLab failed): GitLab may have it already,
-    /// so look before posting.
+    /// Yours to post, but an earlier claim on the agent's statuses on the commit ended
+    /// without its outcome recorded (its publisher or the store died mid-post, or GitLab
+    /// failed): GitLab may show it already, so look before posting.
     Retaken,
-    /// Posted already, by any replica or before a restart.
+    /// Shown already, posted by any replica or before a restart.
     Posted,
-    /// Another publisher is posting it now.
+    /// Older than the status shown: posting it would hide a later one.
+    Superseded,
+    /// Another publisher is posting a status of the agent on the commit now.
     InFlight,
 }
 
@@ -777,6 +901,84 @@ pub trait Store:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn order() -> impl Strategy<Value = StatusOrder> {
+        (any::<u64>(), any::<u64>(), 0u8..3).prop_map(|(generation, reported_ms, stage)| {
+            StatusOrder {
+                generation,
+                reported_ms,
+                stage,
+            }
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn shown_statuses_round_trip_and_sort_as_text_as_their_orders_do(
+            a in order(),
+            b in order(),
+            state in "[a-z:]{0,12}",
+        ) {
+            let shown = ShownStatus { order: a, state };
+            prop_assert_eq!(ShownStatus::decode(&shown.encode()), Some(shown.clone()));
+            prop_assert_eq!(a.sortable().cmp(&b.sortable()), a.cmp(&b));
+            prop_assert_eq!(a.sortable().len(), StatusOrder::SORTABLE_LEN);
+        }
+
+        #[test]
+        fn unreadable_shown_statuses_are_refused_not_a_panic(text in "\\PC{0,60}") {
+            let _ = ShownStatus::decode(&text);
+        }
+    }
+
+    #[test]
+    fn a_status_is_posted_only_when_later_than_the_one_shown() {
+        let status = |generation, at_ms, state| StatusKey {
+            agent: "prod",
+            sha: "a",
+            state,
+            order: StatusOrder::reported(generation, at_ms, state),
+        };
+        let shown = ShownStatus::of(&status(2, 100, "success"));
+        let against = |s: StatusKey<'_>| ShownStatus::against(Some(&shown), &s);
+        assert_eq!(
+            ShownStatus::against(None, &status(1, 0, "success")),
+            Against::Post
+        );
+        assert_eq!(against(status(2, 101, "failed")), Against::Post, "flipped");
+        assert_eq!(
+            against(status(2, 100, "success")),
+            Against::SameState,
+            "again"
+        );
+        assert_eq!(against(status(2, 101, "success")), Against::SameState);
+        assert_eq!(against(status(2, 99, "failed")), Against::Older);
+        assert_eq!(
+            against(status(2, 100, "failed")),
+            Against::Older,
+            "a tie keeps the first"
+        );
+        assert_eq!(
+            against(status(1, 500, "running")),
+            Against::Older,
+            "an older revision"
+        );
+        assert_eq!(
+            against(StatusKey {
+                order: StatusOrder::decided(3),
+                ..status(0, 0, "pending")
+            }),
+            Against::Post,
+            "deployed again"
+        );
+        assert!(
+            StatusOrder::reported(2, 100, "running") < StatusOrder::reported(2, 100, "success"),
+            "a final state received in the same ms as running comes after it"
+        );
+        assert!(StatusOrder::decided(2) < StatusOrder::reported(2, 1, "running"));
+        assert_eq!(StatusOrder::reported(2, -5, "failed").reported_ms, 0);
+    }
 
     fn shas(ns: &[u8]) -> VecDeque<Sha> {
         ns.iter()

@@ -204,24 +204,51 @@ return 0
 "#;
 
 /// Claims a commit status for posting: 1 when the caller may post it, 3 when it may but an
-/// earlier claim was never finished (KEYS[2] marks a claim taken), 2 when it was posted, 0
-/// when another publisher is posting it.
+/// earlier claim was never finished (KEYS[2] marks a claim taken), 2 when it is shown
+/// already, 4 when a later status is shown, 0 when another publisher is posting a status of
+/// the agent on the commit. KEYS[3] holds what is shown per commit (ARGV[4]) as
+/// `ShownStatus::encode` writes it: its order (ARGV[5]) sorts as text. Compared as
+/// `ShownStatus::against` does.
 const BEGIN_STATUS_SCRIPT: &str = r#"
 local held = redis.call('GET', KEYS[1])
-if held == 'posted' then return 2 end
 if held ~= false and held ~= ARGV[1] then return 0 end
+local shown = redis.call('HGET', KEYS[3], ARGV[4])
+if shown then
+  local order, state = string.sub(shown, 1, #ARGV[5]), string.sub(shown, #ARGV[5] + 2)
+  if state == ARGV[6] and ARGV[5] >= order then
+    redis.call('HSET', KEYS[3], ARGV[4], ARGV[5] .. ':' .. ARGV[6])
+    return 2
+  end
+  if ARGV[5] <= order then return 4 end
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then return 1 end
 return 3
 "#;
 
-/// Ends a claim: remembered as posted for ARGV[2] seconds, or (0) released if the caller
-/// still holds it, its mark left so that the next claimant looks before posting.
+/// Ends a claim. Posted (ARGV[2] > 0): the status is remembered as shown unless a later one
+/// is, the agent keeping the newest ARGV[3] commits' for ARGV[2] seconds after its last
+/// post (KEYS[4] orders them by generation, ARGV[7]). Else released if the caller still
+/// holds it, its mark left so that the next claimant looks before posting.
 const FINISH_STATUS_SCRIPT: &str = r#"
 if tonumber(ARGV[2]) > 0 then
-  redis.call('SET', KEYS[1], 'posted', 'EX', ARGV[2])
+  local shown = redis.call('HGET', KEYS[3], ARGV[4])
+  if not shown or string.sub(shown, 1, #ARGV[5]) < ARGV[5] then
+    redis.call('HSET', KEYS[3], ARGV[4], ARGV[5] .. ':' .. ARGV[6])
+    redis.call('ZADD', KEYS[4], ARGV[7], ARGV[4])
+    local over = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[3])
+    if over > 0 then
+      local popped = redis.call('ZPOPMIN', KEYS[4], over)
+      for i = 1, #popped, 2 do
+        redis.call('HDEL', KEYS[3], popped[i])
+      end
+    end
+  end
+  redis.call('EXPIRE', KEYS[3], ARGV[2])
+  redis.call('EXPIRE', KEYS[4], ARGV[2])
   redis.call('DEL', KEYS[2])
-elseif redis.call('GET', KEYS[1]) == ARGV[1] then
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
 end
 return 0
@@ -755,13 +782,19 @@ impl RedisStore {
     }
 
     /// The key of a status's claim, and the key marking that a claim on it was taken.
-    fn status_keys(&self, status: &StatusKey<'_>) -> (String, String) {
-        let claim = self.keys.agent(
-            status.agent,
-            &format!("status:{}:{}", status.sha, status.state),
-        );
+    /// The claim of `status`'s agent on its commit, its taken mark, and the agent's hash of
+    /// statuses shown with its index by generation.
+    fn status_keys(&self, status: &StatusKey<'_>) -> [String; 4] {
+        let claim = self
+            .keys
+            .agent(status.agent, &format!("status:{}", status.sha));
         let taken = format!("{claim}:taken");
-        (claim, taken)
+        [
+            claim,
+            taken,
+            self.keys.agent(status.agent, SHOWN_STATUSES),
+            self.keys.agent(status.agent, SHOWN_STATUSES_ORDER),
+        ]
     }
 
     fn agent_reads(&self, pipe: &mut redis::Pipeline, agent: &str) {
@@ -1291,20 +1324,22 @@ impl ChangeLog for RedisStore {
         holder: &str,
         lease: Duration,
     ) -> Result<StatusClaim> {
-        let (claim, taken) = self.status_keys(status);
         let claimed: i64 = self
             .begin_status
-            .key(claim)
-            .key(taken)
+            .key(self.status_keys(status).as_slice())
             .arg(format!("posting:{holder}"))
             .arg(millis(lease).max(1))
             .arg(STATUS_MEMORY_SECS)
+            .arg(status.sha)
+            .arg(status.order.sortable())
+            .arg(status.state)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(match claimed {
             1 => StatusClaim::Mine,
             2 => StatusClaim::Posted,
             3 => StatusClaim::Retaken,
+            4 => StatusClaim::Superseded,
             _ => StatusClaim::InFlight,
         })
     }
@@ -1315,13 +1350,16 @@ impl ChangeLog for RedisStore {
         holder: &str,
         posted: bool,
     ) -> Result<()> {
-        let (claim, taken) = self.status_keys(status);
         let _: i64 = self
             .finish_status
-            .key(claim)
-            .key(taken)
+            .key(self.status_keys(status).as_slice())
             .arg(format!("posting:{holder}"))
             .arg(if posted { STATUS_MEMORY_SECS } else { 0 })
+            .arg(SHOWN_STATUSES_KEPT)
+            .arg(status.sha)
+            .arg(status.order.sortable())
+            .arg(status.state)
+            .arg(status.order.generation)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
@@ -1776,7 +1814,23 @@ return seq
 const REGISTRY_SHARD: u16 = 0;
 
 /// The parts of an agent's state a new or deleted runtime agent starts without.
-const AGENT_STATE_PARTS: [&str; 5] = ["state", "decisions", "deployed", "reports", "sync_error"];
+const AGENT_STATE_PARTS: [&str; 7] = [
+    "state",
+    "decisions",
+    "deployed",
+    "reports",
+    "sync_error",
+    SHOWN_STATUSES,
+    SHOWN_STATUSES_ORDER,
+];
+
+/// An agent's statuses shown on GitLab, by commit.
+const SHOWN_STATUSES: &str = "statuses";
+/// The commits of [`SHOWN_STATUSES`], scored by generation, so that the oldest go first.
+const SHOWN_STATUSES_ORDER: &str = "statuses:order";
+/// Commits whose shown status an agent keeps: a log entry about an older one is long
+/// acknowledged.
+const SHOWN_STATUSES_KEPT: usize = 1024;
 
 impl Keys {
     /// The hash of runtime agents: `seq`, and per agent `v:<name>` and `r:<name>`.
