@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::{StreamExt, TryStreamExt};
 use greenlight::backoff::Backoff;
 use greenlight::preview::{MAX_FIELDS, MAX_OBJECTS};
 use greenlight::v1::Preview;
@@ -26,12 +27,15 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::catalog::LiveCatalog;
 use crate::clock::now_ms;
+use crate::config::AgentSpec;
 use crate::gitlab::{CommitStatus, GitLab};
 pub use store::{Announcement, PreviewRequest, PreviewStore, PreviewStoreError};
 
 /// A request older than this is dropped unanswered: its merge request has moved on or the
 /// agent is away; the next push asks again.
 const REQUEST_LIFETIME_MS: i64 = 3600 * 1000;
+/// Agents asked for a preview at once by one merge request hook.
+const CONCURRENT_ASKS: usize = 16;
 /// Attempts at posting one note or status.
 const PUBLISH_ATTEMPTS: u32 = 4;
 
@@ -191,7 +195,6 @@ impl Previews {
         &self,
         trigger: &PreviewTrigger,
     ) -> Result<Vec<String>, PreviewStoreError> {
-        let mut asked = Vec::new();
         // One snapshot for the whole request: runtime agents may change meanwhile.
         let catalog = self.catalog.load();
         let refs = catalog.refs_for(
@@ -199,54 +202,68 @@ impl Previews {
             trigger.project_id,
             &trigger.target_branch,
         );
-        for key in refs {
-            for name in catalog.watchers(&key) {
-                let Some(agent) = catalog.agent(name).filter(|a| a.preview) else {
-                    continue;
-                };
-                let at_ms = now_ms();
-                let request = PreviewRequest {
-                    id: format!(
-                        "{}-{}-{}-{at_ms}",
-                        agent.name, trigger.merge_request_iid, trigger.sha
-                    ),
-                    agent: agent.name.clone(),
-                    project: agent.project.clone(),
-                    merge_request_iid: trigger.merge_request_iid,
-                    sha: trigger.sha.clone(),
-                    at_ms,
-                };
-                if !self.store.request(&request).await? {
-                    continue;
-                }
-                self.store
-                    .announce(&Announcement::Requested(request.clone()))
-                    .await?;
-                info!(
-                    agent = agent.name,
-                    mr = trigger.merge_request_iid,
-                    sha = trigger.sha,
-                    "preview requested"
-                );
-                asked.push(agent.name.clone());
-                if let Some(gitlab) = self.gitlab.clone() {
-                    let status = CommitStatus {
-                        state: "pending",
-                        name: note::context(&agent.name),
-                        description: "preview requested".into(),
-                        target_url: None,
-                        pipeline_id: None,
-                        git_ref: None,
-                    };
-                    let (project, sha) = (agent.project.clone(), trigger.sha.clone());
-                    self.tasks.spawn(
-                        async move { post_status(&gitlab, &project, &sha, &status).await }
-                            .instrument(info_span!("preview_status")),
-                    );
-                }
-            }
+        let previewing: Vec<_> = refs
+            .iter()
+            .flat_map(|key| catalog.watchers(key))
+            .filter_map(|name| catalog.agent_arc(name).filter(|agent| agent.preview))
+            .collect();
+        // The hook waits for every agent to be asked: each costs store round trips, so they
+        // overlap, a few at a time, rather than adding up.
+        let asked: Vec<Option<String>> = futures_util::stream::iter(previewing)
+            .map(|agent| async move { self.ask(&agent, trigger).await })
+            .buffered(CONCURRENT_ASKS)
+            .try_collect()
+            .await?;
+        Ok(asked.into_iter().flatten().collect())
+    }
+
+    /// Asks `agent` for a preview of `trigger`'s head: its name, or `None` when it had been
+    /// asked for this head already.
+    async fn ask(
+        &self,
+        agent: &AgentSpec,
+        trigger: &PreviewTrigger,
+    ) -> Result<Option<String>, PreviewStoreError> {
+        let at_ms = now_ms();
+        let request = PreviewRequest {
+            id: format!(
+                "{}-{}-{}-{at_ms}",
+                agent.name, trigger.merge_request_iid, trigger.sha
+            ),
+            agent: agent.name.clone(),
+            project: agent.project.clone(),
+            merge_request_iid: trigger.merge_request_iid,
+            sha: trigger.sha.clone(),
+            at_ms,
+        };
+        if !self.store.request(&request).await? {
+            return Ok(None);
         }
-        Ok(asked)
+        self.store
+            .announce(&Announcement::Requested(request.clone()))
+            .await?;
+        info!(
+            agent = agent.name,
+            mr = trigger.merge_request_iid,
+            sha = trigger.sha,
+            "preview requested"
+        );
+        if let Some(gitlab) = self.gitlab.clone() {
+            let status = CommitStatus {
+                state: "pending",
+                name: note::context(&agent.name),
+                description: "preview requested".into(),
+                target_url: None,
+                pipeline_id: None,
+                git_ref: None,
+            };
+            let (project, sha) = (agent.project.clone(), trigger.sha.clone());
+            self.tasks.spawn(
+                async move { post_status(&gitlab, &project, &sha, &status).await }
+                    .instrument(info_span!("preview_status")),
+            );
+        }
+        Ok(Some(agent.name.clone()))
     }
 
     /// Records `preview` (the agent's answer, or the server's when it cannot send the
