@@ -57,6 +57,7 @@ pub struct Metrics {
     manifest_reads: Counter,
     gitlab_statuses: Family<EventLabels, Counter>,
     log_resyncs: Counter,
+    facts_behind: Counter,
     fact_to_decision: Histogram,
     decisions: Family<StaticLabels, Counter>,
     connected_agents: Gauge,
@@ -143,6 +144,14 @@ impl Default for Metrics {
              (first start, entries trimmed unread, or Redis lost its data); not after a mere \
              reconnection",
             log_resyncs.clone(),
+        );
+        let facts_behind = Counter::default();
+        registry.register(
+            "facts_position_raised",
+            "Times a ref's facts were found older than the decisions of its agents (the store \
+             lost its newest writes, as in a Redis Cluster failover) and its position was \
+             raised to theirs",
+            facts_behind.clone(),
         );
         let fact_to_decision = Histogram::new(DECISION_BUCKETS);
         registry.register(
@@ -243,6 +252,7 @@ impl Default for Metrics {
             manifest_reads,
             gitlab_statuses,
             log_resyncs,
+            facts_behind,
             fact_to_decision,
             decisions,
             connected_agents,
@@ -271,6 +281,11 @@ impl Metrics {
     /// Counts one re-read of every ref after change log entries were lost.
     pub fn log_resync(&self) {
         self.log_resyncs.inc();
+    }
+
+    /// Counts one ref whose facts position was raised to its agents'.
+    pub fn facts_position_raised(&self) {
+        self.facts_behind.inc();
     }
 
     /// Counts `n` commit statuses with `outcome`.

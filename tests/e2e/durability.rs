@@ -412,3 +412,47 @@ async fn webhooks_answered_before_a_sigkill_mid_stream_are_all_kept() -> anyhow:
     assert_eq!(after.commits.len(), kept.commits.len() + 1);
     Ok(())
 }
+
+/// A ref whose newest facts were lost while its agents' decisions were kept (a Redis Cluster
+/// failover to a replica that had not received them) goes on from the agents' position: the
+/// next release is deployed and an operator can pause, where every decision was refused as
+/// older than the agents' until as many facts came again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ref_that_lost_its_newest_facts_goes_on_from_its_agents_position() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]);
+    let server = TestServer::start(&yaml).await?;
+    let mut head = ZERO.to_owned();
+    for n in 1..=4 {
+        let next = sha(0xe0 + n);
+        server.release(&head, &next, u64::from(n)).await?;
+        server.desired_becomes("prod", &next).await?;
+        head = next;
+    }
+    let key = greenlight_server::store::RefKey {
+        project: PROJECT.to_owned(),
+        branch: "main".to_owned(),
+    };
+    let meta = format!("gl-test:{{gl{}}}:ref:{PROJECT}:main:meta", key.shard());
+    // Eight facts were recorded; the ref now remembers one.
+    assert_eq!(redis.cli(&["HGET", &meta, "position"])?.trim(), "8");
+    redis.cli(&["HSET", &meta, "position", "1"])?;
+
+    let after = sha(0xef);
+    server.release(&head, &after, 9).await?;
+    server.desired_becomes("prod", &after).await?;
+    assert_eq!(
+        metric(&server, "greenlight_facts_position_raised_total").await?,
+        1.0
+    );
+    server
+        .admin()
+        .await?
+        .pause_sync(greenlight::v1::PauseSyncRequest {
+            name: "prod".into(),
+            reason: "freeze".into(),
+        })
+        .await?;
+    assert!(server.agent_status("prod").await?.paused.is_some());
+    Ok(())
+}

@@ -13,12 +13,13 @@ use greenlight_e2e::{
 use greenlight_server::config::{Config, Overrides};
 
 /// Every family the server serves, and its kind. One with labels is served once counted.
-const SERVER_FAMILIES: [(&str, Kind); 18] = [
+const SERVER_FAMILIES: [(&str, Kind); 19] = [
     ("greenlight_webhook_deliveries", Kind::Counter),
     ("greenlight_git_fetches", Kind::Counter),
     ("greenlight_manifest_reads", Kind::Counter),
     ("greenlight_gitlab_commit_statuses", Kind::Counter),
     ("greenlight_change_log_resyncs", Kind::Counter),
+    ("greenlight_facts_position_raised", Kind::Counter),
     ("greenlight_fact_to_decision_seconds", Kind::Histogram),
     ("greenlight_decisions", Kind::Counter),
     ("greenlight_connected_agents", Kind::Gauge),

@@ -90,6 +90,7 @@ suite!(
     a_new_agent_under_an_old_name_starts_without_its_statuses,
     a_registry_write_repeated_is_answered_as_it_was_made,
     a_lease_has_one_holder_until_released_or_expired,
+    a_position_is_raised_only_from_below,
     ping_answers,
 );
 
@@ -1168,6 +1169,30 @@ async fn a_new_agent_under_an_old_name_starts_without_its_statuses(
         post_in_order(store, &status(1)).await?,
         StatusClaim::Mine,
         "its generations start again, and so do its statuses"
+    );
+    Ok(())
+}
+
+async fn a_position_is_raised_only_from_below(store: &dyn Store) -> anyhow::Result<()> {
+    let k = key("group/app", "main");
+    assert_eq!(
+        store.raise_position(&k, 5).await?,
+        5,
+        "a ref never recorded"
+    );
+    store.record_fact(&k, &push_of(1), None, None).await?;
+    assert_eq!(
+        store.facts(&k).await?.position,
+        6,
+        "facts count on from there"
+    );
+    assert_eq!(store.raise_position(&k, 3).await?, 6, "never lowered");
+    assert_eq!(store.raise_position(&k, 9).await?, 9);
+    let facts = store.facts(&k).await?;
+    assert_eq!(
+        (facts.position, facts.pushes.len()),
+        (9, 1),
+        "the facts kept"
     );
     Ok(())
 }

@@ -494,6 +494,10 @@ impl Evaluator {
         self.forget_trimmed(key, &facts, &refs).await;
         let watchers: Vec<String> = self.catalog.load().watchers(key).to_vec();
         let mut states = self.states(&watchers).await?;
+        let decided_from = states.values().map(|state| state.value.position).max();
+        let facts = self
+            .not_behind(key, facts, decided_from.unwrap_or(0))
+            .await?;
         let mut outcome = Evaluated::default();
         // After a conflict only the agents that lost it are decided again: the others'
         // writes went through, and deciding them from their old reads would only conflict.
@@ -547,6 +551,32 @@ impl Evaluator {
             deciding = conflicted;
         }
         Err(EvaluateError::Contention(key.to_string()))
+    }
+
+    /// `facts` of `key`, their position raised to `decided_from` (the newest an agent was
+    /// decided from) when below it. There the store lost the ref's newest writes but not the
+    /// agents' (a Redis Cluster failover to a replica that had not received them): every
+    /// decision and operator action would be refused as older than the agents' until as
+    /// many facts came again. What was lost stays lost; the gates never move back.
+    async fn not_behind(
+        &self,
+        key: &RefKey,
+        mut facts: Facts,
+        decided_from: u64,
+    ) -> Result<Facts, StoreError> {
+        if decided_from <= facts.position {
+            return Ok(facts);
+        }
+        warn!(
+            %key,
+            position = facts.position,
+            decided_from,
+            "the ref's facts are older than its agents' decisions: the store lost its newest \
+             writes (or a file agent's ref was changed); going on from the agents' position"
+        );
+        facts.position = self.store.raise_position(key, decided_from).await?;
+        self.metrics.facts_position_raised();
+        Ok(facts)
     }
 
     /// Whether a fact of `key` newer than `position` waits in the queue.
@@ -769,6 +799,7 @@ impl Evaluator {
         for _ in 0..MAX_ATTEMPTS {
             let read = self.store.agent(agent).await?;
             let facts = self.store.facts(&key).await?;
+            let facts = self.not_behind(&key, facts, read.value.position).await?;
             let refs = facts.ref_state();
             let anchors: Vec<Sha> = read
                 .value

@@ -65,6 +65,11 @@ impl FactStore for CountedStore {
         let forgot = self.inner.forget_pipelines(key, forget).await;
         self.count("forget_pipelines", forgot)
     }
+
+    async fn raise_position(&self, key: &RefKey, at_least: u64) -> Result<u64> {
+        let raised = self.inner.raise_position(key, at_least).await;
+        self.count("raise_position", raised)
+    }
 }
 
 #[async_trait]

@@ -662,6 +662,21 @@ impl FactStore for EmbeddedStore {
         };
         self.durable(ticket).await
     }
+
+    async fn raise_position(&self, key: &RefKey, at_least: u64) -> Result<u64> {
+        let (position, ticket) = {
+            let mut inner = self.lock();
+            let facts = inner.facts.entry(key.clone()).or_default();
+            if facts.position >= at_least {
+                return Ok(facts.position);
+            }
+            facts.position = at_least;
+            inner.mark(Dirty::Facts(key.clone()));
+            (at_least, inner.ticket())
+        };
+        self.durable(ticket).await?;
+        Ok(position)
+    }
 }
 
 #[async_trait]

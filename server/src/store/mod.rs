@@ -575,6 +575,11 @@ pub trait FactStore: Send + Sync {
 
     /// Forgets pipeline records of `key` that the gate no longer keeps (trimmed commits).
     async fn forget_pipelines(&self, key: &RefKey, forget: &[(Sha, u64)]) -> Result<()>;
+
+    /// Raises `key`'s facts position to `at_least` if it is below: the ref lost its newest
+    /// writes (a Redis Cluster failover to a replica that had not received them), while
+    /// agents were decided from them. Returns the position now.
+    async fn raise_position(&self, key: &RefKey, at_least: u64) -> Result<u64>;
 }
 
 /// The stored states of `agents` that can be read, in order, with their names.

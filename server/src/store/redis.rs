@@ -254,6 +254,18 @@ end
 return 0
 "#;
 
+/// Raises a ref's facts position (KEYS[1], field `position`) to ARGV[1] if below; returns
+/// the position now.
+const RAISE_POSITION_SCRIPT: &str = r#"
+local position = tonumber(redis.call('HGET', KEYS[1], 'position') or '0')
+local floor = tonumber(ARGV[1])
+if position < floor then
+  redis.call('HSET', KEYS[1], 'position', ARGV[1])
+  return floor
+end
+return position
+"#;
+
 /// Drops a lease if the caller holds it.
 const RELEASE_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -285,6 +297,7 @@ pub struct RedisStore {
     lease: Script,
     release: Script,
     begin_status: Script,
+    raise_position: Script,
     finish_status: Script,
     registry: Script,
     notices: broadcast::Sender<Notice>,
@@ -439,6 +452,7 @@ impl RedisStore {
             lease: Script::new(LEASE_SCRIPT),
             release: Script::new(RELEASE_SCRIPT),
             begin_status: Script::new(BEGIN_STATUS_SCRIPT),
+            raise_position: Script::new(RAISE_POSITION_SCRIPT),
             finish_status: Script::new(FINISH_STATUS_SCRIPT),
             registry: Script::new(REGISTRY_SCRIPT),
             notices,
@@ -990,6 +1004,16 @@ impl FactStore for RedisStore {
             .hdel(self.keys.fact(key, "pipelines"), fields)
             .await?;
         Ok(())
+    }
+
+    async fn raise_position(&self, key: &RefKey, at_least: u64) -> Result<u64> {
+        let position: u64 = self
+            .raise_position
+            .key(self.keys.fact(key, "meta"))
+            .arg(at_least)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(position)
     }
 }
 
