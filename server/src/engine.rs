@@ -510,8 +510,9 @@ impl Engine {
 
     /// Keeps `report` (about `revision`) for `agent` and announces it, if the server ever
     /// sent the agent that revision: a report becomes a commit status and a `wait` result.
-    /// A report without a generation (from a client that sets none) is taken as about the
-    /// revision's current one, so that its status is ordered after the decision's.
+    /// A report's generation orders its commit status: one without (from a client that sets
+    /// none) is taken as about the revision's current generation, and one above the agent's
+    /// (sent before the agent was created anew) as about the agent's.
     pub async fn report(
         &self,
         agent: &str,
@@ -524,8 +525,8 @@ impl Engine {
             .current(agent)
             .and_then(|desired| desired.revision)
             .filter(|current| &current.sha == revision);
-        let generation = match streaming {
-            Some(current) => Some(current.generation),
+        let (newest, of_revision) = match streaming {
+            Some(current) => (current.generation, Some(current.generation)),
             None => {
                 let gate = self.gate_of(agent).await?;
                 if !gate.was_told(revision) {
@@ -534,14 +535,19 @@ impl Engine {
                         sha: revision.clone(),
                     });
                 }
-                gate.desired
+                let of_revision = gate
+                    .desired
                     .filter(|desired| &desired.sha == revision)
-                    .map(|desired| desired.generation)
+                    .map(|desired| desired.generation);
+                (gate.generation, of_revision)
             }
         };
+        // Spelled as every other record of the commit is.
+        report.revision = revision.to_string();
         if report.generation == 0 {
-            report.generation = generation.unwrap_or(0);
+            report.generation = of_revision.unwrap_or(0);
         }
+        report.generation = report.generation.min(newest.max(of_revision.unwrap_or(0)));
         let report = report.encode_to_vec();
         // Kept and announced in one step: a report that is stored always becomes its commit
         // status and `wait` result, whichever replica is alive to act on it.

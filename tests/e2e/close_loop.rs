@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, ensure};
 
 use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
@@ -522,6 +522,19 @@ impl CatchingUp {
             gitlab,
             server,
         })
+    }
+
+    /// Pushes `sha` as the first commit of `main` and turns its pipeline 1 green, with
+    /// GitLab's API agreeing.
+    async fn release_first(&self, sha: &str) -> anyhow::Result<()> {
+        ensure!(self.server.push("main", ZERO, sha).await? == 200);
+        gitlab_holds(&self.gitlab, sha, 1, "success");
+        let answered = self
+            .server
+            .pipeline("main", sha, 1, "success", "push")
+            .await?;
+        ensure!(answered == 200, "the pipeline hook answered {answered}");
+        Ok(())
     }
 
     /// A new commit on `main`.
@@ -1152,12 +1165,7 @@ async fn a_commit_whose_health_flips_back_shows_its_newest_state() -> anyhow::Re
     let a = w.commit("a")?;
     let agent = w.server.agent("prod").await?;
     let mut stream = agent.sync(None).await?;
-    assert_eq!(w.server.push("main", ZERO, &a).await?, 200);
-    gitlab_holds(&w.gitlab, &a, 1, "success");
-    assert_eq!(
-        w.server.pipeline("main", &a, 1, "success", "push").await?,
-        200
-    );
+    w.release_first(&a).await?;
     let revision = next_revision(&mut stream, SOON).await?;
     assert_eq!(revision.sha(), a);
     let mut expected = vec!["pending"];
@@ -1190,6 +1198,73 @@ async fn a_commit_whose_health_flips_back_shows_its_newest_state() -> anyhow::Re
         ["pending", "running", "success", "failed", "success"],
         "each state once more for each flip, nothing after"
     );
+    w.server.stop().await?;
+    Ok(())
+}
+
+/// A status of an agent on a commit another publisher is posting (an entry of another shard
+/// of the log, read at the same time) is posted once that publisher's claim ends, not after
+/// the takeover time (5 minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_waits_for_another_publishers_claim_on_its_commit_not_for_takeover()
+-> anyhow::Result<()> {
+    let w = CatchingUp::start().await?;
+    let a = w.commit("a")?;
+    // Another replica claims prod's statuses on A for 3 s, and never finishes.
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let store = greenlight_server::store::RedisStore::connect(
+        &greenlight_server::config::RedisSettings::single(w.redis.url(), "gl-test"),
+        shutdown.clone(),
+        Default::default(),
+    )?;
+    let claimed = greenlight_server::store::StatusKey {
+        agent: "prod",
+        sha: &a,
+        state: "running",
+        order: greenlight_server::store::StatusOrder::default(),
+    };
+    let lease = std::time::Duration::from_secs(3);
+    assert_eq!(
+        store.begin_status(&claimed, "replica-other", lease).await?,
+        greenlight_server::store::StatusClaim::Mine
+    );
+    shutdown.cancel();
+
+    w.release_first(&a).await?;
+    let posted = eventually("the pending status on A", || async {
+        let statuses = w.gitlab.statuses_for(&a);
+        Ok((!statuses.is_empty()).then_some(statuses))
+    })
+    .await?;
+    assert_eq!(states(&posted), ["pending"]);
+    w.server.stop().await?;
+    Ok(())
+}
+
+/// A report is kept as about the revision the server sent: its SHA spelled as every other
+/// record of the commit, and a generation no higher than the agent's (a report sent before
+/// the agent was created anew), or the revision's when it sets none, so that its commit
+/// status is ordered among the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_is_kept_with_the_revisions_spelling_and_generation() -> anyhow::Result<()> {
+    let w = CatchingUp::start().await?;
+    let a = w.commit("a")?;
+    let agent = w.server.agent("prod").await?;
+    let mut stream = agent.sync(None).await?;
+    w.release_first(&a).await?;
+    let generation = next_revision(&mut stream, SOON).await?.generation();
+    for (phase, sent) in [(Phase::Healthy, 999), (Phase::Degraded, 0)] {
+        agent
+            .report(greenlight::v1::StatusReport {
+                revision: a.to_uppercase(),
+                phase: phase.into(),
+                generation: sent,
+                ..Default::default()
+            })
+            .await?;
+        let kept = w.server.reported("prod", &a, phase).await?;
+        assert_eq!(kept.generation, generation, "sent {sent}");
+    }
     w.server.stop().await?;
     Ok(())
 }

@@ -1080,6 +1080,27 @@ async fn status_claims_go_to_the_first_claimant(store: &dyn Store) -> anyhow::Re
         store.begin_status(&dead, "replica-b", lease).await?,
         StatusClaim::Posted
     );
+    // A publisher whose lease ended while another took the claim over leaves the taken
+    // mark to the other, whose post may yet fail.
+    let slow = status("prod", other_commit.as_str(), "failed", 2);
+    store.begin_status(&slow, "replica-slow", lease).await?;
+    tokio::time::sleep(lease + Duration::from_millis(100)).await;
+    assert_eq!(
+        store.begin_status(&slow, "replica-a", lease).await?,
+        StatusClaim::Retaken
+    );
+    store.finish_status(&slow, "replica-slow", true).await?;
+    store.finish_status(&slow, "replica-a", false).await?;
+    assert_eq!(
+        store
+            .begin_status(
+                &status("prod", other_commit.as_str(), "success", 3),
+                "replica-b",
+                lease
+            )
+            .await?,
+        StatusClaim::Retaken
+    );
     Ok(())
 }
 
@@ -1140,6 +1161,25 @@ async fn shown_statuses_follow_their_order_not_their_arrival(
     for (status, expected, why) in steps {
         assert_eq!(post_in_order(store, &status).await?, expected, "{why}");
     }
+    // A post whose outcome was never recorded may have reached GitLab: the state shown is
+    // no longer known, and the next status in it is claimed to be looked up.
+    let lease = Duration::from_secs(30);
+    let unrecorded = reported(2, 6_000, "failed");
+    assert_eq!(
+        store.begin_status(&unrecorded, "replica-b", lease).await?,
+        Mine
+    );
+    store.finish_status(&unrecorded, "replica-b", false).await?;
+    assert_eq!(
+        post_in_order(store, &reported(2, 7_000, "success")).await?,
+        StatusClaim::Retaken,
+        "success was shown, but the failed post may have landed"
+    );
+    assert_eq!(
+        post_in_order(store, &reported(2, 8_000, "success")).await?,
+        Posted,
+        "known again once posted"
+    );
     Ok(())
 }
 
@@ -2001,7 +2041,9 @@ async fn embedded_store_reopened_holds_all_it_answered() -> anyhow::Result<()> {
         state: "success",
         order: StatusOrder::reported(1, 1_000, "success"),
     };
+    // On another commit: an unfinished claim leaves the state shown on its own unknown.
     let unsure = StatusKey {
+        sha: "a2",
         state: "failed",
         order: StatusOrder::reported(1, 2_000, "failed"),
         ..posted

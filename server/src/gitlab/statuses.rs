@@ -28,6 +28,9 @@ const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 /// How long one entry's statuses are retried before it is left for a later attempt.
 const RETRY_FOR: Duration = Duration::from_secs(60);
+/// Waits for another publisher's claim on a status of the same agent and commit.
+const CLAIM_RETRY_INITIAL: Duration = Duration::from_millis(50);
+const CLAIM_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Pause after the status feed itself failed (the store is down).
 const FEED_RETRY: Duration = Duration::from_secs(1);
 /// Every commit status Greenlight posts is named `greenlight/<agent>`: pipeline hooks that
@@ -321,27 +324,41 @@ async fn post(
         order: meant.order,
     };
     let holder = engine.replica();
-    let lease = deadline
-        .saturating_duration_since(tokio::time::Instant::now())
-        .max(Duration::from_secs(1));
-    let retaken = match engine.store().begin_status(&status, holder, lease).await {
-        Ok(StatusClaim::Mine) => false,
-        Ok(StatusClaim::Retaken) => true,
-        Ok(StatusClaim::Posted) => return Handled::Done,
-        Ok(StatusClaim::Superseded) => {
-            debug!(
-                agent,
-                sha, state, "a later commit status is shown; not posting this one"
-            );
-            metrics.gitlab_status("superseded", 1);
-            return Handled::Done;
-        }
-        // Being posted by another publisher, for another entry of the same status or for
-        // this one before it was taken over: only once it is posted is the entry done.
-        Ok(StatusClaim::InFlight) => return Handled::Claimed,
-        Err(error) => {
-            warn!(%error, agent, state, "cannot claim a commit status; leaving it for later");
-            return Handled::Deferred;
+    let mut waiting = Backoff::new(CLAIM_RETRY_INITIAL, CLAIM_RETRY_MAX);
+    let retaken = loop {
+        let lease = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(1));
+        match engine.store().begin_status(&status, holder, lease).await {
+            Ok(StatusClaim::Mine) => break false,
+            Ok(StatusClaim::Retaken) => break true,
+            Ok(StatusClaim::Posted) => return Handled::Done,
+            Ok(StatusClaim::Superseded) => {
+                debug!(
+                    agent,
+                    sha, state, "a later commit status is shown; not posting this one"
+                );
+                metrics.gitlab_status("superseded", 1);
+                return Handled::Done;
+            }
+            // Another publisher posts a status of the agent on the commit: mostly the one
+            // just before this, from another shard of the log read at the same time, done
+            // within its lease. Past this attempt's deadline, only once it is posted is the
+            // entry done.
+            Ok(StatusClaim::InFlight) => {
+                let delay = waiting.delay();
+                if tokio::time::Instant::now() + delay >= deadline {
+                    return Handled::Claimed;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Handled::Stopped,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(error) => {
+                warn!(%error, agent, state, "cannot claim a commit status; leaving it for later");
+                return Handled::Deferred;
+            }
         }
     };
     let handled = post_claimed(gitlab, job, retaken, metrics, deadline, shutdown).await;
@@ -414,25 +431,34 @@ async fn post_claimed(
     let (agent, sha, state) = (&job.meant.agent, &job.meant.sha, job.meant.status.state);
     let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
     loop {
-        let attempt = match look_first {
-            true => match already_posted(gitlab, job).await {
-                Ok(true) => {
-                    debug!(agent, sha, state, "commit status found already posted");
-                    metrics.gitlab_status("already_posted", 1);
-                    return Posted::Yes;
+        // Within the claim's lease: a post landing after it could cover a later status
+        // another publisher posted meanwhile.
+        let attempt = tokio::time::timeout_at(deadline, async {
+            if look_first {
+                if already_posted(gitlab, job).await? {
+                    return Ok(true);
                 }
-                Ok(false) => {
-                    look_first = false;
-                    gitlab
-                        .post_status(&job.project, sha, &job.meant.status)
-                        .await
-                }
-                Err(error) => Err(error),
-            },
-            false => {
-                gitlab
-                    .post_status(&job.project, sha, &job.meant.status)
-                    .await
+                look_first = false;
+            }
+            let status = &job.meant.status;
+            gitlab.post_status(&job.project, sha, status).await?;
+            Ok::<_, GitLabError>(false)
+        })
+        .await;
+        let attempt = match attempt {
+            Ok(Ok(true)) => {
+                debug!(agent, sha, state, "commit status found already posted");
+                metrics.gitlab_status("already_posted", 1);
+                return Posted::Yes;
+            }
+            Ok(Ok(false)) => Ok(()),
+            Ok(Err(error)) => Err(error),
+            Err(_) => {
+                warn!(
+                    agent,
+                    state, "cannot post commit status in time; leaving it for later"
+                );
+                return Posted::Later;
             }
         };
         match attempt {

@@ -938,14 +938,16 @@ impl ChangeLog for EmbeddedStore {
             }
             match ShownStatus::against(inner.statuses.get(&key, now), status) {
                 Against::Older => return Ok(StatusClaim::Superseded),
-                Against::SameState => {
+                // A claim left unfinished may have posted another state: only GitLab can tell
+                // whether the one shown is still the one posted last.
+                Against::SameState if !inner.taken.contains(&key, now) => {
                     inner
                         .statuses
                         .put(key.clone(), ShownStatus::of(status), now);
                     inner.mark(Dirty::Status(key));
                     (StatusClaim::Posted, inner.ticket())
                 }
-                Against::Post => {
+                Against::SameState | Against::Post => {
                     inner
                         .posting
                         .insert(key.clone(), (holder.to_owned(), now + lease));
@@ -973,16 +975,21 @@ impl ChangeLog for EmbeddedStore {
         let now = Instant::now();
         let ticket = {
             let mut inner = self.lock();
-            if inner
+            let claimant = inner
                 .posting
                 .get(&key)
-                .is_some_and(|(claimant, _)| claimant == holder)
-            {
+                .map(|(claimant, until)| (claimant == holder, *until > now));
+            if let Some((true, _)) = claimant {
                 inner.posting.remove(&key);
             }
-            if posted {
+            // Another publisher holds the claim when this one's lease ended: its post may yet
+            // fail, and the taken mark is left to whoever comes next.
+            let held_by_another = matches!(claimant, Some((false, true)));
+            if posted && !held_by_another {
                 inner.taken.remove(&key);
                 inner.mark(Dirty::Taken(key.clone()));
+            }
+            if posted {
                 let later = inner
                     .statuses
                     .get(&key, now)
@@ -1614,7 +1621,9 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
         inner.sync_errors.insert(agent, error);
     }
     // Records of an earlier version name a state too, and hold only when it was posted:
-    // each is read as shown since before any status of this version.
+    // of a commit's, the one posted last is read as shown, since before any status of this
+    // version.
+    let mut earlier_posted: HashMap<StatusId, i64> = HashMap::new();
     for (key, value) in disk.scan(Table::Statuses)? {
         let mut parts = key.splitn(3, SEP);
         let (agent, sha, old_state) = (parts.next(), parts.next(), parts.next());
@@ -1631,11 +1640,18 @@ fn load(disk: &Disk, inner: &mut Inner) -> Result<()> {
         let kept = match (agent, sha, shown) {
             (Some(agent), Some(sha), Some((at_ms, shown))) => {
                 let id = (agent.to_owned(), sha.to_owned());
+                let later_known = match (old_state, earlier_posted.get(&id)) {
+                    (None, _) => false,
+                    (Some(_), Some(posted_at)) => *posted_at > at_ms,
+                    (Some(_), None) => inner.statuses.contains(&id, now),
+                };
                 let encoded = encode_shown(at_ms, &shown);
-                let kept = inner
-                    .statuses
-                    .put_aged(id.clone(), shown, now, age_of(at_ms));
+                let kept = !later_known
+                    && inner
+                        .statuses
+                        .put_aged(id.clone(), shown, now, age_of(at_ms));
                 if kept && old_state.is_some() {
+                    earlier_posted.insert(id.clone(), at_ms);
                     rewrites.push((Table::Statuses, status_key(&id), Some(encoded)));
                 }
                 kept && old_state.is_none()
@@ -3138,12 +3154,19 @@ mod tests {
     #[tokio::test]
     async fn statuses_of_the_earlier_records_are_read_as_shown_before_any_of_this_version() {
         let dir = tempfile::tempdir().expect("a temporary directory");
-        let at = disk::encode_time(crate::clock::now_ms());
+        let now_ms = crate::clock::now_ms();
+        let at = disk::encode_time(now_ms);
         let old_key = |sha: &str, state: &str| format!("prod{SEP}{sha}{SEP}{state}");
         {
             let disk = Disk::open(dir.path()).expect("opened");
             disk.write(vec![
-                (Table::Statuses, old_key("a1", "success"), Some(at.clone())),
+                // Keys sort by state: the one posted last is read first.
+                (Table::Statuses, old_key("a1", "failed"), Some(at.clone())),
+                (
+                    Table::Statuses,
+                    old_key("a1", "success"),
+                    Some(disk::encode_time(now_ms - 1_000)),
+                ),
                 (Table::Taken, old_key("b2", "running"), Some(at.clone())),
             ])
             .expect("written");
@@ -3158,8 +3181,8 @@ mod tests {
         let lease = Duration::from_secs(60);
         let mut claims = Vec::new();
         for (sha, state, at_ms) in [
-            ("a1", "success", 1),
-            ("a1", "failed", 2),
+            ("a1", "failed", 1),
+            ("a1", "success", 2),
             ("b2", "success", 1),
         ] {
             let claim = store

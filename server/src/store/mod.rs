@@ -813,8 +813,8 @@ pub struct ShownStatus {
 pub enum Against {
     /// Later, and another state: to post.
     Post,
-    /// In the state shown, and not older: nothing to post, but a later one is now the one
-    /// shown.
+    /// In the state shown, and not older: nothing to post (unless a claim left unfinished
+    /// may have posted another state), but a later one is now the one shown.
     SameState,
     /// The one shown, or older: nothing to post.
     Older,
@@ -825,10 +825,9 @@ impl ShownStatus {
     pub fn against(shown: Option<&ShownStatus>, status: &StatusKey<'_>) -> Against {
         match shown {
             None => Against::Post,
-            Some(shown) if shown.state == status.state && status.order >= shown.order => {
-                Against::SameState
-            }
-            Some(shown) if status.order <= shown.order => Against::Older,
+            Some(shown) if status.order < shown.order => Against::Older,
+            Some(shown) if shown.state == status.state => Against::SameState,
+            Some(shown) if status.order == shown.order => Against::Older,
             Some(_) => Against::Post,
         }
     }

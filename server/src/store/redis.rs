@@ -207,19 +207,28 @@ return 0
 /// earlier claim was never finished (KEYS[2] marks a claim taken), 2 when it is shown
 /// already, 4 when a later status is shown, 0 when another publisher is posting a status of
 /// the agent on the commit. KEYS[3] holds what is shown per commit (ARGV[4]) as
-/// `ShownStatus::encode` writes it: its order (ARGV[5]) sorts as text. Compared as
-/// `ShownStatus::against` does.
+/// `ShownStatus::encode` writes it: its order (ARGV[5]) sorts as text, its generation in the
+/// first 20 digits scores the commit in KEYS[4]. Compared as `ShownStatus::against` does;
+/// a state shown is known to be shown only without a claim left unfinished, which may have
+/// posted another.
 const BEGIN_STATUS_SCRIPT: &str = r#"
 local held = redis.call('GET', KEYS[1])
 if held ~= false and held ~= ARGV[1] then return 0 end
 local shown = redis.call('HGET', KEYS[3], ARGV[4])
 if shown then
   local order, state = string.sub(shown, 1, #ARGV[5]), string.sub(shown, #ARGV[5] + 2)
-  if state == ARGV[6] and ARGV[5] >= order then
-    redis.call('HSET', KEYS[3], ARGV[4], ARGV[5] .. ':' .. ARGV[6])
-    return 2
+  if ARGV[5] < order then return 4 end
+  if state == ARGV[6] then
+    if redis.call('EXISTS', KEYS[2]) == 0 then
+      if ARGV[5] > order then
+        redis.call('HSET', KEYS[3], ARGV[4], ARGV[5] .. ':' .. ARGV[6])
+        redis.call('ZADD', KEYS[4], tonumber(string.sub(ARGV[5], 1, 20)), ARGV[4])
+      end
+      return 2
+    end
+  elseif ARGV[5] == order then
+    return 4
   end
-  if ARGV[5] <= order then return 4 end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 if redis.call('SET', KEYS[2], '1', 'NX', 'EX', ARGV[3]) then return 1 end
@@ -228,14 +237,16 @@ return 3
 
 /// Ends a claim. Posted (ARGV[2] > 0): the status is remembered as shown unless a later one
 /// is, the agent keeping the newest ARGV[3] commits' for ARGV[2] seconds after its last
-/// post (KEYS[4] orders them by generation, ARGV[7]). Else released if the caller still
-/// holds it, its mark left so that the next claimant looks before posting.
+/// post; the taken mark goes unless another publisher holds the claim now (this one's
+/// lease ended), whose post may yet fail. Else released if the caller still holds it, its
+/// mark left so that the next claimant looks before posting.
 const FINISH_STATUS_SCRIPT: &str = r#"
+local held = redis.call('GET', KEYS[1])
 if tonumber(ARGV[2]) > 0 then
   local shown = redis.call('HGET', KEYS[3], ARGV[4])
   if not shown or string.sub(shown, 1, #ARGV[5]) < ARGV[5] then
     redis.call('HSET', KEYS[3], ARGV[4], ARGV[5] .. ':' .. ARGV[6])
-    redis.call('ZADD', KEYS[4], ARGV[7], ARGV[4])
+    redis.call('ZADD', KEYS[4], tonumber(string.sub(ARGV[5], 1, 20)), ARGV[4])
     local over = redis.call('ZCARD', KEYS[4]) - tonumber(ARGV[3])
     if over > 0 then
       local popped = redis.call('ZPOPMIN', KEYS[4], over)
@@ -246,11 +257,9 @@ if tonumber(ARGV[2]) > 0 then
   end
   redis.call('EXPIRE', KEYS[3], ARGV[2])
   redis.call('EXPIRE', KEYS[4], ARGV[2])
-  redis.call('DEL', KEYS[2])
+  if held == false or held == ARGV[1] then redis.call('DEL', KEYS[2]) end
 end
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-end
+if held == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
 "#;
 
@@ -1383,7 +1392,6 @@ impl ChangeLog for RedisStore {
             .arg(status.sha)
             .arg(status.order.sortable())
             .arg(status.state)
-            .arg(status.order.generation)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
