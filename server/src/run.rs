@@ -313,10 +313,10 @@ pub async fn run(
             shutdown.clone(),
             config.stream_stall_timeout,
         )))
-        .add_service(IngestServiceServer::new(IngestApi::new(
-            engine.clone(),
-            config.ingest_tokens.clone(),
-        )));
+        .add_service(
+            IngestServiceServer::new(IngestApi::new(engine.clone(), config.ingest_tokens.clone()))
+                .max_decoding_message_size(crate::grpc::MAX_INGEST_REQUEST_BYTES),
+        );
     let grpc = async {
         match &tls {
             Some((grpc_tls, _)) => {

@@ -45,6 +45,20 @@ pub fn check_stages<'a>(stages: impl IntoIterator<Item = &'a str>) -> Result<(),
     Ok(())
 }
 
+/// Bytes a pipeline's source or a delivery id may have: both are stored, the id in a key.
+pub const MAX_LABEL_BYTES: usize = 255;
+
+/// Refuses `value` of `field` over [`MAX_LABEL_BYTES`].
+pub fn check_label(field: &'static str, value: &str) -> Result<(), Implausible> {
+    if value.len() > MAX_LABEL_BYTES {
+        return Err(Implausible::TooLong {
+            field,
+            bytes: value.len(),
+        });
+    }
+    Ok(())
+}
+
 /// A pipeline claim outside plausible bounds.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Implausible {
@@ -56,6 +70,8 @@ pub enum Implausible {
     TooManyStages(usize),
     #[error("a stage name of {0} bytes, more than {MAX_STAGE_BYTES}")]
     StageTooLong(usize),
+    #[error("{field} of {bytes} bytes, more than {MAX_LABEL_BYTES}")]
+    TooLong { field: &'static str, bytes: usize },
     #[error("pipeline id {0} is above {MAX_PIPELINE_ID}, far beyond any real pipeline")]
     IdTooLarge(u64),
     #[error("{field} {at} is before 2000-01-01")]

@@ -1268,3 +1268,24 @@ async fn a_report_is_kept_with_the_revisions_spelling_and_generation() -> anyhow
     w.server.stop().await?;
     Ok(())
 }
+
+/// Catch-up takes from GitLab's API only what a webhook may bring: a head or a pipeline on
+/// an abbreviated SHA, which could name another commit once the repository grows, is left
+/// out, and a full one is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_reads_only_full_commit_shas() -> anyhow::Result<()> {
+    let w = CatchingUp::start().await?;
+    let a = w.commit("a")?;
+    let pipeline = |sha: &str| json!({"id": 1, "sha": sha, "ref": "main", "status": "success", "source": "push", "updated_at": "2026-11-26T10:01:00.000Z"});
+    w.gitlab.set_branch_head(PROJECT, "main", &a[..7]);
+    w.gitlab.set_pipelines(PROJECT, vec![pipeline(&a[..7])]);
+    w.rounds_pass(2).await?;
+    let refs = main_ref(&w.server).await?;
+    assert!(refs.head.is_empty() && refs.commits.is_empty(), "{refs:?}");
+
+    w.gitlab.set_branch_head(PROJECT, "main", &a);
+    w.gitlab.set_pipelines(PROJECT, vec![pipeline(&a)]);
+    assert_eq!(w.heads_once_head_is(&a).await?, [a]);
+    w.server.stop().await?;
+    Ok(())
+}

@@ -288,6 +288,21 @@ async fn malformed_payloads_are_400_and_name_the_problem() -> anyhow::Result<()>
     let bad_status = serde_json::to_vec(&bad_status)?;
     refused("Pipeline Hook", bad_status, &["exploded"]).await?;
 
+    let mut short_sha = push(1);
+    short_sha["after"] = json!("abc1234");
+    let short_sha = serde_json::to_vec(&short_sha)?;
+    refused("Push Hook", short_sha, &["after", "full commit SHA"]).await?;
+
+    // A delivery id is kept in a key: one of kilobytes is no GitLab delivery.
+    let (status, answer) = server
+        .hook("Pipeline Hook", &green(1), Some(&"d".repeat(300)))
+        .await?;
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        message(&answer).contains("delivery id of 300 bytes"),
+        "{answer}"
+    );
+
     assert_nothing_recorded(&server).await
 }
 
@@ -715,7 +730,14 @@ async fn ingest_api_rejects_bad_tokens_and_invalid_input() -> anyhow::Result<()>
     )?;
 
     let mut client = ingest(&server, INGEST_TOKEN).await?;
-    for bad in ["not-a-sha", "abc", "g".repeat(40).as_str()] {
+    // An abbreviation could name another commit once the repository grows.
+    for bad in [
+        "not-a-sha",
+        "abc",
+        "g".repeat(40).as_str(),
+        "abc1234",
+        &"a".repeat(41),
+    ] {
         let request = RecordPushRequest {
             after: bad.into(),
             ..push.clone()
@@ -745,6 +767,45 @@ async fn ingest_api_rejects_bad_tokens_and_invalid_input() -> anyhow::Result<()>
             status.message()
         );
     }
+    // Both are stored, the delivery id in a key: a few hundred bytes at most.
+    let long = "x".repeat(256);
+    for (request, field) in [
+        (
+            RecordPipelineRequest {
+                source: long.clone(),
+                ..pipeline.clone()
+            },
+            "source of 256 bytes",
+        ),
+        (
+            RecordPipelineRequest {
+                delivery_id: long.clone(),
+                ..pipeline.clone()
+            },
+            "delivery_id of 256 bytes",
+        ),
+    ] {
+        let status = expect_code(
+            client.record_pipeline(request).await,
+            Code::InvalidArgument,
+            field,
+        )?;
+        assert!(status.message().contains(field), "{}", status.message());
+    }
+    let request = RecordPipelineRequest {
+        status: 42,
+        ..pipeline.clone()
+    };
+    let status = expect_code(
+        client.record_pipeline(request).await,
+        Code::InvalidArgument,
+        "an unknown status",
+    )?;
+    assert!(
+        status.message().contains("status: unknown value 42"),
+        "{}",
+        status.message()
+    );
     let request = RecordPushRequest {
         before: "zz".into(),
         ..push.clone()

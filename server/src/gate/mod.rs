@@ -12,6 +12,6 @@ pub use decide::{
 };
 pub use model::{
     Before, EXTERNAL_SOURCE, InvalidSha, Lineage, MAX_HEADS, MAX_REJECTED, MERGE_REQUEST_SOURCE,
-    Pipeline, PipelineStatus, Push, PushOrder, Recorded, RefState, Rejected, Sha, UnknownStatus,
-    aggregate_jobs,
+    NotFullSha, Pipeline, PipelineStatus, Push, PushOrder, Recorded, RefState, Rejected, Sha,
+    UnknownStatus, aggregate_jobs,
 };

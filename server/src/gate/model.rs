@@ -26,6 +26,11 @@ pub struct Sha(Arc<str>);
 #[error("{0:?} is not a commit SHA (7 to 64 hexadecimal characters)")]
 pub struct InvalidSha(pub String);
 
+/// Why a string is not a full commit id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a full commit SHA (40 or 64 hexadecimal characters)")]
+pub struct NotFullSha(pub String);
+
 impl Sha {
     /// Parses and lowercases a commit id.
     pub fn parse(s: &str) -> Result<Self, InvalidSha> {
@@ -34,6 +39,15 @@ impl Sha {
             Ok(Self(s.to_ascii_lowercase().into()))
         } else {
             Err(InvalidSha(s.to_owned()))
+        }
+    }
+
+    /// Parses a full commit id (40 or 64 hexadecimal characters), as GitLab and git name
+    /// commits: an abbreviation could name another commit once the repository grows.
+    pub fn parse_full(s: &str) -> Result<Self, NotFullSha> {
+        match Self::parse(s) {
+            Ok(sha) if sha.is_full() => Ok(sha),
+            _ => Err(NotFullSha(s.to_owned())),
         }
     }
 

@@ -39,7 +39,7 @@ pub async fn catch_up_once(
         kind,
     };
     if let Some(head) = gitlab.branch_head(&key.project, &key.branch).await?
-        && let Ok(after) = Sha::parse(&head)
+        && let Ok(after) = Sha::parse_full(&head)
     {
         let push = Push {
             before: Before::Unknown,
@@ -60,8 +60,9 @@ pub async fn catch_up_once(
     let mut pipelines = gitlab.pipelines(&key.project, &key.branch).await?;
     pipelines.sort_by_key(|p| p.id);
     for api in pipelines {
-        let (Ok(sha), Ok(status)) = (Sha::parse(&api.sha), PipelineStatus::parse(&api.status))
-        else {
+        // As a webhook's: a full commit id, a status this version knows.
+        let sha = Sha::parse_full(&api.sha);
+        let (Ok(sha), Ok(status)) = (sha, PipelineStatus::parse(&api.status)) else {
             continue;
         };
         let as_of_ms = api.updated_at.as_deref().and_then(parse_gitlab_time);

@@ -17,7 +17,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::rate::RateLimit;
 use super::streams::{Outbox, OutboxStream, StreamSettings, StreamSlots};
-use super::{bearer, revision_to_proto};
+use super::{bearer, known, revision_to_proto};
 use crate::clock::now_ms;
 use crate::config::{AgentSpec, ApplySettings, TokenHash};
 use crate::engine::Engine;
@@ -530,7 +530,7 @@ impl AgentService for AgentApi {
             .ok_or_else(|| Status::invalid_argument("report is required"))?;
         let revision = Sha::parse(&report.revision)
             .map_err(|e| Status::invalid_argument(format!("report.revision: {e}")))?;
-        if report.phase() == v1::Phase::Unspecified {
+        if known::<v1::Phase>("report.phase", report.phase)? == v1::Phase::Unspecified {
             return Err(Status::invalid_argument("report.phase is required"));
         }
         report.received_at_unix_ms = now_ms();

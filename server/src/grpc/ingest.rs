@@ -5,11 +5,13 @@ use std::sync::Arc;
 use greenlight::v1::{self, ingest_service_server::IngestService};
 use tonic::{Request, Response, Status};
 
-use super::{bearer, status_from_proto};
+use super::{bearer, known, status_from_proto};
 use crate::engine::{Engine, EngineError};
 use crate::gate::{Before, Pipeline, Push, Sha};
 use crate::ingest::{Fact, FactKind, Origin, Recording};
-use crate::trust::{IngestToken, authorize_ingest, check_pipeline_id, check_stages, check_time};
+use crate::trust::{
+    IngestToken, authorize_ingest, check_label, check_pipeline_id, check_stages, check_time,
+};
 
 /// Serves CI systems.
 pub struct IngestApi {
@@ -46,6 +48,10 @@ impl IngestApi {
     ) -> Result<Response<v1::RecordResponse>, Status> {
         greenlight::telemetry::record_trace_id(&tracing::Span::current());
         let delivery = Some(delivery.trim()).filter(|d| !d.is_empty());
+        if let Some(delivery) = delivery {
+            check_label("delivery_id", delivery)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
         let recorded = self.engine.ingest().record(fact, delivery).await;
         let outcome = match recorded.map_err(EngineError::from)? {
             Recording::Recorded => "recorded".to_owned(),
@@ -72,7 +78,8 @@ fn optional_sha(field: &str, value: &str) -> Result<Option<Sha>, Status> {
     if value.is_empty() {
         return Ok(None);
     }
-    let sha = Sha::parse(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
+    let sha =
+        Sha::parse_full(value).map_err(|e| Status::invalid_argument(format!("{field}: {e}")))?;
     Ok(Some(sha).filter(|s| !s.is_null()))
 }
 
@@ -126,7 +133,7 @@ impl IngestService for IngestApi {
         let (project_path, project_id) = project(normalized(&request.project))?;
         let sha = optional_sha("sha", &request.sha)?
             .ok_or_else(|| Status::invalid_argument("sha is required"))?;
-        let status = status_from_proto(request.status())
+        let status = status_from_proto(known("status", request.status)?)
             .ok_or_else(|| Status::invalid_argument("status is required"))?;
         if request.pipeline_id == 0 {
             return Err(Status::invalid_argument("pipeline_id is required"));
@@ -139,6 +146,8 @@ impl IngestService for IngestApi {
         }
         check_stages(request.passed_stages.iter().map(String::as_str))
             .map_err(|e| Status::invalid_argument(format!("passed_stages: {e}")))?;
+        check_label("source", &request.source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let pipeline = Pipeline {
             id: request.pipeline_id,
             status,

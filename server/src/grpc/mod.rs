@@ -107,6 +107,17 @@ fn status_to_proto(status: PipelineStatus) -> v1::PipelineStatus {
     }
 }
 
+/// The largest ingest request: the most stages a pipeline may have passed, each of the
+/// longest name, leave room to spare; anything larger is no fact.
+pub const MAX_INGEST_REQUEST_BYTES: usize = 256 * 1024;
+
+/// The value of enum field `field`, refusing one this version does not know: prost reads it
+/// as the enum's unspecified value, which would pass it as "none".
+fn known<E: TryFrom<i32>>(field: &str, value: i32) -> Result<E, Status> {
+    E::try_from(value)
+        .map_err(|_| Status::invalid_argument(format!("{field}: unknown value {value}")))
+}
+
 fn status_from_proto(status: v1::PipelineStatus) -> Option<PipelineStatus> {
     PipelineStatus::ALL
         .into_iter()

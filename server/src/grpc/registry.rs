@@ -30,7 +30,7 @@ impl From<RegistryError> for Status {
 /// The definition a request carries, in the config file's terms.
 pub fn definition(agent: Option<v1::AgentDefinition>) -> Result<AgentDefinition, Status> {
     let agent = agent.ok_or_else(|| Status::invalid_argument("agent is required"))?;
-    let mode = match agent.mode() {
+    let mode = match super::known("agent.mode", agent.mode)? {
         v1::GateMode::Unspecified | v1::GateMode::Pipeline => Mode::Pipeline,
         v1::GateMode::Immediate => Mode::Immediate,
         v1::GateMode::Manual => Mode::Manual,
@@ -132,5 +132,18 @@ mod tests {
         }))
         .unwrap_err();
         assert!(error.message().contains("project"), "{error:?}");
+        let error = definition(Some(v1::AgentDefinition {
+            name: "edge".into(),
+            project: "group/app".into(),
+            r#ref: "main".into(),
+            mode: 99,
+            ..Default::default()
+        }))
+        .unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        assert!(
+            error.message().contains("agent.mode: unknown value 99"),
+            "not read as the default mode: {error:?}"
+        );
     }
 }

@@ -21,7 +21,7 @@ use crate::gate::{Before, EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, 
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
 use crate::ingest::{Fact, FactKind, Origin, Recording};
 use crate::preview::PreviewTrigger;
-use crate::trust::{Claimed, check_jobs, check_pipeline_id, check_stages, check_time};
+use crate::trust::{Claimed, check_jobs, check_label, check_pipeline_id, check_stages, check_time};
 
 /// Leaves GitLab's 10 s budget some slack for the network.
 const RECORD_DEADLINE: Duration = Duration::from_secs(8);
@@ -391,6 +391,10 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         "Merge Request Hook" => "merge_request",
         _ => "other",
     };
+    if let Some(Err(problem)) = delivery.map(|id| check_label("delivery id", id)) {
+        state.metrics.webhook(label, "malformed");
+        return answer(StatusCode::BAD_REQUEST, "rejected", problem.to_string());
+    }
     tracing::Span::current().record("event", label);
     // Previews: a merge request's head. They never touch the gate, so a failure to ask for
     // one is logged and the pipeline hook is still recorded below.
@@ -635,7 +639,8 @@ fn parse_push(hook: PushHook) -> Parsed {
     let Some(branch) = hook.git_ref.strip_prefix("refs/heads/") else {
         return Ok(Err(format!("{} is not a branch", hook.git_ref)));
     };
-    let sha = |field: &str, value: &str| Sha::parse(value).map_err(|e| format!("{field}: {e}"));
+    let sha =
+        |field: &str, value: &str| Sha::parse_full(value).map_err(|e| format!("{field}: {e}"));
     let after = Some(sha("after", &hook.after)?).filter(|s| !s.is_null());
     let before = match hook.before.as_deref() {
         Some(value) => Some(sha("before", value)?).filter(|s| !s.is_null()),
@@ -664,7 +669,7 @@ fn parse_pipeline(hook: PipelineHook, now_ms: i64, agents: &impl AgentNames) -> 
             attrs.id, attrs.git_ref
         )));
     }
-    let sha = Sha::parse(&attrs.sha).map_err(|e| format!("object_attributes.sha: {e}"))?;
+    let sha = Sha::parse_full(&attrs.sha).map_err(|e| format!("object_attributes.sha: {e}"))?;
     let status = PipelineStatus::parse(&attrs.status)
         .map_err(|e| format!("object_attributes.status: {e}"))?;
     let (path, id) = project_of(hook.project.as_ref(), None)?;
@@ -681,6 +686,7 @@ fn parse_pipeline(hook: PipelineHook, now_ms: i64, agents: &impl AgentNames) -> 
         check_time("builds[].*_at", at, now_ms).map_err(|e| e.to_string())?;
     }
     let source = attrs.source.unwrap_or_default();
+    check_label("object_attributes.source", &source).map_err(|e| e.to_string())?;
     if source == EXTERNAL_SOURCE {
         return Ok(Err(format!(
             "pipeline {} is external (made by commit statuses) and never opens a gate",
@@ -793,10 +799,10 @@ mod tests {
         let bodies: [(&str, &[u8]); 6] = [
             ("Push Hook", br#"{"ref":"refs/heads/main","after":"1111111111111111111111111111111111111111","project_id":7}"#),
             ("Push Hook", br#"{"ref":"refs/heads/main","after":"1111111111111111111111111111111111111111","project":{"id":3,"path_with_namespace":"g/a"},"project_id":7}"#),
-            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"},"project":{"path_with_namespace":"g/a"}}"#),
-            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"},"project_id":9}"#),
+            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"success"},"project":{"path_with_namespace":"g/a"}}"#),
+            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"success"},"project_id":9}"#),
             ("Merge Request Hook", br#"{"object_attributes":{"iid":1,"target_branch":"main"},"project":{"id":4}}"#),
-            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"}}"#),
+            ("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"success"}}"#),
         ];
         for (event, body) in bodies {
             let payload = Payload::parse(event, body).unwrap();
@@ -822,7 +828,7 @@ mod tests {
         assert!(Payload::parse("Push Hook", push.as_bytes()).is_err());
         assert!(parse_event("Push Hook", push.as_bytes(), NOW, &AGENTS).is_err());
         // A wrongly typed project id fails both readings alike.
-        let pipeline = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"success"},"project":{"path_with_namespace":"g/prod"},"project_id":"x"}"#;
+        let pipeline = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"success"},"project":{"path_with_namespace":"g/prod"},"project_id":"x"}"#;
         assert!(ProjectClaim::read(pipeline).is_none());
         assert!(parse_event("Pipeline Hook", pipeline, NOW, &AGENTS).is_err());
     }
@@ -868,6 +874,27 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.contains("after"), "{err}");
+        let refused =
+            |event: &str, body: &str| parse_event(event, body.as_bytes(), NOW, &AGENTS).err();
+        let short_after = r#"{"ref":"refs/heads/main","after":"abc1234","project":{"id":1}}"#;
+        let err = refused("Push Hook", short_after).unwrap();
+        assert!(
+            err.contains("after") && err.contains("full commit SHA"),
+            "{err}"
+        );
+        let short_sha = r#"{"object_attributes":{"id":1,"ref":"main","sha":"abc1234","status":"success"},"project":{"id":1}}"#;
+        let err = refused("Pipeline Hook", short_sha).unwrap();
+        assert!(err.contains("full commit SHA"), "{err}");
+        let long_source = format!(
+            r#"{{"object_attributes":{{"id":1,"ref":"main","sha":"{}","status":"success","source":"{}"}},"project":{{"id":1}}}}"#,
+            "1".repeat(40),
+            "s".repeat(256)
+        );
+        let err = refused("Pipeline Hook", &long_source).unwrap();
+        assert!(
+            err.contains("object_attributes.source of 256 bytes"),
+            "{err}"
+        );
         let err = parse_event(
             "Pipeline Hook",
             br#"{"object_attributes":{"id":1}}"#,
@@ -877,13 +904,13 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.contains("missing field"), "{err}");
-        let err = parse_event("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"exploded"},"project":{"id":1}}"#, NOW, &AGENTS).err().unwrap();
+        let err = parse_event("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"exploded"},"project":{"id":1}}"#, NOW, &AGENTS).err().unwrap();
         assert!(err.contains("exploded"), "{err}");
     }
 
     #[test]
     fn a_stage_passes_when_all_its_jobs_succeeded() {
-        let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111","status":"running"},"project":{"id":1},
+        let body = br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"running"},"project":{"id":1},
             "builds":[{"stage":"test","status":"success"},{"stage":"test","status":"failed","allow_failure":true},
                       {"stage":"lint","status":"success"},{"stage":"lint","status":"running"},{"stage":"deploy","status":"created"}]}"#;
         let fact = parse_event("Pipeline Hook", body, NOW, &AGENTS)
@@ -899,7 +926,7 @@ mod tests {
     fn too_many_jobs_or_an_oversized_stage_are_refused_naming_the_field() {
         let hook = |builds: &str| {
             format!(
-                r#"{{"object_attributes":{{"id":1,"ref":"main","sha":"1111111","status":"running"}},"project":{{"id":1}},"builds":[{builds}]}}"#
+                r#"{{"object_attributes":{{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"running"}},"project":{{"id":1}},"builds":[{builds}]}}"#
             )
         };
         let job = r#"{"stage":"test","status":"success"}"#;
@@ -934,7 +961,7 @@ mod tests {
     #[test]
     fn greenlights_own_jobs_do_not_change_the_verdict() {
         // Staging's failed deploy, posted on the pipeline that opened the gate.
-        let failed = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push","finished_at":"2026-11-26 10:05:00 UTC"},"project":{"id":1},
+        let failed = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"failed","source":"push","finished_at":"2026-11-26 10:05:00 UTC"},"project":{"id":1},
             "builds":[{"name":"test","stage":"test","status":"success","finished_at":"2026-11-26 10:01:00 UTC"},
                       {"name":"greenlight/staging","stage":"external","status":"failed","finished_at":"2026-11-26 10:05:00 UTC"}]}"#;
         let pipeline = pipeline_of(failed).unwrap();
@@ -945,18 +972,18 @@ mod tests {
         );
         assert_eq!(pipeline.passed_stages, ["test"]);
         // A deploy still running does not make the finished pipeline look unfinished.
-        let running = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"running","source":"push"},"project":{"id":1},
+        let running = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"running","source":"push"},"project":{"id":1},
             "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/staging","stage":"external","status":"running","started_at":"2026-11-26 10:06:00 UTC"}]}"#;
         assert_eq!(
             pipeline_of(running).unwrap().status,
             PipelineStatus::Success
         );
         // Real jobs still decide.
-        let red = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+        let red = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"failed","source":"push"},"project":{"id":1},
             "builds":[{"name":"test","stage":"test","status":"failed"},{"name":"lint","stage":"test","status":"failed","allow_failure":true},{"name":"greenlight/prod","stage":"external","status":"success"}]}"#;
         assert_eq!(pipeline_of(red).unwrap().status, PipelineStatus::Failed);
         // A pipeline of nothing but our statuses, or made by them, is no verdict at all.
-        let only_ours = br#"{"object_attributes":{"id":8,"ref":"main","sha":"1111111","status":"success","source":"push"},"project":{"id":1},
+        let only_ours = br#"{"object_attributes":{"id":8,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"success","source":"push"},"project":{"id":1},
             "builds":[{"name":"greenlight/staging","stage":"external","status":"success"}]}"#;
         let ignored = parse_event("Pipeline Hook", only_ours, NOW, &AGENTS)
             .unwrap()
@@ -965,7 +992,7 @@ mod tests {
             ignored,
             "pipeline 8 holds only Greenlight's own statuses (greenlight/staging)"
         );
-        let external = br#"{"object_attributes":{"id":9,"ref":"main","sha":"1111111","status":"success","source":"external"},"project":{"id":1}}"#;
+        let external = br#"{"object_attributes":{"id":9,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"success","source":"external"},"project":{"id":1}}"#;
         assert!(matches!(
             parse_event("Pipeline Hook", external, NOW, &AGENTS),
             Ok(Err(_))
@@ -1008,18 +1035,18 @@ mod tests {
 
     #[test]
     fn a_failed_ci_job_named_greenlight_something_keeps_the_pipeline_red() {
-        let red = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+        let red = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"failed","source":"push"},"project":{"id":1},
             "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/lint","stage":"test","status":"failed"}]}"#;
         assert_eq!(pipeline_of(red).unwrap().status, PipelineStatus::Failed);
         // Even filed under `external`, a job that names no agent is not one of our statuses.
-        let external = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+        let external = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"failed","source":"push"},"project":{"id":1},
             "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/lint","stage":"external","status":"failed"}]}"#;
         assert_eq!(
             pipeline_of(external).unwrap().status,
             PipelineStatus::Failed
         );
         // Beside our own failed status, the foreign job still decides.
-        let both = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+        let both = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"failed","source":"push"},"project":{"id":1},
             "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/lint","stage":"test","status":"failed"},
                       {"name":"greenlight/staging","stage":"external","status":"failed"}]}"#;
         let pipeline = pipeline_of(both).unwrap();
@@ -1030,7 +1057,7 @@ mod tests {
             pipeline.passed_stages
         );
         // Our own agent's context, deploy or preview, is still left out.
-        let ours = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111","status":"failed","source":"push"},"project":{"id":1},
+        let ours = br#"{"object_attributes":{"id":7,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"failed","source":"push"},"project":{"id":1},
             "builds":[{"name":"test","stage":"test","status":"success"},{"name":"greenlight/staging","stage":"external","status":"failed"},
                       {"name":"greenlight/prod/preview","stage":"external","status":"failed"}]}"#;
         assert_eq!(pipeline_of(ours).unwrap().status, PipelineStatus::Success);
@@ -1210,7 +1237,7 @@ mod tests {
             id in 1..=crate::trust::MAX_PIPELINE_ID,
             branch in "[a-z0-9][a-z0-9/._-]{0,30}",
             full_ref in any::<bool>(),
-            sha in "[0-9a-f]{7,64}",
+            sha in "[0-9a-f]{40}|[0-9a-f]{64}",
             status in prop::sample::select(PipelineStatus::ALL.to_vec()),
             source in prop::sample::select(vec!["push", "web", "schedule", "merge_request_event", "api"]),
             finished_at in prop::option::of(gitlab_time()),
