@@ -99,16 +99,7 @@ pub fn check_pipeline_id(id: u64) -> Result<(), Implausible> {
 /// Refuses a time `field` claims (Unix ms) before 2000 or more than `MAX_FUTURE_MS` after
 /// `now_ms`.
 pub fn check_time(field: &'static str, at_ms: i64, now_ms: i64) -> Result<(), Implausible> {
-    // humantime cannot print years past 9999.
-    const YEAR_10000_MS: u64 = 253_402_300_800_000;
-    let render = || {
-        u64::try_from(at_ms)
-            .ok()
-            .filter(|ms| *ms < YEAR_10000_MS)
-            .and_then(|ms| std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms)))
-            .map(|t| humantime::format_rfc3339_seconds(t).to_string())
-            .unwrap_or_else(|| format!("{at_ms} ms"))
-    };
+    let render = || crate::clock::rfc3339(at_ms).unwrap_or_else(|| format!("{at_ms} ms"));
     if at_ms < EARLIEST_TIME_MS {
         return Err(Implausible::TooEarly {
             field,

@@ -7,7 +7,6 @@
 //! turns that into a [`PageView`] and renders it: both steps are pure and tested as data.
 
 use std::fmt::Write as _;
-use std::time::{Duration, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
@@ -422,19 +421,12 @@ pub fn escape(text: &str) -> String {
     out
 }
 
-/// `ms` as `2026-11-26 10:00:00 UTC`; a dash for none.
+/// `ms` as `2026-11-26 10:00:00 UTC`; a dash for none, or for a time past any clock's.
 fn timestamp(ms: i64) -> String {
-    let Ok(ms) = u64::try_from(ms) else {
-        return "—".to_owned();
-    };
-    if ms == 0 {
-        return "—".to_owned();
+    match crate::clock::rfc3339(ms).filter(|_| ms > 0) {
+        Some(time) => time.replace('T', " ").replace('Z', " UTC"),
+        None => "—".to_owned(),
     }
-    let time = UNIX_EPOCH + Duration::from_millis(ms);
-    humantime::format_rfc3339_seconds(time)
-        .to_string()
-        .replace('T', " ")
-        .replace('Z', " UTC")
 }
 
 /// How long before `now` the time `at` was, roughly.
@@ -1124,6 +1116,11 @@ mod tests {
         assert_eq!(timestamp(1_764_151_200_000), "2025-11-26 10:00:00 UTC");
         assert_eq!(timestamp(0), "—");
         assert_eq!(timestamp(-5), "—");
+        assert_eq!(
+            timestamp(i64::MAX),
+            "—",
+            "a stored time past year 9999, not a panic"
+        );
         assert_eq!(ago(NOW, NOW - 5_000), "5 s ago");
         assert_eq!(ago(NOW, NOW - 125_000), "2 min ago");
         assert_eq!(ago(NOW, NOW - 7_200_000), "2 h ago");
