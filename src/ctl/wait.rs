@@ -29,6 +29,8 @@ pub async fn wait(
     let sha = sha.trim().to_ascii_lowercase();
     let terminal = std::io::stdout().is_terminal() && format == Format::Human;
     let mut last_line = String::new();
+    // Why the last watch ended, told with a timeout: a CI log then says what kept failing.
+    let mut last_error: Option<tonic::Status> = None;
     let watch = async {
         let mut retry = Duration::from_millis(500);
         loop {
@@ -39,6 +41,8 @@ pub async fn wait(
             let outcome = async {
                 let mut states = admin.watch_revision(request).await?.into_inner();
                 while let Some(state) = states.message().await? {
+                    // A watch that answers is no longer failing.
+                    last_error = None;
                     show(&state, format, terminal, &mut last_line);
                     if let Some(code) = exit_code(&state, &sha, exact) {
                         if terminal {
@@ -57,6 +61,7 @@ pub async fn wait(
                     return Err(anyhow::Error::from(status));
                 }
                 Ok(None) | Err(_) => {
+                    last_error = outcome.err();
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(Duration::from_secs(10));
                 }
@@ -68,14 +73,28 @@ pub async fn wait(
             if terminal {
                 println!();
             }
-            eprintln!(
-                "timed out after {} waiting for {} on {agent}",
-                humantime::format_duration(timeout),
-                short(&sha)
-            );
+            eprintln!("{}", timed_out(timeout, &sha, agent, last_error.as_ref()));
             Ok(TIMED_OUT)
         }
         Ok(result) => result,
+    }
+}
+
+/// What a wait that timed out tells, with the server's last refusal when a watch kept
+/// failing (a CI log then says why, not only that it waited).
+fn timed_out(timeout: Duration, sha: &str, agent: &str, last: Option<&tonic::Status>) -> String {
+    let waited = format!(
+        "timed out after {} waiting for {} on {agent}",
+        humantime::format_duration(timeout),
+        short(sha)
+    );
+    match last {
+        Some(status) => format!(
+            "{waited}; the server last answered {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+        None => waited,
     }
 }
 
@@ -146,6 +165,22 @@ pub fn describe(state: &RevisionState) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeout_says_what_the_server_last_answered() {
+        let sha = "a".repeat(40);
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            timed_out(minute, &sha, "prod", None),
+            "timed out after 1m waiting for aaaaaaaa on prod"
+        );
+        let store_down = tonic::Status::unavailable("the store is unavailable: connection refused");
+        assert_eq!(
+            timed_out(minute, &sha, "prod", Some(&store_down)),
+            "timed out after 1m waiting for aaaaaaaa on prod; the server last answered \
+             Unavailable: the store is unavailable: connection refused"
+        );
+    }
 
     fn state(state: State, deployed: &str) -> RevisionState {
         RevisionState {
