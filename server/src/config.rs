@@ -791,6 +791,9 @@ impl AgentDefinition {
         if self.stages.iter().any(|stage| stage.trim().is_empty()) {
             return Err(invalid(key("gate.stages"), "stage names must not be empty"));
         }
+        // A stage no pipeline can report as passed would hold the gate shut for good.
+        crate::trust::check_stages(self.stages.iter().map(String::as_str))
+            .map_err(|e| invalid(key("gate.stages"), e.to_string()))?;
         let defaults = ApplySettings::default();
         let one_of = |field: &str, value: Option<String>, allowed: &[&str], default: String| {
             let value = value.unwrap_or(default);
@@ -1034,7 +1037,14 @@ impl Config {
                     let key = format!("webhooks.gitlab.projects.{project:?}");
                     let secret = read_secret(&key, secret.secret_token, secret.secret_token_file)?
                         .ok_or_else(|| invalid(&key, "needs secret_token or secret_token_file"))?;
-                    projects.insert(project, secret);
+                    // Spellings of one project (`group/app`, `/group/app/`) would each
+                    // replace the other's secret.
+                    if projects.insert(project, secret).is_some() {
+                        return Err(invalid(
+                            &key,
+                            "is listed twice (keys are compared without surrounding slashes)",
+                        ));
+                    }
                 }
                 if global.is_none() && projects.is_empty() {
                     return Err(invalid(
@@ -1791,6 +1801,10 @@ mod tests {
             ),
             ("scope: {kinds: [Namespace]}", "kinds"),
             ("prune_limit: 0", "agents[0].prune_limit"),
+            (
+                &format!("gate: {{stages: [{}]}}", "s".repeat(256)),
+                "agents[0].gate.stages",
+            ),
         ];
         for (extra, key) in cases {
             let err = Config::from_yaml(&agent(extra), &Overrides::default())
@@ -1835,6 +1849,10 @@ mod tests {
                 "webhooks.gitlab.projects.\"g/prod\"",
             ),
             ("webhooks: {gitlab: {}}", "webhooks.gitlab"),
+            (
+                "webhooks: {gitlab: {projects: {g/prod: {secret_token: p}, /g/prod/: {secret_token: q}}}}",
+                "is listed twice",
+            ),
             (
                 "webhooks: {gitlab: {projects: {g/prod: {secret_token: ''}}}}",
                 "webhooks.gitlab.projects.\"g/prod\".secret_token",
