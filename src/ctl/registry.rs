@@ -23,7 +23,8 @@ pub enum AgentCommand {
         #[arg(long)]
         ci_token: bool,
     },
-    /// Replaces a runtime agent's definition (its tokens, project and ref stay).
+    /// Replaces a runtime agent's definition (its tokens, project and ref stay). Health
+    /// checks have no flag: an update drops any set through the admin API.
     Update {
         #[command(flatten)]
         definition: Definition,
@@ -101,6 +102,18 @@ pub struct Definition {
     /// Serve the agent's badge without its key.
     #[arg(long)]
     badge_public: bool,
+    /// Merge requests into its branch get a preview from it.
+    #[arg(long)]
+    preview: bool,
+    /// Take over fields another field manager owns when applying.
+    #[arg(long)]
+    force_conflicts: Option<bool>,
+    /// How pruned objects' dependents go: orphan, background or foreground.
+    #[arg(long)]
+    prune_propagation_policy: Option<String>,
+    /// How a revision is checked before it is applied: none or server.
+    #[arg(long)]
+    dry_run_strategy: Option<String>,
 }
 
 impl Definition {
@@ -128,7 +141,12 @@ impl Definition {
             reconcile_interval: self.reconcile_interval.unwrap_or_default(),
             impersonate: self.impersonate.unwrap_or_default(),
             badge_public: self.badge_public,
-            ..AgentDefinition::default()
+            preview: self.preview,
+            force_conflicts: self.force_conflicts,
+            prune_propagation_policy: self.prune_propagation_policy.unwrap_or_default(),
+            dry_run_strategy: self.dry_run_strategy.unwrap_or_default(),
+            // No flag can say them: an update drops health checks set through the API.
+            health_checks: Vec::new(),
         }
     }
 }
@@ -237,4 +255,43 @@ pub async fn execute(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        definition: Definition,
+    }
+
+    #[test]
+    fn every_setting_but_health_checks_has_a_flag() {
+        let flags = Flags::try_parse_from([
+            "agent",
+            "edge",
+            "--project",
+            "group/app",
+            "--ref",
+            "main",
+            "--preview",
+            "--force-conflicts",
+            "true",
+            "--prune-propagation-policy",
+            "foreground",
+            "--dry-run-strategy",
+            "server",
+        ])
+        .unwrap();
+        let definition = flags.definition.into_proto();
+        assert!(definition.preview);
+        assert_eq!(definition.force_conflicts, Some(true));
+        assert_eq!(definition.prune_propagation_policy, "foreground");
+        assert_eq!(definition.dry_run_strategy, "server");
+        assert_eq!(definition.mode(), GateMode::Pipeline);
+    }
 }
