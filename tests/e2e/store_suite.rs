@@ -1838,6 +1838,47 @@ async fn redis_restart_resumes_the_log_without_resync_and_keeps_data() -> anyhow
     Ok(())
 }
 
+/// A status the previous version marked posted (per agent, commit and state) is not posted
+/// again after the upgrade, so an entry left unacknowledged across it does not set a
+/// `success` back to `pending`; and where it posted several states, GitLab is read first,
+/// since only GitLab knows which it posted last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statuses_the_previous_version_posted_are_not_posted_again_nor_hide_later_ones()
+-> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let (once, flipped) = (sha(1), sha(2));
+    let tag = greenlight_server::store::agent_shard("prod");
+    let posted_before = |commit: &str, state: &str| -> anyhow::Result<()> {
+        let key = format!("gl-suite:{{gl{tag}}}:agent:prod:status:{commit}:{state}");
+        fixture.redis.cli(&["SET", &key, "posted", "EX", "60"])?;
+        Ok(())
+    };
+    posted_before(&once, "pending")?;
+    posted_before(&flipped, "success")?;
+    posted_before(&flipped, "failed")?;
+    let status = |commit, state, at_ms| StatusKey {
+        agent: "prod",
+        sha: commit,
+        state,
+        order: StatusOrder::reported(1, at_ms, state),
+    };
+    let lease = Duration::from_secs(30);
+    let store: &dyn Store = fixture.store.as_ref();
+    let claims = [
+        (status(&once, "pending", 1), StatusClaim::Posted),
+        (status(&once, "running", 2), StatusClaim::Mine),
+        (status(&flipped, "success", 1), StatusClaim::Retaken),
+    ];
+    for (claimed, expected) in claims {
+        assert_eq!(
+            store.begin_status(&claimed, "r", lease).await?,
+            expected,
+            "{claimed:?}"
+        );
+    }
+    Ok(())
+}
+
 /// A Redis that lost its data (here: emptied under a live follower) cannot be resumed from:
 /// followers are told to re-read everything, then follow the new log.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

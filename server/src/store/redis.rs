@@ -208,13 +208,30 @@ return 0
 /// already, 4 when a later status is shown, 0 when another publisher is posting a status of
 /// the agent on the commit. KEYS[3] holds what is shown per commit (ARGV[4]) as
 /// `ShownStatus::encode` writes it: its order (ARGV[5]) sorts as text, its generation in the
-/// first 20 digits scores the commit in KEYS[4]. Compared as `ShownStatus::against` does;
+/// first 20 digits scores the commit in KEYS[4]. KEYS[5] and on are where the previous
+/// version marked this state, then the others, posted: for a commit with nothing shown
+/// yet, this state alone was shown; with another, which was posted last only GitLab can
+/// tell. Compared as `ShownStatus::against` does;
 /// a state shown is known to be shown only without a claim left unfinished, which may have
 /// posted another.
 const BEGIN_STATUS_SCRIPT: &str = r#"
 local held = redis.call('GET', KEYS[1])
 if held ~= false and held ~= ARGV[1] then return 0 end
 local shown = redis.call('HGET', KEYS[3], ARGV[4])
+if not shown then
+  local this, others = redis.call('GET', KEYS[5]) == 'posted', false
+  for i = 6, #KEYS do others = others or redis.call('GET', KEYS[i]) == 'posted' end
+  if this and not others then
+    redis.call('HSET', KEYS[3], ARGV[4], ARGV[5] .. ':' .. ARGV[6])
+    redis.call('ZADD', KEYS[4], tonumber(string.sub(ARGV[5], 1, 20)), ARGV[4])
+    return 2
+  end
+  if this or others then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    redis.call('SET', KEYS[2], '1', 'EX', ARGV[3])
+    return 3
+  end
+end
 if shown then
   local order, state = string.sub(shown, 1, #ARGV[5]), string.sub(shown, #ARGV[5] + 2)
   if ARGV[5] < order then return 4 end
@@ -804,20 +821,28 @@ impl RedisStore {
         }
     }
 
-    /// The key of a status's claim, and the key marking that a claim on it was taken.
-    /// The claim of `status`'s agent on its commit, its taken mark, and the agent's hash of
-    /// statuses shown with its index by generation.
-    fn status_keys(&self, status: &StatusKey<'_>) -> [String; 4] {
+    /// The claim of `status`'s agent on its commit, its taken mark, the agent's hash of
+    /// statuses shown with its index by generation, and where the previous version marked
+    /// each state posted, this one's first (they expire within `STATUS_MEMORY_SECS`).
+    fn status_keys(&self, status: &StatusKey<'_>) -> Vec<String> {
         let claim = self
             .keys
             .agent(status.agent, &format!("status:{}", status.sha));
         let taken = format!("{claim}:taken");
-        [
-            claim,
-            taken,
+        let mut keys = vec![
             self.keys.agent(status.agent, SHOWN_STATUSES),
             self.keys.agent(status.agent, SHOWN_STATUSES_ORDER),
-        ]
+            // This state's first, then the others'.
+            format!("{claim}:{}", status.state),
+        ];
+        keys.extend(
+            STATES_POSTED_BEFORE
+                .iter()
+                .filter(|state| **state != status.state)
+                .map(|state| format!("{claim}:{state}")),
+        );
+        keys.splice(0..0, [claim, taken]);
+        keys
     }
 
     fn agent_reads(&self, pipe: &mut redis::Pipeline, agent: &str) {
@@ -1855,6 +1880,9 @@ const AGENT_STATE_PARTS: [&str; 7] = [
     SHOWN_STATUSES,
     SHOWN_STATUSES_ORDER,
 ];
+
+/// The states the previous version marked posted, each under its own key.
+const STATES_POSTED_BEFORE: [&str; 5] = ["pending", "running", "success", "failed", "canceled"];
 
 /// An agent's statuses shown on GitLab, by commit.
 const SHOWN_STATUSES: &str = "statuses";
