@@ -26,6 +26,16 @@ use crate::trust::{Claimed, check_jobs, check_label, check_pipeline_id, check_st
 /// Leaves GitLab's 10 s budget some slack for the network.
 const RECORD_DEADLINE: Duration = Duration::from_secs(8);
 
+/// How much of [`RECORD_DEADLINE`] asking for previews may take: all of it for a merge
+/// request hook, which brings nothing else; half for a pipeline hook, whose fact is recorded
+/// after them and matters more.
+fn preview_budget(event: &str) -> Duration {
+    match event {
+        "Merge Request Hook" => RECORD_DEADLINE,
+        _ => RECORD_DEADLINE / 2,
+    }
+}
+
 #[derive(Deserialize)]
 struct Project {
     id: Option<u64>,
@@ -402,8 +412,12 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         Ok(payload) => payload.preview(),
         Err(problem) => preview_of_malformed(event, problem.clone()),
     };
+    // One budget for the whole answer: the previews asked and the fact recorded after them.
+    let started = tokio::time::Instant::now();
+    let deadline = started + RECORD_DEADLINE;
     if let Ok(Some(trigger)) = &preview {
-        let asked = tokio::time::timeout(RECORD_DEADLINE, state.previews.request(trigger)).await;
+        let asking = started + preview_budget(event);
+        let asked = tokio::time::timeout_at(asking, state.previews.request(trigger)).await;
         match (asked, event) {
             (Ok(Ok(agents)), "Merge Request Hook") => {
                 state.metrics.webhook(label, "recorded");
@@ -473,11 +487,8 @@ pub async fn receive(State(state): State<HttpState>, headers: HeaderMap, body: B
         }
         Ok(Ok(fact)) => fact,
     };
-    let recorded = tokio::time::timeout(
-        RECORD_DEADLINE,
-        state.engine.ingest().record(fact, delivery),
-    )
-    .await;
+    let recorded =
+        tokio::time::timeout_at(deadline, state.engine.ingest().record(fact, delivery)).await;
     let (status, outcome, message) = match recorded {
         Ok(Ok(Recording::Recorded)) => (StatusCode::OK, "recorded", String::new()),
         Ok(Ok(Recording::Unchanged)) => (StatusCode::OK, "unchanged", "nothing new".to_owned()),
@@ -861,6 +872,14 @@ mod tests {
             (trigger.merge_request_iid, trigger.target_branch.as_str()),
             (5, "main")
         );
+    }
+
+    #[test]
+    fn a_pipeline_hook_keeps_half_its_budget_for_its_fact_whatever_its_previews_take() {
+        assert_eq!(preview_budget("Merge Request Hook"), RECORD_DEADLINE);
+        let pipeline = preview_budget("Pipeline Hook");
+        assert_eq!(pipeline, RECORD_DEADLINE / 2);
+        assert!(RECORD_DEADLINE - pipeline >= Duration::from_secs(4));
     }
 
     #[test]
