@@ -134,7 +134,8 @@ impl Default for Metrics {
         let gitlab_statuses = Family::<EventLabels, Counter>::default();
         registry.register(
             "gitlab_commit_statuses",
-            "Commit statuses by outcome: posted, retried, deferred (left for a later attempt), failed",
+            "Commit statuses by outcome: posted, retried, deferred (left for a later attempt), \
+             failed, already_posted (found on GitLab), superseded (older than the one shown)",
             gitlab_statuses.clone(),
         );
         let log_resyncs = Counter::default();
