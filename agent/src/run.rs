@@ -563,7 +563,7 @@ async fn report(
 mod tests {
     use super::*;
     use greenlight::v1::agent_service_server::{AgentService, AgentServiceServer};
-    use greenlight::v1::{ReportStatusRequest, ReportStatusResponse, SyncEvent, SyncRequest};
+    use greenlight::v1::{ReportStatusRequest, ReportStatusResponse, SyncRequest};
     use std::sync::Mutex;
 
     /// An agent service that takes its time over every report, so that reports queue up.
@@ -574,9 +574,7 @@ mod tests {
 
     #[tonic::async_trait]
     impl AgentService for SlowServer {
-        type SyncStream = std::pin::Pin<
-            Box<dyn futures_util::Stream<Item = Result<SyncEvent, tonic::Status>> + Send>,
-        >;
+        type SyncStream = crate::testing::SyncEvents;
 
         async fn sync(
             &self,
@@ -862,6 +860,14 @@ mod tests {
                 .is_ok_and(|seen| seen.is_ok())
         }
 
+        /// Its stream ends, then it loses and regains the Lease before the loop looks:
+        /// whoever led in between may have applied a newer revision.
+        fn loses_its_stream_and_term(&self) {
+            self.stream_ends();
+            self.leading.send_replace(false);
+            self.leading.send_replace(true);
+        }
+
         /// What the session does when the stream ends.
         fn stream_ends(&self) {
             self.latest.send_if_modified(|held| {
@@ -934,9 +940,7 @@ mod tests {
         let mut applying = Loop::leading_with_a_applied().await;
         let stated = applying.states(true, Duration::from_secs(5)).await;
         assert!(stated, "a leader states what it applied");
-        applying.stream_ends();
-        applying.leading.send_replace(false);
-        applying.leading.send_replace(true);
+        applying.loses_its_stream_and_term();
         let cleared = applying.states(false, Duration::from_secs(3)).await;
         assert!(cleared, "the new term states nothing applied");
     }
@@ -944,11 +948,7 @@ mod tests {
     #[tokio::test]
     async fn a_regained_lease_needs_a_current_revision_again() {
         let mut applying = Loop::leading_with_a_applied().await;
-        applying.stream_ends();
-        // Lost and regained before the loop looked: whoever led in between may have applied
-        // a newer revision.
-        applying.leading.send_replace(false);
-        applying.leading.send_replace(true);
+        applying.loses_its_stream_and_term();
         assert_eq!(applying.next_applied(Duration::from_secs(3)).await, None);
         // The server sends it again on the new stream: it is still the current one.
         session::deliver(&applying.latest, empty_revision("a", 1));

@@ -319,9 +319,7 @@ pub(crate) mod tests {
 
     #[tonic::async_trait]
     impl AgentService for ScriptedServer {
-        type SyncStream = std::pin::Pin<
-            Box<dyn futures_util::Stream<Item = Result<SyncEvent, tonic::Status>> + Send>,
-        >;
+        type SyncStream = crate::testing::SyncEvents;
 
         async fn sync(
             &self,

@@ -1,11 +1,16 @@
 //! Test support: a bare HTTP/1.1 server standing in for the Kubernetes API server, for the
 //! few behaviours a real control plane cannot be made to show on demand (a broken group, a
-//! hung call).
+//! hung call); and what scripted Greenlight servers share.
 
 use std::sync::{Arc, Mutex};
 
+use greenlight::v1::SyncEvent;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The stream a scripted server's `Sync` answers with.
+pub type SyncEvents =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<SyncEvent, tonic::Status>> + Send>>;
 
 /// Answers each request from `route(method, path)`; `None` never answers, as a hung API
 /// server would. Returns a client for it (without kube's retries of 503s, which would only

@@ -202,6 +202,32 @@ async fn main_ref(server: &TestServer) -> anyhow::Result<greenlight::v1::RefStat
     Ok(server.admin().await?.get_ref(request).await?.into_inner())
 }
 
+/// Claims `prod`'s status `state` on `sha` for `lease` as the publisher `replica` of another
+/// server on `redis`, which never finishes it.
+async fn claimed_elsewhere(
+    redis: &Redis,
+    replica: &str,
+    sha: &str,
+    state: &str,
+    lease: std::time::Duration,
+) -> anyhow::Result<greenlight_server::store::StatusClaim> {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let store = greenlight_server::store::RedisStore::connect(
+        &greenlight_server::config::RedisSettings::single(redis.url(), "gl-test"),
+        shutdown.clone(),
+        Default::default(),
+    )?;
+    let status = greenlight_server::store::StatusKey {
+        agent: "prod",
+        sha,
+        state,
+        order: greenlight_server::store::StatusOrder::default(),
+    };
+    let claimed = store.begin_status(&status, replica, lease).await;
+    shutdown.cancel();
+    Ok(claimed?)
+}
+
 fn states(statuses: &[(String, String, String)]) -> Vec<&str> {
     statuses
         .iter()
@@ -273,21 +299,9 @@ async fn a_status_whose_post_went_unrecorded_is_looked_up_before_posting_again()
     )?;
     // Another replica claimed `pending` and `success` and died: its `pending` reached
     // GitLab, its `success` did not.
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let store = greenlight_server::store::RedisStore::connect(
-        &greenlight_server::config::RedisSettings::single(w.redis.url(), "gl-test"),
-        shutdown.clone(),
-        Default::default(),
-    )?;
     let lease = std::time::Duration::from_millis(1);
     for state in ["pending", "success"] {
-        let status = greenlight_server::store::StatusKey {
-            agent: "prod",
-            sha: &x,
-            state,
-            order: greenlight_server::store::StatusOrder::default(),
-        };
-        store.begin_status(&status, "replica-dead", lease).await?;
+        claimed_elsewhere(&w.redis, "replica-dead", &x, state, lease).await?;
     }
     install_crypto();
     let answered = reqwest::Client::new()
@@ -301,7 +315,6 @@ async fn a_status_whose_post_went_unrecorded_is_looked_up_before_posting_again()
         .await?
         .status();
     assert_eq!(answered.as_u16(), 201);
-    shutdown.cancel();
 
     let _agent = w.agent("prod", "replica-a");
     w.release(ZERO, &x, 1).await?;
@@ -1211,24 +1224,11 @@ async fn a_status_waits_for_another_publishers_claim_on_its_commit_not_for_takeo
     let w = CatchingUp::start().await?;
     let a = w.commit("a")?;
     // Another replica claims prod's statuses on A for 3 s, and never finishes.
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let store = greenlight_server::store::RedisStore::connect(
-        &greenlight_server::config::RedisSettings::single(w.redis.url(), "gl-test"),
-        shutdown.clone(),
-        Default::default(),
-    )?;
-    let claimed = greenlight_server::store::StatusKey {
-        agent: "prod",
-        sha: &a,
-        state: "running",
-        order: greenlight_server::store::StatusOrder::default(),
-    };
     let lease = std::time::Duration::from_secs(3);
     assert_eq!(
-        store.begin_status(&claimed, "replica-other", lease).await?,
+        claimed_elsewhere(&w.redis, "replica-other", &a, "running", lease).await?,
         greenlight_server::store::StatusClaim::Mine
     );
-    shutdown.cancel();
 
     w.release_first(&a).await?;
     let posted = eventually("the pending status on A", || async {
