@@ -547,7 +547,7 @@ impl Engine {
         if report.generation == 0 {
             report.generation = of_revision.unwrap_or(0);
         }
-        report.generation = report.generation.min(newest.max(of_revision.unwrap_or(0)));
+        report.generation = report.generation.min(newest);
         let report = report.encode_to_vec();
         // Kept and announced in one step: a report that is stored always becomes its commit
         // status and `wait` result, whichever replica is alive to act on it.

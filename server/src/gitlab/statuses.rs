@@ -399,11 +399,7 @@ fn shows(listed: &[ApiCommitStatus], status: &CommitStatus) -> bool {
 /// state, or (GitLab moves one status of a name along pending, running, then a final state
 /// in place) a later one than a `pending` or `running` still to post.
 fn covers(listed: &str, state: &str) -> bool {
-    let stage = |state: &str| match state {
-        "pending" => 0,
-        "running" => 1,
-        _ => 2,
-    };
+    let stage = StatusOrder::stage_of;
     listed == state || (stage(state) < 2 && stage(listed) > stage(state))
 }
 

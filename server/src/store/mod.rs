@@ -792,11 +792,17 @@ impl StatusOrder {
         Self {
             generation,
             reported_ms: u64::try_from(received_ms).unwrap_or(0),
-            stage: match state {
-                "pending" => 0,
-                "running" => 1,
-                _ => 2,
-            },
+            stage: Self::stage_of(state),
+        }
+    }
+
+    /// Where commit status `state` stands in the life of one post: pending, running, then
+    /// a final state, as GitLab moves one status of a name along in place.
+    pub fn stage_of(state: &str) -> u8 {
+        match state {
+            "pending" => 0,
+            "running" => 1,
+            _ => 2,
         }
     }
 }
