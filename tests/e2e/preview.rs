@@ -834,3 +834,30 @@ async fn a_preview_answer_is_checked_kept_as_its_senders_and_refused_while_the_s
     );
     Ok(())
 }
+
+/// A merge request hook whose preview request the store cannot keep is answered 503, so that
+/// GitLab shows the hook failed and it can be resent: the request is never lost quietly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preview_request_the_store_cannot_keep_is_answered_503() -> anyhow::Result<()> {
+    let mut redis = Redis::start().await?;
+    let mut yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]);
+    yaml.push_str("    preview: true\n");
+    let server = TestServer::start(&yaml).await?;
+    redis.kill();
+    let body = json!({
+        "object_kind": "merge_request",
+        "project": { "id": PROJECT_ID, "path_with_namespace": PROJECT },
+        "object_attributes": {
+            "iid": MR, "target_branch": "main", "source_branch": "feature",
+            "action": "open", "state": "opened", "last_commit": { "id": sha(0x7a) },
+        },
+    });
+    let (status, answer) = server.hook("Merge Request Hook", &body, None).await?;
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["outcome"], "failed", "{answer}");
+    assert_eq!(
+        answer["message"], "cannot record the preview request; retry later",
+        "{answer}"
+    );
+    Ok(())
+}
