@@ -6,6 +6,7 @@
 //! (conditional writes across connections, resuming the log after an outage, the layout; the
 //! embedded store's file across a reopening).
 
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
@@ -82,6 +83,7 @@ suite!(
     agents_written_together_each_stand_on_their_own,
     the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged,
     an_entry_a_publisher_never_acknowledged_goes_to_another,
+    entries_on_several_shards_are_each_handed_out_before_the_takeover_time,
     reports_are_newest_first_and_trimmed,
     presence_follows_connect_and_disconnect,
     sync_errors_are_set_and_cleared,
@@ -832,6 +834,35 @@ async fn the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged(
         next_status_entry(store, "replica-a", Duration::ZERO)
             .await?
             .is_none()
+    );
+    Ok(())
+}
+
+/// Entries waiting on several shards at once (one read finds them all) each reach the
+/// publisher that asks, none of them only after the takeover time.
+async fn entries_on_several_shards_are_each_handed_out_before_the_takeover_time(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let long = Duration::from_secs(3600);
+    let keys: Vec<RefKey> = (0..8).map(|n| key("group/app", &format!("b{n}"))).collect();
+    let shards: HashSet<u16> = keys.iter().map(RefKey::shard).collect();
+    ensure!(shards.len() > 1, "the refs must span shards: {shards:?}");
+    for (n, k) in (1..).zip(&keys) {
+        store.record_fact(k, &push_of(n), None, None).await?;
+    }
+    let mut handed = HashSet::new();
+    while let Some(entry) = next_status_entry(store, "replica-a", long).await? {
+        ensure!(matches!(entry.message, Broadcast::Fact { .. }));
+        ensure!(
+            handed.insert(entry.id.clone()),
+            "{} handed out twice",
+            entry.id
+        );
+    }
+    assert_eq!(
+        handed.len(),
+        keys.len(),
+        "every entry, before the takeover time"
     );
     Ok(())
 }

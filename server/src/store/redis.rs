@@ -13,7 +13,7 @@
 //! writes of an evaluation that fans out to thousands of agents.
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -335,6 +335,9 @@ pub struct RedisStore {
     relayed: Arc<Notify>,
     /// When this replica last looked for entries a dead publisher took.
     last_reclaim: Mutex<Option<Instant>>,
+    /// Entries one read took from several shards at once, handed out one by one: each is
+    /// already this replica's in the group, and would wait out the takeover time if dropped.
+    status_taken: Mutex<VecDeque<TakenEntry>>,
     /// Counts log entries trimmed before any status publisher read them.
     status_entries_lost: prometheus_client::metrics::counter::Counter,
     /// Per shard, where the status group stood when its loss was last counted, and how many
@@ -485,6 +488,7 @@ impl RedisStore {
             status_conn: Mutex::new(None),
             relayed,
             last_reclaim: Mutex::new(None),
+            status_taken: Mutex::new(VecDeque::new()),
             status_entries_lost: metrics.status_entries_lost,
             status_loss_counted: Mutex::new(HashMap::new()),
             url_for_logs,
@@ -747,11 +751,15 @@ impl RedisStore {
         if let Some(entry) = self.reclaim(consumer, reclaim_after).await? {
             return Ok(Some(entry));
         }
+        if let Some(entry) = self.taken_earlier(consumer, reclaim_after).await {
+            return Ok(Some(entry));
+        }
         if self.source.is_cluster() {
             return self.take_from_each_shard(consumer).await;
         }
         let mut conn = self.status_connection().await?;
         let logs = self.keys.logs();
+        // COUNT is per stream: a read finding entries on several shards takes one of each.
         let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(STATUS_GROUP)
@@ -765,13 +773,44 @@ impl RedisStore {
             .arg(vec![">"; logs.len()])
             .query_async(&mut conn)
             .await?;
-        Ok(read.and_then(|reply| {
-            reply.keys.into_iter().find_map(|key| {
+        let taken_at = Instant::now();
+        let mut entries = read
+            .map(|reply| reply.keys)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|key| {
                 let shard = self.keys.shard_of_log(&key.key)?;
                 let entry = key.ids.into_iter().next()?;
                 Some(self.entry(shard, entry))
-            })
-        }))
+            });
+        let first = entries.next();
+        self.status_taken
+            .lock()
+            .await
+            .extend(entries.map(|entry| TakenEntry {
+                consumer: consumer.to_owned(),
+                taken_at,
+                entry,
+            }));
+        Ok(first)
+    }
+
+    /// The oldest entry an earlier read took for `consumer` and did not hand out yet. One
+    /// held for half the takeover time is left to be taken over (by any publisher, this
+    /// one too): handed out now, it could be posted while another replica takes it over.
+    async fn taken_earlier(&self, consumer: &str, reclaim_after: Duration) -> Option<LogEntry> {
+        let mut taken = self.status_taken.lock().await;
+        while let Some(at) = taken.iter().position(|held| held.consumer == consumer) {
+            let held = taken.remove(at)?;
+            if held.taken_at.elapsed() < reclaim_after / 2 {
+                return Some(held.entry);
+            }
+            debug!(
+                id = held.entry.id,
+                "a status entry waited too long behind others; left to be taken over"
+            );
+        }
+        None
     }
 
     /// On a cluster, which refuses one read across slots: each shard in turn without
@@ -1625,6 +1664,13 @@ struct StreamInfo {
     entries_added: u64,
     /// Entries it holds now.
     length: u64,
+}
+
+/// A status entry one read took along with another, waiting to be handed out.
+struct TakenEntry {
+    consumer: String,
+    taken_at: Instant,
+    entry: LogEntry,
 }
 
 /// What `XINFO GROUPS` says of the status publishers' group on a shard.
