@@ -84,6 +84,7 @@ suite!(
     the_status_feed_hands_each_entry_to_one_publisher_until_acknowledged,
     an_entry_a_publisher_never_acknowledged_goes_to_another,
     entries_on_several_shards_are_each_handed_out_before_the_takeover_time,
+    a_dead_publishers_entry_behind_many_held_by_live_ones_is_taken_over,
     reports_are_newest_first_and_trimmed,
     presence_follows_connect_and_disconnect,
     sync_errors_are_set_and_cleared,
@@ -863,6 +864,47 @@ async fn entries_on_several_shards_are_each_handed_out_before_the_takeover_time(
         handed.len(),
         keys.len(),
         "every entry, before the takeover time"
+    );
+    Ok(())
+}
+
+/// An entry a dead publisher took is taken over after the takeover time even when more
+/// entries than one look at the pending ones covers, held by live publishers, come first.
+async fn a_dead_publishers_entry_behind_many_held_by_live_ones_is_taken_over(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let takeover = Duration::from_secs(1);
+    let k = key("group/app", "main");
+    for n in 1..=12 {
+        store.record_fact(&k, &push_of(n), None, None).await?;
+    }
+    let mut taken = HashSet::new();
+    for _ in 0..12 {
+        let entry = next_status_entry(store, "replica-dead", takeover)
+            .await?
+            .context("each of the twelve")?;
+        taken.insert(entry.id);
+    }
+    tokio::time::sleep(takeover).await;
+    // A live replica takes over eleven of them and is still posting them.
+    let mut live = HashSet::new();
+    for _ in 0..11 {
+        let entry = next_status_entry(store, "replica-live", takeover)
+            .await?
+            .context("taken over")?;
+        live.insert(entry.id);
+    }
+    ensure!(
+        live.len() == 11 && live.is_subset(&taken),
+        "{live:?} of {taken:?}"
+    );
+    let last = next_status_entry(store, "replica-other", takeover)
+        .await?
+        .context("the dead publisher's last entry, at once")?;
+    assert!(
+        taken.contains(&last.id) && !live.contains(&last.id),
+        "{}",
+        last.id
     );
     Ok(())
 }
@@ -1995,12 +2037,7 @@ async fn entries_trimmed_unread_while_a_follower_was_away_make_it_re_read_everyt
 /// again, are counted once each, and the publishers read on from the oldest entry kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_entries_trimmed_unread_are_counted_once() -> anyhow::Result<()> {
-    let redis = Redis::start().await?;
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let settings = RedisSettings::single(redis.url(), "gl-lost".to_owned());
-    let metrics = LogMetrics::default();
-    let owned = RedisStore::connect(&settings, shutdown.clone(), metrics.clone())?;
+    let (redis, owned, metrics, _stop) = loss_counting_store().await?;
     let store: &dyn Store = &owned;
     // Losses are looked for every half of this at most, before a read.
     let lease = Duration::from_millis(200);
@@ -2038,6 +2075,71 @@ async fn status_entries_trimmed_unread_are_counted_once() -> anyhow::Result<()> 
     store.ack_statuses(&last.id).await?;
     assert_eq!(metrics.status_entries_lost.get(), 3, "counted once");
     Ok(())
+}
+
+/// Entries a publisher took and never acknowledged, trimmed before a takeover met them, are
+/// counted once each as lost; the entries after them are handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_entries_trimmed_while_pending_are_counted_once() -> anyhow::Result<()> {
+    let (redis, owned, metrics, _stop) = loss_counting_store().await?;
+    let store: &dyn Store = &owned;
+    let takeover = Duration::from_millis(200);
+    let k = key("group/app", "main");
+    let mut shard = String::new();
+    for n in 1..=3 {
+        store.record_fact(&k, &push_of(n), None, None).await?;
+        let taken = next_status_entry(store, "replica-dead", takeover)
+            .await?
+            .context("taken, never acknowledged")?;
+        shard = taken
+            .id
+            .split_once('/')
+            .context("a shard/id entry id")?
+            .0
+            .to_owned();
+    }
+    for n in 4..=5 {
+        store.record_fact(&k, &push_of(n), None, None).await?;
+    }
+    let log = format!("gl-lost:{{gl{shard}}}:log");
+    redis.cli(&["XTRIM", &log, "MAXLEN", "2"])?;
+    tokio::time::sleep(takeover).await;
+    let mut kept = Vec::new();
+    while let Some(entry) = next_status_entry(store, "replica-b", takeover).await? {
+        store.ack_statuses(&entry.id).await?;
+        kept.push(entry.message);
+    }
+    assert!(
+        matches!(
+            kept.as_slice(),
+            [
+                Broadcast::Fact { position: 4, .. },
+                Broadcast::Fact { position: 5, .. }
+            ]
+        ),
+        "{kept:?}"
+    );
+    assert_eq!(metrics.status_entries_lost.get(), 3);
+    tokio::time::sleep(takeover).await;
+    assert!(
+        next_status_entry(store, "replica-b", takeover)
+            .await?
+            .is_none()
+    );
+    assert_eq!(metrics.status_entries_lost.get(), 3, "counted once");
+    Ok(())
+}
+
+/// A Redis store under the prefix `gl-lost` with its log metrics, for counting lost status
+/// entries; it stops with the guard.
+async fn loss_counting_store()
+-> anyhow::Result<(Redis, RedisStore, LogMetrics, tokio_util::sync::DropGuard)> {
+    let redis = Redis::start().await?;
+    let shutdown = CancellationToken::new();
+    let settings = RedisSettings::single(redis.url(), "gl-lost".to_owned());
+    let metrics = LogMetrics::default();
+    let store = RedisStore::connect(&settings, shutdown.clone(), metrics.clone())?;
+    Ok((redis, store, metrics, shutdown.drop_guard()))
 }
 
 /// Waits up to RESUBSCRIBE for a `Notice::Resync`, skipping any other notice.

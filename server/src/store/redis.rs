@@ -310,6 +310,11 @@ const LOG_BATCH: usize = 512;
 const STATUS_BLOCK: Duration = Duration::from_secs(2);
 /// How often a publisher looks for entries a dead publisher took.
 const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+/// `XAUTOCLAIM` calls per shard and look, each over ten pending entries, before the look
+/// moves on to the next shard.
+const RECLAIM_SCANS: usize = 8;
+/// The cursor `XAUTOCLAIM` starts a scan at and answers once it went through every entry.
+const SCAN_DONE: &str = "0-0";
 
 /// The Redis-backed store.
 pub struct RedisStore {
@@ -338,6 +343,8 @@ pub struct RedisStore {
     /// Entries one read took from several shards at once, handed out one by one: each is
     /// already this replica's in the group, and would wait out the takeover time if dropped.
     status_taken: Mutex<VecDeque<TakenEntry>>,
+    /// Per shard, where the last look for a dead publisher's entries stopped.
+    reclaim_cursors: Mutex<Vec<String>>,
     /// Counts log entries trimmed before any status publisher read them.
     status_entries_lost: prometheus_client::metrics::counter::Counter,
     /// Per shard, where the status group stood when its loss was last counted, and how many
@@ -489,6 +496,7 @@ impl RedisStore {
             relayed,
             last_reclaim: Mutex::new(None),
             status_taken: Mutex::new(VecDeque::new()),
+            reclaim_cursors: Mutex::new(vec![SCAN_DONE.to_owned(); usize::from(SHARDS)]),
             status_entries_lost: metrics.status_entries_lost,
             status_loss_counted: Mutex::new(HashMap::new()),
             url_for_logs,
@@ -676,24 +684,61 @@ impl RedisStore {
             warn!(%error, "cannot count status entries trimmed unread");
         }
         let min_idle = millis(reclaim_after);
+        let mut cursors = self.reclaim_cursors.lock().await;
         for (shard, log) in self.keys.logs().iter().enumerate() {
-            let reclaimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(log)
-                .arg(STATUS_GROUP)
-                .arg(consumer)
-                .arg(min_idle)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut self.conn.clone())
-                .await?;
-            if let Some(entry) = reclaimed.claimed.into_iter().next() {
-                // Others may wait too: look again on the next read.
-                *self.last_reclaim.lock().await = None;
-                return Ok(Some(self.entry(shard as u16, entry)));
+            let Some(cursor) = cursors.get_mut(shard) else {
+                continue;
+            };
+            // Each call looks at ten pending entries at most: entries held by live
+            // publishers ahead of a dead one's would hide it if every look began at the
+            // start, so the scan goes on where the last one stopped.
+            for _ in 0..RECLAIM_SCANS {
+                let reclaimed: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                    .arg(log)
+                    .arg(STATUS_GROUP)
+                    .arg(consumer)
+                    .arg(min_idle)
+                    .arg(cursor.as_str())
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                *cursor = reclaimed.next_stream_id;
+                self.count_pending_entries_trimmed(
+                    log,
+                    &reclaimed.deleted_ids,
+                    reclaimed.invalid_entries,
+                );
+                if let Some(entry) = reclaimed.claimed.into_iter().next() {
+                    // Others may wait too: look again on the next read.
+                    *self.last_reclaim.lock().await = None;
+                    return Ok(Some(self.entry(shard as u16, entry)));
+                }
+                if cursor.as_str() == SCAN_DONE {
+                    break;
+                }
             }
         }
         Ok(None)
+    }
+
+    /// Counts, and warns of, entries taken by a publisher that left them unacknowledged
+    /// (its replica died, or GitLab kept failing) and trimmed since: Redis drops them from
+    /// the group when a takeover meets them, and their statuses are lost.
+    fn count_pending_entries_trimmed(&self, log: &str, deleted: &[String], unreadable: bool) {
+        self.count_status_entries_lost_to_trim(
+            log,
+            deleted.len() as u64,
+            "their status publisher finished them",
+        );
+        if unreadable {
+            // Redis before 7.0 hands such entries over as nil and keeps them pending.
+            warn!(
+                log,
+                "change log entries were trimmed before their status publisher finished them \
+                 (Redis before 7.0 keeps them pending; their commit statuses may not be posted)"
+            );
+        }
     }
 
     /// Counts, and warns of, entries each shard trimmed before the status group read them:
@@ -728,17 +773,22 @@ impl RedisStore {
                 let mut counted = self.status_loss_counted.lock().await;
                 delivered.newly_lost(&stream, counted.entry(log.clone()).or_default())
             };
-            if lost > 0 {
-                warn!(
-                    log,
-                    lost,
-                    "change log entries were trimmed before a status publisher read them; \
-                     their commit statuses will not be posted"
-                );
-                self.status_entries_lost.inc_by(lost);
-            }
+            self.count_status_entries_lost_to_trim(&log, lost, "a status publisher read them");
         }
         Ok(())
+    }
+
+    /// Counts, and warns of, `lost` entries of `log` trimmed before `what_then` happened.
+    fn count_status_entries_lost_to_trim(&self, log: &str, lost: u64, what_then: &str) {
+        if lost > 0 {
+            warn!(
+                log,
+                lost,
+                "change log entries were trimmed before {what_then}; their commit statuses \
+                 will not be posted"
+            );
+            self.status_entries_lost.inc_by(lost);
+        }
     }
 
     async fn take_for_statuses(
