@@ -229,3 +229,54 @@ async fn previews_on_a_redis_cluster_are_shared_by_every_replica() -> anyhow::Re
     assert_eq!(a.note("prod", PROJECT, 7).await?, Some(42));
     Ok(())
 }
+
+/// A fact whose script a stalled cluster answers only after the caller stopped waiting runs
+/// once: the client does not send it again when its node is slow to answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_a_stalled_cluster_answers_late_runs_once() -> anyhow::Result<()> {
+    use greenlight_server::config::RedisSettings;
+    use greenlight_server::gate::{Before, Push, Sha};
+    use greenlight_server::store::{FactRecord, FactStore as _, RedisStore, RefKey};
+
+    let cluster = RedisCluster::start(3).await?;
+    let settings = RedisSettings {
+        url: String::new(),
+        cluster_nodes: cluster.seeds(),
+        key_prefix: "gl-stall".into(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let store = RedisStore::connect(&settings, shutdown.clone(), Default::default())?;
+    let key = RefKey {
+        project: PROJECT.into(),
+        branch: "main".into(),
+    };
+    let push = |n: u32| -> anyhow::Result<FactRecord> {
+        Ok(FactRecord::Push(Push {
+            before: Before::Created,
+            after: Some(Sha::parse(&sha(n))?),
+            at_ms: i64::from(n),
+        }))
+    };
+    store.record_fact(&key, &push(1)?, None, None).await?;
+
+    let stall = std::time::Duration::from_secs(4);
+    cluster.pause_writes(stall)?;
+    let started = std::time::Instant::now();
+    let answered = tokio::time::timeout(stall, store.record_fact(&key, &push(2)?, None, None))
+        .await
+        .context("no answer, not even an error, within the stall")?;
+    ensure!(
+        answered.is_err() && started.elapsed() < stall,
+        "the caller stops waiting before the stall ends: {answered:?} after {:?}",
+        started.elapsed()
+    );
+    tokio::time::sleep(stall).await;
+    let facts = store.facts(&key).await?;
+    assert_eq!(
+        (facts.position, facts.pushes.len()),
+        (2, 2),
+        "the second push recorded once, after the stall"
+    );
+    Ok(())
+}

@@ -113,6 +113,16 @@ impl RedisCluster {
         Ok(())
     }
 
+    /// Makes every node hold back write commands and scripts for `pause`, answering them
+    /// after it: a cluster that stalls (a fork, a slow disk).
+    pub fn pause_writes(&self, pause: std::time::Duration) -> anyhow::Result<()> {
+        let millis = pause.as_millis().to_string();
+        for node in &self.nodes {
+            cli(node.port, &["CLIENT", "PAUSE", &millis, "WRITE"])?;
+        }
+        Ok(())
+    }
+
     /// How many slots node `index` owns.
     fn slots_of(&self, index: usize) -> anyhow::Result<usize> {
         let id = self.id(index)?;

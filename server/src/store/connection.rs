@@ -35,7 +35,26 @@ pub(crate) enum Conn {
     Managed(ConnectionManager),
     /// Of its own, for blocking reads that must not stall other commands.
     Plain(MultiplexedConnection),
-    Cluster(ClusterConnection),
+    /// A cluster connection with the time its caller waits for an answer.
+    ///
+    /// The cluster client sends a command again when its node does not answer in time, and
+    /// a script that ran twice would report a conflict with itself or record a fact twice.
+    /// So the caller's wait ends before the node's time is up: a command given up on is no
+    /// longer sent again, and its outcome is unknown, as on one server. The client still
+    /// follows redirections and sends again on a connection that broke (a failover).
+    Cluster(ClusterConnection, Duration),
+}
+
+/// How long a node has to answer past the caller's wait before the cluster client counts it
+/// as timed out, which would send the command again.
+const NODE_GRACE: Duration = Duration::from_secs(10);
+
+fn answer_timed_out(waited: Duration) -> redis::RedisError {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("no answer from the Redis Cluster within {waited:?}"),
+    )
+    .into()
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -53,7 +72,11 @@ impl redis::aio::ConnectionLike for Conn {
                 }
             }),
             Self::Plain(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn, wait) => Box::pin(async move {
+                tokio::time::timeout(*wait, conn.req_packed_command(cmd))
+                    .await
+                    .unwrap_or_else(|_| Err(answer_timed_out(*wait)))
+            }),
         }
     }
 
@@ -73,7 +96,11 @@ impl redis::aio::ConnectionLike for Conn {
                 }
             }),
             Self::Plain(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn, wait) => Box::pin(async move {
+                tokio::time::timeout(*wait, conn.req_packed_commands(pipeline, offset, count))
+                    .await
+                    .unwrap_or_else(|_| Err(answer_timed_out(*wait)))
+            }),
         }
     }
 
@@ -81,7 +108,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Self::Managed(conn) => conn.get_db(),
             Self::Plain(conn) => conn.get_db(),
-            Self::Cluster(conn) => conn.get_db(),
+            Self::Cluster(conn, _) => conn.get_db(),
         }
     }
 }
@@ -119,10 +146,14 @@ impl Source {
                 Conn::Managed(ConnectionManager::new_lazy_with_config(client, config)?)
             }
             Self::Cluster(client) => {
+                let wait = Duration::from_secs(2);
                 let config = ClusterConfig::new()
                     .set_connection_timeout(Duration::from_secs(1))
-                    .set_response_timeout(Duration::from_secs(2));
-                Conn::Cluster(client.get_pending_async_connection_with_config(config))
+                    .set_response_timeout(wait + NODE_GRACE);
+                Conn::Cluster(
+                    client.get_pending_async_connection_with_config(config),
+                    wait,
+                )
             }
         })
     }
@@ -145,8 +176,11 @@ impl Source {
             Self::Cluster(client) => {
                 let config = ClusterConfig::new()
                     .set_connection_timeout(Duration::from_secs(2))
-                    .set_response_timeout(response);
-                Conn::Cluster(client.get_async_connection_with_config(config).await?)
+                    .set_response_timeout(response + NODE_GRACE);
+                Conn::Cluster(
+                    client.get_async_connection_with_config(config).await?,
+                    response,
+                )
             }
         })
     }
