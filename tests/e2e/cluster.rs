@@ -260,9 +260,11 @@ async fn a_script_a_stalled_cluster_answers_late_runs_once() -> anyhow::Result<(
     };
     store.record_fact(&key, &push(1)?, None, None).await?;
 
-    let stall = std::time::Duration::from_secs(4);
-    cluster.pause_writes(stall)?;
+    // The clock starts before the nodes are paused one after another, so that the pause
+    // of every node outlasts the caller's wait however slow the pausing is.
+    let stall = std::time::Duration::from_secs(6);
     let started = std::time::Instant::now();
+    cluster.pause_writes(stall)?;
     let answered = tokio::time::timeout(stall, store.record_fact(&key, &push(2)?, None, None))
         .await
         .context("no answer, not even an error, within the stall")?;

@@ -4,8 +4,7 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::cluster::ClusterClient;
-use redis::cluster::ClusterConfig;
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, ProtocolVersion};
 
@@ -46,8 +45,15 @@ pub(crate) enum Conn {
 }
 
 /// How long a node has to answer past the caller's wait before the cluster client counts it
-/// as timed out, which would send the command again.
-const NODE_GRACE: Duration = Duration::from_secs(10);
+/// as timed out, which would send the command again. Every attempt of a command (a
+/// redirection's too) starts its node's time no earlier than the caller began to wait, so
+/// any margin will do; a short one keeps the client's own commands (slot refreshes) from
+/// waiting long on a node that hangs.
+const NODE_GRACE: Duration = Duration::from_secs(1);
+/// The cluster client's pause before it tries a command again after `TRYAGAIN` (keys of a
+/// slot being moved), `CLUSTERDOWN` or `LOADING`, in milliseconds: its default (1.28 s at
+/// least) would let a caller's 2 s wait see one attempt more at most.
+const RETRY_WAIT_MS: (u64, u64) = (50, 500);
 
 fn answer_timed_out(waited: Duration) -> redis::RedisError {
     std::io::Error::new(
@@ -119,9 +125,12 @@ impl Source {
         Ok(if settings.cluster_nodes.is_empty() {
             Self::Single(redis::Client::open(settings.url.as_str())?)
         } else {
-            Self::Cluster(Box::new(ClusterClient::new(
-                settings.cluster_nodes.iter().map(String::as_str),
-            )?))
+            Self::Cluster(Box::new(
+                ClusterClientBuilder::new(settings.cluster_nodes.iter().map(String::as_str))
+                    .min_retry_wait(RETRY_WAIT_MS.0)
+                    .max_retry_wait(RETRY_WAIT_MS.1)
+                    .build()?,
+            ))
         })
     }
 
