@@ -216,8 +216,9 @@ impl Default for Metrics {
         registry.register(
             "gitlab_commit_status_entries_lost",
             "Change log entries trimmed before a status publisher read or finished them, whose \
-             commit statuses are never posted (GitLab unreachable while about 10,000 entries \
-             passed in one shard); counted by the replica that notices",
+             commit statuses are not posted unless a publisher was posting them then (GitLab \
+             unreachable while about 10,000 entries passed in one shard); counted by the replica \
+             that notices",
             log.status_entries_lost.clone(),
         );
         let stream_buffer = StreamBuffer::default();

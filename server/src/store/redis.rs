@@ -726,6 +726,8 @@ impl RedisStore {
     /// (its replica died, or GitLab kept failing) and trimmed since: Redis drops them from
     /// the group when a takeover meets them, and their statuses are lost.
     fn count_pending_entries_trimmed(&self, log: &str, deleted: &[String], unreadable: bool) {
+        // Redis drops them whether or not their publisher is still posting them, so some
+        // counted may yet be posted.
         self.count_status_entries_lost_to_trim(
             log,
             deleted.len() as u64,
@@ -785,7 +787,7 @@ impl RedisStore {
                 log,
                 lost,
                 "change log entries were trimmed before {what_then}; their commit statuses \
-                 will not be posted"
+                 are not posted unless a publisher is posting them now"
             );
             self.status_entries_lost.inc_by(lost);
         }
@@ -796,12 +798,13 @@ impl RedisStore {
         consumer: &str,
         reclaim_after: Duration,
     ) -> Result<Option<LogEntry>> {
-        // First what a publisher took and never acknowledged: its replica died, or it is
+        // First what an earlier read took along, before its half of the takeover time is
+        // up; then what a publisher took and never acknowledged: its replica died, or it is
         // this replica's own from before a restart.
-        if let Some(entry) = self.reclaim(consumer, reclaim_after).await? {
+        if let Some(entry) = self.taken_earlier(consumer, reclaim_after).await {
             return Ok(Some(entry));
         }
-        if let Some(entry) = self.taken_earlier(consumer, reclaim_after).await {
+        if let Some(entry) = self.reclaim(consumer, reclaim_after).await? {
             return Ok(Some(entry));
         }
         if self.source.is_cluster() {
@@ -1435,7 +1438,9 @@ impl ChangeLog for RedisStore {
     ) -> Result<Option<LogEntry>> {
         match self.take_for_statuses(consumer, reclaim_after).await {
             Err(StoreError::Redis(error)) if error.code() == Some("NOGROUP") => {
-                // First use, or Redis lost its data.
+                // First use, or Redis lost its data: what was taken from the lost data
+                // (whose shown statuses and claims are gone too) is not handed out.
+                self.status_taken.lock().await.clear();
                 self.ensure_status_groups().await?;
                 *self.last_reclaim.lock().await = None;
                 self.take_for_statuses(consumer, reclaim_after).await
