@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{
-    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PropagationPolicy,
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, Preconditions,
+    PropagationPolicy,
 };
 use kube::core::{ApiResource, GroupVersion};
 use kube::discovery::Scope;
@@ -144,10 +145,13 @@ pub enum Write<'a> {
     },
     /// Add the adopted mark ([`ADOPTED_ANNOTATION`]) to an object the agent adopted.
     MarkAdopted { object: ObjectRef<'a> },
-    /// Delete, with `propagation` (`orphan`, `background` or `foreground`).
+    /// Delete, with `propagation` (`orphan`, `background` or `foreground`), only the
+    /// object whose UID is `uid`: the one judged to be pruned, not one created again under
+    /// its name since.
     Delete {
         object: ObjectRef<'a>,
         propagation: &'a str,
+        uid: &'a str,
     },
 }
 
@@ -182,6 +186,9 @@ pub enum Deleted {
     Gone,
     /// Accepted, but the object stays until its finalizers are removed.
     Terminating(Terminating),
+    /// Not deleted: the object under the name is another than the one judged (its UID
+    /// differs), created again since.
+    Replaced,
 }
 
 impl crate::plan::ServedKind for Resolved {
@@ -397,8 +404,9 @@ impl Cluster {
                         name,
                     },
                 propagation,
+                uid,
             } => self
-                .delete(resolved, namespace, name, propagation)
+                .delete(resolved, namespace, name, &delete_params(propagation, uid))
                 .await
                 .map(Written::Deleted),
         }
@@ -553,24 +561,15 @@ impl Cluster {
         }
     }
 
-    /// Deletes the object with `policy` (orphan, background or foreground).
+    /// Deletes the object as `params` say.
     async fn delete(
         &self,
         resolved: &Resolved,
         namespace: Option<&str>,
         name: &str,
-        policy: &str,
+        params: &DeleteParams,
     ) -> Result<Deleted, ClusterError> {
-        let propagation_policy = Some(match policy {
-            "orphan" => PropagationPolicy::Orphan,
-            "foreground" => PropagationPolicy::Foreground,
-            _ => PropagationPolicy::Background,
-        });
-        let params = DeleteParams {
-            propagation_policy,
-            ..DeleteParams::default()
-        };
-        match bounded(self.api(resolved, namespace).delete(name, &params)).await {
+        match bounded(self.api(resolved, namespace).delete(name, params)).await {
             // The API server answers with the object when it stays for now (finalizers, a
             // foreground deletion), with a Status or the last state when it is gone.
             Ok(answer) => Ok(answer
@@ -578,8 +577,28 @@ impl Cluster {
                 .and_then(|object| Terminating::of(&object.metadata))
                 .map_or(Deleted::Gone, Deleted::Terminating)),
             Err(error) if error.is_not_found() => Ok(Deleted::Absent),
+            // Only a precondition makes a delete conflict.
+            Err(error) if error.is_conflict() => Ok(Deleted::Replaced),
             Err(error) => Err(error),
         }
+    }
+}
+
+/// A delete with propagation `policy` (orphan, background or foreground) of the object
+/// whose UID is `uid` only.
+fn delete_params(policy: &str, uid: &str) -> DeleteParams {
+    let propagation_policy = Some(match policy {
+        "orphan" => PropagationPolicy::Orphan,
+        "foreground" => PropagationPolicy::Foreground,
+        _ => PropagationPolicy::Background,
+    });
+    DeleteParams {
+        propagation_policy,
+        preconditions: Some(Preconditions {
+            uid: Some(uid.to_owned()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
     }
 }
 

@@ -1161,12 +1161,28 @@ impl Worker {
                 ),
             ));
         }
+        let Some(uid) = current.metadata.uid.as_deref() else {
+            return Pruned::Failed(as_result(
+                Action::Failed,
+                "not pruned: the API server answered it without a UID".to_owned(),
+            ));
+        };
         self.drift.forget(&entry.key);
         let write = Write::Delete {
             object,
             propagation: &settings.prune_propagation_policy,
+            uid,
         };
         match self.cluster.perform(write).await {
+            Ok(Written::Deleted(Deleted::Replaced)) => {
+                info!(object = %entry.key, "not pruned: it was created again while being pruned");
+                Pruned::Kept(as_result(
+                    Action::Unchanged,
+                    "not pruned: it was deleted and created again while being pruned; it is \
+                     looked at again next time"
+                        .to_owned(),
+                ))
+            }
             Ok(Written::Deleted(Deleted::Terminating(terminating))) => {
                 info!(object = %entry.key, %terminating, "pruned; it stays until its finalizers are removed");
                 Pruned::Terminating(

@@ -2131,3 +2131,56 @@ async fn another_agents_object_is_refused_and_never_let_go() -> anyhow::Result<(
     assert_eq!(w.value("theirs").await?.as_deref(), Some("staging's"));
     Ok(())
 }
+
+/// A prune deletes only the object it judged: one deleted and created again under the same
+/// name since (by another tool) is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_deletes_only_the_object_it_judged_not_one_created_again() -> anyhow::Result<()> {
+    use greenlight_agent::cluster::{Cluster, Deleted, ObjectRef, Write, Written};
+
+    install_crypto();
+    let Some(test) = TestCluster::new().await? else {
+        return Ok(());
+    };
+    let configmaps: Api<ConfigMap> = Api::namespaced(test.kube.clone(), &test.apps);
+    let create = || async {
+        let created = configmaps
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({ "metadata": { "name": "judged" } }))?,
+            )
+            .await?;
+        created.metadata.uid.context("a created object has a UID")
+    };
+    let judged = create().await?;
+    configmaps
+        .delete("judged", &DeleteParams::default())
+        .await?;
+    let again = create().await?;
+
+    let cluster = Cluster::new(test.kube.clone(), "greenlight-test");
+    cluster.discover([("v1", "ConfigMap")]).await;
+    let resolved = cluster
+        .resolve("v1", "ConfigMap")
+        .context("ConfigMaps are served")?;
+    let delete = |uid| Write::Delete {
+        object: ObjectRef {
+            resolved: &resolved,
+            namespace: Some(&test.apps),
+            name: "judged",
+        },
+        propagation: "background",
+        uid,
+    };
+    assert!(matches!(
+        cluster.perform(delete(&judged)).await?,
+        Written::Deleted(Deleted::Replaced)
+    ));
+    let kept = configmaps.get_opt("judged").await?;
+    assert_eq!(kept.and_then(|cm| cm.metadata.uid), Some(again.clone()));
+    assert!(matches!(
+        cluster.perform(delete(&again)).await?,
+        Written::Deleted(Deleted::Gone | Deleted::Terminating(_))
+    ));
+    Ok(())
+}
