@@ -208,12 +208,18 @@ fn validate(value: Value, origin: Origin) -> Result<Manifest, String> {
         .filter(|s| !s.is_empty())
         .ok_or("missing metadata.name (generateName is not supported: objects need a stable name)")?
         .to_owned();
-    if !is_dns_subdomain(&name)
-        && kind != "ClusterRole"
-        && kind != "ClusterRoleBinding"
-        && kind != "Role"
-        && kind != "RoleBinding"
-    {
+    // RBAC objects may be named with any characters that fit in a URL's path segment
+    // (`system:controller:…`), as the API server validates them; the others are DNS names.
+    let rbac = matches!(
+        kind.as_str(),
+        "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+    );
+    let valid = if rbac {
+        is_path_segment_name(&name)
+    } else {
+        is_dns_subdomain(&name)
+    };
+    if !valid {
         return Err(format!(
             "metadata.name {name:?} is not a valid Kubernetes name"
         ));
@@ -245,6 +251,12 @@ fn is_dns_subdomain(name: &str) -> bool {
         && name
             .split('.')
             .all(|part| !part.is_empty() && part.len() <= 63 && label_chars(part))
+}
+
+/// A name the API server takes as one path segment of its URL: the client does not escape
+/// it, so `..` or a `/` would name another resource.
+fn is_path_segment_name(name: &str) -> bool {
+    name != "." && name != ".." && !name.contains(['/', '%'])
 }
 
 fn is_dns_label(name: &str) -> bool {
@@ -328,6 +340,24 @@ mod tests {
         assert!(err.reason.contains("Not_Valid"), "{err}");
         let err = parse(&[file("x.yaml", "- just\n- a list\n")]).unwrap_err();
         assert!(err.reason.contains("mapping"), "{err}");
+    }
+
+    #[test]
+    fn rbac_names_may_hold_colons_but_never_leave_their_path_segment() {
+        let role = |name: &str| {
+            let doc = format!(
+                "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata: {{name: {name:?}}}\n"
+            );
+            parse(&[file("role.yaml", &doc)])
+        };
+        assert!(role("system:controller:greenlight").is_ok());
+        for name in ["..", ".", "../../namespaces/kube-system", "a/b", "a%2Fb"] {
+            let err = role(name).unwrap_err();
+            assert!(
+                err.reason.contains("not a valid Kubernetes name"),
+                "{name}: {err}"
+            );
+        }
     }
 
     #[test]
