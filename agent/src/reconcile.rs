@@ -1289,9 +1289,11 @@ impl Worker {
 /// Whether this agent may apply an object that `owner` describes (`None`: it does not
 /// exist), and if so whether it is adopted; `known` is what the inventory says of it
 /// (`None`: not in it, so never applied, or forgotten since). An object another agent's
-/// label names is refused. One the agent has not applied is adopted when it exists without
-/// the label; with this agent's label and the adopted mark, it was adopted before and stays
-/// so, whatever the inventory lost.
+/// label names is refused. One without this agent's label is adopted, even when the
+/// inventory lists it as the agent's: the inventory is written before the objects, so an
+/// entry may be of an apply that failed or never ran, and someone else may have created the
+/// object since. With this agent's label and the adopted mark, it was adopted before and
+/// stays so, whatever the inventory lost.
 fn judge(
     key: &ObjectKey,
     owner: Option<&Owner>,
@@ -1307,8 +1309,8 @@ fn judge(
             key: key.clone(),
             owner: other.to_owned(),
         }),
-        None if known.is_none() => Ok(true),
-        _ => Ok(recorded || owner.adopted),
+        None => Ok(true),
+        Some(_) => Ok(recorded || owner.adopted),
     }
 }
 
@@ -1806,8 +1808,9 @@ mod tests {
         );
         assert_eq!(
             judged(Some(owner(None, false)), Some(false)),
-            Ok(false),
-            "its label removed"
+            Ok(true),
+            "listed before an apply that never happened, and made by someone else since (or \
+             its label removed): never the agent's to delete"
         );
         assert_eq!(
             judged(Some(owner(Some("staging"), false)), None),

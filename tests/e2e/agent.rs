@@ -1089,6 +1089,47 @@ async fn objects_that_existed_before_are_adopted_and_never_pruned() -> anyhow::R
     Ok(())
 }
 
+/// The inventory lists an object before it is applied. When that apply fails and someone
+/// else creates the object before the next attempt, the agent adopts it like any object
+/// that existed before, and never prunes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_made_by_someone_else_after_its_apply_failed_is_adopted() -> anyhow::Result<()> {
+    let w = world!("");
+    let refused = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: late}\ndata: {\"no spaces in keys\": x}\n";
+    let first = w.repo.commit(
+        &[
+            ("late.yaml", refused.as_bytes()),
+            ("keep.yaml", configmap("keep", "1").as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Failed).await?;
+    w.put(json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "late", "namespace": w.apps}, "data": {"value": "theirs"}}))
+        .await?;
+
+    let second = w
+        .repo
+        .commit(&[("late.yaml", configmap("late", "2").as_bytes())], &[])?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
+    assert_eq!(w.value("late").await?.as_deref(), Some("2"));
+    let third = w.repo.commit(&[], &["late.yaml"])?;
+    w.server.release(&second, &third, 3).await?;
+    w.server.reported("prod", &third, Phase::Healthy).await?;
+    let late = w
+        .configmap("late")
+        .await?
+        .context("someone else's object is never pruned")?;
+    assert!(
+        late["metadata"]["labels"]["greenlight.dev/inventory"].is_null(),
+        "let go: {late}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_revision_prunes_nothing_and_fails() -> anyhow::Result<()> {
     let w = world!("");
