@@ -44,6 +44,9 @@ pub(crate) enum Conn {
     Cluster(ClusterConnection, Duration),
 }
 
+/// How long a command on the shared connection waits for its answer: a webhook answers 503
+/// well within GitLab's 10 s when Redis does not answer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 /// How long a node has to answer past the caller's wait before the cluster client counts it
 /// as timed out, which would send the command again. Every attempt of a command (a
 /// redirection's too) starts its node's time no earlier than the caller began to wait, so
@@ -149,19 +152,18 @@ impl Source {
                 // GitLab's 10 s.
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(Duration::from_secs(1)))
-                    .set_response_timeout(Some(Duration::from_secs(2)))
+                    .set_response_timeout(Some(ANSWER_WITHIN))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
                 Conn::Managed(ConnectionManager::new_lazy_with_config(client, config)?)
             }
             Self::Cluster(client) => {
-                let wait = Duration::from_secs(2);
                 let config = ClusterConfig::new()
                     .set_connection_timeout(Duration::from_secs(1))
-                    .set_response_timeout(wait + NODE_GRACE);
+                    .set_response_timeout(ANSWER_WITHIN + NODE_GRACE);
                 Conn::Cluster(
                     client.get_pending_async_connection_with_config(config),
-                    wait,
+                    ANSWER_WITHIN,
                 )
             }
         })
