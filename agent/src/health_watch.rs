@@ -17,6 +17,8 @@ use greenlight::backoff::jittered;
 
 /// How often health is polled while waiting.
 const HEALTH_POLL: Duration = Duration::from_secs(1);
+/// How long after the health timeout the reads of the last pass may still take.
+const LAST_PASS_GRACE: Duration = Duration::from_secs(5);
 /// Health timeouts beyond a week are taken as a week: far enough, and no overflow.
 const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 
@@ -78,25 +80,38 @@ impl<'a> HealthWatch<'a> {
     /// Polls until every watched object is healthy, one failed, the timeout passed or `stop`.
     pub async fn wait(&self, stop: &(dyn Fn() -> bool + Sync)) -> Waited {
         let deadline = tokio::time::Instant::now().checked_add(self.timeout);
+        let reads_end = deadline.and_then(|deadline| deadline.checked_add(LAST_PASS_GRACE));
         loop {
             let mut unhealthy: Vec<(String, String)> = Vec::new();
             let mut failed: Vec<(String, String)> = Vec::new();
             for entry in &self.watched {
+                if stop() {
+                    return Waited::Stopped;
+                }
                 let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind)
                 else {
                     continue;
                 };
-                let state = match self
-                    .cluster
-                    .get(&resolved, entry.key.namespace.as_deref(), &entry.key.name)
-                    .await
-                {
-                    Ok(Some(object)) => match serde_json::to_value(&object) {
+                let read =
+                    self.cluster
+                        .get(&resolved, entry.key.namespace.as_deref(), &entry.key.name);
+                // Reads end a little after the deadline, so that the last pass can still say
+                // why each object is not healthy, but an API server that hangs cannot make a
+                // pass over many objects outlast the health timeout by a read's time each.
+                let read = match reads_end {
+                    Some(end) => tokio::time::timeout_at(end, read).await.ok(),
+                    None => Some(read.await),
+                };
+                let state = match read {
+                    Some(Ok(Some(object))) => match serde_json::to_value(&object) {
                         Ok(value) => judge(&self.checks, &entry.key, &value),
                         Err(error) => Health::Progressing(error.to_string()),
                     },
-                    Ok(None) => Health::Progressing("does not exist".into()),
-                    Err(error) => Health::Progressing(error.message()),
+                    Some(Ok(None)) => Health::Progressing("does not exist".into()),
+                    Some(Err(error)) => Health::Progressing(error.message()),
+                    None => Health::Progressing(
+                        "the API server did not answer within the health timeout".into(),
+                    ),
                 };
                 match state {
                     Health::Healthy => {}
@@ -192,7 +207,57 @@ fn health_timeout(seconds: u64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{resources, serve};
     use serde_json::json;
+
+    /// An API server that hangs on every read of a Deployment makes the wait end shortly
+    /// after its health timeout, not a read's timeout (a minute) later for each object.
+    #[tokio::test]
+    async fn reads_an_api_server_never_answers_end_at_the_health_timeout() {
+        let (client, _) = serve(|method, path| match (method, path) {
+            ("GET", "/apis/apps/v1") => Some((
+                200,
+                resources("apps/v1", &[("deployments", "Deployment", true)]),
+            )),
+            _ => None,
+        })
+        .await;
+        let cluster = Cluster::new(client, "test");
+        cluster.discover([("apps/v1", "Deployment")]).await;
+        let desired: Vec<InventoryEntry> = (0..3)
+            .map(|n| InventoryEntry {
+                key: ObjectKey {
+                    group: "apps".into(),
+                    kind: "Deployment".into(),
+                    namespace: Some("apps".into()),
+                    name: format!("web-{n}"),
+                },
+                api_version: "apps/v1".into(),
+                namespaced: true,
+                adopted: false,
+            })
+            .collect();
+        let settings = ApplySettings {
+            health_timeout_seconds: 1,
+            ..ApplySettings::default()
+        };
+        let watch = HealthWatch::new(&cluster, &desired, &settings);
+        // The timeout and the last pass's grace, well under the three minutes three
+        // unanswered reads would take.
+        let waited = tokio::time::timeout(Duration::from_secs(30), watch.wait(&|| false))
+            .await
+            .expect("the wait ends near its health timeout");
+        let Waited::Unhealthy { objects, .. } = waited else {
+            panic!("not healthy: {waited:?}");
+        };
+        assert_eq!(objects.len(), 3, "each object named: {objects:?}");
+        assert!(
+            objects.iter().any(|o| o
+                .message
+                .contains("did not answer within the health timeout")),
+            "{objects:?}"
+        );
+    }
 
     #[test]
     fn any_configured_health_timeout_makes_a_deadline() {
