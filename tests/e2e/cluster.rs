@@ -5,7 +5,9 @@ use anyhow::{Context as _, ensure};
 use greenlight::v1::{GetRefRequest, PauseSyncRequest, PinRevisionRequest, ResumeSyncRequest};
 use greenlight_e2e::cluster::RedisCluster;
 use greenlight_e2e::{AgentDef, PROJECT, SOON, TestServer, config_yaml, next_revision, sha};
-use greenlight_server::config::{Config, Overrides};
+use greenlight_server::config::{Config, Overrides, RedisSettings};
+use greenlight_server::gate::{Before, Push, Sha};
+use greenlight_server::store::{ChangeLog as _, FactRecord, FactStore as _, RedisStore, RefKey};
 
 const NULL_SHA: &str = "0000000000000000000000000000000000000000";
 
@@ -234,30 +236,9 @@ async fn previews_on_a_redis_cluster_are_shared_by_every_replica() -> anyhow::Re
 /// once: the client does not send it again when its node is slow to answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_script_a_stalled_cluster_answers_late_runs_once() -> anyhow::Result<()> {
-    use greenlight_server::config::RedisSettings;
-    use greenlight_server::gate::{Before, Push, Sha};
-    use greenlight_server::store::{FactRecord, FactStore as _, RedisStore, RefKey};
-
     let cluster = RedisCluster::start(3).await?;
-    let settings = RedisSettings {
-        url: String::new(),
-        cluster_nodes: cluster.seeds(),
-        key_prefix: "gl-stall".into(),
-    };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
-    let store = RedisStore::connect(&settings, shutdown.clone(), Default::default())?;
-    let key = RefKey {
-        project: PROJECT.into(),
-        branch: "main".into(),
-    };
-    let push = |n: u32| -> anyhow::Result<FactRecord> {
-        Ok(FactRecord::Push(Push {
-            before: Before::Created,
-            after: Some(Sha::parse(&sha(n))?),
-            at_ms: i64::from(n),
-        }))
-    };
+    let (store, _stop) = store_on(&cluster)?;
+    let key = ref_key("main");
     store.record_fact(&key, &push(1)?, None, None).await?;
 
     // The clock starts before the nodes are paused one after another, so that the pause
@@ -279,6 +260,69 @@ async fn a_script_a_stalled_cluster_answers_late_runs_once() -> anyhow::Result<(
         (facts.position, facts.pushes.len()),
         (2, 2),
         "the second push recorded once, after the stall"
+    );
+    Ok(())
+}
+
+/// A store of its own on `cluster`; it stops with the guard.
+fn store_on(cluster: &RedisCluster) -> anyhow::Result<(RedisStore, tokio_util::sync::DropGuard)> {
+    let settings = RedisSettings {
+        url: String::new(),
+        cluster_nodes: cluster.seeds(),
+        key_prefix: "gl-store".into(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let store = RedisStore::connect(&settings, shutdown.clone(), Default::default())?;
+    Ok((store, shutdown.drop_guard()))
+}
+
+fn ref_key(branch: &str) -> RefKey {
+    RefKey {
+        project: PROJECT.into(),
+        branch: branch.into(),
+    }
+}
+
+/// The push of commit `n` onto a new branch.
+fn push(n: u32) -> anyhow::Result<FactRecord> {
+    Ok(FactRecord::Push(Push {
+        before: Before::Created,
+        after: Some(Sha::parse(&sha(n))?),
+        at_ms: i64::from(n),
+    }))
+}
+
+/// On a cluster the status feed reads the shards one by one: a shard with entries waiting
+/// does not keep another's from the publishers until it is drained.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_shard_does_not_hold_the_other_shards_statuses_back() -> anyhow::Result<()> {
+    let cluster = RedisCluster::start(3).await?;
+    let (store, _stop) = store_on(&cluster)?;
+    let mut keys: Vec<RefKey> = (0..32).map(|n| ref_key(&format!("b{n}"))).collect();
+    keys.sort_by_key(RefKey::shard);
+    keys.dedup_by_key(|key| key.shard());
+    let (busy, quiet) = match keys.as_slice() {
+        [first, .., last] => (first, last),
+        _ => anyhow::bail!("the refs must span shards"),
+    };
+    for n in 1..=5 {
+        store.record_fact(busy, &push(n)?, None, None).await?;
+    }
+    store.record_fact(quiet, &push(6)?, None, None).await?;
+    let quiet_shard = format!("{}/", quiet.shard());
+    let long = std::time::Duration::from_secs(3600);
+    let mut taken = Vec::new();
+    for _ in 0..2 {
+        let entry = store
+            .next_for_statuses("replica-a", long)
+            .await?
+            .context("an entry waits")?;
+        store.ack_statuses(&entry.id).await?;
+        taken.push(entry.id);
+    }
+    assert!(
+        taken.iter().any(|id| id.starts_with(&quiet_shard)),
+        "the quiet shard's entry among the first two: {taken:?}"
     );
     Ok(())
 }

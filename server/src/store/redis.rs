@@ -345,6 +345,8 @@ pub struct RedisStore {
     status_taken: Mutex<VecDeque<TakenEntry>>,
     /// Per shard, where the last look for a dead publisher's entries stopped.
     reclaim_cursors: Mutex<Vec<String>>,
+    /// On a cluster, the shard the status feed's next read begins at.
+    next_shard_read: std::sync::atomic::AtomicUsize,
     /// Counts log entries trimmed before any status publisher read them.
     status_entries_lost: prometheus_client::metrics::counter::Counter,
     /// Per shard, where the status group stood when its loss was last counted, and how many
@@ -497,6 +499,7 @@ impl RedisStore {
             last_reclaim: Mutex::new(None),
             status_taken: Mutex::new(VecDeque::new()),
             reclaim_cursors: Mutex::new(vec![SCAN_DONE.to_owned(); usize::from(SHARDS)]),
+            next_shard_read: std::sync::atomic::AtomicUsize::new(0),
             status_entries_lost: metrics.status_entries_lost,
             status_loss_counted: Mutex::new(HashMap::new()),
             url_for_logs,
@@ -867,10 +870,19 @@ impl RedisStore {
     }
 
     /// On a cluster, which refuses one read across slots: each shard in turn without
-    /// blocking, then a wait for the followers to relay something new.
+    /// blocking, then a wait for the followers to relay something new. Each read begins
+    /// after the shard the last entry came from, so that a busy shard cannot hold the
+    /// others' statuses back.
     async fn take_from_each_shard(&self, consumer: &str) -> Result<Option<LogEntry>> {
         let relayed = self.relayed.notified();
-        for (shard, log) in self.keys.logs().iter().enumerate() {
+        let logs = self.keys.logs();
+        let first = self
+            .next_shard_read
+            .load(std::sync::atomic::Ordering::Relaxed);
+        for shard in (first..logs.len()).chain(0..first) {
+            let Some(log) = logs.get(shard) else {
+                continue;
+            };
             let read: Option<StreamReadReply> = redis::cmd("XREADGROUP")
                 .arg("GROUP")
                 .arg(STATUS_GROUP)
@@ -886,6 +898,10 @@ impl RedisStore {
                 .and_then(|reply| reply.keys.into_iter().next())
                 .and_then(|key| key.ids.into_iter().next());
             if let Some(entry) = entry {
+                self.next_shard_read.store(
+                    (shard + 1) % logs.len(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
                 return Ok(Some(self.entry(shard as u16, entry)));
             }
         }
