@@ -303,6 +303,16 @@ impl Cluster {
         failed
     }
 
+    /// Reads the discovery of `api_version` again, whatever was read before, for `kind`;
+    /// returns the group-version's failure, if its read failed.
+    pub async fn rediscover(&self, api_version: &str, kind: &str) -> BTreeMap<String, String> {
+        self.served
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(api_version);
+        self.discover([(api_version, kind)]).await
+    }
+
     async fn read_group_version(
         &self,
         api_version: &str,
@@ -340,6 +350,51 @@ impl Cluster {
                 )
             })
             .collect())
+    }
+
+    /// `kind` of `group` in any version the cluster serves now, for an object recorded
+    /// under a version it no longer serves (a removed beta API, a CRD version turned off):
+    /// the object is still there, reachable through another version. `None` when no
+    /// version of the group serves the kind.
+    pub async fn resolve_in_served_version(
+        &self,
+        group: &str,
+        kind: &str,
+    ) -> Result<Option<Resolved>, ClusterError> {
+        let read = tokio::time::timeout(
+            DISCOVERY_TIMEOUT,
+            kube::discovery::group(&self.client, group),
+        )
+        .await
+        .map_err(|_| ClusterError::Timeout(DISCOVERY_TIMEOUT))?;
+        let group = match read {
+            Ok(group) => group,
+            Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => {
+                return Ok(None);
+            }
+            Err(error) => return Err(ClusterError::from(error)),
+        };
+        // The preferred version first, as clients address a kind by default.
+        let preferred = group.preferred_version_or_latest().to_owned();
+        let versions = std::iter::once(preferred.clone()).chain(
+            group
+                .versions()
+                .filter(|version| **version != preferred)
+                .map(str::to_owned),
+        );
+        for version in versions {
+            let found = group
+                .versioned_resources(&version)
+                .into_iter()
+                .find(|(resource, _)| resource.kind == kind);
+            if let Some((resource, caps)) = found {
+                return Ok(Some(Resolved {
+                    resource,
+                    namespaced: caps.scope == Scope::Namespaced,
+                }));
+            }
+        }
+        Ok(None)
     }
 
     /// The served kind for `api_version` and `kind`, as discovered so far.

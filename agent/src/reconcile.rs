@@ -1096,6 +1096,47 @@ impl Worker {
         Ok(object)
     }
 
+    /// How to address the object of inventory `entry`: through the version it was applied
+    /// with, or, when the cluster no longer serves that version, through one it serves the
+    /// kind in now. `Err` holds what pruning it comes to when it cannot be addressed.
+    async fn resolve_entry(
+        &self,
+        entry: &InventoryEntry,
+        discovery_failures: &BTreeMap<String, String>,
+    ) -> Result<Resolved, Pruned> {
+        if let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) {
+            return Ok(resolved);
+        }
+        if discovery_failures.contains_key(&entry.api_version) || entry.key.group.is_empty() {
+            return Err(unresolved(entry, discovery_failures));
+        }
+        match self
+            .cluster
+            .resolve_in_served_version(&entry.key.group, &entry.key.kind)
+            .await
+        {
+            Ok(Some(resolved)) => {
+                info!(
+                    object = %entry.key,
+                    served = %resolved.resource.api_version,
+                    "its apiVersion is no longer served; addressing it through one that is"
+                );
+                Ok(resolved)
+            }
+            Ok(None) => Err(unresolved(entry, discovery_failures)),
+            Err(error) => Err(Pruned::Failed(entry_result(
+                entry,
+                Action::Failed,
+                format!(
+                    "{} is no longer served, and API discovery of group {} failed: {}",
+                    entry.api_version,
+                    entry.key.group,
+                    error.message()
+                ),
+            ))),
+        }
+    }
+
     /// Deletes `entry` if it still carries this agent's label; `Pruned::Done(None)` when
     /// there was nothing of ours to delete. An adopted object, as the inventory or the object
     /// itself says, is only let go.
@@ -1107,26 +1148,56 @@ impl Worker {
         discovery_failures: &BTreeMap<String, String>,
     ) -> Pruned {
         let as_result = |action: Action, message: String| entry_result(entry, action, message);
-        let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) else {
-            return unresolved(entry, discovery_failures);
-        };
         let namespace = entry.key.namespace.as_deref();
+        let mut resolved = match self.resolve_entry(entry, discovery_failures).await {
+            Ok(resolved) => resolved,
+            Err(pruned) => return pruned,
+        };
+        let mut looked_again = false;
+        let current = loop {
+            if entry.adopted {
+                break None;
+            }
+            let read = self
+                .cluster
+                .get(&resolved, namespace, &entry.key.name)
+                .await;
+            // A version the cluster stopped serving answers 404 (a bare "page not found"),
+            // while discovery read before may still list it: look again before taking the
+            // object as gone or the read as failed. One discovery read per object found
+            // missing, which someone else deleting it is the usual cause of.
+            let unserved = matches!(&read, Err(error) if error.is_not_found());
+            if (unserved || matches!(read, Ok(None)))
+                && !looked_again
+                && !entry.key.group.is_empty()
+            {
+                looked_again = true;
+                let failures = self
+                    .cluster
+                    .rediscover(&entry.api_version, &entry.key.kind)
+                    .await;
+                match self.resolve_entry(entry, &failures).await {
+                    Ok(now) if now.resource.api_version != resolved.resource.api_version => {
+                        resolved = now;
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(pruned) => return pruned,
+                }
+            }
+            match read {
+                Ok(Some(current)) => break Some(current),
+                Ok(None) => return Pruned::Done(None),
+                Err(error) => return Pruned::Failed(as_result(Action::Failed, error.message())),
+            }
+        };
         let object = ObjectRef {
             resolved: &resolved,
             namespace,
             name: &entry.key.name,
         };
-        if entry.adopted {
+        let Some(current) = current else {
             return self.let_go(entry, object, agent).await;
-        }
-        let current = match self
-            .cluster
-            .get(&resolved, namespace, &entry.key.name)
-            .await
-        {
-            Ok(Some(current)) => current,
-            Ok(None) => return Pruned::Done(None),
-            Err(error) => return Pruned::Failed(as_result(Action::Failed, error.message())),
         };
         let owner = Owner::of(&current.metadata);
         if owner.agent.as_deref() != Some(agent) {
@@ -1202,8 +1273,9 @@ impl Worker {
         agent: &str,
         discovery_failures: &BTreeMap<String, String>,
     ) -> Pruned {
-        let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) else {
-            return unresolved(entry, discovery_failures);
+        let resolved = match self.resolve_entry(entry, discovery_failures).await {
+            Ok(resolved) => resolved,
+            Err(pruned) => return pruned,
         };
         let object = ObjectRef {
             resolved: &resolved,
@@ -1322,7 +1394,8 @@ fn merge(desired: &[InventoryEntry], previous: &[InventoryEntry]) -> Vec<Invento
     union
 }
 
-/// What pruning (or letting go of) `entry` did when its kind cannot be resolved.
+/// What pruning (or letting go of) `entry` did when its kind cannot be resolved in any
+/// version.
 fn unresolved(entry: &InventoryEntry, discovery_failures: &BTreeMap<String, String>) -> Pruned {
     match discovery_failures.get(&entry.api_version) {
         // It may well still exist: remember it until its kind can be resolved.

@@ -552,6 +552,60 @@ async fn crd_and_its_custom_resources_ship_together() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An object applied under a version its CRD later stops serving is still pruned, through
+/// a version served now, though discovery read before still lists the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_whose_version_is_no_longer_served_is_pruned_through_one_that_is()
+-> anyhow::Result<()> {
+    let w = world!("");
+    let group = format!("{}.example.com", w.apps);
+    let crd = |v1_served: bool| {
+        let version = |name: &str, served: bool, storage: bool| {
+            json!({"name": name, "served": served, "storage": storage, "schema": {
+                "openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}})
+        };
+        json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": format!("gadgets.{group}")},
+            "spec": {"group": group, "scope": "Namespaced",
+                "names": {"plural": "gadgets", "singular": "gadget", "kind": "Gadget"},
+                "versions": [version("v1", v1_served, false), version("v2", true, true)]}})
+    };
+    // Made by the cluster's operator, not by the agent.
+    w.put(crd(true)).await?;
+    let gadget = format!(
+        "apiVersion: {group}/v1\nkind: Gadget\nmetadata:\n  name: gizmo\nspec:\n  size: 3\n"
+    );
+    let first = w.repo.commit(
+        &[
+            ("gadget.yaml", gadget.as_bytes()),
+            ("keep.yaml", configmap("keep", "1").as_bytes()),
+        ],
+        &[],
+    )?;
+    let _agent = w.agent("replica-a");
+    eventually("the gadget kind served", || async {
+        Ok(w.api(&format!("{group}/v1"), "Gadget", Some(&w.apps))
+            .await
+            .ok()
+            .map(|_| ()))
+    })
+    .await?;
+    w.server.release(ZERO, &first, 1).await?;
+    w.server.reported("prod", &first, Phase::Healthy).await?;
+
+    w.put(crd(false)).await?;
+    let second = w.repo.commit(&[], &["gadget.yaml"])?;
+    w.server.release(&first, &second, 2).await?;
+    w.server.reported("prod", &second, Phase::Healthy).await?;
+    assert!(
+        w.get(&format!("{group}/v2"), "Gadget", Some(&w.apps), "gizmo")
+            .await?
+            .is_none(),
+        "pruned, not forgotten"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_document_writes_nothing_and_names_file_and_document() -> anyhow::Result<()> {
     let w = world!("");
