@@ -1153,51 +1153,52 @@ impl Worker {
             Ok(resolved) => resolved,
             Err(pruned) => return pruned,
         };
-        let mut looked_again = false;
-        let current = loop {
-            if entry.adopted {
-                break None;
-            }
-            let read = self
+        if entry.adopted {
+            let object = ObjectRef {
+                resolved: &resolved,
+                namespace,
+                name: &entry.key.name,
+            };
+            return self.let_go(entry, object, agent).await;
+        }
+        let mut read = self
+            .cluster
+            .get(&resolved, namespace, &entry.key.name)
+            .await;
+        // A version the cluster stopped serving answers 404 (a bare "page not found"), while
+        // discovery read before may still list it: look again before taking the object as
+        // gone or the read as failed. One discovery read per object found missing, which
+        // someone else deleting it is the usual cause of.
+        let missing = match &read {
+            Ok(found) => found.is_none(),
+            Err(error) => error.is_not_found(),
+        };
+        if missing && !entry.key.group.is_empty() {
+            let failures = self
                 .cluster
-                .get(&resolved, namespace, &entry.key.name)
+                .rediscover(&entry.api_version, &entry.key.kind)
                 .await;
-            // A version the cluster stopped serving answers 404 (a bare "page not found"),
-            // while discovery read before may still list it: look again before taking the
-            // object as gone or the read as failed. One discovery read per object found
-            // missing, which someone else deleting it is the usual cause of.
-            let unserved = matches!(&read, Err(error) if error.is_not_found());
-            if (unserved || matches!(read, Ok(None)))
-                && !looked_again
-                && !entry.key.group.is_empty()
-            {
-                looked_again = true;
-                let failures = self
-                    .cluster
-                    .rediscover(&entry.api_version, &entry.key.kind)
-                    .await;
-                match self.resolve_entry(entry, &failures).await {
-                    Ok(now) if now.resource.api_version != resolved.resource.api_version => {
-                        resolved = now;
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(pruned) => return pruned,
+            match self.resolve_entry(entry, &failures).await {
+                Ok(now) if now.resource.api_version != resolved.resource.api_version => {
+                    resolved = now;
+                    read = self
+                        .cluster
+                        .get(&resolved, namespace, &entry.key.name)
+                        .await;
                 }
+                Ok(_) => {}
+                Err(pruned) => return pruned,
             }
-            match read {
-                Ok(Some(current)) => break Some(current),
-                Ok(None) => return Pruned::Done(None),
-                Err(error) => return Pruned::Failed(as_result(Action::Failed, error.message())),
-            }
+        }
+        let current = match read {
+            Ok(Some(current)) => current,
+            Ok(None) => return Pruned::Done(None),
+            Err(error) => return Pruned::Failed(as_result(Action::Failed, error.message())),
         };
         let object = ObjectRef {
             resolved: &resolved,
             namespace,
             name: &entry.key.name,
-        };
-        let Some(current) = current else {
-            return self.let_go(entry, object, agent).await;
         };
         let owner = Owner::of(&current.metadata);
         if owner.agent.as_deref() != Some(agent) {
