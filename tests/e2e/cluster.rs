@@ -6,8 +6,9 @@ use greenlight::v1::{GetRefRequest, PauseSyncRequest, PinRevisionRequest, Resume
 use greenlight_e2e::cluster::RedisCluster;
 use greenlight_e2e::{AgentDef, PROJECT, SOON, TestServer, config_yaml, next_revision, sha};
 use greenlight_server::config::{Config, Overrides, RedisSettings};
-use greenlight_server::gate::{Before, Push, Sha};
-use greenlight_server::store::{ChangeLog as _, FactRecord, FactStore as _, RedisStore, RefKey};
+use greenlight_server::store::{ChangeLog as _, FactStore as _, RedisStore, RefKey};
+
+use crate::store_suite::{guarded_store, key, push_of};
 
 const NULL_SHA: &str = "0000000000000000000000000000000000000000";
 
@@ -238,15 +239,15 @@ async fn previews_on_a_redis_cluster_are_shared_by_every_replica() -> anyhow::Re
 async fn a_script_a_stalled_cluster_answers_late_runs_once() -> anyhow::Result<()> {
     let cluster = RedisCluster::start(3).await?;
     let (store, _stop) = store_on(&cluster)?;
-    let key = ref_key("main");
-    store.record_fact(&key, &push(1)?, None, None).await?;
+    let key = key(PROJECT, "main");
+    store.record_fact(&key, &push_of(1), None, None).await?;
 
     // The clock starts before the nodes are paused one after another, so that the pause
     // of every node outlasts the caller's wait however slow the pausing is.
     let stall = std::time::Duration::from_secs(6);
     let started = std::time::Instant::now();
     cluster.pause_writes(stall)?;
-    let answered = tokio::time::timeout(stall, store.record_fact(&key, &push(2)?, None, None))
+    let answered = tokio::time::timeout(stall, store.record_fact(&key, &push_of(2), None, None))
         .await
         .context("no answer, not even an error, within the stall")?;
     ensure!(
@@ -271,25 +272,7 @@ fn store_on(cluster: &RedisCluster) -> anyhow::Result<(RedisStore, tokio_util::s
         cluster_nodes: cluster.seeds(),
         key_prefix: "gl-store".into(),
     };
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let store = RedisStore::connect(&settings, shutdown.clone(), Default::default())?;
-    Ok((store, shutdown.drop_guard()))
-}
-
-fn ref_key(branch: &str) -> RefKey {
-    RefKey {
-        project: PROJECT.into(),
-        branch: branch.into(),
-    }
-}
-
-/// The push of commit `n` onto a new branch.
-fn push(n: u32) -> anyhow::Result<FactRecord> {
-    Ok(FactRecord::Push(Push {
-        before: Before::Created,
-        after: Some(Sha::parse(&sha(n))?),
-        at_ms: i64::from(n),
-    }))
+    guarded_store(&settings, Default::default())
 }
 
 /// On a cluster the status feed reads the shards one by one: a shard with entries waiting
@@ -298,7 +281,7 @@ fn push(n: u32) -> anyhow::Result<FactRecord> {
 async fn a_busy_shard_does_not_hold_the_other_shards_statuses_back() -> anyhow::Result<()> {
     let cluster = RedisCluster::start(3).await?;
     let (store, _stop) = store_on(&cluster)?;
-    let mut keys: Vec<RefKey> = (0..32).map(|n| ref_key(&format!("b{n}"))).collect();
+    let mut keys: Vec<RefKey> = (0..32).map(|n| key(PROJECT, &format!("b{n}"))).collect();
     keys.sort_by_key(RefKey::shard);
     keys.dedup_by_key(|key| key.shard());
     let (busy, quiet) = match keys.as_slice() {
@@ -306,9 +289,9 @@ async fn a_busy_shard_does_not_hold_the_other_shards_statuses_back() -> anyhow::
         _ => anyhow::bail!("the refs must span shards"),
     };
     for n in 1..=5 {
-        store.record_fact(busy, &push(n)?, None, None).await?;
+        store.record_fact(busy, &push_of(n), None, None).await?;
     }
-    store.record_fact(quiet, &push(6)?, None, None).await?;
+    store.record_fact(quiet, &push_of(6), None, None).await?;
     let quiet_shard = format!("{}/", quiet.shard());
     let long = std::time::Duration::from_secs(3600);
     let mut taken = Vec::new();

@@ -132,7 +132,7 @@ fn redis_store(redis: &Redis, shutdown: &CancellationToken) -> anyhow::Result<Re
     )?)
 }
 
-fn key(project: &str, branch: &str) -> RefKey {
+pub(crate) fn key(project: &str, branch: &str) -> RefKey {
     RefKey {
         project: project.to_owned(),
         branch: branch.to_owned(),
@@ -143,7 +143,7 @@ fn commit(n: u32) -> Sha {
     Sha::parse(&sha(n)).expect("sha() makes valid commit ids")
 }
 
-fn push_of(n: u32) -> FactRecord {
+pub(crate) fn push_of(n: u32) -> FactRecord {
     FactRecord::Push(Push {
         before: Before::Created,
         after: Some(commit(n)),
@@ -2136,11 +2136,20 @@ async fn status_entries_trimmed_while_pending_are_counted_once() -> anyhow::Resu
 async fn loss_counting_store()
 -> anyhow::Result<(Redis, RedisStore, LogMetrics, tokio_util::sync::DropGuard)> {
     let redis = Redis::start().await?;
-    let shutdown = CancellationToken::new();
     let settings = RedisSettings::single(redis.url(), "gl-lost".to_owned());
     let metrics = LogMetrics::default();
-    let store = RedisStore::connect(&settings, shutdown.clone(), metrics.clone())?;
-    Ok((redis, store, metrics, shutdown.drop_guard()))
+    let (store, stop) = guarded_store(&settings, metrics.clone())?;
+    Ok((redis, store, metrics, stop))
+}
+
+/// A Redis store of `settings` counting into `metrics`; it stops with the guard.
+pub(crate) fn guarded_store(
+    settings: &RedisSettings,
+    metrics: LogMetrics,
+) -> anyhow::Result<(RedisStore, tokio_util::sync::DropGuard)> {
+    let shutdown = CancellationToken::new();
+    let store = RedisStore::connect(settings, shutdown.clone(), metrics)?;
+    Ok((store, shutdown.drop_guard()))
 }
 
 /// Waits up to RESUBSCRIBE for a `Notice::Resync`, skipping any other notice.
