@@ -717,6 +717,38 @@ mod tests {
         (let_go, log)
     }
 
+    /// A kind looked for in the versions a group serves now: a group the cluster no longer
+    /// has means no version, a discovery that fails is an error the prune reports.
+    #[tokio::test]
+    async fn a_kind_is_looked_for_in_a_group_that_is_gone_or_cannot_be_read() {
+        let (gone, _) = serve(|_, path| {
+            (path == "/apis").then(|| {
+                (
+                    200,
+                    r#"{"kind": "APIGroupList", "apiVersion": "v1", "groups": []}"#.to_owned(),
+                )
+            })
+        })
+        .await;
+        let cluster = Cluster::new(gone, "test");
+        let found = cluster
+            .resolve_in_served_version("example.com", "Gadget")
+            .await;
+        assert!(matches!(found, Ok(None)), "{found:?}");
+
+        let (broken, _) = serve(|_, _| Some((500, status(500, "etcd is down")))).await;
+        let cluster = Cluster::new(broken, "test");
+        let found = cluster
+            .resolve_in_served_version("example.com", "Gadget")
+            .await;
+        let error = found.expect_err("a discovery that fails is an error");
+        assert!(
+            error.message().contains("etcd is down"),
+            "{}",
+            error.message()
+        );
+    }
+
     #[tokio::test]
     async fn letting_go_leaves_another_agents_label_alone() {
         let (let_go, log) = let_go_of_x(labelled("staging"), Vec::new()).await;
