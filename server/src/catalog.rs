@@ -304,11 +304,11 @@ impl LiveCatalog {
         seq: u64,
         name: &str,
         agent: Option<RegisteredAgent>,
-    ) -> Option<CatalogChange> {
+    ) -> Vec<CatalogChange> {
         let _writer = self.lock_writer();
         let current = self.current.load_full();
         if seq <= current.registry_seq {
-            return None;
+            return Vec::new();
         }
         let mut next = Catalog::clone(&current);
         next.registry_seq = seq;
@@ -370,7 +370,8 @@ fn same_agent(held: &AgentSpec, agent: &RegisteredAgent, catalog: &Catalog) -> b
         })
     };
     let spec = &agent.spec;
-    held.token == spec.token
+    held.incarnation == spec.incarnation
+        && held.token == spec.token
         && held.ci_token == spec.ci_token
         && held.project == spec.project
         && held.branch == spec.branch
@@ -384,21 +385,24 @@ fn same_agent(held: &AgentSpec, agent: &RegisteredAgent, catalog: &Catalog) -> b
         && grant_until(&catalog.by_ci_token, &agent.previous_ci_token)
 }
 
+/// Applies `name`'s new definition (none: deleted) to `catalog`. An agent created again
+/// under its name since (a read of the whole registry skips the changes between) is the
+/// old one removed and a new one added, never an update: nothing of the old one is its.
 fn apply_one(
     catalog: &mut Catalog,
     name: &str,
     agent: Option<RegisteredAgent>,
-) -> Option<CatalogChange> {
+) -> Vec<CatalogChange> {
     if catalog.agents.contains_key(name) && !catalog.runtime.contains(name) {
         warn!(
             agent = name,
             "the config file defines this agent; its runtime definition is ignored"
         );
-        return None;
+        return Vec::new();
     }
     let before = catalog.remove(name);
     let Some(agent) = agent else {
-        return before.map(CatalogChange::Removed);
+        return before.map(CatalogChange::Removed).into_iter().collect();
     };
     let after = Arc::new(agent.spec);
     catalog.insert(
@@ -407,10 +411,13 @@ fn apply_one(
         agent.previous_ci_token.as_ref(),
     );
     catalog.runtime.insert(name.to_owned());
-    Some(match before {
-        Some(before) => CatalogChange::Updated { before, after },
-        None => CatalogChange::Added(after),
-    })
+    match before {
+        Some(before) if before.incarnation == after.incarnation => {
+            vec![CatalogChange::Updated { before, after }]
+        }
+        Some(before) => vec![CatalogChange::Removed(before), CatalogChange::Added(after)],
+        None => vec![CatalogChange::Added(after)],
+    }
 }
 
 #[cfg(test)]
@@ -535,8 +542,9 @@ mod tests {
         let changes = live.subscribe();
         let before = live.load();
         assert!(matches!(
-            live.apply(1, "edge", Some(runtime("edge", "t1", "x"))),
-            Some(CatalogChange::Added(_))
+            live.apply(1, "edge", Some(runtime("edge", "t1", "x")))
+                .as_slice(),
+            [CatalogChange::Added(_)]
         ));
         assert!(changes.has_changed().unwrap());
         assert!(before.agent("edge").is_none(), "a snapshot never changes");
@@ -551,12 +559,13 @@ mod tests {
             ["prod", "docs", "edge"]
         );
         // An old entry heard again (after a reload saw it) changes nothing.
-        assert!(live.apply(1, "edge", None).is_none());
+        assert!(live.apply(1, "edge", None).is_empty());
         assert!(live.load().agent("edge").is_some());
         // Moved to another project: the ref index follows.
         assert!(matches!(
-            live.apply(2, "edge", Some(runtime("edge", "t1", "other"))),
-            Some(CatalogChange::Updated { .. })
+            live.apply(2, "edge", Some(runtime("edge", "t1", "other")))
+                .as_slice(),
+            [CatalogChange::Updated { .. }]
         ));
         let now = live.load();
         assert_eq!(
@@ -574,8 +583,8 @@ mod tests {
             ["edge"]
         );
         assert!(matches!(
-            live.apply(3, "edge", None),
-            Some(CatalogChange::Removed(_))
+            live.apply(3, "edge", None).as_slice(),
+            [CatalogChange::Removed(_)]
         ));
         let now = live.load();
         assert!(now.agent("edge").is_none() && now.agent_by_token("t1").is_none());
@@ -588,9 +597,9 @@ mod tests {
         let live = LiveCatalog::new(Catalog::new(&agents(), None));
         assert!(
             live.apply(1, "prod", Some(runtime("prod", "t1", "other")))
-                .is_none()
+                .is_empty()
         );
-        assert!(live.apply(2, "prod", None).is_none());
+        assert!(live.apply(2, "prod", None).is_empty());
         let now = live.load();
         assert_eq!(now.agent("prod").unwrap().project, "x");
         assert!(now.agent_by_token("t1").is_none());
@@ -636,17 +645,9 @@ mod tests {
             ],
             false,
         );
-        let described: Vec<String> = changes
-            .iter()
-            .map(|change| match change {
-                CatalogChange::Added(spec) => format!("+{}", spec.name),
-                CatalogChange::Updated { after, .. } => format!("~{}", after.name),
-                CatalogChange::Removed(spec) => format!("-{}", spec.name),
-            })
-            .collect();
         assert_eq!(
-            described,
-            ["-a", "+c"],
+            described(&changes),
+            ["-a/0", "+c/0"],
             "b is unchanged, prod is the file's"
         );
         let now = live.load();
@@ -654,13 +655,53 @@ mod tests {
         assert!(now.agent_by_token("ta").is_none());
         assert!(now.agent_by_token("tp").is_none());
         assert!(
-            live.apply(7, "d", Some(runtime("d", "td", "x"))).is_none(),
+            live.apply(7, "d", Some(runtime("d", "td", "x"))).is_empty(),
             "seen by the reload"
         );
         // The store lost its data: its numbers start again.
         let changes = live.reset(0, Vec::new(), true);
         assert_eq!(changes.len(), 2);
         assert_eq!(live.load().registry_seq(), 0);
-        assert!(live.apply(1, "d", Some(runtime("d", "td", "x"))).is_some());
+        assert_eq!(live.apply(1, "d", Some(runtime("d", "td", "x"))).len(), 1);
+    }
+
+    fn described(changes: &[CatalogChange]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|change| match change {
+                CatalogChange::Added(spec) => format!("+{}/{}", spec.name, spec.incarnation),
+                CatalogChange::Updated { after, .. } => {
+                    format!("~{}/{}", after.name, after.incarnation)
+                }
+                CatalogChange::Removed(spec) => format!("-{}/{}", spec.name, spec.incarnation),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_agent_created_again_under_its_name_replaces_the_old_one_never_updates_it() {
+        let life = |incarnation, token| {
+            let mut agent = runtime("edge", token, "x");
+            agent.spec.incarnation = incarnation;
+            agent
+        };
+        let live = LiveCatalog::new(Catalog::new(&agents(), None));
+        live.apply(1, "edge", Some(life(11, "t1")));
+        assert_eq!(
+            described(&live.apply(2, "edge", Some(life(11, "t2")))),
+            ["~edge/11"],
+            "a change of the same agent"
+        );
+        // Deleted and created again while this replica was away: a read of the whole
+        // registry finds another agent under the name, even with the same definition.
+        assert_eq!(
+            described(&live.reset(5, vec![life(12, "t2")], false)),
+            ["-edge/11", "+edge/12"]
+        );
+        assert_eq!(live.load().agent("edge").unwrap().incarnation, 12);
+        assert_eq!(
+            described(&live.apply(6, "edge", Some(life(13, "t3")))),
+            ["-edge/12", "+edge/13"]
+        );
     }
 }

@@ -172,6 +172,10 @@ pub struct AgentSpec {
     /// Whether merge requests into its branch get a preview from it: a note and a commit
     /// status `greenlight/<agent>/preview`.
     pub preview: bool,
+    /// Which life of its name this agent is: a runtime agent deleted and created again
+    /// under the same name gets a new one, so that what was written for the earlier one
+    /// is told apart. 0 for an agent of the config file.
+    pub incarnation: u64,
 }
 
 /// Talking back to GitLab.
@@ -901,6 +905,7 @@ impl AgentDefinition {
             apply,
             ci_token,
             preview: self.preview,
+            incarnation: 0,
             badge_public: match self.badge.as_deref() {
                 None | Some("private") => false,
                 Some("public") => true,

@@ -90,7 +90,12 @@ impl Engine {
         tasks: TaskTracker,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
-        let index = Arc::new(Index::new(catalog.load().agents().map(|a| a.name.as_str())));
+        let index = Arc::new(Index::new(
+            catalog
+                .load()
+                .agents()
+                .map(|a| (a.name.as_str(), a.incarnation)),
+        ));
         let evaluator = Evaluator::new(
             store.clone(),
             catalog.clone(),
@@ -229,8 +234,10 @@ impl Engine {
     }
 
     fn offer(&self, agent: &str, version: u64, state: &crate::store::AgentState, force: bool) {
+        // What the store holds is of the agent under the name now.
         self.index.offer(
             agent,
+            0,
             version,
             state.gate.desired.as_ref(),
             state.traceparent.as_deref(),
@@ -485,6 +492,7 @@ impl Engine {
                     self.evaluator.heard(&written.agent, written.version);
                     self.index.offer(
                         &written.agent,
+                        written.incarnation,
                         written.version,
                         change.desired.as_ref(),
                         change.traceparent.as_deref(),
@@ -515,10 +523,11 @@ impl Engine {
     /// (sent before the agent was created anew) as about the agent's.
     pub async fn report(
         &self,
-        agent: &str,
+        spec: &AgentSpec,
         revision: &Sha,
         mut report: StatusReport,
     ) -> Result<(), EngineError> {
+        let agent = spec.name.as_str();
         // What this replica streams now needs no read: nearly every report is about it.
         let streaming = self
             .index
@@ -552,7 +561,7 @@ impl Engine {
         // Kept and announced in one step: a report that is stored always becomes its commit
         // status and `wait` result, whichever replica is alive to act on it.
         self.store
-            .push_report(agent, &report, REPORT_HISTORY)
+            .push_report(agent, spec.incarnation, &report, REPORT_HISTORY)
             .await?;
         Ok(())
     }

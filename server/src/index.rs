@@ -9,6 +9,7 @@ use std::sync::{Mutex, RwLock};
 use tokio::sync::watch;
 
 use crate::gate::Revision;
+use crate::store::same_incarnation;
 
 /// What streams of one agent see.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -20,19 +21,35 @@ pub struct Desired {
     pub traceparent: Option<String>,
 }
 
+/// The channel of one agent.
+struct Channel {
+    /// The incarnation of the agent under the name it is for.
+    incarnation: u64,
+    tx: watch::Sender<Desired>,
+}
+
+impl Channel {
+    fn new(incarnation: u64) -> Self {
+        Self {
+            incarnation,
+            tx: watch::channel(Desired::default()).0,
+        }
+    }
+}
+
 /// One watch channel per agent, and every agent's replica.
 pub struct Index {
     /// Written only when an agent is created or deleted at runtime.
-    agents: RwLock<HashMap<String, watch::Sender<Desired>>>,
+    agents: RwLock<HashMap<String, Channel>>,
     presence: Mutex<HashMap<String, String>>,
 }
 
 impl Index {
-    /// An empty index of `names`.
-    pub fn new<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
-        let agents = names
+    /// An empty index of `agents`, each a name and its incarnation.
+    pub fn new<'a>(agents: impl IntoIterator<Item = (&'a str, u64)>) -> Self {
+        let agents = agents
             .into_iter()
-            .map(|name| (name.to_owned(), watch::channel(Desired::default()).0))
+            .map(|(name, incarnation)| (name.to_owned(), Channel::new(incarnation)))
             .collect();
         Self {
             agents: RwLock::new(agents),
@@ -40,11 +57,16 @@ impl Index {
         }
     }
 
-    /// Adds a channel for `agent`, created at runtime; an existing one is kept.
-    pub fn add(&self, agent: &str) {
-        self.write_agents()
-            .entry(agent.to_owned())
-            .or_insert_with(|| watch::channel(Desired::default()).0);
+    /// Adds a channel for incarnation `incarnation` of `agent`, created at runtime; an
+    /// existing one of the same incarnation is kept, one of another is closed.
+    pub fn add(&self, agent: &str, incarnation: u64) {
+        let mut agents = self.write_agents();
+        match agents.get(agent) {
+            Some(held) if held.incarnation == incarnation => {}
+            _ => {
+                agents.insert(agent.to_owned(), Channel::new(incarnation));
+            }
+        }
     }
 
     /// Drops the channel of `agent`, deleted at runtime: its streams see it closed.
@@ -55,7 +77,9 @@ impl Index {
 
     /// Streams of `agent` follow this receiver.
     pub fn subscribe(&self, agent: &str) -> Option<watch::Receiver<Desired>> {
-        self.read_agents().get(agent).map(watch::Sender::subscribe)
+        self.read_agents()
+            .get(agent)
+            .map(|held| held.tx.subscribe())
     }
 
     /// Whether a stream of `agent` on this replica follows its channel: that stream reads
@@ -63,42 +87,47 @@ impl Index {
     pub fn streamed_here(&self, agent: &str) -> bool {
         self.read_agents()
             .get(agent)
-            .is_some_and(|tx| tx.receiver_count() > 0)
+            .is_some_and(|held| held.tx.receiver_count() > 0)
     }
 
     /// The current desired revision of `agent` on this replica.
     pub fn current(&self, agent: &str) -> Option<Desired> {
-        self.read_agents().get(agent).map(|tx| tx.borrow().clone())
+        self.read_agents()
+            .get(agent)
+            .map(|held| held.tx.borrow().clone())
     }
 
-    fn read_agents(
-        &self,
-    ) -> std::sync::RwLockReadGuard<'_, HashMap<String, watch::Sender<Desired>>> {
+    fn read_agents(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Channel>> {
         // Each change is one insert or remove: the map stays consistent under a poisoned lock.
         self.agents.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write_agents(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, HashMap<String, watch::Sender<Desired>>> {
+    fn write_agents(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Channel>> {
         self.agents.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Publishes `revision` of state `version`. With `force` the version check is skipped:
-    /// after the store lost its data, versions start again.
+    /// Publishes `revision` of state `version`, written for `incarnation` of `agent` (0:
+    /// whichever holds the name, as a read of the store does). With `force` the version
+    /// check is skipped: after the store lost its data, versions start again.
     pub fn offer(
         &self,
         agent: &str,
+        incarnation: u64,
         version: u64,
         revision: Option<&Revision>,
         traceparent: Option<&str>,
         force: bool,
     ) {
         let agents = self.read_agents();
-        let Some(tx) = agents.get(agent) else {
+        let Some(held) = agents.get(agent) else {
             return;
         };
-        tx.send_if_modified(|current| {
+        // A deleted agent's state, read from the log after another was created in its
+        // place: its versions are not the new one's, and neither is its revision.
+        if !same_incarnation(incarnation, held.incarnation) {
+            return;
+        }
+        held.tx.send_if_modified(|current| {
             if !force && version < current.version {
                 return false;
             }
@@ -156,37 +185,37 @@ mod tests {
 
     #[test]
     fn streams_see_new_revisions_but_not_stale_reads() {
-        let index = Index::new(["a"]);
+        let index = Index::new([("a", 0)]);
         let mut rx = index.subscribe("a").unwrap();
-        index.offer("a", 2, Some(&revision(2, 2)), None, false);
+        index.offer("a", 0, 2, Some(&revision(2, 2)), None, false);
         assert!(rx.has_changed().unwrap());
         assert_eq!(rx.borrow_and_update().revision, Some(revision(2, 2)));
-        index.offer("a", 1, Some(&revision(1, 1)), None, false);
+        index.offer("a", 0, 1, Some(&revision(1, 1)), None, false);
         assert!(!rx.has_changed().unwrap());
-        index.offer("a", 3, Some(&revision(2, 2)), None, false);
+        index.offer("a", 0, 3, Some(&revision(2, 2)), None, false);
         assert!(
             !rx.has_changed().unwrap(),
             "same revision at a newer version is no news"
         );
-        index.offer("a", 1, Some(&revision(1, 1)), None, true);
+        index.offer("a", 0, 1, Some(&revision(1, 1)), None, true);
         assert!(rx.has_changed().unwrap());
     }
 
     #[test]
     fn unknown_agents_are_ignored() {
-        let index = Index::new(["a"]);
-        index.offer("b", 1, None, None, false);
+        let index = Index::new([("a", 0)]);
+        index.offer("b", 0, 1, None, None, false);
         assert!(index.subscribe("b").is_none());
     }
 
     #[test]
     fn agents_added_at_runtime_get_a_channel_and_deleted_ones_close_theirs() {
-        let index = Index::new(["a"]);
-        index.add("b");
+        let index = Index::new([("a", 0)]);
+        index.add("b", 0);
         let mut rx = index.subscribe("b").unwrap();
-        index.offer("b", 1, Some(&revision(1, 1)), None, false);
+        index.offer("b", 0, 1, Some(&revision(1, 1)), None, false);
         assert_eq!(rx.borrow_and_update().revision, Some(revision(1, 1)));
-        index.add("b");
+        index.add("b", 0);
         assert_eq!(
             index.current("b").unwrap().revision,
             Some(revision(1, 1)),
@@ -204,7 +233,7 @@ mod tests {
 
     #[test]
     fn presence_follows_the_last_word_of_each_replica() {
-        let index = Index::new(["a"]);
+        let index = Index::new([("a", 0)]);
         index.set_presence("a", "r1", true);
         index.set_presence("a", "r2", true);
         index.set_presence("a", "r1", false);
@@ -215,5 +244,33 @@ mod tests {
         );
         index.reset_presence([]);
         assert_eq!(index.presence("a"), None);
+    }
+
+    #[test]
+    fn a_deleted_agents_state_never_reaches_the_agent_created_in_its_place() {
+        let index = Index::new([]);
+        index.add("edge", 7);
+        let old = index.subscribe("edge").unwrap();
+        index.offer("edge", 7, 40, Some(&revision(1, 3)), None, false);
+        assert!(old.has_changed().unwrap());
+        index.remove("edge");
+        index.add("edge", 8);
+        let mut new = index.subscribe("edge").unwrap();
+        assert!(old.has_changed().is_err(), "the old agent's streams end");
+        // Read late from another shard of the log: its version is far ahead of the new
+        // agent's, and its revision is of another agent's ref.
+        index.offer("edge", 7, 41, Some(&revision(2, 4)), None, false);
+        assert!(!new.has_changed().unwrap());
+        index.offer("edge", 8, 1, Some(&revision(3, 1)), None, false);
+        assert_eq!(new.borrow_and_update().revision, Some(revision(3, 1)));
+        // A read of the store, and an entry of a version that did not record the
+        // incarnation, are taken as the agent's under the name now.
+        index.offer("edge", 0, 2, Some(&revision(4, 2)), None, false);
+        assert_eq!(new.borrow_and_update().revision, Some(revision(4, 2)));
+        // Adding the same incarnation again keeps the channel; another replaces it.
+        index.add("edge", 8);
+        assert!(!new.has_changed().unwrap());
+        index.add("edge", 9);
+        assert!(new.has_changed().is_err());
     }
 }

@@ -8,11 +8,13 @@ use greenlight::v1::{
     RotateAgentTokenRequest, UpdateAgentRequest,
 };
 use greenlight_agent::client::{Client, ClientError, RevisionStream};
+use greenlight_e2e::fake_gitlab::FakeGitLab;
 use greenlight_e2e::{
     ADMIN_TOKEN, AgentDef, PROJECT, Redis, SOON, TestServer, config_yaml, eventually,
     next_revision, sha,
 };
 use greenlight_server::config::{Config, Overrides};
+use serde_json::json;
 use tonic::Code;
 
 const NULL_SHA: &str = "0000000000000000000000000000000000000000";
@@ -506,5 +508,114 @@ async fn runtime_agents_across_two_replicas_on_a_redis_cluster() -> anyhow::Resu
     let b = cluster_server(&seeds, "replica-b").await?;
     lifecycle(&a, &b).await?;
     file_agents_are_left_alone(&b).await?;
+    Ok(())
+}
+
+/// The change log's last entry on `log` about `agent` and `sha`, as Redis holds it: the
+/// one that told it to run `sha` once its pipeline passed.
+fn entry_that_sent(redis: &Redis, log: &str, agent: &str, sha: &str) -> anyhow::Result<String> {
+    let entries = redis.cli(&["xrange", log, "-", "+"])?;
+    entries
+        .lines()
+        .rev()
+        .find(|line| {
+            line.contains("\"agents_changed\"")
+                && line.contains(&format!("\"{agent}\""))
+                && line.contains(sha)
+        })
+        .map(str::to_owned)
+        .with_context(|| format!("no entry on {log} sent {agent} {sha}: {entries}"))
+}
+
+/// The log's shards are read in any order, so a replica may read a deleted agent's last
+/// entries after the registry change that created another agent under its name: those
+/// entries are the old agent's, not the new one's. Replayed here onto the log after the
+/// new agent was created, as such a replica reads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_created_again_under_its_name_gets_nothing_of_the_old_one() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let gitlab = FakeGitLab::start().await?;
+    let yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]) + &gitlab.config("");
+    let server = TestServer::start_with(Config::from_yaml(&yaml, &Overrides::default())?).await?;
+    let mut admin = server.admin().await?;
+    let status_of_edge = |sha: &str| -> Vec<String> {
+        gitlab
+            .statuses_for(sha)
+            .into_iter()
+            .filter(|(_, name, _)| name == "greenlight/edge-7")
+            .map(|(state, ..)| state)
+            .collect()
+    };
+
+    // The first edge-7 is told to run commits 1 to 3 of main in turn, and their statuses
+    // say so.
+    admin
+        .create_agent(CreateAgentRequest {
+            agent: Some(definition("edge-7")),
+            ci_token: false,
+        })
+        .await?;
+    let mut before = NULL_SHA.to_owned();
+    for n in 1..=3 {
+        gitlab.put_pipeline(
+            PROJECT,
+            json!({"id": n, "sha": sha(n), "ref": "main", "status": "success", "source": "push"}),
+        );
+        server.release(&before, &sha(n), n.into()).await?;
+        server.desired_becomes("edge-7", &sha(n)).await?;
+        before = sha(n);
+    }
+    eventually("commit 3's status for edge-7", || async {
+        Ok((status_of_edge(&sha(3)) == ["pending"]).then_some(()))
+    })
+    .await?;
+    let log = format!(
+        "gl-test:{{gl{}}}:log",
+        greenlight_server::store::agent_shard("edge-7")
+    );
+    let old_entry = entry_that_sent(&redis, &log, "edge-7", &sha(3))?;
+
+    // Deleted, and created again to watch another branch, where nothing was pushed yet.
+    admin
+        .delete_agent(DeleteAgentRequest {
+            name: "edge-7".into(),
+        })
+        .await?;
+    let created = admin
+        .create_agent(CreateAgentRequest {
+            agent: Some(AgentDefinition {
+                r#ref: "other".into(),
+                ..definition("edge-7")
+            }),
+            ci_token: false,
+        })
+        .await?
+        .into_inner();
+    let mut stream = accepted(&server, &created.token).await?;
+    redis.cli(&["xadd", &log, "*", "m", &old_entry])?;
+
+    // The first revision the new agent gets is its own branch's, and it gets it: the old
+    // agent's versions, ahead of the new one's, hold nothing back.
+    gitlab.put_pipeline(
+        PROJECT,
+        json!({"id": 5, "sha": sha(5), "ref": "other", "status": "success", "source": "push"}),
+    );
+    let pushed = server.push("other", NULL_SHA, &sha(5)).await?;
+    let green = server
+        .pipeline("other", &sha(5), 5, "success", "push")
+        .await?;
+    assert_eq!((pushed, green), (200, 200));
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), sha(5));
+    assert_eq!(
+        server.agent_status("edge-7").await?.desired.map(|d| d.sha),
+        Some(sha(5))
+    );
+    // Its status comes after the replayed entry's on the same shard: by then the old
+    // agent's commit got no second status under the new agent's name.
+    eventually("commit 5's status for edge-7", || async {
+        Ok((status_of_edge(&sha(5)) == ["pending"]).then_some(()))
+    })
+    .await?;
+    assert_eq!(status_of_edge(&sha(3)), ["pending"]);
     Ok(())
 }

@@ -203,6 +203,7 @@ async fn write(
     let decisions: Vec<Decision> = next.gate.decisions.back().cloned().into_iter().collect();
     Ok(store
         .write_agent(&AgentWrite {
+            incarnation: 0,
             agent,
             expected,
             state: next,
@@ -235,7 +236,7 @@ async fn wait_until_receiving(
     loop {
         n += 1;
         // The store may still be reconnecting; a failed probe is simply retried.
-        let _ = store.push_report(PROBE_AGENT, &n.to_be_bytes(), 1).await;
+        let _ = store.push_report(PROBE_AGENT, 0, &n.to_be_bytes(), 1).await;
         let round = tokio::time::Instant::now() + Duration::from_millis(200);
         loop {
             match tokio::time::timeout_at(round, rx.recv()).await {
@@ -603,7 +604,7 @@ async fn agent_writes_refuse_stale_versions_and_older_facts(
         "decided from facts older than the stored state's"
     );
     assert_eq!(store.agent("prod").await?.value, newer, "nothing written");
-    store.push_report(PROBE_AGENT, b"end", 1).await?;
+    store.push_report(PROBE_AGENT, 0, b"end", 1).await?;
     let message = next_message(&mut rx).await;
     ensure!(message.is_err(), "refused writes reach nobody: {message:?}");
     Ok(())
@@ -682,6 +683,7 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
     let mut writes = AgentWrites::default();
     for agent in &fleet {
         writes.push(AgentWrite {
+            incarnation: 0,
             agent,
             expected: 0,
             state: &fleet_state,
@@ -691,6 +693,7 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
     }
     for (agent, expected) in [("moved", 0), ("ahead", 1)] {
         writes.push(AgentWrite {
+            incarnation: 0,
             agent,
             expected,
             state: &fleet_state,
@@ -700,6 +703,7 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
     }
     for agent in &edges {
         writes.push(AgentWrite {
+            incarnation: 0,
             agent,
             expected: 0,
             state: &edge_state,
@@ -950,9 +954,9 @@ async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Resu
         "no reports yet"
     );
     for n in 1..=5u8 {
-        store.push_report("prod", &[n], 3).await?;
+        store.push_report("prod", 0, &[n], 3).await?;
     }
-    store.push_report("staging", b"other", 3).await?;
+    store.push_report("staging", 0, b"other", 3).await?;
     assert_eq!(
         store.reports("prod", 10).await?,
         vec![vec![5], vec![4], vec![3]],
@@ -970,7 +974,7 @@ async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Resu
         "reports are per agent"
     );
     assert!(store.reports("nobody", 10).await?.is_empty());
-    store.push_report("prod", &[6], 1).await?;
+    store.push_report("prod", 0, &[6], 1).await?;
     assert_eq!(
         store.reports("prod", 10).await?,
         vec![vec![6]],
@@ -1407,6 +1411,7 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
         let mut writes = AgentWrites::default();
         for agent in &fleet {
             writes.push(AgentWrite {
+                incarnation: 0,
                 agent,
                 expected: fleet_version,
                 state: &after,
@@ -1415,6 +1420,7 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
             });
         }
         writes.push(AgentWrite {
+            incarnation: 0,
             agent: "victim",
             expected: 1,
             state: &after,
@@ -1489,7 +1495,7 @@ async fn a_step_redis_refuses_midway_writes_none_of_its_agents() -> anyhow::Resu
         heard.iter().all(|agent| written_before.contains(agent)),
         "only written agents are heard: {heard:?}"
     );
-    store.push_report(PROBE_AGENT, b"end", 1).await?;
+    store.push_report(PROBE_AGENT, 0, b"end", 1).await?;
     let late = next_message(&mut rx).await;
     ensure!(late.is_err(), "only written agents are heard: {late:?}");
 
@@ -1668,6 +1674,7 @@ impl FanOut {
         let mut writes = AgentWrites::default();
         for agent in &self.fleet {
             writes.push(AgentWrite {
+                incarnation: 0,
                 agent,
                 expected: 0,
                 state: &self.next,
@@ -1782,7 +1789,7 @@ async fn a_fan_out_stopped_after_its_first_step_withholds_the_rest() -> anyhow::
             .all(|agent| saved_names.contains(&agent.as_str())),
         "only written agents are heard: {heard:?}"
     );
-    store.push_report(PROBE_AGENT, b"end", 1).await?;
+    store.push_report(PROBE_AGENT, 0, b"end", 1).await?;
     let late = next_message(&mut rx).await;
     ensure!(late.is_err(), "only written agents are heard: {late:?}");
     Ok(())
@@ -1812,6 +1819,7 @@ async fn agents_written_while_redis_is_down_fail_with_its_error_and_go_through_a
     let deployed = DeployedChange::between(&empty.gate.deployed, &next.gate.deployed);
     let fleet: Vec<String> = (0..40).map(|n| format!("fleet-{n}")).collect();
     let writes = AgentWrites::of(fleet.iter().map(|agent| AgentWrite {
+        incarnation: 0,
         agent,
         expected: 0,
         state: &next,
@@ -2245,8 +2253,8 @@ async fn embedded_store_reopened_holds_all_it_answered() -> anyhow::Result<()> {
         };
         store.record_fact(&k, &green, None, None).await?;
         write(store, "prod", 0, &AgentState::default(), &first).await?;
-        store.push_report("prod", b"older", 10).await?;
-        store.push_report("prod", b"newer", 10).await?;
+        store.push_report("prod", 0, b"older", 10).await?;
+        store.push_report("prod", 0, b"newer", 10).await?;
         store.set_sync_errors(&[("staging", Some(&error))]).await?;
         store.begin_status(&posted, "replica-a", lease).await?;
         store.finish_status(&posted, "replica-a", true).await?;

@@ -74,6 +74,15 @@ fn new_token() -> Result<String, RegistryError> {
     Ok(hex::encode(bytes))
 }
 
+/// A new agent's incarnation: random and never 0, which stands for "not recorded".
+fn new_incarnation() -> Result<u64, RegistryError> {
+    let mut bytes = [0u8; 8];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| RegistryError::Random)?;
+    Ok(u64::from_le_bytes(bytes).max(1))
+}
+
 /// Refuses an agent that would watch a ref other agents watch with another repository: the
 /// gate orders a ref's commits by one history.
 fn check_repository(catalog: &Catalog, spec: &AgentSpec) -> Result<(), RegistryError> {
@@ -129,7 +138,7 @@ impl Engine {
                 return;
             }
         };
-        if let Some(change) = self.catalog.apply(seq, name, agent) {
+        for change in self.catalog.apply(seq, name, agent) {
             self.catalog_changed(change);
         }
     }
@@ -156,7 +165,7 @@ impl Engine {
         match change {
             CatalogChange::Added(spec) => {
                 info!(agent = spec.name, "agent created at runtime");
-                self.index.add(&spec.name);
+                self.index.add(&spec.name, spec.incarnation);
                 self.evaluate_new(&spec);
             }
             CatalogChange::Updated { after, .. } => {
@@ -182,6 +191,22 @@ impl Engine {
             self.evaluator
                 .enqueue(&key, crate::evaluate::Asked::default());
         }
+    }
+
+    /// The agent under `name` as the store has it now, for what must not act on an older
+    /// view: this replica's catalog may not have heard of a runtime agent's creation or
+    /// deletion yet. `None` when there is none.
+    pub async fn agent_now(&self, name: &str) -> Result<Option<Arc<AgentSpec>>, StoreError> {
+        let catalog = self.catalog();
+        if !catalog.is_runtime(name)
+            && let Some(file_agent) = catalog.agent_arc(name)
+        {
+            return Ok(Some(file_agent));
+        }
+        let Some(stored) = self.store.registered(name).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Arc::new(stored.value.decode(name)?.spec)))
     }
 
     /// The runtime agent `name`, refusing a file agent and an unknown one.
@@ -235,13 +260,14 @@ impl Engine {
         }
         let token = new_token()?;
         let ci = ci_token.then(new_token).transpose()?;
-        let spec = definition
+        let mut spec = definition
             .validate(
                 &|field| field.to_owned(),
                 TokenHash::of(&token),
                 ci.as_deref().map(TokenHash::of),
             )
             .map_err(|error| RegistryError::Invalid(error.to_string()))?;
+        spec.incarnation = new_incarnation()?;
         check_repository(&catalog, &spec)?;
         check_token_file(&catalog, &spec)?;
         let now = now_ms();
@@ -268,13 +294,15 @@ impl Engine {
     ) -> Result<Arc<AgentSpec>, RegistryError> {
         let name = definition.name.clone();
         let (version, mut agent) = self.runtime_record(&name).await?;
-        let spec = definition
+        let mut spec = definition
             .validate(
                 &|field| field.to_owned(),
                 agent.spec.token.clone(),
                 agent.spec.ci_token.clone(),
             )
             .map_err(|error| RegistryError::Invalid(error.to_string()))?;
+        // The same agent, changed: what was written for it still is its own.
+        spec.incarnation = agent.spec.incarnation;
         if spec.project != agent.spec.project || spec.branch != agent.spec.branch {
             return Err(RegistryError::Invalid(format!(
                 "project and ref of agent {name:?} cannot change (they are {}); delete it and \

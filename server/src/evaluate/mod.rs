@@ -195,6 +195,8 @@ pub struct Evaluated {
 /// A decided change of one agent, not yet written.
 struct Pending {
     agent: String,
+    /// The incarnation of the agent it was decided for.
+    incarnation: u64,
     read: Held,
     next: Arc<AgentState>,
     change: Arc<Change>,
@@ -679,6 +681,7 @@ impl Evaluator {
             if let Some((next, change)) = result {
                 pending.push(Pending {
                     agent: agent.clone(),
+                    incarnation: spec.incarnation,
                     read: read.clone(),
                     next: next.clone(),
                     change: change.clone(),
@@ -701,6 +704,7 @@ impl Evaluator {
     ) -> Result<Vec<(String, Written)>, StoreError> {
         let writes = AgentWrites::of(pending.iter().map(|change| AgentWrite {
             agent: &change.agent,
+            incarnation: change.incarnation,
             expected: change.read.version,
             state: &change.next,
             decisions: &change.change.step.decisions,
@@ -765,6 +769,7 @@ impl Evaluator {
         let desired = change.next.gate.desired.as_ref();
         self.index.offer(
             &change.agent,
+            change.incarnation,
             version,
             desired,
             change.next.traceparent.as_deref(),
@@ -831,6 +836,7 @@ impl Evaluator {
             };
             let change = Pending {
                 agent: agent.to_owned(),
+                incarnation: spec.incarnation,
                 change: Arc::new(Change::new(&read.value, &next, step)),
                 read: read.map(Arc::new),
                 next: Arc::new(next),

@@ -302,6 +302,7 @@ impl Run {
         let written = self
             .store
             .write_agent(&AgentWrite {
+                incarnation: 0,
                 agent: AGENT,
                 expected: read.version,
                 state: &next,
@@ -482,7 +483,10 @@ fn evaluator_on(
         crate::catalog::Catalog::new(&config.agents, None),
     ));
     let index = Arc::new(crate::index::Index::new(
-        config.agents.iter().map(|a| a.name.as_str()),
+        config
+            .agents
+            .iter()
+            .map(|a| (a.name.as_str(), a.incarnation)),
     ));
     let evaluator = super::Evaluator::new(
         store.clone(),

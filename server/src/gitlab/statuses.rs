@@ -22,7 +22,9 @@ use crate::config::AgentSpec;
 use crate::engine::Engine;
 use crate::gate::{Outcome, Sha};
 use crate::metrics::Metrics;
-use crate::store::{Broadcast, LogEntry, StatusClaim, StatusKey, StatusOrder};
+use crate::store::{
+    Broadcast, LogEntry, StatusClaim, StatusKey, StatusOrder, StoreError, same_incarnation,
+};
 
 const RETRY_INITIAL: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -41,6 +43,8 @@ pub const CONTEXT_PREFIX: &str = "greenlight/";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MeantStatus {
     pub agent: String,
+    /// The incarnation of the agent the entry was written for.
+    pub incarnation: u64,
     pub sha: String,
     pub order: StatusOrder,
     pub status: CommitStatus,
@@ -92,6 +96,7 @@ pub fn status_for(message: &Broadcast, target_base: Option<&str>) -> Vec<MeantSt
                     };
                     Some(MeantStatus {
                         agent: agent.clone(),
+                        incarnation: written.incarnation,
                         sha,
                         order,
                         status,
@@ -99,7 +104,11 @@ pub fn status_for(message: &Broadcast, target_base: Option<&str>) -> Vec<MeantSt
                 })
             })
             .collect(),
-        Broadcast::Report { agent, report } => {
+        Broadcast::Report {
+            agent,
+            report,
+            incarnation,
+        } => {
             let Ok(report) = StatusReport::decode(report.as_slice()) else {
                 return Vec::new();
             };
@@ -112,6 +121,7 @@ pub fn status_for(message: &Broadcast, target_base: Option<&str>) -> Vec<MeantSt
             };
             vec![MeantStatus {
                 agent: agent.clone(),
+                incarnation: *incarnation,
                 order: StatusOrder::reported(report.generation, report.received_at_unix_ms, state),
                 sha: report.revision,
                 status: status(agent, state, description),
@@ -229,8 +239,20 @@ impl StatusPublisher {
             // claim outlives them. An entry naming many agents may take longer than that as
             // a whole: a replica taking it over meanwhile skips the statuses claimed here.
             let deadline = tokio::time::Instant::now() + RETRY_FOR.min(self.takeover / 2);
-            let Some(spec) = self.engine.catalog().agent_arc(&meant.agent) else {
-                continue;
+            let spec = match self.agent_of(&meant).await {
+                Ok(Some(spec)) => spec,
+                Ok(None) => {
+                    debug!(
+                        agent = meant.agent,
+                        sha = meant.sha,
+                        "no status for an agent deleted since (or created again under its name)"
+                    );
+                    continue;
+                }
+                Err(error) => {
+                    warn!(%error, agent = meant.agent, "cannot read the agent of a status; later");
+                    return Handled::Deferred;
+                }
             };
             meant.status.git_ref = Some(spec.branch.clone());
             if meant.status.pipeline_id.is_none() {
@@ -263,6 +285,26 @@ impl StatusPublisher {
             };
         }
         handled
+    }
+}
+
+impl StatusPublisher {
+    /// The agent `meant` is for, unless it was deleted since. This replica's catalog is
+    /// asked first; when it has no agent of that incarnation under the name (it has not
+    /// read the registry change that created it, or the entry is of an agent deleted
+    /// since), the store says which it is.
+    async fn agent_of(&self, meant: &MeantStatus) -> Result<Option<Arc<AgentSpec>>, StoreError> {
+        let fits = |spec: &AgentSpec| same_incarnation(meant.incarnation, spec.incarnation);
+        if let Some(spec) = self.engine.catalog().agent_arc(&meant.agent)
+            && fits(&spec)
+        {
+            return Ok(Some(spec));
+        }
+        Ok(self
+            .engine
+            .agent_now(&meant.agent)
+            .await?
+            .filter(|spec| fits(spec)))
     }
 }
 
@@ -604,6 +646,7 @@ mod tests {
         let mut changes = AgentChanges::one("prod".into(), 1, change);
         // Decided alike, written in the same step.
         changes.agents.push(ChangedAgent {
+            incarnation: 0,
             agent: "prod-eu".into(),
             version: 4,
             change: 0,
@@ -642,6 +685,7 @@ mod tests {
     #[test]
     fn reports_become_running_success_and_failed() {
         let report = |phase: Phase, message: &str| Broadcast::Report {
+            incarnation: 0,
             agent: "prod".into(),
             report: StatusReport {
                 revision: "b".repeat(40),

@@ -301,7 +301,7 @@ fn event_to_proto(message: &Broadcast, catalog: &Catalog) -> Vec<v1::Event> {
                 .collect()
         }
         Broadcast::Fact { .. } | Broadcast::Registry { .. } => Vec::new(),
-        Broadcast::Report { agent, report } => v1::StatusReport::decode(report.as_slice())
+        Broadcast::Report { agent, report, .. } => v1::StatusReport::decode(report.as_slice())
             .map(|report| v1::Event {
                 agent: agent.clone(),
                 at_unix_ms: at,

@@ -539,7 +539,7 @@ impl AgentService for AgentApi {
         // stored (a hundred times per agent) bounded all the same.
         greenlight::report::bound(&mut report);
         self.engine
-            .report(&agent.name, &revision, report)
+            .report(&agent, &revision, report)
             .instrument(span)
             .await?;
         Ok(Response::new(v1::ReportStatusResponse {}))

@@ -103,8 +103,17 @@ impl AgentStore for CountedStore {
 
 #[async_trait]
 impl ReportStore for CountedStore {
-    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
-        let pushed = self.inner.push_report(agent, report, keep).await;
+    async fn push_report(
+        &self,
+        agent: &str,
+        incarnation: u64,
+        report: &[u8],
+        keep: usize,
+    ) -> Result<()> {
+        let pushed = self
+            .inner
+            .push_report(agent, incarnation, report, keep)
+            .await;
         self.count("push_report", pushed)
     }
 

@@ -771,6 +771,7 @@ impl AgentStore for EmbeddedStore {
                         agent: write.agent.to_owned(),
                         version,
                         change: logged_change,
+                        incarnation: write.incarnation,
                     });
                 }
                 if !logged.agents.is_empty() {
@@ -818,7 +819,13 @@ impl AgentStore for EmbeddedStore {
 
 #[async_trait]
 impl ReportStore for EmbeddedStore {
-    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
+    async fn push_report(
+        &self,
+        agent: &str,
+        incarnation: u64,
+        report: &[u8],
+        keep: usize,
+    ) -> Result<()> {
         let ticket = {
             let mut inner = self.lock();
             let reports = inner.reports.entry(agent.to_owned()).or_default();
@@ -827,6 +834,7 @@ impl ReportStore for EmbeddedStore {
             let message = Broadcast::Report {
                 agent: agent.to_owned(),
                 report: report.to_vec(),
+                incarnation,
             };
             inner.mark(Dirty::Reports(agent.to_owned()));
             self.log(&mut inner, message);
@@ -2371,6 +2379,7 @@ mod tests {
             .collect();
         alike.dedup();
         let writes = AgentWrites::of(alike.iter().map(|&agent| AgentWrite {
+            incarnation: 0,
             agent: AGENTS[agent],
             expected: all[agent].0,
             state: &after,
@@ -2397,6 +2406,7 @@ mod tests {
     fn single_write<'a>(agent: &'a str, expected: u64, state: &'a AgentState) -> AgentWrites<'a> {
         static UNCHANGED: DeployedChange = DeployedChange::Unchanged;
         AgentWrites::of([AgentWrite {
+            incarnation: 0,
             agent,
             expected,
             state,
@@ -2414,6 +2424,7 @@ mod tests {
         store.set_write_step(1);
         let state = AgentState::default();
         let writes = AgentWrites::of(["a", "b"].map(|agent| AgentWrite {
+            incarnation: 0,
             agent,
             expected: 0,
             state: &state,
@@ -2554,6 +2565,7 @@ mod tests {
         let deployed = DeployedChange::Unchanged;
         let writes = AgentWrites::of([("a", 0), ("b", 0), ("c", 1), ("d", 2)].map(
             |(agent, state)| AgentWrite {
+                incarnation: 0,
                 agent,
                 expected: 0,
                 state: &states[state],

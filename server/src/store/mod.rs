@@ -204,6 +204,8 @@ pub struct AgentState {
 #[derive(Debug, Clone, Copy)]
 pub struct AgentWrite<'a> {
     pub agent: &'a str,
+    /// The incarnation of the agent it was decided for, logged with it.
+    pub incarnation: u64,
     /// The version read; the write happens only if it is still the stored one.
     pub expected: u64,
     pub state: &'a AgentState,
@@ -225,6 +227,7 @@ pub struct AgentChange<'a> {
 #[derive(Debug, Clone, Copy)]
 pub struct QueuedWrite<'a> {
     pub agent: &'a str,
+    pub incarnation: u64,
     /// The version read; the write happens only if it is still the stored one.
     pub expected: u64,
     /// Index of what it writes in [`AgentWrites::changes`].
@@ -274,6 +277,7 @@ impl<'a> AgentWrites<'a> {
         }
         self.agents.push(QueuedWrite {
             agent: write.agent,
+            incarnation: write.incarnation,
             expected: write.expected,
             change,
         });
@@ -374,7 +378,13 @@ pub enum Broadcast {
     /// Agents' states were written: their versions, desired revisions and decisions.
     AgentsChanged(AgentChanges),
     /// A prost-encoded `greenlight.v1.StatusReport`.
-    Report { agent: String, report: Vec<u8> },
+    Report {
+        agent: String,
+        report: Vec<u8>,
+        /// The agent's incarnation the report came from, as in [`ChangedAgent`].
+        #[serde(default, skip_serializing_if = "is_zero")]
+        incarnation: u64,
+    },
     Connection {
         agent: String,
         connected: bool,
@@ -469,6 +479,7 @@ impl AgentChanges {
                 agent,
                 version,
                 change: 0,
+                incarnation: 0,
             }],
         }
     }
@@ -516,6 +527,22 @@ pub struct ChangedAgent {
     pub version: u64,
     /// Index of its change in [`AgentChanges::changes`].
     pub change: usize,
+    /// The agent's [`crate::config::AgentSpec::incarnation`] it was written for.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
+}
+
+/// Whether an entry written for incarnation `logged` of an agent is about `current`, the
+/// agent now under its name. The log's shards are read in any order, so a deleted agent's
+/// entries may be read after the registry change that created another one in its place;
+/// they are not the new agent's. An entry without one (0: written by a version that did
+/// not record it) is taken as the current agent's, as that version took it.
+pub fn same_incarnation(logged: u64, current: u64) -> bool {
+    logged == 0 || logged == current
+}
+
+pub(crate) fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// What a subscriber receives.
@@ -671,9 +698,15 @@ pub trait AgentStore: Send + Sync {
 /// Agents' status reports.
 #[async_trait]
 pub trait ReportStore: Send + Sync {
-    /// Keeps `report` as the newest of at most `keep` reports of `agent`, and appends it to
-    /// the change log, in one atomic step.
-    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()>;
+    /// Keeps `report` as the newest of at most `keep` reports of `agent` (its
+    /// `incarnation`), and appends it to the change log, in one atomic step.
+    async fn push_report(
+        &self,
+        agent: &str,
+        incarnation: u64,
+        report: &[u8],
+        keep: usize,
+    ) -> Result<()>;
 
     /// The newest `limit` reports of `agent`, newest first.
     async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>>;
@@ -1005,6 +1038,7 @@ mod tests {
         };
         let unchanged = DeployedChange::Unchanged;
         let write = |agent, state| AgentWrite {
+            incarnation: 0,
             agent,
             expected: 0,
             state,
@@ -1052,6 +1086,7 @@ mod tests {
         let mut agents = AgentChanges::one("prod".into(), 4, change(Some(revision)));
         agents.changes.push(change(None));
         agents.agents.push(ChangedAgent {
+            incarnation: 0,
             agent: "staging".into(),
             version: 9,
             change: 1,
@@ -1070,6 +1105,7 @@ mod tests {
                 at_ms: 99,
             },
             Broadcast::Report {
+                incarnation: 0,
                 agent: "prod".into(),
                 report: vec![1, 2, 3],
             },
@@ -1113,6 +1149,7 @@ mod tests {
             },
         );
         changes.agents.push(ChangedAgent {
+            incarnation: 0,
             agent: "corrupt".into(),
             version: 1,
             change: 9,

@@ -595,6 +595,7 @@ impl RedisStore {
                 // A successful conditional write stores exactly the next version.
                 version: write.expected + 1,
                 change: number - 1,
+                incarnation: write.incarnation,
             })?;
             invocation.arg(write.expected).arg(number).arg(entry);
         }
@@ -1352,12 +1353,19 @@ impl AgentStore for RedisStore {
 
 #[async_trait]
 impl ReportStore for RedisStore {
-    async fn push_report(&self, agent: &str, report: &[u8], keep: usize) -> Result<()> {
+    async fn push_report(
+        &self,
+        agent: &str,
+        incarnation: u64,
+        report: &[u8],
+        keep: usize,
+    ) -> Result<()> {
         let key = self.keys.agent(agent, "reports");
         let stop = isize::try_from(keep).unwrap_or(isize::MAX) - 1;
         let message = self.encode(&Broadcast::Report {
             agent: agent.to_owned(),
             report: report.to_vec(),
+            incarnation,
         })?;
         redis::pipe()
             .atomic()

@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use super::{Result, StoreError, Versioned};
+use super::{Result, StoreError, Versioned, is_zero};
 use crate::clock::millis;
 use crate::config::{AgentSpec, ApplySettings, HealthCheck, TokenHash};
 use crate::gate::Mode;
@@ -96,6 +96,9 @@ pub struct RegistryRecordV1 {
     pub previous_ci_token: Option<(String, i64)>,
     pub created_ms: i64,
     pub updated_ms: i64,
+    /// [`AgentSpec::incarnation`]; 0 in records of versions that did not keep one.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub incarnation: u64,
 }
 
 /// Version 1 of an agent's apply settings.
@@ -193,6 +196,7 @@ impl From<&RegisteredAgent> for RegistryRecord {
                 .map(|(hash, until)| (hex(hash), *until)),
             created_ms: agent.created_ms,
             updated_ms: agent.updated_ms,
+            incarnation: spec.incarnation,
         })
     }
 }
@@ -263,6 +267,7 @@ impl RegistryRecord {
                     .transpose()?,
                 badge_public: r.badge_public,
                 preview: r.preview,
+                incarnation: r.incarnation,
             },
             previous_token: previous("previous_token", &r.previous_token)?,
             previous_ci_token: previous("previous_ci_token", &r.previous_ci_token)?,
@@ -306,7 +311,10 @@ mod tests {
     #[test]
     fn records_round_trip_every_setting_and_token_hash() {
         let agent = RegisteredAgent {
-            spec: spec(),
+            spec: AgentSpec {
+                incarnation: 0x1234_5678_9abc,
+                ..spec()
+            },
             previous_token: Some((TokenHash::of("old"), 1_700_000_000_000)),
             previous_ci_token: None,
             created_ms: 5,
@@ -333,7 +341,14 @@ mod tests {
         assert!(spec.badge_public);
         assert_eq!(back.previous_token, agent.previous_token);
         assert_eq!((back.created_ms, back.updated_ms), (5, 6));
+        assert_eq!(spec.incarnation, 0x1234_5678_9abc);
         assert_eq!(parsed.name(), "edge-1");
+        // A record of a version that kept no incarnation: 0, which every entry of the log
+        // fits, as that version took them.
+        let older = text.replace(",\"incarnation\":20015998343868", "");
+        assert_ne!(older, text);
+        let older = RegistryRecord::parse("k", older.as_bytes()).unwrap();
+        assert_eq!(older.decode("k").unwrap().spec.incarnation, 0);
     }
 
     #[test]
@@ -374,6 +389,7 @@ mod tests {
         // State left by an earlier agent of the same name is not inherited.
         let state = crate::store::AgentState::default();
         let write = AgentWrite {
+            incarnation: 0,
             agent: "edge-1",
             expected: 0,
             state: &state,
