@@ -214,19 +214,38 @@ async fn decisions_after_a_redis_outage_reach_other_replicas() -> anyhow::Result
     Ok(())
 }
 
-/// A replica on `redis` that posts commit statuses to `gitlab`.
+/// A replica on `redis` that posts commit statuses to `gitlab`, taking over those of a
+/// replica that died after `takeover`.
 async fn posting_replica(
     redis: &Redis,
     gitlab: &FakeGitLab,
     replica: &str,
+    takeover: &str,
 ) -> anyhow::Result<TestServer> {
     let mut yaml = config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]);
-    yaml.push_str(&gitlab.config(&format!(", status_takeover: {TAKEOVER}")));
+    yaml.push_str(&gitlab.config(&format!(", status_takeover: {takeover}")));
     let overrides = Overrides {
         replica_id: Some(replica.to_owned()),
         ..Overrides::default()
     };
     TestServer::start_with(Config::from_yaml(&yaml, &overrides)?).await
+}
+
+/// Replica A, which decided to deploy commit 1 and keeps trying to post its status: GitLab
+/// is down.
+async fn failing_to_post_commit_1(
+    redis: &Redis,
+    gitlab: &FakeGitLab,
+    takeover: &str,
+) -> anyhow::Result<TestServer> {
+    let a = posting_replica(redis, gitlab, "replica-a", takeover).await?;
+    gitlab.fail_with(Some(503));
+    deploy(&a, NULL_SHA, 1).await?;
+    eventually("replica A trying to post the status", || async {
+        Ok((!gitlab.status_attempts(&sha(1)).is_empty()).then_some(()))
+    })
+    .await?;
+    Ok(a)
 }
 
 /// A replica dies (as by SIGKILL) right after its decision, while GitLab still refuses the
@@ -237,18 +256,11 @@ async fn a_dead_replicas_commit_status_is_posted_once_by_a_survivor() -> anyhow:
     let gitlab = FakeGitLab::start().await?;
     let commit = sha(1);
 
-    let a = posting_replica(&redis, &gitlab, "replica-a").await?;
-    // GitLab is down: A's publisher takes the decision's status and cannot post it.
-    gitlab.fail_with(Some(503));
-    deploy(&a, NULL_SHA, 1).await?;
-    eventually("replica A trying to post the status", || async {
-        Ok((!gitlab.status_attempts(&commit).is_empty()).then_some(()))
-    })
-    .await?;
+    let a = failing_to_post_commit_1(&redis, &gitlab, TAKEOVER).await?;
     a.kill();
     gitlab.fail_with(None);
 
-    let b = posting_replica(&redis, &gitlab, "replica-b").await?;
+    let b = posting_replica(&redis, &gitlab, "replica-b", TAKEOVER).await?;
     let posted = eventually("the survivor posting the dead replica's status", || async {
         let statuses = gitlab.statuses_for(&commit);
         Ok((!statuses.is_empty()).then_some(statuses))
@@ -282,5 +294,31 @@ async fn a_dead_replicas_commit_status_is_posted_once_by_a_survivor() -> anyhow:
         .map(|(state, _, _)| state)
         .collect();
     assert_eq!(states, ["pending", "success"], "each state exactly once");
+    Ok(())
+}
+
+/// A replica stopped (SIGTERM) while GitLab refuses the commit status it is posting hands
+/// the status back: another replica posts it within seconds, not after the takeover time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_replicas_commit_status_is_posted_by_another_at_once() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let gitlab = FakeGitLab::start().await?;
+    let commit = sha(1);
+    // Ten minutes: only a hand-back explains a post within the test's wait.
+    let takeover = "10m";
+
+    let a = failing_to_post_commit_1(&redis, &gitlab, takeover).await?;
+    let b = posting_replica(&redis, &gitlab, "replica-b", takeover).await?;
+    a.stop().await?;
+    gitlab.fail_with(None);
+
+    let posted = eventually("replica B posting the status A handed back", || async {
+        let statuses = gitlab.statuses_for(&commit);
+        Ok((!statuses.is_empty()).then_some(statuses))
+    })
+    .await?;
+    assert_eq!(posted[0].0, "pending");
+    assert_eq!(posted[0].1, "greenlight/prod");
+    drop(b);
     Ok(())
 }

@@ -85,6 +85,7 @@ suite!(
     an_entry_a_publisher_never_acknowledged_goes_to_another,
     entries_on_several_shards_are_each_handed_out_before_the_takeover_time,
     a_dead_publishers_entry_behind_many_held_by_live_ones_is_taken_over,
+    a_stopping_publisher_hands_back_what_it_took_for_another_to_take_at_once,
     reports_are_newest_first_and_trimmed,
     presence_follows_connect_and_disconnect,
     sync_errors_are_set_and_cleared,
@@ -911,6 +912,37 @@ async fn a_dead_publishers_entry_behind_many_held_by_live_ones_is_taken_over(
         "{}",
         last.id
     );
+    Ok(())
+}
+
+/// A publisher whose replica stops hands back the entry it was posting and those its read
+/// took along: another takes them within seconds, not after the takeover time (an hour).
+async fn a_stopping_publisher_hands_back_what_it_took_for_another_to_take_at_once(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let long = Duration::from_secs(3600);
+    let keys: Vec<RefKey> = (0..4).map(|n| key("group/app", &format!("s{n}"))).collect();
+    for (n, k) in (1..).zip(&keys) {
+        store.record_fact(k, &push_of(n), None, None).await?;
+    }
+    let in_hand = next_status_entry(store, "replica-stopping", long)
+        .await?
+        .context("the entry it was posting")?;
+    store.release_statuses("replica-stopping", long).await?;
+    let mut others = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while others.len() < keys.len() && tokio::time::Instant::now() < deadline {
+        if let Some(entry) = next_status_entry(store, "replica-staying", long).await? {
+            ensure!(matches!(entry.message, Broadcast::Fact { .. }));
+            store.ack_statuses(&entry.id).await?;
+            ensure!(others.insert(entry.id.clone()), "{} twice", entry.id);
+        }
+    }
+    assert!(
+        others.contains(&in_hand.id),
+        "the entry it was posting, taken over: {others:?}"
+    );
+    assert_eq!(others.len(), keys.len(), "every entry: {others:?}");
     Ok(())
 }
 

@@ -35,6 +35,8 @@ const CLAIM_RETRY_INITIAL: Duration = Duration::from_millis(50);
 const CLAIM_RETRY_MAX: Duration = Duration::from_secs(1);
 /// Pause after the status feed itself failed (the store is down).
 const FEED_RETRY: Duration = Duration::from_secs(1);
+/// How long a stopping publisher may spend handing back what it did not finish.
+const RELEASE_WITHIN: Duration = Duration::from_secs(3);
 /// Every commit status Greenlight posts is named `greenlight/<agent>`: pipeline hooks that
 /// carry them as jobs must not count them towards the verdict.
 pub const CONTEXT_PREFIX: &str = "greenlight/";
@@ -188,14 +190,38 @@ impl StatusPublisher {
         }
     }
 
-    /// Runs until `shutdown`.
+    /// Runs until `shutdown`, then hands back what it took and did not finish.
     pub async fn run(self, shutdown: CancellationToken) {
         let consumer = self.engine.replica().to_owned();
+        self.publish(&consumer, &shutdown).await;
+        // Left with this replica, the entries would wait out the takeover time (minutes)
+        // before another replica posted their statuses.
+        let released = tokio::time::timeout(
+            RELEASE_WITHIN,
+            self.engine
+                .store()
+                .release_statuses(&consumer, self.takeover),
+        )
+        .await;
+        match released {
+            Ok(Ok(())) => debug!("status entries not finished handed back"),
+            Ok(Err(error)) => warn!(
+                %error,
+                "cannot hand back unfinished status entries; they wait for the takeover time"
+            ),
+            Err(_) => warn!(
+                "handing back unfinished status entries took too long; the rest wait for the \
+                 takeover time"
+            ),
+        }
+    }
+
+    async fn publish(&self, consumer: &str, shutdown: &CancellationToken) {
         let mut feed_failures = Backoff::new(FEED_RETRY, RETRY_MAX);
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                next = self.engine.store().next_for_statuses(&consumer, self.takeover) => next,
+                next = self.engine.store().next_for_statuses(consumer, self.takeover) => next,
             };
             let entry = match next {
                 Ok(Some(entry)) => entry,
@@ -211,7 +237,7 @@ impl StatusPublisher {
                 }
             };
             feed_failures.reset();
-            match self.handle(&entry, &shutdown).await {
+            match self.handle(&entry, shutdown).await {
                 Handled::Done => {
                     if let Err(error) = self.engine.store().ack_statuses(&entry.id).await {
                         // Unacknowledged, it is taken over later and found already posted.

@@ -158,6 +158,11 @@ impl ChangeLog for CountedStore {
         self.count("ack_statuses", self.inner.ack_statuses(id).await)
     }
 
+    async fn release_statuses(&self, consumer: &str, reclaim_after: Duration) -> Result<()> {
+        let released = self.inner.release_statuses(consumer, reclaim_after).await;
+        self.count("release_statuses", released)
+    }
+
     async fn begin_status(
         &self,
         status: &StatusKey<'_>,

@@ -375,6 +375,19 @@ impl StatusFeed {
         })
     }
 
+    /// Makes what `consumer` took free to take again.
+    fn release(&mut self, consumer: &str) {
+        for entry in &mut self.entries {
+            if entry
+                .taken
+                .as_ref()
+                .is_some_and(|(holder, _)| holder == consumer)
+            {
+                entry.taken = None;
+            }
+        }
+    }
+
     fn ack(&mut self, id: &str) -> Option<u64> {
         let id = id.parse::<u64>().ok()?;
         self.entries.retain(|entry| entry.id != id);
@@ -914,6 +927,12 @@ impl ChangeLog for EmbeddedStore {
                 return Ok(None);
             }
         }
+    }
+
+    async fn release_statuses(&self, consumer: &str, _reclaim_after: Duration) -> Result<()> {
+        self.lock().status_feed.release(consumer);
+        self.appended.notify_waiters();
+        Ok(())
     }
 
     async fn ack_statuses(&self, id: &str) -> Result<()> {

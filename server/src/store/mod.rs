@@ -744,6 +744,10 @@ pub trait ChangeLog: Send + Sync {
     /// Marks a status entry handled, so that no publisher takes it again.
     async fn ack_statuses(&self, id: &str) -> Result<()>;
 
+    /// Hands back every entry `consumer` took and did not acknowledge, as its replica stops:
+    /// another publisher takes them over at once rather than after `reclaim_after`.
+    async fn release_statuses(&self, consumer: &str, reclaim_after: Duration) -> Result<()>;
+
     /// Claims the posting of commit status `status` for `holder`, for at most `lease`:
     /// several log entries can mean the same status, two publishers must never post
     /// statuses of one agent on one commit at once, and one older than the status GitLab

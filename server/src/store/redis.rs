@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use greenlight::backoff::Backoff;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
 use redis::{AsyncCommands, Script};
 use tokio::sync::{Mutex, Notify, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -313,6 +313,10 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 /// `XAUTOCLAIM` calls per shard and look, each over ten pending entries, before the look
 /// moves on to the next shard.
 const RECLAIM_SCANS: usize = 8;
+/// Pending entries a stopping publisher hands back per call, and calls per shard: what a
+/// long GitLab outage left unacknowledged beyond that waits out the takeover time.
+const RELEASE_PAGE: usize = 100;
+const RELEASE_PAGES: usize = 10;
 /// The cursor `XAUTOCLAIM` starts a scan at and answers once it went through every entry.
 const SCAN_DONE: &str = "0-0";
 
@@ -1476,6 +1480,45 @@ impl ChangeLog for RedisStore {
             }
             ok => ok,
         }
+    }
+
+    async fn release_statuses(&self, consumer: &str, reclaim_after: Duration) -> Result<()> {
+        self.status_taken
+            .lock()
+            .await
+            .retain(|held| held.consumer != consumer);
+        // Still the consumer's, but idle for the takeover time already: the next look of
+        // any publisher for entries a dead one took takes them.
+        let idle = millis(reclaim_after);
+        for log in self.keys.logs() {
+            let mut after = "-".to_owned();
+            for _ in 0..RELEASE_PAGES {
+                let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+                    .arg(&log)
+                    .arg(STATUS_GROUP)
+                    .arg(&after)
+                    .arg("+")
+                    .arg(RELEASE_PAGE)
+                    .arg(consumer)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                let Some(last) = pending.ids.last() else {
+                    break;
+                };
+                after = format!("({}", last.id);
+                let mut claim = redis::cmd("XCLAIM");
+                claim.arg(&log).arg(STATUS_GROUP).arg(consumer).arg(0);
+                for held in &pending.ids {
+                    claim.arg(&held.id);
+                }
+                claim.arg("IDLE").arg(idle).arg("JUSTID");
+                let _: Vec<String> = claim.query_async(&mut self.conn.clone()).await?;
+                if pending.ids.len() < RELEASE_PAGE {
+                    break;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn ack_statuses(&self, id: &str) -> Result<()> {
