@@ -3,13 +3,14 @@
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use serde_json::json;
+use serde_json::{Map, Value, json};
 
 use super::Admin;
 use super::output::{self, Format};
+use crate::health_check::HealthQuery;
 use crate::v1::{
-    AgentDefinition, CreateAgentRequest, DeleteAgentRequest, GateMode, RotateAgentTokenRequest,
-    UpdateAgentRequest,
+    AgentDefinition, CreateAgentRequest, DeleteAgentRequest, GateMode, HealthCheck,
+    RotateAgentTokenRequest, UpdateAgentRequest,
 };
 
 /// Runtime agent commands (admin token only).
@@ -23,8 +24,8 @@ pub enum AgentCommand {
         #[arg(long)]
         ci_token: bool,
     },
-    /// Replaces a runtime agent's definition (its tokens, project and ref stay). Health
-    /// checks have no flag: an update drops any set through the admin API.
+    /// Replaces a runtime agent's definition (its tokens, project and ref stay): settings
+    /// left out, health checks too, take their defaults again.
     Update {
         #[command(flatten)]
         definition: Definition,
@@ -114,6 +115,66 @@ pub struct Definition {
     /// How a revision is checked before it is applied: none or server.
     #[arg(long)]
     dry_run_strategy: Option<String>,
+    /// Health of a kind that follows no status convention, as an entry of `health_checks`
+    /// in the config file, in JSON (repeat for more kinds):
+    /// '{"group": "example.io", "kind": "Widget", "jsonpath": "$.status.phase",
+    /// "healthy": ["Ready"], "failed": ["Broken"]}'
+    #[arg(long = "health-check", value_parser = parse_health_check)]
+    health_checks: Vec<HealthCheck>,
+}
+
+/// One `--health-check`: a JSON object with the keys of a `health_checks` entry of the
+/// config file, its JSONPath parsed here so that a typo is told before anything is sent.
+fn parse_health_check(text: &str) -> Result<HealthCheck, String> {
+    let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(text) else {
+        return Err(
+            "expected a JSON object such as {\"kind\": \"Widget\", \"jsonpath\": \
+             \"$.status.phase\", \"healthy\": [\"Ready\"]}"
+                .to_owned(),
+        );
+    };
+    let mut take_text = |key: &str, required: bool| match fields.remove(key) {
+        Some(Value::String(value)) => Ok(value),
+        None if !required => Ok(String::new()),
+        None => Err(format!("{key} is required")),
+        Some(_) => Err(format!("{key} must be a string")),
+    };
+    let group = take_text("group", false)?;
+    let kind = take_text("kind", true)?;
+    let jsonpath = take_text("jsonpath", true)?;
+    let healthy = strings(&mut fields, "healthy")?;
+    let failed = strings(&mut fields, "failed")?;
+    if let Some(unknown) = fields.keys().next() {
+        return Err(format!(
+            "unknown key {unknown:?}: the keys are group, kind, jsonpath, healthy and failed"
+        ));
+    }
+    if kind.trim().is_empty() {
+        return Err("kind must name a kind".to_owned());
+    }
+    HealthQuery::parse(&jsonpath, &healthy, &failed).map_err(|error| error.to_string())?;
+    Ok(HealthCheck {
+        group,
+        kind,
+        jsonpath,
+        healthy_values: healthy,
+        failed_values: failed,
+    })
+}
+
+/// The list of strings under `key`, taken out of `fields`; none when it is missing.
+fn strings(fields: &mut Map<String, Value>, key: &str) -> Result<Vec<String>, String> {
+    match fields.remove(key) {
+        None => Ok(Vec::new()),
+        Some(Value::Array(items)) => items
+            .into_iter()
+            .map(|item| match item {
+                Value::String(value) => Ok(value),
+                _ => Err(format!("{key} must hold strings only")),
+            })
+            .collect(),
+        Some(_) => Err(format!("{key} must be a list of strings")),
+    }
 }
 
 impl Definition {
@@ -145,8 +206,7 @@ impl Definition {
             force_conflicts: self.force_conflicts,
             prune_propagation_policy: self.prune_propagation_policy.unwrap_or_default(),
             dry_run_strategy: self.dry_run_strategy.unwrap_or_default(),
-            // No flag can say them: an update drops health checks set through the API.
-            health_checks: Vec::new(),
+            health_checks: self.health_checks,
         }
     }
 }
@@ -270,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn every_setting_but_health_checks_has_a_flag() {
+    fn every_setting_has_a_flag() {
         let flags = Flags::try_parse_from([
             "agent",
             "edge",
@@ -285,6 +345,10 @@ mod tests {
             "foreground",
             "--dry-run-strategy",
             "server",
+            "--health-check",
+            r#"{"group": "example.io", "kind": "Widget", "jsonpath": "$.status.phase", "healthy": ["Ready"], "failed": ["Broken"]}"#,
+            "--health-check",
+            r#"{"kind": "Gadget", "jsonpath": "$.status.conditions[?@.type == 'Synced'].status", "healthy": ["True"]}"#,
         ])
         .unwrap();
         let definition = flags.definition.into_proto();
@@ -293,5 +357,78 @@ mod tests {
         assert_eq!(definition.prune_propagation_policy, "foreground");
         assert_eq!(definition.dry_run_strategy, "server");
         assert_eq!(definition.mode(), GateMode::Pipeline);
+        assert_eq!(
+            definition.health_checks,
+            [
+                HealthCheck {
+                    group: "example.io".into(),
+                    kind: "Widget".into(),
+                    jsonpath: "$.status.phase".into(),
+                    healthy_values: vec!["Ready".into()],
+                    failed_values: vec!["Broken".into()],
+                },
+                HealthCheck {
+                    group: String::new(),
+                    kind: "Gadget".into(),
+                    jsonpath: "$.status.conditions[?@.type == 'Synced'].status".into(),
+                    healthy_values: vec!["True".into()],
+                    failed_values: Vec::new(),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_health_check_flag_that_cannot_work_says_why() {
+        let refused = |text: &str| parse_health_check(text).unwrap_err();
+        assert!(refused("Widget").contains("JSON object"));
+        assert!(refused(r#"["Widget"]"#).contains("JSON object"));
+        assert!(refused(r#"{"jsonpath": "$.a", "healthy": ["x"]}"#).contains("kind is required"));
+        assert!(refused(r#"{"kind": " ", "jsonpath": "$.a", "healthy": ["x"]}"#).contains("kind"));
+        assert!(refused(r#"{"kind": "W", "healthy": ["x"]}"#).contains("jsonpath is required"));
+        assert!(refused(r#"{"kind": "W", "jsonpath": "$.a"}"#).contains("no healthy values"));
+        assert!(refused(r#"{"kind": "W", "jsonpath": "$[", "healthy": ["x"]}"#).contains("$["));
+        assert!(refused(r#"{"kind": 7, "jsonpath": "$.a", "healthy": ["x"]}"#).contains("string"));
+        assert!(
+            refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": "x"}"#)
+                .contains("list of strings")
+        );
+        assert!(refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": [1]}"#).contains("strings"));
+        assert!(
+            refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": ["x"], "healthy_values": []}"#)
+                .contains("unknown key \"healthy_values\"")
+        );
+    }
+
+    proptest::proptest! {
+        /// Whatever is typed after the flag gets an answer, never a panic, and what is
+        /// accepted names a kind and a value that makes it healthy.
+        #[test]
+        fn any_health_check_flag_is_parsed_or_refused(text in "\\PC{0,80}") {
+            if let Ok(check) = parse_health_check(&text) {
+                proptest::prop_assert!(!check.kind.trim().is_empty());
+                proptest::prop_assert!(!check.healthy_values.is_empty());
+            }
+        }
+
+        #[test]
+        fn a_check_written_as_json_reads_back_as_written(
+            group in "[a-z.]{0,12}",
+            kind in "[A-Z][a-zA-Z]{0,11}",
+            field in "[a-z]{1,10}",
+            healthy in proptest::collection::vec("\\PC{0,8}", 1..4),
+            failed in proptest::collection::vec("\\PC{0,8}", 0..3),
+        ) {
+            let jsonpath = format!("$.status.{field}");
+            let text = json!({
+                "group": group, "kind": kind, "jsonpath": jsonpath,
+                "healthy": healthy, "failed": failed,
+            })
+            .to_string();
+            let check = parse_health_check(&text).unwrap();
+            proptest::prop_assert_eq!(check, HealthCheck {
+                group, kind, jsonpath, healthy_values: healthy, failed_values: failed,
+            });
+        }
     }
 }

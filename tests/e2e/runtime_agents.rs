@@ -482,6 +482,58 @@ async fn runtime_agents_on_the_embedded_store() -> anyhow::Result<()> {
     assert_eq!(ctl(&["agent", "delete", "prod"]).await, 2, "a file agent");
     assert_eq!(ctl(&["agent", "delete", "edge-9"]).await, 0);
     assert_eq!(ctl(&["agent", "delete", "edge-9"]).await, 2, "gone already");
+
+    // Health checks have a flag: refused here when they could never work, sent with the
+    // agent's revisions when they can.
+    let with_check = |check: &'static str| {
+        [
+            "agent",
+            "create",
+            "edge-10",
+            "--project",
+            PROJECT,
+            "--ref",
+            "main",
+            "--health-check",
+            check,
+        ]
+    };
+    assert_eq!(
+        ctl(&with_check(
+            r#"{"kind": "Widget", "jsonpath": "$.status["}"#
+        ))
+        .await,
+        2,
+        "no healthy value, and a JSONPath that does not parse"
+    );
+    assert!(server.agent_status("edge-10").await.is_err(), "not created");
+    let check = r#"{"group": "example.io", "kind": "Widget", "jsonpath": "$.status.phase", "healthy": ["Ready"]}"#;
+    assert_eq!(ctl(&with_check(check)).await, 0);
+    let token = server
+        .admin()
+        .await?
+        .rotate_agent_token(RotateAgentTokenRequest {
+            name: "edge-10".into(),
+            grace_seconds: Some(0),
+            ci_token: false,
+        })
+        .await?
+        .into_inner()
+        .token;
+    let mut stream = accepted(&server, &token).await?;
+    let revision = next_revision(&mut stream, SOON).await?;
+    let checks = revision
+        .header
+        .settings
+        .map(|settings| settings.health_checks)
+        .unwrap_or_default();
+    assert_eq!(
+        checks
+            .iter()
+            .map(|c| (c.group.as_str(), c.kind.as_str(), c.healthy_values.clone()))
+            .collect::<Vec<_>>(),
+        [("example.io", "Widget", vec!["Ready".to_owned()])]
+    );
     Ok(())
 }
 
