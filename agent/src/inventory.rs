@@ -32,6 +32,10 @@ pub struct InventoryStore {
     api: Api<ConfigMap>,
     name: String,
     field_manager: String,
+    /// The ConfigMap's `resourceVersion` as this store last read or wrote it: each write
+    /// is conditional on it, so that a replica that lost its Lease mid-revision cannot
+    /// overwrite what the new leader recorded since.
+    read_at: std::sync::Mutex<Option<String>>,
 }
 
 impl InventoryStore {
@@ -41,7 +45,21 @@ impl InventoryStore {
             api: Api::namespaced(client, namespace),
             name: inventory_name(agent),
             field_manager: field_manager.to_owned(),
+            read_at: std::sync::Mutex::new(None),
         }
+    }
+
+    fn remember(&self, map: &ConfigMap) {
+        // A plain value behind the lock: a poisoned lock holds it as well as a clean one.
+        *self.read_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            map.metadata.resource_version.clone();
+    }
+
+    fn read_at(&self) -> Option<String> {
+        self.read_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The stored inventory; empty when there is none yet.
@@ -49,6 +67,7 @@ impl InventoryStore {
         let Some(map) = bounded(self.api.get_opt(&self.name)).await? else {
             return Ok(Inventory::default());
         };
+        self.remember(&map);
         let data = map.data.unwrap_or_default();
         let entries = match data.get("entries") {
             Some(json) => serde_json::from_str(json)?,
@@ -60,22 +79,30 @@ impl InventoryStore {
         })
     }
 
-    /// Replaces the stored inventory.
+    /// Replaces the stored inventory, unless it changed since this store read or wrote it
+    /// (a conflict: [`ClusterError::is_conflict`]).
     pub async fn save(&self, inventory: &Inventory) -> Result<(), ClusterError> {
+        let mut metadata = json!({
+            "name": self.name,
+            "labels": { "app.kubernetes.io/managed-by": "greenlight" },
+        });
+        // An apply carrying a resourceVersion is refused when the object's differs. The
+        // first inventory, made where none was read, has none to carry.
+        if let Some(version) = self.read_at() {
+            metadata["resourceVersion"] = json!(version);
+        }
         let body = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {
-                "name": self.name,
-                "labels": { "app.kubernetes.io/managed-by": "greenlight" },
-            },
+            "metadata": metadata,
             "data": {
                 "entries": serde_json::to_string(&inventory.entries)?,
                 "revision": inventory.revision.clone().unwrap_or_default(),
             },
         });
         let params = PatchParams::apply(&self.field_manager).force();
-        bounded(self.api.patch(&self.name, &params, &Patch::Apply(body))).await?;
+        let saved = bounded(self.api.patch(&self.name, &params, &Patch::Apply(body))).await?;
+        self.remember(&saved);
         Ok(())
     }
 }

@@ -245,7 +245,14 @@ impl Worker {
         error: &crate::cluster::ClusterError,
         results: Vec<ObjectResult>,
     ) -> Outcome {
-        let message = format!("cannot write the inventory: {}", error.message());
+        let message = if error.is_conflict() {
+            "cannot write the inventory: another replica of this agent changed it since this \
+             one read it (this one lost its Lease, or the other did); it is read again at the \
+             next attempt"
+                .to_owned()
+        } else {
+            format!("cannot write the inventory: {}", error.message())
+        };
         self.fail(revision, message, results).await
     }
 

@@ -2279,3 +2279,64 @@ async fn a_prune_deletes_only_the_object_it_judged_not_one_created_again() -> an
     ));
     Ok(())
 }
+
+/// Two replicas of one agent, each with what it read of the inventory: once one wrote it,
+/// the other's write from its older read is refused by the API server rather than undoing
+/// it (a replica that lost its Lease mid-revision cannot overwrite the new leader's record).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_changed_since_it_was_read_is_never_overwritten() -> anyhow::Result<()> {
+    use greenlight_agent::inventory::{Inventory, InventoryStore};
+    use greenlight_agent::plan::{InventoryEntry, ObjectKey};
+
+    let Some(cluster) = TestCluster::new().await? else {
+        return Ok(());
+    };
+    let store = || {
+        InventoryStore::new(
+            cluster.agent_kube.clone(),
+            &cluster.home,
+            "prod",
+            "greenlight",
+        )
+    };
+    let of = |names: &[&str], revision: &str| Inventory {
+        entries: names
+            .iter()
+            .map(|name| InventoryEntry {
+                key: ObjectKey {
+                    group: String::new(),
+                    kind: "ConfigMap".into(),
+                    namespace: Some(cluster.apps.clone()),
+                    name: (*name).to_owned(),
+                },
+                api_version: "v1".into(),
+                namespaced: true,
+                adopted: false,
+            })
+            .collect(),
+        revision: Some(revision.to_owned()),
+    };
+    store().save(&of(&["a"], "r1")).await?;
+    let (old_leader, new_leader) = (store(), store());
+    assert_eq!(old_leader.load().await?, of(&["a"], "r1"));
+    assert_eq!(new_leader.load().await?, of(&["a"], "r1"));
+
+    new_leader.save(&of(&["a", "b"], "r2")).await?;
+    new_leader.save(&of(&["b"], "r2")).await?;
+    let refused = old_leader
+        .save(&of(&["a", "stale"], "r1"))
+        .await
+        .expect_err("a write from before the new leader's");
+    assert!(refused.is_conflict(), "{refused}");
+    assert_eq!(
+        store().load().await?,
+        of(&["b"], "r2"),
+        "the new leader's record"
+    );
+
+    // Read again, it writes.
+    assert_eq!(old_leader.load().await?, of(&["b"], "r2"));
+    old_leader.save(&of(&["c"], "r3")).await?;
+    assert_eq!(store().load().await?, of(&["c"], "r3"));
+    Ok(())
+}
