@@ -204,6 +204,18 @@ fn by_convention(object: &Value, observed: i64, generation: i64) -> Health {
             .map(|m| format!("{kind}: {m}"))
             .unwrap_or_else(|| format!("{kind} is not True"))
     };
+    // A condition carries its own observedGeneration (metav1.Condition): one set for an
+    // earlier spec says nothing of this one, whatever the status-wide field says, so a
+    // Ready left over from the previous revision does not pass the new one.
+    for kind in ["Stalled", "Ready", "Available"] {
+        if let Some(seen) = condition(object, kind).and_then(|c| int(c, "/observedGeneration"))
+            && seen < generation
+        {
+            return Health::Progressing(format!(
+                "{kind} was set for generation {seen} of {generation}"
+            ));
+        }
+    }
     if condition_true(object, "Stalled") {
         return Health::Failed(message("Stalled"));
     }
@@ -389,6 +401,25 @@ mod tests {
         let stale = json!({"metadata": {"generation": 3}, "status": {"observedGeneration": 2}});
         assert!(matches!(
             assess("example.com", "Widget", &stale),
+            Health::Progressing(_)
+        ));
+        // Each condition for the generation it was set for.
+        let condition_of = |seen: i64| {
+            json!({"metadata": {"generation": 3}, "status": {"observedGeneration": 3,
+                "conditions": [{"type": "Ready", "status": "True", "observedGeneration": seen}]}})
+        };
+        assert_eq!(
+            assess("example.com", "Widget", &condition_of(2)),
+            Health::Progressing("Ready was set for generation 2 of 3".into())
+        );
+        assert_eq!(
+            assess("example.com", "Widget", &condition_of(3)),
+            Health::Healthy
+        );
+        let stalled_before = json!({"metadata": {"generation": 3}, "status": {"conditions": [
+            {"type": "Stalled", "status": "True", "reason": "BadSpec", "observedGeneration": 2}]}});
+        assert!(matches!(
+            assess("example.com", "Widget", &stalled_before),
             Health::Progressing(_)
         ));
         let stalled = json!({"status": {"conditions": [{"type": "Stalled", "status": "True", "reason": "BadSpec"}]}});
