@@ -38,8 +38,7 @@ fn condition_true(value: &Value, kind: &str) -> bool {
 pub fn has_status(group: &str, kind: &str) -> bool {
     match (group, kind) {
         ("apps", "Deployment" | "StatefulSet" | "DaemonSet") | ("batch", "Job") => true,
-        ("" | "apps" | "batch" | "policy" | "autoscaling", _) => false,
-        _ => !group.ends_with(".k8s.io"),
+        _ => !crate::plan::is_kubernetes_group(group),
     }
 }
 

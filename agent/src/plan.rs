@@ -123,12 +123,19 @@ pub fn apply_stages<T>(items: Vec<T>, stage: impl Fn(&T) -> Stage) -> Vec<(Stage
     stages
 }
 
+/// Whether Kubernetes itself serves `group`: the core group, the unsuffixed built-in ones,
+/// and those under `k8s.io`, which a CRD may only take with the API reviewers' approval.
+pub fn is_kubernetes_group(group: &str) -> bool {
+    matches!(group, "" | "apps" | "batch" | "policy" | "autoscaling") || group.ends_with(".k8s.io")
+}
+
 /// Where an agent may write: namespaces by name or glob, and cluster-scoped kinds.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Scope {
     /// Names, or globs with `*` (any run of characters) and `?` (one character).
     pub namespaces: Vec<String>,
-    /// Kinds of cluster-scoped objects, such as `Namespace` or `ClusterRole`.
+    /// Kinds of cluster-scoped objects: `Namespace` or `ClusterRole` names a kind of
+    /// Kubernetes' own groups, `ClusterIssuer.cert-manager.io` one of another group.
     pub cluster_kinds: Vec<String>,
 }
 
@@ -147,6 +154,17 @@ impl Scope {
         }
     }
 
+    /// Whether cluster-scoped `kind` of `group` is listed. A kind alone names it in
+    /// Kubernetes' own groups only: any CRD may call its kind `Namespace`.
+    fn has_cluster_kind(&self, group: &str, kind: &str) -> bool {
+        self.cluster_kinds
+            .iter()
+            .any(|listed| match listed.split_once('.') {
+                Some((listed_kind, listed_group)) => listed_kind == kind && listed_group == group,
+                None => listed == kind && is_kubernetes_group(group),
+            })
+    }
+
     fn has_namespace(&self, namespace: &str) -> bool {
         self.namespaces
             .iter()
@@ -162,10 +180,22 @@ impl Scope {
                 Some(format!("namespace {ns} is not in the agent's scope"))
             }
             Some(_) => None,
-            None if !self.cluster_kinds.contains(&key.kind) => Some(format!(
-                "cluster-scoped kind {} is not in the agent's scope",
-                key.kind
-            )),
+            None if !self.has_cluster_kind(&key.group, &key.kind) => {
+                Some(if is_kubernetes_group(&key.group) {
+                    format!(
+                        "cluster-scoped kind {} is not in the agent's scope",
+                        key.kind
+                    )
+                } else {
+                    format!(
+                        "cluster-scoped kind {kind}.{group} is not in the agent's scope (a \
+                         kind of a group other than Kubernetes' own is listed with its group: \
+                         {kind}.{group})",
+                        kind = key.kind,
+                        group = key.group
+                    )
+                })
+            }
             None if key.group.is_empty() && key.kind == "Namespace" => (!self
                 .has_namespace(&key.name))
             .then(|| format!("namespace {} is not in the agent's scope", key.name)),
@@ -1191,6 +1221,38 @@ mod tests {
         // Even a scope that includes the agent's namespace never lets a revision write them.
         let wide = self::scope(&["*"], &[]);
         assert_eq!(refusals(&keys[7..9], &wide, "greenlight").len(), 2);
+    }
+
+    #[test]
+    fn a_kind_alone_names_it_in_kubernetes_groups_and_others_need_their_group() {
+        let scope = scope(
+            &["apps"],
+            &["Namespace", "ClusterRole", "ClusterIssuer.cert-manager.io"],
+        );
+        let refusal = |group: &str, kind: &str| scope.refusal(&entry(group, kind, None, "x").key);
+        assert_eq!(refusal("rbac.authorization.k8s.io", "ClusterRole"), None);
+        assert_eq!(refusal("cert-manager.io", "ClusterIssuer"), None);
+        // A CRD that calls its kind Namespace or ClusterRole gets no pass from the listing.
+        assert_eq!(
+            refusal("evil.example.com", "ClusterRole").as_deref(),
+            Some(
+                "cluster-scoped kind ClusterRole.evil.example.com is not in the agent's scope (a \
+                 kind of a group other than Kubernetes' own is listed with its group: \
+                 ClusterRole.evil.example.com)"
+            )
+        );
+        assert!(refusal("evil.example.com", "Namespace").is_some());
+        assert!(
+            refusal("other.io", "ClusterIssuer").is_some(),
+            "another group"
+        );
+        assert!(
+            refusal("", "ClusterIssuer").is_some(),
+            "the group was named"
+        );
+        assert!(is_kubernetes_group(""));
+        assert!(is_kubernetes_group("apiextensions.k8s.io"));
+        assert!(!is_kubernetes_group("cluster.x-k8s.io"));
     }
 
     #[test]

@@ -836,13 +836,14 @@ impl AgentDefinition {
             }
         }
         let scope_cluster_kinds = self.scope_cluster_kinds.unwrap_or_default();
-        for (n, kind) in scope_cluster_kinds.iter().enumerate() {
-            let valid = kind.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
-                && kind.bytes().all(|b| b.is_ascii_alphanumeric());
-            if !valid {
+        for (n, listed) in scope_cluster_kinds.iter().enumerate() {
+            if !is_cluster_kind(listed) {
                 return Err(invalid(
                     key(&format!("scope.cluster_kinds[{n}]")),
-                    format!("{kind:?} must be a kind such as Namespace or ClusterRole"),
+                    format!(
+                        "{listed:?} must be a kind such as Namespace or ClusterRole, or a kind \
+                         and its group such as ClusterIssuer.cert-manager.io"
+                    ),
                 ));
             }
         }
@@ -1370,6 +1371,28 @@ fn service_account_user(key: &str, value: &str, namespace: &str) -> Result<Strin
 
 /// `checks` once each query parses and no kind has two: a typo is an error at start, not
 /// a revision that can never become healthy.
+/// Whether `listed` is an entry of `scope.cluster_kinds`: a kind (`ClusterRole`), or a kind
+/// and its API group (`ClusterIssuer.cert-manager.io`).
+fn is_cluster_kind(listed: &str) -> bool {
+    let (kind, group) = match listed.split_once('.') {
+        Some((kind, group)) => (kind, Some(group)),
+        None => (listed, None),
+    };
+    let kind_ok = kind.bytes().next().is_some_and(|b| b.is_ascii_uppercase())
+        && kind.bytes().all(|b| b.is_ascii_alphanumeric());
+    let group_ok = group.is_none_or(|group| {
+        group.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+    });
+    kind_ok && group_ok
+}
+
 fn checked_health_checks(
     key: &str,
     checks: Vec<HealthCheck>,
@@ -1775,14 +1798,17 @@ mod tests {
         assert_eq!(apply.prune_limit, DEFAULT_PRUNE_LIMIT);
 
         let yaml = format!(
-            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, prune_limit: 3, scope: {{namespaces: [apps, 'team-*'], cluster_kinds: [Namespace, ClusterRole]}}}}\n"
+            "agents:\n  - {{name: a, token_sha256: {HASH}, project: x, ref: main, prune_limit: 3, scope: {{namespaces: [apps, 'team-*'], cluster_kinds: [Namespace, ClusterRole, ClusterIssuer.cert-manager.io]}}}}\n"
         );
         let apply = &Config::from_yaml(&yaml, &Overrides::default())
             .unwrap()
             .agents[0]
             .apply;
         assert_eq!(apply.scope_namespaces, ["apps", "team-*"]);
-        assert_eq!(apply.scope_cluster_kinds, ["Namespace", "ClusterRole"]);
+        assert_eq!(
+            apply.scope_cluster_kinds,
+            ["Namespace", "ClusterRole", "ClusterIssuer.cert-manager.io"]
+        );
         assert_eq!(apply.prune_limit, 3);
 
         let agent = |extra: &str| {
@@ -1802,6 +1828,18 @@ mod tests {
             ),
             (
                 "scope: {cluster_kinds: [namespace]}",
+                "agents[0].scope.cluster_kinds[0]",
+            ),
+            (
+                "scope: {cluster_kinds: [ClusterIssuer.Cert-Manager.io]}",
+                "agents[0].scope.cluster_kinds[0]",
+            ),
+            (
+                "scope: {cluster_kinds: [ClusterIssuer.]}",
+                "agents[0].scope.cluster_kinds[0]",
+            ),
+            (
+                "scope: {cluster_kinds: ['ClusterIssuer.a..b']}",
                 "agents[0].scope.cluster_kinds[0]",
             ),
             ("scope: {kinds: [Namespace]}", "kinds"),

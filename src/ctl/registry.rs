@@ -83,7 +83,8 @@ pub struct Definition {
     /// Namespace (or glob) the agent may write to (repeat for more).
     #[arg(long = "scope-namespace")]
     scope_namespaces: Vec<String>,
-    /// Cluster-scoped kind the agent may write (repeat for more).
+    /// Cluster-scoped kind the agent may write: ClusterRole, or ClusterIssuer.cert-manager.io
+    /// for a kind outside Kubernetes' own groups (repeat for more).
     #[arg(long = "scope-cluster-kind")]
     scope_cluster_kinds: Vec<String>,
     /// Whether objects removed from the manifests are deleted.
