@@ -37,6 +37,8 @@ pub enum ClusterError {
     Api(#[from] kube::Error),
     #[error("cannot encode object: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("{0}")]
+    Inventory(#[from] crate::inventory::record::RecordError),
     #[error("the API server did not answer within {}s", .0.as_secs())]
     Timeout(Duration),
     #[error("kind {0} is not served")]

@@ -214,13 +214,12 @@ impl World {
         let Some(inventory) = self.inventory().await? else {
             return Ok(Vec::new());
         };
-        let entries: Value =
-            serde_json::from_str(inventory["data"]["entries"].as_str().unwrap_or("[]"))?;
-        Ok(entries
-            .as_array()
+        let Some(objects) = inventory["data"]["objects"].as_str() else {
+            return Ok(Vec::new());
+        };
+        Ok(greenlight_agent::inventory::record::decode(objects)?
             .into_iter()
-            .flatten()
-            .filter_map(|e| e["key"]["name"].as_str().map(str::to_owned))
+            .map(|entry| entry.key.name)
             .collect())
     }
 
@@ -2338,5 +2337,66 @@ async fn an_inventory_changed_since_it_was_read_is_never_overwritten() -> anyhow
     assert_eq!(old_leader.load().await?, of(&["b"], "r2"));
     old_leader.save(&of(&["c"], "r3")).await?;
     assert_eq!(store().load().await?, of(&["c"], "r3"));
+    Ok(())
+}
+
+/// An inventory written by the agent before its compact format is read, and written back
+/// in the new format only: nothing the agent recorded is lost across the upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inventory_in_the_earlier_format_is_read_and_written_back_in_the_compact_one()
+-> anyhow::Result<()> {
+    use greenlight_agent::inventory::InventoryStore;
+    use greenlight_agent::reconcile::FIELD_MANAGER;
+
+    let Some(cluster) = TestCluster::new().await? else {
+        return Ok(());
+    };
+    let configmaps: Api<ConfigMap> = Api::namespaced(cluster.agent_kube.clone(), &cluster.home);
+    let legacy = json!([
+        {"key": {"group": "", "kind": "ConfigMap", "namespace": cluster.apps, "name": "a"},
+         "api_version": "v1", "namespaced": true},
+        {"key": {"group": "", "kind": "Namespace", "namespace": null, "name": "team"},
+         "api_version": "v1", "namespaced": false, "adopted": true},
+    ]);
+    // As the earlier agent applied it, with the same field manager.
+    configmaps
+        .patch(
+            "greenlight-inventory-prod",
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "greenlight-inventory-prod"},
+                "data": {"entries": legacy.to_string(), "revision": "r1"},
+            })),
+        )
+        .await?;
+    let store = InventoryStore::new(
+        cluster.agent_kube.clone(),
+        &cluster.home,
+        "prod",
+        FIELD_MANAGER,
+    );
+    let read = store.load().await?;
+    let names: Vec<(&str, bool)> = read
+        .entries
+        .iter()
+        .map(|e| (e.key.name.as_str(), e.adopted))
+        .collect();
+    assert_eq!(names, [("a", false), ("team", true)]);
+    assert_eq!(read.revision.as_deref(), Some("r1"));
+
+    store.save(&read).await?;
+    let data = configmaps
+        .get("greenlight-inventory-prod")
+        .await?
+        .data
+        .unwrap_or_default();
+    assert!(!data.contains_key("entries"), "{data:?}");
+    let objects = data.get("objects").context("the compact record")?;
+    assert_eq!(
+        greenlight_agent::inventory::record::decode(objects)?,
+        read.entries
+    );
+    assert_eq!(store.load().await?, read);
     Ok(())
 }

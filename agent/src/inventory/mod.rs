@@ -9,6 +9,8 @@ use serde_json::json;
 use crate::cluster::{ClusterError, bounded};
 use crate::plan::{InventoryEntry, inventory_name};
 
+pub mod record;
+
 pub use crate::plan::INVENTORY_LABEL;
 
 /// The annotation that records on an object itself that the agent adopted it (it existed
@@ -69,9 +71,10 @@ impl InventoryStore {
         };
         self.remember(&map);
         let data = map.data.unwrap_or_default();
-        let entries = match data.get("entries") {
-            Some(json) => serde_json::from_str(json)?,
-            None => Vec::new(),
+        let entries = match (data.get(record::OBJECTS_KEY), data.get(record::LEGACY_KEY)) {
+            (Some(text), _) => record::decode(text)?,
+            (None, Some(text)) => record::decode_legacy(text)?,
+            (None, None) => Vec::new(),
         };
         Ok(Inventory {
             entries,
@@ -95,8 +98,10 @@ impl InventoryStore {
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": metadata,
+            // The format before this one, under its own key, goes with this apply: the
+            // field manager that wrote it no longer sets it.
             "data": {
-                "entries": serde_json::to_string(&inventory.entries)?,
+                record::OBJECTS_KEY: record::encode(&inventory.entries)?,
                 "revision": inventory.revision.clone().unwrap_or_default(),
             },
         });
