@@ -305,17 +305,7 @@ mod tests {
 
     #[test]
     fn the_report_names_each_unhealthy_object_failed_first() {
-        let entry = |name: &str| InventoryEntry {
-            key: ObjectKey {
-                group: "apps".into(),
-                kind: "Deployment".into(),
-                namespace: Some("apps".into()),
-                name: name.into(),
-            },
-            api_version: "apps/v1".into(),
-            namespaced: true,
-            adopted: false,
-        };
+        let entry = crate::testing::deployment_entry;
         let (web, db) = (entry("web"), entry("db"));
         let reasons = vec![
             (

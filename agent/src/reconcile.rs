@@ -631,13 +631,20 @@ impl Worker {
                 )
                 .await
         };
+        let mut rediscovered = Rediscovered::default();
         for entry in gone {
             if stop() {
                 return Outcome::Stopped;
             }
             let pruned = if pruning {
-                self.prune_one(&entry, &agent, &settings, &discovery_failures)
-                    .await
+                self.prune_one(
+                    &entry,
+                    &agent,
+                    &settings,
+                    &discovery_failures,
+                    &mut rediscovered,
+                )
+                .await
             } else {
                 self.let_go_of(&entry, &agent, &discovery_failures).await
             };
@@ -1153,6 +1160,7 @@ impl Worker {
         agent: &str,
         settings: &ApplySettings,
         discovery_failures: &BTreeMap<String, String>,
+        rediscovered: &mut Rediscovered,
     ) -> Pruned {
         let as_result = |action: Action, message: String| entry_result(entry, action, message);
         let namespace = entry.key.namespace.as_deref();
@@ -1174,16 +1182,15 @@ impl Worker {
             .await;
         // A version the cluster stopped serving answers 404 (a bare "page not found"), while
         // discovery read before may still list it: look again before taking the object as
-        // gone or the read as failed. One discovery read per object found missing, which
-        // someone else deleting it is the usual cause of.
+        // gone or the read as failed. Once per group-version and prune: someone deleting
+        // many objects of one kind by hand costs one discovery read, not one each.
         let missing = match &read {
             Ok(found) => found.is_none(),
             Err(error) => error.is_not_found(),
         };
         if missing && !entry.key.group.is_empty() {
-            let failures = self
-                .cluster
-                .rediscover(&entry.api_version, &entry.key.kind)
+            let failures = rediscovered
+                .failures(&self.cluster, &entry.api_version, &entry.key.kind)
                 .await;
             match self.resolve_entry(entry, &failures).await {
                 Ok(now) if now.resource.api_version != resolved.resource.api_version => {
@@ -1448,6 +1455,27 @@ fn describe(result: &ObjectResult) -> String {
     format!("{} {name}: {}", result.kind, result.message)
 }
 
+/// Group-versions whose discovery one prune read again, with what failed of it.
+#[derive(Default)]
+struct Rediscovered(HashMap<String, BTreeMap<String, String>>);
+
+impl Rediscovered {
+    /// Discovery of `api_version` read again, at most once per prune.
+    async fn failures(
+        &mut self,
+        cluster: &Cluster,
+        api_version: &str,
+        kind: &str,
+    ) -> BTreeMap<String, String> {
+        if let Some(failures) = self.0.get(api_version) {
+            return failures.clone();
+        }
+        let failures = cluster.rediscover(api_version, kind).await;
+        self.0.insert(api_version.to_owned(), failures.clone());
+        failures
+    }
+}
+
 /// The Namespaces of `planned` that do not exist yet: a dry run cannot place anything in
 /// them, since the API server needs the namespace first.
 /// The agent's inventory store and what it last recorded, or why it cannot be read.
@@ -1639,6 +1667,53 @@ mod tests {
 
     async fn reconcile(worker: &mut Worker, revision: &ReadyRevision) -> Outcome {
         worker.reconcile(revision, &|| false).await
+    }
+
+    /// Objects of one group-version that someone else deleted cost one discovery read again
+    /// for the prune, not one each.
+    #[tokio::test]
+    async fn deployments_deleted_by_hand_cost_one_discovery_read_again_not_one_each() {
+        let deployments: Vec<InventoryEntry> = ["a", "b", "c"]
+            .into_iter()
+            .map(crate::testing::deployment_entry)
+            .collect();
+        let inventory = json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "greenlight-inventory-prod", "namespace": "greenlight",
+                "resourceVersion": "3"},
+            "data": {"objects": crate::inventory::record::encode(&deployments).unwrap(),
+                "revision": "previous"}})
+        .to_string();
+        let (kube, log) = serve(move |_, path| {
+            Some(match path {
+                "/api/v1" => (200, resources("v1", &[("configmaps", "ConfigMap", true)])),
+                "/apis/apps/v1" => (
+                    200,
+                    resources("apps/v1", &[("deployments", "Deployment", true)]),
+                ),
+                INVENTORY => (200, inventory.clone()),
+                // Deleted by someone else; the revision's ConfigMap is taken as written.
+                _ if path.starts_with("/apis/apps/v1/") => (404, status(404, "not found")),
+                _ => (
+                    200,
+                    live("keep", json!({"labels": {INVENTORY_LABEL: "prod"}})).to_string(),
+                ),
+            })
+        })
+        .await;
+        let (mut worker, _reports) = crate::testing::worker_for(kube);
+        let outcome = reconcile(&mut worker, &revision_of(&["keep"], true)).await;
+        assert_eq!(outcome, Outcome::Healthy);
+        let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let reads = |line: &str| log.iter().filter(|l| *l == line).count();
+        assert_eq!(
+            reads("GET /apis/apps/v1"),
+            2,
+            "the discovery before the prune and one again: {log:?}"
+        );
+        for name in ["a", "b", "c"] {
+            let path = format!("GET /apis/apps/v1/namespaces/apps/deployments/{name}");
+            assert_eq!(reads(&path), 1, "{log:?}");
+        }
     }
 
     #[tokio::test]

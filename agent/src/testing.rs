@@ -103,6 +103,21 @@ pub fn resources(group_version: &str, kinds: &[(&str, &str, bool)]) -> String {
     .to_string()
 }
 
+/// The inventory entry of Deployment `name` of namespace `apps`.
+pub fn deployment_entry(name: &str) -> crate::plan::InventoryEntry {
+    crate::plan::InventoryEntry {
+        key: crate::plan::ObjectKey {
+            group: "apps".into(),
+            kind: "Deployment".into(),
+            namespace: Some("apps".into()),
+            name: name.into(),
+        },
+        api_version: "apps/v1".into(),
+        namespaced: true,
+        adopted: false,
+    }
+}
+
 /// A worker of agent `prod`'s home namespace `greenlight` on the API server `kube`, and the
 /// receiver of its reports.
 pub fn worker_for(
