@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::config::{AgentSpec, Secret, TokenHash};
 use crate::git::RepoSource;
-use crate::store::{RefKey, RegisteredAgent};
+use crate::store::{RefKey, RegisteredAgent, same_incarnation};
 
 /// Hex characters of a badge key: 128 bits, beyond guessing.
 const BADGE_KEY_CHARS: usize = 32;
@@ -412,7 +412,7 @@ fn apply_one(
     );
     catalog.runtime.insert(name.to_owned());
     match before {
-        Some(before) if before.incarnation == after.incarnation => {
+        Some(before) if same_incarnation(before.incarnation, after.incarnation) => {
             vec![CatalogChange::Updated { before, after }]
         }
         Some(before) => vec![CatalogChange::Removed(before), CatalogChange::Added(after)],
@@ -702,6 +702,12 @@ mod tests {
         assert_eq!(
             described(&live.apply(6, "edge", Some(life(13, "t3")))),
             ["-edge/12", "+edge/13"]
+        );
+        // Written back by a replica of a version that drops the field, mid-upgrade: the
+        // same agent, changed.
+        assert_eq!(
+            described(&live.apply(7, "edge", Some(life(0, "t4")))),
+            ["~edge/0"]
         );
     }
 }

@@ -272,5 +272,11 @@ mod tests {
         assert!(!new.has_changed().unwrap());
         index.add("edge", 9);
         assert!(new.has_changed().is_err());
+        // A channel of an agent whose record lost its incarnation (written back by an
+        // earlier version) takes every entry, as that version did.
+        let index = Index::new([("file", 0)]);
+        let mut file = index.subscribe("file").unwrap();
+        index.offer("file", 7, 1, Some(&revision(5, 1)), None, false);
+        assert_eq!(file.borrow_and_update().revision, Some(revision(5, 1)));
     }
 }

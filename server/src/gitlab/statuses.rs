@@ -275,6 +275,12 @@ impl StatusPublisher {
                     );
                     continue;
                 }
+                // A record this version cannot read names no agent it could post for, as
+                // the catalog skips it too; retrying would hold the entry's other statuses.
+                Err(error @ StoreError::Corrupt { .. }) => {
+                    warn!(%error, agent = meant.agent, "no status for an agent whose record cannot be read");
+                    continue;
+                }
                 Err(error) => {
                     warn!(%error, agent = meant.agent, "cannot read the agent of a status; later");
                     return Handled::Deferred;

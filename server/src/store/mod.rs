@@ -535,10 +535,11 @@ pub struct ChangedAgent {
 /// Whether an entry written for incarnation `logged` of an agent is about `current`, the
 /// agent now under its name. The log's shards are read in any order, so a deleted agent's
 /// entries may be read after the registry change that created another one in its place;
-/// they are not the new agent's. An entry without one (0: written by a version that did
-/// not record it) is taken as the current agent's, as that version took it.
+/// they are not the new agent's. 0 on either side is a version that did not record
+/// incarnations (an entry it wrote, or a record it wrote back during a rolling upgrade,
+/// which drops the field): taken as the same agent, as that version took it.
 pub fn same_incarnation(logged: u64, current: u64) -> bool {
-    logged == 0 || logged == current
+    logged == 0 || current == 0 || logged == current
 }
 
 pub(crate) fn is_zero(n: &u64) -> bool {
