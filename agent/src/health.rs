@@ -203,23 +203,27 @@ fn by_convention(object: &Value, observed: i64, generation: i64) -> Health {
             .map(|m| format!("{kind}: {m}"))
             .unwrap_or_else(|| format!("{kind} is not True"))
     };
-    // A condition carries its own observedGeneration (metav1.Condition): one set for an
-    // earlier spec says nothing of this one, whatever the status-wide field says, so a
-    // Ready left over from the previous revision does not pass the new one.
-    for kind in ["Stalled", "Ready", "Available"] {
-        if let Some(seen) = condition(object, kind).and_then(|c| int(c, "/observedGeneration"))
-            && seen < generation
-        {
-            return Health::Progressing(format!(
-                "{kind} was set for generation {seen} of {generation}"
-            ));
-        }
-    }
+    // A condition carries its own observedGeneration (metav1.Condition): the one that
+    // decides, set for an earlier spec, says nothing of this one whatever the status-wide
+    // field says, so a Ready left over from the previous revision does not pass the new one.
+    let set_before = |kind: &str| {
+        condition(object, kind)
+            .and_then(|c| int(c, "/observedGeneration"))
+            .filter(|seen| *seen < generation)
+            .map(|seen| {
+                Health::Progressing(format!(
+                    "{kind} was set for generation {seen} of {generation}"
+                ))
+            })
+    };
     if condition_true(object, "Stalled") {
-        return Health::Failed(message("Stalled"));
+        return set_before("Stalled").unwrap_or_else(|| Health::Failed(message("Stalled")));
     }
     for kind in ["Ready", "Available"] {
         if condition(object, kind).is_some() {
+            if let Some(earlier) = set_before(kind) {
+                return earlier;
+            }
             return if condition_true(object, kind) {
                 Health::Healthy
             } else {
@@ -421,6 +425,23 @@ mod tests {
             assess("example.com", "Widget", &stalled_before),
             Health::Progressing(_)
         ));
+        // Only the condition that decides is held to its generation.
+        let ready_now_available_before = json!({"metadata": {"generation": 3}, "status": {
+            "conditions": [
+                {"type": "Ready", "status": "True", "observedGeneration": 3},
+                {"type": "Available", "status": "False", "observedGeneration": 1}]}});
+        assert_eq!(
+            assess("example.com", "Widget", &ready_now_available_before),
+            Health::Healthy
+        );
+        let stalled_now_ready_before = json!({"metadata": {"generation": 3}, "status": {
+            "conditions": [
+                {"type": "Stalled", "status": "True", "reason": "BadSpec", "observedGeneration": 3},
+                {"type": "Ready", "status": "True", "observedGeneration": 2}]}});
+        assert_eq!(
+            assess("example.com", "Widget", &stalled_now_ready_before),
+            Health::Failed("Stalled: BadSpec".into())
+        );
         let stalled = json!({"status": {"conditions": [{"type": "Stalled", "status": "True", "reason": "BadSpec"}]}});
         assert_eq!(
             assess("example.com", "Widget", &stalled),
