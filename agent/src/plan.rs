@@ -123,10 +123,38 @@ pub fn apply_stages<T>(items: Vec<T>, stage: impl Fn(&T) -> Stage) -> Vec<(Stage
     stages
 }
 
-/// Whether Kubernetes itself serves `group`: the core group, the unsuffixed built-in ones,
-/// and those under `k8s.io`, which a CRD may only take with the API reviewers' approval.
+/// The API groups Kubernetes itself serves. Named one by one: a CRD may take any other
+/// group under `k8s.io` (the API server only asks for an annotation, which anyone may write).
+const KUBERNETES_GROUPS: &[&str] = &[
+    "",
+    "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
+    "apiregistration.k8s.io",
+    "apps",
+    "authentication.k8s.io",
+    "authorization.k8s.io",
+    "autoscaling",
+    "batch",
+    "certificates.k8s.io",
+    "coordination.k8s.io",
+    "discovery.k8s.io",
+    "events.k8s.io",
+    "extensions",
+    "flowcontrol.apiserver.k8s.io",
+    "internal.apiserver.k8s.io",
+    "networking.k8s.io",
+    "node.k8s.io",
+    "policy",
+    "rbac.authorization.k8s.io",
+    "resource.k8s.io",
+    "scheduling.k8s.io",
+    "storage.k8s.io",
+    "storagemigration.k8s.io",
+];
+
+/// Whether Kubernetes itself serves `group`, rather than a CRD or an aggregated API.
 pub fn is_kubernetes_group(group: &str) -> bool {
-    matches!(group, "" | "apps" | "batch" | "policy" | "autoscaling") || group.ends_with(".k8s.io")
+    KUBERNETES_GROUPS.contains(&group)
 }
 
 /// Where an agent may write: namespaces by name or glob, and cluster-scoped kinds.
@@ -1253,6 +1281,10 @@ mod tests {
         assert!(is_kubernetes_group(""));
         assert!(is_kubernetes_group("apiextensions.k8s.io"));
         assert!(!is_kubernetes_group("cluster.x-k8s.io"));
+        // A CRD may take a group under k8s.io with an annotation anyone can write.
+        assert!(!is_kubernetes_group("evil.k8s.io"));
+        assert!(refusal("evil.k8s.io", "ClusterRole").is_some());
+        assert!(!is_kubernetes_group("gateway.networking.k8s.io"));
     }
 
     #[test]

@@ -1369,8 +1369,6 @@ fn service_account_user(key: &str, value: &str, namespace: &str) -> Result<Strin
     Ok(format!("system:serviceaccount:{namespace}:{name}"))
 }
 
-/// `checks` once each query parses and no kind has two: a typo is an error at start, not
-/// a revision that can never become healthy.
 /// Whether `listed` is an entry of `scope.cluster_kinds`: a kind (`ClusterRole`), or a kind
 /// and its API group (`ClusterIssuer.cert-manager.io`).
 fn is_cluster_kind(listed: &str) -> bool {
@@ -1393,6 +1391,8 @@ fn is_cluster_kind(listed: &str) -> bool {
     kind_ok && group_ok
 }
 
+/// `checks` once each query parses and no kind has two: a typo is an error at start, not
+/// a revision that can never become healthy.
 fn checked_health_checks(
     key: &str,
     checks: Vec<HealthCheck>,
