@@ -1532,6 +1532,7 @@ mod tests {
     use crate::testing::{resources, serve, status};
     use serde_json::{Value, json};
 
+    const INVENTORIES: &str = "/api/v1/namespaces/greenlight/configmaps";
     const INVENTORY: &str = "/api/v1/namespaces/greenlight/configmaps/greenlight-inventory-prod";
     const OBJECTS: &str = "/api/v1/namespaces/apps/configmaps/";
 
@@ -1599,6 +1600,12 @@ mod tests {
         let (kube, log) = serve(move |method, path| {
             if path == "/api/v1" {
                 return Some((200, resources("v1", &[("configmaps", "ConfigMap", true)])));
+            }
+            if path == INVENTORIES && method == "POST" {
+                return Some((
+                    200,
+                    live("greenlight-inventory-prod", json!({})).to_string(),
+                ));
             }
             if path == INVENTORY {
                 return Some(match (method, &inventory) {

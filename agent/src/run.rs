@@ -734,7 +734,7 @@ mod tests {
                     200,
                     crate::testing::resources("apps/v1", &[("deployments", "Deployment", true)]),
                 ),
-                ("PATCH", _) => (
+                ("PATCH" | "POST", _) => (
                     200,
                     r#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"written"}}"#
                         .to_owned(),

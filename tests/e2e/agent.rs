@@ -2315,7 +2315,16 @@ async fn an_inventory_changed_since_it_was_read_is_never_overwritten() -> anyhow
             .collect(),
         revision: Some(revision.to_owned()),
     };
-    store().save(&of(&["a"], "r1")).await?;
+    // Neither found one: the first to write makes it, the other is refused.
+    let (first, second) = (store(), store());
+    assert_eq!(first.load().await?, Inventory::default());
+    assert_eq!(second.load().await?, Inventory::default());
+    first.save(&of(&["a"], "r1")).await?;
+    let refused = second
+        .save(&of(&["x"], "r0"))
+        .await
+        .expect_err("made by the other meanwhile");
+    assert!(refused.is_conflict(), "{refused}");
     let (old_leader, new_leader) = (store(), store());
     assert_eq!(old_leader.load().await?, of(&["a"], "r1"));
     assert_eq!(new_leader.load().await?, of(&["a"], "r1"));
@@ -2341,7 +2350,8 @@ async fn an_inventory_changed_since_it_was_read_is_never_overwritten() -> anyhow
 }
 
 /// An inventory written by the agent before its compact format is read, and written back
-/// in the new format only: nothing the agent recorded is lost across the upgrade.
+/// in both formats while both fit (an agent rolled back still reads it), then in the compact
+/// one alone: nothing the agent recorded is lost across the upgrade.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inventory_in_the_earlier_format_is_read_and_written_back_in_the_compact_one()
 -> anyhow::Result<()> {
@@ -2386,17 +2396,40 @@ async fn an_inventory_in_the_earlier_format_is_read_and_written_back_in_the_comp
     assert_eq!(read.revision.as_deref(), Some("r1"));
 
     store.save(&read).await?;
-    let data = configmaps
-        .get("greenlight-inventory-prod")
-        .await?
-        .data
-        .unwrap_or_default();
-    assert!(!data.contains_key("entries"), "{data:?}");
-    let objects = data.get("objects").context("the compact record")?;
+    let data = || async {
+        Ok::<_, anyhow::Error>(
+            configmaps
+                .get("greenlight-inventory-prod")
+                .await?
+                .data
+                .unwrap_or_default(),
+        )
+    };
+    let written = data().await?;
+    let objects = written.get("objects").context("the compact record")?;
     assert_eq!(
         greenlight_agent::inventory::record::decode(objects)?,
         read.entries
     );
+    let legacy = written.get("entries").context("the earlier format, too")?;
+    assert_eq!(
+        greenlight_agent::inventory::record::decode_legacy(legacy)?,
+        read.entries
+    );
     assert_eq!(store.load().await?, read);
+
+    // Grown past what both formats fit in: the compact record alone, the earlier one gone.
+    let mut grown = read.clone();
+    grown.entries = (0..8_000)
+        .map(|n| {
+            let mut entry = read.entries[0].clone();
+            entry.key.name = format!("{n:05}-{}", "x".repeat(40));
+            entry
+        })
+        .collect();
+    store.save(&grown).await?;
+    let written = data().await?;
+    assert!(!written.contains_key("entries"), "{:?}", written.keys());
+    assert_eq!(store.load().await?, grown);
     Ok(())
 }

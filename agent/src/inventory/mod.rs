@@ -3,7 +3,7 @@
 //! the agent did not create.
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::cluster::{ClusterError, bounded};
@@ -34,10 +34,22 @@ pub struct InventoryStore {
     api: Api<ConfigMap>,
     name: String,
     field_manager: String,
-    /// The ConfigMap's `resourceVersion` as this store last read or wrote it: each write
-    /// is conditional on it, so that a replica that lost its Lease mid-revision cannot
-    /// overwrite what the new leader recorded since.
-    read_at: std::sync::Mutex<Option<String>>,
+    /// The ConfigMap as this store last read or wrote it: each write is conditional on it,
+    /// so that a replica that lost its Lease mid-revision cannot overwrite what the new
+    /// leader recorded since.
+    seen: std::sync::Mutex<Seen>,
+}
+
+/// What a store knows of its ConfigMap.
+#[derive(Debug, Clone, Default)]
+enum Seen {
+    /// Never read: written unconditionally.
+    #[default]
+    Unread,
+    /// Read, and there was none: made anew, which fails if someone made it meanwhile.
+    Missing,
+    /// Read or written at this `resourceVersion`.
+    At(Option<String>),
 }
 
 impl InventoryStore {
@@ -47,29 +59,26 @@ impl InventoryStore {
             api: Api::namespaced(client, namespace),
             name: inventory_name(agent),
             field_manager: field_manager.to_owned(),
-            read_at: std::sync::Mutex::new(None),
+            seen: std::sync::Mutex::new(Seen::Unread),
         }
     }
 
-    fn remember(&self, map: &ConfigMap) {
+    fn remember(&self, seen: Seen) {
         // A plain value behind the lock: a poisoned lock holds it as well as a clean one.
-        *self.read_at.lock().unwrap_or_else(|p| p.into_inner()) =
-            map.metadata.resource_version.clone();
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = seen;
     }
 
-    fn read_at(&self) -> Option<String> {
-        self.read_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn seen(&self) -> Seen {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The stored inventory; empty when there is none yet.
     pub async fn load(&self) -> Result<Inventory, ClusterError> {
         let Some(map) = bounded(self.api.get_opt(&self.name)).await? else {
+            self.remember(Seen::Missing);
             return Ok(Inventory::default());
         };
-        self.remember(&map);
+        self.remember(Seen::At(map.metadata.resource_version.clone()));
         let data = map.data.unwrap_or_default();
         let entries = match (data.get(record::OBJECTS_KEY), data.get(record::LEGACY_KEY)) {
             (Some(text), _) => record::decode(text)?,
@@ -85,29 +94,46 @@ impl InventoryStore {
     /// Replaces the stored inventory, unless it changed since this store read or wrote it
     /// (a conflict: [`ClusterError::is_conflict`]).
     pub async fn save(&self, inventory: &Inventory) -> Result<(), ClusterError> {
-        let mut metadata = json!({
-            "name": self.name,
-            "labels": { "app.kubernetes.io/managed-by": "greenlight" },
-        });
-        // An apply carrying a resourceVersion is refused when the object's differs. The
-        // first inventory, made where none was read, has none to carry.
-        if let Some(version) = self.read_at() {
+        let labels = json!({ "app.kubernetes.io/managed-by": "greenlight" });
+        let version = match self.seen() {
+            Seen::Unread => None,
+            Seen::At(version) => version,
+            Seen::Missing => {
+                // None was read: made empty first, so that it is made once. Another
+                // replica that read none too is refused (it already exists) rather than
+                // overwriting it.
+                let empty: ConfigMap = serde_json::from_value(
+                    json!({ "metadata": { "name": self.name, "labels": labels } }),
+                )?;
+                let made = bounded(self.api.create(&PostParams::default(), &empty)).await?;
+                made.metadata.resource_version
+            }
+        };
+        // A key this apply leaves out (the earlier format, once the inventory outgrows
+        // it) goes: the field manager that wrote it no longer sets it.
+        let mut data: serde_json::Map<String, serde_json::Value> =
+            record::data_for(&inventory.entries)?
+                .into_iter()
+                .map(|(key, text)| (key.to_owned(), text.into()))
+                .collect();
+        data.insert(
+            "revision".to_owned(),
+            inventory.revision.clone().unwrap_or_default().into(),
+        );
+        let mut metadata = json!({ "name": self.name, "labels": labels });
+        // An apply carrying a resourceVersion is refused when the object's differs.
+        if let Some(version) = version {
             metadata["resourceVersion"] = json!(version);
         }
         let body = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": metadata,
-            // The format before this one, under its own key, goes with this apply: the
-            // field manager that wrote it no longer sets it.
-            "data": {
-                record::OBJECTS_KEY: record::encode(&inventory.entries)?,
-                "revision": inventory.revision.clone().unwrap_or_default(),
-            },
+            "data": data,
         });
         let params = PatchParams::apply(&self.field_manager).force();
         let saved = bounded(self.api.patch(&self.name, &params, &Patch::Apply(body))).await?;
-        self.remember(&saved);
+        self.remember(Seen::At(saved.metadata.resource_version));
         Ok(())
     }
 }

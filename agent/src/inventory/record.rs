@@ -130,6 +130,20 @@ pub fn decode_legacy(text: &str) -> Result<Vec<InventoryEntry>, RecordError> {
     Ok(serde_json::from_str(text)?)
 }
 
+/// The ConfigMap's data for `entries`, by key: the compact record, and, while both fit,
+/// the entries in the earlier format too, so that an agent rolled back to a version before
+/// this one still finds what it applied (an inventory too large for both could not have
+/// been written by that version anyway).
+pub fn data_for(entries: &[InventoryEntry]) -> Result<Vec<(&'static str, String)>, RecordError> {
+    let compact = encode(entries)?;
+    let legacy = serde_json::to_string(entries)?;
+    let mut data = vec![(OBJECTS_KEY, compact)];
+    if data[0].1.len() + legacy.len() <= MAX_BYTES {
+        data.push((LEGACY_KEY, legacy));
+    }
+    Ok(data)
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -205,6 +219,30 @@ mod tests {
             }
         ));
         assert!(error.to_string().contains("split"), "{error}");
+    }
+
+    #[test]
+    fn the_earlier_format_is_written_alongside_while_both_fit() {
+        let few = vec![entry("v1", "ConfigMap", Some("apps"), "a", true)];
+        let data = data_for(&few).unwrap();
+        let keys: Vec<&str> = data.iter().map(|(key, _)| *key).collect();
+        assert_eq!(keys, [OBJECTS_KEY, LEGACY_KEY]);
+        assert_eq!(decode_legacy(&data[1].1).unwrap(), few);
+        let many: Vec<InventoryEntry> = (0..8_000)
+            .map(|n| {
+                entry(
+                    "v1",
+                    "ConfigMap",
+                    Some("apps"),
+                    &format!("{n:05}-{}", "x".repeat(40)),
+                    false,
+                )
+            })
+            .collect();
+        let data = data_for(&many).unwrap();
+        let keys: Vec<&str> = data.iter().map(|(key, _)| *key).collect();
+        assert_eq!(keys, [OBJECTS_KEY], "the compact record alone");
+        assert_eq!(decode(&data[0].1).unwrap(), many);
     }
 
     #[test]
