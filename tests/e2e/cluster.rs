@@ -309,3 +309,15 @@ async fn a_busy_shard_does_not_hold_the_other_shards_statuses_back() -> anyhow::
     );
     Ok(())
 }
+
+/// A stopping publisher's hand-back, on a cluster: each shard's pending entries are asked
+/// for and claimed on the node that holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_publisher_hands_back_its_entries_on_a_cluster() -> anyhow::Result<()> {
+    let cluster = RedisCluster::start(3).await?;
+    let (store, _stop) = store_on(&cluster)?;
+    crate::store_suite::a_stopping_publisher_hands_back_what_it_took_for_another_to_take_at_once(
+        &store,
+    )
+    .await
+}

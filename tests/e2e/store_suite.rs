@@ -917,7 +917,7 @@ async fn a_dead_publishers_entry_behind_many_held_by_live_ones_is_taken_over(
 
 /// A publisher whose replica stops hands back the entry it was posting and those its read
 /// took along: another takes them within seconds, not after the takeover time (an hour).
-async fn a_stopping_publisher_hands_back_what_it_took_for_another_to_take_at_once(
+pub(crate) async fn a_stopping_publisher_hands_back_what_it_took_for_another_to_take_at_once(
     store: &dyn Store,
 ) -> anyhow::Result<()> {
     let long = Duration::from_secs(3600);

@@ -1515,13 +1515,23 @@ impl ChangeLog for RedisStore {
                     break;
                 };
                 after = format!("({}", last.id);
-                let mut claim = redis::cmd("XCLAIM");
-                claim.arg(&log).arg(STATUS_GROUP).arg(consumer).arg(0);
+                let mut claims = redis::pipe();
                 for held in &pending.ids {
-                    claim.arg(&held.id);
+                    // Only while it is still as idle as it was seen: one another publisher
+                    // took over since was delivered again, and stays with that publisher.
+                    claims
+                        .cmd("XCLAIM")
+                        .arg(&log)
+                        .arg(STATUS_GROUP)
+                        .arg(consumer)
+                        .arg(held.last_delivered_ms)
+                        .arg(&held.id)
+                        .arg("IDLE")
+                        .arg(idle)
+                        .arg("JUSTID")
+                        .ignore();
                 }
-                claim.arg("IDLE").arg(idle).arg("JUSTID");
-                let _: Vec<String> = claim.query_async(&mut self.conn.clone()).await?;
+                claims.exec_async(&mut self.conn.clone()).await?;
                 if pending.ids.len() < RELEASE_PAGE {
                     break;
                 }
