@@ -106,6 +106,7 @@ impl InventoryStore {
                     json!({ "metadata": { "name": self.name, "labels": labels } }),
                 )?;
                 let made = bounded(self.api.create(&PostParams::default(), &empty)).await?;
+                self.remember(Seen::At(made.metadata.resource_version.clone()));
                 made.metadata.resource_version
             }
         };

@@ -216,6 +216,7 @@ impl StatusPublisher {
         }
     }
 
+    /// Posts what the log means for GitLab as `consumer` until `shutdown`.
     async fn publish(&self, consumer: &str, shutdown: &CancellationToken) {
         let mut feed_failures = Backoff::new(FEED_RETRY, RETRY_MAX);
         loop {
@@ -252,6 +253,24 @@ impl StatusPublisher {
                 Handled::Stopped => return,
             }
         }
+    }
+
+    /// The agent `meant` is for, unless it was deleted since. This replica's catalog is
+    /// asked first; when it has no agent of that incarnation under the name (it has not
+    /// read the registry change that created it, or the entry is of an agent deleted
+    /// since), the store says which it is.
+    async fn agent_of(&self, meant: &MeantStatus) -> Result<Option<Arc<AgentSpec>>, StoreError> {
+        let fits = |spec: &AgentSpec| same_incarnation(meant.incarnation, spec.incarnation);
+        if let Some(spec) = self.engine.catalog().agent_arc(&meant.agent)
+            && fits(&spec)
+        {
+            return Ok(Some(spec));
+        }
+        Ok(self
+            .engine
+            .agent_now(&meant.agent)
+            .await?
+            .filter(|spec| fits(spec)))
     }
 
     /// Posts the statuses `entry` means, each once.
@@ -317,26 +336,6 @@ impl StatusPublisher {
             };
         }
         handled
-    }
-}
-
-impl StatusPublisher {
-    /// The agent `meant` is for, unless it was deleted since. This replica's catalog is
-    /// asked first; when it has no agent of that incarnation under the name (it has not
-    /// read the registry change that created it, or the entry is of an agent deleted
-    /// since), the store says which it is.
-    async fn agent_of(&self, meant: &MeantStatus) -> Result<Option<Arc<AgentSpec>>, StoreError> {
-        let fits = |spec: &AgentSpec| same_incarnation(meant.incarnation, spec.incarnation);
-        if let Some(spec) = self.engine.catalog().agent_arc(&meant.agent)
-            && fits(&spec)
-        {
-            return Ok(Some(spec));
-        }
-        Ok(self
-            .engine
-            .agent_now(&meant.agent)
-            .await?
-            .filter(|spec| fits(spec)))
     }
 }
 
