@@ -104,12 +104,31 @@ enum Pruned {
     /// Not deleted but let go, since the agent adopted it: forgotten, its label removed.
     LetGo(ObjectResult),
     /// Deliberately not deleted, and still remembered so that it can be later.
-    Kept(ObjectResult),
+    Kept(ObjectResult, KeptBecause),
     /// Its deletion was accepted (now or before), but it stays until its finalizers are
     /// removed: still remembered, so that a later revision sees it gone.
     Terminating(ObjectResult, Terminating),
     /// Could not be pruned now; still remembered.
     Failed(ObjectResult),
+}
+
+/// Why a prune kept an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeptBecause {
+    /// Deleting it would delete what depends on it, and it is not annotated to allow that.
+    Cascades,
+    /// It was deleted and created again between the read and the delete.
+    CreatedAgain,
+}
+
+impl KeptBecause {
+    /// As the revision's message names it.
+    fn says(self) -> &'static str {
+        match self {
+            Self::Cascades => "its deletion would cascade",
+            Self::CreatedAgain => "created again while being pruned",
+        }
+    }
 }
 
 /// What applying one object did.
@@ -655,8 +674,8 @@ impl Worker {
                     let_go += 1;
                     results.push(object);
                 }
-                Pruned::Kept(object) => {
-                    kept_names.push(format!("{} (its deletion would cascade)", entry.key));
+                Pruned::Kept(object, because) => {
+                    kept_names.push(format!("{} ({})", entry.key, because.says()));
                     kept.push(entry.clone());
                     results.push(object);
                 }
@@ -1238,14 +1257,17 @@ impl Worker {
             && !prune_allowed(current.metadata.annotations.as_ref())
         {
             info!(object = %entry.key, "not pruning: its deletion would cascade");
-            return Pruned::Kept(as_result(
-                Action::Unchanged,
-                format!(
-                    "not pruned: deleting a {} deletes what depends on it; annotate it \
-                     {PRUNE_ANNOTATION}: {PRUNE_ALLOW} to allow it",
-                    entry.key.kind
+            return Pruned::Kept(
+                as_result(
+                    Action::Unchanged,
+                    format!(
+                        "not pruned: deleting a {} deletes what depends on it; annotate it \
+                         {PRUNE_ANNOTATION}: {PRUNE_ALLOW} to allow it",
+                        entry.key.kind
+                    ),
                 ),
-            ));
+                KeptBecause::Cascades,
+            );
         }
         let Some(uid) = current.metadata.uid.as_deref() else {
             return Pruned::Failed(as_result(
@@ -1262,12 +1284,15 @@ impl Worker {
         match self.cluster.perform(write).await {
             Ok(Written::Deleted(Deleted::Replaced)) => {
                 info!(object = %entry.key, "not pruned: it was created again while being pruned");
-                Pruned::Kept(as_result(
-                    Action::Unchanged,
-                    "not pruned: it was deleted and created again while being pruned; it is \
-                     looked at again next time"
-                        .to_owned(),
-                ))
+                Pruned::Kept(
+                    as_result(
+                        Action::Unchanged,
+                        "not pruned: it was deleted and created again while being pruned; it \
+                         is looked at again next time"
+                            .to_owned(),
+                    ),
+                    KeptBecause::CreatedAgain,
+                )
             }
             Ok(Written::Deleted(Deleted::Terminating(terminating))) => {
                 info!(object = %entry.key, %terminating, "pruned; it stays until its finalizers are removed");
@@ -1554,6 +1579,16 @@ mod tests {
         }
     }
 
+    /// Agent `prod`'s inventory ConfigMap holding `entries`, as the API server answers it.
+    fn stored_inventory(entries: &[InventoryEntry]) -> String {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "greenlight-inventory-prod", "namespace": "greenlight",
+                "resourceVersion": "3"},
+            "data": {"objects": crate::inventory::record::encode(entries).unwrap(),
+                "revision": "previous"}})
+        .to_string()
+    }
+
     /// ConfigMap `name` of namespace `apps` with `metadata` beyond its name.
     fn live(name: &str, metadata: Value) -> Value {
         let mut object = json!({"apiVersion": "v1", "kind": "ConfigMap",
@@ -1676,6 +1711,52 @@ mod tests {
         worker.reconcile(revision, &|| false).await
     }
 
+    /// An object deleted and created again between the prune's read and its delete is kept,
+    /// and the revision's message says so (not that its deletion would cascade).
+    #[tokio::test]
+    async fn an_object_created_again_while_being_pruned_is_kept_and_named_so() {
+        let inventory =
+            stored_inventory(&[inventory_entry("keep", false), inventory_entry("x", false)]);
+        let (kube, log) = serve(move |method, path| {
+            if path == "/api/v1" {
+                return Some((200, resources("v1", &[("configmaps", "ConfigMap", true)])));
+            }
+            if path == INVENTORY {
+                return Some((200, inventory.clone()));
+            }
+            let name = path.strip_prefix(OBJECTS)?;
+            Some(match method {
+                // The UID the delete carries no longer matches: a new object by that name.
+                "DELETE" => (409, status(409, "Precondition failed: UID in precondition")),
+                _ => (
+                    200,
+                    live(
+                        name,
+                        json!({"labels": {INVENTORY_LABEL: "prod"}, "uid": "u-1"}),
+                    )
+                    .to_string(),
+                ),
+            })
+        })
+        .await;
+        let (mut worker, mut reports) = crate::testing::worker_for(kube);
+        let outcome = reconcile(&mut worker, &revision_of(&["keep"], true)).await;
+        assert_eq!(outcome, Outcome::Healthy);
+        assert_eq!(requests(&log, "DELETE", "x"), 1);
+        let mut applied = None;
+        while let Ok(report) = reports.try_recv() {
+            if report.phase() == Phase::Applied {
+                applied = Some(report.message);
+            }
+        }
+        let message = applied.unwrap_or_default();
+        assert!(
+            message.contains("ConfigMap apps/x (created again while being pruned)"),
+            "{message}"
+        );
+        assert!(!message.contains("cascade"), "{message}");
+    }
+
     /// Objects of one group-version that someone else deleted cost one discovery read again
     /// for the prune, not one each.
     #[tokio::test]
@@ -1684,12 +1765,7 @@ mod tests {
             .into_iter()
             .map(crate::testing::deployment_entry)
             .collect();
-        let inventory = json!({"apiVersion": "v1", "kind": "ConfigMap",
-            "metadata": {"name": "greenlight-inventory-prod", "namespace": "greenlight",
-                "resourceVersion": "3"},
-            "data": {"objects": crate::inventory::record::encode(&deployments).unwrap(),
-                "revision": "previous"}})
-        .to_string();
+        let inventory = stored_inventory(&deployments);
         let (kube, log) = serve(move |_, path| {
             Some(match path {
                 "/api/v1" => (200, resources("v1", &[("configmaps", "ConfigMap", true)])),
