@@ -65,22 +65,23 @@ pub struct Rotated {
     pub previous_valid_until_ms: i64,
 }
 
-/// A new random token.
-fn new_token() -> Result<String, RegistryError> {
-    let mut bytes = [0u8; TOKEN_BYTES];
+/// `N` bytes from the system's random source.
+fn random<const N: usize>() -> Result<[u8; N], RegistryError> {
+    let mut bytes = [0u8; N];
     SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| RegistryError::Random)?;
-    Ok(hex::encode(bytes))
+    Ok(bytes)
+}
+
+/// A new random token.
+fn new_token() -> Result<String, RegistryError> {
+    Ok(hex::encode(random::<TOKEN_BYTES>()?))
 }
 
 /// A new agent's incarnation: random and never 0, which stands for "not recorded".
 fn new_incarnation() -> Result<u64, RegistryError> {
-    let mut bytes = [0u8; 8];
-    SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| RegistryError::Random)?;
-    Ok(u64::from_le_bytes(bytes).max(1))
+    Ok(u64::from_le_bytes(random()?).max(1))
 }
 
 /// Refuses an agent that would watch a ref other agents watch with another repository: the
@@ -203,10 +204,18 @@ impl Engine {
         {
             return Ok(Some(file_agent));
         }
+        Ok(self
+            .stored(name)
+            .await?
+            .map(|(_, agent)| Arc::new(agent.spec)))
+    }
+
+    /// Runtime agent `name` as the store's registry holds it, with its record's version.
+    async fn stored(&self, name: &str) -> Result<Option<(u64, RegisteredAgent)>, StoreError> {
         let Some(stored) = self.store.registered(name).await? else {
             return Ok(None);
         };
-        Ok(Some(Arc::new(stored.value.decode(name)?.spec)))
+        Ok(Some((stored.version, stored.value.decode(name)?)))
     }
 
     /// The runtime agent `name`, refusing a file agent and an unknown one.
@@ -215,12 +224,9 @@ impl Engine {
         if catalog.agent(name).is_some() && !catalog.is_runtime(name) {
             return Err(RegistryError::FileAgent(name.to_owned()));
         }
-        let stored = self
-            .store
-            .registered(name)
+        self.stored(name)
             .await?
-            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))?;
-        Ok((stored.version, stored.value.decode(name)?))
+            .ok_or_else(|| RegistryError::NotFound(name.to_owned()))
     }
 
     /// Writes `agent` over version `expected` and applies the change here at once, so that
