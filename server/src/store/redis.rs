@@ -810,6 +810,47 @@ impl RedisStore {
         }
     }
 
+    /// Hands back what `consumer` holds of `log`, page by page, marked idle for `idle` ms.
+    async fn release_from_shard(&self, log: &str, consumer: &str, idle: u64) -> Result<()> {
+        let mut after = "-".to_owned();
+        for _ in 0..RELEASE_PAGES {
+            let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+                .arg(log)
+                .arg(STATUS_GROUP)
+                .arg(&after)
+                .arg("+")
+                .arg(RELEASE_PAGE)
+                .arg(consumer)
+                .query_async(&mut self.conn.clone())
+                .await?;
+            let Some(last) = pending.ids.last() else {
+                break;
+            };
+            after = format!("({}", last.id);
+            let mut claims = redis::pipe();
+            for held in &pending.ids {
+                // Only while it is still as idle as it was seen: one another publisher took
+                // over since was delivered again, and stays with that publisher.
+                claims
+                    .cmd("XCLAIM")
+                    .arg(log)
+                    .arg(STATUS_GROUP)
+                    .arg(consumer)
+                    .arg(held.last_delivered_ms)
+                    .arg(&held.id)
+                    .arg("IDLE")
+                    .arg(idle)
+                    .arg("JUSTID")
+                    .ignore();
+            }
+            claims.exec_async(&mut self.conn.clone()).await?;
+            if pending.ids.len() < RELEASE_PAGE {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     async fn take_for_statuses(
         &self,
         consumer: &str,
@@ -1499,44 +1540,13 @@ impl ChangeLog for RedisStore {
         // Still the consumer's, but idle for the takeover time already: the next look of
         // any publisher for entries a dead one took takes them.
         let idle = millis(reclaim_after);
-        for log in self.keys.logs() {
-            let mut after = "-".to_owned();
-            for _ in 0..RELEASE_PAGES {
-                let pending: StreamPendingCountReply = redis::cmd("XPENDING")
-                    .arg(&log)
-                    .arg(STATUS_GROUP)
-                    .arg(&after)
-                    .arg("+")
-                    .arg(RELEASE_PAGE)
-                    .arg(consumer)
-                    .query_async(&mut self.conn.clone())
-                    .await?;
-                let Some(last) = pending.ids.last() else {
-                    break;
-                };
-                after = format!("({}", last.id);
-                let mut claims = redis::pipe();
-                for held in &pending.ids {
-                    // Only while it is still as idle as it was seen: one another publisher
-                    // took over since was delivered again, and stays with that publisher.
-                    claims
-                        .cmd("XCLAIM")
-                        .arg(&log)
-                        .arg(STATUS_GROUP)
-                        .arg(consumer)
-                        .arg(held.last_delivered_ms)
-                        .arg(&held.id)
-                        .arg("IDLE")
-                        .arg(idle)
-                        .arg("JUSTID")
-                        .ignore();
-                }
-                claims.exec_async(&mut self.conn.clone()).await?;
-                if pending.ids.len() < RELEASE_PAGE {
-                    break;
-                }
-            }
-        }
+        // Every shard at once: the hand-back has a few seconds as the replica stops.
+        let logs = self.keys.logs();
+        futures_util::future::try_join_all(
+            logs.iter()
+                .map(|log| self.release_from_shard(log, consumer, idle)),
+        )
+        .await?;
         Ok(())
     }
 
