@@ -58,12 +58,21 @@ const NODE_GRACE: Duration = Duration::from_secs(1);
 /// least) would let a caller's 2 s wait see one attempt more at most.
 const RETRY_WAIT_MS: (u64, u64) = (50, 500);
 
-fn answer_timed_out(waited: Duration) -> redis::RedisError {
-    std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!("no answer from the Redis Cluster within {waited:?}"),
-    )
-    .into()
+/// `answer`, or a timeout error once `wait` passed: the cluster client would otherwise
+/// wait for a stalled node, and send the command again, for as long as it likes.
+async fn within<T>(
+    wait: Duration,
+    answer: impl Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    tokio::time::timeout(wait, answer)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer from the Redis Cluster within {wait:?}"),
+            )
+            .into())
+        })
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -81,11 +90,7 @@ impl redis::aio::ConnectionLike for Conn {
                 }
             }),
             Self::Plain(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn, wait) => Box::pin(async move {
-                tokio::time::timeout(*wait, conn.req_packed_command(cmd))
-                    .await
-                    .unwrap_or_else(|_| Err(answer_timed_out(*wait)))
-            }),
+            Self::Cluster(conn, wait) => Box::pin(within(*wait, conn.req_packed_command(cmd))),
         }
     }
 
@@ -105,11 +110,10 @@ impl redis::aio::ConnectionLike for Conn {
                 }
             }),
             Self::Plain(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(conn, wait) => Box::pin(async move {
-                tokio::time::timeout(*wait, conn.req_packed_commands(pipeline, offset, count))
-                    .await
-                    .unwrap_or_else(|_| Err(answer_timed_out(*wait)))
-            }),
+            Self::Cluster(conn, wait) => Box::pin(within(
+                *wait,
+                conn.req_packed_commands(pipeline, offset, count),
+            )),
         }
     }
 
