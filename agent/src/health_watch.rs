@@ -225,17 +225,7 @@ mod tests {
         let cluster = Cluster::new(client, "test");
         cluster.discover([("apps/v1", "Deployment")]).await;
         let desired: Vec<InventoryEntry> = (0..3)
-            .map(|n| InventoryEntry {
-                key: ObjectKey {
-                    group: "apps".into(),
-                    kind: "Deployment".into(),
-                    namespace: Some("apps".into()),
-                    name: format!("web-{n}"),
-                },
-                api_version: "apps/v1".into(),
-                namespaced: true,
-                adopted: false,
-            })
+            .map(|n| crate::testing::deployment_entry(&format!("web-{n}")))
             .collect();
         let settings = ApplySettings {
             health_timeout_seconds: 1,

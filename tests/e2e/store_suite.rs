@@ -798,6 +798,23 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
 }
 
 /// Takes entries from the status feed until one that is not a probe, or none is left.
+/// The ids of the next `n` entries `consumer` takes, none acknowledged.
+async fn take_entries(
+    store: &dyn Store,
+    consumer: &str,
+    n: usize,
+    reclaim_after: Duration,
+) -> anyhow::Result<HashSet<String>> {
+    let mut taken = HashSet::new();
+    for _ in 0..n {
+        let entry = next_status_entry(store, consumer, reclaim_after)
+            .await?
+            .with_context(|| format!("entry {} of {n} for {consumer}", taken.len() + 1))?;
+        taken.insert(entry.id);
+    }
+    Ok(taken)
+}
+
 async fn next_status_entry(
     store: &dyn Store,
     consumer: &str,
@@ -884,22 +901,10 @@ async fn a_dead_publishers_entry_behind_many_held_by_live_ones_is_taken_over(
     for n in 1..=12 {
         store.record_fact(&k, &push_of(n), None, None).await?;
     }
-    let mut taken = HashSet::new();
-    for _ in 0..12 {
-        let entry = next_status_entry(store, "replica-dead", takeover)
-            .await?
-            .context("each of the twelve")?;
-        taken.insert(entry.id);
-    }
+    let taken = take_entries(store, "replica-dead", 12, takeover).await?;
     tokio::time::sleep(takeover).await;
     // A live replica takes over eleven of them and is still posting them.
-    let mut live = HashSet::new();
-    for _ in 0..11 {
-        let entry = next_status_entry(store, "replica-live", takeover)
-            .await?
-            .context("taken over")?;
-        live.insert(entry.id);
-    }
+    let live = take_entries(store, "replica-live", 11, takeover).await?;
     ensure!(
         live.len() == 11 && live.is_subset(&taken),
         "{live:?} of {taken:?}"

@@ -41,14 +41,12 @@ pub struct InventoryStore {
 }
 
 /// What a store knows of its ConfigMap.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 enum Seen {
-    /// Never read: written unconditionally.
-    #[default]
-    Unread,
     /// Read, and there was none: made anew, which fails if someone made it meanwhile.
     Missing,
-    /// Read or written at this `resourceVersion`.
+    /// Read or written at this `resourceVersion`; none when never read, which writes
+    /// unconditionally.
     At(Option<String>),
 }
 
@@ -59,7 +57,7 @@ impl InventoryStore {
             api: Api::namespaced(client, namespace),
             name: inventory_name(agent),
             field_manager: field_manager.to_owned(),
-            seen: std::sync::Mutex::new(Seen::Unread),
+            seen: std::sync::Mutex::new(Seen::At(None)),
         }
     }
 
@@ -96,7 +94,6 @@ impl InventoryStore {
     pub async fn save(&self, inventory: &Inventory) -> Result<(), ClusterError> {
         let labels = json!({ "app.kubernetes.io/managed-by": "greenlight" });
         let version = match self.seen() {
-            Seen::Unread => None,
             Seen::At(version) => version,
             Seen::Missing => {
                 // None was read: made empty first, so that it is made once. Another
