@@ -593,6 +593,14 @@ async fn an_object_whose_version_is_no_longer_served_is_pruned_through_one_that_
     w.server.reported("prod", &first, Phase::Healthy).await?;
 
     w.put(crd(false)).await?;
+    // Only once v1 is gone from discovery does the prune have to find another version.
+    eventually("the gadget kind no longer served at v1", || async {
+        Ok(w.api(&format!("{group}/v1"), "Gadget", Some(&w.apps))
+            .await
+            .is_err()
+            .then_some(()))
+    })
+    .await?;
     let second = w.repo.commit(&[], &["gadget.yaml"])?;
     w.server.release(&first, &second, 2).await?;
     w.server.reported("prod", &second, Phase::Healthy).await?;
