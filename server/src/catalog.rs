@@ -247,6 +247,11 @@ impl Catalog {
     }
 }
 
+/// Whether `agent` watches `key`.
+pub fn watches(agent: &AgentSpec, key: &RefKey) -> bool {
+    agent.project == key.project && agent.branch == key.branch
+}
+
 /// The ref an agent watches.
 pub fn ref_key(agent: &AgentSpec) -> RefKey {
     RefKey {

@@ -92,6 +92,7 @@ suite!(
     status_claims_go_to_the_first_claimant,
     shown_statuses_follow_their_order_not_their_arrival,
     a_new_agent_under_an_old_name_starts_without_its_statuses,
+    a_write_for_a_deleted_agent_never_lands_in_the_one_created_under_its_name,
     a_registry_write_repeated_is_answered_as_it_was_made,
     a_lease_has_one_holder_until_released_or_expired,
     a_position_is_raised_only_from_below,
@@ -201,10 +202,21 @@ async fn write(
     previous: &AgentState,
     next: &AgentState,
 ) -> anyhow::Result<Written> {
+    write_for(store, (agent, 0), expected, previous, next).await
+}
+
+/// [`write`] for `incarnation` of the agent.
+async fn write_for(
+    store: &dyn Store,
+    (agent, incarnation): (&str, u64),
+    expected: u64,
+    previous: &AgentState,
+    next: &AgentState,
+) -> anyhow::Result<Written> {
     let decisions: Vec<Decision> = next.gate.decisions.back().cloned().into_iter().collect();
     Ok(store
         .write_agent(&AgentWrite {
-            incarnation: 0,
+            incarnation,
             agent,
             expected,
             state: next,
@@ -1328,6 +1340,80 @@ async fn a_new_agent_under_an_old_name_starts_without_its_statuses(
     Ok(())
 }
 
+/// An evaluation still running when its agent was deleted writes what it decided for that
+/// agent: whether that lands before the new agent of the same name is created or after its
+/// first write (over the very version it read), the new agent never sees it.
+pub(crate) async fn a_write_for_a_deleted_agent_never_lands_in_the_one_created_under_its_name(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    use greenlight_server::store::RegistryWritten;
+    let (old, new) = (("edge", 11), ("edge", 22));
+    let RegistryWritten::Saved { seq } = store
+        .change_registered("edge", Some(&runtime_record("edge", 1, old.1)?), 0)
+        .await?
+    else {
+        bail!("the first agent is saved");
+    };
+    let empty = AgentState::default();
+    let old_state = deployed_at(empty.clone(), 1, 1);
+    assert_eq!(
+        write_for(store, old, 0, &empty, &old_state).await?,
+        Written::Saved { version: 1 }
+    );
+    store.change_registered("edge", None, seq).await?;
+    // The deleted agent's evaluation, deciding from its first read, writes before the new
+    // agent exists and so finds nothing stored.
+    let late = deployed_at(empty.clone(), 2, 2);
+    assert_eq!(
+        write_for(store, old, 0, &empty, &late).await?,
+        Written::Saved { version: 1 }
+    );
+    let RegistryWritten::Saved { .. } = store
+        .change_registered("edge", Some(&runtime_record("edge", 1, new.1)?), 0)
+        .await?
+    else {
+        bail!("the new agent is saved");
+    };
+    let born = store.agent("edge").await?;
+    assert_eq!(
+        (born.version, &born.value),
+        (0, &empty),
+        "the new agent starts with nothing decided"
+    );
+    for expected in [0, 1] {
+        assert_eq!(
+            write_for(store, old, expected, &empty, &late).await?,
+            Written::Replaced,
+            "the deleted agent's write over version {expected}"
+        );
+    }
+    let new_state = deployed_at(empty.clone(), 3, 1);
+    assert_eq!(
+        write_for(store, new, 0, &empty, &new_state).await?,
+        Written::Saved { version: 1 }
+    );
+    // The deleted agent had read version 1 too.
+    assert_eq!(
+        write_for(store, old, 1, &old_state, &late).await?,
+        Written::Replaced
+    );
+    let read = store.agent("edge").await?;
+    assert_eq!((read.version, &read.value), (1, &new_state));
+    assert_eq!(
+        write_for(
+            store,
+            new,
+            1,
+            &new_state,
+            &deployed_at(new_state.clone(), 4, 3)
+        )
+        .await?,
+        Written::Saved { version: 2 },
+        "the new agent goes on"
+    );
+    Ok(())
+}
+
 async fn a_position_is_raised_only_from_below(store: &dyn Store) -> anyhow::Result<()> {
     let k = key("group/app", "main");
     assert_eq!(
@@ -1396,6 +1482,7 @@ async fn redis_concurrent_writers_lose_no_update() -> anyhow::Result<()> {
                         Written::Conflict => conflicts += 1,
                         Written::Stale => bail!("no write used older facts"),
                         Written::Withheld => bail!("a single write was withheld"),
+                        Written::Replaced => bail!("an agent never replaced was replaced"),
                     }
                 }
             }
@@ -1634,16 +1721,26 @@ fn registry_record(
     name: &str,
     token: u8,
 ) -> anyhow::Result<greenlight_server::store::RegistryRecord> {
+    runtime_record(name, token, 0)
+}
+
+/// [`registry_record`] of an agent of `incarnation`.
+fn runtime_record(
+    name: &str,
+    token: u8,
+    incarnation: u64,
+) -> anyhow::Result<greenlight_server::store::RegistryRecord> {
     use greenlight_server::config::{Config, Overrides};
     use greenlight_server::store::RegisteredAgent;
     let yaml = format!(
         "agents:\n  - name: {name}\n    token_sha256: {}\n    project: group/app\n    ref: main\n",
         hex_of(token)
     );
-    let spec = Config::from_yaml(&yaml, &Overrides::default())?
+    let mut spec = Config::from_yaml(&yaml, &Overrides::default())?
         .agents
         .pop()
         .context("one agent")?;
+    spec.incarnation = incarnation;
     Ok((&RegisteredAgent {
         spec,
         previous_token: None,

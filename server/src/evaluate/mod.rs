@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, warn};
 
-use crate::catalog::{LiveCatalog, ref_key};
+use crate::catalog::{LiveCatalog, ref_key, watches};
 use crate::clock::now_ms;
 use crate::config::AgentSpec;
 use crate::gate::{Context, GateError, Lineage, PushOrder, RefState, Sha, Step};
@@ -40,7 +40,7 @@ mod rules;
 #[cfg(test)]
 mod tests;
 
-pub use rules::{Operation, admit};
+pub use rules::{Operation, StoredVersion, admit};
 
 /// How long a shard's lease lasts without renewal: a dead holder's refs wait this long.
 pub const LEASE_TTL: Duration = Duration::from_secs(6);
@@ -71,6 +71,11 @@ pub enum EvaluateError {
     UnknownAgent(String),
     #[error("too many concurrent updates of agent {0}; try again")]
     Contention(String),
+    #[error(
+        "agent {0} was deleted and created again while the request ran, and this replica \
+         has not heard of the new one yet; try again"
+    )]
+    Replaced(String),
 }
 
 /// The history the gate orders commits by: git's when the ref has a repository, push order
@@ -646,10 +651,11 @@ impl Evaluator {
         let mut distinct: Vec<Vec<Arc<AgentState>>> = Vec::new();
         let mut pending = Vec::new();
         for agent in watchers {
-            let Some(spec) = catalog.agent(agent) else {
+            // The watchers were listed as the evaluation began: an agent deleted since may
+            // have been created again under its name, watching another ref.
+            let Some(spec) = catalog.agent(agent).filter(|spec| watches(spec, key)) else {
                 continue;
             };
-            debug_assert_eq!(&ref_key(spec), key);
             let Some(read) = states.get(agent) else {
                 continue;
             };
@@ -758,8 +764,9 @@ impl Evaluator {
     fn saved(&self, change: &Pending, written: Written) {
         let version = match written {
             Written::Saved { version } => version,
-            // Someone else's write won: the next evaluation reads the agent again.
-            Written::Conflict | Written::Stale => {
+            // Someone else's write won, or the agent is gone: the next evaluation reads the
+            // agent again.
+            Written::Conflict | Written::Stale | Written::Replaced => {
                 self.lock_cache().remove(&change.agent);
                 return;
             }
@@ -842,8 +849,10 @@ impl Evaluator {
                 next: Arc::new(next),
             };
             let written = self.write(vec![change], None).await?;
-            if let [(_, Written::Saved { .. })] = written.as_slice() {
-                return Ok(());
+            match written.as_slice() {
+                [(_, Written::Saved { .. })] => return Ok(()),
+                [(_, Written::Replaced)] => return Err(EvaluateError::Replaced(agent.to_owned())),
+                _ => {}
             }
         }
         Err(EvaluateError::Contention(agent.to_owned()))

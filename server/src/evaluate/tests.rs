@@ -282,8 +282,10 @@ impl Run {
                         value: next,
                     }),
                     Written::Conflict | Written::Stale => None,
-                    Written::Withheld => {
-                        return Err(TestCaseError::fail("a single write was withheld"));
+                    Written::Withheld | Written::Replaced => {
+                        return Err(TestCaseError::fail(format!(
+                            "one agent, never replaced, had its write {written:?}"
+                        )));
                     }
                 };
             }
@@ -523,6 +525,11 @@ async fn edge_after_green_push() -> (
 
 /// A push of commit `n` and its green pipeline, as a ref's facts.
 async fn green_push(store: &EmbeddedStore, n: u8) {
+    green_push_on(store, &key(), n).await;
+}
+
+/// [`green_push`] on the ref `on`.
+async fn green_push_on(store: &EmbeddedStore, on: &RefKey, n: u8) {
     let push = Push {
         before: if n > 1 {
             Before::Head(sha(n - 1))
@@ -550,10 +557,38 @@ async fn green_push(store: &EmbeddedStore, n: u8) {
         ),
     ] {
         store
-            .record_fact(&key(), &fact, Some(&id), None)
+            .record_fact(on, &fact, Some(&id), None)
             .await
             .expect("the embedded store records facts");
     }
+}
+
+/// An evaluation lists its ref's watchers as it begins; an agent among them deleted since
+/// and created again under its name may watch another ref, whose facts must not decide it.
+#[tokio::test]
+async fn an_agent_that_watches_another_ref_by_now_is_not_decided_from_this_ones_facts() {
+    let (evaluator, store) = evaluator_for(&format!(
+        "agents:\n{}",
+        agent_yaml("edge", "{mode: pipeline}")
+    ));
+    let other = RefKey {
+        project: "group/app".into(),
+        branch: "release".into(),
+    };
+    green_push_on(&store, &other, 1).await;
+    let facts = store.facts(&other).await.expect("reads the facts");
+    let refs = facts.ref_state();
+    let watchers = ["edge".to_owned()];
+    let states = evaluator.states(&watchers).await.expect("reads the agent");
+    let pending = evaluator.decide(&other, &facts, &refs, None, &watchers, &states);
+    assert!(pending.is_empty(), "edge watches main, not release");
+
+    // Its own ref's facts do decide it.
+    green_push(&store, 1).await;
+    let facts = store.facts(&key()).await.expect("reads the facts");
+    let refs = facts.ref_state();
+    let pending = evaluator.decide(&key(), &facts, &refs, None, &watchers, &states);
+    assert_eq!(pending.len(), 1);
 }
 
 #[tokio::test]

@@ -39,7 +39,9 @@ impl From<EngineError> for Status {
             }
             EngineError::Store(_) => Status::unavailable(message),
             EngineError::UnknownAgent(_) => Status::not_found(message),
-            EngineError::Evaluate(EvaluateError::Contention(_)) => Status::aborted(message),
+            EngineError::Evaluate(EvaluateError::Contention(_) | EvaluateError::Replaced(_)) => {
+                Status::aborted(message)
+            }
             EngineError::Evaluate(EvaluateError::Gate(
                 GateError::AbbreviatedPin(_) | GateError::AbbreviatedTrigger(_),
             )) => Status::invalid_argument(message),

@@ -26,6 +26,7 @@ use super::{
     STATUS_MEMORY_SECS, ShownStatus, StatusClaim, StatusKey, StatusOrder, Store, SyncError, Told,
     Versioned, Written,
 };
+use crate::evaluate::StoredVersion;
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
 
 /// How long `next_for_statuses` waits for an entry before answering `None`.
@@ -162,6 +163,9 @@ impl Inner {
 #[derive(Clone)]
 struct StoredAgent {
     version: u64,
+    /// The incarnation of the agent the record belongs to; 0 for file agents and records
+    /// written before it was kept.
+    incarnation: u64,
     /// Shared by the agents decided alike.
     state: Arc<AgentState>,
     /// Decisions and deployed commits appended since the agent was created: the numbers of
@@ -172,9 +176,20 @@ struct StoredAgent {
 }
 
 impl StoredAgent {
+    /// The record of agent `incarnation`, created with nothing decided yet.
+    fn born(incarnation: u64) -> Self {
+        Self {
+            version: 0,
+            incarnation,
+            state: Arc::default(),
+            appended: Appended::default(),
+            staged: Appended::default(),
+        }
+    }
+
     /// An agent read from an earlier layout, its histories capped and numbered anew from 0:
     /// all of them are to be written.
-    fn laid_out_anew(version: u64, state: &AgentState) -> Self {
+    fn laid_out_anew(version: u64, incarnation: u64, state: &AgentState) -> Self {
         let state = capped(state);
         let appended = Appended {
             decisions: state.gate.decisions.len() as u64,
@@ -182,6 +197,7 @@ impl StoredAgent {
         };
         Self {
             version,
+            incarnation,
             state,
             appended,
             staged: appended,
@@ -741,20 +757,24 @@ impl AgentStore for EmbeddedStore {
                 let mut logged_as: HashMap<usize, usize> = HashMap::new();
                 for (at, write) in (first..).zip(step) {
                     let change = writes.change_of(write);
-                    let (version, position, appended, staged) = inner
-                        .agents
-                        .get(write.agent)
-                        .map_or((0, 0, Appended::default(), Appended::default()), |stored| {
-                            (
-                                stored.version,
-                                stored.state.position,
-                                stored.appended,
-                                stored.staged,
-                            )
-                        });
+                    let (held, appended, staged) = inner.agents.get(write.agent).map_or(
+                        (
+                            StoredVersion::default(),
+                            Appended::default(),
+                            Appended::default(),
+                        ),
+                        |stored| {
+                            let held = StoredVersion {
+                                version: stored.version,
+                                position: stored.state.position,
+                                incarnation: stored.incarnation,
+                            };
+                            (held, stored.appended, stored.staged)
+                        },
+                    );
                     let outcome = crate::evaluate::admit(
-                        version,
-                        position,
+                        held,
+                        write.incarnation,
                         write.expected,
                         change.state.position,
                     );
@@ -770,6 +790,7 @@ impl AgentStore for EmbeddedStore {
                         write.agent.to_owned(),
                         StoredAgent {
                             version,
+                            incarnation: write.incarnation,
                             state,
                             appended: appended.after(change),
                             staged,
@@ -1131,8 +1152,19 @@ impl RegistryStore for EmbeddedStore {
             inner.registry.seq += 1;
             let seq = inner.registry.seq;
             if expected == 0 || record.is_none() {
-                // A new agent starts afresh, even under the name of a deleted one.
-                inner.agents.remove(name);
+                // A new agent starts afresh, even under the name of a deleted one; its empty
+                // record carries its incarnation, so that an evaluation of the old agent
+                // still running cannot write into it.
+                match record {
+                    Some(record) => {
+                        inner
+                            .agents
+                            .insert(name.to_owned(), StoredAgent::born(record.incarnation()));
+                    }
+                    None => {
+                        inner.agents.remove(name);
+                    }
+                }
                 inner.reports.remove(name);
                 inner.sync_errors.remove(name);
                 inner.mark(Dirty::Agent(name.to_owned()));
@@ -1374,6 +1406,7 @@ fn agent_puts(
         agent.to_owned(),
         Some(records::encode_agent_file(
             stored.version,
+            stored.incarnation,
             &texts.core,
             decisions,
             deployed,
@@ -1968,7 +2001,7 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
             }
             // Written by an earlier version, whole: rewritten now into rings.
             AgentFile::Whole { version, state } => {
-                let stored = StoredAgent::laid_out_anew(version, &state);
+                let stored = StoredAgent::laid_out_anew(version, 0, &state);
                 agent_puts(&agent, &stored, stored.appended, &mut rewritten, rewrites);
                 inner.agents.insert(agent, stored);
             }
@@ -2046,7 +2079,7 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
                 let old = ring.capacity.unwrap_or_default() as u64;
                 rewrites.extend((0..old).map(|slot| (table, slot_key(&agent, slot), None)));
             }
-            let stored = StoredAgent::laid_out_anew(record.version, &state);
+            let stored = StoredAgent::laid_out_anew(record.version, record.incarnation, &state);
             agent_puts(
                 &agent,
                 &stored,
@@ -2065,6 +2098,7 @@ fn load_agents(disk: &Disk, inner: &mut Inner, rewrites: &mut Vec<Put>) -> Resul
             agent,
             StoredAgent {
                 version: record.version,
+                incarnation: record.incarnation,
                 state,
                 appended,
                 staged: appended,
@@ -2423,9 +2457,18 @@ mod tests {
 
     /// One write of `state` over `agent`'s version `expected`, deciding and deploying nothing.
     fn single_write<'a>(agent: &'a str, expected: u64, state: &'a AgentState) -> AgentWrites<'a> {
+        single_write_for((agent, 0), expected, state)
+    }
+
+    /// [`single_write`] for `incarnation` of the agent.
+    fn single_write_for<'a>(
+        (agent, incarnation): (&'a str, u64),
+        expected: u64,
+        state: &'a AgentState,
+    ) -> AgentWrites<'a> {
         static UNCHANGED: DeployedChange = DeployedChange::Unchanged;
         AgentWrites::of([AgentWrite {
-            incarnation: 0,
+            incarnation,
             agent,
             expected,
             state,
@@ -2503,7 +2546,7 @@ mod tests {
             let dir = tempfile::tempdir().expect("a temporary directory");
             {
                 let disk = Disk::open(dir.path()).expect("opened");
-                let record = records::encode_agent_file(1, &core, ring, RingV1::default());
+                let record = records::encode_agent_file(1, 0, &core, ring, RingV1::default());
                 disk.write(vec![(Table::Agents, "prod".into(), Some(record))])
                     .expect("written");
             }
@@ -2516,6 +2559,34 @@ mod tests {
                 "{message}"
             );
         }
+    }
+
+    /// Which agent a record belongs to is kept in the file: after a restart, a write for
+    /// another agent once under the name is still refused.
+    #[test]
+    fn the_agent_a_record_belongs_to_is_read_back_after_a_restart() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let state = AgentState::default();
+        {
+            let (store, writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+            let _marked = store
+                .write_agents(&single_write_for(("a", 22), 0, &state))
+                .now_or_never();
+            writer.commit();
+        }
+        let (store, _writer) = EmbeddedStore::loaded(dir.path()).expect("opened");
+        let held = store
+            .lock()
+            .agents
+            .get("a")
+            .map(|a| (a.version, a.incarnation));
+        assert_eq!(held, Some((1, 22)));
+        let refused = store
+            .write_agents(&single_write_for(("a", 11), 1, &state))
+            .now_or_never()
+            .expect("refused without waiting for the file")
+            .expect("answered");
+        assert_eq!(refused, [Written::Replaced]);
     }
 
     /// Without a status publisher the change log keeps nothing for one: entries kept before
@@ -2910,6 +2981,7 @@ mod tests {
             let core = records::encode_agent(&AgentState::default());
             let record = records::encode_agent_file(
                 1,
+                0,
                 &core,
                 RingV1::laid_out(0, 0, DECISION_RING.1),
                 RingV1::laid_out(10, 4, 4),

@@ -352,6 +352,9 @@ pub enum Written {
     Conflict,
     /// The stored state was decided from newer facts: this write would move it backwards.
     Stale,
+    /// The name is another agent's now (deleted and created again): the write was decided
+    /// for the one before and must not be redone for it.
+    Replaced,
     /// Not tried: the writer stopped the batch before this write's step.
     Withheld,
 }

@@ -406,6 +406,10 @@ pub struct AgentFileV1 {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentFileV2 {
     pub version: u64,
+    /// The incarnation of the agent the record belongs to; absent from records of agents
+    /// without one and from records written before it was kept.
+    #[serde(default, skip_serializing_if = "super::is_zero")]
+    pub incarnation: u64,
     pub core: String,
     pub decisions: RingV1,
     pub deployed: RingV1,
@@ -469,9 +473,16 @@ pub enum AgentFile {
 }
 
 /// Encodes an agent's record at `version`, its core already encoded.
-pub fn encode_agent_file(version: u64, core: &str, decisions: RingV1, deployed: RingV1) -> Vec<u8> {
+pub fn encode_agent_file(
+    version: u64,
+    incarnation: u64,
+    core: &str,
+    decisions: RingV1,
+    deployed: RingV1,
+) -> Vec<u8> {
     let record = AgentFileRecord::V2(AgentFileV2 {
         version,
+        incarnation,
         core: core.to_owned(),
         decisions,
         deployed,
@@ -668,9 +679,10 @@ mod tests {
             len: 50,
             capacity: None,
         };
-        let bytes = encode_agent_file(6, &encode_agent(&state), ring, RingV1::default());
+        let bytes = encode_agent_file(6, 77, &encode_agent(&state), ring, RingV1::default());
         let AgentFile::Split(AgentFileV2 {
             version,
+            incarnation,
             core,
             decisions,
             deployed,
@@ -678,7 +690,10 @@ mod tests {
         else {
             panic!("this version's record reads as split");
         };
-        assert_eq!((version, decisions, deployed), (6, ring, RingV1::default()));
+        assert_eq!(
+            (version, incarnation, decisions, deployed),
+            (6, 77, ring, RingV1::default())
+        );
         assert_eq!(core, encode_agent(&state));
         assert_eq!(ring.live(), 10..60);
         // Entry 10, the oldest, is in slot 10 of a ring of 50; entry 59, the newest, in 9.

@@ -99,16 +99,18 @@ redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[7], '*', 'm',
 return position
 "#;
 
-/// Writes agents' states, each if its version is the one read and the stored state was
-/// not decided from newer facts; appends each written agent's new decisions and deployed
+/// Writes agents' states, each if the stored record is its agent's (not of another agent
+/// since created under its name), its version is the one read and the stored state was not
+/// decided from newer facts; appends each written agent's new decisions and deployed
 /// commits to its capped lists (one `RPUSH` each, trimmed only past the cap) and one entry
 /// naming every written agent to the shard's log.
 ///
 /// KEYS: each agent's state, decisions and deployed keys, then the log.
 /// ARGV: the log's cap, the decisions' cap, the log entry's opening, the number of changes;
 /// then per change (8): position, encoded state, deployed mode, deployed kept, and the first
-/// argument and count of its decisions and of its deployed commits; then per agent (3): the
-/// version read, its change (1-based) and its part of the log entry; then the lists' items.
+/// argument and count of its decisions and of its deployed commits; then per agent (4): the
+/// version read, its change (1-based), its part of the log entry and its incarnation; then
+/// the lists' items.
 const AGENTS_SCRIPT: &str = r#"
 local changes = tonumber(ARGV[4])
 local agents_at = 4 + 8 * changes
@@ -121,13 +123,17 @@ local versions = {}
 -- Where each agent's arguments and its change's arguments start.
 local agent_at, change_at = {}, {}
 for i = 1, agents do
-  local a = agents_at + 3 * (i - 1)
+  local a = agents_at + 4 * (i - 1)
   local c = 4 + 8 * (tonumber(ARGV[a + 2]) - 1)
   agent_at[i], change_at[i] = a, c
   local state = KEYS[3 * i - 2]
-  local stored = redis.call('HMGET', state, 'v', 'p')
+  local stored = redis.call('HMGET', state, 'v', 'p', 'i')
   local v = versions[state] or tonumber(stored[1] or '0')
-  if v ~= tonumber(ARGV[a + 1]) then
+  -- Incarnations are compared as the decimal texts Rust wrote: Lua's numbers are doubles.
+  local held, mine = stored[3] or '0', ARGV[a + 4]
+  if held ~= '0' and mine ~= '0' and held ~= mine then
+    written[i] = -4
+  elseif v ~= tonumber(ARGV[a + 1]) then
     written[i] = -2
   elseif tonumber(stored[2] or '0') > tonumber(ARGV[c + 1]) then
     written[i] = -3
@@ -152,7 +158,8 @@ for i = 1, agents do
   if written[i] > 0 then
     local a, c = agent_at[i], change_at[i]
     local state, decisions, deployed = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-    redis.call('HSET', state, 'v', written[i], 'p', ARGV[c + 1], 'core', ARGV[c + 2])
+    redis.call('HSET', state, 'v', written[i], 'p', ARGV[c + 1], 'core', ARGV[c + 2],
+      'i', ARGV[a + 4])
     local first, count = tonumber(ARGV[c + 5]), tonumber(ARGV[c + 6])
     if count > 0 then
       local len = redis.call('RPUSH', decisions, unpack(ARGV, first, first + count - 1))
@@ -335,6 +342,7 @@ pub struct RedisStore {
     raise_position: Script,
     finish_status: Script,
     registry: Script,
+    claim_agent: Script,
     notices: broadcast::Sender<Notice>,
     /// The status publisher's own connection for its blocking reads; `None` until first used
     /// and after it failed.
@@ -497,6 +505,7 @@ impl RedisStore {
             raise_position: Script::new(RAISE_POSITION_SCRIPT),
             finish_status: Script::new(FINISH_STATUS_SCRIPT),
             registry: Script::new(REGISTRY_SCRIPT),
+            claim_agent: Script::new(CLAIM_AGENT_SCRIPT),
             notices,
             status_conn: Mutex::new(None),
             relayed,
@@ -580,7 +589,7 @@ impl RedisStore {
             .arg(opening)
             .arg(used.len());
         // The lists' items follow the fixed arguments.
-        let mut item = 4 + 8 * used.len() + 3 * agents.len() + 1;
+        let mut item = 4 + 8 * used.len() + 4 * agents.len() + 1;
         for change in &used {
             invocation
                 .arg(change.position)
@@ -601,7 +610,11 @@ impl RedisStore {
                 change: number - 1,
                 incarnation: write.incarnation,
             })?;
-            invocation.arg(write.expected).arg(number).arg(entry);
+            invocation
+                .arg(write.expected)
+                .arg(number)
+                .arg(entry)
+                .arg(write.incarnation);
         }
         for change in &used {
             for decision in &change.decisions {
@@ -629,6 +642,7 @@ impl RedisStore {
                 let written = match result {
                     -2 => Written::Conflict,
                     -3 => Written::Stale,
+                    -4 => Written::Replaced,
                     version => Written::Saved {
                         version: version.unsigned_abs(),
                     },
@@ -2063,6 +2077,18 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', msg)
 return seq
 "#;
 
+/// Makes an agent's state the empty record of incarnation ARGV[1], dropping what is stored
+/// about another (its gate, history, reports and shown statuses); does nothing if the
+/// record already is that incarnation's.
+///
+/// KEYS: the agent's [`AGENT_STATE_PARTS`], its state first.
+const CLAIM_AGENT_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], 'i') == ARGV[1] then return 0 end
+redis.call('DEL', unpack(KEYS))
+redis.call('HSET', KEYS[1], 'i', ARGV[1])
+return 1
+"#;
+
 /// The shard whose hash tag the registry and its log entries carry: the registry is one
 /// hash, changed atomically with its log entry, so it lives in one slot.
 const REGISTRY_SHARD: u16 = 0;
@@ -2104,6 +2130,30 @@ impl RedisStore {
             pipe.del(self.keys.agent(agent, part)).ignore();
         }
         pipe.exec_async(&mut self.conn.clone()).await?;
+        Ok(())
+    }
+
+    /// Makes `agent`'s state the empty record of `incarnation`, unless it already is.
+    async fn claim_agent_state(&self, agent: &str, incarnation: u64) -> Result<()> {
+        let mut invocation = self.claim_agent.prepare_invoke();
+        for part in AGENT_STATE_PARTS {
+            invocation.key(self.keys.agent(agent, part));
+        }
+        let _: i64 = invocation
+            .arg(incarnation)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Gives `name`'s state to the agent the registry now holds under it, if any: a replica
+    /// that lost a race to create an agent of the same name has claimed the state for its
+    /// own agent, which the registry never took.
+    async fn settle_claim(&self, name: &str) -> Result<()> {
+        if let Some(current) = self.registered(name).await? {
+            self.claim_agent_state(name, current.value.incarnation())
+                .await?;
+        }
         Ok(())
     }
 }
@@ -2162,10 +2212,16 @@ impl RegistryStore for RedisStore {
         expected: u64,
     ) -> Result<RegistryWritten> {
         // The agent's state lives in its own slot, so it cannot change in the registry's
-        // script: a new agent's leftovers are dropped first, a deleted one's after.
-        if expected == 0 && record.is_some() && self.registered(name).await?.is_none() {
-            self.drop_agent_state(name).await?;
-        }
+        // script. A new agent claims it first, dropping what another left and refusing
+        // writes for another from then on: an evaluation of a deleted agent of the same
+        // name may still be running. A deleted agent's state is dropped after.
+        let creating = match record {
+            Some(record) if expected == 0 && self.registered(name).await?.is_none() => {
+                self.claim_agent_state(name, record.incarnation()).await?;
+                true
+            }
+            _ => false,
+        };
         let quoted = serde_json::to_string(name).map_err(|error| StoreError::Corrupt {
             key: "registry change".into(),
             reason: error.to_string(),
@@ -2181,6 +2237,9 @@ impl RegistryStore for RedisStore {
             .arg(quoted)
             .invoke_async(&mut self.conn.clone())
             .await?;
+        if creating {
+            self.settle_claim(name).await?;
+        }
         let Ok(seq) = u64::try_from(seq) else {
             return Ok(RegistryWritten::Conflict);
         };

@@ -208,6 +208,12 @@ impl RegistryRecord {
         &record.name
     }
 
+    /// The agent's [`AgentSpec::incarnation`].
+    pub fn incarnation(&self) -> u64 {
+        let RegistryRecord::V1(record) = self;
+        record.incarnation
+    }
+
     /// The agent this record describes; `key` names the record in errors.
     pub fn decode(&self, key: &str) -> Result<RegisteredAgent> {
         let RegistryRecord::V1(r) = self;
