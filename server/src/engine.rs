@@ -420,6 +420,9 @@ impl Engine {
         self.tasks
             .spawn(self.evaluator.clone().run(shutdown.clone()));
         let mut notices = self.store.subscribe();
+        // Marking this replica alive is cheap and tells the others' status publishers soon
+        // when it died; re-reading every replica's presence is not, and waits longer.
+        let mut beat = tokio::time::interval(crate::store::REPLICA_BEAT);
         let mut presence =
             tokio::time::interval(Duration::from_secs(crate::store::PRESENCE_TTL_SECS * 4 / 5));
         let mut safety = tokio::time::interval(SAFETY_INTERVAL);
@@ -435,10 +438,12 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = safety.tick() => self.evaluator.enqueue_all(),
-                _ = presence.tick() => {
+                _ = beat.tick() => {
                     if let Err(error) = self.store.refresh_presence(&self.replica).await {
                         warn!(%error, "cannot refresh presence");
                     }
+                }
+                _ = presence.tick() => {
                     if let Err(error) = self.reload_presence(false).await {
                         warn!(%error, "cannot re-read presence");
                     }

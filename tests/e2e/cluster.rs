@@ -334,3 +334,19 @@ async fn a_write_for_a_deleted_agent_never_lands_in_the_new_one_on_a_cluster() -
     )
     .await
 }
+
+/// A dead replica's status entries handed to a live publisher at once, on a cluster: the
+/// replicas' marks and each shard's consumers live on different nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_replicas_status_entries_go_to_a_live_publisher_on_a_cluster() -> anyhow::Result<()>
+{
+    let cluster = RedisCluster::start(3).await?;
+    let (store, _stop) = store_on(&cluster)?;
+    crate::store_suite::a_silent_replicas_status_entries_go_to_a_live_publisher_at_once(
+        &store,
+        |replica| {
+            crate::store_suite::mark_a_minute_ago(replica, "gl-store", |args| cluster.cli(args))
+        },
+    )
+    .await
+}

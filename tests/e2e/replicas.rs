@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail, ensure};
 use greenlight::v1::GetAgentRequest;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
+use greenlight_e2e::process::ServerProcess;
 use greenlight_e2e::{
     AgentDef, Redis, SOON, TestServer, config_yaml, eventually, metric, next_revision, sha,
 };
@@ -248,6 +249,28 @@ async fn failing_to_post_commit_1(
     Ok(a)
 }
 
+/// [`failing_to_post_commit_1`] as a process of its own, named `replica-a`, so that killing
+/// it is a real SIGKILL: no step of its shutdown runs.
+async fn process_failing_to_post_commit_1(
+    redis: &Redis,
+    gitlab: &FakeGitLab,
+    takeover: &str,
+) -> anyhow::Result<ServerProcess> {
+    let yaml = format!(
+        "{}{}replica_id: replica-a\n",
+        config_yaml(Some(&redis.url()), &[AgentDef::new("prod")]),
+        gitlab.config(&format!(", status_takeover: {takeover}"))
+    );
+    let a = ServerProcess::from_yaml(&yaml).await?;
+    gitlab.fail_with(Some(503));
+    a.api.release(NULL_SHA, &sha(1), 1).await?;
+    eventually("replica A trying to post the status", || async {
+        Ok((!gitlab.status_attempts(&sha(1)).is_empty()).then_some(()))
+    })
+    .await?;
+    Ok(a)
+}
+
 /// A replica dies (as by SIGKILL) right after its decision, while GitLab still refuses the
 /// commit status: a surviving replica takes the status over and posts it, once per state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,5 +343,63 @@ async fn a_stopping_replicas_commit_status_is_posted_by_another_at_once() -> any
     assert_eq!(posted[0].0, "pending");
     assert_eq!(posted[0].1, "greenlight/prod");
     drop(b);
+    Ok(())
+}
+
+/// A replica killed with SIGKILL while GitLab refuses the commit status it is posting
+/// hands nothing back, but it stops marking itself alive: a surviving replica posts the
+/// status about half a minute later, long before the takeover time (ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_commit_status_is_posted_once_it_falls_silent() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let gitlab = FakeGitLab::start().await?;
+    let commit = sha(1);
+    let takeover = "10m";
+    let mut a = process_failing_to_post_commit_1(&redis, &gitlab, takeover).await?;
+    let b = posting_replica(&redis, &gitlab, "replica-b", takeover).await?;
+    a.kill();
+    gitlab.fail_with(None);
+
+    // Silent for 30 s, then the survivor's next look (every 5 s) finds it dead.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let posted = loop {
+        let statuses = gitlab.statuses_for(&commit);
+        if !statuses.is_empty() {
+            break statuses;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the killed replica's status was never posted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(posted[0].0, "pending");
+    assert_eq!(posted[0].1, "greenlight/prod");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(gitlab.statuses_for(&commit).len(), 1, "posted once");
+    drop(b);
+    Ok(())
+}
+
+/// A replica killed while GitLab refuses a commit status and started again under its name
+/// (a container restarted in its pod, which the others see alive all along) posts the
+/// status at once, not after the takeover time (ten minutes here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_under_its_name_posts_what_it_held_at_once() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let gitlab = FakeGitLab::start().await?;
+    let commit = sha(1);
+    let mut a = process_failing_to_post_commit_1(&redis, &gitlab, "10m").await?;
+    a.kill();
+    gitlab.fail_with(None);
+    a.restart()
+        .await
+        .with_context(|| format!("restart failed; log:\n{}", a.log()))?;
+    let posted = eventually("the status taken before the restart, posted", || async {
+        let statuses = gitlab.statuses_for(&commit);
+        Ok((!statuses.is_empty()).then_some(statuses))
+    })
+    .await?;
+    assert_eq!(posted[0].0, "pending");
     Ok(())
 }

@@ -997,6 +997,78 @@ async fn an_entry_a_publisher_never_acknowledged_goes_to_another(
     Ok(())
 }
 
+/// A publisher whose replica stopped marking itself alive is dead: what it took goes to
+/// another publisher at once, long before the takeover time (an hour), while what a live
+/// one holds stays with it. `silence` makes a replica's last mark a minute old, as if it
+/// had died then.
+pub(crate) async fn a_silent_replicas_status_entries_go_to_a_live_publisher_at_once(
+    store: &dyn Store,
+    silence: impl Fn(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let long = Duration::from_secs(3600);
+    let k = key("group/app", "main");
+    store.record_fact(&k, &push_of(1), None, None).await?;
+    store.record_fact(&k, &push_of(2), None, None).await?;
+    for replica in ["replica-dying", "replica-busy", "replica-taking"] {
+        store.refresh_presence(replica).await?;
+    }
+    let dying = next_status_entry(store, "replica-dying", long)
+        .await?
+        .context("an entry for the replica about to die")?;
+    let busy = next_status_entry(store, "replica-busy", long)
+        .await?
+        .context("an entry for the replica that stays")?;
+    ensure!(dying.id != busy.id);
+    silence("replica-dying")?;
+    // Within the few seconds between two looks for such entries (this store serves all
+    // three publishers, so the busy one's look may just have been made).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let taken = loop {
+        if let Some(entry) = next_status_entry(store, "replica-taking", long).await? {
+            break entry;
+        }
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the dead replica's entry was not handed over"
+        );
+    };
+    assert_eq!(taken.id, dying.id);
+    assert!(
+        next_status_entry(store, "replica-taking", long)
+            .await?
+            .is_none(),
+        "what a live replica holds stays with it"
+    );
+    Ok(())
+}
+
+/// `silence` for a store on `redis` under `prefix`: the replica's last mark a minute ago.
+pub(crate) fn mark_a_minute_ago(
+    replica: &str,
+    prefix: &str,
+    cli: impl Fn(&[&str]) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+    let then = now
+        .saturating_sub(Duration::from_secs(60))
+        .as_millis()
+        .to_string();
+    cli(&["ZADD", &format!("{prefix}:replicas"), &then, replica])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_silent_replicas_status_entries_go_to_a_live_publisher_at_once()
+-> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let redis = &fixture.redis;
+    a_silent_replicas_status_entries_go_to_a_live_publisher_at_once(
+        fixture.store.as_ref(),
+        |replica| mark_a_minute_ago(replica, "gl-suite", |args| redis.cli(args)),
+    )
+    .await
+}
+
 async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Result<()> {
     assert!(
         store.reports("prod", 10).await?.is_empty(),

@@ -68,6 +68,13 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Runs `redis-cli -c` with `args` on the cluster, following its redirections.
+    pub fn cli(&self, args: &[&str]) -> anyhow::Result<String> {
+        let mut all = vec!["-c"];
+        all.extend_from_slice(args);
+        cli(self.nodes[0].port, &all)
+    }
+
     /// The index of the node that owns `key`'s slot now.
     pub fn owner_of(&self, key: &str) -> anyhow::Result<usize> {
         let slot: u16 = cli(self.nodes[0].port, &["CLUSTER", "KEYSLOT", key])?

@@ -193,6 +193,18 @@ impl StatusPublisher {
     /// Runs until `shutdown`, then hands back what it took and did not finish.
     pub async fn run(self, shutdown: CancellationToken) {
         let consumer = self.engine.replica().to_owned();
+        // What the store holds as taken under this replica's name was taken by a process
+        // before this one (a container restarted in its pod keeps its name, and the
+        // others see it alive): handed back, it is taken at once rather than after the
+        // takeover time.
+        if let Err(error) = self
+            .engine
+            .store()
+            .release_statuses(&consumer, self.takeover)
+            .await
+        {
+            warn!(%error, "cannot hand back status entries taken before a restart; they wait for the takeover time");
+        }
         self.publish(&consumer, &shutdown).await;
         // Left with this replica, the entries would wait out the takeover time (minutes)
         // before another replica posted their statuses.

@@ -42,6 +42,15 @@ pub const STATUS_MEMORY_SECS: u64 = 30 * 24 * 3600;
 /// A presence record without a refresh for this long belongs to a dead replica.
 pub const PRESENCE_TTL_SECS: u64 = 300;
 
+/// How often a replica marks itself alive ([`PresenceStore::refresh_presence`]).
+pub const REPLICA_BEAT: Duration = Duration::from_secs(5);
+
+/// A replica that marked itself alive and then stayed silent this long is dead to the
+/// others' status publishers: what its publisher held is handed to them at once, rather
+/// than after the status takeover time. Six beats, so that a slow store or a replica's
+/// busy moment is not taken for death.
+pub const REPLICA_SILENT: Duration = Duration::from_secs(30);
+
 /// Entries each shard of the change log keeps, approximately. A replica that falls further
 /// behind than this re-reads every agent's state once instead of resuming.
 pub const LOG_MAX_ENTRIES: usize = 10_000;
@@ -722,7 +731,8 @@ pub trait PresenceStore: Send + Sync {
     /// Marks `agent` connected to (or gone from) `replica`, and tells every replica.
     async fn set_presence(&self, replica: &str, agent: &str, connected: bool) -> Result<()>;
 
-    /// Keeps this replica's presence records alive: one call per interval, however many agents.
+    /// Keeps this replica's presence records alive and marks the replica itself alive: one
+    /// call every [`REPLICA_BEAT`], however many agents.
     async fn refresh_presence(&self, replica: &str) -> Result<()>;
 
     /// Every live (agent, replica) pair, for a replica rebuilding its index.

@@ -21,7 +21,10 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use greenlight::backoff::Backoff;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoConsumer, StreamInfoConsumersReply,
+    StreamPendingCountReply, StreamReadReply,
+};
 use redis::{AsyncCommands, Script};
 use tokio::sync::{Mutex, Notify, broadcast};
 use tokio_util::sync::CancellationToken;
@@ -33,8 +36,8 @@ use super::{
     AgentChange, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog, ChangedAgent,
     DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore, Facts, Ingested,
     LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PRESENCE_TTL_SECS, PUSHES_KEPT, PresenceStore,
-    QueuedWrite, RefKey, ReportStore, Result, SHARDS, STATUS_MEMORY_SECS, StatusClaim, StatusKey,
-    Store, StoreError, SyncError, Told, Versioned, Written, agent_shard,
+    QueuedWrite, REPLICA_SILENT, RefKey, ReportStore, Result, SHARDS, STATUS_MEMORY_SECS,
+    StatusClaim, StatusKey, Store, StoreError, SyncError, Told, Versioned, Written, agent_shard,
 };
 use super::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 use crate::clock::{millis, now_ms};
@@ -706,7 +709,20 @@ impl RedisStore {
             warn!(%error, "cannot count status entries trimmed unread");
         }
         let min_idle = millis(reclaim_after);
+        let handed_back = match self.hand_back_for_the_dead(consumer, min_idle).await {
+            Ok(shards) => shards,
+            Err(error) => {
+                warn!(%error, "cannot look for status publishers of dead replicas");
+                Vec::new()
+            }
+        };
         let mut cursors = self.reclaim_cursors.lock().await;
+        for shard in handed_back {
+            // What was handed back is taken from the start, not when the scan comes round.
+            if let Some(cursor) = cursors.get_mut(shard) {
+                SCAN_DONE.clone_into(cursor);
+            }
+        }
         for (shard, log) in self.keys.logs().iter().enumerate() {
             let Some(cursor) = cursors.get_mut(shard) else {
                 continue;
@@ -742,6 +758,83 @@ impl RedisStore {
             }
         }
         Ok(None)
+    }
+
+    /// Hands back what the status publishers of dead replicas hold, for the next look to
+    /// take at once rather than after the takeover time (`idle` ms); returns the shards where
+    /// it did. A replica is dead once it has not marked itself alive for [`REPLICA_SILENT`].
+    /// One never seen alive, or silent so long that its mark is gone, is left to the
+    /// takeover time: it may be a replica of a version that did not mark itself this often.
+    /// Consumers that hold nothing and have been silent as long as a presence record lives
+    /// leave the group: every replica's start names a new one, and each look lists them all.
+    async fn hand_back_for_the_dead(&self, me: &str, idle: u64) -> Result<Vec<usize>> {
+        let logs = self.keys.logs();
+        let held: Vec<Vec<StreamInfoConsumer>> =
+            futures_util::future::try_join_all(logs.iter().map(|log| async move {
+                let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
+                    .arg("CONSUMERS")
+                    .arg(log)
+                    .arg(STATUS_GROUP)
+                    .query_async(&mut self.conn.clone())
+                    .await?;
+                Ok::<_, StoreError>(reply.consumers)
+            }))
+            .await?;
+        let others: Vec<&str> = {
+            let mut names: Vec<&str> = held
+                .iter()
+                .flatten()
+                .map(|consumer| consumer.name.as_str())
+                .filter(|name| *name != me)
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            names
+        };
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut marks = redis::pipe();
+        for name in &others {
+            marks.zscore(self.keys.replicas(), name);
+        }
+        let marks: Vec<Option<f64>> = marks.query_async(&mut self.conn.clone()).await?;
+        let silent_since =
+            now_ms().saturating_sub(i64::try_from(millis(REPLICA_SILENT)).unwrap_or(i64::MAX));
+        let marked: HashMap<&str, Option<f64>> = others.into_iter().zip(marks).collect();
+        let forgotten_after = usize::try_from(PRESENCE_TTL_SECS * 1000).unwrap_or(usize::MAX);
+        let mut handed_back = Vec::new();
+        for (shard, (log, consumers)) in logs.iter().zip(&held).enumerate() {
+            for consumer in consumers {
+                let Some(mark) = marked.get(consumer.name.as_str()) else {
+                    continue;
+                };
+                // Scores are Unix ms, well within an f64's exact integers.
+                let dead = mark.is_some_and(|at| (at as i64) < silent_since);
+                if consumer.pending > 0 && dead {
+                    info!(
+                        replica = consumer.name,
+                        entries = consumer.pending,
+                        log,
+                        "handing back the status entries of a dead replica"
+                    );
+                    self.release_from_shard(log, &consumer.name, idle).await?;
+                    handed_back.push(shard);
+                } else if consumer.pending == 0
+                    && (dead || mark.is_none())
+                    && consumer.idle >= forgotten_after
+                {
+                    let _: i64 = redis::cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(log)
+                        .arg(STATUS_GROUP)
+                        .arg(&consumer.name)
+                        .query_async(&mut self.conn.clone())
+                        .await?;
+                }
+            }
+        }
+        Ok(handed_back)
     }
 
     /// Counts, and warns of, entries taken by a publisher that left them unacknowledged
@@ -828,7 +921,7 @@ impl RedisStore {
     async fn release_from_shard(&self, log: &str, consumer: &str, idle: u64) -> Result<()> {
         let mut after = "-".to_owned();
         for _ in 0..RELEASE_PAGES {
-            let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+            let pending: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
                 .arg(log)
                 .arg(STATUS_GROUP)
                 .arg(&after)
@@ -836,7 +929,12 @@ impl RedisStore {
                 .arg(RELEASE_PAGE)
                 .arg(consumer)
                 .query_async(&mut self.conn.clone())
-                .await?;
+                .await;
+            let pending = match pending {
+                // No publisher has read this shard yet: nothing is held.
+                Err(error) if error.code() == Some("NOGROUP") => return Ok(()),
+                other => other?,
+            };
             let Some(last) = pending.ids.last() else {
                 break;
             };
