@@ -414,15 +414,32 @@ impl Engine {
         self.index.presence(agent)
     }
 
+    /// Marks this replica alive every [`crate::store::REPLICA_BEAT`] until `shutdown`: the
+    /// others' status publishers take what it holds soon after the marks stop.
+    async fn keep_marked_alive(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut beat = tokio::time::interval(crate::store::REPLICA_BEAT);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = beat.tick() => {
+                    if let Err(error) = self.store.mark_alive(&self.replica).await {
+                        warn!(%error, "cannot mark this replica alive");
+                    }
+                }
+            }
+        }
+    }
+
     /// Keeps the index and the evaluator of this replica in step with every replica's
     /// changes until `shutdown`, and refreshes presence.
     pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
         self.tasks
             .spawn(self.evaluator.clone().run(shutdown.clone()));
         let mut notices = self.store.subscribe();
-        // Marking this replica alive is cheap and tells the others' status publishers soon
-        // when it died; re-reading every replica's presence is not, and waits longer.
-        let mut beat = tokio::time::interval(crate::store::REPLICA_BEAT);
+        // A task of its own, so that no slow step of this loop (a rebuild after Redis lost
+        // its data) keeps the mark from being renewed.
+        self.tasks
+            .spawn(self.clone().keep_marked_alive(shutdown.clone()));
         let mut presence =
             tokio::time::interval(Duration::from_secs(crate::store::PRESENCE_TTL_SECS * 4 / 5));
         let mut safety = tokio::time::interval(SAFETY_INTERVAL);
@@ -438,12 +455,10 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = safety.tick() => self.evaluator.enqueue_all(),
-                _ = beat.tick() => {
+                _ = presence.tick() => {
                     if let Err(error) = self.store.refresh_presence(&self.replica).await {
                         warn!(%error, "cannot refresh presence");
                     }
-                }
-                _ = presence.tick() => {
                     if let Err(error) = self.reload_presence(false).await {
                         warn!(%error, "cannot re-read presence");
                     }

@@ -342,11 +342,16 @@ async fn a_silent_replicas_status_entries_go_to_a_live_publisher_on_a_cluster() 
 {
     let cluster = RedisCluster::start(3).await?;
     let (store, _stop) = store_on(&cluster)?;
+    let cluster = &cluster;
+    let a_minute_ago_in = |key: &'static str| {
+        move |replica: &str| {
+            crate::store_suite::a_minute_ago_in(key, replica, |args| cluster.cli(args))
+        }
+    };
     crate::store_suite::a_silent_replicas_status_entries_go_to_a_live_publisher_at_once(
         &store,
-        |replica| {
-            crate::store_suite::mark_a_minute_ago(replica, "gl-store", |args| cluster.cli(args))
-        },
+        a_minute_ago_in("gl-store:alive"),
+        a_minute_ago_in("gl-store:replicas"),
     )
     .await
 }

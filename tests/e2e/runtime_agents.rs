@@ -671,3 +671,37 @@ async fn an_agent_created_again_under_its_name_gets_nothing_of_the_old_one() -> 
     assert_eq!(status_of_edge(&sha(3)), ["pending"]);
     Ok(())
 }
+
+/// An agent's stored state that belongs to an agent deleted since (a write of the old
+/// agent's that landed where its successor's claim could not stop it, or a record a
+/// replica of an earlier version left) would refuse every write for the agent registered
+/// under the name: the evaluator gives it to that agent, empty, and the agent is sent its
+/// revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_left_by_a_deleted_agent_is_given_to_the_agent_registered() -> anyhow::Result<()> {
+    let redis = Redis::start().await?;
+    let server = server(Some(&redis), "replica-a").await?;
+    let mut admin = server.admin().await?;
+    let created = admin
+        .create_agent(CreateAgentRequest {
+            agent: Some(definition("edge-8")),
+            ci_token: false,
+        })
+        .await?
+        .into_inner();
+    let mut stream = accepted(&server, &created.token).await?;
+    server.release(NULL_SHA, &sha(1), 1).await?;
+    let first = next_revision(&mut stream, SOON).await.context("commit 1")?;
+    assert_eq!(first.sha(), sha(1));
+
+    // The record now holds another agent's state, as such a write leaves it.
+    let state = format!(
+        "gl-test:{{gl{}}}:agent:edge-8:state",
+        greenlight_server::store::agent_shard("edge-8")
+    );
+    redis.cli(&["HSET", &state, "i", "12345"])?;
+    server.release(&sha(1), &sha(2), 2).await?;
+    let second = next_revision(&mut stream, SOON).await.context("commit 2")?;
+    assert_eq!(second.sha(), sha(2));
+    Ok(())
+}

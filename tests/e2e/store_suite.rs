@@ -999,26 +999,34 @@ async fn an_entry_a_publisher_never_acknowledged_goes_to_another(
 
 /// A publisher whose replica stopped marking itself alive is dead: what it took goes to
 /// another publisher at once, long before the takeover time (an hour), while what a live
-/// one holds stays with it. `silence` makes a replica's last mark a minute old, as if it
-/// had died then.
+/// one holds stays with it, and so does what one of a version that marked itself only in
+/// its presence refresh holds. `silence` makes a replica's last mark a minute old, as if it
+/// had died then; `refreshed_long_ago` gives a replica only a presence refresh a minute
+/// old, as that version left it between refreshes.
 pub(crate) async fn a_silent_replicas_status_entries_go_to_a_live_publisher_at_once(
     store: &dyn Store,
     silence: impl Fn(&str) -> anyhow::Result<()>,
+    refreshed_long_ago: impl Fn(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let long = Duration::from_secs(3600);
     let k = key("group/app", "main");
-    store.record_fact(&k, &push_of(1), None, None).await?;
-    store.record_fact(&k, &push_of(2), None, None).await?;
-    for replica in ["replica-dying", "replica-busy", "replica-taking"] {
-        store.refresh_presence(replica).await?;
+    for n in 1..=3 {
+        store.record_fact(&k, &push_of(n), None, None).await?;
     }
+    for replica in ["replica-dying", "replica-busy", "replica-taking"] {
+        store.mark_alive(replica).await?;
+    }
+    refreshed_long_ago("replica-earlier-version")?;
     let dying = next_status_entry(store, "replica-dying", long)
         .await?
         .context("an entry for the replica about to die")?;
     let busy = next_status_entry(store, "replica-busy", long)
         .await?
         .context("an entry for the replica that stays")?;
-    ensure!(dying.id != busy.id);
+    let earlier = next_status_entry(store, "replica-earlier-version", long)
+        .await?
+        .context("an entry for the replica of an earlier version")?;
+    ensure!(dying.id != busy.id && busy.id != earlier.id && dying.id != earlier.id);
     silence("replica-dying")?;
     // Within the few seconds between two looks for such entries (this store serves all
     // three publishers, so the busy one's look may just have been made).
@@ -1037,15 +1045,15 @@ pub(crate) async fn a_silent_replicas_status_entries_go_to_a_live_publisher_at_o
         next_status_entry(store, "replica-taking", long)
             .await?
             .is_none(),
-        "what a live replica holds stays with it"
+        "what a live replica, or one of an earlier version, holds stays with it"
     );
     Ok(())
 }
 
-/// `silence` for a store on `redis` under `prefix`: the replica's last mark a minute ago.
-pub(crate) fn mark_a_minute_ago(
+/// Sets `replica`'s score in the sorted set `key` to a minute ago, with `cli`.
+pub(crate) fn a_minute_ago_in(
+    key: &str,
     replica: &str,
-    prefix: &str,
     cli: impl Fn(&[&str]) -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
@@ -1053,7 +1061,7 @@ pub(crate) fn mark_a_minute_ago(
         .saturating_sub(Duration::from_secs(60))
         .as_millis()
         .to_string();
-    cli(&["ZADD", &format!("{prefix}:replicas"), &then, replica])?;
+    cli(&["ZADD", key, &then, replica])?;
     Ok(())
 }
 
@@ -1064,7 +1072,8 @@ async fn redis_a_silent_replicas_status_entries_go_to_a_live_publisher_at_once()
     let redis = &fixture.redis;
     a_silent_replicas_status_entries_go_to_a_live_publisher_at_once(
         fixture.store.as_ref(),
-        |replica| mark_a_minute_ago(replica, "gl-suite", |args| redis.cli(args)),
+        |replica| a_minute_ago_in("gl-suite:alive", replica, |args| redis.cli(args)),
+        |replica| a_minute_ago_in("gl-suite:replicas", replica, |args| redis.cli(args)),
     )
     .await
 }
@@ -1448,11 +1457,13 @@ pub(crate) async fn a_write_for_a_deleted_agent_never_lands_in_the_one_created_u
     };
     let born = store.agent("edge").await?;
     assert_eq!(
-        (born.version, &born.value),
-        (0, &empty),
+        (&born.value, born.incarnation),
+        (&empty, new.1),
         "the new agent starts with nothing decided"
     );
-    for expected in [0, 1] {
+    // Its version goes on from the record it replaced, which the deleted agent read too.
+    let at = born.version;
+    for expected in [0, 1, at] {
         assert_eq!(
             write_for(store, old, expected, &empty, &late).await?,
             Written::Replaced,
@@ -1461,26 +1472,26 @@ pub(crate) async fn a_write_for_a_deleted_agent_never_lands_in_the_one_created_u
     }
     let new_state = deployed_at(empty.clone(), 3, 1);
     assert_eq!(
-        write_for(store, new, 0, &empty, &new_state).await?,
-        Written::Saved { version: 1 }
+        write_for(store, new, at, &empty, &new_state).await?,
+        Written::Saved { version: at + 1 }
     );
-    // The deleted agent had read version 1 too.
     assert_eq!(
-        write_for(store, old, 1, &old_state, &late).await?,
-        Written::Replaced
+        write_for(store, old, at + 1, &old_state, &late).await?,
+        Written::Replaced,
+        "over the new agent's own version"
     );
     let read = store.agent("edge").await?;
-    assert_eq!((read.version, &read.value), (1, &new_state));
+    assert_eq!((read.version, &read.value), (at + 1, &new_state));
     assert_eq!(
         write_for(
             store,
             new,
-            1,
+            at + 1,
             &new_state,
             &deployed_at(new_state.clone(), 4, 3)
         )
         .await?,
-        Written::Saved { version: 2 },
+        Written::Saved { version: at + 2 },
         "the new agent goes on"
     );
     Ok(())

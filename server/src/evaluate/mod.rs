@@ -30,8 +30,8 @@ use crate::index::Index;
 use crate::metrics::Metrics;
 use crate::queue::Coalescing;
 use crate::store::{
-    AgentState, AgentWrite, AgentWrites, DeployedChange, Facts, RefKey, SHARDS, Store, StoreError,
-    SyncError, Versioned, Written, readable_agents,
+    AgentRead, AgentState, AgentWrite, AgentWrites, DeployedChange, Facts, RefKey, SHARDS, Store,
+    StoreError, SyncError, Written, readable_agents, same_incarnation,
 };
 use crate::sync_errors::SyncErrors;
 use greenlight::backoff::Backoff;
@@ -229,7 +229,7 @@ impl Change {
 /// agents of a ref that were decided alike: it holds up to 50 decisions and 256 deployed
 /// commits, and copying and deciding it per agent and evaluation made allocation most of an
 /// evaluation's cost.
-type Held = Versioned<Arc<AgentState>>;
+type Held = AgentRead<Arc<AgentState>>;
 
 /// Distinct states kept for sharing, per gate setting among decided states and per read among
 /// states read from the store.
@@ -501,6 +501,7 @@ impl Evaluator {
         self.forget_trimmed(key, &facts, &refs).await;
         let watchers: Vec<String> = self.catalog.load().watchers(key).to_vec();
         let mut states = self.states(&watchers).await?;
+        self.settle_foreign(key, &mut states).await?;
         let decided_from = states.values().map(|state| state.value.position).max();
         let facts = self
             .not_behind(key, facts, decided_from.unwrap_or(0))
@@ -541,11 +542,16 @@ impl Evaluator {
                 outcome.deferred = true;
                 return Ok(outcome);
             }
-            // A write withheld unasked is tried again, as one that lost a conflict.
+            // A write withheld unasked is tried again, as one that lost a conflict; one
+            // refused as for another agent reads the record again to see whose it is.
             let conflicted: Vec<String> = written
                 .into_iter()
                 .filter_map(|(agent, written)| {
-                    matches!(written, Written::Conflict | Written::Withheld).then_some(agent)
+                    matches!(
+                        written,
+                        Written::Conflict | Written::Withheld | Written::Replaced
+                    )
+                    .then_some(agent)
                 })
                 .collect();
             if conflicted.is_empty() {
@@ -555,6 +561,7 @@ impl Evaluator {
             for (agent, state) in readable_agents(&*self.store, &conflicted).await? {
                 states.insert(agent, state.map(Arc::new));
             }
+            self.settle_foreign(key, &mut states).await?;
             deciding = conflicted;
         }
         Err(EvaluateError::Contention(key.to_string()))
@@ -584,6 +591,53 @@ impl Evaluator {
         facts.position = self.store.raise_position(key, decided_from).await?;
         self.metrics.facts_position_raised();
         Ok(facts)
+    }
+
+    /// Takes out of `states` those that belong to another incarnation of their agent than
+    /// the catalog's. When the registry agrees with the catalog, such a record is a leftover
+    /// of an agent deleted since (written in a race its successor's claim could not close,
+    /// or by a replica of an earlier version), which would refuse every write of the agent
+    /// registered: it is given to that agent, empty, and the ref evaluated again. Otherwise
+    /// this replica has not heard of a change yet, and the evaluation it brings decides the
+    /// agent.
+    async fn settle_foreign(
+        &self,
+        key: &RefKey,
+        states: &mut HashMap<String, Held>,
+    ) -> Result<(), StoreError> {
+        let catalog = self.catalog.load();
+        let foreign: Vec<(String, u64, u64)> = states
+            .iter()
+            .filter_map(|(agent, read)| {
+                let spec = catalog.agent(agent)?;
+                (!same_incarnation(read.incarnation, spec.incarnation))
+                    .then(|| (agent.clone(), read.incarnation, spec.incarnation))
+            })
+            .collect();
+        let mut given = false;
+        for (agent, held, current) in foreign {
+            states.remove(&agent);
+            self.lock_cache().remove(&agent);
+            let registered = self.store.registered(&agent).await?;
+            if registered.is_some_and(|record| record.value.incarnation() == current) {
+                warn!(
+                    agent,
+                    held,
+                    registered = current,
+                    "the agent's stored state belongs to an agent deleted since; starting it afresh"
+                );
+                given |= self.store.give_agent(&agent, held, current).await?;
+            } else {
+                debug!(
+                    agent,
+                    held, "a state of an agent this replica has not heard of yet"
+                );
+            }
+        }
+        if given {
+            self.queue.push_merging(key, Asked::default(), Asked::merge);
+        }
+        Ok(())
     }
 
     /// Whether a fact of `key` newer than `position` waits in the queue.
@@ -617,10 +671,7 @@ impl Evaluator {
             // for days, and each copy holds a whole history.
             let mut seen = Vec::new();
             for (agent, state) in read {
-                let state = Versioned {
-                    version: state.version,
-                    value: share(&mut seen, state.value),
-                };
+                let state = state.map(|value| share(&mut seen, value));
                 cache.insert(agent.clone(), state.clone());
                 states.insert(agent, state);
             }
@@ -656,7 +707,12 @@ impl Evaluator {
             let Some(spec) = catalog.agent(agent).filter(|spec| watches(spec, key)) else {
                 continue;
             };
-            let Some(read) = states.get(agent) else {
+            // A state of another agent once under this name (see `settle_foreign`): deciding
+            // it would write one agent's gate into the other's record.
+            let Some(read) = states
+                .get(agent)
+                .filter(|read| same_incarnation(read.incarnation, spec.incarnation))
+            else {
                 continue;
             };
             let stages = spec.required_stages.as_slice();
@@ -791,8 +847,9 @@ impl Evaluator {
         {
             self.prepare.push(change.agent.clone(), desired.sha.clone());
         }
-        let saved = Versioned {
+        let saved = AgentRead {
             version,
+            incarnation: change.incarnation,
             value: change.next.clone(),
         };
         self.lock_cache().insert(change.agent.clone(), saved);

@@ -9,8 +9,8 @@ use super::Asked;
 use super::rules::{self, Operation};
 use crate::gate::{Before, Context, Lineage, Mode, Pipeline, PipelineStatus, Push, PushOrder, Sha};
 use crate::store::{
-    AgentState, AgentStore, AgentWrite, DeployedChange, EmbeddedStore, FactRecord, FactStore,
-    Facts, RefKey, Versioned, Written,
+    AgentRead, AgentState, AgentStore, AgentWrite, DeployedChange, EmbeddedStore, FactRecord,
+    FactStore, Facts, RefKey, Written,
 };
 
 const COMMITS: u8 = 6;
@@ -108,7 +108,7 @@ fn event(monotone: bool) -> impl Strategy<Value = Event> {
 #[derive(Default)]
 struct Evaluator {
     facts: Option<Facts>,
-    agent: Option<Versioned<AgentState>>,
+    agent: Option<AgentRead>,
 }
 
 /// What the store holds after a write, for the invariants.
@@ -277,8 +277,9 @@ impl Run {
                     .await?;
                 // As the evaluator's cache does: keep what it wrote, forget what it lost.
                 self.evaluators[e].agent = match written {
-                    Written::Saved { version } => Some(Versioned {
+                    Written::Saved { version } => Some(AgentRead {
                         version,
+                        incarnation: 0,
                         value: next,
                     }),
                     Written::Conflict | Written::Stale => None,
@@ -296,7 +297,7 @@ impl Run {
     /// Writes `next` over `read` and checks that the agent moved only forward.
     async fn write(
         &mut self,
-        read: &Versioned<AgentState>,
+        read: &AgentRead,
         next: AgentState,
         decisions: &[crate::gate::Decision],
         refs: &crate::gate::RefState,
@@ -478,9 +479,20 @@ fn evaluator_on(
     std::sync::Arc<super::Evaluator>,
     std::sync::Arc<EmbeddedStore>,
 ) {
-    use std::sync::Arc;
     let config = crate::config::Config::from_yaml(yaml, &crate::config::Overrides::default())
         .expect("a valid config");
+    evaluator_of(&config, store)
+}
+
+/// An evaluator over `store` for the agents of `config`.
+fn evaluator_of(
+    config: &crate::config::Config,
+    store: std::sync::Arc<EmbeddedStore>,
+) -> (
+    std::sync::Arc<super::Evaluator>,
+    std::sync::Arc<EmbeddedStore>,
+) {
+    use std::sync::Arc;
     let catalog = Arc::new(crate::catalog::LiveCatalog::new(
         crate::catalog::Catalog::new(&config.agents, None),
     ));
@@ -561,6 +573,72 @@ async fn green_push_on(store: &EmbeddedStore, on: &RefKey, n: u8) {
             .await
             .expect("the embedded store records facts");
     }
+}
+
+/// A state this replica holds of an agent deleted since, read before another agent was
+/// created under its name, is not decided for the new one: its write, over a version the
+/// new agent's record happens to have reached too, would replace the new agent's gate (a
+/// pause, here) with the old one's.
+#[tokio::test]
+async fn a_state_held_of_an_agent_deleted_since_is_not_decided_for_the_new_one() {
+    use crate::store::AgentStore;
+    let (old, new) = (11, 22);
+    let mut config = crate::config::Config::from_yaml(
+        &format!("agents:\n{}", agent_yaml("edge", "{mode: pipeline}")),
+        &crate::config::Overrides::default(),
+    )
+    .expect("a valid config");
+    for agent in &mut config.agents {
+        agent.incarnation = new;
+    }
+    let (evaluator, store) = evaluator_of(&config, std::sync::Arc::new(EmbeddedStore::new()));
+    // The new agent, paused at its first write.
+    let paused = AgentState {
+        gate: crate::gate::AgentGate {
+            paused: Some(crate::gate::Hold {
+                reason: "freeze".into(),
+                since_ms: 1,
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let unchanged = crate::store::DeployedChange::Unchanged;
+    let write = crate::store::AgentWrite {
+        agent: "edge",
+        incarnation: new,
+        expected: 0,
+        state: &paused,
+        decisions: &[],
+        deployed: &unchanged,
+    };
+    assert_eq!(
+        store.write_agent(&write).await.expect("written"),
+        Written::Saved { version: 1 }
+    );
+    // What this replica read of the old agent, at the same version.
+    evaluator.lock_cache().insert(
+        "edge".into(),
+        AgentRead {
+            version: 1,
+            incarnation: old,
+            value: std::sync::Arc::new(AgentState::default()),
+        },
+    );
+    green_push(&store, 1).await;
+    evaluator.evaluate(&key()).await.expect("evaluates");
+    let stored = store.agent("edge").await.expect("reads the agent");
+    assert_eq!((stored.version, &stored.value), (1, &paused), "not written");
+
+    // Read again, it is the new agent's own, and decided as such.
+    evaluator.evaluate(&key()).await.expect("evaluates");
+    let stored = store.agent("edge").await.expect("reads the agent");
+    assert!(stored.value.gate.paused.is_some(), "still paused");
+    assert_eq!(
+        stored.value.gate.position.map(|p| p.sha),
+        Some(sha(1)),
+        "decided from its own state"
+    );
 }
 
 /// An evaluation lists its ref's watchers as it begins; an agent among them deleted since
@@ -857,8 +935,7 @@ async fn a_fan_out_stopped_by_a_newer_fact_leaves_the_rest_to_the_next_evaluatio
         .await;
     newer.await.expect("the push was heard");
 
-    let desired =
-        |state: &Versioned<AgentState>| state.value.gate.desired.as_ref().map(|d| d.sha.clone());
+    let desired = |state: &AgentRead| state.value.gate.desired.as_ref().map(|d| d.sha.clone());
     let mut sent = 0;
     for name in NAMES {
         let state = store.agent(name).await.expect("reads the agent");

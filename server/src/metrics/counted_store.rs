@@ -11,7 +11,7 @@ use tokio::sync::broadcast;
 use super::Metrics;
 use crate::gate::{Pipeline, Sha};
 use crate::store::{
-    AgentState, AgentStore, AgentWrites, ChangeLog, FactRecord, FactStore, Facts, Ingested,
+    AgentRead, AgentStore, AgentWrites, ChangeLog, FactRecord, FactStore, Facts, Ingested,
     LeaseStore, LogEntry, Notice, PresenceStore, RefKey, ReportStore, Result, StatusClaim,
     StatusKey, Store, SyncError, Told, Versioned, Written,
 };
@@ -74,11 +74,11 @@ impl FactStore for CountedStore {
 
 #[async_trait]
 impl AgentStore for CountedStore {
-    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>> {
+    async fn agent(&self, agent: &str) -> Result<AgentRead> {
         self.count("agent", self.inner.agent(agent).await)
     }
 
-    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>> {
+    async fn agents(&self, agents: &[String]) -> Result<Vec<AgentRead>> {
         self.count("agents", self.inner.agents(agents).await)
     }
 
@@ -89,6 +89,11 @@ impl AgentStore for CountedStore {
     ) -> Result<Vec<Written>> {
         let written = self.inner.write_agents_telling(writes, told).await;
         self.count("write_agents", written)
+    }
+
+    async fn give_agent(&self, agent: &str, from: u64, to: u64) -> Result<bool> {
+        let given = self.inner.give_agent(agent, from, to).await;
+        self.count("give_agent", given)
     }
 
     async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {
@@ -132,6 +137,11 @@ impl PresenceStore for CountedStore {
     async fn refresh_presence(&self, replica: &str) -> Result<()> {
         let refreshed = self.inner.refresh_presence(replica).await;
         self.count("refresh_presence", refreshed)
+    }
+
+    async fn mark_alive(&self, replica: &str) -> Result<()> {
+        let marked = self.inner.mark_alive(replica).await;
+        self.count("mark_alive", marked)
     }
 
     async fn all_presence(&self) -> Result<Vec<(String, String)>> {

@@ -19,12 +19,12 @@ use super::disk::{self, Disk, Put, SEP, Table};
 use super::records::{self, AgentFile, AgentFileV2, RefFactsFile, RefFactsV2, RingV1};
 
 use super::{
-    Against, AgentChange, AgentChanges, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
-    ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore,
-    Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT, PresenceStore,
-    RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore, Result,
-    STATUS_MEMORY_SECS, ShownStatus, StatusClaim, StatusKey, StatusOrder, Store, SyncError, Told,
-    Versioned, Written,
+    Against, AgentChange, AgentChanges, AgentRead, AgentState, AgentStore, AgentWrites, Broadcast,
+    ChangeLog, ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord,
+    FactStore, Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT,
+    PresenceStore, RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore,
+    Result, STATUS_MEMORY_SECS, ShownStatus, StatusClaim, StatusKey, StatusOrder, Store, SyncError,
+    Told, Versioned, Written,
 };
 use crate::evaluate::StoredVersion;
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
@@ -176,10 +176,12 @@ struct StoredAgent {
 }
 
 impl StoredAgent {
-    /// The record of agent `incarnation`, created with nothing decided yet.
-    fn born(incarnation: u64) -> Self {
+    /// The record of agent `incarnation` with nothing decided yet, in place of one at
+    /// `version`: the version goes on, since replicas take a lower one for an older state
+    /// of the same agent.
+    fn born(incarnation: u64, version: u64) -> Self {
         Self {
-            version: 0,
+            version,
             incarnation,
             state: Arc::default(),
             appended: Appended::default(),
@@ -710,21 +712,19 @@ impl FactStore for EmbeddedStore {
 
 #[async_trait]
 impl AgentStore for EmbeddedStore {
-    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>> {
+    async fn agent(&self, agent: &str) -> Result<AgentRead> {
         let inner = self.lock();
         Ok(match inner.agents.get(agent) {
-            Some(stored) => Versioned {
+            Some(stored) => AgentRead {
                 version: stored.version,
+                incarnation: stored.incarnation,
                 value: AgentState::clone(&stored.state),
             },
-            None => Versioned {
-                version: 0,
-                value: AgentState::default(),
-            },
+            None => AgentRead::default(),
         })
     }
 
-    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>> {
+    async fn agents(&self, agents: &[String]) -> Result<Vec<AgentRead>> {
         let mut states = Vec::with_capacity(agents.len());
         for agent in agents {
             states.push(self.agent(agent).await?);
@@ -790,7 +790,12 @@ impl AgentStore for EmbeddedStore {
                         write.agent.to_owned(),
                         StoredAgent {
                             version,
-                            incarnation: write.incarnation,
+                            // A writer without one leaves the record's incarnation.
+                            incarnation: if write.incarnation == 0 {
+                                held.incarnation
+                            } else {
+                                write.incarnation
+                            },
                             state,
                             appended: appended.after(change),
                             staged,
@@ -822,6 +827,28 @@ impl AgentStore for EmbeddedStore {
             }
         }
         Ok(outcomes)
+    }
+
+    async fn give_agent(&self, agent: &str, from: u64, to: u64) -> Result<bool> {
+        let ticket = {
+            let mut inner = self.lock();
+            let (held, version) = inner
+                .agents
+                .get(agent)
+                .map_or((0, 0), |stored| (stored.incarnation, stored.version));
+            if held == to {
+                return Ok(true);
+            }
+            if held != from {
+                return Ok(false);
+            }
+            let born = StoredAgent::born(to, version);
+            inner.agents.insert(agent.to_owned(), born);
+            inner.mark(Dirty::Agent(agent.to_owned()));
+            inner.ticket()
+        };
+        self.durable(ticket).await?;
+        Ok(true)
     }
 
     async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {
@@ -909,6 +936,11 @@ impl PresenceStore for EmbeddedStore {
     }
 
     async fn refresh_presence(&self, _replica: &str) -> Result<()> {
+        Ok(())
+    }
+
+    /// One process holds the store: no other publisher could take what it holds.
+    async fn mark_alive(&self, _replica: &str) -> Result<()> {
         Ok(())
     }
 
@@ -1157,9 +1189,9 @@ impl RegistryStore for EmbeddedStore {
                 // still running cannot write into it.
                 match record {
                     Some(record) => {
-                        inner
-                            .agents
-                            .insert(name.to_owned(), StoredAgent::born(record.incarnation()));
+                        let version = inner.agents.get(name).map_or(0, |stored| stored.version);
+                        let born = StoredAgent::born(record.incarnation(), version);
+                        inner.agents.insert(name.to_owned(), born);
                     }
                     None => {
                         inner.agents.remove(name);

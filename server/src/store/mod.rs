@@ -42,7 +42,7 @@ pub const STATUS_MEMORY_SECS: u64 = 30 * 24 * 3600;
 /// A presence record without a refresh for this long belongs to a dead replica.
 pub const PRESENCE_TTL_SECS: u64 = 300;
 
-/// How often a replica marks itself alive ([`PresenceStore::refresh_presence`]).
+/// How often a replica marks itself alive ([`PresenceStore::mark_alive`]).
 pub const REPLICA_BEAT: Duration = Duration::from_secs(5);
 
 /// A replica that marked itself alive and then stayed silent this long is dead to the
@@ -144,6 +144,28 @@ impl<T> Versioned<T> {
     pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Versioned<U> {
         Versioned {
             version: self.version,
+            value: f(self.value),
+        }
+    }
+}
+
+/// An agent's state as read, with the version of its record and the incarnation of the
+/// agent the record belongs to (0 when not recorded): an evaluation that read the state of
+/// an agent deleted since must not take it for the new agent's of the same name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentRead<T = AgentState> {
+    /// 0 when nothing is stored yet.
+    pub version: u64,
+    pub incarnation: u64,
+    pub value: T,
+}
+
+impl<T> AgentRead<T> {
+    /// The same record, holding `f(value)`.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> AgentRead<U> {
+        AgentRead {
+            version: self.version,
+            incarnation: self.incarnation,
             value: f(self.value),
         }
     }
@@ -630,7 +652,7 @@ pub trait FactStore: Send + Sync {
 pub async fn readable_agents<S: AgentStore + ?Sized>(
     store: &S,
     agents: &[String],
-) -> Result<Vec<(String, Versioned<AgentState>)>> {
+) -> Result<Vec<(String, AgentRead)>> {
     match store.agents(agents).await {
         Ok(read) => Ok(agents.iter().cloned().zip(read).collect()),
         Err(StoreError::Corrupt { .. }) => {
@@ -662,10 +684,10 @@ pub type Told<'a> = dyn FnMut(&[(usize, Written)]) -> ControlFlow<()> + Send + '
 #[async_trait]
 pub trait AgentStore: Send + Sync {
     /// The state of `agent` (empty at version 0 when absent).
-    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>>;
+    async fn agent(&self, agent: &str) -> Result<AgentRead>;
 
     /// The states of `agents`, in one round trip where the store allows it.
-    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>>;
+    async fn agents(&self, agents: &[String]) -> Result<Vec<AgentRead>>;
 
     /// Writes each agent of `writes` whose stored version is still the expected one and
     /// whose stored state was not decided from newer facts, appending the changes to the log
@@ -700,6 +722,11 @@ pub trait AgentStore: Send + Sync {
             })
     }
 
+    /// Gives `agent`'s record, which belongs to incarnation `from` (0 for one without an
+    /// incarnation), to incarnation `to`, empty: what it holds is another agent's. Returns
+    /// whether the record is `to`'s now (not when another took it meanwhile).
+    async fn give_agent(&self, agent: &str, from: u64, to: u64) -> Result<bool>;
+
     /// Records why each agent's desired revision cannot be delivered; `None` clears it.
     /// Each agent is named once: the order of two notes of one agent is not kept.
     async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()>;
@@ -731,9 +758,11 @@ pub trait PresenceStore: Send + Sync {
     /// Marks `agent` connected to (or gone from) `replica`, and tells every replica.
     async fn set_presence(&self, replica: &str, agent: &str, connected: bool) -> Result<()>;
 
-    /// Keeps this replica's presence records alive and marks the replica itself alive: one
-    /// call every [`REPLICA_BEAT`], however many agents.
+    /// Keeps this replica's presence records alive: one call per interval, however many agents.
     async fn refresh_presence(&self, replica: &str) -> Result<()>;
+
+    /// Marks `replica` alive, by the store's clock; called every [`REPLICA_BEAT`].
+    async fn mark_alive(&self, replica: &str) -> Result<()>;
 
     /// Every live (agent, replica) pair, for a replica rebuilding its index.
     async fn all_presence(&self) -> Result<Vec<(String, String)>>;

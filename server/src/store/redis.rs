@@ -33,11 +33,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::connection::{Conn, Source};
 use super::records::{self, LAYOUT_VERSION};
 use super::{
-    AgentChange, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog, ChangedAgent,
-    DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore, Facts, Ingested,
-    LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PRESENCE_TTL_SECS, PUSHES_KEPT, PresenceStore,
-    QueuedWrite, REPLICA_SILENT, RefKey, ReportStore, Result, SHARDS, STATUS_MEMORY_SECS,
-    StatusClaim, StatusKey, Store, StoreError, SyncError, Told, Versioned, Written, agent_shard,
+    AgentChange, AgentRead, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
+    ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore,
+    Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PRESENCE_TTL_SECS, PUSHES_KEPT,
+    PresenceStore, QueuedWrite, REPLICA_SILENT, RefKey, ReportStore, Result, SHARDS,
+    STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, StoreError, SyncError, Told, Versioned,
+    Written, agent_shard,
 };
 use super::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 use crate::clock::{millis, now_ms};
@@ -161,8 +162,9 @@ for i = 1, agents do
   if written[i] > 0 then
     local a, c = agent_at[i], change_at[i]
     local state, decisions, deployed = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
-    redis.call('HSET', state, 'v', written[i], 'p', ARGV[c + 1], 'core', ARGV[c + 2],
-      'i', ARGV[a + 4])
+    redis.call('HSET', state, 'v', written[i], 'p', ARGV[c + 1], 'core', ARGV[c + 2])
+    -- A writer without an incarnation (of a version that kept none) leaves the record's.
+    if ARGV[a + 4] ~= '0' then redis.call('HSET', state, 'i', ARGV[a + 4]) end
     local first, count = tonumber(ARGV[c + 5]), tonumber(ARGV[c + 6])
     if count > 0 then
       local len = redis.call('RPUSH', decisions, unpack(ARGV, first, first + count - 1))
@@ -346,6 +348,8 @@ pub struct RedisStore {
     finish_status: Script,
     registry: Script,
     claim_agent: Script,
+    mark_alive: Script,
+    silence: Script,
     notices: broadcast::Sender<Notice>,
     /// The status publisher's own connection for its blocking reads; `None` until first used
     /// and after it failed.
@@ -436,6 +440,11 @@ impl Keys {
         format!("{}:replicas", self.prefix)
     }
 
+    /// Replicas by the store's time of their last mark of life.
+    fn alive(&self) -> String {
+        format!("{}:alive", self.prefix)
+    }
+
     fn lease(&self, shard: u16) -> String {
         format!("{}:lease", self.tag(shard))
     }
@@ -509,6 +518,8 @@ impl RedisStore {
             finish_status: Script::new(FINISH_STATUS_SCRIPT),
             registry: Script::new(REGISTRY_SCRIPT),
             claim_agent: Script::new(CLAIM_AGENT_SCRIPT),
+            mark_alive: Script::new(MARK_ALIVE_SCRIPT),
+            silence: Script::new(SILENCE_SCRIPT),
             notices,
             status_conn: Mutex::new(None),
             relayed,
@@ -710,17 +721,18 @@ impl RedisStore {
         }
         let min_idle = millis(reclaim_after);
         let handed_back = match self.hand_back_for_the_dead(consumer, min_idle).await {
-            Ok(shards) => shards,
+            Ok(handed_back) => handed_back,
             Err(error) => {
                 warn!(%error, "cannot look for status publishers of dead replicas");
                 Vec::new()
             }
         };
         let mut cursors = self.reclaim_cursors.lock().await;
-        for shard in handed_back {
-            // What was handed back is taken from the start, not when the scan comes round.
+        for (shard, oldest) in handed_back {
+            // The scan goes on from the oldest entry handed back (inclusive), not from the
+            // start, where live publishers' entries could fill this look.
             if let Some(cursor) = cursors.get_mut(shard) {
-                SCAN_DONE.clone_into(cursor);
+                *cursor = oldest;
             }
         }
         for (shard, log) in self.keys.logs().iter().enumerate() {
@@ -761,23 +773,29 @@ impl RedisStore {
     }
 
     /// Hands back what the status publishers of dead replicas hold, for the next look to
-    /// take at once rather than after the takeover time (`idle` ms); returns the shards where
-    /// it did. A replica is dead once it has not marked itself alive for [`REPLICA_SILENT`].
-    /// One never seen alive, or silent so long that its mark is gone, is left to the
-    /// takeover time: it may be a replica of a version that did not mark itself this often.
-    /// Consumers that hold nothing and have been silent as long as a presence record lives
-    /// leave the group: every replica's start names a new one, and each look lists them all.
-    async fn hand_back_for_the_dead(&self, me: &str, idle: u64) -> Result<Vec<usize>> {
+    /// take at once rather than after the takeover time (`idle` ms); returns each shard
+    /// where it did with the oldest entry handed back. A replica is dead once its mark of
+    /// life ([`PresenceStore::mark_alive`]) is older than [`REPLICA_SILENT`]. One without a
+    /// mark is left to the takeover time: a replica of a version that did not mark itself,
+    /// or one silent so long that its mark is gone. Consumers of those and of dead replicas
+    /// that hold nothing and have been silent as long as a presence record lives leave the
+    /// group: every replica's start names a new one, and each look lists them all.
+    async fn hand_back_for_the_dead(&self, me: &str, idle: u64) -> Result<Vec<(usize, String)>> {
         let logs = self.keys.logs();
         let held: Vec<Vec<StreamInfoConsumer>> =
             futures_util::future::try_join_all(logs.iter().map(|log| async move {
-                let reply: StreamInfoConsumersReply = redis::cmd("XINFO")
+                let reply: redis::RedisResult<StreamInfoConsumersReply> = redis::cmd("XINFO")
                     .arg("CONSUMERS")
                     .arg(log)
                     .arg(STATUS_GROUP)
                     .query_async(&mut self.conn.clone())
-                    .await?;
-                Ok::<_, StoreError>(reply.consumers)
+                    .await;
+                match reply {
+                    Ok(reply) => Ok(reply.consumers),
+                    // No publisher has read this shard yet.
+                    Err(error) if error.code() == Some("NOGROUP") => Ok(Vec::new()),
+                    Err(error) => Err(StoreError::from(error)),
+                }
             }))
             .await?;
         let others: Vec<&str> = {
@@ -794,34 +812,36 @@ impl RedisStore {
         if others.is_empty() {
             return Ok(Vec::new());
         }
-        let mut marks = redis::pipe();
+        let mut asked = self.silence.prepare_invoke();
+        asked.key(self.keys.alive()).arg(millis(REPLICA_SILENT));
         for name in &others {
-            marks.zscore(self.keys.replicas(), name);
+            asked.arg(*name);
         }
-        let marks: Vec<Option<f64>> = marks.query_async(&mut self.conn.clone()).await?;
-        let silent_since =
-            now_ms().saturating_sub(i64::try_from(millis(REPLICA_SILENT)).unwrap_or(i64::MAX));
-        let marked: HashMap<&str, Option<f64>> = others.into_iter().zip(marks).collect();
+        let told: Vec<i64> = asked.invoke_async(&mut self.conn.clone()).await?;
+        let liveness: HashMap<&str, Liveness> = others
+            .into_iter()
+            .zip(told.into_iter().map(Liveness::from_script))
+            .collect();
         let forgotten_after = usize::try_from(PRESENCE_TTL_SECS * 1000).unwrap_or(usize::MAX);
         let mut handed_back = Vec::new();
         for (shard, (log, consumers)) in logs.iter().zip(&held).enumerate() {
             for consumer in consumers {
-                let Some(mark) = marked.get(consumer.name.as_str()) else {
+                let Some(liveness) = liveness.get(consumer.name.as_str()) else {
                     continue;
                 };
-                // Scores are Unix ms, well within an f64's exact integers.
-                let dead = mark.is_some_and(|at| (at as i64) < silent_since);
-                if consumer.pending > 0 && dead {
+                if consumer.pending > 0 && *liveness == Liveness::Dead {
                     info!(
                         replica = consumer.name,
                         entries = consumer.pending,
                         log,
                         "handing back the status entries of a dead replica"
                     );
-                    self.release_from_shard(log, &consumer.name, idle).await?;
-                    handed_back.push(shard);
+                    if let Some(oldest) = self.release_from_shard(log, &consumer.name, idle).await?
+                    {
+                        handed_back.push((shard, oldest));
+                    }
                 } else if consumer.pending == 0
-                    && (dead || mark.is_none())
+                    && *liveness != Liveness::Alive
                     && consumer.idle >= forgotten_after
                 {
                     let _: i64 = redis::cmd("XGROUP")
@@ -917,8 +937,15 @@ impl RedisStore {
         }
     }
 
-    /// Hands back what `consumer` holds of `log`, page by page, marked idle for `idle` ms.
-    async fn release_from_shard(&self, log: &str, consumer: &str, idle: u64) -> Result<()> {
+    /// Hands back what `consumer` holds of `log`, page by page, marked idle for `idle` ms;
+    /// returns the oldest entry handed back, if any.
+    async fn release_from_shard(
+        &self,
+        log: &str,
+        consumer: &str,
+        idle: u64,
+    ) -> Result<Option<String>> {
+        let mut first = None;
         let mut after = "-".to_owned();
         for _ in 0..RELEASE_PAGES {
             let pending: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
@@ -932,12 +959,15 @@ impl RedisStore {
                 .await;
             let pending = match pending {
                 // No publisher has read this shard yet: nothing is held.
-                Err(error) if error.code() == Some("NOGROUP") => return Ok(()),
+                Err(error) if error.code() == Some("NOGROUP") => return Ok(None),
                 other => other?,
             };
             let Some(last) = pending.ids.last() else {
                 break;
             };
+            if first.is_none() {
+                first = pending.ids.first().map(|held| held.id.clone());
+            }
             after = format!("({}", last.id);
             let mut claims = redis::pipe();
             for held in &pending.ids {
@@ -960,7 +990,7 @@ impl RedisStore {
                 break;
             }
         }
-        Ok(())
+        Ok(first)
     }
 
     async fn take_for_statuses(
@@ -1125,6 +1155,7 @@ impl RedisStore {
             .arg(self.keys.agent(agent, "state"))
             .arg("v")
             .arg("core")
+            .arg("i")
             .lrange(self.keys.agent(agent, "decisions"), 0, -1)
             .lrange(self.keys.agent(agent, "deployed"), 0, -1);
     }
@@ -1132,13 +1163,15 @@ impl RedisStore {
     fn decode_agent(
         &self,
         agent: &str,
-        (version, core): (Option<u64>, Option<Vec<u8>>),
+        (version, core, incarnation): (Option<u64>, Option<Vec<u8>>, Option<u64>),
         decisions: Vec<Vec<u8>>,
         deployed: Vec<String>,
-    ) -> Result<Versioned<AgentState>> {
+    ) -> Result<AgentRead> {
+        let (version, incarnation) = (version.unwrap_or(0), incarnation.unwrap_or(0));
         let Some(core) = core else {
-            return Ok(Versioned {
-                version: version.unwrap_or(0),
+            return Ok(AgentRead {
+                version,
+                incarnation,
                 value: AgentState::default(),
             });
         };
@@ -1152,8 +1185,9 @@ impl RedisStore {
             .iter()
             .map(|sha| records::decode_deployed(&deployed_key, sha.as_bytes()))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Versioned {
-            version: version.unwrap_or(0),
+        Ok(AgentRead {
+            version,
+            incarnation,
             value: records::decode_agent(&key, &core, decisions, deployed)?,
         })
     }
@@ -1328,16 +1362,17 @@ impl FactStore for RedisStore {
 
 #[async_trait]
 impl AgentStore for RedisStore {
-    async fn agent(&self, agent: &str) -> Result<Versioned<AgentState>> {
+    async fn agent(&self, agent: &str) -> Result<AgentRead> {
         let mut states = self.agents(&[agent.to_owned()]).await?;
-        Ok(states.pop().unwrap_or(Versioned {
-            version: 0,
-            value: AgentState::default(),
-        }))
+        Ok(states.pop().unwrap_or_default())
     }
 
-    async fn agents(&self, agents: &[String]) -> Result<Vec<Versioned<AgentState>>> {
-        type Read = ((Option<u64>, Option<Vec<u8>>), Vec<Vec<u8>>, Vec<String>);
+    async fn agents(&self, agents: &[String]) -> Result<Vec<AgentRead>> {
+        type Read = (
+            (Option<u64>, Option<Vec<u8>>, Option<u64>),
+            Vec<Vec<u8>>,
+            Vec<String>,
+        );
         // One pipeline per shard (a cluster refuses one across slots), in bounded batches:
         // one round trip each, without one reply holding every agent.
         let mut by_shard: HashMap<u16, Vec<(usize, &String)>> = HashMap::new();
@@ -1347,7 +1382,7 @@ impl AgentStore for RedisStore {
                 .or_default()
                 .push((at, agent));
         }
-        let mut found: Vec<Option<Versioned<AgentState>>> = vec![None; agents.len()];
+        let mut found: Vec<Option<AgentRead>> = vec![None; agents.len()];
         let batches = by_shard.values().flat_map(|members| members.chunks(256));
         for members in batches {
             let batch: Vec<String> = members.iter().map(|(_, agent)| (*agent).clone()).collect();
@@ -1382,15 +1417,7 @@ impl AgentStore for RedisStore {
                 found[*at] = Some(state);
             }
         }
-        Ok(found
-            .into_iter()
-            .map(|state| {
-                state.unwrap_or(Versioned {
-                    version: 0,
-                    value: AgentState::default(),
-                })
-            })
-            .collect())
+        Ok(found.into_iter().map(Option::unwrap_or_default).collect())
     }
 
     async fn write_agents_telling(
@@ -1470,6 +1497,10 @@ impl AgentStore for RedisStore {
             Some(error) => Err(error),
             None => Ok(written),
         }
+    }
+
+    async fn give_agent(&self, agent: &str, from: u64, to: u64) -> Result<bool> {
+        self.claim_agent_state(agent, to, Some(from)).await
     }
 
     async fn set_sync_errors(&self, errors: &[(&str, Option<&SyncError>)]) -> Result<()> {
@@ -1595,6 +1626,17 @@ impl PresenceStore for RedisStore {
             .zadd(self.keys.replicas(), replica, now_ms())
             .zrembyscore(self.keys.replicas(), "-inf", cutoff)
             .exec_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn mark_alive(&self, replica: &str) -> Result<()> {
+        let _: i64 = self
+            .mark_alive
+            .key(self.keys.alive())
+            .arg(replica)
+            .arg(PRESENCE_TTL_SECS * 1000)
+            .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
     }
@@ -2175,15 +2217,66 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'm', msg)
 return seq
 "#;
 
+/// Marks replica ARGV[1] alive in KEYS[1] at the server's time, and forgets marks older
+/// than ARGV[2] ms. The server's clock, not the replica's: the marks of replicas on
+/// different hosts are compared with one another.
+const MARK_ALIVE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return now
+"#;
+
+/// For each replica ARGV[2..], by its mark in KEYS[1] at the server's time: 1 when it has
+/// been silent longer than ARGV[1] ms, 0 when it has not, -1 when it has no mark.
+const SILENCE_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local since = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local told = {}
+for i = 2, #ARGV do
+  local mark = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if not mark then told[#told + 1] = -1
+  elseif tonumber(mark) < since then told[#told + 1] = 1
+  else told[#told + 1] = 0 end
+end
+return told
+"#;
+
+/// What a replica's mark of life says of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Liveness {
+    Alive,
+    /// Marked, then silent for longer than [`REPLICA_SILENT`].
+    Dead,
+    /// Never marked, or its mark was forgotten.
+    Unknown,
+}
+
+impl Liveness {
+    /// The answer of [`SILENCE_SCRIPT`] for one replica.
+    fn from_script(told: i64) -> Self {
+        match told {
+            0 => Self::Alive,
+            1 => Self::Dead,
+            _ => Self::Unknown,
+        }
+    }
+}
+
 /// Makes an agent's state the empty record of incarnation ARGV[1], dropping what is stored
-/// about another (its gate, history, reports and shown statuses); does nothing if the
-/// record already is that incarnation's.
+/// about another (its gate, history, reports and shown statuses): whoever holds it, or
+/// only incarnation ARGV[2] (0 for a record without one) when given. The version goes on
+/// from the record's: replicas take a lower one for an older state of the same agent.
+/// Answers 0 if the record already is ARGV[1]'s, -1 if it is not ARGV[2]'s, 1 once claimed.
 ///
 /// KEYS: the agent's [`AGENT_STATE_PARTS`], its state first.
 const CLAIM_AGENT_SCRIPT: &str = r#"
-if redis.call('HGET', KEYS[1], 'i') == ARGV[1] then return 0 end
+local stored = redis.call('HMGET', KEYS[1], 'i', 'v')
+if stored[1] == ARGV[1] then return 0 end
+if ARGV[2] ~= '' and (stored[1] or '0') ~= ARGV[2] then return -1 end
 redis.call('DEL', unpack(KEYS))
-redis.call('HSET', KEYS[1], 'i', ARGV[1])
+redis.call('HSET', KEYS[1], 'i', ARGV[1], 'v', stored[2] or '0')
 return 1
 "#;
 
@@ -2231,17 +2324,25 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Makes `agent`'s state the empty record of `incarnation`, unless it already is.
-    async fn claim_agent_state(&self, agent: &str, incarnation: u64) -> Result<()> {
+    /// Makes `agent`'s state the empty record of `incarnation`, unless it already is: from
+    /// whoever holds it, or only from incarnation `from` when given. Returns whether the
+    /// record is `incarnation`'s now.
+    async fn claim_agent_state(
+        &self,
+        agent: &str,
+        incarnation: u64,
+        from: Option<u64>,
+    ) -> Result<bool> {
         let mut invocation = self.claim_agent.prepare_invoke();
         for part in AGENT_STATE_PARTS {
             invocation.key(self.keys.agent(agent, part));
         }
-        let _: i64 = invocation
+        let claimed: i64 = invocation
             .arg(incarnation)
+            .arg(from.map(|from| from.to_string()).unwrap_or_default())
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(())
+        Ok(claimed >= 0)
     }
 
     /// Gives `name`'s state to the agent the registry now holds under it, if any: a replica
@@ -2249,7 +2350,7 @@ impl RedisStore {
     /// own agent, which the registry never took.
     async fn settle_claim(&self, name: &str) -> Result<()> {
         if let Some(current) = self.registered(name).await? {
-            self.claim_agent_state(name, current.value.incarnation())
+            self.claim_agent_state(name, current.value.incarnation(), None)
                 .await?;
         }
         Ok(())
@@ -2315,7 +2416,8 @@ impl RegistryStore for RedisStore {
         // name may still be running. A deleted agent's state is dropped after.
         let creating = match record {
             Some(record) if expected == 0 && self.registered(name).await?.is_none() => {
-                self.claim_agent_state(name, record.incarnation()).await?;
+                self.claim_agent_state(name, record.incarnation(), None)
+                    .await?;
                 true
             }
             _ => false,
@@ -2324,7 +2426,7 @@ impl RegistryStore for RedisStore {
             key: "registry change".into(),
             reason: error.to_string(),
         })?;
-        let seq: i64 = self
+        let written: redis::RedisResult<i64> = self
             .registry
             .key(self.keys.registry())
             .key(self.keys.log(REGISTRY_SHARD))
@@ -2334,11 +2436,14 @@ impl RegistryStore for RedisStore {
             .arg(LOG_MAX_ENTRIES)
             .arg(quoted)
             .invoke_async(&mut self.conn.clone())
-            .await?;
-        if creating {
-            self.settle_claim(name).await?;
+            .await;
+        // Whatever the registry answered, even nothing: the creation may have been written.
+        // The state belongs to whichever agent holds the name; a failure here is repaired
+        // by the evaluator, which finds the state held by an agent the registry lacks.
+        if creating && let Err(error) = self.settle_claim(name).await {
+            warn!(%error, agent = name, "cannot give a new agent's state to the agent registered");
         }
-        let Ok(seq) = u64::try_from(seq) else {
+        let Ok(seq) = u64::try_from(written?) else {
             return Ok(RegistryWritten::Conflict);
         };
         if record.is_none() {

@@ -411,7 +411,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(created, RegistryWritten::Saved { seq: 1 });
-        assert_eq!(store.agent("edge-1").await.unwrap().version, 0);
+        // Empty, its version going on from the state it replaced.
+        let born = store.agent("edge-1").await.unwrap();
+        assert_eq!((born.version, born.value), (1, state.clone()));
         assert_eq!(
             store
                 .change_registered("edge-1", Some(&record), 0)
