@@ -23,7 +23,9 @@ use crate::gitlab::PipelineConfirmer;
 use crate::index::{Desired, Index};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::store::{Broadcast, Notice, RefKey, Store, StoreError, SyncError};
+use crate::store::{
+    AgentRead, Broadcast, Notice, RefKey, Store, StoreError, SyncError, same_incarnation,
+};
 
 mod registry;
 
@@ -203,10 +205,16 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownAgent(agent.to_owned()))
     }
 
-    /// The gate state of `agent` as stored now.
+    /// The gate state of `agent` as stored now: empty while the record still holds another
+    /// agent's once under the name (the evaluator gives it to this one).
     pub async fn gate_of(&self, agent: &str) -> Result<AgentGate, EngineError> {
-        self.spec(agent)?;
-        Ok(self.store.agent(agent).await?.value.gate)
+        let spec = self.spec(agent)?;
+        let read = self.store.agent(agent).await?;
+        Ok(if same_incarnation(read.incarnation, spec.incarnation) {
+            read.value.gate
+        } else {
+            AgentGate::default()
+        })
     }
 
     /// What is recorded about `key`, as the gate sees it.
@@ -229,18 +237,19 @@ impl Engine {
     /// agent gets what was decided while it was away, even if this replica missed it.
     pub async fn reread(&self, agent: &str) -> Result<(), EngineError> {
         let state = self.store.agent(agent).await?;
-        self.offer(agent, state.version, &state.value, false);
+        self.offer(agent, &state, false);
         Ok(())
     }
 
-    fn offer(&self, agent: &str, version: u64, state: &crate::store::AgentState, force: bool) {
-        // What the store holds is of the agent under the name now.
+    /// Offers `agent`'s stored state to the index, which drops it when the record holds
+    /// another agent's once under the name.
+    fn offer(&self, agent: &str, read: &AgentRead, force: bool) {
         self.index.offer(
             agent,
-            0,
-            version,
-            state.gate.desired.as_ref(),
-            state.traceparent.as_deref(),
+            read.incarnation,
+            read.version,
+            read.value.gate.desired.as_ref(),
+            read.value.traceparent.as_deref(),
             force,
         );
     }
@@ -251,7 +260,7 @@ impl Engine {
         self.reload_registry(force).await?;
         let names: Vec<String> = self.catalog().agents().map(|a| a.name.clone()).collect();
         for (agent, state) in crate::store::readable_agents(&*self.store, &names).await? {
-            self.offer(&agent, state.version, &state.value, force);
+            self.offer(&agent, &state, force);
         }
         self.reload_presence(true).await
     }

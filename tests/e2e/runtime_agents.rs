@@ -675,33 +675,71 @@ async fn an_agent_created_again_under_its_name_gets_nothing_of_the_old_one() -> 
 /// An agent's stored state that belongs to an agent deleted since (a write of the old
 /// agent's that landed where its successor's claim could not stop it, or a record a
 /// replica of an earlier version left) would refuse every write for the agent registered
-/// under the name: the evaluator gives it to that agent, empty, and the agent is sent its
-/// revision.
+/// under the name. Its revision is not sent to the agent meanwhile; the evaluator gives the
+/// record to the agent, empty, and the agent is sent its next revision.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_state_left_by_a_deleted_agent_is_given_to_the_agent_registered() -> anyhow::Result<()> {
     let redis = Redis::start().await?;
     let server = server(Some(&redis), "replica-a").await?;
     let mut admin = server.admin().await?;
-    let created = admin
-        .create_agent(CreateAgentRequest {
-            agent: Some(definition("edge-8")),
-            ci_token: false,
-        })
-        .await?
-        .into_inner();
-    let mut stream = accepted(&server, &created.token).await?;
-    server.release(NULL_SHA, &sha(1), 1).await?;
-    let first = next_revision(&mut stream, SOON).await.context("commit 1")?;
-    assert_eq!(first.sha(), sha(1));
+    let mut create = async |agent| -> anyhow::Result<String> {
+        let created = admin
+            .create_agent(CreateAgentRequest {
+                agent: Some(agent),
+                ci_token: false,
+            })
+            .await?;
+        Ok(created.into_inner().token)
+    };
+    let token = create(definition("edge-8")).await?;
+    let mut stream = accepted(&server, &token).await?;
+    let mut before = NULL_SHA.to_owned();
+    for n in 1..=3 {
+        server.release(&before, &sha(n), n.into()).await?;
+        let sent = next_revision(&mut stream, SOON)
+            .await
+            .context("its commits")?;
+        assert_eq!(sent.sha(), sha(n));
+        before = sha(n);
+    }
+    // Another agent, told to run commit 5 of another branch: the state left in edge-8's
+    // record is one like it.
+    create(AgentDefinition {
+        r#ref: "other".into(),
+        ..definition("edge-9")
+    })
+    .await?;
+    let pushed = server.push("other", NULL_SHA, &sha(5)).await?;
+    let green = server
+        .pipeline("other", &sha(5), 5, "success", "push")
+        .await?;
+    assert_eq!((pushed, green), (200, 200));
+    server.desired_becomes("edge-9", &sha(5)).await?;
+    let state = |agent: &str| {
+        format!(
+            "gl-test:{{gl{}}}:agent:{agent}:state",
+            greenlight_server::store::agent_shard(agent)
+        )
+    };
+    let left = redis.cli(&["HGET", &state("edge-9"), "core"])?;
+    redis.cli(&[
+        "HSET",
+        &state("edge-8"),
+        "core",
+        left.trim_end(),
+        "i",
+        "12345",
+    ])?;
 
-    // The record now holds another agent's state, as such a write leaves it.
-    let state = format!(
-        "gl-test:{{gl{}}}:agent:edge-8:state",
-        greenlight_server::store::agent_shard("edge-8")
-    );
-    redis.cli(&["HSET", &state, "i", "12345"])?;
-    server.release(&sha(1), &sha(2), 2).await?;
-    let second = next_revision(&mut stream, SOON).await.context("commit 2")?;
-    assert_eq!(second.sha(), sha(2));
+    // A stream opened now is sent edge-8's own revision, not the one left in its record.
+    drop(stream);
+    let mut stream = accepted(&server, &token).await?;
+    let first = next_revision(&mut stream, SOON)
+        .await
+        .context("on connecting")?;
+    assert_eq!(first.sha(), sha(3));
+    server.release(&sha(3), &sha(4), 4).await?;
+    let next = next_revision(&mut stream, SOON).await.context("commit 4")?;
+    assert_eq!(next.sha(), sha(4));
     Ok(())
 }

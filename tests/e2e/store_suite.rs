@@ -1437,9 +1437,10 @@ pub(crate) async fn a_write_for_a_deleted_agent_never_lands_in_the_one_created_u
     };
     let empty = AgentState::default();
     let old_state = deployed_at(empty.clone(), 1, 1);
+    let first = store.agent("edge").await?.version;
     assert_eq!(
-        write_for(store, old, 0, &empty, &old_state).await?,
-        Written::Saved { version: 1 }
+        write_for(store, old, first, &empty, &old_state).await?,
+        Written::Saved { version: first + 1 }
     );
     store.change_registered("edge", None, seq).await?;
     // The deleted agent's evaluation, deciding from its first read, writes before the new
@@ -1461,8 +1462,10 @@ pub(crate) async fn a_write_for_a_deleted_agent_never_lands_in_the_one_created_u
         (&empty, new.1),
         "the new agent starts with nothing decided"
     );
-    // Its version goes on from the record it replaced, which the deleted agent read too.
+    // Its version goes on past the record it replaced (the deleted agent's write in the
+    // gap), so that no state read of the deleted agent has it.
     let at = born.version;
+    assert_eq!(at, 2);
     for expected in [0, 1, at] {
         assert_eq!(
             write_for(store, old, expected, &empty, &late).await?,

@@ -618,26 +618,38 @@ impl Evaluator {
         for (agent, held, current) in foreign {
             states.remove(&agent);
             self.lock_cache().remove(&agent);
-            let registered = self.store.registered(&agent).await?;
-            if registered.is_some_and(|record| record.value.incarnation() == current) {
-                warn!(
-                    agent,
-                    held,
-                    registered = current,
-                    "the agent's stored state belongs to an agent deleted since; starting it afresh"
-                );
-                given |= self.store.give_agent(&agent, held, current).await?;
-            } else {
-                debug!(
-                    agent,
-                    held, "a state of an agent this replica has not heard of yet"
-                );
-            }
+            given |= self.give_if_registered(&agent, held, current).await?;
         }
         if given {
             self.queue.push_merging(key, Asked::default(), Asked::merge);
         }
         Ok(())
+    }
+
+    /// Gives `agent`'s record, held by incarnation `held`, to incarnation `current`, empty,
+    /// if the registry holds `current` under the name; returns whether the record is
+    /// `current`'s now. Otherwise this replica has not heard of a change of the agent yet.
+    async fn give_if_registered(
+        &self,
+        agent: &str,
+        held: u64,
+        current: u64,
+    ) -> Result<bool, StoreError> {
+        let registered = self.store.registered(agent).await?;
+        if registered.is_none_or(|record| record.value.incarnation() != current) {
+            debug!(
+                agent,
+                held, "a state of an agent this replica has not heard of yet"
+            );
+            return Ok(false);
+        }
+        warn!(
+            agent,
+            held,
+            registered = current,
+            "the agent's stored state belongs to an agent deleted since; starting it afresh"
+        );
+        self.store.give_agent(agent, held, current).await
     }
 
     /// Whether a fact of `key` newer than `position` waits in the queue.
@@ -867,6 +879,17 @@ impl Evaluator {
         let target = rules::subject(&operation).cloned();
         for _ in 0..MAX_ATTEMPTS {
             let read = self.store.agent(agent).await?;
+            if !same_incarnation(read.incarnation, spec.incarnation) {
+                if self
+                    .give_if_registered(agent, read.incarnation, spec.incarnation)
+                    .await?
+                {
+                    // The ref's other agents are decided again too, as after any change.
+                    self.enqueue(&key, Asked::default());
+                    continue;
+                }
+                return Err(EvaluateError::Replaced(agent.to_owned()));
+            }
             let facts = self.store.facts(&key).await?;
             let facts = self.not_behind(&key, facts, read.value.position).await?;
             let refs = facts.ref_state();

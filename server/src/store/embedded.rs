@@ -145,6 +145,35 @@ struct Inner {
 }
 
 impl Inner {
+    /// Drops what is stored about `agent` (its gate, history, reports and shown statuses),
+    /// leaving the empty record of `incarnation` when given.
+    fn start_afresh(&mut self, agent: &str, incarnation: Option<u64>) {
+        match incarnation {
+            Some(incarnation) => {
+                let version = self.agents.get(agent).map_or(0, |stored| stored.version);
+                let born = StoredAgent::born(incarnation, version);
+                self.agents.insert(agent.to_owned(), born);
+            }
+            None => {
+                self.agents.remove(agent);
+            }
+        }
+        self.reports.remove(agent);
+        self.sync_errors.remove(agent);
+        self.mark(Dirty::Agent(agent.to_owned()));
+        self.mark(Dirty::Reports(agent.to_owned()));
+        self.mark(Dirty::SyncError(agent.to_owned()));
+        // Its generations start again: statuses shown for the old agent's would read as
+        // later than the new one's.
+        let of_agent = |(name, _): &StatusId| name == agent;
+        for id in self.statuses.remove_where(of_agent) {
+            self.mark(Dirty::Status(id));
+        }
+        for id in self.taken.remove_where(of_agent) {
+            self.mark(Dirty::Taken(id));
+        }
+    }
+
     /// Notes that `dirty` changed, for the next batch written to the file.
     fn mark(&mut self, dirty: Dirty) {
         if let Some(pending) = &mut self.pending {
@@ -177,11 +206,11 @@ struct StoredAgent {
 
 impl StoredAgent {
     /// The record of agent `incarnation` with nothing decided yet, in place of one at
-    /// `version`: the version goes on, since replicas take a lower one for an older state
-    /// of the same agent.
+    /// `version` (0 for none): the version goes on past it, since replicas take a lower or
+    /// equal one for a state they have.
     fn born(incarnation: u64, version: u64) -> Self {
         Self {
-            version,
+            version: version + 1,
             incarnation,
             state: Arc::default(),
             appended: Appended::default(),
@@ -832,19 +861,17 @@ impl AgentStore for EmbeddedStore {
     async fn give_agent(&self, agent: &str, from: u64, to: u64) -> Result<bool> {
         let ticket = {
             let mut inner = self.lock();
-            let (held, version) = inner
+            let held = inner
                 .agents
                 .get(agent)
-                .map_or((0, 0), |stored| (stored.incarnation, stored.version));
+                .map_or(0, |stored| stored.incarnation);
             if held == to {
                 return Ok(true);
             }
             if held != from {
                 return Ok(false);
             }
-            let born = StoredAgent::born(to, version);
-            inner.agents.insert(agent.to_owned(), born);
-            inner.mark(Dirty::Agent(agent.to_owned()));
+            inner.start_afresh(agent, Some(to));
             inner.ticket()
         };
         self.durable(ticket).await?;
@@ -1187,30 +1214,7 @@ impl RegistryStore for EmbeddedStore {
                 // A new agent starts afresh, even under the name of a deleted one; its empty
                 // record carries its incarnation, so that an evaluation of the old agent
                 // still running cannot write into it.
-                match record {
-                    Some(record) => {
-                        let version = inner.agents.get(name).map_or(0, |stored| stored.version);
-                        let born = StoredAgent::born(record.incarnation(), version);
-                        inner.agents.insert(name.to_owned(), born);
-                    }
-                    None => {
-                        inner.agents.remove(name);
-                    }
-                }
-                inner.reports.remove(name);
-                inner.sync_errors.remove(name);
-                inner.mark(Dirty::Agent(name.to_owned()));
-                inner.mark(Dirty::Reports(name.to_owned()));
-                inner.mark(Dirty::SyncError(name.to_owned()));
-                // Its generations start again: statuses shown for the old agent's would
-                // read as later than the new one's.
-                let of_agent = |(agent, _): &StatusId| agent == name;
-                for id in inner.statuses.remove_where(of_agent) {
-                    inner.mark(Dirty::Status(id));
-                }
-                for id in inner.taken.remove_where(of_agent) {
-                    inner.mark(Dirty::Taken(id));
-                }
+                inner.start_afresh(name, record.map(RegistryRecord::incarnation));
             }
             match record {
                 Some(record) => inner.registry.records.insert(

@@ -727,12 +727,24 @@ impl RedisStore {
                 Vec::new()
             }
         };
+        // The scan of a shard goes on from the oldest entry handed back there (inclusive),
+        // not from the start, where live publishers' entries could fill this look.
+        let mut oldest: HashMap<usize, (EntryId, String)> = HashMap::new();
+        for (shard, id) in handed_back {
+            let Some(parsed) = EntryId::parse(&id) else {
+                continue;
+            };
+            match oldest.get(&shard) {
+                Some((held, _)) if *held <= parsed => {}
+                _ => {
+                    oldest.insert(shard, (parsed, id));
+                }
+            }
+        }
         let mut cursors = self.reclaim_cursors.lock().await;
-        for (shard, oldest) in handed_back {
-            // The scan goes on from the oldest entry handed back (inclusive), not from the
-            // start, where live publishers' entries could fill this look.
+        for (shard, (_, id)) in oldest {
             if let Some(cursor) = cursors.get_mut(shard) {
-                *cursor = oldest;
+                *cursor = id;
             }
         }
         for (shard, log) in self.keys.logs().iter().enumerate() {
@@ -2267,7 +2279,7 @@ impl Liveness {
 /// Makes an agent's state the empty record of incarnation ARGV[1], dropping what is stored
 /// about another (its gate, history, reports and shown statuses): whoever holds it, or
 /// only incarnation ARGV[2] (0 for a record without one) when given. The version goes on
-/// from the record's: replicas take a lower one for an older state of the same agent.
+/// past the record's: replicas take a lower or equal one for a state they have.
 /// Answers 0 if the record already is ARGV[1]'s, -1 if it is not ARGV[2]'s, 1 once claimed.
 ///
 /// KEYS: the agent's [`AGENT_STATE_PARTS`], its state first.
@@ -2276,7 +2288,7 @@ local stored = redis.call('HMGET', KEYS[1], 'i', 'v')
 if stored[1] == ARGV[1] then return 0 end
 if ARGV[2] ~= '' and (stored[1] or '0') ~= ARGV[2] then return -1 end
 redis.call('DEL', unpack(KEYS))
-redis.call('HSET', KEYS[1], 'i', ARGV[1], 'v', stored[2] or '0')
+redis.call('HSET', KEYS[1], 'i', ARGV[1], 'v', tonumber(stored[2] or '0') + 1)
 return 1
 "#;
 

@@ -411,9 +411,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(created, RegistryWritten::Saved { seq: 1 });
-        // Empty, its version going on from the state it replaced.
+        // Empty, its version going on past the state it replaced.
         let born = store.agent("edge-1").await.unwrap();
-        assert_eq!((born.version, born.value), (1, state.clone()));
+        assert_eq!((born.version, born.value), (2, state.clone()));
         assert_eq!(
             store
                 .change_registered("edge-1", Some(&record), 0)
