@@ -650,7 +650,7 @@ impl Worker {
                 )
                 .await
         };
-        let mut rediscovered = Rediscovered::default();
+        let mut looked_up = PruneLookups::default();
         for entry in gone {
             if stop() {
                 return Outcome::Stopped;
@@ -661,11 +661,12 @@ impl Worker {
                     &agent,
                     &settings,
                     &discovery_failures,
-                    &mut rediscovered,
+                    &mut looked_up,
                 )
                 .await
             } else {
-                self.let_go_of(&entry, &agent, &discovery_failures).await
+                self.let_go_of(&entry, &agent, &discovery_failures, &mut looked_up)
+                    .await
             };
             match pruned {
                 Pruned::Done(Some(object)) => results.push(object),
@@ -1136,6 +1137,7 @@ impl Worker {
         &self,
         entry: &InventoryEntry,
         discovery_failures: &BTreeMap<String, String>,
+        looked_up: &mut PruneLookups,
     ) -> Result<Resolved, Pruned> {
         if let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind) {
             return Ok(resolved);
@@ -1143,9 +1145,8 @@ impl Worker {
         if discovery_failures.contains_key(&entry.api_version) || entry.key.group.is_empty() {
             return Err(unresolved(entry, discovery_failures));
         }
-        match self
-            .cluster
-            .resolve_in_served_version(&entry.key.group, &entry.key.kind)
+        match looked_up
+            .served_version(&self.cluster, &entry.key.group, &entry.key.kind)
             .await
         {
             Ok(Some(resolved)) => {
@@ -1161,10 +1162,8 @@ impl Worker {
                 entry,
                 Action::Failed,
                 format!(
-                    "{} is no longer served, and API discovery of group {} failed: {}",
-                    entry.api_version,
-                    entry.key.group,
-                    error.message()
+                    "{} is no longer served, and API discovery of group {} failed: {error}",
+                    entry.api_version, entry.key.group,
                 ),
             ))),
         }
@@ -1179,11 +1178,14 @@ impl Worker {
         agent: &str,
         settings: &ApplySettings,
         discovery_failures: &BTreeMap<String, String>,
-        rediscovered: &mut Rediscovered,
+        looked_up: &mut PruneLookups,
     ) -> Pruned {
         let as_result = |action: Action, message: String| entry_result(entry, action, message);
         let namespace = entry.key.namespace.as_deref();
-        let mut resolved = match self.resolve_entry(entry, discovery_failures).await {
+        let mut resolved = match self
+            .resolve_entry(entry, discovery_failures, looked_up)
+            .await
+        {
             Ok(resolved) => resolved,
             Err(pruned) => return pruned,
         };
@@ -1208,10 +1210,10 @@ impl Worker {
             Err(error) => error.is_not_found(),
         };
         if missing && !entry.key.group.is_empty() {
-            let failures = rediscovered
+            let failures = looked_up
                 .failures(&self.cluster, &entry.api_version, &entry.key.kind)
                 .await;
-            match self.resolve_entry(entry, &failures).await {
+            match self.resolve_entry(entry, &failures, looked_up).await {
                 Ok(now) if now.resource.api_version != resolved.resource.api_version => {
                     resolved = now;
                     read = self
@@ -1312,8 +1314,12 @@ impl Worker {
         entry: &InventoryEntry,
         agent: &str,
         discovery_failures: &BTreeMap<String, String>,
+        looked_up: &mut PruneLookups,
     ) -> Pruned {
-        let resolved = match self.resolve_entry(entry, discovery_failures).await {
+        let resolved = match self
+            .resolve_entry(entry, discovery_failures, looked_up)
+            .await
+        {
             Ok(resolved) => resolved,
             Err(pruned) => return pruned,
         };
@@ -1480,11 +1486,18 @@ fn describe(result: &ObjectResult) -> String {
     format!("{} {name}: {}", result.kind, result.message)
 }
 
-/// Group-versions whose discovery one prune read again, with what failed of it.
+/// What one prune learned of the cluster's APIs: many inventory entries of one kind cost
+/// one discovery read each way, not one each.
 #[derive(Default)]
-struct Rediscovered(HashMap<String, BTreeMap<String, String>>);
+struct PruneLookups {
+    /// Group-versions whose discovery was read again, with what failed of it.
+    rediscovered: HashMap<String, BTreeMap<String, String>>,
+    /// Kinds of a group found in a version the cluster serves now, or why the group's
+    /// discovery failed.
+    served: HashMap<(String, String), Result<Option<Resolved>, String>>,
+}
 
-impl Rediscovered {
+impl PruneLookups {
     /// Discovery of `api_version` read again, at most once per prune.
     async fn failures(
         &mut self,
@@ -1492,12 +1505,32 @@ impl Rediscovered {
         api_version: &str,
         kind: &str,
     ) -> BTreeMap<String, String> {
-        if let Some(failures) = self.0.get(api_version) {
+        if let Some(failures) = self.rediscovered.get(api_version) {
             return failures.clone();
         }
         let failures = cluster.rediscover(api_version, kind).await;
-        self.0.insert(api_version.to_owned(), failures.clone());
+        self.rediscovered
+            .insert(api_version.to_owned(), failures.clone());
         failures
+    }
+
+    /// [`Cluster::resolve_in_served_version`], at most once per group, kind and prune.
+    async fn served_version(
+        &mut self,
+        cluster: &Cluster,
+        group: &str,
+        kind: &str,
+    ) -> Result<Option<Resolved>, String> {
+        let key = (group.to_owned(), kind.to_owned());
+        if let Some(found) = self.served.get(&key) {
+            return found.clone();
+        }
+        let found = cluster
+            .resolve_in_served_version(group, kind)
+            .await
+            .map_err(|error| error.message());
+        self.served.insert(key, found.clone());
+        found
     }
 }
 
@@ -1757,26 +1790,20 @@ mod tests {
         assert!(!message.contains("cascade"), "{message}");
     }
 
-    /// Objects of one group-version that someone else deleted cost one discovery read again
-    /// for the prune, not one each.
-    #[tokio::test]
-    async fn deployments_deleted_by_hand_cost_one_discovery_read_again_not_one_each() {
-        let deployments: Vec<InventoryEntry> = ["a", "b", "c"]
-            .into_iter()
-            .map(crate::testing::deployment_entry)
-            .collect();
-        let inventory = stored_inventory(&deployments);
+    /// The requests a revision of ConfigMap `keep` makes, pruning what `inventory` records,
+    /// against an API server that answers `route` (the revision's ConfigMap and the
+    /// inventory besides); the revision must end healthy.
+    async fn requests_of_prune(
+        inventory: &[InventoryEntry],
+        route: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static,
+    ) -> Vec<String> {
+        let inventory = stored_inventory(inventory);
         let (kube, log) = serve(move |_, path| {
-            Some(match path {
-                "/api/v1" => (200, resources("v1", &[("configmaps", "ConfigMap", true)])),
-                "/apis/apps/v1" => (
-                    200,
-                    resources("apps/v1", &[("deployments", "Deployment", true)]),
-                ),
-                INVENTORY => (200, inventory.clone()),
-                // Deleted by someone else; the revision's ConfigMap is taken as written.
-                _ if path.starts_with("/apis/apps/v1/") => (404, status(404, "not found")),
-                _ => (
+            Some(match (path, route(path)) {
+                (_, Some(answer)) => answer,
+                ("/api/v1", None) => (200, resources("v1", &[("configmaps", "ConfigMap", true)])),
+                (INVENTORY, None) => (200, inventory.clone()),
+                (_, None) => (
                     200,
                     live("keep", json!({"labels": {INVENTORY_LABEL: "prod"}})).to_string(),
                 ),
@@ -1786,7 +1813,76 @@ mod tests {
         let (mut worker, _reports) = crate::testing::worker_for(kube);
         let outcome = reconcile(&mut worker, &revision_of(&["keep"], true)).await;
         assert_eq!(outcome, Outcome::Healthy);
-        let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Objects recorded under a version of their group the cluster no longer serves cost
+    /// one read of the group's discovery for the prune, not one each.
+    #[tokio::test]
+    async fn gadgets_of_a_version_no_longer_served_cost_one_group_discovery_not_one_each() {
+        let gadgets: Vec<InventoryEntry> = ["a", "b", "c"]
+            .into_iter()
+            .map(|name| InventoryEntry {
+                key: crate::plan::ObjectKey {
+                    group: "example.com".into(),
+                    kind: "Gadget".into(),
+                    namespace: Some("apps".into()),
+                    name: name.into(),
+                },
+                api_version: "example.com/v1beta1".into(),
+                namespaced: true,
+                adopted: false,
+            })
+            .collect();
+        let log = requests_of_prune(&gadgets, |path| match path {
+            "/apis" => Some((
+                200,
+                json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
+                    "name": "example.com",
+                    "versions": [{"groupVersion": "example.com/v1", "version": "v1"}],
+                    "preferredVersion": {"groupVersion": "example.com/v1", "version": "v1"}
+                }]})
+                .to_string(),
+            )),
+            "/apis/example.com/v1" => Some((
+                200,
+                resources("example.com/v1", &[("gadgets", "Gadget", true)]),
+            )),
+            // v1beta1 is no longer served, and the gadgets were deleted by hand.
+            _ if path.starts_with("/apis/example.com/") => Some((404, status(404, "not found"))),
+            _ => None,
+        })
+        .await;
+        let reads = |line: &str| log.iter().filter(|l| *l == line).count();
+        assert_eq!(reads("GET /apis"), 1, "{log:?}");
+        for name in ["a", "b", "c"] {
+            let path = format!("GET /apis/example.com/v1/namespaces/apps/gadgets/{name}");
+            assert_eq!(
+                reads(&path),
+                1,
+                "each read through the version served: {log:?}"
+            );
+        }
+    }
+
+    /// Objects of one group-version that someone else deleted cost one discovery read again
+    /// for the prune, not one each.
+    #[tokio::test]
+    async fn deployments_deleted_by_hand_cost_one_discovery_read_again_not_one_each() {
+        let deployments: Vec<InventoryEntry> = ["a", "b", "c"]
+            .into_iter()
+            .map(crate::testing::deployment_entry)
+            .collect();
+        let log = requests_of_prune(&deployments, |path| match path {
+            "/apis/apps/v1" => Some((
+                200,
+                resources("apps/v1", &[("deployments", "Deployment", true)]),
+            )),
+            // Deleted by someone else; the revision's ConfigMap is taken as written.
+            _ if path.starts_with("/apis/apps/v1/") => Some((404, status(404, "not found"))),
+            _ => None,
+        })
+        .await;
         let reads = |line: &str| log.iter().filter(|l| *l == line).count();
         assert_eq!(
             reads("GET /apis/apps/v1"),
