@@ -82,6 +82,18 @@ where
     }
 }
 
+/// `read`, a discovery read, within [`DISCOVERY_TIMEOUT`]: shorter than [`bounded`], since
+/// kube retries a 503 (an unavailable aggregated API) for minutes and a revision using such
+/// a group should fail soon. Its own error is left to the caller, which tells a group or
+/// version not served from a failure.
+async fn within_discovery_time<T>(
+    read: impl Future<Output = kube::Result<T>>,
+) -> Result<kube::Result<T>, ClusterError> {
+    tokio::time::timeout(DISCOVERY_TIMEOUT, read)
+        .await
+        .map_err(|_| ClusterError::Timeout(DISCOVERY_TIMEOUT))
+}
+
 /// A kind the API server serves.
 #[derive(Debug, Clone)]
 pub struct Resolved {
@@ -321,17 +333,9 @@ impl Cluster {
     ) -> Result<HashMap<String, Resolved>, ClusterError> {
         let (group, version) = split_api_version(api_version);
         let gv = GroupVersion::gv(group, version);
-        // Shorter than `bounded`: kube retries a 503 (an unavailable aggregated API) for
-        // minutes, and a revision using such a group should fail soon.
-        let read = match tokio::time::timeout(
-            DISCOVERY_TIMEOUT,
-            kube::discovery::pinned_group(&self.client, &gv),
-        )
-        .await
-        {
-            Ok(read) => read.map_err(ClusterError::from),
-            Err(_) => Err(ClusterError::Timeout(DISCOVERY_TIMEOUT)),
-        };
+        let read = within_discovery_time(kube::discovery::pinned_group(&self.client, &gv))
+            .await?
+            .map_err(ClusterError::from);
         let group = match read {
             Ok(group) => group,
             // The group-version is not served (yet): no kinds, not an error.
@@ -363,12 +367,7 @@ impl Cluster {
         group: &str,
         kind: &str,
     ) -> Result<Option<Resolved>, ClusterError> {
-        let read = tokio::time::timeout(
-            DISCOVERY_TIMEOUT,
-            kube::discovery::group(&self.client, group),
-        )
-        .await
-        .map_err(|_| ClusterError::Timeout(DISCOVERY_TIMEOUT))?;
+        let read = within_discovery_time(kube::discovery::group(&self.client, group)).await?;
         let group = match read {
             Ok(group) => group,
             Err(kube::Error::Discovery(kube::error::DiscoveryError::MissingApiGroup(_))) => {
