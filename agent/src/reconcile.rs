@@ -1790,16 +1790,17 @@ mod tests {
         assert!(!message.contains("cascade"), "{message}");
     }
 
-    /// The requests a revision of ConfigMap `keep` makes, pruning what `inventory` records,
-    /// against an API server that answers `route` (the revision's ConfigMap and the
-    /// inventory besides); the revision must end healthy.
-    async fn requests_of_prune(
+    /// Reconciles a revision of ConfigMap `keep` over an inventory of `inventory`, against
+    /// an API server that answers `route` (method, path) first, and the revision's ConfigMap
+    /// and the inventory besides: the outcome, the requests made, and the message of the
+    /// failure reported, if any.
+    async fn reconcile_keep(
         inventory: &[InventoryEntry],
-        route: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static,
-    ) -> Vec<String> {
+        route: impl Fn(&str, &str) -> Option<(u16, String)> + Send + Sync + 'static,
+    ) -> (Outcome, Vec<String>, String) {
         let inventory = stored_inventory(inventory);
-        let (kube, log) = serve(move |_, path| {
-            Some(match (path, route(path)) {
+        let (kube, log) = serve(move |method, path| {
+            Some(match (path, route(method, path)) {
                 (_, Some(answer)) => answer,
                 ("/api/v1", None) => (200, resources("v1", &[("configmaps", "ConfigMap", true)])),
                 (INVENTORY, None) => (200, inventory.clone()),
@@ -1810,30 +1811,34 @@ mod tests {
             })
         })
         .await;
-        let (mut worker, _reports) = crate::testing::worker_for(kube);
+        let (mut worker, mut reports) = crate::testing::worker_for(kube);
         let outcome = reconcile(&mut worker, &revision_of(&["keep"], true)).await;
+        let mut failed = String::new();
+        while let Ok(report) = reports.try_recv() {
+            if report.phase() == Phase::Failed {
+                failed = report.message;
+            }
+        }
+        let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (outcome, log, failed)
+    }
+
+    /// The requests [`reconcile_keep`] makes, which must end healthy.
+    async fn requests_of_prune(
+        inventory: &[InventoryEntry],
+        route: impl Fn(&str) -> Option<(u16, String)> + Send + Sync + 'static,
+    ) -> Vec<String> {
+        let (outcome, log, _) = reconcile_keep(inventory, move |_, path| route(path)).await;
         assert_eq!(outcome, Outcome::Healthy);
-        log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        log
     }
 
     /// Objects recorded under a version of their group the cluster no longer serves cost
     /// one read of the group's discovery for the prune, not one each.
     #[tokio::test]
     async fn gadgets_of_a_version_no_longer_served_cost_one_group_discovery_not_one_each() {
-        let gadgets: Vec<InventoryEntry> = ["a", "b", "c"]
-            .into_iter()
-            .map(|name| InventoryEntry {
-                key: crate::plan::ObjectKey {
-                    group: "example.com".into(),
-                    kind: "Gadget".into(),
-                    namespace: Some("apps".into()),
-                    name: name.into(),
-                },
-                api_version: "example.com/v1beta1".into(),
-                namespaced: true,
-                adopted: false,
-            })
-            .collect();
+        let gadgets: Vec<InventoryEntry> =
+            ["a", "b", "c"].into_iter().map(gadget_of_v1beta1).collect();
         let log = requests_of_prune(&gadgets, |path| match path {
             "/apis" => Some((
                 200,
@@ -1863,6 +1868,62 @@ mod tests {
                 "each read through the version served: {log:?}"
             );
         }
+    }
+
+    /// The inventory entry of Gadget `name` of namespace `apps`, applied as
+    /// `example.com/v1beta1`.
+    fn gadget_of_v1beta1(name: &str) -> InventoryEntry {
+        InventoryEntry {
+            key: crate::plan::ObjectKey {
+                group: "example.com".into(),
+                kind: "Gadget".into(),
+                namespace: Some("apps".into()),
+                name: name.into(),
+            },
+            api_version: "example.com/v1beta1".into(),
+            namespaced: true,
+            adopted: false,
+        }
+    }
+
+    /// An inventory another replica of the agent wrote since this one read it is not
+    /// overwritten, and the revision's failure says why.
+    #[tokio::test]
+    async fn an_inventory_written_by_another_replica_meanwhile_fails_the_revision_saying_so() {
+        let (outcome, _, message) =
+            reconcile_keep(&[inventory_entry("keep", false)], |method, path| {
+                // The apply carries the resourceVersion read, no longer the stored one.
+                (method != "GET" && path == INVENTORY)
+                    .then(|| (409, status(409, "the object has been modified")))
+            })
+            .await;
+        assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
+        assert!(
+            message.contains("another replica of this agent changed it since this one read it"),
+            "{message}"
+        );
+    }
+
+    /// An object recorded under a version its group no longer serves, whose group's
+    /// discovery then fails, is kept and named, with the failure.
+    #[tokio::test]
+    async fn a_failed_group_discovery_at_prune_is_named_with_the_object() {
+        let (outcome, _, message) =
+            reconcile_keep(&[gadget_of_v1beta1("g")], |_, path| match path {
+                "/apis/example.com/v1beta1" => Some((404, status(404, "not found"))),
+                "/apis" => Some((503, status(503, "the aggregated API is unavailable"))),
+                _ => None,
+            })
+            .await;
+        assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
+        assert!(
+            message.contains(
+                "example.com/v1beta1 is no longer served, and API discovery of group \
+                 example.com failed"
+            ),
+            "{message}"
+        );
+        assert!(message.contains("Gadget apps/g"), "{message}");
     }
 
     /// Objects of one group-version that someone else deleted cost one discovery read again
