@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
-use serde_json::{Map, Value, json};
+use serde_json::json;
 
 use super::Admin;
 use super::output::{self, Format};
@@ -124,58 +124,44 @@ pub struct Definition {
     health_checks: Vec<HealthCheck>,
 }
 
+/// What a `--health-check` flag holds.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HealthCheckFlag {
+    #[serde(default)]
+    group: String,
+    kind: String,
+    jsonpath: String,
+    #[serde(default)]
+    healthy: Vec<String>,
+    #[serde(default)]
+    failed: Vec<String>,
+}
+
 /// One `--health-check`: a JSON object with the keys of a `health_checks` entry of the
 /// config file, its JSONPath parsed here so that a typo is told before anything is sent.
 fn parse_health_check(text: &str) -> Result<HealthCheck, String> {
-    let Ok(Value::Object(mut fields)) = serde_json::from_str::<Value>(text) else {
-        return Err(
-            "expected a JSON object such as {\"kind\": \"Widget\", \"jsonpath\": \
-             \"$.status.phase\", \"healthy\": [\"Ready\"]}"
-                .to_owned(),
-        );
-    };
-    let mut take_text = |key: &str, required: bool| match fields.remove(key) {
-        Some(Value::String(value)) => Ok(value),
-        None if !required => Ok(String::new()),
-        None => Err(format!("{key} is required")),
-        Some(_) => Err(format!("{key} must be a string")),
-    };
-    let group = take_text("group", false)?;
-    let kind = take_text("kind", true)?;
-    let jsonpath = take_text("jsonpath", true)?;
-    let healthy = strings(&mut fields, "healthy")?;
-    let failed = strings(&mut fields, "failed")?;
-    if let Some(unknown) = fields.keys().next() {
-        return Err(format!(
-            "unknown key {unknown:?}: the keys are group, kind, jsonpath, healthy and failed"
-        ));
-    }
-    if kind.trim().is_empty() {
+    let example = "a JSON object such as {\"kind\": \"Widget\", \"jsonpath\": \
+                   \"$.status.phase\", \"healthy\": [\"Ready\"]}";
+    // An object only: serde would also take the fields in order from a list.
+    let value = serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .filter(serde_json::Value::is_object)
+        .ok_or_else(|| format!("expected {example}"))?;
+    let flag: HealthCheckFlag =
+        serde_json::from_value(value).map_err(|error| format!("{error}, in {example}"))?;
+    if flag.kind.trim().is_empty() {
         return Err("kind must name a kind".to_owned());
     }
-    HealthQuery::parse(&jsonpath, &healthy, &failed).map_err(|error| error.to_string())?;
+    HealthQuery::parse(&flag.jsonpath, &flag.healthy, &flag.failed)
+        .map_err(|error| error.to_string())?;
     Ok(HealthCheck {
-        group,
-        kind,
-        jsonpath,
-        healthy_values: healthy,
-        failed_values: failed,
+        group: flag.group,
+        kind: flag.kind,
+        jsonpath: flag.jsonpath,
+        healthy_values: flag.healthy,
+        failed_values: flag.failed,
     })
-}
-
-/// The list of strings under `key`, taken out of `fields`; none when it is missing.
-fn strings(fields: &mut Map<String, Value>, key: &str) -> Result<Vec<String>, String> {
-    match fields.remove(key) {
-        None => Ok(Vec::new()),
-        Some(Value::Array(items)) => items
-            .into_iter()
-            .map(|item| match item {
-                Value::String(value) => Ok(value),
-                _ => Err(format!("{key} must hold strings only")),
-            })
-            .collect(),
-        Some(_) => Err(format!("{key} must be a list of strings")),
-    }
 }
 
 impl Definition {
@@ -384,20 +370,30 @@ mod tests {
         let refused = |text: &str| parse_health_check(text).unwrap_err();
         assert!(refused("Widget").contains("JSON object"));
         assert!(refused(r#"["Widget"]"#).contains("JSON object"));
-        assert!(refused(r#"{"jsonpath": "$.a", "healthy": ["x"]}"#).contains("kind is required"));
+        assert!(
+            refused(r#"{"jsonpath": "$.a", "healthy": ["x"]}"#).contains("missing field `kind`")
+        );
         assert!(refused(r#"{"kind": " ", "jsonpath": "$.a", "healthy": ["x"]}"#).contains("kind"));
-        assert!(refused(r#"{"kind": "W", "healthy": ["x"]}"#).contains("jsonpath is required"));
+        assert!(refused(r#"{"kind": "W", "healthy": ["x"]}"#).contains("missing field `jsonpath`"));
         assert!(refused(r#"{"kind": "W", "jsonpath": "$.a"}"#).contains("no healthy values"));
         assert!(refused(r#"{"kind": "W", "jsonpath": "$[", "healthy": ["x"]}"#).contains("$["));
-        assert!(refused(r#"{"kind": 7, "jsonpath": "$.a", "healthy": ["x"]}"#).contains("string"));
+        assert!(
+            refused(r#"{"kind": 7, "jsonpath": "$.a", "healthy": ["x"]}"#)
+                .contains("expected a string")
+        );
         assert!(
             refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": "x"}"#)
-                .contains("list of strings")
+                .contains("expected a sequence")
         );
-        assert!(refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": [1]}"#).contains("strings"));
         assert!(
-            refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": ["x"], "healthy_values": []}"#)
-                .contains("unknown key \"healthy_values\"")
+            refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": [1]}"#)
+                .contains("expected a string")
+        );
+        let unknown =
+            refused(r#"{"kind": "W", "jsonpath": "$.a", "healthy": ["x"], "healthy_values": []}"#);
+        assert!(
+            unknown.contains("unknown field `healthy_values`, expected one of `group`, `kind`"),
+            "{unknown}"
         );
     }
 
