@@ -19,9 +19,9 @@ use greenlight_server::gate::{
 };
 use greenlight_server::metrics::LogMetrics;
 use greenlight_server::store::{
-    AgentState, AgentWrite, AgentWrites, Broadcast, DeployedChange, EmbeddedStore, FactRecord,
-    Ingested, LogEntry, Notice, RedisStore, RefKey, RegistryWritten, StatusClaim, StatusKey,
-    StatusOrder, Store, StoreError, SyncError, Written,
+    AgentRead, AgentState, AgentWrite, AgentWrites, Broadcast, DeployedChange, EmbeddedStore,
+    FactRecord, Ingested, LogEntry, Notice, RedisStore, RefKey, RegistryWritten, StatusClaim,
+    StatusKey, StatusOrder, Store, StoreError, SyncError, Written,
 };
 use greenlight_server::sync_errors::SyncErrors;
 use tokio::sync::broadcast;
@@ -1866,6 +1866,44 @@ async fn a_registry_write_repeated_is_answered_as_it_was_made(
         "another agent of the same name"
     );
     assert_eq!(store.registry().await?.seq, seq, "written once");
+    Ok(())
+}
+
+/// A deletion drops its agent's state after the registry's change, in another slot: a
+/// creation under the name that came in between has claimed the state for the new agent,
+/// and it stays. Without one, the deleted agent's state goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_deletion_drops_only_its_own_agents_state() -> anyhow::Result<()> {
+    let fixture = RedisFixture::start().await?;
+    let store: &dyn Store = fixture.store.as_ref();
+    let state_key = |agent: &str| {
+        format!(
+            "gl-suite:{{gl{}}}:agent:{agent}:state",
+            greenlight_server::store::agent_shard(agent)
+        )
+    };
+    for (agent, claimed_meanwhile) in [("edge", true), ("core", false)] {
+        let RegistryWritten::Saved { seq } = store
+            .change_registered(agent, Some(&runtime_record(agent, 1, 11)?), 0)
+            .await?
+        else {
+            bail!("{agent} is saved");
+        };
+        let empty = AgentState::default();
+        let first = store.agent(agent).await?.version;
+        let decided = deployed_at(empty.clone(), 1, 1);
+        write_for(store, (agent, 11), first, &empty, &decided).await?;
+        if claimed_meanwhile {
+            fixture.redis.cli(&["HSET", &state_key(agent), "i", "22"])?;
+        }
+        store.change_registered(agent, None, seq).await?;
+        let left = store.agent(agent).await?;
+        if claimed_meanwhile {
+            assert_eq!(left.incarnation, 22, "{agent}: the new agent's claim stays");
+        } else {
+            assert_eq!(left, AgentRead::default(), "{agent}: its state goes");
+        }
+    }
     Ok(())
 }
 

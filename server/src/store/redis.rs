@@ -348,6 +348,7 @@ pub struct RedisStore {
     finish_status: Script,
     registry: Script,
     claim_agent: Script,
+    drop_agent: Script,
     mark_alive: Script,
     silence: Script,
     notices: broadcast::Sender<Notice>,
@@ -518,6 +519,7 @@ impl RedisStore {
             finish_status: Script::new(FINISH_STATUS_SCRIPT),
             registry: Script::new(REGISTRY_SCRIPT),
             claim_agent: Script::new(CLAIM_AGENT_SCRIPT),
+            drop_agent: Script::new(DROP_AGENT_SCRIPT),
             mark_alive: Script::new(MARK_ALIVE_SCRIPT),
             silence: Script::new(SILENCE_SCRIPT),
             notices,
@@ -2292,6 +2294,17 @@ redis.call('HSET', KEYS[1], 'i', ARGV[1], 'v', tonumber(stored[2] or '0') + 1)
 return 1
 "#;
 
+/// Drops an agent's state, held by the deleted incarnation ARGV[1]: not when it holds
+/// another's (a creation's claim that came first). Answers 1 when dropped.
+///
+/// KEYS: the agent's [`AGENT_STATE_PARTS`], its state first.
+const DROP_AGENT_SCRIPT: &str = r#"
+local held = redis.call('HGET', KEYS[1], 'i')
+if held and held ~= '0' and ARGV[1] ~= '0' and held ~= ARGV[1] then return 0 end
+redis.call('DEL', unpack(KEYS))
+return 1
+"#;
+
 /// The shard whose hash tag the registry and its log entries carry: the registry is one
 /// hash, changed atomically with its log entry, so it lives in one slot.
 const REGISTRY_SHARD: u16 = 0;
@@ -2326,13 +2339,17 @@ impl Keys {
 }
 
 impl RedisStore {
-    /// Drops what is stored about `agent`'s gate, history and reports.
-    async fn drop_agent_state(&self, agent: &str) -> Result<()> {
-        let mut pipe = redis::pipe();
+    /// Drops what is stored about deleted agent `agent` (its `incarnation`): its gate,
+    /// history, reports and shown statuses, unless the record is another's by now.
+    async fn drop_agent_state(&self, agent: &str, incarnation: u64) -> Result<()> {
+        let mut invocation = self.drop_agent.prepare_invoke();
         for part in AGENT_STATE_PARTS {
-            pipe.del(self.keys.agent(agent, part)).ignore();
+            invocation.key(self.keys.agent(agent, part));
         }
-        pipe.exec_async(&mut self.conn.clone()).await?;
+        let _: i64 = invocation
+            .arg(incarnation)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
         Ok(())
     }
 
@@ -2426,14 +2443,25 @@ impl RegistryStore for RedisStore {
         // script. A new agent claims it first, dropping what another left and refusing
         // writes for another from then on: an evaluation of a deleted agent of the same
         // name may still be running. A deleted agent's state is dropped after.
+        // Read only for a creation or a deletion: an update's record has what it needs.
+        let registered = if expected == 0 || record.is_none() {
+            self.registered(name).await?
+        } else {
+            None
+        };
         let creating = match record {
-            Some(record) if expected == 0 && self.registered(name).await?.is_none() => {
+            Some(record) if expected == 0 && registered.is_none() => {
                 self.claim_agent_state(name, record.incarnation(), None)
                     .await?;
                 true
             }
             _ => false,
         };
+        // A creation's claim may come between the deletion and the drop: only the deleted
+        // agent's state goes.
+        let deleting = registered
+            .filter(|_| record.is_none())
+            .map(|deleted| deleted.value.incarnation());
         let quoted = serde_json::to_string(name).map_err(|error| StoreError::Corrupt {
             key: "registry change".into(),
             reason: error.to_string(),
@@ -2458,8 +2486,8 @@ impl RegistryStore for RedisStore {
         let Ok(seq) = u64::try_from(written?) else {
             return Ok(RegistryWritten::Conflict);
         };
-        if record.is_none() {
-            self.drop_agent_state(name).await?;
+        if let Some(incarnation) = deleting {
+            self.drop_agent_state(name, incarnation).await?;
         }
         Ok(RegistryWritten::Saved { seq })
     }
