@@ -1534,8 +1534,6 @@ impl PruneLookups {
     }
 }
 
-/// The Namespaces of `planned` that do not exist yet: a dry run cannot place anything in
-/// them, since the API server needs the namespace first.
 /// The agent's inventory store and what it last recorded, or why it cannot be read.
 pub(crate) async fn load_inventory(
     cluster: &Cluster,
@@ -1561,6 +1559,8 @@ pub(crate) fn prunes_everything(
         .then_some(previous.entries.len())
 }
 
+/// The Namespaces of `planned` that do not exist yet: a dry run cannot place anything in
+/// them, since the API server needs the namespace first.
 pub(crate) async fn namespaces_created(cluster: &Cluster, planned: &[Planned]) -> BTreeSet<String> {
     let mut created = BTreeSet::new();
     for item in planned
@@ -1776,18 +1776,26 @@ mod tests {
         let outcome = reconcile(&mut worker, &revision_of(&["keep"], true)).await;
         assert_eq!(outcome, Outcome::Healthy);
         assert_eq!(requests(&log, "DELETE", "x"), 1);
-        let mut applied = None;
-        while let Ok(report) = reports.try_recv() {
-            if report.phase() == Phase::Applied {
-                applied = Some(report.message);
-            }
-        }
-        let message = applied.unwrap_or_default();
+        let message = last_message(&mut reports, Phase::Applied);
         assert!(
             message.contains("ConfigMap apps/x (created again while being pruned)"),
             "{message}"
         );
         assert!(!message.contains("cascade"), "{message}");
+    }
+
+    /// The message of the last report of `phase` among those sent so far; empty if none.
+    fn last_message(
+        reports: &mut tokio::sync::mpsc::Receiver<StatusReport>,
+        phase: Phase,
+    ) -> String {
+        let mut last = String::new();
+        while let Ok(report) = reports.try_recv() {
+            if report.phase() == phase {
+                last = report.message;
+            }
+        }
+        last
     }
 
     /// Reconciles a revision of ConfigMap `keep` over an inventory of `inventory`, against
@@ -1813,12 +1821,7 @@ mod tests {
         .await;
         let (mut worker, mut reports) = crate::testing::worker_for(kube);
         let outcome = reconcile(&mut worker, &revision_of(&["keep"], true)).await;
-        let mut failed = String::new();
-        while let Ok(report) = reports.try_recv() {
-            if report.phase() == Phase::Failed {
-                failed = report.message;
-            }
-        }
+        let failed = last_message(&mut reports, Phase::Failed);
         let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
         (outcome, log, failed)
     }
@@ -1873,17 +1876,7 @@ mod tests {
     /// The inventory entry of Gadget `name` of namespace `apps`, applied as
     /// `example.com/v1beta1`.
     fn gadget_of_v1beta1(name: &str) -> InventoryEntry {
-        InventoryEntry {
-            key: crate::plan::ObjectKey {
-                group: "example.com".into(),
-                kind: "Gadget".into(),
-                namespace: Some("apps".into()),
-                name: name.into(),
-            },
-            api_version: "example.com/v1beta1".into(),
-            namespaced: true,
-            adopted: false,
-        }
+        crate::testing::namespaced_entry("example.com/v1beta1", "Gadget", name)
     }
 
     /// An inventory another replica of the agent wrote since this one read it is not
@@ -2003,13 +1996,7 @@ mod tests {
             1,
             "read before the first write"
         );
-        let mut applied = None;
-        while let Ok(report) = reports.try_recv() {
-            if report.phase() == Phase::Applied {
-                applied = Some(report.message);
-            }
-        }
-        let applied = applied.unwrap_or_default();
+        let applied = last_message(&mut reports, Phase::Applied);
         assert!(
             applied.contains("; 1 adopted (they existed before; never pruned)"),
             "only `found`: {applied}"

@@ -105,14 +105,20 @@ pub fn resources(group_version: &str, kinds: &[(&str, &str, bool)]) -> String {
 
 /// The inventory entry of Deployment `name` of namespace `apps`.
 pub fn deployment_entry(name: &str) -> crate::plan::InventoryEntry {
+    namespaced_entry("apps/v1", "Deployment", name)
+}
+
+/// The inventory entry of `kind` `name` of namespace `apps`, applied as `api_version`.
+pub fn namespaced_entry(api_version: &str, kind: &str, name: &str) -> crate::plan::InventoryEntry {
+    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
     crate::plan::InventoryEntry {
         key: crate::plan::ObjectKey {
-            group: "apps".into(),
-            kind: "Deployment".into(),
+            group: group.into(),
+            kind: kind.into(),
             namespace: Some("apps".into()),
             name: name.into(),
         },
-        api_version: "apps/v1".into(),
+        api_version: api_version.into(),
         namespaced: true,
         adopted: false,
     }
