@@ -93,6 +93,14 @@ impl InventoryStore {
     /// (a conflict: [`ClusterError::is_conflict`]).
     pub async fn save(&self, inventory: &Inventory) -> Result<(), ClusterError> {
         let labels = json!({ "app.kubernetes.io/managed-by": "greenlight" });
+        // A key this apply leaves out (the earlier format, once the inventory outgrows
+        // it) goes: the field manager that wrote it no longer sets it. Encoded first: an
+        // inventory too large to record makes no empty one either.
+        let mut data: serde_json::Map<String, serde_json::Value> =
+            record::data_for(&inventory.entries)?
+                .into_iter()
+                .map(|(key, text)| (key.to_owned(), text.into()))
+                .collect();
         let version = match self.seen() {
             Seen::At(version) => version,
             Seen::Missing => {
@@ -107,13 +115,6 @@ impl InventoryStore {
                 made.metadata.resource_version
             }
         };
-        // A key this apply leaves out (the earlier format, once the inventory outgrows
-        // it) goes: the field manager that wrote it no longer sets it.
-        let mut data: serde_json::Map<String, serde_json::Value> =
-            record::data_for(&inventory.entries)?
-                .into_iter()
-                .map(|(key, text)| (key.to_owned(), text.into()))
-                .collect();
         data.insert(
             "revision".to_owned(),
             inventory.revision.clone().unwrap_or_default().into(),
@@ -133,5 +134,37 @@ impl InventoryStore {
         let saved = bounded(self.api.patch(&self.name, &params, &Patch::Apply(body))).await?;
         self.remember(Seen::At(saved.metadata.resource_version));
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{namespaced_entry, serve, status};
+
+    /// An inventory too large to record is refused before anything is written: with none
+    /// stored yet, none is made empty either.
+    #[tokio::test]
+    async fn an_inventory_too_large_to_record_writes_nothing() {
+        let (kube, log) = serve(|_, _| Some((404, status(404, "not found")))).await;
+        let store = InventoryStore::new(kube, "greenlight", "prod", "test");
+        let read = store.load().await.expect("none stored reads as empty");
+        assert!(read.entries.is_empty());
+        let entries = (0..20_000)
+            .map(|n| namespaced_entry("v1", "ConfigMap", &format!("{n:05}-{}", "x".repeat(60))))
+            .collect();
+        let refused = store
+            .save(&Inventory {
+                entries,
+                revision: None,
+            })
+            .await
+            .expect_err("too large");
+        assert!(refused.message().contains("split"), "{}", refused.message());
+        let log = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert!(
+            log.iter().all(|request| request.starts_with("GET")),
+            "{log:?}"
+        );
     }
 }
