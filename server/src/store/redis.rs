@@ -23,9 +23,9 @@ use futures_util::stream::FuturesUnordered;
 use greenlight::backoff::Backoff;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumer, StreamInfoConsumersReply,
-    StreamPendingCountReply, StreamReadReply,
+    StreamInfoGroupsReply, StreamPendingCountReply, StreamReadReply,
 };
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, Script, ScriptInvocation};
 use tokio::sync::{Mutex, Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -904,22 +904,18 @@ impl RedisStore {
             let Some(stream) = stream_info(&mut conn, log).await? else {
                 return Ok::<_, StoreError>(None);
             };
-            let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+            let groups: StreamInfoGroupsReply = redis::cmd("XINFO")
                 .arg("GROUPS")
                 .arg(log)
                 .query_async(&mut conn)
                 .await?;
             let delivered = groups
-                .iter()
-                .find(|group| {
-                    group
-                        .get("name")
-                        .and_then(|name| redis::from_redis_value_ref::<String>(name).ok())
-                        .is_some_and(|name| name == STATUS_GROUP)
-                })
+                .groups
+                .into_iter()
+                .find(|group| group.name == STATUS_GROUP)
                 .map(|group| StatusGroupRead {
-                    last_delivered: info_id(group, "last-delivered-id"),
-                    entries_read: info_count(group, "entries-read"),
+                    last_delivered: EntryId::parse(&group.last_delivered_id).unwrap_or_default(),
+                    entries_read: group.entries_read.map(|read| read as u64),
                 });
             Ok(delivered.map(|delivered| (stream, delivered)))
         }))
@@ -1708,14 +1704,18 @@ impl ChangeLog for RedisStore {
         // Still the consumer's, but idle for the takeover time already: the next look of
         // any publisher for entries a dead one took takes them.
         let idle = millis(reclaim_after);
-        // Every shard at once: the hand-back has a few seconds as the replica stops.
+        // Every shard at once: the hand-back has a few seconds as the replica stops. One
+        // shard's failure (a cluster node down) does not stop the others'.
         let logs = self.keys.logs();
-        futures_util::future::try_join_all(
+        let released = futures_util::future::join_all(
             logs.iter()
                 .map(|log| self.release_from_shard(log, consumer, idle)),
         )
-        .await?;
-        Ok(())
+        .await;
+        released
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
     }
 
     async fn ack_statuses(&self, id: &str) -> Result<()> {
@@ -2339,14 +2339,20 @@ impl Keys {
 }
 
 impl RedisStore {
-    /// Drops what is stored about deleted agent `agent` (its `incarnation`): its gate,
-    /// history, reports and shown statuses, unless the record is another's by now.
-    async fn drop_agent_state(&self, agent: &str, incarnation: u64) -> Result<()> {
-        let mut invocation = self.drop_agent.prepare_invoke();
+    /// `script` on every part of `agent`'s state, its state hash first.
+    fn on_agent_parts<'a>(&self, script: &'a Script, agent: &str) -> ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
         for part in AGENT_STATE_PARTS {
             invocation.key(self.keys.agent(agent, part));
         }
-        let _: i64 = invocation
+        invocation
+    }
+
+    /// Drops what is stored about deleted agent `agent` (its `incarnation`): its gate,
+    /// history, reports and shown statuses, unless the record is another's by now.
+    async fn drop_agent_state(&self, agent: &str, incarnation: u64) -> Result<()> {
+        let _: i64 = self
+            .on_agent_parts(&self.drop_agent, agent)
             .arg(incarnation)
             .invoke_async(&mut self.conn.clone())
             .await?;
@@ -2362,11 +2368,8 @@ impl RedisStore {
         incarnation: u64,
         from: Option<u64>,
     ) -> Result<bool> {
-        let mut invocation = self.claim_agent.prepare_invoke();
-        for part in AGENT_STATE_PARTS {
-            invocation.key(self.keys.agent(agent, part));
-        }
-        let claimed: i64 = invocation
+        let claimed: i64 = self
+            .on_agent_parts(&self.claim_agent, agent)
             .arg(incarnation)
             .arg(from.map(|from| from.to_string()).unwrap_or_default())
             .invoke_async(&mut self.conn.clone())
