@@ -928,28 +928,6 @@ async fn run(world: World) -> anyhow::Result<String> {
     Ok(summary)
 }
 
-/// Polls `check` until it returns `Some`, failing after `within`.
-async fn eventually_within<T, F, Fut>(
-    what: &str,
-    within: Duration,
-    mut check: F,
-) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
-{
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if let Some(value) = check().await? {
-            return Ok(value);
-        }
-        if tokio::time::Instant::now() > deadline {
-            bail!("timed out after {within:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// The commit each agent must end on: prod the newest green commit of main, staging the head
 /// of staging, release the last commit triggered.
 fn expected_revisions(world: &World) -> anyhow::Result<BTreeMap<String, String>> {

@@ -7,7 +7,8 @@ use greenlight::v1::GetAgentRequest;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
 use greenlight_e2e::process::ServerProcess;
 use greenlight_e2e::{
-    AgentDef, Redis, SOON, TestServer, config_yaml, eventually, metric, next_revision, sha,
+    AgentDef, Redis, SOON, TestServer, config_yaml, eventually, eventually_within, metric,
+    next_revision, sha,
 };
 use greenlight_server::config::{Config, Overrides};
 
@@ -361,18 +362,15 @@ async fn a_killed_replicas_commit_status_is_posted_once_it_falls_silent() -> any
     gitlab.fail_with(None);
 
     // Silent for 30 s, then the survivor's next look (every 5 s) finds it dead.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    let posted = loop {
-        let statuses = gitlab.statuses_for(&commit);
-        if !statuses.is_empty() {
-            break statuses;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the killed replica's status was never posted"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let posted = eventually_within(
+        "the killed replica's status, posted",
+        Duration::from_secs(90),
+        || async {
+            let statuses = gitlab.statuses_for(&commit);
+            Ok((!statuses.is_empty()).then_some(statuses))
+        },
+    )
+    .await?;
     assert_eq!(posted[0].0, "pending");
     assert_eq!(posted[0].1, "greenlight/prod");
     tokio::time::sleep(Duration::from_secs(2)).await;

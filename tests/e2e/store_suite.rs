@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail, ensure};
-use greenlight_e2e::{Redis, SOON, sha};
+use greenlight_e2e::{Redis, SOON, eventually_within, sha};
 use greenlight_server::config::RedisSettings;
 use greenlight_server::gate::{
     Before, Decision, Outcome, Pipeline, PipelineStatus, Push, Revision, Sha,
@@ -93,6 +93,7 @@ suite!(
     shown_statuses_follow_their_order_not_their_arrival,
     a_new_agent_under_an_old_name_starts_without_its_statuses,
     a_write_for_a_deleted_agent_never_lands_in_the_one_created_under_its_name,
+    a_record_is_given_to_another_agent_only_from_the_one_found,
     a_registry_write_repeated_is_answered_as_it_was_made,
     a_lease_has_one_holder_until_released_or_expired,
     a_position_is_raised_only_from_below,
@@ -809,7 +810,6 @@ async fn agents_written_together_each_stand_on_their_own(store: &dyn Store) -> a
     Ok(())
 }
 
-/// Takes entries from the status feed until one that is not a probe, or none is left.
 /// The ids of the next `n` entries `consumer` takes, none acknowledged.
 async fn take_entries(
     store: &dyn Store,
@@ -827,6 +827,7 @@ async fn take_entries(
     Ok(taken)
 }
 
+/// Takes entries from the status feed until one that is not a probe, or none is left.
 async fn next_status_entry(
     store: &dyn Store,
     consumer: &str,
@@ -1030,16 +1031,12 @@ pub(crate) async fn a_silent_replicas_status_entries_go_to_a_live_publisher_at_o
     silence("replica-dying")?;
     // Within the few seconds between two looks for such entries (this store serves all
     // three publishers, so the busy one's look may just have been made).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let taken = loop {
-        if let Some(entry) = next_status_entry(store, "replica-taking", long).await? {
-            break entry;
-        }
-        ensure!(
-            tokio::time::Instant::now() < deadline,
-            "the dead replica's entry was not handed over"
-        );
-    };
+    let taken = eventually_within(
+        "the dead replica's entry, handed over",
+        Duration::from_secs(20),
+        || next_status_entry(store, "replica-taking", long),
+    )
+    .await?;
     assert_eq!(taken.id, dying.id);
     assert!(
         next_status_entry(store, "replica-taking", long)
@@ -1497,6 +1494,28 @@ pub(crate) async fn a_write_for_a_deleted_agent_never_lands_in_the_one_created_u
         Written::Saved { version: at + 2 },
         "the new agent goes on"
     );
+    Ok(())
+}
+
+/// A record left holding another agent's state is given to the agent registered, empty
+/// and at a later version, only from the incarnation the giver found in it: one that was
+/// given meanwhile, or written by yet another agent, is left alone.
+async fn a_record_is_given_to_another_agent_only_from_the_one_found(
+    store: &dyn Store,
+) -> anyhow::Result<()> {
+    let empty = AgentState::default();
+    let left = deployed_at(empty.clone(), 1, 1);
+    write_for(store, ("edge", 11), 0, &empty, &left).await?;
+    assert!(!store.give_agent("edge", 22, 33).await?, "not 22's to give");
+    let kept = store.agent("edge").await?;
+    assert_eq!((kept.incarnation, &kept.value), (11, &left));
+
+    assert!(store.give_agent("edge", 11, 33).await?);
+    let given = store.agent("edge").await?;
+    assert_eq!((given.incarnation, &given.value), (33, &empty));
+    assert!(given.version > kept.version, "{given:?} after {kept:?}");
+    assert!(store.give_agent("edge", 11, 33).await?, "33's already");
+    assert_eq!(store.agent("edge").await?, given, "and left as it is");
     Ok(())
 }
 

@@ -888,19 +888,32 @@ impl Drop for AgentProcess {
 /// The namespace test agents keep their inventory and Lease in.
 pub const AGENT_NAMESPACE: &str = "default";
 
-/// Polls `check` until it returns `Some`, failing after `SOON` with `what`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+/// Polls `check` until it returns `Some`, failing after 30 s with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    eventually_within(what, Duration::from_secs(30), check).await
+}
+
+/// Polls `check` until it returns `Some`, failing after `within` with `what`.
+pub async fn eventually_within<T, F, Fut>(
+    what: &str,
+    within: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         if let Some(value) = check().await? {
             return Ok(value);
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
+            bail!("timed out after {within:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
