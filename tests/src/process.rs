@@ -248,8 +248,13 @@ impl Process {
         if let Some(child) = self.child.as_mut()
             && let Some(status) = child.try_wait()?
         {
+            // The log's end in the error itself: a test's temporary directory, and the log
+            // with it, is gone by the time anyone reads the failure.
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
             bail!(
-                "{} exited with {status}; see {}",
+                "{} exited with {status}; the end of {}:\n{tail}",
                 self.program.display(),
                 self.log.display()
             );
