@@ -148,6 +148,14 @@ impl Process {
         self.file_size_limit = bytes;
     }
 
+    /// Gives `flag` the value `value` for every later start, in place of the one it had.
+    pub fn set_flag(&mut self, flag: &str, value: &str) {
+        match self.args.iter().position(|arg| arg == flag) {
+            Some(at) if at + 1 < self.args.len() => self.args[at + 1] = value.to_owned(),
+            _ => self.args.extend([flag.to_owned(), value.to_owned()]),
+        }
+    }
+
     /// Starts it (again).
     pub fn start(&mut self) -> anyhow::Result<()> {
         ensure!(
@@ -361,8 +369,35 @@ impl ServerProcess {
                 .build()?,
             _dir: dir,
         };
-        server.restart().await?;
-        Ok(server)
+        let mut attempts = 0;
+        loop {
+            let logged_before = server.log().len();
+            let Err(error) = server.restart().await else {
+                return Ok(server);
+            };
+            attempts += 1;
+            // Another process may bind a port between its probe and the server's bind: the
+            // server then exits at once, and fresh ports are all it needs.
+            let port_taken = server
+                .log()
+                .get(logged_before..)
+                .is_some_and(|logged| logged.contains("cannot bind"));
+            if !port_taken || attempts == 5 {
+                return Err(error);
+            }
+            server.listen_on_fresh_ports()?;
+        }
+    }
+
+    fn listen_on_fresh_ports(&mut self) -> anyhow::Result<()> {
+        self.grpc = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
+        self.http = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
+        self.process
+            .set_flag("--grpc-listen", &self.grpc.to_string());
+        self.process
+            .set_flag("--http-listen", &self.http.to_string());
+        self.api = crate::TestServer::attach_later(self.grpc, self.http)?;
+        Ok(())
     }
 
     /// SIGKILLs it.
