@@ -216,9 +216,16 @@ fn by_convention(object: &Value, observed: i64, generation: i64) -> Health {
                 ))
             })
     };
-    if condition_true(object, "Stalled") {
-        return set_before("Stalled").unwrap_or_else(|| Health::Failed(message("Stalled")));
-    }
+    // A Stalled left from an earlier spec gives way to a condition set for this one: a
+    // controller that forgot to clear it would otherwise hold the rollout until it timed out.
+    let stalled_before = if condition_true(object, "Stalled") {
+        match set_before("Stalled") {
+            Some(earlier) => Some(earlier),
+            None => return Health::Failed(message("Stalled")),
+        }
+    } else {
+        None
+    };
     for kind in ["Ready", "Available"] {
         if condition(object, kind).is_some() {
             if let Some(earlier) = set_before(kind) {
@@ -234,7 +241,7 @@ fn by_convention(object: &Value, observed: i64, generation: i64) -> Health {
     if condition_true(object, "Reconciling") {
         return Health::Progressing(message("Reconciling"));
     }
-    Health::Healthy
+    stalled_before.unwrap_or(Health::Healthy)
 }
 
 #[cfg(test)]
@@ -425,6 +432,22 @@ mod tests {
             assess("example.com", "Widget", &stalled_before),
             Health::Progressing(_)
         ));
+        let stalled_before_ready_now = json!({"metadata": {"generation": 3}, "status": {
+            "conditions": [
+                {"type": "Stalled", "status": "True", "reason": "BadSpec", "observedGeneration": 2},
+                {"type": "Ready", "status": "True", "observedGeneration": 3}]}});
+        assert_eq!(
+            assess("example.com", "Widget", &stalled_before_ready_now),
+            Health::Healthy
+        );
+        let stalled_before_not_ready_now = json!({"metadata": {"generation": 3}, "status": {
+            "conditions": [
+                {"type": "Stalled", "status": "True", "reason": "BadSpec", "observedGeneration": 2},
+                {"type": "Ready", "status": "False", "reason": "Pulling", "observedGeneration": 3}]}});
+        assert_eq!(
+            assess("example.com", "Widget", &stalled_before_not_ready_now),
+            Health::Progressing("Ready: Pulling".into())
+        );
         // Only the condition that decides is held to its generation.
         let ready_now_available_before = json!({"metadata": {"generation": 3}, "status": {
             "conditions": [
