@@ -1075,6 +1075,82 @@ async fn redis_a_silent_replicas_status_entries_go_to_a_live_publisher_at_once()
     .await
 }
 
+/// A status publisher that holds nothing and whose replica shows no sign of life leaves the
+/// group once silent long enough (every start of a replica names a new one), shard by
+/// shard; where it holds an entry it stays, and so does the entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_silent_publishers_leave_the_group_only_where_they_hold_nothing() -> anyhow::Result<()>
+{
+    let redis = Redis::start().await?;
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let store =
+        redis_store(&redis, &shutdown)?.forget_silent_consumers_after(Duration::from_millis(500));
+    let store: &dyn Store = &store;
+    let long = Duration::from_secs(3600);
+    let k = key("group/app", "main");
+    for n in 1..=2 {
+        store.record_fact(&k, &push_of(n), None, None).await?;
+    }
+    let done = next_status_entry(store, "replica-gone", long)
+        .await?
+        .context("an entry for the replica that finishes it")?;
+    store.ack_statuses(&done.id).await?;
+    next_status_entry(store, "replica-holding", long)
+        .await?
+        .context("an entry for the replica that holds it")?;
+    let logs: Vec<String> = (0..16)
+        .map(|shard| format!("gl-suite:{{gl{shard}}}:log"))
+        .collect();
+    let consumers = |log: &str| -> anyhow::Result<Vec<(String, u64)>> {
+        let listed = redis.cli(&["XINFO", "CONSUMERS", log, "statuses"])?;
+        let lines: Vec<&str> = listed.lines().collect();
+        let mut found = Vec::new();
+        for (at, line) in lines.iter().enumerate() {
+            if *line == "name"
+                && let (Some(name), Some(&"pending"), Some(pending)) =
+                    (lines.get(at + 1), lines.get(at + 2), lines.get(at + 3))
+            {
+                found.push((name.to_string(), pending.parse()?));
+            }
+        }
+        Ok(found)
+    };
+    let holding_log = logs
+        .iter()
+        .find(|log| {
+            consumers(log).is_ok_and(|found| found.contains(&("replica-holding".into(), 1)))
+        })
+        .context("the shard where replica-holding holds its entry")?
+        .clone();
+    eventually_within(
+        "replica-gone out of every shard's group",
+        Duration::from_secs(20),
+        || async {
+            // The look another publisher makes every few seconds.
+            ensure!(
+                next_status_entry(store, "replica-taking", long)
+                    .await?
+                    .is_none()
+            );
+            for log in &logs {
+                let found = consumers(log)?;
+                let left = |replica: &str| found.iter().any(|(name, _)| name == replica);
+                if left("replica-gone") || (*log != holding_log && left("replica-holding")) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await?;
+    assert!(
+        consumers(&holding_log)?.contains(&("replica-holding".into(), 1)),
+        "where it holds an entry, it stays with it"
+    );
+    Ok(())
+}
+
 async fn reports_are_newest_first_and_trimmed(store: &dyn Store) -> anyhow::Result<()> {
     assert!(
         store.reports("prod", 10).await?.is_empty(),

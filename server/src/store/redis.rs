@@ -351,6 +351,10 @@ pub struct RedisStore {
     drop_agent: Script,
     mark_alive: Script,
     silence: Script,
+    forget_consumer: Script,
+    /// How long a status publisher that holds nothing and belongs to no live replica stays
+    /// in the group.
+    silent_consumers_forgotten_after: Duration,
     notices: broadcast::Sender<Notice>,
     /// The status publisher's own connection for its blocking reads; `None` until first used
     /// and after it failed.
@@ -522,6 +526,8 @@ impl RedisStore {
             drop_agent: Script::new(DROP_AGENT_SCRIPT),
             mark_alive: Script::new(MARK_ALIVE_SCRIPT),
             silence: Script::new(SILENCE_SCRIPT),
+            forget_consumer: Script::new(FORGET_CONSUMER_SCRIPT),
+            silent_consumers_forgotten_after: Duration::from_secs(PRESENCE_TTL_SECS),
             notices,
             status_conn: Mutex::new(None),
             relayed,
@@ -533,6 +539,13 @@ impl RedisStore {
             status_loss_counted: Mutex::new(HashMap::new()),
             url_for_logs,
         })
+    }
+
+    /// Keeps status publishers that hold nothing and belong to no live replica in the group
+    /// for `after` rather than as long as a presence record lives; tests shorten it.
+    pub fn forget_silent_consumers_after(mut self, after: Duration) -> Self {
+        self.silent_consumers_forgotten_after = after;
+        self
     }
 
     /// Refuses data of another layout under the prefix, and marks an empty prefix as this
@@ -836,7 +849,7 @@ impl RedisStore {
             .into_iter()
             .zip(told.into_iter().map(Liveness::from_script))
             .collect();
-        let forgotten_after = usize::try_from(PRESENCE_TTL_SECS * 1000).unwrap_or(usize::MAX);
+        let forgotten_after = millis(self.silent_consumers_forgotten_after);
         let mut handed_back = Vec::new();
         for (shard, (log, consumers)) in logs.iter().zip(&held).enumerate() {
             for consumer in consumers {
@@ -856,14 +869,18 @@ impl RedisStore {
                     }
                 } else if consumer.pending == 0
                     && *liveness != Liveness::Alive
-                    && consumer.idle >= forgotten_after
+                    && u64::try_from(consumer.idle).unwrap_or(u64::MAX) >= forgotten_after
                 {
-                    let _: i64 = redis::cmd("XGROUP")
-                        .arg("DELCONSUMER")
-                        .arg(log)
+                    // Checked again where no read can come in between: a consumer leaving
+                    // the group takes what it holds out of it, and those statuses would be
+                    // lost.
+                    let _: i64 = self
+                        .forget_consumer
+                        .key(log)
                         .arg(STATUS_GROUP)
                         .arg(&consumer.name)
-                        .query_async(&mut self.conn.clone())
+                        .arg(forgotten_after)
+                        .invoke_async(&mut self.conn.clone())
                         .await?;
                 }
             }
@@ -2255,6 +2272,24 @@ for i = 2, #ARGV do
   else told[#told + 1] = 0 end
 end
 return told
+"#;
+
+/// Removes consumer ARGV[2] from group ARGV[1] of stream KEYS[1] if it holds no entry and
+/// has been idle for ARGV[3] ms; answers 1 if it did.
+const FORGET_CONSUMER_SCRIPT: &str = r#"
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, consumer in ipairs(consumers) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if fields['name'] == ARGV[2] then
+    if fields['pending'] == 0 and fields['idle'] >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
 "#;
 
 /// What a replica's mark of life says of it.
