@@ -24,7 +24,7 @@ use crate::index::{Desired, Index};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::store::{
-    AgentRead, Broadcast, Notice, RefKey, Store, StoreError, SyncError, same_incarnation,
+    AgentRead, Broadcast, Notice, RefKey, Reported, Store, StoreError, SyncError, same_incarnation,
 };
 
 mod registry;
@@ -54,6 +54,11 @@ pub enum EngineError {
         "revision {sha} was never sent to agent {agent}; reports are accepted only for revisions the server sent"
     )]
     NotSent { agent: String, sha: Sha },
+    #[error(
+        "agent {0:?} was deleted, and another agent was created under its name since: the \
+         deleted agent's report is dropped"
+    )]
+    Replaced(String),
 }
 
 impl From<EvaluateError> for EngineError {
@@ -589,9 +594,13 @@ impl Engine {
         let report = report.encode_to_vec();
         // Kept and announced in one step: a report that is stored always becomes its commit
         // status and `wait` result, whichever replica is alive to act on it.
-        self.store
+        match self
+            .store
             .push_report(agent, spec.incarnation, &report, REPORT_HISTORY)
-            .await?;
-        Ok(())
+            .await?
+        {
+            Reported::Kept => Ok(()),
+            Reported::Replaced => Err(EngineError::Replaced(agent.to_owned())),
+        }
     }
 }

@@ -325,11 +325,15 @@ async fn a_stopping_publisher_hands_back_its_entries_on_a_cluster() -> anyhow::R
 /// An agent's state claimed by a new agent of its name, on a cluster: the registry and the
 /// agent's state live on different nodes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_for_a_deleted_agent_never_lands_in_the_new_one_on_a_cluster() -> anyhow::Result<()>
-{
+async fn a_deleted_agents_write_or_report_never_lands_in_the_new_one_on_a_cluster()
+-> anyhow::Result<()> {
     let cluster = RedisCluster::start(3).await?;
     let (store, _stop) = store_on(&cluster)?;
     crate::store_suite::a_write_for_a_deleted_agent_never_lands_in_the_one_created_under_its_name(
+        &store,
+    )
+    .await?;
+    crate::store_suite::a_report_of_a_deleted_agent_never_lands_in_the_one_created_under_its_name(
         &store,
     )
     .await

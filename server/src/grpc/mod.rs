@@ -38,7 +38,7 @@ impl From<EngineError> for Status {
                 Status::data_loss(message)
             }
             EngineError::Store(_) => Status::unavailable(message),
-            EngineError::UnknownAgent(_) => Status::not_found(message),
+            EngineError::UnknownAgent(_) | EngineError::Replaced(_) => Status::not_found(message),
             EngineError::Evaluate(EvaluateError::Contention(_) | EvaluateError::Replaced(_)) => {
                 Status::aborted(message)
             }

@@ -12,8 +12,8 @@ use super::Metrics;
 use crate::gate::{Pipeline, Sha};
 use crate::store::{
     AgentRead, AgentStore, AgentWrites, ChangeLog, FactRecord, FactStore, Facts, Ingested,
-    LeaseStore, LogEntry, Notice, PresenceStore, RefKey, ReportStore, Result, StatusClaim,
-    StatusKey, Store, SyncError, Told, Versioned, Written,
+    LeaseStore, LogEntry, Notice, PresenceStore, RefKey, ReportStore, Reported, Result,
+    StatusClaim, StatusKey, Store, SyncError, Told, Versioned, Written,
 };
 use crate::store::{Registry, RegistryRecord, RegistryStore, RegistryWritten};
 
@@ -114,7 +114,7 @@ impl ReportStore for CountedStore {
         incarnation: u64,
         report: &[u8],
         keep: usize,
-    ) -> Result<()> {
+    ) -> Result<Reported> {
         let pushed = self
             .inner
             .push_report(agent, incarnation, report, keep)

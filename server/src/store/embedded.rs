@@ -23,8 +23,8 @@ use super::{
     ChangeLog, ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord,
     FactStore, Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PUSHES_KEPT,
     PresenceStore, RefKey, Registry, RegistryRecord, RegistryStore, RegistryWritten, ReportStore,
-    Result, STATUS_MEMORY_SECS, ShownStatus, StatusClaim, StatusKey, StatusOrder, Store, SyncError,
-    Told, Versioned, Written,
+    Reported, Result, STATUS_MEMORY_SECS, ShownStatus, StatusClaim, StatusKey, StatusOrder, Store,
+    SyncError, Told, Versioned, Written, same_incarnation,
 };
 use crate::evaluate::StoredVersion;
 use crate::gate::{DECISION_HISTORY, DEPLOYED_HISTORY, MAX_REJECTED, Pipeline, Sha};
@@ -913,9 +913,16 @@ impl ReportStore for EmbeddedStore {
         incarnation: u64,
         report: &[u8],
         keep: usize,
-    ) -> Result<()> {
+    ) -> Result<Reported> {
         let ticket = {
             let mut inner = self.lock();
+            let held = inner
+                .agents
+                .get(agent)
+                .map_or(0, |stored| stored.incarnation);
+            if !same_incarnation(held, incarnation) {
+                return Ok(Reported::Replaced);
+            }
             let reports = inner.reports.entry(agent.to_owned()).or_default();
             reports.push_front(report.to_vec());
             reports.truncate(keep);
@@ -928,7 +935,8 @@ impl ReportStore for EmbeddedStore {
             self.log(&mut inner, message);
             inner.ticket()
         };
-        self.durable(ticket).await
+        self.durable(ticket).await?;
+        Ok(Reported::Kept)
     }
 
     async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>> {

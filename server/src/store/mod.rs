@@ -735,18 +735,30 @@ pub trait AgentStore: Send + Sync {
     async fn sync_error(&self, agent: &str) -> Result<Option<SyncError>>;
 }
 
+/// What became of an agent's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Reported {
+    /// Kept, and appended to the change log.
+    Kept,
+    /// Dropped: the agent's record belongs to another agent created under its name since,
+    /// so the report is of a deleted agent.
+    Replaced,
+}
+
 /// Agents' status reports.
 #[async_trait]
 pub trait ReportStore: Send + Sync {
     /// Keeps `report` as the newest of at most `keep` reports of `agent` (its
-    /// `incarnation`), and appends it to the change log, in one atomic step.
+    /// `incarnation`), and appends it to the change log, in one atomic step; not when the
+    /// agent's record belongs to another incarnation (see [`same_incarnation`]).
     async fn push_report(
         &self,
         agent: &str,
         incarnation: u64,
         report: &[u8],
         keep: usize,
-    ) -> Result<()>;
+    ) -> Result<Reported>;
 
     /// The newest `limit` reports of `agent`, newest first.
     async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>>;

@@ -36,7 +36,7 @@ use super::{
     AgentChange, AgentRead, AgentState, AgentStore, AgentWrites, Broadcast, ChangeLog,
     ChangedAgent, DELIVERY_MEMORY_SECS, DecidedChange, DeployedChange, FactRecord, FactStore,
     Facts, Ingested, LOG_MAX_ENTRIES, LeaseStore, LogEntry, Notice, PRESENCE_TTL_SECS, PUSHES_KEPT,
-    PresenceStore, QueuedWrite, REPLICA_SILENT, RefKey, ReportStore, Result, SHARDS,
+    PresenceStore, QueuedWrite, REPLICA_SILENT, RefKey, ReportStore, Reported, Result, SHARDS,
     STATUS_MEMORY_SECS, StatusClaim, StatusKey, Store, StoreError, SyncError, Told, Versioned,
     Written, agent_shard,
 };
@@ -352,6 +352,7 @@ pub struct RedisStore {
     mark_alive: Script,
     silence: Script,
     forget_consumer: Script,
+    report: Script,
     /// How long a status publisher that holds nothing and belongs to no live replica stays
     /// in the group.
     silent_consumers_forgotten_after: Duration,
@@ -527,6 +528,7 @@ impl RedisStore {
             mark_alive: Script::new(MARK_ALIVE_SCRIPT),
             silence: Script::new(SILENCE_SCRIPT),
             forget_consumer: Script::new(FORGET_CONSUMER_SCRIPT),
+            report: Script::new(REPORT_SCRIPT),
             silent_consumers_forgotten_after: Duration::from_secs(PRESENCE_TTL_SECS),
             notices,
             status_conn: Mutex::new(None),
@@ -1583,23 +1585,30 @@ impl ReportStore for RedisStore {
         incarnation: u64,
         report: &[u8],
         keep: usize,
-    ) -> Result<()> {
-        let key = self.keys.agent(agent, "reports");
+    ) -> Result<Reported> {
         let stop = isize::try_from(keep).unwrap_or(isize::MAX) - 1;
         let message = self.encode(&Broadcast::Report {
             agent: agent.to_owned(),
             report: report.to_vec(),
             incarnation,
         })?;
-        redis::pipe()
-            .atomic()
-            .lpush(&key, report)
-            .ltrim(&key, 0, stop)
-            .add_command(append_command(&self.keys.log(agent_shard(agent)), &message))
-            .ignore()
-            .exec_async(&mut self.conn.clone())
+        let kept: i64 = self
+            .report
+            .key(self.keys.agent(agent, "state"))
+            .key(self.keys.agent(agent, "reports"))
+            .key(self.keys.log(agent_shard(agent)))
+            .arg(incarnation)
+            .arg(report)
+            .arg(stop)
+            .arg(LOG_MAX_ENTRIES)
+            .arg(message)
+            .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(())
+        Ok(if kept == 1 {
+            Reported::Kept
+        } else {
+            Reported::Replaced
+        })
     }
 
     async fn reports(&self, agent: &str, limit: usize) -> Result<Vec<Vec<u8>>> {
@@ -2272,6 +2281,19 @@ for i = 2, #ARGV do
   else told[#told + 1] = 0 end
 end
 return told
+"#;
+
+/// Keeps report ARGV[2] of agent incarnation ARGV[1] as the newest in list KEYS[2], trimmed
+/// to indexes 0..ARGV[3], and appends entry ARGV[5] to log KEYS[3] (at most ~ARGV[4]
+/// entries); answers 0, writing nothing, when the agent's state KEYS[1] belongs to another
+/// incarnation. 0 on either side is one that did not record incarnations.
+const REPORT_SCRIPT: &str = r#"
+local held = redis.call('HGET', KEYS[1], 'i')
+if held and held ~= '0' and ARGV[1] ~= '0' and held ~= ARGV[1] then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]))
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'm', ARGV[5])
+return 1
 "#;
 
 /// Removes consumer ARGV[2] from group ARGV[1] of stream KEYS[1] if it holds no entry and
