@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::impersonate::{InvalidUser, acting_as};
 use crate::inventory::{ADOPTED, ADOPTED_ANNOTATION, INVENTORY_LABEL};
+use crate::manifest::split_api_version;
 use crate::plan::Terminating;
 use tracing::warn;
 
@@ -656,11 +657,6 @@ fn delete_params(policy: &str, uid: &str) -> DeleteParams {
         }),
         ..DeleteParams::default()
     }
-}
-
-/// `(group, version)` of an `apiVersion`; the core group is empty.
-pub fn split_api_version(api_version: &str) -> (&str, &str) {
-    api_version.rsplit_once('/').unwrap_or(("", api_version))
 }
 
 #[cfg(test)]

@@ -33,17 +33,18 @@ pub struct Manifest {
 impl Manifest {
     /// The API group (empty for the core group).
     pub fn group(&self) -> &str {
-        self.api_version
-            .rsplit_once('/')
-            .map_or("", |(group, _)| group)
+        split_api_version(&self.api_version).0
     }
 
     /// The version part of `apiVersion`.
     pub fn version(&self) -> &str {
-        self.api_version
-            .rsplit_once('/')
-            .map_or(self.api_version.as_str(), |(_, v)| v)
+        split_api_version(&self.api_version).1
     }
+}
+
+/// `(group, version)` of an `apiVersion`; the core group is empty.
+pub fn split_api_version(api_version: &str) -> (&str, &str) {
+    api_version.rsplit_once('/').unwrap_or(("", api_version))
 }
 
 /// A document that cannot be applied; names the file, the document and the reason.

@@ -110,7 +110,7 @@ pub fn deployment_entry(name: &str) -> crate::plan::InventoryEntry {
 
 /// The inventory entry of `kind` `name` of namespace `apps`, applied as `api_version`.
 pub fn namespaced_entry(api_version: &str, kind: &str, name: &str) -> crate::plan::InventoryEntry {
-    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    let (group, _) = crate::manifest::split_api_version(api_version);
     crate::plan::InventoryEntry {
         key: crate::plan::ObjectKey {
             group: group.into(),

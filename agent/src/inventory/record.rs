@@ -159,10 +159,7 @@ mod tests {
     ) -> InventoryEntry {
         InventoryEntry {
             key: ObjectKey {
-                group: api_version
-                    .split_once('/')
-                    .map(|(group, _)| group.to_owned())
-                    .unwrap_or_default(),
+                group: crate::manifest::split_api_version(api_version).0.into(),
                 kind: kind.into(),
                 namespace: namespace.map(str::to_owned),
                 name: name.into(),

@@ -241,7 +241,7 @@ impl Previewer {
                 None => "unknown kind: the cluster does not serve it".to_owned(),
             };
             reasons.push(format!("{}: {why}", u.what));
-            let (group, _) = crate::cluster::split_api_version(&u.manifest.api_version);
+            let (group, _) = crate::manifest::split_api_version(&u.manifest.api_version);
             let key = ObjectKey {
                 group: group.to_owned(),
                 kind: u.manifest.kind.clone(),
