@@ -9,8 +9,8 @@ use greenlight::auth::Bearer;
 use greenlight::digest::sha256_hex;
 use greenlight::v1::admin_service_client::AdminServiceClient;
 use greenlight::v1::{
-    CommitInfo, GetAgentRequest, GetRefRequest, PauseSyncRequest, Phase, WatchRevisionRequest,
-    decision,
+    CommitInfo, GetAgentRequest, GetRefRequest, PauseSyncRequest, Phase, PipelineStatus,
+    WatchRevisionRequest, decision,
 };
 use greenlight_e2e::control_plane::TestCluster;
 use greenlight_e2e::fake_gitlab::FakeGitLab;
@@ -1286,6 +1286,109 @@ async fn catch_up_reads_only_full_commit_shas() -> anyhow::Result<()> {
     w.gitlab.set_branch_head(PROJECT, "main", &a);
     w.gitlab.set_pipelines(PROJECT, vec![pipeline(&a)]);
     assert_eq!(w.heads_once_head_is(&a).await?, [a]);
+    w.server.stop().await?;
+    Ok(())
+}
+
+/// GitLab's pipeline status counts the commit statuses posted into the pipeline, the
+/// server's own among them: catch-up must not record a green pipeline as failed because a
+/// deploy failed on one cluster, nor as running while a deploy is under way, while it still
+/// records what the CI jobs themselves changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_reads_a_pipeline_by_its_ci_jobs_not_the_deploy_statuses_posted_into_it()
+-> anyhow::Result<()> {
+    let w = CatchingUp::start().await?;
+    let (a, b, c) = (w.commit("a")?, w.commit("b")?, w.commit("c")?);
+    let mut stream = w.deployed_first(&a).await?;
+    assert_eq!(w.server.push("main", &a, &b).await?, 200);
+    w.green(&b, 2).await?;
+    assert_eq!(next_revision(&mut stream, SOON).await?.sha(), b);
+    assert_eq!(w.server.push("main", &b, &c).await?, 200);
+    assert_eq!(
+        w.server.pipeline("main", &c, 3, "running", "push").await?,
+        200
+    );
+
+    let job = |name: &str, stage: &str, status: &str, at: &str| {
+        json!({"name": name, "stage": stage, "status": status, "allow_failure": false,
+            "started_at": "2026-11-26T10:00:00.000Z", "finished_at": at})
+    };
+    let listed = |sha: &str, id: u64, status: &str, builds: Vec<serde_json::Value>| {
+        json!({"id": id, "sha": sha, "ref": "main", "status": status, "source": "push",
+            "updated_at": "2026-11-26T10:30:00.000Z", "builds": builds})
+    };
+    w.gitlab.set_pipelines(
+        PROJECT,
+        vec![
+            // Its CI job failed since the hook said it ran: recorded.
+            listed(
+                &c,
+                3,
+                "failed",
+                vec![job("test", "test", "failed", "2026-11-26T10:20:00.000Z")],
+            ),
+            // Green, then a deploy under way.
+            listed(
+                &b,
+                2,
+                "running",
+                vec![
+                    job("test", "test", "success", "2026-11-26T10:05:00.000Z"),
+                    job(
+                        "greenlight/prod",
+                        "external",
+                        "running",
+                        "2026-11-26T10:29:00.000Z",
+                    ),
+                ],
+            ),
+            // Green, then a deploy that failed.
+            listed(
+                &a,
+                1,
+                "failed",
+                vec![
+                    job("test", "test", "success", "2026-11-26T10:01:00.000Z"),
+                    job(
+                        "greenlight/staging",
+                        "external",
+                        "failed",
+                        "2026-11-26T10:29:00.000Z",
+                    ),
+                ],
+            ),
+        ],
+    );
+    w.gitlab.set_branch_head(PROJECT, "main", &c);
+    let status_of = |commits: &[CommitInfo], sha: &str| {
+        commits
+            .iter()
+            .find(|commit| commit.sha == sha)
+            .and_then(|commit| commit.pipelines.first())
+            .map(|pipeline| pipeline.status())
+    };
+    let commits = eventually("the failure of c's CI job, caught up", || async {
+        let commits = w.commits_once_head_is(&c).await?;
+        Ok((status_of(&commits, &c) == Some(PipelineStatus::Failed)).then_some(commits))
+    })
+    .await?;
+    assert_eq!(status_of(&commits, &b), Some(PipelineStatus::Success));
+    assert_eq!(status_of(&commits, &a), Some(PipelineStatus::Success));
+    let job_reads = || {
+        w.gitlab
+            .requests()
+            .iter()
+            .filter(|request| request.path.ends_with("/jobs"))
+            .count()
+    };
+    // Later rounds read a pipeline's jobs again only once it changed, and record nothing.
+    w.rounds_pass(1).await?;
+    let read = job_reads();
+    w.rounds_pass(3).await?;
+    let commits = w.commits_once_head_is(&c).await?;
+    assert_eq!(status_of(&commits, &b), Some(PipelineStatus::Success));
+    assert_eq!(status_of(&commits, &a), Some(PipelineStatus::Success));
+    assert_eq!(job_reads(), read, "no pipeline changed");
     w.server.stop().await?;
     Ok(())
 }

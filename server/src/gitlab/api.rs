@@ -5,6 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Deserialize;
 
 use crate::config::Secret;
+use crate::gate::{PipelineStatus, aggregate_jobs};
 
 /// GitLab's limit on a commit status description.
 pub const MAX_DESCRIPTION: usize = 255;
@@ -18,6 +19,8 @@ pub enum GitLabError {
     Status { status: u16, body: String },
     #[error("invalid GitLab URL {0}")]
     Url(String),
+    #[error("pipeline {0} lists more than {max} jobs", max = crate::trust::MAX_JOBS)]
+    TooManyJobs(u64),
 }
 
 impl GitLabError {
@@ -28,7 +31,7 @@ impl GitLabError {
             GitLabError::Status { status, .. } => {
                 *status >= 500 || *status == 429 || *status == 408
             }
-            GitLabError::Url(_) => false,
+            GitLabError::Url(_) | GitLabError::TooManyJobs(_) => false,
         }
     }
 }
@@ -70,6 +73,29 @@ pub struct ApiJob {
     pub status: String,
     #[serde(default)]
     pub allow_failure: bool,
+    #[serde(default)]
+    pub started_at: Option<String>,
+    #[serde(default)]
+    pub finished_at: Option<String>,
+}
+
+impl ApiJob {
+    /// The status `jobs` give their pipeline; `None` for no job GitLab's rules can weigh.
+    pub fn pipeline_status(jobs: &[ApiJob]) -> Option<PipelineStatus> {
+        let weighed: Vec<(PipelineStatus, bool)> = jobs
+            .iter()
+            .filter_map(|job| Some((PipelineStatus::parse(&job.status).ok()?, job.allow_failure)))
+            .collect();
+        aggregate_jobs(&weighed)
+    }
+
+    /// When any of `jobs` last started or finished (Unix ms).
+    pub fn last_activity(jobs: &[ApiJob]) -> Option<i64> {
+        jobs.iter()
+            .flat_map(|job| [&job.started_at, &job.finished_at])
+            .filter_map(|at| at.as_deref().and_then(parse_gitlab_time))
+            .max()
+    }
 }
 
 #[derive(Deserialize)]
@@ -262,9 +288,25 @@ impl GitLab {
 
     /// The CI jobs of pipeline `id` of `project` (the first hundred, latest attempts).
     pub async fn pipeline_jobs(&self, project: &str, id: u64) -> Result<Vec<ApiJob>, GitLabError> {
-        let mut url = self.url(project, &["pipelines", &id.to_string(), "jobs"])?;
-        url.query_pairs_mut().append_pair("per_page", "100");
-        Ok(self.send(self.http.get(url)).await?.json().await?)
+        // A page of GitLab's holds 100 at most: the status of a larger pipeline needs them all.
+        const PER_PAGE: usize = 100;
+        let mut jobs = Vec::new();
+        for page in 1..=crate::trust::MAX_JOBS / PER_PAGE + 1 {
+            let mut url = self.url(project, &["pipelines", &id.to_string(), "jobs"])?;
+            url.query_pairs_mut()
+                .append_pair("per_page", &PER_PAGE.to_string())
+                .append_pair("page", &page.to_string());
+            let listed: Vec<ApiJob> = self.send(self.http.get(url)).await?.json().await?;
+            let last = listed.len() < PER_PAGE;
+            jobs.extend(listed);
+            if jobs.len() > crate::trust::MAX_JOBS {
+                break;
+            }
+            if last {
+                return Ok(jobs);
+            }
+        }
+        Err(GitLabError::TooManyJobs(id))
     }
 
     /// The newest pipelines of `branch` of `project`, newest first.
@@ -306,6 +348,66 @@ pub fn truncate(text: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GitLab serving `total` jobs of every pipeline, 100 a page at most, the one at
+    /// `failing` failed and the rest passed.
+    async fn paged_gitlab(total: usize, failing: usize) -> (GitLab, tokio::task::JoinHandle<()>) {
+        use axum::extract::Query;
+        let app = axum::Router::new().route(
+            "/api/v4/projects/{project}/pipelines/{id}/jobs",
+            axum::routing::get(
+                move |Query(query): Query<std::collections::HashMap<String, usize>>| async move {
+                    let per_page = query.get("per_page").copied().unwrap_or(20).min(100);
+                    let page = query.get("page").copied().unwrap_or(1).max(1);
+                    let jobs: Vec<serde_json::Value> = ((page - 1) * per_page..total)
+                        .take(per_page)
+                        .map(|at| {
+                            let status = if at == failing { "failed" } else { "success" };
+                            serde_json::json!({ "status": status,
+                                "finished_at": format!("2026-11-26T10:{:02}:00Z", at % 60) })
+                        })
+                        .collect();
+                    axum::Json(jobs)
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
+        (gitlab, server)
+    }
+
+    #[tokio::test]
+    async fn a_pipelines_jobs_are_read_past_the_first_page() {
+        let (gitlab, server) = paged_gitlab(250, 230).await;
+        let jobs = gitlab.pipeline_jobs("42", 7).await.unwrap();
+        assert_eq!(jobs.len(), 250);
+        assert_eq!(ApiJob::pipeline_status(&jobs), Some(PipelineStatus::Failed));
+        assert_eq!(
+            ApiJob::last_activity(&jobs),
+            parse_gitlab_time("2026-11-26T10:59:00Z")
+        );
+        server.abort();
+
+        let (gitlab, server) = paged_gitlab(crate::trust::MAX_JOBS, usize::MAX).await;
+        let jobs = gitlab.pipeline_jobs("42", 7).await.unwrap();
+        assert_eq!(jobs.len(), crate::trust::MAX_JOBS);
+        assert_eq!(
+            ApiJob::pipeline_status(&jobs),
+            Some(PipelineStatus::Success)
+        );
+        server.abort();
+
+        let (gitlab, server) = paged_gitlab(crate::trust::MAX_JOBS + 1, usize::MAX).await;
+        assert!(matches!(
+            gitlab.pipeline_jobs("42", 7).await,
+            Err(GitLabError::TooManyJobs(7))
+        ));
+        server.abort();
+    }
 
     #[test]
     fn project_paths_are_one_url_segment() {

@@ -1,13 +1,14 @@
 //! Catching up after missed webhooks: GitLab does not redeliver them, so the server reads
 //! each watched branch's head and latest pipelines and feeds them into the same gate.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::api::{GitLab, GitLabError, parse_gitlab_time};
+use super::api::{ApiJob, ApiPipeline, GitLab, GitLabError, parse_gitlab_time};
 use crate::engine::{Engine, EngineError};
 use crate::gate::{Before, Pipeline, PipelineStatus, Push, Recorded, Sha};
 use crate::ingest::{Fact, FactKind, Origin};
@@ -25,11 +26,50 @@ pub enum CatchUpError {
     Store(#[from] StoreError),
 }
 
+/// Pipelines' statuses as their CI jobs give them, by project and pipeline id, with the
+/// `updated_at` GitLab listed the pipeline with when its jobs were read: read again only once
+/// the pipeline changed.
+#[derive(Default)]
+pub struct JobsRead(HashMap<(String, u64), (Option<String>, Option<CiStatus>)>);
+
+/// A pipeline's status as its CI jobs give it, and when they last moved (Unix ms).
+type CiStatus = (PipelineStatus, Option<i64>);
+
+/// Pipelines remembered in [`JobsRead`]; past this the memory starts over.
+const JOBS_READ_KEPT: usize = 4096;
+
+impl JobsRead {
+    /// The status `api`'s CI jobs give it and when they last moved; `None` when no job
+    /// tells.
+    async fn ci_status(
+        &mut self,
+        gitlab: &GitLab,
+        project: &str,
+        api: &ApiPipeline,
+    ) -> Result<Option<CiStatus>, GitLabError> {
+        let at = (project.to_owned(), api.id);
+        if let Some((updated_at, read)) = self.0.get(&at)
+            && *updated_at == api.updated_at
+        {
+            return Ok(*read);
+        }
+        let jobs = gitlab.pipeline_jobs(project, api.id).await?;
+        let read =
+            ApiJob::pipeline_status(&jobs).map(|status| (status, ApiJob::last_activity(&jobs)));
+        if self.0.len() >= JOBS_READ_KEPT {
+            self.0.clear();
+        }
+        self.0.insert(at, (api.updated_at.clone(), read));
+        Ok(read)
+    }
+}
+
 /// Reads `key`'s branch head and latest pipelines from GitLab and records them.
 pub async fn catch_up_once(
     engine: &Arc<Engine>,
     gitlab: &GitLab,
     key: &RefKey,
+    jobs_read: &mut JobsRead,
 ) -> Result<(), CatchUpError> {
     let fact = |kind| Fact {
         origin: Origin::GitLabApi,
@@ -38,6 +78,7 @@ pub async fn catch_up_once(
         branch: key.branch.clone(),
         kind,
     };
+    let known = engine.facts(key).await?;
     if let Some(head) = gitlab.branch_head(&key.project, &key.branch).await?
         && let Ok(after) = Sha::parse_full(&head)
     {
@@ -49,8 +90,7 @@ pub async fn catch_up_once(
         // Only a head the ref does not know yet is news. Recording the known head again each
         // round would fill the capped push history with it, pushing out the heads that order
         // the line, and wake every watching agent's evaluation for nothing.
-        let mut known = engine.facts(key).await?;
-        if known.record_push(&push) == Recorded::Changed {
+        if known.clone().record_push(&push) == Recorded::Changed {
             engine
                 .ingest()
                 .record(fact(FactKind::Push(push)), None)
@@ -62,10 +102,35 @@ pub async fn catch_up_once(
     for api in pipelines {
         // As a webhook's: a full commit id, a status this version knows.
         let sha = Sha::parse_full(&api.sha);
-        let (Ok(sha), Ok(status)) = (sha, PipelineStatus::parse(&api.status)) else {
+        let (Ok(sha), Ok(listed)) = (sha, PipelineStatus::parse(&api.status)) else {
             continue;
         };
-        let as_of_ms = api.updated_at.as_deref().and_then(parse_gitlab_time);
+        let recorded = known
+            .pipelines
+            .get(&sha)
+            .and_then(|runs| runs.iter().find(|run| run.id == api.id))
+            .map(|run| run.status);
+        let (status, as_of_ms) = match recorded {
+            Some(recorded) if recorded == listed => continue,
+            // GitLab's status counts the commit statuses posted into the pipeline,
+            // Greenlight's own among them, which go only to commits whose pipeline it
+            // recorded: a deploy failing on staging must not fail the pipeline for prod, nor
+            // one under way make it look unfinished. Its CI jobs alone say what it is, as a
+            // hook's jobs do.
+            Some(recorded) => match jobs_read.ci_status(gitlab, &key.project, &api).await {
+                Ok(Some((status, _))) if status == recorded => continue,
+                Ok(Some(read)) => read,
+                Ok(None) => continue,
+                Err(error) => {
+                    warn!(%error, %key, pipeline = api.id, "cannot read a pipeline's jobs; left for the next round");
+                    continue;
+                }
+            },
+            None => (
+                listed,
+                api.updated_at.as_deref().and_then(parse_gitlab_time),
+            ),
+        };
         let pipeline = Pipeline {
             id: api.id,
             status,
@@ -88,10 +153,11 @@ pub async fn run_catch_up(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
+    let mut jobs_read = JobsRead::default();
     loop {
         let keys: Vec<RefKey> = engine.catalog().refs().cloned().collect();
         for key in &keys {
-            match catch_up_once(&engine, &gitlab, key).await {
+            match catch_up_once(&engine, &gitlab, key, &mut jobs_read).await {
                 Ok(()) => info!(%key, "caught up with GitLab"),
                 Err(error) => warn!(%error, %key, "cannot catch up with GitLab"),
             }

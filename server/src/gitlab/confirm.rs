@@ -6,8 +6,8 @@ use std::sync::Mutex;
 
 use tracing::warn;
 
-use super::api::{ApiPipeline, GitLab};
-use crate::gate::{PipelineStatus, Sha, aggregate_jobs};
+use super::api::{ApiJob, ApiPipeline, GitLab};
+use crate::gate::{PipelineStatus, Sha};
 
 /// Confirmations remembered; past this the memory starts over (redeliveries are recent).
 const CACHE_ENTRIES: usize = 4096;
@@ -132,13 +132,7 @@ impl PipelineConfirmer {
         if let Err(Mismatch::Status { .. }) = verdict {
             match self.gitlab.pipeline_jobs(project, claim.id).await {
                 Ok(jobs) => {
-                    let jobs: Vec<(PipelineStatus, bool)> = jobs
-                        .iter()
-                        .filter_map(|j| {
-                            Some((PipelineStatus::parse(&j.status).ok()?, j.allow_failure))
-                        })
-                        .collect();
-                    if aggregate_jobs(&jobs) == Some(claim.status) {
+                    if ApiJob::pipeline_status(&jobs) == Some(claim.status) {
                         verdict = Ok(());
                     }
                 }
