@@ -700,6 +700,11 @@ pub fn plan_each<R: ServedKind>(
             let labels = metadata
                 .entry("labels")
                 .or_insert_with(|| Value::Object(Default::default()));
+            // `labels:` with nothing under it (as templates often leave it) is no labels to
+            // the API server: without ours the object would be neither watched nor pruned.
+            if labels.is_null() {
+                *labels = Value::Object(Default::default());
+            }
             if let Some(labels) = labels.as_object_mut() {
                 labels.insert(INVENTORY_LABEL.into(), Value::String(agent.to_owned()));
             }
@@ -1050,7 +1055,7 @@ mod tests {
             ..ApplySettings::default()
         };
         let planned = plan_of(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b, namespace: team}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team, namespace: ignored}\n",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: b, namespace: team}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team, namespace: ignored}\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c\n  labels:\n",
             &settings,
         )
         .unwrap();
@@ -1060,7 +1065,12 @@ mod tests {
             .collect();
         assert_eq!(
             placed,
-            [("a", Some("apps")), ("b", Some("team")), ("team", None)]
+            [
+                ("a", Some("apps")),
+                ("b", Some("team")),
+                ("team", None),
+                ("c", Some("apps"))
+            ]
         );
         assert_eq!(planned[0].body["metadata"]["namespace"], "apps");
         assert!(
