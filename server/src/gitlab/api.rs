@@ -5,7 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Deserialize;
 
 use crate::config::Secret;
-use crate::gate::{PipelineStatus, aggregate_jobs};
+use crate::gate::{PipelineStatus, aggregate_jobs, job_status};
 
 /// GitLab's limit on a commit status description.
 pub const MAX_DESCRIPTION: usize = 255;
@@ -84,7 +84,7 @@ impl ApiJob {
     pub fn pipeline_status(jobs: &[ApiJob]) -> Option<PipelineStatus> {
         let weighed: Vec<(PipelineStatus, bool)> = jobs
             .iter()
-            .filter_map(|job| Some((PipelineStatus::parse(&job.status).ok()?, job.allow_failure)))
+            .map(|job| (job_status(&job.status), job.allow_failure))
             .collect();
         aggregate_jobs(&weighed)
     }

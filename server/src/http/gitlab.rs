@@ -17,7 +17,9 @@ use tracing::{info, warn};
 
 use super::HttpState;
 use crate::catalog::Catalog;
-use crate::gate::{Before, EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs};
+use crate::gate::{
+    Before, EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs, job_status,
+};
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
 use crate::ingest::{Fact, FactKind, Origin, Recording};
 use crate::preview::PreviewTrigger;
@@ -287,7 +289,7 @@ fn latest_finish<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Option<i64>
 fn aggregate<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Option<PipelineStatus> {
     let jobs: Vec<(PipelineStatus, bool)> = builds
         .into_iter()
-        .filter_map(|b| Some((PipelineStatus::parse(&b.status).ok()?, b.allow_failure)))
+        .map(|b| (job_status(&b.status), b.allow_failure))
         .collect();
     aggregate_jobs(&jobs)
 }
@@ -681,8 +683,17 @@ fn parse_pipeline(hook: PipelineHook, now_ms: i64, agents: &impl AgentNames) -> 
         )));
     }
     let sha = Sha::parse_full(&attrs.sha).map_err(|e| format!("object_attributes.sha: {e}"))?;
-    let status = PipelineStatus::parse(&attrs.status)
-        .map_err(|e| format!("object_attributes.status: {e}"))?;
+    // A status a later GitLab adds is not a malformed hook: refused, it would count towards
+    // GitLab disabling the hook, which carries every other event too. It opens no gate.
+    let status = match PipelineStatus::parse(&attrs.status) {
+        Ok(status) => status,
+        Err(unknown) => {
+            return Ok(Err(format!(
+                "pipeline {}: {unknown}, which this version does not know",
+                attrs.id
+            )));
+        }
+    };
     let (path, id) = project_of(hook.project.as_ref(), None)?;
     check_pipeline_id(attrs.id).map_err(|e| format!("object_attributes.id: {e}"))?;
     let finished_at = attrs.finished_at.as_deref().and_then(parse_gitlab_time);
@@ -923,8 +934,36 @@ mod tests {
         .err()
         .unwrap();
         assert!(err.contains("missing field"), "{err}");
-        let err = parse_event("Pipeline Hook", br#"{"object_attributes":{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"exploded"},"project":{"id":1}}"#, NOW, &AGENTS).err().unwrap();
-        assert!(err.contains("exploded"), "{err}");
+    }
+
+    #[test]
+    fn statuses_of_later_gitlab_versions_never_refuse_a_hook_nor_pass_a_pipeline() {
+        let hook = |status: &str, builds: &str| {
+            format!(
+                r#"{{"object_attributes":{{"id":1,"ref":"main","sha":"1111111111111111111111111111111111111111","status":"{status}"}},"project":{{"id":1}},"builds":[{builds}]}}"#
+            )
+        };
+        // Named on the way to a result: running, to the gate.
+        let canceling = pipeline_of(hook("canceling", "").as_bytes()).unwrap();
+        assert_eq!(canceling.status, PipelineStatus::Running);
+        // Unknown: answered as ignored, not refused as malformed.
+        let unknown = parse_event(
+            "Pipeline Hook",
+            hook("exploded", "").as_bytes(),
+            NOW,
+            &AGENTS,
+        )
+        .unwrap()
+        .unwrap_err();
+        assert!(unknown.contains("exploded"), "{unknown}");
+        // A job of an unknown status, among our own, holds the pipeline as unfinished: left
+        // out, the job beside it would make it green.
+        let builds = r#"{"name":"test","stage":"test","status":"success"},
+            {"name":"e2e","stage":"test","status":"exploded"},
+            {"name":"greenlight/staging","stage":"external","status":"failed"}"#;
+        let held = pipeline_of(hook("failed", builds).as_bytes()).unwrap();
+        assert_eq!(held.status, PipelineStatus::Running);
+        assert_eq!(held.passed_stages, Vec::<String>::new());
     }
 
     #[test]
