@@ -82,6 +82,10 @@ pub struct InventoryEntry {
     /// It existed before the agent first applied it: never pruned, only let go.
     #[serde(default)]
     pub adopted: bool,
+    /// Left from a revision that no longer declared it (its prune was refused, failed or
+    /// waits for finalizers): its deletion was counted against the prune limit then.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 /// Apply stages: what others depend on goes first.
@@ -331,7 +335,9 @@ pub struct PruneLimitExceeded {
 
 /// Splits what `inventory` holds beyond `desired` by scope, and refuses deleting more than
 /// `limit` objects unless `force`: a mass deletion is likelier a broken merge or a wrong path
-/// than an intent. Adopted objects are only let go, so they do not count.
+/// than an intent. Adopted objects are only let go, so they do not count, and neither do
+/// objects kept from an earlier prune, already counted then: counted again, 30 CRDs kept
+/// for want of their prune annotation would refuse every later revision.
 pub fn prune_set(
     inventory: &[InventoryEntry],
     desired: &BTreeSet<ObjectKey>,
@@ -342,7 +348,7 @@ pub fn prune_set(
     let (out_of_scope, candidates): (Vec<_>, Vec<_>) = prune_plan(inventory, desired)
         .into_iter()
         .partition(|e| scope.refusal(&e.key).is_some());
-    let count = candidates.iter().filter(|e| !e.adopted).count();
+    let count = candidates.iter().filter(|e| !e.adopted && !e.kept).count();
     if let Some(limit) = limit
         && !force
         && count > usize::try_from(limit).unwrap_or(usize::MAX)
@@ -743,6 +749,7 @@ mod tests {
             api_version: "v1".into(),
             namespaced: namespace.is_some(),
             adopted: false,
+            kept: false,
         }
     }
 
@@ -1331,6 +1338,15 @@ mod tests {
         let mut adopted = inventory.clone();
         adopted[0].adopted = true;
         assert!(prune_set(&adopted, &desired, &scope, Some(4), false).is_ok());
+        // Nor do objects an earlier prune kept, counted then; they are still pruned.
+        let mut kept = inventory.clone();
+        for entry in &mut kept[..3] {
+            entry.kept = true;
+        }
+        let pruned = prune_set(&kept, &desired, &scope, Some(2), false).unwrap();
+        assert_eq!(pruned.candidates.len(), 5);
+        let err = prune_set(&kept, &desired, &scope, Some(1), false).unwrap_err();
+        assert_eq!(err, PruneLimitExceeded { count: 2, limit: 1 });
     }
 
     #[test]

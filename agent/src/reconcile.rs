@@ -475,6 +475,7 @@ impl Worker {
                 api_version: p.manifest.api_version.clone(),
                 namespaced: p.namespaced,
                 adopted: known.get(&p.key).copied().unwrap_or(false) || adopted.contains(&p.key),
+                kept: false,
             })
             .collect();
         let mut adopted_keys: BTreeSet<ObjectKey> = desired
@@ -677,7 +678,7 @@ impl Worker {
                 }
                 Pruned::Kept(object, because) => {
                     kept_names.push(format!("{} ({})", entry.key, because.says()));
-                    kept.push(entry.clone());
+                    kept.push(counted(&entry));
                     results.push(object);
                 }
                 Pruned::Terminating(object, terminating) => {
@@ -686,12 +687,12 @@ impl Worker {
                         entry.key,
                         terminating.waiting_for()
                     ));
-                    kept.push(entry.clone());
+                    kept.push(counted(&entry));
                     results.push(object);
                 }
                 Pruned::Failed(object) => {
                     // Still ours and still there: keep remembering it.
-                    kept.push(entry.clone());
+                    kept.push(counted(&entry));
                     failed = true;
                     results.push(object);
                 }
@@ -1440,6 +1441,15 @@ fn merge(desired: &[InventoryEntry], previous: &[InventoryEntry]) -> Vec<Invento
     union
 }
 
+/// `entry`, kept after its prune was refused, failed or waits for finalizers: its deletion
+/// was counted against the prune limit this once.
+fn counted(entry: &InventoryEntry) -> InventoryEntry {
+    InventoryEntry {
+        kept: true,
+        ..entry.clone()
+    }
+}
+
 /// What pruning (or letting go of) `entry` did when its kind cannot be resolved in any
 /// version.
 fn unresolved(entry: &InventoryEntry, discovery_failures: &BTreeMap<String, String>) -> Pruned {
@@ -1609,6 +1619,7 @@ mod tests {
             api_version: "v1".into(),
             namespaced: true,
             adopted,
+            kept: false,
         }
     }
 
@@ -2217,6 +2228,7 @@ mod tests {
             api_version: "v1".into(),
             namespaced: true,
             adopted,
+            kept: false,
         };
         let union = merge(
             &[entry("a", true), entry("b", false)],

@@ -121,6 +121,7 @@ pub fn namespaced_entry(api_version: &str, kind: &str, name: &str) -> crate::pla
         api_version: api_version.into(),
         namespaced: true,
         adopted: false,
+        kept: false,
     }
 }
 

@@ -1364,8 +1364,9 @@ async fn a_revision_cannot_write_the_agents_inventory_or_lease() -> anyhow::Resu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_namespace_is_kept_unless_annotated_and_then_terminated() -> anyhow::Result<()> {
-    let w =
-        world!("    scope: { namespaces: [APPS, 'APPS-team-*'], cluster_kinds: [Namespace] }\n");
+    let w = world!(
+        "    scope: { namespaces: [APPS, 'APPS-team-*'], cluster_kinds: [Namespace] }\n    prune_limit: 2\n"
+    );
     let kept_name = format!("{}-team-kept", w.apps);
     let allowed_name = format!("{}-team-allowed", w.apps);
     let first = w.repo.commit(
@@ -1376,6 +1377,8 @@ async fn a_dropped_namespace_is_kept_unless_annotated_and_then_terminated() -> a
                 namespace(&allowed_name, "greenlight.dev/prune: allow").as_bytes(),
             ),
             ("a.yaml", configmap("a", "1").as_bytes()),
+            ("b.yaml", configmap("b", "1").as_bytes()),
+            ("c.yaml", configmap("c", "1").as_bytes()),
         ],
         &[],
     )?;
@@ -1436,6 +1439,16 @@ async fn a_dropped_namespace_is_kept_unless_annotated_and_then_terminated() -> a
     );
     // Still remembered: annotating it later lets the next revision prune it.
     assert!(w.inventory_names().await?.contains(&kept_name));
+
+    // Its deletion was counted against the prune limit once: counted again, it would make
+    // this revision's two prunes three, over the limit of two.
+    let third = w.repo.commit(&[], &["a.yaml", "b.yaml"])?;
+    w.server.release(&second, &third, 3).await?;
+    w.server.reported("prod", &third, Phase::Healthy).await?;
+    for name in ["a", "b"] {
+        assert!(w.configmap(name).await?.is_none(), "{name} pruned");
+    }
+    assert!(w.get("v1", "Namespace", None, &kept_name).await?.is_some());
     Ok(())
 }
 
@@ -2319,6 +2332,7 @@ async fn an_inventory_changed_since_it_was_read_is_never_overwritten() -> anyhow
                 api_version: "v1".into(),
                 namespaced: true,
                 adopted: false,
+                kept: false,
             })
             .collect(),
         revision: Some(revision.to_owned()),

@@ -28,8 +28,12 @@ pub enum RecordError {
         kind: usize,
         kinds: usize,
     },
-    #[error("the inventory marks object {0} adopted, of {1} listed")]
-    UnknownAdopted(usize, usize),
+    #[error("the inventory marks object {at} {mark}, of {listed} listed")]
+    UnknownMarked {
+        mark: &'static str,
+        at: usize,
+        listed: usize,
+    },
     #[error(
         "the inventory of {objects} objects takes {bytes} bytes, more than its ConfigMap holds \
          ({MAX_BYTES}); split the agent's manifests between agents"
@@ -45,6 +49,9 @@ struct Record {
     /// Indexes in `objects` of the adopted ones.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     adopted: Vec<usize>,
+    /// Indexes in `objects` of the ones kept from an earlier revision.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    kept: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -64,6 +71,7 @@ pub fn encode(entries: &[InventoryEntry]) -> Result<String, RecordError> {
         kinds: Vec::new(),
         objects: Vec::with_capacity(entries.len()),
         adopted: Vec::new(),
+        kept: Vec::new(),
     };
     for (at, entry) in entries.iter().enumerate() {
         let kind = Kind {
@@ -81,6 +89,9 @@ pub fn encode(entries: &[InventoryEntry]) -> Result<String, RecordError> {
         record.objects.push((index, entry.key.name.clone()));
         if entry.adopted {
             record.adopted.push(at);
+        }
+        if entry.kept {
+            record.kept.push(at);
         }
     }
     let text = serde_json::to_string(&record)?;
@@ -113,16 +124,28 @@ pub fn decode(text: &str) -> Result<Vec<InventoryEntry>, RecordError> {
             api_version: kind.api_version.clone(),
             namespaced: kind.namespaced,
             adopted: false,
+            kept: false,
         });
     }
-    let listed = entries.len();
     for at in record.adopted {
-        entries
-            .get_mut(at)
-            .ok_or(RecordError::UnknownAdopted(at, listed))?
-            .adopted = true;
+        marked(&mut entries, "adopted", at)?.adopted = true;
+    }
+    for at in record.kept {
+        marked(&mut entries, "kept", at)?.kept = true;
     }
     Ok(entries)
+}
+
+/// The entry at `at` that the record marks `mark`.
+fn marked<'a>(
+    entries: &'a mut [InventoryEntry],
+    mark: &'static str,
+    at: usize,
+) -> Result<&'a mut InventoryEntry, RecordError> {
+    let listed = entries.len();
+    entries
+        .get_mut(at)
+        .ok_or(RecordError::UnknownMarked { mark, at, listed })
 }
 
 /// Entries as the format before this one wrote them.
@@ -167,6 +190,7 @@ mod tests {
             api_version: api_version.into(),
             namespaced: namespace.is_some(),
             adopted,
+            kept: false,
         }
     }
 
@@ -254,6 +278,10 @@ mod tests {
                 r#"{"kinds": [{"api_version": "v1", "group": "", "kind": "ConfigMap", "namespaced": false}], "objects": [[0, "a"]], "adopted": [3]}"#,
                 "object 3 adopted, of 1",
             ),
+            (
+                r#"{"kinds": [{"api_version": "v1", "group": "", "kind": "ConfigMap", "namespaced": false}], "objects": [[0, "a"]], "kept": [1]}"#,
+                "object 1 kept, of 1",
+            ),
         ] {
             let error = decode(text).unwrap_err().to_string();
             assert!(error.contains(says), "{text}: {error}");
@@ -267,9 +295,13 @@ mod tests {
             prop::option::of(prop::sample::select(vec!["apps", "team-a"])),
             "[a-z0-9.-]{1,20}",
             any::<bool>(),
+            any::<bool>(),
         )
-            .prop_map(|(api_version, kind, namespace, name, adopted)| {
-                entry(api_version, kind, namespace, &name, adopted)
+            .prop_map(|(api_version, kind, namespace, name, adopted, kept)| {
+                InventoryEntry {
+                    kept,
+                    ..entry(api_version, kind, namespace, &name, adopted)
+                }
             })
     }
 
