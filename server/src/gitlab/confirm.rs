@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tracing::warn;
 
@@ -11,6 +12,11 @@ use crate::gate::{PipelineStatus, Sha};
 
 /// Confirmations remembered; past this the memory starts over (redeliveries are recent).
 const CACHE_ENTRIES: usize = 4096;
+
+/// How long a webhook waits for GitLab's API to confirm its claim: within the 8 s the hook
+/// has, after up to 4 s of preview requests. A slower API counts as unavailable, lest its
+/// slowness fail the hook, which GitLab never redelivers.
+const CONFIRM_BUDGET: Duration = Duration::from_millis(2500);
 
 /// What a webhook claims about one pipeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +114,31 @@ impl PipelineConfirmer {
 
     /// Checks `claim` about `project` (as the agents spell it; the API takes a path or an id).
     pub async fn confirm(&self, project: &str, claim: &Claim<'_>) -> Confirmation {
+        self.confirm_within(project, claim, CONFIRM_BUDGET).await
+    }
+
+    /// [`Self::confirm`], taking GitLab for unavailable after `budget`.
+    async fn confirm_within(
+        &self,
+        project: &str,
+        claim: &Claim<'_>,
+        budget: Duration,
+    ) -> Confirmation {
+        match tokio::time::timeout(budget, self.ask(project, claim)).await {
+            Ok(confirmation) => confirmation,
+            Err(_) => {
+                warn!(
+                    project,
+                    pipeline = claim.id,
+                    budget = ?budget,
+                    "GitLab did not confirm a pipeline in time; taking it as unavailable"
+                );
+                Confirmation::Unavailable
+            }
+        }
+    }
+
+    async fn ask(&self, project: &str, claim: &Claim<'_>) -> Confirmation {
         let key: CacheKey = (
             project.to_owned(),
             claim.id,
@@ -249,6 +280,42 @@ mod tests {
         });
         let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
         (gitlab, asked, server)
+    }
+
+    #[tokio::test]
+    async fn a_gitlab_slower_than_the_budget_counts_as_unavailable() {
+        let app = axum::Router::new().route(
+            "/api/v4/projects/{project}/pipelines/{id}",
+            // It would confirm the claim, too late.
+            get(|| async {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                Json(json!({ "id": 7, "sha": "a".repeat(40), "ref": "main", "status": "success" }))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
+        let sha = Sha::parse(&"a".repeat(40)).unwrap();
+        let claim = Claim {
+            id: 7,
+            sha: &sha,
+            branch: "main",
+            status: PipelineStatus::Success,
+        };
+        let confirmer = PipelineConfirmer::new(gitlab);
+        let within = |budget| confirmer.confirm_within("42", &claim, budget);
+        assert_eq!(
+            within(std::time::Duration::from_millis(200)).await,
+            Confirmation::Unavailable
+        );
+        assert_eq!(
+            within(std::time::Duration::from_secs(10)).await,
+            Confirmation::Confirmed
+        );
+        server.abort();
     }
 
     #[tokio::test]
