@@ -140,14 +140,18 @@ impl DriftWatch {
             .is_some_and(|t| t.applied.is_some() && t.observed.is_none())
     }
 
+    /// Whether the watch of `target` runs and is in sync: only then does it see an object
+    /// of it deleted, or given another agent's label.
+    pub fn sees(&self, target: &WatchTarget) -> bool {
+        self.watches
+            .get(target)
+            .is_some_and(|w| w.synced.load(std::sync::atomic::Ordering::Acquire))
+    }
+
     /// Whether a body of `digest` is what was last applied to `key`, and the watch (in sync)
     /// has seen nobody change the object since: applying it again would change nothing.
     pub fn unchanged(&self, target: &WatchTarget, key: &ObjectKey, digest: u64) -> bool {
-        let synced = self
-            .watches
-            .get(target)
-            .is_some_and(|w| w.synced.load(std::sync::atomic::Ordering::Acquire));
-        if !synced {
+        if !self.sees(target) {
             return false;
         }
         let objects = self.shared.objects();

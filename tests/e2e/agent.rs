@@ -1024,6 +1024,16 @@ async fn reconciling_an_unchanged_revision_without_drift_writes_nothing() -> any
         .count();
     assert!(reconciles >= 3, "it did reconcile: {reconciles}");
     assert_eq!(w.writes(mark, &[])?, Vec::<String>::new());
+    // Nor does it read again whose the ConfigMap is: its watch, in sync, would have seen it
+    // deleted or given to another agent.
+    let claims: Vec<String> = w
+        .plane
+        .agent_requests(mark, &[&w.apps])?
+        .into_iter()
+        .filter(|r| r.resource == "configmaps" && (r.verb == "get" || r.verb == "list"))
+        .map(|r| format!("{} {}", r.verb, r.uri))
+        .collect();
+    assert_eq!(claims, Vec::<String>::new());
     Ok(())
 }
 
