@@ -31,6 +31,8 @@ struct Tracked {
     observed: Option<Version>,
     /// An apply of ours is in flight: what the watch sees meanwhile is likely its result.
     applying: bool,
+    /// The watch saw the object while the apply was in flight.
+    seen_while_applying: bool,
 }
 
 /// One watch: a kind, in one namespace or (cluster-scoped) none.
@@ -103,25 +105,16 @@ impl DriftWatch {
     /// Records that an apply to `key` starts, so that the watch event it causes is not
     /// taken for someone else's change.
     pub fn applying(&self, key: &ObjectKey) {
-        self.shared
-            .objects()
-            .entry(key.clone())
-            .or_default()
-            .applying = true;
+        let mut objects = self.shared.objects();
+        let tracked = objects.entry(key.clone()).or_default();
+        tracked.applying = true;
+        tracked.seen_while_applying = false;
     }
 
     /// Records how the apply to `key` ended: at a version, with a body of that digest, or
     /// failed.
     pub fn applied(&self, key: &ObjectKey, outcome: Option<(&Version, u64)>) {
-        let mut objects = self.shared.objects();
-        let tracked = objects.entry(key.clone()).or_default();
-        tracked.applying = false;
-        if let Some((version, digest)) = outcome {
-            tracked.applied = Some((version.clone(), digest));
-            // The watch reports this version too, sooner or later; nobody else's change can
-            // be told from ours until it does.
-            tracked.observed = Some(version.clone());
-        }
+        record_applied(&self.shared, key, outcome);
     }
 
     /// Forgets `key` before the agent deletes it or lets it go, which the watch would
@@ -297,6 +290,35 @@ async fn run_watch(
     }
 }
 
+/// See [`DriftWatch::applied`].
+fn record_applied(shared: &Shared, key: &ObjectKey, outcome: Option<(&Version, u64)>) {
+    let drifted = {
+        let mut objects = shared.objects();
+        let tracked = objects.entry(key.clone()).or_default();
+        tracked.applying = false;
+        let seen = std::mem::take(&mut tracked.seen_while_applying);
+        let Some((version, digest)) = outcome else {
+            return;
+        };
+        tracked.applied = Some((version.clone(), digest));
+        if !seen || tracked.observed.as_ref() == Some(version) {
+            // The watch reports this version too, sooner or later; nobody else's change can
+            // be told from ours until it does.
+            tracked.observed = Some(version.clone());
+            false
+        } else {
+            // Seen during the apply, and not its result: someone else's change right after
+            // it (a deletion, a field taken over) that nothing else would bring back, or
+            // what came before it, which costs one apply that changes nothing.
+            drifted_from(tracked.applied.as_ref(), tracked.observed.as_ref())
+        }
+    };
+    if drifted {
+        info!(object = %key, "changed while being applied; applying again");
+        shared.drifted.notify_one();
+    }
+}
+
 /// Records what the watch saw of `key`, and wakes the apply loop when it is not what the
 /// agent last applied.
 fn observe(shared: &Shared, key: &ObjectKey, version: Option<Version>) {
@@ -306,6 +328,7 @@ fn observe(shared: &Shared, key: &ObjectKey, version: Option<Version>) {
         let tracked = objects.entry(key.clone()).or_default();
         tracked.observed = version;
         if tracked.applying {
+            tracked.seen_while_applying = true;
             return;
         }
         drifted_from(tracked.applied.as_ref(), tracked.observed.as_ref())
@@ -388,6 +411,38 @@ mod tests {
         }
         observe(&shared, &web, Some(version("11", Some(2))));
         assert!(!drifted(&shared));
+    }
+
+    #[test]
+    fn a_change_seen_during_our_apply_that_is_not_its_result_is_drift_once_it_ends() {
+        let shared = Shared::default();
+        let web = key("web");
+        let applying = || {
+            let mut objects = shared.objects();
+            let tracked = objects.entry(web.clone()).or_default();
+            tracked.applying = true;
+            tracked.seen_while_applying = false;
+        };
+        let ours = version("10", Some(1));
+        // The watch brings the apply's own result first: nothing to correct.
+        applying();
+        observe(&shared, &web, Some(ours.clone()));
+        record_applied(&shared, &web, Some((&ours, 0)));
+        assert!(!drifted(&shared));
+        // Deleted right after the apply, before it was recorded: corrected.
+        applying();
+        observe(&shared, &web, None);
+        record_applied(&shared, &web, Some((&ours, 0)));
+        assert!(drifted(&shared), "deleted meanwhile");
+        assert!(
+            shared.objects()[&web].observed.is_none(),
+            "still seen as gone"
+        );
+        // Nothing seen meanwhile: the apply's result stands for what the watch will bring.
+        applying();
+        record_applied(&shared, &web, Some((&ours, 0)));
+        assert!(!drifted(&shared));
+        assert_eq!(shared.objects()[&web].observed, Some(ours));
     }
 
     #[test]
