@@ -88,8 +88,17 @@ impl<'a> HealthWatch<'a> {
                 if stop() {
                     return Waited::Stopped;
                 }
+                // Applied a moment ago, so served then: a kind gone since (its CRD deleted)
+                // says nothing of the object's health, which is not healthy for it.
                 let Some(resolved) = self.cluster.resolve(&entry.api_version, &entry.key.kind)
                 else {
+                    unhealthy.push((
+                        entry.key.to_string(),
+                        format!(
+                            "{} {} is no longer served by the API server",
+                            entry.api_version, entry.key.kind
+                        ),
+                    ));
                     continue;
                 };
                 let read =
@@ -245,6 +254,33 @@ mod tests {
             objects.iter().any(|o| o
                 .message
                 .contains("did not answer within the health timeout")),
+            "{objects:?}"
+        );
+    }
+
+    /// A kind the API server no longer serves is not taken for healthy.
+    #[tokio::test]
+    async fn an_object_of_a_kind_no_longer_served_is_not_healthy() {
+        let (client, _) = serve(|_, _| Some((404, crate::testing::status(404, "not found")))).await;
+        let cluster = Cluster::new(client, "test");
+        let desired = [crate::testing::namespaced_entry(
+            "example.com/v1",
+            "Widget",
+            "gizmo",
+        )];
+        let settings = ApplySettings {
+            health_timeout_seconds: 1,
+            ..ApplySettings::default()
+        };
+        let watch = HealthWatch::new(&cluster, &desired, &settings);
+        let waited = tokio::time::timeout(Duration::from_secs(30), watch.wait(&|| false))
+            .await
+            .expect("the wait ends at its health timeout");
+        let Waited::Unhealthy { objects, .. } = waited else {
+            panic!("not healthy: {waited:?}");
+        };
+        assert!(
+            objects[0].message.contains("no longer served"),
             "{objects:?}"
         );
     }
