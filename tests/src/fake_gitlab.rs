@@ -106,6 +106,8 @@ struct Inner {
     /// Per project, newest first, as the list API answers.
     pipelines: HashMap<String, Vec<Value>>,
     fail: Option<u16>,
+    /// The next status posts to file and then answer with this code, and how many.
+    answers_lost: Option<(u16, usize)>,
     next_id: u64,
     /// Ids of pipelines the fake creates: far above the ones tests choose.
     next_pipeline_id: u64,
@@ -236,6 +238,12 @@ impl FakeGitLab {
         self.lock().fail = status;
     }
 
+    /// Files the next `posts` commit statuses and answers each with `code`, as a gateway
+    /// in front of GitLab does when GitLab took the post but its answer was lost.
+    pub fn lose_answers_to_posts(&self, code: u16, posts: usize) {
+        self.lock().answers_lost = Some((code, posts));
+    }
+
     /// Every request received so far, in arrival order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.lock().requests.clone()
@@ -263,6 +271,22 @@ impl FakeGitLab {
             .requests
             .iter()
             .filter(|r| r.method == "POST" && r.path.ends_with(&suffix))
+            .cloned()
+            .collect()
+    }
+
+    /// Status posts, and reads of the statuses before posting again, received for commit
+    /// `sha`.
+    pub fn status_requests(&self, sha: &str) -> Vec<RecordedRequest> {
+        let posted = format!("/statuses/{sha}");
+        let listed = format!("/repository/commits/{sha}/statuses");
+        self.lock()
+            .requests
+            .iter()
+            .filter(|r| {
+                (r.method == "POST" && r.path.ends_with(&posted))
+                    || (r.method == "GET" && r.path.ends_with(&listed))
+            })
             .cloned()
             .collect()
     }
@@ -561,7 +585,15 @@ async fn handle(
                         let _ = outbox.send((webhook.clone(), hook));
                     }
                     state.statuses.push(posted);
-                    json_response(StatusCode::CREATED, body)
+                    match &mut state.answers_lost {
+                        Some((code, left)) if *left > 0 => {
+                            *left -= 1;
+                            let status = StatusCode::from_u16(*code)
+                                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                            json_response(status, json!({ "message": "fake gateway error" }))
+                        }
+                        _ => json_response(StatusCode::CREATED, body),
+                    }
                 }
             }
             (&Method::POST, Some(project), [mrs, iid, notes])

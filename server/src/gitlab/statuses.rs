@@ -549,8 +549,12 @@ async fn post_claimed(
                 return Posted::Yes;
             }
             Err(error) if error.retryable() => {
-                // No answer at all: GitLab may have taken it.
-                look_first |= matches!(error, GitLabError::Transport(_));
+                // No answer, or a server error, which a gateway in front of GitLab also
+                // answers when the answer was lost: GitLab may have taken it.
+                look_first |= matches!(
+                    error,
+                    GitLabError::Transport(_) | GitLabError::Status { status: 500.., .. }
+                );
                 let delay = backoff.delay();
                 if tokio::time::Instant::now() + delay >= deadline {
                     warn!(%error, agent, state, "cannot post commit status; leaving it for later");
