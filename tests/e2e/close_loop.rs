@@ -1324,15 +1324,20 @@ async fn catch_up_reads_a_pipeline_by_its_ci_jobs_not_the_deploy_statuses_posted
 -> anyhow::Result<()> {
     let w = CatchingUp::start().await?;
     let (a, b, c) = (w.commit("a")?, w.commit("b")?, w.commit("c")?);
+    let (d, e) = (w.commit("d")?, w.commit("e")?);
     let mut stream = w.deployed_first(&a).await?;
     assert_eq!(w.server.push("main", &a, &b).await?, 200);
     w.green(&b, 2).await?;
     assert_eq!(next_revision(&mut stream, SOON).await?.sha(), b);
-    assert_eq!(w.server.push("main", &b, &c).await?, 200);
-    assert_eq!(
-        w.server.pipeline("main", &c, 3, "running", "push").await?,
-        200
-    );
+    for (before, sha, id) in [(&b, &c, 3), (&c, &d, 4), (&d, &e, 5)] {
+        assert_eq!(w.server.push("main", before, sha).await?, 200);
+        assert_eq!(
+            w.server
+                .pipeline("main", sha, id, "running", "push")
+                .await?,
+            200
+        );
+    }
 
     let job = |name: &str, stage: &str, status: &str, at: &str| {
         json!({"name": name, "stage": stage, "status": status, "allow_failure": false,
@@ -1342,9 +1347,39 @@ async fn catch_up_reads_a_pipeline_by_its_ci_jobs_not_the_deploy_statuses_posted
         json!({"id": id, "sha": sha, "ref": "main", "status": status, "source": "push",
             "updated_at": "2026-11-26T10:30:00.000Z", "builds": builds})
     };
+    let mut downstream_failed = listed(
+        &d,
+        4,
+        "failed",
+        vec![job("test", "test", "success", "2026-11-26T10:22:00.000Z")],
+    );
+    downstream_failed["bridges"] = json!([job(
+        "trigger-e2e",
+        "test",
+        "failed",
+        "2026-11-26T10:25:00.000Z"
+    )]);
     w.gitlab.set_pipelines(
         PROJECT,
         vec![
+            // Green since its hook said it ran (that hook was lost), and held as running on
+            // GitLab by a deploy's status: recorded green.
+            listed(
+                &e,
+                5,
+                "running",
+                vec![
+                    job("test", "test", "success", "2026-11-26T10:24:00.000Z"),
+                    job(
+                        "greenlight/staging",
+                        "external",
+                        "pending",
+                        "2026-11-26T10:28:00.000Z",
+                    ),
+                ],
+            ),
+            // Failed by its trigger job, which the jobs list leaves out: recorded failed.
+            downstream_failed,
             // Its CI job failed since the hook said it ran: recorded.
             listed(
                 &c,
@@ -1384,7 +1419,7 @@ async fn catch_up_reads_a_pipeline_by_its_ci_jobs_not_the_deploy_statuses_posted
             ),
         ],
     );
-    w.gitlab.set_branch_head(PROJECT, "main", &c);
+    w.gitlab.set_branch_head(PROJECT, "main", &e);
     let status_of = |commits: &[CommitInfo], sha: &str| {
         commits
             .iter()
@@ -1392,9 +1427,18 @@ async fn catch_up_reads_a_pipeline_by_its_ci_jobs_not_the_deploy_statuses_posted
             .and_then(|commit| commit.pipelines.first())
             .map(|pipeline| pipeline.status())
     };
-    let commits = eventually("the failure of c's CI job, caught up", || async {
-        let commits = w.commits_once_head_is(&c).await?;
-        Ok((status_of(&commits, &c) == Some(PipelineStatus::Failed)).then_some(commits))
+    let commits = eventually("c, d and e caught up by their jobs", || async {
+        let commits = w.commits_once_head_is(&e).await?;
+        let caught_up = [
+            status_of(&commits, &c),
+            status_of(&commits, &d),
+            status_of(&commits, &e),
+        ] == [
+            Some(PipelineStatus::Failed),
+            Some(PipelineStatus::Failed),
+            Some(PipelineStatus::Success),
+        ];
+        Ok(caught_up.then_some(commits))
     })
     .await?;
     assert_eq!(status_of(&commits, &b), Some(PipelineStatus::Success));
@@ -1410,7 +1454,7 @@ async fn catch_up_reads_a_pipeline_by_its_ci_jobs_not_the_deploy_statuses_posted
     w.rounds_pass(1).await?;
     let read = job_reads();
     w.rounds_pass(3).await?;
-    let commits = w.commits_once_head_is(&c).await?;
+    let commits = w.commits_once_head_is(&e).await?;
     assert_eq!(status_of(&commits, &b), Some(PipelineStatus::Success));
     assert_eq!(status_of(&commits, &a), Some(PipelineStatus::Success));
     assert_eq!(job_reads(), read, "no pipeline changed");

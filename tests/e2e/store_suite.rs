@@ -1501,9 +1501,6 @@ async fn a_new_agent_under_an_old_name_starts_without_its_statuses(
     Ok(())
 }
 
-/// An evaluation still running when its agent was deleted writes what it decided for that
-/// agent: whether that lands before the new agent of the same name is created or after its
-/// first write (over the very version it read), the new agent never sees it.
 /// A report the deleted agent sent while it was deleted and another was created under its
 /// name (it was authenticated before) is dropped, not shown as the new agent's.
 pub(crate) async fn a_report_of_a_deleted_agent_never_lands_in_the_one_created_under_its_name(
@@ -1547,6 +1544,9 @@ pub(crate) async fn a_report_of_a_deleted_agent_never_lands_in_the_one_created_u
     Ok(())
 }
 
+/// An evaluation still running when its agent was deleted writes what it decided for that
+/// agent: whether that lands before the new agent of the same name is created or after its
+/// first write (over the very version it read), the new agent never sees it.
 pub(crate) async fn a_write_for_a_deleted_agent_never_lands_in_the_one_created_under_its_name(
     store: &dyn Store,
 ) -> anyhow::Result<()> {

@@ -708,6 +708,18 @@ async fn handle(
                     None => not_found("Pipeline"),
                 }
             }
+            // Trigger jobs, which the jobs list leaves out: a pipeline's `bridges`.
+            (&Method::GET, Some(project), [pipelines, id, bridges])
+                if pipelines == "pipelines" && bridges == "bridges" =>
+            {
+                match find_pipeline(&state, project, id) {
+                    Some(pipeline) => {
+                        let bridges = pipeline["bridges"].as_array().cloned().unwrap_or_default();
+                        json_response(StatusCode::OK, Value::Array(bridges))
+                    }
+                    None => not_found("Pipeline"),
+                }
+            }
             (&Method::GET, Some(project), [pipelines, id]) if pipelines == "pipelines" => {
                 let found = find_pipeline(&state, project, id);
                 match found {

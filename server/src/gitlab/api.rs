@@ -286,13 +286,27 @@ impl GitLab {
         }
     }
 
-    /// The CI jobs of pipeline `id` of `project` (the first hundred, latest attempts).
+    /// The CI jobs of pipeline `id` of `project` (latest attempts), trigger jobs among them:
+    /// GitLab lists those apart (`…/bridges`), and a downstream pipeline that failed fails
+    /// its trigger job and with it the pipeline.
     pub async fn pipeline_jobs(&self, project: &str, id: u64) -> Result<Vec<ApiJob>, GitLabError> {
+        let mut jobs = self.pipeline_list(project, id, "jobs", Vec::new()).await?;
+        jobs = self.pipeline_list(project, id, "bridges", jobs).await?;
+        Ok(jobs)
+    }
+
+    /// `jobs` and every page of list `list` (`jobs` or `bridges`) of pipeline `id`.
+    async fn pipeline_list(
+        &self,
+        project: &str,
+        id: u64,
+        list: &str,
+        mut jobs: Vec<ApiJob>,
+    ) -> Result<Vec<ApiJob>, GitLabError> {
         // A page of GitLab's holds 100 at most: the status of a larger pipeline needs them all.
         const PER_PAGE: usize = 100;
-        let mut jobs = Vec::new();
         for page in 1..=crate::trust::MAX_JOBS / PER_PAGE + 1 {
-            let mut url = self.url(project, &["pipelines", &id.to_string(), "jobs"])?;
+            let mut url = self.url(project, &["pipelines", &id.to_string(), list])?;
             url.query_pairs_mut()
                 .append_pair("per_page", &PER_PAGE.to_string())
                 .append_pair("page", &page.to_string());
@@ -350,10 +364,22 @@ mod tests {
     use super::*;
 
     /// GitLab serving `total` jobs of every pipeline, 100 a page at most, the one at
-    /// `failing` failed and the rest passed.
-    async fn paged_gitlab(total: usize, failing: usize) -> (GitLab, tokio::task::JoinHandle<()>) {
+    /// `failing` failed and the rest passed, and the trigger jobs `bridges`.
+    async fn paged_gitlab(
+        total: usize,
+        failing: usize,
+        bridges: serde_json::Value,
+    ) -> (GitLab, tokio::task::JoinHandle<()>) {
         use axum::extract::Query;
-        let app = axum::Router::new().route(
+        let app = axum::Router::new()
+            .route(
+                "/api/v4/projects/{project}/pipelines/{id}/bridges",
+                axum::routing::get(move || {
+                    let bridges = bridges.clone();
+                    async move { axum::Json(bridges) }
+                }),
+            )
+            .route(
             "/api/v4/projects/{project}/pipelines/{id}/jobs",
             axum::routing::get(
                 move |Query(query): Query<std::collections::HashMap<String, usize>>| async move {
@@ -382,7 +408,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pipelines_jobs_are_read_past_the_first_page() {
-        let (gitlab, server) = paged_gitlab(250, 230).await;
+        let (gitlab, server) = paged_gitlab(250, 230, serde_json::json!([])).await;
         let jobs = gitlab.pipeline_jobs("42", 7).await.unwrap();
         assert_eq!(jobs.len(), 250);
         assert_eq!(ApiJob::pipeline_status(&jobs), Some(PipelineStatus::Failed));
@@ -392,7 +418,8 @@ mod tests {
         );
         server.abort();
 
-        let (gitlab, server) = paged_gitlab(crate::trust::MAX_JOBS, usize::MAX).await;
+        let (gitlab, server) =
+            paged_gitlab(crate::trust::MAX_JOBS, usize::MAX, serde_json::json!([])).await;
         let jobs = gitlab.pipeline_jobs("42", 7).await.unwrap();
         assert_eq!(jobs.len(), crate::trust::MAX_JOBS);
         assert_eq!(
@@ -401,7 +428,20 @@ mod tests {
         );
         server.abort();
 
-        let (gitlab, server) = paged_gitlab(crate::trust::MAX_JOBS + 1, usize::MAX).await;
+        // A trigger job whose downstream pipeline failed fails the pipeline of passed jobs.
+        let failed_downstream = serde_json::json!([{ "status": "failed" }]);
+        let (gitlab, server) = paged_gitlab(20, usize::MAX, failed_downstream).await;
+        let jobs = gitlab.pipeline_jobs("42", 7).await.unwrap();
+        assert_eq!(jobs.len(), 21);
+        assert_eq!(ApiJob::pipeline_status(&jobs), Some(PipelineStatus::Failed));
+        server.abort();
+
+        let (gitlab, server) = paged_gitlab(
+            crate::trust::MAX_JOBS + 1,
+            usize::MAX,
+            serde_json::json!([]),
+        )
+        .await;
         assert!(matches!(
             gitlab.pipeline_jobs("42", 7).await,
             Err(GitLabError::TooManyJobs(7))

@@ -53,9 +53,24 @@ impl JobsRead {
         {
             return Ok(*read);
         }
-        let jobs = gitlab.pipeline_jobs(project, api.id).await?;
-        let read =
-            ApiJob::pipeline_status(&jobs).map(|status| (status, ApiJob::last_activity(&jobs)));
+        let read = match gitlab.pipeline_jobs(project, api.id).await {
+            Ok(jobs) => ApiJob::pipeline_status(&jobs).map(|status| {
+                let activity = ApiJob::last_activity(&jobs);
+                // A job retried in a finished pipeline waits unstarted at first: the
+                // pipeline's own update says it runs again after it finished.
+                let updated = api.updated_at.as_deref().and_then(parse_gitlab_time);
+                let as_of = if status.is_final() {
+                    activity
+                } else {
+                    activity.max(updated)
+                };
+                (status, as_of)
+            }),
+            // Past what a hook may list: no status can be told, and reading again would
+            // only read as much again.
+            Err(GitLabError::TooManyJobs(_)) => None,
+            Err(error) => return Err(error),
+        };
         if self.0.len() >= JOBS_READ_KEPT {
             self.0.clear();
         }
@@ -111,12 +126,14 @@ pub async fn catch_up_once(
             .and_then(|runs| runs.iter().find(|run| run.id == api.id))
             .map(|run| run.status);
         let (status, as_of_ms) = match recorded {
-            Some(recorded) if recorded == listed => continue,
+            // Greenlight's statuses can hold a pipeline back or fail it, never make it green.
+            Some(PipelineStatus::Success) if listed == PipelineStatus::Success => continue,
             // GitLab's status counts the commit statuses posted into the pipeline,
             // Greenlight's own among them, which go only to commits whose pipeline it
             // recorded: a deploy failing on staging must not fail the pipeline for prod, nor
-            // one under way make it look unfinished. Its CI jobs alone say what it is, as a
-            // hook's jobs do.
+            // one under way make it look unfinished (nor keep it looking so after its final
+            // hook was lost). Its CI and trigger jobs alone say what it is, as a hook's jobs
+            // do; read once per change of the pipeline.
             Some(recorded) => match jobs_read.ci_status(gitlab, &key.project, &api).await {
                 Ok(Some((status, _))) if status == recorded => continue,
                 Ok(Some(read)) => read,

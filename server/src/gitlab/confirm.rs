@@ -272,6 +272,10 @@ mod tests {
             .route(
                 "/api/v4/projects/{project}/pipelines/{id}/jobs",
                 get(|| async { Json(json!([{ "status": "success", "allow_failure": false }])) }),
+            )
+            .route(
+                "/api/v4/projects/{project}/pipelines/{id}/bridges",
+                get(|| async { Json(json!([])) }),
             );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
