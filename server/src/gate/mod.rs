@@ -13,5 +13,5 @@ pub use decide::{
 pub use model::{
     Before, EXTERNAL_SOURCE, InvalidSha, Lineage, MAX_HEADS, MAX_REJECTED, MERGE_REQUEST_SOURCE,
     NotFullSha, Pipeline, PipelineStatus, Push, PushOrder, Recorded, RefState, Rejected, Sha,
-    UnknownStatus, aggregate_jobs, job_status,
+    UnknownStatus, aggregate_jobs, aggregate_named_jobs,
 };

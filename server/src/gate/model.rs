@@ -176,11 +176,20 @@ impl fmt::Display for PipelineStatus {
     }
 }
 
-/// A job's status for [`aggregate_jobs`]: one this version does not know holds the pipeline
-/// as unfinished, since leaving the job out could let the jobs around it make a pipeline
-/// look green.
-pub fn job_status(status: &str) -> PipelineStatus {
-    PipelineStatus::parse(status).unwrap_or(PipelineStatus::Running)
+/// [`aggregate_jobs`] of jobs as GitLab names their statuses, with whether each may fail.
+/// A status this version does not know holds the pipeline as unfinished, since leaving the
+/// job out could let the jobs around it make a pipeline look green.
+pub fn aggregate_named_jobs<'a>(
+    jobs: impl IntoIterator<Item = (&'a str, bool)>,
+) -> Option<PipelineStatus> {
+    let jobs: Vec<(PipelineStatus, bool)> = jobs
+        .into_iter()
+        .map(|(status, optional)| {
+            let status = PipelineStatus::parse(status).unwrap_or(PipelineStatus::Running);
+            (status, optional)
+        })
+        .collect();
+    aggregate_jobs(&jobs)
 }
 
 /// GitLab's status of a pipeline from its jobs' (status, allow_failure); `None` without jobs.

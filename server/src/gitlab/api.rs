@@ -5,7 +5,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use serde::Deserialize;
 
 use crate::config::Secret;
-use crate::gate::{PipelineStatus, aggregate_jobs, job_status};
+use crate::gate::{PipelineStatus, aggregate_named_jobs};
 
 /// GitLab's limit on a commit status description.
 pub const MAX_DESCRIPTION: usize = 255;
@@ -82,11 +82,10 @@ pub struct ApiJob {
 impl ApiJob {
     /// The status `jobs` give their pipeline; `None` for no job GitLab's rules can weigh.
     pub fn pipeline_status(jobs: &[ApiJob]) -> Option<PipelineStatus> {
-        let weighed: Vec<(PipelineStatus, bool)> = jobs
-            .iter()
-            .map(|job| (job_status(&job.status), job.allow_failure))
-            .collect();
-        aggregate_jobs(&weighed)
+        aggregate_named_jobs(
+            jobs.iter()
+                .map(|job| (job.status.as_str(), job.allow_failure)),
+        )
     }
 
     /// When any of `jobs` last started or finished (Unix ms).
@@ -359,6 +358,18 @@ pub fn truncate(text: &str, max: usize) -> String {
     cut
 }
 
+/// A client of a GitLab that `app` plays on a loopback port, and the task serving it.
+#[cfg(test)]
+pub(crate) async fn serving(app: axum::Router) -> (GitLab, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
+    (gitlab, server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -397,13 +408,7 @@ mod tests {
                 },
             ),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
-        (gitlab, server)
+        serving(app).await
     }
 
     #[tokio::test]

@@ -203,7 +203,6 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::config::Secret;
 
     fn api(sha: &str, git_ref: &str, status: &str) -> ApiPipeline {
         ApiPipeline {
@@ -277,12 +276,7 @@ mod tests {
                 "/api/v4/projects/{project}/pipelines/{id}/bridges",
                 get(|| async { Json(json!([])) }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
+        let (gitlab, server) = crate::gitlab::api::serving(app).await;
         (gitlab, asked, server)
     }
 
@@ -296,12 +290,7 @@ mod tests {
                 Json(json!({ "id": 7, "sha": "a".repeat(40), "ref": "main", "status": "success" }))
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        let gitlab = GitLab::new(&format!("http://{address}"), Secret::new("token")).unwrap();
+        let (gitlab, server) = crate::gitlab::api::serving(app).await;
         let sha = Sha::parse(&"a".repeat(40)).unwrap();
         let claim = Claim {
             id: 7,

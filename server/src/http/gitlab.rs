@@ -18,7 +18,7 @@ use tracing::{info, warn};
 use super::HttpState;
 use crate::catalog::Catalog;
 use crate::gate::{
-    Before, EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_jobs, job_status,
+    Before, EXTERNAL_SOURCE, Pipeline, PipelineStatus, Push, Sha, aggregate_named_jobs,
 };
 use crate::gitlab::{CONTEXT_PREFIX, parse_gitlab_time};
 use crate::ingest::{Fact, FactKind, Origin, Recording};
@@ -287,11 +287,11 @@ fn latest_finish<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Option<i64>
 /// GitLab's status of a pipeline made of `builds`, recomputed once Greenlight's own jobs are
 /// left out; `None` when no job is left.
 fn aggregate<'a>(builds: impl IntoIterator<Item = &'a Build>) -> Option<PipelineStatus> {
-    let jobs: Vec<(PipelineStatus, bool)> = builds
-        .into_iter()
-        .map(|b| (job_status(&b.status), b.allow_failure))
-        .collect();
-    aggregate_jobs(&jobs)
+    aggregate_named_jobs(
+        builds
+            .into_iter()
+            .map(|b| (b.status.as_str(), b.allow_failure)),
+    )
 }
 
 /// Stages every job of which succeeded (or may fail): what `gate.stages` waits for. One

@@ -145,6 +145,13 @@ struct Inner {
 }
 
 impl Inner {
+    /// The incarnation `agent`'s record belongs to; 0 for none, or one without.
+    fn incarnation_of(&self, agent: &str) -> u64 {
+        self.agents
+            .get(agent)
+            .map_or(0, |stored| stored.incarnation)
+    }
+
     /// Drops what is stored about `agent` (its gate, history, reports and shown statuses),
     /// leaving the empty record of `incarnation` when given.
     fn start_afresh(&mut self, agent: &str, incarnation: Option<u64>) {
@@ -861,10 +868,7 @@ impl AgentStore for EmbeddedStore {
     async fn give_agent(&self, agent: &str, from: u64, to: u64) -> Result<bool> {
         let ticket = {
             let mut inner = self.lock();
-            let held = inner
-                .agents
-                .get(agent)
-                .map_or(0, |stored| stored.incarnation);
+            let held = inner.incarnation_of(agent);
             if held == to {
                 return Ok(true);
             }
@@ -916,10 +920,7 @@ impl ReportStore for EmbeddedStore {
     ) -> Result<Reported> {
         let ticket = {
             let mut inner = self.lock();
-            let held = inner
-                .agents
-                .get(agent)
-                .map_or(0, |stored| stored.incarnation);
+            let held = inner.incarnation_of(agent);
             if !same_incarnation(held, incarnation) {
                 return Ok(Reported::Replaced);
             }
