@@ -105,10 +105,7 @@ impl DriftWatch {
     /// Records that an apply to `key` starts, so that the watch event it causes is not
     /// taken for someone else's change.
     pub fn applying(&self, key: &ObjectKey) {
-        let mut objects = self.shared.objects();
-        let tracked = objects.entry(key.clone()).or_default();
-        tracked.applying = true;
-        tracked.seen_while_applying = false;
+        record_applying(&self.shared, key);
     }
 
     /// Records how the apply to `key` ended: at a version, with a body of that digest, or
@@ -290,6 +287,14 @@ async fn run_watch(
     }
 }
 
+/// See [`DriftWatch::applying`].
+fn record_applying(shared: &Shared, key: &ObjectKey) {
+    let mut objects = shared.objects();
+    let tracked = objects.entry(key.clone()).or_default();
+    tracked.applying = true;
+    tracked.seen_while_applying = false;
+}
+
 /// See [`DriftWatch::applied`].
 fn record_applied(shared: &Shared, key: &ObjectKey, outcome: Option<(&Version, u64)>) {
     let drifted = {
@@ -417,12 +422,7 @@ mod tests {
     fn a_change_seen_during_our_apply_that_is_not_its_result_is_drift_once_it_ends() {
         let shared = Shared::default();
         let web = key("web");
-        let applying = || {
-            let mut objects = shared.objects();
-            let tracked = objects.entry(web.clone()).or_default();
-            tracked.applying = true;
-            tracked.seen_while_applying = false;
-        };
+        let applying = || record_applying(&shared, &web);
         let ours = version("10", Some(1));
         // The watch brings the apply's own result first: nothing to correct.
         applying();

@@ -219,6 +219,26 @@ mod tests {
     use crate::testing::{resources, serve};
     use serde_json::json;
 
+    /// What a wait for `desired` with a health timeout of one second names unhealthy; it
+    /// must end near that timeout, and not healthy.
+    async fn unhealthy_within_a_second(
+        cluster: &Cluster,
+        desired: &[InventoryEntry],
+    ) -> Vec<ObjectResult> {
+        let settings = ApplySettings {
+            health_timeout_seconds: 1,
+            ..ApplySettings::default()
+        };
+        let watch = HealthWatch::new(cluster, desired, &settings);
+        let waited = tokio::time::timeout(Duration::from_secs(30), watch.wait(&|| false))
+            .await
+            .expect("the wait ends near its health timeout");
+        let Waited::Unhealthy { objects, .. } = waited else {
+            panic!("not healthy: {waited:?}");
+        };
+        objects
+    }
+
     /// An API server that hangs on every read of a Deployment makes the wait end shortly
     /// after its health timeout, not a read's timeout (a minute) later for each object.
     #[tokio::test]
@@ -236,19 +256,9 @@ mod tests {
         let desired: Vec<InventoryEntry> = (0..3)
             .map(|n| crate::testing::deployment_entry(&format!("web-{n}")))
             .collect();
-        let settings = ApplySettings {
-            health_timeout_seconds: 1,
-            ..ApplySettings::default()
-        };
-        let watch = HealthWatch::new(&cluster, &desired, &settings);
         // The timeout and the last pass's grace, well under the three minutes three
         // unanswered reads would take.
-        let waited = tokio::time::timeout(Duration::from_secs(30), watch.wait(&|| false))
-            .await
-            .expect("the wait ends near its health timeout");
-        let Waited::Unhealthy { objects, .. } = waited else {
-            panic!("not healthy: {waited:?}");
-        };
+        let objects = unhealthy_within_a_second(&cluster, &desired).await;
         assert_eq!(objects.len(), 3, "each object named: {objects:?}");
         assert!(
             objects.iter().any(|o| o
@@ -268,17 +278,7 @@ mod tests {
             "Widget",
             "gizmo",
         )];
-        let settings = ApplySettings {
-            health_timeout_seconds: 1,
-            ..ApplySettings::default()
-        };
-        let watch = HealthWatch::new(&cluster, &desired, &settings);
-        let waited = tokio::time::timeout(Duration::from_secs(30), watch.wait(&|| false))
-            .await
-            .expect("the wait ends at its health timeout");
-        let Waited::Unhealthy { objects, .. } = waited else {
-            panic!("not healthy: {waited:?}");
-        };
+        let objects = unhealthy_within_a_second(&cluster, &desired).await;
         assert!(
             objects[0].message.contains("no longer served"),
             "{objects:?}"
